@@ -1,0 +1,34 @@
+"""`reranker-operator`: run | render | convert. Thin dispatch; each subcommand lives in its module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from reranker_operator import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from reranker_operator.convert import add_convert_parser
+    from reranker_operator.render import add_render_parser
+    from reranker_operator.runner import add_run_parser
+
+    parser = argparse.ArgumentParser(
+        prog="reranker-operator",
+        description="Kubernetes operator for Reranker resources (reranker.dev/v1alpha1).",
+    )
+    parser.add_argument("--version", action="version", version=f"reranker-operator {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,render,convert}")
+    add_run_parser(sub)
+    add_render_parser(sub)
+    add_convert_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Inference runtime: a BEI/TEI-compatible rerank server and engine preparation."""
+
+__version__ = "0.1.0"
