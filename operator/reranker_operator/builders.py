@@ -1,0 +1,525 @@
+"""Pure manifest builders: (name, namespace, spec, config, engine key) -> plain dicts.
+
+No I/O and no Kubernetes client here: the handlers apply what these return, `render` prints it,
+and the tests validate it against the official schemas. Container commands, arguments and
+environment variables follow the operator -> runtime contract in docs/architecture.md exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+from reranker_operator.config import OperatorConfig
+from reranker_operator.engine_key import engine_key as compute_engine_key
+from reranker_operator.spec import API_GROUP, API_VERSION, KIND, ProbeOverride, RerankerSpec
+
+PORT = 8080
+ENGINES_MOUNT = "/engines"
+CACHE_VOLUME = "engine-cache"
+TMP_VOLUME = "tmp"
+
+# Label / annotation keys.
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_RERANKER = f"{API_GROUP}/reranker"  # the owning Reranker's name
+LABEL_ENGINE = f"{API_GROUP}/engine"  # engine key's first 10 hex chars (label values <= 63)
+ANNOTATION_ENGINE_KEY = f"{API_GROUP}/engine-key"  # the full engine key
+ANNOTATION_SPEC_HASH = f"{API_GROUP}/spec-hash"  # hash of the child as built: patch when it differs
+ANNOTATION_RETENTION = f"{API_GROUP}/retention"
+
+COMPONENT_SERVER = "server"
+COMPONENT_BUILD = "engine-build"
+COMPONENT_CACHE = "engine-cache"
+
+# The runtime's in-flight requests gauge (runtime/reranker_runtime/metrics.py), the
+# concurrency autoscaling metric. Needs a custom-metrics adapter (docs/operator.md).
+IN_FLIGHT_METRIC = "te_requests_in_flight"
+
+_JOB_NAME_MAX = 63  # Job names become the pods' `job-name` label value: a 63-char limit.
+
+
+# --------------------------------------------------------------------------- names and labels
+
+
+def job_name(name: str, key: str) -> str:
+    """`<name>-engine-<key[:10]>`, the name part truncated so the whole fits in 63 chars."""
+    suffix = f"-engine-{key[:10]}"
+    return name[: _JOB_NAME_MAX - len(suffix)].rstrip("-") + suffix
+
+
+def cache_pvc_name(name: str) -> str:
+    return f"{name}-engine-cache"
+
+
+def endpoint_url(name: str, namespace: str) -> str:
+    return f"http://{name}.{namespace}.svc.cluster.local:{PORT}"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """Labels selecting the serving pods (Deployment, Service, PDB)."""
+    return {LABEL_NAME: "reranker", LABEL_INSTANCE: name, LABEL_COMPONENT: COMPONENT_SERVER}
+
+
+def selector_string(name: str) -> str:
+    """`selector_labels` as a label-selector string, for `status.selector` (scale subresource)."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    """Common labels of every child; `reranker.dev/reranker=<name>` finds them all."""
+    return {
+        LABEL_NAME: "reranker",
+        LABEL_INSTANCE: name,
+        LABEL_COMPONENT: component,
+        LABEL_MANAGED_BY: "reranker-operator",
+        LABEL_PART_OF: "reranker",
+        LABEL_RERANKER: name,
+    }
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    """A controller owner reference to the Reranker `body` (children are garbage-collected)."""
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta.get("uid", ""),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def runtime_image(spec: RerankerSpec, config: OperatorConfig) -> str:
+    """The image for build Jobs and runtime pods: spec.runtime.image, else the config's."""
+    return spec.runtime.image or config.runtime_image
+
+
+def engine_key_for(spec: RerankerSpec, config: OperatorConfig) -> str:
+    """The engine key of `spec` with the image it would run (see engine_key.engine_key)."""
+    return compute_engine_key(spec, runtime_image(spec, config))
+
+
+def spec_hash(obj: dict[str, Any]) -> str:
+    """sha256 of a child's labels, annotations (minus this hash) and spec: compare to patch."""
+    meta = obj.get("metadata") or {}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != ANNOTATION_SPEC_HASH}
+    payload = {"labels": meta.get("labels") or {}, "annotations": annotations, "spec": obj.get("spec")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _finish(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
+    meta = obj["metadata"]
+    if owner is not None:
+        meta["ownerReferences"] = [copy.deepcopy(owner)]
+    meta.setdefault("annotations", {})[ANNOTATION_SPEC_HASH] = spec_hash(obj)
+    return obj
+
+
+def _metadata(name: str, namespace: str, labels_: dict[str, str], annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels_}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+# --------------------------------------------------------------------------- pod pieces
+
+
+def _container_security_context() -> dict[str, Any]:
+    # Pod Security Standards "restricted"; /tmp and /engines are the only writable paths.
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_resources(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
+    # No CPU limit (throttling hurts tokenization latency); memory limit = request.
+    requests = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
+    limits: dict[str, Any] = {"memory": spec.resources.memory}
+    resource_name = config.placement(spec.accelerator.type).resource_name
+    if spec.accelerator.is_gpu and resource_name:
+        limits[resource_name] = str(spec.accelerator.count)
+    return {"requests": requests, "limits": limits}
+
+
+def _pod_placement(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
+    """nodeAffinity / nodeSelector / tolerations for the accelerator (GPU engines are GPU-specific)."""
+    placement = config.placement(spec.accelerator.type)
+    out: dict[str, Any] = {}
+    if placement.node_selector_terms:
+        out["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": copy.deepcopy(placement.node_selector_terms)
+                }
+            }
+        }
+    if placement.node_selector:
+        out["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        out["tolerations"] = copy.deepcopy(placement.tolerations)
+    return out
+
+
+def _pod_common(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        "securityContext": copy.deepcopy(config.pod_security_context),
+        # The runtime never talks to the API server, and Service links would inject variables
+        # such as RERANKER_PORT=tcp://... for a Service named `reranker`.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        **_pod_placement(spec, config),
+    }
+    if config.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in config.image_pull_secrets]
+    return pod
+
+
+def _volumes(name: str, read_only: bool) -> list[dict[str, Any]]:
+    claim: dict[str, Any] = {"claimName": cache_pvc_name(name)}
+    if read_only:
+        claim["readOnly"] = True
+    return [
+        {"name": CACHE_VOLUME, "persistentVolumeClaim": claim},
+        {"name": TMP_VOLUME, "emptyDir": {}},
+    ]
+
+
+def _env(name: str, value: str) -> dict[str, str]:
+    return {"name": name, "value": value}
+
+
+def _probe(path: str, defaults: dict[str, int], override: ProbeOverride) -> dict[str, Any]:
+    probe: dict[str, Any] = {"httpGet": {"path": path, "port": "http"}, **defaults}
+    for key, value in override.model_dump(by_alias=True, exclude_none=True).items():
+        probe[key] = value
+    return probe
+
+
+# Startup is generous: engine load + warm-up at the full token budget can take minutes.
+STARTUP_PROBE = {"periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 90}  # 15 min
+READINESS_PROBE = {"periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3}
+LIVENESS_PROBE = {"periodSeconds": 20, "timeoutSeconds": 5, "failureThreshold": 3}
+
+
+# --------------------------------------------------------------------------- children
+
+
+def build_engine_cache_pvc(
+    name: str,
+    namespace: str,
+    spec: RerankerSpec,
+    config: OperatorConfig,
+    owner: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The engine cache PVC `<name>-engine-cache`. Owned (deleted with the Reranker) only with
+    retention Delete; with Retain it outlives the Reranker so a re-created one reuses its engines."""
+    cache, defaults = spec.engine_cache, config.engine_cache
+    retention = cache.retention or defaults.retention
+    pvc_spec: dict[str, Any] = {
+        "accessModes": [cache.access_mode or defaults.access_mode],
+        "volumeMode": "Filesystem",
+        "resources": {"requests": {"storage": cache.size or defaults.size}},
+    }
+    storage_class = cache.storage_class_name or defaults.storage_class_name
+    if storage_class:
+        pvc_spec["storageClassName"] = storage_class
+    obj = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(
+            cache_pvc_name(name), namespace, labels(name, COMPONENT_CACHE), {ANNOTATION_RETENTION: retention}
+        ),
+        "spec": pvc_spec,
+    }
+    return _finish(obj, owner if retention == "Delete" else None)
+
+
+def build_args(spec: RerankerSpec, key: str) -> list[str]:
+    """`reranker-runtime build` arguments (contract: docs/architecture.md)."""
+    args = [
+        "--checkpoint-repo", spec.checkpoint.repo,
+        "--revision", spec.checkpoint.revision,
+        "--source", spec.checkpoint.source,
+        "--quantization", spec.build.quantization,
+        "--max-num-tokens", str(spec.build.max_num_tokens),
+    ]  # fmt: skip
+    if spec.build.max_seq_len is not None:
+        args += ["--max-seq-len", str(spec.build.max_seq_len)]
+    args += ["--accelerator", spec.accelerator.type, "--output", f"{ENGINES_MOUNT}/{key}"]
+    return args
+
+
+def build_engine_job(
+    name: str,
+    namespace: str,
+    spec: RerankerSpec,
+    config: OperatorConfig,
+    key: str,
+    owner: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The engine-preparation Job `<name>-engine-<key[:10]>`, on the serving accelerator."""
+    job_labels = {**labels(name, COMPONENT_BUILD), LABEL_ENGINE: key[:10]}
+    container: dict[str, Any] = {
+        "name": "build",
+        "image": runtime_image(spec, config),
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["reranker-runtime", "build"],
+        "args": build_args(spec, key),
+        "env": [
+            _env("HF_HOME", f"{ENGINES_MOUNT}/.hf-home"),  # downloads cached on the volume
+            _env("RERANKER_LOG_FORMAT", "json"),
+            _env("HOME", "/tmp"),  # read-only root filesystem
+        ],
+        "resources": _container_resources(spec, config),
+        "volumeMounts": [
+            {"name": CACHE_VOLUME, "mountPath": ENGINES_MOUNT},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+        "securityContext": _container_security_context(),
+        # The build writes its failure reason to /dev/termination-log; the logs' tail otherwise.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.checkpoint.secret_name:
+        container["envFrom"] = [{"secretRef": {"name": spec.checkpoint.secret_name}}]
+    jobs = config.build_job
+    obj = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(job_name(name, key), namespace, job_labels, {ANNOTATION_ENGINE_KEY: key}),
+        "spec": {
+            "backoffLimit": jobs.backoff_limit,
+            "activeDeadlineSeconds": jobs.active_deadline_seconds,
+            "ttlSecondsAfterFinished": jobs.ttl_seconds_after_finished,
+            "template": {
+                "metadata": {"labels": job_labels, "annotations": {ANNOTATION_ENGINE_KEY: key}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    **_pod_common(spec, config),
+                    "containers": [container],
+                    "volumes": _volumes(name, read_only=False),
+                },
+            },
+        },
+    }
+    return _finish(obj, owner)
+
+
+def serve_env(spec: RerankerSpec, key: str) -> list[dict[str, Any]]:
+    """`reranker-runtime serve` environment (contract: docs/architecture.md)."""
+    rt = spec.runtime
+    env = [
+        _env("RERANKER_ENGINE_DIR", f"{ENGINES_MOUNT}/{key}"),
+        _env("RERANKER_PORT", str(PORT)),
+        _env("RERANKER_SERVED_MODEL_NAME", spec.checkpoint.repo),
+        _env("RERANKER_MAX_BATCH_TOKENS", str(spec.max_batch_tokens)),
+    ]
+    # Unset limits are left to the runtime's defaults.
+    optional = {
+        "RERANKER_MAX_BATCH_REQUESTS": rt.max_batch_requests,
+        "RERANKER_MAX_CLIENT_BATCH_SIZE": rt.max_client_batch_size,
+        "RERANKER_MAX_CONCURRENT_REQUESTS": rt.max_concurrent_requests,
+    }
+    env += [_env(var, str(value)) for var, value in optional.items() if value is not None]
+    env.append(_env("RERANKER_AUTO_TRUNCATE", "true" if rt.auto_truncate else "false"))
+    if rt.api_key_secret is not None:
+        env.append(
+            {
+                "name": "RERANKER_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": rt.api_key_secret.name, "key": rt.api_key_secret.key}},
+            }
+        )
+    env += [
+        _env("RERANKER_LOG_FORMAT", "json"),
+        _env("HF_HUB_OFFLINE", "1"),  # the engine directory holds everything: never reach a hub
+        _env("HOME", "/tmp"),
+        _env("HF_HOME", "/tmp/hf-home"),
+    ]
+    env += [_env(e.name, e.value) for e in rt.env]
+    return env
+
+
+def build_deployment(
+    name: str,
+    namespace: str,
+    spec: RerankerSpec,
+    config: OperatorConfig,
+    key: str,
+    owner: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The runtime Deployment `<name>` serving the engine `key` (which may be an older key than
+    the spec's while a new engine builds). `replicas` is omitted when autoscaling (HPA owns it)."""
+    probes = spec.runtime.probes
+    container: dict[str, Any] = {
+        "name": "reranker",
+        "image": runtime_image(spec, config),
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["reranker-runtime", "serve"],
+        "env": serve_env(spec, key),
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "startupProbe": _probe("/health", STARTUP_PROBE, probes.startup),
+        "readinessProbe": _probe("/health", READINESS_PROBE, probes.readiness),
+        "livenessProbe": _probe("/live", LIVENESS_PROBE, probes.liveness),
+        "resources": _container_resources(spec, config),
+        "volumeMounts": [
+            {"name": CACHE_VOLUME, "mountPath": ENGINES_MOUNT, "readOnly": True},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+        "securityContext": _container_security_context(),
+        # Give endpoints time to drop the pod before the server stops accepting requests.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_labels = {**labels(name, COMPONENT_SERVER), LABEL_ENGINE: key[:10]}
+    pod_annotations = {
+        ANNOTATION_ENGINE_KEY: key,
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(PORT),
+        "prometheus.io/path": "/metrics",
+    }
+    dep_spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels(name)},
+        # Surge, never remove a serving pod first: old pods serve until new ones are ready.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "revisionHistoryLimit": 3,
+        # Beyond the startup probe's budget, so Progressing=False means a real problem.
+        "progressDeadlineSeconds": _progress_deadline(spec),
+        "template": {
+            "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+            "spec": {
+                **_pod_common(spec, config),
+                "terminationGracePeriodSeconds": config.termination_grace_period_seconds,
+                "containers": [container],
+                "volumes": _volumes(name, read_only=True),
+            },
+        },
+    }
+    if spec.autoscaling is None:
+        dep_spec = {"replicas": spec.desired_replicas, **dep_spec}
+    obj = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(name, namespace, labels(name, COMPONENT_SERVER), {ANNOTATION_ENGINE_KEY: key}),
+        "spec": dep_spec,
+    }
+    return _finish(obj, owner)
+
+
+def _progress_deadline(spec: RerankerSpec) -> int:
+    startup = _probe("/health", STARTUP_PROBE, spec.runtime.probes.startup)
+    budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
+    return max(600, budget + 300)
+
+
+def build_service(name: str, namespace: str, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """ClusterIP Service `<name>` on port 8080 (see endpoint_url)."""
+    obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, namespace, labels(name, COMPONENT_SERVER)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name),
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    return _finish(obj, owner)
+
+
+def build_pdb(
+    name: str, namespace: str, spec: RerankerSpec, owner: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """A PodDisruptionBudget (one pod down at a time) when more than one replica; else None."""
+    if spec.desired_replicas <= 1:
+        return None
+    obj = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(name, namespace, labels(name, COMPONENT_SERVER)),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(name)},
+            # A pod that never became ready protects nothing: let node drains evict it.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+    return _finish(obj, owner)
+
+
+def build_hpa(
+    name: str, namespace: str, spec: RerankerSpec, owner: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """An autoscaling/v2 HPA on the Deployment when spec.autoscaling is set; else None.
+
+    One metric, never both: with metric Concurrency, the Pods metric `te_requests_in_flight`
+    (average in-flight requests per pod; needs a custom-metrics adapter such as
+    prometheus-adapter); with metric CPU, CPU utilisation (metrics-server only). Mixing them
+    would let a missing adapter silently block every scale-down.
+    """
+    auto = spec.autoscaling
+    if auto is None:
+        return None
+    if auto.metric == "CPU":
+        metric: dict[str, Any] = {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": auto.target_cpu_utilization}},
+        }
+    else:
+        metric = {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": IN_FLIGHT_METRIC},
+                "target": {"type": "AverageValue", "averageValue": str(auto.target_concurrency)},
+            },
+        }
+    obj = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(name, namespace, labels(name, COMPONENT_SERVER)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": auto.min_replicas,
+            "maxReplicas": auto.max_replicas,
+            "metrics": [metric],
+            # Accelerator pods are slow to start: scale down gently.
+            "behavior": {
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 300,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+                }
+            },
+        },
+    }
+    return _finish(obj, owner)
+
+
+def build_children(
+    name: str,
+    namespace: str,
+    spec: RerankerSpec,
+    config: OperatorConfig,
+    owner: dict[str, Any] | None = None,
+    key: str | None = None,
+) -> list[dict[str, Any]]:
+    """Every child for `spec` in apply order: PVC, Job, Deployment, Service, [PDB], [HPA]."""
+    key = key or engine_key_for(spec, config)
+    children = [
+        build_engine_cache_pvc(name, namespace, spec, config, owner),
+        build_engine_job(name, namespace, spec, config, key, owner),
+        build_deployment(name, namespace, spec, config, key, owner),
+        build_service(name, namespace, owner),
+        build_pdb(name, namespace, spec, owner),
+        build_hpa(name, namespace, spec, owner),
+    ]
+    return [c for c in children if c is not None]

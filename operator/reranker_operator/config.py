@@ -1,0 +1,151 @@
+"""Operator configuration: runtime image, accelerator placement map, cache and build-Job defaults.
+
+Loaded from a YAML file (`--config PATH` or the RERANKER_OPERATOR_CONFIG variable); every key is
+optional and falls back to the built-in defaults below. The Helm chart renders this file from its
+values. The format is documented in docs/operator.md.
+
+Accelerators are merged per type: a file that lists only `H100` keeps the built-in entries of the
+other types, and a listed type replaces its built-in entry as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_ENV = "RERANKER_OPERATOR_CONFIG"
+DEFAULT_RUNTIME_IMAGE = "ghcr.io/reranker-dev/reranker-runtime:0.1.0"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# GKE node-pool label and GPU feature discovery's product label, per accelerator type.
+_GKE_LABEL = "cloud.google.com/gke-accelerator"
+_GFD_LABEL = "nvidia.com/gpu.product"
+_GPU_LABELS: dict[str, tuple[list[str], list[str]]] = {
+    "L4": (["nvidia-l4"], ["NVIDIA-L4"]),
+    "A10G": (["nvidia-a10g"], ["NVIDIA-A10G"]),
+    "A100": (
+        ["nvidia-tesla-a100", "nvidia-a100-80gb"],
+        ["NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-PCIE-40GB", "NVIDIA-A100-80GB-PCIe"],
+    ),
+    "H100": (
+        ["nvidia-h100-80gb", "nvidia-h100-mega-80gb"],
+        ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"],
+    ),
+    "H200": (["nvidia-h200-141gb"], ["NVIDIA-H200", "NVIDIA-H200-NVL"]),
+    "T4": (["nvidia-tesla-t4"], ["Tesla-T4"]),
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AcceleratorPlacement(_Model):
+    """How pods for one accelerator type are placed and what they request."""
+
+    # Extended resource requested in limits (count = spec.accelerator.count); None for CPU.
+    resource_name: str | None = Field(default=GPU_RESOURCE, alias="resourceName")
+    # Pod `affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms`:
+    # terms are ORed, expressions inside a term ANDed.
+    node_selector_terms: list[dict[str, Any]] = Field(default_factory=list, alias="nodeSelectorTerms")
+    # Plain nodeSelector (ANDed with the affinity); usually empty.
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class EngineCacheDefaults(_Model):
+    size: str = "20Gi"
+    storage_class_name: str | None = Field(default=None, alias="storageClassName")  # None: cluster default
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(default="ReadWriteMany", alias="accessMode")
+    retention: Literal["Retain", "Delete"] = "Retain"
+
+
+class BuildJobSettings(_Model):
+    backoff_limit: int = Field(default=2, alias="backoffLimit", ge=0)
+    active_deadline_seconds: int = Field(default=3600, alias="activeDeadlineSeconds", ge=1)
+    ttl_seconds_after_finished: int = Field(default=86400, alias="ttlSecondsAfterFinished", ge=0)
+
+
+def _gpu_placement(gke: list[str], gfd: list[str]) -> AcceleratorPlacement:
+    return AcceleratorPlacement(
+        resourceName=GPU_RESOURCE,
+        nodeSelectorTerms=[
+            {"matchExpressions": [{"key": _GKE_LABEL, "operator": "In", "values": gke}]},
+            {"matchExpressions": [{"key": _GFD_LABEL, "operator": "In", "values": gfd}]},
+        ],
+        tolerations=[{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+    )
+
+
+def default_accelerators() -> dict[str, AcceleratorPlacement]:
+    accelerators = {t: _gpu_placement(gke, gfd) for t, (gke, gfd) in _GPU_LABELS.items()}
+    accelerators["CPU"] = AcceleratorPlacement(resourceName=None)
+    return accelerators
+
+
+def default_pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,  # the engine cache must be writable by the build Job's user
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+class OperatorConfig(_Model):
+    runtime_image: str = Field(default=DEFAULT_RUNTIME_IMAGE, alias="runtimeImage", min_length=1)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", alias="imagePullPolicy"
+    )
+    image_pull_secrets: list[str] = Field(default_factory=list, alias="imagePullSecrets")
+    accelerators: dict[str, AcceleratorPlacement] = Field(default_factory=default_accelerators)
+    engine_cache: EngineCacheDefaults = Field(default_factory=EngineCacheDefaults, alias="engineCache")
+    build_job: BuildJobSettings = Field(default_factory=BuildJobSettings, alias="buildJob")
+    pod_security_context: dict[str, Any] = Field(
+        default_factory=default_pod_security_context, alias="podSecurityContext"
+    )
+    termination_grace_period_seconds: int = Field(default=60, alias="terminationGracePeriodSeconds", ge=0)
+
+    def placement(self, accelerator_type: str) -> AcceleratorPlacement:
+        try:
+            return self.accelerators[accelerator_type]
+        except KeyError:
+            raise KeyError(f"no placement for accelerator type {accelerator_type!r} in the operator config") from None
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def config_from_dict(data: dict[str, Any] | None) -> OperatorConfig:
+    data = dict(data or {})
+    accelerators = data.pop("accelerators", None) or {}
+    if not isinstance(accelerators, dict):
+        raise ConfigError("accelerators: must be a mapping of accelerator type -> placement")
+    try:
+        config = OperatorConfig.model_validate(data)
+        merged = dict(config.accelerators)
+        for name, entry in accelerators.items():
+            merged[name] = AcceleratorPlacement.model_validate(entry or {})
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+    return config.model_copy(update={"accelerators": merged})
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> OperatorConfig:
+    """Load the config from `path`, else $RERANKER_OPERATOR_CONFIG, else built-in defaults."""
+    path = path or os.environ.get(CONFIG_ENV) or None
+    if path is None:
+        return OperatorConfig()
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read operator config {path}: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the operator config must be a YAML mapping")
+    return config_from_dict(data)

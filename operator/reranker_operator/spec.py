@@ -1,0 +1,283 @@
+"""The Reranker spec as a typed model, parsed once per handler call.
+
+The CRD's structural schema applies defaults and most limits in a real API server, but the
+in-memory emulator used in tests (and a hand-edited object that predates a schema change) does
+no defaulting or validation. So the same defaults live here, and the CRD's CEL rules are
+re-checked in `_check_rules`; anything refused raises `InvalidSpec(field, message)`, which the
+handlers turn into a Failed status naming the field instead of a crash loop.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+API_GROUP = "reranker.dev"
+API_VERSION = "v1alpha1"
+KIND = "Reranker"
+PLURAL = "rerankers"
+
+Source = Literal["HF", "S3", "GCS", "AZURE", "REMOTE_URL"]
+Quantization = Literal["no_quant", "fp8", "fp4"]
+AcceleratorType = Literal["L4", "A10G", "A100", "H100", "H200", "T4", "CPU"]
+AccessMode = Literal["ReadWriteMany", "ReadWriteOnce"]
+Retention = Literal["Retain", "Delete"]
+AutoscalingMetric = Literal["Concurrency", "CPU"]
+
+# GPUs with FP8 tensor cores (Ada: L4; Hopper: H100, H200). Mirrored by a CEL rule in the CRD.
+FP8_ACCELERATORS: tuple[str, ...] = ("L4", "H100", "H200")
+
+# Kubernetes quantity (same pattern the Kubernetes OpenAPI uses for resource.Quantity).
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+# The Reranker's name also names its Service, so it must be a DNS-1035 label.
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+# Environment variables the operator sets on runtime pods; spec.runtime.env may not override them.
+RESERVED_ENV = frozenset(
+    {
+        "RERANKER_ENGINE_DIR",
+        "RERANKER_PORT",
+        "RERANKER_SERVED_MODEL_NAME",
+        "RERANKER_MAX_BATCH_TOKENS",
+        "RERANKER_MAX_BATCH_REQUESTS",
+        "RERANKER_MAX_CLIENT_BATCH_SIZE",
+        "RERANKER_MAX_CONCURRENT_REQUESTS",
+        "RERANKER_AUTO_TRUNCATE",
+        "RERANKER_API_KEY",
+        "RERANKER_LOG_FORMAT",
+        "HF_HUB_OFFLINE",
+        "HF_HOME",
+        "HOME",
+    }
+)
+
+
+class InvalidSpec(ValueError):
+    """A Reranker spec the operator cannot act on; `field` is a dotted path such as `spec.build`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class _Model(BaseModel):
+    # camelCase in YAML, snake_case in Python; unknown fields are refused (a real API server
+    # prunes them, so one reaching us is a typo worth naming).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Checkpoint(_Model):
+    repo: str = Field(min_length=1, max_length=512)
+    revision: str = Field(default="main", min_length=1, max_length=256)
+    source: Source = "HF"
+    secret_name: str | None = Field(default=None, alias="secretName", pattern=SECRET_NAME_PATTERN)
+
+
+class Build(_Model):
+    quantization: Quantization = "no_quant"
+    max_num_tokens: int = Field(default=16384, alias="maxNumTokens", ge=64, le=131072, multiple_of=64)
+    max_seq_len: int | None = Field(default=None, alias="maxSeqLen", ge=1, le=131072)
+
+
+class Accelerator(_Model):
+    type: AcceleratorType = "L4"
+    count: int = Field(default=1, ge=1, le=8)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.type != "CPU"
+
+
+class Resources(_Model):
+    cpu: str = Field(default="1", pattern=QUANTITY_PATTERN)
+    memory: str = Field(default="15Gi", pattern=QUANTITY_PATTERN)
+
+
+class Autoscaling(_Model):
+    min_replicas: int = Field(default=1, alias="minReplicas", ge=1, le=1000)
+    max_replicas: int = Field(alias="maxReplicas", ge=1, le=1000)
+    metric: AutoscalingMetric = "Concurrency"
+    target_concurrency: int = Field(default=16, alias="targetConcurrency", ge=1, le=100000)
+    target_cpu_utilization: int = Field(default=70, alias="targetCPUUtilization", ge=1, le=100)
+
+
+class SecretKeyRef(_Model):
+    name: str = Field(pattern=SECRET_NAME_PATTERN)
+    key: str = Field(default="api-key", min_length=1)
+
+
+class ProbeOverride(_Model):
+    initial_delay_seconds: int | None = Field(default=None, alias="initialDelaySeconds", ge=0)
+    period_seconds: int | None = Field(default=None, alias="periodSeconds", ge=1)
+    timeout_seconds: int | None = Field(default=None, alias="timeoutSeconds", ge=1)
+    failure_threshold: int | None = Field(default=None, alias="failureThreshold", ge=1)
+
+
+class Probes(_Model):
+    startup: ProbeOverride = ProbeOverride()
+    readiness: ProbeOverride = ProbeOverride()
+    liveness: ProbeOverride = ProbeOverride()
+
+
+class EnvVar(_Model):
+    name: str = Field(pattern=ENV_NAME_PATTERN)
+    value: str = ""
+
+
+class Runtime(_Model):
+    image: str | None = Field(default=None, min_length=1)
+    # None: the runtime's own default (max_batch_tokens defaults to build.maxNumTokens).
+    max_batch_tokens: int | None = Field(default=None, alias="maxBatchTokens", ge=1)
+    max_batch_requests: int | None = Field(default=None, alias="maxBatchRequests", ge=1)
+    max_client_batch_size: int | None = Field(default=None, alias="maxClientBatchSize", ge=1)
+    max_concurrent_requests: int | None = Field(default=None, alias="maxConcurrentRequests", ge=1)
+    auto_truncate: bool = Field(default=False, alias="autoTruncate")
+    api_key_secret: SecretKeyRef | None = Field(default=None, alias="apiKeySecret")
+    probes: Probes = Probes()
+    env: tuple[EnvVar, ...] = ()
+
+
+class EngineCache(_Model):
+    # None: the operator config's default (see config.EngineCacheDefaults).
+    storage_class_name: str | None = Field(default=None, alias="storageClassName")
+    size: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
+    access_mode: AccessMode | None = Field(default=None, alias="accessMode")
+    retention: Retention | None = None
+
+
+class RerankerSpec(_Model):
+    checkpoint: Checkpoint
+    build: Build = Build()
+    accelerator: Accelerator = Accelerator()
+    resources: Resources = Resources()
+    # No schema default: "replicas or autoscaling" is checked on what the user wrote.
+    replicas: int | None = Field(default=None, ge=0, le=1000)
+    autoscaling: Autoscaling | None = None
+    runtime: Runtime = Runtime()
+    engine_cache: EngineCache = Field(default=EngineCache(), alias="engineCache")
+
+    @property
+    def desired_replicas(self) -> int:
+        """Replicas when not autoscaling (default 1); with autoscaling, the HPA's minimum."""
+        if self.autoscaling is not None:
+            return self.autoscaling.min_replicas
+        return 1 if self.replicas is None else self.replicas
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """The serving token budget: runtime.maxBatchTokens, else the engine's maxNumTokens."""
+        return self.runtime.max_batch_tokens or self.build.max_num_tokens
+
+
+def _quantity(value: Any) -> Any:
+    # The CRD accepts int-or-string quantities (`cpu: 1`); the model keeps strings.
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _normalise(spec: dict[str, Any]) -> dict[str, Any]:
+    spec = dict(spec)
+    if isinstance(spec.get("resources"), dict):
+        spec["resources"] = {k: _quantity(v) for k, v in spec["resources"].items()}
+    cache = spec.get("engineCache")
+    if isinstance(cache, dict) and "size" in cache:
+        spec["engineCache"] = {**cache, "size": _quantity(cache["size"])}
+    return spec
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = ["spec"]
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] += f"[{item}]"
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _check_rules(spec: RerankerSpec) -> None:
+    """The CRD's CEL rules (x-kubernetes-validations), checked again in code. Keep in sync."""
+    q, accel = spec.build.quantization, spec.accelerator.type
+    if q == "fp4":
+        raise InvalidSpec(
+            "spec.build.quantization",
+            "fp4 needs a Blackwell-class GPU (B200/GB200), and no offered accelerator.type is one; "
+            "use no_quant or fp8",
+        )
+    if q == "fp8" and accel not in FP8_ACCELERATORS:
+        raise InvalidSpec(
+            "spec.build.quantization",
+            f"fp8 needs an Ada or Hopper GPU (accelerator.type L4, H100 or H200); {accel} has no FP8",
+        )
+    if accel == "CPU" and q != "no_quant":
+        raise InvalidSpec("spec.build.quantization", "quantization is GPU-only; use no_quant on CPU")
+    if accel == "CPU" and spec.accelerator.count != 1:
+        raise InvalidSpec(
+            "spec.accelerator.count", "count must be 1 on CPU (set resources.cpu for more cores)"
+        )
+    if spec.build.max_seq_len is not None and spec.build.max_seq_len > spec.build.max_num_tokens:
+        raise InvalidSpec(
+            "spec.build.maxSeqLen",
+            "maxSeqLen must not exceed maxNumTokens (one sequence must fit in a batch)",
+        )
+    if spec.replicas is not None and spec.autoscaling is not None:
+        raise InvalidSpec("spec", "set either replicas or autoscaling, not both")
+    if spec.autoscaling is not None and spec.autoscaling.min_replicas > spec.autoscaling.max_replicas:
+        raise InvalidSpec(
+            "spec.autoscaling.minReplicas", "minReplicas must not exceed maxReplicas"
+        )
+    if (
+        spec.runtime.max_batch_tokens is not None
+        and spec.build.max_seq_len is not None
+        and spec.runtime.max_batch_tokens < spec.build.max_seq_len
+    ):
+        raise InvalidSpec(
+            "spec.runtime.maxBatchTokens",
+            "maxBatchTokens must be at least build.maxSeqLen (one sequence must fit in a batch)",
+        )
+    # Not in the CRD (lists of objects make poor CEL): no duplicate or operator-owned env names.
+    names = [e.name for e in spec.runtime.env]
+    for i, name in enumerate(names):
+        if name in RESERVED_ENV:
+            raise InvalidSpec(
+                f"spec.runtime.env[{i}].name", f"{name} is set by the operator from the spec"
+            )
+        if name in names[:i]:
+            raise InvalidSpec(f"spec.runtime.env[{i}].name", f"duplicate variable {name}")
+
+
+def check_name(name: str) -> None:
+    """The Reranker's name names its Service and labels: a DNS-1035 label, at most 63 chars."""
+    if len(name) > 63 or not re.match(NAME_PATTERN, name):
+        raise InvalidSpec(
+            "metadata.name",
+            "must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter, "
+            "at most 63 characters) because it names the Service",
+        )
+
+
+def parse_spec(body: dict[str, Any]) -> RerankerSpec:
+    """Parse a Reranker object (or its kopf body) into a RerankerSpec with defaults applied.
+
+    Raises InvalidSpec naming the first offending field.
+    """
+    raw = body.get("spec")
+    if not isinstance(raw, dict):
+        raise InvalidSpec("spec", "missing or not an object")
+    name = (body.get("metadata") or {}).get("name")
+    if name is not None:
+        check_name(name)
+    try:
+        spec = RerankerSpec.model_validate(_normalise(raw))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InvalidSpec(_field_path(err["loc"]), err["msg"]) from None
+    _check_rules(spec)
+    return spec
