@@ -36,6 +36,7 @@ QUANTITY_PATTERN = (
 )
 # The Reranker's name also names its Service, so it must be a DNS-1035 label.
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+_LIMIT_MAX = 1048576  # upper bound of the runtime batching limits
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
@@ -78,7 +79,7 @@ class Checkpoint(_Model):
     repo: str = Field(min_length=1, max_length=512)
     revision: str = Field(default="main", min_length=1, max_length=256)
     source: Source = "HF"
-    secret_name: str | None = Field(default=None, alias="secretName", pattern=SECRET_NAME_PATTERN)
+    secret_name: str | None = Field(default=None, alias="secretName", max_length=253, pattern=SECRET_NAME_PATTERN)
 
 
 class Build(_Model):
@@ -110,15 +111,15 @@ class Autoscaling(_Model):
 
 
 class SecretKeyRef(_Model):
-    name: str = Field(pattern=SECRET_NAME_PATTERN)
-    key: str = Field(default="api-key", min_length=1)
+    name: str = Field(max_length=253, pattern=SECRET_NAME_PATTERN)
+    key: str = Field(default="api-key", min_length=1, max_length=253)
 
 
 class ProbeOverride(_Model):
-    initial_delay_seconds: int | None = Field(default=None, alias="initialDelaySeconds", ge=0)
-    period_seconds: int | None = Field(default=None, alias="periodSeconds", ge=1)
-    timeout_seconds: int | None = Field(default=None, alias="timeoutSeconds", ge=1)
-    failure_threshold: int | None = Field(default=None, alias="failureThreshold", ge=1)
+    initial_delay_seconds: int | None = Field(default=None, alias="initialDelaySeconds", ge=0, le=86400)
+    period_seconds: int | None = Field(default=None, alias="periodSeconds", ge=1, le=86400)
+    timeout_seconds: int | None = Field(default=None, alias="timeoutSeconds", ge=1, le=86400)
+    failure_threshold: int | None = Field(default=None, alias="failureThreshold", ge=1, le=100000)
 
 
 class Probes(_Model):
@@ -128,26 +129,26 @@ class Probes(_Model):
 
 
 class EnvVar(_Model):
-    name: str = Field(pattern=ENV_NAME_PATTERN)
-    value: str = ""
+    name: str = Field(pattern=ENV_NAME_PATTERN, max_length=256)
+    value: str = Field(default="", max_length=32768)
 
 
 class Runtime(_Model):
-    image: str | None = Field(default=None, min_length=1)
+    image: str | None = Field(default=None, min_length=1, max_length=512)
     # None: the runtime's own default (max_batch_tokens defaults to build.maxNumTokens).
-    max_batch_tokens: int | None = Field(default=None, alias="maxBatchTokens", ge=1)
-    max_batch_requests: int | None = Field(default=None, alias="maxBatchRequests", ge=1)
-    max_client_batch_size: int | None = Field(default=None, alias="maxClientBatchSize", ge=1)
-    max_concurrent_requests: int | None = Field(default=None, alias="maxConcurrentRequests", ge=1)
+    max_batch_tokens: int | None = Field(default=None, alias="maxBatchTokens", ge=1, le=_LIMIT_MAX)
+    max_batch_requests: int | None = Field(default=None, alias="maxBatchRequests", ge=1, le=_LIMIT_MAX)
+    max_client_batch_size: int | None = Field(default=None, alias="maxClientBatchSize", ge=1, le=_LIMIT_MAX)
+    max_concurrent_requests: int | None = Field(default=None, alias="maxConcurrentRequests", ge=1, le=_LIMIT_MAX)
     auto_truncate: bool = Field(default=False, alias="autoTruncate")
     api_key_secret: SecretKeyRef | None = Field(default=None, alias="apiKeySecret")
     probes: Probes = Probes()
-    env: tuple[EnvVar, ...] = ()
+    env: tuple[EnvVar, ...] = Field(default=(), max_length=64)
 
 
 class EngineCache(_Model):
     # None: the operator config's default (see config.EngineCacheDefaults).
-    storage_class_name: str | None = Field(default=None, alias="storageClassName")
+    storage_class_name: str | None = Field(default=None, alias="storageClassName", max_length=253)
     size: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
     access_mode: AccessMode | None = Field(default=None, alias="accessMode")
     retention: Retention | None = None
