@@ -1,0 +1,166 @@
+{{/*
+Chart name, truncated to a DNS label.
+*/}}
+{{- define "reranker-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: "<release>-<chart>", or the release name when it already contains the chart name.
+*/}}
+{{- define "reranker-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart label value.
+*/}}
+{{- define "reranker-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every resource.
+*/}}
+{{- define "reranker-operator.labels" -}}
+helm.sh/chart: {{ include "reranker-operator.chart" . }}
+{{ include "reranker-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: reranker-stack
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Selector labels of the operator pod.
+*/}}
+{{- define "reranker-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "reranker-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Name of the operator's ServiceAccount.
+*/}}
+{{- define "reranker-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "reranker-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Operator image reference: repository:tag, plus @digest when a digest is set.
+*/}}
+{{- define "reranker-operator.image" -}}
+{{- $ref := printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- $ref = printf "%s@%s" $ref .Values.image.digest }}
+{{- end }}
+{{- $ref }}
+{{- end }}
+
+{{/*
+Name of the ConfigMap holding the operator's config file.
+*/}}
+{{- define "reranker-operator.configMapName" -}}
+{{- printf "%s-config" (include "reranker-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The operator's config file (operator/reranker_operator/config.py), rendered from the values.
+Empty strings become null where the operator reads null as "none" / "cluster default".
+*/}}
+{{- define "reranker-operator.config" -}}
+runtimeImage: {{ .Values.runtimeImage | quote }}
+imagePullPolicy: {{ .Values.runtimeImagePullPolicy | quote }}
+imagePullSecrets:
+{{- range .Values.runtimeImagePullSecrets }}
+  - {{ .name | quote }}
+{{- else }} []
+{{- end }}
+accelerators:
+{{- range $type, $p := .Values.accelerators }}
+{{- if $p }}
+  {{ $type }}:
+    resourceName: {{ if $p.resourceName }}{{ $p.resourceName | quote }}{{ else }}null{{ end }}
+    nodeSelectorTerms:
+    {{- if $p.nodeSelectorTerms }}
+      {{- toYaml $p.nodeSelectorTerms | nindent 6 }}
+    {{- else }} []
+    {{- end }}
+    nodeSelector:
+    {{- if $p.nodeSelector }}
+      {{- toYaml $p.nodeSelector | nindent 6 }}
+    {{- else }} {}
+    {{- end }}
+    tolerations:
+    {{- if $p.tolerations }}
+      {{- toYaml $p.tolerations | nindent 6 }}
+    {{- else }} []
+    {{- end }}
+{{- end }}
+{{- end }}
+engineCache:
+  size: {{ .Values.engineCache.size | quote }}
+  storageClassName: {{ if .Values.engineCache.storageClassName }}{{ .Values.engineCache.storageClassName | quote }}{{ else }}null{{ end }}
+  accessMode: {{ .Values.engineCache.accessMode }}
+  retention: {{ .Values.engineCache.retention }}
+buildJob:
+  backoffLimit: {{ .Values.buildJob.backoffLimit | int }}
+  activeDeadlineSeconds: {{ .Values.buildJob.activeDeadlineSeconds | int }}
+  ttlSecondsAfterFinished: {{ .Values.buildJob.ttlSecondsAfterFinished | int }}
+podSecurityContext:
+  {{- toYaml .Values.runtimePodSecurityContext | nindent 2 }}
+terminationGracePeriodSeconds: {{ .Values.runtimeTerminationGracePeriodSeconds | int }}
+{{- end }}
+
+{{/*
+RBAC rules for the namespaced resources the operator reads and writes. Verbs are the ones the code
+uses: kopf and operator/reranker_operator/kube.py only GET, LIST, WATCH, POST, PATCH and DELETE
+(never PUT, so no "update"). Keep in sync with the handlers in operator/reranker_operator/.
+*/}}
+{{- define "reranker-operator.namespacedRules" -}}
+# Reranker objects: kopf watches them and patches finalizers and its progress annotations.
+- apiGroups: ["reranker.dev"]
+  resources: ["rerankers"]
+  verbs: ["get", "list", "watch", "patch"]
+# Reranker status (the status subresource): phase, conditions, endpoint.
+- apiGroups: ["reranker.dev"]
+  resources: ["rerankers/status"]
+  verbs: ["get", "patch"]
+# Children: engine-build Jobs, runtime Deployments, Services, engine-cache PVCs, PDBs, HPAs.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services", "persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Build pods: read a failed build container's termination message (read-only).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# Events about Rerankers (kopf and the operator post core/v1 Events).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
