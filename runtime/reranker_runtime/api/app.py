@@ -1,0 +1,237 @@
+"""The FastAPI application: routers, the one error mapping, access log + metrics, lifespan.
+
+`create_app(settings)` loads the model itself (in the background, from the lifespan);
+`create_app(settings, engine=...)` or `create_app(settings, service=...)` serve what the caller
+built (tests, other embedders). Either way the service is started (warm-up) in the background so
+`/live` answers at once and `/health` says 503 until the model is ready.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from reranker_runtime import __version__, metrics
+from reranker_runtime.api import cohere, ops, tei
+from reranker_runtime.api.auth import ApiKeyMiddleware
+from reranker_runtime.api.deps import LOG_SCOPE_KEY, ClientDisconnected, Runtime
+from reranker_runtime.api.schemas import INPUT_ERROR, ErrorBody
+from reranker_runtime.config import ServeSettings
+from reranker_runtime.errors import RerankerError
+from reranker_runtime.logging import ACCESS_LOGGER
+
+if TYPE_CHECKING:
+    from reranker_runtime.engines.base import Engine
+    from reranker_runtime.service import RerankService
+
+log = logging.getLogger("reranker_runtime.api")
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# Probes and scrapes arrive every few seconds; their access lines go to debug.
+_QUIET_PATHS = frozenset({"/health", "/live", "/metrics"})
+# A client-supplied request id is echoed only if it is short and plain.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# nginx's "client closed request": the client left before the answer; nothing was sent.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def create_app(
+    settings: ServeSettings,
+    engine: Engine | None = None,
+    service: RerankService | None = None,
+) -> FastAPI:
+    runtime = Runtime(settings, engine=engine, service=service)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start_boot()
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = FastAPI(
+        title="reranker-runtime",
+        version=__version__,
+        description=(
+            "BEI/TEI-compatible cross-encoder reranker server, with Cohere v2 and Jina rerank "
+            "routes. Errors are `{\"error\", \"error_type\"}` with TEI's status codes."
+        ),
+        lifespan=lifespan,
+        max_body_size=MAX_BODY_BYTES,
+        responses={
+            "default": {"model": ErrorBody, "description": "Error: {error, error_type} (TEI error model)"},
+        },
+    )
+    app.state.runtime = runtime
+    app.include_router(tei.router)
+    app.include_router(cohere.router)
+    app.include_router(ops.router)
+    _install_error_handlers(app)
+
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    routes = frozenset(getattr(r, "path", "") for r in app.routes)
+    app.add_middleware(AccessMiddleware, routes=routes)  # outermost: sees every response
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one mapping for everything a client can get wrong or run into.
+
+
+def _error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
+    """(status, message) for pydantic/JSON errors: 400 for malformed JSON, else 422 with
+    `field.path: problem` for each error (TEI's router names the field the same way)."""
+    parts: list[str] = []
+    for err in errors:
+        kind = err.get("type", "")
+        if kind == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "invalid JSON")
+            pos = err.get("loc", ("body", 0))[-1]
+            return 400, f"malformed JSON body: {detail} (at character {pos})"
+        if kind == INPUT_ERROR:
+            parts.append(str(err.get("msg")))
+            continue
+        loc = list(err.get("loc", ()))
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        field = ".".join(str(x) for x in loc)
+        if not field:
+            if isinstance(err.get("input"), (bytes, str)):
+                parts.append("body: expected a JSON object sent with 'Content-Type: application/json'")
+                continue
+            field = "body"
+        parts.append(f"{field}: {err.get('msg')}")
+    shown = parts[:5]
+    more = f" (and {len(parts) - 5} more errors)" if len(parts) > 5 else ""
+    return 422, "; ".join(shown) + more
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RerankerError)
+    async def _domain(_: Request, exc: RerankerError) -> JSONResponse:
+        return _error_response(exc.status_code, exc.message, exc.error_type, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(exc.errors())
+        return _error_response(status, message, "Validation")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "NotFound", 405: "MethodNotAllowed", 413: "Validation"}
+        return _error_response(
+            exc.status_code, str(exc.detail), kinds.get(exc.status_code, "Validation"), exc.headers
+        )
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+# ---------------------------------------------------------------------------------------------
+# Access log, request id, request metrics.
+
+
+class AccessMiddleware:
+    """Outermost layer: request id (echoed or generated), `te_request_count` /
+    `te_request_duration` by route and status, one access-log line per request, and a JSON 500
+    for anything unexpected (never a bare traceback page)."""
+
+    def __init__(self, app: ASGIApp, routes: frozenset[str]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        fields: dict[str, Any] = {}
+        scope[LOG_SCOPE_KEY] = fields
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            status = 500
+            if not response_started:
+                body = json.dumps({"error": "internal server error", "error_type": "Backend"}).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"x-request-id", request_id.encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+        finally:
+            duration = time.perf_counter() - started
+            path: str = scope["path"]
+            route = path if path in self.routes else "other"
+            metrics.REQUEST_COUNT.labels(method=route, status=str(status)).inc()
+            metrics.REQUEST_DURATION.labels(method=route).observe(duration)
+            level = logging.DEBUG if path in _QUIET_PATHS and status < 400 else logging.INFO
+            if access_log.isEnabledFor(level):
+                client = scope.get("client")
+                access_log.log(
+                    level,
+                    "%s %s %d",
+                    scope["method"],
+                    path,
+                    status,
+                    extra={
+                        "fields": {
+                            "request_id": request_id,
+                            "method": scope["method"],
+                            "route": route,
+                            "status": status,
+                            "duration_ms": round(duration * 1000, 2),
+                            "client": f"{client[0]}:{client[1]}" if client else None,
+                            **fields,
+                        }
+                    },
+                )
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _REQUEST_ID.match(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex

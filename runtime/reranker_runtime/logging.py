@@ -1,0 +1,89 @@
+"""Logging setup: one JSON object per line by default (what log pipelines in a cluster parse),
+plain text on request (`--log-format text`, for a terminal).
+
+Structured fields travel as `extra={"fields": {...}}`; both formats print them. The access log
+(`reranker_runtime.access`) writes one line per HTTP request with route, status, duration, pairs
+and tokens; uvicorn's own access log is turned off so each request is logged once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+ACCESS_LOGGER = "reranker_runtime.access"
+
+# Attributes every LogRecord has; anything else passed through `extra=` is a structured field.
+_RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    explicit = record.__dict__.get("fields")
+    if isinstance(explicit, dict):
+        fields.update(explicit)
+    for key, value in record.__dict__.items():
+        if key not in _RESERVED and key != "fields" and not key.startswith("_"):
+            fields[key] = value
+    return fields
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"ts", "level", "logger", "message", ...fields}`; exceptions as one `exc_info` string."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update(_fields(record))
+        if record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """`2024-01-01 12:00:00 INFO logger: message key=value ...`."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = _fields(record)
+        if fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return line
+
+
+def setup_logging(log_format: str = "json", level: str = "info") -> None:
+    """Route the root logger (and uvicorn's loggers) to stderr in the chosen format."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
+    if level.lower() not in LOG_LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # uvicorn installs its own handlers; make its records flow through ours instead.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+    # Third-party chatter at info level is noise in a server log.
+    for name in ("httpx", "httpcore", "filelock", "urllib3"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+

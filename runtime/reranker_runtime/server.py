@@ -1,0 +1,287 @@
+"""`reranker-runtime serve`: flags and RERANKER_* variables -> ServeSettings -> uvicorn.
+
+Precedence: command-line flag, then environment variable (config.SERVE_ENV_VARS), then the
+default. Empty variables count as unset (a pod spec may render `value: ""`).
+
+Shutdown: the first SIGTERM/SIGINT starts a drain: /health turns 503, new inference requests get
+503, in-flight requests finish, the batcher stops, then uvicorn closes the connections and the
+process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Callable, Mapping
+
+import uvicorn
+
+from reranker_runtime.config import DEFAULT_MODEL, SERVE_ENV_VARS, ServeSettings
+
+log = logging.getLogger("reranker_runtime.server")
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+class SettingsError(ValueError):
+    """A flag or environment variable with a value the server cannot use."""
+
+
+# -- value parsers (shared by flags and variables; raise ValueError with the reason) ----------
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("expected one of true/false/1/0/yes/no")
+
+
+def _int_parser(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"must be {bound}")
+        return value
+
+    return parse
+
+
+def _choice_parser(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    value = text.strip().lower()
+    if not DEVICE_RE.match(value):
+        raise ValueError("expected auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _text(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class _Option:
+    field: str
+    flags: tuple[str, ...]
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+    boolean: bool = False
+    default_text: str | None = None  # how --help shows the default when not the plain value
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("model", ("--model", "-m"), _text,
+            "Hugging Face repo id or local checkpoint directory of a *ForSequenceClassification "
+            "model", "DIR_OR_HF_ID", default_text=f"{DEFAULT_MODEL} unless --engine-dir is set"),
+    _Option("revision", ("--revision",), _text, "Git revision (branch, tag, sha) of --model on the hub", "REV"),
+    _Option("engine_dir", ("--engine-dir",), _text,
+            "Directory prepared by `reranker-runtime build` (manifest.json + checkpoint/ [+ engine/]); "
+            "takes precedence over --model", "DIR"),
+    _Option("served_model_name", ("--served-model-name",), _text,
+            "Model name reported by /info and the Jina route", "NAME", default_text="the --model value"),
+    _Option("device", ("--device",), _device, "auto (CUDA when present), cpu, cuda or cuda:N", "DEVICE"),
+    _Option("dtype", ("--dtype",), _choice_parser(DTYPES),
+            "auto (float16/bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16", "DTYPE"),
+    _Option("host", ("--host",), _text, "Address to listen on", "HOST"),
+    _Option("port", ("--port",), _int_parser(1, 65535), "Port to listen on", "PORT"),
+    _Option("max_batch_tokens", ("--max-batch-tokens",), _int_parser(1),
+            "Token budget of one forward pass (padded engines count longest x sequences); must be at "
+            "least the model's max input length", "N"),
+    _Option("max_batch_requests", ("--max-batch-requests",), _int_parser(1),
+            "Most sequences in one forward pass", "N", default_text="no limit beyond the token budget"),
+    _Option("max_client_batch_size", ("--max-client-batch-size",), _int_parser(1),
+            "Most texts/inputs in one request; more -> 413", "N"),
+    _Option("max_concurrent_requests", ("--max-concurrent-requests",), _int_parser(1),
+            "Requests in flight before new ones get 429 at once (a request counts once however many "
+            "texts it has)", "N"),
+    _Option("auto_truncate", ("--auto-truncate",), parse_bool,
+            "Truncate over-long inputs on every request, even when it sets truncate=false "
+            "(--no-auto-truncate to turn off)", boolean=True),
+    _Option("api_key", ("--api-key",), _text,
+            "Require 'Authorization: Bearer <key>' or 'Authorization: Api-Key <key>' on the inference "
+            "routes and /info (/health, /live, /metrics, /docs stay open)", "KEY"),
+    _Option("log_format", ("--log-format",), _choice_parser(LOG_FORMATS),
+            "json (one object per line) or text", "FORMAT"),
+    _Option("log_level", ("--log-level",), _choice_parser(LOG_LEVELS),
+            "debug, info, warning, error or critical", "LEVEL"),
+)
+
+_DEFAULTS = ServeSettings()
+
+
+def _argparse_type(opt: _Option) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return opt.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}") from None
+
+    convert.__name__ = opt.field  # argparse shows this name in some messages
+    return convert
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `serve` on the CLI's subparsers."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="Serve a reranker over HTTP (BEI/TEI, Cohere v2 and Jina APIs)",
+        description=(
+            "Serve a cross-encoder reranker or classifier over HTTP. Every flag can also be set by "
+            "the environment variable shown; a flag wins over its variable. Boolean variables "
+            "accept true/false/1/0/yes/no."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for opt in _OPTIONS:
+        default = getattr(_DEFAULTS, opt.field)
+        shown = opt.default_text or (
+            "unset" if default is None else str(default).lower() if isinstance(default, bool) else default
+        )
+        help_text = f"{opt.help} (default: {shown}; env: {SERVE_ENV_VARS[opt.field]})"
+        if opt.boolean:
+            parser.add_argument(
+                *opt.flags, dest=opt.field, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(
+                *opt.flags, dest=opt.field, type=_argparse_type(opt), default=None,
+                metavar=opt.metavar, help=help_text,
+            )
+    parser.set_defaults(func=run_serve)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServeSettings:
+    """Flag > RERANKER_* variable > default. Raises SettingsError naming the bad variable."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in _OPTIONS:
+        flag_value = getattr(args, opt.field, None)
+        if flag_value is not None:
+            values[opt.field] = flag_value
+            continue
+        var = SERVE_ENV_VARS[opt.field]
+        raw = env.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[opt.field] = opt.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"environment variable {var}={raw!r} is invalid: {exc}") from None
+    if not values.get("model") and not values.get("engine_dir"):
+        values["model"] = DEFAULT_MODEL
+    known = {f.name for f in dataclasses.fields(ServeSettings)}
+    return ServeSettings(**{k: v for k, v in values.items() if k in known})
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from reranker_runtime.logging import setup_logging
+
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"reranker-runtime serve: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_format, settings.log_level)
+    if settings.engine_dir and not os.path.isdir(settings.engine_dir):
+        print(f"reranker-runtime serve: error: --engine-dir {settings.engine_dir!r} is not a directory",
+              file=sys.stderr)
+        return 1
+    return serve(settings)
+
+
+def serve(settings: ServeSettings) -> int:
+    """Run the server until a signal; returns the process exit code."""
+    from reranker_runtime.api.app import create_app
+
+    app = create_app(settings)
+    runtime = app.state.runtime
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep setup_logging's handlers
+        access_log=False,  # AccessMiddleware logs each request once, with pairs and tokens
+        lifespan="on",
+        timeout_keep_alive=30,
+    )
+    server = _DrainingServer(config, runtime)
+    runtime.on_fatal = lambda _message: server.request_exit()
+    log.info(
+        "starting",
+        extra={"fields": {"host": settings.host, "port": settings.port, "model": settings.model,
+                          "engine_dir": settings.engine_dir}},
+    )
+    server.run()
+    if runtime.load_error:
+        print(f"reranker-runtime serve: error: {runtime.not_ready_reason()}", file=sys.stderr)
+        return 1
+    if not server.started:
+        return 1  # e.g. the port was taken; uvicorn logged why
+    return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first exit signal drains the service before uvicorn shuts down."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Any) -> None:
+        super().__init__(config)
+        self._runtime = runtime
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_requested = False
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def request_exit(self) -> None:
+        self.should_exit = True
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not calling super(): uvicorn would re-raise the signal after shutdown and the process
+        # would die by SIGTERM instead of exiting 0 after a clean drain.
+        if self._drain_requested or self._loop is None:
+            self.force_exit = self._drain_requested  # a second signal: exit now
+            self.should_exit = True
+            return
+        self._drain_requested = True
+        log.info("received %s: draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        async def drain_then_exit() -> None:
+            try:
+                await self._runtime.drain()
+            finally:
+                self.should_exit = True
+
+        asyncio.ensure_future(drain_then_exit())
