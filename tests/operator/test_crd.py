@@ -1,0 +1,396 @@
+"""The Reranker CRD: a valid CRD object, a structural schema, examples accepted, bad ones refused.
+
+jsonschema cannot run CEL, so every CEL rule is (1) asserted present in the CRD and (2) enforced
+again by spec.parse_spec, which is what these tests exercise.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import typing
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from reranker_operator import spec as spec_mod
+from reranker_operator.spec import InvalidSpec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_PATH = ROOT / "crds" / "rerankers.reranker.dev.yaml"
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+BAD_EXAMPLES = sorted((ROOT / "examples" / "bad").glob("*.yaml"))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@functools.lru_cache(maxsize=1)
+def _crd_text() -> str:
+    return CRD_PATH.read_text()
+
+
+def load_crd() -> dict[str, Any]:
+    return yaml.load(_crd_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def crd_schema(crd: dict[str, Any]) -> dict[str, Any]:
+    (version,) = crd["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def strip_k8s_extensions(node: Any) -> Any:
+    """The schema as plain JSON Schema: x-kubernetes-* keys dropped."""
+    if isinstance(node, dict):
+        return {k: strip_k8s_extensions(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if isinstance(node, list):
+        return [strip_k8s_extensions(v) for v in node]
+    return node
+
+
+def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:
+    """Structural-schema defaulting as the API server does it (defaults, then recurse)."""
+    if isinstance(obj, dict) and "properties" in schema:
+        for key, sub in schema["properties"].items():
+            if key not in obj and "default" in sub:
+                obj[key] = copy.deepcopy(sub["default"])
+            if key in obj:
+                obj[key] = apply_defaults(sub, obj[key])
+    elif isinstance(obj, list) and "items" in schema:
+        return [apply_defaults(schema["items"], item) for item in obj]
+    return obj
+
+
+@functools.lru_cache(maxsize=1)
+def validator() -> jsonschema.Validator:
+    return jsonschema.Draft202012Validator(strip_k8s_extensions(crd_schema(load_crd())))
+
+
+def schema_errors(obj: dict[str, Any]) -> list[str]:
+    return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator().iter_errors(obj)]
+
+
+def defaulted(obj: dict[str, Any]) -> dict[str, Any]:
+    return apply_defaults(crd_schema(load_crd()), copy.deepcopy(obj))
+
+
+def cel_rules(crd: dict[str, Any]) -> list[str]:
+    rules: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            rules.extend(r["rule"] for r in node.get("x-kubernetes-validations", []))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(crd_schema(crd))
+    return rules
+
+
+def reranker(spec: dict[str, Any], name: str = "rr-test") -> dict[str, Any]:
+    return {"apiVersion": "reranker.dev/v1alpha1", "kind": "Reranker", "metadata": {"name": name}, "spec": spec}
+
+
+MINIMAL = {"checkpoint": {"repo": "BAAI/bge-reranker-large"}}
+
+
+# ---------------------------------------------------------------- the CRD object
+
+
+def test_crd_passes_kubernetes_validate_strict() -> None:
+    kubernetes_validate.validate(load_crd(), "1.32.0", strict=True)
+
+
+def test_crd_names_scope_subresources_and_columns() -> None:
+    crd = load_crd()
+    assert crd["metadata"]["name"] == "rerankers.reranker.dev"
+    spec = crd["spec"]
+    assert spec["group"] == "reranker.dev" and spec["scope"] == "Namespaced"
+    assert spec["names"]["kind"] == "Reranker" and spec["names"]["shortNames"] == ["rr"]
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"]["status"] == {}
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    default_columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    assert default_columns == ["Ready", "Phase", "Accelerator", "Engine", "Replicas", "Age"]
+
+
+def _walk_schema(node: dict[str, Any], path: str = "") -> typing.Iterator[tuple[str, dict[str, Any]]]:
+    yield path, node
+    for key, sub in (node.get("properties") or {}).items():
+        yield from _walk_schema(sub, f"{path}.{key}")
+    if "items" in node:
+        yield from _walk_schema(node["items"], f"{path}[]")
+
+
+def test_schema_is_structural_and_prunes_nothing_we_write() -> None:
+    for path, node in _walk_schema(crd_schema(load_crd())):
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+        # kopf's progress belongs in annotations, never in a catch-all status.
+        assert not node.get("x-kubernetes-preserve-unknown-fields"), path
+
+
+def test_status_schema_declares_what_the_operator_writes() -> None:
+    status = {
+        "phase": "Degraded",
+        "message": "engine build failed; the previous engine keeps serving",
+        "observedGeneration": 3,
+        "endpoint": "http://rr.default.svc.cluster.local:8080",
+        "replicas": 2,
+        "readyReplicas": 2,
+        "selector": "app.kubernetes.io/name=reranker,app.kubernetes.io/instance=rr",
+        "engine": {
+            "key": "a" * 64,
+            "shortKey": "a" * 10,
+            "jobName": "rr-engine-aaaaaaaaaa",
+            "image": "ghcr.io/reranker-dev/reranker-runtime:0.1.0",
+            "builtAt": "2025-01-01T00:00:00Z",
+            "servingKey": "b" * 64,
+        },
+        "conditions": [
+            {
+                "type": t,
+                "status": "False",
+                "reason": "BuildFailed",
+                "message": "OOMKilled",
+                "lastTransitionTime": "2025-01-01T00:00:00Z",
+                "observedGeneration": 3,
+            }
+            for t in ("EngineReady", "Available", "Ready")
+        ],
+    }
+    status_schema = crd_schema(load_crd())["properties"]["status"]
+    declared = set(status_schema["properties"])
+    assert set(status) <= declared
+    assert set(status["engine"]) <= set(status_schema["properties"]["engine"]["properties"])
+    assert status_schema["properties"]["phase"]["enum"] == ["Pending", "Building", "Deploying", "Ready", "Degraded", "Failed"]
+    assert schema_errors({**reranker(MINIMAL), "status": status}) == []
+    bad = copy.deepcopy(status)
+    bad["conditions"][0]["reason"] = "not camel case!"
+    assert schema_errors({**reranker(MINIMAL), "status": bad})
+
+
+def test_spec_model_enums_match_the_crd() -> None:
+    props = crd_schema(load_crd())["properties"]["spec"]["properties"]
+    pairs = [
+        (spec_mod.Source, props["checkpoint"]["properties"]["source"]),
+        (spec_mod.Quantization, props["build"]["properties"]["quantization"]),
+        (spec_mod.AcceleratorType, props["accelerator"]["properties"]["type"]),
+        (spec_mod.AccessMode, props["engineCache"]["properties"]["accessMode"]),
+        (spec_mod.Retention, props["engineCache"]["properties"]["retention"]),
+        (spec_mod.AutoscalingMetric, props["autoscaling"]["properties"]["metric"]),
+    ]
+    for literal, node in pairs:
+        assert list(typing.get_args(literal)) == node["enum"]
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_crd_defaults_match_the_spec_model() -> None:
+    obj = defaulted(reranker(MINIMAL))
+    spec = obj["spec"]
+    assert spec["checkpoint"] == {"repo": "BAAI/bge-reranker-large", "revision": "main", "source": "HF"}
+    assert spec["build"] == {"quantization": "no_quant", "maxNumTokens": 16384}
+    assert spec["accelerator"] == {"type": "L4", "count": 1}
+    assert spec["resources"] == {"cpu": "1", "memory": "15Gi"}
+    assert spec["runtime"] == {"autoTruncate": False}
+    assert "replicas" not in spec and "autoscaling" not in spec  # no default may trip replicas XOR autoscaling
+    assert schema_errors(obj) == []
+    # Defaulting in code (the emulator does none) gives what the API server's defaulting gives.
+    assert parse_spec(obj) == parse_spec(reranker(MINIMAL))
+
+
+def test_autoscaling_defaults_do_not_trip_the_exclusivity_rule() -> None:
+    obj = defaulted(reranker({**MINIMAL, "autoscaling": {"maxReplicas": 3}}))
+    assert obj["spec"]["autoscaling"] == {
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "metric": "Concurrency",
+        "targetConcurrency": 16,
+        "targetCPUUtilization": 70,
+    }
+    assert "replicas" not in obj["spec"]
+    assert parse_spec(obj).autoscaling is not None
+
+
+# ---------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_validates(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    for obj in docs:
+        assert schema_errors(obj) == []
+        assert schema_errors(defaulted(obj)) == []
+        parse_spec(obj)
+        assert parse_spec(defaulted(obj)) == parse_spec(obj)
+
+
+# file -> (refused by the schema itself, or by a CEL rule; the field spec.py names)
+BAD = {
+    "unknown-quantization.yaml": ("schema", "spec.build.quantization"),
+    "negative-max-num-tokens.yaml": ("schema", "spec.build.maxNumTokens"),
+    "replicas-and-autoscaling.yaml": ("cel", "spec"),
+    "fp8-on-t4.yaml": ("cel", "spec.build.quantization"),
+    "fp4.yaml": ("cel", "spec.build.quantization"),
+    "cpu-gpu-count.yaml": ("cel", "spec.accelerator.count"),
+    "max-seq-len-over-budget.yaml": ("cel", "spec.build.maxSeqLen"),
+}
+
+
+def test_every_bad_example_is_listed() -> None:
+    assert sorted(p.name for p in BAD_EXAMPLES) == sorted(BAD)
+
+
+@pytest.mark.parametrize("path", BAD_EXAMPLES, ids=lambda p: p.name)
+def test_bad_example_is_refused(path: Path) -> None:
+    layer, field = BAD[path.name]
+    obj = yaml.safe_load(path.read_text())
+    if layer == "schema":
+        assert schema_errors(obj), "the openAPIV3Schema should refuse it"
+    else:
+        assert schema_errors(defaulted(obj)) == [], "only the CEL rule should refuse it"
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec(obj)
+    assert exc.value.field == field
+
+
+# ---------------------------------------------------------------- CEL rules, mirrored in spec.py
+
+# (case, spec, field parse_spec names, a fragment of the CRD rule that covers it)
+CEL_CASES = [
+    ("replicas-and-autoscaling", {**MINIMAL, "replicas": 2, "autoscaling": {"maxReplicas": 3}}, "spec",
+     "!(has(self.replicas) && has(self.autoscaling))"),
+    ("fp8-on-a100", {**MINIMAL, "build": {"quantization": "fp8"}, "accelerator": {"type": "A100"}},
+     "spec.build.quantization", "self.accelerator.type in ['L4', 'H100', 'H200']"),
+    ("fp8-on-a10g", {**MINIMAL, "build": {"quantization": "fp8"}, "accelerator": {"type": "A10G"}},
+     "spec.build.quantization", "self.accelerator.type in ['L4', 'H100', 'H200']"),
+    ("fp4-on-h200", {**MINIMAL, "build": {"quantization": "fp4"}, "accelerator": {"type": "H200"}},
+     "spec.build.quantization", "self.build.quantization != 'fp4'"),
+    ("quantization-on-cpu", {**MINIMAL, "build": {"quantization": "fp8"}, "accelerator": {"type": "CPU"}},
+     "spec.build.quantization", "self.build.quantization == 'no_quant'"),
+    ("count-on-cpu", {**MINIMAL, "accelerator": {"type": "CPU", "count": 2}}, "spec.accelerator.count",
+     "self.type != 'CPU' || !has(self.count) || self.count == 1"),
+    ("seq-len-over-budget", {**MINIMAL, "build": {"maxNumTokens": 512, "maxSeqLen": 1024}},
+     "spec.build.maxSeqLen", "self.maxSeqLen <= "),
+    ("seq-len-over-default-budget", {**MINIMAL, "build": {"maxSeqLen": 20000}}, "spec.build.maxSeqLen",
+     "self.maxSeqLen <= "),
+    ("min-over-max", {**MINIMAL, "autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
+     "spec.autoscaling.minReplicas", "<= self.maxReplicas"),
+    ("batch-tokens-under-seq-len", {**MINIMAL, "build": {"maxSeqLen": 1024}, "runtime": {"maxBatchTokens": 512}},
+     "spec.runtime.maxBatchTokens", "self.runtime.maxBatchTokens >= self.build.maxSeqLen"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,spec,field,rule", CEL_CASES, ids=[c[0] for c in CEL_CASES])
+def test_cel_rule_is_in_the_crd_and_enforced_in_code(case: str, spec: dict, field: str, rule: str) -> None:
+    assert any(rule in r for r in cel_rules(load_crd())), f"no CEL rule containing {rule!r}"
+    assert schema_errors(defaulted(reranker(spec))) == []  # jsonschema alone lets it through
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec(reranker(spec))
+    assert exc.value.field == field
+    assert exc.value.message
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {**MINIMAL, "build": {"quantization": "fp8"}, "accelerator": {"type": t}} for t in ("L4", "H100", "H200")
+    ]
+    + [
+        {**MINIMAL, "accelerator": {"type": "CPU", "count": 1}},
+        {**MINIMAL, "build": {"maxNumTokens": 512, "maxSeqLen": 512}},
+        {**MINIMAL, "autoscaling": {"minReplicas": 3, "maxReplicas": 3}},
+        {**MINIMAL, "replicas": 0},
+    ],
+)
+def test_possible_combinations_are_accepted(spec: dict) -> None:
+    assert schema_errors(defaulted(reranker(spec))) == []
+    parse_spec(reranker(spec))
+
+
+def test_fp4_message_names_blackwell() -> None:
+    with pytest.raises(InvalidSpec, match="Blackwell"):
+        parse_spec(reranker({**MINIMAL, "build": {"quantization": "fp4"}}))
+    assert any("Blackwell" in r.get("message", "") for r in _all_validations(load_crd()))
+
+
+def _all_validations(crd: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            out.extend(node.get("x-kubernetes-validations", []))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(crd_schema(crd))
+    return out
+
+
+@pytest.mark.parametrize("name", ["9lives", "Upper", "a" * 64, "dots.not.allowed", "trailing-"])
+def test_name_must_be_a_dns1035_label(name: str) -> None:
+    assert any("self.metadata.name" in r for r in cel_rules(load_crd()))
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec(reranker(MINIMAL, name=name))
+    assert exc.value.field == "metadata.name"
+
+
+@pytest.mark.parametrize(
+    "spec,field",
+    [
+        ({}, "spec.checkpoint"),
+        ({"checkpoint": {"repo": ""}}, "spec.checkpoint.repo"),
+        ({**MINIMAL, "build": {"maxNumTokens": 1000}}, "spec.build.maxNumTokens"),  # not a multiple of 64
+        ({**MINIMAL, "build": {"maxNumTokens": 262144}}, "spec.build.maxNumTokens"),
+        ({**MINIMAL, "accelerator": {"type": "V100"}}, "spec.accelerator.type"),
+        ({**MINIMAL, "resources": {"memory": "lots"}}, "spec.resources.memory"),
+        ({**MINIMAL, "checkpoint": {"repo": "x", "source": "FTP"}}, "spec.checkpoint.source"),
+        ({**MINIMAL, "engineCache": {"accessMode": "ReadOnlyMany"}}, "spec.engineCache.accessMode"),
+        ({**MINIMAL, "autoscaling": {"minReplicas": 1}}, "spec.autoscaling.maxReplicas"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "1BAD"}]}}, "spec.runtime.env[0].name"),
+    ],
+)
+def test_schema_and_model_refuse_the_same_values(spec: dict, field: str) -> None:
+    assert schema_errors(reranker(spec)), "the CRD schema should refuse it too"
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec(reranker(spec))
+    assert exc.value.field == field
+
+
+def test_code_only_checks_name_the_field() -> None:
+    # Past the schema (no CEL for these): operator-owned or duplicate env names, unknown fields.
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec(reranker({**MINIMAL, "runtime": {"env": [{"name": "RERANKER_ENGINE_DIR", "value": "/x"}]}}))
+    assert exc.value.field == "spec.runtime.env[0].name"
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec(reranker({**MINIMAL, "runtime": {"env": [{"name": "A"}, {"name": "A"}]}}))
+    assert exc.value.field == "spec.runtime.env[1].name"
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec(reranker({**MINIMAL, "build": {"max_num_tokens": 64}}))
+    assert exc.value.field == "spec.build.max_num_tokens"
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec({"metadata": {"name": "x"}})
+    assert exc.value.field == "spec"
+
+
+def test_int_quantities_are_accepted() -> None:
+    obj = reranker({**MINIMAL, "resources": {"cpu": 2, "memory": "8Gi"}, "engineCache": {"size": "10Gi"}})
+    assert schema_errors(obj) == []
+    assert parse_spec(obj).resources.cpu == "2"
