@@ -1,0 +1,389 @@
+"""Token-budget dynamic batcher: one queue owner task, fair across requests.
+
+Every (query, text) pair is its own queue entry, so pairs of different requests share forward
+passes. One asyncio task (the owner) forms batches; forward passes run on one dedicated worker
+thread, one at a time. The owner keeps up to two batches submitted (one running, one waiting) so
+the worker never idles while the event loop is busy, which is also the bound on fairness: a new
+request's pairs go into the next batch formed, at most two forward passes away.
+
+Batch formation (`_form_batch`):
+- requests are visited round-robin, oldest request first, one entry per request per round, so a
+  1-text request is not stuck behind a 500-text one (TEI's FIFO queue does that) and no request
+  starves (the oldest request always gets an entry in the next batch);
+- each request's entries are taken longest first, so consecutive batches hold similar lengths
+  and padding stays low;
+- a batch is closed when the next entry would exceed the token budget (padded engines cost
+  `longest * n`, packed engines `sum(lengths)`) or the batch size limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from reranker_runtime import metrics
+from reranker_runtime.engines.base import EncodedPair, Engine
+from reranker_runtime.errors import EngineError, ModelLoadError, NotReadyError
+
+logger = logging.getLogger(__name__)
+
+# Batches submitted to the worker at once: one running + one ready to start.
+_PIPELINE_DEPTH = 2
+
+
+@dataclass
+class BatchResult:
+    """What one request gets back: logits in item order and where its time went."""
+
+    logits: np.ndarray  # float32 [n, num_labels]
+    queue_time_s: float  # from submission to the start of its first forward pass
+    inference_time_s: float  # sum of the forward passes that held any of its pairs
+    batches: int  # forward passes that held any of its pairs
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    n: int
+    num_labels: int
+    submitted_at: float
+    future: asyncio.Future[BatchResult]
+    pending: deque[_Entry] = field(default_factory=deque)
+    logits: np.ndarray | None = None
+    remaining: int = 0
+    first_start: float | None = None
+    inference_time_s: float = 0.0
+    batches: int = 0
+    # Set on the event loop; read by the worker thread to skip entries of a dropped request.
+    dropped: bool = False
+
+
+@dataclass(eq=False)
+class _Entry:
+    request: _Request
+    index: int  # position in the request's items
+    pair: EncodedPair
+
+
+@dataclass
+class _Batch:
+    entries: list[_Entry]
+    cost: int
+
+
+@dataclass
+class _Outcome:
+    ran: list[_Entry]  # the entries the engine actually saw (dropped ones filtered out)
+    logits: np.ndarray | None
+    started: float
+    duration_s: float
+    error: BaseException | None = None
+
+
+def batch_cost(lengths: Sequence[int], padded: bool) -> int:
+    """Tokens a forward pass costs: longest * n for padded engines, the sum for packed ones."""
+    if not lengths:
+        return 0
+    return max(lengths) * len(lengths) if padded else sum(lengths)
+
+
+class Batcher:
+    """Owns the queue of one engine. Create, `await start()`, `await score(...)`, `await stop()`."""
+
+    def __init__(self, engine: Engine, *, max_batch_tokens: int, max_batch_size: int | None = None) -> None:
+        info = engine.info
+        self._engine = engine
+        self._padded = info.padded
+        budget = max_batch_tokens
+        if info.max_batch_tokens is not None and info.max_batch_tokens < budget:
+            logger.warning(
+                "engine caps tokens per forward pass below --max-batch-tokens; using the engine's limit",
+                extra={"max_batch_tokens": budget, "engine_max_batch_tokens": info.max_batch_tokens},
+            )
+            budget = info.max_batch_tokens
+        self.max_batch_tokens = budget
+        sizes = [s for s in (max_batch_size, info.max_batch_size) if s is not None]
+        self.max_batch_size: int | None = min(sizes) if sizes else None
+        if budget < 1 or (self.max_batch_size is not None and self.max_batch_size < 1):
+            raise ValueError("max_batch_tokens and max_batch_size must be positive")
+        self._num_labels = info.num_labels
+        # Requests with entries still waiting, in arrival order (the round-robin order).
+        self._requests: dict[_Request, None] = {}
+        # Every request whose future is not resolved yet (waiting or in a submitted batch).
+        self._live: set[_Request] = set()
+        self._queued = 0  # entries waiting (not yet in a batch)
+        self._wakeup = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._owner: asyncio.Task[None] | None = None
+        self._running = False
+        self._batches_run = 0
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def check_limits(self) -> None:
+        """Refuse a model whose longest input does not fit one batch (it could never be scored)."""
+        max_len = self._engine.info.max_input_length
+        if max_len > self.max_batch_tokens:
+            raise ModelLoadError(
+                f"model accepts up to {max_len} tokens per input but --max-batch-tokens is "
+                f"{self.max_batch_tokens}; raise --max-batch-tokens to at least {max_len}"
+            )
+
+    async def start(self, *, warmup: bool = True) -> None:
+        """Check limits, warm the engine up at the full budget (on the worker thread), then
+        start the queue owner task."""
+        if self._running:
+            return
+        self.check_limits()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        if warmup:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._executor, self._engine.warmup, self.max_batch_tokens)
+            except BaseException:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+                raise
+            logger.info(
+                "engine warmed up",
+                extra={"max_batch_tokens": self.max_batch_tokens, "warmup_s": round(time.perf_counter() - started, 3)},
+            )
+        self._running = True
+        self._owner = asyncio.create_task(self._own_queue(), name="batcher-owner")
+        self._owner.add_done_callback(self._owner_done)
+
+    async def stop(self) -> None:
+        """Finish the forward passes already submitted, fail every request still waiting
+        (NotReadyError: shutting down), and release the worker thread."""
+        if not self._running and self._owner is None:
+            return
+        self._running = False
+        self._wakeup.set()
+        if self._owner is not None:
+            try:
+                await self._owner
+            except BaseException:  # noqa: BLE001 - the done callback already logged it
+                pass
+            self._owner = None
+        self._fail_all(NotReadyError("the server is shutting down; retry on another replica"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def queue_size(self) -> int:
+        """Pairs waiting for a batch (not counting those in a submitted forward pass)."""
+        return self._queued
+
+    @property
+    def batches_run(self) -> int:
+        return self._batches_run
+
+    # ------------------------------------------------------------------------------- submit
+
+    async def score(self, request_id: str, items: Sequence[EncodedPair]) -> BatchResult:
+        """Score every item; returns when all are done. Cancelling the caller drops the
+        request's entries that have not run yet."""
+        if not self._running:
+            raise NotReadyError("the model is not serving (starting up or shutting down)")
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        if not items:
+            return BatchResult(np.zeros((0, self._num_labels), np.float32), 0.0, 0.0, 0)
+        request = _Request(
+            request_id=request_id,
+            n=len(items),
+            num_labels=self._num_labels,
+            submitted_at=now,
+            future=loop.create_future(),
+            remaining=len(items),
+        )
+        # Longest first: consecutive batches get similar lengths (less padding).
+        order = sorted(range(len(items)), key=lambda i: -len(items[i]))
+        request.pending.extend(_Entry(request, i, items[i]) for i in order)
+        request.logits = np.empty((len(items), self._num_labels), dtype=np.float32)
+        self._requests[request] = None
+        self._live.add(request)
+        self._set_queued(self._queued + len(items))
+        self._wakeup.set()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self._drop(request, reason="cancelled")
+            raise
+        finally:
+            self._live.discard(request)
+
+    # ------------------------------------------------------------------------- queue owner
+
+    async def _own_queue(self) -> None:
+        loop = asyncio.get_running_loop()
+        submitted: deque[tuple[_Batch, asyncio.Future[_Outcome]]] = deque()
+        while self._running or submitted:
+            while self._running and len(submitted) < _PIPELINE_DEPTH and self._requests:
+                batch = self._form_batch()
+                assert self._executor is not None
+                fut = loop.run_in_executor(self._executor, self._forward, batch)
+                submitted.append((batch, fut))
+            if submitted:
+                self._wakeup.clear()
+                waiter = asyncio.ensure_future(self._wakeup.wait())
+                try:
+                    await asyncio.wait({submitted[0][1], waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                # The worker runs batches in order, so only the head can be done.
+                while submitted and submitted[0][1].done():
+                    batch, fut = submitted.popleft()
+                    self._deliver(batch, fut.result())
+            elif self._running:
+                self._wakeup.clear()
+                if not self._requests:
+                    await self._wakeup.wait()
+
+    def _form_batch(self) -> _Batch:
+        entries: list[_Entry] = []
+        lengths: list[int] = []
+        longest = total = 0
+        limit = self.max_batch_size
+        blocked: set[_Request] = set()
+        progress = True
+        while progress and (limit is None or len(entries) < limit):
+            progress = False
+            for request in self._requests:
+                if request in blocked or not request.pending:
+                    continue
+                if limit is not None and len(entries) >= limit:
+                    break
+                entry = request.pending[0]
+                length = len(entry.pair)
+                new_longest = max(longest, length)
+                cost = new_longest * (len(entries) + 1) if self._padded else total + length
+                # The first entry is always taken: one that alone exceeds the budget runs alone
+                # rather than sticking in the queue (the start-up check makes that impossible for
+                # valid inputs), and a non-empty queue always yields a non-empty batch.
+                if entries and cost > self.max_batch_tokens:
+                    blocked.add(request)
+                    continue
+                request.pending.popleft()
+                entries.append(entry)
+                lengths.append(length)
+                longest, total = new_longest, total + length
+                progress = True
+        # Finished requests leave the round-robin only when their pending list is empty.
+        for request in [r for r in self._requests if not r.pending]:
+            del self._requests[request]
+        self._set_queued(self._queued - len(entries))
+        return _Batch(entries=entries, cost=batch_cost(lengths, self._padded))
+
+    def _forward(self, batch: _Batch) -> _Outcome:
+        """Runs on the worker thread. Entries of requests dropped meanwhile are skipped."""
+        ran = [e for e in batch.entries if not e.request.dropped]
+        started = time.perf_counter()
+        if not ran:
+            return _Outcome(ran=[], logits=None, started=started, duration_s=0.0)
+        try:
+            logits = self._engine.score([e.pair for e in ran])
+            logits = np.asarray(logits, dtype=np.float32)
+            if logits.shape != (len(ran), self._num_labels):
+                raise ValueError(f"engine returned logits of shape {logits.shape}, expected {(len(ran), self._num_labels)}")
+        except Exception as exc:  # noqa: BLE001 - every failure is reported to the batch's requests
+            return _Outcome(ran=ran, logits=None, started=started, duration_s=time.perf_counter() - started, error=exc)
+        return _Outcome(ran=ran, logits=logits, started=started, duration_s=time.perf_counter() - started)
+
+    def _deliver(self, batch: _Batch, outcome: _Outcome) -> None:
+        if not outcome.ran:
+            return
+        self._batches_run += 1
+        requests = list(dict.fromkeys(e.request for e in outcome.ran))
+        if outcome.error is not None:
+            metrics.BATCH_FAILURES.inc()
+            logger.error(
+                "forward pass failed",
+                extra={
+                    "batch_size": len(outcome.ran),
+                    "batch_tokens": batch.cost,
+                    "requests": [r.request_id for r in requests],
+                    "error": repr(outcome.error),
+                },
+                exc_info=outcome.error,
+            )
+            err = EngineError(f"the model failed to score this batch: {type(outcome.error).__name__}: {outcome.error}")
+            for request in requests:
+                self._fail(request, err)
+            return
+        metrics.BATCH_SIZE.observe(len(outcome.ran))
+        metrics.BATCH_TOKENS.observe(batch.cost)
+        metrics.BATCH_INFERENCE_DURATION.observe(outcome.duration_s)
+        assert outcome.logits is not None
+        for request in requests:
+            if request.first_start is None:
+                request.first_start = outcome.started
+            request.inference_time_s += outcome.duration_s
+            request.batches += 1
+        for entry, row in zip(outcome.ran, outcome.logits):
+            request = entry.request
+            if request.dropped:
+                continue
+            assert request.logits is not None
+            request.logits[entry.index] = row
+            request.remaining -= 1
+            if request.remaining == 0 and not request.future.done():
+                request.future.set_result(
+                    BatchResult(
+                        logits=request.logits,
+                        queue_time_s=max(0.0, (request.first_start or outcome.started) - request.submitted_at),
+                        inference_time_s=request.inference_time_s,
+                        batches=request.batches,
+                    )
+                )
+
+    # --------------------------------------------------------------------------- helpers
+
+    def _set_queued(self, value: int) -> None:
+        self._queued = value
+        metrics.QUEUE_SIZE.set(value)
+
+    def _drop(self, request: _Request, *, reason: str) -> None:
+        """Remove a request's waiting entries from the queue; its submitted ones are skipped."""
+        if request.dropped:
+            return
+        request.dropped = True
+        dropped = len(request.pending)
+        request.pending.clear()
+        self._requests.pop(request, None)
+        self._set_queued(self._queued - dropped)
+        if dropped:
+            logger.info("dropped queued pairs", extra={"request_id": request.request_id, "pairs": dropped, "reason": reason})
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        self._drop(request, reason="failed")
+        if not request.future.done():
+            request.future.set_exception(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request in list(self._live):
+            self._fail(request, error)
+
+    def _owner_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # A bug in the owner must not leave requests hanging.
+            logger.error("batcher owner task crashed", exc_info=exc)
+            self._running = False
+            self._fail_all(EngineError(f"the batcher stopped unexpectedly: {exc!r}"))

@@ -1,0 +1,151 @@
+"""Tokenization and truncation, with the tokenizer's own special-token layout.
+
+Query and text are tokenized separately without special tokens, truncated by our own rule (the
+text is cut in the requested direction and the query kept whole where it fits), then assembled
+by the tokenizer's post-processor (`tokenizers.Tokenizer.post_process`), so the result is exactly
+what `tokenizer(query, text)` gives when no cut is needed, for any BERT-family template.
+
+transformers 5.x tokenizers have no `build_inputs_with_special_tokens`, and `tokenizer(...)`
+switches the shared backend's truncation/padding state on each call, which is not safe from
+several threads. We use a private copy of the backend tokenizer with truncation and padding off;
+its `encode*` calls are thread-safe and we never change its state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+from tokenizers import Encoding, Tokenizer
+
+from reranker_runtime.engines.base import EncodedPair
+from reranker_runtime.errors import ValidationError
+
+Direction = Literal["right", "left"]
+Input = str | tuple[str, str]
+
+
+def parse_direction(value: str) -> Direction:
+    """'right'/'left' in any case ('Right', 'LEFT'), as TEI clients send them."""
+    normalized = str(value).strip().lower()
+    if normalized not in ("right", "left"):
+        raise ValidationError(f"truncation_direction must be 'right' or 'left', got {value!r}")
+    return normalized  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One model input ready for the batcher, plus what the response reports about it."""
+
+    pair: EncodedPair
+    num_tokens: int  # tokens the model sees (special tokens included), after any truncation
+    original_tokens: int  # tokens before truncation
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """One token as TEI's /tokenize reports it. start/stop are character offsets into the
+    input string the token came from (the first or second element of a pair); None for special
+    tokens, whose `text` is the token itself."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class PairTokenizer:
+    """Thread-safe encoder for (query, text) pairs and single texts with explicit truncation."""
+
+    def __init__(self, hf_tokenizer: Any, max_input_length: int) -> None:
+        backend: Tokenizer = hf_tokenizer.backend_tokenizer
+        # Private copy: we never touch the state of the tokenizer others may use.
+        self._tok = Tokenizer.from_str(backend.to_str())
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.max_input_length = max_input_length
+        self.uses_token_type_ids = "token_type_ids" in getattr(hf_tokenizer, "model_input_names", [])
+        self._special_pair = self._tok.num_special_tokens_to_add(is_pair=True)
+        self._special_single = self._tok.num_special_tokens_to_add(is_pair=False)
+        if max_input_length <= self._special_pair + 1:
+            raise ValueError(f"max_input_length {max_input_length} leaves no room for a pair")
+
+    def _raw(self, texts: Sequence[str]) -> list[Encoding]:
+        return self._tok.encode_batch(list(texts), add_special_tokens=False)
+
+    def _finish(self, first: Encoding, second: Encoding | None, original: int, truncated: bool) -> Encoded:
+        enc = self._tok.post_process(first, second, add_special_tokens=True)
+        pair = EncodedPair(
+            input_ids=list(enc.ids),
+            token_type_ids=list(enc.type_ids) if self.uses_token_type_ids else None,
+        )
+        return Encoded(pair=pair, num_tokens=len(enc.ids), original_tokens=original, truncated=truncated)
+
+    def encode_pairs(
+        self, query: str, texts: Sequence[str], *, truncate: bool, direction: Direction = "right"
+    ) -> list[Encoded]:
+        """Encode (query, text) for each text. Without `truncate`, over-long pairs come back
+        untruncated (num_tokens > max_input_length) and the caller rejects them."""
+        q = self._tok.encode(query, add_special_tokens=False)
+        return [
+            self._pair(q, query, t, truncate=truncate, direction=direction) for t in self._raw(texts)
+        ]
+
+    def encode_inputs(
+        self, inputs: Sequence[Input], *, truncate: bool, direction: Direction = "right"
+    ) -> list[Encoded]:
+        """Encode /predict inputs: single strings or (first, second) pairs."""
+        out: list[Encoded] = []
+        for item in inputs:
+            if isinstance(item, str):
+                enc = self._tok.encode(item, add_special_tokens=False)
+                original = len(enc.ids) + self._special_single
+                budget = self.max_input_length - self._special_single
+                cut = truncate and len(enc.ids) > budget
+                if cut:
+                    enc.truncate(budget, stride=0, direction=direction)
+                out.append(self._finish(enc, None, original, cut))
+            else:
+                first, second = item
+                a = self._tok.encode(first, add_special_tokens=False)
+                b = self._tok.encode(second, add_special_tokens=False)
+                out.append(self._pair(a, first, b, truncate=truncate, direction=direction))
+        return out
+
+    def _pair(self, q: Encoding, query: str, t: Encoding, *, truncate: bool, direction: Direction) -> Encoded:
+        budget = self.max_input_length - self._special_pair
+        nq, nt = len(q.ids), len(t.ids)
+        original = nq + nt + self._special_pair
+        if not truncate or nq + nt <= budget:
+            return self._finish(q, t, original, False)
+        # Keep the query whole where it fits, leaving the text at least one token; otherwise
+        # cut the query too (in the same direction).
+        keep_text = max(budget - nq, min(nt, 1))
+        keep_query = budget - keep_text
+        if keep_query < nq:
+            q = self._tok.encode(query, add_special_tokens=False)  # fresh copy: truncate mutates
+            q.truncate(keep_query, stride=0, direction=direction)
+        if keep_text < nt:
+            t.truncate(keep_text, stride=0, direction=direction)
+        return self._finish(q, t, original, True)
+
+    def tokens(self, inputs: Sequence[Input], *, add_special_tokens: bool = True) -> list[list[TokenInfo]]:
+        """TEI /tokenize: every token with its id, text, special flag and offsets."""
+        result: list[list[TokenInfo]] = []
+        for item in inputs:
+            sources = (item,) if isinstance(item, str) else tuple(item)
+            enc = self._tok.encode(*sources, add_special_tokens=add_special_tokens)
+            tokens: list[TokenInfo] = []
+            for tid, token, special, (start, stop), seq in zip(
+                enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets, enc.sequence_ids
+            ):
+                if special or seq is None:
+                    tokens.append(TokenInfo(id=tid, text=token, special=True, start=None, stop=None))
+                else:
+                    tokens.append(
+                        TokenInfo(id=tid, text=sources[seq][start:stop], special=False, start=start, stop=stop)
+                    )
+            result.append(tokens)
+        return result
