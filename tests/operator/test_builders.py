@@ -1,0 +1,517 @@
+"""Pure builders, the engine key and the operator config: unit tests, no cluster.
+
+Every object a builder returns must pass kubernetes-validate --strict (Kubernetes 1.32 schemas).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from reranker_operator import builders as b
+from reranker_operator.config import (
+    CONFIG_ENV,
+    DEFAULT_RUNTIME_IMAGE,
+    ConfigError,
+    OperatorConfig,
+    config_from_dict,
+    load_config,
+)
+from reranker_operator.engine_key import engine_key
+from reranker_operator.spec import RerankerSpec, parse_spec
+
+K8S_VERSION = "1.32.0"
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+KEY = "0123456789abcdef" * 4
+NS = "search"
+OWNER = b.owner_reference({"metadata": {"name": "rr", "uid": "5f0c6a2e-0000-4000-8000-000000000001"}})
+
+
+def spec_of(**spec: Any) -> RerankerSpec:
+    return parse_spec({"metadata": {"name": "rr"}, "spec": {"checkpoint": {"repo": "BAAI/bge-reranker-large"}, **spec}})
+
+
+VARIANTS: dict[str, RerankerSpec] = {
+    "gpu-default": spec_of(),
+    "gpu-replicas": spec_of(
+        replicas=3,
+        accelerator={"type": "H100", "count": 2},
+        build={"quantization": "fp8", "maxNumTokens": 32768, "maxSeqLen": 1024},
+        checkpoint={"repo": "org/model", "revision": "v1", "source": "S3", "secretName": "s3-creds"},
+        runtime={
+            "apiKeySecret": {"name": "api", "key": "token"},
+            "maxBatchRequests": 64,
+            "maxClientBatchSize": 100,
+            "maxConcurrentRequests": 128,
+            "autoTruncate": True,
+            "env": [{"name": "EXTRA", "value": "1"}],
+            "probes": {"startup": {"failureThreshold": 200, "periodSeconds": 5}, "liveness": {"timeoutSeconds": 9}},
+        },
+        engineCache={"storageClassName": "filestore", "size": "100Gi", "retention": "Delete"},
+    ),
+    "cpu": spec_of(
+        accelerator={"type": "CPU"},
+        resources={"cpu": 2, "memory": "4Gi"},
+        engineCache={"accessMode": "ReadWriteOnce"},
+    ),
+    "autoscaling-concurrency": spec_of(autoscaling={"minReplicas": 2, "maxReplicas": 6, "targetConcurrency": 24}),
+    "autoscaling-cpu": spec_of(
+        accelerator={"type": "CPU"}, autoscaling={"maxReplicas": 4, "metric": "CPU", "targetCPUUtilization": 60}
+    ),
+}
+CONFIG = OperatorConfig()
+
+
+def all_children(spec: RerankerSpec, owner: dict | None = OWNER) -> list[dict[str, Any]]:
+    return b.build_children("rr", NS, spec, CONFIG, owner=owner, key=KEY)
+
+
+def by_kind(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {c["kind"]: c for c in children}
+
+
+def container(obj: dict[str, Any]) -> dict[str, Any]:
+    (c,) = obj["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env_map(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+
+
+# ---------------------------------------------------------------- schema validity
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("owned", [True, False], ids=["owned", "unowned"])
+def test_every_child_passes_kubernetes_validate_strict(variant: str, owned: bool) -> None:
+    children = all_children(VARIANTS[variant], OWNER if owned else None)
+    for obj in children:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    kinds = [c["kind"] for c in children]
+    assert kinds[:4] == ["PersistentVolumeClaim", "Job", "Deployment", "Service"]
+
+
+def test_pdb_and_hpa_only_when_called_for() -> None:
+    kinds = {v: [c["kind"] for c in all_children(s)] for v, s in VARIANTS.items()}
+    assert "PodDisruptionBudget" not in kinds["gpu-default"] and "HorizontalPodAutoscaler" not in kinds["gpu-default"]
+    assert "PodDisruptionBudget" in kinds["gpu-replicas"] and "HorizontalPodAutoscaler" not in kinds["gpu-replicas"]
+    assert "PodDisruptionBudget" in kinds["autoscaling-concurrency"]  # minReplicas 2
+    assert "HorizontalPodAutoscaler" in kinds["autoscaling-concurrency"]
+    assert "PodDisruptionBudget" not in kinds["autoscaling-cpu"]  # minReplicas 1
+    assert "HorizontalPodAutoscaler" in kinds["autoscaling-cpu"]
+    assert b.build_pdb("rr", NS, spec_of(replicas=1)) is None
+    assert b.build_hpa("rr", NS, spec_of(replicas=5)) is None
+
+
+# ---------------------------------------------------------------- Job
+
+
+def test_job_follows_the_build_contract() -> None:
+    job = b.build_engine_job("rr", NS, VARIANTS["gpu-replicas"], CONFIG, KEY, OWNER)
+    assert job["metadata"]["name"] == f"rr-engine-{KEY[:10]}"
+    c = container(job)
+    assert c["command"] == ["reranker-runtime", "build"]
+    assert c["args"] == [
+        "--checkpoint-repo", "org/model", "--revision", "v1", "--source", "S3",
+        "--quantization", "fp8", "--max-num-tokens", "32768", "--max-seq-len", "1024",
+        "--accelerator", "H100", "--output", f"/engines/{KEY}",
+    ]  # fmt: skip
+    assert env_map(c)["HF_HOME"] == "/engines/.hf-home"
+    assert env_map(c)["RERANKER_LOG_FORMAT"] == "json"
+    assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert {"name": "engine-cache", "mountPath": "/engines"} in c["volumeMounts"]
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert {"name": "engine-cache", "persistentVolumeClaim": {"claimName": "rr-engine-cache"}} in pod["volumes"]
+    spec = job["spec"]
+    assert spec["backoffLimit"] == CONFIG.build_job.backoff_limit
+    assert spec["activeDeadlineSeconds"] == CONFIG.build_job.active_deadline_seconds
+    assert spec["ttlSecondsAfterFinished"] == CONFIG.build_job.ttl_seconds_after_finished
+    assert job["metadata"]["annotations"][b.ANNOTATION_ENGINE_KEY] == KEY
+    assert job["metadata"]["labels"][b.LABEL_ENGINE] == KEY[:10]
+    assert job["metadata"]["ownerReferences"] == [OWNER]
+
+
+def test_job_without_secret_or_max_seq_len() -> None:
+    c = container(b.build_engine_job("rr", NS, spec_of(), CONFIG, KEY))
+    assert "envFrom" not in c
+    assert "--max-seq-len" not in c["args"]
+    assert c["args"][-4:] == ["--accelerator", "L4", "--output", f"/engines/{KEY}"]
+
+
+@pytest.mark.parametrize("name", ["a", "x" * 45, "y" * 46, "z" * 63, "a-" * 31 + "b", "ab" + "-" * 43 + "c"])
+def test_job_name_is_a_dns1123_label(name: str) -> None:
+    job = b.job_name(name, KEY)
+    assert len(job) <= 63 and DNS1123_LABEL.match(job), job
+    assert job.endswith(f"-engine-{KEY[:10]}")
+    if len(name) <= 45:
+        assert job == f"{name}-engine-{KEY[:10]}"
+
+
+def test_job_runs_where_it_will_serve() -> None:
+    spec = VARIANTS["gpu-replicas"]
+    job, dep = (b.build_engine_job("rr", NS, spec, CONFIG, KEY), b.build_deployment("rr", NS, spec, CONFIG, KEY))
+    for key in ("affinity", "tolerations"):
+        assert job["spec"]["template"]["spec"][key] == dep["spec"]["template"]["spec"][key]
+    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+# ---------------------------------------------------------------- placement
+
+
+def test_gpu_placement_accepts_gke_or_gpu_feature_discovery() -> None:
+    pod = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    # Two ORed terms, one label each: a single term (or a nodeSelector) with both would match no node.
+    assert len(terms) == 2 and all(len(t["matchExpressions"]) == 1 for t in terms)
+    exprs = {t["matchExpressions"][0]["key"]: t["matchExpressions"][0]["values"] for t in terms}
+    assert "nvidia-l4" in exprs["cloud.google.com/gke-accelerator"]
+    assert "NVIDIA-L4" in exprs["nvidia.com/gpu.product"]
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "nodeSelector" not in pod
+    assert container({"spec": {"template": {"spec": pod}}})["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+@pytest.mark.parametrize("accel", ["L4", "A10G", "A100", "H100", "H200", "T4"])
+def test_every_gpu_type_has_a_placement(accel: str) -> None:
+    pod = b.build_deployment("rr", NS, spec_of(accelerator={"type": accel}), CONFIG, KEY)["spec"]["template"]["spec"]
+    assert pod["affinity"]["nodeAffinity"]
+    assert pod["tolerations"]
+
+
+def test_cpu_gets_no_gpu_placement() -> None:
+    for obj in (
+        b.build_deployment("rr", NS, VARIANTS["cpu"], CONFIG, KEY),
+        b.build_engine_job("rr", NS, VARIANTS["cpu"], CONFIG, KEY),
+    ):
+        pod = obj["spec"]["template"]["spec"]
+        assert "affinity" not in pod and "tolerations" not in pod and "nodeSelector" not in pod
+        assert container(obj)["resources"] == {
+            "requests": {"cpu": "2", "memory": "4Gi"},
+            "limits": {"memory": "4Gi"},
+        }
+
+
+def test_custom_placement_from_config() -> None:
+    config = config_from_dict(
+        {
+            "accelerators": {
+                "L4": {
+                    "resourceName": "amd.com/gpu",
+                    "nodeSelector": {"node.kubernetes.io/instance-type": "g6.xlarge"},
+                    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
+                }
+            }
+        }
+    )
+    dep = b.build_deployment("rr", NS, spec_of(), config, KEY)
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "g6.xlarge"}
+    assert "affinity" not in pod
+    assert container(dep)["resources"]["limits"]["amd.com/gpu"] == "1"
+    assert config.accelerators["H100"] == CONFIG.accelerators["H100"]  # other types keep the built-ins
+    kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+
+
+# ---------------------------------------------------------------- Deployment
+
+
+def test_deployment_follows_the_serve_contract() -> None:
+    dep = b.build_deployment("rr", NS, VARIANTS["gpu-replicas"], CONFIG, KEY, OWNER)
+    c = container(dep)
+    assert c["command"] == ["reranker-runtime", "serve"] and "args" not in c
+    env = env_map(c)
+    assert env["RERANKER_ENGINE_DIR"] == f"/engines/{KEY}"
+    assert env["RERANKER_PORT"] == "8080"
+    assert env["RERANKER_SERVED_MODEL_NAME"] == "org/model"
+    assert env["RERANKER_MAX_BATCH_TOKENS"] == "32768"  # build.maxNumTokens when runtime sets none
+    assert env["RERANKER_MAX_BATCH_REQUESTS"] == "64"
+    assert env["RERANKER_MAX_CLIENT_BATCH_SIZE"] == "100"
+    assert env["RERANKER_MAX_CONCURRENT_REQUESTS"] == "128"
+    assert env["RERANKER_AUTO_TRUNCATE"] == "true"
+    assert env["RERANKER_API_KEY"] == {"secretKeyRef": {"name": "api", "key": "token"}}
+    assert env["RERANKER_LOG_FORMAT"] == "json"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["HOME"].startswith("/tmp") and env["HF_HOME"].startswith("/tmp")
+    assert env["EXTRA"] == "1"
+    assert len(env) == len(c["env"])  # no duplicates
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert {"name": "engine-cache", "mountPath": "/engines", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    pod = dep["spec"]["template"]["spec"]
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    assert pod["enableServiceLinks"] is False  # no RERANKER_PORT=tcp://... from a Service named `reranker`
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert pod["terminationGracePeriodSeconds"] >= 30
+    assert dep["metadata"]["annotations"][b.ANNOTATION_ENGINE_KEY] == KEY
+
+
+def test_deployment_defaults_and_auto_truncate_false() -> None:
+    c = container(b.build_deployment("rr", NS, spec_of(), CONFIG, KEY))
+    env = env_map(c)
+    assert env["RERANKER_AUTO_TRUNCATE"] == "false"
+    assert env["RERANKER_MAX_BATCH_TOKENS"] == "16384"
+    for unset in ("RERANKER_API_KEY", "RERANKER_MAX_BATCH_REQUESTS", "RERANKER_MAX_CONCURRENT_REQUESTS"):
+        assert unset not in env
+
+
+def test_serve_env_names_are_runtime_settings() -> None:
+    from reranker_runtime.config import SERVE_ENV_VARS
+
+    runtime_vars = set(SERVE_ENV_VARS.values())
+    for variant in VARIANTS.values():
+        for e in b.serve_env(variant, KEY):
+            if e["name"].startswith("RERANKER_"):
+                assert e["name"] in runtime_vars, e["name"]
+
+
+def test_probes_and_overrides() -> None:
+    c = container(b.build_deployment("rr", NS, spec_of(), CONFIG, KEY))
+    assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/live", "port": "http"}
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # model load + warm-up
+    o = container(b.build_deployment("rr", NS, VARIANTS["gpu-replicas"], CONFIG, KEY))
+    assert o["startupProbe"]["failureThreshold"] == 200 and o["startupProbe"]["periodSeconds"] == 5
+    assert o["livenessProbe"]["timeoutSeconds"] == 9
+    assert o["readinessProbe"] == c["readinessProbe"]
+
+
+def test_replicas_omitted_when_autoscaling() -> None:
+    dep = b.build_deployment("rr", NS, VARIANTS["autoscaling-concurrency"], CONFIG, KEY)
+    assert "replicas" not in dep["spec"]
+    assert b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)["spec"]["replicas"] == 1
+    assert b.build_deployment("rr", NS, spec_of(replicas=0), CONFIG, KEY)["spec"]["replicas"] == 0
+
+
+def test_restricted_security_context() -> None:
+    for obj in all_children(VARIANTS["gpu-default"]):
+        if obj["kind"] not in ("Job", "Deployment"):
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        sc = container(obj)["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert any(m["mountPath"] == "/tmp" for m in container(obj)["volumeMounts"])
+
+
+def test_image_from_spec_overrides_config() -> None:
+    spec = spec_of(runtime={"image": "registry.local/runtime:dev"})
+    assert container(b.build_deployment("rr", NS, spec, CONFIG, KEY))["image"] == "registry.local/runtime:dev"
+    assert container(b.build_engine_job("rr", NS, spec_of(), CONFIG, KEY))["image"] == DEFAULT_RUNTIME_IMAGE
+    config = config_from_dict({"imagePullSecrets": ["regcred"], "imagePullPolicy": "Always"})
+    dep = b.build_deployment("rr", NS, spec_of(), config, KEY)
+    assert dep["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert container(dep)["imagePullPolicy"] == "Always"
+
+
+# ---------------------------------------------------------------- Service, PDB, HPA, PVC
+
+
+def test_service_selects_the_serving_pods() -> None:
+    svc = b.build_service("rr", NS, OWNER)
+    dep = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert dep["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+    assert b.selector_string("rr") == ",".join(f"{k}={v}" for k, v in svc["spec"]["selector"].items())
+    # The engine build pods are not serving pods.
+    job_labels = b.build_engine_job("rr", NS, spec_of(), CONFIG, KEY)["spec"]["template"]["metadata"]["labels"]
+    assert not svc["spec"]["selector"].items() <= job_labels.items()
+    assert b.endpoint_url("rr", NS) == "http://rr.search.svc.cluster.local:8080"
+
+
+def test_pdb() -> None:
+    pdb = b.build_pdb("rr", NS, VARIANTS["gpu-replicas"], OWNER)
+    assert pdb is not None
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == b.selector_labels("rr")
+
+
+def test_hpa_concurrency_and_cpu() -> None:
+    hpa = b.build_hpa("rr", NS, VARIANTS["autoscaling-concurrency"], OWNER)
+    assert hpa is not None and hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rr"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert hpa["spec"]["metrics"] == [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "te_requests_in_flight"},
+                "target": {"type": "AverageValue", "averageValue": "24"},
+            },
+        }
+    ]
+    cpu = b.build_hpa("rr", NS, VARIANTS["autoscaling-cpu"])
+    assert cpu is not None
+    assert cpu["spec"]["metrics"] == [
+        {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}}
+    ]
+
+
+def test_engine_cache_pvc_defaults_overrides_and_retention() -> None:
+    pvc = b.build_engine_cache_pvc("rr", NS, spec_of(), CONFIG, OWNER)
+    assert pvc["metadata"]["name"] == "rr-engine-cache"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert "storageClassName" not in pvc["spec"]  # the cluster's default class
+    assert "ownerReferences" not in pvc["metadata"]  # Retain (default): outlives the Reranker
+    assert pvc["metadata"]["annotations"][b.ANNOTATION_RETENTION] == "Retain"
+    pvc = b.build_engine_cache_pvc("rr", NS, VARIANTS["gpu-replicas"], CONFIG, OWNER)
+    assert pvc["spec"]["storageClassName"] == "filestore"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "100Gi"
+    assert pvc["metadata"]["ownerReferences"] == [OWNER]  # Delete: garbage-collected with it
+    assert b.build_engine_cache_pvc("rr", NS, VARIANTS["cpu"], CONFIG)["spec"]["accessModes"] == ["ReadWriteOnce"]
+    config = config_from_dict({"engineCache": {"size": "50Gi", "storageClassName": "fast", "retention": "Delete"}})
+    pvc = b.build_engine_cache_pvc("rr", NS, spec_of(), config, OWNER)
+    assert pvc["spec"]["storageClassName"] == "fast" and pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert pvc["metadata"]["ownerReferences"] == [OWNER]
+
+
+# ---------------------------------------------------------------- labels, owner, spec hash
+
+
+def test_owner_reference() -> None:
+    ref = b.owner_reference({"apiVersion": "reranker.dev/v1alpha1", "metadata": {"name": "rr", "uid": "u-1"}})
+    assert ref == {
+        "apiVersion": "reranker.dev/v1alpha1",
+        "kind": "Reranker",
+        "name": "rr",
+        "uid": "u-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def test_children_carry_common_labels_and_a_spec_hash() -> None:
+    for obj in all_children(VARIANTS["autoscaling-concurrency"]):
+        labels = obj["metadata"]["labels"]
+        assert labels[b.LABEL_RERANKER] == "rr" and labels[b.LABEL_MANAGED_BY] == "reranker-operator"
+        assert obj["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH] == b.spec_hash(obj)
+        assert obj["metadata"]["namespace"] == NS
+
+
+def test_spec_hash_detects_changes_only() -> None:
+    one = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY)
+    same = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY, OWNER)  # owner refs don't count
+    other = b.build_deployment("rr", NS, spec_of(replicas=3), CONFIG, KEY)
+    h = b.ANNOTATION_SPEC_HASH
+    assert one["metadata"]["annotations"][h] == same["metadata"]["annotations"][h]
+    assert one["metadata"]["annotations"][h] != other["metadata"]["annotations"][h]
+
+
+def test_builders_are_pure() -> None:
+    spec = VARIANTS["gpu-replicas"]
+    first = all_children(spec)
+    first[2]["spec"]["template"]["spec"]["tolerations"].append({"key": "mutated"})
+    assert all_children(spec) != first
+    assert CONFIG == OperatorConfig()
+
+
+# ---------------------------------------------------------------- engine key
+
+ENGINE_CHANGES = {
+    "repo": {"checkpoint": {"repo": "BAAI/bge-reranker-base"}},
+    "revision": {"checkpoint": {"repo": "BAAI/bge-reranker-large", "revision": "v2"}},
+    "source": {"checkpoint": {"repo": "BAAI/bge-reranker-large", "source": "GCS"}},
+    "quantization": {"build": {"quantization": "fp8"}},
+    "maxNumTokens": {"build": {"maxNumTokens": 8192}},
+    "maxSeqLen": {"build": {"maxSeqLen": 512}},
+    "accelerator": {"accelerator": {"type": "H100"}},
+    "image": {"runtime": {"image": "ghcr.io/reranker-dev/reranker-runtime:0.2.0"}},
+}
+SERVING_CHANGES = {
+    "replicas": {"replicas": 4},
+    "autoscaling": {"autoscaling": {"maxReplicas": 9}},
+    "resources": {"resources": {"cpu": "8", "memory": "64Gi"}},
+    "gpu-count": {"accelerator": {"type": "L4", "count": 2}},
+    "runtime-limits": {"runtime": {"maxBatchTokens": 4096, "maxConcurrentRequests": 7, "autoTruncate": True}},
+    "api-key": {"runtime": {"apiKeySecret": {"name": "k"}}},
+    "cache": {"engineCache": {"size": "99Gi", "retention": "Delete"}},
+    "secret": {"checkpoint": {"repo": "BAAI/bge-reranker-large", "secretName": "hf"}},
+}
+
+
+def _key(spec: RerankerSpec) -> str:
+    return b.engine_key_for(spec, CONFIG)
+
+
+def test_engine_key_is_stable_sha256() -> None:
+    key = _key(spec_of())
+    assert re.fullmatch(r"[0-9a-f]{64}", key)
+    assert key == _key(spec_of()) == engine_key(spec_of(), DEFAULT_RUNTIME_IMAGE)
+    assert engine_key(spec_of(), "other:1") != key
+
+
+@pytest.mark.parametrize("change", ENGINE_CHANGES)
+def test_engine_key_changes_with_each_engine_input(change: str) -> None:
+    assert _key(spec_of(**ENGINE_CHANGES[change])) != _key(spec_of())
+
+
+@pytest.mark.parametrize("change", SERVING_CHANGES)
+def test_engine_key_ignores_serving_settings(change: str) -> None:
+    assert _key(spec_of(**SERVING_CHANGES[change])) == _key(spec_of())
+
+
+def test_engine_key_follows_the_config_image() -> None:
+    config = config_from_dict({"runtimeImage": "ghcr.io/reranker-dev/reranker-runtime:9"})
+    assert b.engine_key_for(spec_of(), config) != _key(spec_of())
+
+
+# ---------------------------------------------------------------- operator config
+
+
+def test_config_defaults() -> None:
+    config = load_config(None)
+    assert config.runtime_image == "ghcr.io/reranker-dev/reranker-runtime:0.1.0"
+    assert set(config.accelerators) == {"L4", "A10G", "A100", "H100", "H200", "T4", "CPU"}
+    assert config.accelerators["CPU"].resource_name is None
+    assert config.accelerators["CPU"].node_selector_terms == [] and config.accelerators["CPU"].tolerations == []
+
+
+def test_config_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "runtimeImage": "registry.local/runtime:1",
+                "buildJob": {"backoffLimit": 0, "activeDeadlineSeconds": 600},
+                "accelerators": {"B200": {"nodeSelector": {"gpu": "b200"}}},
+            }
+        )
+    )
+    config = load_config(path)
+    assert config.runtime_image == "registry.local/runtime:1"
+    assert config.build_job.backoff_limit == 0 and config.build_job.ttl_seconds_after_finished == 86400
+    assert "B200" in config.accelerators and "L4" in config.accelerators
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    assert load_config().runtime_image == "registry.local/runtime:1"
+    job = b.build_engine_job("rr", NS, spec_of(), config, KEY)
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 600
+
+
+@pytest.mark.parametrize(
+    "text", ["runtimeImage: [1, 2]\n", "unknownKey: 1\n", "- a list\n", "accelerators: [L4]\n", "buildJob: {backoffLimit: -1}\n"]
+)
+def test_config_errors(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError):
+        load_config(path)
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "missing.yaml")
