@@ -1,0 +1,111 @@
+"""`reranker-operator render`: the child manifests of the examples, all valid Kubernetes objects."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from reranker_operator.builders import ANNOTATION_ENGINE_KEY, job_name
+from reranker_operator.render import add_render_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def render(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[dict], str]:
+    parser = argparse.ArgumentParser()
+    add_render_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["render", *argv])
+    rc = args.func(args)
+    out, err = capsys.readouterr()
+    return rc, [d for d in yaml.safe_load_all(out) if d], err
+
+
+@pytest.mark.parametrize(
+    "example,kinds",
+    [
+        ("bge-reranker-large-l4.yaml", ["PersistentVolumeClaim", "Job", "Deployment", "Service"]),
+        ("cpu-laptop.yaml", ["PersistentVolumeClaim", "Job", "Deployment", "Service"]),
+        (
+            "autoscaled.yaml",
+            ["PersistentVolumeClaim", "Job", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"],
+        ),
+    ],
+)
+def test_render_examples(example: str, kinds: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    rc, docs, err = render(["-f", str(EXAMPLES / example)], capsys)
+    assert rc == 0, err
+    assert [d["kind"] for d in docs] == kinds
+    for obj in docs:
+        kubernetes_validate.validate(obj, "1.32.0", strict=True)
+        assert "ownerReferences" not in obj["metadata"]  # no uid before the Reranker exists
+    source = yaml.safe_load((EXAMPLES / example).read_text())
+    ns = source["metadata"].get("namespace", "default")
+    assert {d["metadata"]["namespace"] for d in docs} == {ns}
+    job, dep = docs[1], docs[2]
+    key = job["metadata"]["annotations"][ANNOTATION_ENGINE_KEY]
+    assert job["metadata"]["name"] == job_name(source["metadata"]["name"], key)
+    assert dep["metadata"]["annotations"][ANNOTATION_ENGINE_KEY] == key
+
+
+def test_render_cpu_example_has_no_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    _, docs, _ = render(["-f", str(EXAMPLES / "cpu-laptop.yaml")], capsys)
+    assert "nvidia.com/gpu" not in yaml.safe_dump_all(docs)
+    assert docs[0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_render_autoscaled_leaves_replicas_to_the_hpa(capsys: pytest.CaptureFixture[str]) -> None:
+    _, docs, _ = render(["-f", str(EXAMPLES / "autoscaled.yaml")], capsys)
+    assert "replicas" not in docs[2]["spec"]
+
+
+def test_render_namespace_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "operator.yaml"
+    config.write_text("runtimeImage: registry.local/runtime:7\n")
+    rc, docs, _ = render(["-f", str(EXAMPLES / "bge-reranker-large-l4.yaml"), "-n", "ml", "--config", str(config)], capsys)
+    assert rc == 0
+    assert {d["metadata"]["namespace"] for d in docs} == {"ml"}
+    assert docs[2]["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/runtime:7"
+    _, default_docs, _ = render(["-f", str(EXAMPLES / "bge-reranker-large-l4.yaml")], capsys)
+    assert docs[1]["metadata"]["name"] != default_docs[1]["metadata"]["name"]  # the image is in the engine key
+
+
+def test_render_multi_document_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (EXAMPLES / "cpu-laptop.yaml").read_text() + "\n---\n" + (EXAMPLES / "autoscaled.yaml").read_text()
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    rc, docs, _ = render(["-f", "-"], capsys)
+    assert rc == 0 and len(docs) == 4 + 6
+
+
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ("fp8-on-t4.yaml", "spec.build.quantization"),
+        ("replicas-and-autoscaling.yaml", "spec"),
+        ("negative-max-num-tokens.yaml", "spec.build.maxNumTokens"),
+    ],
+)
+def test_render_refuses_bad_examples(bad: str, field: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, docs, err = render(["-f", str(EXAMPLES / "bad" / bad)], capsys)
+    assert rc == 2 and docs == []
+    assert f"{field}:" in err
+
+
+def test_render_refuses_other_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "cm.yaml"
+    path.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    rc, _, err = render(["-f", str(path)], capsys)
+    assert rc == 2 and "not a Reranker" in err
+
+
+def test_render_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("reranker_operator.runner")  # cli.py wires `run` too
+    from reranker_operator.cli import main
+
+    assert main(["render", "-f", str(EXAMPLES / "bge-reranker-large-l4.yaml")]) == 0
+    assert len([d for d in yaml.safe_load_all(capsys.readouterr().out) if d]) == 4
