@@ -1,0 +1,117 @@
+"""GPU detection and the accelerator check.
+
+A TensorRT engine only runs on the GPU model (SM version) it was built on, so `build` must run
+on the serving accelerator and checks it does; `serve` checks the reverse before loading.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from reranker_runtime.build.errors import GpuMismatchError
+from reranker_runtime.build.manifest import GpuInfo
+
+
+@dataclass(frozen=True)
+class AcceleratorSpec:
+    name: str  # the name CUDA reports, e.g. "NVIDIA L4"
+    compute_capability: str  # "8.9"
+    pattern: str  # regex matched against the reported name (word-bounded: L4 is not L40S)
+
+    @property
+    def sm(self) -> str:
+        return "sm_" + self.compute_capability.replace(".", "")
+
+
+# --accelerator value -> the GPU it means. Matches the operator's AcceleratorType values.
+ACCELERATORS: dict[str, AcceleratorSpec] = {
+    "L4": AcceleratorSpec("NVIDIA L4", "8.9", r"\bL4\b"),
+    "A10G": AcceleratorSpec("NVIDIA A10G", "8.6", r"\bA10G\b"),
+    "A100": AcceleratorSpec("NVIDIA A100", "8.0", r"\bA100\b"),
+    "H100": AcceleratorSpec("NVIDIA H100", "9.0", r"\bH100\b"),
+    "H200": AcceleratorSpec("NVIDIA H200", "9.0", r"\bH200\b"),
+    "T4": AcceleratorSpec("Tesla T4", "7.5", r"\bT4\b"),
+}
+GPU_ACCELERATORS = tuple(ACCELERATORS)
+ALL_ACCELERATORS = (*GPU_ACCELERATORS, "CPU")
+
+
+def sm_of(compute_capability: str) -> str:
+    return "sm_" + compute_capability.replace(".", "")
+
+
+def describe(gpu: GpuInfo) -> str:
+    return f"{gpu.name} ({sm_of(gpu.compute_capability)})"
+
+
+def detect_gpu() -> GpuInfo | None:
+    """The first visible CUDA GPU (name, compute capability), or None when there is none.
+
+    Tries torch.cuda first (already in the image), then `nvidia-smi` (compute_cap needs a
+    driver >= 510)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            major, minor = torch.cuda.get_device_capability(0)
+            return GpuInfo(name=torch.cuda.get_device_name(0), compute_capability=f"{major}.{minor}")
+    except Exception:  # noqa: BLE001 - a broken CUDA setup falls through to nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_nvidia_smi(out)
+
+
+def parse_nvidia_smi(output: str) -> GpuInfo | None:
+    for line in output.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 2 and parts[0] and re.fullmatch(r"\d+\.\d+", parts[1]):
+            return GpuInfo(name=parts[0], compute_capability=parts[1])
+    return None
+
+
+def matches(accelerator: str, gpu: GpuInfo) -> bool:
+    spec = ACCELERATORS[accelerator.upper()]
+    return bool(re.search(spec.pattern, gpu.name)) and gpu.compute_capability == spec.compute_capability
+
+
+def check_accelerator(accelerator: str, gpu: GpuInfo | None) -> GpuInfo:
+    """Refuse to build for `accelerator` on a different (or no) GPU; returns the GPU on success."""
+    spec = ACCELERATORS[accelerator.upper()]
+    if gpu is None:
+        raise GpuMismatchError(
+            f"--accelerator {accelerator} needs an {spec.name} ({spec.sm}), but no CUDA GPU is "
+            "visible to this container (no torch.cuda device, no nvidia-smi). The build Job must "
+            "run on the serving accelerator's node with an nvidia.com/gpu limit."
+        )
+    if not matches(accelerator, gpu):
+        raise GpuMismatchError(
+            f"--accelerator {accelerator} expects an {spec.name} ({spec.sm}), but this node has "
+            f"{describe(gpu)}. TensorRT engines only run on the GPU model they were built on: "
+            "schedule the build Job on the serving accelerator's node pool (or fix "
+            "spec.accelerator.type / the operator's accelerator placement map)."
+        )
+    return gpu
+
+
+def same_gpu(built_on: GpuInfo, current: GpuInfo) -> bool:
+    """Serving check: the GPU model and SM must both match the one the engine was built on."""
+    return built_on.compute_capability == current.compute_capability and _norm(built_on.name) == _norm(current.name)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"\s+", " ", name.strip()).lower()
