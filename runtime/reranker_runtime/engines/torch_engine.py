@@ -216,7 +216,9 @@ class TorchEngine(Engine):
         return logits.float().cpu().numpy()
 
     def close(self) -> None:
-        self._model = None
+        # Only cached allocator blocks are released: the weights go with the engine object.
+        # Keeping the engine usable lets a caller that injected it (tests, an embedding app)
+        # reuse it after a service on top of it has stopped.
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
