@@ -126,41 +126,51 @@ terminationGracePeriodSeconds: {{ .Values.runtimeTerminationGracePeriodSeconds |
 {{- end }}
 
 {{/*
-RBAC rules for the namespaced resources the operator reads and writes. Verbs are the ones the code
-uses: kopf and operator/reranker_operator/kube.py only GET, LIST, WATCH, POST, PATCH and DELETE
-(never PUT, so no "update"). Keep in sync with the handlers in operator/reranker_operator/.
+RBAC rules for the namespaced resources the operator reads and writes: exactly the verbs its code
+uses (operator/reranker_operator/reconcile.py through kube.py, and kopf). kopf and kube.py never
+PUT, so there is no "update" except for rerankers/finalizers. Children are deleted by the garbage
+collector through owner references, so only PDBs and HPAs (removed when no longer wanted) have
+"delete". Keep in sync with the operator (tests/chart/test_chart.py checks the kinds).
 */}}
 {{- define "reranker-operator.namespacedRules" -}}
-# Reranker objects: kopf watches them and patches finalizers and its progress annotations.
+# Rerankers: kopf lists and watches them and patches its annotations.
 - apiGroups: ["reranker.dev"]
   resources: ["rerankers"]
   verbs: ["get", "list", "watch", "patch"]
 # Reranker status (the status subresource): phase, conditions, endpoint.
 - apiGroups: ["reranker.dev"]
   resources: ["rerankers/status"]
-  verbs: ["get", "patch"]
-# Children: engine-build Jobs, runtime Deployments, Services, engine-cache PVCs, PDBs, HPAs.
+  verbs: ["patch"]
+# Children carry owner references with blockOwnerDeletion, which needs this where the
+# OwnerReferencesPermissionEnforcement admission plugin is on (e.g. OpenShift).
+- apiGroups: ["reranker.dev"]
+  resources: ["rerankers/finalizers"]
+  verbs: ["update"]
+# Engine-build Jobs and runtime Deployments: watched by kopf (label-selected), created, and
+# Deployments patched when the spec (or the engine) changes.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Services and engine-cache PVCs: created, then patched.
 - apiGroups: [""]
   resources: ["services", "persistentvolumeclaims"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "create", "patch"]
+# PDBs and HPAs: created, patched, and deleted when no longer wanted (1 replica, no autoscaling).
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 # Build pods: read a failed build container's termination message (read-only).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list"]
 # Events about Rerankers (kopf and the operator post core/v1 Events).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}

@@ -1,0 +1,632 @@
+"""The Helm chart, rendered by the real Helm v4 SDK (helm-python-sdk), offline.
+
+Every rendered manifest is checked with kubernetes-validate --strict; the chart's CRD must equal
+crds/; the operator config it renders must load with the operator's own loader; RBAC must cover
+exactly what the operator's code touches.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "reranker-operator"
+CRD_FILE = "rerankers.reranker.dev.yaml"
+RELEASE = "rr"
+NAMESPACE = "reranker-system"
+# Oldest supported (Chart.yaml kubeVersion; CRD CEL rules use fieldPath) and newest known.
+KUBE_VERSIONS = ["1.28.0", kubernetes_validate.utils.latest_version()]
+CONFIG_PATH = "/etc/reranker-operator/config.yaml"
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(scope="module")
+def chart() -> helm_python.Chart:
+    with helm_python.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: helm_python.Chart, values: dict[str, Any] | None = None) -> dict[str, str]:
+    return chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+
+
+def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    """Every Kubernetes object of a render (NOTES.txt excluded)."""
+    objects = []
+    for path, text in sorted(rendered.items()):
+        if not path.endswith(".yaml"):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def operator_config_text(objects: list[dict[str, Any]]) -> str:
+    return one(objects, "ConfigMap")["data"]["config.yaml"]
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (c,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def assert_valid(objects: list[dict[str, Any]]) -> None:
+    for obj in objects:
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} invalid for {version}: {exc.message}"
+                            f" at {list(exc.absolute_path)}")
+
+
+NON_DEFAULT_VALUES: dict[str, Any] = {
+    "fullnameOverride": "rr-op",
+    "image": {"repository": "registry.example.com:5000/mirror/reranker-operator", "tag": "0.1.0",
+              "digest": "sha256:" + "a" * 64, "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "mirror-pull"}],
+    "watchNamespaces": ["ml-serving", "search"],
+    "logFormat": "text",
+    "verbose": True,
+    "livenessPort": 9090,
+    "livenessProbe": {"initialDelaySeconds": 0, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 6},
+    "serviceAccount": {"create": True, "name": "reranker-op", "annotations": {"iam.gke.io/gcp-service-account": "x@y.iam.gserviceaccount.com"}},
+    "priorityClassName": "system-cluster-critical",
+    "podAnnotations": {"prometheus.io/scrape": "false"},
+    "podLabels": {"team": "search"},
+    "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}},
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
+    "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 50, "preference": {"matchExpressions": [
+            {"key": "node-role", "operator": "In", "values": ["infra"]}]}}]}},
+    "runtimeImage": "registry.example.com:5000/mirror/reranker-runtime:0.1.0-trtllm",
+    "runtimeImagePullPolicy": "Always",
+    "runtimeImagePullSecrets": [{"name": "mirror-pull"}],
+    "accelerators": {
+        # EKS with Karpenter: one more ORed term, a different taint.
+        "L4": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "karpenter.k8s.aws/instance-gpu-name", "operator": "In", "values": ["l4"]}]},
+        ], "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+        "H200": None,  # falls back to the operator's built-in entry
+        "CPU": {"nodeSelector": {"pool": "cpu-inference"}},
+    },
+    "engineCache": {"size": "100Gi", "storageClassName": "filestore-rwx", "accessMode": "ReadWriteOnce",
+                    "retention": "Delete"},
+    "buildJob": {"backoffLimit": 0, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 0},
+    "runtimePodSecurityContext": {"runAsNonRoot": True, "runAsUser": 2000, "fsGroup": 2000,
+                                  "seccompProfile": {"type": "RuntimeDefault"}},
+    "runtimeTerminationGracePeriodSeconds": 120,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# lint and strict validation
+
+
+@pytest.mark.parametrize("values", [None, {"watchNamespaces": ["ml"]}, NON_DEFAULT_VALUES],
+                         ids=["defaults", "namespaced", "non-default"])
+def test_lint_has_no_errors(values: dict[str, Any] | None) -> None:
+    report = helm_python.lint(CHART, values, strict=False, namespace=NAMESPACE)
+    errors = [m for m in report["messages"] if m["severity"] >= 3] + list(report["errors"])
+    assert not errors, report
+    # Warnings would fail `helm lint --strict`; only info messages (e.g. "icon is recommended").
+    assert all(m["severity"] <= 1 for m in report["messages"]), report
+
+
+@pytest.mark.parametrize("values", [{}, {"watchNamespaces": ["ml", "search"]}, NON_DEFAULT_VALUES,
+                                    {"rbac": {"create": False}, "serviceAccount": {"create": False}}],
+                         ids=["defaults", "namespaced", "non-default", "no-rbac"])
+def test_every_rendered_manifest_is_valid(chart: helm_python.Chart, values: dict[str, Any]) -> None:
+    objects = manifests(render(chart, values))
+    assert objects
+    assert_valid(objects)
+
+
+def test_crd_is_valid_for_kubernetes(chart: helm_python.Chart) -> None:
+    (crd,) = chart.crds
+    assert_valid([yaml.safe_load(crd["data"])])
+
+
+# ------------------------------------------------------------------------------------------------
+# defaults: what gets installed
+
+
+def test_default_render_has_one_resource_per_template(chart: helm_python.Chart) -> None:
+    rendered = render(chart)
+    kinds = {}
+    for path, text in rendered.items():
+        if path.endswith(".yaml"):
+            docs = [d for d in yaml.safe_load_all(text) if d]
+            assert len({d["kind"] for d in docs}) <= 1, path
+            for d in docs:
+                kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
+    assert kinds == {"ServiceAccount": 1, "ConfigMap": 1, "ClusterRole": 1, "ClusterRoleBinding": 1,
+                     "Deployment": 1}
+
+
+def test_operator_deployment(chart: helm_python.Chart) -> None:
+    objects = manifests(render(chart))
+    deployment = one(objects, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}  # kopf standalone: never two operators at once
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
+    c = container(objects)
+    assert c["args"][0] == "run"
+    assert f"--config={CONFIG_PATH}" in c["args"]
+    assert not any(a.startswith("--namespace") for a in c["args"])  # cluster-wide
+    # Liveness on kopf's endpoint, on the port the operator is told to serve it on.
+    assert "--liveness-port=8080" in c["args"]
+    probe = c["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}[probe["port"]] == 8080
+    # The config file is the ConfigMap's config.yaml, mounted at the --config path.
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
+    assert f"{mount['mountPath']}/config.yaml" == CONFIG_PATH and mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == "config")
+    assert volume["configMap"]["name"] == one(objects, "ConfigMap")["metadata"]["name"]
+    # A config change rolls the pod.
+    assert re.fullmatch(r"[0-9a-f]{64}", spec["template"]["metadata"]["annotations"]["checksum/config"])
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "ConfigMap", "ServiceAccount"):
+            assert obj["metadata"]["namespace"] == NAMESPACE
+
+
+def test_config_checksum_follows_the_config(chart: helm_python.Chart) -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        deployment = one(manifests(render(chart, values)), "Deployment")
+        return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    assert checksum({}) == checksum({"verbose": True})
+    assert checksum({}) != checksum({"buildJob": {"backoffLimit": 5}})
+
+
+def test_security_context_is_restricted(chart: helm_python.Chart) -> None:
+    objects = manifests(render(chart))
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    c = container(objects)
+    psc, sc = pod["securityContext"], c["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 10001
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "privileged" not in sc and "add" not in sc["capabilities"]
+    # Read-only root: /tmp is a writable emptyDir.
+    tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert next(v for v in pod["volumes"] if v["name"] == tmp["name"])["emptyDir"] is not None
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+
+
+def test_image_tag_is_pinned_to_the_package_version(chart: helm_python.Chart) -> None:
+    init = (REPO / "operator" / "reranker_operator" / "__init__.py").read_text()
+    version = re.search(r'^__version__ = "([^"]+)"', init, re.M).group(1)
+    assert chart.metadata["appVersion"] == version
+    assert chart.metadata["version"] == version
+    assert chart.values["image"]["tag"] == version
+    assert container(manifests(render(chart)))["image"] == f"ghcr.io/reranker-dev/reranker-operator:{version}"
+    # The runtime image the operator deploys by default carries the same version.
+    assert chart.values["runtimeImage"] == f"ghcr.io/reranker-dev/reranker-runtime:{version}"
+
+
+def test_image_digest_is_appended(chart: helm_python.Chart) -> None:
+    digest = "sha256:" + "0" * 64
+    c = container(manifests(render(chart, {"image": {"digest": digest}})))
+    assert c["image"] == f"ghcr.io/reranker-dev/reranker-operator:0.1.0@{digest}"
+
+
+# ------------------------------------------------------------------------------------------------
+# RBAC
+
+
+def rules_of(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    return obj.get("rules") or []
+
+
+def grants(rules: list[dict[str, Any]], group: str, resource: str) -> set[str]:
+    verbs: set[str] = set()
+    for rule in rules:
+        if group in rule["apiGroups"] and resource in rule["resources"]:
+            verbs.update(rule["verbs"])
+    return verbs
+
+
+# Exactly the verbs the operator uses (reconcile.py through kube.py, and kopf: list/watch/patch on
+# rerankers, status patches, watches on labelled Jobs and Deployments, Events).
+NAMESPACED_GRANTS = {
+    ("reranker.dev", "rerankers"): {"get", "list", "watch", "patch"},
+    ("reranker.dev", "rerankers/status"): {"patch"},
+    ("reranker.dev", "rerankers/finalizers"): {"update"},  # blockOwnerDeletion on children
+    ("batch", "jobs"): {"get", "list", "watch", "create"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
+    ("", "services"): {"get", "create", "patch"},
+    ("", "persistentvolumeclaims"): {"get", "create", "patch"},
+    ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
+    ("autoscaling", "horizontalpodautoscalers"): {"get", "create", "patch", "delete"},
+    ("", "pods"): {"get", "list"},
+    ("", "events"): {"create"},
+}
+
+
+def assert_least_privilege(rules: list[dict[str, Any]], expected: dict[tuple[str, str], set[str]]) -> None:
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+        assert not rule.get("resourceNames") and not rule.get("nonResourceURLs")
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    assert granted == expected
+
+
+def test_cluster_wide_rbac_is_least_privilege(chart: helm_python.Chart) -> None:
+    objects = manifests(render(chart))
+    role = one(objects, "ClusterRole")
+    expected = dict(NAMESPACED_GRANTS)
+    expected[("apiextensions.k8s.io", "customresourcedefinitions")] = {"get", "list", "watch"}
+    assert_least_privilege(rules_of(role), expected)
+    # Never secrets or configmaps: API keys and tokens are referenced by name, never read.
+    assert not grants(rules_of(role), "", "secrets") and not grants(rules_of(role), "", "configmaps")
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    sa = one(objects, "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": NAMESPACE}]
+    assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
+
+
+def test_rbac_covers_every_kind_the_operator_touches(chart: helm_python.Chart) -> None:
+    kube = pytest.importorskip("reranker_operator.kube")
+    rules = rules_of(one(manifests(render(chart)), "ClusterRole"))
+    for kind in kube.KIND_BY_NAME.values():
+        group = "" if kind.api_version == "v1" else kind.api_version.split("/")[0]
+        assert grants(rules, group, kind.plural), f"no RBAC rule for {group}/{kind.plural}"
+
+
+# kube.Kube method -> the HTTP verbs (RBAC verbs) it issues.
+KUBE_METHOD_VERBS = {"get": {"get"}, "list": {"list"}, "create": {"create"},
+                     "create_if_absent": {"get", "create"}, "patch": {"patch"}, "delete": {"delete"}}
+
+
+def test_rbac_covers_the_operators_direct_api_calls(chart: helm_python.Chart) -> None:
+    """A static scan of `self.api.<method>(kube.<KIND>, ...)` calls in the operator: a new call
+    needs a new RBAC verb (kmock, which the operator tests run against, enforces no RBAC)."""
+    kube = pytest.importorskip("reranker_operator.kube")
+    rules = rules_of(one(manifests(render(chart)), "ClusterRole"))
+    calls = []
+    for source in (REPO / "operator" / "reranker_operator").glob("*.py"):
+        for method, kind_name, tail in re.findall(
+                r"\.api\.(\w+)\(\s*kube\.([A-Z_]+)\b([^)]*)", source.read_text()):
+            if method in KUBE_METHOD_VERBS and hasattr(kube, kind_name):
+                calls.append((source.name, method, kind_name, "subresource=\"status\"" in tail))
+    assert calls, "found no API calls to check: did kube.py's interface change?"
+    for source, method, kind_name, status in calls:
+        kind = getattr(kube, kind_name)
+        group = "" if kind.api_version == "v1" else kind.api_version.split("/")[0]
+        resource = kind.plural + ("/status" if status else "")
+        missing = KUBE_METHOD_VERBS[method] - grants(rules, group, resource)
+        assert not missing, f"{source}: api.{method}(kube.{kind_name}) needs {missing} on {group}/{resource}"
+
+
+def test_watch_namespaces_gives_roles_per_namespace(chart: helm_python.Chart) -> None:
+    objects = manifests(render(chart, {"watchNamespaces": ["ml-serving", "search"]}))
+    roles, bindings = by_kind(objects, "Role"), by_kind(objects, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-serving", "search"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml-serving", "search"]
+    for role in roles:
+        assert_least_privilege(rules_of(role), NAMESPACED_GRANTS)
+    for binding in bindings:
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"][0]["namespace"] == NAMESPACE
+    # Cluster-scoped reads kopf needs in namespaced mode: CRDs, and namespaces to follow the
+    # watched ones (kopf/_core/reactor/observation.py). Nothing namespaced cluster-wide.
+    assert_least_privilege(rules_of(one(objects, "ClusterRole")), {
+        ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+        ("", "namespaces"): {"get", "list", "watch"},
+    })
+    args = container(objects)["args"]
+    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=ml-serving", "--namespace=search"]
+
+
+def test_rbac_and_service_account_can_be_disabled(chart: helm_python.Chart) -> None:
+    objects = manifests(render(chart, {"rbac": {"create": False},
+                                       "serviceAccount": {"create": False, "name": "existing-sa"}}))
+    assert {o["kind"] for o in objects} == {"ConfigMap", "Deployment"}
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing-sa"
+    objects = manifests(render(chart, {"serviceAccount": {"create": False}}))
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "default"
+    assert one(objects, "ClusterRoleBinding")["subjects"][0]["name"] == "default"
+
+
+def test_non_default_values_reach_the_pod(chart: helm_python.Chart) -> None:
+    objects = manifests(render(chart, NON_DEFAULT_VALUES))
+    deployment = one(objects, "Deployment")
+    assert deployment["metadata"]["name"] == "rr-op"
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(objects)
+    assert c["image"] == "registry.example.com:5000/mirror/reranker-operator:0.1.0@sha256:" + "a" * 64
+    assert c["imagePullPolicy"] == "Always"
+    assert pod["imagePullSecrets"] == [{"name": "mirror-pull"}]
+    assert pod["serviceAccountName"] == "reranker-op"
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["tolerations"] == NON_DEFAULT_VALUES["tolerations"]
+    assert pod["affinity"] == NON_DEFAULT_VALUES["affinity"]
+    assert c["resources"] == NON_DEFAULT_VALUES["resources"]
+    assert deployment["spec"]["template"]["metadata"]["labels"]["team"] == "search"
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
+    assert "--liveness-port=9090" in c["args"] and "--log-format=text" in c["args"]
+    assert "--verbose" in c["args"]
+    assert c["livenessProbe"]["periodSeconds"] == 5
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["liveness"] == 9090
+    sa = one(objects, "ServiceAccount")
+    assert sa["metadata"]["annotations"] == NON_DEFAULT_VALUES["serviceAccount"]["annotations"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the operator config file
+
+
+def load_operator_config(text: str):
+    config = pytest.importorskip("reranker_operator.config")
+    return config.config_from_dict(yaml.safe_load(text))
+
+
+def test_default_config_equals_the_operators_built_in_defaults(chart: helm_python.Chart) -> None:
+    """The chart's defaults and the operator's built-in defaults are one set of numbers."""
+    config = pytest.importorskip("reranker_operator.config")
+    loaded = load_operator_config(operator_config_text(manifests(render(chart))))
+    assert loaded == config.OperatorConfig()
+    assert loaded.runtime_image == config.DEFAULT_RUNTIME_IMAGE
+    assert loaded.placement("CPU").resource_name is None
+    assert loaded.placement("L4").resource_name == "nvidia.com/gpu"
+    assert loaded.engine_cache.storage_class_name is None
+
+
+def test_non_default_config_parses_with_the_operators_loader(chart: helm_python.Chart) -> None:
+    config = pytest.importorskip("reranker_operator.config")
+    loaded = load_operator_config(operator_config_text(manifests(render(chart, NON_DEFAULT_VALUES))))
+    assert loaded.runtime_image == NON_DEFAULT_VALUES["runtimeImage"]
+    assert loaded.image_pull_policy == "Always"
+    assert loaded.image_pull_secrets == ["mirror-pull"]
+    l4 = loaded.placement("L4")
+    assert l4.node_selector_terms == NON_DEFAULT_VALUES["accelerators"]["L4"]["nodeSelectorTerms"]
+    assert l4.tolerations == [{"key": "gpu", "operator": "Exists"}]
+    assert l4.resource_name == "nvidia.com/gpu"  # kept from the chart default (Helm merges maps)
+    assert loaded.placement("CPU").node_selector == {"pool": "cpu-inference"}
+    assert loaded.placement("CPU").resource_name is None
+    # A type set to null falls back to the operator's built-in entry.
+    assert loaded.placement("H200") == config.default_accelerators()["H200"]
+    assert loaded.engine_cache.size == "100Gi"
+    assert loaded.engine_cache.storage_class_name == "filestore-rwx"
+    assert loaded.engine_cache.access_mode == "ReadWriteOnce"
+    assert loaded.engine_cache.retention == "Delete"
+    assert (loaded.build_job.backoff_limit, loaded.build_job.active_deadline_seconds,
+            loaded.build_job.ttl_seconds_after_finished) == (0, 7200, 0)
+    assert loaded.pod_security_context["runAsUser"] == 2000
+    assert loaded.termination_grace_period_seconds == 120
+
+
+def test_deployment_args_parse_with_the_operators_cli(chart: helm_python.Chart) -> None:
+    pytest.importorskip("reranker_operator.runner")
+    from reranker_operator.cli import build_parser
+
+    for values in ({}, NON_DEFAULT_VALUES):
+        args = build_parser().parse_args(container(manifests(render(chart, values)))["args"])
+        assert args.command == "run"
+
+
+# ------------------------------------------------------------------------------------------------
+# values.schema.json
+
+
+@pytest.mark.parametrize("values", [
+    {"unknownKey": 1},
+    {"image": {"tag": "latest"}},
+    {"image": {"tag": ""}},
+    {"image": {"registry": "docker.io"}},
+    {"image": {"pullPolicy": "Sometimes"}},
+    {"image": {"digest": "md5:abc"}},
+    {"imagePullSecrets": ["name-only"]},
+    {"watchNamespaces": "ml"},
+    {"watchNamespaces": ["Not_A_Namespace"]},
+    {"watchNamespaces": ["ml", "ml"]},
+    {"logFormat": "xml"},
+    {"verbose": "yes"},
+    {"livenessPort": "8080"},
+    {"livenessPort": 80},
+    {"livenessProbe": {"periodSeconds": 0}},
+    {"rbac": {"create": "yes"}},
+    {"rbac": {"create": True, "aggregate": True}},
+    {"serviceAccount": {"automount": False}},
+    {"resources": {"requests": {"cpu": "lots"}}},
+    {"resources": {"claims": []}},
+    {"nodeSelector": {"a": 1}},
+    {"tolerations": [{"key": "x", "operator": "Maybe"}]},
+    {"affinity": {"nodeAfinity": {}}},
+    {"podSecurityContext": {"runAsUser": "root"}},
+    {"podSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
+    {"securityContext": {"capabilities": {"drop": "ALL"}}},
+    {"securityContext": {"readOnlyRootFileSystem": True}},
+    {"runtimeImage": "ghcr.io/reranker-dev/reranker-runtime"},
+    {"runtimeImage": "ghcr.io/reranker-dev/reranker-runtime:latest"},
+    {"runtimeImagePullPolicy": "always"},
+    {"accelerators": {"l4": {"resourceName": "nvidia.com/gpu", "nodeSelectorTerms": [], "tolerations": []}}},
+    {"accelerators": {"B200": {"resourceName": "nvidia.com/gpu", "nodeSelectorTerms": [], "tolerations": []}}},
+    {"accelerators": {"L4": {"gpuResource": "nvidia.com/gpu"}}},
+    {"accelerators": {"L4": {"resourceName": 1}}},
+    {"accelerators": {"L4": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "k", "operator": "Equals"}]}]}}},
+    {"accelerators": {"L4": {"tolerations": [{"effect": "NoExecuteNow"}]}}},
+    {"accelerators": []},
+    {"engineCache": {"size": "lots"}},
+    {"engineCache": {"accessMode": "ReadOnlyMany"}},
+    {"engineCache": {"retention": "Keep"}},
+    {"engineCache": {"reclaimPolicy": "Retain"}},
+    {"buildJob": {"backoffLimit": -1}},
+    {"buildJob": {"activeDeadlineSeconds": "1h"}},
+    {"buildJob": {"parallelism": 2}},
+    {"runtimePodSecurityContext": {"privileged": True}},
+    {"runtimeTerminationGracePeriodSeconds": -1},
+    {"priorityClassName": 5},
+], ids=lambda v: json.dumps(v, sort_keys=True)[:60])
+def test_schema_rejects_bad_values(chart: helm_python.Chart, values: dict[str, Any]) -> None:
+    with pytest.raises(helm_python.HelmValuesError):
+        render(chart, values)
+
+
+def test_schema_forbids_unknown_keys_at_every_object_level() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" or "properties" in node:
+                # Either closed (additionalProperties false) or a typed map (additionalProperties
+                # a schema), never open.
+                assert "additionalProperties" in node and node["additionalProperties"] is not True, where
+                if where != "properties.global":
+                    assert node["additionalProperties"] is False or "properties" not in node, where
+            for key, child in node.items():
+                walk(child, f"{where}.{key}" if where else key)
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{where}[{i}]")
+
+    schema_without_global = dict(schema, properties={k: v for k, v in schema["properties"].items() if k != "global"})
+    walk(schema_without_global, "")
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(yaml.safe_load((CHART / "values.yaml").read_text()))
+
+
+def test_schema_accelerator_types_match_the_crd() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    crd = yaml.safe_load((REPO / "crds" / CRD_FILE).read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    crd_types = spec["properties"]["accelerator"]["properties"]["type"]["enum"]
+    assert schema["properties"]["accelerators"]["propertyNames"]["enum"] == crd_types
+    assert sorted(yaml.safe_load((CHART / "values.yaml").read_text())["accelerators"]) == sorted(crd_types)
+
+
+# ------------------------------------------------------------------------------------------------
+# the CRD copy
+
+
+def test_chart_crd_is_identical_to_the_repository_crd(chart: helm_python.Chart) -> None:
+    source = (REPO / "crds" / CRD_FILE).read_bytes()
+    assert (CHART / "crds" / CRD_FILE).read_bytes() == source, "run scripts/sync-crd.sh"
+    (loaded,) = chart.crds
+    assert loaded["name"] == f"crds/{CRD_FILE}"
+    assert loaded["data"] == source.decode()
+
+
+def test_sync_crd_check_passes() -> None:
+    result = subprocess.run(["bash", str(REPO / "scripts" / "sync-crd.sh"), "--check"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# documentation: values.yaml comments, NOTES, docs/helm.md
+
+
+def test_every_value_is_commented() -> None:
+    """Every key of values.yaml has a comment right above it, except the entries of structures that
+    are documented as a whole (the accelerator map, security contexts, resources)."""
+    documented_as_a_whole = {"accelerators", "podSecurityContext", "securityContext", "resources",
+                             "runtimePodSecurityContext"}
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    parents: list[tuple[int, str]] = []
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z][\w.-]*):", line)
+        if not m:
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        path = [p for _, p in parents] + [key]
+        parents.append((indent, key))
+        if path[0] in documented_as_a_whole and len(path) > 1:
+            continue
+        if not lines[i - 1].lstrip().startswith("#"):
+            missing.append(".".join(path))
+    assert not missing, f"values without a comment: {missing}"
+
+
+def test_notes_show_a_first_reranker(chart: helm_python.Chart) -> None:
+    notes = render(chart)["reranker-operator/templates/NOTES.txt"]
+    assert "kubectl apply" in notes and "kubectl get rr" in notes
+    assert "port-forward" in notes and "/rerank" in notes
+    # The inline example is a valid Reranker (validated against the CRD's own schema).
+    example = yaml.safe_load(notes.split("<<'YAML'")[1].split("\n", 1)[1].split("  YAML")[0])
+    assert example["kind"] == "Reranker"
+    crd = yaml.safe_load((REPO / "crds" / CRD_FILE).read_text())
+    openapi = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    jsonschema.validate(example["spec"], openapi["properties"]["spec"])
+    for ref in re.findall(r"examples/[\w./-]+\.yaml", notes):
+        assert (REPO / ref).is_file(), ref
+    namespaced = render(chart, {"watchNamespaces": ["ml"]})["reranker-operator/templates/NOTES.txt"]
+    assert "kubectl apply -n ml" in namespaced and "kubectl get rr -n ml" in namespaced
+
+
+def test_docs_list_every_value() -> None:
+    docs = REPO / "docs" / "helm.md"
+    if not docs.is_file():
+        pytest.fail("docs/helm.md is missing")
+    text = docs.read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def leaves(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict) and node and prefix.split(".")[0] not in {
+                "accelerators", "podSecurityContext", "securityContext", "resources",
+                "runtimePodSecurityContext", "nodeSelector", "podAnnotations", "podLabels", "affinity"}:
+            return [leaf for k, v in node.items() for leaf in leaves(v, f"{prefix}.{k}" if prefix else k)]
+        return [prefix]
+
+    missing = [leaf for leaf in leaves(values, "") if f"`{leaf}`" not in text]
+    assert not missing, f"docs/helm.md does not list: {missing}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the operator image
+
+
+def test_operator_dockerfile_matches_the_chart(chart: helm_python.Chart) -> None:
+    dockerfile = (REPO / "images" / "operator.Dockerfile").read_text()
+    instructions = [line for line in dockerfile.splitlines() if line and not line.startswith("#")]
+    froms = [line.split()[1] for line in instructions if line.startswith("FROM ")]
+    assert froms == ["python:3.12-slim"]
+    assert '"/src[operator]"' in dockerfile  # the operator extra only (no torch in this image)
+    assert "USER 10001:10001" in instructions
+    assert 'ENTRYPOINT ["reranker-operator"]' in instructions
+    assert 'CMD ["run"]' in instructions
+    # The chart's pod runs as the image's user; args start with the image's CMD.
+    assert chart.values["securityContext"]["runAsUser"] == 10001
+    assert chart.values["podSecurityContext"]["runAsUser"] == 10001
+    assert container(manifests(render(chart)))["args"][0] == "run"
