@@ -211,11 +211,11 @@ def run_serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"reranker-runtime serve: error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_format, settings.log_level)
     if settings.engine_dir and not os.path.isdir(settings.engine_dir):
         print(f"reranker-runtime serve: error: --engine-dir {settings.engine_dir!r} is not a directory",
               file=sys.stderr)
         return 1
+    setup_logging(settings.log_format, settings.log_level)
     return serve(settings)
 
 

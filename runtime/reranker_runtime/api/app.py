@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from reranker_runtime import __version__, metrics
 from reranker_runtime.api import cohere, ops, tei
 from reranker_runtime.api.auth import ApiKeyMiddleware
-from reranker_runtime.api.deps import LOG_SCOPE_KEY, ClientDisconnected, Runtime
+from reranker_runtime.api.deps import LOG_SCOPE_KEY, REQUEST_ID_SCOPE_KEY, ClientDisconnected, Runtime
 from reranker_runtime.api.schemas import INPUT_ERROR, ErrorBody
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.errors import RerankerError
@@ -168,6 +168,7 @@ class AccessMiddleware:
         request_id = _request_id(scope)
         fields: dict[str, Any] = {}
         scope[LOG_SCOPE_KEY] = fields
+        scope[REQUEST_ID_SCOPE_KEY] = request_id
         status = 500
         response_started = False
 

@@ -16,7 +16,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from reranker_runtime.api.deps import Runtime, annotate, cancel_on_disconnect, get_runtime, timing_headers
+from reranker_runtime.api.deps import (
+    Runtime,
+    annotate,
+    cancel_on_disconnect,
+    get_runtime,
+    request_id,
+    timing_headers,
+)
 from reranker_runtime.api.schemas import (
     CohereRerankRequest,
     CohereRerankResponse,
@@ -60,7 +67,7 @@ async def _score(
             cut = [False] * len(documents)
             if body.max_tokens_per_doc is not None and documents:
                 documents, cut = await _cut_documents(service, documents, body.max_tokens_per_doc)
-            result = await service.rerank(body.query, documents, truncate=True)
+            result = await service.rerank(body.query, documents, truncate=True, request_id=request_id(request))
             return result, cut
 
         result, cut = await cancel_on_disconnect(request, work())

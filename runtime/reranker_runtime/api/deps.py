@@ -24,6 +24,7 @@ log = logging.getLogger("reranker_runtime.api")
 # Per-request fields for the access log (pairs, tokens), kept in the ASGI scope so the
 # outer middleware can read what the route wrote.
 LOG_SCOPE_KEY = "reranker.access"
+REQUEST_ID_SCOPE_KEY = "reranker.request_id"
 
 
 class ClientDisconnected(Exception):
@@ -135,7 +136,8 @@ class Runtime:
 
     async def close(self) -> None:
         await self.drain()
-        if self.owns_engine and self.engine is not None:
+        # service.stop() closes its engine; close ours only if no service ever took it over.
+        if self.owns_engine and self.service is None and self.engine is not None:
             engine, self.engine = self.engine, None
             with suppress(Exception):
                 await asyncio.to_thread(engine.close)
@@ -219,6 +221,12 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+
+
+def request_id(request: Request) -> str | None:
+    """The id AccessMiddleware gave this request (the client's x-request-id, or generated)."""
+    value = request.scope.get(REQUEST_ID_SCOPE_KEY)
+    return value if isinstance(value, str) else None
 
 
 def annotate(request: Request, **fields: Any) -> None:

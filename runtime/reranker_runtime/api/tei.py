@@ -8,7 +8,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from reranker_runtime.api.deps import Runtime, annotate, cancel_on_disconnect, get_runtime, timing_headers
+from reranker_runtime.api.deps import (
+    Runtime,
+    annotate,
+    cancel_on_disconnect,
+    get_runtime,
+    request_id,
+    timing_headers,
+)
 from reranker_runtime.api.schemas import (
     Prediction,
     PredictRequest,
@@ -49,6 +56,7 @@ async def rerank(body: RerankRequest, request: Request, runtime: Runtime = Depen
                 truncate=truncate_flag(body.truncate, runtime),
                 truncation_direction=body.truncation_direction,
                 raw_scores=body.raw_scores,
+                request_id=request_id(request),
             ),
         )
     scores = [float(s) for s in result.scores]
@@ -82,6 +90,7 @@ async def predict(body: PredictRequest, request: Request, runtime: Runtime = Dep
                 truncate=truncate_flag(body.truncate, runtime),
                 truncation_direction=body.truncation_direction,
                 raw_scores=body.raw_scores,
+                request_id=request_id(request),
             ),
         )
     out = [[{"label": label, "score": float(score)} for label, score in labels] for labels in result.predictions]

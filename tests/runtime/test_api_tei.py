@@ -1,0 +1,374 @@
+"""TEI/BEI routes over HTTP against the real app and a real (tiny) PyTorch engine:
+POST /rerank (the seed's API, exact), /predict, /tokenize; scores against the fp32 reference."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx
+import pytest
+import pytest_asyncio
+import torch
+
+from reranker_runtime.api import create_app
+from reranker_runtime.config import ServeSettings
+from reranker_runtime.engines.torch_engine import TorchEngine
+from runtime.fakes import ControlledEngine
+from tiny_models import TINY_MAX_TOKENS, corpus, reference_logits
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MAX_TEXTS = 16
+TOL = 1e-5  # on sigmoid scores (the issue's bar)
+RAW = dict(abs=1e-5, rel=1e-5)  # raw logits of a few units: float noise of batching scales with them
+QUERY = "what is the capital of france"
+TEXTS = [
+    "paris is the capital city of france",
+    "the river in the city",
+    "apple banana orange fruit",
+    "deep learning model inference on a gpu cluster",
+    "music art science",
+    "what who where when why how",
+]
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def settings_for(model_dir: Path, **overrides: Any) -> ServeSettings:
+    values: dict[str, Any] = dict(
+        model=str(model_dir),
+        device="cpu",
+        dtype="float32",
+        max_batch_tokens=2048,
+        max_client_batch_size=MAX_TEXTS,
+        log_format="text",
+    )
+    values.update(overrides)
+    return ServeSettings(**values)
+
+
+@asynccontextmanager
+async def serving(settings: ServeSettings, engine: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app with its lifespan, over httpx's ASGI transport, once /health says ready.
+    The engine is wrapped so the service's stop() leaves the shared real engine open."""
+    app = create_app(settings, engine=ControlledEngine(engine))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for _ in range(6000):  # bounded wait for warm-up, not a timing assertion
+                if (await client.get("/health")).status_code == 200:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("app never became ready")
+            yield client
+
+
+@pytest.fixture(scope="module")
+def engine(xlmr_reranker: Path) -> TorchEngine:
+    return TorchEngine.load(str(xlmr_reranker), device="cpu", dtype="float32")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(xlmr_reranker: Path, engine: TorchEngine) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(settings_for(xlmr_reranker), engine) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tokenizer(xlmr_reranker: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(xlmr_reranker)
+
+
+def truncated_reference(model_dir: Path, query: str, text: str, side: str) -> float:
+    """fp32 logit of (query, text) cut to the model's limit on `side`, query kept whole."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.truncation_side = side
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    enc = tok(query, text, truncation="only_second", max_length=TINY_MAX_TOKENS, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == TINY_MAX_TOKENS
+    with torch.inference_mode():
+        return float(model(**enc).logits[0, 0])
+
+
+def long_text(n_sentences: int = 6) -> str:
+    return " ".join(corpus(n_sentences, seed=7))
+
+
+# ---------------------------------------------------------------------------------------------
+# POST /rerank
+
+
+async def test_rerank_matches_reference_sorted_by_score(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
+    resp = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert isinstance(body, list) and len(body) == len(TEXTS)
+    assert sorted(item["index"] for item in body) == list(range(len(TEXTS)))
+    assert all(set(item) == {"index", "score"} for item in body)  # no text unless asked
+    scores = [item["score"] for item in body]
+    assert scores == sorted(scores, reverse=True)
+    ref = reference_logits(xlmr_reranker, [(QUERY, t) for t in TEXTS])
+    for item in body:
+        assert item["score"] == pytest.approx(sigmoid(ref[item["index"]][0]), abs=TOL)
+        assert 0.0 <= item["score"] <= 1.0
+
+
+async def test_rerank_headers(client: httpx.AsyncClient, tokenizer: Any) -> None:
+    resp = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS[:2]}, headers={"x-request-id": "abc-123"})
+    assert resp.status_code == 200
+    for name in ("x-compute-time", "x-compute-tokens", "x-queue-time", "x-inference-time", "x-tokenization-time"):
+        assert int(resp.headers[name]) >= 0, name
+    expected_tokens = sum(len(tokenizer(QUERY, t)["input_ids"]) for t in TEXTS[:2])
+    assert int(resp.headers["x-compute-tokens"]) == expected_tokens
+    assert resp.headers["x-request-id"] == "abc-123"
+    generated = (await client.post("/rerank", json={"query": QUERY, "texts": ["a"]})).headers["x-request-id"]
+    assert len(generated) >= 16
+
+
+async def test_rerank_return_text_and_raw_scores(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
+    resp = await client.post(
+        "/rerank", json={"query": QUERY, "texts": TEXTS, "return_text": True, "raw_scores": True}
+    )
+    assert resp.status_code == 200
+    ref = reference_logits(xlmr_reranker, [(QUERY, t) for t in TEXTS])
+    body = resp.json()
+    assert [item["score"] for item in body] == sorted((item["score"] for item in body), reverse=True)
+    for item in body:
+        assert item["text"] == TEXTS[item["index"]]
+        assert item["score"] == pytest.approx(ref[item["index"]][0], **RAW)
+
+
+async def test_seed_example_request(client: httpx.AsyncClient) -> None:
+    # The request body exactly as the seed README shows it.
+    resp = await client.post(
+        "/rerank",
+        json={
+            "query": "What is Baseten?",
+            "raw_scores": False,
+            "return_text": False,
+            "texts": ["Deep Learning is ...", "Baseten is a fast inference provider"],
+            "truncate": False,
+            "truncation_direction": "right",
+        },
+    )
+    assert resp.status_code == 200
+    assert [set(item) for item in resp.json()] == [{"index", "score"}] * 2
+
+
+async def test_truncation_both_directions_any_case(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
+    text = long_text()
+    results = {}
+    for direction in ("Right", "LEFT", "left", "right"):
+        resp = await client.post(
+            "/rerank",
+            json={"query": QUERY, "texts": [text], "truncate": True, "truncation_direction": direction, "raw_scores": True},
+        )
+        assert resp.status_code == 200, resp.text
+        results[direction.lower()] = resp.json()[0]["score"]
+    assert results["right"] == pytest.approx(truncated_reference(xlmr_reranker, QUERY, text, "right"), **RAW)
+    assert results["left"] == pytest.approx(truncated_reference(xlmr_reranker, QUERY, text, "left"), **RAW)
+    assert abs(results["right"] - results["left"]) > 1e-3  # the two cuts really differ
+
+
+async def test_too_long_without_truncation_is_422_naming_count_and_limit(
+    client: httpx.AsyncClient, tokenizer: Any
+) -> None:
+    text = long_text()
+    n_tokens = len(tokenizer(QUERY, text)["input_ids"])
+    for body in ({"query": QUERY, "texts": ["short", text]}, {"query": QUERY, "texts": [text], "truncate": False}):
+        resp = await client.post("/rerank", json=body)
+        assert resp.status_code == 422
+        err = resp.json()
+        assert err["error_type"] == "Validation"
+        assert str(n_tokens) in err["error"] and str(TINY_MAX_TOKENS) in err["error"]
+
+
+async def test_auto_truncate_server(xlmr_reranker: Path, engine: TorchEngine) -> None:
+    text = long_text()
+    async with serving(settings_for(xlmr_reranker, auto_truncate=True), engine) as auto:
+        resp = await auto.post("/rerank", json={"query": QUERY, "texts": [text], "raw_scores": True})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()[0]["score"] == pytest.approx(
+            truncated_reference(xlmr_reranker, QUERY, text, "right"), **RAW
+        )
+        info = (await auto.get("/info")).json()
+        assert info["auto_truncate"] is True
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error_type", "needle"),
+    [
+        ({"query": QUERY, "texts": []}, 400, "Empty", "texts"),
+        ({"query": "", "texts": ["a"]}, 400, "Empty", "query"),
+        ({"query": QUERY, "texts": ["x"] * (MAX_TEXTS + 1)}, 413, "Validation", str(MAX_TEXTS)),
+        ({"query": QUERY, "texts": ["a", "b", "c", 3]}, 422, "Validation", "texts.3: Input should be a valid string"),
+        ({"texts": ["a"]}, 422, "Validation", "query: Field required"),
+        ({"query": QUERY}, 422, "Validation", "texts: Field required"),
+        ({"query": QUERY, "texts": "a"}, 422, "Validation", "texts: Input should be a valid list"),
+        ({"query": 5, "texts": ["a"]}, 422, "Validation", "query: Input should be a valid string"),
+        ({"query": QUERY, "texts": ["a"], "raw_scores": "yes"}, 422, "Validation", "raw_scores"),
+        ({"query": QUERY, "texts": ["a"], "return_text": 1}, 422, "Validation", "return_text"),
+        ({"query": QUERY, "texts": ["a"], "truncate": "no"}, 422, "Validation", "truncate"),
+        ({"query": QUERY, "texts": ["a"], "truncation_direction": "up"}, 422, "Validation", "truncation_direction"),
+        ({"query": QUERY, "texts": ["a"], "truncation_direction": 1}, 422, "Validation", "truncation_direction"),
+        ([QUERY, "a"], 422, "Validation", "body"),
+    ],
+)
+async def test_rerank_errors(
+    client: httpx.AsyncClient, body: Any, status: int, error_type: str, needle: str
+) -> None:
+    resp = await client.post("/rerank", json=body)
+    assert resp.status_code == status, resp.text
+    err = resp.json()
+    assert set(err) == {"error", "error_type"}
+    assert err["error_type"] == error_type
+    assert needle in err["error"]
+
+
+async def test_malformed_json_and_missing_content_type(client: httpx.AsyncClient) -> None:
+    resp = await client.post("/rerank", content=b'{"query": "q", "texts": [', headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert resp.json()["error_type"] == "Validation" and "malformed JSON" in resp.json()["error"]
+    resp = await client.post("/rerank", content=b'{"query": "q", "texts": ["a"]}')
+    assert resp.status_code == 422
+    assert "Content-Type: application/json" in resp.json()["error"]
+    resp = await client.post("/rerank", content=b"", headers={"content-type": "application/json"})
+    assert resp.status_code == 422 and "body" in resp.json()["error"]
+
+
+async def test_50_concurrent_mixed_requests_match_reference(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
+    rng = random.Random(1)
+    words = " ".join(corpus(200, seed=3)).split()
+    requests: list[tuple[str, list[str]]] = []
+    for _ in range(50):
+        query = " ".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 20))) for _ in range(rng.randint(1, 8))]
+        requests.append((query, texts))
+    responses = await asyncio.gather(
+        *(client.post("/rerank", json={"query": q, "texts": t}) for q, t in requests)
+    )
+    ref = reference_logits(xlmr_reranker, [(q, t) for q, texts in requests for t in texts])
+    offset = 0
+    for (query, texts), resp in zip(requests, responses):
+        assert resp.status_code == 200, resp.text
+        by_index = {item["index"]: item["score"] for item in resp.json()}
+        assert sorted(by_index) == list(range(len(texts)))
+        for i in range(len(texts)):
+            assert by_index[i] == pytest.approx(sigmoid(ref[offset + i][0]), abs=TOL)
+        offset += len(texts)
+
+
+async def test_bert_reranker_matches_reference(bert_reranker: Path) -> None:
+    engine = TorchEngine.load(str(bert_reranker), device="cpu", dtype="float32")
+    async with serving(settings_for(bert_reranker), engine) as bert:
+        resp = await bert.post("/rerank", json={"query": QUERY, "texts": TEXTS})
+        assert resp.status_code == 200
+        ref = reference_logits(bert_reranker, [(QUERY, t) for t in TEXTS])
+        for item in resp.json():
+            assert item["score"] == pytest.approx(sigmoid(ref[item["index"]][0]), abs=TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# POST /predict
+
+
+async def test_predict_shapes_on_a_reranker(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
+    ref = reference_logits(xlmr_reranker, ["paris", ("what is", "paris"), "apple", ("a", "b")])
+    single = await client.post("/predict", json={"inputs": "paris"})
+    assert single.status_code == 200, single.text
+    assert single.json() == [{"label": "LABEL_0", "score": pytest.approx(sigmoid(ref[0][0]), abs=TOL)}]
+    pair = await client.post("/predict", json={"inputs": ["what is", "paris"]})  # a pair: one input
+    assert pair.json() == [{"label": "LABEL_0", "score": pytest.approx(sigmoid(ref[1][0]), abs=TOL)}]
+    batch = await client.post("/predict", json={"inputs": ["apple", ["a", "b"], "paris"], "raw_scores": True})
+    assert batch.status_code == 200
+    got = [[(p["label"], p["score"]) for p in preds] for preds in batch.json()]
+    assert got == [
+        [("LABEL_0", pytest.approx(ref[2][0], **RAW))],
+        [("LABEL_0", pytest.approx(ref[3][0], **RAW))],
+        [("LABEL_0", pytest.approx(ref[0][0], **RAW))],
+    ]
+    one = await client.post("/predict", json={"inputs": ["apple"]})  # a list of one: a batch
+    assert isinstance(one.json()[0], list)
+    assert "x-compute-tokens" in batch.headers
+
+
+@pytest.mark.parametrize(
+    ("inputs", "status", "needle"),
+    [
+        (5, 422, "inputs: Input should be a string, a pair, or a list"),
+        (["a", 5, "c"], 422, "inputs.1: Input should be a string or a pair"),
+        ([["a"]], 422, "inputs.0: Input should be a string or a pair"),
+        ([["a", "b", "c"]], 422, "inputs.0"),
+        ([], 400, ""),
+    ],
+)
+async def test_predict_errors(client: httpx.AsyncClient, inputs: Any, status: int, needle: str) -> None:
+    resp = await client.post("/predict", json={"inputs": inputs})
+    assert resp.status_code == status, resp.text
+    assert needle in resp.json()["error"]
+
+
+async def test_predict_too_many_inputs(client: httpx.AsyncClient) -> None:
+    resp = await client.post("/predict", json={"inputs": ["x"] * (MAX_TEXTS + 1)})
+    assert resp.status_code == 413 and str(MAX_TEXTS) in resp.json()["error"]
+
+
+async def test_classifier_predict_and_rerank_refusal(xlmr_classifier: Path) -> None:
+    engine = TorchEngine.load(str(xlmr_classifier), device="cpu", dtype="float32")
+    async with serving(settings_for(xlmr_classifier), engine) as clf:
+        ref = reference_logits(xlmr_classifier, ["paris is nice", ("a query", "a text")])
+        names = ["negative", "neutral", "positive"]
+        resp = await clf.post("/predict", json={"inputs": ["paris is nice", ["a query", "a text"]]})
+        assert resp.status_code == 200, resp.text
+        for preds, logits in zip(resp.json(), ref):
+            assert {p["label"] for p in preds} == {"negative", "neutral", "positive"}
+            scores = [p["score"] for p in preds]
+            assert scores == sorted(scores, reverse=True)
+            probs = torch.softmax(torch.tensor(logits), dim=0).tolist()
+            for p in preds:
+                assert p["score"] == pytest.approx(probs[names.index(p["label"])], abs=TOL)
+        raw = (await clf.post("/predict", json={"inputs": "paris is nice", "raw_scores": True})).json()
+        assert {p["label"]: p["score"] for p in raw} == pytest.approx(dict(zip(names, ref[0])), **RAW)
+        for route, body in (
+            ("/rerank", {"query": "q", "texts": ["a"]}),
+            ("/v2/rerank", {"query": "q", "documents": ["a"]}),
+            ("/v1/rerank", {"query": "q", "documents": ["a"]}),
+        ):
+            refused = await clf.post(route, json=body)
+            assert 400 <= refused.status_code < 500, route
+            assert "classifier" in refused.json()["error"].lower() or "label" in refused.json()["error"].lower()
+        info = (await clf.get("/info")).json()
+        assert info["num_labels"] == 3 and "classifier" in info["model_type"]
+
+
+# ---------------------------------------------------------------------------------------------
+# POST /tokenize
+
+
+async def test_tokenize(client: httpx.AsyncClient, tokenizer: Any) -> None:
+    text = "paris is the capital"
+    resp = await client.post("/tokenize", json={"inputs": text})
+    assert resp.status_code == 200, resp.text
+    [tokens] = resp.json()
+    assert [t["id"] for t in tokens] == tokenizer(text)["input_ids"]
+    assert tokens[0]["special"] is True and tokens[-1]["special"] is True
+    for t in tokens[1:-1]:
+        assert t["special"] is False
+        assert text[t["start"] : t["stop"]] == t["text"]
+    plain = (await client.post("/tokenize", json={"inputs": [text, "apple"], "add_special_tokens": False})).json()
+    assert len(plain) == 2
+    assert [t["id"] for t in plain[0]] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    bad = await client.post("/tokenize", json={"inputs": ["a", 1]})
+    assert bad.status_code == 422 and "inputs.1" in bad.json()["error"]

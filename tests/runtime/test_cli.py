@@ -1,0 +1,185 @@
+"""`reranker-runtime serve` configuration: flags, RERANKER_* variables, --help, logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import pytest
+
+from reranker_runtime import cli
+from reranker_runtime.config import DEFAULT_MODEL, SERVE_ENV_VARS, ServeSettings
+from reranker_runtime.logging import setup_logging
+from reranker_runtime.server import add_serve_parser, parse_bool, settings_from_args
+
+
+def _serve_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="reranker-runtime")
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_defaults_match_serve_settings() -> None:
+    settings = settings_from_args(_serve_args([]), environ={})
+    assert settings == ServeSettings(model=DEFAULT_MODEL)
+    assert settings.port == 8080
+    assert settings.max_batch_tokens == 16384
+    assert settings.max_client_batch_size == 1000
+    assert settings.max_concurrent_requests == 512
+    assert settings.auto_truncate is False
+    assert settings.log_format == "json"
+
+
+def test_engine_dir_alone_leaves_model_unset() -> None:
+    settings = settings_from_args(_serve_args(["--engine-dir", "/engines/abc"]), environ={})
+    assert settings.engine_dir == "/engines/abc"
+    assert settings.model is None
+
+
+ENV = {
+    "RERANKER_MODEL": "/models/m",
+    "RERANKER_REVISION": "v1",
+    "RERANKER_ENGINE_DIR": "/engines/k",
+    "RERANKER_SERVED_MODEL_NAME": "bge",
+    "RERANKER_DEVICE": "cuda:1",
+    "RERANKER_DTYPE": "bfloat16",
+    "RERANKER_HOST": "127.0.0.1",
+    "RERANKER_PORT": "9000",
+    "RERANKER_MAX_BATCH_TOKENS": "4096",
+    "RERANKER_MAX_BATCH_REQUESTS": "32",
+    "RERANKER_MAX_CLIENT_BATCH_SIZE": "64",
+    "RERANKER_MAX_CONCURRENT_REQUESTS": "7",
+    "RERANKER_AUTO_TRUNCATE": "yes",
+    "RERANKER_API_KEY": "sekret",
+    "RERANKER_LOG_FORMAT": "text",
+    "RERANKER_LOG_LEVEL": "DEBUG",
+}
+
+
+def test_every_setting_comes_from_its_env_var() -> None:
+    assert set(ENV) == set(SERVE_ENV_VARS.values()), "test must cover every variable"
+    settings = settings_from_args(_serve_args([]), environ=ENV)
+    assert settings == ServeSettings(
+        model="/models/m",
+        revision="v1",
+        engine_dir="/engines/k",
+        served_model_name="bge",
+        device="cuda:1",
+        dtype="bfloat16",
+        host="127.0.0.1",
+        port=9000,
+        max_batch_tokens=4096,
+        max_batch_requests=32,
+        max_client_batch_size=64,
+        max_concurrent_requests=7,
+        auto_truncate=True,
+        api_key="sekret",
+        log_format="text",
+        log_level="debug",
+    )
+
+
+def test_flags_win_over_env_vars() -> None:
+    args = _serve_args(
+        ["--model", "flag-model", "--port", "1234", "--no-auto-truncate", "--max-batch-tokens", "512"]
+    )
+    settings = settings_from_args(args, environ=ENV)
+    assert settings.model == "flag-model"
+    assert settings.port == 1234
+    assert settings.auto_truncate is False  # env says yes, the flag says no
+    assert settings.max_batch_tokens == 512
+    assert settings.api_key == "sekret"  # untouched by flags: from env
+
+
+def test_every_env_var_has_a_flag_and_help_names_it(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for field, var in SERVE_ENV_VARS.items():
+        assert f"env: {var}" in help_text, var
+        assert "--" + field.replace("_", "-") in help_text, field
+    assert "(default: 8080; env: RERANKER_PORT)" in help_text
+    assert "(default: 16384; env: RERANKER_MAX_BATCH_TOKENS)" in help_text
+    assert f"(default: {DEFAULT_MODEL} unless --engine-dir is set; env: RERANKER_MODEL)" in help_text
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("true", True), ("TRUE", True), ("1", True), ("yes", True), ("false", False), ("0", False), ("No", False)],
+)
+def test_boolean_values(text: str, value: bool) -> None:
+    assert parse_bool(text) is value
+    settings = settings_from_args(_serve_args([]), environ={"RERANKER_AUTO_TRUNCATE": text})
+    assert settings.auto_truncate is value
+
+
+def test_empty_env_values_count_as_unset() -> None:
+    settings = settings_from_args(_serve_args([]), environ={"RERANKER_API_KEY": "", "RERANKER_PORT": " "})
+    assert settings.api_key is None
+    assert settings.port == 8080
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "reason"),
+    [
+        ("RERANKER_PORT", "http", "expected an integer"),
+        ("RERANKER_PORT", "70000", "between 1 and 65535"),
+        ("RERANKER_MAX_BATCH_TOKENS", "0", ">= 1"),
+        ("RERANKER_AUTO_TRUNCATE", "maybe", "true/false/1/0/yes/no"),
+        ("RERANKER_DEVICE", "tpu", "auto, cpu, cuda or cuda:N"),
+        ("RERANKER_DTYPE", "int8", "float32"),
+        ("RERANKER_LOG_FORMAT", "xml", "json, text"),
+    ],
+)
+def test_bad_env_value_is_a_clear_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], var: str, value: str, reason: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert var in err and repr(value) in err and reason in err
+    assert "Traceback" not in err
+
+
+def test_bad_flag_value_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--port", "eighty"])
+    assert exit_info.value.code == 2
+    assert "--port" in capsys.readouterr().err
+
+
+def test_missing_engine_dir_exits_non_zero_with_a_message(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", "--engine-dir", "/nonexistent/engine", "--log-level", "error"]) == 1
+    err = capsys.readouterr().err
+    assert "/nonexistent/engine" in err and "Traceback" not in err
+
+
+def _capture_root_log(fmt: str, capsys: pytest.CaptureFixture[str]) -> str:
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    try:
+        setup_logging(fmt, "info")
+        logging.getLogger("reranker_runtime.access").info(
+            "POST /rerank 200", extra={"fields": {"route": "/rerank", "status": 200, "pairs": 3}}
+        )
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_json_log_lines_carry_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    record = json.loads(_capture_root_log("json", capsys))
+    assert record["message"] == "POST /rerank 200"
+    assert record["level"] == "info"
+    assert record["logger"] == "reranker_runtime.access"
+    assert (record["route"], record["status"], record["pairs"]) == ("/rerank", 200, 3)
+
+
+def test_text_log_lines_carry_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    line = _capture_root_log("text", capsys)
+    assert "POST /rerank 200" in line and "route=/rerank" in line and "pairs=3" in line
