@@ -1,6 +1,7 @@
 # The reranker operator image: ghcr.io/reranker-dev/reranker-operator:<version>.
 # Build from the repository root (the chart's image.tag and the package version must match):
 #   docker build -f images/operator.Dockerfile -t ghcr.io/reranker-dev/reranker-operator:0.1.0 .
+# The context is trimmed by images/operator.Dockerfile.dockerignore (BuildKit).
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -630,3 +630,26 @@ def test_operator_dockerfile_matches_the_chart(chart: helm_python.Chart) -> None
     assert chart.values["securityContext"]["runAsUser"] == 10001
     assert chart.values["podSecurityContext"]["runAsUser"] == 10001
     assert container(manifests(render(chart)))["args"][0] == "run"
+
+
+def test_operator_image_context_has_what_the_dockerfile_copies() -> None:
+    dockerfile = (REPO / "images" / "operator.Dockerfile").read_text()
+    ignore = (REPO / "images" / "operator.Dockerfile.dockerignore").read_text().splitlines()
+    included = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    copied = set()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            copied.update(src.rstrip("/") for src in line.split()[1:-1] if not src.startswith("--"))
+    assert copied == included
+    for src in copied - {"README.md"}:  # the README is the coordinator's
+        assert (REPO / src).exists(), src
+
+
+def test_runtime_pods_run_as_the_runtime_images_user(chart: helm_python.Chart) -> None:
+    dockerfile = REPO / "images" / "runtime.Dockerfile"
+    if not dockerfile.is_file():
+        pytest.skip("images/runtime.Dockerfile not written yet")
+    users = re.findall(r"^USER\s+(\d+)", dockerfile.read_text(), re.M)
+    if not users:
+        pytest.skip("runtime.Dockerfile sets no numeric USER")
+    assert int(users[-1]) == chart.values["runtimePodSecurityContext"]["runAsUser"]
