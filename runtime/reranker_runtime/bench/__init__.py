@@ -1,0 +1,1 @@
+"""`reranker-runtime bench`: seeded rerank workload, HTTP load driver, in-process baselines."""
