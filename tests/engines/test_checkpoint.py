@@ -1,0 +1,232 @@
+"""Checkpoint validation (each refusal names what is wrong) and fetching without a network."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+from engines.helpers import mutate_checkpoint
+
+from reranker_runtime.build import checkpoint as ck
+from reranker_runtime.build.errors import BuildArgumentError, CheckpointFetchError, CheckpointInvalidError
+
+
+def test_valid_rerankers(xlmr_reranker: Path, bert_reranker: Path) -> None:
+    x = ck.validate_checkpoint(xlmr_reranker)
+    assert (x.architecture, x.model_type, x.num_labels) == ("XLMRobertaForSequenceClassification", "xlm-roberta", 1)
+    assert x.max_input_length == 128  # 130 positions - (padding_idx 1 + 1)
+    assert x.position_offset == 2 and x.is_roberta
+    b = ck.validate_checkpoint(bert_reranker)
+    assert (b.architecture, b.model_type, b.max_input_length, b.position_offset) == ("BertForSequenceClassification", "bert", 128, 0)
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"architectures": ["XLMRobertaForMaskedLM"]}, "XLMRobertaForMaskedLM is not a *ForSequenceClassification model"),
+        (
+            {"architectures": ["DebertaV2ForSequenceClassification"], "model_type": "deberta-v2"},
+            "DebertaV2ForSequenceClassification (model_type 'deberta-v2') is a sequence classifier, but not of the BERT family",
+        ),
+        ({"architectures": []}, "names no architecture"),
+        ({"model_type": "bert"}, "model_type 'bert' (expected 'xlm-roberta')"),
+        ({"max_position_embeddings": None}, "no valid max_position_embeddings"),
+    ],
+)
+def test_wrong_architecture(xlmr_reranker: Path, tmp_path: Path, config: dict, needle: str) -> None:
+    d = mutate_checkpoint(xlmr_reranker, tmp_path / "m", config=config)
+    with pytest.raises(CheckpointInvalidError) as ei:
+        ck.validate_checkpoint(d)
+    assert needle in ei.value.message
+    assert ei.value.exit_code == 12
+
+
+def test_several_labels_refused_unless_allowed(xlmr_classifier: Path) -> None:
+    with pytest.raises(CheckpointInvalidError) as ei:
+        ck.validate_checkpoint(xlmr_classifier)
+    msg = ei.value.message
+    assert "has 3 labels (negative, neutral, positive)" in msg
+    assert "a reranker has exactly one" in msg and "--allow-classifier" in msg
+    assert ck.validate_checkpoint(xlmr_classifier, allow_classifier=True).num_labels == 3
+
+
+def test_missing_safetensors(xlmr_reranker: Path, tmp_path: Path) -> None:
+    d = mutate_checkpoint(xlmr_reranker, tmp_path / "m", remove=("*.safetensors",))
+    (d / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointInvalidError, match=r"has no \*\.safetensors weights \(found pytorch_model.bin\)"):
+        ck.validate_checkpoint(d)
+
+
+def test_missing_fast_tokenizer(xlmr_reranker: Path, tmp_path: Path) -> None:
+    d = mutate_checkpoint(xlmr_reranker, tmp_path / "m", remove=("tokenizer.json",))
+    with pytest.raises(CheckpointInvalidError, match=r"has no fast tokenizer \(tokenizer.json\)"):
+        ck.validate_checkpoint(d)
+
+
+def test_missing_or_broken_config(xlmr_reranker: Path, tmp_path: Path) -> None:
+    d = mutate_checkpoint(xlmr_reranker, tmp_path / "m", remove=("config.json",))
+    with pytest.raises(CheckpointInvalidError, match="has no config.json"):
+        ck.validate_checkpoint(d)
+    (d / "config.json").write_text("{oops")
+    with pytest.raises(CheckpointInvalidError, match="not readable JSON"):
+        ck.validate_checkpoint(d)
+
+
+def test_copy_keeps_only_what_serving_needs(xlmr_reranker: Path, tmp_path: Path) -> None:
+    src = mutate_checkpoint(xlmr_reranker, tmp_path / "src")
+    (src / "pytorch_model.bin").write_bytes(b"x")
+    (src / "onnx").mkdir()
+    copied = ck.copy_checkpoint(src, tmp_path / "dst")
+    assert "pytorch_model.bin" not in copied and "config.json" in copied and "tokenizer.json" in copied
+    assert any(n.endswith(".safetensors") for n in copied)
+    assert not (tmp_path / "dst" / "onnx").exists()
+
+
+# ----------------------------------------------------------------------------------- sources
+
+
+def test_local_sources(xlmr_reranker: Path, tmp_path: Path) -> None:
+    assert ck.resolve_source(str(xlmr_reranker), "HF") == "LOCAL"  # an existing path wins
+    assert ck.resolve_source(str(xlmr_reranker), "local") == "LOCAL"
+    assert ck.resolve_source("org/model", "HF") == "HF"
+    with pytest.raises(CheckpointFetchError, match="not an existing directory"):
+        ck.resolve_source(str(tmp_path / "missing"), "LOCAL")
+    with pytest.raises(BuildArgumentError, match="--source 'ftp' is not one of"):
+        ck.resolve_source("x", "ftp")
+    f = ck.fetch_checkpoint(str(xlmr_reranker), "main", "HF", tmp_path / "scratch")
+    assert f.path == xlmr_reranker.resolve() and f.resolved_revision is None
+
+
+def test_hf_records_resolved_commit(monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path) -> None:
+    import huggingface_hub
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snap = tmp_path / "hub" / "models--org--m" / "snapshots" / sha
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(xlmr_reranker, target_is_directory=True)
+    seen = {}
+
+    def fake_snapshot_download(**kw):
+        seen.update(kw)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    f = ck.fetch_checkpoint("org/m", "v1.0", "HF", tmp_path / "s", env={"HF_TOKEN": "hf_secret"})
+    assert f.resolved_revision == sha
+    assert seen["repo_id"] == "org/m" and seen["revision"] == "v1.0" and seen["token"] == "hf_secret"
+    assert "*.safetensors" in seen["allow_patterns"] and "*.bin" not in seen["allow_patterns"]
+
+
+def test_hf_errors_are_fetch_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import huggingface_hub
+
+    def offline(**kw):
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        raise LocalEntryNotFoundError("no connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointFetchError, match="cannot download org/m@main: the hub is unreachable"):
+        ck.fetch_checkpoint("org/m", "main", "HF", tmp_path, env={})
+
+
+@pytest.mark.parametrize(
+    ("source", "url", "needle"),
+    [
+        ("S3", "s3://bucket/models/m", "needs boto3 (pip install boto3) or the AWS CLI (`aws`)"),
+        ("GCS", "gs://bucket/models/m", "needs google-cloud-storage (pip install google-cloud-storage) or the gcloud/gsutil CLI"),
+        ("AZURE", "az://container/models/m", "needs azure-storage-blob (pip install azure-storage-blob) or the Azure CLI (`az`)"),
+    ],
+)
+def test_object_stores_without_sdk_or_cli_say_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str, url: str, needle: str
+) -> None:
+    for mod in ("boto3", "google.cloud.storage", "google.cloud", "azure.storage.blob", "azure.storage", "azure"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import -> ImportError
+    monkeypatch.setattr(ck.shutil, "which", lambda name: None)
+    with pytest.raises(CheckpointFetchError) as ei:
+        ck.fetch_checkpoint(url, "main", source, tmp_path, env={})
+    assert needle in ei.value.message
+
+
+def test_object_stores_refuse_revisions(tmp_path: Path) -> None:
+    with pytest.raises(BuildArgumentError, match="cannot be applied to a S3 source"):
+        ck.fetch_checkpoint("s3://b/p", "v2", "S3", tmp_path, env={})
+    with pytest.raises(BuildArgumentError, match=r"must look like s3://bucket/prefix"):
+        ck.fetch_checkpoint("https://example.com/x", "main", "S3", tmp_path, env={})
+
+
+def _tar_of(model_dir: Path, arcroot: str = "model") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(model_dir, arcname=arcroot)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def http_server():
+    files: dict[str, bytes] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = files.get(self.path.split("?")[0])
+            if body is None:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", files
+    srv.shutdown()
+
+
+def test_remote_url_tarball(http_server, xlmr_reranker: Path, tmp_path: Path) -> None:
+    base, files = http_server
+    data = _tar_of(xlmr_reranker)
+    files["/m.tar.gz"] = data
+    sha = hashlib.sha256(data).hexdigest()
+    f = ck.fetch_checkpoint(f"{base}/m.tar.gz?sig=secret", "main", "REMOTE_URL", tmp_path / "a")
+    assert f.resolved_revision == f"sha256:{sha}"
+    assert (f.path / "config.json").is_file()
+    assert ck.validate_checkpoint(f.path).architecture == "XLMRobertaForSequenceClassification"
+    # a pinned digest is verified
+    ck.fetch_checkpoint(f"{base}/m.tar.gz", f"sha256:{sha}", "REMOTE_URL", tmp_path / "b")
+    with pytest.raises(CheckpointFetchError, match=f"has sha256 {sha}, but --revision pins sha256:{'0' * 64}"):
+        ck.fetch_checkpoint(f"{base}/m.tar.gz", "sha256:" + "0" * 64, "REMOTE_URL", tmp_path / "c")
+    with pytest.raises(BuildArgumentError, match="cannot pin a REMOTE_URL source"):
+        ck.fetch_checkpoint(f"{base}/m.tar.gz", "v1", "REMOTE_URL", tmp_path / "d")
+    with pytest.raises(CheckpointFetchError, match="cannot download"):
+        ck.fetch_checkpoint(f"{base}/missing.tar.gz", "main", "REMOTE_URL", tmp_path / "e")
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_safe_extract_refuses_escapes(tmp_path: Path, kind: str) -> None:
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo({"dotdot": "../evil.txt", "absolute": "/tmp/evil.txt", "symlink": "link"}[kind])
+        if kind == "symlink":
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+        else:
+            payload = b"x"
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(CheckpointFetchError, match="unsafe path|link or special file"):
+        ck.safe_extract_tar(archive, tmp_path / "out")
+    assert not (tmp_path / "evil.txt").exists()
