@@ -4,9 +4,7 @@ POST /rerank (the seed's API, exact), /predict, /tokenize; scores against the fp
 from __future__ import annotations
 
 import asyncio
-import math
 import random
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -15,70 +13,27 @@ import pytest
 import pytest_asyncio
 import torch
 
-from reranker_runtime.api import create_app
-from reranker_runtime.config import ServeSettings
 from reranker_runtime.engines.torch_engine import TorchEngine
-from runtime.fakes import ControlledEngine
+from runtime.api_support import (
+    MAX_TEXTS,
+    QUERY,
+    RAW,
+    TEXTS,
+    TOL,
+    long_text,
+    serving,
+    settings_for,
+    sigmoid,
+    truncated_reference,
+)
 from tiny_models import TINY_MAX_TOKENS, corpus, reference_logits
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-MAX_TEXTS = 16
-TOL = 1e-5  # on sigmoid scores (the issue's bar)
-RAW = dict(abs=1e-5, rel=1e-5)  # raw logits of a few units: float noise of batching scales with them
-QUERY = "what is the capital of france"
-TEXTS = [
-    "paris is the capital city of france",
-    "the river in the city",
-    "apple banana orange fruit",
-    "deep learning model inference on a gpu cluster",
-    "music art science",
-    "what who where when why how",
-]
-
-
-def sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def settings_for(model_dir: Path, **overrides: Any) -> ServeSettings:
-    values: dict[str, Any] = dict(
-        model=str(model_dir),
-        device="cpu",
-        dtype="float32",
-        max_batch_tokens=2048,
-        max_client_batch_size=MAX_TEXTS,
-        log_format="text",
-    )
-    values.update(overrides)
-    return ServeSettings(**values)
-
-
-@asynccontextmanager
-async def serving(settings: ServeSettings, engine: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """The real app with its lifespan, over httpx's ASGI transport, once /health says ready.
-    The engine is wrapped so the service's stop() leaves the shared real engine open."""
-    app = create_app(settings, engine=ControlledEngine(engine))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            for _ in range(6000):  # bounded wait for warm-up, not a timing assertion
-                if (await client.get("/health")).status_code == 200:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("app never became ready")
-            yield client
-
-
-@pytest.fixture(scope="module")
-def engine(xlmr_reranker: Path) -> TorchEngine:
-    return TorchEngine.load(str(xlmr_reranker), device="cpu", dtype="float32")
-
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def client(xlmr_reranker: Path, engine: TorchEngine) -> AsyncIterator[httpx.AsyncClient]:
-    async with serving(settings_for(xlmr_reranker), engine) as c:
+async def client(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(settings_for(xlmr_reranker), xlmr_engine) as c:
         yield c
 
 
@@ -87,23 +42,6 @@ def tokenizer(xlmr_reranker: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(xlmr_reranker)
-
-
-def truncated_reference(model_dir: Path, query: str, text: str, side: str) -> float:
-    """fp32 logit of (query, text) cut to the model's limit on `side`, query kept whole."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.truncation_side = side
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    enc = tok(query, text, truncation="only_second", max_length=TINY_MAX_TOKENS, return_tensors="pt")
-    assert enc["input_ids"].shape[1] == TINY_MAX_TOKENS
-    with torch.inference_mode():
-        return float(model(**enc).logits[0, 0])
-
-
-def long_text(n_sentences: int = 6) -> str:
-    return " ".join(corpus(n_sentences, seed=7))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,9 +133,9 @@ async def test_too_long_without_truncation_is_422_naming_count_and_limit(
         assert str(n_tokens) in err["error"] and str(TINY_MAX_TOKENS) in err["error"]
 
 
-async def test_auto_truncate_server(xlmr_reranker: Path, engine: TorchEngine) -> None:
+async def test_auto_truncate_server(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> None:
     text = long_text()
-    async with serving(settings_for(xlmr_reranker, auto_truncate=True), engine) as auto:
+    async with serving(settings_for(xlmr_reranker, auto_truncate=True), xlmr_engine) as auto:
         resp = await auto.post("/rerank", json={"query": QUERY, "texts": [text], "raw_scores": True})
         assert resp.status_code == 200, resp.text
         assert resp.json()[0]["score"] == pytest.approx(
@@ -270,9 +208,8 @@ async def test_50_concurrent_mixed_requests_match_reference(client: httpx.AsyncC
         offset += len(texts)
 
 
-async def test_bert_reranker_matches_reference(bert_reranker: Path) -> None:
-    engine = TorchEngine.load(str(bert_reranker), device="cpu", dtype="float32")
-    async with serving(settings_for(bert_reranker), engine) as bert:
+async def test_bert_reranker_matches_reference(bert_reranker: Path, bert_engine: TorchEngine) -> None:
+    async with serving(settings_for(bert_reranker), bert_engine) as bert:
         resp = await bert.post("/rerank", json={"query": QUERY, "texts": TEXTS})
         assert resp.status_code == 200
         ref = reference_logits(bert_reranker, [(QUERY, t) for t in TEXTS])
@@ -325,9 +262,8 @@ async def test_predict_too_many_inputs(client: httpx.AsyncClient) -> None:
     assert resp.status_code == 413 and str(MAX_TEXTS) in resp.json()["error"]
 
 
-async def test_classifier_predict_and_rerank_refusal(xlmr_classifier: Path) -> None:
-    engine = TorchEngine.load(str(xlmr_classifier), device="cpu", dtype="float32")
-    async with serving(settings_for(xlmr_classifier), engine) as clf:
+async def test_classifier_predict_and_rerank_refusal(xlmr_classifier: Path, classifier_engine: TorchEngine) -> None:
+    async with serving(settings_for(xlmr_classifier), classifier_engine) as clf:
         ref = reference_logits(xlmr_classifier, ["paris is nice", ("a query", "a text")])
         names = ["negative", "neutral", "positive"]
         resp = await clf.post("/predict", json={"inputs": ["paris is nice", ["a query", "a text"]]})

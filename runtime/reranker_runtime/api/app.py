@@ -84,7 +84,15 @@ def create_app(
 
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
-    routes = frozenset(getattr(r, "path", "") for r in app.routes)
+    # Metric labels: known paths only, so scanners hitting random URLs cannot blow up the
+    # label cardinality. (Collected from the routers: included routers are not flattened
+    # into app.routes in this FastAPI version.)
+    routes = frozenset(
+        path
+        for router in (tei.router, cohere.router, ops.router, app.router)
+        for path in (getattr(r, "path", None) for r in router.routes)
+        if path
+    )
     app.add_middleware(AccessMiddleware, routes=routes)  # outermost: sees every response
     return app
 

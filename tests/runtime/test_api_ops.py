@@ -1,0 +1,292 @@
+"""Operational behaviour over HTTP against the real app: /health, /live, /info, /metrics, the
+OpenAPI docs, API keys, overload (429), not ready (503), engine failures, client disconnects,
+draining, and a model that fails to load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from reranker_runtime import __version__
+from reranker_runtime.api import create_app
+from reranker_runtime.engines.torch_engine import TorchEngine
+from runtime.api_support import QUERY, TEXTS, running_app, serving, settings_for, wait_until
+from runtime.fakes import ControlledEngine
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+KEY = "s3cret-key"
+RERANK = {"query": QUERY, "texts": TEXTS[:2]}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(settings_for(xlmr_reranker, served_model_name="tiny-bge", revision="abc123"), xlmr_engine) as c:
+        yield c
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def secured(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(settings_for(xlmr_reranker, api_key=KEY), xlmr_engine) as c:
+        yield c
+
+
+# ---------------------------------------------------------------------------------------------
+# /health, /live, /info, /metrics, docs
+
+
+async def test_health_and_live(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/health")).json() == {"status": "ok"}
+    assert (await client.get("/live")).json() == {"status": "alive"}
+
+
+async def test_info(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
+    resp = await client.get("/info")
+    assert resp.status_code == 200
+    info = resp.json()
+    assert info["model_id"] == str(xlmr_reranker)
+    assert info["served_model_name"] == "tiny-bge"
+    assert info["model_sha"] == "abc123"
+    assert info["model_type"] == {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
+    assert info["architecture"] == "XLMRobertaForSequenceClassification"
+    assert (info["engine"], info["device"], info["model_dtype"]) == ("pytorch", "cpu", "float32")
+    assert info["num_labels"] == 1
+    assert info["max_input_length"] == 128
+    assert info["max_batch_tokens"] == 2048
+    assert info["max_batch_requests"] is None
+    assert info["max_client_batch_size"] == 16
+    assert info["max_concurrent_requests"] == 512
+    assert info["auto_truncate"] is False
+    assert info["ready"] is True
+    assert info["version"] == __version__
+
+
+async def test_metrics(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/rerank", json=RERANK)).status_code == 200
+    assert (await client.post("/rerank", json={"query": QUERY, "texts": []})).status_code == 400
+    await client.get("/nope")
+    resp = await client.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    text = resp.text
+    assert 'te_request_count_total{method="/rerank",status="200"}' in text
+    assert 'te_request_count_total{method="/rerank",status="400"}' in text
+    assert 'te_request_count_total{method="other",status="404"}' in text  # unknown paths: one label
+    assert 'te_request_duration_bucket{le="0.001",method="/rerank"}' in text
+    for name in (
+        "te_request_queue_duration",
+        "te_request_inference_duration",
+        "te_request_tokenization_duration",
+        "te_request_input_length",
+        "te_queue_size",
+        "te_batch_next_size",
+        "te_batch_next_tokens",
+        "te_requests_in_flight",
+    ):
+        assert name in text, name
+
+
+async def test_openapi_and_docs(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    for path in ("/rerank", "/predict", "/tokenize", "/v2/rerank", "/v1/rerank", "/info", "/health", "/live", "/metrics"):
+        assert path in spec["paths"], path
+    rerank = spec["components"]["schemas"]["RerankRequest"]["properties"]
+    assert set(rerank) >= {"query", "texts", "raw_scores", "return_text", "truncate", "truncation_direction"}
+    docs = await client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+async def test_unknown_route_and_method_are_json_errors(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/nope")
+    assert missing.status_code == 404 and missing.json()["error_type"] == "NotFound"
+    wrong = await client.get("/rerank")
+    assert wrong.status_code == 405 and set(wrong.json()) == {"error", "error_type"}
+
+
+# ---------------------------------------------------------------------------------------------
+# API key
+
+
+INFERENCE = [
+    ("/rerank", RERANK),
+    ("/predict", {"inputs": "paris"}),
+    ("/tokenize", {"inputs": "paris"}),
+    ("/v2/rerank", {"query": QUERY, "documents": ["a"]}),
+    ("/v1/rerank", {"query": QUERY, "documents": ["a"]}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), INFERENCE)
+async def test_api_key_required_on_inference_routes(secured: httpx.AsyncClient, path: str, body: Any) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer"}):
+        resp = await secured.post(path, json=body, headers=headers)
+        assert resp.status_code == 401, (path, headers)
+        assert resp.json()["error_type"] == "Unauthorized"
+        assert resp.headers["www-authenticate"] == "Bearer"
+    for auth in (f"Bearer {KEY}", f"Api-Key {KEY}", f"bearer {KEY}"):
+        resp = await secured.post(path, json=body, headers={"Authorization": auth})
+        assert resp.status_code == 200, (path, auth, resp.text)
+
+
+async def test_api_key_checked_before_the_body(secured: httpx.AsyncClient) -> None:
+    resp = await secured.post("/rerank", content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.status_code == 401
+
+
+async def test_api_key_scope(secured: httpx.AsyncClient) -> None:
+    assert (await secured.get("/info")).status_code == 401
+    assert (await secured.get("/info", headers={"Authorization": f"Api-Key {KEY}"})).status_code == 200
+    for path in ("/health", "/live", "/metrics", "/openapi.json", "/docs"):
+        assert (await secured.get(path)).status_code == 200, path
+
+
+async def test_no_api_key_means_open(client: httpx.AsyncClient) -> None:
+    resp = await client.post("/rerank", json=RERANK, headers={"Authorization": "Bearer anything"})
+    assert resp.status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Not ready, overload, engine failure, disconnect, drain, load failure
+
+
+async def test_503_until_warmed_up(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> None:
+    engine = ControlledEngine(xlmr_engine)
+    engine.hold_warmup()
+    app = create_app(settings_for(xlmr_reranker), engine=engine)
+    async with running_app(app) as c:
+        try:
+            assert (await c.get("/live")).status_code == 200  # alive while warming up
+            health = await c.get("/health")
+            assert health.status_code == 503
+            assert health.json()["error_type"] == "Unhealthy"
+            assert int(health.headers["retry-after"]) > 0
+            for path, body in INFERENCE:
+                resp = await c.post(path, json=body)
+                assert resp.status_code == 503, path
+                assert "retry-after" in resp.headers
+        finally:
+            engine.release_warmup()
+        await wait_until(c, "/health", 200)
+        assert (await c.post("/rerank", json=RERANK)).status_code == 200
+
+
+async def test_429_at_once_when_max_concurrent_requests_in_flight(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    engine = ControlledEngine(xlmr_engine)
+    async with serving(settings_for(xlmr_reranker, max_concurrent_requests=2), engine) as c:
+        engine.hold()
+        big = asyncio.create_task(c.post("/rerank", json={"query": QUERY, "texts": TEXTS}))  # counts once
+        small = asyncio.create_task(c.post("/predict", json={"inputs": "paris"}))
+        await engine.wait_for_calls(1)
+        for _ in range(200):  # both admitted: wait until the second one is in flight too
+            if (await c.get("/metrics")).text.count("te_requests_in_flight 2.0"):
+                break
+            await asyncio.sleep(0.01)
+        refused = await c.post("/rerank", json=RERANK)
+        assert refused.status_code == 429
+        assert refused.json()["error_type"] == "Overloaded"
+        assert "2" in refused.json()["error"]
+        assert int(refused.headers["retry-after"]) >= 1
+        engine.release()
+        assert (await big).status_code == 200
+        assert (await small).status_code == 200
+        assert (await c.post("/rerank", json=RERANK)).status_code == 200  # capacity is back
+
+
+async def test_engine_failure_is_a_500_and_the_server_keeps_serving(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    engine = ControlledEngine(xlmr_engine)
+    async with serving(settings_for(xlmr_reranker), engine) as c:
+        engine.fail_next(RuntimeError("CUDA error: device-side assert"))
+        failed = await c.post("/rerank", json=RERANK)
+        assert failed.status_code == 500
+        assert failed.json()["error_type"] == "Backend"
+        assert (await c.post("/rerank", json=RERANK)).status_code == 200
+        assert (await c.get("/health")).status_code == 200
+
+
+async def test_client_disconnect_cancels_the_work(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> None:
+    """Drive the ASGI app directly: the client disconnects while its pairs wait in the queue."""
+    engine = ControlledEngine(xlmr_engine)
+    settings = settings_for(xlmr_reranker, max_batch_requests=1)  # one pair per forward pass
+    app = create_app(settings, engine=engine)
+    async with running_app(app) as c:
+        await wait_until(c)
+        engine.hold()
+        gone = asyncio.Event()
+        sent: list[dict[str, Any]] = []
+        body = json.dumps({"query": QUERY, "texts": TEXTS}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/rerank",
+            "raw_path": b"/rerank",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+            "client": ("127.0.0.1", 1234),
+            "server": ("test", 80),
+            "state": {},
+        }
+        call = asyncio.create_task(app(scope, receive, send))
+        await engine.wait_for_calls(1)  # the first pair is in the engine, the rest queued
+        gone.set()
+        await asyncio.wait_for(call, 30)
+        assert sent[0]["status"] == 499
+        engine.release()
+        # Only pairs already handed to the worker ran; the request's queued ones were dropped.
+        assert (await c.post("/rerank", json={"query": QUERY, "texts": ["x"]})).status_code == 200
+        assert len(engine.seen_input_ids) < len(TEXTS) + 1
+        assert 'te_queue_size 0.0' in (await c.get("/metrics")).text
+
+
+async def test_drain_turns_health_503_and_finishes_in_flight(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> None:
+    engine = ControlledEngine(xlmr_engine)
+    app = create_app(settings_for(xlmr_reranker), engine=engine)
+    async with running_app(app) as c:
+        await wait_until(c)
+        engine.hold()
+        in_flight = asyncio.create_task(c.post("/rerank", json=RERANK))
+        await engine.wait_for_calls(1)
+        drain = app.state.runtime.drain()
+        health = await c.get("/health")
+        assert health.status_code == 503 and "shutting down" in health.json()["error"]
+        assert (await c.post("/rerank", json=RERANK)).status_code == 503  # no new work
+        assert (await c.get("/live")).status_code == 200
+        engine.release()
+        resp = await in_flight
+        assert resp.status_code == 200 and len(resp.json()) == 2  # in-flight work finished
+        await drain
+
+
+async def test_model_load_failure_is_reported(tmp_path: Path) -> None:
+    app = create_app(settings_for(tmp_path / "no-such-model"))
+    async with running_app(app) as c:
+        await wait_until(c, "/live", 503)
+        live = (await c.get("/live")).json()
+        assert "model failed to load" in live["error"] and "no-such-model" in live["error"]
+        health = await c.get("/health")
+        assert health.status_code == 503 and "no-such-model" in health.json()["error"]
+        assert (await c.post("/rerank", json=RERANK)).status_code == 503
