@@ -154,6 +154,10 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     paths: dict[str, str | None] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not self.paths:
+            object.__setattr__(self, "paths", default_paths(self.engine))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
@@ -165,7 +169,7 @@ class Manifest:
             "gpu": None if self.gpu is None else asdict(self.gpu),
             "versions": dict(self.versions),
             "created_at": self.created_at,
-            "paths": dict(self.paths) or default_paths(self.engine),
+            "paths": dict(self.paths),
         }
 
     @classmethod
