@@ -1,0 +1,301 @@
+"""Token-budget batcher: budgets, batch size, cancellation, failures, stop(), fairness.
+
+Forward passes run on a real tiny XLM-R engine wrapped in ControlledEngine, so tests can hold
+the worker at a gate and count batches instead of measuring time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from reranker_runtime.batching import Batcher, batch_cost
+from reranker_runtime.engines.base import EncodedPair
+from reranker_runtime.errors import EngineError, ModelLoadError, NotReadyError, RerankerError
+from runtime.fakes import ControlledEngine
+
+WAIT_S = 30.0  # upper bound on any wait: a bug fails the test instead of hanging it
+
+
+def seq(length: int, token: int = 5) -> EncodedPair:
+    """An XLM-R-shaped sequence of `length` tokens; `token` marks whose it is."""
+    return EncodedPair([0] + [token] * (length - 2) + [2])
+
+
+def marked_by(engine: ControlledEngine, token: int) -> list[int]:
+    """Indices of the engine calls that held a sequence marked with `token`."""
+    return [i for i, batch in enumerate(engine.calls) if any(p.input_ids[1] == token for p in batch)]
+
+
+async def until(condition, what: str) -> None:
+    """Yield to the event loop until condition() holds (bounded: fails instead of hanging)."""
+    for _ in range(int(WAIT_S / 0.002)):
+        if condition():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def started(engine, **kwargs) -> Batcher:
+    kwargs.setdefault("max_batch_tokens", 1024)
+    batcher = Batcher(engine, **kwargs)
+    await batcher.start(warmup=False)
+    return batcher
+
+
+async def test_results_match_each_sequence_alone(xlmr_engine) -> None:
+    engine = ControlledEngine(xlmr_engine)
+    batcher = await started(engine, max_batch_tokens=512)
+    rng = random.Random(3)
+    requests = [[seq(rng.randint(3, 128), token=rng.randint(4, 99)) for _ in range(rng.randint(1, 12))] for _ in range(10)]
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.score(f"r{i}", items) for i, items in enumerate(requests))), WAIT_S
+        )
+    finally:
+        await batcher.stop()
+    for items, result in zip(requests, results):
+        alone = np.array([xlmr_engine.score([p])[0] for p in items])
+        np.testing.assert_allclose(result.logits, alone, atol=1e-4)
+        assert result.batches >= 1 and result.inference_time_s > 0 and result.queue_time_s >= 0
+    assert len(engine.calls) > 1
+
+
+@pytest.mark.parametrize("padded", [True, False])
+async def test_token_budget_respected(xlmr_engine, padded: bool) -> None:
+    engine = ControlledEngine(xlmr_engine, padded=padded)
+    budget = 300
+    batcher = await started(engine, max_batch_tokens=budget)
+    rng = random.Random(7)
+    items = [seq(rng.randint(3, 128)) for _ in range(60)]
+    try:
+        await asyncio.wait_for(asyncio.gather(batcher.score("a", items[:30]), batcher.score("b", items[30:])), WAIT_S)
+    finally:
+        await batcher.stop()
+    assert sum(len(b) for b in engine.calls) == 60
+    for batch in engine.calls:
+        lengths = [len(p) for p in batch]
+        assert batch_cost(lengths, padded) <= budget, lengths
+    if not padded:
+        # Packed batches are costed by the sum, so they hold more sequences than padded ones would.
+        assert any(max(len(p) for p in b) * len(b) > budget for b in engine.calls)
+
+
+async def test_max_batch_size_from_settings_and_engine(xlmr_engine) -> None:
+    engine = ControlledEngine(xlmr_engine, max_batch_size=5)
+    batcher = await started(engine, max_batch_tokens=4096, max_batch_size=3)
+    assert batcher.max_batch_size == 3
+    try:
+        await asyncio.wait_for(batcher.score("a", [seq(10)] * 20), WAIT_S)
+    finally:
+        await batcher.stop()
+    assert max(len(b) for b in engine.calls) == 3
+
+    batcher = await started(engine, max_batch_tokens=4096, max_batch_size=50)
+    assert batcher.max_batch_size == 5  # the engine's hard limit is the smaller one
+    await batcher.stop()
+
+
+async def test_long_pairs_grouped_to_limit_padding(xlmr_engine) -> None:
+    engine = ControlledEngine(xlmr_engine)
+    batcher = await started(engine, max_batch_tokens=512)
+    rng = random.Random(1)
+    lengths = [rng.choice([10, 120]) for _ in range(40)]
+    try:
+        await asyncio.wait_for(batcher.score("a", [seq(n) for n in lengths]), WAIT_S)
+    finally:
+        await batcher.stop()
+    # Longest first within a request: no batch mixes the two lengths more than once.
+    mixed = [b for b in engine.calls if len({len(p) for p in b}) > 1]
+    assert len(mixed) <= 1
+
+
+async def test_cancelled_request_is_never_scored(xlmr_engine) -> None:
+    engine = ControlledEngine(xlmr_engine, max_batch_size=2)
+    batcher = await started(engine)
+    engine.hold()
+    try:
+        big = asyncio.create_task(batcher.score("big", [seq(20, token=5)] * 8))
+        await engine.wait_for_calls(1)  # batch 1 at the gate, batch 2 submitted behind it
+        queued = asyncio.create_task(batcher.score("queued", [seq(20, token=7)] * 3))
+        await asyncio.sleep(0)
+        assert batcher.queue_size == 4 + 3
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert batcher.queue_size == 4
+        engine.release()
+        result = await asyncio.wait_for(big, WAIT_S)
+    finally:
+        engine.release()
+        await batcher.stop()
+    assert result.logits.shape == (8, 1)
+    assert marked_by(engine, 7) == []
+
+
+async def test_cancelled_request_skipped_in_submitted_batch(xlmr_engine) -> None:
+    engine = ControlledEngine(xlmr_engine)
+    batcher = await started(engine)
+    engine.hold()
+    try:
+        first = asyncio.create_task(batcher.score("first", [seq(20, token=5)]))
+        await engine.wait_for_calls(1)
+        # Goes straight into the second (already submitted) batch, then its client goes away.
+        second = asyncio.create_task(batcher.score("second", [seq(20, token=7)] * 2))
+        await until(lambda: batcher.queue_size == 0 and len(batcher._requests) == 0, "second batch formed")
+        second.cancel()
+        engine.release()
+        await asyncio.wait_for(first, WAIT_S)
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        # The batcher still serves.
+        await asyncio.wait_for(batcher.score("third", [seq(9, token=8)]), WAIT_S)
+    finally:
+        engine.release()
+        await batcher.stop()
+    assert marked_by(engine, 7) == []
+    assert marked_by(engine, 8) != []
+
+
+async def test_engine_failure_fails_exactly_its_batch(xlmr_engine) -> None:
+    engine = ControlledEngine(xlmr_engine)
+    batcher = await started(engine)
+    failures_before = REGISTRY.get_sample_value("te_batch_failure_total") or 0.0
+    engine.hold()
+    try:
+        first = asyncio.create_task(batcher.score("first", [seq(12, token=4)]))
+        await engine.wait_for_calls(1)
+        # a and b arrive together: the next batch holds both.
+        a = asyncio.create_task(batcher.score("a", [seq(12, token=5), seq(30, token=5)]))
+        b = asyncio.create_task(batcher.score("b", [seq(12, token=6)]))
+        await until(lambda: batcher.queue_size == 0 and len(batcher._live) == 3, "second batch formed")
+        # c waits in the queue (two batches are already submitted).
+        c = asyncio.create_task(batcher.score("c", [seq(12, token=7)]))
+        engine.allow(1)
+        await asyncio.wait_for(first, WAIT_S)
+        engine.fail_next(RuntimeError("CUDA error: an illegal memory access"))
+        engine.release()
+        outcomes = await asyncio.wait_for(asyncio.gather(a, b, c, return_exceptions=True), WAIT_S)
+        after = await asyncio.wait_for(batcher.score("d", [seq(12, token=8)]), WAIT_S)
+    finally:
+        engine.release()
+        await batcher.stop()
+    failed_batch = engine.calls[1]
+    assert {p.input_ids[1] for p in failed_batch} == {5, 6}
+    for outcome in outcomes[:2]:
+        assert isinstance(outcome, EngineError)
+        assert outcome.status_code == 500
+        assert "illegal memory access" in outcome.message
+    assert outcomes[2].logits.shape == (1, 1)  # type: ignore[union-attr]
+    assert after.logits.shape == (1, 1)
+    assert (REGISTRY.get_sample_value("te_batch_failure_total") or 0.0) == failures_before + 1
+
+
+async def test_stop_resolves_or_fails_everything(xlmr_engine) -> None:
+    engine = ControlledEngine(xlmr_engine, max_batch_size=2)
+    batcher = await started(engine)
+    engine.hold()
+    tasks = [asyncio.create_task(batcher.score(f"r{i}", [seq(10 + i)] * 3)) for i in range(5)]
+    await engine.wait_for_calls(1)
+    stopping = asyncio.create_task(batcher.stop())
+    await asyncio.sleep(0)
+    engine.release()
+    await asyncio.wait_for(stopping, WAIT_S)
+    done, pending = await asyncio.wait(tasks, timeout=WAIT_S)
+    assert not pending
+    outcomes = [t.exception() or t.result() for t in done]
+    assert all(isinstance(o, NotReadyError) or o.logits.shape == (3, 1) for o in outcomes)  # type: ignore[union-attr]
+    assert any(isinstance(o, NotReadyError) for o in outcomes)
+    with pytest.raises(NotReadyError):
+        await batcher.score("late", [seq(10)])
+    assert batcher.queue_size == 0
+
+
+async def test_small_request_not_stuck_behind_large_one(xlmr_engine) -> None:
+    engine = ControlledEngine(xlmr_engine, max_batch_size=4)
+    batcher = await started(engine)
+    engine.hold()
+    try:
+        large = asyncio.create_task(batcher.score("large", [seq(40, token=5)] * 100))  # 25 batches
+        await engine.wait_for_calls(1)
+        small = asyncio.create_task(batcher.score("small", [seq(40, token=7)]))
+        await asyncio.sleep(0)
+        engine.release()
+        await asyncio.wait_for(asyncio.gather(large, small), WAIT_S)
+    finally:
+        engine.release()
+        await batcher.stop()
+    # Batch 0 was running and batch 1 submitted when it arrived: the small request rides in
+    # the next batch formed, whatever the large request still has queued.
+    assert marked_by(engine, 7) == [2]
+    assert len(engine.calls) >= 25
+
+
+async def test_requests_share_batches_round_robin(xlmr_engine) -> None:
+    engine = ControlledEngine(xlmr_engine, max_batch_size=4)
+    batcher = await started(engine)
+    engine.hold()
+    try:
+        tasks = [asyncio.create_task(batcher.score(f"r{t}", [seq(20, token=t)] * 8)) for t in (5, 6)]
+        await engine.wait_for_calls(1)
+        engine.release()
+        await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
+    finally:
+        engine.release()
+        await batcher.stop()
+    # After the first batch, every batch holds pairs of both requests, two each.
+    for batch in engine.calls[1:-1]:
+        marks = [p.input_ids[1] for p in batch]
+        assert sorted(marks) == [5, 5, 6, 6]
+
+
+async def test_start_refuses_max_length_above_budget(xlmr_engine) -> None:
+    batcher = Batcher(xlmr_engine, max_batch_tokens=64)
+    with pytest.raises(ModelLoadError) as err:
+        await batcher.start()
+    assert str(err.value) == (
+        "model accepts up to 128 tokens per input but --max-batch-tokens is 64; "
+        "raise --max-batch-tokens to at least 128"
+    )
+    assert not batcher.running
+
+
+async def test_start_warms_up_at_full_budget(xlmr_engine) -> None:
+    engine = ControlledEngine(xlmr_engine, max_batch_tokens=512)
+    batcher = Batcher(engine, max_batch_tokens=1024)
+    assert batcher.max_batch_tokens == 512  # the engine's own cap wins
+    await batcher.start()
+    await batcher.stop()
+    assert engine.warmups == [512]
+
+
+async def test_metrics_updated(xlmr_engine) -> None:
+    def count(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    before = (count("te_batch_next_size_count"), count("te_batch_next_tokens_sum"))
+    batcher = await started(ControlledEngine(xlmr_engine))
+    try:
+        await asyncio.wait_for(batcher.score("a", [seq(10), seq(20)]), WAIT_S)
+    finally:
+        await batcher.stop()
+    assert count("te_batch_next_size_count") == before[0] + 1
+    assert count("te_batch_next_tokens_sum") == before[1] + 40  # padded: 20 x 2
+    assert REGISTRY.get_sample_value("te_queue_size") == 0
+
+
+async def test_empty_request(xlmr_engine) -> None:
+    batcher = await started(xlmr_engine)
+    try:
+        result = await batcher.score("empty", [])
+    finally:
+        await batcher.stop()
+    assert result.logits.shape == (0, 1)
+
+
+def test_errors_are_reranker_errors() -> None:
+    assert issubclass(EngineError, RerankerError) and issubclass(NotReadyError, RerankerError)
