@@ -1,0 +1,186 @@
+"""A thin, dict-in/dict-out wrapper over the official `kubernetes` client.
+
+Every kind the operator touches goes through one generic REST path (`Kind.path`), so the
+reconcile code reads like `kube.get(JOB, ns, name)` and never deals with the client's generated
+model classes. Authentication, TLS and proxies stay the client's job (`ApiClient`).
+
+Patches are JSON merge patches (RFC 7386) for every kind: lists (containers, env, ports) are
+replaced as a whole, which is what "make the child look like the builder's output" means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A namespaced resource: `api_version` as in manifests ("v1", "apps/v1"), and its plural."""
+
+    api_version: str
+    plural: str
+
+    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        path = f"{base}/namespaces/{namespace}/{self.plural}"
+        if name is not None:
+            path += f"/{name}"
+            if subresource is not None:
+                path += f"/{subresource}"
+        return path
+
+
+RERANKER = Kind("reranker.dev/v1alpha1", "rerankers")
+PVC = Kind("v1", "persistentvolumeclaims")
+POD = Kind("v1", "pods")
+SERVICE = Kind("v1", "services")
+EVENT = Kind("v1", "events")
+JOB = Kind("batch/v1", "jobs")
+DEPLOYMENT = Kind("apps/v1", "deployments")
+PDB = Kind("policy/v1", "poddisruptionbudgets")
+HPA = Kind("autoscaling/v2", "horizontalpodautoscalers")
+
+KIND_BY_NAME: dict[str, Kind] = {
+    "Reranker": RERANKER,
+    "PersistentVolumeClaim": PVC,
+    "Pod": POD,
+    "Service": SERVICE,
+    "Event": EVENT,
+    "Job": JOB,
+    "Deployment": DEPLOYMENT,
+    "PodDisruptionBudget": PDB,
+    "HorizontalPodAutoscaler": HPA,
+}
+
+
+def kind_of(obj: dict[str, Any]) -> Kind:
+    return KIND_BY_NAME[obj["kind"]]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: conflicts, throttling, server errors, and network failures."""
+    if isinstance(exc, ApiException):
+        return exc.status in (409, 429) or (exc.status or 0) >= 500 or exc.status == 0
+    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith("urllib3")
+
+
+def load_api_client(host: str | None = None) -> k8s_client.ApiClient:
+    """An ApiClient like kubectl's: `host` (tests), else in-cluster, else KUBECONFIG/~/.kube/config."""
+    if host is not None:
+        configuration = k8s_client.Configuration()
+        configuration.host = host
+        configuration.verify_ssl = False
+        return k8s_client.ApiClient(configuration)
+    configuration = k8s_client.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration)
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config(client_configuration=configuration)
+    return k8s_client.ApiClient(configuration)
+
+
+class Kube:
+    """get / list / create / patch / delete on namespaced objects, as plain dicts."""
+
+    def __init__(self, api_client: k8s_client.ApiClient, request_timeout: float = 30.0) -> None:
+        self.api = api_client
+        self.request_timeout = request_timeout
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> dict[str, Any]:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        method_, url, headers_, body_, post = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(method_, url, headers_, body_, post, _request_timeout=self.request_timeout)
+        response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException(http_resp=response)
+        return json.loads(response.data) if response.data else {}
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return self._request("GET", kind.path(namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, kind: Kind, namespace: str, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Objects in `namespace` carrying all `labels`."""
+        query = {}
+        if labels:
+            query["labelSelector"] = ",".join(f"{k}={v}" for k, v in labels.items())
+        items = self._request("GET", kind.path(namespace), query=query).get("items") or []
+        # Filter here too: cheap, and correct even where a server ignores the selector.
+        return [i for i in items if _has_labels(i, labels or {})]
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        return self._request("POST", kind_of(obj).path(meta["namespace"]), body=obj)
+
+    def create_if_absent(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """(the live object, created?). Never replaces an existing one: safe to repeat."""
+        meta = obj["metadata"]
+        existing = self.get(kind_of(obj), meta["namespace"], meta["name"])
+        if existing is not None:
+            return existing, False
+        try:
+            return self.create(obj), True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            # Lost a race with another reconcile (or a previous operator): theirs stands.
+            again = self.get(kind_of(obj), meta["namespace"], meta["name"])
+            if again is None:
+                raise
+            return again, False
+
+    def patch(
+        self, kind: Kind, namespace: str, name: str, patch: dict[str, Any], subresource: str | None = None
+    ) -> dict[str, Any]:
+        return self._request(
+            "PATCH", kind.path(namespace, name, subresource), body=patch, content_type=MERGE_PATCH
+        )
+
+    def delete(self, kind: Kind, namespace: str, name: str) -> bool:
+        """Delete in the background (dependents by the garbage collector); False if absent."""
+        try:
+            self._request(
+                "DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"}
+            )
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+
+def _has_labels(obj: dict[str, Any], labels: dict[str, str]) -> bool:
+    have = (obj.get("metadata") or {}).get("labels") or {}
+    return all(have.get(k) == v for k, v in labels.items())

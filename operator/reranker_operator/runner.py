@@ -1,0 +1,134 @@
+"""`reranker-operator run`: the kopf operator, with kubectl's kubeconfig resolution.
+
+Runs standalone (no kopf peering): deploy ONE replica (the chart does). Two replicas would both
+reconcile; that is safe (every step is idempotent and Job creation is create-if-absent) but
+wasteful, and kopf's peering would need its own CRDs and RBAC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import kopf
+
+from reranker_operator import builders, handlers, kube
+from reranker_operator.config import CONFIG_ENV, ConfigError, OperatorConfig, load_config
+from reranker_operator.reconcile import Reconciler
+
+NAMESPACES_ENV = "RERANKER_OPERATOR_NAMESPACES"
+PREFIX = "reranker.dev"  # kopf's own annotations: reranker.dev/last-handled-configuration, ...
+
+log = logging.getLogger(__name__)
+
+
+def operator_settings(
+    *,
+    server_timeout: float = 300,
+    client_timeout: float = 330,
+    request_timeout: float = 60,
+) -> kopf.OperatorSettings:
+    """kopf settings. Also used by the tests (with shorter timeouts)."""
+    settings = kopf.OperatorSettings()
+    # Without these, a silently dropped watch connection can hang forever.
+    settings.watching.server_timeout = server_timeout
+    settings.watching.client_timeout = client_timeout
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = request_timeout
+    # kopf's bookkeeping goes to annotations: the CRD's status schema would prune it from status,
+    # and the user's status is ours alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    # Kubernetes events for handler warnings/errors (our own events are posted by the reconciler).
+    settings.posting.enabled = True
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "reranker-operator"
+    settings.peering.standalone = True
+    # Only the operator's own children are watched (a server-side filter; handlers filter too).
+    managed = f"{builders.LABEL_MANAGED_BY}=reranker-operator"
+    settings.watching.label_selectors["batch", "v1", "jobs"] = managed
+    settings.watching.label_selectors["apps", "v1", "deployments"] = managed
+    return settings
+
+
+def make_registry(tuning: handlers.Tuning = handlers.Tuning()) -> kopf.OperatorRegistry:
+    """The operator's handlers plus kopf's login through the `kubernetes` client's resolution
+    (in-cluster service account, else $KUBECONFIG / ~/.kube/config), like kubectl."""
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    handlers.register(registry, tuning)
+    return registry
+
+
+def make_memo(api: kube.Kube, config: OperatorConfig) -> kopf.Memo:
+    return kopf.Memo(reconciler=Reconciler(api, config))
+
+
+def parse_namespaces(values: Sequence[str] | None) -> list[str]:
+    """--namespace may repeat and take comma lists; the env var is a comma list."""
+    raw = list(values or [])
+    if not raw and os.environ.get(NAMESPACES_ENV):
+        raw = [os.environ[NAMESPACES_ENV]]
+    return [ns.strip() for item in raw for ns in item.split(",") if ns.strip()]
+
+
+def add_run_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the operator (kubeconfig: in-cluster, else $KUBECONFIG or ~/.kube/config)",
+        description="Watch Reranker resources and reconcile their engines, Deployments and Services.",
+    )
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace", "-n", action="append", metavar="NS",
+        help=f"watch this namespace (repeatable, or comma-separated; env {NAMESPACES_ENV})",
+    )  # fmt: skip
+    scope.add_argument(
+        "--all-namespaces", "-A", action="store_true",
+        help="watch every namespace (the default when no namespace is given)",
+    )  # fmt: skip
+    parser.add_argument("--config", metavar="PATH", help=f"operator config YAML (env {CONFIG_ENV})")
+    parser.add_argument(
+        "--liveness-port", type=int, default=8080,
+        help="serve kopf's liveness probe on http://0.0.0.0:PORT/healthz (0: off)",
+    )  # fmt: skip
+    parser.add_argument("--log-format", choices=("json", "text"), default="json")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error(f"invalid operator config: {exc}")
+        return 2
+    namespaces = [] if args.all_namespaces else parse_namespaces(args.namespace)
+    api = kube.Kube(kube.load_api_client())
+    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    log.info(
+        "starting reranker-operator",
+        extra={"namespaces": namespaces or "all", "runtime_image": config.runtime_image},
+    )
+    asyncio.run(
+        kopf.operator(
+            registry=make_registry(),
+            settings=operator_settings(),
+            memo=make_memo(api, config),
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=liveness,
+        )
+    )
+    return 0

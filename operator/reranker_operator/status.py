@@ -1,0 +1,313 @@
+"""The Reranker's status, derived from what the reconcile observed: pure functions, no I/O.
+
+Conditions follow `metav1.Condition` (type, status, reason in CamelCase, message,
+lastTransitionTime, observedGeneration). `lastTransitionTime` only moves when a condition's
+status flips, so a status write that changes nothing is skipped entirely (`status_patch`).
+
+Meaning (docs/operator-lifecycle.md):
+- EngineReady: the engine for the *current* spec (its engine key) is built.
+- Available: the Deployment serves requests (any engine: an older one keeps serving while a new
+  one builds).
+- Ready = EngineReady and Available and the Deployment runs the current engine, rolled out.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any, Literal
+
+PHASES = ("Pending", "Building", "Deploying", "Ready", "Degraded", "Failed")
+Phase = Literal["Pending", "Building", "Deploying", "Ready", "Degraded", "Failed"]
+
+ENGINE_READY = "EngineReady"
+AVAILABLE = "Available"
+READY = "Ready"
+
+# Build state of the engine for the current key.
+EngineState = Literal["pending", "building", "built", "failed"]
+
+
+@dataclass(frozen=True)
+class DeploymentState:
+    """What the Deployment's status says (see `deployment_state`)."""
+
+    engine_key: str | None  # the engine it serves (its reranker.dev/engine-key annotation)
+    desired: int
+    replicas: int
+    ready_replicas: int
+    available: bool
+    rolled_out: bool  # no pods of an older template left, and the controller saw the last change
+    progress_failed: bool  # Progressing=False (ProgressDeadlineExceeded)
+    progress_message: str = ""
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the status is derived from, as gathered by one reconcile."""
+
+    name: str
+    namespace: str
+    generation: int | None
+    engine_key: str
+    job_name: str
+    image: str  # the runtime image the engine is built with
+    engine: EngineState
+    build_message: str = ""  # the failed build's termination message
+    deployment: DeploymentState | None = None
+    endpoint: str | None = None
+    selector: str | None = None
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def short(key: str | None) -> str:
+    return (key or "")[:10]
+
+
+def condition(
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+    previous: list[dict[str, Any]] | None,
+    now: str,
+) -> dict[str, Any]:
+    """A metav1.Condition; lastTransitionTime is kept from `previous` unless the status flips."""
+    status_str = "True" if status else "False"
+    transition = now
+    for old in previous or []:
+        if old.get("type") == type_ and old.get("status") == status_str and old.get("lastTransitionTime"):
+            transition = old["lastTransitionTime"]
+    cond: dict[str, Any] = {
+        "type": type_,
+        "status": status_str,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": transition,
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def get_condition(status: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for cond in (status or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+# --------------------------------------------------------------------------- children's state
+
+
+def job_state(job: dict[str, Any] | None) -> EngineState:
+    """pending (no pod yet), building, built (succeeded) or failed, from a Job's status."""
+    if job is None:
+        return "pending"
+    status = job.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
+            return "built"
+        if cond.get("type") in ("Failed", "FailureTarget"):
+            return "failed"
+    if (status.get("succeeded") or 0) >= 1:
+        return "built"
+    if (status.get("active") or 0) >= 1:
+        return "building"
+    return "pending"
+
+
+def job_failure_message(job: dict[str, Any]) -> str:
+    """The Job's own Failed condition text (e.g. backoff limit, deadline), as a fallback."""
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") in ("Failed", "FailureTarget") and cond.get("status") == "True":
+            parts = [p for p in (cond.get("reason"), cond.get("message")) if p]
+            return ": ".join(parts)
+    return ""
+
+
+def termination_message(pods: list[dict[str, Any]]) -> str:
+    """The newest terminated container message among a Job's pods (what `build` wrote)."""
+    found: list[tuple[str, str]] = []
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+                term = state.get("terminated") or {}
+                if term.get("message") and term.get("exitCode", 1) != 0:
+                    found.append((term.get("finishedAt") or "", term["message"].strip()))
+    if not found:
+        return ""
+    return max(found)[1]
+
+
+def deployment_state(deployment: dict[str, Any], engine_key_annotation: str) -> DeploymentState:
+    meta = deployment.get("metadata") or {}
+    spec = deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    desired = int(spec.get("replicas", 1))
+    replicas = int(status.get("replicas") or 0)
+    ready = int(status.get("readyReplicas") or 0)
+    available_replicas = int(status.get("availableReplicas") or 0)
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+
+    if "Available" in conditions:
+        available = conditions["Available"].get("status") == "True" and (available_replicas or ready) > 0
+    else:
+        available = (available_replicas or ready) > 0
+
+    progressing = conditions.get("Progressing") or {}
+    progress_failed = progressing.get("status") == "False"
+
+    # Rolled out: the controller saw the latest template, and only its pods remain.
+    generation, observed = meta.get("generation"), status.get("observedGeneration")
+    seen = generation is None or observed is None or observed >= generation
+    updated = status.get("updatedReplicas")
+    only_new = updated is None or int(updated) >= replicas
+    return DeploymentState(
+        engine_key=(meta.get("annotations") or {}).get(engine_key_annotation),
+        desired=desired,
+        replicas=replicas,
+        ready_replicas=ready,
+        available=available,
+        rolled_out=seen and only_new,
+        progress_failed=progress_failed,
+        progress_message=progressing.get("message") or "",
+    )
+
+
+# --------------------------------------------------------------------------- derivation
+
+
+def derive_status(observed: Observed, previous: dict[str, Any] | None, now: str | None = None) -> dict[str, Any]:
+    """The full status for `observed`; `previous` supplies unchanged lastTransitionTimes."""
+    now = now or now_iso()
+    prev_conditions = (previous or {}).get("conditions") or []
+    gen = observed.generation
+    key, job = observed.engine_key, observed.job_name
+    dep = observed.deployment
+    serving_key = dep.engine_key if dep is not None else None
+    available = dep is not None and dep.available
+    serving_old = available and serving_key is not None and serving_key != key
+    still_serving = f"; still serving engine {short(serving_key)}" if serving_old else ""
+
+    # EngineReady: the engine of the current spec.
+    if observed.engine == "built":
+        engine_cond = (True, "EngineBuilt", f"engine {short(key)} is built")
+    elif observed.engine == "failed":
+        detail = observed.build_message or "the build Job failed"
+        engine_cond = (False, "BuildFailed", f"Job {job} failed: {detail}")
+    elif observed.engine == "building":
+        engine_cond = (False, "Building", f"Job {job} is building engine {short(key)}")
+    else:
+        engine_cond = (False, "Building", f"Job {job} is waiting to start (engine {short(key)})")
+
+    # Available: anything serving.
+    if dep is None:
+        available_cond = (False, "NotDeployed", "no runtime Deployment yet (waiting for the engine)")
+    elif available:
+        available_cond = (True, "MinimumReplicasAvailable", f"{dep.ready_replicas}/{dep.desired} replicas ready")
+    elif dep.progress_failed:
+        available_cond = (False, "ProgressDeadlineExceeded", dep.progress_message or "the rollout is stuck")
+    else:
+        available_cond = (False, "ReplicasNotReady", f"{dep.ready_replicas}/{dep.desired} replicas ready")
+
+    rolled_to_current = dep is not None and serving_key == key and dep.rolled_out
+    ready = observed.engine == "built" and available and rolled_to_current
+
+    # Phase, Ready's reason and the message, from the most important fact down.
+    if observed.engine == "failed":
+        phase: Phase = "Degraded" if available else "Failed"
+        ready_cond = (False, "BuildFailed", engine_cond[2])
+        message = f"engine build failed: {observed.build_message or job}{still_serving}"
+    elif dep is not None and dep.progress_failed and (serving_key == key or not available):
+        phase = "Degraded" if available else "Failed"
+        ready_cond = (False, "ProgressDeadlineExceeded", dep.progress_message or "the rollout is stuck")
+        message = f"the rollout of engine {short(serving_key)} is stuck: {dep.progress_message}"
+    elif observed.engine in ("pending", "building"):
+        phase = "Building" if observed.engine == "building" else "Pending"
+        ready_cond = (False, "EngineBuilding", engine_cond[2])
+        message = engine_cond[2] + still_serving
+    elif ready:
+        phase = "Ready"
+        ready_cond = (True, "Ready", f"serving engine {short(key)} at {observed.endpoint}")
+        message = f"serving engine {short(key)}: {available_cond[2]}"
+    else:
+        phase = "Deploying"
+        if serving_key != key:
+            detail = f"rolling out engine {short(key)}"
+        elif not available:
+            detail = f"waiting for replicas ({available_cond[2]})"
+        else:
+            detail = f"rolling out ({available_cond[2]})"
+        ready_cond = (False, "Deploying", detail)
+        message = detail + still_serving
+
+    conditions = [
+        condition(ENGINE_READY, *engine_cond, gen, prev_conditions, now),
+        condition(AVAILABLE, *available_cond, gen, prev_conditions, now),
+        condition(READY, *ready_cond, gen, prev_conditions, now),
+    ]
+    status: dict[str, Any] = {
+        "phase": phase,
+        "message": message,
+        "conditions": conditions,
+        "engine": {"key": key, "shortKey": short(key), "jobName": job, "image": observed.image},
+        "replicas": dep.replicas if dep is not None else 0,
+        "readyReplicas": dep.ready_replicas if dep is not None else 0,
+    }
+    if serving_key:
+        status["engine"]["servingKey"] = serving_key
+    if gen is not None:
+        status["observedGeneration"] = gen
+    if observed.endpoint:
+        status["endpoint"] = observed.endpoint
+    if observed.selector:
+        status["selector"] = observed.selector
+    return status
+
+
+def invalid_spec_status(
+    field: str, message: str, generation: int | None, previous: dict[str, Any] | None, now: str | None = None
+) -> dict[str, Any]:
+    """Failed, naming the field. Children already running are left alone (see the docs)."""
+    now = now or now_iso()
+    prev = dict(previous or {})
+    prev_conditions = prev.get("conditions") or []
+    text = f"invalid spec: {field}: {message}"
+    conditions = [
+        c for c in prev_conditions if c.get("type") not in (READY,)  # keep what we knew of the children
+    ]
+    conditions.append(condition(READY, False, "InvalidSpec", text, generation, prev_conditions, now))
+    status: dict[str, Any] = {**prev, "phase": "Failed", "message": text, "conditions": conditions}
+    if generation is not None:
+        status["observedGeneration"] = generation
+    return status
+
+
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:
+    """A JSON merge patch turning `old` into `new` (None-valued keys delete); None if equal."""
+    old = old or {}
+    if old == new:
+        return None
+    return _merge_diff(old, new)
+
+
+def _merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            sub = _merge_diff(before, value)
+            if sub:
+                patch[key] = sub
+        elif before != value or key not in old:
+            patch[key] = value
+    return patch

@@ -1,0 +1,375 @@
+"""Whole operator flows: the real kopf operator against kmock's in-memory API server.
+
+The emulator runs no controllers, so each test plays them (kmock_env.Cluster): it marks Jobs
+running/succeeded/failed, creates the failed build pod with its termination message, reports
+Deployment replicas ready, and bumps metadata.generation on spec changes like the API server.
+Every wait is bounded polling (kmock_env.wait_for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from kmock_env import Cluster, OperatorRunner, declare_resources, wait_for
+from reranker_operator import builders
+from reranker_operator.config import OperatorConfig
+from reranker_operator.reconcile import ANNOTATION_BUILT
+from reranker_operator.spec import parse_spec
+
+NAME = "bge"
+SPEC: dict[str, Any] = {
+    "checkpoint": {"repo": "BAAI/bge-reranker-large", "revision": "main"},
+    "accelerator": {"type": "L4"},
+    "replicas": 1,
+}
+
+
+def spec(**changes: Any) -> dict[str, Any]:
+    out = copy.deepcopy(SPEC)
+    out.update(changes)
+    return out
+
+
+def key_of(spec_: dict[str, Any]) -> str:
+    return builders.engine_key_for(parse_spec({"spec": spec_}), OperatorConfig())
+
+
+def engine_dir(deployment: dict[str, Any]) -> str:
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    return next(e["value"] for e in env if e["name"] == "RERANKER_ENGINE_DIR")
+
+
+@pytest.fixture()
+async def cluster(kmock: Any) -> Cluster:
+    declare_resources(kmock)
+    return Cluster(kmock)
+
+
+@pytest.fixture()
+async def operator(kmock: Any, cluster: Cluster) -> AsyncIterator[OperatorRunner]:
+    op = OperatorRunner(str(kmock.url))
+    await op.start()
+    try:
+        yield op
+    finally:
+        await op.stop()
+
+
+def job_creations(kmock: Any) -> int:
+    return sum(1 for r in list(kmock) if r.method.value == "POST" and r.url.path.endswith("/jobs"))
+
+
+async def bring_to_ready(cluster: Cluster, name: str = NAME, spec_: dict[str, Any] = SPEC) -> str:
+    """create -> Job -> Job succeeded -> Deployment -> ready; returns the engine key."""
+    key = key_of(spec_)
+    job = builders.job_name(name, key)
+    await cluster.create_reranker(name, spec_)
+    await wait_for(lambda: cluster.get(cluster.JOB, job), f"Job {job}")
+    await cluster.job_succeeded(job)
+    await wait_for(lambda: cluster.get(cluster.DEPLOYMENT, name), "the Deployment")
+    await cluster.deployment_ready(name)
+    await wait_for(lambda: cluster.status(name).get("phase") == "Ready", "phase Ready")
+    return key
+
+
+# --------------------------------------------------------------------------- the happy path
+
+
+async def test_flows_create_build_deploy_ready(cluster: Cluster, operator: OperatorRunner, kmock: Any) -> None:
+    key = key_of(SPEC)
+    job_name = builders.job_name(NAME, key)
+    await cluster.create_reranker(NAME, SPEC)
+
+    # The cache PVC and the build Job; status says the engine is on its way.
+    job = await wait_for(lambda: cluster.get(cluster.JOB, job_name), "the build Job")
+    assert cluster.get(cluster.PVC, builders.cache_pvc_name(NAME)) is not None
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][-1] == f"/engines/{key}"
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Pending", "phase Pending")
+    assert cluster.condition(NAME, "EngineReady")["reason"] == "Building"
+    assert cluster.get(cluster.DEPLOYMENT, NAME) is None
+
+    await cluster.job_running(job_name)
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Building", "phase Building")
+
+    # Job succeeded: recorded on the cache, then the Deployment and Service.
+    await cluster.job_succeeded(job_name)
+    dep = await wait_for(lambda: cluster.get(cluster.DEPLOYMENT, NAME), "the Deployment")
+    assert engine_dir(dep) == f"/engines/{key}"
+    svc = await wait_for(lambda: cluster.get(cluster.SERVICE, NAME), "the Service")
+    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["ports"][0]["port"] == 8080
+    pvc = cluster.get(cluster.PVC, builders.cache_pvc_name(NAME))
+    assert key in pvc["metadata"]["annotations"][ANNOTATION_BUILT]
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Deploying", "phase Deploying")
+    assert cluster.condition(NAME, "Available")["status"] == "False"
+
+    # Replicas ready: Ready, with the endpoint and conditions at this generation.
+    await cluster.deployment_ready(NAME)
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Ready", "phase Ready")
+    status = cluster.status(NAME)
+    assert status["endpoint"] == f"http://{NAME}.ml.svc.cluster.local:8080"
+    assert status["observedGeneration"] == 1
+    assert status["engine"]["key"] == key and status["engine"]["jobName"] == job_name
+    assert status["engine"]["servingKey"] == key
+    assert status["replicas"] == 1 and status["readyReplicas"] == 1
+    assert status["selector"] == builders.selector_string(NAME)
+    for type_ in ("EngineReady", "Available", "Ready"):
+        cond = cluster.condition(NAME, type_)
+        assert cond["status"] == "True", cond
+        assert cond["observedGeneration"] == 1 and cond["lastTransitionTime"] and cond["reason"]
+
+    # One replica: no PDB; no autoscaling: no HPA. kopf kept its bookkeeping out of status.
+    assert cluster.get(cluster.PDB, NAME) is None and cluster.get(cluster.HPA, NAME) is None
+    assert set(status) <= {"phase", "message", "conditions", "engine", "replicas", "readyReplicas",
+                           "observedGeneration", "endpoint", "selector"}
+    assert job_creations(kmock) == 1
+    reasons = {e["reason"] for e in cluster.events()}
+    assert {"BuildStarted", "EngineBuilt", "Ready"} <= reasons
+
+
+async def test_flows_children_have_owner_references(cluster: Cluster, operator: OperatorRunner) -> None:
+    await bring_to_ready(cluster)
+    uid = cluster.get(cluster.RERANKER, NAME)["metadata"]["uid"]
+    key = key_of(SPEC)
+    for resource, child in (
+        (cluster.JOB, builders.job_name(NAME, key)),
+        (cluster.DEPLOYMENT, NAME),
+        (cluster.SERVICE, NAME),
+    ):
+        refs = cluster.get(resource, child)["metadata"]["ownerReferences"]
+        assert refs == [{"apiVersion": "reranker.dev/v1alpha1", "kind": "Reranker", "name": NAME,
+                         "uid": uid, "controller": True, "blockOwnerDeletion": True}], resource
+    # Retention Retain (the default): the cache outlives the Reranker.
+    pvc = cluster.get(cluster.PVC, builders.cache_pvc_name(NAME))
+    assert "ownerReferences" not in pvc["metadata"]
+
+
+# --------------------------------------------------------------------------- changes
+
+
+async def test_flows_engine_change_builds_new_engine_while_old_serves(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    old_key = await bring_to_ready(cluster)
+    old_dep = cluster.get(cluster.DEPLOYMENT, NAME)
+
+    new_spec = spec(checkpoint={"repo": "BAAI/bge-reranker-large", "revision": "v2"})
+    new_key = key_of(new_spec)
+    assert new_key != old_key
+    new_job = builders.job_name(NAME, new_key)
+    generation = await cluster.update_spec(NAME, {"checkpoint": {"revision": "v2"}})
+
+    # A new Job; the Deployment is untouched and keeps serving the old engine.
+    await wait_for(lambda: cluster.get(cluster.JOB, new_job), "the new engine's Job")
+    await wait_for(lambda: cluster.status(NAME).get("observedGeneration") == generation, "the new generation")
+    assert cluster.get(cluster.DEPLOYMENT, NAME) == old_dep
+    status = cluster.status(NAME)
+    assert status["phase"] in ("Pending", "Building")
+    assert status["engine"]["key"] == new_key and status["engine"]["servingKey"] == old_key
+    assert cluster.condition(NAME, "Available")["status"] == "True"
+    assert cluster.condition(NAME, "EngineReady")["reason"] == "Building"
+    assert cluster.condition(NAME, "Ready")["status"] == "False"
+    assert "still serving" in status["message"]
+
+    # The new engine is built: the Deployment rolls to it.
+    await cluster.job_succeeded(new_job)
+    await wait_for(
+        lambda: engine_dir(cluster.get(cluster.DEPLOYMENT, NAME)) == f"/engines/{new_key}", "the rollout"
+    )
+    await cluster.deployment_ready(NAME)
+    await wait_for(
+        lambda: cluster.status(NAME).get("engine", {}).get("servingKey") == new_key
+        and cluster.status(NAME).get("phase") == "Ready",
+        "Ready on the new engine",
+    )
+    assert cluster.condition(NAME, "Ready")["observedGeneration"] == generation
+    built = cluster.get(cluster.PVC, builders.cache_pvc_name(NAME))["metadata"]["annotations"][ANNOTATION_BUILT]
+    assert set(built.split(",")) == {old_key, new_key}
+
+
+async def test_flows_replicas_and_autoscaling_patch_the_deployment_without_a_job(
+    cluster: Cluster, operator: OperatorRunner, kmock: Any
+) -> None:
+    await bring_to_ready(cluster)
+    assert job_creations(kmock) == 1
+
+    await cluster.update_spec(NAME, {"replicas": 3, "resources": {"cpu": "2", "memory": "16Gi"}})
+    dep = await wait_for(
+        lambda: (d := cluster.get(cluster.DEPLOYMENT, NAME)) and d["spec"].get("replicas") == 3 and d,
+        "the Deployment patched to 3 replicas",
+    )
+    resources = dep["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "2", "memory": "16Gi"}
+    await wait_for(lambda: cluster.get(cluster.PDB, NAME), "a PDB for 3 replicas")
+    await cluster.deployment_ready(NAME, 3)
+    await wait_for(lambda: cluster.status(NAME).get("readyReplicas") == 3, "3 ready replicas in status")
+    assert cluster.status(NAME)["phase"] == "Ready"
+
+    # Autoscaling instead of replicas: an HPA (the Deployment's replicas are the HPA's from now).
+    await cluster.update_spec(NAME, {"replicas": None, "autoscaling": {"minReplicas": 2, "maxReplicas": 4}})
+    hpa = await wait_for(lambda: cluster.get(cluster.HPA, NAME), "the HPA")
+    assert hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["maxReplicas"] == 4
+
+    # Back to one replica: the HPA and the PDB go.
+    await cluster.update_spec(NAME, {"replicas": 1, "autoscaling": None})
+    await wait_for(
+        lambda: cluster.get(cluster.HPA, NAME) is None and cluster.get(cluster.PDB, NAME) is None,
+        "HPA and PDB removed",
+    )
+    assert cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["replicas"] == 1
+    assert job_creations(kmock) == 1  # none of that rebuilt the engine
+
+
+# --------------------------------------------------------------------------- failures
+
+
+async def test_flows_failed_build_is_failed_with_the_termination_message(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    job = builders.job_name(NAME, key_of(SPEC))
+    await cluster.create_reranker(NAME, SPEC)
+    await wait_for(lambda: cluster.get(cluster.JOB, job), "the build Job")
+    await cluster.job_failed(job, "checkpoint BAAI/bge-reranker-large@main: 401 Unauthorized (set checkpoint.secretName)")
+
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Failed", "phase Failed")
+    engine = cluster.condition(NAME, "EngineReady")
+    assert engine["status"] == "False" and engine["reason"] == "BuildFailed"
+    assert "401 Unauthorized" in engine["message"]
+    assert cluster.condition(NAME, "Ready")["reason"] == "BuildFailed"
+    assert cluster.condition(NAME, "Available")["status"] == "False"
+    assert "401 Unauthorized" in cluster.status(NAME)["message"]
+    events = await wait_for(lambda: cluster.events("BuildFailed"), "a BuildFailed event")
+    assert events[0]["type"] == "Warning" and "401 Unauthorized" in events[0]["message"]
+    assert events[0]["involvedObject"]["name"] == NAME
+    assert cluster.get(cluster.DEPLOYMENT, NAME) is None
+    assert len(cluster.events("BuildFailed")) == 1  # not re-posted by later reconciles
+
+
+async def test_flows_failed_new_engine_while_old_serves_is_degraded(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    old_key = await bring_to_ready(cluster)
+    old_dep = cluster.get(cluster.DEPLOYMENT, NAME)
+    new_job = builders.job_name(NAME, key_of(spec(build={"maxNumTokens": 8192})))
+    await cluster.update_spec(NAME, {"build": {"maxNumTokens": 8192}})
+    await wait_for(lambda: cluster.get(cluster.JOB, new_job), "the new engine's Job")
+
+    await cluster.job_failed(new_job, "out of GPU memory building max_num_tokens=8192")
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Degraded", "phase Degraded")
+    assert cluster.condition(NAME, "EngineReady")["reason"] == "BuildFailed"
+    assert "out of GPU memory" in cluster.condition(NAME, "EngineReady")["message"]
+    assert cluster.condition(NAME, "Available")["status"] == "True"
+    assert cluster.condition(NAME, "Ready")["status"] == "False"
+    assert cluster.status(NAME)["engine"]["servingKey"] == old_key
+    assert cluster.get(cluster.DEPLOYMENT, NAME) == old_dep  # untouched, still serving
+    await wait_for(lambda: cluster.events("BuildFailed"), "a BuildFailed event")
+
+
+async def test_flows_invalid_spec_fails_naming_the_field(
+    cluster: Cluster, operator: OperatorRunner, kmock: Any
+) -> None:
+    # The CRD's CEL rule refuses fp8 on T4; the emulator has no CEL, like an old CRD would not.
+    bad = spec(accelerator={"type": "T4"}, build={"quantization": "fp8"})
+    await cluster.create_reranker(NAME, bad)
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Failed", "phase Failed")
+    ready = cluster.condition(NAME, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert "spec.build.quantization" in ready["message"]
+    assert cluster.status(NAME)["observedGeneration"] == 1
+    assert cluster.get(cluster.PVC, builders.cache_pvc_name(NAME)) is None
+    assert job_creations(kmock) == 0
+    await wait_for(lambda: cluster.events("InvalidSpec"), "an InvalidSpec event")
+
+    # A PermanentError: kopf marks the spec as handled (its diff-base annotation, not status) and
+    # stops retrying. (The emulator assigns no resourceVersions, so kopf may run the handler a
+    # couple of times before its own patch is seen: each run is idempotent and posts nothing new.)
+    def handled() -> bool:
+        annotations = cluster.get(cluster.RERANKER, NAME)["metadata"].get("annotations") or {}
+        return "fp8" in annotations.get("reranker.dev/last-handled-configuration", "")
+
+    await wait_for(handled, "kopf to record the spec as handled")
+    assert "kopf" not in cluster.status(NAME)
+
+    def reranker_reads() -> int:
+        return sum(1 for r in list(kmock) if r.method.value == "GET" and r.url.path.endswith(f"/rerankers/{NAME}"))
+
+    # A negative check needs a window: 1.5s is 7x the tests' retry backoff (0.2s, 5 retries),
+    # so retrying would show as 6+ reads.
+    await asyncio.sleep(1.5)
+    assert reranker_reads() <= 3, "the operator kept retrying an invalid spec"
+    assert len(cluster.events("InvalidSpec")) == 1
+
+    # Fixing the spec recovers.
+    await cluster.update_spec(NAME, {"build": {"quantization": "no_quant"}})
+    await wait_for(lambda: cluster.list(cluster.JOB), "a Job after the fix")
+    await wait_for(lambda: cluster.status(NAME).get("phase") in ("Pending", "Building"), "building")
+
+
+# --------------------------------------------------------------------------- restarts and deletion
+
+
+async def test_flows_operator_restart_mid_build_does_not_duplicate_the_job(
+    cluster: Cluster, kmock: Any
+) -> None:
+    job = builders.job_name(NAME, key_of(SPEC))
+    first = OperatorRunner(str(kmock.url))
+    await first.start()
+    try:
+        await cluster.create_reranker(NAME, SPEC)
+        await wait_for(lambda: cluster.get(cluster.JOB, job), "the build Job")
+        await cluster.job_running(job)
+        await wait_for(lambda: cluster.status(NAME).get("phase") == "Building", "phase Building")
+    finally:
+        await first.stop()
+
+    second = OperatorRunner(str(kmock.url))
+    await second.start()
+    try:
+        # The new operator resumes the Reranker (kopf's on.resume) and sees the running Job.
+        await wait_for(lambda: second.reconciler._locks, "the new operator to reconcile")
+        assert job_creations(kmock) == 1
+        await cluster.job_succeeded(job)
+        await wait_for(lambda: cluster.get(cluster.DEPLOYMENT, NAME), "the Deployment")
+        await cluster.deployment_ready(NAME)
+        await wait_for(lambda: cluster.status(NAME).get("phase") == "Ready", "phase Ready")
+        assert job_creations(kmock) == 1
+        assert len(cluster.list(cluster.JOB)) == 1
+    finally:
+        await second.stop()
+
+
+async def test_flows_deletion_and_recreation_reuses_the_retained_cache(
+    cluster: Cluster, operator: OperatorRunner, kmock: Any
+) -> None:
+    key = await bring_to_ready(cluster)
+    await cluster.delete(cluster.RERANKER, NAME)
+    # No finalizers: the API server deletes it at once (nothing for the operator to block on).
+    await wait_for(lambda: cluster.get(cluster.RERANKER, NAME) is None, "the Reranker gone")
+
+    # A child's event after the owner is gone is a no-op, not a crash or a re-creation.
+    await cluster.deployment_ready(NAME, 1)
+    # Play the garbage collector: owned children go, the retained cache stays.
+    for resource, child in ((cluster.DEPLOYMENT, NAME), (cluster.SERVICE, NAME),
+                            (cluster.JOB, builders.job_name(NAME, key))):
+        await cluster.delete(resource, child)
+    assert cluster.get(cluster.PVC, builders.cache_pvc_name(NAME)) is not None
+
+    # Re-created with the same spec: the engine is known built, no new Job.
+    await cluster.create_reranker(NAME, SPEC)
+    dep = await wait_for(lambda: cluster.get(cluster.DEPLOYMENT, NAME), "the Deployment")
+    assert engine_dir(dep) == f"/engines/{key}"
+    assert job_creations(kmock) == 1
+    await cluster.deployment_ready(NAME)
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Ready", "phase Ready")
+
+
+async def test_flows_cache_retention_delete_owns_the_pvc(cluster: Cluster, operator: OperatorRunner) -> None:
+    await cluster.create_reranker(NAME, spec(engineCache={"retention": "Delete"}))
+    pvc = await wait_for(lambda: cluster.get(cluster.PVC, builders.cache_pvc_name(NAME)), "the cache PVC")
+    uid = cluster.get(cluster.RERANKER, NAME)["metadata"]["uid"]
+    assert [r["uid"] for r in pvc["metadata"]["ownerReferences"]] == [uid]
