@@ -59,3 +59,59 @@ def run_build_cli(args: list[str], *, env_extra: dict[str, str] | None = None, t
     env.update({"RERANKER_LOG_FORMAT": "text", "HF_HUB_OFFLINE": "1"})
     env.update(env_extra or {})
     return subprocess.run(build_cli_cmd() + args, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO_ROOT)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`reranker-runtime serve` as a subprocess, configured through RERANKER_* variables."""
+
+    def __init__(self, env_extra: dict[str, str], timeout: float = 180) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, RERANKER_PORT=str(self.port), RERANKER_HOST="127.0.0.1", RERANKER_LOG_FORMAT="text", HF_HUB_OFFLINE="1")
+        env.update(env_extra)
+        self.timeout = timeout
+        self.proc = subprocess.Popen(
+            build_cli_cmd()[:-1] + ["serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT
+        )
+
+    def __enter__(self) -> "ServeProcess":
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__()
+                raise AssertionError("serve did not become healthy in time")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def rerank_raw(self, query: str, texts: list[str]) -> list[float]:
+        import httpx
+
+        r = httpx.post(f"{self.base}/rerank", json={"query": query, "texts": texts, "raw_scores": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = {item["index"]: item["score"] for item in r.json()}
+        return [got[i] for i in range(len(texts))]

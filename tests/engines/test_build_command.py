@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-from engines.helpers import A10G, L4, REPO_ROOT, build_cli_cmd, inputs, mutate_checkpoint, run_build_cli
+from engines.helpers import A10G, L4, REPO_ROOT, ServeProcess, inputs, mutate_checkpoint, run_build_cli
 
 from reranker_runtime.build import atomic, command, trtllm
 from reranker_runtime.build.errors import CheckpointInvalidError, GpuMismatchError, OutputConflictError
@@ -296,46 +294,14 @@ def test_trtllm_missing_is_a_clear_build_error(xlmr_reranker: Path, tmp_path: Pa
 # --------------------------------------------------------------- serve --engine-dir over HTTP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_engine_dir_over_http(xlmr_reranker: Path, tmp_path: Path) -> None:
     from tiny_models import reference_logits
 
     out = tmp_path / "key"
     assert run_build_cli(_cli_args(xlmr_reranker, out)).returncode == 0
-    port = _free_port()
-    env = dict(os.environ, RERANKER_ENGINE_DIR=str(out), RERANKER_PORT=str(port), RERANKER_HOST="127.0.0.1",
-               RERANKER_DEVICE="cpu", RERANKER_MAX_BATCH_TOKENS="1024", RERANKER_LOG_FORMAT="text", HF_HUB_OFFLINE="1")
-    cmd = build_cli_cmd()[:-1] + ["serve"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited {proc.returncode}: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("serve did not become healthy")
-            time.sleep(0.5)
-        query = PAIRS[0][0]
-        texts = [d for _, d in PAIRS]
-        r = httpx.post(f"{base}/rerank", json={"query": query, "texts": texts, "raw_scores": True}, timeout=30)
-        assert r.status_code == 200, r.text
-        ref = reference_logits(xlmr_reranker, [(query, t) for t in texts])
-        got = {item["index"]: item["score"] for item in r.json()}
-        np.testing.assert_allclose([got[i] for i in range(len(texts))], [x[0] for x in ref], atol=1e-5)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    env = {"RERANKER_ENGINE_DIR": str(out), "RERANKER_DEVICE": "cpu", "RERANKER_MAX_BATCH_TOKENS": "1024"}
+    query, texts = PAIRS[0][0], [d for _, d in PAIRS]
+    with ServeProcess(env) as server:
+        got = server.rerank_raw(query, texts)
+    ref = reference_logits(xlmr_reranker, [(query, t) for t in texts])
+    np.testing.assert_allclose(got, [x[0] for x in ref], atol=1e-5)
