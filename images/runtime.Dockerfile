@@ -1,0 +1,51 @@
+# The reranker runtime image: ghcr.io/reranker-dev/reranker-runtime:<version> (`serve` and `build`).
+# Build from the repository root (the operator's default runtime image is ...:0.1.0):
+#   docker build -f images/runtime.Dockerfile -t ghcr.io/reranker-dev/reranker-runtime:0.1.0 .
+# The context is trimmed by images/runtime.Dockerfile.dockerignore (BuildKit).
+#
+# Base: NVIDIA's TensorRT-LLM release image (CUDA, TensorRT, tensorrt_llm and the torch they were
+# built with). An engine is tied to the TensorRT(-LLM) version that built it, and the build Job and
+# the serving pods both run this image, so bumping the tag means rebuilding engines (the operator
+# keys its cache by the runtime image).
+ARG TRTLLM_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:1.2.1
+FROM ${TRTLLM_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+COPY pyproject.toml README.md /src/
+COPY operator/ /src/operator/
+COPY runtime/ /src/runtime/
+
+# The `runtime` extra pins the CPU CI's torch; the image's CUDA torch must stay. So: the package
+# without dependencies, then the extra's other requirements, constrained to the versions the image
+# already has (pip fails the build rather than replace torch, TensorRT or TensorRT-LLM's pins).
+# Object-store sources need boto3 / google-cloud-storage / azure-storage-blob (or their CLIs):
+# add them here if you use S3, GCS or AZURE checkpoints.
+RUN pip list --format=freeze \
+      | grep -iE '^(torch|tensorrt|tensorrt[-_]llm|numpy|transformers|tokenizers|safetensors|huggingface[-_]hub|pydantic|fastapi|uvicorn)==' \
+      > /tmp/image-pins.txt \
+ && pip install --no-deps /src \
+ && pip install -c /tmp/image-pins.txt \
+      "transformers>=4.45" "tokenizers>=0.19" "safetensors>=0.4" "huggingface_hub>=0.23" \
+      "fastapi>=0.110" "uvicorn>=0.29" "pydantic>=2.6" "prometheus-client>=0.20" \
+      "httpx>=0.27" "numpy>=1.26" "pyyaml>=6" \
+ && reranker-runtime build --help > /dev/null \
+ && rm -rf /src /tmp/image-pins.txt \
+ && groupadd --gid 10001 reranker \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin reranker
+
+# Read-only root filesystem in the pods: everything writable lives under /tmp (an emptyDir).
+# The build Job overrides HF_HOME to the engine-cache volume.
+ENV HOME=/tmp \
+    HF_HOME=/tmp/hf-home \
+    RERANKER_LOG_FORMAT=json
+
+# Numeric user, so the kubelet can verify runAsNonRoot.
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8080
+ENTRYPOINT ["reranker-runtime"]
+CMD ["serve"]
