@@ -211,12 +211,24 @@ def run_serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"reranker-runtime serve: error: {exc}", file=sys.stderr)
         return 2
+    # Cheap checks first, so an obvious mistake fails in milliseconds, before torch is imported.
     if settings.engine_dir and not os.path.isdir(settings.engine_dir):
         print(f"reranker-runtime serve: error: --engine-dir {settings.engine_dir!r} is not a directory",
               file=sys.stderr)
         return 1
+    if not settings.engine_dir and settings.model and _looks_like_path(settings.model) and not os.path.exists(
+        os.path.expanduser(settings.model)
+    ):
+        print(f"reranker-runtime serve: error: --model {settings.model!r} does not exist (a local path; "
+              "hub ids look like 'org/name')", file=sys.stderr)
+        return 1
     setup_logging(settings.log_format, settings.log_level)
     return serve(settings)
+
+
+def _looks_like_path(model: str) -> bool:
+    # Hub ids never start with these; anything else may be a hub id and is left to the loader.
+    return model.startswith(("/", "./", "../", "~"))
 
 
 def serve(settings: ServeSettings) -> int:
