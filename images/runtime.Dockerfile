@@ -24,9 +24,10 @@ COPY runtime/ /src/runtime/
 # already has (pip fails the build rather than replace torch, TensorRT or TensorRT-LLM's pins).
 # Object-store sources need boto3 / google-cloud-storage / azure-storage-blob (or their CLIs):
 # add them here if you use S3, GCS or AZURE checkpoints.
-RUN pip list --format=freeze \
+RUN (pip list --format=freeze \
       | grep -iE '^(torch|tensorrt|tensorrt[-_]llm|numpy|transformers|tokenizers|safetensors|huggingface[-_]hub|pydantic|fastapi|uvicorn)==' \
-      > /tmp/image-pins.txt \
+      || true) > /tmp/image-pins.txt \
+ && grep -qi '^torch==' /tmp/image-pins.txt \
  && pip install --no-deps /src \
  && pip install -c /tmp/image-pins.txt \
       "transformers>=4.45" "tokenizers>=0.19" "safetensors>=0.4" "huggingface_hub>=0.23" \

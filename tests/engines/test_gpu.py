@@ -94,3 +94,16 @@ def test_serving_sets_offline_and_reports_bad_dirs(tmp_path: Path, monkeypatch: 
     import os
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_serving_refuses_an_engine_from_another_tensorrt_llm(tmp_path: Path) -> None:
+    from reranker_runtime.build.engine_dir import check_serving_versions
+    from reranker_runtime.build.manifest import read_manifest
+
+    d = _trt_dir(tmp_path)
+    m = read_manifest(d)
+    m = Manifest(**{**m.__dict__, "versions": {"tensorrt_llm": "1.2.1", "tensorrt": "10.13.0"}})
+    check_serving_versions(m, {"tensorrt_llm": "1.2.1", "tensorrt": "10.13.0"}, d)
+    check_serving_versions(m, {}, d)  # unknown here: left to deserialization
+    with pytest.raises(ModelLoadError, match="built with tensorrt_llm 1.2.1, but this image has tensorrt_llm 1.3.0"):
+        check_serving_versions(m, {"tensorrt_llm": "1.3.0"}, d)

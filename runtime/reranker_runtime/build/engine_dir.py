@@ -46,6 +46,18 @@ def check_serving_gpu(manifest: Manifest, current: GpuInfo | None, engine_dir: s
         )
 
 
+def check_serving_versions(manifest: Manifest, installed: dict[str, str], engine_dir: str | Path) -> None:
+    """A TensorRT plan only deserializes with the TensorRT (and TRT-LLM plugins) that built it."""
+    for dist in ("tensorrt_llm", "tensorrt"):
+        built, here = manifest.versions.get(dist), installed.get(dist)
+        if built and here and built != here:
+            raise ModelLoadError(
+                f"{engine_dir} was built with {dist} {built}, but this image has {dist} {here}; "
+                "engines only load with the TensorRT/TensorRT-LLM version that built them. Rebuild the "
+                "engine with this image (`reranker-runtime build`), or serve with the image that built it."
+            )
+
+
 def load_engine_from_dir(
     path: str,
     settings: ServeSettings,
@@ -73,6 +85,9 @@ def load_engine_from_dir(
         return TorchEngine.load(str(ckpt), None, settings.device, settings.dtype)
 
     check_serving_gpu(manifest, gpu_detector(), directory)
+    from reranker_runtime.build.trtllm import trtllm_versions
+
+    check_serving_versions(manifest, trtllm_versions(), directory)
     from reranker_runtime.engines.trtllm_engine import TrtLlmEngine
 
     device = settings.device if settings.device.startswith("cuda") else "cuda"

@@ -9,7 +9,7 @@ Written against TensorRT-LLM's own source (the TensorRT "engine" workflow, not i
   input_lengths [batch] and max_input_length [max_len] over the profile
   batch [1..B] x length [1..L] x num_tokens [1..B*L]; the output is `logits` (logits_dtype
   float32, tensorrt_llm/models/bert/config.py). It ignores BuildConfig.max_num_tokens.
-- tensorrt_llm/builder.py: `build(model, BuildConfig) -> Engine`, `BuildConfig(max_input_len,
+- tensorrt_llm/builder.py: `build(model, build_config) -> Engine`, `BuildConfig(max_input_len,
   max_seq_len, max_batch_size, plugin_config, output_timing_cache, ...)`, `Engine.save(dir)`
   (writes config.json + rank0.engine).
 - tensorrt_llm/plugin/plugin.py: `PluginConfig` fields bert_attention_plugin, remove_input_padding,
@@ -128,10 +128,13 @@ def trtllm_versions() -> dict[str, str]:
 def build_engine(checkpoint_dir: Path, engine_dir: Path, spec: ModelSpec, profile: Profile, scratch: Path) -> dict[str, str]:
     """Convert the HF checkpoint and build a float16 engine into engine_dir; returns versions."""
     try:
+        # Concrete modules rather than the package's re-exports: recent tensorrt_llm/__init__.py
+        # loads its public surface lazily and no longer re-exports `build`/`BuildConfig`.
         import tensorrt_llm
-        from tensorrt_llm import BuildConfig
-        from tensorrt_llm.models import BertForSequenceClassification, RobertaForSequenceClassification
-        from tensorrt_llm.plugin import PluginConfig
+        from tensorrt_llm.builder import BuildConfig
+        from tensorrt_llm.builder import build as trtllm_build
+        from tensorrt_llm.models.bert.model import BertForSequenceClassification, RobertaForSequenceClassification
+        from tensorrt_llm.plugin.plugin import PluginConfig
     except ImportError as e:
         raise EngineBuildError(
             "tensorrt_llm is not importable in this image, so a TensorRT-LLM engine cannot be built "
@@ -171,7 +174,7 @@ def build_engine(checkpoint_dir: Path, engine_dir: Path, spec: ModelSpec, profil
             profile.max_num_tokens,
             ENGINE_DTYPE,
         )
-        engine = tensorrt_llm.build(model, build_config)
+        engine = trtllm_build(model, build_config)  # builder.build(model, build_config) -> Engine
         engine.save(str(engine_dir))
     except (CheckpointInvalidError, EngineBuildError):
         raise
