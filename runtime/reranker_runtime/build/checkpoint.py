@@ -32,7 +32,6 @@ import re
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -585,7 +584,3 @@ def copy_checkpoint(src: Path, dst: Path) -> list[str]:
             shutil.copy2(p, dst / p.name)  # copy2 follows symlinks: blobs, not links, land here
             copied.append(p.name)
     return copied
-
-
-def hf_scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="reranker-fetch-"))
