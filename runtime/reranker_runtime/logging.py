@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -20,7 +21,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 ACCESS_LOGGER = "reranker_runtime.access"
 
 # Attributes every LogRecord has; anything else passed through `extra=` is a structured field.
-_RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+_RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's ANSI-coloured copy of the message
+}
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -83,6 +89,10 @@ def setup_logging(log_format: str = "json", level: str = "info") -> None:
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
+    if log_format == "json":
+        # Download/loading progress bars would interleave raw text with the JSON lines. Read by
+        # huggingface_hub and transformers at import, which happens later (model load).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Third-party chatter at info level is noise in a server log.
     for name in ("httpx", "httpcore", "filelock", "urllib3"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

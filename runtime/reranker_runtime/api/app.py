@@ -213,7 +213,7 @@ class AccessMiddleware:
             route = path if path in self.routes else "other"
             metrics.REQUEST_COUNT.labels(method=route, status=str(status)).inc()
             metrics.REQUEST_DURATION.labels(method=route).observe(duration)
-            level = logging.DEBUG if path in _QUIET_PATHS and status < 400 else logging.INFO
+            level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
             if access_log.isEnabledFor(level):
                 client = scope.get("client")
                 access_log.log(
