@@ -90,9 +90,9 @@ def default_accelerators() -> dict[str, AcceleratorPlacement]:
 def default_pod_security_context() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
-        "runAsUser": 1000,
-        "runAsGroup": 1000,
-        "fsGroup": 1000,  # the engine cache must be writable by the build Job's user
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,  # the engine cache must be writable by the build Job's user
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 

@@ -1,0 +1,180 @@
+"""The operator <-> runtime contract, end to end on CPU, with no cluster.
+
+The operator speaks to the runtime only through container commands and environment variables.
+This test takes the engine Job and the Deployment that the operator renders for a `CPU` Reranker
+pointing at a tiny local checkpoint, runs their containers' command, args and environment as
+local processes (a temporary directory stands in for the engine-cache volume at /engines, a free
+port for the container port, as a kubelet's port mapping would), follows the probes the
+Deployment declares, and calls the resulting server's /rerank. A flag or variable renamed on
+either side breaks it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tiny_models import reference_logits
+
+from reranker_operator.config import OperatorConfig
+from reranker_operator.render import render_reranker
+
+CACHE_MOUNT = "/engines"
+TMP_MOUNT = "/tmp"
+# The checkpoint is a local directory as the build sees it (in a cluster: a volume or the hub).
+MODELS_MOUNT = "/models"
+
+
+def _reranker(checkpoint: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "reranker.dev/v1alpha1",
+        "kind": "Reranker",
+        "metadata": {"name": "contract", "namespace": "default"},
+        "spec": {
+            "checkpoint": {"repo": checkpoint},
+            "build": {"maxNumTokens": 2048},
+            "accelerator": {"type": "CPU"},
+            "replicas": 1,
+            "runtime": {"maxConcurrentRequests": 16, "maxClientBatchSize": 64},
+        },
+    }
+
+
+def _child(children: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    [obj] = [c for c in children if c["kind"] == kind]
+    return obj
+
+
+def _container(workload: dict[str, Any]) -> dict[str, Any]:
+    [container] = workload["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _mount_path(container: dict[str, Any], pod_spec: dict[str, Any], volume_kind: str) -> str:
+    """Where the container mounts the pod volume of the given kind (persistentVolumeClaim, emptyDir)."""
+    names = {v["name"] for v in pod_spec["volumes"] if volume_kind in v}
+    [path] = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in names]
+    return path
+
+
+class LocalPod:
+    """Runs one container spec as a local process, volumes mapped onto local directories."""
+
+    def __init__(self, container: dict[str, Any], mounts: dict[str, Path], log: Path) -> None:
+        self.mounts = mounts
+        env = {e["name"]: self._local(e["value"]) for e in container.get("env", []) if "value" in e}
+        assert all("value" in e for e in container.get("env", [])), "secret refs need a cluster"
+        # The runtime image puts `reranker-runtime` on PATH; here it is this interpreter's venv.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {"PATH": path, "LANG": "C.UTF-8", **env}
+        self.argv = [self._local(a) for a in container["command"] + container.get("args", [])]
+        self.log = log
+
+    def _local(self, value: str) -> str:
+        """A container path under a mount, as its local path (one substitution, longest mount first)."""
+        for mount in sorted(self.mounts, key=len, reverse=True):
+            if value == mount or value.startswith(mount + "/"):
+                return str(self.mounts[mount]) + value[len(mount) :]
+        return value
+
+    def run(self, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def start(self, **env_overrides: str) -> subprocess.Popen[str]:
+        with self.log.open("w") as out:
+            return subprocess.Popen(
+                self.argv, env={**self.env, **env_overrides}, stdout=out, stderr=subprocess.STDOUT, text=True
+            )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_probe(proc: subprocess.Popen[str], url: str, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"runtime pod exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"startup probe {url} never succeeded:\n{log.read_text()}")
+
+
+def test_rendered_job_and_deployment_serve_reference_scores(xlmr_reranker: Path, tmp_path: Path) -> None:
+    children = render_reranker(_reranker(f"{MODELS_MOUNT}/{xlmr_reranker.name}"), OperatorConfig())
+    job, deployment = _child(children, "Job"), _child(children, "Deployment")
+    job_container, serve_container = _container(job), _container(deployment)
+
+    # The engine cache is one volume shared by the Job (writer) and the runtime pods (readers).
+    cache, pod_tmp = tmp_path / "engine-cache", tmp_path / "pod-tmp"
+    cache.mkdir()
+    pod_tmp.mkdir()
+    job_pod = job["spec"]["template"]["spec"]
+    serve_pod = deployment["spec"]["template"]["spec"]
+    assert _mount_path(job_container, job_pod, "persistentVolumeClaim") == CACHE_MOUNT
+    assert _mount_path(serve_container, serve_pod, "persistentVolumeClaim") == CACHE_MOUNT
+    mounts = {CACHE_MOUNT: cache, TMP_MOUNT: pod_tmp, MODELS_MOUNT: xlmr_reranker.parent}
+
+    # 1. The engine-preparation Job.
+    build = LocalPod(job_container, mounts, tmp_path / "build.log").run(timeout=300)
+    assert build.returncode == 0, f"build failed:\n{build.stdout}\n{build.stderr}"
+    [engine_dir] = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert (engine_dir / "manifest.json").is_file()
+    assert job["metadata"]["annotations"]["reranker.dev/engine-key"] == engine_dir.name
+
+    # Running the Job again (a retried pod) is a no-op on a complete engine.
+    again = LocalPod(job_container, mounts, tmp_path / "build2.log").run(timeout=120)
+    assert again.returncode == 0, again.stderr
+
+    # 2. The runtime Deployment's pod, reached through its declared port and probes.
+    [port] = serve_container["ports"]
+    assert {e["name"]: e.get("value") for e in serve_container["env"]}["RERANKER_PORT"] == str(
+        port["containerPort"]
+    )
+    local_port = _free_port()
+    pod = LocalPod(serve_container, mounts, tmp_path / "serve.log")
+    proc = pod.start(RERANKER_PORT=str(local_port), RERANKER_HOST="127.0.0.1")
+    base = f"http://127.0.0.1:{local_port}"
+    try:
+        _wait_for_probe(proc, base + serve_container["startupProbe"]["httpGet"]["path"], pod.log)
+        assert httpx.get(base + serve_container["readinessProbe"]["httpGet"]["path"]).status_code == 200
+        assert httpx.get(base + serve_container["livenessProbe"]["httpGet"]["path"]).status_code == 200
+
+        query = "what is the capital of france"
+        texts = ["paris is the capital city of france", "deep learning model inference", "apple banana"]
+        r = httpx.post(f"{base}/rerank", json={"query": query, "texts": texts}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = {item["index"]: item["score"] for item in r.json()}
+        want = [1 / (1 + math.exp(-row[0])) for row in reference_logits(xlmr_reranker, [(query, t) for t in texts])]
+        for i, w in enumerate(want):
+            assert got[i] == pytest.approx(w, abs=1e-5)
+
+        # The runtime limits the operator configured arrived.
+        info = httpx.get(f"{base}/info").json()
+        assert info["max_concurrent_requests"] == 16
+        assert info["max_client_batch_size"] == 64
+        assert info["max_batch_tokens"] == 2048
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert proc.returncode == 0, pod.log.read_text()
+    shutil.rmtree(cache, ignore_errors=True)
