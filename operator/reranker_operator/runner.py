@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import kopf
+from kubernetes import config as k8s_config
 
 from reranker_operator import builders, handlers, kube
 from reranker_operator.config import CONFIG_ENV, ConfigError, OperatorConfig, load_config
@@ -108,13 +109,19 @@ def run_command(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
+    if not args.verbose:
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # liveness probes every few s
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         log.error(f"invalid operator config: {exc}")
         return 2
     namespaces = [] if args.all_namespaces else parse_namespaces(args.namespace)
-    api = kube.Kube(kube.load_api_client())
+    try:
+        api = kube.Kube(kube.load_api_client())
+    except k8s_config.ConfigException as exc:
+        log.error(f"no Kubernetes credentials (in-cluster or kubeconfig): {exc}")
+        return 2
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     log.info(
         "starting reranker-operator",

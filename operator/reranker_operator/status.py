@@ -210,6 +210,8 @@ def derive_status(observed: Observed, previous: dict[str, Any] | None, now: str 
     # Available: anything serving.
     if dep is None:
         available_cond = (False, "NotDeployed", "no runtime Deployment yet (waiting for the engine)")
+    elif dep.desired == 0:
+        available_cond = (False, "ScaledToZero", "spec.replicas is 0")
     elif available:
         available_cond = (True, "MinimumReplicasAvailable", f"{dep.ready_replicas}/{dep.desired} replicas ready")
     elif dep.progress_failed:
@@ -241,6 +243,8 @@ def derive_status(observed: Observed, previous: dict[str, Any] | None, now: str 
         phase = "Deploying"
         if serving_key != key:
             detail = f"rolling out engine {short(key)}"
+        elif dep is not None and dep.desired == 0:
+            detail = f"engine {short(key)} is built; scaled to zero replicas"
         elif not available:
             detail = f"waiting for replicas ({available_cond[2]})"
         else:
