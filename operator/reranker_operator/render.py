@@ -23,6 +23,14 @@ class RenderError(ValueError):
     pass
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes every object in full: builders share dicts (a Job's labels and its pod's), and YAML
+    anchors/aliases (`&id001`, `*id001`) would make the output hard to review and diff."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def load_documents(path: str) -> list[dict[str, Any]]:
     """YAML documents of `path` (`-` for stdin), empty ones skipped."""
     text = sys.stdin.read() if path == "-" else Path(path).read_text()
@@ -51,7 +59,7 @@ def render_documents(docs: list[dict[str, Any]], config: Any, namespace: str | N
     children: list[dict[str, Any]] = []
     for doc in docs:
         children.extend(render_reranker(doc, config, namespace))
-    return yaml.safe_dump_all(children, sort_keys=False, default_flow_style=False)
+    return yaml.dump_all(children, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False)
 
 
 def _run(args: argparse.Namespace) -> int:

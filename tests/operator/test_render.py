@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from reranker_operator.builders import ANNOTATION_ENGINE_KEY, job_name
+from reranker_operator.cli import main as cli_main
 from reranker_operator.render import add_render_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +52,14 @@ def test_render_examples(example: str, kinds: list[str], capsys: pytest.CaptureF
     key = job["metadata"]["annotations"][ANNOTATION_ENGINE_KEY]
     assert job["metadata"]["name"] == job_name(source["metadata"]["name"], key)
     assert dep["metadata"]["annotations"][ANNOTATION_ENGINE_KEY] == key
+
+
+def test_render_output_has_no_yaml_aliases(capsys: pytest.CaptureFixture[str]) -> None:
+    # Shared label dicts must be written out in full: anchors make GitOps diffs unreadable.
+    rc = cli_main(["render", "-f", str(EXAMPLES / "bge-reranker-large-l4.yaml")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "&id" not in out and "*id" not in out
 
 
 def test_render_cpu_example_has_no_gpu(capsys: pytest.CaptureFixture[str]) -> None:
