@@ -150,6 +150,7 @@ async def test_max_tokens_per_doc(client: httpx.AsyncClient, tokenizer: Any, xlm
         ({"query": QUERY, "documents": []}, 400, "empty"),
         ({"query": "", "documents": ["a"]}, 400, "query"),
         ({"query": QUERY, "documents": ["a"] * (MAX_TEXTS + 1)}, 413, str(MAX_TEXTS)),
+        ({"query": QUERY, "documents": ["a"] * (MAX_TEXTS + 1), "max_tokens_per_doc": 2}, 413, str(MAX_TEXTS)),
     ],
 )
 async def test_errors(client: httpx.AsyncClient, route: str, body: dict[str, Any], status: int, needle: str) -> None:

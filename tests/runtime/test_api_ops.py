@@ -290,3 +290,31 @@ async def test_model_load_failure_is_reported(tmp_path: Path) -> None:
         health = await c.get("/health")
         assert health.status_code == 503 and "no-such-model" in health.json()["error"]
         assert (await c.post("/rerank", json=RERANK)).status_code == 503
+
+
+class _BrokenService:
+    """A started service whose rerank has a bug (not a RerankerError)."""
+
+    ready = True
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def admit(self) -> Any:
+        import contextlib
+
+        return contextlib.AsyncExitStack()
+
+    async def rerank(self, *args: Any, **kwargs: Any) -> Any:
+        raise KeyError("bug")
+
+
+async def test_unexpected_error_is_a_json_500_with_request_id(xlmr_reranker: Path) -> None:
+    app = create_app(settings_for(xlmr_reranker), service=_BrokenService())  # type: ignore[arg-type]
+    async with running_app(app) as c:
+        resp = await c.post("/rerank", json=RERANK, headers={"x-request-id": "bug-1"})
+        assert resp.status_code == 500
+        assert resp.json() == {"error": "internal server error", "error_type": "Backend"}
+        assert resp.headers["x-request-id"] == "bug-1"
+        assert (await c.get("/live")).status_code == 200

@@ -65,7 +65,9 @@ async def _score(
         async def work() -> tuple[Any, list[bool]]:
             documents = body.documents
             cut = [False] * len(documents)
-            if body.max_tokens_per_doc is not None and documents:
+            # Too many documents: skip the cut and let rerank() refuse them (413 naming the limit).
+            limit = runtime.settings.max_client_batch_size
+            if body.max_tokens_per_doc is not None and 0 < len(documents) <= limit:
                 documents, cut = await _cut_documents(service, documents, body.max_tokens_per_doc)
             result = await service.rerank(body.query, documents, truncate=True, request_id=request_id(request))
             return result, cut
