@@ -200,7 +200,10 @@ class RerankService:
         truncation_direction: str = "right",
         raw_scores: bool = False,
         request_id: str | None = None,
+        texts_field: str = "texts",
     ) -> RerankResult:
+        """Score each text against the query. `texts_field` is the request's name for the texts
+        (`documents` on the Cohere/Jina routes), so error messages name what the client sent."""
         self._check_serving()
         if self._info.num_labels != 1:
             raise WrongModelKindError(
@@ -211,13 +214,15 @@ class RerankService:
         if not isinstance(query, str) or _is_blank(query):
             raise EmptyInputError("`query` must not be empty")
         if not texts:
-            raise EmptyInputError("`texts` must not be empty: send at least one text to rank")
-        self._check_count("texts", len(texts))
+            raise EmptyInputError(f"`{texts_field}` must not be empty: send at least one text to rank")
+        self._check_count(texts_field, len(texts))
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise ValidationError(f"`texts[{i}]` must be a string")
+                raise ValidationError(f"`{texts_field}[{i}]` must be a string")
             if _is_blank(text):
-                raise EmptyInputError(f"`texts[{i}]` is empty; every text needs at least one non-space character")
+                raise EmptyInputError(
+                    f"`{texts_field}[{i}]` is empty; every text needs at least one non-space character"
+                )
 
         truncating = truncate or self._settings.auto_truncate
         t0 = time.perf_counter()
@@ -225,7 +230,7 @@ class RerankService:
             self._tokenizer.encode_pairs, query, texts, truncate=truncating, direction=direction
         )
         tokenization_s = time.perf_counter() - t0
-        self._check_lengths(encoded, "texts", "query and text are")
+        self._check_lengths(encoded, texts_field, "query and text are")
 
         result = await self._score(encoded, request_id)
         logits = result.logits[:, 0]

@@ -147,9 +147,10 @@ async def test_max_tokens_per_doc(client: httpx.AsyncClient, tokenizer: Any, xlm
         ({"query": QUERY, "documents": "a"}, 422, "documents: Input should be a valid list"),
         ({"query": QUERY, "documents": ["a"], "return_documents": "yes"}, 422, "return_documents"),
         ({"documents": ["a"]}, 422, "query: Field required"),
-        ({"query": QUERY, "documents": []}, 400, "empty"),
+        ({"query": QUERY, "documents": []}, 400, "`documents` must not be empty"),
+        ({"query": QUERY, "documents": ["a", "  "]}, 400, "`documents[1]` is empty"),
         ({"query": "", "documents": ["a"]}, 400, "query"),
-        ({"query": QUERY, "documents": ["a"] * (MAX_TEXTS + 1)}, 413, str(MAX_TEXTS)),
+        ({"query": QUERY, "documents": ["a"] * (MAX_TEXTS + 1)}, 413, f"`documents` has {MAX_TEXTS + 1} items"),
         ({"query": QUERY, "documents": ["a"] * (MAX_TEXTS + 1), "max_tokens_per_doc": 2}, 413, str(MAX_TEXTS)),
     ],
 )

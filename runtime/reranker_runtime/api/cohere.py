@@ -69,7 +69,9 @@ async def _score(
             limit = runtime.settings.max_client_batch_size
             if body.max_tokens_per_doc is not None and 0 < len(documents) <= limit:
                 documents, cut = await _cut_documents(service, documents, body.max_tokens_per_doc)
-            result = await service.rerank(body.query, documents, truncate=True, request_id=request_id(request))
+            result = await service.rerank(
+                body.query, documents, truncate=True, request_id=request_id(request), texts_field="documents"
+            )
             return result, cut
 
         result, cut = await cancel_on_disconnect(request, work())
