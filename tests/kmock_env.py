@@ -279,7 +279,7 @@ def _now() -> str:
 async def wait_for(
     predicate: Callable[[], Any] | Callable[[], Awaitable[Any]],
     what: str,
-    timeout: float = 10.0,
+    timeout: float = 20.0,
     interval: float = 0.05,
 ) -> Any:
     """Poll `predicate` until truthy (bounded); fail naming `what`."""

@@ -91,7 +91,7 @@ class Reconciler:
         )
 
         # 2. The engine: built already, or its Job (created only when absent).
-        engine, build_message = self._ensure_engine(body, spec, pvc, key, job_name)
+        engine, build_message, built_at = self._ensure_engine(body, spec, pvc, key, job_name)
 
         # 3. Serving: roll the Deployment only to a built engine; until then, leave it alone.
         deployment = self.api.get(kube.DEPLOYMENT, namespace, name)
@@ -111,6 +111,7 @@ class Reconciler:
             image=builders.runtime_image(spec, self.config),
             engine=engine,
             build_message=build_message,
+            built_at=built_at,
             deployment=dep_state,
             endpoint=builders.endpoint_url(name, namespace),
             selector=builders.selector_string(name),
@@ -122,11 +123,12 @@ class Reconciler:
 
     def _ensure_engine(
         self, body: dict[str, Any], spec: RerankerSpec, pvc: dict[str, Any], key: str, job_name: str
-    ) -> tuple[status.EngineState, str]:
+    ) -> tuple[status.EngineState, str, str | None]:
+        """(state, failure message, completion time) of the engine for `key`."""
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
         if key in built_keys(pvc):
-            return "built", ""
+            return "built", "", None
 
         job = self.api.get(kube.JOB, namespace, job_name)
         if job is None:
@@ -142,12 +144,12 @@ class Reconciler:
         if state == "built":
             self._record_built(pvc, key)
             self._event(body, "Normal", "EngineBuilt", f"engine {key[:10]} built by Job {job_name}")
-            return "built", ""
+            return "built", "", (job.get("status") or {}).get("completionTime") or status.now_iso()
         if state == "failed":
             pods = self.api.list(kube.POD, namespace, {"job-name": job_name})
             message = status.termination_message(pods) or status.job_failure_message(job)
-            return "failed", message
-        return state, ""
+            return "failed", message, None
+        return state, "", None
 
     def _record_built(self, pvc: dict[str, Any], key: str) -> None:
         meta = pvc["metadata"]

@@ -54,6 +54,7 @@ class Observed:
     image: str  # the runtime image the engine is built with
     engine: EngineState
     build_message: str = ""  # the failed build's termination message
+    built_at: str | None = None  # the build Job's completionTime, when this reconcile saw it
     deployment: DeploymentState | None = None
     endpoint: str | None = None
     selector: str | None = None
@@ -265,6 +266,11 @@ def derive_status(observed: Observed, previous: dict[str, Any] | None, now: str 
         "replicas": dep.replicas if dep is not None else 0,
         "readyReplicas": dep.ready_replicas if dep is not None else 0,
     }
+    if observed.engine == "built":
+        prev_engine = (previous or {}).get("engine") or {}
+        built_at = prev_engine.get("builtAt") if prev_engine.get("key") == key else None
+        if built_at or observed.built_at:
+            status["engine"]["builtAt"] = built_at or observed.built_at
     if serving_key:
         status["engine"]["servingKey"] = serving_key
     if gen is not None:

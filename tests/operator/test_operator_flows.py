@@ -71,6 +71,11 @@ def job_creations(kmock: Any) -> int:
     return sum(1 for r in list(kmock) if r.method.value == "POST" and r.url.path.endswith("/jobs"))
 
 
+def operator_reads(kmock: Any, name: str = NAME) -> int:
+    """GETs of the Reranker by the reconciler (kopf itself only lists and watches)."""
+    return sum(1 for r in list(kmock) if r.method.value == "GET" and r.url.path.endswith(f"/rerankers/{name}"))
+
+
 async def bring_to_ready(cluster: Cluster, name: str = NAME, spec_: dict[str, Any] = SPEC) -> str:
     """create -> Job -> Job succeeded -> Deployment -> ready; returns the engine key."""
     key = key_of(spec_)
@@ -121,7 +126,7 @@ async def test_flows_create_build_deploy_ready(cluster: Cluster, operator: Opera
     assert status["endpoint"] == f"http://{NAME}.ml.svc.cluster.local:8080"
     assert status["observedGeneration"] == 1
     assert status["engine"]["key"] == key and status["engine"]["jobName"] == job_name
-    assert status["engine"]["servingKey"] == key
+    assert status["engine"]["servingKey"] == key and status["engine"]["builtAt"]
     assert status["replicas"] == 1 and status["readyReplicas"] == 1
     assert status["selector"] == builders.selector_string(NAME)
     for type_ in ("EngineReady", "Available", "Ready"):
@@ -304,13 +309,10 @@ async def test_flows_invalid_spec_fails_naming_the_field(
     await wait_for(handled, "kopf to record the spec as handled")
     assert "kopf" not in cluster.status(NAME)
 
-    def reranker_reads() -> int:
-        return sum(1 for r in list(kmock) if r.method.value == "GET" and r.url.path.endswith(f"/rerankers/{NAME}"))
-
     # A negative check needs a window: 1.5s is 7x the tests' retry backoff (0.2s, 5 retries),
     # so retrying would show as 6+ reads.
     await asyncio.sleep(1.5)
-    assert reranker_reads() <= 3, "the operator kept retrying an invalid spec"
+    assert operator_reads(kmock) <= 3, "the operator kept retrying an invalid spec"
     assert len(cluster.events("InvalidSpec")) == 1
 
     # Fixing the spec recovers.
@@ -336,11 +338,12 @@ async def test_flows_operator_restart_mid_build_does_not_duplicate_the_job(
     finally:
         await first.stop()
 
+    reads = operator_reads(kmock)
     second = OperatorRunner(str(kmock.url))
     await second.start()
     try:
-        # The new operator resumes the Reranker (kopf's on.resume) and sees the running Job.
-        await wait_for(lambda: second.reconciler._locks, "the new operator to reconcile")
+        # The new operator resumes the Reranker (kopf's on.resume) and finds the running Job.
+        await wait_for(lambda: operator_reads(kmock) > reads, "the new operator to reconcile")
         assert job_creations(kmock) == 1
         await cluster.job_succeeded(job)
         await wait_for(lambda: cluster.get(cluster.DEPLOYMENT, NAME), "the Deployment")
@@ -361,7 +364,10 @@ async def test_flows_deletion_and_recreation_reuses_the_retained_cache(
     await wait_for(lambda: cluster.get(cluster.RERANKER, NAME) is None, "the Reranker gone")
 
     # A child's event after the owner is gone is a no-op, not a crash or a re-creation.
+    reads = operator_reads(kmock)
     await cluster.deployment_ready(NAME, 1)
+    await wait_for(lambda: operator_reads(kmock) > reads, "a reconcile after the Deployment's event")
+    assert cluster.get(cluster.RERANKER, NAME) is None and job_creations(kmock) == 1
     # Play the garbage collector: owned children go, the retained cache stays.
     for resource, child in ((cluster.DEPLOYMENT, NAME), (cluster.SERVICE, NAME),
                             (cluster.JOB, builders.job_name(NAME, key))):
