@@ -103,7 +103,6 @@ def _server_result(pairs_per_s: float, lone_ms: float, fairness_ratio: float | N
             "requests": 8, "ok": 8, "errors": {}, "pairs": 128, "tokens": 20000, "wall_s": 2.0,
             "requests_per_s": 4.0, "pairs_per_s": pairs_per_s, "tokens_per_s": 10000.0,
             "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0, "mean": 1.5, "max": 3.0},
-            "ok_indices": list(range(8)),
         },
         "lone": {"pairs": 16, "repeats": 3, "ok": 3, "p50_ms": lone_ms, "min_ms": lone_ms, "tokens": 2000},
         "fairness": None if fairness_ratio is None else {
@@ -115,7 +114,7 @@ def _server_result(pairs_per_s: float, lone_ms: float, fairness_ratio: float | N
 
 def _local(baseline_pps: float, forward_ms: float) -> dict:
     return {
-        "torch_threads": 2,
+        "in_process_torch_threads": 2,
         "model_dir": "/m",
         "baseline": {
             "impl": "CrossEncoder.predict", "dtype": "float32", "batch_size": 32, "torch_threads": 2,
@@ -130,18 +129,18 @@ def _local(baseline_pps: float, forward_ms: float) -> dict:
 
 def test_report_targets_pass_and_miss():
     args = _args(argv=["--fairness"])
-    r = build_report(args, _server_result(110.0, 100.0, 0.10), _local(100.0, 90.0))
+    r = build_report(args, {**_server_result(110.0, 100.0, 0.10), **_local(100.0, 90.0)})
     assert [t["status"] for t in r["targets"]] == ["PASS", "PASS", "PASS"]
     assert r["throughput_ratio"] == pytest.approx(1.1)
     assert r["lone"]["ratio"] == pytest.approx(100 / 90)
 
-    r = build_report(args, _server_result(90.0, 130.0, 0.15), _local(100.0, 100.0))
+    r = build_report(args, {**_server_result(90.0, 130.0, 0.15), **_local(100.0, 100.0)})
     assert [t["status"] for t in r["targets"]] == ["MISS", "MISS", "MISS"]  # 15% is not < 15%
     text = format_report(r)
     assert "MISS" in text and "0.90x" in text and "15.0%" in text
 
     # Without the model directory (no in-process phases) and without --fairness: n/a, not a verdict.
-    r = build_report(_args(), _server_result(90.0, 130.0, None), None)
+    r = build_report(_args(), _server_result(90.0, 130.0, None))
     assert [t["status"] for t in r["targets"]] == ["n/a", "n/a", "n/a"]
     format_report(r)
 
@@ -252,14 +251,15 @@ def test_bench_end_to_end(bench_model: Path, tmp_path: Path):
             "bench", "--url", f"http://127.0.0.1:{port}", "--model", str(bench_model),
             "--requests", "4", "--concurrency", "2", "--warmup", "2", "--lone-repeats", "2",
             "--fairness", "--fairness-large", "40", "--fairness-rounds", "1",
-            "--baseline-batch-size", "8", "--output", str(out),
+            "--baseline-batch-size", "8", "--rounds", "2", "--output", str(out),
         ])
         assert rc == 0
         r = json.loads(out.read_text())
-        assert r["load"]["ok"] == 4 and r["load"]["errors"] == {} and r["load"]["pairs"] == 64
-        assert r["load"]["pairs_per_s"] > 0
-        assert r["baseline"]["pairs"] == 64 and r["baseline"]["dtype"] == "float32"
-        assert r["throughput_ratio"] > 0
+        assert r["load"]["ok"] == 8 and r["load"]["errors"] == {} and r["load"]["pairs"] == 128
+        assert r["load"]["pairs_per_s"] > 0 and r["load"]["tokens_per_s"] > 0
+        assert r["baseline"]["pairs"] == 128 and r["baseline"]["dtype"] == "float32"
+        assert r["throughput_ratio"] > 0 and len(r["rounds"]) == 2 and r["rounds"][1]["ratio"] > 0
+        assert r["pure_compute"]["repeats"] == 2
         assert r["lone"]["ok"] == 2 and r["pure_compute"]["forward_ms"] > 0
         assert len(r["fairness"]["rounds"]) == 1 and r["fairness"]["rounds"][0]["ok"]
         assert {t["status"] for t in r["targets"][:2]} <= {"PASS", "MISS"}

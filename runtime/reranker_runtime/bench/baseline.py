@@ -1,11 +1,13 @@
-"""In-process references, run only after the server phases so they never share the cores with it.
+"""In-process references. They are loaded before the server phases (idle memory, no CPU) and run
+only *between* server measurements, never at the same time, so the server and the references
+never compete for the same cores.
 
-- `crossencoder_throughput`: sentence-transformers `CrossEncoder(model_dir, device="cpu")
-  .predict(pairs, batch_size=...)` on exactly the pairs the server scored, fp32: what a user gets
-  without a server.
-- `pure_compute`: one forward pass of one request's pairs with `transformers` directly (same
-  tokenizer, same dtype and attention as the server's PyTorch engine), no HTTP, no queue: the
-  floor a lone request's latency is compared with.
+- `CrossEncoderBaseline`: sentence-transformers `CrossEncoder(model_dir, device="cpu")
+  .predict(pairs, batch_size=...)` in fp32 on exactly the pairs the server scored: what a user
+  gets without a server.
+- `PureCompute`: one forward pass of one request's pairs with `transformers` directly (same
+  tokenizer, same dtype and SDPA attention as the server's PyTorch engine, padded to the longest
+  pair like the engine), no HTTP, no queue: the floor a lone request's latency is compared with.
 """
 
 from __future__ import annotations
@@ -30,80 +32,92 @@ def count_tokens(model_dir: str, pairs: Sequence[tuple[str, str]]) -> list[int]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    queries = [q for q, _ in pairs]
-    texts = [t for _, t in pairs]
-    enc = tok(queries, texts, truncation=False)
+    enc = tok([q for q, _ in pairs], [t for _, t in pairs], truncation=False)
     return [len(ids) for ids in enc["input_ids"]]
 
 
-def crossencoder_throughput(
-    model_dir: str,
-    pairs: Sequence[tuple[str, str]],
-    batch_size: int = 32,
-    warmup_pairs: int = 64,
-) -> dict[str, Any]:
-    import torch
-    from sentence_transformers import CrossEncoder
+class CrossEncoderBaseline:
+    impl = "sentence-transformers CrossEncoder.predict"
 
-    model = CrossEncoder(model_dir, device="cpu", model_kwargs={"dtype": torch.float32})
-    pairs = [tuple(p) for p in pairs]
-    model.predict(pairs[:warmup_pairs], batch_size=batch_size, show_progress_bar=False)
-    t0 = time.perf_counter()
-    scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=False)
-    seconds = time.perf_counter() - t0
-    return {
-        "impl": "sentence-transformers CrossEncoder.predict",
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "batch_size": batch_size,
-        "torch_threads": torch.get_num_threads(),
-        "pairs": len(pairs),
-        "seconds": seconds,
-        "pairs_per_s": len(pairs) / seconds if seconds > 0 else float("nan"),
-        "n_scores": len(scores),
-    }
+    def __init__(self, model_dir: str, batch_size: int = 32) -> None:
+        import torch
+        from sentence_transformers import CrossEncoder
 
+        self.model = CrossEncoder(model_dir, device="cpu", model_kwargs={"dtype": torch.float32})
+        self.batch_size = batch_size
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
-def pure_compute(
-    model_dir: str,
-    pairs: Sequence[tuple[str, str]],
-    dtype: str = "float32",
-    repeats: int = 10,
-    warmup: int = 3,
-) -> dict[str, Any]:
-    """Median time of one padded forward pass of `pairs` (one batch), plus its tokenization."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def warmup(self, pairs: Sequence[tuple[str, str]]) -> None:
+        self.model.predict(list(pairs), batch_size=self.batch_size, show_progress_bar=False)
 
-    if dtype not in DTYPES:
-        dtype = "float32"
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa"
-    ).eval()
-    queries = [q for q, _ in pairs]
-    texts = [t for _, t in pairs]
+    def run(self, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        import torch
 
-    tok_times = []
-    for _ in range(max(repeats, 3)):
+        pairs = [tuple(p) for p in pairs]
         t0 = time.perf_counter()
-        enc = tok(queries, texts, padding=True, truncation=False, return_tensors="pt")
-        tok_times.append(time.perf_counter() - t0)
-    fwd_times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
+        scores = self.model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False)
+        seconds = time.perf_counter() - t0
+        assert len(scores) == len(pairs)
+        return {
+            "impl": self.impl,
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "torch_threads": torch.get_num_threads(),
+            "pairs": len(pairs),
+            "seconds": seconds,
+            "pairs_per_s": len(pairs) / seconds if seconds > 0 else float("nan"),
+        }
+
+
+class PureCompute:
+    impl = "transformers forward, one padded batch"
+
+    def __init__(self, model_dir: str, dtype: str = "float32") -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.dtype = dtype if dtype in DTYPES else "float32"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, dtype=getattr(torch, self.dtype), attn_implementation="sdpa"
+        ).eval()
+        self.enc: Any = None
+        self.tokenize_times: list[float] = []
+        self.forward_times: list[float] = []
+
+    def prepare(self, pairs: Sequence[tuple[str, str]], repeats: int = 5) -> None:
+        """Tokenize the pairs (timed, `repeats` times) and keep the padded batch."""
+        queries = [q for q, _ in pairs]
+        texts = [t for _, t in pairs]
+        for _ in range(repeats):
             t0 = time.perf_counter()
-            model(**enc).logits.float()
-            if i >= warmup:
-                fwd_times.append(time.perf_counter() - t0)
-    lengths = enc["attention_mask"].sum(dim=1).tolist()
-    return {
-        "impl": "transformers forward, one batch",
-        "dtype": dtype,
-        "torch_threads": torch.get_num_threads(),
-        "pairs": len(pairs),
-        "padded_shape": list(enc["input_ids"].shape),
-        "real_tokens": int(sum(lengths)),
-        "forward_ms": statistics.median(fwd_times) * 1e3,
-        "forward_min_ms": min(fwd_times) * 1e3,
-        "tokenize_ms": statistics.median(tok_times) * 1e3,
-    }
+            self.enc = self.tokenizer(queries, texts, padding=True, truncation=False, return_tensors="pt")
+            self.tokenize_times.append(time.perf_counter() - t0)
+
+    def forward(self, record: bool = True) -> float:
+        import torch
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.model(**self.enc).logits.float()
+        dt = time.perf_counter() - t0
+        if record:
+            self.forward_times.append(dt)
+        return dt
+
+    def report(self) -> dict[str, Any]:
+        import torch
+
+        lengths = self.enc["attention_mask"].sum(dim=1).tolist()
+        return {
+            "impl": self.impl,
+            "dtype": self.dtype,
+            "torch_threads": torch.get_num_threads(),
+            "pairs": len(lengths),
+            "padded_shape": list(self.enc["input_ids"].shape),
+            "real_tokens": int(sum(lengths)),
+            "repeats": len(self.forward_times),
+            "forward_ms": statistics.median(self.forward_times) * 1e3,
+            "forward_min_ms": min(self.forward_times) * 1e3,
+            "tokenize_ms": statistics.median(self.tokenize_times) * 1e3,
+        }

@@ -31,6 +31,8 @@ class Sample:
     status: int | None  # HTTP status; None when no response came (connection error, timeout)
     tokens: int | None = None  # x-compute-tokens
     error: str | None = None  # error kind: "http_<status>" or the exception's class name
+    # The server's own account (TEI headers, ms): compute, tokenization, queue, inference.
+    server_ms: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -56,6 +58,26 @@ def make_client(concurrency: int, timeout_s: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits, trust_env=False)
 
 
+TIMING_HEADERS = {
+    "x-compute-time": "compute",
+    "x-tokenization-time": "tokenization",
+    "x-queue-time": "queue",
+    "x-inference-time": "inference",
+}
+
+
+def _timings(headers: httpx.Headers) -> dict[str, float] | None:
+    out = {}
+    for header, key in TIMING_HEADERS.items():
+        value = headers.get(header)
+        try:
+            if value is not None:
+                out[key] = float(value)
+        except ValueError:
+            pass
+    return out or None
+
+
 def _header_int(headers: httpx.Headers, name: str) -> int | None:
     value = headers.get(name)
     try:
@@ -70,10 +92,12 @@ async def send(client: httpx.AsyncClient, url: str, req: RerankRequest, t0: floa
     status: int | None = None
     tokens: int | None = None
     error: str | None = None
+    timings: dict[str, float] | None = None
     try:
         resp = await client.post(f"{url}/rerank", json=req.body(**extra))
         status = resp.status_code
         tokens = _header_int(resp.headers, "x-compute-tokens")
+        timings = _timings(resp.headers)
         if status != 200:
             error = f"http_{status}"
         else:
@@ -83,7 +107,7 @@ async def send(client: httpx.AsyncClient, url: str, req: RerankRequest, t0: floa
     except httpx.HTTPError as exc:
         error = type(exc).__name__
     end = time.perf_counter()
-    return Sample(start - t0, end - start, len(req.texts), status, tokens, error)
+    return Sample(start - t0, end - start, len(req.texts), status, tokens, error, timings)
 
 
 async def drive(
@@ -149,6 +173,8 @@ async def fairness_round(
         "small_finished_first": small_end < large_end,
         "ok": large_sample.ok and small_sample.ok,
         "errors": [s.error for s in (large_sample, small_sample) if s.error],
+        "small_server_ms": small_sample.server_ms,
+        "large_server_ms": large_sample.server_ms,
     }
 
 
@@ -197,6 +223,11 @@ def summarize(samples: Sequence[Sample], wall_s: float) -> dict[str, Any]:
     token_values = [s.tokens for s in ok if s.tokens is not None]
     tokens = sum(token_values) if token_values and len(token_values) == len(ok) else None
     lat_ms = [s.latency_s * 1e3 for s in ok]
+    server_ms: dict[str, float] = {}
+    for key in TIMING_HEADERS.values():
+        values = [s.server_ms[key] for s in ok if s.server_ms and key in s.server_ms]
+        if values:
+            server_ms[key] = sum(values) / len(values)
     errors = Counter(s.error or "ok" for s in samples)
     errors.pop("ok", None)
     return {
@@ -216,6 +247,8 @@ def summarize(samples: Sequence[Sample], wall_s: float) -> dict[str, Any]:
             "mean": sum(lat_ms) / len(lat_ms) if lat_ms else math.nan,
             "max": max(lat_ms) if lat_ms else math.nan,
         },
+        # Mean of the server's timing headers over the successful requests (ms).
+        "server_ms_mean": server_ms,
     }
 
 

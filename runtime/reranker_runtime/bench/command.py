@@ -1,13 +1,17 @@
 """`reranker-runtime bench`: load a running server with a seeded rerank workload and compare.
 
-Phases, strictly one after another so the server and the in-process references never compete for
-the same cores:
+Phases run strictly one after another, so the server and the in-process references never compete
+for the same cores (the references are loaded up front and sit idle while the server works):
 
-1. server (over HTTP): warm-up, the measured load at `--concurrency`, the lone 16-pair request
-   sent alone `--lone-repeats` times, and (with `--fairness`) the 500-text + 1-text case;
-2. in-process (needs the model directory: `--model`, or /info's model when it is a local dir):
-   sentence-transformers `CrossEncoder.predict` on the same pairs in fp32, and the pure compute
-   time of the lone request (one forward pass, the server's dtype).
+1. warm-up of the server (and of the baseline);
+2. `--rounds` measured rounds: the server under load at `--concurrency`, then
+   sentence-transformers `CrossEncoder.predict` (fp32, in-process) on the very same pairs;
+3. the lone 16-pair request, sent alone `--lone-repeats` times, each followed by its pure compute
+   time (one `transformers` forward pass of those pairs in-process, the server's dtype);
+4. with `--fairness`: a 500-text request, then a 1-text request shortly after.
+
+The in-process references need the model directory: `--model`, or the server's /info model when
+it is a local directory.
 
 Prints a table (and PASS/MISS against the issue's CPU targets) or, with `--json`, one JSON
 document on stdout (the table then goes to stderr).
@@ -67,6 +71,13 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         type=int,
         default=None,
         help="torch threads for the in-process phases (default: torch's default, one per core)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measured rounds (server load, then the baseline on the same pairs); more rounds "
+        "average out a noisy machine (default 1)",
     )
     p.add_argument("--lone-repeats", type=int, default=10, help="lone-request repetitions (default 10)")
     p.add_argument("--fairness", action="store_true", help="also run the large/small fairness case")
@@ -130,7 +141,27 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-async def _server_phases(args: argparse.Namespace) -> dict[str, Any]:
+class _References:
+    """The in-process references, loaded up front (idle while the server works)."""
+
+    def __init__(self, args: argparse.Namespace, model_dir: str, server_dtype: str) -> None:
+        from reranker_runtime.bench import baseline as b
+
+        if Path(model_dir).is_dir():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory needs no hub
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.model_dir = model_dir
+        self.torch_threads = b.torch_threads(args.threads)
+        self.crossencoder = b.CrossEncoderBaseline(model_dir, args.baseline_batch_size) if args.baseline else None
+        self.pure = b.PureCompute(model_dir, server_dtype)
+
+
+async def _run(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any]:
+    """Every phase, one at a time: the server and the in-process references alternate, never
+    overlap."""
+    from reranker_runtime.bench import baseline as b
     from reranker_runtime.bench import client as c
     from reranker_runtime.bench import workload as w
 
@@ -139,38 +170,97 @@ async def _server_phases(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"{url}/health did not answer 200 within {args.wait_healthy:.0f} s")
     out: dict[str, Any] = {}
     shape = dict(min_words=args.min_words, max_words=args.max_words)
-
-    def load_request(i: int) -> w.RerankRequest:
-        return w.make_request(args.seed, i, args.passages, **shape)
+    n_requests = args.requests if args.requests is not None else (None if args.duration else 64)
 
     async with c.make_client(args.concurrency, args.timeout) as client:
         info = await c.get_info(client, url)
         out["info"] = info
+        if model_dir is None:
+            candidate = info.get("model_id") or info.get("model")
+            if isinstance(candidate, str) and Path(candidate).is_dir():
+                model_dir = candidate
+        refs = None
+        if model_dir is not None:
+            _log(f"loading the in-process references from {model_dir}")
+            refs = _References(args, model_dir, _server_dtype(info) or "float32")
+            out["model_dir"] = model_dir
+            out["in_process_torch_threads"] = refs.torch_threads
+        else:
+            _log("no model directory (--model): no baseline and no pure-compute reference")
 
         warmup = args.warmup if args.warmup is not None else 2 * args.concurrency
         if warmup:
             _log(f"warm-up: {warmup} requests at concurrency {args.concurrency}")
-            await c.drive(
+            warm = [w.make_request(args.seed, i, args.passages, stream=w.STREAM_WARMUP, **shape) for i in range(warmup)]
+            await c.drive(client, url, lambda i: warm[i], args.concurrency, n_requests=warmup)
+            if refs and refs.crossencoder:
+                refs.crossencoder.warmup([p for r in warm[:4] for p in r.pairs()])
+
+        # Measured rounds: the server under load, then the baseline on the very same pairs.
+        all_samples: list[Any] = []
+        wall_total = 0.0
+        rounds: list[dict[str, Any]] = []
+        baseline_runs: list[dict[str, Any]] = []
+        offset = 0
+        for r in range(args.rounds):
+            what = f"{n_requests} requests" if n_requests is not None else f"{args.duration:g} s"
+            _log(f"round {r + 1}/{args.rounds}: server load, {what} x {args.passages} pairs at concurrency {args.concurrency}")
+            base = offset
+            results, wall = await c.drive(
                 client,
                 url,
-                lambda i: w.make_request(args.seed, i, args.passages, stream=w.STREAM_WARMUP, **shape),
+                lambda i: w.make_request(args.seed, base + i, args.passages, **shape),
                 args.concurrency,
-                n_requests=warmup,
+                n_requests=n_requests,
+                duration_s=args.duration,
             )
+            offset += max((i for i, _ in results), default=-1) + 1
+            samples = [s for _, s in results]
+            all_samples += samples
+            wall_total += wall
+            summary = c.summarize(samples, wall)
+            rnd: dict[str, Any] = {"server_pairs_per_s": summary["pairs_per_s"], "server_p50_ms": summary["latency_ms"]["p50"]}
+            if refs and refs.crossencoder:
+                pairs = [
+                    p
+                    for i in sorted(i for i, s in results if s.ok)
+                    for p in w.make_request(args.seed, base + i, args.passages, **shape).pairs()
+                ]
+                if pairs:
+                    _log(f"round {r + 1}/{args.rounds}: baseline, CrossEncoder.predict on the same {len(pairs)} pairs")
+                    run = refs.crossencoder.run(pairs)
+                    baseline_runs.append(run)
+                    rnd["baseline_pairs_per_s"] = run["pairs_per_s"]
+                    rnd["ratio"] = c.ratio(summary["pairs_per_s"], run["pairs_per_s"])
+                    if r == 0:
+                        lengths = b.count_tokens(model_dir, pairs)  # type: ignore[arg-type]
+                        out["load_tokens"] = {
+                            "pairs": len(lengths),
+                            "total": sum(lengths),
+                            "mean": sum(lengths) / len(lengths),
+                            "max": max(lengths),
+                        }
+            rounds.append(rnd)
+        out["load"] = c.summarize(all_samples, wall_total)
+        out["rounds"] = rounds
+        if baseline_runs:
+            total_pairs = sum(x["pairs"] for x in baseline_runs)
+            total_s = sum(x["seconds"] for x in baseline_runs)
+            out["baseline"] = dict(baseline_runs[0], pairs=total_pairs, seconds=total_s, pairs_per_s=total_pairs / total_s)
 
-        n_requests = args.requests if args.requests is not None else (None if args.duration else 64)
-        what = f"{n_requests} requests" if n_requests is not None else f"{args.duration:g} s"
-        _log(f"load: {what} x {args.passages} pairs at concurrency {args.concurrency}")
-        results, wall = await c.drive(
-            client, url, load_request, args.concurrency, n_requests=n_requests, duration_s=args.duration
-        )
-        samples = [s for _, s in results]
-        out["load"] = c.summarize(samples, wall)
-        out["load"]["ok_indices"] = sorted(i for i, s in results if s.ok)
-
+        # The lone request, alternating with its pure compute (paired: the same noise hits both).
         lone_req = w.make_request(args.seed, 0, args.passages, stream=w.STREAM_LONE, **shape)
-        _log(f"lone request: {args.passages} pairs, {args.lone_repeats} times, one at a time")
-        lone = await c.sequential_latencies(client, url, lone_req, args.lone_repeats)
+        _log(f"lone request: {args.passages} pairs, {args.lone_repeats} times, alternating with its pure compute")
+        for _ in range(2):
+            await c.send(client, url, lone_req, 0.0)
+        if refs:
+            refs.pure.prepare(lone_req.pairs())
+            refs.pure.forward(record=False)
+        lone = []
+        for _ in range(args.lone_repeats):
+            lone.append(await c.send(client, url, lone_req, 0.0))
+            if refs:
+                refs.pure.forward()
         lone_ok = [s.latency_s * 1e3 for s in lone if s.ok]
         out["lone"] = {
             "pairs": args.passages,
@@ -179,7 +269,10 @@ async def _server_phases(args: argparse.Namespace) -> dict[str, Any]:
             "p50_ms": c.percentile(lone_ok, 50),
             "min_ms": min(lone_ok) if lone_ok else math.nan,
             "tokens": next((s.tokens for s in lone if s.tokens is not None), None),
+            "server_ms_mean": c.summarize(lone, 1.0)["server_ms_mean"],
         }
+        if refs:
+            out["pure_compute"] = refs.pure.report()
 
         if args.fairness:
             large, small = w.fairness_requests(args.seed, args.fairness_large)
@@ -192,50 +285,18 @@ async def _server_phases(args: argparse.Namespace) -> dict[str, Any]:
                 f"fairness: {len(large.texts)}-text request, then a 1-text request {delay * 1e3:.0f} ms "
                 f"later, {args.fairness_rounds} rounds"
             )
-            rounds = [
+            frounds = [
                 await c.fairness_round(client, url, large, small, delay) for _ in range(args.fairness_rounds)
             ]
-            valid = [r["ratio"] for r in rounds if r["ok"] and r["overlapped"]]
+            valid = [x["ratio"] for x in frounds if x["ok"] and x["overlapped"]]
             out["fairness"] = {
                 "large_texts": len(large.texts),
                 "delay_ms": delay * 1e3,
-                "rounds": rounds,
-                "large_ms": statistics.median(r["large_ms"] for r in rounds),
-                "small_ms": statistics.median(r["small_ms"] for r in rounds),
+                "rounds": frounds,
+                "large_ms": statistics.median(x["large_ms"] for x in frounds),
+                "small_ms": statistics.median(x["small_ms"] for x in frounds),
                 "ratio": statistics.median(valid) if valid else None,
             }
-    return out
-
-
-def _in_process_phases(args: argparse.Namespace, model_dir: str, server: dict[str, Any]) -> dict[str, Any]:
-    from reranker_runtime.bench import baseline as b
-    from reranker_runtime.bench import workload as w
-
-    if Path(model_dir).is_dir():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory needs no hub
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    out: dict[str, Any] = {"torch_threads": b.torch_threads(args.threads)}
-    shape = dict(min_words=args.min_words, max_words=args.max_words)
-    pairs: list[tuple[str, str]] = []
-    for i in server["load"]["ok_indices"]:
-        pairs.extend(w.make_request(args.seed, i, args.passages, **shape).pairs())
-    if pairs:
-        lengths = b.count_tokens(model_dir, pairs)
-        out["load_tokens"] = {
-            "pairs": len(lengths),
-            "total": sum(lengths),
-            "mean": sum(lengths) / len(lengths),
-            "max": max(lengths),
-        }
-    if args.baseline and pairs:
-        _log(f"baseline: CrossEncoder.predict on the same {len(pairs)} pairs (fp32, in-process)")
-        out["baseline"] = b.crossencoder_throughput(model_dir, pairs, args.baseline_batch_size)
-    dtype = _server_dtype(server["info"]) or "float32"
-    lone_req = w.make_request(args.seed, 0, args.passages, stream=w.STREAM_LONE, **shape)
-    _log(f"pure compute: one forward pass of the lone request's {args.passages} pairs ({dtype})")
-    out["pure_compute"] = b.pure_compute(model_dir, lone_req.pairs(), dtype=dtype, repeats=args.lone_repeats)
     return out
 
 
@@ -247,19 +308,14 @@ def _status(value: float | None, target: float, higher_is_better: bool, strict: 
     return "PASS" if (value < target if strict else value <= target) else "MISS"
 
 
-def build_report(args: argparse.Namespace, server: dict[str, Any], local: dict[str, Any] | None) -> dict[str, Any]:
+def build_report(args: argparse.Namespace, server: dict[str, Any]) -> dict[str, Any]:
     from reranker_runtime.bench.client import ratio
 
     info = server.get("info") or {}
     load = dict(server["load"])
-    load.pop("ok_indices", None)
-    local = local or {}
-    if load.get("tokens_per_s") is None and "load_tokens" in local and load["wall_s"] > 0:
-        # No x-compute-tokens header: fall back to counting with the model's tokenizer.
-        load["tokens_per_s_counted"] = local["load_tokens"]["total"] / load["wall_s"]
-    baseline = local.get("baseline")
-    pure = local.get("pure_compute")
-    lone = server["lone"]
+    baseline = server.get("baseline")
+    pure = server.get("pure_compute")
+    lone = dict(server["lone"])
     fairness = server.get("fairness")
 
     throughput_ratio = ratio(load["pairs_per_s"], baseline["pairs_per_s"]) if baseline else None
@@ -308,24 +364,26 @@ def build_report(args: argparse.Namespace, server: dict[str, Any], local: dict[s
         },
         "config": {
             "url": args.url,
-            "model": local.get("model_dir"),
+            "model": server.get("model_dir"),
             "concurrency": args.concurrency,
             "requests": args.requests,
             "duration_s": args.duration,
             "seed": args.seed,
             "passages": args.passages,
             "words": [args.min_words, args.max_words],
+            "rounds": args.rounds,
             "baseline_batch_size": args.baseline_batch_size,
         },
         "server": {
             "info": info,
             "torch_threads": _find_threads(info),
         },
-        "in_process_torch_threads": local.get("torch_threads"),
+        "in_process_torch_threads": server.get("in_process_torch_threads"),
         "load": load,
-        "load_tokens": local.get("load_tokens"),
+        "load_tokens": server.get("load_tokens"),
         "baseline": baseline,
         "throughput_ratio": throughput_ratio,
+        "rounds": server.get("rounds", []),
         "lone": lone,
         "pure_compute": pure,
         "fairness": fairness,
@@ -340,6 +398,10 @@ def _f(value: Any, fmt: str = ".1f", suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:{fmt}}{suffix}"
+
+
+def _timings_text(ms: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.0f} ms" for k, v in ms.items())
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -366,14 +428,11 @@ def format_report(r: dict[str, Any]) -> str:
         + (f", errors {load['errors']}" if load["errors"] else ", no errors"),
         f"  wall            {load['wall_s']:.2f} s",
         f"  pairs/s         {_f(load['pairs_per_s'])}",
-        f"  tokens/s        {_f(load.get('tokens_per_s'), '.0f')}"
-        + (
-            f" (x-compute-tokens missing; counted: {load['tokens_per_s_counted']:.0f})"
-            if load.get("tokens_per_s") is None and load.get("tokens_per_s_counted")
-            else ""
-        ),
+        f"  tokens/s        {_f(load.get('tokens_per_s'), '.0f')}",
         f"  latency ms      p50 {_f(lat['p50'])}  p90 {_f(lat['p90'])}  p99 {_f(lat['p99'])}  max {_f(lat['max'])}",
     ]
+    if load.get("server_ms_mean"):
+        lines.append(f"  server says     {_timings_text(load['server_ms_mean'])} (mean per request)")
     b = r.get("baseline")
     if b:
         lines += [
@@ -382,6 +441,9 @@ def format_report(r: dict[str, Any]) -> str:
             f"  pairs/s         {_f(b['pairs_per_s'])}  ({b['pairs']} pairs in {b['seconds']:.2f} s)",
             f"  server/baseline {_f(r['throughput_ratio'], '.2f', 'x')}",
         ]
+        if len(r.get("rounds", [])) > 1:
+            per = ", ".join(_f(x.get("ratio"), ".2f", "x") for x in r["rounds"])
+            lines.append(f"  per round       {per}")
     lone = r["lone"]
     pure = r.get("pure_compute")
     lines += ["", f"lone {lone['pairs']}-pair request ({lone['ok']}/{lone['repeats']} ok)"]
@@ -393,6 +455,8 @@ def format_report(r: dict[str, Any]) -> str:
             f"tokenize {_f(pure['tokenize_ms'])} ms"
         )
         lines.append(f"  ratio           {_f(lone.get('ratio'), '.2f', 'x')}")
+    if lone.get("server_ms_mean"):
+        lines.append(f"  server says     {_timings_text(lone['server_ms_mean'])} (mean)")
     fair = r.get("fairness")
     if fair:
         lines += [
@@ -403,6 +467,9 @@ def format_report(r: dict[str, Any]) -> str:
             f"  small latency   {_f(fair['small_ms'])} ms",
             f"  ratio           {_f(fair['ratio'] * 100 if fair['ratio'] is not None else None, '.1f', '%')}",
         ]
+        small_timings = [x["small_server_ms"] for x in fair["rounds"] if x.get("small_server_ms")]
+        if small_timings:
+            lines.append(f"  small, server   {_timings_text(small_timings[len(small_timings) // 2])}")
         bad = [x for x in fair["rounds"] if not (x["ok"] and x["overlapped"])]
         if bad:
             lines.append(f"  ({len(bad)} round(s) not counted: failed or the small request was sent too late)")
@@ -438,24 +505,12 @@ def run_bench(args: argparse.Namespace) -> int:
         print("error: --concurrency and --passages must be >= 1", file=sys.stderr)
         return 2
     try:
-        server = asyncio.run(_server_phases(args))
+        server = asyncio.run(_run(args, args.model))
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    model_dir = args.model
-    if model_dir is None:
-        candidate = (server.get("info") or {}).get("model_id") or (server.get("info") or {}).get("model")
-        if isinstance(candidate, str) and Path(candidate).is_dir():
-            model_dir = candidate
-    local = None
-    if model_dir is not None:
-        local = _in_process_phases(args, model_dir, server)
-        local["model_dir"] = str(model_dir)
-    else:
-        _log("no model directory (--model): skipping the baseline and the pure-compute reference")
-
-    report = build_report(args, server, local)
+    report = build_report(args, server)
     text = format_report(report)
     doc = json.dumps(_json_safe(report), indent=2, default=str, allow_nan=False)
     if args.output:
