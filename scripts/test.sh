@@ -7,9 +7,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch==2.13.0 is pinned in pyproject.toml (a CPU wheel; no CUDA packages are pulled).
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-set +e
-.venv/bin/python -m pytest "$@"
-rc=$?
-set -e
-# Exit code 5 means pytest collected no tests: treat it as a failure of the suite's setup.
-exit $rc
+# pytest's exit code passes through; 5 (no tests collected) fails CI on purpose, since the
+# suite always has tests and collecting none means something is broken.
+exec .venv/bin/python -m pytest "$@"
