@@ -82,7 +82,14 @@ def load_engine_from_dir(
         from reranker_runtime.engines.torch_engine import TorchEngine
 
         ckpt = directory / (manifest.paths.get("checkpoint") or "checkpoint")
-        return TorchEngine.load(str(ckpt), None, settings.device, settings.dtype)
+        return TorchEngine.load(
+            str(ckpt),
+            None,
+            settings.device,
+            settings.dtype,
+            max_seq_len=manifest.inputs.max_seq_len,
+            source=(manifest.inputs.checkpoint_repo, manifest.resolved_revision or manifest.inputs.revision),
+        )
 
     check_serving_gpu(manifest, gpu_detector(), directory)
     from reranker_runtime.build.trtllm import trtllm_versions

@@ -103,9 +103,20 @@ class TorchEngine(Engine):
 
     @classmethod
     def load(
-        cls, model: str, revision: str | None = None, device: str = "auto", dtype: str = "auto"
+        cls,
+        model: str,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        *,
+        max_seq_len: int | None = None,
+        source: tuple[str, str | None] | None = None,
     ) -> "TorchEngine":
-        """Load and validate a checkpoint (local directory or hub id). Raises ModelLoadError."""
+        """Load and validate a checkpoint (local directory or hub id). Raises ModelLoadError.
+
+        `max_seq_len` caps the per-input length below the model's own maximum (the build's
+        `--max-seq-len`, so a long-context model fits a smaller token budget); `source` is the
+        (model id, revision) to report when `model` is a cached copy, e.g. in an engine dir."""
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         dev = resolve_device(device)
@@ -143,15 +154,21 @@ class TorchEngine(Engine):
         forward_params = inspect.signature(hf_model.forward).parameters
         use_tt = "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in forward_params
         architecture = (config.architectures or [type(hf_model).__name__])[0]
+        limit = max_input_length(config, tokenizer)
+        if max_seq_len is not None:
+            if max_seq_len < 1:
+                raise ModelLoadError(f"max_seq_len must be positive, got {max_seq_len}")
+            limit = min(limit, max_seq_len)
+        model_id, reported_revision = source or (model, revision)
         info = EngineInfo(
             name="pytorch",
-            model_id=model,
-            revision=revision,
+            model_id=model_id,
+            revision=reported_revision,
             device=str(torch.device(dev)),
             dtype=_dtype_name(torch_dtype),
             architecture=architecture,
             num_labels=num_labels,
-            max_input_length=max_input_length(config, tokenizer),
+            max_input_length=limit,
             padded=True,
             max_batch_size=None,
             max_batch_tokens=None,
