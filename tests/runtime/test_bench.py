@@ -145,6 +145,17 @@ def test_report_targets_pass_and_miss():
     format_report(r)
 
 
+def test_batch_stats_from_metrics():
+    before = {"te_batch_next_size_count": 2, "te_batch_next_size_sum": 20, "te_batch_next_tokens_sum": 1000,
+              "te_batch_inference_duration_sum": 1.0, "te_request_input_length_sum": 900}
+    after = {"te_batch_next_size_count": 6, "te_batch_next_size_sum": 100, "te_batch_next_tokens_sum": 5000,
+             "te_batch_inference_duration_sum": 3.0, "te_request_input_length_sum": 3900}
+    s = c.batch_stats(before, after, wall_s=4.0)
+    assert s["batches"] == 4 and s["pairs_per_batch"] == 20 and s["tokens_per_batch"] == 1000
+    assert s["padding_efficiency"] == pytest.approx(0.75) and s["engine_busy_fraction"] == pytest.approx(0.5)
+    assert c.batch_stats(None, after, 1.0) is None and c.batch_stats(after, after, 1.0) is None
+
+
 def test_loopback_only():
     for url in ("http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:8080"):
         c.check_loopback(url)
@@ -260,6 +271,7 @@ def test_bench_end_to_end(bench_model: Path, tmp_path: Path):
         assert r["baseline"]["pairs"] == 128 and r["baseline"]["dtype"] == "float32"
         assert r["throughput_ratio"] > 0 and len(r["rounds"]) == 2 and r["rounds"][1]["ratio"] > 0
         assert r["pure_compute"]["repeats"] == 2
+        assert r["batches"]["batches"] >= 1 and 0 < r["batches"]["padding_efficiency"] <= 1
         assert r["lone"]["ok"] == 2 and r["pure_compute"]["forward_ms"] > 0
         assert len(r["fairness"]["rounds"]) == 1 and r["fairness"]["rounds"][0]["ok"]
         assert {t["status"] for t in r["targets"][:2]} <= {"PASS", "MISS"}

@@ -256,3 +256,59 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator in (None, 0) or math.isnan(numerator) or math.isnan(denominator):
         return None
     return numerator / denominator
+
+
+# --- the server's own counters (Prometheus, TEI names) ---------------------------------------
+
+_METRICS = (
+    "te_batch_next_size_count",  # forward passes
+    "te_batch_next_size_sum",  # pairs in them
+    "te_batch_next_tokens_sum",  # tokens they cost (padded: longest x n)
+    "te_batch_inference_duration_sum",  # seconds the engine was busy
+    "te_request_input_length_sum",  # real tokens of the requests
+)
+
+
+async def scrape_metrics(client: httpx.AsyncClient, url: str) -> dict[str, float] | None:
+    """The server's batch counters from /metrics (None when it has none of them)."""
+    try:
+        resp = await client.get(f"{url}/metrics")
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200:
+        return None
+    out: dict[str, float] = {}
+    for line in resp.text.splitlines():
+        if line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        base = name.split("{", 1)[0]
+        if base in _METRICS:
+            try:
+                out[base] = out.get(base, 0.0) + float(value)
+            except ValueError:
+                pass
+    return out or None
+
+
+def batch_stats(before: dict[str, float] | None, after: dict[str, float] | None, wall_s: float) -> dict[str, Any] | None:
+    """What the server's batcher did between two scrapes: batch sizes, padding, busy time."""
+    if not before or not after:
+        return None
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _METRICS}
+    batches = d["te_batch_next_size_count"]
+    if batches <= 0:
+        return None
+    padded = d["te_batch_next_tokens_sum"]
+    real = d["te_request_input_length_sum"]
+    busy = d["te_batch_inference_duration_sum"]
+    return {
+        "batches": int(batches),
+        "pairs_per_batch": d["te_batch_next_size_sum"] / batches,
+        "tokens_per_batch": padded / batches,
+        "seconds_per_batch": busy / batches,
+        # Real tokens / tokens computed: 1.0 = no padding (the lone/fairness phases are excluded).
+        "padding_efficiency": real / padded if padded > 0 else None,
+        "engine_busy_fraction": busy / wall_s if wall_s > 0 else None,
+        "computed_tokens_per_s": padded / busy if busy > 0 else None,
+    }

@@ -206,6 +206,7 @@ async def _run(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any
             what = f"{n_requests} requests" if n_requests is not None else f"{args.duration:g} s"
             _log(f"round {r + 1}/{args.rounds}: server load, {what} x {args.passages} pairs at concurrency {args.concurrency}")
             base = offset
+            before = await c.scrape_metrics(client, url)
             results, wall = await c.drive(
                 client,
                 url,
@@ -214,12 +215,17 @@ async def _run(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any
                 n_requests=n_requests,
                 duration_s=args.duration,
             )
+            after = await c.scrape_metrics(client, url)
             offset += max((i for i, _ in results), default=-1) + 1
             samples = [s for _, s in results]
             all_samples += samples
             wall_total += wall
             summary = c.summarize(samples, wall)
-            rnd: dict[str, Any] = {"server_pairs_per_s": summary["pairs_per_s"], "server_p50_ms": summary["latency_ms"]["p50"]}
+            rnd: dict[str, Any] = {
+                "server_pairs_per_s": summary["pairs_per_s"],
+                "server_p50_ms": summary["latency_ms"]["p50"],
+                "batches": c.batch_stats(before, after, wall),
+            }
             if refs and refs.crossencoder:
                 pairs = [
                     p
@@ -384,6 +390,7 @@ def build_report(args: argparse.Namespace, server: dict[str, Any]) -> dict[str, 
         "baseline": baseline,
         "throughput_ratio": throughput_ratio,
         "rounds": server.get("rounds", []),
+        "batches": (server.get("rounds") or [{}])[0].get("batches"),
         "lone": lone,
         "pure_compute": pure,
         "fairness": fairness,
@@ -433,6 +440,13 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     if load.get("server_ms_mean"):
         lines.append(f"  server says     {_timings_text(load['server_ms_mean'])} (mean per request)")
+    bs = r.get("batches")
+    if bs:
+        lines.append(
+            f"  batches         {bs['batches']} in round 1: {bs['pairs_per_batch']:.1f} pairs, "
+            f"{bs['tokens_per_batch']:.0f} tokens, {bs['seconds_per_batch'] * 1e3:.0f} ms each; padding "
+            f"efficiency {_f(bs['padding_efficiency'], '.2f')}; engine busy {_f(bs['engine_busy_fraction'], '.0%')}"
+        )
     b = r.get("baseline")
     if b:
         lines += [
