@@ -515,8 +515,12 @@ def run_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.concurrency < 1 or args.passages < 1:
-        print("error: --concurrency and --passages must be >= 1", file=sys.stderr)
+    counts = (args.concurrency, args.passages, args.rounds, args.lone_repeats)
+    if min(counts) < 1 or (args.requests is not None and args.requests < 1):
+        print("error: --concurrency, --passages, --rounds, --requests, --lone-repeats must be >= 1", file=sys.stderr)
+        return 2
+    if args.duration is not None and args.duration <= 0:
+        print("error: --duration must be > 0", file=sys.stderr)
         return 2
     try:
         server = asyncio.run(_run(args, args.model))
