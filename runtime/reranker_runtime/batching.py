@@ -1,26 +1,30 @@
-"""Token-budget dynamic batcher: one queue owner task, fair across requests.
+"""Token-budget dynamic batcher: one queue owner task, fair across requests, low padding.
 
 Every (query, text) pair is its own queue entry, so pairs of different requests share forward
 passes. One asyncio task (the owner) forms batches; forward passes run on one dedicated worker
-thread, one at a time. The owner keeps up to two batches submitted (one running, one waiting) so
-the worker never idles while the event loop is busy, which is also the bound on fairness: a new
-request's pairs go into the next batch formed, at most two forward passes away.
+thread, one at a time. The owner keeps `pipeline_depth` batches submitted: 2 on GPUs (one
+running, one ready, so the device never idles while the event loop is busy), 1 on CPUs (forming
+a batch takes well under a millisecond next to a forward pass of hundreds, and a request that
+arrives meanwhile rides in the very next batch).
 
-Batch formation (`_form_batch`):
-- requests are visited round-robin, oldest request first, one entry per request per round, so a
-  1-text request is not stuck behind a 500-text one (TEI's FIFO queue does that) and no request
-  starves (the oldest request always gets an entry in the next batch);
-- each request's entries are taken longest first, so consecutive batches hold similar lengths
-  and padding stays low;
-- a batch is closed when the next entry would exceed the token budget (padded engines cost
-  `longest * n`, packed engines `sum(lengths)`) or the batch size limit.
+Batch formation (`_form_batch`) balances fairness against padding:
+1. lead: the longest waiting entry of all; batches are cut from the top of the length order,
+   which is what keeps padding low (CrossEncoder.predict sorts its inputs the same way);
+2. fairness: every waiting request that had no entry in the previous batch gets one slot, with
+   its longest entry, so a new 1-text request rides in the very next batch instead of waiting
+   behind a 500-text one (TEI's FIFO queue does that), and every request is served at least
+   every other batch: nothing starves;
+3. efficiency: the rest of the budget takes the longest waiting entries of all requests (a
+   merge of the requests' length-sorted lists; equal lengths alternate between requests);
+4. a batch is closed when the next entry would exceed the token budget (padded engines cost
+   `longest * n`, packed engines `sum(lengths)`) or the batch size limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +39,10 @@ from reranker_runtime.errors import EngineError, ModelLoadError, NotReadyError
 
 logger = logging.getLogger(__name__)
 
-# Batches submitted to the worker at once: one running + one ready to start.
-_PIPELINE_DEPTH = 2
+
+def default_pipeline_depth(device: str) -> int:
+    """Batches kept submitted to the worker: 1 on CPU, 2 (one running, one ready) on GPUs."""
+    return 1 if device == "cpu" else 2
 
 
 @dataclass
@@ -56,7 +62,9 @@ class _Request:
     num_labels: int
     submitted_at: float
     future: asyncio.Future[BatchResult]
-    pending: deque[_Entry] = field(default_factory=deque)
+    # Waiting entries, longest first; `pending_lengths` holds their lengths negated (heap keys).
+    pending: list[_Entry] = field(default_factory=list)
+    pending_lengths: list[int] = field(default_factory=list)
     logits: np.ndarray | None = None
     remaining: int = 0
     first_start: float | None = None
@@ -64,6 +72,7 @@ class _Request:
     batches: int = 0
     # Set on the event loop; read by the worker thread to skip entries of a dropped request.
     dropped: bool = False
+    last_batch: int = -2  # sequence number of the last batch formed with one of its entries
 
 
 @dataclass(eq=False)
@@ -98,7 +107,14 @@ def batch_cost(lengths: Sequence[int], padded: bool) -> int:
 class Batcher:
     """Owns the queue of one engine. Create, `await start()`, `await score(...)`, `await stop()`."""
 
-    def __init__(self, engine: Engine, *, max_batch_tokens: int, max_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_tokens: int,
+        max_batch_size: int | None = None,
+        pipeline_depth: int | None = None,
+    ) -> None:
         info = engine.info
         self._engine = engine
         self._padded = info.padded
@@ -115,7 +131,8 @@ class Batcher:
         if budget < 1 or (self.max_batch_size is not None and self.max_batch_size < 1):
             raise ValueError("max_batch_tokens and max_batch_size must be positive")
         self._num_labels = info.num_labels
-        # Requests with entries still waiting, in arrival order (the round-robin order).
+        self.pipeline_depth = pipeline_depth or default_pipeline_depth(info.device)
+        # Requests with entries still waiting, least recently seeded first (the turn order).
         self._requests: dict[_Request, None] = {}
         # Every request whose future is not resolved yet (waiting or in a submitted batch).
         self._live: set[_Request] = set()
@@ -125,6 +142,7 @@ class Batcher:
         self._owner: asyncio.Task[None] | None = None
         self._running = False
         self._batches_run = 0
+        self._batches_formed = 0
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -211,9 +229,10 @@ class Batcher:
             future=loop.create_future(),
             remaining=len(items),
         )
-        # Longest first: consecutive batches get similar lengths (less padding).
+        # Longest first: batches are filled from the top of each request's list (less padding).
         order = sorted(range(len(items)), key=lambda i: -len(items[i]))
-        request.pending.extend(_Entry(request, i, items[i]) for i in order)
+        request.pending = [_Entry(request, i, items[i]) for i in order]
+        request.pending_lengths = [-len(items[i]) for i in order]
         request.logits = np.empty((len(items), self._num_labels), dtype=np.float32)
         self._requests[request] = None
         self._live.add(request)
@@ -233,7 +252,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         submitted: deque[tuple[_Batch, asyncio.Future[_Outcome]]] = deque()
         while self._running or submitted:
-            while self._running and len(submitted) < _PIPELINE_DEPTH and self._requests:
+            while self._running and len(submitted) < self.pipeline_depth and self._requests:
                 batch = self._form_batch()
                 assert self._executor is not None
                 fut = loop.run_in_executor(self._executor, self._forward, batch)
@@ -257,33 +276,62 @@ class Batcher:
     def _form_batch(self) -> _Batch:
         entries: list[_Entry] = []
         lengths: list[int] = []
-        longest = total = 0
         limit = self.max_batch_size
-        blocked: set[_Request] = set()
-        progress = True
-        while progress and (limit is None or len(entries) < limit):
-            progress = False
-            for request in self._requests:
-                if request in blocked or not request.pending:
-                    continue
-                if limit is not None and len(entries) >= limit:
-                    break
-                entry = request.pending[0]
-                length = len(entry.pair)
-                new_longest = max(longest, length)
-                cost = new_longest * (len(entries) + 1) if self._padded else total + length
-                # The first entry is always taken: one that alone exceeds the budget runs alone
-                # rather than sticking in the queue (the start-up check makes that impossible for
-                # valid inputs), and a non-empty queue always yields a non-empty batch.
-                if entries and cost > self.max_batch_tokens:
-                    blocked.add(request)
-                    continue
-                request.pending.popleft()
-                entries.append(entry)
-                lengths.append(length)
-                longest, total = new_longest, total + length
-                progress = True
-        # Finished requests leave the round-robin only when their pending list is empty.
+        longest = total = 0
+        # Entries taken from the top of each request's list (its longest waiting ones).
+        taken: dict[_Request, int] = {}
+
+        def fits(length: int) -> bool:
+            if limit is not None and len(lengths) >= limit:
+                return False
+            if not lengths:  # the first entry always runs, even alone over the budget
+                return True
+            cost = max(longest, length) * (len(lengths) + 1) if self._padded else total + length
+            return cost <= self.max_batch_tokens
+
+        def take(request: _Request) -> None:
+            nonlocal longest, total
+            i = taken.get(request, 0)
+            taken[request] = i + 1
+            entries.append(request.pending[i])
+            length = -request.pending_lengths[i]
+            lengths.append(length)
+            longest, total = max(longest, length), total + length
+
+        # 1. Lead: the longest waiting entry of all.
+        requests = list(self._requests)
+        take(min(requests, key=lambda r: r.pending_lengths[0]))
+
+        # 2. Fairness: one slot for each request that had no entry in the previous batch.
+        for request in requests:
+            if request not in taken and request.last_batch < self._batches_formed - 1:
+                if fits(-request.pending_lengths[0]):
+                    take(request)
+
+        # 3. Efficiency: the longest waiting entries of all requests, merged from their sorted
+        # lists; equal lengths go to the request with fewer entries in this batch so far.
+        heap = [
+            (r.pending_lengths[taken.get(r, 0)], taken.get(r, 0), turn)
+            for turn, r in enumerate(requests)
+            if taken.get(r, 0) < len(r.pending)
+        ]
+        heapq.heapify(heap)
+        while heap:
+            neg_length, _, turn = heapq.heappop(heap)
+            if not fits(-neg_length):
+                # Padded: every candidate is no longer than the lead and costs the same, so none
+                # fits; packed: stop at the first that does not, keeping the longest-first order.
+                break
+            request = requests[turn]
+            take(request)
+            if taken[request] < len(request.pending):
+                heapq.heappush(heap, (request.pending_lengths[taken[request]], taken[request], turn))
+
+        for request, n in taken.items():
+            del request.pending[:n]
+            del request.pending_lengths[:n]
+            request.last_batch = self._batches_formed
+        self._batches_formed += 1
         for request in [r for r in self._requests if not r.pending]:
             del self._requests[request]
         self._set_queued(self._queued - len(entries))

@@ -114,9 +114,40 @@ async def test_long_pairs_grouped_to_limit_padding(xlmr_engine) -> None:
     assert len(mixed) <= 1
 
 
+async def test_concurrent_requests_share_batches_with_little_padding(xlmr_engine) -> None:
+    """8 requests of 16 mixed-length pairs: batches group similar lengths across requests, and
+    every request gets a pair into the first batch formed and then at least every other one."""
+    engine = ControlledEngine(xlmr_engine)
+    batcher = await started(engine, max_batch_tokens=1024)
+    rng = random.Random(3)
+    marks = range(10, 18)
+    engine.hold()
+    try:
+        first = asyncio.create_task(batcher.score("first", [seq(8, token=3)]))
+        await engine.wait_for_calls(1)
+        tasks = [
+            asyncio.create_task(batcher.score(f"r{t}", [seq(rng.randint(10, 120), token=t) for _ in range(16)]))
+            for t in marks
+        ]
+        await until(lambda: batcher.queue_size == 8 * 16, "all pairs queued")
+        engine.release()
+        await asyncio.wait_for(asyncio.gather(first, *tasks), WAIT_S)
+    finally:
+        engine.release()
+        await batcher.stop()
+    batches = engine.calls[1:]
+    real = sum(len(p) for b in batches for p in b)
+    computed = sum(batch_cost([len(p) for p in b], padded=True) for b in batches)
+    assert real / computed >= 0.85, f"padding efficiency {real / computed:.2f}"
+    for t in marks:
+        held = marked_by(engine, t)
+        assert held[0] == 1
+        assert all(b - a <= 2 for a, b in zip(held, held[1:])), f"request {t} waited 2+ batches: {held}"
+
+
 async def test_cancelled_request_is_never_scored(xlmr_engine) -> None:
     engine = ControlledEngine(xlmr_engine, max_batch_size=2)
-    batcher = await started(engine)
+    batcher = await started(engine, pipeline_depth=2)
     engine.hold()
     try:
         big = asyncio.create_task(batcher.score("big", [seq(20, token=5)] * 8))
@@ -139,7 +170,7 @@ async def test_cancelled_request_is_never_scored(xlmr_engine) -> None:
 
 async def test_cancelled_request_skipped_in_submitted_batch(xlmr_engine) -> None:
     engine = ControlledEngine(xlmr_engine)
-    batcher = await started(engine)
+    batcher = await started(engine, pipeline_depth=2)
     engine.hold()
     try:
         first = asyncio.create_task(batcher.score("first", [seq(20, token=5)]))
@@ -163,7 +194,7 @@ async def test_cancelled_request_skipped_in_submitted_batch(xlmr_engine) -> None
 
 async def test_engine_failure_fails_exactly_its_batch(xlmr_engine) -> None:
     engine = ControlledEngine(xlmr_engine)
-    batcher = await started(engine)
+    batcher = await started(engine, pipeline_depth=2)
     failures_before = REGISTRY.get_sample_value("te_batch_failure_total") or 0.0
     engine.hold()
     try:
@@ -215,9 +246,10 @@ async def test_stop_resolves_or_fails_everything(xlmr_engine) -> None:
     assert batcher.queue_size == 0
 
 
-async def test_small_request_not_stuck_behind_large_one(xlmr_engine) -> None:
+@pytest.mark.parametrize("depth", [1, 2])
+async def test_small_request_not_stuck_behind_large_one(xlmr_engine, depth: int) -> None:
     engine = ControlledEngine(xlmr_engine, max_batch_size=4)
-    batcher = await started(engine)
+    batcher = await started(engine, pipeline_depth=depth)
     engine.hold()
     try:
         large = asyncio.create_task(batcher.score("large", [seq(40, token=5)] * 100))  # 25 batches
@@ -229,9 +261,9 @@ async def test_small_request_not_stuck_behind_large_one(xlmr_engine) -> None:
     finally:
         engine.release()
         await batcher.stop()
-    # Batch 0 was running and batch 1 submitted when it arrived: the small request rides in
-    # the next batch formed, whatever the large request still has queued.
-    assert marked_by(engine, 7) == [2]
+    # Batch 0 was running (and, at depth 2, batch 1 submitted) when it arrived: the small
+    # request rides in the next batch formed, whatever the large request still has queued.
+    assert marked_by(engine, 7) == [depth]
     assert len(engine.calls) >= 25
 
 

@@ -357,12 +357,13 @@ async def test_cancelled_rerank_drops_its_pairs(xlmr_engine) -> None:
         engine.hold()
         blocker = asyncio.create_task(service.rerank(QUERY, ["apple", "banana"], truncate=False))
         await engine.wait_for_calls(1)
+        before = service.batcher.queue_size  # the blocker's pairs not yet in a forward pass
         victim = asyncio.create_task(service.rerank("zzz", ["music art science"] * 3, truncate=False))
         for _ in range(200):
-            if service.batcher.queue_size == 3:
+            if service.batcher.queue_size == before + 3:
                 break
             await asyncio.sleep(0.005)
-        assert service.batcher.queue_size == 3
+        assert service.batcher.queue_size == before + 3
         victim.cancel()
         with pytest.raises(asyncio.CancelledError):
             await victim
