@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
+import torch
 
 from reranker_runtime import __version__
 from reranker_runtime.api import create_app
@@ -63,6 +64,7 @@ async def test_info(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
     assert info["max_client_batch_size"] == 16
     assert info["max_concurrent_requests"] == 512
     assert info["auto_truncate"] is False
+    assert info["torch_threads"] == torch.get_num_threads()
     assert info["ready"] is True
     assert info["version"] == __version__
 

@@ -15,7 +15,7 @@ import torch
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.engines.base import EncodedPair
 from reranker_runtime.engines.factory import create_engine
-from reranker_runtime.engines.torch_engine import TorchEngine
+from reranker_runtime.engines.torch_engine import TorchEngine, cpu_has_native_bf16
 from reranker_runtime.errors import ModelLoadError
 from tiny_models import TINY_MAX_TOKENS, corpus, reference_logits
 
@@ -109,6 +109,14 @@ def test_empty_batch(xlmr_engine) -> None:
 def test_too_long_sequence_raises(xlmr_engine) -> None:
     with pytest.raises(ValueError, match="exceeds the model's limit of 128"):
         xlmr_engine.score([EncodedPair([0] + [5] * 200 + [2])])
+
+
+@pytest.mark.parametrize(("flags", "native"), [("fpu avx512f avx512_bf16", True), ("fpu amx_bf16", True), ("fpu avx2 avx512f", False)])
+def test_native_bf16_detection(tmp_path: Path, flags: str, native: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_has_native_bf16(str(cpuinfo)) is native
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is None
 
 
 def test_bfloat16_on_cpu(xlmr_reranker: Path, xlmr_engine) -> None:

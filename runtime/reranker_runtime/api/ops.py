@@ -77,6 +77,8 @@ def build_info(runtime: Runtime) -> dict[str, Any]:
         "engine": info.name,
         "device": info.device,
         "model_dtype": info.dtype,
+        # CPU threads of the forward pass (PyTorch engine); size the pod's CPU request to match.
+        "torch_threads": info.extra.get("torch_threads"),
         "max_input_length": info.max_input_length,
         "max_batch_tokens": max_batch_tokens,
         "max_batch_requests": max_batch_requests,

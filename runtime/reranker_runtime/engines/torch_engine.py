@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -63,6 +64,15 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ModelLoadError(f"unknown --dtype {dtype!r}; use auto, float32, float16 or bfloat16")
     return _DTYPES[name]
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX); None when unknown."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -121,6 +131,11 @@ class TorchEngine(Engine):
 
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
+        if dev == "cpu" and torch_dtype == torch.bfloat16 and cpu_has_native_bf16() is False:
+            logger.warning(
+                "this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16): bfloat16 is emulated "
+                "and usually slower than float32 here; use --dtype float32 (or auto)",
+            )
         started = time.perf_counter()
 
         try:
@@ -173,7 +188,11 @@ class TorchEngine(Engine):
             max_batch_size=None,
             max_batch_tokens=None,
             id2label=id2label,
-            extra={"attn_implementation": attn, "model_type": config.model_type},
+            extra={
+                "attn_implementation": attn,
+                "model_type": config.model_type,
+                "torch_threads": torch.get_num_threads(),
+            },
         )
         logger.info(
             "model loaded",
