@@ -148,6 +148,18 @@ async def test_api_key_scope(secured: httpx.AsyncClient) -> None:
         assert (await secured.get(path)).status_code == 200, path
 
 
+async def test_api_key_declared_in_openapi(secured: httpx.AsyncClient, client: httpx.AsyncClient) -> None:
+    schema = (await secured.get("/openapi.json")).json()
+    assert set(schema["components"]["securitySchemes"]) == {"Bearer", "ApiKey"}
+    for path in ("/rerank", "/predict", "/v1/rerank", "/v2/rerank", "/tokenize", "/info"):
+        [operation] = schema["paths"][path].values()
+        assert operation["security"] == [{"Bearer": []}, {"ApiKey": []}], path
+    for path in ("/health", "/live", "/metrics"):
+        assert "security" not in schema["paths"][path]["get"], path
+    open_schema = (await client.get("/openapi.json")).json()
+    assert "securitySchemes" not in open_schema.get("components", {})
+
+
 async def test_no_api_key_means_open(client: httpx.AsyncClient) -> None:
     resp = await client.post("/rerank", json=RERANK, headers={"Authorization": "Bearer anything"})
     assert resp.status_code == 200

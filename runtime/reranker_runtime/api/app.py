@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker_runtime import __version__, metrics
 from reranker_runtime.api import cohere, ops, tei
-from reranker_runtime.api.auth import ApiKeyMiddleware
+from reranker_runtime.api.auth import ApiKeyMiddleware, document_api_key
 from reranker_runtime.api.deps import LOG_SCOPE_KEY, REQUEST_ID_SCOPE_KEY, ClientDisconnected, Runtime
 from reranker_runtime.api.schemas import INPUT_ERROR, ErrorBody
 from reranker_runtime.config import ServeSettings
@@ -84,6 +84,14 @@ def create_app(
 
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+        default_openapi = app.openapi
+
+        def openapi_with_api_key() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                app.openapi_schema = document_api_key(default_openapi())
+            return app.openapi_schema
+
+        app.openapi = openapi_with_api_key  # type: ignore[method-assign]
     # Metric labels: known paths only, so scanners hitting random URLs cannot blow up the
     # label cardinality. (Collected from the routers: included routers are not flattened
     # into app.routes in this FastAPI version.)
