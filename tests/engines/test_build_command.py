@@ -275,6 +275,25 @@ def test_gpu_build_orchestration(monkeypatch: pytest.MonkeyPatch, xlmr_reranker:
     assert len(calls) == 1
 
 
+def test_t4_gets_a_pytorch_engine_directory(monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path) -> None:
+    """TensorRT-LLM's release builds have no sm_75 kernels: on a T4 the checkpoint is cached for
+    the PyTorch engine (float16 on the GPU) instead of a TensorRT-LLM build that would fail."""
+    from reranker_runtime.build.engine_dir import load_engine_from_dir
+    from reranker_runtime.build.manifest import GpuInfo
+
+    t4 = GpuInfo(name="Tesla T4", compute_capability="7.5")
+    monkeypatch.setattr(trtllm, "build_engine", lambda *a, **k: pytest.fail("TensorRT-LLM build on a T4"))
+    out = tmp_path / "key"
+    # The tiny model's 2x MLP is fine here: TensorRT-LLM's constraints do not apply.
+    res = command.run_build(inputs(xlmr_reranker, accelerator="T4"), out, gpu_detector=lambda: t4)
+    assert res.status == "built"
+    m = read_manifest(out)
+    assert (m.engine, m.gpu, m.build.dtype) == ("pytorch", t4, "float16")
+    assert not (out / "engine").exists()
+    engine = load_engine_from_dir(str(out), ServeSettings(device="cpu"))  # the PyTorch engine (CPU here)
+    assert engine.info.name == "pytorch"
+
+
 def test_gpu_build_refuses_other_gpu_before_downloading(monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path) -> None:
     from reranker_runtime.build import checkpoint
 

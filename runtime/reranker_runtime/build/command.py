@@ -148,7 +148,7 @@ def run_build(
     """Do the build; raises BuildError subclasses with user-facing messages."""
     from reranker_runtime.build import atomic
     from reranker_runtime.build.checkpoint import copy_checkpoint, fetch_checkpoint, resolve_source, validate_checkpoint
-    from reranker_runtime.build.gpu import check_accelerator, detect_gpu
+    from reranker_runtime.build.gpu import TRTLLM_ACCELERATORS, check_accelerator, detect_gpu
     from reranker_runtime.build.manifest import (
         CHECKPOINT_SUBDIR,
         ENGINE_SUBDIR,
@@ -169,6 +169,9 @@ def run_build(
     dtype = check_quantization(inputs.quantization, inputs.accelerator)
     resolve_source(inputs.checkpoint_repo, inputs.source)
     is_gpu = inputs.accelerator != "CPU"
+    # A TensorRT-LLM engine where TensorRT-LLM has kernels; elsewhere (CPU, T4) the checkpoint is
+    # cached for the PyTorch engine (float16 on a GPU, float32 on CPU).
+    use_trtllm = inputs.accelerator in TRTLLM_ACCELERATORS
 
     existing = atomic.existing_complete(out, inputs)
     if existing is not None:
@@ -198,14 +201,14 @@ def run_build(
                 spec.num_labels,
                 spec.max_input_length,
             )
-            if is_gpu:
+            if use_trtllm:
                 check_trtllm_compatible(spec)
             profile = derive_profile(inputs.max_num_tokens, spec.max_input_length, inputs.max_seq_len)
             with progress("copying tokenizer, config and weights"):
                 copied = copy_checkpoint(fetched.path, tmp / CHECKPOINT_SUBDIR)
             log.info("cached %d checkpoint files: %s", len(copied), ", ".join(copied))
             extra_versions: dict[str, str] = {}
-            if is_gpu:
+            if use_trtllm:
                 with progress(f"converting and building the TensorRT-LLM engine (B={profile.max_batch_size}, L={profile.max_input_len})"):
                     extra_versions = build_engine(tmp / CHECKPOINT_SUBDIR, tmp / ENGINE_SUBDIR, spec, profile, scratch)
                 shapes = BuildShapes(dtype=dtype, max_batch_size=profile.max_batch_size, max_input_len=profile.max_input_len)
@@ -213,7 +216,7 @@ def run_build(
                 shapes = BuildShapes(dtype=dtype, max_batch_size=None, max_input_len=profile.max_input_len)
             shutil.rmtree(scratch, ignore_errors=True)
             manifest = Manifest(
-                engine="tensorrt-llm" if is_gpu else "pytorch",
+                engine="tensorrt-llm" if use_trtllm else "pytorch",
                 inputs=inputs,
                 resolved_revision=fetched.resolved_revision,
                 model=ModelInfo(

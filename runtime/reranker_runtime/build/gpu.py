@@ -36,6 +36,9 @@ ACCELERATORS: dict[str, AcceleratorSpec] = {
     "T4": AcceleratorSpec("Tesla T4", "7.5", r"\bT4\b"),
 }
 GPU_ACCELERATORS = tuple(ACCELERATORS)
+# GPUs TensorRT-LLM's release builds have kernels for (sm_80 and newer: its wheels are built for
+# 80/86/89/90/100/120 only). Other GPUs (T4, sm_75) serve with the PyTorch engine in float16.
+TRTLLM_ACCELERATORS = tuple(a for a, spec in ACCELERATORS.items() if float(spec.compute_capability) >= 8.0)
 ALL_ACCELERATORS = (*GPU_ACCELERATORS, "CPU")
 
 

@@ -128,8 +128,8 @@ def trtllm_versions() -> dict[str, str]:
 def build_engine(checkpoint_dir: Path, engine_dir: Path, spec: ModelSpec, profile: Profile, scratch: Path) -> dict[str, str]:
     """Convert the HF checkpoint and build a float16 engine into engine_dir; returns versions."""
     try:
-        # Concrete modules rather than the package's re-exports: recent tensorrt_llm/__init__.py
-        # loads its public surface lazily and no longer re-exports `build`/`BuildConfig`.
+        # Concrete modules rather than the package's re-exports: they hold in every 1.x release,
+        # while what tensorrt_llm/__init__.py re-exports has moved between versions.
         import tensorrt_llm
         from tensorrt_llm.builder import BuildConfig
         from tensorrt_llm.builder import build as trtllm_build
@@ -159,8 +159,8 @@ def build_engine(checkpoint_dir: Path, engine_dir: Path, spec: ModelSpec, profil
             max_batch_size=profile.max_batch_size,
             max_input_len=profile.max_input_len,
             max_seq_len=profile.max_input_len,
-            # Ignored by BERT (its prepare_inputs uses B*L), but must not be below B*L for
-            # check_max_num_tokens in builder._init_max_seq_len.
+            # Ignored by BERT (its prepare_inputs profiles tokens up to B*L); B*L keeps
+            # _common.check_max_num_tokens from clamping it with a warning.
             max_num_tokens=profile.max_num_tokens,
             plugin_config=plugin_config,
             # Default is 'model.cache' in the working directory, which may be read-only.

@@ -125,8 +125,14 @@ class TrtLlmEngine(Engine):
         max_len = int(build_cfg.get("max_input_len") or manifest.build.max_input_len)
         is_roberta = bool(pretrained.get("is_roberta", manifest.model.model_type in ("roberta", "xlm-roberta")))
         pad = pretrained.get("pad_token_id")
+        if is_roberta and pad is None:
+            # A silent offset of 0 would shift every position and mis-score without an error.
+            raise ModelLoadError(
+                f"{trt_dir / 'config.json'} has no pretrained_config.pad_token_id for a RoBERTa-family "
+                "engine; rebuild it with `reranker-runtime build`"
+            )
         # examples/models/core/bert/utils.py process_input: roberta positions + 1 + padding_idx.
-        position_offset = (int(pad) + 1) if (is_roberta and pad is not None) else 0
+        position_offset = int(pad) + 1 if is_roberta else 0
         num_labels = int(pretrained.get("num_labels") or manifest.model.num_labels)
 
         dev = device if device.startswith("cuda") else "cuda"
