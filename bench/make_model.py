@@ -22,7 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> int:
     from reranker_runtime.bench.model import SHAPES, build_bench_model
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size", choices=list(SHAPES), default="small")
     p.add_argument("--arch", choices=["xlmr", "bert"], default="xlmr")
     p.add_argument("--out", required=True, help="output directory")

@@ -28,18 +28,24 @@ NAMESPACE = "ml"
 
 _ALL = ["get", "list", "watch", "create", "patch", "update", "delete"]
 RESOURCES: dict[str, kmock.ResourceInfo] = {
-    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=["get", "list", "watch"]),
+    "v1/namespaces": kmock.ResourceInfo(
+        kind="Namespace", namespaced=False, verbs=["get", "list", "watch"]
+    ),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
         kind="CustomResourceDefinition", namespaced=False, verbs=["get", "list", "watch"]
     ),
     "reranker.dev/v1alpha1/rerankers": kmock.ResourceInfo(
         kind="Reranker", namespaced=True, verbs=_ALL, subresources=["status", "scale"]
     ),
-    "v1/persistentvolumeclaims": kmock.ResourceInfo(kind="PersistentVolumeClaim", namespaced=True, verbs=_ALL),
+    "v1/persistentvolumeclaims": kmock.ResourceInfo(
+        kind="PersistentVolumeClaim", namespaced=True, verbs=_ALL
+    ),
     "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True, verbs=_ALL, subresources=["status"]),
     "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs=_ALL),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs=_ALL),
-    "batch/v1/jobs": kmock.ResourceInfo(kind="Job", namespaced=True, verbs=_ALL, subresources=["status"]),
+    "batch/v1/jobs": kmock.ResourceInfo(
+        kind="Job", namespaced=True, verbs=_ALL, subresources=["status"]
+    ),
     "apps/v1/deployments": kmock.ResourceInfo(
         kind="Deployment", namespaced=True, verbs=_ALL, subresources=["status", "scale"]
     ),
@@ -117,7 +123,9 @@ class OperatorRunner:
         ready = threading.Event()
         self._stop = threading.Event()
         self._error = None
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="kopf-operator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="kopf-operator", daemon=True
+        )
         self._thread.start()
         await wait_for(lambda: ready.is_set() or self._error, "kopf to become ready", timeout)
         if self._error is not None:
@@ -153,7 +161,9 @@ class Cluster:
     # ------------------------------------------------------------------ raw HTTP
 
     @staticmethod
-    def _path(resource: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+    def _path(
+        resource: str, namespace: str, name: str | None = None, sub: str | None = None
+    ) -> str:
         group_version, plural = resource.rsplit("/", 1)
         base = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
         path = f"{base}/namespaces/{namespace}/{plural}"
@@ -175,7 +185,9 @@ class Cluster:
         obj["metadata"].setdefault("namespace", self.ns)
         return await self._send("POST", self._path(resource, obj["metadata"]["namespace"]), obj)
 
-    async def patch(self, resource: str, name: str, patch: dict[str, Any], sub: str | None = None) -> Any:
+    async def patch(
+        self, resource: str, name: str, patch: dict[str, Any], sub: str | None = None
+    ) -> Any:
         return await self._send("PATCH", self._path(resource, self.ns, name, sub), patch)
 
     async def delete(self, resource: str, name: str) -> Any:
@@ -215,7 +227,12 @@ class Cluster:
             "apiVersion": "reranker.dev/v1alpha1",
             "kind": "Reranker",
             # The emulator assigns neither uid nor generation: do the API server's part.
-            "metadata": {"name": name, "namespace": self.ns, "uid": str(uuid.uuid4()), "generation": 1},
+            "metadata": {
+                "name": name,
+                "namespace": self.ns,
+                "uid": str(uuid.uuid4()),
+                "generation": 1,
+            },
             "spec": spec,
         }
         await self.create(self.RERANKER, body)
@@ -223,13 +240,17 @@ class Cluster:
     async def update_spec(self, name: str, spec_patch: dict[str, Any]) -> int:
         """Patch the spec and bump metadata.generation, as the API server would."""
         generation = (self.get(self.RERANKER, name) or {})["metadata"].get("generation", 1) + 1
-        await self.patch(self.RERANKER, name, {"metadata": {"generation": generation}, "spec": spec_patch})
+        await self.patch(
+            self.RERANKER, name, {"metadata": {"generation": generation}, "spec": spec_patch}
+        )
         return generation
 
     # ------------------------------------------------------------------ the controllers' part
 
     async def job_running(self, job: str) -> None:
-        await self.patch(self.JOB, job, {"status": {"active": 1, "startTime": _now()}}, sub="status")
+        await self.patch(
+            self.JOB, job, {"status": {"active": 1, "startTime": _now()}}, sub="status"
+        )
 
     async def job_succeeded(self, job: str) -> None:
         await self.patch(

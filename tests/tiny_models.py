@@ -8,8 +8,9 @@ against: the model's fp32 forward pass on each pair alone, no batching.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -19,18 +20,87 @@ Kind = Literal["xlmr-reranker", "bert-reranker", "xlmr-classifier"]
 # Positions usable by tokens (XLM-R reserves padding_idx + 1 = 2 extra position slots).
 TINY_MAX_TOKENS = 128
 
-_WORDS = (
-    "the a of to and in is for on that with as by at from it this be are was an or which "
-    "deep learning model inference fast provider search engine rank query text document "
-    "baseten kubernetes cluster gpu tensor batch token score relevance passage answer "
-    "what who where when why how paris france capital city river music art science data "
-    "apple banana orange fruit computer network server client request response latency"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "this",
+    "be",
+    "are",
+    "was",
+    "an",
+    "or",
+    "which",
+    "deep",
+    "learning",
+    "model",
+    "inference",
+    "fast",
+    "provider",
+    "search",
+    "engine",
+    "rank",
+    "query",
+    "text",
+    "document",
+    "baseten",
+    "kubernetes",
+    "cluster",
+    "gpu",
+    "tensor",
+    "batch",
+    "token",
+    "score",
+    "relevance",
+    "passage",
+    "answer",
+    "what",
+    "who",
+    "where",
+    "when",
+    "why",
+    "how",
+    "paris",
+    "france",
+    "capital",
+    "city",
+    "river",
+    "music",
+    "art",
+    "science",
+    "data",
+    "apple",
+    "banana",
+    "orange",
+    "fruit",
+    "computer",
+    "network",
+    "server",
+    "client",
+    "request",
+    "response",
+    "latency",
+]
 
 
 def corpus(n_sentences: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 30))) for _ in range(n_sentences)]
+    return [
+        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 30))) for _ in range(n_sentences)
+    ]
 
 
 def _xlmr_tokenizer(out_dir: Path):

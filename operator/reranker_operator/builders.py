@@ -109,9 +109,17 @@ def engine_key_for(spec: RerankerSpec, config: OperatorConfig) -> str:
 def spec_hash(obj: dict[str, Any]) -> str:
     """sha256 of a child's labels, annotations (minus this hash) and spec: compare to patch."""
     meta = obj.get("metadata") or {}
-    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != ANNOTATION_SPEC_HASH}
-    payload = {"labels": meta.get("labels") or {}, "annotations": annotations, "spec": obj.get("spec")}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    annotations = {
+        k: v for k, v in (meta.get("annotations") or {}).items() if k != ANNOTATION_SPEC_HASH
+    }
+    payload = {
+        "labels": meta.get("labels") or {},
+        "annotations": annotations,
+        "spec": obj.get("spec"),
+    }
+    return hashlib.sha256(
+        json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def _finish(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
@@ -122,7 +130,9 @@ def _finish(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]
     return obj
 
 
-def _metadata(name: str, namespace: str, labels_: dict[str, str], annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def _metadata(
+    name: str, namespace: str, labels_: dict[str, str], annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels_}
     if annotations:
         meta["annotations"] = annotations
@@ -239,7 +249,10 @@ def build_engine_cache_pvc(
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": _metadata(
-            cache_pvc_name(name), namespace, labels(name, COMPONENT_CACHE), {ANNOTATION_RETENTION: retention}
+            cache_pvc_name(name),
+            namespace,
+            labels(name, COMPONENT_CACHE),
+            {ANNOTATION_RETENTION: retention},
         ),
         "spec": pvc_spec,
     }
@@ -297,7 +310,9 @@ def build_engine_job(
     obj = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(job_name(name, key), namespace, job_labels, {ANNOTATION_ENGINE_KEY: key}),
+        "metadata": _metadata(
+            job_name(name, key), namespace, job_labels, {ANNOTATION_ENGINE_KEY: key}
+        ),
         "spec": {
             "backoffLimit": jobs.backoff_limit,
             "activeDeadlineSeconds": jobs.active_deadline_seconds,
@@ -337,7 +352,9 @@ def serve_env(spec: RerankerSpec, key: str) -> list[dict[str, Any]]:
         env.append(
             {
                 "name": "RERANKER_API_KEY",
-                "valueFrom": {"secretKeyRef": {"name": rt.api_key_secret.name, "key": rt.api_key_secret.key}},
+                "valueFrom": {
+                    "secretKeyRef": {"name": rt.api_key_secret.name, "key": rt.api_key_secret.key}
+                },
             }
         )
     env += [
@@ -391,7 +408,10 @@ def build_deployment(
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector_labels(name)},
         # Surge, never remove a serving pod first: old pods serve until new ones are ready.
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+        },
         "revisionHistoryLimit": 3,
         # Beyond the startup probe's budget, so Progressing=False means a real problem.
         "progressDeadlineSeconds": _progress_deadline(spec),
@@ -410,7 +430,9 @@ def build_deployment(
     obj = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(name, namespace, labels(name, COMPONENT_SERVER), {ANNOTATION_ENGINE_KEY: key}),
+        "metadata": _metadata(
+            name, namespace, labels(name, COMPONENT_SERVER), {ANNOTATION_ENGINE_KEY: key}
+        ),
         "spec": dep_spec,
     }
     return _finish(obj, owner)
@@ -418,7 +440,10 @@ def build_deployment(
 
 def _progress_deadline(spec: RerankerSpec) -> int:
     startup = _probe("/health", STARTUP_PROBE, spec.runtime.probes.startup)
-    budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
+    budget = (
+        startup.get("initialDelaySeconds", 0)
+        + startup["periodSeconds"] * startup["failureThreshold"]
+    )
     return max(600, budget + 300)
 
 
@@ -473,7 +498,13 @@ def build_hpa(
     if auto.metric == "CPU":
         metric: dict[str, Any] = {
             "type": "Resource",
-            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": auto.target_cpu_utilization}},
+            "resource": {
+                "name": "cpu",
+                "target": {
+                    "type": "Utilization",
+                    "averageUtilization": auto.target_cpu_utilization,
+                },
+            },
         }
     else:
         metric = {

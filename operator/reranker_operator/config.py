@@ -29,7 +29,12 @@ _GPU_LABELS: dict[str, tuple[list[str], list[str]]] = {
     "A10G": (["nvidia-a10g"], ["NVIDIA-A10G"]),
     "A100": (
         ["nvidia-tesla-a100", "nvidia-a100-80gb"],
-        ["NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-PCIE-40GB", "NVIDIA-A100-80GB-PCIe"],
+        [
+            "NVIDIA-A100-SXM4-40GB",
+            "NVIDIA-A100-SXM4-80GB",
+            "NVIDIA-A100-PCIE-40GB",
+            "NVIDIA-A100-80GB-PCIe",
+        ],
     ),
     "H100": (
         ["nvidia-h100-80gb", "nvidia-h100-mega-80gb"],
@@ -51,7 +56,9 @@ class AcceleratorPlacement(_Model):
     resource_name: str | None = Field(default=GPU_RESOURCE, alias="resourceName")
     # Pod `affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms`:
     # terms are ORed, expressions inside a term ANDed.
-    node_selector_terms: list[dict[str, Any]] = Field(default_factory=list, alias="nodeSelectorTerms")
+    node_selector_terms: list[dict[str, Any]] = Field(
+        default_factory=list, alias="nodeSelectorTerms"
+    )
     # Plain nodeSelector (ANDed with the affinity); usually empty.
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
@@ -59,8 +66,12 @@ class AcceleratorPlacement(_Model):
 
 class EngineCacheDefaults(_Model):
     size: str = "20Gi"
-    storage_class_name: str | None = Field(default=None, alias="storageClassName")  # None: cluster default
-    access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(default="ReadWriteMany", alias="accessMode")
+    storage_class_name: str | None = Field(
+        default=None, alias="storageClassName"
+    )  # None: cluster default
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(
+        default="ReadWriteMany", alias="accessMode"
+    )
     retention: Literal["Retain", "Delete"] = "Retain"
 
 
@@ -104,18 +115,24 @@ class OperatorConfig(_Model):
     )
     image_pull_secrets: list[str] = Field(default_factory=list, alias="imagePullSecrets")
     accelerators: dict[str, AcceleratorPlacement] = Field(default_factory=default_accelerators)
-    engine_cache: EngineCacheDefaults = Field(default_factory=EngineCacheDefaults, alias="engineCache")
+    engine_cache: EngineCacheDefaults = Field(
+        default_factory=EngineCacheDefaults, alias="engineCache"
+    )
     build_job: BuildJobSettings = Field(default_factory=BuildJobSettings, alias="buildJob")
     pod_security_context: dict[str, Any] = Field(
         default_factory=default_pod_security_context, alias="podSecurityContext"
     )
-    termination_grace_period_seconds: int = Field(default=60, alias="terminationGracePeriodSeconds", ge=0)
+    termination_grace_period_seconds: int = Field(
+        default=60, alias="terminationGracePeriodSeconds", ge=0
+    )
 
     def placement(self, accelerator_type: str) -> AcceleratorPlacement:
         try:
             return self.accelerators[accelerator_type]
         except KeyError:
-            raise KeyError(f"no placement for accelerator type {accelerator_type!r} in the operator config") from None
+            raise KeyError(
+                f"no placement for accelerator type {accelerator_type!r} in the operator config"
+            ) from None
 
 
 class ConfigError(ValueError):

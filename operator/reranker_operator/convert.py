@@ -27,7 +27,14 @@ from typing import Any
 
 import yaml
 
-from reranker_operator.spec import API_GROUP, API_VERSION, KIND, RESERVED_ENV, InvalidSpec, parse_spec
+from reranker_operator.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    RESERVED_ENV,
+    InvalidSpec,
+    parse_spec,
+)
 
 # BEI's max_seq_len value meaning "as long as the model allows".
 BEI_MODEL_MAX_SENTINEL = 1000001
@@ -77,7 +84,9 @@ def _accelerator(resources: dict[str, Any], notes: list[str]) -> dict[str, Any]:
             f"resources.accelerator {raw!r} has no Reranker accelerator type (supported: {', '.join(sorted(_ACCELERATORS))})"
         )
     if kind.strip().upper() != accel:
-        notes.append(f"resources.accelerator {kind} (a MIG slice) mapped to accelerator.type {accel}")
+        notes.append(
+            f"resources.accelerator {kind} (a MIG slice) mapped to accelerator.type {accel}"
+        )
     out: dict[str, Any] = {"type": accel}
     if count:
         try:
@@ -91,7 +100,9 @@ def _build(build: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     quant = str(build.get("quantization_type") or "no_quant").lower()
     if quant not in _QUANTIZATION:
-        raise ConvertError(f"trt_llm.build.quantization_type {quant!r} is not supported (no_quant, fp8, fp4)")
+        raise ConvertError(
+            f"trt_llm.build.quantization_type {quant!r} is not supported (no_quant, fp8, fp4)"
+        )
     if _QUANTIZATION[quant] != quant:
         notes.append(f"quantization_type {quant} mapped to {_QUANTIZATION[quant]}")
     out["quantization"] = _QUANTIZATION[quant]
@@ -130,10 +141,14 @@ def convert_config(
     build = trt.get("build") or {}
     ckpt = build.get("checkpoint_repository") or {}
     if not ckpt.get("repo"):
-        raise ConvertError("trt_llm.build.checkpoint_repository.repo is required (not a BEI config?)")
+        raise ConvertError(
+            "trt_llm.build.checkpoint_repository.repo is required (not a BEI config?)"
+        )
     base = build.get("base_model")
     if base and str(base) not in _ENCODER_BASE_MODELS:
-        notes.append(f"base_model {base!r} is not an encoder: a Reranker serves cross-encoders only")
+        notes.append(
+            f"base_model {base!r} is not an encoder: a Reranker serves cross-encoders only"
+        )
 
     model_name = config.get("model_name") or str(ckpt["repo"]).rsplit("/", 1)[-1]
     meta_name = sanitize_name(name or str(model_name))
@@ -160,11 +175,15 @@ def convert_config(
         "build": _build(build, notes),
         "accelerator": _accelerator(resources_in, notes),
     }
-    resources = {k: str(resources_in[k]) for k in ("cpu", "memory") if resources_in.get(k) is not None}
+    resources = {
+        k: str(resources_in[k]) for k in ("cpu", "memory") if resources_in.get(k) is not None
+    }
     if resources:
         spec["resources"] = resources
     env_in = config.get("environment_variables") or {}
-    env = [{"name": str(k), "value": str(v)} for k, v in env_in.items() if str(k) not in RESERVED_ENV]
+    env = [
+        {"name": str(k), "value": str(v)} for k, v in env_in.items() if str(k) not in RESERVED_ENV
+    ]
     if len(env) != len(env_in):
         notes.append("environment_variables the operator sets itself were dropped")
     if env:
@@ -174,7 +193,12 @@ def convert_config(
     if namespace:
         metadata["namespace"] = namespace
     metadata["annotations"] = {f"{API_GROUP}/converted-from": f"truss:{model_name}"}
-    manifest = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": metadata, "spec": spec}
+    manifest = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "metadata": metadata,
+        "spec": spec,
+    }
     try:
         parse_spec(manifest)
     except InvalidSpec as exc:
@@ -190,7 +214,9 @@ def to_yaml(manifest: dict[str, Any], notes: list[str]) -> str:
 def _run(args: argparse.Namespace) -> int:
     try:
         text = sys.stdin.read() if args.config_yaml == "-" else Path(args.config_yaml).read_text()
-        manifest, notes = convert_config(yaml.safe_load(text), name=args.name, namespace=args.namespace)
+        manifest, notes = convert_config(
+            yaml.safe_load(text), name=args.name, namespace=args.namespace
+        )
     except (ConvertError, OSError, yaml.YAMLError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -205,7 +231,11 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Convert a Baseten BEI/Truss config.yaml into a Reranker (reranker.dev/v1alpha1).",
     )
     parser.add_argument("config_yaml", help="the Truss config.yaml ('-' for stdin)")
-    parser.add_argument("--name", default=None, help="metadata.name (default: model_name, sanitised)")
-    parser.add_argument("-n", "--namespace", default=None, help="metadata.namespace (default: none)")
+    parser.add_argument(
+        "--name", default=None, help="metadata.name (default: model_name, sanitised)"
+    )
+    parser.add_argument(
+        "-n", "--namespace", default=None, help="metadata.namespace (default: none)"
+    )
     parser.set_defaults(func=_run)
     return parser

@@ -33,5 +33,7 @@ def engine_inputs(spec: RerankerSpec, runtime_image: str) -> dict[str, object]:
 
 def engine_key(spec: RerankerSpec, runtime_image: str) -> str:
     """sha256 hex (64 chars) of the canonical JSON of `engine_inputs`."""
-    canonical = json.dumps(engine_inputs(spec, runtime_image), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        engine_inputs(spec, runtime_image), sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -43,19 +43,45 @@ class Tuning:
 def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None:
     """Register every handler of the operator into `registry`."""
 
-    @kopf.on.resume(API_GROUP, API_VERSION, PLURAL, registry=registry, id="reconcile",
-                    retries=tuning.retries, backoff=tuning.backoff, timeout=tuning.timeout)
-    @kopf.on.create(API_GROUP, API_VERSION, PLURAL, registry=registry, id="reconcile",
-                    retries=tuning.retries, backoff=tuning.backoff, timeout=tuning.timeout)
-    @kopf.on.update(API_GROUP, API_VERSION, PLURAL, registry=registry, id="reconcile",
-                    retries=tuning.retries, backoff=tuning.backoff, timeout=tuning.timeout)
+    @kopf.on.resume(
+        API_GROUP,
+        API_VERSION,
+        PLURAL,
+        registry=registry,
+        id="reconcile",
+        retries=tuning.retries,
+        backoff=tuning.backoff,
+        timeout=tuning.timeout,
+    )
+    @kopf.on.create(
+        API_GROUP,
+        API_VERSION,
+        PLURAL,
+        registry=registry,
+        id="reconcile",
+        retries=tuning.retries,
+        backoff=tuning.backoff,
+        timeout=tuning.timeout,
+    )
+    @kopf.on.update(
+        API_GROUP,
+        API_VERSION,
+        PLURAL,
+        registry=registry,
+        id="reconcile",
+        retries=tuning.retries,
+        backoff=tuning.backoff,
+        timeout=tuning.timeout,
+    )
     def reconcile_reranker(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
         reconciler: Reconciler = memo.reconciler
         try:
             outcome = reconciler.reconcile(namespace, name)
         except Exception as exc:
             if kube.is_transient(exc):
-                raise kopf.TemporaryError(f"transient API error: {exc}", delay=tuning.backoff) from exc
+                raise kopf.TemporaryError(
+                    f"transient API error: {exc}", delay=tuning.backoff
+                ) from exc
             raise
         if outcome.invalid is not None:
             # Status already says Failed/InvalidSpec; retrying cannot help until the spec changes.
@@ -63,11 +89,15 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
         return None  # nothing for kopf to store in status
 
     @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=registry)
-    def job_event(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    def job_event(
+        body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    ) -> None:
         _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
-    def deployment_event(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    def deployment_event(
+        body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    ) -> None:
         _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
 

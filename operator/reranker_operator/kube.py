@@ -116,7 +116,9 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(method_, url, headers_, body_, post, _request_timeout=self.request_timeout)
+        response = self.api.call_api(
+            method_, url, headers_, body_, post, _request_timeout=self.request_timeout
+        )
         response.read()
         if not 200 <= response.status <= 299:
             raise ApiException(http_resp=response)
@@ -131,7 +133,9 @@ class Kube:
                 return None
             raise
 
-    def list(self, kind: Kind, namespace: str, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    def list(
+        self, kind: Kind, namespace: str, labels: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         """Objects in `namespace` carrying all `labels`."""
         query = {}
         if labels:
@@ -162,7 +166,12 @@ class Kube:
             return again, False
 
     def patch(
-        self, kind: Kind, namespace: str, name: str, patch: dict[str, Any], subresource: str | None = None
+        self,
+        kind: Kind,
+        namespace: str,
+        name: str,
+        patch: dict[str, Any],
+        subresource: str | None = None,
     ) -> dict[str, Any]:
         return self._request(
             "PATCH", kind.path(namespace, name, subresource), body=patch, content_type=MERGE_PATCH

@@ -78,7 +78,9 @@ class Reconciler:
             new = status.invalid_spec_status(exc.field, exc.message, generation, previous)
             if self._write_status(body, previous, new):
                 self._event(body, "Warning", "InvalidSpec", f"{exc.field}: {exc.message}")
-            log.warning("invalid spec", extra={"reranker": f"{namespace}/{name}", "field": exc.field})
+            log.warning(
+                "invalid spec", extra={"reranker": f"{namespace}/{name}", "field": exc.field}
+            )
             return Outcome(phase="Failed", invalid=exc)
 
         owner = builders.owner_reference(body)
@@ -100,7 +102,9 @@ class Reconciler:
 
         # 4. Status from what the children say now.
         dep_state = (
-            status.deployment_state(deployment, builders.ANNOTATION_ENGINE_KEY) if deployment else None
+            status.deployment_state(deployment, builders.ANNOTATION_ENGINE_KEY)
+            if deployment
+            else None
         )
         observed = status.Observed(
             name=name,
@@ -137,8 +141,13 @@ class Reconciler:
             )
             job, created = self.api.create_if_absent(desired)
             if created:
-                log.info("engine build started", extra={"reranker": f"{namespace}/{name}", "job": job_name})
-                self._event(body, "Normal", "BuildStarted", f"Job {job_name} builds engine {key[:10]}")
+                log.info(
+                    "engine build started",
+                    extra={"reranker": f"{namespace}/{name}", "job": job_name},
+                )
+                self._event(
+                    body, "Normal", "BuildStarted", f"Job {job_name} builds engine {key[:10]}"
+                )
 
         state = status.job_state(job)
         if state == "built":
@@ -172,10 +181,14 @@ class Reconciler:
         desired = builders.build_deployment(name, namespace, spec, self.config, key, owner)
         previous_key = None
         if deployment is not None:
-            previous_key = (deployment["metadata"].get("annotations") or {}).get(builders.ANNOTATION_ENGINE_KEY)
+            previous_key = (deployment["metadata"].get("annotations") or {}).get(
+                builders.ANNOTATION_ENGINE_KEY
+            )
         deployment = self._apply(desired, deployment)
         if previous_key and previous_key != key:
-            self._event(body, "Normal", "RollingOut", f"rolling the Deployment to engine {key[:10]}")
+            self._event(
+                body, "Normal", "RollingOut", f"rolling the Deployment to engine {key[:10]}"
+            )
 
         self._apply(builders.build_service(name, namespace, owner))
         for kind, child in (
@@ -185,7 +198,9 @@ class Reconciler:
             if child is not None:
                 self._apply(child)
             elif self.api.get(kind, namespace, name) is not None:
-                self.api.delete(kind, namespace, name)  # no longer wanted (1 replica / no autoscaling)
+                self.api.delete(
+                    kind, namespace, name
+                )  # no longer wanted (1 replica / no autoscaling)
         return deployment
 
     def _apply(self, desired: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -200,8 +215,15 @@ class Reconciler:
         have = (live["metadata"].get("annotations") or {}).get(builders.ANNOTATION_SPEC_HASH)
         if have == want:
             return live
-        log.info("patching child", extra={"kind": desired["kind"], "child": f"{meta['namespace']}/{meta['name']}"})
-        patch = {"metadata": {k: meta[k] for k in ("labels", "annotations", "ownerReferences") if k in meta}}
+        log.info(
+            "patching child",
+            extra={"kind": desired["kind"], "child": f"{meta['namespace']}/{meta['name']}"},
+        )
+        patch = {
+            "metadata": {
+                k: meta[k] for k in ("labels", "annotations", "ownerReferences") if k in meta
+            }
+        }
         patch["spec"] = desired["spec"]
         return self.api.patch(kind, meta["namespace"], meta["name"], patch)
 
@@ -212,19 +234,28 @@ class Reconciler:
         if patch is None:
             return False
         meta = body["metadata"]
-        self.api.patch(kube.RERANKER, meta["namespace"], meta["name"], {"status": patch}, subresource="status")
+        self.api.patch(
+            kube.RERANKER, meta["namespace"], meta["name"], {"status": patch}, subresource="status"
+        )
         log.info(
             "status",
-            extra={"reranker": f"{meta['namespace']}/{meta['name']}", "phase": new.get("phase"), "detail": new.get("message")},
+            extra={
+                "reranker": f"{meta['namespace']}/{meta['name']}",
+                "phase": new.get("phase"),
+                "detail": new.get("message"),
+            },
         )
         return True
 
-    def _transition_events(self, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+    def _transition_events(
+        self, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]
+    ) -> None:
         """Events on condition flips only, so a repeated reconcile posts nothing twice."""
         old_engine = status.get_condition(old, status.ENGINE_READY) or {}
         new_engine = status.get_condition(new, status.ENGINE_READY) or {}
         if new_engine.get("reason") == "BuildFailed" and (
-            old_engine.get("reason") != "BuildFailed" or old_engine.get("message") != new_engine.get("message")
+            old_engine.get("reason") != "BuildFailed"
+            or old_engine.get("message") != new_engine.get("message")
         ):
             self._event(body, "Warning", "BuildFailed", new_engine.get("message", ""))
         old_ready = status.get_condition(old, status.READY) or {}
@@ -239,7 +270,10 @@ class Reconciler:
         event = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": meta["namespace"]},
+            "metadata": {
+                "name": f"{meta['name']}.{time.time_ns():x}",
+                "namespace": meta["namespace"],
+            },
             "involvedObject": {
                 "apiVersion": body.get("apiVersion", "reranker.dev/v1alpha1"),
                 "kind": body.get("kind", "Reranker"),

@@ -37,10 +37,14 @@ def load_documents(path: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def render_reranker(obj: dict[str, Any], config: Any, namespace: str | None = None) -> list[dict[str, Any]]:
+def render_reranker(
+    obj: dict[str, Any], config: Any, namespace: str | None = None
+) -> list[dict[str, Any]]:
     """The children of one Reranker object. Raises RenderError for anything but a valid Reranker."""
-    if not isinstance(obj, dict) or obj.get("kind") != KIND or not str(obj.get("apiVersion", "")).startswith(
-        f"{API_GROUP}/"
+    if (
+        not isinstance(obj, dict)
+        or obj.get("kind") != KIND
+        or not str(obj.get("apiVersion", "")).startswith(f"{API_GROUP}/")
     ):
         raise RenderError(f"not a {KIND} ({API_GROUP}) object: kind={obj.get('kind')!r}")
     meta = obj.get("metadata") or {}
@@ -83,10 +87,19 @@ def add_render_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Print the child manifests (PVC, engine Job, Deployment, Service, PDB/HPA) of "
         "each Reranker in a file as multi-document YAML.",
     )
-    parser.add_argument("-f", "--filename", required=True, help="Reranker manifest (YAML; '-' for stdin)")
     parser.add_argument(
-        "--config", default=None, help="operator config file (default: $RERANKER_OPERATOR_CONFIG, else built-in)"
+        "-f", "--filename", required=True, help="Reranker manifest (YAML; '-' for stdin)"
     )
-    parser.add_argument("-n", "--namespace", default=None, help="namespace when the manifest sets none (default: default)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="operator config file (default: $RERANKER_OPERATOR_CONFIG, else built-in)",
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        default=None,
+        help="namespace when the manifest sets none (default: default)",
+    )
     parser.set_defaults(func=_run)
     return parser

@@ -58,12 +58,12 @@ def operator_settings(
     return settings
 
 
-def make_registry(tuning: handlers.Tuning = handlers.Tuning()) -> kopf.OperatorRegistry:
+def make_registry(tuning: handlers.Tuning | None = None) -> kopf.OperatorRegistry:
     """The operator's handlers plus kopf's login through the `kubernetes` client's resolution
     (in-cluster service account, else $KUBECONFIG / ~/.kube/config), like kubectl."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
-    handlers.register(registry, tuning)
+    handlers.register(registry, tuning or handlers.Tuning())
     return registry
 
 

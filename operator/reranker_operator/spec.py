@@ -79,12 +79,16 @@ class Checkpoint(_Model):
     repo: str = Field(min_length=1, max_length=512)
     revision: str = Field(default="main", min_length=1, max_length=256)
     source: Source = "HF"
-    secret_name: str | None = Field(default=None, alias="secretName", max_length=253, pattern=SECRET_NAME_PATTERN)
+    secret_name: str | None = Field(
+        default=None, alias="secretName", max_length=253, pattern=SECRET_NAME_PATTERN
+    )
 
 
 class Build(_Model):
     quantization: Quantization = "no_quant"
-    max_num_tokens: int = Field(default=16384, alias="maxNumTokens", ge=64, le=131072, multiple_of=64)
+    max_num_tokens: int = Field(
+        default=16384, alias="maxNumTokens", ge=64, le=131072, multiple_of=64
+    )
     max_seq_len: int | None = Field(default=None, alias="maxSeqLen", ge=1, le=131072)
 
 
@@ -116,7 +120,9 @@ class SecretKeyRef(_Model):
 
 
 class ProbeOverride(_Model):
-    initial_delay_seconds: int | None = Field(default=None, alias="initialDelaySeconds", ge=0, le=86400)
+    initial_delay_seconds: int | None = Field(
+        default=None, alias="initialDelaySeconds", ge=0, le=86400
+    )
     period_seconds: int | None = Field(default=None, alias="periodSeconds", ge=1, le=86400)
     timeout_seconds: int | None = Field(default=None, alias="timeoutSeconds", ge=1, le=86400)
     failure_threshold: int | None = Field(default=None, alias="failureThreshold", ge=1, le=100000)
@@ -137,9 +143,15 @@ class Runtime(_Model):
     image: str | None = Field(default=None, min_length=1, max_length=512)
     # None: the runtime's own default (max_batch_tokens defaults to build.maxNumTokens).
     max_batch_tokens: int | None = Field(default=None, alias="maxBatchTokens", ge=1, le=_LIMIT_MAX)
-    max_batch_requests: int | None = Field(default=None, alias="maxBatchRequests", ge=1, le=_LIMIT_MAX)
-    max_client_batch_size: int | None = Field(default=None, alias="maxClientBatchSize", ge=1, le=_LIMIT_MAX)
-    max_concurrent_requests: int | None = Field(default=None, alias="maxConcurrentRequests", ge=1, le=_LIMIT_MAX)
+    max_batch_requests: int | None = Field(
+        default=None, alias="maxBatchRequests", ge=1, le=_LIMIT_MAX
+    )
+    max_client_batch_size: int | None = Field(
+        default=None, alias="maxClientBatchSize", ge=1, le=_LIMIT_MAX
+    )
+    max_concurrent_requests: int | None = Field(
+        default=None, alias="maxConcurrentRequests", ge=1, le=_LIMIT_MAX
+    )
     auto_truncate: bool = Field(default=False, alias="autoTruncate")
     api_key_secret: SecretKeyRef | None = Field(default=None, alias="apiKeySecret")
     probes: Probes = Probes()
@@ -218,7 +230,9 @@ def _check_rules(spec: RerankerSpec) -> None:
             f"fp8 needs an Ada or Hopper GPU (accelerator.type L4, H100 or H200); {accel} has no FP8",
         )
     if accel == "CPU" and q != "no_quant":
-        raise InvalidSpec("spec.build.quantization", "quantization is GPU-only; use no_quant on CPU")
+        raise InvalidSpec(
+            "spec.build.quantization", "quantization is GPU-only; use no_quant on CPU"
+        )
     if accel == "CPU" and spec.accelerator.count != 1:
         raise InvalidSpec(
             "spec.accelerator.count", "count must be 1 on CPU (set resources.cpu for more cores)"
@@ -230,10 +244,11 @@ def _check_rules(spec: RerankerSpec) -> None:
         )
     if spec.replicas is not None and spec.autoscaling is not None:
         raise InvalidSpec("spec", "set either replicas or autoscaling, not both")
-    if spec.autoscaling is not None and spec.autoscaling.min_replicas > spec.autoscaling.max_replicas:
-        raise InvalidSpec(
-            "spec.autoscaling.minReplicas", "minReplicas must not exceed maxReplicas"
-        )
+    if (
+        spec.autoscaling is not None
+        and spec.autoscaling.min_replicas > spec.autoscaling.max_replicas
+    ):
+        raise InvalidSpec("spec.autoscaling.minReplicas", "minReplicas must not exceed maxReplicas")
     if (
         spec.runtime.max_batch_tokens is not None
         and spec.build.max_seq_len is not None

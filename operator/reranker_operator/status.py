@@ -81,7 +81,11 @@ def condition(
     status_str = "True" if status else "False"
     transition = now
     for old in previous or []:
-        if old.get("type") == type_ and old.get("status") == status_str and old.get("lastTransitionTime"):
+        if (
+            old.get("type") == type_
+            and old.get("status") == status_str
+            and old.get("lastTransitionTime")
+        ):
             transition = old["lastTransitionTime"]
     cond: dict[str, Any] = {
         "type": type_,
@@ -158,7 +162,9 @@ def deployment_state(deployment: dict[str, Any], engine_key_annotation: str) -> 
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
 
     if "Available" in conditions:
-        available = conditions["Available"].get("status") == "True" and (available_replicas or ready) > 0
+        available = (
+            conditions["Available"].get("status") == "True" and (available_replicas or ready) > 0
+        )
     else:
         available = (available_replicas or ready) > 0
 
@@ -185,7 +191,9 @@ def deployment_state(deployment: dict[str, Any], engine_key_annotation: str) -> 
 # --------------------------------------------------------------------------- derivation
 
 
-def derive_status(observed: Observed, previous: dict[str, Any] | None, now: str | None = None) -> dict[str, Any]:
+def derive_status(
+    observed: Observed, previous: dict[str, Any] | None, now: str | None = None
+) -> dict[str, Any]:
     """The full status for `observed`; `previous` supplies unchanged lastTransitionTimes."""
     now = now or now_iso()
     prev_conditions = (previous or {}).get("conditions") or []
@@ -210,15 +218,31 @@ def derive_status(observed: Observed, previous: dict[str, Any] | None, now: str 
 
     # Available: anything serving.
     if dep is None:
-        available_cond = (False, "NotDeployed", "no runtime Deployment yet (waiting for the engine)")
+        available_cond = (
+            False,
+            "NotDeployed",
+            "no runtime Deployment yet (waiting for the engine)",
+        )
     elif dep.desired == 0:
         available_cond = (False, "ScaledToZero", "spec.replicas is 0")
     elif available:
-        available_cond = (True, "MinimumReplicasAvailable", f"{dep.ready_replicas}/{dep.desired} replicas ready")
+        available_cond = (
+            True,
+            "MinimumReplicasAvailable",
+            f"{dep.ready_replicas}/{dep.desired} replicas ready",
+        )
     elif dep.progress_failed:
-        available_cond = (False, "ProgressDeadlineExceeded", dep.progress_message or "the rollout is stuck")
+        available_cond = (
+            False,
+            "ProgressDeadlineExceeded",
+            dep.progress_message or "the rollout is stuck",
+        )
     else:
-        available_cond = (False, "ReplicasNotReady", f"{dep.ready_replicas}/{dep.desired} replicas ready")
+        available_cond = (
+            False,
+            "ReplicasNotReady",
+            f"{dep.ready_replicas}/{dep.desired} replicas ready",
+        )
 
     rolled_to_current = dep is not None and serving_key == key and dep.rolled_out
     ready = observed.engine == "built" and available and rolled_to_current
@@ -230,7 +254,11 @@ def derive_status(observed: Observed, previous: dict[str, Any] | None, now: str 
         message = f"engine build failed: {observed.build_message or job}{still_serving}"
     elif dep is not None and dep.progress_failed and (serving_key == key or not available):
         phase = "Degraded" if available else "Failed"
-        ready_cond = (False, "ProgressDeadlineExceeded", dep.progress_message or "the rollout is stuck")
+        ready_cond = (
+            False,
+            "ProgressDeadlineExceeded",
+            dep.progress_message or "the rollout is stuck",
+        )
         message = f"the rollout of engine {short(serving_key)} is stuck: {dep.progress_message}"
     elif observed.engine in ("pending", "building"):
         phase = "Building" if observed.engine == "building" else "Pending"
@@ -283,7 +311,11 @@ def derive_status(observed: Observed, previous: dict[str, Any] | None, now: str 
 
 
 def invalid_spec_status(
-    field: str, message: str, generation: int | None, previous: dict[str, Any] | None, now: str | None = None
+    field: str,
+    message: str,
+    generation: int | None,
+    previous: dict[str, Any] | None,
+    now: str | None = None,
 ) -> dict[str, Any]:
     """Failed, naming the field. Children already running are left alone (see the docs)."""
     now = now or now_iso()
@@ -291,9 +323,13 @@ def invalid_spec_status(
     prev_conditions = prev.get("conditions") or []
     text = f"invalid spec: {field}: {message}"
     conditions = [
-        c for c in prev_conditions if c.get("type") not in (READY,)  # keep what we knew of the children
+        c
+        for c in prev_conditions
+        if c.get("type") not in (READY,)  # keep what we knew of the children
     ]
-    conditions.append(condition(READY, False, "InvalidSpec", text, generation, prev_conditions, now))
+    conditions.append(
+        condition(READY, False, "InvalidSpec", text, generation, prev_conditions, now)
+    )
     status: dict[str, Any] = {**prev, "phase": "Failed", "message": text, "conditions": conditions}
     if generation is not None:
         status["observedGeneration"] = generation

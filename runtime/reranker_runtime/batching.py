@@ -23,13 +23,14 @@ Batch formation (`_form_batch`) balances fairness against padding:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -122,7 +123,10 @@ class Batcher:
         if info.max_batch_tokens is not None and info.max_batch_tokens < budget:
             logger.warning(
                 "engine caps tokens per forward pass below --max-batch-tokens; using the engine's limit",
-                extra={"max_batch_tokens": budget, "engine_max_batch_tokens": info.max_batch_tokens},
+                extra={
+                    "max_batch_tokens": budget,
+                    "engine_max_batch_tokens": info.max_batch_tokens,
+                },
             )
             budget = info.max_batch_tokens
         self.max_batch_tokens = budget
@@ -166,14 +170,19 @@ class Batcher:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
             try:
-                await loop.run_in_executor(self._executor, self._engine.warmup, self.max_batch_tokens)
+                await loop.run_in_executor(
+                    self._executor, self._engine.warmup, self.max_batch_tokens
+                )
             except BaseException:
                 self._executor.shutdown(wait=False)
                 self._executor = None
                 raise
             logger.info(
                 "engine warmed up",
-                extra={"max_batch_tokens": self.max_batch_tokens, "warmup_s": round(time.perf_counter() - started, 3)},
+                extra={
+                    "max_batch_tokens": self.max_batch_tokens,
+                    "warmup_s": round(time.perf_counter() - started, 3),
+                },
             )
         self._running = True
         self._owner = asyncio.create_task(self._own_queue(), name="batcher-owner")
@@ -187,10 +196,8 @@ class Batcher:
         self._running = False
         self._wakeup.set()
         if self._owner is not None:
-            try:
+            with contextlib.suppress(BaseException):
                 await self._owner
-            except BaseException:  # noqa: BLE001 - the done callback already logged it
-                pass
             self._owner = None
         self._fail_all(NotReadyError("the server is shutting down; retry on another replica"))
         if self._executor is not None:
@@ -261,7 +268,9 @@ class Batcher:
                 self._wakeup.clear()
                 waiter = asyncio.ensure_future(self._wakeup.wait())
                 try:
-                    await asyncio.wait({submitted[0][1], waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        {submitted[0][1], waiter}, return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
                     waiter.cancel()
                 # The worker runs batches in order, so only the head can be done.
@@ -304,9 +313,9 @@ class Batcher:
 
         # 2. Fairness: one slot for each request that had no entry in the previous batch.
         for request in requests:
-            if request not in taken and request.last_batch < self._batches_formed - 1:
-                if fits(-request.pending_lengths[0]):
-                    take(request)
+            missed_last = request.last_batch < self._batches_formed - 1
+            if request not in taken and missed_last and fits(-request.pending_lengths[0]):
+                take(request)
 
         # 3. Efficiency: the longest waiting entries of all requests, merged from their sorted
         # lists; equal lengths go to the request with fewer entries in this batch so far.
@@ -325,7 +334,9 @@ class Batcher:
             request = requests[turn]
             take(request)
             if taken[request] < len(request.pending):
-                heapq.heappush(heap, (request.pending_lengths[taken[request]], taken[request], turn))
+                heapq.heappush(
+                    heap, (request.pending_lengths[taken[request]], taken[request], turn)
+                )
 
         for request, n in taken.items():
             del request.pending[:n]
@@ -347,10 +358,20 @@ class Batcher:
             logits = self._engine.score([e.pair for e in ran])
             logits = np.asarray(logits, dtype=np.float32)
             if logits.shape != (len(ran), self._num_labels):
-                raise ValueError(f"engine returned logits of shape {logits.shape}, expected {(len(ran), self._num_labels)}")
-        except Exception as exc:  # noqa: BLE001 - every failure is reported to the batch's requests
-            return _Outcome(ran=ran, logits=None, started=started, duration_s=time.perf_counter() - started, error=exc)
-        return _Outcome(ran=ran, logits=logits, started=started, duration_s=time.perf_counter() - started)
+                raise ValueError(
+                    f"engine returned logits of shape {logits.shape}, expected {(len(ran), self._num_labels)}"
+                )
+        except Exception as exc:
+            return _Outcome(
+                ran=ran,
+                logits=None,
+                started=started,
+                duration_s=time.perf_counter() - started,
+                error=exc,
+            )
+        return _Outcome(
+            ran=ran, logits=logits, started=started, duration_s=time.perf_counter() - started
+        )
 
     def _deliver(self, batch: _Batch, outcome: _Outcome) -> None:
         if not outcome.ran:
@@ -369,7 +390,9 @@ class Batcher:
                 },
                 exc_info=outcome.error,
             )
-            err = EngineError(f"the model failed to score this batch: {type(outcome.error).__name__}: {outcome.error}")
+            err = EngineError(
+                f"the model failed to score this batch: {type(outcome.error).__name__}: {outcome.error}"
+            )
             for request in requests:
                 self._fail(request, err)
             return
@@ -382,7 +405,7 @@ class Batcher:
                 request.first_start = outcome.started
             request.inference_time_s += outcome.duration_s
             request.batches += 1
-        for entry, row in zip(outcome.ran, outcome.logits):
+        for entry, row in zip(outcome.ran, outcome.logits, strict=True):
             request = entry.request
             if request.dropped:
                 continue
@@ -393,7 +416,9 @@ class Batcher:
                 request.future.set_result(
                     BatchResult(
                         logits=request.logits,
-                        queue_time_s=max(0.0, (request.first_start or outcome.started) - request.submitted_at),
+                        queue_time_s=max(
+                            0.0, (request.first_start or outcome.started) - request.submitted_at
+                        ),
                         inference_time_s=request.inference_time_s,
                         batches=request.batches,
                     )
@@ -415,7 +440,10 @@ class Batcher:
         self._requests.pop(request, None)
         self._set_queued(self._queued - dropped)
         if dropped:
-            logger.info("dropped queued pairs", extra={"request_id": request.request_id, "pairs": dropped, "reason": reason})
+            logger.info(
+                "dropped queued pairs",
+                extra={"request_id": request.request_id, "pairs": dropped, "reason": reason},
+            )
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         self._drop(request, reason="failed")

@@ -96,4 +96,3 @@ def setup_logging(log_format: str = "json", level: str = "info") -> None:
     # Third-party chatter at info level is noise in a server log.
     for name in ("httpx", "httpcore", "filelock", "urllib3"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
-

@@ -12,16 +12,25 @@ REQUEST_COUNT = Counter(
     "te_request_count", "HTTP requests received, by route and status code", ["method", "status"]
 )
 REQUEST_DURATION = Histogram(
-    "te_request_duration", "End-to-end request duration in seconds", ["method"], buckets=_LATENCY_BUCKETS
+    "te_request_duration",
+    "End-to-end request duration in seconds",
+    ["method"],
+    buckets=_LATENCY_BUCKETS,
 )
 TOKENIZATION_DURATION = Histogram(
-    "te_request_tokenization_duration", "Tokenization time per request in seconds", buckets=_LATENCY_BUCKETS
+    "te_request_tokenization_duration",
+    "Tokenization time per request in seconds",
+    buckets=_LATENCY_BUCKETS,
 )
 QUEUE_DURATION = Histogram(
-    "te_request_queue_duration", "Time a request's pairs waited in the queue, in seconds", buckets=_LATENCY_BUCKETS
+    "te_request_queue_duration",
+    "Time a request's pairs waited in the queue, in seconds",
+    buckets=_LATENCY_BUCKETS,
 )
 INFERENCE_DURATION = Histogram(
-    "te_request_inference_duration", "Forward-pass time attributed to a request, in seconds", buckets=_LATENCY_BUCKETS
+    "te_request_inference_duration",
+    "Forward-pass time attributed to a request, in seconds",
+    buckets=_LATENCY_BUCKETS,
 )
 REQUEST_INPUT_TOKENS = Histogram(
     "te_request_input_length", "Tokens per request (all pairs)", buckets=_TOKEN_BUCKETS
@@ -29,10 +38,14 @@ REQUEST_INPUT_TOKENS = Histogram(
 QUEUE_SIZE = Gauge("te_queue_size", "Pairs waiting in the batcher's queue")
 BATCH_SIZE = Histogram("te_batch_next_size", "Sequences per forward pass", buckets=_SIZE_BUCKETS)
 BATCH_TOKENS = Histogram(
-    "te_batch_next_tokens", "Tokens per forward pass as budgeted (padded: longest x n)", buckets=_TOKEN_BUCKETS
+    "te_batch_next_tokens",
+    "Tokens per forward pass as budgeted (padded: longest x n)",
+    buckets=_TOKEN_BUCKETS,
 )
 BATCH_INFERENCE_DURATION = Histogram(
-    "te_batch_inference_duration", "Duration of one forward pass in seconds", buckets=_LATENCY_BUCKETS
+    "te_batch_inference_duration",
+    "Duration of one forward pass in seconds",
+    buckets=_LATENCY_BUCKETS,
 )
 BATCH_FAILURES = Counter("te_batch_failure", "Forward passes that raised")
 IN_FLIGHT = Gauge("te_requests_in_flight", "Inference requests being processed")

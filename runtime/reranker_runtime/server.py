@@ -18,9 +18,10 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import uvicorn
 
@@ -99,41 +100,111 @@ class _Option:
 
 
 _OPTIONS: tuple[_Option, ...] = (
-    _Option("model", ("--model", "-m"), _text,
-            "Hugging Face repo id or local checkpoint directory of a *ForSequenceClassification "
-            "model", "DIR_OR_HF_ID", default_text=f"{DEFAULT_MODEL} unless --engine-dir is set"),
-    _Option("revision", ("--revision",), _text, "Git revision (branch, tag, sha) of --model on the hub", "REV"),
-    _Option("engine_dir", ("--engine-dir",), _text,
-            "Directory prepared by `reranker-runtime build` (manifest.json + checkpoint/ [+ engine/]); "
-            "takes precedence over --model", "DIR"),
-    _Option("served_model_name", ("--served-model-name",), _text,
-            "Model name reported by /info and the Jina route", "NAME", default_text="the --model value"),
-    _Option("device", ("--device",), _device, "auto (CUDA when present), cpu, cuda or cuda:N", "DEVICE"),
-    _Option("dtype", ("--dtype",), _choice_parser(DTYPES),
-            "auto (float16/bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16", "DTYPE"),
+    _Option(
+        "model",
+        ("--model", "-m"),
+        _text,
+        "Hugging Face repo id or local checkpoint directory of a *ForSequenceClassification model",
+        "DIR_OR_HF_ID",
+        default_text=f"{DEFAULT_MODEL} unless --engine-dir is set",
+    ),
+    _Option(
+        "revision",
+        ("--revision",),
+        _text,
+        "Git revision (branch, tag, sha) of --model on the hub",
+        "REV",
+    ),
+    _Option(
+        "engine_dir",
+        ("--engine-dir",),
+        _text,
+        "Directory prepared by `reranker-runtime build` (manifest.json + checkpoint/ [+ engine/]); "
+        "takes precedence over --model",
+        "DIR",
+    ),
+    _Option(
+        "served_model_name",
+        ("--served-model-name",),
+        _text,
+        "Model name reported by /info and the Jina route",
+        "NAME",
+        default_text="the --model value",
+    ),
+    _Option(
+        "device", ("--device",), _device, "auto (CUDA when present), cpu, cuda or cuda:N", "DEVICE"
+    ),
+    _Option(
+        "dtype",
+        ("--dtype",),
+        _choice_parser(DTYPES),
+        "auto (float16/bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16",
+        "DTYPE",
+    ),
     _Option("host", ("--host",), _text, "Address to listen on", "HOST"),
     _Option("port", ("--port",), _int_parser(1, 65535), "Port to listen on", "PORT"),
-    _Option("max_batch_tokens", ("--max-batch-tokens",), _int_parser(1),
-            "Token budget of one forward pass (padded engines count longest x sequences); must be at "
-            "least the model's max input length. On CPU, 2048 serves more pairs/s and answers small "
-            "requests sooner (docs/benchmarks.md)", "N"),
-    _Option("max_batch_requests", ("--max-batch-requests",), _int_parser(1),
-            "Most sequences in one forward pass", "N", default_text="no limit beyond the token budget"),
-    _Option("max_client_batch_size", ("--max-client-batch-size",), _int_parser(1),
-            "Most texts/inputs in one request; more -> 413", "N"),
-    _Option("max_concurrent_requests", ("--max-concurrent-requests",), _int_parser(1),
-            "Requests in flight before new ones get 429 at once (a request counts once however many "
-            "texts it has)", "N"),
-    _Option("auto_truncate", ("--auto-truncate",), parse_bool,
-            "Truncate over-long inputs on every request, even when it sets truncate=false "
-            "(--no-auto-truncate to turn off)", boolean=True),
-    _Option("api_key", ("--api-key",), _text,
-            "Require 'Authorization: Bearer <key>' or 'Authorization: Api-Key <key>' on the inference "
-            "routes and /info (/health, /live, /metrics, /docs stay open)", "KEY"),
-    _Option("log_format", ("--log-format",), _choice_parser(LOG_FORMATS),
-            "json (one object per line) or text", "FORMAT"),
-    _Option("log_level", ("--log-level",), _choice_parser(LOG_LEVELS),
-            "debug, info, warning, error or critical", "LEVEL"),
+    _Option(
+        "max_batch_tokens",
+        ("--max-batch-tokens",),
+        _int_parser(1),
+        "Token budget of one forward pass (padded engines count longest x sequences); must be at "
+        "least the model's max input length. On CPU, 2048 serves more pairs/s and answers small "
+        "requests sooner (docs/benchmarks.md)",
+        "N",
+    ),
+    _Option(
+        "max_batch_requests",
+        ("--max-batch-requests",),
+        _int_parser(1),
+        "Most sequences in one forward pass",
+        "N",
+        default_text="no limit beyond the token budget",
+    ),
+    _Option(
+        "max_client_batch_size",
+        ("--max-client-batch-size",),
+        _int_parser(1),
+        "Most texts/inputs in one request; more -> 413",
+        "N",
+    ),
+    _Option(
+        "max_concurrent_requests",
+        ("--max-concurrent-requests",),
+        _int_parser(1),
+        "Requests in flight before new ones get 429 at once (a request counts once however many "
+        "texts it has)",
+        "N",
+    ),
+    _Option(
+        "auto_truncate",
+        ("--auto-truncate",),
+        parse_bool,
+        "Truncate over-long inputs on every request, even when it sets truncate=false "
+        "(--no-auto-truncate to turn off)",
+        boolean=True,
+    ),
+    _Option(
+        "api_key",
+        ("--api-key",),
+        _text,
+        "Require 'Authorization: Bearer <key>' or 'Authorization: Api-Key <key>' on the inference "
+        "routes and /info (/health, /live, /metrics, /docs stay open)",
+        "KEY",
+    ),
+    _Option(
+        "log_format",
+        ("--log-format",),
+        _choice_parser(LOG_FORMATS),
+        "json (one object per line) or text",
+        "FORMAT",
+    ),
+    _Option(
+        "log_level",
+        ("--log-level",),
+        _choice_parser(LOG_LEVELS),
+        "debug, info, warning, error or critical",
+        "LEVEL",
+    ),
 )
 
 _DEFAULTS = ServeSettings()
@@ -165,23 +236,37 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     for opt in _OPTIONS:
         default = getattr(_DEFAULTS, opt.field)
         shown = opt.default_text or (
-            "unset" if default is None else str(default).lower() if isinstance(default, bool) else default
+            "unset"
+            if default is None
+            else str(default).lower()
+            if isinstance(default, bool)
+            else default
         )
         help_text = f"{opt.help} (default: {shown}; env: {SERVE_ENV_VARS[opt.field]})"
         if opt.boolean:
             parser.add_argument(
-                *opt.flags, dest=opt.field, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                *opt.flags,
+                dest=opt.field,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
             )
         else:
             parser.add_argument(
-                *opt.flags, dest=opt.field, type=_argparse_type(opt), default=None,
-                metavar=opt.metavar, help=help_text,
+                *opt.flags,
+                dest=opt.field,
+                type=_argparse_type(opt),
+                default=None,
+                metavar=opt.metavar,
+                help=help_text,
             )
     parser.set_defaults(func=run_serve)
     return parser
 
 
-def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServeSettings:
+def settings_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ServeSettings:
     """Flag > RERANKER_* variable > default. Raises SettingsError naming the bad variable."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
@@ -214,14 +299,22 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     # Cheap checks first, so an obvious mistake fails in milliseconds, before torch is imported.
     if settings.engine_dir and not os.path.isdir(settings.engine_dir):
-        print(f"reranker-runtime serve: error: --engine-dir {settings.engine_dir!r} is not a directory",
-              file=sys.stderr)
+        print(
+            f"reranker-runtime serve: error: --engine-dir {settings.engine_dir!r} is not a directory",
+            file=sys.stderr,
+        )
         return 1
-    if not settings.engine_dir and settings.model and _looks_like_path(settings.model) and not os.path.exists(
-        os.path.expanduser(settings.model)
+    if (
+        not settings.engine_dir
+        and settings.model
+        and _looks_like_path(settings.model)
+        and not os.path.exists(os.path.expanduser(settings.model))
     ):
-        print(f"reranker-runtime serve: error: --model {settings.model!r} does not exist (a local path; "
-              "hub ids look like 'org/name')", file=sys.stderr)
+        print(
+            f"reranker-runtime serve: error: --model {settings.model!r} does not exist (a local path; "
+            "hub ids look like 'org/name')",
+            file=sys.stderr,
+        )
         return 1
     setup_logging(settings.log_format, settings.log_level)
     return serve(settings)
@@ -251,8 +344,14 @@ def serve(settings: ServeSettings) -> int:
     runtime.on_fatal = lambda _message: server.request_exit()
     log.info(
         "starting",
-        extra={"fields": {"host": settings.host, "port": settings.port, "model": settings.model,
-                          "engine_dir": settings.engine_dir}},
+        extra={
+            "fields": {
+                "host": settings.host,
+                "port": settings.port,
+                "model": settings.model,
+                "engine_dir": settings.engine_dir,
+            }
+        },
     )
     server.run()
     if runtime.load_error:
@@ -271,6 +370,7 @@ class _DrainingServer(uvicorn.Server):
         self._runtime = runtime
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_requested = False
+        self._drain_task: asyncio.Future[None] | None = None
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -297,4 +397,5 @@ class _DrainingServer(uvicorn.Server):
             finally:
                 self.should_exit = True
 
-        asyncio.ensure_future(drain_then_exit())
+        # Keep a reference: the loop holds tasks weakly, and a collected task stops mid-drain.
+        self._drain_task = asyncio.ensure_future(drain_then_exit())

@@ -11,8 +11,8 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
 
 import numpy as np
 
@@ -84,7 +84,9 @@ class RerankService:
         self._info = info
         self._tokenizer = PairTokenizer(engine.tokenizer, info.max_input_length)
         self._batcher = Batcher(
-            engine, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_requests
+            engine,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_size=settings.max_batch_requests,
         )
         self._labels = [info.id2label.get(i, f"LABEL_{i}") for i in range(info.num_labels)]
         self._ready = False
@@ -157,7 +159,9 @@ class RerankService:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout_s)
             except asyncio.TimeoutError:
-                logger.warning("drain timed out; failing what is left", extra={"in_flight": self._in_flight})
+                logger.warning(
+                    "drain timed out; failing what is left", extra={"in_flight": self._in_flight}
+                )
         await self._batcher.stop()
         self._ready = False
         await asyncio.to_thread(self._engine.close)
@@ -170,7 +174,9 @@ class RerankService:
         --max-concurrent-requests are already in flight."""
         if not self.ready:
             raise NotReadyError(
-                "the model is still loading or warming up" if not self._draining else "the server is shutting down"
+                "the model is still loading or warming up"
+                if not self._draining
+                else "the server is shutting down"
             )
         limit = self._settings.max_concurrent_requests
         if self._in_flight >= limit:
@@ -214,7 +220,9 @@ class RerankService:
         if not isinstance(query, str) or _is_blank(query):
             raise EmptyInputError("`query` must not be empty")
         if not texts:
-            raise EmptyInputError(f"`{texts_field}` must not be empty: send at least one text to rank")
+            raise EmptyInputError(
+                f"`{texts_field}` must not be empty: send at least one text to rank"
+            )
         self._check_count(texts_field, len(texts))
         for i, text in enumerate(texts):
             if not isinstance(text, str):
@@ -296,14 +304,18 @@ class RerankService:
     ) -> list[list[TokenInfo]]:
         """TEI /tokenize: tokens of each input (a string or a pair), not truncated."""
         items = self._check_inputs(inputs, allow_blank=True)
-        return await asyncio.to_thread(self._tokenizer.tokens, items, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(
+            self._tokenizer.tokens, items, add_special_tokens=add_special_tokens
+        )
 
     # --------------------------------------------------------------------------- helpers
 
     def _check_serving(self) -> None:
         # Requests admitted before a drain began still run; only a stopped batcher refuses.
         if not self._batcher.running:
-            raise NotReadyError("the model is still loading or warming up, or the server is shutting down")
+            raise NotReadyError(
+                "the model is still loading or warming up, or the server is shutting down"
+            )
 
     def _check_count(self, field: str, n: int) -> None:
         limit = self._settings.max_client_batch_size
@@ -313,7 +325,9 @@ class RerankService:
                 "send fewer per request or raise --max-client-batch-size (RERANKER_MAX_CLIENT_BATCH_SIZE)"
             )
 
-    def _check_inputs(self, inputs: Sequence[object], *, allow_blank: bool = False) -> list[PredictInput]:
+    def _check_inputs(
+        self, inputs: Sequence[object], *, allow_blank: bool = False
+    ) -> list[PredictInput]:
         if isinstance(inputs, (str, tuple)):
             raise ValidationError("`inputs` must be a list of strings or pairs")
         if not inputs:
@@ -325,7 +339,11 @@ class RerankService:
                 if not allow_blank and _is_blank(item):
                     raise EmptyInputError(f"`inputs[{i}]` is empty")
                 items.append(item)
-            elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            elif (
+                isinstance(item, (tuple, list))
+                and len(item) == 2
+                and all(isinstance(x, str) for x in item)
+            ):
                 for j, part in enumerate(item):
                     if not allow_blank and _is_blank(part):
                         raise EmptyInputError(f"`inputs[{i}][{j}]` is empty")

@@ -13,8 +13,9 @@ its `encode*` calls are thread-safe and we never change its state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from tokenizers import Encoding, Tokenizer
 
@@ -66,7 +67,9 @@ class PairTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self.max_input_length = max_input_length
-        self.uses_token_type_ids = "token_type_ids" in getattr(hf_tokenizer, "model_input_names", [])
+        self.uses_token_type_ids = "token_type_ids" in getattr(
+            hf_tokenizer, "model_input_names", []
+        )
         self._special_pair = self._tok.num_special_tokens_to_add(is_pair=True)
         self._special_single = self._tok.num_special_tokens_to_add(is_pair=False)
         if max_input_length <= self._special_pair + 1:
@@ -75,13 +78,17 @@ class PairTokenizer:
     def _raw(self, texts: Sequence[str]) -> list[Encoding]:
         return self._tok.encode_batch(list(texts), add_special_tokens=False)
 
-    def _finish(self, first: Encoding, second: Encoding | None, original: int, truncated: bool) -> Encoded:
+    def _finish(
+        self, first: Encoding, second: Encoding | None, original: int, truncated: bool
+    ) -> Encoded:
         enc = self._tok.post_process(first, second, add_special_tokens=True)
         pair = EncodedPair(
             input_ids=list(enc.ids),
             token_type_ids=list(enc.type_ids) if self.uses_token_type_ids else None,
         )
-        return Encoded(pair=pair, num_tokens=len(enc.ids), original_tokens=original, truncated=truncated)
+        return Encoded(
+            pair=pair, num_tokens=len(enc.ids), original_tokens=original, truncated=truncated
+        )
 
     def encode_pairs(
         self, query: str, texts: Sequence[str], *, truncate: bool, direction: Direction = "right"
@@ -90,7 +97,8 @@ class PairTokenizer:
         untruncated (num_tokens > max_input_length) and the caller rejects them."""
         q = self._tok.encode(query, add_special_tokens=False)
         return [
-            self._pair(q, query, t, truncate=truncate, direction=direction) for t in self._raw(texts)
+            self._pair(q, query, t, truncate=truncate, direction=direction)
+            for t in self._raw(texts)
         ]
 
     def encode_inputs(
@@ -114,7 +122,9 @@ class PairTokenizer:
                 out.append(self._pair(a, first, b, truncate=truncate, direction=direction))
         return out
 
-    def _pair(self, q: Encoding, query: str, t: Encoding, *, truncate: bool, direction: Direction) -> Encoded:
+    def _pair(
+        self, q: Encoding, query: str, t: Encoding, *, truncate: bool, direction: Direction
+    ) -> Encoded:
         budget = self.max_input_length - self._special_pair
         nq, nt = len(q.ids), len(t.ids)
         original = nq + nt + self._special_pair
@@ -131,7 +141,9 @@ class PairTokenizer:
             t.truncate(keep_text, stride=0, direction=direction)
         return self._finish(q, t, original, True)
 
-    def tokens(self, inputs: Sequence[Input], *, add_special_tokens: bool = True) -> list[list[TokenInfo]]:
+    def tokens(
+        self, inputs: Sequence[Input], *, add_special_tokens: bool = True
+    ) -> list[list[TokenInfo]]:
         """TEI /tokenize: every token with its id, text, special flag and offsets."""
         result: list[list[TokenInfo]] = []
         for item in inputs:
@@ -139,13 +151,26 @@ class PairTokenizer:
             enc = self._tok.encode(*sources, add_special_tokens=add_special_tokens)
             tokens: list[TokenInfo] = []
             for tid, token, special, (start, stop), seq in zip(
-                enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets, enc.sequence_ids
+                enc.ids,
+                enc.tokens,
+                enc.special_tokens_mask,
+                enc.offsets,
+                enc.sequence_ids,
+                strict=True,
             ):
                 if special or seq is None:
-                    tokens.append(TokenInfo(id=tid, text=token, special=True, start=None, stop=None))
+                    tokens.append(
+                        TokenInfo(id=tid, text=token, special=True, start=None, stop=None)
+                    )
                 else:
                     tokens.append(
-                        TokenInfo(id=tid, text=sources[seq][start:stop], special=False, start=start, stop=stop)
+                        TokenInfo(
+                            id=tid,
+                            text=sources[seq][start:stop],
+                            special=False,
+                            start=start,
+                            stop=stop,
+                        )
                     )
             result.append(tokens)
         return result

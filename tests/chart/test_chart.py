@@ -78,46 +78,96 @@ def assert_valid(objects: list[dict[str, Any]]) -> None:
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} invalid for {version}: {exc.message}"
-                            f" at {list(exc.absolute_path)}")
+                pytest.fail(
+                    f"{obj['kind']}/{obj['metadata']['name']} invalid for {version}: {exc.message}"
+                    f" at {list(exc.absolute_path)}"
+                )
 
 
 NON_DEFAULT_VALUES: dict[str, Any] = {
     "fullnameOverride": "rr-op",
-    "image": {"repository": "registry.example.com:5000/mirror/reranker-operator", "tag": "0.1.0",
-              "digest": "sha256:" + "a" * 64, "pullPolicy": "Always"},
+    "image": {
+        "repository": "registry.example.com:5000/mirror/reranker-operator",
+        "tag": "0.1.0",
+        "digest": "sha256:" + "a" * 64,
+        "pullPolicy": "Always",
+    },
     "imagePullSecrets": [{"name": "mirror-pull"}],
     "watchNamespaces": ["ml-serving", "search"],
     "logFormat": "text",
     "verbose": True,
     "livenessPort": 9090,
-    "livenessProbe": {"initialDelaySeconds": 0, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 6},
-    "serviceAccount": {"create": True, "name": "reranker-op", "annotations": {"iam.gke.io/gcp-service-account": "x@y.iam.gserviceaccount.com"}},
+    "livenessProbe": {
+        "initialDelaySeconds": 0,
+        "periodSeconds": 5,
+        "timeoutSeconds": 2,
+        "failureThreshold": 6,
+    },
+    "serviceAccount": {
+        "create": True,
+        "name": "reranker-op",
+        "annotations": {"iam.gke.io/gcp-service-account": "x@y.iam.gserviceaccount.com"},
+    },
     "priorityClassName": "system-cluster-critical",
     "podAnnotations": {"prometheus.io/scrape": "false"},
     "podLabels": {"team": "search"},
-    "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}},
+    "resources": {
+        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "limits": {"cpu": 1, "memory": "1Gi"},
+    },
     "nodeSelector": {"kubernetes.io/os": "linux"},
-    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
-    "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-        {"weight": 50, "preference": {"matchExpressions": [
-            {"key": "node-role", "operator": "In", "values": ["infra"]}]}}]}},
+    "tolerations": [
+        {"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}
+    ],
+    "affinity": {
+        "nodeAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 50,
+                    "preference": {
+                        "matchExpressions": [
+                            {"key": "node-role", "operator": "In", "values": ["infra"]}
+                        ]
+                    },
+                }
+            ]
+        }
+    },
     "runtimeImage": "registry.example.com:5000/mirror/reranker-runtime:0.1.0-trtllm",
     "runtimeImagePullPolicy": "Always",
     "runtimeImagePullSecrets": [{"name": "mirror-pull"}],
     "accelerators": {
         # EKS with Karpenter: one more ORed term, a different taint.
-        "L4": {"nodeSelectorTerms": [
-            {"matchExpressions": [{"key": "karpenter.k8s.aws/instance-gpu-name", "operator": "In", "values": ["l4"]}]},
-        ], "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+        "L4": {
+            "nodeSelectorTerms": [
+                {
+                    "matchExpressions": [
+                        {
+                            "key": "karpenter.k8s.aws/instance-gpu-name",
+                            "operator": "In",
+                            "values": ["l4"],
+                        }
+                    ]
+                },
+            ],
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+        },
         "H200": None,  # falls back to the operator's built-in entry
         "CPU": {"nodeSelector": {"pool": "cpu-inference"}},
     },
-    "engineCache": {"size": "100Gi", "storageClassName": "filestore-rwx", "accessMode": "ReadWriteOnce",
-                    "retention": "Delete"},
+    "engineCache": {
+        "size": "100Gi",
+        "storageClassName": "filestore-rwx",
+        "accessMode": "ReadWriteOnce",
+        "retention": "Delete",
+    },
     "buildJob": {"backoffLimit": 0, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 0},
-    "runtimePodSecurityContext": {"runAsNonRoot": True, "runAsUser": 2000, "fsGroup": 2000,
-                                  "seccompProfile": {"type": "RuntimeDefault"}},
+    "runtimePodSecurityContext": {
+        "runAsNonRoot": True,
+        "runAsUser": 2000,
+        "fsGroup": 2000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    },
     "runtimeTerminationGracePeriodSeconds": 120,
 }
 
@@ -126,8 +176,11 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
 # lint and strict validation
 
 
-@pytest.mark.parametrize("values", [None, {"watchNamespaces": ["ml"]}, NON_DEFAULT_VALUES],
-                         ids=["defaults", "namespaced", "non-default"])
+@pytest.mark.parametrize(
+    "values",
+    [None, {"watchNamespaces": ["ml"]}, NON_DEFAULT_VALUES],
+    ids=["defaults", "namespaced", "non-default"],
+)
 def test_lint_has_no_errors(values: dict[str, Any] | None) -> None:
     report = helm_python.lint(CHART, values, strict=False, namespace=NAMESPACE)
     errors = [m for m in report["messages"] if m["severity"] >= 3] + list(report["errors"])
@@ -136,9 +189,16 @@ def test_lint_has_no_errors(values: dict[str, Any] | None) -> None:
     assert all(m["severity"] <= 1 for m in report["messages"]), report
 
 
-@pytest.mark.parametrize("values", [{}, {"watchNamespaces": ["ml", "search"]}, NON_DEFAULT_VALUES,
-                                    {"rbac": {"create": False}, "serviceAccount": {"create": False}}],
-                         ids=["defaults", "namespaced", "non-default", "no-rbac"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"watchNamespaces": ["ml", "search"]},
+        NON_DEFAULT_VALUES,
+        {"rbac": {"create": False}, "serviceAccount": {"create": False}},
+    ],
+    ids=["defaults", "namespaced", "non-default", "no-rbac"],
+)
 def test_every_rendered_manifest_is_valid(chart: helm_python.Chart, values: dict[str, Any]) -> None:
     objects = manifests(render(chart, values))
     assert objects
@@ -163,8 +223,13 @@ def test_default_render_has_one_resource_per_template(chart: helm_python.Chart) 
             assert len({d["kind"] for d in docs}) <= 1, path
             for d in docs:
                 kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
-    assert kinds == {"ServiceAccount": 1, "ConfigMap": 1, "ClusterRole": 1, "ClusterRoleBinding": 1,
-                     "Deployment": 1}
+    assert kinds == {
+        "ServiceAccount": 1,
+        "ConfigMap": 1,
+        "ClusterRole": 1,
+        "ClusterRoleBinding": 1,
+        "Deployment": 1,
+    }
 
 
 def test_operator_deployment(chart: helm_python.Chart) -> None:
@@ -190,7 +255,9 @@ def test_operator_deployment(chart: helm_python.Chart) -> None:
     volume = next(v for v in pod["volumes"] if v["name"] == "config")
     assert volume["configMap"]["name"] == one(objects, "ConfigMap")["metadata"]["name"]
     # A config change rolls the pod.
-    assert re.fullmatch(r"[0-9a-f]{64}", spec["template"]["metadata"]["annotations"]["checksum/config"])
+    assert re.fullmatch(
+        r"[0-9a-f]{64}", spec["template"]["metadata"]["annotations"]["checksum/config"]
+    )
     for obj in objects:
         if obj["kind"] in ("Deployment", "ConfigMap", "ServiceAccount"):
             assert obj["metadata"]["namespace"] == NAMESPACE
@@ -230,7 +297,10 @@ def test_image_tag_is_pinned_to_the_package_version(chart: helm_python.Chart) ->
     assert chart.metadata["appVersion"] == version
     assert chart.metadata["version"] == version
     assert chart.values["image"]["tag"] == version
-    assert container(manifests(render(chart)))["image"] == f"ghcr.io/reranker-dev/reranker-operator:{version}"
+    assert (
+        container(manifests(render(chart)))["image"]
+        == f"ghcr.io/reranker-dev/reranker-operator:{version}"
+    )
     # The runtime image the operator deploys by default carries the same version.
     assert chart.values["runtimeImage"] == f"ghcr.io/reranker-dev/reranker-runtime:{version}"
 
@@ -274,10 +344,16 @@ NAMESPACED_GRANTS = {
 }
 
 
-def assert_least_privilege(rules: list[dict[str, Any]], expected: dict[tuple[str, str], set[str]]) -> None:
+def assert_least_privilege(
+    rules: list[dict[str, Any]], expected: dict[tuple[str, str], set[str]]
+) -> None:
     granted: dict[tuple[str, str], set[str]] = {}
     for rule in rules:
-        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+        assert (
+            "*" not in rule["verbs"]
+            and "*" not in rule["resources"]
+            and "*" not in rule["apiGroups"]
+        )
         assert not rule.get("resourceNames") and not rule.get("nonResourceURLs")
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
@@ -292,13 +368,19 @@ def test_cluster_wide_rbac_is_least_privilege(chart: helm_python.Chart) -> None:
     expected[("apiextensions.k8s.io", "customresourcedefinitions")] = {"get", "list", "watch"}
     assert_least_privilege(rules_of(role), expected)
     # Never secrets or configmaps: API keys and tokens are referenced by name, never read.
-    assert not grants(rules_of(role), "", "secrets") and not grants(rules_of(role), "", "configmaps")
+    assert not grants(rules_of(role), "", "secrets") and not grants(
+        rules_of(role), "", "configmaps"
+    )
     binding = one(objects, "ClusterRoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                                  "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
     sa = one(objects, "ServiceAccount")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
-                                    "namespace": NAMESPACE}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}
+    ]
     assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
 
 
@@ -311,8 +393,14 @@ def test_rbac_covers_every_kind_the_operator_touches(chart: helm_python.Chart) -
 
 
 # kube.Kube method -> the HTTP verbs (RBAC verbs) it issues.
-KUBE_METHOD_VERBS = {"get": {"get"}, "list": {"list"}, "create": {"create"},
-                     "create_if_absent": {"get", "create"}, "patch": {"patch"}, "delete": {"delete"}}
+KUBE_METHOD_VERBS = {
+    "get": {"get"},
+    "list": {"list"},
+    "create": {"create"},
+    "create_if_absent": {"get", "create"},
+    "patch": {"patch"},
+    "delete": {"delete"},
+}
 
 
 def test_rbac_covers_the_operators_direct_api_calls(chart: helm_python.Chart) -> None:
@@ -323,16 +411,19 @@ def test_rbac_covers_the_operators_direct_api_calls(chart: helm_python.Chart) ->
     calls = []
     for source in (REPO / "operator" / "reranker_operator").glob("*.py"):
         for method, kind_name, tail in re.findall(
-                r"\.api\.(\w+)\(\s*kube\.([A-Z_]+)\b([^)]*)", source.read_text()):
+            r"\.api\.(\w+)\(\s*kube\.([A-Z_]+)\b([^)]*)", source.read_text()
+        ):
             if method in KUBE_METHOD_VERBS and hasattr(kube, kind_name):
-                calls.append((source.name, method, kind_name, "subresource=\"status\"" in tail))
+                calls.append((source.name, method, kind_name, 'subresource="status"' in tail))
     assert calls, "found no API calls to check: did kube.py's interface change?"
     for source, method, kind_name, status in calls:
         kind = getattr(kube, kind_name)
         group = "" if kind.api_version == "v1" else kind.api_version.split("/")[0]
         resource = kind.plural + ("/status" if status else "")
         missing = KUBE_METHOD_VERBS[method] - grants(rules, group, resource)
-        assert not missing, f"{source}: api.{method}(kube.{kind_name}) needs {missing} on {group}/{resource}"
+        assert not missing, (
+            f"{source}: api.{method}(kube.{kind_name}) needs {missing} on {group}/{resource}"
+        )
 
 
 def test_watch_namespaces_gives_roles_per_namespace(chart: helm_python.Chart) -> None:
@@ -347,19 +438,32 @@ def test_watch_namespaces_gives_roles_per_namespace(chart: helm_python.Chart) ->
         assert binding["subjects"][0]["namespace"] == NAMESPACE
     # Cluster-scoped reads kopf needs in namespaced mode: CRDs, and namespaces to follow the
     # watched ones (kopf/_core/reactor/observation.py). Nothing namespaced cluster-wide.
-    assert_least_privilege(rules_of(one(objects, "ClusterRole")), {
-        ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-        ("", "namespaces"): {"get", "list", "watch"},
-    })
+    assert_least_privilege(
+        rules_of(one(objects, "ClusterRole")),
+        {
+            ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+            ("", "namespaces"): {"get", "list", "watch"},
+        },
+    )
     args = container(objects)["args"]
-    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=ml-serving", "--namespace=search"]
+    assert [a for a in args if a.startswith("--namespace")] == [
+        "--namespace=ml-serving",
+        "--namespace=search",
+    ]
 
 
 def test_rbac_and_service_account_can_be_disabled(chart: helm_python.Chart) -> None:
-    objects = manifests(render(chart, {"rbac": {"create": False},
-                                       "serviceAccount": {"create": False, "name": "existing-sa"}}))
+    objects = manifests(
+        render(
+            chart,
+            {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing-sa"}},
+        )
+    )
     assert {o["kind"] for o in objects} == {"ConfigMap", "Deployment"}
-    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing-sa"
+    assert (
+        one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+        == "existing-sa"
+    )
     objects = manifests(render(chart, {"serviceAccount": {"create": False}}))
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "default"
     assert one(objects, "ClusterRoleBinding")["subjects"][0]["name"] == "default"
@@ -371,7 +475,9 @@ def test_non_default_values_reach_the_pod(chart: helm_python.Chart) -> None:
     assert deployment["metadata"]["name"] == "rr-op"
     pod = deployment["spec"]["template"]["spec"]
     c = container(objects)
-    assert c["image"] == "registry.example.com:5000/mirror/reranker-operator:0.1.0@sha256:" + "a" * 64
+    assert (
+        c["image"] == "registry.example.com:5000/mirror/reranker-operator:0.1.0@sha256:" + "a" * 64
+    )
     assert c["imagePullPolicy"] == "Always"
     assert pod["imagePullSecrets"] == [{"name": "mirror-pull"}]
     assert pod["serviceAccountName"] == "reranker-op"
@@ -381,7 +487,9 @@ def test_non_default_values_reach_the_pod(chart: helm_python.Chart) -> None:
     assert pod["affinity"] == NON_DEFAULT_VALUES["affinity"]
     assert c["resources"] == NON_DEFAULT_VALUES["resources"]
     assert deployment["spec"]["template"]["metadata"]["labels"]["team"] == "search"
-    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
+    assert (
+        deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
+    )
     assert "--liveness-port=9090" in c["args"] and "--log-format=text" in c["args"]
     assert "--verbose" in c["args"]
     assert c["livenessProbe"]["periodSeconds"] == 5
@@ -412,7 +520,9 @@ def test_default_config_equals_the_operators_built_in_defaults(chart: helm_pytho
 
 def test_non_default_config_parses_with_the_operators_loader(chart: helm_python.Chart) -> None:
     config = pytest.importorskip("reranker_operator.config")
-    loaded = load_operator_config(operator_config_text(manifests(render(chart, NON_DEFAULT_VALUES))))
+    loaded = load_operator_config(
+        operator_config_text(manifests(render(chart, NON_DEFAULT_VALUES)))
+    )
     assert loaded.runtime_image == NON_DEFAULT_VALUES["runtimeImage"]
     assert loaded.image_pull_policy == "Always"
     assert loaded.image_pull_secrets == ["mirror-pull"]
@@ -428,8 +538,11 @@ def test_non_default_config_parses_with_the_operators_loader(chart: helm_python.
     assert loaded.engine_cache.storage_class_name == "filestore-rwx"
     assert loaded.engine_cache.access_mode == "ReadWriteOnce"
     assert loaded.engine_cache.retention == "Delete"
-    assert (loaded.build_job.backoff_limit, loaded.build_job.active_deadline_seconds,
-            loaded.build_job.ttl_seconds_after_finished) == (0, 7200, 0)
+    assert (
+        loaded.build_job.backoff_limit,
+        loaded.build_job.active_deadline_seconds,
+        loaded.build_job.ttl_seconds_after_finished,
+    ) == (0, 7200, 0)
     assert loaded.pod_security_context["runAsUser"] == 2000
     assert loaded.termination_grace_period_seconds == 120
 
@@ -447,55 +560,79 @@ def test_deployment_args_parse_with_the_operators_cli(chart: helm_python.Chart) 
 # values.schema.json
 
 
-@pytest.mark.parametrize("values", [
-    {"unknownKey": 1},
-    {"image": {"tag": "latest"}},
-    {"image": {"tag": ""}},
-    {"image": {"registry": "docker.io"}},
-    {"image": {"pullPolicy": "Sometimes"}},
-    {"image": {"digest": "md5:abc"}},
-    {"imagePullSecrets": ["name-only"]},
-    {"watchNamespaces": "ml"},
-    {"watchNamespaces": ["Not_A_Namespace"]},
-    {"watchNamespaces": ["ml", "ml"]},
-    {"logFormat": "xml"},
-    {"verbose": "yes"},
-    {"livenessPort": "8080"},
-    {"livenessPort": 80},
-    {"livenessProbe": {"periodSeconds": 0}},
-    {"rbac": {"create": "yes"}},
-    {"rbac": {"create": True, "aggregate": True}},
-    {"serviceAccount": {"automount": False}},
-    {"resources": {"requests": {"cpu": "lots"}}},
-    {"resources": {"claims": []}},
-    {"nodeSelector": {"a": 1}},
-    {"tolerations": [{"key": "x", "operator": "Maybe"}]},
-    {"affinity": {"nodeAfinity": {}}},
-    {"podSecurityContext": {"runAsUser": "root"}},
-    {"podSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
-    {"securityContext": {"capabilities": {"drop": "ALL"}}},
-    {"securityContext": {"readOnlyRootFileSystem": True}},
-    {"runtimeImage": "ghcr.io/reranker-dev/reranker-runtime"},
-    {"runtimeImage": "ghcr.io/reranker-dev/reranker-runtime:latest"},
-    {"runtimeImagePullPolicy": "always"},
-    {"accelerators": {"l4": {"resourceName": "nvidia.com/gpu", "nodeSelectorTerms": [], "tolerations": []}}},
-    {"accelerators": {"B200": {"resourceName": "nvidia.com/gpu", "nodeSelectorTerms": [], "tolerations": []}}},
-    {"accelerators": {"L4": {"gpuResource": "nvidia.com/gpu"}}},
-    {"accelerators": {"L4": {"resourceName": 1}}},
-    {"accelerators": {"L4": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "k", "operator": "Equals"}]}]}}},
-    {"accelerators": {"L4": {"tolerations": [{"effect": "NoExecuteNow"}]}}},
-    {"accelerators": []},
-    {"engineCache": {"size": "lots"}},
-    {"engineCache": {"accessMode": "ReadOnlyMany"}},
-    {"engineCache": {"retention": "Keep"}},
-    {"engineCache": {"reclaimPolicy": "Retain"}},
-    {"buildJob": {"backoffLimit": -1}},
-    {"buildJob": {"activeDeadlineSeconds": "1h"}},
-    {"buildJob": {"parallelism": 2}},
-    {"runtimePodSecurityContext": {"privileged": True}},
-    {"runtimeTerminationGracePeriodSeconds": -1},
-    {"priorityClassName": 5},
-], ids=lambda v: json.dumps(v, sort_keys=True)[:60])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"unknownKey": 1},
+        {"image": {"tag": "latest"}},
+        {"image": {"tag": ""}},
+        {"image": {"registry": "docker.io"}},
+        {"image": {"pullPolicy": "Sometimes"}},
+        {"image": {"digest": "md5:abc"}},
+        {"imagePullSecrets": ["name-only"]},
+        {"watchNamespaces": "ml"},
+        {"watchNamespaces": ["Not_A_Namespace"]},
+        {"watchNamespaces": ["ml", "ml"]},
+        {"logFormat": "xml"},
+        {"verbose": "yes"},
+        {"livenessPort": "8080"},
+        {"livenessPort": 80},
+        {"livenessProbe": {"periodSeconds": 0}},
+        {"rbac": {"create": "yes"}},
+        {"rbac": {"create": True, "aggregate": True}},
+        {"serviceAccount": {"automount": False}},
+        {"resources": {"requests": {"cpu": "lots"}}},
+        {"resources": {"claims": []}},
+        {"nodeSelector": {"a": 1}},
+        {"tolerations": [{"key": "x", "operator": "Maybe"}]},
+        {"affinity": {"nodeAfinity": {}}},
+        {"podSecurityContext": {"runAsUser": "root"}},
+        {"podSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
+        {"securityContext": {"capabilities": {"drop": "ALL"}}},
+        {"securityContext": {"readOnlyRootFileSystem": True}},
+        {"runtimeImage": "ghcr.io/reranker-dev/reranker-runtime"},
+        {"runtimeImage": "ghcr.io/reranker-dev/reranker-runtime:latest"},
+        {"runtimeImagePullPolicy": "always"},
+        {
+            "accelerators": {
+                "l4": {"resourceName": "nvidia.com/gpu", "nodeSelectorTerms": [], "tolerations": []}
+            }
+        },
+        {
+            "accelerators": {
+                "B200": {
+                    "resourceName": "nvidia.com/gpu",
+                    "nodeSelectorTerms": [],
+                    "tolerations": [],
+                }
+            }
+        },
+        {"accelerators": {"L4": {"gpuResource": "nvidia.com/gpu"}}},
+        {"accelerators": {"L4": {"resourceName": 1}}},
+        {
+            "accelerators": {
+                "L4": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "k", "operator": "Equals"}]}
+                    ]
+                }
+            }
+        },
+        {"accelerators": {"L4": {"tolerations": [{"effect": "NoExecuteNow"}]}}},
+        {"accelerators": []},
+        {"engineCache": {"size": "lots"}},
+        {"engineCache": {"accessMode": "ReadOnlyMany"}},
+        {"engineCache": {"retention": "Keep"}},
+        {"engineCache": {"reclaimPolicy": "Retain"}},
+        {"buildJob": {"backoffLimit": -1}},
+        {"buildJob": {"activeDeadlineSeconds": "1h"}},
+        {"buildJob": {"parallelism": 2}},
+        {"runtimePodSecurityContext": {"privileged": True}},
+        {"runtimeTerminationGracePeriodSeconds": -1},
+        {"priorityClassName": 5},
+    ],
+    ids=lambda v: json.dumps(v, sort_keys=True)[:60],
+)
 def test_schema_rejects_bad_values(chart: helm_python.Chart, values: dict[str, Any]) -> None:
     with pytest.raises(helm_python.HelmValuesError):
         render(chart, values)
@@ -509,7 +646,9 @@ def test_schema_forbids_unknown_keys_at_every_object_level() -> None:
             if node.get("type") == "object" or "properties" in node:
                 # Either closed (additionalProperties false) or a typed map (additionalProperties
                 # a schema), never open.
-                assert "additionalProperties" in node and node["additionalProperties"] is not True, where
+                assert (
+                    "additionalProperties" in node and node["additionalProperties"] is not True
+                ), where
                 if where != "properties.global":
                     assert node["additionalProperties"] is False or "properties" not in node, where
             for key, child in node.items():
@@ -518,7 +657,9 @@ def test_schema_forbids_unknown_keys_at_every_object_level() -> None:
             for i, child in enumerate(node):
                 walk(child, f"{where}[{i}]")
 
-    schema_without_global = dict(schema, properties={k: v for k, v in schema["properties"].items() if k != "global"})
+    schema_without_global = dict(
+        schema, properties={k: v for k, v in schema["properties"].items() if k != "global"}
+    )
     walk(schema_without_global, "")
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.Draft7Validator(schema).validate(yaml.safe_load((CHART / "values.yaml").read_text()))
@@ -530,7 +671,9 @@ def test_schema_accelerator_types_match_the_crd() -> None:
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     crd_types = spec["properties"]["accelerator"]["properties"]["type"]["enum"]
     assert schema["properties"]["accelerators"]["propertyNames"]["enum"] == crd_types
-    assert sorted(yaml.safe_load((CHART / "values.yaml").read_text())["accelerators"]) == sorted(crd_types)
+    assert sorted(yaml.safe_load((CHART / "values.yaml").read_text())["accelerators"]) == sorted(
+        crd_types
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -546,8 +689,12 @@ def test_chart_crd_is_identical_to_the_repository_crd(chart: helm_python.Chart) 
 
 
 def test_sync_crd_check_passes() -> None:
-    result = subprocess.run(["bash", str(REPO / "scripts" / "sync-crd.sh"), "--check"],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "sync-crd.sh"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -558,8 +705,13 @@ def test_sync_crd_check_passes() -> None:
 def test_every_value_is_commented() -> None:
     """Every key of values.yaml has a comment right above it, except the entries of structures that
     are documented as a whole (the accelerator map, security contexts, resources)."""
-    documented_as_a_whole = {"accelerators", "podSecurityContext", "securityContext", "resources",
-                             "runtimePodSecurityContext"}
+    documented_as_a_whole = {
+        "accelerators",
+        "podSecurityContext",
+        "securityContext",
+        "resources",
+        "runtimePodSecurityContext",
+    }
     lines = (CHART / "values.yaml").read_text().splitlines()
     parents: list[tuple[int, str]] = []
     missing = []
@@ -603,10 +755,27 @@ def test_docs_list_every_value() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
 
     def leaves(node: Any, prefix: str) -> list[str]:
-        if isinstance(node, dict) and node and prefix.split(".")[0] not in {
-                "accelerators", "podSecurityContext", "securityContext", "resources",
-                "runtimePodSecurityContext", "nodeSelector", "podAnnotations", "podLabels", "affinity"}:
-            return [leaf for k, v in node.items() for leaf in leaves(v, f"{prefix}.{k}" if prefix else k)]
+        if (
+            isinstance(node, dict)
+            and node
+            and prefix.split(".")[0]
+            not in {
+                "accelerators",
+                "podSecurityContext",
+                "securityContext",
+                "resources",
+                "runtimePodSecurityContext",
+                "nodeSelector",
+                "podAnnotations",
+                "podLabels",
+                "affinity",
+            }
+        ):
+            return [
+                leaf
+                for k, v in node.items()
+                for leaf in leaves(v, f"{prefix}.{k}" if prefix else k)
+            ]
         return [prefix]
 
     missing = [leaf for leaf in leaves(values, "") if f"`{leaf}`" not in text]

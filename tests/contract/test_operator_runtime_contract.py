@@ -23,10 +23,10 @@ from typing import Any
 
 import httpx
 import pytest
-from tiny_models import reference_logits
 
 from reranker_operator.config import OperatorConfig
 from reranker_operator.render import render_reranker
+from tiny_models import reference_logits
 
 CACHE_MOUNT = "/engines"
 TMP_MOUNT = "/tmp"
@@ -87,12 +87,18 @@ class LocalPod:
         return value
 
     def run(self, timeout: float) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            self.argv, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def start(self, **env_overrides: str) -> subprocess.Popen[str]:
         with self.log.open("w") as out:
             return subprocess.Popen(
-                self.argv, env={**self.env, **env_overrides}, stdout=out, stderr=subprocess.STDOUT, text=True
+                self.argv,
+                env={**self.env, **env_overrides},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
             )
 
 
@@ -116,7 +122,9 @@ def _wait_for_probe(proc: subprocess.Popen[str], url: str, log: Path, timeout: f
     pytest.fail(f"startup probe {url} never succeeded:\n{log.read_text()}")
 
 
-def test_rendered_job_and_deployment_serve_reference_scores(xlmr_reranker: Path, tmp_path: Path) -> None:
+def test_rendered_job_and_deployment_serve_reference_scores(
+    xlmr_reranker: Path, tmp_path: Path
+) -> None:
     children = render_reranker(_reranker(f"{MODELS_MOUNT}/{xlmr_reranker.name}"), OperatorConfig())
     job, deployment = _child(children, "Job"), _child(children, "Deployment")
     job_container, serve_container = _container(job), _container(deployment)
@@ -153,15 +161,27 @@ def test_rendered_job_and_deployment_serve_reference_scores(xlmr_reranker: Path,
     base = f"http://127.0.0.1:{local_port}"
     try:
         _wait_for_probe(proc, base + serve_container["startupProbe"]["httpGet"]["path"], pod.log)
-        assert httpx.get(base + serve_container["readinessProbe"]["httpGet"]["path"]).status_code == 200
-        assert httpx.get(base + serve_container["livenessProbe"]["httpGet"]["path"]).status_code == 200
+        assert (
+            httpx.get(base + serve_container["readinessProbe"]["httpGet"]["path"]).status_code
+            == 200
+        )
+        assert (
+            httpx.get(base + serve_container["livenessProbe"]["httpGet"]["path"]).status_code == 200
+        )
 
         query = "what is the capital of france"
-        texts = ["paris is the capital city of france", "deep learning model inference", "apple banana"]
+        texts = [
+            "paris is the capital city of france",
+            "deep learning model inference",
+            "apple banana",
+        ]
         r = httpx.post(f"{base}/rerank", json={"query": query, "texts": texts}, timeout=60)
         assert r.status_code == 200, r.text
         got = {item["index"]: item["score"] for item in r.json()}
-        want = [1 / (1 + math.exp(-row[0])) for row in reference_logits(xlmr_reranker, [(query, t) for t in texts])]
+        want = [
+            1 / (1 + math.exp(-row[0]))
+            for row in reference_logits(xlmr_reranker, [(query, t) for t in texts])
+        ]
         for i, w in enumerate(want):
             assert got[i] == pytest.approx(w, abs=1e-5)
 

@@ -30,7 +30,9 @@ def inputs(repo: str | Path, **over) -> BuildInputs:
     return BuildInputs(**base)
 
 
-def mutate_checkpoint(src: Path, dst: Path, *, config: dict | None = None, remove: tuple[str, ...] = ()) -> Path:
+def mutate_checkpoint(
+    src: Path, dst: Path, *, config: dict | None = None, remove: tuple[str, ...] = ()
+) -> Path:
     shutil.copytree(src, dst)
     if config:
         cfg = json.loads((dst / "config.json").read_text())
@@ -54,11 +56,20 @@ def build_cli_cmd() -> list[str]:
     return [sys.executable, "-m", "reranker_runtime.cli", "build"]
 
 
-def run_build_cli(args: list[str], *, env_extra: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_build_cli(
+    args: list[str], *, env_extra: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update({"RERANKER_LOG_FORMAT": "text", "HF_HUB_OFFLINE": "1"})
     env.update(env_extra or {})
-    return subprocess.run(build_cli_cmd() + args, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO_ROOT)
+    return subprocess.run(
+        build_cli_cmd() + args,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
 
 
 def free_port() -> int:
@@ -75,14 +86,25 @@ class ServeProcess:
     def __init__(self, env_extra: dict[str, str], timeout: float = 180) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, RERANKER_PORT=str(self.port), RERANKER_HOST="127.0.0.1", RERANKER_LOG_FORMAT="text", HF_HUB_OFFLINE="1")
+        env = dict(
+            os.environ,
+            RERANKER_PORT=str(self.port),
+            RERANKER_HOST="127.0.0.1",
+            RERANKER_LOG_FORMAT="text",
+            HF_HUB_OFFLINE="1",
+        )
         env.update(env_extra)
         self.timeout = timeout
         self.proc = subprocess.Popen(
-            build_cli_cmd()[:-1] + ["serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT
+            [*build_cli_cmd()[:-1], "serve"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO_ROOT,
         )
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         import time
 
         import httpx
@@ -90,7 +112,9 @@ class ServeProcess:
         deadline = time.monotonic() + self.timeout
         while True:
             if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}: {self.proc.stdout.read()}")
+                raise AssertionError(
+                    f"serve exited {self.proc.returncode}: {self.proc.stdout.read()}"
+                )
             try:
                 if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
                     return self
@@ -111,7 +135,11 @@ class ServeProcess:
     def rerank_raw(self, query: str, texts: list[str]) -> list[float]:
         import httpx
 
-        r = httpx.post(f"{self.base}/rerank", json={"query": query, "texts": texts, "raw_scores": True}, timeout=60)
+        r = httpx.post(
+            f"{self.base}/rerank",
+            json={"query": query, "texts": texts, "raw_scores": True},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         got = {item["index"]: item["score"] for item in r.json()}
         return [got[i] for i in range(len(texts))]

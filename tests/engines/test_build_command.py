@@ -11,11 +11,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engines.helpers import A10G, L4, REPO_ROOT, ServeProcess, inputs, mutate_checkpoint, run_build_cli
 
+from engines.helpers import (
+    A10G,
+    L4,
+    REPO_ROOT,
+    ServeProcess,
+    inputs,
+    mutate_checkpoint,
+    run_build_cli,
+)
 from reranker_runtime.build import atomic, command, trtllm
-from reranker_runtime.build.errors import CheckpointInvalidError, GpuMismatchError, OutputConflictError
-from reranker_runtime.build.manifest import read_manifest
+from reranker_runtime.build.errors import (
+    CheckpointInvalidError,
+    GpuMismatchError,
+    OutputConflictError,
+)
+from reranker_runtime.build.manifest import ManifestError, read_manifest
 from reranker_runtime.config import ServeSettings
 
 PAIRS = [
@@ -41,7 +53,11 @@ def _cli_args(repo: Path | str, out: Path, **over: str) -> list[str]:
 
 
 def _temps(out: Path) -> list[Path]:
-    return [p for p in out.parent.iterdir() if p.name.startswith(atomic.temp_prefix(out))] if out.parent.exists() else []
+    return (
+        [p for p in out.parent.iterdir() if p.name.startswith(atomic.temp_prefix(out))]
+        if out.parent.exists()
+        else []
+    )
 
 
 def _scores(engine, pairs) -> np.ndarray:
@@ -55,10 +71,11 @@ def _scores(engine, pairs) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fixture", ["xlmr_reranker", "bert_reranker"])
-def test_cpu_build_then_load_scores_equal_reference(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    from tiny_models import reference_logits
-
+def test_cpu_build_then_load_scores_equal_reference(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     from reranker_runtime.build.engine_dir import load_engine_from_dir
+    from tiny_models import reference_logits
 
     model_dir: Path = request.getfixturevalue(fixture)
     out = tmp_path / "engines" / "key"
@@ -78,10 +95,14 @@ def test_cpu_build_then_load_scores_equal_reference(fixture: str, request: pytes
 
     engine = load_engine_from_dir(str(out), ServeSettings(device="cpu"))
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    np.testing.assert_allclose(_scores(engine, PAIRS), reference_logits(model_dir, PAIRS), atol=1e-5)
+    np.testing.assert_allclose(
+        _scores(engine, PAIRS), reference_logits(model_dir, PAIRS), atol=1e-5
+    )
 
 
-def test_cpu_engine_honours_max_seq_len_and_reports_the_checkpoint(xlmr_reranker: Path, tmp_path: Path) -> None:
+def test_cpu_engine_honours_max_seq_len_and_reports_the_checkpoint(
+    xlmr_reranker: Path, tmp_path: Path
+) -> None:
     """--max-seq-len caps inputs below the model's maximum, so a long-context model fits a smaller
     token budget; /info reports the checkpoint the engine came from, not the cache path."""
     from reranker_runtime.build.engine_dir import load_engine_from_dir
@@ -99,18 +120,25 @@ def test_cpu_engine_honours_max_seq_len_and_reports_the_checkpoint(xlmr_reranker
     RerankService(engine, ServeSettings(device="cpu", max_batch_tokens=64)).batcher.check_limits()
 
 
-def test_rerun_is_a_fast_noop_and_other_inputs_are_refused(xlmr_reranker: Path, tmp_path: Path) -> None:
+def test_rerun_is_a_fast_noop_and_other_inputs_are_refused(
+    xlmr_reranker: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "key"
     assert run_build_cli(_cli_args(xlmr_reranker, out)).returncode == 0
     before = (out / "manifest.json").read_text()
 
     term = tmp_path / "term"
-    r = run_build_cli(_cli_args(xlmr_reranker, out), env_extra={"RERANKER_TERMINATION_LOG": str(term)})
+    r = run_build_cli(
+        _cli_args(xlmr_reranker, out), env_extra={"RERANKER_TERMINATION_LOG": str(term)}
+    )
     assert r.returncode == 0, r.stderr
     assert "nothing to do" in r.stderr and "already complete (no-op)" in term.read_text()
     assert (out / "manifest.json").read_text() == before  # untouched
 
-    r = run_build_cli(_cli_args(xlmr_reranker, out, **{"--max-num-tokens": "2048"}), env_extra={"RERANKER_TERMINATION_LOG": str(term)})
+    r = run_build_cli(
+        _cli_args(xlmr_reranker, out, **{"--max-num-tokens": "2048"}),
+        env_extra={"RERANKER_TERMINATION_LOG": str(term)},
+    )
     assert r.returncode == 16
     msg = term.read_text()
     assert "OutputConflict, exit code 16" in msg
@@ -122,7 +150,7 @@ def test_foreign_directory_is_never_overwritten(xlmr_reranker: Path, tmp_path: P
     out = tmp_path / "key"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(OutputConflictError, match="not empty and has no manifest.json"):
+    with pytest.raises(OutputConflictError, match=r"not empty and has no manifest\.json"):
         command.run_build(inputs(xlmr_reranker), out)
     assert (out / "precious.txt").read_text() == "keep me"
     # an empty directory (e.g. pre-created mount point) is fine
@@ -131,7 +159,9 @@ def test_foreign_directory_is_never_overwritten(xlmr_reranker: Path, tmp_path: P
     assert command.run_build(inputs(xlmr_reranker), empty).status == "built"
 
 
-def test_killed_build_leaves_no_complete_looking_output_and_rerun_completes(xlmr_reranker: Path, tmp_path: Path) -> None:
+def test_killed_build_leaves_no_complete_looking_output_and_rerun_completes(
+    xlmr_reranker: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "engines" / "key"
     script = f"""
 import os, signal, sys
@@ -144,13 +174,15 @@ checkpoint.copy_checkpoint = _crash
 from reranker_runtime.build.__main__ import main
 sys.exit(main({_cli_args(xlmr_reranker, out)!r}))
 """
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT
+    )
     assert r.returncode == -9, r.stderr
     assert not out.exists()  # nothing that looks complete, or even present
     leftovers = _temps(out)
     assert len(leftovers) == 1 and (leftovers[0] / "checkpoint" / "config.json").exists()
     assert not (leftovers[0] / "manifest.json").exists()
-    with pytest.raises(Exception):
+    with pytest.raises(ManifestError, match="does not exist"):
         read_manifest(out)
 
     r = run_build_cli(_cli_args(xlmr_reranker, out))
@@ -160,7 +192,9 @@ sys.exit(main({_cli_args(xlmr_reranker, out)!r}))
     assert not _temps(out)
 
 
-def test_failure_mid_build_cleans_its_temp_dir(monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path) -> None:
+def test_failure_mid_build_cleans_its_temp_dir(
+    monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path
+) -> None:
     from reranker_runtime.build import checkpoint
 
     orig = checkpoint.copy_checkpoint
@@ -171,7 +205,7 @@ def test_failure_mid_build_cleans_its_temp_dir(monkeypatch: pytest.MonkeyPatch, 
 
     monkeypatch.setattr(checkpoint, "copy_checkpoint", boom)
     out = tmp_path / "key"
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(RuntimeError, match=r"disk full"):
         command.run_build(inputs(xlmr_reranker), out)
     assert not out.exists() and not _temps(out)
 
@@ -186,21 +220,36 @@ def test_failure_mid_build_cleans_its_temp_dir(monkeypatch: pytest.MonkeyPatch, 
             "xlmr_reranker",
             {"--quantization": "fp8", "--accelerator": "L4"},
             13,
-            ["QuantizationUnsupported, exit code 13", "TensorRT-LLM has no FP8 path for BERT-family encoders"],
+            [
+                "QuantizationUnsupported, exit code 13",
+                "TensorRT-LLM has no FP8 path for BERT-family encoders",
+            ],
         ),
         ("xlmr_reranker", {"--quantization": "fp4", "--accelerator": "H200"}, 13, ["no FP4 path"]),
-        ("xlmr_reranker", {"--quantization": "fp8"}, 10, ["InvalidBuildArguments, exit code 10", "GPU-only"]),
+        (
+            "xlmr_reranker",
+            {"--quantization": "fp8"},
+            10,
+            ["InvalidBuildArguments, exit code 10", "GPU-only"],
+        ),
         ("xlmr_classifier", {}, 12, ["CheckpointUnsupported, exit code 12", "has 3 labels"]),
         ("xlmr_reranker", {"--max-seq-len": "0"}, 10, ["--max-seq-len must be >= 1"]),
     ],
 )
 def test_failures_exit_codes_and_termination_message(
-    fixture: str, over: dict, code: int, needles: list[str], request: pytest.FixtureRequest, tmp_path: Path
+    fixture: str,
+    over: dict,
+    code: int,
+    needles: list[str],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> None:
     model_dir = request.getfixturevalue(fixture)
     term = tmp_path / "termination-log"
     out = tmp_path / "key"
-    r = run_build_cli(_cli_args(model_dir, out, **over), env_extra={"RERANKER_TERMINATION_LOG": str(term)})
+    r = run_build_cli(
+        _cli_args(model_dir, out, **over), env_extra={"RERANKER_TERMINATION_LOG": str(term)}
+    )
     assert r.returncode == code, r.stderr
     msg = term.read_text()
     assert msg.startswith("reranker-runtime build failed (")
@@ -212,14 +261,24 @@ def test_failures_exit_codes_and_termination_message(
 
 def test_missing_checkpoint_is_a_fetch_error(tmp_path: Path) -> None:
     term = tmp_path / "t"
-    r = run_build_cli(_cli_args(tmp_path / "nope", tmp_path / "o", **{"--source": "LOCAL"}), env_extra={"RERANKER_TERMINATION_LOG": str(term)})
+    r = run_build_cli(
+        _cli_args(tmp_path / "nope", tmp_path / "o", **{"--source": "LOCAL"}),
+        env_extra={"RERANKER_TERMINATION_LOG": str(term)},
+    )
     assert r.returncode == 11
-    assert "CheckpointFetchFailed" in term.read_text() and "not an existing directory" in term.read_text()
+    assert (
+        "CheckpointFetchFailed" in term.read_text()
+        and "not an existing directory" in term.read_text()
+    )
 
 
-def test_termination_log_default_path_is_optional(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_termination_log_default_path_is_optional(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("RERANKER_TERMINATION_LOG", raising=False)
-    monkeypatch.setattr(command, "DEFAULT_TERMINATION_LOG", str(tmp_path / "absent" / "termination-log"))
+    monkeypatch.setattr(
+        command, "DEFAULT_TERMINATION_LOG", str(tmp_path / "absent" / "termination-log")
+    )
     command.write_termination_message("x")  # no file, no error
     target = tmp_path / "termination-log"
     target.write_text("")
@@ -230,11 +289,17 @@ def test_termination_log_default_path_is_optional(tmp_path: Path, monkeypatch: p
 
 
 @pytest.mark.skipif(os.path.exists("/dev/nvidia0"), reason="this machine has a GPU")
-def test_gpu_accelerator_without_gpu_exits_14(xlmr_reranker: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_accelerator_without_gpu_exits_14(
+    xlmr_reranker: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     term = tmp_path / "t"
     r = run_build_cli(
         _cli_args(xlmr_reranker, tmp_path / "o", **{"--accelerator": "L4"}),
-        env_extra={"RERANKER_TERMINATION_LOG": str(term), "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""},
+        env_extra={
+            "RERANKER_TERMINATION_LOG": str(term),
+            "PATH": "/usr/bin:/bin",
+            "CUDA_VISIBLE_DEVICES": "",
+        },
     )
     assert r.returncode == 14, r.stderr
     assert "AcceleratorMismatch" in term.read_text() and "NVIDIA L4 (sm_89)" in term.read_text()
@@ -244,45 +309,68 @@ def test_gpu_accelerator_without_gpu_exits_14(xlmr_reranker: Path, tmp_path: Pat
 
 
 def _fake_build_engine(calls: list):
-    def fake(checkpoint_dir: Path, engine_dir: Path, spec, profile, scratch: Path) -> dict[str, str]:
+    def fake(
+        checkpoint_dir: Path, engine_dir: Path, spec, profile, scratch: Path
+    ) -> dict[str, str]:
         calls.append((checkpoint_dir, spec, profile))
         assert (checkpoint_dir / "config.json").is_file()
         engine_dir.mkdir(parents=True)
         (engine_dir / "rank0.engine").write_bytes(b"plan")
-        (engine_dir / "config.json").write_text(json.dumps({"build_config": {"max_batch_size": profile.max_batch_size}}))
+        (engine_dir / "config.json").write_text(
+            json.dumps({"build_config": {"max_batch_size": profile.max_batch_size}})
+        )
         return {"tensorrt_llm": "0.0-fake"}
 
     return fake
 
 
-def test_gpu_build_orchestration(monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path) -> None:
+def test_gpu_build_orchestration(
+    monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path
+) -> None:
     # TensorRT-LLM's BERT needs intermediate_size == 4 * hidden_size; only the config is read here.
     ckpt = mutate_checkpoint(xlmr_reranker, tmp_path / "ckpt", config={"intermediate_size": 128})
     calls: list = []
     monkeypatch.setattr(trtllm, "build_engine", _fake_build_engine(calls))
     out = tmp_path / "key"
-    res = command.run_build(inputs(ckpt, accelerator="L4", max_num_tokens=16384), out, gpu_detector=lambda: L4)
+    res = command.run_build(
+        inputs(ckpt, accelerator="L4", max_num_tokens=16384), out, gpu_detector=lambda: L4
+    )
     assert res.status == "built"
     m = read_manifest(out)
     assert m.engine == "tensorrt-llm" and m.gpu == L4
-    assert (m.build.dtype, m.build.max_batch_size, m.build.max_input_len) == ("float16", 128, 128)  # 16384 // 128
+    assert (m.build.dtype, m.build.max_batch_size, m.build.max_input_len) == (
+        "float16",
+        128,
+        128,
+    )  # 16384 // 128
     assert m.versions["tensorrt_llm"] == "0.0-fake"
-    assert (out / "engine" / "rank0.engine").is_file() and (out / "checkpoint" / "tokenizer.json").is_file()
+    assert (out / "engine" / "rank0.engine").is_file() and (
+        out / "checkpoint" / "tokenizer.json"
+    ).is_file()
     assert not (out / ".scratch").exists()
     assert len(calls) == 1 and calls[0][1].position_offset == 2
     # idempotent: no second build, and no GPU needed to notice
-    assert command.run_build(inputs(ckpt, accelerator="L4", max_num_tokens=16384), out, gpu_detector=lambda: None).status == "unchanged"
+    assert (
+        command.run_build(
+            inputs(ckpt, accelerator="L4", max_num_tokens=16384), out, gpu_detector=lambda: None
+        ).status
+        == "unchanged"
+    )
     assert len(calls) == 1
 
 
-def test_t4_gets_a_pytorch_engine_directory(monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path) -> None:
+def test_t4_gets_a_pytorch_engine_directory(
+    monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path
+) -> None:
     """TensorRT-LLM's release builds have no sm_75 kernels: on a T4 the checkpoint is cached for
     the PyTorch engine (float16 on the GPU) instead of a TensorRT-LLM build that would fail."""
     from reranker_runtime.build.engine_dir import load_engine_from_dir
     from reranker_runtime.build.manifest import GpuInfo
 
     t4 = GpuInfo(name="Tesla T4", compute_capability="7.5")
-    monkeypatch.setattr(trtllm, "build_engine", lambda *a, **k: pytest.fail("TensorRT-LLM build on a T4"))
+    monkeypatch.setattr(
+        trtllm, "build_engine", lambda *a, **k: pytest.fail("TensorRT-LLM build on a T4")
+    )
     out = tmp_path / "key"
     # The tiny model's 2x MLP is fine here: TensorRT-LLM's constraints do not apply.
     res = command.run_build(inputs(xlmr_reranker, accelerator="T4"), out, gpu_detector=lambda: t4)
@@ -290,22 +378,37 @@ def test_t4_gets_a_pytorch_engine_directory(monkeypatch: pytest.MonkeyPatch, xlm
     m = read_manifest(out)
     assert (m.engine, m.gpu, m.build.dtype) == ("pytorch", t4, "float16")
     assert not (out / "engine").exists()
-    engine = load_engine_from_dir(str(out), ServeSettings(device="cpu"))  # the PyTorch engine (CPU here)
+    engine = load_engine_from_dir(
+        str(out), ServeSettings(device="cpu")
+    )  # the PyTorch engine (CPU here)
     assert engine.info.name == "pytorch"
 
 
-def test_gpu_build_refuses_other_gpu_before_downloading(monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path) -> None:
+def test_gpu_build_refuses_other_gpu_before_downloading(
+    monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path
+) -> None:
     from reranker_runtime.build import checkpoint
 
-    monkeypatch.setattr(checkpoint, "fetch_checkpoint", lambda *a, **k: pytest.fail("fetched before the GPU check"))
-    with pytest.raises(GpuMismatchError, match=r"expects an NVIDIA L4 \(sm_89\), but this node has NVIDIA A10G \(sm_86\)"):
-        command.run_build(inputs(xlmr_reranker, accelerator="L4"), tmp_path / "key", gpu_detector=lambda: A10G)
+    monkeypatch.setattr(
+        checkpoint, "fetch_checkpoint", lambda *a, **k: pytest.fail("fetched before the GPU check")
+    )
+    with pytest.raises(
+        GpuMismatchError,
+        match=r"expects an NVIDIA L4 \(sm_89\), but this node has NVIDIA A10G \(sm_86\)",
+    ):
+        command.run_build(
+            inputs(xlmr_reranker, accelerator="L4"), tmp_path / "key", gpu_detector=lambda: A10G
+        )
 
 
-def test_gpu_build_refuses_models_trtllm_cannot_represent(monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path) -> None:
+def test_gpu_build_refuses_models_trtllm_cannot_represent(
+    monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path
+) -> None:
     monkeypatch.setattr(trtllm, "build_engine", _fake_build_engine([]))
-    with pytest.raises(CheckpointInvalidError, match="4x MLP"):  # the tiny model's MLP is 2x
-        command.run_build(inputs(xlmr_reranker, accelerator="L4"), tmp_path / "key", gpu_detector=lambda: L4)
+    with pytest.raises(CheckpointInvalidError, match=r"4x MLP"):  # the tiny model's MLP is 2x
+        command.run_build(
+            inputs(xlmr_reranker, accelerator="L4"), tmp_path / "key", gpu_detector=lambda: L4
+        )
     assert not (tmp_path / "key").exists()
 
 
@@ -320,7 +423,7 @@ def test_trtllm_missing_is_a_clear_build_error(xlmr_reranker: Path, tmp_path: Pa
     from reranker_runtime.build.errors import EngineBuildError
 
     ckpt = mutate_checkpoint(xlmr_reranker, tmp_path / "ckpt", config={"intermediate_size": 128})
-    with pytest.raises(EngineBuildError, match="tensorrt_llm is not importable in this image"):
+    with pytest.raises(EngineBuildError, match=r"tensorrt_llm is not importable in this image"):
         command.run_build(inputs(ckpt, accelerator="L4"), tmp_path / "key", gpu_detector=lambda: L4)
     assert not (tmp_path / "key").exists() and not _temps(tmp_path / "key")
 
@@ -333,7 +436,11 @@ def test_serve_engine_dir_over_http(xlmr_reranker: Path, tmp_path: Path) -> None
 
     out = tmp_path / "key"
     assert run_build_cli(_cli_args(xlmr_reranker, out)).returncode == 0
-    env = {"RERANKER_ENGINE_DIR": str(out), "RERANKER_DEVICE": "cpu", "RERANKER_MAX_BATCH_TOKENS": "1024"}
+    env = {
+        "RERANKER_ENGINE_DIR": str(out),
+        "RERANKER_DEVICE": "cpu",
+        "RERANKER_MAX_BATCH_TOKENS": "1024",
+    }
     query, texts = PAIRS[0][0], [d for _, d in PAIRS]
     with ServeProcess(env) as server:
         got = server.rerank_raw(query, texts)

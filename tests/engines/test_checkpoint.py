@@ -11,25 +11,41 @@ import threading
 from pathlib import Path
 
 import pytest
-from engines.helpers import mutate_checkpoint
 
+from engines.helpers import mutate_checkpoint
 from reranker_runtime.build import checkpoint as ck
-from reranker_runtime.build.errors import BuildArgumentError, CheckpointFetchError, CheckpointInvalidError
+from reranker_runtime.build.errors import (
+    BuildArgumentError,
+    CheckpointFetchError,
+    CheckpointInvalidError,
+)
 
 
 def test_valid_rerankers(xlmr_reranker: Path, bert_reranker: Path) -> None:
     x = ck.validate_checkpoint(xlmr_reranker)
-    assert (x.architecture, x.model_type, x.num_labels) == ("XLMRobertaForSequenceClassification", "xlm-roberta", 1)
+    assert (x.architecture, x.model_type, x.num_labels) == (
+        "XLMRobertaForSequenceClassification",
+        "xlm-roberta",
+        1,
+    )
     assert x.max_input_length == 128  # 130 positions - (padding_idx 1 + 1)
     assert x.position_offset == 2 and x.is_roberta
     b = ck.validate_checkpoint(bert_reranker)
-    assert (b.architecture, b.model_type, b.max_input_length, b.position_offset) == ("BertForSequenceClassification", "bert", 128, 0)
+    assert (b.architecture, b.model_type, b.max_input_length, b.position_offset) == (
+        "BertForSequenceClassification",
+        "bert",
+        128,
+        0,
+    )
 
 
 @pytest.mark.parametrize(
     ("config", "needle"),
     [
-        ({"architectures": ["XLMRobertaForMaskedLM"]}, "XLMRobertaForMaskedLM is not a *ForSequenceClassification model"),
+        (
+            {"architectures": ["XLMRobertaForMaskedLM"]},
+            "XLMRobertaForMaskedLM is not a *ForSequenceClassification model",
+        ),
         (
             {"architectures": ["DebertaV2ForSequenceClassification"], "model_type": "deberta-v2"},
             "DebertaV2ForSequenceClassification (model_type 'deberta-v2') is a sequence classifier, but not of the BERT family",
@@ -59,22 +75,24 @@ def test_several_labels_refused_unless_allowed(xlmr_classifier: Path) -> None:
 def test_missing_safetensors(xlmr_reranker: Path, tmp_path: Path) -> None:
     d = mutate_checkpoint(xlmr_reranker, tmp_path / "m", remove=("*.safetensors",))
     (d / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(CheckpointInvalidError, match=r"has no \*\.safetensors weights \(found pytorch_model.bin\)"):
+    with pytest.raises(
+        CheckpointInvalidError, match=r"has no \*\.safetensors weights \(found pytorch_model\.bin\)"
+    ):
         ck.validate_checkpoint(d)
 
 
 def test_missing_fast_tokenizer(xlmr_reranker: Path, tmp_path: Path) -> None:
     d = mutate_checkpoint(xlmr_reranker, tmp_path / "m", remove=("tokenizer.json",))
-    with pytest.raises(CheckpointInvalidError, match=r"has no fast tokenizer \(tokenizer.json\)"):
+    with pytest.raises(CheckpointInvalidError, match=r"has no fast tokenizer \(tokenizer\.json\)"):
         ck.validate_checkpoint(d)
 
 
 def test_missing_or_broken_config(xlmr_reranker: Path, tmp_path: Path) -> None:
     d = mutate_checkpoint(xlmr_reranker, tmp_path / "m", remove=("config.json",))
-    with pytest.raises(CheckpointInvalidError, match="has no config.json"):
+    with pytest.raises(CheckpointInvalidError, match=r"has no config\.json"):
         ck.validate_checkpoint(d)
     (d / "config.json").write_text("{oops")
-    with pytest.raises(CheckpointInvalidError, match="not readable JSON"):
+    with pytest.raises(CheckpointInvalidError, match=r"not readable JSON"):
         ck.validate_checkpoint(d)
 
 
@@ -83,7 +101,9 @@ def test_copy_keeps_only_what_serving_needs(xlmr_reranker: Path, tmp_path: Path)
     (src / "pytorch_model.bin").write_bytes(b"x")
     (src / "onnx").mkdir()
     copied = ck.copy_checkpoint(src, tmp_path / "dst")
-    assert "pytorch_model.bin" not in copied and "config.json" in copied and "tokenizer.json" in copied
+    assert (
+        "pytorch_model.bin" not in copied and "config.json" in copied and "tokenizer.json" in copied
+    )
     assert any(n.endswith(".safetensors") for n in copied)
     assert not (tmp_path / "dst" / "onnx").exists()
 
@@ -95,15 +115,17 @@ def test_local_sources(xlmr_reranker: Path, tmp_path: Path) -> None:
     assert ck.resolve_source(str(xlmr_reranker), "HF") == "LOCAL"  # an existing path wins
     assert ck.resolve_source(str(xlmr_reranker), "local") == "LOCAL"
     assert ck.resolve_source("org/model", "HF") == "HF"
-    with pytest.raises(CheckpointFetchError, match="not an existing directory"):
+    with pytest.raises(CheckpointFetchError, match=r"not an existing directory"):
         ck.resolve_source(str(tmp_path / "missing"), "LOCAL")
-    with pytest.raises(BuildArgumentError, match="--source 'ftp' is not one of"):
+    with pytest.raises(BuildArgumentError, match=r"--source 'ftp' is not one of"):
         ck.resolve_source("x", "ftp")
     f = ck.fetch_checkpoint(str(xlmr_reranker), "main", "HF", tmp_path / "scratch")
     assert f.path == xlmr_reranker.resolve() and f.resolved_revision is None
 
 
-def test_hf_records_resolved_commit(monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path) -> None:
+def test_hf_records_resolved_commit(
+    monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path
+) -> None:
     import huggingface_hub
 
     sha = "0123456789abcdef0123456789abcdef01234567"
@@ -119,7 +141,9 @@ def test_hf_records_resolved_commit(monkeypatch: pytest.MonkeyPatch, xlmr_rerank
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     f = ck.fetch_checkpoint("org/m", "v1.0", "HF", tmp_path / "s", env={"HF_TOKEN": "hf_secret"})
     assert f.resolved_revision == sha
-    assert seen["repo_id"] == "org/m" and seen["revision"] == "v1.0" and seen["token"] == "hf_secret"
+    assert (
+        seen["repo_id"] == "org/m" and seen["revision"] == "v1.0" and seen["token"] == "hf_secret"
+    )
     assert "*.safetensors" in seen["allow_patterns"] and "*.bin" not in seen["allow_patterns"]
 
 
@@ -132,7 +156,9 @@ def test_hf_errors_are_fetch_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         raise LocalEntryNotFoundError("no connection")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(CheckpointFetchError, match="cannot download org/m@main: the hub is unreachable"):
+    with pytest.raises(
+        CheckpointFetchError, match=r"cannot download org/m@main: the hub is unreachable"
+    ):
         ck.fetch_checkpoint("org/m", "main", "HF", tmp_path, env={})
 
 
@@ -140,14 +166,29 @@ def test_hf_errors_are_fetch_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     ("source", "url", "needle"),
     [
         ("S3", "s3://bucket/models/m", "needs boto3 (pip install boto3) or the AWS CLI (`aws`)"),
-        ("GCS", "gs://bucket/models/m", "needs google-cloud-storage (pip install google-cloud-storage) or the gcloud/gsutil CLI"),
-        ("AZURE", "az://container/models/m", "needs azure-storage-blob (pip install azure-storage-blob) or the Azure CLI (`az`)"),
+        (
+            "GCS",
+            "gs://bucket/models/m",
+            "needs google-cloud-storage (pip install google-cloud-storage) or the gcloud/gsutil CLI",
+        ),
+        (
+            "AZURE",
+            "az://container/models/m",
+            "needs azure-storage-blob (pip install azure-storage-blob) or the Azure CLI (`az`)",
+        ),
     ],
 )
 def test_object_stores_without_sdk_or_cli_say_what_is_missing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str, url: str, needle: str
 ) -> None:
-    for mod in ("boto3", "google.cloud.storage", "google.cloud", "azure.storage.blob", "azure.storage", "azure"):
+    for mod in (
+        "boto3",
+        "google.cloud.storage",
+        "google.cloud",
+        "azure.storage.blob",
+        "azure.storage",
+        "azure",
+    ):
         monkeypatch.setitem(sys.modules, mod, None)  # import -> ImportError
     monkeypatch.setattr(ck.shutil, "which", lambda name: None)
     with pytest.raises(CheckpointFetchError) as ei:
@@ -156,7 +197,7 @@ def test_object_stores_without_sdk_or_cli_say_what_is_missing(
 
 
 def test_object_stores_refuse_revisions(tmp_path: Path) -> None:
-    with pytest.raises(BuildArgumentError, match="cannot be applied to a S3 source"):
+    with pytest.raises(BuildArgumentError, match=r"cannot be applied to a S3 source"):
         ck.fetch_checkpoint("s3://b/p", "v2", "S3", tmp_path, env={})
     with pytest.raises(BuildArgumentError, match=r"must look like s3://bucket/prefix"):
         ck.fetch_checkpoint("https://example.com/x", "main", "S3", tmp_path, env={})
@@ -174,7 +215,7 @@ def http_server():
     files: dict[str, bytes] = {}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             body = files.get(self.path.split("?")[0])
             if body is None:
                 self.send_response(404)
@@ -206,11 +247,13 @@ def test_remote_url_tarball(http_server, xlmr_reranker: Path, tmp_path: Path) ->
     assert ck.validate_checkpoint(f.path).architecture == "XLMRobertaForSequenceClassification"
     # a pinned digest is verified
     ck.fetch_checkpoint(f"{base}/m.tar.gz", f"sha256:{sha}", "REMOTE_URL", tmp_path / "b")
-    with pytest.raises(CheckpointFetchError, match=f"has sha256 {sha}, but --revision pins sha256:{'0' * 64}"):
+    with pytest.raises(
+        CheckpointFetchError, match=f"has sha256 {sha}, but --revision pins sha256:{'0' * 64}"
+    ):
         ck.fetch_checkpoint(f"{base}/m.tar.gz", "sha256:" + "0" * 64, "REMOTE_URL", tmp_path / "c")
-    with pytest.raises(BuildArgumentError, match="cannot pin a REMOTE_URL source"):
+    with pytest.raises(BuildArgumentError, match=r"cannot pin a REMOTE_URL source"):
         ck.fetch_checkpoint(f"{base}/m.tar.gz", "v1", "REMOTE_URL", tmp_path / "d")
-    with pytest.raises(CheckpointFetchError, match="cannot download"):
+    with pytest.raises(CheckpointFetchError, match=r"cannot download"):
         ck.fetch_checkpoint(f"{base}/missing.tar.gz", "main", "REMOTE_URL", tmp_path / "e")
 
 
@@ -218,7 +261,9 @@ def test_remote_url_tarball(http_server, xlmr_reranker: Path, tmp_path: Path) ->
 def test_safe_extract_refuses_escapes(tmp_path: Path, kind: str) -> None:
     archive = tmp_path / "evil.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        info = tarfile.TarInfo({"dotdot": "../evil.txt", "absolute": "/tmp/evil.txt", "symlink": "link"}[kind])
+        info = tarfile.TarInfo(
+            {"dotdot": "../evil.txt", "absolute": "/tmp/evil.txt", "symlink": "link"}[kind]
+        )
         if kind == "symlink":
             info.type = tarfile.SYMTYPE
             info.linkname = "/etc/passwd"
@@ -227,6 +272,6 @@ def test_safe_extract_refuses_escapes(tmp_path: Path, kind: str) -> None:
             payload = b"x"
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    with pytest.raises(CheckpointFetchError, match="unsafe path|link or special file"):
+    with pytest.raises(CheckpointFetchError, match=r"unsafe path|link or special file"):
         ck.safe_extract_tar(archive, tmp_path / "out")
     assert not (tmp_path / "evil.txt").exists()

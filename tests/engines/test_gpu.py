@@ -6,19 +6,27 @@ import json
 from pathlib import Path
 
 import pytest
-from engines.helpers import A10G, L4, inputs
 
+from engines.helpers import A10G, L4, inputs
 from reranker_runtime.build import gpu
 from reranker_runtime.build.engine_dir import load_engine_from_dir
 from reranker_runtime.build.errors import GpuMismatchError
-from reranker_runtime.build.manifest import BuildShapes, GpuInfo, Manifest, ModelInfo, write_manifest
+from reranker_runtime.build.manifest import (
+    BuildShapes,
+    GpuInfo,
+    Manifest,
+    ModelInfo,
+    write_manifest,
+)
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.errors import ModelLoadError
 
 
 def test_parse_nvidia_smi() -> None:
     assert gpu.parse_nvidia_smi("NVIDIA L4, 8.9\n") == GpuInfo("NVIDIA L4", "8.9")
-    assert gpu.parse_nvidia_smi("NVIDIA H100 80GB HBM3, 9.0\nNVIDIA H100 80GB HBM3, 9.0\n") == GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
+    assert gpu.parse_nvidia_smi(
+        "NVIDIA H100 80GB HBM3, 9.0\nNVIDIA H100 80GB HBM3, 9.0\n"
+    ) == GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
     assert gpu.parse_nvidia_smi("") is None
     assert gpu.parse_nvidia_smi("Failed to initialize NVML") is None
 
@@ -45,13 +53,16 @@ def test_mismatch_refusal_names_both() -> None:
     with pytest.raises(GpuMismatchError) as ei:
         gpu.check_accelerator("L4", A10G)
     msg = ei.value.message
-    assert "--accelerator L4 expects an NVIDIA L4 (sm_89), but this node has NVIDIA A10G (sm_86)" in msg
+    assert (
+        "--accelerator L4 expects an NVIDIA L4 (sm_89), but this node has NVIDIA A10G (sm_86)"
+        in msg
+    )
     assert ei.value.exit_code == 14
     assert gpu.check_accelerator("l4", L4) == L4
 
 
 def test_no_gpu_refusal() -> None:
-    with pytest.raises(GpuMismatchError, match="no CUDA GPU is visible"):
+    with pytest.raises(GpuMismatchError, match=r"no CUDA GPU is visible"):
         gpu.check_accelerator("H100", None)
 
 
@@ -83,13 +94,15 @@ def test_serving_refuses_a_trt_engine_on_another_gpu(tmp_path: Path) -> None:
         load_engine_from_dir(str(d), ServeSettings(), gpu_detector=lambda: A10G)
     msg = str(ei.value)
     assert "built for NVIDIA L4 (sm_89), but this pod runs on NVIDIA A10G (sm_86)" in msg
-    with pytest.raises(ModelLoadError, match="no CUDA GPU is visible"):
+    with pytest.raises(ModelLoadError, match=r"no CUDA GPU is visible"):
         load_engine_from_dir(str(d), ServeSettings(), gpu_detector=lambda: None)
 
 
-def test_serving_sets_offline_and_reports_bad_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serving_sets_offline_and_reports_bad_dirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(ModelLoadError, match="manifest.json is missing"):
+    with pytest.raises(ModelLoadError, match=r"manifest\.json is missing"):
         load_engine_from_dir(str(tmp_path), ServeSettings())
     import os
 
@@ -105,5 +118,8 @@ def test_serving_refuses_an_engine_from_another_tensorrt_llm(tmp_path: Path) -> 
     m = Manifest(**{**m.__dict__, "versions": {"tensorrt_llm": "1.2.1", "tensorrt": "10.13.0"}})
     check_serving_versions(m, {"tensorrt_llm": "1.2.1", "tensorrt": "10.13.0"}, d)
     check_serving_versions(m, {}, d)  # unknown here: left to deserialization
-    with pytest.raises(ModelLoadError, match="built with tensorrt_llm 1.2.1, but this image has tensorrt_llm 1.3.0"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"built with tensorrt_llm 1\.2\.1, but this image has tensorrt_llm 1\.3\.0",
+    ):
         check_serving_versions(m, {"tensorrt_llm": "1.3.0"}, d)

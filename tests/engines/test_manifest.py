@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from engines.helpers import L4, inputs
 
+from engines.helpers import L4, inputs
 from reranker_runtime.build.manifest import (
     FORMAT_VERSION,
     BuildShapes,
@@ -25,7 +25,11 @@ def _manifest(engine: str = "pytorch", **over) -> Manifest:
         inputs=inputs("org/model", accelerator="L4" if engine == "tensorrt-llm" else "CPU"),
         resolved_revision="a" * 40,
         model=ModelInfo("XLMRobertaForSequenceClassification", "xlm-roberta", 1, 512),
-        build=BuildShapes("float16" if engine == "tensorrt-llm" else "float32", 32 if engine == "tensorrt-llm" else None, 512),
+        build=BuildShapes(
+            "float16" if engine == "tensorrt-llm" else "float32",
+            32 if engine == "tensorrt-llm" else None,
+            512,
+        ),
         gpu=L4 if engine == "tensorrt-llm" else None,
         versions={"reranker-runtime": "0.1.0"},
     )
@@ -50,8 +54,26 @@ def test_round_trip(tmp_path: Path, engine: str) -> None:
     write_manifest(d, m)
     data = json.loads((d / "manifest.json").read_text())
     assert data["format_version"] == FORMAT_VERSION == 1
-    assert set(data) >= {"format_version", "engine", "inputs", "resolved_revision", "model", "build", "gpu", "versions", "created_at"}
-    assert set(data["inputs"]) == {"checkpoint_repo", "revision", "source", "quantization", "max_num_tokens", "max_seq_len", "accelerator"}
+    assert set(data) >= {
+        "format_version",
+        "engine",
+        "inputs",
+        "resolved_revision",
+        "model",
+        "build",
+        "gpu",
+        "versions",
+        "created_at",
+    }
+    assert set(data["inputs"]) == {
+        "checkpoint_repo",
+        "revision",
+        "source",
+        "quantization",
+        "max_num_tokens",
+        "max_seq_len",
+        "accelerator",
+    }
     back = read_manifest(d)
     assert back == m
     assert not list(d.glob(".manifest.json.tmp"))
@@ -98,18 +120,18 @@ def test_trt_manifest_needs_gpu(tmp_path: Path) -> None:
     data = _manifest("tensorrt-llm").to_dict()
     data["gpu"] = None
     _write_raw(d, data)
-    with pytest.raises(ManifestError, match="must record the gpu"):
+    with pytest.raises(ManifestError, match=r"must record the gpu"):
         read_manifest(d)
 
 
 def test_missing_directory_manifest_and_json(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match="does not exist"):
+    with pytest.raises(ManifestError, match=r"does not exist"):
         read_manifest(tmp_path / "nope")
     d = _dir_with_files(tmp_path)
-    with pytest.raises(ManifestError, match="manifest.json is missing|is missing"):
+    with pytest.raises(ManifestError, match=r"manifest\.json is missing|is missing"):
         read_manifest(d)
     (d / "manifest.json").write_text("{not json")
-    with pytest.raises(ManifestError, match="not readable JSON"):
+    with pytest.raises(ManifestError, match=r"not readable JSON"):
         read_manifest(d)
 
 
@@ -117,7 +139,9 @@ def test_files_named_by_the_manifest_must_exist(tmp_path: Path) -> None:
     d = _dir_with_files(tmp_path)
     write_manifest(d, _manifest())
     (d / "checkpoint" / "tokenizer.json").unlink()
-    with pytest.raises(ManifestError, match="tokenizer file checkpoint/tokenizer.json, which is missing"):
+    with pytest.raises(
+        ManifestError, match=r"tokenizer file checkpoint/tokenizer\.json, which is missing"
+    ):
         read_manifest(d)
     assert read_manifest(d, check_files=False).engine == "pytorch"
 

@@ -47,9 +47,12 @@ def test_pack_refuses_bad_batches() -> None:
 
 
 @pytest.mark.parametrize("fixture", ["xlmr_reranker", "bert_reranker"])
-def test_packed_arrays_reproduce_reference_logits(fixture: str, request: pytest.FixtureRequest) -> None:
-    from tiny_models import reference_logits
+def test_packed_arrays_reproduce_reference_logits(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tiny_models import reference_logits
 
     model_dir: Path = request.getfixturevalue(fixture)
     spec = validate_checkpoint(model_dir)
@@ -66,13 +69,15 @@ def test_packed_arrays_reproduce_reference_logits(fixture: str, request: pytest.
     starts = np.concatenate([[0], np.cumsum(packed["input_lengths"])[:-1]])
     got = []
     with torch.inference_mode():
-        for s, n in zip(starts, packed["input_lengths"]):
+        for s, n in zip(starts, packed["input_lengths"], strict=True):
             sl = slice(int(s), int(s + n))
             kwargs = dict(
                 input_ids=torch.tensor(packed["input_ids"][sl], dtype=torch.long)[None],
                 position_ids=torch.tensor(packed["position_ids"][sl], dtype=torch.long)[None],
             )
             if spec.model_type == "bert":
-                kwargs["token_type_ids"] = torch.tensor(packed["token_type_ids"][sl], dtype=torch.long)[None]
+                kwargs["token_type_ids"] = torch.tensor(
+                    packed["token_type_ids"][sl], dtype=torch.long
+                )[None]
             got.append(model(**kwargs).logits[0].tolist())
     np.testing.assert_allclose(got, reference_logits(model_dir, pairs), atol=1e-5)

@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 
 from reranker_runtime.build.checkpoint import ModelSpec
-from reranker_runtime.build.errors import BuildArgumentError, CheckpointInvalidError, QuantizationUnsupportedError
-from reranker_runtime.build.trtllm import MAX_BATCH_SIZE_CAP, Profile, check_quantization, check_trtllm_compatible, derive_profile
+from reranker_runtime.build.errors import (
+    BuildArgumentError,
+    CheckpointInvalidError,
+    QuantizationUnsupportedError,
+)
+from reranker_runtime.build.trtllm import (
+    MAX_BATCH_SIZE_CAP,
+    Profile,
+    check_quantization,
+    check_trtllm_compatible,
+    derive_profile,
+)
 
 
 @pytest.mark.parametrize(
@@ -21,10 +31,16 @@ from reranker_runtime.build.trtllm import MAX_BATCH_SIZE_CAP, Profile, check_qua
         (1_000_000, 8, None, Profile(MAX_BATCH_SIZE_CAP, 8)),  # capped
     ],
 )
-def test_derive_profile(max_num_tokens: int, model_max: int, max_seq_len: int | None, expected: Profile) -> None:
+def test_derive_profile(
+    max_num_tokens: int, model_max: int, max_seq_len: int | None, expected: Profile
+) -> None:
     p = derive_profile(max_num_tokens, model_max, max_seq_len)
     assert p == expected
-    assert p.max_num_tokens == p.max_batch_size * p.max_input_len <= max(max_num_tokens, p.max_input_len)
+    assert (
+        p.max_num_tokens
+        == p.max_batch_size * p.max_input_len
+        <= max(max_num_tokens, p.max_input_len)
+    )
 
 
 @pytest.mark.parametrize("args", [(0, 512, None), (1024, 0, None), (1024, 512, 0)])
@@ -39,7 +55,10 @@ def test_fp8_fp4_refused_for_bert_family(q: str, accel: str) -> None:
     with pytest.raises(QuantizationUnsupportedError) as ei:
         check_quantization(q, accel, "XLMRobertaForSequenceClassification")
     msg = ei.value.message
-    assert f"--quantization {q.lower()} is not available for XLMRobertaForSequenceClassification" in msg
+    assert (
+        f"--quantization {q.lower()} is not available for XLMRobertaForSequenceClassification"
+        in msg
+    )
     assert f"TensorRT-LLM has no {q.upper()} path for BERT-family encoders" in msg
     assert "no_quant" in msg  # says what to do instead
     assert ei.value.exit_code == 13
@@ -80,14 +99,27 @@ def test_trtllm_compatibility_checks() -> None:
     check_trtllm_compatible(_spec())
     with pytest.raises(CheckpointInvalidError, match="position_embedding_type 'relative_key'"):
         check_trtllm_compatible(_spec(position_embedding_type="relative_key"))
-    with pytest.raises(CheckpointInvalidError, match=r"intermediate_size 64 != 4 x hidden_size \(32\)"):
+    with pytest.raises(
+        CheckpointInvalidError, match=r"intermediate_size 64 != 4 x hidden_size \(32\)"
+    ):
         check_trtllm_compatible(_spec(hidden_size=32, intermediate_size=64))
 
 
 def test_position_offset_convention() -> None:
     # examples/models/core/bert/utils.py process_input: roberta -> + 1 + padding_idx; bert -> 0
     assert _spec().position_offset == 2
-    assert _spec(model_type="roberta", architecture="RobertaForSequenceClassification").position_offset == 2
-    assert _spec(model_type="bert", architecture="BertForSequenceClassification", pad_token_id=0).position_offset == 0
+    assert (
+        _spec(model_type="roberta", architecture="RobertaForSequenceClassification").position_offset
+        == 2
+    )
+    assert (
+        _spec(
+            model_type="bert", architecture="BertForSequenceClassification", pad_token_id=0
+        ).position_offset
+        == 0
+    )
     assert _spec().trtllm_class == "RobertaForSequenceClassification"
-    assert _spec(model_type="bert", architecture="BertForSequenceClassification").trtllm_class == "BertForSequenceClassification"
+    assert (
+        _spec(model_type="bert", architecture="BertForSequenceClassification").trtllm_class
+        == "BertForSequenceClassification"
+    )

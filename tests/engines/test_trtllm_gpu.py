@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from engines.helpers import ServeProcess, inputs
 
 pytestmark = pytest.mark.trtllm
@@ -42,8 +43,9 @@ def _tiny_trt_compatible(kind: str, out: Path) -> Path:
     import shutil
 
     import torch
-    from tiny_models import build_tiny_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from tiny_models import build_tiny_model
 
     src = build_tiny_model(kind, out / "src")
     cfg = AutoConfig.from_pretrained(src)
@@ -65,25 +67,31 @@ def _tiny_trt_compatible(kind: str, out: Path) -> Path:
 @pytest.mark.parametrize("kind", ["xlmr-reranker", "bert-reranker"])
 def test_trtllm_engine_matches_reference(kind: str, tmp_path: Path) -> None:
     accel = _accelerator()
-    from tiny_models import reference_logits
-
     from reranker_runtime.build.command import run_build
     from reranker_runtime.build.engine_dir import load_engine_from_dir
     from reranker_runtime.build.manifest import read_manifest
     from reranker_runtime.config import ServeSettings
     from reranker_runtime.engines.base import EncodedPair
+    from tiny_models import reference_logits
 
     ckpt = _tiny_trt_compatible(kind, tmp_path)
     out = tmp_path / "engine-dir"
     res = run_build(inputs(ckpt, accelerator=accel, max_num_tokens=1024), out)
     assert res.status == "built"
     m = read_manifest(out)
-    assert m.engine == "tensorrt-llm" and m.build.max_input_len == 128 and m.build.max_batch_size == 8
+    assert (
+        m.engine == "tensorrt-llm" and m.build.max_input_len == 128 and m.build.max_batch_size == 8
+    )
     assert "tensorrt_llm" in m.versions
 
     engine = load_engine_from_dir(str(out), ServeSettings(device="cuda"))
     info = engine.info
-    assert (info.name, info.padded, info.max_batch_size, info.max_batch_tokens) == ("tensorrt-llm", False, 8, 1024)
+    assert (info.name, info.padded, info.max_batch_size, info.max_batch_tokens) == (
+        "tensorrt-llm",
+        False,
+        8,
+        1024,
+    )
     engine.warmup(1024)
     encs = [engine.tokenizer(q, d) for q, d in PAIRS]
     got = engine.score([EncodedPair(e["input_ids"], e.get("token_type_ids")) for e in encs])
@@ -91,12 +99,16 @@ def test_trtllm_engine_matches_reference(kind: str, tmp_path: Path) -> None:
     assert got.dtype == np.float32 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=5e-2, rtol=2e-2)
     # batching must not change a score beyond fp16 noise
-    alone = np.concatenate([engine.score([EncodedPair(e["input_ids"], e.get("token_type_ids"))]) for e in encs])
+    alone = np.concatenate(
+        [engine.score([EncodedPair(e["input_ids"], e.get("token_type_ids"))]) for e in encs]
+    )
     np.testing.assert_allclose(got, alone, atol=2e-2)
     engine.close()
 
     query, texts = PAIRS[0][0], [d for _, d in PAIRS]
-    with ServeProcess({"RERANKER_ENGINE_DIR": str(out), "RERANKER_MAX_BATCH_TOKENS": "1024"}, timeout=300) as server:
+    with ServeProcess(
+        {"RERANKER_ENGINE_DIR": str(out), "RERANKER_MAX_BATCH_TOKENS": "1024"}, timeout=300
+    ) as server:
         served = server.rerank_raw(query, texts)
     ref_q = reference_logits(ckpt, [(query, t) for t in texts])
     np.testing.assert_allclose(served, [x[0] for x in ref_q], atol=5e-2, rtol=2e-2)

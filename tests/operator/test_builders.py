@@ -29,11 +29,18 @@ K8S_VERSION = "1.32.0"
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 KEY = "0123456789abcdef" * 4
 NS = "search"
-OWNER = b.owner_reference({"metadata": {"name": "rr", "uid": "5f0c6a2e-0000-4000-8000-000000000001"}})
+OWNER = b.owner_reference(
+    {"metadata": {"name": "rr", "uid": "5f0c6a2e-0000-4000-8000-000000000001"}}
+)
 
 
 def spec_of(**spec: Any) -> RerankerSpec:
-    return parse_spec({"metadata": {"name": "rr"}, "spec": {"checkpoint": {"repo": "BAAI/bge-reranker-large"}, **spec}})
+    return parse_spec(
+        {
+            "metadata": {"name": "rr"},
+            "spec": {"checkpoint": {"repo": "BAAI/bge-reranker-large"}, **spec},
+        }
+    )
 
 
 VARIANTS: dict[str, RerankerSpec] = {
@@ -42,7 +49,12 @@ VARIANTS: dict[str, RerankerSpec] = {
         replicas=3,
         accelerator={"type": "H100", "count": 2},
         build={"quantization": "fp8", "maxNumTokens": 32768, "maxSeqLen": 1024},
-        checkpoint={"repo": "org/model", "revision": "v1", "source": "S3", "secretName": "s3-creds"},
+        checkpoint={
+            "repo": "org/model",
+            "revision": "v1",
+            "source": "S3",
+            "secretName": "s3-creds",
+        },
         runtime={
             "apiKeySecret": {"name": "api", "key": "token"},
             "maxBatchRequests": 64,
@@ -50,7 +62,10 @@ VARIANTS: dict[str, RerankerSpec] = {
             "maxConcurrentRequests": 128,
             "autoTruncate": True,
             "env": [{"name": "EXTRA", "value": "1"}],
-            "probes": {"startup": {"failureThreshold": 200, "periodSeconds": 5}, "liveness": {"timeoutSeconds": 9}},
+            "probes": {
+                "startup": {"failureThreshold": 200, "periodSeconds": 5},
+                "liveness": {"timeoutSeconds": 9},
+            },
         },
         engineCache={"storageClassName": "filestore", "size": "100Gi", "retention": "Delete"},
     ),
@@ -59,9 +74,12 @@ VARIANTS: dict[str, RerankerSpec] = {
         resources={"cpu": 2, "memory": "4Gi"},
         engineCache={"accessMode": "ReadWriteOnce"},
     ),
-    "autoscaling-concurrency": spec_of(autoscaling={"minReplicas": 2, "maxReplicas": 6, "targetConcurrency": 24}),
+    "autoscaling-concurrency": spec_of(
+        autoscaling={"minReplicas": 2, "maxReplicas": 6, "targetConcurrency": 24}
+    ),
     "autoscaling-cpu": spec_of(
-        accelerator={"type": "CPU"}, autoscaling={"maxReplicas": 4, "metric": "CPU", "targetCPUUtilization": 60}
+        accelerator={"type": "CPU"},
+        autoscaling={"maxReplicas": 4, "metric": "CPU", "targetCPUUtilization": 60},
     ),
 }
 CONFIG = OperatorConfig()
@@ -99,8 +117,14 @@ def test_every_child_passes_kubernetes_validate_strict(variant: str, owned: bool
 
 def test_pdb_and_hpa_only_when_called_for() -> None:
     kinds = {v: [c["kind"] for c in all_children(s)] for v, s in VARIANTS.items()}
-    assert "PodDisruptionBudget" not in kinds["gpu-default"] and "HorizontalPodAutoscaler" not in kinds["gpu-default"]
-    assert "PodDisruptionBudget" in kinds["gpu-replicas"] and "HorizontalPodAutoscaler" not in kinds["gpu-replicas"]
+    assert (
+        "PodDisruptionBudget" not in kinds["gpu-default"]
+        and "HorizontalPodAutoscaler" not in kinds["gpu-default"]
+    )
+    assert (
+        "PodDisruptionBudget" in kinds["gpu-replicas"]
+        and "HorizontalPodAutoscaler" not in kinds["gpu-replicas"]
+    )
     assert "PodDisruptionBudget" in kinds["autoscaling-concurrency"]  # minReplicas 2
     assert "HorizontalPodAutoscaler" in kinds["autoscaling-concurrency"]
     assert "PodDisruptionBudget" not in kinds["autoscaling-cpu"]  # minReplicas 1
@@ -129,7 +153,10 @@ def test_job_follows_the_build_contract() -> None:
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
-    assert {"name": "engine-cache", "persistentVolumeClaim": {"claimName": "rr-engine-cache"}} in pod["volumes"]
+    assert {
+        "name": "engine-cache",
+        "persistentVolumeClaim": {"claimName": "rr-engine-cache"},
+    } in pod["volumes"]
     spec = job["spec"]
     assert spec["backoffLimit"] == CONFIG.build_job.backoff_limit
     assert spec["activeDeadlineSeconds"] == CONFIG.build_job.active_deadline_seconds
@@ -146,7 +173,9 @@ def test_job_without_secret_or_max_seq_len() -> None:
     assert c["args"][-4:] == ["--accelerator", "L4", "--output", f"/engines/{KEY}"]
 
 
-@pytest.mark.parametrize("name", ["a", "x" * 45, "y" * 46, "z" * 63, "a-" * 31 + "b", "ab" + "-" * 43 + "c"])
+@pytest.mark.parametrize(
+    "name", ["a", "x" * 45, "y" * 46, "z" * 63, "a-" * 31 + "b", "ab" + "-" * 43 + "c"]
+)
 def test_job_name_is_a_dns1123_label(name: str) -> None:
     job = b.job_name(name, KEY)
     assert len(job) <= 63 and DNS1123_LABEL.match(job), job
@@ -157,7 +186,10 @@ def test_job_name_is_a_dns1123_label(name: str) -> None:
 
 def test_job_runs_where_it_will_serve() -> None:
     spec = VARIANTS["gpu-replicas"]
-    job, dep = (b.build_engine_job("rr", NS, spec, CONFIG, KEY), b.build_deployment("rr", NS, spec, CONFIG, KEY))
+    job, dep = (
+        b.build_engine_job("rr", NS, spec, CONFIG, KEY),
+        b.build_deployment("rr", NS, spec, CONFIG, KEY),
+    )
     for key in ("affinity", "tolerations"):
         assert job["spec"]["template"]["spec"][key] == dep["spec"]["template"]["spec"][key]
     assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "2"
@@ -168,20 +200,29 @@ def test_job_runs_where_it_will_serve() -> None:
 
 def test_gpu_placement_accepts_gke_or_gpu_feature_discovery() -> None:
     pod = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)["spec"]["template"]["spec"]
-    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
     # Two ORed terms, one label each: a single term (or a nodeSelector) with both would match no node.
     assert len(terms) == 2 and all(len(t["matchExpressions"]) == 1 for t in terms)
     exprs = {t["matchExpressions"][0]["key"]: t["matchExpressions"][0]["values"] for t in terms}
     assert "nvidia-l4" in exprs["cloud.google.com/gke-accelerator"]
     assert "NVIDIA-L4" in exprs["nvidia.com/gpu.product"]
-    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
     assert "nodeSelector" not in pod
-    assert container({"spec": {"template": {"spec": pod}}})["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert (
+        container({"spec": {"template": {"spec": pod}}})["resources"]["limits"]["nvidia.com/gpu"]
+        == "1"
+    )
 
 
 @pytest.mark.parametrize("accel", ["L4", "A10G", "A100", "H100", "H200", "T4"])
 def test_every_gpu_type_has_a_placement(accel: str) -> None:
-    pod = b.build_deployment("rr", NS, spec_of(accelerator={"type": accel}), CONFIG, KEY)["spec"]["template"]["spec"]
+    pod = b.build_deployment("rr", NS, spec_of(accelerator={"type": accel}), CONFIG, KEY)["spec"][
+        "template"
+    ]["spec"]
     assert pod["affinity"]["nodeAffinity"]
     assert pod["tolerations"]
 
@@ -206,7 +247,14 @@ def test_custom_placement_from_config() -> None:
                 "L4": {
                     "resourceName": "amd.com/gpu",
                     "nodeSelector": {"node.kubernetes.io/instance-type": "g6.xlarge"},
-                    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
+                    "tolerations": [
+                        {
+                            "key": "dedicated",
+                            "operator": "Equal",
+                            "value": "gpu",
+                            "effect": "NoSchedule",
+                        }
+                    ],
                 }
             }
         }
@@ -216,7 +264,9 @@ def test_custom_placement_from_config() -> None:
     assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "g6.xlarge"}
     assert "affinity" not in pod
     assert container(dep)["resources"]["limits"]["amd.com/gpu"] == "1"
-    assert config.accelerators["H100"] == CONFIG.accelerators["H100"]  # other types keep the built-ins
+    assert (
+        config.accelerators["H100"] == CONFIG.accelerators["H100"]
+    )  # other types keep the built-ins
     kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
 
 
@@ -247,7 +297,9 @@ def test_deployment_follows_the_serve_contract() -> None:
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     pod = dep["spec"]["template"]["spec"]
     assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
-    assert pod["enableServiceLinks"] is False  # no RERANKER_PORT=tcp://... from a Service named `reranker`
+    assert (
+        pod["enableServiceLinks"] is False
+    )  # no RERANKER_PORT=tcp://... from a Service named `reranker`
     assert dep["spec"]["replicas"] == 3
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert pod["terminationGracePeriodSeconds"] >= 30
@@ -259,7 +311,11 @@ def test_deployment_defaults_and_auto_truncate_false() -> None:
     env = env_map(c)
     assert env["RERANKER_AUTO_TRUNCATE"] == "false"
     assert env["RERANKER_MAX_BATCH_TOKENS"] == "16384"
-    for unset in ("RERANKER_API_KEY", "RERANKER_MAX_BATCH_REQUESTS", "RERANKER_MAX_CONCURRENT_REQUESTS"):
+    for unset in (
+        "RERANKER_API_KEY",
+        "RERANKER_MAX_BATCH_REQUESTS",
+        "RERANKER_MAX_CONCURRENT_REQUESTS",
+    ):
         assert unset not in env
 
 
@@ -310,8 +366,14 @@ def test_restricted_security_context() -> None:
 
 def test_image_from_spec_overrides_config() -> None:
     spec = spec_of(runtime={"image": "registry.local/runtime:dev"})
-    assert container(b.build_deployment("rr", NS, spec, CONFIG, KEY))["image"] == "registry.local/runtime:dev"
-    assert container(b.build_engine_job("rr", NS, spec_of(), CONFIG, KEY))["image"] == DEFAULT_RUNTIME_IMAGE
+    assert (
+        container(b.build_deployment("rr", NS, spec, CONFIG, KEY))["image"]
+        == "registry.local/runtime:dev"
+    )
+    assert (
+        container(b.build_engine_job("rr", NS, spec_of(), CONFIG, KEY))["image"]
+        == DEFAULT_RUNTIME_IMAGE
+    )
     config = config_from_dict({"imagePullSecrets": ["regcred"], "imagePullPolicy": "Always"})
     dep = b.build_deployment("rr", NS, spec_of(), config, KEY)
     assert dep["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
@@ -325,13 +387,19 @@ def test_service_selects_the_serving_pods() -> None:
     svc = b.build_service("rr", NS, OWNER)
     dep = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)
     assert svc["spec"]["type"] == "ClusterIP"
-    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    assert svc["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
+    ]
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
     assert dep["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
-    assert b.selector_string("rr") == ",".join(f"{k}={v}" for k, v in svc["spec"]["selector"].items())
+    assert b.selector_string("rr") == ",".join(
+        f"{k}={v}" for k, v in svc["spec"]["selector"].items()
+    )
     # The engine build pods are not serving pods.
-    job_labels = b.build_engine_job("rr", NS, spec_of(), CONFIG, KEY)["spec"]["template"]["metadata"]["labels"]
+    job_labels = b.build_engine_job("rr", NS, spec_of(), CONFIG, KEY)["spec"]["template"][
+        "metadata"
+    ]["labels"]
     assert not svc["spec"]["selector"].items() <= job_labels.items()
     assert b.endpoint_url("rr", NS) == "http://rr.search.svc.cluster.local:8080"
 
@@ -346,7 +414,11 @@ def test_pdb() -> None:
 def test_hpa_concurrency_and_cpu() -> None:
     hpa = b.build_hpa("rr", NS, VARIANTS["autoscaling-concurrency"], OWNER)
     assert hpa is not None and hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rr"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "rr",
+    }
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
     assert hpa["spec"]["metrics"] == [
         {
@@ -360,7 +432,13 @@ def test_hpa_concurrency_and_cpu() -> None:
     cpu = b.build_hpa("rr", NS, VARIANTS["autoscaling-cpu"])
     assert cpu is not None
     assert cpu["spec"]["metrics"] == [
-        {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}}
+        {
+            "type": "Resource",
+            "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": 60},
+            },
+        }
     ]
 
 
@@ -376,10 +454,17 @@ def test_engine_cache_pvc_defaults_overrides_and_retention() -> None:
     assert pvc["spec"]["storageClassName"] == "filestore"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "100Gi"
     assert pvc["metadata"]["ownerReferences"] == [OWNER]  # Delete: garbage-collected with it
-    assert b.build_engine_cache_pvc("rr", NS, VARIANTS["cpu"], CONFIG)["spec"]["accessModes"] == ["ReadWriteOnce"]
-    config = config_from_dict({"engineCache": {"size": "50Gi", "storageClassName": "fast", "retention": "Delete"}})
+    assert b.build_engine_cache_pvc("rr", NS, VARIANTS["cpu"], CONFIG)["spec"]["accessModes"] == [
+        "ReadWriteOnce"
+    ]
+    config = config_from_dict(
+        {"engineCache": {"size": "50Gi", "storageClassName": "fast", "retention": "Delete"}}
+    )
     pvc = b.build_engine_cache_pvc("rr", NS, spec_of(), config, OWNER)
-    assert pvc["spec"]["storageClassName"] == "fast" and pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert (
+        pvc["spec"]["storageClassName"] == "fast"
+        and pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    )
     assert pvc["metadata"]["ownerReferences"] == [OWNER]
 
 
@@ -387,7 +472,9 @@ def test_engine_cache_pvc_defaults_overrides_and_retention() -> None:
 
 
 def test_owner_reference() -> None:
-    ref = b.owner_reference({"apiVersion": "reranker.dev/v1alpha1", "metadata": {"name": "rr", "uid": "u-1"}})
+    ref = b.owner_reference(
+        {"apiVersion": "reranker.dev/v1alpha1", "metadata": {"name": "rr", "uid": "u-1"}}
+    )
     assert ref == {
         "apiVersion": "reranker.dev/v1alpha1",
         "kind": "Reranker",
@@ -401,14 +488,18 @@ def test_owner_reference() -> None:
 def test_children_carry_common_labels_and_a_spec_hash() -> None:
     for obj in all_children(VARIANTS["autoscaling-concurrency"]):
         labels = obj["metadata"]["labels"]
-        assert labels[b.LABEL_RERANKER] == "rr" and labels[b.LABEL_MANAGED_BY] == "reranker-operator"
+        assert (
+            labels[b.LABEL_RERANKER] == "rr" and labels[b.LABEL_MANAGED_BY] == "reranker-operator"
+        )
         assert obj["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH] == b.spec_hash(obj)
         assert obj["metadata"]["namespace"] == NS
 
 
 def test_spec_hash_detects_changes_only() -> None:
     one = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY)
-    same = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY, OWNER)  # owner refs don't count
+    same = b.build_deployment(
+        "rr", NS, spec_of(replicas=2), CONFIG, KEY, OWNER
+    )  # owner refs don't count
     other = b.build_deployment("rr", NS, spec_of(replicas=3), CONFIG, KEY)
     h = b.ANNOTATION_SPEC_HASH
     assert one["metadata"]["annotations"][h] == same["metadata"]["annotations"][h]
@@ -420,7 +511,7 @@ def test_builders_are_pure() -> None:
     first = all_children(spec)
     first[2]["spec"]["template"]["spec"]["tolerations"].append({"key": "mutated"})
     assert all_children(spec) != first
-    assert CONFIG == OperatorConfig()
+    assert OperatorConfig() == CONFIG
 
 
 # ---------------------------------------------------------------- engine key
@@ -440,7 +531,9 @@ SERVING_CHANGES = {
     "autoscaling": {"autoscaling": {"maxReplicas": 9}},
     "resources": {"resources": {"cpu": "8", "memory": "64Gi"}},
     "gpu-count": {"accelerator": {"type": "L4", "count": 2}},
-    "runtime-limits": {"runtime": {"maxBatchTokens": 4096, "maxConcurrentRequests": 7, "autoTruncate": True}},
+    "runtime-limits": {
+        "runtime": {"maxBatchTokens": 4096, "maxConcurrentRequests": 7, "autoTruncate": True}
+    },
     "api-key": {"runtime": {"apiKeySecret": {"name": "k"}}},
     "cache": {"engineCache": {"size": "99Gi", "retention": "Delete"}},
     "secret": {"checkpoint": {"repo": "BAAI/bge-reranker-large", "secretName": "hf"}},
@@ -481,7 +574,10 @@ def test_config_defaults() -> None:
     assert config.runtime_image == "ghcr.io/reranker-dev/reranker-runtime:0.1.0"
     assert set(config.accelerators) == {"L4", "A10G", "A100", "H100", "H200", "T4", "CPU"}
     assert config.accelerators["CPU"].resource_name is None
-    assert config.accelerators["CPU"].node_selector_terms == [] and config.accelerators["CPU"].tolerations == []
+    assert (
+        config.accelerators["CPU"].node_selector_terms == []
+        and config.accelerators["CPU"].tolerations == []
+    )
 
 
 def test_config_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -497,7 +593,9 @@ def test_config_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     )
     config = load_config(path)
     assert config.runtime_image == "registry.local/runtime:1"
-    assert config.build_job.backoff_limit == 0 and config.build_job.ttl_seconds_after_finished == 86400
+    assert (
+        config.build_job.backoff_limit == 0 and config.build_job.ttl_seconds_after_finished == 86400
+    )
     assert "B200" in config.accelerators and "L4" in config.accelerators
     monkeypatch.setenv(CONFIG_ENV, str(path))
     assert load_config().runtime_image == "registry.local/runtime:1"
@@ -506,7 +604,14 @@ def test_config_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(
-    "text", ["runtimeImage: [1, 2]\n", "unknownKey: 1\n", "- a list\n", "accelerators: [L4]\n", "buildJob: {backoffLimit: -1}\n"]
+    "text",
+    [
+        "runtimeImage: [1, 2]\n",
+        "unknownKey: 1\n",
+        "- a list\n",
+        "accelerators: [L4]\n",
+        "buildJob: {backoffLimit: -1}\n",
+    ],
 )
 def test_config_errors(tmp_path: Path, text: str) -> None:
     path = tmp_path / "config.yaml"

@@ -14,7 +14,12 @@ import yaml
 
 from reranker_operator.builders import engine_key_for
 from reranker_operator.config import OperatorConfig
-from reranker_operator.convert import ConvertError, add_convert_parser, convert_config, sanitize_name
+from reranker_operator.convert import (
+    ConvertError,
+    add_convert_parser,
+    convert_config,
+    sanitize_name,
+)
 from reranker_operator.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +34,9 @@ def _validator() -> jsonschema.Validator:
         return [strip(v) for v in node] if isinstance(node, list) else node
 
     crd = yaml.safe_load((ROOT / "crds" / "rerankers.reranker.dev.yaml").read_text())
-    return jsonschema.Draft202012Validator(strip(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]))
+    return jsonschema.Draft202012Validator(
+        strip(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    )
 
 
 def assert_valid_reranker(obj: dict[str, Any]) -> None:
@@ -57,8 +64,15 @@ def test_seed_config_converts_to_a_valid_reranker() -> None:
     assert manifest["apiVersion"] == "reranker.dev/v1alpha1" and manifest["kind"] == "Reranker"
     assert manifest["metadata"]["name"] == "bei-baai-bge-reranker-large-truss-example"
     spec = manifest["spec"]
-    assert spec["checkpoint"] == {"repo": "BAAI/bge-reranker-large", "revision": "main", "source": "HF"}
-    assert spec["build"] == {"quantization": "no_quant", "maxNumTokens": 16384}  # sentinel 1000001 -> omitted
+    assert spec["checkpoint"] == {
+        "repo": "BAAI/bge-reranker-large",
+        "revision": "main",
+        "source": "HF",
+    }
+    assert spec["build"] == {
+        "quantization": "no_quant",
+        "maxNumTokens": 16384,
+    }  # sentinel 1000001 -> omitted
     assert spec["accelerator"] == {"type": "L4"}
     assert spec["resources"] == {"cpu": "1", "memory": "15Gi"}
     assert any("1000001" in n and "maximum" in n for n in notes)
@@ -66,7 +80,9 @@ def test_seed_config_converts_to_a_valid_reranker() -> None:
 
 def test_seed_conversion_is_the_l4_example() -> None:
     converted = parse_spec(convert_config(seed())[0])
-    example = parse_spec(yaml.safe_load((ROOT / "examples" / "bge-reranker-large-l4.yaml").read_text()))
+    example = parse_spec(
+        yaml.safe_load((ROOT / "examples" / "bge-reranker-large-l4.yaml").read_text())
+    )
     config = OperatorConfig()
     assert engine_key_for(converted, config) == engine_key_for(example, config)
     assert converted.resources == example.resources and converted.accelerator == example.accelerator
@@ -133,7 +149,9 @@ def test_build_mapping(changes: dict[str, Any], expected_build: dict[str, Any]) 
         ("L4", False, {"type": "CPU"}),
     ],
 )
-def test_accelerator_mapping(accelerator: str | None, use_gpu: bool, expected: dict[str, Any]) -> None:
+def test_accelerator_mapping(
+    accelerator: str | None, use_gpu: bool, expected: dict[str, Any]
+) -> None:
     manifest, _ = convert_config(with_changes(accelerator=accelerator, use_gpu=use_gpu))
     assert manifest["spec"]["accelerator"] == expected
     assert_valid_reranker(manifest)
@@ -159,8 +177,13 @@ def test_secrets_and_environment_variables() -> None:
     config["secrets"] = {"hf_access_token": None}
     config["environment_variables"] = {"TRANSFORMERS_VERBOSITY": "error", "RERANKER_PORT": "9"}
     manifest, notes = convert_config(config)
-    assert manifest["spec"]["checkpoint"]["secretName"] == "bei-baai-bge-reranker-large-truss-example-checkpoint"
-    assert manifest["spec"]["runtime"]["env"] == [{"name": "TRANSFORMERS_VERBOSITY", "value": "error"}]
+    assert (
+        manifest["spec"]["checkpoint"]["secretName"]
+        == "bei-baai-bge-reranker-large-truss-example-checkpoint"
+    )
+    assert manifest["spec"]["runtime"]["env"] == [
+        {"name": "TRANSFORMERS_VERBOSITY", "value": "error"}
+    ]
     assert any("HF_TOKEN" in n for n in notes)
     assert_valid_reranker(manifest)
 

@@ -46,7 +46,9 @@ def crd_schema(crd: dict[str, Any]) -> dict[str, Any]:
 def strip_k8s_extensions(node: Any) -> Any:
     """The schema as plain JSON Schema: x-kubernetes-* keys dropped."""
     if isinstance(node, dict):
-        return {k: strip_k8s_extensions(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+        return {
+            k: strip_k8s_extensions(v) for k, v in node.items() if not k.startswith("x-kubernetes-")
+        }
     if isinstance(node, list):
         return [strip_k8s_extensions(v) for v in node]
     return node
@@ -95,7 +97,12 @@ def cel_rules(crd: dict[str, Any]) -> list[str]:
 
 
 def reranker(spec: dict[str, Any], name: str = "rr-test") -> dict[str, Any]:
-    return {"apiVersion": "reranker.dev/v1alpha1", "kind": "Reranker", "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "reranker.dev/v1alpha1",
+        "kind": "Reranker",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 MINIMAL = {"checkpoint": {"repo": "BAAI/bge-reranker-large"}}
@@ -122,11 +129,15 @@ def test_crd_names_scope_subresources_and_columns() -> None:
         "statusReplicasPath": ".status.replicas",
         "labelSelectorPath": ".status.selector",
     }
-    default_columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    default_columns = [
+        c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")
+    ]
     assert default_columns == ["Ready", "Phase", "Accelerator", "Engine", "Replicas", "Age"]
 
 
-def _walk_schema(node: dict[str, Any], path: str = "") -> typing.Iterator[tuple[str, dict[str, Any]]]:
+def _walk_schema(
+    node: dict[str, Any], path: str = ""
+) -> typing.Iterator[tuple[str, dict[str, Any]]]:
     yield path, node
     for key, sub in (node.get("properties") or {}).items():
         yield from _walk_schema(sub, f"{path}.{key}")
@@ -174,7 +185,14 @@ def test_status_schema_declares_what_the_operator_writes() -> None:
     declared = set(status_schema["properties"])
     assert set(status) <= declared
     assert set(status["engine"]) <= set(status_schema["properties"]["engine"]["properties"])
-    assert status_schema["properties"]["phase"]["enum"] == ["Pending", "Building", "Deploying", "Ready", "Degraded", "Failed"]
+    assert status_schema["properties"]["phase"]["enum"] == [
+        "Pending",
+        "Building",
+        "Deploying",
+        "Ready",
+        "Degraded",
+        "Failed",
+    ]
     assert schema_errors({**reranker(MINIMAL), "status": status}) == []
     bad = copy.deepcopy(status)
     bad["conditions"][0]["reason"] = "not camel case!"
@@ -201,12 +219,18 @@ def test_spec_model_enums_match_the_crd() -> None:
 def test_crd_defaults_match_the_spec_model() -> None:
     obj = defaulted(reranker(MINIMAL))
     spec = obj["spec"]
-    assert spec["checkpoint"] == {"repo": "BAAI/bge-reranker-large", "revision": "main", "source": "HF"}
+    assert spec["checkpoint"] == {
+        "repo": "BAAI/bge-reranker-large",
+        "revision": "main",
+        "source": "HF",
+    }
     assert spec["build"] == {"quantization": "no_quant", "maxNumTokens": 16384}
     assert spec["accelerator"] == {"type": "L4", "count": 1}
     assert spec["resources"] == {"cpu": "1", "memory": "15Gi"}
     assert spec["runtime"] == {"autoTruncate": False}
-    assert "replicas" not in spec and "autoscaling" not in spec  # no default may trip replicas XOR autoscaling
+    assert (
+        "replicas" not in spec and "autoscaling" not in spec
+    )  # no default may trip replicas XOR autoscaling
     assert schema_errors(obj) == []
     # Defaulting in code (the emulator does none) gives what the API server's defaulting gives.
     assert parse_spec(obj) == parse_spec(reranker(MINIMAL))
@@ -296,7 +320,9 @@ CEL_CASES = [
 
 
 @pytest.mark.parametrize("case,spec,field,rule", CEL_CASES, ids=[c[0] for c in CEL_CASES])
-def test_cel_rule_is_in_the_crd_and_enforced_in_code(case: str, spec: dict, field: str, rule: str) -> None:
+def test_cel_rule_is_in_the_crd_and_enforced_in_code(
+    case: str, spec: dict, field: str, rule: str
+) -> None:
     assert any(rule in r for r in cel_rules(load_crd())), f"no CEL rule containing {rule!r}"
     assert schema_errors(defaulted(reranker(spec))) == []  # jsonschema alone lets it through
     with pytest.raises(InvalidSpec) as exc:
@@ -308,7 +334,8 @@ def test_cel_rule_is_in_the_crd_and_enforced_in_code(case: str, spec: dict, fiel
 @pytest.mark.parametrize(
     "spec",
     [
-        {**MINIMAL, "build": {"quantization": "fp8"}, "accelerator": {"type": t}} for t in ("L4", "H100", "H200")
+        {**MINIMAL, "build": {"quantization": "fp8"}, "accelerator": {"type": t}}
+        for t in ("L4", "H100", "H200")
     ]
     + [
         {**MINIMAL, "accelerator": {"type": "CPU", "count": 1}},
@@ -357,7 +384,10 @@ def test_name_must_be_a_dns1035_label(name: str) -> None:
     [
         ({}, "spec.checkpoint"),
         ({"checkpoint": {"repo": ""}}, "spec.checkpoint.repo"),
-        ({**MINIMAL, "build": {"maxNumTokens": 1000}}, "spec.build.maxNumTokens"),  # not a multiple of 64
+        (
+            {**MINIMAL, "build": {"maxNumTokens": 1000}},
+            "spec.build.maxNumTokens",
+        ),  # not a multiple of 64
         ({**MINIMAL, "build": {"maxNumTokens": 262144}}, "spec.build.maxNumTokens"),
         ({**MINIMAL, "accelerator": {"type": "V100"}}, "spec.accelerator.type"),
         ({**MINIMAL, "resources": {"memory": "lots"}}, "spec.resources.memory"),
@@ -377,7 +407,11 @@ def test_schema_and_model_refuse_the_same_values(spec: dict, field: str) -> None
 def test_code_only_checks_name_the_field() -> None:
     # Past the schema (no CEL for these): operator-owned or duplicate env names, unknown fields.
     with pytest.raises(InvalidSpec) as exc:
-        parse_spec(reranker({**MINIMAL, "runtime": {"env": [{"name": "RERANKER_ENGINE_DIR", "value": "/x"}]}}))
+        parse_spec(
+            reranker(
+                {**MINIMAL, "runtime": {"env": [{"name": "RERANKER_ENGINE_DIR", "value": "/x"}]}}
+            )
+        )
     assert exc.value.field == "spec.runtime.env[0].name"
     with pytest.raises(InvalidSpec) as exc:
         parse_spec(reranker({**MINIMAL, "runtime": {"env": [{"name": "A"}, {"name": "A"}]}}))
@@ -391,6 +425,8 @@ def test_code_only_checks_name_the_field() -> None:
 
 
 def test_int_quantities_are_accepted() -> None:
-    obj = reranker({**MINIMAL, "resources": {"cpu": 2, "memory": "8Gi"}, "engineCache": {"size": "10Gi"}})
+    obj = reranker(
+        {**MINIMAL, "resources": {"cpu": 2, "memory": "8Gi"}, "engineCache": {"size": "10Gi"}}
+    )
     assert schema_errors(obj) == []
     assert parse_spec(obj).resources.cpu == "2"

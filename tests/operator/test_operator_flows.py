@@ -73,7 +73,11 @@ def job_creations(kmock: Any) -> int:
 
 def operator_reads(kmock: Any, name: str = NAME) -> int:
     """GETs of the Reranker by the reconciler (kopf itself only lists and watches)."""
-    return sum(1 for r in list(kmock) if r.method.value == "GET" and r.url.path.endswith(f"/rerankers/{name}"))
+    return sum(
+        1
+        for r in list(kmock)
+        if r.method.value == "GET" and r.url.path.endswith(f"/rerankers/{name}")
+    )
 
 
 async def bring_to_ready(cluster: Cluster, name: str = NAME, spec_: dict[str, Any] = SPEC) -> str:
@@ -92,7 +96,9 @@ async def bring_to_ready(cluster: Cluster, name: str = NAME, spec_: dict[str, An
 # --------------------------------------------------------------------------- the happy path
 
 
-async def test_flows_create_build_deploy_ready(cluster: Cluster, operator: OperatorRunner, kmock: Any) -> None:
+async def test_flows_create_build_deploy_ready(
+    cluster: Cluster, operator: OperatorRunner, kmock: Any
+) -> None:
     key = key_of(SPEC)
     job_name = builders.job_name(NAME, key)
     await cluster.create_reranker(NAME, SPEC)
@@ -136,8 +142,17 @@ async def test_flows_create_build_deploy_ready(cluster: Cluster, operator: Opera
 
     # One replica: no PDB; no autoscaling: no HPA. kopf kept its bookkeeping out of status.
     assert cluster.get(cluster.PDB, NAME) is None and cluster.get(cluster.HPA, NAME) is None
-    assert set(status) <= {"phase", "message", "conditions", "engine", "replicas", "readyReplicas",
-                           "observedGeneration", "endpoint", "selector"}
+    assert set(status) <= {
+        "phase",
+        "message",
+        "conditions",
+        "engine",
+        "replicas",
+        "readyReplicas",
+        "observedGeneration",
+        "endpoint",
+        "selector",
+    }
     assert job_creations(kmock) == 1
     # Events are posted right after the status write that they describe.
     await wait_for(
@@ -146,7 +161,9 @@ async def test_flows_create_build_deploy_ready(cluster: Cluster, operator: Opera
     )
 
 
-async def test_flows_children_have_owner_references(cluster: Cluster, operator: OperatorRunner) -> None:
+async def test_flows_children_have_owner_references(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
     await bring_to_ready(cluster)
     uid = cluster.get(cluster.RERANKER, NAME)["metadata"]["uid"]
     key = key_of(SPEC)
@@ -156,8 +173,16 @@ async def test_flows_children_have_owner_references(cluster: Cluster, operator: 
         (cluster.SERVICE, NAME),
     ):
         refs = cluster.get(resource, child)["metadata"]["ownerReferences"]
-        assert refs == [{"apiVersion": "reranker.dev/v1alpha1", "kind": "Reranker", "name": NAME,
-                         "uid": uid, "controller": True, "blockOwnerDeletion": True}], resource
+        assert refs == [
+            {
+                "apiVersion": "reranker.dev/v1alpha1",
+                "kind": "Reranker",
+                "name": NAME,
+                "uid": uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ], resource
     # Retention Retain (the default): the cache outlives the Reranker.
     pvc = cluster.get(cluster.PVC, builders.cache_pvc_name(NAME))
     assert "ownerReferences" not in pvc["metadata"]
@@ -180,7 +205,9 @@ async def test_flows_engine_change_builds_new_engine_while_old_serves(
 
     # A new Job; the Deployment is untouched and keeps serving the old engine.
     await wait_for(lambda: cluster.get(cluster.JOB, new_job), "the new engine's Job")
-    await wait_for(lambda: cluster.status(NAME).get("observedGeneration") == generation, "the new generation")
+    await wait_for(
+        lambda: cluster.status(NAME).get("observedGeneration") == generation, "the new generation"
+    )
     assert cluster.get(cluster.DEPLOYMENT, NAME) == old_dep
     status = cluster.status(NAME)
     assert status["phase"] in ("Pending", "Building")
@@ -193,16 +220,21 @@ async def test_flows_engine_change_builds_new_engine_while_old_serves(
     # The new engine is built: the Deployment rolls to it.
     await cluster.job_succeeded(new_job)
     await wait_for(
-        lambda: engine_dir(cluster.get(cluster.DEPLOYMENT, NAME)) == f"/engines/{new_key}", "the rollout"
+        lambda: engine_dir(cluster.get(cluster.DEPLOYMENT, NAME)) == f"/engines/{new_key}",
+        "the rollout",
     )
     await cluster.deployment_ready(NAME)
     await wait_for(
-        lambda: cluster.status(NAME).get("engine", {}).get("servingKey") == new_key
-        and cluster.status(NAME).get("phase") == "Ready",
+        lambda: (
+            cluster.status(NAME).get("engine", {}).get("servingKey") == new_key
+            and cluster.status(NAME).get("phase") == "Ready"
+        ),
         "Ready on the new engine",
     )
     assert cluster.condition(NAME, "Ready")["observedGeneration"] == generation
-    built = cluster.get(cluster.PVC, builders.cache_pvc_name(NAME))["metadata"]["annotations"][ANNOTATION_BUILT]
+    built = cluster.get(cluster.PVC, builders.cache_pvc_name(NAME))["metadata"]["annotations"][
+        ANNOTATION_BUILT
+    ]
     assert set(built.split(",")) == {old_key, new_key}
 
 
@@ -214,18 +246,24 @@ async def test_flows_replicas_and_autoscaling_patch_the_deployment_without_a_job
 
     await cluster.update_spec(NAME, {"replicas": 3, "resources": {"cpu": "2", "memory": "16Gi"}})
     dep = await wait_for(
-        lambda: (d := cluster.get(cluster.DEPLOYMENT, NAME)) and d["spec"].get("replicas") == 3 and d,
+        lambda: (
+            (d := cluster.get(cluster.DEPLOYMENT, NAME)) and d["spec"].get("replicas") == 3 and d
+        ),
         "the Deployment patched to 3 replicas",
     )
     resources = dep["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert resources["requests"] == {"cpu": "2", "memory": "16Gi"}
     await wait_for(lambda: cluster.get(cluster.PDB, NAME), "a PDB for 3 replicas")
     await cluster.deployment_ready(NAME, 3)
-    await wait_for(lambda: cluster.status(NAME).get("readyReplicas") == 3, "3 ready replicas in status")
+    await wait_for(
+        lambda: cluster.status(NAME).get("readyReplicas") == 3, "3 ready replicas in status"
+    )
     assert cluster.status(NAME)["phase"] == "Ready"
 
     # Autoscaling instead of replicas: an HPA (the Deployment's replicas are the HPA's from now).
-    await cluster.update_spec(NAME, {"replicas": None, "autoscaling": {"minReplicas": 2, "maxReplicas": 4}})
+    await cluster.update_spec(
+        NAME, {"replicas": None, "autoscaling": {"minReplicas": 2, "maxReplicas": 4}}
+    )
     hpa = await wait_for(lambda: cluster.get(cluster.HPA, NAME), "the HPA")
     assert hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["maxReplicas"] == 4
 
@@ -248,7 +286,9 @@ async def test_flows_failed_build_is_failed_with_the_termination_message(
     job = builders.job_name(NAME, key_of(SPEC))
     await cluster.create_reranker(NAME, SPEC)
     await wait_for(lambda: cluster.get(cluster.JOB, job), "the build Job")
-    await cluster.job_failed(job, "checkpoint BAAI/bge-reranker-large@main: 401 Unauthorized (set checkpoint.secretName)")
+    await cluster.job_failed(
+        job, "checkpoint BAAI/bge-reranker-large@main: 401 Unauthorized (set checkpoint.secretName)"
+    )
 
     await wait_for(lambda: cluster.status(NAME).get("phase") == "Failed", "phase Failed")
     engine = cluster.condition(NAME, "EngineReady")
@@ -366,11 +406,16 @@ async def test_flows_deletion_and_recreation_reuses_the_retained_cache(
     # A child's event after the owner is gone is a no-op, not a crash or a re-creation.
     reads = operator_reads(kmock)
     await cluster.deployment_ready(NAME, 1)
-    await wait_for(lambda: operator_reads(kmock) > reads, "a reconcile after the Deployment's event")
+    await wait_for(
+        lambda: operator_reads(kmock) > reads, "a reconcile after the Deployment's event"
+    )
     assert cluster.get(cluster.RERANKER, NAME) is None and job_creations(kmock) == 1
     # Play the garbage collector: owned children go, the retained cache stays.
-    for resource, child in ((cluster.DEPLOYMENT, NAME), (cluster.SERVICE, NAME),
-                            (cluster.JOB, builders.job_name(NAME, key))):
+    for resource, child in (
+        (cluster.DEPLOYMENT, NAME),
+        (cluster.SERVICE, NAME),
+        (cluster.JOB, builders.job_name(NAME, key)),
+    ):
         await cluster.delete(resource, child)
     assert cluster.get(cluster.PVC, builders.cache_pvc_name(NAME)) is not None
 
@@ -383,9 +428,13 @@ async def test_flows_deletion_and_recreation_reuses_the_retained_cache(
     await wait_for(lambda: cluster.status(NAME).get("phase") == "Ready", "phase Ready")
 
 
-async def test_flows_cache_retention_delete_owns_the_pvc(cluster: Cluster, operator: OperatorRunner) -> None:
+async def test_flows_cache_retention_delete_owns_the_pvc(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
     await cluster.create_reranker(NAME, spec(engineCache={"retention": "Delete"}))
-    pvc = await wait_for(lambda: cluster.get(cluster.PVC, builders.cache_pvc_name(NAME)), "the cache PVC")
+    pvc = await wait_for(
+        lambda: cluster.get(cluster.PVC, builders.cache_pvc_name(NAME)), "the cache PVC"
+    )
     uid = cluster.get(cluster.RERANKER, NAME)["metadata"]["uid"]
     assert [r["uid"] for r in pvc["metadata"]["ownerReferences"]] == [uid]
 
@@ -393,7 +442,9 @@ async def test_flows_cache_retention_delete_owns_the_pvc(cluster: Cluster, opera
 # --------------------------------------------------------------------------- `reranker-operator run`
 
 
-async def test_flows_run_command_with_kubeconfig(cluster: Cluster, kmock: Any, tmp_path: Path) -> None:
+async def test_flows_run_command_with_kubeconfig(
+    cluster: Cluster, kmock: Any, tmp_path: Path
+) -> None:
     """The CLI as deployed: kubeconfig resolution, liveness, SIGTERM, JSON logs.
 
     All namespaces: with --namespace kopf also lists /api/v1/namespaces, a path kmock 0.8 cannot
@@ -417,7 +468,9 @@ async def test_flows_run_command_with_kubeconfig(cluster: Cluster, kmock: Any, t
     )  # fmt: skip
     try:
         await cluster.create_reranker(NAME, SPEC)
-        await wait_for(lambda: cluster.list(cluster.JOB), "the build Job from the CLI operator", timeout=30)
+        await wait_for(
+            lambda: cluster.list(cluster.JOB), "the build Job from the CLI operator", timeout=30
+        )
 
         async def alive() -> bool:
             reader_writer = None

@@ -34,11 +34,20 @@ def render(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, li
         ("cpu-laptop.yaml", ["PersistentVolumeClaim", "Job", "Deployment", "Service"]),
         (
             "autoscaled.yaml",
-            ["PersistentVolumeClaim", "Job", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"],
+            [
+                "PersistentVolumeClaim",
+                "Job",
+                "Deployment",
+                "Service",
+                "PodDisruptionBudget",
+                "HorizontalPodAutoscaler",
+            ],
         ),
     ],
 )
-def test_render_examples(example: str, kinds: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_render_examples(
+    example: str, kinds: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, docs, err = render(["-f", str(EXAMPLES / example)], capsys)
     assert rc == 0, err
     assert [d["kind"] for d in docs] == kinds
@@ -76,16 +85,29 @@ def test_render_autoscaled_leaves_replicas_to_the_hpa(capsys: pytest.CaptureFixt
 def test_render_namespace_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "operator.yaml"
     config.write_text("runtimeImage: registry.local/runtime:7\n")
-    rc, docs, _ = render(["-f", str(EXAMPLES / "bge-reranker-large-l4.yaml"), "-n", "ml", "--config", str(config)], capsys)
+    rc, docs, _ = render(
+        ["-f", str(EXAMPLES / "bge-reranker-large-l4.yaml"), "-n", "ml", "--config", str(config)],
+        capsys,
+    )
     assert rc == 0
     assert {d["metadata"]["namespace"] for d in docs} == {"ml"}
-    assert docs[2]["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/runtime:7"
+    assert (
+        docs[2]["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/runtime:7"
+    )
     _, default_docs, _ = render(["-f", str(EXAMPLES / "bge-reranker-large-l4.yaml")], capsys)
-    assert docs[1]["metadata"]["name"] != default_docs[1]["metadata"]["name"]  # the image is in the engine key
+    assert (
+        docs[1]["metadata"]["name"] != default_docs[1]["metadata"]["name"]
+    )  # the image is in the engine key
 
 
-def test_render_multi_document_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    text = (EXAMPLES / "cpu-laptop.yaml").read_text() + "\n---\n" + (EXAMPLES / "autoscaled.yaml").read_text()
+def test_render_multi_document_from_stdin(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (
+        (EXAMPLES / "cpu-laptop.yaml").read_text()
+        + "\n---\n"
+        + (EXAMPLES / "autoscaled.yaml").read_text()
+    )
     monkeypatch.setattr("sys.stdin", io.StringIO(text))
     rc, docs, _ = render(["-f", "-"], capsys)
     assert rc == 0 and len(docs) == 4 + 6
@@ -99,7 +121,9 @@ def test_render_multi_document_from_stdin(monkeypatch: pytest.MonkeyPatch, capsy
         ("negative-max-num-tokens.yaml", "spec.build.maxNumTokens"),
     ],
 )
-def test_render_refuses_bad_examples(bad: str, field: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_render_refuses_bad_examples(
+    bad: str, field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, docs, err = render(["-f", str(EXAMPLES / "bad" / bad)], capsys)
     assert rc == 2 and docs == []
     assert f"{field}:" in err

@@ -12,16 +12,22 @@ from reranker_operator.status import DeploymentState, Observed
 KEY, OLD = "a" * 64, "b" * 64
 
 
-def observed(engine: status.EngineState = "built", dep: DeploymentState | None = None, **kw: Any) -> Observed:
+def observed(
+    engine: status.EngineState = "built", dep: DeploymentState | None = None, **kw: Any
+) -> Observed:
     return Observed(
         name="rr", namespace="ml", generation=2, engine_key=KEY, job_name="rr-engine-aaaaaaaaaa",
         image="img", engine=engine, deployment=dep, endpoint="http://rr.ml.svc.cluster.local:8080", **kw,
     )  # fmt: skip
 
 
-def dep(key: str = KEY, available: bool = True, rolled_out: bool = True, progress_failed: bool = False) -> DeploymentState:
+def dep(
+    key: str = KEY, available: bool = True, rolled_out: bool = True, progress_failed: bool = False
+) -> DeploymentState:
     ready = 1 if available else 0
-    return DeploymentState(key, 1, 1, ready, available, rolled_out, progress_failed, "deadline exceeded")
+    return DeploymentState(
+        key, 1, 1, ready, available, rolled_out, progress_failed, "deadline exceeded"
+    )
 
 
 def conds(st: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -41,7 +47,11 @@ def conds(st: dict[str, Any]) -> dict[str, tuple[str, str]]:
         (observed("built", dep()), "Ready", "Ready"),
         (observed("failed", build_message="boom"), "Failed", "BuildFailed"),
         (observed("failed", dep(OLD), build_message="boom"), "Degraded", "BuildFailed"),
-        (observed("built", dep(available=False, progress_failed=True)), "Failed", "ProgressDeadlineExceeded"),
+        (
+            observed("built", dep(available=False, progress_failed=True)),
+            "Failed",
+            "ProgressDeadlineExceeded",
+        ),
         (observed("built", dep(progress_failed=True)), "Degraded", "ProgressDeadlineExceeded"),
     ],
 )
@@ -78,16 +88,22 @@ def test_last_transition_time_moves_only_on_flips() -> None:
     assert status.status_patch(first, same) is None
     flipped = status.derive_status(observed("built", dep()), first, now="2026-01-01T00:10:00Z")
     times = {c["type"]: c["lastTransitionTime"] for c in flipped["conditions"]}
-    assert times == {t: "2026-01-01T00:10:00Z" for t in ("EngineReady", "Available", "Ready")}
+    assert times == dict.fromkeys(("EngineReady", "Available", "Ready"), "2026-01-01T00:10:00Z")
     # A reason change without a status flip keeps the time (metav1.Condition semantics).
     failed = status.derive_status(observed("failed"), first, now="2026-01-01T00:20:00Z")
-    assert {c["type"]: c["lastTransitionTime"] for c in failed["conditions"]}["EngineReady"] == "2026-01-01T00:00:00Z"
+    assert {c["type"]: c["lastTransitionTime"] for c in failed["conditions"]}[
+        "EngineReady"
+    ] == "2026-01-01T00:00:00Z"
 
 
 def test_status_patch_deletes_keys_that_went_away() -> None:
     old = {"phase": "Ready", "engine": {"key": "a", "servingKey": "b"}, "endpoint": "x"}
     new = {"phase": "Failed", "engine": {"key": "a"}}
-    assert status.status_patch(old, new) == {"phase": "Failed", "engine": {"servingKey": None}, "endpoint": None}
+    assert status.status_patch(old, new) == {
+        "phase": "Failed",
+        "engine": {"servingKey": None},
+        "endpoint": None,
+    }
 
 
 def test_invalid_spec_status_names_the_field() -> None:
@@ -140,5 +156,7 @@ def test_deployment_state_rollout() -> None:
         deployment(observedGeneration=2, replicas=1, updatedReplicas=1, readyReplicas=1, availableReplicas=1,
                    conditions=avail), "reranker.dev/engine-key")  # fmt: skip
     assert done.available and done.rolled_out
-    stale = status.deployment_state(deployment(observedGeneration=1, replicas=1, updatedReplicas=1), "x")
+    stale = status.deployment_state(
+        deployment(observedGeneration=1, replicas=1, updatedReplicas=1), "x"
+    )
     assert not stale.rolled_out and not stale.available

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import torch
@@ -77,13 +78,17 @@ async def serving(settings: ServeSettings, engine: Any) -> AsyncIterator[httpx.A
         yield client
 
 
-def truncated_reference(model_dir: Path, query: str, text: str, side: str, max_length: int = TINY_MAX_TOKENS) -> float:
+def truncated_reference(
+    model_dir: Path, query: str, text: str, side: str, max_length: int = TINY_MAX_TOKENS
+) -> float:
     """fp32 logit of (query, text) cut to `max_length` tokens on `side`, query kept whole."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.truncation_side = side
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, torch_dtype=torch.float32
+    ).eval()
     enc = tok(query, text, truncation="only_second", max_length=max_length, return_tensors="pt")
     assert enc["input_ids"].shape[1] == max_length
     with torch.inference_mode():

@@ -25,7 +25,8 @@ import asyncio
 import dataclasses
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,9 @@ _GATE_TIMEOUT_S = 60.0
 class ControlledEngine(Engine):
     def __init__(self, inner: Engine, **info_overrides: Any) -> None:
         self.inner = inner
-        self._info = dataclasses.replace(inner.info, **info_overrides) if info_overrides else inner.info
+        self._info = (
+            dataclasses.replace(inner.info, **info_overrides) if info_overrides else inner.info
+        )
         self.calls: list[list[EncodedPair]] = []  # batches that reached the engine (incl. failed)
         self.delay_s = 0.0
         self.closed = False

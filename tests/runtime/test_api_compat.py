@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -53,9 +54,13 @@ def check_ranked(results: list[dict[str, Any]], reference: list[float]) -> None:
         assert r["relevance_score"] == pytest.approx(reference[r["index"]], abs=TOL)
 
 
-async def test_cohere_v2_response(client: httpx.AsyncClient, tokenizer: Any, reference: list[float]) -> None:
+async def test_cohere_v2_response(
+    client: httpx.AsyncClient, tokenizer: Any, reference: list[float]
+) -> None:
     docs: list[Any] = [TEXTS[0], {"text": TEXTS[1]}, *TEXTS[2:]]  # strings and {text} objects mix
-    resp = await client.post("/v2/rerank", json={"model": "whatever", "query": QUERY, "documents": docs})
+    resp = await client.post(
+        "/v2/rerank", json={"model": "whatever", "query": QUERY, "documents": docs}
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert set(body) == {"id", "results", "meta"}
@@ -72,12 +77,18 @@ async def test_cohere_v2_response(client: httpx.AsyncClient, tokenizer: Any, ref
     assert int(resp.headers["x-compute-tokens"]) == tokens
 
 
-async def test_jina_response(client: httpx.AsyncClient, tokenizer: Any, reference: list[float]) -> None:
-    resp = await client.post("/v1/rerank", json={"model": "jina-reranker-v2", "query": QUERY, "documents": TEXTS})
+async def test_jina_response(
+    client: httpx.AsyncClient, tokenizer: Any, reference: list[float]
+) -> None:
+    resp = await client.post(
+        "/v1/rerank", json={"model": "jina-reranker-v2", "query": QUERY, "documents": TEXTS}
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["model"] == "jina-reranker-v2"
-    assert body["usage"] == {"total_tokens": sum(len(tokenizer(QUERY, t)["input_ids"]) for t in TEXTS)}
+    assert body["usage"] == {
+        "total_tokens": sum(len(tokenizer(QUERY, t)["input_ids"]) for t in TEXTS)
+    }
     for r in body["results"]:
         assert r["document"] == {"text": TEXTS[r["index"]]}  # Jina default: documents returned
     check_ranked(body["results"], reference)
@@ -86,9 +97,17 @@ async def test_jina_response(client: httpx.AsyncClient, tokenizer: Any, referenc
 
 
 @pytest.mark.parametrize("route", ROUTES)
-async def test_top_n_and_return_documents(client: httpx.AsyncClient, route: str, reference: list[float]) -> None:
+async def test_top_n_and_return_documents(
+    client: httpx.AsyncClient, route: str, reference: list[float]
+) -> None:
     resp = await client.post(
-        route, json={"query": QUERY, "documents": TEXTS, "top_n": 2, "return_documents": route == "/v2/rerank"}
+        route,
+        json={
+            "query": QUERY,
+            "documents": TEXTS,
+            "top_n": 2,
+            "return_documents": route == "/v2/rerank",
+        },
     )
     assert resp.status_code == 200
     results = resp.json()["results"]
@@ -98,7 +117,9 @@ async def test_top_n_and_return_documents(client: httpx.AsyncClient, route: str,
         assert [r["document"]["text"] for r in results] == [TEXTS[i] for i in best]
     else:
         assert all("document" not in r for r in results)
-    everything = (await client.post(route, json={"query": QUERY, "documents": TEXTS, "top_n": 100})).json()
+    everything = (
+        await client.post(route, json={"query": QUERY, "documents": TEXTS, "top_n": 100})
+    ).json()
     assert len(everything["results"]) == len(TEXTS)
 
 
@@ -115,11 +136,15 @@ async def test_long_documents_are_truncated_not_refused(
     assert by_index[1]["relevance_score"] == pytest.approx(expected, abs=TOL)
 
 
-async def test_max_tokens_per_doc(client: httpx.AsyncClient, tokenizer: Any, xlmr_reranker: Path) -> None:
+async def test_max_tokens_per_doc(
+    client: httpx.AsyncClient, tokenizer: Any, xlmr_reranker: Path
+) -> None:
     doc = TEXTS[3]  # "deep learning model inference on a gpu cluster"
     n = 4
     assert len(tokenizer(doc, add_special_tokens=False)["input_ids"]) > n
-    resp = await client.post("/v2/rerank", json={"query": QUERY, "documents": [doc, "gpu"], "max_tokens_per_doc": n})
+    resp = await client.post(
+        "/v2/rerank", json={"query": QUERY, "documents": [doc, "gpu"], "max_tokens_per_doc": n}
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     by_index = {r["index"]: r for r in body["results"]}
@@ -129,7 +154,9 @@ async def test_max_tokens_per_doc(client: httpx.AsyncClient, tokenizer: Any, xlm
     cut = doc[: enc["offset_mapping"][n - 1][1]]
     [[logit]] = reference_logits(xlmr_reranker, [(QUERY, cut)])
     assert by_index[0]["relevance_score"] == pytest.approx(sigmoid(logit), abs=TOL)
-    expected_tokens = len(tokenizer(QUERY, cut)["input_ids"]) + len(tokenizer(QUERY, "gpu")["input_ids"])
+    expected_tokens = len(tokenizer(QUERY, cut)["input_ids"]) + len(
+        tokenizer(QUERY, "gpu")["input_ids"]
+    )
     assert body["meta"]["tokens"]["input_tokens"] == expected_tokens
 
 
@@ -137,12 +164,24 @@ async def test_max_tokens_per_doc(client: httpx.AsyncClient, tokenizer: Any, xlm
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [
-        ({"query": QUERY, "documents": ["a"], "top_n": 0}, 422, "top_n: Input should be greater than 0"),
+        (
+            {"query": QUERY, "documents": ["a"], "top_n": 0},
+            422,
+            "top_n: Input should be greater than 0",
+        ),
         ({"query": QUERY, "documents": ["a"], "top_n": -3}, 422, "top_n"),
-        ({"query": QUERY, "documents": ["a"], "top_n": "2"}, 422, "top_n: Input should be a valid integer"),
+        (
+            {"query": QUERY, "documents": ["a"], "top_n": "2"},
+            422,
+            "top_n: Input should be a valid integer",
+        ),
         ({"query": QUERY, "documents": ["a"], "top_n": 1.5}, 422, "top_n"),
         ({"query": QUERY, "documents": ["a"], "max_tokens_per_doc": 0}, 422, "max_tokens_per_doc"),
-        ({"query": QUERY, "documents": ["a", 1]}, 422, "documents.1: Input should be a string or an object"),
+        (
+            {"query": QUERY, "documents": ["a", 1]},
+            422,
+            "documents.1: Input should be a string or an object",
+        ),
         ({"query": QUERY, "documents": [{"txt": "a"}]}, 422, "documents.0"),
         ({"query": QUERY, "documents": "a"}, 422, "documents: Input should be a valid list"),
         ({"query": QUERY, "documents": ["a"], "return_documents": "yes"}, 422, "return_documents"),
@@ -150,11 +189,21 @@ async def test_max_tokens_per_doc(client: httpx.AsyncClient, tokenizer: Any, xlm
         ({"query": QUERY, "documents": []}, 400, "`documents` must not be empty"),
         ({"query": QUERY, "documents": ["a", "  "]}, 400, "`documents[1]` is empty"),
         ({"query": "", "documents": ["a"]}, 400, "query"),
-        ({"query": QUERY, "documents": ["a"] * (MAX_TEXTS + 1)}, 413, f"`documents` has {MAX_TEXTS + 1} items"),
-        ({"query": QUERY, "documents": ["a"] * (MAX_TEXTS + 1), "max_tokens_per_doc": 2}, 413, str(MAX_TEXTS)),
+        (
+            {"query": QUERY, "documents": ["a"] * (MAX_TEXTS + 1)},
+            413,
+            f"`documents` has {MAX_TEXTS + 1} items",
+        ),
+        (
+            {"query": QUERY, "documents": ["a"] * (MAX_TEXTS + 1), "max_tokens_per_doc": 2},
+            413,
+            str(MAX_TEXTS),
+        ),
     ],
 )
-async def test_errors(client: httpx.AsyncClient, route: str, body: dict[str, Any], status: int, needle: str) -> None:
+async def test_errors(
+    client: httpx.AsyncClient, route: str, body: dict[str, Any], status: int, needle: str
+) -> None:
     resp = await client.post(route, json=body)
     assert resp.status_code == status, resp.text
     err = resp.json()

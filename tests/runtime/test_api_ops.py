@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -28,12 +29,16 @@ RERANK = {"query": QUERY, "texts": TEXTS[:2]}
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def client(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> AsyncIterator[httpx.AsyncClient]:
-    async with serving(settings_for(xlmr_reranker, served_model_name="tiny-bge", revision="abc123"), xlmr_engine) as c:
+    async with serving(
+        settings_for(xlmr_reranker, served_model_name="tiny-bge", revision="abc123"), xlmr_engine
+    ) as c:
         yield c
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def secured(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> AsyncIterator[httpx.AsyncClient]:
+async def secured(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> AsyncIterator[httpx.AsyncClient]:
     async with serving(settings_for(xlmr_reranker, api_key=KEY), xlmr_engine) as c:
         yield c
 
@@ -54,7 +59,9 @@ async def test_info(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
     assert info["model_id"] == str(xlmr_reranker)
     assert info["served_model_name"] == "tiny-bge"
     assert info["model_sha"] == "abc123"
-    assert info["model_type"] == {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
+    assert info["model_type"] == {
+        "reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    }
     assert info["architecture"] == "XLMRobertaForSequenceClassification"
     assert (info["engine"], info["device"], info["model_dtype"]) == ("pytorch", "cpu", "float32")
     assert info["num_labels"] == 1
@@ -96,10 +103,27 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
 
 async def test_openapi_and_docs(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
-    for path in ("/rerank", "/predict", "/tokenize", "/v2/rerank", "/v1/rerank", "/info", "/health", "/live", "/metrics"):
+    for path in (
+        "/rerank",
+        "/predict",
+        "/tokenize",
+        "/v2/rerank",
+        "/v1/rerank",
+        "/info",
+        "/health",
+        "/live",
+        "/metrics",
+    ):
         assert path in spec["paths"], path
     rerank = spec["components"]["schemas"]["RerankRequest"]["properties"]
-    assert set(rerank) >= {"query", "texts", "raw_scores", "return_text", "truncate", "truncation_direction"}
+    assert set(rerank) >= {
+        "query",
+        "texts",
+        "raw_scores",
+        "return_text",
+        "truncate",
+        "truncation_direction",
+    }
     docs = await client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
@@ -125,8 +149,15 @@ INFERENCE = [
 
 
 @pytest.mark.parametrize(("path", "body"), INFERENCE)
-async def test_api_key_required_on_inference_routes(secured: httpx.AsyncClient, path: str, body: Any) -> None:
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer"}):
+async def test_api_key_required_on_inference_routes(
+    secured: httpx.AsyncClient, path: str, body: Any
+) -> None:
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": "Bearer"},
+    ):
         resp = await secured.post(path, json=body, headers=headers)
         assert resp.status_code == 401, (path, headers)
         assert resp.json()["error_type"] == "Unauthorized"
@@ -137,18 +168,24 @@ async def test_api_key_required_on_inference_routes(secured: httpx.AsyncClient, 
 
 
 async def test_api_key_checked_before_the_body(secured: httpx.AsyncClient) -> None:
-    resp = await secured.post("/rerank", content=b"{not json", headers={"content-type": "application/json"})
+    resp = await secured.post(
+        "/rerank", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 401
 
 
 async def test_api_key_scope(secured: httpx.AsyncClient) -> None:
     assert (await secured.get("/info")).status_code == 401
-    assert (await secured.get("/info", headers={"Authorization": f"Api-Key {KEY}"})).status_code == 200
+    assert (
+        await secured.get("/info", headers={"Authorization": f"Api-Key {KEY}"})
+    ).status_code == 200
     for path in ("/health", "/live", "/metrics", "/openapi.json", "/docs"):
         assert (await secured.get(path)).status_code == 200, path
 
 
-async def test_api_key_declared_in_openapi(secured: httpx.AsyncClient, client: httpx.AsyncClient) -> None:
+async def test_api_key_declared_in_openapi(
+    secured: httpx.AsyncClient, client: httpx.AsyncClient
+) -> None:
     schema = (await secured.get("/openapi.json")).json()
     assert set(schema["components"]["securitySchemes"]) == {"Bearer", "ApiKey"}
     for path in ("/rerank", "/predict", "/v1/rerank", "/v2/rerank", "/tokenize", "/info"):
@@ -196,7 +233,9 @@ async def test_429_at_once_when_max_concurrent_requests_in_flight(
     engine = ControlledEngine(xlmr_engine)
     async with serving(settings_for(xlmr_reranker, max_concurrent_requests=2), engine) as c:
         engine.hold()
-        big = asyncio.create_task(c.post("/rerank", json={"query": QUERY, "texts": TEXTS}))  # counts once
+        big = asyncio.create_task(
+            c.post("/rerank", json={"query": QUERY, "texts": TEXTS})
+        )  # counts once
         small = asyncio.create_task(c.post("/predict", json={"inputs": "paris"}))
         await engine.wait_for_calls(1)
         for _ in range(200):  # both admitted: wait until the second one is in flight too
@@ -227,7 +266,9 @@ async def test_engine_failure_is_a_500_and_the_server_keeps_serving(
         assert (await c.get("/health")).status_code == 200
 
 
-async def test_client_disconnect_cancels_the_work(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> None:
+async def test_client_disconnect_cancels_the_work(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
     """Drive the ASGI app directly: the client disconnects while its pairs wait in the queue."""
     engine = ControlledEngine(xlmr_engine)
     settings = settings_for(xlmr_reranker, max_batch_requests=1)  # one pair per forward pass
@@ -273,10 +314,12 @@ async def test_client_disconnect_cancels_the_work(xlmr_reranker: Path, xlmr_engi
         # Only pairs already handed to the worker ran; the request's queued ones were dropped.
         assert (await c.post("/rerank", json={"query": QUERY, "texts": ["x"]})).status_code == 200
         assert len(engine.seen_input_ids) < len(TEXTS) + 1
-        assert 'te_queue_size 0.0' in (await c.get("/metrics")).text
+        assert "te_queue_size 0.0" in (await c.get("/metrics")).text
 
 
-async def test_drain_turns_health_503_and_finishes_in_flight(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> None:
+async def test_drain_turns_health_503_and_finishes_in_flight(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
     engine = ControlledEngine(xlmr_engine)
     app = create_app(settings_for(xlmr_reranker), engine=engine)
     async with running_app(app) as c:

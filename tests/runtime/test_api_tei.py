@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -48,7 +49,9 @@ def tokenizer(xlmr_reranker: Path) -> Any:
 # POST /rerank
 
 
-async def test_rerank_matches_reference_sorted_by_score(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
+async def test_rerank_matches_reference_sorted_by_score(
+    client: httpx.AsyncClient, xlmr_reranker: Path
+) -> None:
     resp = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS})
     assert resp.status_code == 200, resp.text
     body = resp.json()
@@ -64,25 +67,39 @@ async def test_rerank_matches_reference_sorted_by_score(client: httpx.AsyncClien
 
 
 async def test_rerank_headers(client: httpx.AsyncClient, tokenizer: Any) -> None:
-    resp = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS[:2]}, headers={"x-request-id": "abc-123"})
+    resp = await client.post(
+        "/rerank", json={"query": QUERY, "texts": TEXTS[:2]}, headers={"x-request-id": "abc-123"}
+    )
     assert resp.status_code == 200
-    for name in ("x-compute-time", "x-compute-tokens", "x-queue-time", "x-inference-time", "x-tokenization-time"):
+    for name in (
+        "x-compute-time",
+        "x-compute-tokens",
+        "x-queue-time",
+        "x-inference-time",
+        "x-tokenization-time",
+    ):
         assert int(resp.headers[name]) >= 0, name
     expected_tokens = sum(len(tokenizer(QUERY, t)["input_ids"]) for t in TEXTS[:2])
     assert int(resp.headers["x-compute-tokens"]) == expected_tokens
     assert resp.headers["x-request-id"] == "abc-123"
-    generated = (await client.post("/rerank", json={"query": QUERY, "texts": ["a"]})).headers["x-request-id"]
+    generated = (await client.post("/rerank", json={"query": QUERY, "texts": ["a"]})).headers[
+        "x-request-id"
+    ]
     assert len(generated) >= 16
 
 
-async def test_rerank_return_text_and_raw_scores(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
+async def test_rerank_return_text_and_raw_scores(
+    client: httpx.AsyncClient, xlmr_reranker: Path
+) -> None:
     resp = await client.post(
         "/rerank", json={"query": QUERY, "texts": TEXTS, "return_text": True, "raw_scores": True}
     )
     assert resp.status_code == 200
     ref = reference_logits(xlmr_reranker, [(QUERY, t) for t in TEXTS])
     body = resp.json()
-    assert [item["score"] for item in body] == sorted((item["score"] for item in body), reverse=True)
+    assert [item["score"] for item in body] == sorted(
+        (item["score"] for item in body), reverse=True
+    )
     for item in body:
         assert item["text"] == TEXTS[item["index"]]
         assert item["score"] == pytest.approx(ref[item["index"]][0], **RAW)
@@ -105,18 +122,30 @@ async def test_seed_example_request(client: httpx.AsyncClient) -> None:
     assert [set(item) for item in resp.json()] == [{"index", "score"}] * 2
 
 
-async def test_truncation_both_directions_any_case(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
+async def test_truncation_both_directions_any_case(
+    client: httpx.AsyncClient, xlmr_reranker: Path
+) -> None:
     text = long_text()
     results = {}
     for direction in ("Right", "LEFT", "left", "right"):
         resp = await client.post(
             "/rerank",
-            json={"query": QUERY, "texts": [text], "truncate": True, "truncation_direction": direction, "raw_scores": True},
+            json={
+                "query": QUERY,
+                "texts": [text],
+                "truncate": True,
+                "truncation_direction": direction,
+                "raw_scores": True,
+            },
         )
         assert resp.status_code == 200, resp.text
         results[direction.lower()] = resp.json()[0]["score"]
-    assert results["right"] == pytest.approx(truncated_reference(xlmr_reranker, QUERY, text, "right"), **RAW)
-    assert results["left"] == pytest.approx(truncated_reference(xlmr_reranker, QUERY, text, "left"), **RAW)
+    assert results["right"] == pytest.approx(
+        truncated_reference(xlmr_reranker, QUERY, text, "right"), **RAW
+    )
+    assert results["left"] == pytest.approx(
+        truncated_reference(xlmr_reranker, QUERY, text, "left"), **RAW
+    )
     assert abs(results["right"] - results["left"]) > 1e-3  # the two cuts really differ
 
 
@@ -125,7 +154,10 @@ async def test_too_long_without_truncation_is_422_naming_count_and_limit(
 ) -> None:
     text = long_text()
     n_tokens = len(tokenizer(QUERY, text)["input_ids"])
-    for body in ({"query": QUERY, "texts": ["short", text]}, {"query": QUERY, "texts": [text], "truncate": False}):
+    for body in (
+        {"query": QUERY, "texts": ["short", text]},
+        {"query": QUERY, "texts": [text], "truncate": False},
+    ):
         resp = await client.post("/rerank", json=body)
         assert resp.status_code == 422
         err = resp.json()
@@ -136,7 +168,9 @@ async def test_too_long_without_truncation_is_422_naming_count_and_limit(
 async def test_auto_truncate_server(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> None:
     text = long_text()
     async with serving(settings_for(xlmr_reranker, auto_truncate=True), xlmr_engine) as auto:
-        resp = await auto.post("/rerank", json={"query": QUERY, "texts": [text], "raw_scores": True})
+        resp = await auto.post(
+            "/rerank", json={"query": QUERY, "texts": [text], "raw_scores": True}
+        )
         assert resp.status_code == 200, resp.text
         assert resp.json()[0]["score"] == pytest.approx(
             truncated_reference(xlmr_reranker, QUERY, text, "right"), **RAW
@@ -151,7 +185,12 @@ async def test_auto_truncate_server(xlmr_reranker: Path, xlmr_engine: TorchEngin
         ({"query": QUERY, "texts": []}, 400, "Empty", "texts"),
         ({"query": "", "texts": ["a"]}, 400, "Empty", "query"),
         ({"query": QUERY, "texts": ["x"] * (MAX_TEXTS + 1)}, 413, "Validation", str(MAX_TEXTS)),
-        ({"query": QUERY, "texts": ["a", "b", "c", 3]}, 422, "Validation", "texts.3: Input should be a valid string"),
+        (
+            {"query": QUERY, "texts": ["a", "b", "c", 3]},
+            422,
+            "Validation",
+            "texts.3: Input should be a valid string",
+        ),
         ({"texts": ["a"]}, 422, "Validation", "query: Field required"),
         ({"query": QUERY}, 422, "Validation", "texts: Field required"),
         ({"query": QUERY, "texts": "a"}, 422, "Validation", "texts: Input should be a valid list"),
@@ -159,8 +198,18 @@ async def test_auto_truncate_server(xlmr_reranker: Path, xlmr_engine: TorchEngin
         ({"query": QUERY, "texts": ["a"], "raw_scores": "yes"}, 422, "Validation", "raw_scores"),
         ({"query": QUERY, "texts": ["a"], "return_text": 1}, 422, "Validation", "return_text"),
         ({"query": QUERY, "texts": ["a"], "truncate": "no"}, 422, "Validation", "truncate"),
-        ({"query": QUERY, "texts": ["a"], "truncation_direction": "up"}, 422, "Validation", "truncation_direction"),
-        ({"query": QUERY, "texts": ["a"], "truncation_direction": 1}, 422, "Validation", "truncation_direction"),
+        (
+            {"query": QUERY, "texts": ["a"], "truncation_direction": "up"},
+            422,
+            "Validation",
+            "truncation_direction",
+        ),
+        (
+            {"query": QUERY, "texts": ["a"], "truncation_direction": 1},
+            422,
+            "Validation",
+            "truncation_direction",
+        ),
         ([QUERY, "a"], 422, "Validation", "body"),
     ],
 )
@@ -176,7 +225,11 @@ async def test_rerank_errors(
 
 
 async def test_malformed_json_and_missing_content_type(client: httpx.AsyncClient) -> None:
-    resp = await client.post("/rerank", content=b'{"query": "q", "texts": [', headers={"content-type": "application/json"})
+    resp = await client.post(
+        "/rerank",
+        content=b'{"query": "q", "texts": [',
+        headers={"content-type": "application/json"},
+    )
     assert resp.status_code == 400
     assert resp.json()["error_type"] == "Validation" and "malformed JSON" in resp.json()["error"]
     resp = await client.post("/rerank", content=b'{"query": "q", "texts": ["a"]}')
@@ -186,20 +239,25 @@ async def test_malformed_json_and_missing_content_type(client: httpx.AsyncClient
     assert resp.status_code == 422 and "body" in resp.json()["error"]
 
 
-async def test_50_concurrent_mixed_requests_match_reference(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
+async def test_50_concurrent_mixed_requests_match_reference(
+    client: httpx.AsyncClient, xlmr_reranker: Path
+) -> None:
     rng = random.Random(1)
     words = " ".join(corpus(200, seed=3)).split()
     requests: list[tuple[str, list[str]]] = []
     for _ in range(50):
         query = " ".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
-        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 20))) for _ in range(rng.randint(1, 8))]
+        texts = [
+            " ".join(rng.choice(words) for _ in range(rng.randint(1, 20)))
+            for _ in range(rng.randint(1, 8))
+        ]
         requests.append((query, texts))
     responses = await asyncio.gather(
         *(client.post("/rerank", json={"query": q, "texts": t}) for q, t in requests)
     )
     ref = reference_logits(xlmr_reranker, [(q, t) for q, texts in requests for t in texts])
     offset = 0
-    for (query, texts), resp in zip(requests, responses):
+    for (_query, texts), resp in zip(requests, responses, strict=True):
         assert resp.status_code == 200, resp.text
         by_index = {item["index"]: item["score"] for item in resp.json()}
         assert sorted(by_index) == list(range(len(texts)))
@@ -208,7 +266,9 @@ async def test_50_concurrent_mixed_requests_match_reference(client: httpx.AsyncC
         offset += len(texts)
 
 
-async def test_bert_reranker_matches_reference(bert_reranker: Path, bert_engine: TorchEngine) -> None:
+async def test_bert_reranker_matches_reference(
+    bert_reranker: Path, bert_engine: TorchEngine
+) -> None:
     async with serving(settings_for(bert_reranker), bert_engine) as bert:
         resp = await bert.post("/rerank", json={"query": QUERY, "texts": TEXTS})
         assert resp.status_code == 200
@@ -225,10 +285,16 @@ async def test_predict_shapes_on_a_reranker(client: httpx.AsyncClient, xlmr_rera
     ref = reference_logits(xlmr_reranker, ["paris", ("what is", "paris"), "apple", ("a", "b")])
     single = await client.post("/predict", json={"inputs": "paris"})
     assert single.status_code == 200, single.text
-    assert single.json() == [{"label": "LABEL_0", "score": pytest.approx(sigmoid(ref[0][0]), abs=TOL)}]
+    assert single.json() == [
+        {"label": "LABEL_0", "score": pytest.approx(sigmoid(ref[0][0]), abs=TOL)}
+    ]
     pair = await client.post("/predict", json={"inputs": ["what is", "paris"]})  # a pair: one input
-    assert pair.json() == [{"label": "LABEL_0", "score": pytest.approx(sigmoid(ref[1][0]), abs=TOL)}]
-    batch = await client.post("/predict", json={"inputs": ["apple", ["a", "b"], "paris"], "raw_scores": True})
+    assert pair.json() == [
+        {"label": "LABEL_0", "score": pytest.approx(sigmoid(ref[1][0]), abs=TOL)}
+    ]
+    batch = await client.post(
+        "/predict", json={"inputs": ["apple", ["a", "b"], "paris"], "raw_scores": True}
+    )
     assert batch.status_code == 200
     got = [[(p["label"], p["score"]) for p in preds] for preds in batch.json()]
     assert got == [
@@ -251,7 +317,9 @@ async def test_predict_shapes_on_a_reranker(client: httpx.AsyncClient, xlmr_rera
         ([], 400, ""),
     ],
 )
-async def test_predict_errors(client: httpx.AsyncClient, inputs: Any, status: int, needle: str) -> None:
+async def test_predict_errors(
+    client: httpx.AsyncClient, inputs: Any, status: int, needle: str
+) -> None:
     resp = await client.post("/predict", json={"inputs": inputs})
     assert resp.status_code == status, resp.text
     assert needle in resp.json()["error"]
@@ -262,21 +330,27 @@ async def test_predict_too_many_inputs(client: httpx.AsyncClient) -> None:
     assert resp.status_code == 413 and str(MAX_TEXTS) in resp.json()["error"]
 
 
-async def test_classifier_predict_and_rerank_refusal(xlmr_classifier: Path, classifier_engine: TorchEngine) -> None:
+async def test_classifier_predict_and_rerank_refusal(
+    xlmr_classifier: Path, classifier_engine: TorchEngine
+) -> None:
     async with serving(settings_for(xlmr_classifier), classifier_engine) as clf:
         ref = reference_logits(xlmr_classifier, ["paris is nice", ("a query", "a text")])
         names = ["negative", "neutral", "positive"]
         resp = await clf.post("/predict", json={"inputs": ["paris is nice", ["a query", "a text"]]})
         assert resp.status_code == 200, resp.text
-        for preds, logits in zip(resp.json(), ref):
+        for preds, logits in zip(resp.json(), ref, strict=True):
             assert {p["label"] for p in preds} == {"negative", "neutral", "positive"}
             scores = [p["score"] for p in preds]
             assert scores == sorted(scores, reverse=True)
             probs = torch.softmax(torch.tensor(logits), dim=0).tolist()
             for p in preds:
                 assert p["score"] == pytest.approx(probs[names.index(p["label"])], abs=TOL)
-        raw = (await clf.post("/predict", json={"inputs": "paris is nice", "raw_scores": True})).json()
-        assert {p["label"]: p["score"] for p in raw} == pytest.approx(dict(zip(names, ref[0])), **RAW)
+        raw = (
+            await clf.post("/predict", json={"inputs": "paris is nice", "raw_scores": True})
+        ).json()
+        assert {p["label"]: p["score"] for p in raw} == pytest.approx(
+            dict(zip(names, ref[0], strict=True)), **RAW
+        )
         for route, body in (
             ("/rerank", {"query": "q", "texts": ["a"]}),
             ("/v2/rerank", {"query": "q", "documents": ["a"]}),
@@ -284,7 +358,10 @@ async def test_classifier_predict_and_rerank_refusal(xlmr_classifier: Path, clas
         ):
             refused = await clf.post(route, json=body)
             assert 400 <= refused.status_code < 500, route
-            assert "classifier" in refused.json()["error"].lower() or "label" in refused.json()["error"].lower()
+            assert (
+                "classifier" in refused.json()["error"].lower()
+                or "label" in refused.json()["error"].lower()
+            )
         info = (await clf.get("/info")).json()
         assert info["num_labels"] == 3 and "classifier" in info["model_type"]
 
@@ -303,7 +380,11 @@ async def test_tokenize(client: httpx.AsyncClient, tokenizer: Any) -> None:
     for t in tokens[1:-1]:
         assert t["special"] is False
         assert text[t["start"] : t["stop"]] == t["text"]
-    plain = (await client.post("/tokenize", json={"inputs": [text, "apple"], "add_special_tokens": False})).json()
+    plain = (
+        await client.post(
+            "/tokenize", json={"inputs": [text, "apple"], "add_special_tokens": False}
+        )
+    ).json()
     assert len(plain) == 2
     assert [t["id"] for t in plain[0]] == tokenizer(text, add_special_tokens=False)["input_ids"]
     bad = await client.post("/tokenize", json={"inputs": ["a", 1]})

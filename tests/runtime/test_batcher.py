@@ -7,6 +7,7 @@ the worker at a gate and count batches instead of measuring time.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 import numpy as np
@@ -28,7 +29,9 @@ def seq(length: int, token: int = 5) -> EncodedPair:
 
 def marked_by(engine: ControlledEngine, token: int) -> list[int]:
     """Indices of the engine calls that held a sequence marked with `token`."""
-    return [i for i, batch in enumerate(engine.calls) if any(p.input_ids[1] == token for p in batch)]
+    return [
+        i for i, batch in enumerate(engine.calls) if any(p.input_ids[1] == token for p in batch)
+    ]
 
 
 async def until(condition, what: str) -> None:
@@ -51,14 +54,18 @@ async def test_results_match_each_sequence_alone(xlmr_engine) -> None:
     engine = ControlledEngine(xlmr_engine)
     batcher = await started(engine, max_batch_tokens=512)
     rng = random.Random(3)
-    requests = [[seq(rng.randint(3, 128), token=rng.randint(4, 99)) for _ in range(rng.randint(1, 12))] for _ in range(10)]
+    requests = [
+        [seq(rng.randint(3, 128), token=rng.randint(4, 99)) for _ in range(rng.randint(1, 12))]
+        for _ in range(10)
+    ]
     try:
         results = await asyncio.wait_for(
-            asyncio.gather(*(batcher.score(f"r{i}", items) for i, items in enumerate(requests))), WAIT_S
+            asyncio.gather(*(batcher.score(f"r{i}", items) for i, items in enumerate(requests))),
+            WAIT_S,
         )
     finally:
         await batcher.stop()
-    for items, result in zip(requests, results):
+    for items, result in zip(requests, results, strict=True):
         alone = np.array([xlmr_engine.score([p])[0] for p in items])
         np.testing.assert_allclose(result.logits, alone, atol=1e-4)
         assert result.batches >= 1 and result.inference_time_s > 0 and result.queue_time_s >= 0
@@ -73,7 +80,9 @@ async def test_token_budget_respected(xlmr_engine, padded: bool) -> None:
     rng = random.Random(7)
     items = [seq(rng.randint(3, 128)) for _ in range(60)]
     try:
-        await asyncio.wait_for(asyncio.gather(batcher.score("a", items[:30]), batcher.score("b", items[30:])), WAIT_S)
+        await asyncio.wait_for(
+            asyncio.gather(batcher.score("a", items[:30]), batcher.score("b", items[30:])), WAIT_S
+        )
     finally:
         await batcher.stop()
     assert sum(len(b) for b in engine.calls) == 60
@@ -126,7 +135,9 @@ async def test_concurrent_requests_share_batches_with_little_padding(xlmr_engine
         first = asyncio.create_task(batcher.score("first", [seq(8, token=3)]))
         await engine.wait_for_calls(1)
         tasks = [
-            asyncio.create_task(batcher.score(f"r{t}", [seq(rng.randint(10, 120), token=t) for _ in range(16)]))
+            asyncio.create_task(
+                batcher.score(f"r{t}", [seq(rng.randint(10, 120), token=t) for _ in range(16)])
+            )
             for t in marks
         ]
         await until(lambda: batcher.queue_size == 8 * 16, "all pairs queued")
@@ -142,7 +153,9 @@ async def test_concurrent_requests_share_batches_with_little_padding(xlmr_engine
     for t in marks:
         held = marked_by(engine, t)
         assert held[0] == 1
-        assert all(b - a <= 2 for a, b in zip(held, held[1:])), f"request {t} waited 2+ batches: {held}"
+        assert all(b - a <= 2 for a, b in itertools.pairwise(held)), (
+            f"request {t} waited 2+ batches: {held}"
+        )
 
 
 async def test_cancelled_request_is_never_scored(xlmr_engine) -> None:
@@ -177,7 +190,9 @@ async def test_cancelled_request_skipped_in_submitted_batch(xlmr_engine) -> None
         await engine.wait_for_calls(1)
         # Goes straight into the second (already submitted) batch, then its client goes away.
         second = asyncio.create_task(batcher.score("second", [seq(20, token=7)] * 2))
-        await until(lambda: batcher.queue_size == 0 and len(batcher._requests) == 0, "second batch formed")
+        await until(
+            lambda: batcher.queue_size == 0 and len(batcher._requests) == 0, "second batch formed"
+        )
         second.cancel()
         engine.release()
         await asyncio.wait_for(first, WAIT_S)
@@ -203,7 +218,9 @@ async def test_engine_failure_fails_exactly_its_batch(xlmr_engine) -> None:
         # a and b arrive together: the next batch holds both.
         a = asyncio.create_task(batcher.score("a", [seq(12, token=5), seq(30, token=5)]))
         b = asyncio.create_task(batcher.score("b", [seq(12, token=6)]))
-        await until(lambda: batcher.queue_size == 0 and len(batcher._live) == 3, "second batch formed")
+        await until(
+            lambda: batcher.queue_size == 0 and len(batcher._live) == 3, "second batch formed"
+        )
         # c waits in the queue (two batches are already submitted).
         c = asyncio.create_task(batcher.score("c", [seq(12, token=7)]))
         engine.allow(1)
@@ -272,7 +289,9 @@ async def test_requests_share_batches_round_robin(xlmr_engine) -> None:
     batcher = await started(engine)
     engine.hold()
     try:
-        tasks = [asyncio.create_task(batcher.score(f"r{t}", [seq(20, token=t)] * 8)) for t in (5, 6)]
+        tasks = [
+            asyncio.create_task(batcher.score(f"r{t}", [seq(20, token=t)] * 8)) for t in (5, 6)
+        ]
         await engine.wait_for_calls(1)
         engine.release()
         await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)

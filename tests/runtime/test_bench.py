@@ -100,14 +100,34 @@ def _server_result(pairs_per_s: float, lone_ms: float, fairness_ratio: float | N
     return {
         "info": {"engine": "pytorch", "device": "cpu", "model_dtype": "float32"},
         "load": {
-            "requests": 8, "ok": 8, "errors": {}, "pairs": 128, "tokens": 20000, "wall_s": 2.0,
-            "requests_per_s": 4.0, "pairs_per_s": pairs_per_s, "tokens_per_s": 10000.0,
+            "requests": 8,
+            "ok": 8,
+            "errors": {},
+            "pairs": 128,
+            "tokens": 20000,
+            "wall_s": 2.0,
+            "requests_per_s": 4.0,
+            "pairs_per_s": pairs_per_s,
+            "tokens_per_s": 10000.0,
             "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0, "mean": 1.5, "max": 3.0},
         },
-        "lone": {"pairs": 16, "repeats": 3, "ok": 3, "p50_ms": lone_ms, "min_ms": lone_ms, "tokens": 2000},
-        "fairness": None if fairness_ratio is None else {
-            "large_texts": 500, "delay_ms": 100.0, "rounds": [], "large_ms": 1000.0,
-            "small_ms": fairness_ratio * 1000.0, "ratio": fairness_ratio,
+        "lone": {
+            "pairs": 16,
+            "repeats": 3,
+            "ok": 3,
+            "p50_ms": lone_ms,
+            "min_ms": lone_ms,
+            "tokens": 2000,
+        },
+        "fairness": None
+        if fairness_ratio is None
+        else {
+            "large_texts": 500,
+            "delay_ms": 100.0,
+            "rounds": [],
+            "large_ms": 1000.0,
+            "small_ms": fairness_ratio * 1000.0,
+            "ratio": fairness_ratio,
         },
     }
 
@@ -117,11 +137,19 @@ def _local(baseline_pps: float, forward_ms: float) -> dict:
         "in_process_torch_threads": 2,
         "model_dir": "/m",
         "baseline": {
-            "impl": "CrossEncoder.predict", "dtype": "float32", "batch_size": 32, "torch_threads": 2,
-            "pairs": 128, "seconds": 128 / baseline_pps, "pairs_per_s": baseline_pps,
+            "impl": "CrossEncoder.predict",
+            "dtype": "float32",
+            "batch_size": 32,
+            "torch_threads": 2,
+            "pairs": 128,
+            "seconds": 128 / baseline_pps,
+            "pairs_per_s": baseline_pps,
         },
         "pure_compute": {
-            "dtype": "float32", "torch_threads": 2, "padded_shape": [16, 200], "forward_ms": forward_ms,
+            "dtype": "float32",
+            "torch_threads": 2,
+            "padded_shape": [16, 200],
+            "forward_ms": forward_ms,
             "tokenize_ms": 1.0,
         },
     }
@@ -146,13 +174,25 @@ def test_report_targets_pass_and_miss():
 
 
 def test_batch_stats_from_metrics():
-    before = {"te_batch_next_size_count": 2, "te_batch_next_size_sum": 20, "te_batch_next_tokens_sum": 1000,
-              "te_batch_inference_duration_sum": 1.0, "te_request_input_length_sum": 900}
-    after = {"te_batch_next_size_count": 6, "te_batch_next_size_sum": 100, "te_batch_next_tokens_sum": 5000,
-             "te_batch_inference_duration_sum": 3.0, "te_request_input_length_sum": 3900}
+    before = {
+        "te_batch_next_size_count": 2,
+        "te_batch_next_size_sum": 20,
+        "te_batch_next_tokens_sum": 1000,
+        "te_batch_inference_duration_sum": 1.0,
+        "te_request_input_length_sum": 900,
+    }
+    after = {
+        "te_batch_next_size_count": 6,
+        "te_batch_next_size_sum": 100,
+        "te_batch_next_tokens_sum": 5000,
+        "te_batch_inference_duration_sum": 3.0,
+        "te_request_input_length_sum": 3900,
+    }
     s = c.batch_stats(before, after, wall_s=4.0)
     assert s["batches"] == 4 and s["pairs_per_batch"] == 20 and s["tokens_per_batch"] == 1000
-    assert s["padding_efficiency"] == pytest.approx(0.75) and s["engine_busy_fraction"] == pytest.approx(0.5)
+    assert s["padding_efficiency"] == pytest.approx(0.75) and s[
+        "engine_busy_fraction"
+    ] == pytest.approx(0.5)
     assert c.batch_stats(None, after, 1.0) is None and c.batch_stats(after, after, 1.0) is None
 
 
@@ -187,12 +227,16 @@ async def test_drive_is_bounded_and_stops_by_itself():
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     async with client:
-        results, wall = await c.drive(client, "http://t", lambda i: w.make_request(0, i, 4), 3, n_requests=10)
+        results, wall = await c.drive(
+            client, "http://t", lambda i: w.make_request(0, i, 4), 3, n_requests=10
+        )
         assert len(results) == 10 and sorted(i for i, _ in results) == list(range(10))
         assert peak <= 3 and all(s.ok and s.tokens == 10 for _, s in results)
         assert c.summarize([s for _, s in results], wall)["pairs"] == 40
 
-        results, _ = await c.drive(client, "http://t", lambda i: w.make_request(0, i, 2), 2, duration_s=0.05)
+        results, _ = await c.drive(
+            client, "http://t", lambda i: w.make_request(0, i, 2), 2, duration_s=0.05
+        )
         assert results and peak <= 3
 
         bad = w.RerankRequest(query="fail", texts=("a",))
@@ -221,7 +265,9 @@ def test_bench_model_fits_the_workload(bench_model: Path):
 
     lengths = count_tokens(str(bench_model), [p for r in w.make_requests(0, 4) for p in r.pairs()])
     assert max(lengths) <= 512  # 200-word passages fit the model without truncation
-    words = sum(len(q.split()) + len(t.split()) for r in w.make_requests(0, 4) for q, t in r.pairs())
+    words = sum(
+        len(q.split()) + len(t.split()) for r in w.make_requests(0, 4) for q, t in r.pairs()
+    )
     assert 1.1 < sum(lengths) / words < 1.6  # sub-word split like a real tokenizer on prose
 
 
@@ -238,16 +284,35 @@ def test_bench_end_to_end(bench_model: Path, tmp_path: Path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "reranker_runtime.cli", "serve", "--model", str(bench_model),
-         "--host", "127.0.0.1", "--port", str(port), "--log-format", "text"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "reranker_runtime.cli",
+            "serve",
+            "--model",
+            str(bench_model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-format",
+            "text",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "server.log").read_text()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200:
+                if (
+                    httpx.get(
+                        f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False
+                    ).status_code
+                    == 200
+                ):
                     break
             except httpx.HTTPError:
                 pass
@@ -258,12 +323,34 @@ def test_bench_end_to_end(bench_model: Path, tmp_path: Path):
         from reranker_runtime.cli import main
 
         out = tmp_path / "bench.json"
-        rc = main([
-            "bench", "--url", f"http://127.0.0.1:{port}", "--model", str(bench_model),
-            "--requests", "4", "--concurrency", "2", "--warmup", "2", "--lone-repeats", "2",
-            "--fairness", "--fairness-large", "40", "--fairness-rounds", "1",
-            "--baseline-batch-size", "8", "--rounds", "2", "--output", str(out),
-        ])
+        rc = main(
+            [
+                "bench",
+                "--url",
+                f"http://127.0.0.1:{port}",
+                "--model",
+                str(bench_model),
+                "--requests",
+                "4",
+                "--concurrency",
+                "2",
+                "--warmup",
+                "2",
+                "--lone-repeats",
+                "2",
+                "--fairness",
+                "--fairness-large",
+                "40",
+                "--fairness-rounds",
+                "1",
+                "--baseline-batch-size",
+                "8",
+                "--rounds",
+                "2",
+                "--output",
+                str(out),
+            ]
+        )
         assert rc == 0
         r = json.loads(out.read_text())
         assert r["load"]["ok"] == 8 and r["load"]["errors"] == {} and r["load"]["pairs"] == 128

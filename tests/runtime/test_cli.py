@@ -82,7 +82,15 @@ def test_every_setting_comes_from_its_env_var() -> None:
 
 def test_flags_win_over_env_vars() -> None:
     args = _serve_args(
-        ["--model", "flag-model", "--port", "1234", "--no-auto-truncate", "--max-batch-tokens", "512"]
+        [
+            "--model",
+            "flag-model",
+            "--port",
+            "1234",
+            "--no-auto-truncate",
+            "--max-batch-tokens",
+            "512",
+        ]
     )
     settings = settings_from_args(args, environ=ENV)
     assert settings.model == "flag-model"
@@ -103,12 +111,23 @@ def test_every_env_var_has_a_flag_and_help_names_it(capsys: pytest.CaptureFixtur
     assert "(default: 8080; env: RERANKER_PORT)" in help_text
     assert "(default: 16384; env: RERANKER_MAX_BATCH_TOKENS)" in help_text
     # argparse may wrap inside "bge-reranker-large": compare without whitespace.
-    assert f"(default:{DEFAULT_MODEL}unless--engine-dirisset;env:RERANKER_MODEL)" in help_text.replace(" ", "")
+    assert (
+        f"(default:{DEFAULT_MODEL}unless--engine-dirisset;env:RERANKER_MODEL)"
+        in help_text.replace(" ", "")
+    )
 
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("true", True), ("TRUE", True), ("1", True), ("yes", True), ("false", False), ("0", False), ("No", False)],
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("yes", True),
+        ("false", False),
+        ("0", False),
+        ("No", False),
+    ],
 )
 def test_boolean_values(text: str, value: bool) -> None:
     assert parse_bool(text) is value
@@ -117,7 +136,9 @@ def test_boolean_values(text: str, value: bool) -> None:
 
 
 def test_empty_env_values_count_as_unset() -> None:
-    settings = settings_from_args(_serve_args([]), environ={"RERANKER_API_KEY": "", "RERANKER_PORT": " "})
+    settings = settings_from_args(
+        _serve_args([]), environ={"RERANKER_API_KEY": "", "RERANKER_PORT": " "}
+    )
     assert settings.api_key is None
     assert settings.port == 8080
 
@@ -135,7 +156,11 @@ def test_empty_env_values_count_as_unset() -> None:
     ],
 )
 def test_bad_env_value_is_a_clear_error_naming_the_variable(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], var: str, value: str, reason: str
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    var: str,
+    value: str,
+    reason: str,
 ) -> None:
     monkeypatch.setenv(var, value)
     assert cli.main(["serve"]) == 2

@@ -53,7 +53,13 @@ def encode(engine: TorchEngine, pairs: list[tuple[str, str]]) -> list[EncodedPai
 
 @pytest.mark.parametrize("kind", ["xlmr", "bert", "classifier"])
 def test_batched_scores_match_reference(
-    kind: str, xlmr_engine, bert_engine, classifier_engine, xlmr_reranker, bert_reranker, xlmr_classifier
+    kind: str,
+    xlmr_engine,
+    bert_engine,
+    classifier_engine,
+    xlmr_reranker,
+    bert_reranker,
+    xlmr_classifier,
 ) -> None:
     engine, model_dir = {
         "xlmr": (xlmr_engine, xlmr_reranker),
@@ -107,11 +113,14 @@ def test_empty_batch(xlmr_engine) -> None:
 
 
 def test_too_long_sequence_raises(xlmr_engine) -> None:
-    with pytest.raises(ValueError, match="exceeds the model's limit of 128"):
+    with pytest.raises(ValueError, match=r"exceeds the model's limit of 128"):
         xlmr_engine.score([EncodedPair([0] + [5] * 200 + [2])])
 
 
-@pytest.mark.parametrize(("flags", "native"), [("fpu avx512f avx512_bf16", True), ("fpu amx_bf16", True), ("fpu avx2 avx512f", False)])
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [("fpu avx512f avx512_bf16", True), ("fpu amx_bf16", True), ("fpu avx2 avx512f", False)],
+)
 def test_native_bf16_detection(tmp_path: Path, flags: str, native: bool) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
@@ -140,12 +149,19 @@ def test_refuses_base_model_without_head(tmp_path: Path, xlmr_reranker: Path) ->
 
     out = tmp_path / "base"
     config = XLMRobertaConfig(
-        vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=TINY_MAX_TOKENS + 2, pad_token_id=1,
+        vocab_size=400,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=TINY_MAX_TOKENS + 2,
+        pad_token_id=1,
     )
     XLMRobertaModel(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(xlmr_reranker).save_pretrained(out)
-    with pytest.raises(ModelLoadError, match="not a cross-encoder.*XLMRobertaModel.*ForSequenceClassification"):
+    with pytest.raises(
+        ModelLoadError, match=r"not a cross-encoder.*XLMRobertaModel.*ForSequenceClassification"
+    ):
         TorchEngine.load(str(out), device="cpu")
 
 
@@ -153,22 +169,22 @@ def test_refuses_other_model_families(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"]})
     )
-    with pytest.raises(ModelLoadError, match="'gpt2'.*BERT-family"):
+    with pytest.raises(ModelLoadError, match=r"'gpt2'.*BERT-family"):
         TorchEngine.load(str(tmp_path), device="cpu")
 
 
 def test_refuses_missing_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="cannot read the model config"):
+    with pytest.raises(ModelLoadError, match=r"cannot read the model config"):
         TorchEngine.load(str(tmp_path / "nowhere"), device="cpu")
 
 
 def test_refuses_bad_device_and_dtype(xlmr_reranker: Path) -> None:
-    with pytest.raises(ModelLoadError, match="unknown --dtype"):
+    with pytest.raises(ModelLoadError, match=r"unknown --dtype"):
         TorchEngine.load(str(xlmr_reranker), device="cpu", dtype="int3")
-    with pytest.raises(ModelLoadError, match="unknown --device"):
+    with pytest.raises(ModelLoadError, match=r"unknown --device"):
         TorchEngine.load(str(xlmr_reranker), device="tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        with pytest.raises(ModelLoadError, match=r"no CUDA GPU"):
             TorchEngine.load(str(xlmr_reranker), device="cuda")
 
 

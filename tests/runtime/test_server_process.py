@@ -16,8 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -58,7 +59,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for(
+    what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         if check():
@@ -84,12 +87,21 @@ def metric(client: httpx.Client, name: str) -> float:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path, hold: Path, warmup_hold: Path) -> None:
-        self.proc, self.url, self.log, self.hold, self.warmup_hold = proc, url, log, hold, warmup_hold
+    def __init__(
+        self, proc: subprocess.Popen[bytes], url: str, log: Path, hold: Path, warmup_hold: Path
+    ) -> None:
+        self.proc, self.url, self.log, self.hold, self.warmup_hold = (
+            proc,
+            url,
+            log,
+            hold,
+            warmup_hold,
+        )
 
     def access_line(self, request_id: str) -> dict[str, Any] | None:
         lines = [
-            r for r in self.log_records()
+            r
+            for r in self.log_records()
             if r.get("logger") == "reranker_runtime.access" and r.get("request_id") == request_id
         ]
         assert len(lines) <= 1, lines
@@ -129,7 +141,10 @@ def server(xlmr_reranker: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     launcher.write_text(LAUNCHER)
     with log.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, str(launcher), "serve"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+            [sys.executable, str(launcher), "serve"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     try:
         yield Server(proc, f"http://127.0.0.1:{port}", log, hold, warmup_hold)
@@ -150,7 +165,9 @@ def test_startup_live_first_then_ready(server: Server, xlmr_reranker: Path) -> N
         server.warmup_hold.unlink()
         wait_for("/health 200", lambda: status_of(client, "/health") == 200, server.proc)
 
-        resp = client.post("/rerank", json={"query": QUERY, "texts": TEXTS}, headers={"x-request-id": "req-1"})
+        resp = client.post(
+            "/rerank", json={"query": QUERY, "texts": TEXTS}, headers={"x-request-id": "req-1"}
+        )
         assert resp.status_code == 200
         ref = reference_logits(xlmr_reranker, [(QUERY, t) for t in TEXTS])
         for item in resp.json():
@@ -200,7 +217,11 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(server: Server) -> No
         try:
             thread = threading.Thread(target=in_flight_request)
             thread.start()
-            wait_for("request in flight", lambda: metric(client, "te_requests_in_flight") == 1, server.proc)
+            wait_for(
+                "request in flight",
+                lambda: metric(client, "te_requests_in_flight") == 1,
+                server.proc,
+            )
             server.proc.send_signal(signal.SIGTERM)
             # Still listening while draining: readiness fails, new work is refused, in-flight work runs.
             wait_for("/health 503", lambda: status_of(client, "/health") == 503, server.proc)
@@ -218,11 +239,20 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(server: Server) -> No
 
 def test_model_load_failure_exits_non_zero_with_a_clear_message(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("reranker-runtime")
-    env = {**os.environ, "RERANKER_PORT": str(free_port()), "RERANKER_HOST": "127.0.0.1", "RERANKER_LOG_FORMAT": "text"}
+    env = {
+        **os.environ,
+        "RERANKER_PORT": str(free_port()),
+        "RERANKER_HOST": "127.0.0.1",
+        "RERANKER_LOG_FORMAT": "text",
+    }
     empty = tmp_path / "not-a-model"  # exists, so the load (in the background) is what fails
     empty.mkdir()
     proc = subprocess.run(
-        [str(exe), "serve", "--model", str(empty)], env=env, capture_output=True, text=True, timeout=WAIT_S
+        [str(exe), "serve", "--model", str(empty)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
     )
     assert proc.returncode == 1
     assert "reranker-runtime serve: error: model failed to load" in proc.stderr

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,7 +35,11 @@ SCORE_TOL = 1e-5
 LOGIT_TOL = 1e-4  # see test_engine.py: raw logits of the tiny models move ~3e-5 under padding
 WAIT_S = 30.0
 QUERY = "what is the capital of france"
-TEXTS = ["paris is the capital city of france", "apple banana orange fruit", "the river in the city"]
+TEXTS = [
+    "paris is the capital city of france",
+    "apple banana orange fruit",
+    "the river in the city",
+]
 
 
 def sigmoid(x: Any) -> np.ndarray:
@@ -42,7 +47,9 @@ def sigmoid(x: Any) -> np.ndarray:
 
 
 def settings(**overrides: Any) -> ServeSettings:
-    values: dict[str, Any] = dict(device="cpu", dtype="float32", max_batch_tokens=1024, max_client_batch_size=64)
+    values: dict[str, Any] = dict(
+        device="cpu", dtype="float32", max_batch_tokens=1024, max_client_batch_size=64
+    )
     values.update(overrides)
     return ServeSettings(**values)
 
@@ -61,7 +68,10 @@ def random_texts(n: int, seed: int, max_chars: int = 80) -> list[str]:
     """Texts of 5..max_chars characters (the tiny XLM-R tokenizer makes up to ~1 token per char)."""
     rng = random.Random(seed)
     sentences = corpus(200, seed=seed)
-    texts = [" ".join(rng.choice(sentences) for _ in range(4))[: rng.randint(5, max_chars)] for _ in range(n)]
+    texts = [
+        " ".join(rng.choice(sentences) for _ in range(4))[: rng.randint(5, max_chars)]
+        for _ in range(n)
+    ]
     return [t.strip() or "a" for t in texts]
 
 
@@ -69,8 +79,12 @@ def random_texts(n: int, seed: int, max_chars: int = 80) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["xlmr", "bert"])
-async def test_rerank_scores_match_reference(kind: str, xlmr_engine, bert_engine, xlmr_reranker, bert_reranker) -> None:
-    engine, model_dir = (xlmr_engine, xlmr_reranker) if kind == "xlmr" else (bert_engine, bert_reranker)
+async def test_rerank_scores_match_reference(
+    kind: str, xlmr_engine, bert_engine, xlmr_reranker, bert_reranker
+) -> None:
+    engine, model_dir = (
+        (xlmr_engine, xlmr_reranker) if kind == "xlmr" else (bert_engine, bert_reranker)
+    )
     texts = random_texts(20, seed=2, max_chars=80)
     async with serving(engine) as service:
         result = await service.rerank(QUERY, texts, truncate=False)
@@ -82,20 +96,27 @@ async def test_rerank_scores_match_reference(kind: str, xlmr_engine, bert_engine
     assert result.token_counts == expected_counts
     assert result.total_tokens == sum(expected_counts)
     assert result.truncated == [False] * len(texts)
-    assert result.tokenization_time_s >= 0 and result.queue_time_s >= 0 and result.inference_time_s > 0
+    assert (
+        result.tokenization_time_s >= 0 and result.queue_time_s >= 0 and result.inference_time_s > 0
+    )
 
 
 async def test_fifty_concurrent_requests_no_cross_talk(xlmr_engine, xlmr_reranker: Path) -> None:
     rng = random.Random(9)
     queries = random_texts(50, seed=4, max_chars=30)
-    requests = [(q, random_texts(rng.randint(1, 6), seed=100 + i, max_chars=80)) for i, q in enumerate(queries)]
+    requests = [
+        (q, random_texts(rng.randint(1, 6), seed=100 + i, max_chars=80))
+        for i, q in enumerate(queries)
+    ]
     async with serving(xlmr_engine, max_batch_tokens=2048) as service:
 
         async def one(query: str, texts: list[str]) -> list[float]:
             async with service.admit():
                 return (await service.rerank(query, texts, truncate=True)).scores
 
-        results = await asyncio.wait_for(asyncio.gather(*(one(q, ts) for q, ts in requests)), WAIT_S)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(one(q, ts) for q, ts in requests)), WAIT_S
+        )
         batches = service.batcher.batches_run
     pairs = [(q, t) for q, ts in requests for t in ts]
     ref = sigmoid(np.array(reference_logits(xlmr_reranker, pairs))[:, 0])
@@ -110,21 +131,61 @@ async def test_fifty_concurrent_requests_no_cross_talk(xlmr_engine, xlmr_reranke
 async def test_validation_errors(xlmr_engine) -> None:
     async with serving(xlmr_engine, max_client_batch_size=4) as service:
         cases: list[tuple[Any, type, int, str]] = [
-            (service.rerank("", ["a"], truncate=False), EmptyInputError, 400, "`query` must not be empty"),
+            (
+                service.rerank("", ["a"], truncate=False),
+                EmptyInputError,
+                400,
+                "`query` must not be empty",
+            ),
             (service.rerank("  ", ["a"], truncate=False), EmptyInputError, 400, "`query`"),
-            (service.rerank("q", [], truncate=False), EmptyInputError, 400, "`texts` must not be empty"),
-            (service.rerank("q", ["a", ""], truncate=False), EmptyInputError, 400, "`texts[1]` is empty"),
-            (service.rerank("q", ["a"] * 5, truncate=False), TooManyInputsError, 413, "at most 4 per request"),
+            (
+                service.rerank("q", [], truncate=False),
+                EmptyInputError,
+                400,
+                "`texts` must not be empty",
+            ),
+            (
+                service.rerank("q", ["a", ""], truncate=False),
+                EmptyInputError,
+                400,
+                "`texts[1]` is empty",
+            ),
+            (
+                service.rerank("q", ["a"] * 5, truncate=False),
+                TooManyInputsError,
+                413,
+                "at most 4 per request",
+            ),
             (
                 service.rerank("q", ["a"], truncate=False, truncation_direction="up"),
                 ValidationError,
                 422,
                 "truncation_direction must be 'right' or 'left'",
             ),
-            (service.predict([], truncate=False), EmptyInputError, 400, "`inputs` must not be empty"),
-            (service.predict(["a", ("b", "")], truncate=False), EmptyInputError, 400, "`inputs[1][1]` is empty"),
-            (service.predict(["a", ("b", "c", "d")], truncate=False), ValidationError, 422, "`inputs[1]`"),
-            (service.predict(["a"] * 5, truncate=False), TooManyInputsError, 413, "--max-client-batch-size"),
+            (
+                service.predict([], truncate=False),
+                EmptyInputError,
+                400,
+                "`inputs` must not be empty",
+            ),
+            (
+                service.predict(["a", ("b", "")], truncate=False),
+                EmptyInputError,
+                400,
+                "`inputs[1][1]` is empty",
+            ),
+            (
+                service.predict(["a", ("b", "c", "d")], truncate=False),
+                ValidationError,
+                422,
+                "`inputs[1]`",
+            ),
+            (
+                service.predict(["a"] * 5, truncate=False),
+                TooManyInputsError,
+                413,
+                "--max-client-batch-size",
+            ),
         ]
         for call, error_type, status, text in cases:
             with pytest.raises(error_type) as err:
@@ -169,7 +230,7 @@ async def test_truncation_keeps_query_and_cuts_text(direction: str, xlmr_engine)
     query_ids, text_ids = _ids(tok, QUERY), _ids(tok, long_text)
     room = TINY_MAX_TOKENS - 4 - len(query_ids)  # <s> q </s></s> t </s>
     kept = text_ids[:room] if direction.lower() == "right" else text_ids[-room:]
-    expected = [0] + query_ids + [2, 2] + kept + [2]
+    expected = [0, *query_ids, 2, 2, *kept, 2]
 
     pt = PairTokenizer(tok, TINY_MAX_TOKENS)
     (enc,) = pt.encode_pairs(QUERY, [long_text], truncate=True, direction=direction.lower())  # type: ignore[arg-type]
@@ -178,7 +239,9 @@ async def test_truncation_keeps_query_and_cuts_text(direction: str, xlmr_engine)
     assert enc.original_tokens == len(tok(QUERY, long_text)["input_ids"])
 
     async with serving(xlmr_engine) as service:
-        result = await service.rerank(QUERY, [long_text, "paris"], truncate=True, truncation_direction=direction)
+        result = await service.rerank(
+            QUERY, [long_text, "paris"], truncate=True, truncation_direction=direction
+        )
     assert result.truncated == [True, False]
     assert result.token_counts[0] == TINY_MAX_TOKENS
     alone = xlmr_engine.score([EncodedPair(expected)])[0, 0]
@@ -210,14 +273,19 @@ def test_pair_encoding_equals_tokenizer_call(kind: str, xlmr_engine, bert_engine
     engine = xlmr_engine if kind == "xlmr" else bert_engine
     tok = engine.tokenizer
     pt = PairTokenizer(tok, TINY_MAX_TOKENS)
-    texts = random_texts(30, seed=6, max_chars=80) + ["Paris, France!", "  spaced   out  ", "über naïve café"]
+    texts = [
+        *random_texts(30, seed=6, max_chars=80),
+        "Paris, France!",
+        "  spaced   out  ",
+        "über naïve café",
+    ]
     for query in (QUERY, "apple?"):
-        for text, enc in zip(texts, pt.encode_pairs(query, texts, truncate=False)):
+        for text, enc in zip(texts, pt.encode_pairs(query, texts, truncate=False), strict=True):
             ref = tok(query, text)
             assert enc.pair.input_ids == ref["input_ids"], text
             assert enc.pair.token_type_ids == ref.get("token_type_ids")
             assert not enc.truncated
-    for item, enc in zip(texts[:5], pt.encode_inputs(texts[:5], truncate=False)):
+    for item, enc in zip(texts[:5], pt.encode_inputs(texts[:5], truncate=False), strict=True):
         assert enc.pair.input_ids == tok(item)["input_ids"]
 
 
@@ -238,7 +306,9 @@ async def test_tokenize(bert_engine) -> None:
     assert "".join(t.text for t in pair if not t.special) == "whatistheriver"
 
 
-async def test_classifier_refused_by_rerank_served_by_predict(classifier_engine, xlmr_classifier: Path) -> None:
+async def test_classifier_refused_by_rerank_served_by_predict(
+    classifier_engine, xlmr_classifier: Path
+) -> None:
     inputs: list[str | tuple[str, str]] = ["paris is the capital", ("what is the capital", "paris")]
     async with serving(classifier_engine) as service:
         with pytest.raises(WrongModelKindError) as err:
@@ -246,10 +316,15 @@ async def test_classifier_refused_by_rerank_served_by_predict(classifier_engine,
         result = await service.predict(inputs, truncate=False)
         raw = await service.predict(inputs, truncate=False, raw_scores=True)
     assert err.value.status_code == 400
-    assert "3 labels (negative, neutral, positive)" in err.value.message and "/predict" in err.value.message
+    assert (
+        "3 labels (negative, neutral, positive)" in err.value.message
+        and "/predict" in err.value.message
+    )
     ref = np.array(reference_logits(xlmr_classifier, inputs))
     probs = np.exp(ref) / np.exp(ref).sum(axis=1, keepdims=True)
-    for row, expected, logits, raw_row in zip(result.predictions, probs, ref, raw.predictions):
+    for row, expected, logits, raw_row in zip(
+        result.predictions, probs, ref, raw.predictions, strict=True
+    ):
         labels = [label for label, _ in row]
         scores = [score for _, score in row]
         assert scores == sorted(scores, reverse=True)
@@ -307,6 +382,7 @@ async def test_not_ready_until_warmed_up_then_drains(xlmr_engine) -> None:
 
     # Draining: new requests refused at once, the one in flight finishes, then the engine closes.
     engine.hold()
+
     async def in_flight() -> list[float]:
         async with service.admit():
             return (await service.rerank(QUERY, TEXTS, truncate=False)).scores
@@ -358,7 +434,9 @@ async def test_cancelled_rerank_drops_its_pairs(xlmr_engine) -> None:
         blocker = asyncio.create_task(service.rerank(QUERY, ["apple", "banana"], truncate=False))
         await engine.wait_for_calls(1)
         before = service.batcher.queue_size  # the blocker's pairs not yet in a forward pass
-        victim = asyncio.create_task(service.rerank("zzz", ["music art science"] * 3, truncate=False))
+        victim = asyncio.create_task(
+            service.rerank("zzz", ["music art science"] * 3, truncate=False)
+        )
         for _ in range(200):
             if service.batcher.queue_size == before + 3:
                 break

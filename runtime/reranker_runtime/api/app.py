@@ -13,8 +13,9 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +27,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from reranker_runtime import __version__, metrics
 from reranker_runtime.api import cohere, ops, tei
 from reranker_runtime.api.auth import ApiKeyMiddleware, document_api_key
-from reranker_runtime.api.deps import LOG_SCOPE_KEY, REQUEST_ID_SCOPE_KEY, ClientDisconnected, Runtime
+from reranker_runtime.api.deps import (
+    LOG_SCOPE_KEY,
+    REQUEST_ID_SCOPE_KEY,
+    ClientDisconnected,
+    Runtime,
+)
 from reranker_runtime.api.schemas import INPUT_ERROR, ErrorBody
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.errors import RerankerError
@@ -68,12 +74,15 @@ def create_app(
         version=__version__,
         description=(
             "BEI/TEI-compatible cross-encoder reranker server, with Cohere v2 and Jina rerank "
-            "routes. Errors are `{\"error\", \"error_type\"}` with TEI's status codes."
+            'routes. Errors are `{"error", "error_type"}` with TEI\'s status codes.'
         ),
         lifespan=lifespan,
         max_body_size=MAX_BODY_BYTES,
         responses={
-            "default": {"model": ErrorBody, "description": "Error: {error, error_type} (TEI error model)"},
+            "default": {
+                "model": ErrorBody,
+                "description": "Error: {error, error_type} (TEI error model)",
+            },
         },
     )
     app.state.runtime = runtime
@@ -109,8 +118,12 @@ def create_app(
 # Errors: one mapping for everything a client can get wrong or run into.
 
 
-def _error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+def _error_response(
+    status: int, message: str, error_type: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": message, "error_type": error_type}, status_code=status, headers=headers
+    )
 
 
 def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
@@ -132,7 +145,9 @@ def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
         field = ".".join(str(x) for x in loc)
         if not field:
             if isinstance(err.get("input"), (bytes, str)):
-                parts.append("body: expected a JSON object sent with 'Content-Type: application/json'")
+                parts.append(
+                    "body: expected a JSON object sent with 'Content-Type: application/json'"
+                )
                 continue
             field = "body"
         parts.append(f"{field}: {err.get('msg')}")
@@ -202,7 +217,9 @@ class AccessMiddleware:
             log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
             status = 500
             if not response_started:
-                body = json.dumps({"error": "internal server error", "error_type": "Backend"}).encode()
+                body = json.dumps(
+                    {"error": "internal server error", "error_type": "Backend"}
+                ).encode()
                 await send(
                     {
                         "type": "http.response.start",

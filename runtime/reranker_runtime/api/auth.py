@@ -20,7 +20,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from reranker_runtime.errors import UnauthorizedError
 
-PROTECTED_PATHS = frozenset({"/rerank", "/predict", "/v1/rerank", "/v2/rerank", "/tokenize", "/info"})
+PROTECTED_PATHS = frozenset(
+    {"/rerank", "/predict", "/v1/rerank", "/v2/rerank", "/tokenize", "/info"}
+)
 _SCHEMES = ("bearer", "api-key")
 
 
@@ -32,7 +34,9 @@ def check_authorization(header: str | None, api_key: str) -> UnauthorizedError |
         )
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() not in _SCHEMES or not token.strip():
-        return UnauthorizedError("malformed Authorization header: expected 'Bearer <key>' or 'Api-Key <key>'")
+        return UnauthorizedError(
+            "malformed Authorization header: expected 'Bearer <key>' or 'Api-Key <key>'"
+        )
     # compare_digest on bytes: constant-time regardless of where the strings differ.
     if not hmac.compare_digest(token.strip().encode("utf-8"), api_key.encode("utf-8")):
         return UnauthorizedError("invalid API key")
@@ -45,7 +49,11 @@ class ApiKeyMiddleware:
         self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in PROTECTED_PATHS or scope["method"] == "OPTIONS":
+        if (
+            scope["type"] != "http"
+            or scope["path"] not in PROTECTED_PATHS
+            or scope["method"] == "OPTIONS"
+        ):
             await self.app(scope, receive, send)
             return
         header = None
@@ -58,7 +66,10 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         body = json.dumps(error.to_body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
         headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
         await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -69,7 +80,11 @@ def document_api_key(schema: dict[str, Any]) -> dict[str, Any]:
     /docs offers "Authorize" and generated clients send the header."""
     components = schema.setdefault("components", {})
     components["securitySchemes"] = {
-        "Bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+        "Bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "Authorization: Bearer <key>",
+        },
         "ApiKey": {
             "type": "apiKey",
             "in": "header",

@@ -38,13 +38,15 @@ router = APIRouter(tags=["Cohere v2 / Jina"])
 _DOCS_PER_SEARCH_UNIT = 100
 
 
-async def _cut_documents(service: Any, documents: list[str], max_tokens: int) -> tuple[list[str], list[bool]]:
+async def _cut_documents(
+    service: Any, documents: list[str], max_tokens: int
+) -> tuple[list[str], list[bool]]:
     """Cut each document to `max_tokens` tokens (no special tokens), at a token boundary of
     the original text, so the server tokenizes exactly the first `max_tokens` tokens again."""
     tokens = await service.tokenize(documents, add_special_tokens=False)
     out: list[str] = []
     cut: list[bool] = []
-    for doc, toks in zip(documents, tokens):
+    for doc, toks in zip(documents, tokens, strict=True):
         if len(toks) <= max_tokens:
             out.append(doc)
             cut.append(False)
@@ -70,7 +72,11 @@ async def _score(
             if body.max_tokens_per_doc is not None and 0 < len(documents) <= limit:
                 documents, cut = await _cut_documents(service, documents, body.max_tokens_per_doc)
             result = await service.rerank(
-                body.query, documents, truncate=True, request_id=request_id(request), texts_field="documents"
+                body.query,
+                documents,
+                truncate=True,
+                request_id=request_id(request),
+                texts_field="documents",
             )
             return result, cut
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 
@@ -181,7 +182,7 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     def target() -> None:
         try:
             result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        except BaseException as exc:
             loop.call_soon_threadsafe(resolve, False, exc)
         else:
             loop.call_soon_threadsafe(resolve, True, result)
@@ -238,7 +239,7 @@ def timing_headers(result: Any, started: float) -> dict[str, str]:
     """TEI's headers, in whole milliseconds like TEI."""
 
     def ms(seconds: float) -> str:
-        return str(int(round(seconds * 1000)))
+        return str(round(seconds * 1000))
 
     return {
         "x-compute-time": ms(time.perf_counter() - started),

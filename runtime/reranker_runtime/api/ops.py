@@ -71,7 +71,9 @@ def build_info(runtime: Runtime) -> dict[str, Any]:
         "model_id": info.model_id,
         "model_sha": info.revision or settings.revision,
         "served_model_name": settings.served_model_name or settings.model or info.model_id,
-        "model_type": {kind: {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()}}},
+        "model_type": {
+            kind: {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()}}
+        },
         "architecture": info.architecture,
         "num_labels": info.num_labels,
         "engine": info.name,

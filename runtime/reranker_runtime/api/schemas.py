@@ -84,7 +84,12 @@ PredictInputs = Annotated[
                     "items": {
                         "anyOf": [
                             {"type": "string"},
-                            {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2},
+                            {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "minItems": 2,
+                                "maxItems": 2,
+                            },
                         ]
                     },
                 },
@@ -99,7 +104,9 @@ class PredictRequest(_Request):
     two-string array is ONE input (a single text or a pair); any other array is a batch."""
 
     inputs: PredictInputs
-    raw_scores: bool = Field(False, description="Raw logits instead of sigmoid (1 label) / softmax.")
+    raw_scores: bool = Field(
+        False, description="Raw logits instead of sigmoid (1 label) / softmax."
+    )
     truncate: bool | None = False
     truncation_direction: TruncationDirection = "right"
 
@@ -111,7 +118,10 @@ class PredictRequest(_Request):
         if isinstance(value, list):
             if len(value) == 2 and all(isinstance(v, str) for v in value):
                 return {"single": True, "items": [(value[0], value[1])]}
-            return {"single": False, "items": [_predict_sequence(v, f"inputs.{i}") for i, v in enumerate(value)]}
+            return {
+                "single": False,
+                "items": [_predict_sequence(v, f"inputs.{i}") for i, v in enumerate(value)],
+            }
         raise PydanticCustomError(
             INPUT_ERROR, "inputs: Input should be a string, a pair, or a list of strings and pairs"
         )
@@ -150,10 +160,14 @@ class TokenizeRequest(_Request):
             for i, v in enumerate(value):
                 if not isinstance(v, str):
                     raise PydanticCustomError(
-                        INPUT_ERROR, "{where}: Input should be a valid string", {"where": f"inputs.{i}"}
+                        INPUT_ERROR,
+                        "{where}: Input should be a valid string",
+                        {"where": f"inputs.{i}"},
                     )
             return value
-        raise PydanticCustomError(INPUT_ERROR, "inputs: Input should be a string or a list of strings")
+        raise PydanticCustomError(
+            INPUT_ERROR, "inputs: Input should be a string or a list of strings"
+        )
 
 
 class SimpleToken(BaseModel):
@@ -195,7 +209,11 @@ Documents = Annotated[
             "items": {
                 "anyOf": [
                     {"type": "string"},
-                    {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+                    {
+                        "type": "object",
+                        "properties": {"text": {"type": "string"}},
+                        "required": ["text"],
+                    },
                 ]
             },
         }
@@ -206,7 +224,7 @@ Documents = Annotated[
 class _ApiRerankRequest(_Request):
     model: str | None = Field(None, description="Accepted for compatibility; echoed, not checked.")
     query: str
-    documents: Documents = Field(description="Strings or {\"text\": ...} objects.")
+    documents: Documents = Field(description='Strings or {"text": ...} objects.')
     top_n: int | None = Field(None, gt=0, description="Return only the n best; default all.")
     max_tokens_per_doc: int | None = Field(
         None, gt=0, description="Cut each document to this many tokens before scoring."

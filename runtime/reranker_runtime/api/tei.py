@@ -44,7 +44,9 @@ def ranked(scores: list[float]) -> list[int]:
     response_model_exclude_none=True,
     summary="Rank texts against a query (BEI/TEI)",
 )
-async def rerank(body: RerankRequest, request: Request, runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
+async def rerank(
+    body: RerankRequest, request: Request, runtime: Runtime = Depends(get_runtime)
+) -> JSONResponse:
     started = time.perf_counter()
     service = runtime.require_service()
     async with service.admit():
@@ -79,7 +81,9 @@ async def rerank(body: RerankRequest, request: Request, runtime: Runtime = Depen
         "returns a list of such lists. Labels are sorted by score, best first."
     ),
 )
-async def predict(body: PredictRequest, request: Request, runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
+async def predict(
+    body: PredictRequest, request: Request, runtime: Runtime = Depends(get_runtime)
+) -> JSONResponse:
     started = time.perf_counter()
     service = runtime.require_service()
     async with service.admit():
@@ -93,13 +97,18 @@ async def predict(body: PredictRequest, request: Request, runtime: Runtime = Dep
                 request_id=request_id(request),
             ),
         )
-    out = [[{"label": label, "score": float(score)} for label, score in labels] for labels in result.predictions]
+    out = [
+        [{"label": label, "score": float(score)} for label, score in labels]
+        for labels in result.predictions
+    ]
     annotate(request, pairs=len(out), tokens=result.total_tokens)
     return JSONResponse(out[0] if body.single else out, headers=timing_headers(result, started))
 
 
 @router.post("/tokenize", response_model=list[list[SimpleToken]], summary="Tokenize texts (TEI)")
-async def tokenize(body: TokenizeRequest, request: Request, runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
+async def tokenize(
+    body: TokenizeRequest, request: Request, runtime: Runtime = Depends(get_runtime)
+) -> JSONResponse:
     service = runtime.require_service()
     async with service.admit():
         tokens = await cancel_on_disconnect(

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -91,7 +92,9 @@ class PureCompute:
         texts = [t for _, t in pairs]
         for _ in range(repeats):
             t0 = time.perf_counter()
-            self.enc = self.tokenizer(queries, texts, padding=True, truncation=False, return_tensors="pt")
+            self.enc = self.tokenizer(
+                queries, texts, padding=True, truncation=False, return_tensors="pt"
+            )
             self.tokenize_times.append(time.perf_counter() - t0)
 
     def forward(self, record: bool = True) -> float:

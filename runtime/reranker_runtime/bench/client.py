@@ -8,12 +8,14 @@ requests in flight then finish and count). Nothing is retried; every failure is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -49,11 +51,15 @@ def check_loopback(url: str) -> None:
             return
     except ValueError:
         pass
-    raise ValueError(f"--url must point at a loopback address (127.0.0.1, ::1, localhost), got {url!r}")
+    raise ValueError(
+        f"--url must point at a loopback address (127.0.0.1, ::1, localhost), got {url!r}"
+    )
 
 
 def make_client(concurrency: int, timeout_s: float) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+    limits = httpx.Limits(
+        max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2
+    )
     # trust_env=False: no proxy from the environment on a loopback benchmark.
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits, trust_env=False)
 
@@ -86,7 +92,9 @@ def _header_int(headers: httpx.Headers, name: str) -> int | None:
         return None
 
 
-async def send(client: httpx.AsyncClient, url: str, req: RerankRequest, t0: float, **extra: Any) -> Sample:
+async def send(
+    client: httpx.AsyncClient, url: str, req: RerankRequest, t0: float, **extra: Any
+) -> Sample:
     """POST one /rerank request; never raises (a failure becomes a Sample with `error`)."""
     start = time.perf_counter()
     status: int | None = None
@@ -166,7 +174,9 @@ async def fairness_round(
         "large_ms": large_sample.latency_s * 1e3,
         "small_ms": small_sample.latency_s * 1e3,
         "small_sent_after_ms": small_sample.start * 1e3,
-        "ratio": small_sample.latency_s / large_sample.latency_s if large_sample.latency_s else math.nan,
+        "ratio": small_sample.latency_s / large_sample.latency_s
+        if large_sample.latency_s
+        else math.nan,
         # The case only means something when the small request was sent while the large one was
         # still being scored.
         "overlapped": small_sample.start < large_end,
@@ -253,7 +263,12 @@ def summarize(samples: Sequence[Sample], wall_s: float) -> dict[str, Any]:
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator in (None, 0) or math.isnan(numerator) or math.isnan(denominator):
+    if (
+        numerator is None
+        or denominator in (None, 0)
+        or math.isnan(numerator)
+        or math.isnan(denominator)
+    ):
         return None
     return numerator / denominator
 
@@ -284,14 +299,14 @@ async def scrape_metrics(client: httpx.AsyncClient, url: str) -> dict[str, float
         name, _, value = line.rpartition(" ")
         base = name.split("{", 1)[0]
         if base in _METRICS:
-            try:
+            with contextlib.suppress(ValueError):
                 out[base] = out.get(base, 0.0) + float(value)
-            except ValueError:
-                pass
     return out or None
 
 
-def batch_stats(before: dict[str, float] | None, after: dict[str, float] | None, wall_s: float) -> dict[str, Any] | None:
+def batch_stats(
+    before: dict[str, float] | None, after: dict[str, float] | None, wall_s: float
+) -> dict[str, Any] | None:
     """What the server's batcher did between two scrapes: batch sizes, padding, busy time."""
     if not before or not after:
         return None

@@ -56,16 +56,24 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     stop.add_argument("--duration", type=float, default=None, help="measure for S seconds instead")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     p.add_argument("--passages", type=int, default=16, help="passages per request (default 16)")
-    p.add_argument("--min-words", type=int, default=30, help="shortest passage in words (default 30)")
-    p.add_argument("--max-words", type=int, default=200, help="longest passage in words (default 200)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up requests (default 2 x concurrency)")
+    p.add_argument(
+        "--min-words", type=int, default=30, help="shortest passage in words (default 30)"
+    )
+    p.add_argument(
+        "--max-words", type=int, default=200, help="longest passage in words (default 200)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="warm-up requests (default 2 x concurrency)"
+    )
     p.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run CrossEncoder.predict on the same pairs after the server phase (default on)",
     )
-    p.add_argument("--baseline-batch-size", type=int, default=32, help="CrossEncoder batch size (default 32)")
+    p.add_argument(
+        "--baseline-batch-size", type=int, default=32, help="CrossEncoder batch size (default 32)"
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -79,10 +87,16 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="measured rounds (server load, then the baseline on the same pairs); more rounds "
         "average out a noisy machine (default 1)",
     )
-    p.add_argument("--lone-repeats", type=int, default=10, help="lone-request repetitions (default 10)")
+    p.add_argument(
+        "--lone-repeats", type=int, default=10, help="lone-request repetitions (default 10)"
+    )
     p.add_argument("--fairness", action="store_true", help="also run the large/small fairness case")
-    p.add_argument("--fairness-large", type=int, default=500, help="texts in the large request (default 500)")
-    p.add_argument("--fairness-rounds", type=int, default=3, help="fairness repetitions (default 3)")
+    p.add_argument(
+        "--fairness-large", type=int, default=500, help="texts in the large request (default 500)"
+    )
+    p.add_argument(
+        "--fairness-rounds", type=int, default=3, help="fairness repetitions (default 3)"
+    )
     p.add_argument(
         "--fairness-delay",
         type=float,
@@ -91,7 +105,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "request's expected duration, at most 0.5 s)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
-    p.add_argument("--wait-healthy", type=float, default=60.0, help="wait this long for /health 200")
+    p.add_argument(
+        "--wait-healthy", type=float, default=60.0, help="wait this long for /health 200"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--output", default=None, help="also write the JSON document to this file")
     p.set_defaults(func=run_bench)
@@ -154,7 +170,9 @@ class _References:
         hf_logging.disable_progress_bar()
         self.model_dir = model_dir
         self.torch_threads = b.torch_threads(args.threads)
-        self.crossencoder = b.CrossEncoderBaseline(model_dir, args.baseline_batch_size) if args.baseline else None
+        self.crossencoder = (
+            b.CrossEncoderBaseline(model_dir, args.baseline_batch_size) if args.baseline else None
+        )
         self.pure = b.PureCompute(model_dir, server_dtype)
 
 
@@ -191,7 +209,10 @@ async def _run(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any
         warmup = args.warmup if args.warmup is not None else 2 * args.concurrency
         if warmup:
             _log(f"warm-up: {warmup} requests at concurrency {args.concurrency}")
-            warm = [w.make_request(args.seed, i, args.passages, stream=w.STREAM_WARMUP, **shape) for i in range(warmup)]
+            warm = [
+                w.make_request(args.seed, i, args.passages, stream=w.STREAM_WARMUP, **shape)
+                for i in range(warmup)
+            ]
             await c.drive(client, url, lambda i: warm[i], args.concurrency, n_requests=warmup)
             if refs and refs.crossencoder:
                 refs.crossencoder.warmup([p for r in warm[:4] for p in r.pairs()])
@@ -204,13 +225,17 @@ async def _run(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any
         offset = 0
         for r in range(args.rounds):
             what = f"{n_requests} requests" if n_requests is not None else f"{args.duration:g} s"
-            _log(f"round {r + 1}/{args.rounds}: server load, {what} x {args.passages} pairs at concurrency {args.concurrency}")
+            _log(
+                f"round {r + 1}/{args.rounds}: server load, {what} x {args.passages} pairs at concurrency {args.concurrency}"
+            )
             base = offset
             before = await c.scrape_metrics(client, url)
             results, wall = await c.drive(
                 client,
                 url,
-                lambda i: w.make_request(args.seed, base + i, args.passages, **shape),
+                lambda i, base=base, shape=shape: w.make_request(
+                    args.seed, base + i, args.passages, **shape
+                ),
                 args.concurrency,
                 n_requests=n_requests,
                 duration_s=args.duration,
@@ -233,7 +258,9 @@ async def _run(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any
                     for p in w.make_request(args.seed, base + i, args.passages, **shape).pairs()
                 ]
                 if pairs:
-                    _log(f"round {r + 1}/{args.rounds}: baseline, CrossEncoder.predict on the same {len(pairs)} pairs")
+                    _log(
+                        f"round {r + 1}/{args.rounds}: baseline, CrossEncoder.predict on the same {len(pairs)} pairs"
+                    )
                     run = refs.crossencoder.run(pairs)
                     baseline_runs.append(run)
                     rnd["baseline_pairs_per_s"] = run["pairs_per_s"]
@@ -252,11 +279,18 @@ async def _run(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any
         if baseline_runs:
             total_pairs = sum(x["pairs"] for x in baseline_runs)
             total_s = sum(x["seconds"] for x in baseline_runs)
-            out["baseline"] = dict(baseline_runs[0], pairs=total_pairs, seconds=total_s, pairs_per_s=total_pairs / total_s)
+            out["baseline"] = dict(
+                baseline_runs[0],
+                pairs=total_pairs,
+                seconds=total_s,
+                pairs_per_s=total_pairs / total_s,
+            )
 
         # The lone request, alternating with its pure compute (paired: the same noise hits both).
         lone_req = w.make_request(args.seed, 0, args.passages, stream=w.STREAM_LONE, **shape)
-        _log(f"lone request: {args.passages} pairs, {args.lone_repeats} times, alternating with its pure compute")
+        _log(
+            f"lone request: {args.passages} pairs, {args.lone_repeats} times, alternating with its pure compute"
+        )
         for _ in range(2):
             await c.send(client, url, lone_req, 0.0)
         if refs:
@@ -285,14 +319,17 @@ async def _run(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any
             delay = args.fairness_delay
             if delay is None:
                 pps = out["load"]["pairs_per_s"]
-                expected = len(large.texts) / pps if pps and not math.isnan(pps) and pps > 0 else 2.0
+                expected = (
+                    len(large.texts) / pps if pps and not math.isnan(pps) and pps > 0 else 2.0
+                )
                 delay = min(0.5, 0.1 * expected)
             _log(
                 f"fairness: {len(large.texts)}-text request, then a 1-text request {delay * 1e3:.0f} ms "
                 f"later, {args.fairness_rounds} rounds"
             )
             frounds = [
-                await c.fairness_round(client, url, large, small, delay) for _ in range(args.fairness_rounds)
+                await c.fairness_round(client, url, large, small, delay)
+                for _ in range(args.fairness_rounds)
             ]
             valid = [x["ratio"] for x in frounds if x["ok"] and x["overlapped"]]
             out["fairness"] = {
@@ -306,7 +343,9 @@ async def _run(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any
     return out
 
 
-def _status(value: float | None, target: float, higher_is_better: bool, strict: bool = False) -> str:
+def _status(
+    value: float | None, target: float, higher_is_better: bool, strict: bool = False
+) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if higher_is_better:
@@ -337,7 +376,9 @@ def build_report(args: argparse.Namespace, server: dict[str, Any]) -> dict[str, 
             "value": throughput_ratio,
             "target": f">= {TARGET_THROUGHPUT_RATIO:.1f}x",
             "status": _status(throughput_ratio, TARGET_THROUGHPUT_RATIO, True),
-            "note": None if server_dtype in (None, "float32") else f"server dtype is {server_dtype}",
+            "note": None
+            if server_dtype in (None, "float32")
+            else f"server dtype is {server_dtype}",
         },
         {
             "name": f"lone {args.passages}-pair request p50 vs pure compute",
@@ -439,7 +480,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"  latency ms      p50 {_f(lat['p50'])}  p90 {_f(lat['p90'])}  p99 {_f(lat['p99'])}  max {_f(lat['max'])}",
     ]
     if load.get("server_ms_mean"):
-        lines.append(f"  server says     {_timings_text(load['server_ms_mean'])} (mean per request)")
+        lines.append(
+            f"  server says     {_timings_text(load['server_ms_mean'])} (mean per request)"
+        )
     bs = r.get("batches")
     if bs:
         lines.append(
@@ -483,14 +526,20 @@ def format_report(r: dict[str, Any]) -> str:
         ]
         small_timings = [x["small_server_ms"] for x in fair["rounds"] if x.get("small_server_ms")]
         if small_timings:
-            lines.append(f"  small, server   {_timings_text(small_timings[len(small_timings) // 2])}")
+            lines.append(
+                f"  small, server   {_timings_text(small_timings[len(small_timings) // 2])}"
+            )
         bad = [x for x in fair["rounds"] if not (x["ok"] and x["overlapped"])]
         if bad:
-            lines.append(f"  ({len(bad)} round(s) not counted: failed or the small request was sent too late)")
+            lines.append(
+                f"  ({len(bad)} round(s) not counted: failed or the small request was sent too late)"
+            )
     lines += ["", "targets (CPU, issue 2)"]
     for t in r["targets"]:
         v = t["value"]
-        shown = "n/a" if v is None else (f"{v * 100:.1f}%" if "fairness" in t["name"] else f"{v:.2f}x")
+        shown = (
+            "n/a" if v is None else (f"{v * 100:.1f}%" if "fairness" in t["name"] else f"{v:.2f}x")
+        )
         note = f"  ({t['note']})" if t["note"] else ""
         lines.append(f"  {t['status']:<4}  {t['name']:<64} {shown:>8}  target {t['target']}{note}")
     return "\n".join(lines)
@@ -517,7 +566,10 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     counts = (args.concurrency, args.passages, args.rounds, args.lone_repeats)
     if min(counts) < 1 or (args.requests is not None and args.requests < 1):
-        print("error: --concurrency, --passages, --rounds, --requests, --lone-repeats must be >= 1", file=sys.stderr)
+        print(
+            "error: --concurrency, --passages, --rounds, --requests, --lone-repeats must be >= 1",
+            file=sys.stderr,
+        )
         return 2
     if args.duration is not None and args.duration <= 0:
         print("error: --duration must be > 0", file=sys.stderr)

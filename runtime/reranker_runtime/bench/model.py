@@ -27,9 +27,15 @@ Arch = Literal["xlmr", "bert"]
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-    "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "small": dict(
+        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+    ),
+    "base": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    ),
+    "large": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
 }
 MAX_TOKENS = 512
 # Smaller than the corpus's word list, so frequent words stay whole and rarer ones are split into
@@ -81,7 +87,9 @@ def _train_tokenizer(arch: Arch, out: Path):
     return fast
 
 
-def build_bench_model(out_dir: Path | str, size: Size = "small", arch: Arch = "xlmr", seed: int = 0) -> Path:
+def build_bench_model(
+    out_dir: Path | str, size: Size = "small", arch: Arch = "xlmr", seed: int = 0
+) -> Path:
     """Write a `*ForSequenceClassification` checkpoint (one label) + fast tokenizer to out_dir."""
     import torch
     from transformers import (
@@ -97,7 +105,9 @@ def build_bench_model(out_dir: Path | str, size: Size = "small", arch: Arch = "x
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = _train_tokenizer(arch, out)
-    common = dict(SHAPES[size], num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    common = dict(
+        SHAPES[size], num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     if arch == "xlmr":
         config = XLMRobertaConfig(
             vocab_size=len(tokenizer),

@@ -8,8 +8,9 @@ turns a batch of already-tokenized sequences into logits.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -79,5 +80,5 @@ class Engine(ABC):
         self.score([EncodedPair(input_ids=[pad] * max_len, token_type_ids=[0] * max_len)] * n)
         self.score([EncodedPair(input_ids=[pad] * 8, token_type_ids=[0] * 8)])
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most engines hold nothing to free
         """Release resources (GPU memory); called on shutdown."""

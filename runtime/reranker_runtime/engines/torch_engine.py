@@ -10,8 +10,9 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,9 @@ logger = logging.getLogger(__name__)
 # model_type -> position-id offset. RoBERTa-style models number positions from
 # padding_idx + 1, so (pad_token_id + 1) of their max_position_embeddings are unusable.
 _ROBERTA_FAMILY = frozenset({"roberta", "xlm-roberta", "camembert"})
-SUPPORTED_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra"})
+SUPPORTED_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra"}
+)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -100,7 +103,9 @@ def max_input_length(config: Any, tokenizer: Any) -> int:
 class TorchEngine(Engine):
     """Scores padded batches with a `transformers` sequence-classification model."""
 
-    def __init__(self, model: Any, tokenizer: Any, info: EngineInfo, *, use_token_type_ids: bool) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, info: EngineInfo, *, use_token_type_ids: bool
+    ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._info = info
@@ -121,7 +126,7 @@ class TorchEngine(Engine):
         *,
         max_seq_len: int | None = None,
         source: tuple[str, str | None] | None = None,
-    ) -> "TorchEngine":
+    ) -> TorchEngine:
         """Load and validate a checkpoint (local directory or hub id). Raises ModelLoadError.
 
         `max_seq_len` caps the per-input length below the model's own maximum (the build's
@@ -140,7 +145,7 @@ class TorchEngine(Engine):
 
         try:
             config = AutoConfig.from_pretrained(model, revision=revision)
-        except Exception as exc:  # noqa: BLE001 - any hub/filesystem failure is a load error
+        except Exception as exc:
             raise ModelLoadError(
                 f"cannot read the model config of {model!r} (revision {revision or 'default'}): {exc}. "
                 "Check the model id or path, the revision, network access / HF_TOKEN, or HF_HUB_OFFLINE"
@@ -149,7 +154,7 @@ class TorchEngine(Engine):
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, use_fast=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ModelLoadError(
                 f"cannot load the tokenizer of {model!r}: {exc}. The checkpoint needs a fast "
                 "tokenizer (tokenizer.json)"
@@ -160,14 +165,18 @@ class TorchEngine(Engine):
                 "Save one with tokenizer.save_pretrained() from a PreTrainedTokenizerFast (tokenizer.json)"
             )
 
-        hf_model, attn = _load_model(AutoModelForSequenceClassification, model, revision, torch_dtype)
+        hf_model, attn = _load_model(
+            AutoModelForSequenceClassification, model, revision, torch_dtype
+        )
         hf_model.to(dev)
         hf_model.eval()
 
         num_labels = int(hf_model.config.num_labels)
         id2label = {int(k): str(v) for k, v in (hf_model.config.id2label or {}).items()}
         forward_params = inspect.signature(hf_model.forward).parameters
-        use_tt = "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in forward_params
+        use_tt = (
+            "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in forward_params
+        )
         architecture = (config.architectures or [type(hf_model).__name__])[0]
         limit = max_input_length(config, tokenizer)
         if max_seq_len is not None:
@@ -277,23 +286,34 @@ def _check_supported(model: str, config: Any) -> None:
         )
 
 
-def _load_model(auto_cls: Any, model: str, revision: str | None, dtype: torch.dtype) -> tuple[Any, str]:
+def _load_model(
+    auto_cls: Any, model: str, revision: str | None, dtype: torch.dtype
+) -> tuple[Any, str]:
     """Load with SDPA attention, falling back to eager where a model does not support it."""
     last_exc: Exception | None = None
     for attn in ("sdpa", "eager"):
         try:
             hf_model, loading_info = auto_cls.from_pretrained(
-                model, revision=revision, dtype=dtype, attn_implementation=attn, output_loading_info=True
+                model,
+                revision=revision,
+                dtype=dtype,
+                attn_implementation=attn,
+                output_loading_info=True,
             )
         except (ValueError, ImportError) as exc:
             if attn == "sdpa" and "attn" in str(exc).lower():
-                logger.info("SDPA not supported by this model; using eager attention", extra={"error": str(exc)})
+                logger.info(
+                    "SDPA not supported by this model; using eager attention",
+                    extra={"error": str(exc)},
+                )
                 last_exc = exc
                 continue
             raise ModelLoadError(f"cannot load the weights of {model!r}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ModelLoadError(f"cannot load the weights of {model!r}: {exc}") from exc
-        missing = [k for k in loading_info.get("missing_keys", []) if "classifier" in k or "score" in k]
+        missing = [
+            k for k in loading_info.get("missing_keys", []) if "classifier" in k or "score" in k
+        ]
         if missing:
             raise ModelLoadError(
                 f"{model!r} has no trained classification head (missing weights: {', '.join(sorted(missing))}); "

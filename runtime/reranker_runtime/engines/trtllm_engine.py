@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,14 @@ class TrtLlmEngine(Engine):
     # ----------------------------------------------------------------------------------- load
 
     @classmethod
-    def load(cls, engine_dir: str | Path, manifest: Any, *, device: str = "cuda", model_id: str | None = None) -> "TrtLlmEngine":
+    def load(
+        cls,
+        engine_dir: str | Path,
+        manifest: Any,
+        *,
+        device: str = "cuda",
+        model_id: str | None = None,
+    ) -> TrtLlmEngine:
         """Load `<engine_dir>/engine/rank0.engine` and the tokenizer from `<engine_dir>/checkpoint`.
 
         `manifest` is a reranker_runtime.build.manifest.Manifest (already validated, GPU checked).
@@ -108,22 +116,32 @@ class TrtLlmEngine(Engine):
                 "serve it with the TensorRT-LLM runtime image"
             ) from e
         if not torch.cuda.is_available():
-            raise ModelLoadError(f"{engine_dir} holds a TensorRT-LLM engine, which needs a CUDA GPU; none is visible")
+            raise ModelLoadError(
+                f"{engine_dir} holds a TensorRT-LLM engine, which needs a CUDA GPU; none is visible"
+            )
 
         try:
             config = json.loads((trt_dir / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot read the TensorRT-LLM engine config {trt_dir / 'config.json'}: {e}") from e
+            raise ModelLoadError(
+                f"cannot read the TensorRT-LLM engine config {trt_dir / 'config.json'}: {e}"
+            ) from e
         build_cfg = config.get("build_config", {})
         pretrained = config.get("pretrained_config", {})
         if not build_cfg.get("plugin_config", {}).get("remove_input_padding", False):
-            raise ModelLoadError(f"{trt_dir} was built without remove_input_padding; rebuild it with `reranker-runtime build`")
+            raise ModelLoadError(
+                f"{trt_dir} was built without remove_input_padding; rebuild it with `reranker-runtime build`"
+            )
         world = pretrained.get("mapping", {}).get("world_size", 1)
         if world != 1:
-            raise ModelLoadError(f"{trt_dir} is a {world}-GPU (tensor-parallel) engine; this runtime serves single-GPU engines")
+            raise ModelLoadError(
+                f"{trt_dir} is a {world}-GPU (tensor-parallel) engine; this runtime serves single-GPU engines"
+            )
         max_batch = int(build_cfg.get("max_batch_size") or manifest.build.max_batch_size)
         max_len = int(build_cfg.get("max_input_len") or manifest.build.max_input_len)
-        is_roberta = bool(pretrained.get("is_roberta", manifest.model.model_type in ("roberta", "xlm-roberta")))
+        is_roberta = bool(
+            pretrained.get("is_roberta", manifest.model.model_type in ("roberta", "xlm-roberta"))
+        )
         pad = pretrained.get("pad_token_id")
         if is_roberta and pad is None:
             # A silent offset of 0 would shift every position and mis-score without an error.
@@ -144,8 +162,10 @@ class TrtLlmEngine(Engine):
         log.info("loading TensorRT-LLM engine %s on %s", engine_file, torch_device)
         try:
             session = Session.from_serialized_engine(engine_file.read_bytes())
-        except Exception as e:  # noqa: BLE001
-            raise ModelLoadError(f"cannot deserialize {engine_file}: {type(e).__name__}: {e}") from e
+        except Exception as e:
+            raise ModelLoadError(
+                f"cannot deserialize {engine_file}: {type(e).__name__}: {e}"
+            ) from e
 
         from transformers import AutoTokenizer
 
@@ -193,7 +213,9 @@ class TrtLlmEngine(Engine):
 
             eng = self._session.engine
             names = (eng.get_tensor_name(i) for i in range(eng.num_io_tensors))
-            self._input_names = {n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+            self._input_names = {
+                n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT
+            }
         return self._input_names
 
     def score(self, batch: Sequence[EncodedPair]) -> np.ndarray:
@@ -201,10 +223,14 @@ class TrtLlmEngine(Engine):
         if not batch:
             return np.zeros((0, info.num_labels), dtype=np.float32)
         if info.max_batch_size is not None and len(batch) > info.max_batch_size:
-            raise EngineError(f"batch of {len(batch)} sequences exceeds the engine's max batch size {info.max_batch_size}")
+            raise EngineError(
+                f"batch of {len(batch)} sequences exceeds the engine's max batch size {info.max_batch_size}"
+            )
         longest = max(len(p) for p in batch)
         if longest > info.max_input_length:
-            raise EngineError(f"a sequence of {longest} tokens exceeds the engine's max input length {info.max_input_length}")
+            raise EngineError(
+                f"a sequence of {longest} tokens exceeds the engine's max input length {info.max_input_length}"
+            )
         if not self._use_token_types:
             batch = [EncodedPair(p.input_ids, None) for p in batch]
         packed = pack_batch(batch, position_offset=self._position_offset)
@@ -216,15 +242,23 @@ class TrtLlmEngine(Engine):
 
         with self._lock, torch.cuda.device(self._device), torch.cuda.stream(self._stream):
             wanted = self._engine_inputs()
-            inputs = {k: torch.from_numpy(v).to(self._device, non_blocking=False) for k, v in packed.items() if k in wanted}
+            inputs = {
+                k: torch.from_numpy(v).to(self._device, non_blocking=False)
+                for k, v in packed.items()
+                if k in wanted
+            }
             missing = wanted - inputs.keys()
             if missing:
-                raise EngineError(f"the engine expects inputs this runtime does not produce: {sorted(missing)}")
+                raise EngineError(
+                    f"the engine expects inputs this runtime does not produce: {sorted(missing)}"
+                )
             output_info = self._session.infer_shapes(
                 [TensorInfo(name, trt.DataType.INT32, tuple(t.shape)) for name, t in inputs.items()]
             )
             outputs = {
-                t.name: torch.empty(tuple(t.shape), dtype=trt_dtype_to_torch(t.dtype), device=self._device)
+                t.name: torch.empty(
+                    tuple(t.shape), dtype=trt_dtype_to_torch(t.dtype), device=self._device
+                )
                 for t in output_info
             }
             if "logits" not in outputs:
@@ -243,7 +277,9 @@ class TrtLlmEngine(Engine):
         budget = min(max_batch_tokens, info.max_batch_tokens or max_batch_tokens)
         pad = self.tokenizer.pad_token_id or 0
         n_long = max(1, min(budget // info.max_input_length, info.max_batch_size or 1))
-        self.score([EncodedPair([pad] * info.max_input_length, [0] * info.max_input_length)] * n_long)
+        self.score(
+            [EncodedPair([pad] * info.max_input_length, [0] * info.max_input_length)] * n_long
+        )
         short = min(8, info.max_input_length)
         n_short = max(1, min(budget // short, info.max_batch_size or 1))
         self.score([EncodedPair([pad] * short, [0] * short)] * n_short)
@@ -255,5 +291,5 @@ class TrtLlmEngine(Engine):
             import torch
 
             torch.cuda.empty_cache()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
