@@ -37,6 +37,7 @@ def log_fields(**fields: Any) -> dict[str, Any]:
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    # `log_fields(...)` first; flat `extra=` keys (third-party libraries, the engines) too.
     fields: dict[str, Any] = {}
     explicit = record.__dict__.get("fields")
     if isinstance(explicit, dict):

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import inspect
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,6 +38,8 @@ T = TypeVar("T")
 LOG_SCOPE_KEY = "reranker.access"
 REQUEST_ID_SCOPE_KEY = "reranker.request_id"
 _SERVICE_SCOPE_KEY = "reranker.service"
+# Handlers already wrapped by `admitted`.
+_ADMITTED: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 
 class ClientDisconnected(Exception):
@@ -56,7 +59,10 @@ def admitted_service(request: Request) -> RerankService:
 
 def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Wrap a route handler: admit, run cancelling on disconnect, release. FastAPI reads the
-    handler's own signature through `__wrapped__`; it must take `request: Request`."""
+    handler's own signature through `__wrapped__`; it must take `request: Request`.
+    Idempotent, so a route copied into another router is still admitted once."""
+    if endpoint in _ADMITTED:
+        return endpoint
     if "request" not in inspect.signature(endpoint).parameters:
         raise TypeError(f"inference route {endpoint.__name__} must take `request: Request`")
 
@@ -67,6 +73,7 @@ def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
             request.scope[_SERVICE_SCOPE_KEY] = service
             return await cancel_on_disconnect(request, endpoint(**kwargs))
 
+    _ADMITTED.add(run)
     return run
 
 

@@ -23,8 +23,8 @@ MethodNotAllowed, so TEI clients that branch on it keep working.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi.responses import JSONResponse
 
@@ -118,7 +118,7 @@ def error_response(exc: RerankerError) -> JSONResponse:
 
 
 def plain_error_response(
-    status: int, message: str, error_type: str, headers: Any = None
+    status: int, message: str, error_type: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     """For errors that are not domain errors (request validation, routing)."""
     return JSONResponse(error_body(message, error_type), status_code=status, headers=headers)
