@@ -93,6 +93,19 @@ async def test_info(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
     assert info["version"] == __version__
 
 
+async def test_info_reports_the_limits_in_force(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    """An engine's own caps (a TensorRT profile) lower the configured limits; /info shows what
+    the batcher uses."""
+    engine = ControlledEngine(xlmr_engine, max_batch_tokens=512, max_batch_size=4)
+    settings = settings_for(xlmr_reranker, max_batch_tokens=2048, max_batch_requests=8)
+    async with serving(settings, engine) as c:
+        info = (await c.get("/info")).json()
+    assert (info["max_batch_tokens"], info["max_batch_requests"]) == (512, 4)
+    assert engine.warmups == [512]
+
+
 def _samples(text: str) -> dict[str, float]:
     """`name{labels} value` lines of a Prometheus text page, by `name{labels}`."""
     out: dict[str, float] = {}
