@@ -17,7 +17,10 @@ Batch formation (`_form_batch`) balances fairness against padding:
 3. efficiency: the rest of the budget takes the longest waiting entries of all requests (a
    merge of the requests' length-sorted lists; equal lengths alternate between requests);
 4. a batch is closed when the next entry would exceed the token budget (padded engines cost
-   `longest * n`, packed engines `sum(lengths)`) or the batch size limit.
+   `longest * n`, packed engines `sum(lengths)`) or the per-batch request limit.
+
+The batcher's limits (`max_batch_tokens`, `max_batch_requests`) are the ones in force: the
+configured ones, lowered to the engine's own caps (a TensorRT profile). /info reports them.
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from reranker_runtime import metrics
 from reranker_runtime.engines.base import EncodedPair, Engine
-from reranker_runtime.errors import EngineError, ModelLoadError, NotReadyError
+from reranker_runtime.errors import EngineError, ModelLoadError
+from reranker_runtime.lifecycle import State, not_ready_error
+from reranker_runtime.logging import log_fields
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +65,6 @@ class BatchResult:
 @dataclass(eq=False)
 class _Request:
     request_id: str
-    n: int
-    num_labels: int
     submitted_at: float
     future: asyncio.Future[BatchResult]
     # Waiting entries, longest first; `pending_lengths` holds their lengths negated (heap keys).
@@ -113,7 +117,7 @@ class Batcher:
         engine: Engine,
         *,
         max_batch_tokens: int,
-        max_batch_size: int | None = None,
+        max_batch_requests: int | None = None,
         pipeline_depth: int | None = None,
     ) -> None:
         info = engine.info
@@ -122,18 +126,19 @@ class Batcher:
         budget = max_batch_tokens
         if info.max_batch_tokens is not None and info.max_batch_tokens < budget:
             logger.warning(
-                "engine caps tokens per forward pass below --max-batch-tokens; using the engine's limit",
-                extra={
-                    "max_batch_tokens": budget,
-                    "engine_max_batch_tokens": info.max_batch_tokens,
-                },
+                "the engine caps tokens per forward pass below the configured max_batch_tokens; "
+                "using the engine's limit",
+                extra=log_fields(
+                    max_batch_tokens=budget, engine_max_batch_tokens=info.max_batch_tokens
+                ),
             )
             budget = info.max_batch_tokens
         self.max_batch_tokens = budget
-        sizes = [s for s in (max_batch_size, info.max_batch_size) if s is not None]
-        self.max_batch_size: int | None = min(sizes) if sizes else None
-        if budget < 1 or (self.max_batch_size is not None and self.max_batch_size < 1):
-            raise ValueError("max_batch_tokens and max_batch_size must be positive")
+        # The engine's hard batch size (EngineInfo.max_batch_size) caps the requests per batch.
+        caps = [s for s in (max_batch_requests, info.max_batch_size) if s is not None]
+        self.max_batch_requests: int | None = min(caps) if caps else None
+        if budget < 1 or (self.max_batch_requests is not None and self.max_batch_requests < 1):
+            raise ValueError("max_batch_tokens and max_batch_requests must be positive")
         self._num_labels = info.num_labels
         self.pipeline_depth = pipeline_depth or default_pipeline_depth(info.device)
         # Requests with entries still waiting, least recently seeded first (the turn order).
@@ -145,6 +150,7 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._owner: asyncio.Task[None] | None = None
         self._running = False
+        self._stopped = False  # stop() was called: not scoring again
         self._batches_run = 0
         self._batches_formed = 0
 
@@ -179,10 +185,10 @@ class Batcher:
                 raise
             logger.info(
                 "engine warmed up",
-                extra={
-                    "max_batch_tokens": self.max_batch_tokens,
-                    "warmup_s": round(time.perf_counter() - started, 3),
-                },
+                extra=log_fields(
+                    max_batch_tokens=self.max_batch_tokens,
+                    warmup_s=round(time.perf_counter() - started, 3),
+                ),
             )
         self._running = True
         self._owner = asyncio.create_task(self._own_queue(), name="batcher-owner")
@@ -190,16 +196,17 @@ class Batcher:
 
     async def stop(self) -> None:
         """Finish the forward passes already submitted, fail every request still waiting
-        (NotReadyError: shutting down), and release the worker thread."""
+        (NotReadyError: draining), and release the worker thread."""
         if not self._running and self._owner is None:
             return
         self._running = False
+        self._stopped = True
         self._wakeup.set()
         if self._owner is not None:
             with contextlib.suppress(BaseException):
                 await self._owner
             self._owner = None
-        self._fail_all(NotReadyError("the server is shutting down; retry on another replica"))
+        self._fail_all(not_ready_error(State.DRAINING))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -223,15 +230,14 @@ class Batcher:
         """Score every item; returns when all are done. Cancelling the caller drops the
         request's entries that have not run yet."""
         if not self._running:
-            raise NotReadyError("the model is not serving (starting up or shutting down)")
+            # Never started (loading, warming up) or stopped: either way no longer scoring.
+            raise not_ready_error(State.STOPPED if self._stopped else State.WARMING_UP)
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         if not items:
             return BatchResult(np.zeros((0, self._num_labels), np.float32), 0.0, 0.0, 0)
         request = _Request(
             request_id=request_id,
-            n=len(items),
-            num_labels=self._num_labels,
             submitted_at=now,
             future=loop.create_future(),
             remaining=len(items),
@@ -267,10 +273,9 @@ class Batcher:
             if submitted:
                 self._wakeup.clear()
                 waiter = asyncio.ensure_future(self._wakeup.wait())
+                head: asyncio.Future[Any] = submitted[0][1]
                 try:
-                    await asyncio.wait(
-                        {submitted[0][1], waiter}, return_when=asyncio.FIRST_COMPLETED
-                    )
+                    await asyncio.wait({head, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     waiter.cancel()
                 # The worker runs batches in order, so only the head can be done.
@@ -285,7 +290,7 @@ class Batcher:
     def _form_batch(self) -> _Batch:
         entries: list[_Entry] = []
         lengths: list[int] = []
-        limit = self.max_batch_size
+        limit = self.max_batch_requests
         longest = total = 0
         # Entries taken from the top of each request's list (its longest waiting ones).
         taken: dict[_Request, int] = {}
@@ -382,12 +387,12 @@ class Batcher:
             metrics.BATCH_FAILURES.inc()
             logger.error(
                 "forward pass failed",
-                extra={
-                    "batch_size": len(outcome.ran),
-                    "batch_tokens": batch.cost,
-                    "requests": [r.request_id for r in requests],
-                    "error": repr(outcome.error),
-                },
+                extra=log_fields(
+                    batch_size=len(outcome.ran),
+                    batch_tokens=batch.cost,
+                    requests=[r.request_id for r in requests],
+                    error=repr(outcome.error),
+                ),
                 exc_info=outcome.error,
             )
             err = EngineError(
@@ -442,7 +447,7 @@ class Batcher:
         if dropped:
             logger.info(
                 "dropped queued pairs",
-                extra={"request_id": request.request_id, "pairs": dropped, "reason": reason},
+                extra=log_fields(request_id=request.request_id, pairs=dropped, reason=reason),
             )
 
     def _fail(self, request: _Request, error: BaseException) -> None:

@@ -1,7 +1,7 @@
 """Logging setup: one JSON object per line by default (what log pipelines in a cluster parse),
 plain text on request (`--log-format text`, for a terminal).
 
-Structured fields travel as `extra={"fields": {...}}`; both formats print them. The access log
+Structured fields travel as `extra=log_fields(key=value, ...)`; both formats print them. The access log
 (`reranker_runtime.access`) writes one line per HTTP request with route, status, duration, pairs
 and tokens; uvicorn's own access log is turned off so each request is logged once.
 """
@@ -29,7 +29,15 @@ _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {
 }
 
 
+def log_fields(**fields: Any) -> dict[str, Any]:
+    """The `extra=` of a log call with structured fields: `log.info("ready", extra=log_fields(
+    warmup_s=1.2))`. The one way the runtime writes them; the formatters print them as JSON keys
+    or `key=value` pairs."""
+    return {"fields": fields}
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    # `log_fields(...)` first; flat `extra=` keys (third-party libraries, the engines) too.
     fields: dict[str, Any] = {}
     explicit = record.__dict__.get("fields")
     if isinstance(explicit, dict):

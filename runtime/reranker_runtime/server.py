@@ -21,18 +21,20 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from reranker_runtime.config import DEFAULT_MODEL, SERVE_ENV_VARS, ServeSettings
+from reranker_runtime.logging import LOG_FORMATS, LOG_LEVELS, log_fields
+
+if TYPE_CHECKING:
+    from reranker_runtime.lifecycle import Lifecycle
 
 log = logging.getLogger("reranker_runtime.server")
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-LOG_FORMATS = ("json", "text")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -330,7 +332,7 @@ def serve(settings: ServeSettings) -> int:
     from reranker_runtime.api.app import create_app
 
     app = create_app(settings)
-    runtime = app.state.runtime
+    lifecycle: Lifecycle = app.state.lifecycle
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -340,22 +342,20 @@ def serve(settings: ServeSettings) -> int:
         lifespan="on",
         timeout_keep_alive=30,
     )
-    server = _DrainingServer(config, runtime)
-    runtime.on_fatal = lambda _message: server.request_exit()
+    server = _DrainingServer(config, lifecycle)
+    lifecycle.on_fatal = lambda _message: server.request_exit()
     log.info(
         "starting",
-        extra={
-            "fields": {
-                "host": settings.host,
-                "port": settings.port,
-                "model": settings.model,
-                "engine_dir": settings.engine_dir,
-            }
-        },
+        extra=log_fields(
+            host=settings.host,
+            port=settings.port,
+            model=settings.model,
+            engine_dir=settings.engine_dir,
+        ),
     )
     server.run()
-    if runtime.load_error:
-        print(f"reranker-runtime serve: error: {runtime.not_ready_reason()}", file=sys.stderr)
+    if lifecycle.failure is not None:
+        print(f"reranker-runtime serve: error: {lifecycle.not_ready_error()}", file=sys.stderr)
         return 1
     if not server.started:
         return 1  # e.g. the port was taken; uvicorn logged why
@@ -365,9 +365,9 @@ def serve(settings: ServeSettings) -> int:
 class _DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first exit signal drains the service before uvicorn shuts down."""
 
-    def __init__(self, config: uvicorn.Config, runtime: Any) -> None:
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
         super().__init__(config)
-        self._runtime = runtime
+        self._lifecycle = lifecycle
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_requested = False
         self._drain_task: asyncio.Future[None] | None = None
@@ -393,7 +393,7 @@ class _DrainingServer(uvicorn.Server):
     def _start_drain(self) -> None:
         async def drain_then_exit() -> None:
             try:
-                await self._runtime.drain()
+                await self._lifecycle.drain()
             finally:
                 self.should_exit = True
 

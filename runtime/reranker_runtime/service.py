@@ -1,17 +1,18 @@
 """RerankService: validation, tokenization/truncation, the batcher, and score assembly.
 
 Routes (api/) parse and format; everything a request needs beyond that happens here, and every
-failure is a `RerankerError` with its HTTP status (errors.py).
+failure is a domain error (errors.py) that the HTTP layer maps in one table (api/errors.py).
+Messages name the request's fields; the names come in as data (`texts_field`) because the
+Cohere/Jina routes call the texts `documents`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +24,6 @@ from reranker_runtime.engines.base import Engine, EngineInfo
 from reranker_runtime.errors import (
     EmptyInputError,
     InputTooLongError,
-    NotReadyError,
-    OverloadedError,
     TooManyInputsError,
     ValidationError,
     WrongModelKindError,
@@ -47,6 +46,10 @@ class RerankResult:
     tokenization_time_s: float
     queue_time_s: float
     inference_time_s: float
+
+    def ranking(self) -> list[int]:
+        """Indices by score, best first; ties keep request order (stable sort)."""
+        return sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,9 @@ def _is_blank(text: str) -> bool:
 
 
 class RerankService:
-    """One model behind one batcher. `start()` before use, `stop()` on shutdown."""
+    """One model behind one batcher. `start()` warms up and starts batching, `stop()` stops
+    batching and closes the engine; admission, readiness and draining belong to the lifecycle
+    (lifecycle.py), which owns the service."""
 
     def __init__(self, engine: Engine, settings: ServeSettings) -> None:
         self._engine = engine
@@ -86,21 +91,9 @@ class RerankService:
         self._batcher = Batcher(
             engine,
             max_batch_tokens=settings.max_batch_tokens,
-            max_batch_size=settings.max_batch_requests,
+            max_batch_requests=settings.max_batch_requests,
         )
         self._labels = [info.id2label.get(i, f"LABEL_{i}") for i in range(info.num_labels)]
-        self._ready = False
-        self._draining = False
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    # ----------------------------------------------------------------------------- state
-
-    @property
-    def ready(self) -> bool:
-        """Loaded, warmed up, and not draining: what /health reports."""
-        return self._ready and not self._draining
 
     @property
     def info(self) -> EngineInfo:
@@ -116,84 +109,18 @@ class RerankService:
 
     @property
     def batcher(self) -> Batcher:
+        """The batcher, whose limits (engine caps applied) are the ones in force."""
         return self._batcher
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    @property
-    def max_batch_tokens(self) -> int:
-        """The effective token budget per forward pass (engine limits applied)."""
-        return self._batcher.max_batch_tokens
-
-    @property
-    def max_batch_size(self) -> int | None:
-        return self._batcher.max_batch_size
 
     async def start(self) -> None:
         """Refuse impossible limits, warm the engine up (off the event loop), start batching."""
-        if self._ready:
-            return
-        started = time.perf_counter()
         await self._batcher.start(warmup=True)
-        self._ready = True
-        logger.info(
-            "service ready",
-            extra={
-                "model": self._info.model_id,
-                "engine": self._info.name,
-                "max_input_length": self._info.max_input_length,
-                "max_batch_tokens": self._batcher.max_batch_tokens,
-                "max_batch_size": self._batcher.max_batch_size,
-                "start_s": round(time.perf_counter() - started, 3),
-            },
-        )
 
-    async def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop admitting (ready -> False), let in-flight requests finish (up to timeout_s),
-        then stop the batcher (failing whatever still waits) and release the engine."""
-        self._draining = True
-        if self._in_flight:
-            logger.info("draining in-flight requests", extra={"in_flight": self._in_flight})
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                logger.warning(
-                    "drain timed out; failing what is left", extra={"in_flight": self._in_flight}
-                )
+    async def stop(self) -> None:
+        """Stop the batcher (failing whatever still waits) and release the engine."""
         await self._batcher.stop()
-        self._ready = False
         await asyncio.to_thread(self._engine.close)
         logger.info("service stopped")
-
-    @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        """Count one request in flight for its whole duration (a large request counts once).
-        Refuses at once: NotReadyError (503) when not ready, OverloadedError (429) when
-        --max-concurrent-requests are already in flight."""
-        if not self.ready:
-            raise NotReadyError(
-                "the model is still loading or warming up"
-                if not self._draining
-                else "the server is shutting down"
-            )
-        limit = self._settings.max_concurrent_requests
-        if self._in_flight >= limit:
-            raise OverloadedError(
-                f"{self._in_flight} requests are already in flight, the limit (--max-concurrent-requests) "
-                f"is {limit}; retry shortly"
-            )
-        self._in_flight += 1
-        self._idle.clear()
-        metrics.IN_FLIGHT.inc()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            metrics.IN_FLIGHT.dec()
-            if self._in_flight == 0:
-                self._idle.set()
 
     # ---------------------------------------------------------------------------- routes
 
@@ -205,12 +132,14 @@ class RerankService:
         truncate: bool,
         truncation_direction: str = "right",
         raw_scores: bool = False,
+        max_tokens_per_text: int | None = None,
         request_id: str | None = None,
         texts_field: str = "texts",
     ) -> RerankResult:
         """Score each text against the query. `texts_field` is the request's name for the texts
-        (`documents` on the Cohere/Jina routes), so error messages name what the client sent."""
-        self._check_serving()
+        (`documents` on the Cohere/Jina routes), so error messages name what the client sent.
+        `max_tokens_per_text` first cuts each text to that many tokens (Cohere/Jina
+        `max_tokens_per_doc`); a text so cut is reported as truncated."""
         if self._info.num_labels != 1:
             raise WrongModelKindError(
                 f"this model is a classifier with {self._info.num_labels} labels ({', '.join(self._labels)}), "
@@ -232,10 +161,14 @@ class RerankService:
                     f"`{texts_field}[{i}]` is empty; every text needs at least one non-space character"
                 )
 
-        truncating = truncate or self._settings.auto_truncate
         t0 = time.perf_counter()
         encoded = await asyncio.to_thread(
-            self._tokenizer.encode_pairs, query, texts, truncate=truncating, direction=direction
+            self._tokenizer.encode_pairs,
+            query,
+            texts,
+            truncate=self._truncating(truncate),
+            direction=direction,
+            max_text_tokens=max_tokens_per_text,
         )
         tokenization_s = time.perf_counter() - t0
         self._check_lengths(encoded, texts_field, "query and text are")
@@ -264,14 +197,15 @@ class RerankService:
         request_id: str | None = None,
     ) -> PredictResult:
         """TEI /predict: one label -> sigmoid, several -> softmax (raw logits with raw_scores)."""
-        self._check_serving()
         direction = parse_direction(truncation_direction)
         items = self._check_inputs(inputs)
 
-        truncating = truncate or self._settings.auto_truncate
         t0 = time.perf_counter()
         encoded = await asyncio.to_thread(
-            self._tokenizer.encode_inputs, items, truncate=truncating, direction=direction
+            self._tokenizer.encode_inputs,
+            items,
+            truncate=self._truncating(truncate),
+            direction=direction,
         )
         tokenization_s = time.perf_counter() - t0
         self._check_lengths(encoded, "inputs", "input is")
@@ -310,20 +244,14 @@ class RerankService:
 
     # --------------------------------------------------------------------------- helpers
 
-    def _check_serving(self) -> None:
-        # Requests admitted before a drain began still run; only a stopped batcher refuses.
-        if not self._batcher.running:
-            raise NotReadyError(
-                "the model is still loading or warming up, or the server is shutting down"
-            )
+    def _truncating(self, requested: bool) -> bool:
+        # The one place auto-truncate applies: it turns truncation on for every request.
+        return requested or self._settings.auto_truncate
 
     def _check_count(self, field: str, n: int) -> None:
         limit = self._settings.max_client_batch_size
         if n > limit:
-            raise TooManyInputsError(
-                f"`{field}` has {n} items but this server accepts at most {limit} per request; "
-                "send fewer per request or raise --max-client-batch-size (RERANKER_MAX_CLIENT_BATCH_SIZE)"
-            )
+            raise TooManyInputsError(field, n, limit)
 
     def _check_inputs(
         self, inputs: Sequence[object], *, allow_blank: bool = False
@@ -357,8 +285,8 @@ class RerankService:
         for i, enc in enumerate(encoded):
             if enc.num_tokens > limit:
                 raise InputTooLongError(
-                    f"`{field}[{i}]`: {what} {enc.num_tokens} tokens long but the model accepts at most "
-                    f"{limit}; shorten it or set truncate=true"
+                    f"`{field}[{i}]`: {what} {enc.num_tokens} tokens long but the model accepts "
+                    f"at most {limit}"
                 )
 
     async def _score(self, encoded: list[Encoded], request_id: str | None) -> BatchResult:

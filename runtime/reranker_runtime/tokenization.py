@@ -29,9 +29,11 @@ Input = str | tuple[str, str]
 def parse_direction(value: str) -> Direction:
     """'right'/'left' in any case ('Right', 'LEFT'), as TEI clients send them."""
     normalized = str(value).strip().lower()
-    if normalized not in ("right", "left"):
-        raise ValidationError(f"truncation_direction must be 'right' or 'left', got {value!r}")
-    return normalized  # type: ignore[return-value]
+    if normalized == "right":
+        return "right"
+    if normalized == "left":
+        return "left"
+    raise ValidationError(f"truncation_direction must be 'right' or 'left', got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -91,15 +93,29 @@ class PairTokenizer:
         )
 
     def encode_pairs(
-        self, query: str, texts: Sequence[str], *, truncate: bool, direction: Direction = "right"
+        self,
+        query: str,
+        texts: Sequence[str],
+        *,
+        truncate: bool,
+        direction: Direction = "right",
+        max_text_tokens: int | None = None,
     ) -> list[Encoded]:
         """Encode (query, text) for each text. Without `truncate`, over-long pairs come back
-        untruncated (num_tokens > max_input_length) and the caller rejects them."""
+        untruncated (num_tokens > max_input_length) and the caller rejects them.
+        `max_text_tokens` first keeps only each text's first that many tokens (Cohere/Jina
+        `max_tokens_per_doc`); a text so cut counts as truncated."""
         q = self._tok.encode(query, add_special_tokens=False)
-        return [
-            self._pair(q, query, t, truncate=truncate, direction=direction)
-            for t in self._raw(texts)
-        ]
+        out: list[Encoded] = []
+        for t in self._raw(texts):
+            extra = 0
+            if max_text_tokens is not None and len(t.ids) > max_text_tokens:
+                extra = len(t.ids) - max_text_tokens
+                t.truncate(max_text_tokens, stride=0, direction="right")
+            out.append(
+                self._pair(q, query, t, truncate=truncate, direction=direction, cut_tokens=extra)
+            )
+        return out
 
     def encode_inputs(
         self, inputs: Sequence[Input], *, truncate: bool, direction: Direction = "right"
@@ -123,13 +139,21 @@ class PairTokenizer:
         return out
 
     def _pair(
-        self, q: Encoding, query: str, t: Encoding, *, truncate: bool, direction: Direction
+        self,
+        q: Encoding,
+        query: str,
+        t: Encoding,
+        *,
+        truncate: bool,
+        direction: Direction,
+        cut_tokens: int = 0,
     ) -> Encoded:
+        """`cut_tokens`: tokens already cut from the text (max_text_tokens) before pairing."""
         budget = self.max_input_length - self._special_pair
         nq, nt = len(q.ids), len(t.ids)
-        original = nq + nt + self._special_pair
+        original = nq + nt + cut_tokens + self._special_pair
         if not truncate or nq + nt <= budget:
-            return self._finish(q, t, original, False)
+            return self._finish(q, t, original, cut_tokens > 0)
         # Keep the query whole where it fits, leaving the text at least one token; otherwise
         # cut the query too (in the same direction).
         keep_text = max(budget - nq, min(nt, 1))
@@ -147,8 +171,12 @@ class PairTokenizer:
         """TEI /tokenize: every token with its id, text, special flag and offsets."""
         result: list[list[TokenInfo]] = []
         for item in inputs:
-            sources = (item,) if isinstance(item, str) else tuple(item)
-            enc = self._tok.encode(*sources, add_special_tokens=add_special_tokens)
+            sources = (item,) if isinstance(item, str) else item
+            enc = self._tok.encode(
+                sources[0],
+                sources[1] if len(sources) == 2 else None,
+                add_special_tokens=add_special_tokens,
+            )
             tokens: list[TokenInfo] = []
             for tid, token, special, (start, stop), seq in zip(
                 enc.ids,

@@ -7,8 +7,9 @@ parsed by hand: a pydantic union would report one error per union member, which 
 types instead of the caller's mistake. Their errors use the `reranker_input` error type, whose
 message already names the field (see `app._validation_message`).
 
-Responses are documented here for the OpenAPI schema; routes build plain dicts (one `text`
-key only when asked for, exactly like TEI).
+Routes return the response models declared here, so FastAPI checks what is sent against the
+OpenAPI schema. Optional fields left None are dropped from the body on the routes that declare
+`response_model_exclude_none` (TEI's `text` appears only when asked for).
 """
 
 from __future__ import annotations
@@ -311,9 +312,14 @@ class InfoResponse(BaseModel):
     engine: str
     device: str
     model_dtype: str
+    torch_threads: int | None = Field(
+        description="CPU threads of the forward pass (PyTorch engine); size the CPU request to it."
+    )
     max_input_length: int
-    max_batch_tokens: int
-    max_batch_requests: int | None
+    max_batch_tokens: int = Field(description="Tokens per forward pass, engine caps applied.")
+    max_batch_requests: int | None = Field(
+        description="Sequences per forward pass, engine caps applied; null: no limit but tokens."
+    )
     max_client_batch_size: int
     max_concurrent_requests: int
     auto_truncate: bool
