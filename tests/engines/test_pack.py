@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from reranker_runtime.build.checkpoint import validate_checkpoint
+from reranker_runtime.engine_build.checkpoint import validate_checkpoint
 from reranker_runtime.engines.base import EncodedPair
 from reranker_runtime.engines.trtllm_engine import INPUT_NAMES, pack_batch
 
