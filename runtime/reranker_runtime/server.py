@@ -26,13 +26,12 @@ from typing import Any
 import uvicorn
 
 from reranker_runtime.config import DEFAULT_MODEL, SERVE_ENV_VARS, ServeSettings
+from reranker_runtime.logging import LOG_FORMATS, LOG_LEVELS
 
 log = logging.getLogger("reranker_runtime.server")
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-LOG_FORMATS = ("json", "text")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
