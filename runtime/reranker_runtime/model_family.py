@@ -166,10 +166,13 @@ class ModelFamily:
         """Most tokens one sequence may have: the position limit, or the tokenizer's
         model_max_length when that is smaller (ignored when it is not a real limit)."""
         limit = self.position_limit
-        if _is_int(tokenizer_max_length) or isinstance(tokenizer_max_length, float):
-            declared = int(tokenizer_max_length)
-            if 1 <= declared < _SANE_TOKENIZER_MAX:
-                limit = min(limit, declared)
+        declared = tokenizer_max_length
+        if (
+            isinstance(declared, int | float)
+            and not isinstance(declared, bool)
+            and 1 <= declared < _SANE_TOKENIZER_MAX
+        ):
+            limit = min(limit, int(declared))
         if limit < MIN_INPUT_LENGTH:
             raise UnsupportedModelError(
                 f"{self.architecture} allows only {limit} tokens per sequence (the tokenizer's "

@@ -90,7 +90,7 @@ def output_lock(output: Path) -> Iterator[None]:
 
 def clean_stale_temps(output: Path) -> list[Path]:
     """Delete `.tmp-` directories of builds that died (call with the lock held)."""
-    removed = []
+    removed: list[Path] = []
     if not output.parent.is_dir():
         return removed
     for p in output.parent.iterdir():

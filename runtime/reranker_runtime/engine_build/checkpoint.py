@@ -169,7 +169,7 @@ def _fetch_hf(repo: str, revision: str | None, env: dict[str, str]) -> FetchedCh
             RevisionNotFoundError,
         )
     except ImportError:  # pragma: no cover
-        from huggingface_hub.utils import (  # type: ignore[no-redef]
+        from huggingface_hub.utils import (
             GatedRepoError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
@@ -327,7 +327,7 @@ def _run_cli(cmd: list[str], what: str, env: dict[str, str]) -> None:
 def _fetch_s3(url: str, dest: Path, env: dict[str, str]) -> None:
     bucket, prefix = _split_bucket_url(url, ("s3",), "an S3")
     try:
-        import boto3  # type: ignore[import-not-found]
+        import boto3
     except ImportError:
         boto3 = None
     if boto3 is not None:
@@ -366,7 +366,7 @@ def _fetch_s3(url: str, dest: Path, env: dict[str, str]) -> None:
 def _fetch_gcs(url: str, dest: Path, env: dict[str, str]) -> None:
     bucket_name, prefix = _split_bucket_url(url, ("gs",), "a GCS")
     try:
-        from google.cloud import storage  # type: ignore[import-not-found]
+        from google.cloud import storage
     except ImportError:
         storage = None
     if storage is not None:
@@ -424,7 +424,7 @@ def _fetch_azure(url: str, dest: Path, env: dict[str, str]) -> None:
     if account_url is None and account:
         account_url = f"https://{account}.blob.core.windows.net"
     try:
-        from azure.storage.blob import ContainerClient  # type: ignore[import-not-found]
+        from azure.storage.blob import ContainerClient
     except ImportError:
         ContainerClient = None
     if ContainerClient is not None:

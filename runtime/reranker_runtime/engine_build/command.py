@@ -15,13 +15,13 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from reranker_runtime.engine_build.errors import BuildArgumentError, BuildError
-from reranker_runtime.engines.manifest import BuildInputs
+from reranker_runtime.engines.manifest import BuildInputs, GpuInfo, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _TERMINATION_MAX_BYTES = 4000  # Kubernetes keeps at most 4096 bytes of the mess
 class BuildResult:
     status: str  # "built" | "unchanged"
     output: Path
-    manifest: object  # reranker_runtime.engines.manifest.Manifest
+    manifest: Manifest
 
 
 def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -143,10 +143,9 @@ def progress(step: str, every_s: float = 30.0) -> Iterator[None]:
 # --------------------------------------------------------------------------- termination log
 
 
-def write_termination_message(text: str, env: dict[str, str] | None = None) -> None:
+def write_termination_message(text: str, env: Mapping[str, str] | None = None) -> None:
     """Write the one-paragraph message Kubernetes shows as the container's termination message."""
-    env = os.environ if env is None else env
-    explicit = env.get(TERMINATION_LOG_ENV)
+    explicit = (os.environ if env is None else env).get(TERMINATION_LOG_ENV)
     path = Path(explicit or DEFAULT_TERMINATION_LOG)
     if not explicit and not (path.exists() and os.access(path, os.W_OK)):
         return
@@ -180,7 +179,7 @@ def run_build(
     output: str | Path,
     *,
     allow_classifier: bool = False,
-    gpu_detector: Callable[[], object] | None = None,
+    gpu_detector: Callable[[], GpuInfo | None] | None = None,
     env: dict[str, str] | None = None,
 ) -> BuildResult:
     """Do the build; raises BuildError subclasses with user-facing messages."""
@@ -203,7 +202,6 @@ def run_build(
         CHECKPOINT_SUBDIR,
         ENGINE_SUBDIR,
         BuildShapes,
-        Manifest,
         ModelInfo,
         write_manifest,
     )

@@ -63,4 +63,3 @@ class EngineBuildError(BuildError):
 class OutputConflictError(BuildError):
     exit_code = 16
     reason = "OutputConflict"
-

@@ -155,7 +155,11 @@ class TrtLlmEngine(Engine):
             raise ModelLoadError(
                 f"{trt_dir} is a {world}-GPU (tensor-parallel) engine; this runtime serves single-GPU engines"
             )
-        max_batch = int(build_cfg.get("max_batch_size") or manifest.build.max_batch_size)
+        max_batch = int(build_cfg.get("max_batch_size") or manifest.build.max_batch_size or 0)
+        if max_batch < 1:
+            raise ModelLoadError(
+                f"{trt_dir} records no max_batch_size; rebuild it with `reranker-runtime build`"
+            )
         max_len = int(build_cfg.get("max_input_len") or manifest.build.max_input_len)
         family = _model_family(ckpt_dir, pretrained)
         # examples/models/core/bert/utils.py process_input: roberta positions + 1 + padding_idx.
