@@ -1,8 +1,8 @@
 """`reranker-runtime build`: fetch + validate a checkpoint, build the engine, publish it atomically.
 
 The operator's engine-preparation Job runs exactly this (docs/architecture.md, "Operator ->
-runtime contract"); exit codes and the termination message are documented in build/errors.py and
-docs/engines.md.
+runtime contract"); exit codes and the termination message are documented in
+engine_build/errors.py and docs/engines.md.
 """
 
 from __future__ import annotations
