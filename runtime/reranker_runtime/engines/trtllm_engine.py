@@ -161,7 +161,7 @@ class TrtLlmEngine(Engine):
                 f"{trt_dir} records no max_batch_size; rebuild it with `reranker-runtime build`"
             )
         max_len = int(build_cfg.get("max_input_len") or manifest.build.max_input_len)
-        family = _model_family(ckpt_dir, pretrained)
+        family = model_family_of(ckpt_dir, pretrained)
         # examples/models/core/bert/utils.py process_input: roberta positions + 1 + padding_idx.
         position_offset = family.position_offset
         num_labels = family.num_labels
@@ -311,7 +311,7 @@ class TrtLlmEngine(Engine):
             pass
 
 
-def _model_family(ckpt_dir: Path, pretrained: dict[str, Any]) -> ModelFamily:
+def model_family_of(ckpt_dir: Path, pretrained: dict[str, Any]) -> ModelFamily:
     """The model family of the checkpoint the engine was built from, checked against what
     TensorRT-LLM recorded in the engine config, so a mismatch fails loudly instead of
     mis-scoring (a wrong position offset shifts every position without an error)."""
