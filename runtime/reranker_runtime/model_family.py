@@ -90,13 +90,12 @@ class ModelFamily:
         transformers config object (defaults already applied). Raises UnsupportedModelError."""
         if not isinstance(config, Mapping):
             config = {key: getattr(config, key) for key in _CONFIG_KEYS if hasattr(config, key)}
-        get = config.get
 
-        architectures = get("architectures") or []
+        architectures = config.get("architectures") or []
         if not isinstance(architectures, list | tuple):
             architectures = []
         architecture = str(architectures[0]) if architectures else None
-        model_type = str(get("model_type") or "")
+        model_type = str(config.get("model_type") or "")
         _check_architecture(architecture, model_type)
         assert architecture is not None  # _check_architecture refuses a missing one
 
@@ -110,7 +109,7 @@ class ModelFamily:
                 "pad_token_id (1 for RoBERTa and XLM-RoBERTa): fix config.json"
             )
 
-        positions = get("max_position_embeddings", _DEFAULT_MAX_POSITION_EMBEDDINGS)
+        positions = config.get("max_position_embeddings", _DEFAULT_MAX_POSITION_EMBEDDINGS)
         if not _is_int(positions) or positions < 1:
             raise UnsupportedModelError(
                 f"config.json has no valid max_position_embeddings ({positions!r}); a positive "
