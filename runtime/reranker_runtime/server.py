@@ -31,7 +31,7 @@ from reranker_runtime.logging import LOG_FORMATS, LOG_LEVELS, log_fields
 if TYPE_CHECKING:
     from reranker_runtime.lifecycle import Lifecycle
 
-log = logging.getLogger("reranker_runtime.server")
+log = logging.getLogger(__name__)
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")

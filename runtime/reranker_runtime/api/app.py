@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from reranker_runtime.engines.base import Engine
     from reranker_runtime.service import RerankService
 
-log = logging.getLogger("reranker_runtime.api")
+log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
