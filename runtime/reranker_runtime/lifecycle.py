@@ -213,7 +213,7 @@ class Lifecycle:
                 await self._boot_task
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning(
                 "drain timed out; failing what is left", extra=log_fields(in_flight=self._in_flight)
             )

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import suppress
 from typing import Any
 
 LOG_FORMATS = ("json", "text")
@@ -97,6 +98,7 @@ def setup_logging(log_format: str = "json", level: str = "info") -> None:
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
+    _route_library_loggers()
     if log_format == "json":
         # Download/loading progress bars would interleave raw text with the JSON lines. Read by
         # huggingface_hub and transformers at import, which happens later (model load).
@@ -104,3 +106,22 @@ def setup_logging(log_format: str = "json", level: str = "info") -> None:
     # Third-party chatter at info level is noise in a server log.
     for name in ("httpx", "httpcore", "filelock", "urllib3"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+def _route_library_loggers() -> None:
+    """huggingface_hub and transformers give their loggers a stderr handler of their own (and
+    transformers turns propagation off), so a hub retry warning came out twice, once as plain
+    text, and transformers' lines never came out as JSON. Configure both libraries now (they
+    would do it lazily at first use, after us) and send their records through our handler."""
+    with suppress(ImportError):
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.get_logger()
+    with suppress(ImportError):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.get_logger()
+    for name in ("huggingface_hub", "transformers"):
+        library_logger = logging.getLogger(name)
+        library_logger.handlers.clear()
+        library_logger.propagate = True

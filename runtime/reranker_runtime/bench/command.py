@@ -415,7 +415,7 @@ def build_report(args: argparse.Namespace, server: dict[str, Any]) -> dict[str, 
         targets[2]["note"] = "not run (--fairness)"
 
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpu": _cpu_model(),
             "cores": os.cpu_count(),

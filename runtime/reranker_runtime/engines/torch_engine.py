@@ -121,7 +121,10 @@ class TorchEngine(Engine):
         except Exception as exc:
             raise ModelLoadError(
                 f"cannot read the model config of {model!r} (revision {revision or 'default'}): {exc}. "
-                "Check the model id or path, the revision, network access / HF_TOKEN, or HF_HUB_OFFLINE"
+                "Without hub access, pass a local checkpoint directory (--model /path/to/dir with "
+                "config.json, *.safetensors and the tokenizer files) or set HF_HUB_OFFLINE=1 to "
+                "serve from a filled Hugging Face cache (HF_HOME); otherwise check the model id, "
+                "the revision, network access and HF_TOKEN"
             ) from exc
         try:
             family = ModelFamily.from_config(config)
