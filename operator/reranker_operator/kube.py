@@ -68,6 +68,44 @@ def kind_of(obj: dict[str, Any]) -> Kind:
     return KIND_BY_NAME[obj["kind"]]
 
 
+class ApiError(ApiException):
+    """An API error response that names the request and reads in one line (for logs and kopf):
+    `POST /apis/batch/v1/namespaces/ml/jobs: 503 ServiceUnavailable: <the server's message>`.
+    The client's own `str(ApiException)` spans lines with every header and the raw body."""
+
+    def __init__(self, method: str, path: str, http_resp: Any) -> None:
+        super().__init__(http_resp=http_resp)
+        self.method = method
+        self.path = path
+
+    def __str__(self) -> str:
+        reason, message = self.reason or "", ""
+        try:
+            body = json.loads(self.body or "{}")
+        except (TypeError, ValueError):
+            body = None
+        if isinstance(body, dict):  # a metav1.Status
+            reason = body.get("reason") or reason
+            message = body.get("message") or ""
+        text = f"{self.method} {self.path}: {self.status} {reason}".rstrip()
+        return f"{text}: {one_line(message)}" if message else text
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Whitespace collapsed, cut to `limit` characters: fit for a single log line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in one line: ApiError as above, others as `Type: message`."""
+    if isinstance(exc, ApiError):
+        return str(exc)
+    if isinstance(exc, ApiException):
+        return one_line(f"{exc.status} {exc.reason}")
+    return one_line(f"{type(exc).__name__}: {exc}")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: conflicts, throttling, server errors, and network failures."""
     if isinstance(exc, ApiException):
@@ -121,7 +159,7 @@ class Kube:
         )
         response.read()
         if not 200 <= response.status <= 299:
-            raise ApiException(http_resp=response)
+            raise ApiError(method, path, response)
         return json.loads(response.data) if response.data else {}
 
     def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
