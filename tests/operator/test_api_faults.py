@@ -99,9 +99,11 @@ async def to_ready_then_scaled(cluster: Cluster, before_scaling: Hook = _nothing
     )
     await cluster.deployment_ready(NAME, 3)
     await wait_for(
-        lambda: cluster.status(NAME).get("readyReplicas") == 3
-        and cluster.status(NAME).get("observedGeneration") == 2
-        and cluster.status(NAME).get("phase") == "Ready",
+        lambda: (
+            cluster.status(NAME).get("readyReplicas") == 3
+            and cluster.status(NAME).get("observedGeneration") == 2
+            and cluster.status(NAME).get("phase") == "Ready"
+        ),
         "Ready with 3 replicas at generation 2",
     )
 
@@ -350,8 +352,10 @@ async def test_faults_dropped_watches_mid_flow(
         )
         await cluster.deployment_ready(NAME, 3)
         await wait_for(
-            lambda: cluster.status(NAME).get("readyReplicas") == 3
-            and cluster.status(NAME).get("observedGeneration") == 2,
+            lambda: (
+                cluster.status(NAME).get("readyReplicas") == 3
+                and cluster.status(NAME).get("observedGeneration") == 2
+            ),
             "Ready with 3 replicas at generation 2",
         )
 
