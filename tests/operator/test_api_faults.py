@@ -110,6 +110,25 @@ async def to_ready_then_scaled(
     )
 
 
+async def idle_and_building(cluster: Cluster) -> None:
+    """Building, and kopf done with the Reranker's own handler (its progress annotation gone;
+    the emulator's lack of resourceVersions can make kopf run it twice): from here on, the
+    Job's events are the only trigger of a reconcile."""
+
+    def idle() -> bool:
+        meta = (cluster.get(cluster.RERANKER, NAME) or {}).get("metadata") or {}
+        annotations = meta.get("annotations") or {}
+        return (
+            cluster.status(NAME).get("phase") == "Building"
+            and "reranker.dev/last-handled-configuration" in annotations
+            and "reranker.dev/reconcile" not in annotations
+        )
+
+    await wait_for(idle, "phase Building, and kopf idle")
+    await asyncio.sleep(0.5)  # kopf's repeated cycles over its own patches settle
+    assert idle()
+
+
 Flow = Callable[..., Awaitable[None]]
 
 
@@ -212,10 +231,12 @@ async def converges(
     kmock: FaultyKubernetes,
     flow: Flow,
     *,
+    like: Flow | None = None,
     lost_events: frozenset[str] = frozenset(),
     **hooks: Hook,
 ) -> None:
-    """Run `flow` (under whatever faults are armed), then compare with the fault-free run.
+    """Run `flow` (under whatever faults are armed), then compare with the fault-free run of
+    `like` (default: `flow` itself).
 
     `lost_events`: event reasons allowed to be missing (events are best effort: one posted right
     after a write whose reply was lost is not posted again by the retry).
@@ -224,7 +245,7 @@ async def converges(
     # One Job object, and the API server accepted exactly one Job creation.
     assert [j["metadata"]["name"] for j in cluster.list(cluster.JOB)] == [JOB]
     assert kmock.created(JOBS) == 1
-    expected = copy.deepcopy(await baseline(flow))
+    expected = copy.deepcopy(await baseline(like or flow))
     expected["events"] = [e for e in expected["events"] if e not in lost_events]
 
     def same() -> bool:
@@ -282,24 +303,9 @@ async def test_faults_5xx_while_the_deployment_is_created_and_patched(
     create = kmock.inject("POST", DEPLOYMENTS, 503, times=4)
     patch = kmock.inject("PATCH", DEPLOYMENT, 500, times=3)
 
-    async def idle_and_building() -> None:
-        """Building, and kopf done with the Reranker's own handler (its progress annotation
-        gone; the emulator's lack of resourceVersions can make kopf run it twice)."""
-
-        def idle() -> bool:
-            meta = (cluster.get(cluster.RERANKER, NAME) or {}).get("metadata") or {}
-            annotations = meta.get("annotations") or {}
-            return (
-                cluster.status(NAME).get("phase") == "Building"
-                and "reranker.dev/last-handled-configuration" in annotations
-                and "reranker.dev/reconcile" not in annotations
-            )
-
-        await wait_for(idle, "phase Building, and kopf idle")
-        await asyncio.sleep(0.5)  # kopf's repeated cycles over its own patches settle
-        assert idle()
-
-    await converges(cluster, kmock, to_ready_then_scaled, before_success=idle_and_building)
+    await converges(
+        cluster, kmock, to_ready_then_scaled, before_success=lambda: idle_and_building(cluster)
+    )
     assert create.injected == 4 and patch.injected == 3
     assert_logged_once_per_retry(logs, create, "POST", "/deployments", "retrying in")
     assert_logged_once_per_retry(logs, patch, "PATCH", "/deployments/bge", "retrying in")
@@ -308,16 +314,25 @@ async def test_faults_5xx_while_the_deployment_is_created_and_patched(
 async def test_faults_api_outage_mid_flow(
     cluster: Cluster, operator: OperatorRunner, kmock: FaultyKubernetes
 ) -> None:
-    """Every request of the operator and of kopf (lists and watches too) fails for a while."""
+    """Every request of the operator and of kopf (lists and watches too) fails for a while,
+    and the build Job succeeds meanwhile."""
 
-    async def outage() -> None:
+    async def through_an_outage(cluster: Cluster) -> None:
+        await cluster.create_reranker(NAME, SPEC)
+        await wait_for(lambda: cluster.get(cluster.JOB, JOB), "the build Job")
+        await cluster.job_running(JOB)
+        await idle_and_building(cluster)
         down = kmock.inject("*", "", 503, times=None, watch=True)
         kmock.drop_watches()  # the open streams break too
+        await cluster.job_succeeded(JOB)
         await asyncio.sleep(0.6)  # shorter than kopf's own retries (fault_settings)
         down.stop()
         assert down.injected > 0
+        await wait_for(lambda: cluster.get(cluster.DEPLOYMENT, NAME), "the Deployment")
+        await cluster.deployment_ready(NAME)
+        await wait_for(lambda: cluster.status(NAME).get("phase") == "Ready", "phase Ready")
 
-    await converges(cluster, kmock, to_ready, before_success=outage)
+    await converges(cluster, kmock, through_an_outage, like=to_ready)
 
 
 # --------------------------------------------------------------------------- 409
@@ -356,6 +371,7 @@ async def test_faults_dropped_watches_mid_flow(
     cluster: Cluster, operator: OperatorRunner, kmock: FaultyKubernetes
 ) -> None:
     async def drop_job_watch() -> None:
+        await idle_and_building(cluster)
         assert kmock.drop_watches(JOB_WATCH) == 1
 
     async def drop_reranker_watch() -> None:
@@ -384,3 +400,27 @@ async def test_faults_dropped_watches_mid_flow(
     expected = await baseline(to_ready_then_scaled)
     await wait_for(lambda: snapshot(cluster) == expected, "the state of the fault-free run", 5)
     assert kmock.created(JOBS) == 1
+
+
+async def test_faults_silent_watch_is_reconnected(
+    cluster: Cluster, kmock: FaultyKubernetes
+) -> None:
+    """A watch that stays open but delivers nothing (a half-open connection behind a load
+    balancer): kopf's inactivity timeout reconnects it, and the missed success is seen."""
+
+    def settings() -> kopf.OperatorSettings:
+        settings = fault_settings()
+        settings.watching.inactivity_timeout = 1.0  # production: kopf's 70s (docs)
+        settings.watching.client_timeout = 60  # so that only the inactivity timeout can help
+        return settings
+
+    async def stall_job_watch() -> None:
+        await idle_and_building(cluster)
+        assert kmock.stall_watches(JOB_WATCH) == 1
+
+    operator = OperatorRunner(str(kmock.url), settings=settings)
+    await operator.start()
+    try:
+        await converges(cluster, kmock, to_ready, before_success=stall_job_watch)
+    finally:
+        await operator.stop()
