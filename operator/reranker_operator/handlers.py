@@ -82,6 +82,10 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
         try:
             outcome = reconciler.reconcile(namespace, name)
         except Exception as exc:
+            if isinstance(exc, kube.NotOurs):  # until the user removes the squatter
+                raise kopf.TemporaryError(
+                    f"{exc}; retrying in {tuning.backoff:g}s", delay=tuning.backoff
+                ) from exc
             if kube.is_transient(exc):
                 # One line per attempt (kopf logs it at ERROR, without a traceback).
                 raise kopf.TemporaryError(
@@ -131,7 +135,7 @@ async def _reconcile_owner(
         try:
             await loop.run_in_executor(None, reconciler.reconcile, namespace, owner)
             return
-        except (ApiException, OSError) as exc:
+        except (ApiException, OSError, kube.NotOurs) as exc:
             what = f"reconcile of Reranker {owner} after a {body.get('kind', 'child')}'s event"
             if not kube.is_transient(exc):
                 logger.warning(f"{what} failed: {kube.describe(exc)}")

@@ -19,6 +19,8 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from reranker_operator.builders import LABEL_MANAGED_BY, LABEL_RERANKER
+
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -106,6 +108,26 @@ def describe(exc: BaseException) -> str:
     return one_line(f"{type(exc).__name__}: {exc}")
 
 
+class NotOurs(Exception):
+    """An object of the name the operator needs exists, but this operator did not make it for
+    this Reranker: never adopted (nor patched), the user has to delete or rename it."""
+
+    def __init__(self, live: dict[str, Any]) -> None:
+        meta = live.get("metadata") or {}
+        super().__init__(
+            f"{live.get('kind', 'object')} {meta.get('namespace')}/{meta.get('name')} exists and "
+            f"was not created by reranker-operator for this Reranker (labels "
+            f"{LABEL_MANAGED_BY}, {LABEL_RERANKER}): delete or rename it"
+        )
+
+
+def is_ours(live: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """`live` carries `desired`'s managed-by and owning-Reranker labels."""
+    have = (live.get("metadata") or {}).get("labels") or {}
+    want = (desired.get("metadata") or {}).get("labels") or {}
+    return all(have.get(k) == want.get(k) for k in (LABEL_MANAGED_BY, LABEL_RERANKER))
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: conflicts, throttling, server errors, and network failures."""
     if isinstance(exc, ApiException):
@@ -187,21 +209,27 @@ class Kube:
         return self._request("POST", kind_of(obj).path(meta["namespace"]), body=obj)
 
     def create_if_absent(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """(the live object, created?). Never replaces an existing one: safe to repeat."""
+        """(the live object, created?). Never replaces an existing one: safe to repeat.
+
+        An existing object is adopted only if it is ours (`is_ours`); otherwise `NotOurs`.
+        """
         meta = obj["metadata"]
         existing = self.get(kind_of(obj), meta["namespace"], meta["name"])
-        if existing is not None:
-            return existing, False
-        try:
-            return self.create(obj), True
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            # Lost a race with another reconcile (or a previous operator): theirs stands.
-            again = self.get(kind_of(obj), meta["namespace"], meta["name"])
-            if again is None:
-                raise
-            return again, False
+        if existing is None:
+            try:
+                return self.create(obj), True
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                # AlreadyExists: another reconcile (a second replica, a previous operator whose
+                # reply was lost) won the race. A conflict for an object that is gone again by
+                # now is raised as it is (transient: retried).
+                existing = self.get(kind_of(obj), meta["namespace"], meta["name"])
+                if existing is None:
+                    raise
+        if not is_ours(existing, obj):
+            raise NotOurs(existing)
+        return existing, False
 
     def patch(
         self,

@@ -350,6 +350,45 @@ async def test_faults_409_on_create(
     assert_logged_once_per_retry(logs, phantom, "POST", "/deployments", "retrying in")
 
 
+async def test_faults_an_object_that_is_not_ours_is_never_adopted(
+    cluster: Cluster, operator: OperatorRunner, kmock: FaultyKubernetes, logs: Any
+) -> None:
+    # Someone else's Job already has the build Job's name (the operator's create would get 409).
+    await cluster.create(
+        cluster.JOB,
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": JOB, "labels": {"team": "other"}},
+            "spec": {"template": {"spec": {"containers": [{"name": "x", "image": "busybox"}]}}},
+        },
+    )
+    await cluster.create_reranker(NAME, SPEC)
+    refusal = "was not created by reranker-operator for this Reranker"
+    await wait_for(lambda: len(fault_lines(logs, refusal)) >= 2, "two refusals")
+    for record in fault_lines(logs, refusal):
+        message = record.getMessage()
+        assert f"Job ml/{JOB} exists" in message and "retrying in" in message, message
+        assert "\n" not in message and record.exc_info is None, message
+    job = cluster.get(cluster.JOB, JOB) or {}
+    assert job["metadata"]["labels"] == {"team": "other"}  # neither adopted nor patched
+    assert kmock.created(JOBS) == 1  # the test's own
+    assert cluster.get(cluster.DEPLOYMENT, NAME) is None
+
+    # Once it is gone, any change of the Reranker (here an annotation) builds our own Job.
+    await cluster.delete(cluster.JOB, JOB)
+    await cluster.patch(cluster.RERANKER, NAME, {"metadata": {"annotations": {"nudge": "1"}}})
+    await wait_for(
+        lambda: (
+            (((cluster.get(cluster.JOB, JOB) or {}).get("metadata") or {}).get("labels") or {}).get(
+                builders.LABEL_RERANKER
+            )
+            == NAME
+        ),
+        "the operator's own Job",
+    )
+
+
 async def test_faults_409_on_patch(
     cluster: Cluster, operator: OperatorRunner, kmock: FaultyKubernetes, logs: Any
 ) -> None:
