@@ -20,7 +20,6 @@ are retried with a back-off and logged once per attempt, in one line, without a 
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,10 @@ from reranker_operator import builders, kube
 from reranker_operator.reconcile import Reconciler
 from reranker_operator.spec import API_GROUP, API_VERSION, PLURAL
 
-MANAGED = {builders.LABEL_MANAGED_BY: "reranker-operator", builders.LABEL_RERANKER: kopf.PRESENT}
+MANAGED: dict[str, Any] = {
+    builders.LABEL_MANAGED_BY: "reranker-operator",
+    builders.LABEL_RERANKER: kopf.PRESENT,
+}
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,9 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
         backoff=tuning.backoff,
         timeout=tuning.timeout,
     )
-    def reconcile_reranker(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    def reconcile_reranker(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+        if namespace is None:  # never: Rerankers are namespaced (typed so by kopf)
+            return None
         reconciler: Reconciler = memo.reconciler
         try:
             outcome = reconciler.reconcile(namespace, name)
@@ -99,13 +103,13 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
 
     @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=registry)
     async def job_event(
-        body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
         await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
     async def deployment_event(
-        body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
         await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
@@ -117,7 +121,11 @@ def event_delay(tuning: Tuning, attempt: int) -> float:
 
 
 async def _reconcile_owner(
-    reconciler: Reconciler, namespace: str, body: kopf.Body, tuning: Tuning, logger: logging.Logger
+    reconciler: Reconciler,
+    namespace: str | None,
+    body: kopf.Body,
+    tuning: Tuning,
+    logger: kopf.Logger,
 ) -> None:
     """Reconcile the Reranker a child belongs to.
 
@@ -128,7 +136,7 @@ async def _reconcile_owner(
     client blocks); the waits are asyncio sleeps, so a stopping operator cancels them at once.
     """
     owner = body.metadata.labels.get(builders.LABEL_RERANKER)
-    if not owner:
+    if not owner or namespace is None:  # not ours / never (Jobs, Deployments are namespaced)
         return
     loop = asyncio.get_running_loop()
     for attempt in range(1, tuning.retries + 1):
