@@ -86,16 +86,14 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
         try:
             outcome = reconciler.reconcile(namespace, name)
         except Exception as exc:
-            if isinstance(exc, kube.NotOurs):  # until the user removes the squatter
-                raise kopf.TemporaryError(
-                    f"{exc}; retrying in {tuning.backoff:g}s", delay=tuning.backoff
-                ) from exc
-            if kube.is_transient(exc):
-                # One line per attempt (kopf logs it at ERROR, without a traceback).
-                raise kopf.TemporaryError(
-                    f"{kube.describe(exc)}; retrying in {tuning.backoff:g}s", delay=tuning.backoff
-                ) from exc
-            raise
+            # API faults, API refusals (403, 422, ...) and someone else's object in the way:
+            # one line per attempt (kopf logs it at ERROR, without a traceback), retried after
+            # `backoff`. Anything else is a bug: kopf logs its traceback and retries too.
+            if not (kube.is_transient(exc) or isinstance(exc, (ApiException, kube.NotOurs))):
+                raise
+            raise kopf.TemporaryError(
+                f"{kube.describe(exc)}; retrying in {tuning.backoff:g}s", delay=tuning.backoff
+            ) from exc
         if outcome.invalid is not None:
             # Status already says Failed/InvalidSpec; retrying cannot help until the spec changes.
             raise kopf.PermanentError(str(outcome.invalid))
