@@ -343,6 +343,9 @@ CONFLICT_MESSAGE = (
 )
 
 
+RESET = 0  # Fault.status: close the connection instead of answering
+
+
 @dataclass
 class Fault:
     """One injected API failure, matched on the request's method and URL path.
@@ -350,7 +353,8 @@ class Fault:
     - `method`: "POST", "PATCH", "GET", ... or "*" for any; `path`: a regular expression searched
       in the URL path (e.g. r"/jobs$", r"/rerankers/bge/status$").
     - `status`: the HTTP status answered, with the body a kube-apiserver gives (a `Status`
-      object; 409 on PATCH/PUT is a "Conflict", elsewhere "AlreadyExists").
+      object; 409 on PATCH/PUT is a "Conflict", elsewhere "AlreadyExists"); `RESET` (0): no
+      answer, the connection is closed (a network fault).
     - `after`: let this many matching requests through first (a fault mid-flow); `times`: then
       fail this many (None: until `stop()`). Every fault counts every matching request.
     - `commit`: perform the request first, then answer the error, as when the API server
@@ -456,6 +460,10 @@ class FaultyKubernetes(kmock.KubernetesEmulator):
             return response
         if not fault.commit:
             self.answers.append((request.method.value, request.url.path, fault.status))
+        raw = request._raw_request
+        if fault.status == RESET and raw is not None and raw.transport is not None:
+            raw.transport.close()  # the client reads no answer at all
+            return aiohttp.web.Response(status=500)  # goes nowhere
         return aiohttp.web.json_response(fault.body(request), status=fault.status)
 
     # ------------------------------------------------------------------ watch streams

@@ -13,8 +13,9 @@ thread pool); the children's event handlers are async and run the reconcile in t
 their retry waits are cancellable sleeps. The reconciler comes from kopf's `memo`
 (see runner.make_memo).
 
-API faults (docs/operator-lifecycle.md, "Under API faults"): transient errors (`kube.is_transient`)
-are retried with a back-off and logged once per attempt, in one line, without a traceback.
+API faults (docs/operator-lifecycle.md, "Under API faults"): transient errors (`kube.is_transient`:
+5xx, 429, 409, network) are retried with a back-off and logged once per attempt, in one line,
+without a traceback; so are API refusals and `kube.NotOurs` in the Reranker's handler.
 """
 
 from __future__ import annotations
@@ -141,9 +142,11 @@ async def _reconcile_owner(
         try:
             await loop.run_in_executor(None, reconciler.reconcile, namespace, owner)
             return
-        except (ApiException, OSError, kube.NotOurs) as exc:
+        except Exception as exc:
+            if not (kube.is_transient(exc) or isinstance(exc, (ApiException, kube.NotOurs))):
+                raise  # a bug: kopf logs its traceback
             what = f"reconcile of Reranker {owner} after a {body.get('kind', 'child')}'s event"
-            if not kube.is_transient(exc):
+            if not kube.is_transient(exc):  # a refusal: the Reranker's own handler retries it
                 logger.warning(f"{what} failed: {kube.describe(exc)}")
                 return
             if attempt == tuning.retries:

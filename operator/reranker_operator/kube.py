@@ -93,6 +93,14 @@ class ApiError(ApiException):
         return f"{text}: {one_line(message)}" if message else text
 
 
+class ApiUnreachable(OSError):
+    """No answer from the API server (connection refused or reset, a timeout): transient, and,
+    unlike the client's urllib3 errors, names the request."""
+
+    def __init__(self, method: str, path: str, cause: BaseException) -> None:
+        super().__init__(f"{method} {path}: no answer: {type(cause).__name__}: {cause}")
+
+
 def one_line(text: str, limit: int = 300) -> str:
     """Whitespace collapsed, cut to `limit` characters: fit for a single log line."""
     text = " ".join(str(text).split())
@@ -100,9 +108,10 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """An exception in one line: ApiError as above, others as `Type: message`."""
-    if isinstance(exc, ApiError):
-        return str(exc)
+    """An exception in one line: ApiError and ApiUnreachable name the request; others read
+    `Type: message`."""
+    if isinstance(exc, (ApiError, ApiUnreachable)):
+        return one_line(str(exc))
     if isinstance(exc, ApiException):
         return one_line(f"{exc.status} {exc.reason}")
     return one_line(f"{type(exc).__name__}: {exc}")
@@ -176,10 +185,15 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(
-            method_, url, headers_, body_, post, _request_timeout=self.request_timeout
-        )
-        response.read()
+        try:
+            response = self.api.call_api(
+                method_, url, headers_, body_, post, _request_timeout=self.request_timeout
+            )
+            response.read()
+        except Exception as exc:
+            if isinstance(exc, ApiException) or not is_transient(exc):
+                raise
+            raise ApiUnreachable(method, path, exc) from exc
         if not 200 <= response.status <= 299:
             raise ApiError(method, path, response)
         return json.loads(response.data) if response.data else {}

@@ -25,6 +25,7 @@ import kopf
 import pytest
 
 from kmock_env import (
+    RESET,
     Cluster,
     Fault,
     FaultyKubernetes,
@@ -54,6 +55,7 @@ JOBS = r"/apis/batch/v1/namespaces/ml/jobs$"
 DEPLOYMENTS = r"/apis/apps/v1/namespaces/ml/deployments$"
 DEPLOYMENT = rf"/apis/apps/v1/namespaces/ml/deployments/{NAME}$"
 STATUS = rf"/rerankers/{NAME}/status$"
+SERVICES = r"/api/v1/namespaces/ml/services$"
 BACKOFF = f"retrying in {fast_tuning().backoff}s"
 
 
@@ -333,6 +335,19 @@ async def test_faults_api_outage_mid_flow(
         await wait_for(lambda: cluster.status(NAME).get("phase") == "Ready", "phase Ready")
 
     await converges(cluster, kmock, through_an_outage, like=to_ready)
+
+
+async def test_faults_connection_reset_while_the_service_is_created(
+    cluster: Cluster, operator: OperatorRunner, kmock: FaultyKubernetes, logs: Any
+) -> None:
+    # No answer at all: once before the Service is stored, once after (the reply is lost).
+    refused = kmock.inject("POST", SERVICES, RESET)
+    lost = kmock.inject("POST", SERVICES, RESET, after=1, commit=True)
+    await converges(cluster, kmock, to_ready)
+    assert refused.injected == 1 and lost.injected == 1
+    lines = fault_lines(logs, "POST /api/v1/namespaces/ml/services: no answer", "retrying in")
+    assert len(lines) == 2, [r.getMessage() for r in lines]
+    assert all("\n" not in r.getMessage() and r.exc_info is None for r in lines)
 
 
 # --------------------------------------------------------------------------- 409
