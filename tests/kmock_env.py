@@ -6,7 +6,7 @@
   at the emulator, stopped by a stop flag; start/stop it as often as a test likes (restarts).
 - `Cluster`: async HTTP helpers for the test, which also plays the controllers the emulator
   lacks (Job and Deployment controllers, the API server's metadata.generation bumps).
-- `FaultyKubernetes` + `Fault`: the same emulator with API faults on demand (5xx, 409, a
+- `FaultyKubernetes` + `Fault`: the same emulator with API faults on demand (5xx, 409, resets, a
   dropped or silent watch stream); select it with `pytestmark = pytest.mark.kmock(cls=...)`.
 """
 
