@@ -3,7 +3,9 @@
 Both APIs truncate long documents instead of refusing them, so these routes always score with
 truncation on; each result says whether its pair was cut (`truncated`, an extension field that
 clients of either API ignore). `max_tokens_per_doc` cuts each document to its first that many
-tokens before pairing it with the query (done by the service).
+tokens before pairing it with the query (done by the service). `max_chunks_per_doc` (Cohere's
+parameter) scores a long document as up to that many windows and keeps the best; each result
+says how many windows it used (`chunks`, an extension field like `truncated`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from reranker_runtime.api.deps import (
     admitted_service,
     annotate,
     request_id,
+    request_timeout,
     timing_headers,
 )
 from reranker_runtime.api.schemas import (
@@ -51,6 +54,8 @@ async def _rerank(
         body.documents,
         truncate=True,
         max_tokens_per_text=body.max_tokens_per_doc,
+        max_chunks_per_text=body.max_chunks_per_doc,
+        timeout_s=request_timeout(request),
         request_id=request_id(request),
         texts_field="documents",
     )
@@ -63,6 +68,7 @@ async def _rerank(
             relevance_score=result.scores[i],
             document=DocumentText(text=body.documents[i]) if body.return_documents else None,
             truncated=result.truncated[i],
+            chunks=result.chunks[i],
         )
         for i in order
     ]

@@ -15,6 +15,7 @@ from reranker_runtime.api.deps import (
     admitted_service,
     annotate,
     request_id,
+    request_timeout,
     timing_headers,
 )
 from reranker_runtime.api.schemas import (
@@ -37,19 +38,26 @@ router = APIRouter(tags=["TEI / BEI"], route_class=InferenceRoute)
 )
 async def rerank(body: RerankRequest, request: Request, response: Response) -> list[RankItem]:
     started = time.perf_counter()
-    result = await admitted_service(request).rerank(
+    service = admitted_service(request)
+    result = await service.rerank(
         body.query,
         body.texts,
         truncate=bool(body.truncate),
         truncation_direction=body.truncation_direction,
         raw_scores=body.raw_scores,
+        max_chunks_per_text=body.max_chunks_per_doc,
+        timeout_s=request_timeout(request),
         request_id=request_id(request),
     )
+    # `chunks` only when chunking is on (the request's or the server's max_chunks_per_doc > 1):
+    # otherwise the body is exactly TEI's.
+    chunked = (body.max_chunks_per_doc or service.settings.max_chunks_per_doc) > 1
     items = [
         RankItem(
             index=i,
             score=result.scores[i],
             text=body.texts[i] if body.return_text else None,
+            chunks=result.chunks[i] if chunked else None,
         )
         for i in result.ranking()
     ]
@@ -76,6 +84,7 @@ async def predict(
         truncate=bool(body.truncate),
         truncation_direction=body.truncation_direction,
         raw_scores=body.raw_scores,
+        timeout_s=request_timeout(request),
         request_id=request_id(request),
     )
     out = [
