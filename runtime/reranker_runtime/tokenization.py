@@ -183,18 +183,21 @@ class PairTokenizer:
                 )
                 out.append(ChunkedText([single], 1, max(window, 0), single.truncated))
                 continue
-            # The tokenizer's own windowing: the first window plus `overflowing` ones, each
-            # post-processed with the query into a full model input.
+            # The tokenizer's own windowing: `t` becomes the first window, the others go to
+            # `t.overflowing`. Each is post-processed with the query on its own: the pair
+            # outputs' own `overflowing` carry wrong token_type_ids for BERT-style templates.
             t.truncate(window, stride=min(overlap, window // 2), direction=direction)
-            first = self._tok.post_process(q, t, add_special_tokens=True)
-            encodings = [first, *first.overflowing]
-            windows = [self._window(e) for e in encodings[:max_windows]]
+            parts = [t, *t.overflowing][:max_windows]
+            windows = [
+                self._window(self._tok.post_process(q, part, add_special_tokens=True))
+                for part in parts
+            ]
             out.append(
                 ChunkedText(
                     windows=windows,
-                    needed_windows=len(encodings),
+                    needed_windows=1 + len(t.overflowing),
                     window_tokens=window,
-                    truncated=cut > 0 or len(encodings) > max_windows,
+                    truncated=cut > 0 or len(t.overflowing) >= max_windows,
                 )
             )
         return out
