@@ -21,6 +21,11 @@ Batch formation (`_form_batch`) balances fairness against padding:
 
 The batcher's limits (`max_batch_tokens`, `max_batch_requests`) are the ones in force: the
 configured ones, lowered to the engine's own caps (a TensorRT profile). /info reports them.
+
+Deadlines: a request submitted with one is refused at once (`DeadlineUnreachableError`) when
+even served next it could not finish in time (`_refuse_if_unreachable`). When a deadline
+passes, the service cancels the caller, which drops the request's waiting entries like a
+client disconnect does. A long text's windows are ordinary entries of their request.
 """
 
 from __future__ import annotations
@@ -160,7 +165,7 @@ class Batcher:
         self._batches_formed = 0
         # Batches handed to the worker and not delivered yet, oldest (running) first.
         self._submitted: deque[tuple[_Batch, asyncio.Future[_Outcome]]] = deque()
-        # Tokens per second (as budgeted) of recent forward passes: the deadline estimate.
+        # Tokens per second (as budgeted) of recent large forward passes: the deadline estimate.
         self._recent_rates: deque[float] = deque(maxlen=_RATE_WINDOW)
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -282,11 +287,11 @@ class Batcher:
     ) -> None:
         """A lower bound of the time the request needs, were it served next: the forward passes
         already submitted (they cannot be interrupted) plus its own tokens, both at the fastest
-        rate of recent forward passes. Pairs of other requests still waiting are not counted:
-        the fair batching can put the new request's pairs ahead of them. So a request is refused
-        only when it certainly cannot finish in time."""
+        rate of the recent forward passes of at least half the budget. Pairs of other requests
+        still waiting are not counted: the fair batching can put the new request's pairs ahead
+        of them. So a request is refused only when it cannot finish in time."""
         if not self._recent_rates:
-            return  # nothing measured yet: no estimate
+            return  # no large forward pass measured yet: no estimate
         rate = max(self._recent_rates)
         ahead_s = 0.0
         for i, (batch, _) in enumerate(self._submitted):
@@ -443,8 +448,10 @@ class Batcher:
         metrics.BATCH_SIZE.observe(len(outcome.ran))
         metrics.BATCH_TOKENS.observe(batch.cost)
         metrics.BATCH_INFERENCE_DURATION.observe(outcome.duration_s)
-        if outcome.duration_s > 0:
-            ran_cost = batch_cost([len(e.pair) for e in outcome.ran], self._padded)
+        ran_cost = batch_cost([len(e.pair) for e in outcome.ran], self._padded)
+        # Only passes of at least half the budget measure throughput: a small one is mostly
+        # fixed per-pass overhead and would make every estimate too slow.
+        if outcome.duration_s > 0 and 2 * ran_cost >= self.max_batch_tokens:
             self._recent_rates.append(ran_cost / outcome.duration_s)
         assert outcome.logits is not None
         for request in requests:

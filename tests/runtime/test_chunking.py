@@ -7,6 +7,7 @@ tokens placed by hand) and runs the Hugging Face model on each window alone."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -102,15 +103,20 @@ def reference_windows(
     return out
 
 
+@functools.cache
+def _reference_model(model_dir: Path) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir, torch_dtype=torch.float32
+    ).eval()
+
+
 def reference_window_logits(
     model_dir: Path, windows: list[tuple[list[int], list[int]]], token_types: bool
 ) -> list[float]:
     """fp32 logit of each window alone (no padding, no batching)."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, torch_dtype=torch.float32
-    ).eval()
+    model = _reference_model(model_dir)
     out = []
     with torch.inference_mode():
         for ids, types in windows:
@@ -158,6 +164,11 @@ def test_short_text_and_one_window_are_unchanged(xlmr_engine) -> None:
     (one,) = pt.encode_chunked(QUERY, [text], truncate=True, max_windows=1, overlap=OVERLAP)
     (pair,) = pt.encode_pairs(QUERY, [text], truncate=True)
     assert [w.pair for w in one.windows] == [pair.pair] and one.truncated
+    # A query that leaves no room for text: one window, cut by today's rule.
+    query = " ".join(corpus(40, seed=3))
+    (alone,) = pt.encode_chunked(query, [text], truncate=True, max_windows=4, overlap=OVERLAP)
+    (cut,) = pt.encode_pairs(query, [text], truncate=True)
+    assert [w.pair for w in alone.windows] == [cut.pair] and alone.truncated
 
 
 def test_windows_beyond_the_limit_are_not_built(xlmr_engine) -> None:
