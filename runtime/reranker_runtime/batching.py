@@ -295,10 +295,14 @@ class Batcher:
         rate = max(self._recent_rates)
         ahead_s = 0.0
         for i, (batch, _) in enumerate(self._submitted):
-            batch_s = batch.cost / rate
-            # The oldest one is running: part of it is done (counting from its submission
-            # overstates that part, which keeps the bound low).
-            ahead_s += max(0.0, batch_s - (now - batch.submitted_at)) if i == 0 else batch_s
+            if i == 0:
+                # Running (or about to): part of it is done. Counting from its submission
+                # overstates that part, which keeps the bound low.
+                ahead_s += max(0.0, batch.cost / rate - (now - batch.submitted_at))
+            else:
+                # Not started: entries of requests dropped meanwhile will be skipped.
+                live = [len(e.pair) for e in batch.entries if not e.request.dropped]
+                ahead_s += batch_cost(live, self._padded) / rate
         tokens = sum(len(p) for p in items)
         needed_s = ahead_s + tokens / rate
         if now + needed_s > deadline:

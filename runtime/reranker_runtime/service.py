@@ -197,7 +197,7 @@ class RerankService:
             raise ValidationError(f"max_chunks_per_doc must be at least 1, got {chunks}")
         truncating = self._truncating(truncate)
 
-        async with self._deadline(timeout_s) as deadline:
+        async with self._deadline(timeout_s, request_id) as deadline:
             t0 = time.perf_counter()
             encoded = await asyncio.to_thread(
                 self._tokenizer.encode_chunked,
@@ -247,7 +247,7 @@ class RerankService:
         direction = parse_direction(truncation_direction)
         items = self._check_inputs(inputs)
 
-        async with self._deadline(timeout_s) as deadline:
+        async with self._deadline(timeout_s, request_id) as deadline:
             t0 = time.perf_counter()
             encoded = await asyncio.to_thread(
                 self._tokenizer.encode_inputs,
@@ -354,7 +354,9 @@ class RerankService:
         return windows
 
     @asynccontextmanager
-    async def _deadline(self, timeout_s: float | None) -> AsyncIterator[float | None]:
+    async def _deadline(
+        self, timeout_s: float | None, request_id: str | None
+    ) -> AsyncIterator[float | None]:
         """Run the block under the request's deadline (event-loop time), if it has one. When it
         passes, the block is cancelled (the batcher drops the request's waiting pairs) and the
         caller gets DeadlineExceededError at once, whatever forward pass is running."""
@@ -368,7 +370,10 @@ class RerankService:
                 yield deadline
         except TimeoutError:
             metrics.REQUEST_TIMEOUTS.inc()
-            logger.info("request deadline passed", extra=log_fields(timeout_s=timeout_s))
+            logger.info(
+                "request deadline passed",
+                extra=log_fields(request_id=request_id, timeout_s=timeout_s),
+            )
             raise DeadlineExceededError(timeout_s) from None
 
     async def _score(

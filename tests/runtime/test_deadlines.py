@@ -201,3 +201,11 @@ async def test_no_deadline_by_default(xlmr_reranker: Path, xlmr_engine: TorchEng
         assert not waiting.done()
         engine.release()
         assert (await asyncio.wait_for(waiting, WAIT_S)).status_code == 200
+
+
+async def test_header_declared_in_openapi(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> None:
+    async with serving(settings_for(xlmr_reranker), xlmr_engine) as client:
+        spec = (await client.get("/openapi.json")).json()
+    for path in ("/rerank", "/predict", "/v2/rerank", "/v1/rerank"):
+        params = spec["paths"][path]["post"].get("parameters", [])
+        assert [p["name"] for p in params if p["in"] == "header"] == ["X-Request-Timeout"], path

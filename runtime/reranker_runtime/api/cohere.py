@@ -17,6 +17,7 @@ import uuid
 from fastapi import APIRouter, Request, Response
 
 from reranker_runtime.api.deps import (
+    REQUEST_TIMEOUT_OPENAPI,
     InferenceRoute,
     admitted_service,
     annotate,
@@ -82,6 +83,7 @@ async def _rerank(
     response_model=CohereRerankResponse,
     response_model_exclude_none=True,
     summary="Rerank (Cohere v2 API)",
+    openapi_extra=REQUEST_TIMEOUT_OPENAPI,
 )
 async def cohere_rerank(
     body: CohereRerankRequest, request: Request, response: Response
@@ -104,6 +106,7 @@ async def cohere_rerank(
     response_model=JinaRerankResponse,
     response_model_exclude_none=True,
     summary="Rerank (Jina API)",
+    openapi_extra=REQUEST_TIMEOUT_OPENAPI,
 )
 async def jina_rerank(
     body: JinaRerankRequest, request: Request, response: Response

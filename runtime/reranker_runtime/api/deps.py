@@ -121,6 +121,20 @@ def request_id(request: Request) -> str | None:
 
 
 REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
+# `openapi_extra` of the routes that honour the header, so /docs and generated clients show it.
+REQUEST_TIMEOUT_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": REQUEST_TIMEOUT_HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "number", "exclusiveMinimum": 0},
+            "description": "Deadline in seconds (e.g. 2.5); replaces the server's "
+            "--request-timeout. Past it: 504 and the request's waiting pairs are dropped; a "
+            "request that cannot make it is refused at once with 503.",
+        }
+    ]
+}
 
 
 def request_timeout(request: Request) -> float | None:

@@ -11,6 +11,7 @@ import time
 from fastapi import APIRouter, Request, Response
 
 from reranker_runtime.api.deps import (
+    REQUEST_TIMEOUT_OPENAPI,
     InferenceRoute,
     admitted_service,
     annotate,
@@ -35,6 +36,7 @@ router = APIRouter(tags=["TEI / BEI"], route_class=InferenceRoute)
     response_model=list[RankItem],
     response_model_exclude_none=True,
     summary="Rank texts against a query (BEI/TEI)",
+    openapi_extra=REQUEST_TIMEOUT_OPENAPI,
 )
 async def rerank(body: RerankRequest, request: Request, response: Response) -> list[RankItem]:
     started = time.perf_counter()
@@ -70,6 +72,7 @@ async def rerank(body: RerankRequest, request: Request, response: Response) -> l
     "/predict",
     response_model=list[Prediction] | list[list[Prediction]],
     summary="Classify texts or pairs (TEI)",
+    openapi_extra=REQUEST_TIMEOUT_OPENAPI,
     description=(
         "A single input (a string or a pair) returns a list of {label, score}; a list of inputs "
         "returns a list of such lists. Labels are sorted by score, best first."
