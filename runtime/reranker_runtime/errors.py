@@ -95,7 +95,9 @@ class DeadlineExceededError(RerankerError):
 class DeadlineUnreachableError(RerankerError):
     """Refused before queueing: even served next, the request could not finish in time."""
 
-    def __init__(self, needed_s: float, ahead_s: float, tokens: int, rate: float, left_s: float):
+    def __init__(
+        self, needed_s: float, ahead_s: float, tokens: int, rate: float, left_s: float
+    ) -> None:
         super().__init__(
             f"this request cannot be answered within its deadline: it needs at least "
             f"{needed_s:.3g} s ({ahead_s:.3g} s for the forward passes already running, then "

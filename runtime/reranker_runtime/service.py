@@ -365,10 +365,13 @@ class RerankService:
             yield None
             return
         deadline = asyncio.get_running_loop().time() + timeout_s
+        scope = asyncio.timeout_at(deadline)
         try:
-            async with asyncio.timeout_at(deadline):
+            async with scope:
                 yield deadline
         except TimeoutError:
+            if not scope.expired():
+                raise  # not our deadline
             metrics.REQUEST_TIMEOUTS.inc()
             logger.info(
                 "request deadline passed",

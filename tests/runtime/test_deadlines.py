@@ -167,19 +167,27 @@ async def test_refused_early_when_the_work_ahead_cannot_finish_in_time(
         )
         assert engine.arrived == calls
 
-        # A full forward pass is running (held): a 1-text request cannot finish in 0.3 s.
+        # A full forward pass (>= 1 s) is running, held, and another one's worth waits behind
+        # it: a 1-text request cannot finish in 0.3 s.
         engine.hold()
-        running = asyncio.create_task(client.post("/rerank", json=full))
+        running = asyncio.create_task(client.post("/rerank", json=big))
         await engine.wait_for_calls(calls + 1)
         small = await client.post(
             "/rerank", json={"query": QUERY, "texts": ["paris"]}, headers=timeout(0.3)
         )
         assert small.status_code == 503, small.text
         assert "for the forward passes already running" in small.json()["error"]
-        # One with time enough is taken, and answered once the pass ahead is done.
+        # 1.8 s is enough once the running pass is done: the waiting pairs are not counted (a
+        # first-come estimate, >= 2 s, would refuse it), since fairness lets it ride in the next
+        # batch. Taken, and answered.
         patient = asyncio.create_task(
-            client.post("/rerank", json={"query": QUERY, "texts": ["paris"]}, headers=timeout(60))
+            client.post("/rerank", json={"query": QUERY, "texts": ["paris"]}, headers=timeout(1.8))
         )
+        for _ in range(2000):
+            if (await samples(client))["te_queue_size"] == 8 + 1:
+                break
+            await asyncio.sleep(0.005)
+        assert (await samples(client))["te_queue_size"] == 8 + 1  # queued behind the held pass
         engine.delay_s = 0.0
         engine.release()
         assert (await asyncio.wait_for(running, WAIT_S)).status_code == 200
