@@ -338,8 +338,8 @@ async def test_routes_report_windows_and_usage(xlmr_reranker: Path, xlmr_engine)
         body = resp.json()
         assert [item["index"] for item in body] == order
         for item in body:
-            assert set(item) == {"index", "score", "chunks"}
-            assert item["chunks"] == counts[item["index"]]
+            assert set(item) == {"index", "score", "chunks", "truncated"}
+            assert item["chunks"] == counts[item["index"]] and item["truncated"] is False
             assert item["score"] == pytest.approx(
                 float(sigmoid(logits[item["index"]])), abs=SCORE_TOL
             )
@@ -348,9 +348,17 @@ async def test_routes_report_windows_and_usage(xlmr_reranker: Path, xlmr_engine)
         too_many = await client.post(
             "/rerank", json={"query": QUERY, "texts": texts, "max_chunks_per_doc": 2}
         )
-        assert too_many.status_code == 413
+        assert too_many.status_code == 413, too_many.text
         assert too_many.json()["error_type"] == "Validation"
         assert "max_chunks_per_doc" in too_many.json()["error"]
+        cut = await client.post(
+            "/rerank",
+            json={"query": QUERY, "texts": texts, "max_chunks_per_doc": 2, "truncate": True},
+        )
+        assert cut.status_code == 200, cut.text
+        for item in cut.json():
+            assert item["chunks"] == min(counts[item["index"]], 2)
+            assert item["truncated"] is (counts[item["index"]] > 2)
         bad = await client.post(
             "/rerank", json={"query": QUERY, "texts": texts, "max_chunks_per_doc": 0}
         )

@@ -69,6 +69,11 @@ class RankItem(BaseModel):
     chunks: int | None = Field(
         None, description="Windows the text was scored as; only present when chunking is on."
     )
+    truncated: bool | None = Field(
+        None,
+        description="Part of the text was not scored (cut, or windows beyond "
+        "max_chunks_per_doc); only present when chunking is on.",
+    )
 
 
 def _predict_sequence(value: Any, where: str) -> str | tuple[str, str]:

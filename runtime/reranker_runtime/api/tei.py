@@ -51,7 +51,7 @@ async def rerank(body: RerankRequest, request: Request, response: Response) -> l
         timeout_s=request_timeout(request),
         request_id=request_id(request),
     )
-    # `chunks` only when chunking is on (the request's or the server's max_chunks_per_doc > 1):
+    # `chunks` and `truncated` only when chunking is on (the request's or the server's max_chunks_per_doc > 1):
     # otherwise the body is exactly TEI's.
     chunked = (body.max_chunks_per_doc or service.settings.max_chunks_per_doc) > 1
     items = [
@@ -60,6 +60,7 @@ async def rerank(body: RerankRequest, request: Request, response: Response) -> l
             score=result.scores[i],
             text=body.texts[i] if body.return_text else None,
             chunks=result.chunks[i] if chunked else None,
+            truncated=result.truncated[i] if chunked else None,
         )
         for i in result.ranking()
     ]
