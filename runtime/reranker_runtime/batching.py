@@ -21,6 +21,11 @@ Batch formation (`_form_batch`) balances fairness against padding:
 
 The batcher's limits (`max_batch_tokens`, `max_batch_requests`) are the ones in force: the
 configured ones, lowered to the engine's own caps (a TensorRT profile). /info reports them.
+
+Deadlines: a request submitted with one is refused at once (`DeadlineUnreachableError`) when
+even served next it could not finish in time (`_refuse_if_unreachable`). When a deadline
+passes, the service cancels the caller, which drops the request's waiting entries like a
+client disconnect does. A long text's windows are ordinary entries of their request.
 """
 
 from __future__ import annotations
@@ -40,11 +45,15 @@ import numpy as np
 
 from reranker_runtime import metrics
 from reranker_runtime.engines.base import EncodedPair, Engine
-from reranker_runtime.errors import EngineError, ModelLoadError
+from reranker_runtime.errors import DeadlineUnreachableError, EngineError, ModelLoadError
 from reranker_runtime.lifecycle import State, not_ready_error
 from reranker_runtime.logging import log_fields
 
 logger = logging.getLogger(__name__)
+
+
+# Forward passes whose throughput the early deadline check looks at.
+_RATE_WINDOW = 32
 
 
 def default_pipeline_depth(device: str) -> int:
@@ -91,6 +100,7 @@ class _Entry:
 class _Batch:
     entries: list[_Entry]
     cost: int
+    submitted_at: float = 0.0  # event-loop time it was handed to the worker
 
 
 @dataclass
@@ -153,6 +163,10 @@ class Batcher:
         self._stopped = False  # stop() was called: not scoring again
         self._batches_run = 0
         self._batches_formed = 0
+        # Batches handed to the worker and not delivered yet, oldest (running) first.
+        self._submitted: deque[tuple[_Batch, asyncio.Future[_Outcome]]] = deque()
+        # Tokens per second (as budgeted) of recent large forward passes: the deadline estimate.
+        self._recent_rates: deque[float] = deque(maxlen=_RATE_WINDOW)
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -226,9 +240,14 @@ class Batcher:
 
     # ------------------------------------------------------------------------------- submit
 
-    async def score(self, request_id: str, items: Sequence[EncodedPair]) -> BatchResult:
+    async def score(
+        self, request_id: str, items: Sequence[EncodedPair], *, deadline: float | None = None
+    ) -> BatchResult:
         """Score every item; returns when all are done. Cancelling the caller drops the
-        request's entries that have not run yet."""
+        request's entries that have not run yet (that is how a passed deadline ends it).
+
+        `deadline` (event-loop time): refuse the request at once, queueing nothing, when even
+        served next it could not finish in time (`DeadlineUnreachableError`)."""
         if not self._running:
             # Never started (loading, warming up) or stopped: either way no longer scoring.
             raise not_ready_error(State.STOPPED if self._stopped else State.WARMING_UP)
@@ -236,6 +255,8 @@ class Batcher:
         now = time.perf_counter()
         if not items:
             return BatchResult(np.zeros((0, self._num_labels), np.float32), 0.0, 0.0, 0)
+        if deadline is not None:
+            self._refuse_if_unreachable(items, deadline, loop.time())
         request = _Request(
             request_id=request_id,
             submitted_at=now,
@@ -261,13 +282,40 @@ class Batcher:
 
     # ------------------------------------------------------------------------- queue owner
 
+    def _refuse_if_unreachable(
+        self, items: Sequence[EncodedPair], deadline: float, now: float
+    ) -> None:
+        """A lower bound of the time the request needs, were it served next: the forward passes
+        already submitted (they cannot be interrupted) plus its own tokens, both at the fastest
+        rate of the recent forward passes of at least half the budget. Pairs of other requests
+        still waiting are not counted: the fair batching can put the new request's pairs ahead
+        of them. So a request is refused only when it cannot finish in time."""
+        if not self._recent_rates:
+            return  # no large forward pass measured yet: no estimate
+        rate = max(self._recent_rates)
+        ahead_s = 0.0
+        for i, (batch, _) in enumerate(self._submitted):
+            if i == 0:
+                # Running (or about to): part of it is done. Counting from its submission
+                # overstates that part, which keeps the bound low.
+                ahead_s += max(0.0, batch.cost / rate - (now - batch.submitted_at))
+            else:
+                # Not started: entries of requests dropped meanwhile will be skipped.
+                live = [len(e.pair) for e in batch.entries if not e.request.dropped]
+                ahead_s += batch_cost(live, self._padded) / rate
+        tokens = sum(len(p) for p in items)
+        needed_s = ahead_s + tokens / rate
+        if now + needed_s > deadline:
+            raise DeadlineUnreachableError(needed_s, ahead_s, tokens, rate, deadline - now)
+
     async def _own_queue(self) -> None:
         loop = asyncio.get_running_loop()
-        submitted: deque[tuple[_Batch, asyncio.Future[_Outcome]]] = deque()
+        submitted = self._submitted
         while self._running or submitted:
             while self._running and len(submitted) < self.pipeline_depth and self._requests:
                 batch = self._form_batch()
                 assert self._executor is not None
+                batch.submitted_at = loop.time()
                 fut = loop.run_in_executor(self._executor, self._forward, batch)
                 submitted.append((batch, fut))
             if submitted:
@@ -404,6 +452,11 @@ class Batcher:
         metrics.BATCH_SIZE.observe(len(outcome.ran))
         metrics.BATCH_TOKENS.observe(batch.cost)
         metrics.BATCH_INFERENCE_DURATION.observe(outcome.duration_s)
+        ran_cost = batch_cost([len(e.pair) for e in outcome.ran], self._padded)
+        # Only passes of at least half the budget measure throughput: a small one is mostly
+        # fixed per-pass overhead and would make every estimate too slow.
+        if outcome.duration_s > 0 and 2 * ran_cost >= self.max_batch_tokens:
+            self._recent_rates.append(ran_cost / outcome.duration_s)
         assert outcome.logits is not None
         for request in requests:
             if request.first_start is None:

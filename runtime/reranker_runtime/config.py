@@ -26,6 +26,12 @@ class ServeSettings:
     max_client_batch_size: int = 1000  # most texts/inputs in one request
     max_concurrent_requests: int = 512  # requests in flight before 429
     auto_truncate: bool = False  # truncate over-long inputs even when the request says not to
+    # Long texts scored as windows (docs/runtime-batching.md, "Long texts"): default windows per
+    # text (1 = no chunking), tokens shared by consecutive windows, and most windows per request.
+    max_chunks_per_doc: int = 1
+    chunk_overlap_tokens: int = 32
+    max_chunks_per_request: int = 4096
+    request_timeout: float | None = None  # default deadline of a request in seconds; None: none
     api_key: str | None = None
     log_format: str = "json"  # json | text
     log_level: str = "info"
@@ -46,6 +52,10 @@ SERVE_ENV_VARS: dict[str, str] = {
     "max_client_batch_size": "RERANKER_MAX_CLIENT_BATCH_SIZE",
     "max_concurrent_requests": "RERANKER_MAX_CONCURRENT_REQUESTS",
     "auto_truncate": "RERANKER_AUTO_TRUNCATE",
+    "max_chunks_per_doc": "RERANKER_MAX_CHUNKS_PER_DOC",
+    "chunk_overlap_tokens": "RERANKER_CHUNK_OVERLAP_TOKENS",
+    "max_chunks_per_request": "RERANKER_MAX_CHUNKS_PER_REQUEST",
+    "request_timeout": "RERANKER_REQUEST_TIMEOUT",
     "api_key": "RERANKER_API_KEY",
     "log_format": "RERANKER_LOG_FORMAT",
     "log_level": "RERANKER_LOG_LEVEL",

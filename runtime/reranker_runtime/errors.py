@@ -42,6 +42,32 @@ class InputTooLongError(ValidationError):
     """A sequence longer than the model accepts while truncation is off."""
 
 
+class TooManyChunksPerTextError(ValidationError):
+    """A text needs more windows than the request's max_chunks_per_doc while truncation is off."""
+
+    def __init__(self, field: str, index: int, needed: int, window_tokens: int, limit: int) -> None:
+        super().__init__(
+            f"`{field}[{index}]` needs {needed} windows of up to {window_tokens} text tokens to be "
+            f"scored whole, but at most {limit} windows per text are scored (max_chunks_per_doc)"
+        )
+        self.field = field
+        self.index = index
+        self.needed = needed
+        self.limit = limit
+
+
+class TooManyChunksPerRequestError(ValidationError):
+    """A chunking request whose texts make more windows than the server scores per request."""
+
+    def __init__(self, texts: int, windows: int, limit: int) -> None:
+        super().__init__(
+            f"the {texts} texts of this request make {windows} windows but this server scores at "
+            f"most {limit} per request"
+        )
+        self.windows = windows
+        self.limit = limit
+
+
 class WrongModelKindError(ValidationError):
     """A rerank route called on a classifier (several labels), or the reverse."""
 
@@ -53,6 +79,33 @@ class OverloadedError(RerankerError):
         super().__init__(f"{in_flight} requests are already in flight, the limit is {limit}")
         self.in_flight = in_flight
         self.limit = limit
+
+
+class DeadlineExceededError(RerankerError):
+    """The request's deadline passed before it was answered; its waiting pairs were dropped."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"the request was not answered within its deadline of {timeout_s:g} s; "
+            "its pairs still waiting were dropped"
+        )
+        self.timeout_s = timeout_s
+
+
+class DeadlineUnreachableError(RerankerError):
+    """Refused before queueing: even served next, the request could not finish in time."""
+
+    def __init__(
+        self, needed_s: float, ahead_s: float, tokens: int, rate: float, left_s: float
+    ) -> None:
+        super().__init__(
+            f"this request cannot be answered within its deadline: it needs at least "
+            f"{needed_s:.3g} s ({ahead_s:.3g} s for the forward passes already running, then "
+            f"{tokens} tokens at the recent {rate:.0f} tokens/s) but {left_s:.3g} s remain; "
+            "nothing was computed"
+        )
+        self.needed_s = needed_s
+        self.left_s = left_s
 
 
 class NotReadyError(RerankerError):

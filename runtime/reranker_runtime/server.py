@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import re
 import signal
@@ -77,6 +78,16 @@ def _choice_parser(choices: tuple[str, ...]) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a finite number > 0")
+    return value
 
 
 def _device(text: str) -> str:
@@ -184,6 +195,37 @@ _OPTIONS: tuple[_Option, ...] = (
         "Truncate over-long inputs on every request, even when it sets truncate=false "
         "(--no-auto-truncate to turn off)",
         boolean=True,
+    ),
+    _Option(
+        "max_chunks_per_doc",
+        ("--max-chunks-per-doc",),
+        _int_parser(1),
+        "Windows a text longer than the model's limit is split into and scored by (its score is "
+        "the best window's) when the request does not send max_chunks_per_doc; 1 = no chunking",
+        "N",
+    ),
+    _Option(
+        "chunk_overlap_tokens",
+        ("--chunk-overlap-tokens",),
+        _int_parser(0),
+        "Text tokens shared by consecutive windows of a chunked text (at most half a window)",
+        "N",
+    ),
+    _Option(
+        "max_chunks_per_request",
+        ("--max-chunks-per-request",),
+        _int_parser(1),
+        "Most windows one chunking request may score; more -> 413",
+        "N",
+    ),
+    _Option(
+        "request_timeout",
+        ("--request-timeout",),
+        _positive_float,
+        "Default deadline of an inference request in seconds (the X-Request-Timeout header "
+        "replaces it); past it the request's waiting pairs are dropped and it gets 504",
+        "SECONDS",
+        default_text="none (no deadline)",
     ),
     _Option(
         "api_key",

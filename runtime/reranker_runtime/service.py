@@ -12,8 +12,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,13 +23,25 @@ from reranker_runtime.batching import Batcher, BatchResult
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.engines.base import Engine, EngineInfo
 from reranker_runtime.errors import (
+    DeadlineExceededError,
+    DeadlineUnreachableError,
     EmptyInputError,
     InputTooLongError,
+    ModelLoadError,
+    TooManyChunksPerRequestError,
+    TooManyChunksPerTextError,
     TooManyInputsError,
     ValidationError,
     WrongModelKindError,
 )
-from reranker_runtime.tokenization import Encoded, PairTokenizer, TokenInfo, parse_direction
+from reranker_runtime.logging import log_fields
+from reranker_runtime.tokenization import (
+    ChunkedText,
+    Encoded,
+    PairTokenizer,
+    TokenInfo,
+    parse_direction,
+)
 
 __all__ = ["PredictResult", "RerankResult", "RerankService", "TokenInfo"]
 
@@ -46,6 +59,7 @@ class RerankResult:
     tokenization_time_s: float
     queue_time_s: float
     inference_time_s: float
+    chunks: list[int] = field(default_factory=list)  # windows scored per text (1: not chunked)
 
     def ranking(self) -> list[int]:
         """Indices by score, best first; ties keep request order (stable sort)."""
@@ -114,6 +128,13 @@ class RerankService:
 
     async def start(self) -> None:
         """Refuse impossible limits, warm the engine up (off the event loop), start batching."""
+        longest_window = self._tokenizer.max_text_tokens
+        if self._settings.chunk_overlap_tokens >= longest_window:
+            raise ModelLoadError(
+                f"--chunk-overlap-tokens is {self._settings.chunk_overlap_tokens} but a window of "
+                f"this model holds at most {longest_window} text tokens (max input length "
+                f"{self._info.max_input_length} minus special tokens); lower --chunk-overlap-tokens"
+            )
         await self._batcher.start(warmup=True)
 
     async def stop(self) -> None:
@@ -133,13 +154,20 @@ class RerankService:
         truncation_direction: str = "right",
         raw_scores: bool = False,
         max_tokens_per_text: int | None = None,
+        max_chunks_per_text: int | None = None,
+        timeout_s: float | None = None,
         request_id: str | None = None,
         texts_field: str = "texts",
     ) -> RerankResult:
         """Score each text against the query. `texts_field` is the request's name for the texts
         (`documents` on the Cohere/Jina routes), so error messages name what the client sent.
         `max_tokens_per_text` first cuts each text to that many tokens (Cohere/Jina
-        `max_tokens_per_doc`); a text so cut is reported as truncated."""
+        `max_tokens_per_doc`); a text so cut is reported as truncated.
+
+        `max_chunks_per_text` (default `--max-chunks-per-doc`): a text too long for the model is
+        scored as up to that many windows, each paired with the whole query, and gets the best
+        window's score (the max of the raw logits; sigmoid applies to that max). `timeout_s`
+        (default `--request-timeout`): the deadline, counted from this call."""
         if self._info.num_labels != 1:
             raise WrongModelKindError(
                 f"this model is a classifier with {self._info.num_labels} labels ({', '.join(self._labels)}), "
@@ -160,23 +188,39 @@ class RerankService:
                 raise EmptyInputError(
                     f"`{texts_field}[{i}]` is empty; every text needs at least one non-space character"
                 )
-
-        t0 = time.perf_counter()
-        encoded = await asyncio.to_thread(
-            self._tokenizer.encode_pairs,
-            query,
-            texts,
-            truncate=self._truncating(truncate),
-            direction=direction,
-            max_text_tokens=max_tokens_per_text,
+        chunks = (
+            max_chunks_per_text
+            if max_chunks_per_text is not None
+            else self._settings.max_chunks_per_doc
         )
-        tokenization_s = time.perf_counter() - t0
-        self._check_lengths(encoded, texts_field, "query and text are")
+        if chunks < 1:
+            raise ValidationError(f"max_chunks_per_doc must be at least 1, got {chunks}")
+        truncating = self._truncating(truncate)
 
-        result = await self._score(encoded, request_id)
-        logits = result.logits[:, 0]
-        scores = logits.astype(np.float64) if raw_scores else _sigmoid(logits)
-        self._observe(encoded, tokenization_s, result)
+        async with self._deadline(timeout_s, request_id) as deadline:
+            t0 = time.perf_counter()
+            encoded = await asyncio.to_thread(
+                self._tokenizer.encode_chunked,
+                query,
+                texts,
+                truncate=truncating,
+                direction=direction,
+                max_text_tokens=max_tokens_per_text,
+                max_windows=chunks,
+                overlap=self._settings.chunk_overlap_tokens,
+            )
+            tokenization_s = time.perf_counter() - t0
+            windows = self._check_windows(encoded, chunks, truncating, texts_field)
+            result = await self._score(windows, request_id, deadline)
+
+        # The max over each text's windows, on raw logits (sigmoid is monotonic: same ranking).
+        logits = result.logits[:, 0].astype(np.float64)
+        bounds = np.cumsum([0] + [len(e.windows) for e in encoded])
+        best = np.array([logits[bounds[i] : bounds[i + 1]].max() for i in range(len(encoded))])
+        scores = best if raw_scores else _sigmoid(best)
+        self._observe(windows, tokenization_s, result)
+        if chunks > 1:
+            metrics.CHUNKED_TEXTS.inc(sum(1 for e in encoded if len(e.windows) > 1))
         return RerankResult(
             scores=[float(s) for s in scores],
             token_counts=[e.num_tokens for e in encoded],
@@ -185,6 +229,7 @@ class RerankService:
             tokenization_time_s=tokenization_s,
             queue_time_s=result.queue_time_s,
             inference_time_s=result.inference_time_s,
+            chunks=[len(e.windows) for e in encoded],
         )
 
     async def predict(
@@ -194,23 +239,25 @@ class RerankService:
         truncate: bool,
         truncation_direction: str = "right",
         raw_scores: bool = False,
+        timeout_s: float | None = None,
         request_id: str | None = None,
     ) -> PredictResult:
-        """TEI /predict: one label -> sigmoid, several -> softmax (raw logits with raw_scores)."""
+        """TEI /predict: one label -> sigmoid, several -> softmax (raw logits with raw_scores).
+        `timeout_s` as in `rerank`."""
         direction = parse_direction(truncation_direction)
         items = self._check_inputs(inputs)
 
-        t0 = time.perf_counter()
-        encoded = await asyncio.to_thread(
-            self._tokenizer.encode_inputs,
-            items,
-            truncate=self._truncating(truncate),
-            direction=direction,
-        )
-        tokenization_s = time.perf_counter() - t0
-        self._check_lengths(encoded, "inputs", "input is")
-
-        result = await self._score(encoded, request_id)
+        async with self._deadline(timeout_s, request_id) as deadline:
+            t0 = time.perf_counter()
+            encoded = await asyncio.to_thread(
+                self._tokenizer.encode_inputs,
+                items,
+                truncate=self._truncating(truncate),
+                direction=direction,
+            )
+            tokenization_s = time.perf_counter() - t0
+            self._check_lengths(encoded, "inputs", "input is")
+            result = await self._score(encoded, request_id, deadline)
         logits = result.logits
         if raw_scores:
             probs = logits.astype(np.float64)
@@ -289,8 +336,59 @@ class RerankService:
                     f"at most {limit}"
                 )
 
-    async def _score(self, encoded: list[Encoded], request_id: str | None) -> BatchResult:
-        return await self._batcher.score(request_id or uuid.uuid4().hex, [e.pair for e in encoded])
+    def _check_windows(
+        self, encoded: list[ChunkedText], chunks: int, truncating: bool, field: str
+    ) -> list[Encoded]:
+        """The windows to score, in text order; refuses a text that needs more windows than
+        `chunks` (truncation off), an over-long pair, and too many windows per request."""
+        for i, text in enumerate(encoded):
+            if not truncating and text.needed_windows > chunks:
+                raise TooManyChunksPerTextError(
+                    field, i, text.needed_windows, text.window_tokens, chunks
+                )
+        self._check_lengths([text.windows[0] for text in encoded], field, "query and text are")
+        windows = [w for text in encoded for w in text.windows]
+        limit = self._settings.max_chunks_per_request
+        if chunks > 1 and len(windows) > limit:
+            raise TooManyChunksPerRequestError(len(encoded), len(windows), limit)
+        return windows
+
+    @asynccontextmanager
+    async def _deadline(
+        self, timeout_s: float | None, request_id: str | None
+    ) -> AsyncIterator[float | None]:
+        """Run the block under the request's deadline (event-loop time), if it has one. When it
+        passes, the block is cancelled (the batcher drops the request's waiting pairs) and the
+        caller gets DeadlineExceededError at once, whatever forward pass is running."""
+        timeout_s = timeout_s if timeout_s is not None else self._settings.request_timeout
+        if timeout_s is None:
+            yield None
+            return
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        scope = asyncio.timeout_at(deadline)
+        try:
+            async with scope:
+                yield deadline
+        except TimeoutError:
+            if not scope.expired():
+                raise  # not our deadline
+            metrics.REQUEST_TIMEOUTS.inc()
+            logger.info(
+                "request deadline passed",
+                extra=log_fields(request_id=request_id, timeout_s=timeout_s),
+            )
+            raise DeadlineExceededError(timeout_s) from None
+
+    async def _score(
+        self, encoded: list[Encoded], request_id: str | None, deadline: float | None
+    ) -> BatchResult:
+        try:
+            return await self._batcher.score(
+                request_id or uuid.uuid4().hex, [e.pair for e in encoded], deadline=deadline
+            )
+        except DeadlineUnreachableError:
+            metrics.REQUEST_DEADLINE_REFUSALS.inc()
+            raise
 
     def _observe(self, encoded: list[Encoded], tokenization_s: float, result: BatchResult) -> None:
         metrics.TOKENIZATION_DURATION.observe(tokenization_s)

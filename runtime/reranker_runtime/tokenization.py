@@ -47,6 +47,21 @@ class Encoded:
 
 
 @dataclass(frozen=True)
+class ChunkedText:
+    """One text as scored: its windows, each paired with the whole query (one window unless the
+    text was chunked), and whether part of the text was left unscored."""
+
+    windows: list[Encoded]
+    needed_windows: int  # windows the whole text needs; more than len(windows) when cut
+    window_tokens: int  # text tokens per window (the last one may be shorter)
+    truncated: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(w.num_tokens for w in self.windows)
+
+
+@dataclass(frozen=True)
 class TokenInfo:
     """One token as TEI's /tokenize reports it. start/stop are character offsets into the
     input string the token came from (the first or second element of a pair); None for special
@@ -76,6 +91,11 @@ class PairTokenizer:
         self._special_single = self._tok.num_special_tokens_to_add(is_pair=False)
         if max_input_length <= self._special_pair + 1:
             raise ValueError(f"max_input_length {max_input_length} leaves no room for a pair")
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Text tokens of a pair with an empty query: the longest window a text can get."""
+        return self.max_input_length - self._special_pair
 
     def _raw(self, texts: Sequence[str]) -> list[Encoding]:
         return self._tok.encode_batch(list(texts), add_special_tokens=False)
@@ -116,6 +136,80 @@ class PairTokenizer:
                 self._pair(q, query, t, truncate=truncate, direction=direction, cut_tokens=extra)
             )
         return out
+
+    def encode_chunked(
+        self,
+        query: str,
+        texts: Sequence[str],
+        *,
+        truncate: bool,
+        direction: Direction = "right",
+        max_text_tokens: int | None = None,
+        max_windows: int = 1,
+        overlap: int = 0,
+    ) -> list[ChunkedText]:
+        """Encode each text as windows when it does not fit the model with the query.
+
+        A text whose pair is too long is split into windows of `budget - len(query)` text
+        tokens, each paired with the whole query by the tokenizer's own template; consecutive
+        windows share `overlap` tokens (at most half a window). Windows are laid from the
+        text's start (`direction="right"`) or its end (`"left"`); at most `max_windows` are
+        kept, in that order, and a text that needs more is marked truncated (the caller refuses
+        it when truncation is off). With `max_windows=1`, or a query that leaves no room for
+        text, this is exactly `encode_pairs`."""
+        if max_windows <= 1:
+            return [
+                ChunkedText(windows=[e], needed_windows=1, window_tokens=0, truncated=e.truncated)
+                for e in self.encode_pairs(
+                    query,
+                    texts,
+                    truncate=truncate,
+                    direction=direction,
+                    max_text_tokens=max_text_tokens,
+                )
+            ]
+        budget = self.max_input_length - self._special_pair
+        q = self._tok.encode(query, add_special_tokens=False)
+        window = budget - len(q.ids)
+        out: list[ChunkedText] = []
+        for t in self._raw(texts):
+            cut = 0
+            if max_text_tokens is not None and len(t.ids) > max_text_tokens:
+                cut = len(t.ids) - max_text_tokens
+                t.truncate(max_text_tokens, stride=0, direction="right")
+            if window < 1 or len(q.ids) + len(t.ids) <= budget:
+                single = self._pair(
+                    q, query, t, truncate=truncate, direction=direction, cut_tokens=cut
+                )
+                out.append(ChunkedText([single], 1, max(window, 0), single.truncated))
+                continue
+            # The tokenizer's own windowing: `t` becomes the first window, the others go to
+            # `t.overflowing`. Each is post-processed with the query on its own: the pair
+            # outputs' own `overflowing` carry wrong token_type_ids for BERT-style templates.
+            t.truncate(window, stride=min(overlap, window // 2), direction=direction)
+            parts = [t, *t.overflowing][:max_windows]
+            windows = [
+                self._window(self._tok.post_process(q, part, add_special_tokens=True))
+                for part in parts
+            ]
+            out.append(
+                ChunkedText(
+                    windows=windows,
+                    needed_windows=1 + len(t.overflowing),
+                    window_tokens=window,
+                    truncated=cut > 0 or len(t.overflowing) >= max_windows,
+                )
+            )
+        return out
+
+    def _window(self, enc: Encoding) -> Encoded:
+        pair = EncodedPair(
+            input_ids=list(enc.ids),
+            token_type_ids=list(enc.type_ids) if self.uses_token_type_ids else None,
+        )
+        return Encoded(
+            pair=pair, num_tokens=len(enc.ids), original_tokens=len(enc.ids), truncated=False
+        )
 
     def encode_inputs(
         self, inputs: Sequence[Input], *, truncate: bool, direction: Direction = "right"

@@ -3,7 +3,9 @@
 Both APIs truncate long documents instead of refusing them, so these routes always score with
 truncation on; each result says whether its pair was cut (`truncated`, an extension field that
 clients of either API ignore). `max_tokens_per_doc` cuts each document to its first that many
-tokens before pairing it with the query (done by the service).
+tokens before pairing it with the query (done by the service). `max_chunks_per_doc` (Cohere's
+parameter) scores a long document as up to that many windows and keeps the best; each result
+says how many windows it used (`chunks`, an extension field like `truncated`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import uuid
 from fastapi import APIRouter, Request, Response
 
 from reranker_runtime.api.deps import (
+    REQUEST_TIMEOUT_OPENAPI,
     InferenceRoute,
     admitted_service,
     annotate,
     request_id,
+    request_timeout,
     timing_headers,
 )
 from reranker_runtime.api.schemas import (
@@ -51,6 +55,8 @@ async def _rerank(
         body.documents,
         truncate=True,
         max_tokens_per_text=body.max_tokens_per_doc,
+        max_chunks_per_text=body.max_chunks_per_doc,
+        timeout_s=request_timeout(request),
         request_id=request_id(request),
         texts_field="documents",
     )
@@ -63,6 +69,7 @@ async def _rerank(
             relevance_score=result.scores[i],
             document=DocumentText(text=body.documents[i]) if body.return_documents else None,
             truncated=result.truncated[i],
+            chunks=result.chunks[i],
         )
         for i in order
     ]
@@ -76,6 +83,7 @@ async def _rerank(
     response_model=CohereRerankResponse,
     response_model_exclude_none=True,
     summary="Rerank (Cohere v2 API)",
+    openapi_extra=REQUEST_TIMEOUT_OPENAPI,
 )
 async def cohere_rerank(
     body: CohereRerankRequest, request: Request, response: Response
@@ -98,6 +106,7 @@ async def cohere_rerank(
     response_model=JinaRerankResponse,
     response_model_exclude_none=True,
     summary="Rerank (Jina API)",
+    openapi_extra=REQUEST_TIMEOUT_OPENAPI,
 )
 async def jina_rerank(
     body: JinaRerankRequest, request: Request, response: Response

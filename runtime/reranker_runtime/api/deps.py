@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import Request
 
 from reranker_runtime.api.auth import ProtectedRoute
+from reranker_runtime.errors import ValidationError
 
 if TYPE_CHECKING:
     from reranker_runtime.lifecycle import Lifecycle
@@ -116,6 +118,41 @@ def request_id(request: Request) -> str | None:
     """The id AccessMiddleware gave this request (the client's x-request-id, or generated)."""
     value = request.scope.get(REQUEST_ID_SCOPE_KEY)
     return value if isinstance(value, str) else None
+
+
+REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
+# `openapi_extra` of the routes that honour the header, so /docs and generated clients show it.
+REQUEST_TIMEOUT_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": REQUEST_TIMEOUT_HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "number", "exclusiveMinimum": 0},
+            "description": "Deadline in seconds (e.g. 2.5); replaces the server's "
+            "--request-timeout. Past it: 504 and the request's waiting pairs are dropped; a "
+            "request that cannot make it is refused at once with 503.",
+        }
+    ]
+}
+
+
+def request_timeout(request: Request) -> float | None:
+    """The request's deadline in seconds from its `X-Request-Timeout` header (a number > 0,
+    e.g. `2.5`), or None when it sent none (the service then applies --request-timeout)."""
+    raw = request.headers.get(REQUEST_TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValidationError(
+            f"header `{REQUEST_TIMEOUT_HEADER}` must be a number of seconds greater than 0 "
+            f"(e.g. 2.5), got {raw!r}"
+        )
+    return value
 
 
 def annotate(request: Request, **fields: Any) -> None:

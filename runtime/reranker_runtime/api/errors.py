@@ -13,12 +13,16 @@ MethodNotAllowed, so TEI clients that branch on it keep working.
 | unknown path                            | 404    | NotFound         |                        |
 | wrong method                            | 405    | MethodNotAllowed |                        |
 | TooManyInputsError, body over 64 MiB    | 413    | Validation       | names the server flag  |
+| TooManyChunksPerTextError               | 413    | Validation       | max_chunks_per_doc     |
+| TooManyChunksPerRequestError            | 413    | Validation       | names the server flag  |
 | ValidationError, InputTooLongError,     | 422    | Validation       | InputTooLong: truncate |
 |   request schema errors                 |        |                  |                        |
 | OverloadedError                         | 429    | Overloaded       | Retry-After: 1, flag   |
 | client went away before the answer      | 499    | (no body)        |                        |
 | EngineError, any other exception        | 500    | Backend          |                        |
 | NotReadyError (every lifecycle state)   | 503    | Unhealthy        | Retry-After: 5         |
+| DeadlineUnreachableError                | 503    | Overloaded       | Retry-After: 1         |
+| DeadlineExceededError                   | 504    | Timeout          | names the header, flag |
 """
 
 from __future__ import annotations
@@ -29,12 +33,16 @@ from dataclasses import dataclass, field
 from fastapi.responses import JSONResponse
 
 from reranker_runtime.errors import (
+    DeadlineExceededError,
+    DeadlineUnreachableError,
     EmptyInputError,
     EngineError,
     InputTooLongError,
     NotReadyError,
     OverloadedError,
     RerankerError,
+    TooManyChunksPerRequestError,
+    TooManyChunksPerTextError,
     TooManyInputsError,
     UnauthorizedError,
     ValidationError,
@@ -72,6 +80,24 @@ ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
             advice=" or raise --max-client-batch-size (RERANKER_MAX_CLIENT_BATCH_SIZE)",
         ),
     ),
+    (
+        TooManyChunksPerTextError,
+        HttpError(
+            413,
+            "Validation",
+            advice="; send a larger max_chunks_per_doc (server default: --max-chunks-per-doc) or "
+            "set truncate=true to score only the first windows",
+        ),
+    ),
+    (
+        TooManyChunksPerRequestError,
+        HttpError(
+            413,
+            "Validation",
+            advice="; send fewer or shorter texts or a smaller max_chunks_per_doc, or raise "
+            "--max-chunks-per-request (RERANKER_MAX_CHUNKS_PER_REQUEST)",
+        ),
+    ),
     (InputTooLongError, HttpError(422, "Validation", advice="; shorten it or set truncate=true")),
     (ValidationError, HttpError(422, "Validation")),
     (
@@ -81,6 +107,25 @@ ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
             "Overloaded",
             {"Retry-After": str(OVERLOADED_RETRY_AFTER_S)},
             advice=" (--max-concurrent-requests); retry shortly",
+        ),
+    ),
+    (
+        DeadlineUnreachableError,
+        HttpError(
+            503,
+            "Overloaded",
+            {"Retry-After": str(OVERLOADED_RETRY_AFTER_S)},
+            advice="; retry with a longer X-Request-Timeout, fewer or shorter texts, or on a less "
+            "busy replica",
+        ),
+    ),
+    (
+        DeadlineExceededError,
+        HttpError(
+            504,
+            "Timeout",
+            advice="; send a longer X-Request-Timeout header (server default: --request-timeout) "
+            "or fewer texts",
         ),
     ),
     (NotReadyError, HttpError(503, "Unhealthy", {"Retry-After": str(NOT_READY_RETRY_AFTER_S)})),

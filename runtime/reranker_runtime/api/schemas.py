@@ -34,6 +34,13 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+_MAX_CHUNKS_DESCRIPTION = (
+    "Score a text too long for the model as up to this many windows (each paired with the whole "
+    "query) and keep the best window's score; default: the server's --max-chunks-per-doc "
+    "(1: no chunking)."
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # TEI / BEI
 
@@ -52,12 +59,21 @@ class RerankRequest(_Request):
     truncation_direction: TruncationDirection = Field(
         "right", description="Which end of the text to cut: right (default) or left; any case."
     )
+    max_chunks_per_doc: int | None = Field(None, gt=0, description=_MAX_CHUNKS_DESCRIPTION)
 
 
 class RankItem(BaseModel):
     index: int = Field(description="Position of the text in the request's `texts`.")
     score: float = Field(description="sigmoid(logit), or the raw logit with raw_scores.")
     text: str | None = Field(None, description="Only present when return_text was true.")
+    chunks: int | None = Field(
+        None, description="Windows the text was scored as; only present when chunking is on."
+    )
+    truncated: bool | None = Field(
+        None,
+        description="Part of the text was not scored (cut, or windows beyond "
+        "max_chunks_per_doc); only present when chunking is on.",
+    )
 
 
 def _predict_sequence(value: Any, where: str) -> str | tuple[str, str]:
@@ -230,6 +246,7 @@ class _ApiRerankRequest(_Request):
     max_tokens_per_doc: int | None = Field(
         None, gt=0, description="Cut each document to this many tokens before scoring."
     )
+    max_chunks_per_doc: int | None = Field(None, gt=0, description=_MAX_CHUNKS_DESCRIPTION)
 
 
 class CohereRerankRequest(_ApiRerankRequest):
@@ -252,7 +269,11 @@ class ApiRerankResult(BaseModel):
     index: int
     relevance_score: float
     document: DocumentText | None = Field(None, description="Only with return_documents.")
-    truncated: bool = Field(description="The pair was cut to fit the model (extension).")
+    truncated: bool = Field(
+        description="Part of the document was not scored: cut to fit the model, by "
+        "max_tokens_per_doc, or windows beyond max_chunks_per_doc (extension)."
+    )
+    chunks: int = Field(1, description="Windows the document was scored as (extension).")
 
 
 class CohereBilledUnits(BaseModel):

@@ -11,10 +11,12 @@ import time
 from fastapi import APIRouter, Request, Response
 
 from reranker_runtime.api.deps import (
+    REQUEST_TIMEOUT_OPENAPI,
     InferenceRoute,
     admitted_service,
     annotate,
     request_id,
+    request_timeout,
     timing_headers,
 )
 from reranker_runtime.api.schemas import (
@@ -34,22 +36,31 @@ router = APIRouter(tags=["TEI / BEI"], route_class=InferenceRoute)
     response_model=list[RankItem],
     response_model_exclude_none=True,
     summary="Rank texts against a query (BEI/TEI)",
+    openapi_extra=REQUEST_TIMEOUT_OPENAPI,
 )
 async def rerank(body: RerankRequest, request: Request, response: Response) -> list[RankItem]:
     started = time.perf_counter()
-    result = await admitted_service(request).rerank(
+    service = admitted_service(request)
+    result = await service.rerank(
         body.query,
         body.texts,
         truncate=bool(body.truncate),
         truncation_direction=body.truncation_direction,
         raw_scores=body.raw_scores,
+        max_chunks_per_text=body.max_chunks_per_doc,
+        timeout_s=request_timeout(request),
         request_id=request_id(request),
     )
+    # `chunks` and `truncated` only when chunking is on (the request's or the server's max_chunks_per_doc > 1):
+    # otherwise the body is exactly TEI's.
+    chunked = (body.max_chunks_per_doc or service.settings.max_chunks_per_doc) > 1
     items = [
         RankItem(
             index=i,
             score=result.scores[i],
             text=body.texts[i] if body.return_text else None,
+            chunks=result.chunks[i] if chunked else None,
+            truncated=result.truncated[i] if chunked else None,
         )
         for i in result.ranking()
     ]
@@ -62,6 +73,7 @@ async def rerank(body: RerankRequest, request: Request, response: Response) -> l
     "/predict",
     response_model=list[Prediction] | list[list[Prediction]],
     summary="Classify texts or pairs (TEI)",
+    openapi_extra=REQUEST_TIMEOUT_OPENAPI,
     description=(
         "A single input (a string or a pair) returns a list of {label, score}; a list of inputs "
         "returns a list of such lists. Labels are sorted by score, best first."
@@ -76,6 +88,7 @@ async def predict(
         truncate=bool(body.truncate),
         truncation_direction=body.truncation_direction,
         raw_scores=body.raw_scores,
+        timeout_s=request_timeout(request),
         request_id=request_id(request),
     )
     out = [
