@@ -26,6 +26,8 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 
 from reranker_runtime import metrics
 from reranker_runtime.api.auth import ProtectedRoute
@@ -103,6 +105,8 @@ def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
         except ClientDisconnected:
             metrics.REQUEST_FAILURE.inc(err=DROPPED)
             raise
+        except (RequestValidationError, HTTPException):
+            raise  # a body the route parses itself (POST /): TEI does not count these either
         except Exception as exc:
             metrics.REQUEST_FAILURE.inc(err=failure_reason(exc))
             raise

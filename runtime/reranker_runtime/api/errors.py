@@ -28,9 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reranker_runtime.errors import (
     EmptyInputError,
@@ -117,10 +115,6 @@ DROPPED = "dropped"
 
 def failure_reason(exc: BaseException) -> str:
     """The `err` label TEI gives this failure in te_request_failure."""
-    if isinstance(exc, RequestValidationError):  # a body a route validates itself (POST /)
-        return "validation"
-    if isinstance(exc, StarletteHTTPException):
-        return _REASON_BY_STATUS.get(exc.status_code, "validation")
     if isinstance(exc, RerankerError):
         for kind, reason in FAILURE_REASONS:
             if isinstance(exc, kind):
