@@ -9,10 +9,14 @@ at 0d124dc, Apache-2.0), unchanged. TEI declares its examples per property, some
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +29,14 @@ import pytest_asyncio
 import torch
 
 from reranker_runtime.api import create_app
+from reranker_runtime.config import ServeSettings
 from reranker_runtime.engines.torch_engine import TorchEngine
+from reranker_runtime.server import (
+    SettingsError,
+    add_serve_parser,
+    settings_from_args,
+    use_hub_cache,
+)
 from reranker_runtime.tokenization import PairTokenizer
 from runtime.api_support import (
     MAX_TEXTS,
@@ -556,3 +567,80 @@ async def test_tokenization_runs_on_the_configured_workers(
         assert all(r.status_code == 200 for r in responses)
     assert threads and all(name.startswith("tokenize") for name in threads)
     assert len(threads) <= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# TEI's flags: names, TEI's variables, defaults
+
+
+def _serve_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="reranker-runtime")
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+async def test_tei_flag_defaults_and_tei_variables() -> None:
+    defaults = settings_from_args(_serve_args([]), environ={})
+    assert (defaults.payload_limit, defaults.prometheus_port) == (2_000_000, 9000)  # TEI's
+    assert defaults.cors_allow_origin is None and defaults.tokenization_workers is None
+    tei_env = {
+        "PAYLOAD_LIMIT": "3000000",
+        "PROMETHEUS_PORT": "9200",
+        "CORS_ALLOW_ORIGIN": "https://a.example",
+        "HUGGINGFACE_HUB_CACHE": "/data/hub",
+        "TOKENIZATION_WORKERS": "4",
+    }
+    from_tei = settings_from_args(_serve_args([]), environ=tei_env)
+    assert (
+        from_tei.payload_limit,
+        from_tei.prometheus_port,
+        from_tei.cors_allow_origin,
+        from_tei.hf_cache,
+        from_tei.tokenization_workers,
+    ) == (3_000_000, 9200, ("https://a.example",), "/data/hub", 4)
+    # Ours wins over TEI's variable; a flag wins over both; the CORS flag adds up.
+    ours = settings_from_args(
+        _serve_args(["--cors-allow-origin", "https://b.example,https://c.example"]),
+        environ={**tei_env, "RERANKER_PAYLOAD_LIMIT": "10"},
+    )
+    assert ours.payload_limit == 10
+    assert ours.cors_allow_origin == ("https://b.example", "https://c.example")
+    repeated = settings_from_args(
+        _serve_args(
+            [
+                *("--cors-allow-origin", "https://b.example"),
+                *("--cors-allow-origin", "*"),
+                *("--huggingface-hub-cache", "/x"),
+            ]
+        ),
+        environ={},
+    )
+    assert repeated.cors_allow_origin == ("https://b.example", "*")
+    assert repeated.hf_cache == "/x"
+
+
+async def test_bad_tei_variable_names_itself() -> None:
+    with pytest.raises(SettingsError, match="PROMETHEUS_PORT='x'"):
+        settings_from_args(_serve_args([]), environ={"PROMETHEUS_PORT": "x"})
+    with pytest.raises(SystemExit):
+        _serve_args(["--tokenization-workers", "0"])
+
+
+async def test_hf_cache_is_where_huggingface_hub_downloads(tmp_path: Path) -> None:
+    env: dict[str, str] = {}
+    use_hub_cache(ServeSettings(hf_cache=str(tmp_path / "hub")), env)
+    assert env == {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    # huggingface_hub reads it when imported, as `serve` imports it after use_hub_cache.
+    probe = "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert result.stdout.strip() == str(tmp_path / "hub")
+    untouched: dict[str, str] = {}
+    use_hub_cache(ServeSettings(), untouched)
+    assert untouched == {}  # HF_HOME / HF_HUB_CACHE as the user set them
