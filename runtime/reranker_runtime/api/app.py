@@ -70,8 +70,24 @@ class _App(FastAPI):
             schema = super().openapi()
             if self.state.api_key:
                 document_api_key(schema, protected_paths(self.routes))
-            self.openapi_schema = schema
+            # POST / and /invocations take /rerank's body on a reranker and /predict's on a
+            # classifier: once the model is loaded the schema says which; until then, either
+            # (and the schema is built again on the next call).
+            kind = _default_route_body(self.state.lifecycle)
+            if kind is not None:
+                for path in tei.DEFAULT_ROUTE_PATHS:
+                    body = schema["paths"][path]["post"]["requestBody"]["content"]
+                    body["application/json"]["schema"] = {"$ref": f"#/components/schemas/{kind}"}
+            self.openapi_schema = schema if kind is not None else None
+            return schema
         return self.openapi_schema
+
+
+def _default_route_body(lifecycle: Lifecycle) -> str | None:
+    service = lifecycle.service
+    if service is None:
+        return None
+    return "RerankRequest" if service.info.num_labels == 1 else "PredictRequest"
 
 
 def create_app(

@@ -6,17 +6,17 @@ TEI's messages (core/src/infer.rs: `embed` on a classifier, `embed_sparse` witho
 pooling) are kept word for word and followed by what to use instead. The OpenAI-compatible routes
 answer in OpenAI's error shape, as TEI's `openai_embed` does (`OpenAICompatErrorResponse`). The
 body is not read: every request is refused the same way. Behind the API key like TEI's routes.
+Left out of our OpenAPI schema: they exist for clients that call TEI's paths, not to be generated
+into new clients.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 
 from reranker_runtime import metrics
 from reranker_runtime.api.auth import ProtectedRoute
-from reranker_runtime.api.schemas import ErrorBody
 
 router = APIRouter(tags=["TEI: other model types (424)"], route_class=ProtectedRoute)
 
@@ -24,14 +24,6 @@ FAILED_DEPENDENCY = 424
 NOT_EMBEDDING = "Backend error: Model is not an embedding model"
 NOT_SPLADE = "Backend error: Model is not an embedding model with SPLADE pooling"
 _ADVICE = " (this server serves a cross-encoder: use /rerank, or /predict for a classifier)"
-
-
-class OpenAIErrorBody(BaseModel):
-    """TEI's OpenAICompatErrorResponse."""
-
-    message: str
-    code: int
-    type: str
 
 
 def _refusal(message: str, *, openai: bool = False) -> JSONResponse:
@@ -54,13 +46,7 @@ def _route(path: str, message: str, *, openai: bool = False) -> None:
         refuse,
         methods=["POST"],
         response_class=JSONResponse,
-        responses={
-            FAILED_DEPENDENCY: {
-                "model": OpenAIErrorBody if openai else ErrorBody,
-                "description": "Always: this route is for embedding models (TEI's 424)",
-            }
-        },
-        summary=f"Embedding models only: 424 here (TEI's {path})",
+        include_in_schema=False,
         name=f"refuse_{path.strip('/').replace('/', '_')}",
     )
 

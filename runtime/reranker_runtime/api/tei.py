@@ -176,13 +176,18 @@ async def default_route(request: Request, response: Response) -> Any:
     return await predict(body, request, response)
 
 
-for _path, _name in (("/", "Rerank or classify by model type (TEI)"), ("/invocations", None)):
+DEFAULT_ROUTE_PATHS = ("/", "/invocations")
+for _path, _name in zip(
+    DEFAULT_ROUTE_PATHS,
+    ("Rerank or classify by model type (TEI)", "Rerank or classify by model type (SageMaker, TEI)"),
+    strict=True,
+):
     router.add_api_route(
         _path,
         default_route,
         methods=["POST"],
         response_model=list[RankItem] | list[Prediction] | list[list[Prediction]],
         response_model_exclude_none=True,
-        summary=_name or "Rerank or classify by model type (SageMaker, TEI)",
+        summary=_name,
         openapi_extra={"requestBody": _DEFAULT_ROUTE_BODY},
     )
