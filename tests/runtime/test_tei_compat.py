@@ -357,6 +357,40 @@ async def test_probes_are_503_while_loading(xlmr_reranker: Path, xlmr_engine: To
 
 
 # ---------------------------------------------------------------------------------------------
+# /vertex
+
+
+async def test_vertex_reranks_and_predicts_each_instance(
+    client: httpx.AsyncClient, xlmr_reranker: Path
+) -> None:
+    instances = [
+        {"query": QUERY, "texts": TEXTS[:3]},
+        {"inputs": [["paris"], ["what is", "paris"]]},
+        {"inputs": "apple"},
+    ]
+    resp = await client.post("/vertex", json={"instances": instances})
+    assert resp.status_code == 200, resp.text
+    ranks, batch, single = resp.json()["predictions"]
+    ref = reference_logits(
+        xlmr_reranker, [(QUERY, t) for t in TEXTS[:3]] + ["paris", ("what is", "paris"), "apple"]
+    )
+    assert {r["index"]: r["score"] for r in ranks} == pytest.approx(
+        {i: sigmoid(ref[i][0]) for i in range(3)}, abs=TOL
+    )
+    assert [p[0]["score"] for p in batch] == pytest.approx(
+        [sigmoid(ref[3][0]), sigmoid(ref[4][0])], abs=TOL
+    )
+    assert single == [{"label": "LABEL_0", "score": pytest.approx(sigmoid(ref[5][0]), abs=TOL)}]
+    refused = await client.post("/vertex", json={"instances": [{"inputs": "a"}, {"inputs": 5}]})
+    assert refused.status_code == 422 and "instances.1.inputs" in refused.json()["error"]
+    refused = await client.post("/vertex", json={"instances": [{"query": "q"}]})
+    assert (
+        refused.status_code == 422
+        and "instances.0.texts: Field required" in refused.json()["error"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # /decode
 
 

@@ -165,12 +165,15 @@ def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
             detail = (err.get("ctx") or {}).get("error", "invalid JSON")
             pos = err.get("loc", ("body", 0))[-1]
             return 400, f"malformed JSON body: {detail} (at character {pos})"
-        if kind == INPUT_ERROR:
-            parts.append(str(err.get("msg")))
-            continue
         loc = list(err.get("loc", ()))
         if loc and loc[0] == "body":
             loc = loc[1:]
+        if kind == INPUT_ERROR:
+            # The message names the field already; a body nested in another (a /vertex
+            # instance) adds where that body is.
+            outer = "".join(f"{x}." for x in loc[:-1])
+            parts.append(outer + str(err.get("msg")))
+            continue
         field = ".".join(str(x) for x in loc)
         if not field:
             if isinstance(err.get("input"), (bytes, str)):

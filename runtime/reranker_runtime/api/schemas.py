@@ -168,6 +168,14 @@ class PredictRequest(_Request):
         return list(self.inputs["items"])
 
 
+class VertexRequest(_Request):
+    """`POST /vertex`: TEI's Vertex AI request; each instance is a /rerank or /predict body."""
+
+    instances: list[dict[str, Any]] = Field(
+        description="Each a /rerank body (query, texts) or else a /predict body (inputs)."
+    )
+
+
 class Prediction(BaseModel):
     label: str
     score: float
@@ -247,6 +255,10 @@ class DecodeRequest(_Request):
     @property
     def sequences(self) -> list[list[int]]:
         return list(self.ids)
+
+
+class VertexResponse(BaseModel):
+    predictions: list[list[RankItem] | list[Prediction] | list[list[Prediction]]]
 
 
 class SimpleToken(BaseModel):

@@ -8,8 +8,10 @@ admits, cancels on disconnect and releases.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -33,10 +35,22 @@ from reranker_runtime.api.schemas import (
     RerankRequest,
     SimpleToken,
     TokenizeRequest,
+    VertexRequest,
+    VertexResponse,
 )
 from reranker_runtime.errors import ValidationError
 
 router = APIRouter(tags=["TEI / BEI"], route_class=InferenceRoute)
+
+
+def _validated(model: type[RerankRequest] | type[PredictRequest], data: Any, *loc: Any) -> Any:
+    """`model` from parsed JSON, its errors reported like FastAPI's (at `loc` in the body)."""
+    try:
+        return model.model_validate(data)
+    except PydanticValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *loc, *e["loc"])} for e in exc.errors()]
+        ) from None
 
 
 def _characters(text: str | tuple[str, str]) -> int:
@@ -161,13 +175,7 @@ async def default_route(request: Request, response: Response) -> Any:
             [{"type": "json_invalid", "loc": ("body", 0), "ctx": {"error": str(exc)}}]
         ) from None
     reranker = admitted_service(request).info.num_labels == 1
-    model = RerankRequest if reranker else PredictRequest
-    try:
-        body = model.model_validate(data)
-    except PydanticValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
-        ) from None
+    body = _validated(RerankRequest if reranker else PredictRequest, data)
     method = tei_method(body)
     if method is not None:
         count_request(request, method)
@@ -191,3 +199,37 @@ for _path, _name in zip(
         summary=_name,
         openapi_extra={"requestBody": _DEFAULT_ROUTE_BODY},
     )
+
+
+@router.post(
+    "/vertex",
+    response_model=VertexResponse,
+    response_model_exclude_none=True,
+    summary="Vertex AI: several /rerank or /predict bodies at once (TEI)",
+    description=(
+        "TEI's Vertex route: each instance that is a /rerank body is reranked, any other is "
+        "classified as a /predict body; `predictions` holds each answer, in order. One failing "
+        "instance fails the request."
+    ),
+)
+async def vertex(body: VertexRequest, request: Request, response: Response) -> VertexResponse:
+    parsed = [
+        _validated(RerankRequest, instance, "instances", i)
+        if "query" in instance or "texts" in instance
+        else _validated(PredictRequest, instance, "instances", i)
+        for i, instance in enumerate(body.instances)
+    ]  # all of them first: an invalid one refuses the request before any work starts
+    calls: list[Awaitable[Any]] = [
+        rerank(item, request, Response())
+        if isinstance(item, RerankRequest)
+        else predict(item, request, Response())
+        for item in parsed
+    ]
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        predictions = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:  # the request failed: the other instances' work is not needed
+            task.cancel()
+        raise
+    return VertexResponse(predictions=list(predictions))
