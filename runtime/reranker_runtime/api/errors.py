@@ -107,7 +107,14 @@ FAILURE_REASONS: tuple[tuple[type[RerankerError], str], ...] = (
     (NotReadyError, "unhealthy"),
     (EngineError, "inference"),
 )
-_REASON_BY_STATUS = {400: "validation", 413: "batch_size", 422: "validation", 429: "overloaded"}
+_REASON_BY_STATUS = {
+    400: "validation",
+    413: "batch_size",
+    422: "validation",
+    429: "overloaded",
+    503: "overloaded",  # refused for load (NotReadyError, listed above, is "unhealthy")
+    504: "timeout",  # ours: TEI has no deadlines
+}
 # te_request_failure's label for a client that went away before its answer (TEI: a queue entry
 # whose receiver was dropped, core/src/queue.rs).
 DROPPED = "dropped"
