@@ -121,7 +121,8 @@ async def predict(
 @router.post("/tokenize", response_model=list[list[SimpleToken]], summary="Tokenize texts (TEI)")
 async def tokenize(body: TokenizeRequest, request: Request) -> list[list[SimpleToken]]:
     if body.prompt_name is not None:
-        # TEI's message (core/src/tokenization.rs) for a model without prompts.
+        # TEI refuses a prompt the model does not have (core/src/tokenization.rs); a
+        # cross-encoder has none.
         raise ValidationError(
             f"`prompt_name` is set to `{body.prompt_name}` but this model has no "
             "sentence-transformers prompts; leave it out"
@@ -170,9 +171,13 @@ async def default_route(request: Request, response: Response) -> Any:
     model is loaded, so the body is validated after admission)."""
     try:
         data = json.loads(await request.body())
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:  # reported as FastAPI reports it on the other routes
         raise RequestValidationError(
-            [{"type": "json_invalid", "loc": ("body", 0), "ctx": {"error": str(exc)}}]
+            [{"type": "json_invalid", "loc": ("body", exc.pos), "ctx": {"error": exc.msg}}]
+        ) from None
+    except UnicodeDecodeError:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body", 0), "ctx": {"error": "not UTF-8"}}]
         ) from None
     reranker = admitted_service(request).info.num_labels == 1
     body = _validated(RerankRequest if reranker else PredictRequest, data)
