@@ -47,10 +47,19 @@ _JOB_NAME_MAX = 63  # Job names become the pods' `job-name` label value: a 63-ch
 # --------------------------------------------------------------------------- names and labels
 
 
+def short_name(name: str, limit: int) -> str:
+    """`name` if it fits in `limit` chars, else a prefix plus `-<8 hex of sha256(name)>`: two
+    long names that share a prefix still get distinct results."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name[: limit - len(digest) - 1].rstrip("-") + "-" + digest
+
+
 def job_name(name: str, key: str) -> str:
-    """`<name>-engine-<key[:10]>`, the name part truncated so the whole fits in 63 chars."""
+    """`<name>-engine-<key[:10]>` within 63 chars (see short_name for long Reranker names)."""
     suffix = f"-engine-{key[:10]}"
-    return name[: _JOB_NAME_MAX - len(suffix)].rstrip("-") + suffix
+    return short_name(name, _JOB_NAME_MAX - len(suffix)) + suffix
 
 
 def cache_pvc_name(name: str) -> str:
@@ -120,6 +129,33 @@ def spec_hash(obj: dict[str, Any]) -> str:
     return hashlib.sha256(
         json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
+
+
+def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dict[str, Any]]:
+    """A JSON Patch (RFC 6902) making `live` match `desired` exactly where the operator owns it.
+
+    `spec` is replaced as a whole, so a field the builders no longer render (a GPU toleration
+    after a switch to CPU) is removed. Labels and annotations are merged over the live ones (other
+    controllers annotate our children, e.g. `deployment.kubernetes.io/revision`). A Deployment
+    rendered without `replicas` (an HPA owns it) keeps its live count. JSON Patch rather than
+    server-side apply: both a real API server and the in-memory one used in tests implement its
+    `add` operation alike, whereas the latter treats an apply patch as a merge patch.
+    """
+    meta, live_meta = desired["metadata"], live.get("metadata") or {}
+    ops: list[dict[str, Any]] = []
+    for field in ("labels", "annotations"):
+        merged = {**(live_meta.get(field) or {}), **(meta.get(field) or {})}
+        ops.append({"op": "add", "path": f"/metadata/{field}", "value": merged})
+    if "ownerReferences" in meta:
+        ops.append(
+            {"op": "add", "path": "/metadata/ownerReferences", "value": meta["ownerReferences"]}
+        )
+    spec = copy.deepcopy(desired["spec"])
+    live_replicas = (live.get("spec") or {}).get("replicas")
+    if desired["kind"] == "Deployment" and "replicas" not in spec and live_replicas is not None:
+        spec["replicas"] = live_replicas
+    ops.append({"op": "add", "path": "/spec", "value": spec})
+    return ops
 
 
 def _finish(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:

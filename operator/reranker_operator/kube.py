@@ -4,8 +4,10 @@ Every kind the operator touches goes through one generic REST path (`Kind.path`)
 reconcile code reads like `kube.get(JOB, ns, name)` and never deals with the client's generated
 model classes. Authentication, TLS and proxies stay the client's job (`ApiClient`).
 
-Patches are JSON merge patches (RFC 7386) for every kind: lists (containers, env, ports) are
-replaced as a whole, which is what "make the child look like the builder's output" means.
+`patch` sends a JSON merge patch (RFC 7386) for a dict, or a JSON Patch (RFC 6902) for a list of
+operations. Children are updated with JSON Patch `add` operations that replace their whole
+`spec` (see builders.replacement_patch): a field the builders stop rendering disappears from the
+cluster object, which a merge patch would leave behind.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 @dataclass(frozen=True)
@@ -170,11 +173,13 @@ class Kube:
         kind: Kind,
         namespace: str,
         name: str,
-        patch: dict[str, Any],
+        patch: dict[str, Any] | list[dict[str, Any]],
         subresource: str | None = None,
     ) -> dict[str, Any]:
+        """A merge patch (a dict) or a JSON Patch (a list of operations)."""
+        content_type = JSON_PATCH if isinstance(patch, list) else MERGE_PATCH
         return self._request(
-            "PATCH", kind.path(namespace, name, subresource), body=patch, content_type=MERGE_PATCH
+            "PATCH", kind.path(namespace, name, subresource), body=patch, content_type=content_type
         )
 
     def delete(self, kind: Kind, namespace: str, name: str) -> bool:

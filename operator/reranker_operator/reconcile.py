@@ -204,7 +204,7 @@ class Reconciler:
         return deployment
 
     def _apply(self, desired: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Create, or merge-patch when the builders' spec-hash annotation differs."""
+        """Create, or replace the owned fields when the builders' spec-hash annotation differs."""
         meta = desired["metadata"]
         kind = kube.kind_of(desired)
         if live is None:
@@ -219,12 +219,7 @@ class Reconciler:
             "patching child",
             extra={"kind": desired["kind"], "child": f"{meta['namespace']}/{meta['name']}"},
         )
-        patch = {
-            "metadata": {
-                k: meta[k] for k in ("labels", "annotations", "ownerReferences") if k in meta
-            }
-        }
-        patch["spec"] = desired["spec"]
+        patch = builders.replacement_patch(desired, live)
         return self.api.patch(kind, meta["namespace"], meta["name"], patch)
 
     # ------------------------------------------------------------------ status and events

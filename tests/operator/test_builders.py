@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
@@ -182,6 +183,16 @@ def test_job_name_is_a_dns1123_label(name: str) -> None:
     assert job.endswith(f"-engine-{KEY[:10]}")
     if len(name) <= 45:
         assert job == f"{name}-engine-{KEY[:10]}"
+
+
+def test_long_names_sharing_a_prefix_get_distinct_job_names() -> None:
+    prefix = "bge-reranker-large-production-search-" + "x" * 8  # 45 characters
+    a, b_ = prefix + "-europe-west4-a", prefix + "-europe-west4-b"
+    assert len(prefix) == 45
+    assert b.job_name(a, KEY) != b.job_name(b_, KEY)
+    assert b.job_name(a, KEY) == b.job_name(a, KEY)  # stable: found again after a restart
+    for job in (b.job_name(a, KEY), b.job_name(b_, KEY)):
+        assert len(job) <= 63 and DNS1123_LABEL.match(job), job
 
 
 def test_job_runs_where_it_will_serve() -> None:
@@ -491,19 +502,62 @@ def test_children_carry_common_labels_and_a_spec_hash() -> None:
         assert (
             labels[b.LABEL_RERANKER] == "rr" and labels[b.LABEL_MANAGED_BY] == "reranker-operator"
         )
-        assert obj["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH] == b.spec_hash(obj)
+        assert re.fullmatch(r"[0-9a-f]{64}", obj["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH])
         assert obj["metadata"]["namespace"] == NS
 
 
-def test_spec_hash_detects_changes_only() -> None:
+def _hash(obj: dict[str, Any]) -> str:
+    return obj["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"replicas": 3},
+        {"resources": {"memory": "8Gi"}},
+        {"runtime": {"autoTruncate": True}},
+        {"runtime": {"probes": {"startup": {"failureThreshold": 7}}}},
+        {"accelerator": {"type": "CPU"}},
+    ],
+)
+def test_spec_hash_changes_with_what_the_deployment_renders(change: dict[str, Any]) -> None:
+    base = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY)
+    changed = b.build_deployment("rr", NS, spec_of(**{"replicas": 2, **change}), CONFIG, KEY)
+    assert _hash(changed) != _hash(base)
+    assert changed["spec"] != base["spec"]
+
+
+def test_spec_hash_is_stable_for_an_unchanged_spec() -> None:
     one = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY)
-    same = b.build_deployment(
-        "rr", NS, spec_of(replicas=2), CONFIG, KEY, OWNER
-    )  # owner refs don't count
-    other = b.build_deployment("rr", NS, spec_of(replicas=3), CONFIG, KEY)
-    h = b.ANNOTATION_SPEC_HASH
-    assert one["metadata"]["annotations"][h] == same["metadata"]["annotations"][h]
-    assert one["metadata"]["annotations"][h] != other["metadata"]["annotations"][h]
+    # Rebuilt from an equal spec (a fresh parse), with an owner reference: same hash.
+    same = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY, OWNER)
+    assert _hash(one) == _hash(same)
+    # Another engine is another template: a new hash.
+    assert _hash(b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, "f" * 64)) != _hash(one)
+
+
+def test_replacement_patch_removes_what_the_builders_no_longer_render() -> None:
+    live = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY, OWNER)
+    live["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = "4"  # a controller's
+    live["status"] = {"readyReplicas": 1}
+    desired = b.build_deployment("rr", NS, spec_of(accelerator={"type": "CPU"}), CONFIG, KEY, OWNER)
+    patched = jsonpatch.apply_patch(live, b.replacement_patch(desired, live))
+    pod = patched["spec"]["template"]["spec"]
+    assert "affinity" not in pod and "tolerations" not in pod
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+    assert patched["spec"] == desired["spec"]
+    assert patched["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "4"
+    assert _hash(patched) == _hash(desired)
+    assert patched["status"] == {"readyReplicas": 1}  # the status is not ours
+
+
+def test_replacement_patch_keeps_the_hpas_replicas() -> None:
+    live = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY)
+    live["spec"]["replicas"] = 5  # scaled by the HPA
+    desired = b.build_deployment("rr", NS, spec_of(autoscaling={"maxReplicas": 8}), CONFIG, KEY)
+    assert "replicas" not in desired["spec"]
+    patched = jsonpatch.apply_patch(live, b.replacement_patch(desired, live))
+    assert patched["spec"]["replicas"] == 5
 
 
 def test_builders_are_pure() -> None:

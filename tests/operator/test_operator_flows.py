@@ -71,6 +71,24 @@ def job_creations(kmock: Any) -> int:
     return sum(1 for r in list(kmock) if r.method.value == "POST" and r.url.path.endswith("/jobs"))
 
 
+def deployment_patches(kmock: Any) -> int:
+    """PATCHes of Deployments by the operator (the test's own status patches excluded)."""
+    return sum(
+        1
+        for r in list(kmock)
+        if r.method.value == "PATCH"
+        and "/deployments/" in r.url.path
+        and not r.url.path.endswith("/status")
+    )
+
+
+async def finish_builds(cluster: Cluster, name: str, spec_: dict[str, Any]) -> None:
+    """Play the Job controller: the build Job of `spec_` succeeds."""
+    job = builders.job_name(name, key_of(spec_))
+    await wait_for(lambda: cluster.get(cluster.JOB, job), f"Job {job}")
+    await cluster.job_succeeded(job)
+
+
 def operator_reads(kmock: Any, name: str = NAME) -> int:
     """GETs of the Reranker by the reconciler (kopf itself only lists and watches)."""
     return sum(
@@ -275,6 +293,64 @@ async def test_flows_replicas_and_autoscaling_patch_the_deployment_without_a_job
     )
     assert cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["replicas"] == 1
     assert job_creations(kmock) == 1  # none of that rebuilt the engine
+
+
+async def test_flows_l4_to_cpu_leaves_no_gpu_placement_on_the_deployment(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    await bring_to_ready(cluster)
+    gpu_pod = cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["template"]["spec"]
+    assert gpu_pod["affinity"] and gpu_pod["tolerations"]
+
+    cpu_spec = spec(accelerator={"type": "CPU"})
+    await cluster.update_spec(NAME, {"accelerator": {"type": "CPU"}})
+    await finish_builds(cluster, NAME, cpu_spec)
+    dep = await wait_for(
+        lambda: (
+            (d := cluster.get(cluster.DEPLOYMENT, NAME))
+            and engine_dir(d) == f"/engines/{key_of(cpu_spec)}"
+            and d
+        ),
+        "the Deployment on the CPU engine",
+    )
+    pod = dep["spec"]["template"]["spec"]
+    assert "affinity" not in pod and "tolerations" not in pod and "nodeSelector" not in pod
+    for c in pod["containers"] + pod.get("initContainers", []):
+        assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert dep["spec"]["replicas"] == 1
+
+
+async def test_flows_long_names_sharing_a_prefix_get_distinct_children(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    prefix = "bge-reranker-large-production-search-" + "x" * 8  # 45 characters
+    names = [prefix + "-europe-west4-a", prefix + "-europe-west4-b"]
+    for name in names:
+        await cluster.create_reranker(name, SPEC)
+    for name in names:
+        await finish_builds(cluster, name, SPEC)
+        await wait_for(lambda n=name: cluster.get(cluster.SERVICE, n), f"Service {name}")
+    for resource in (cluster.JOB, cluster.DEPLOYMENT, cluster.SERVICE, cluster.PVC):
+        owners = [o["metadata"]["labels"][builders.LABEL_RERANKER] for o in cluster.list(resource)]
+        assert sorted(owners) == sorted(names), resource
+        for obj in cluster.list(resource):
+            assert len(obj["metadata"]["name"]) <= 63 or resource == cluster.PVC
+
+
+async def test_flows_children_are_patched_only_when_the_spec_changes(
+    cluster: Cluster, operator: OperatorRunner, kmock: Any
+) -> None:
+    await bring_to_ready(cluster)
+    patches = deployment_patches(kmock)
+    # A change that is not part of the spec (a label) reconciles without touching the children.
+    reads = operator_reads(kmock)
+    await cluster.patch(cluster.RERANKER, NAME, {"metadata": {"labels": {"team": "search"}}})
+    await wait_for(lambda: operator_reads(kmock) > reads, "a reconcile after the label change")
+    await cluster.deployment_ready(NAME)
+    await wait_for(lambda: operator_reads(kmock) > reads + 1, "a reconcile after a child event")
+    assert deployment_patches(kmock) == patches
+    await cluster.update_spec(NAME, {"resources": {"memory": "8Gi"}})
+    await wait_for(lambda: deployment_patches(kmock) == patches + 1, "one Deployment patch")
 
 
 # --------------------------------------------------------------------------- failures
