@@ -101,9 +101,16 @@ class Accelerator(_Model):
         return self.type != "CPU"
 
 
+# Default memory request and limit of build and runtime pods. Fits the smallest L4 nodes with
+# room for their daemonsets (GKE g2-standard-4: ~13 GiB allocatable; EKS g6.xlarge: ~14.5 GiB)
+# and holds a reranker up to ~1B parameters (bge-reranker-large, 560M: ~4 GiB resident when
+# serving, ~7 GiB peak while converting its checkpoint). Larger models: set resources.memory.
+DEFAULT_MEMORY = "10Gi"
+
+
 class Resources(_Model):
     cpu: str = Field(default="1", pattern=QUANTITY_PATTERN)
-    memory: str = Field(default="15Gi", pattern=QUANTITY_PATTERN)
+    memory: str = Field(default=DEFAULT_MEMORY, pattern=QUANTITY_PATTERN)
 
 
 class Autoscaling(_Model):

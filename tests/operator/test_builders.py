@@ -23,6 +23,7 @@ from reranker_operator.config import (
     config_from_dict,
     load_config,
 )
+from reranker_operator.convert import quantity_bytes
 from reranker_operator.engine_key import engine_key
 from reranker_operator.spec import RerankerSpec, parse_spec
 
@@ -209,24 +210,72 @@ def test_job_runs_where_it_will_serve() -> None:
 # ---------------------------------------------------------------- placement
 
 
-def test_gpu_placement_accepts_gke_or_gpu_feature_discovery() -> None:
+def node_matches(pod: dict[str, Any], node_labels: dict[str, str]) -> bool:
+    """The scheduler's required node affinity + nodeSelector check (In/NotIn/Exists only)."""
+    if any(node_labels.get(k) != v for k, v in (pod.get("nodeSelector") or {}).items()):
+        return False
+    affinity = (pod.get("affinity") or {}).get("nodeAffinity") or {}
+    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution")
+    if not required:
+        return True
+
+    def expr_ok(e: dict[str, Any]) -> bool:
+        value = node_labels.get(e["key"])
+        if e["operator"] == "In":
+            return value in e["values"]
+        if e["operator"] == "NotIn":
+            return value not in e["values"]
+        return (value is not None) == (e["operator"] == "Exists")
+
+    return any(all(map(expr_ok, t["matchExpressions"])) for t in required["nodeSelectorTerms"])
+
+
+L4_NODES = {
+    "gke-g2-standard-4": {
+        "cloud.google.com/gke-accelerator": "nvidia-l4",
+        "node.kubernetes.io/instance-type": "g2-standard-4",
+    },
+    "gpu-feature-discovery": {"nvidia.com/gpu.product": "NVIDIA-L4"},
+    "eks-g6-xlarge-no-gfd": {"node.kubernetes.io/instance-type": "g6.xlarge"},
+    "eks-karpenter": {
+        "karpenter.k8s.aws/instance-gpu-name": "l4",
+        "node.kubernetes.io/instance-type": "g6.2xlarge",
+    },
+}
+NOT_L4_NODES = {
+    "eks-g6e-l40s": {"node.kubernetes.io/instance-type": "g6e.xlarge"},
+    "eks-g5-a10g": {"node.kubernetes.io/instance-type": "g5.xlarge"},
+    "gke-t4": {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"},
+    "cpu-node": {"node.kubernetes.io/instance-type": "m6i.xlarge"},
+}
+
+
+@pytest.mark.parametrize("node", L4_NODES)
+def test_l4_placement_matches_l4_nodes_of_gke_eks_and_gpu_feature_discovery(node: str) -> None:
     pod = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)["spec"]["template"]["spec"]
-    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-        "nodeSelectorTerms"
-    ]
-    # Two ORed terms, one label each: a single term (or a nodeSelector) with both would match no node.
-    assert len(terms) == 2 and all(len(t["matchExpressions"]) == 1 for t in terms)
-    exprs = {t["matchExpressions"][0]["key"]: t["matchExpressions"][0]["values"] for t in terms}
-    assert "nvidia-l4" in exprs["cloud.google.com/gke-accelerator"]
-    assert "NVIDIA-L4" in exprs["nvidia.com/gpu.product"]
+    assert node_matches(pod, L4_NODES[node])
     assert pod["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
-    assert "nodeSelector" not in pod
-    assert (
-        container({"spec": {"template": {"spec": pod}}})["resources"]["limits"]["nvidia.com/gpu"]
-        == "1"
-    )
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+@pytest.mark.parametrize("node", NOT_L4_NODES)
+def test_l4_placement_refuses_other_nodes(node: str) -> None:
+    pod = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)["spec"]["template"]["spec"]
+    assert not node_matches(pod, NOT_L4_NODES[node])
+
+
+def test_default_pod_fits_the_smallest_l4_nodes() -> None:
+    # Allocatable memory of GKE g2-standard-4 (~13 GiB) and EKS g6.xlarge (~14.5 GiB), minus
+    # ~1 GiB of daemonsets: the default request must fit both.
+    for obj in all_children(spec_of()):
+        if obj["kind"] in ("Job", "Deployment"):
+            pod = obj["spec"]["template"]["spec"]
+            total = sum(
+                quantity_bytes(c["resources"]["requests"]["memory"]) for c in pod["containers"]
+            )
+            assert total <= 12 * 2**30, obj["kind"]
 
 
 @pytest.mark.parametrize("accel", ["L4", "A10G", "A100", "H100", "H200", "T4"])
