@@ -136,6 +136,7 @@ class OperatorRunner:
             return
         self._stop.set()
         await wait_for(lambda: not self._thread.is_alive(), "kopf to stop", timeout)
+        self.reconciler.stop_timers()
         self._thread = None
         if self._error is not None:
             raise self._error
@@ -262,10 +263,13 @@ class Cluster:
 
     async def job_failed(self, job: str, termination_message: str) -> None:
         """A failed build pod with its termination message, then the Job marked Failed."""
+        template = (self.get(self.JOB, job) or {}).get("spec", {}).get("template", {})
+        template_labels = template.get("metadata", {}).get("labels", {})
         await self.create(self.POD, {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": f"{job}-x1y2z", "namespace": self.ns,
-                         "labels": {"job-name": job, "batch.kubernetes.io/job-name": job}},
+                         "labels": {**template_labels, "job-name": job,
+                                    "batch.kubernetes.io/job-name": job}},
             "status": {"phase": "Failed", "containerStatuses": [{
                 "name": "build",
                 "state": {"terminated": {"exitCode": 1, "reason": "Error", "finishedAt": _now(),

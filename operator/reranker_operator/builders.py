@@ -18,8 +18,11 @@ from reranker_operator.spec import API_GROUP, API_VERSION, KIND, ProbeOverride, 
 
 PORT = 8080
 ENGINES_MOUNT = "/engines"
-CACHE_VOLUME = "engine-cache"
+CACHE_VOLUME = "engine-cache"  # Shared mode: the PVC
+ENGINE_VOLUME = "engine"  # PerPod mode: the pod's own emptyDir
 TMP_VOLUME = "tmp"
+BUILD_CONTAINER = "build"  # the Job's container, or the init container in PerPod mode
+SERVE_CONTAINER = "reranker"
 
 # Label / annotation keys.
 LABEL_NAME = "app.kubernetes.io/name"
@@ -232,14 +235,31 @@ def _pod_common(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
     return pod
 
 
-def _volumes(name: str, read_only: bool) -> list[dict[str, Any]]:
+def cache_mode(spec: RerankerSpec, config: OperatorConfig) -> str:
+    """PerPod (each pod builds its engine) or Shared (a Job builds into the cache PVC)."""
+    return spec.engine_cache.mode or config.engine_cache.mode
+
+
+def cache_size(spec: RerankerSpec, config: OperatorConfig) -> str:
+    return spec.engine_cache.size or config.engine_cache.size
+
+
+def _volumes(
+    name: str, spec: RerankerSpec, config: OperatorConfig, read_only: bool
+) -> list[dict[str, Any]]:
+    tmp = {"name": TMP_VOLUME, "emptyDir": {}}
+    if cache_mode(spec, config) == "PerPod":
+        # Pod-local: any pod starts on any node, and nothing needs ReadWriteMany. The limit
+        # evicts a pod whose engine outgrows it; it reserves nothing on the node.
+        return [{"name": ENGINE_VOLUME, "emptyDir": {"sizeLimit": cache_size(spec, config)}}, tmp]
     claim: dict[str, Any] = {"claimName": cache_pvc_name(name)}
     if read_only:
         claim["readOnly"] = True
-    return [
-        {"name": CACHE_VOLUME, "persistentVolumeClaim": claim},
-        {"name": TMP_VOLUME, "emptyDir": {}},
-    ]
+    return [{"name": CACHE_VOLUME, "persistentVolumeClaim": claim}, tmp]
+
+
+def _engine_volume_name(spec: RerankerSpec, config: OperatorConfig) -> str:
+    return ENGINE_VOLUME if cache_mode(spec, config) == "PerPod" else CACHE_VOLUME
 
 
 def _env(name: str, value: str) -> dict[str, str]:
@@ -276,7 +296,7 @@ def build_engine_cache_pvc(
     pvc_spec: dict[str, Any] = {
         "accessModes": [cache.access_mode or defaults.access_mode],
         "volumeMode": "Filesystem",
-        "resources": {"requests": {"storage": cache.size or defaults.size}},
+        "resources": {"requests": {"storage": cache_size(spec, config)}},
     }
     storage_class = cache.storage_class_name or defaults.storage_class_name
     if storage_class:
@@ -310,18 +330,11 @@ def build_args(spec: RerankerSpec, key: str) -> list[str]:
     return args
 
 
-def build_engine_job(
-    name: str,
-    namespace: str,
-    spec: RerankerSpec,
-    config: OperatorConfig,
-    key: str,
-    owner: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The engine-preparation Job `<name>-engine-<key[:10]>`, on the serving accelerator."""
-    job_labels = {**labels(name, COMPONENT_BUILD), LABEL_ENGINE: key[:10]}
+def build_container(spec: RerankerSpec, config: OperatorConfig, key: str) -> dict[str, Any]:
+    """The `reranker-runtime build` container: the Job's (Shared) or the init container (PerPod).
+    It writes /engines/<key> on the engine volume; a complete engine makes it a no-op."""
     container: dict[str, Any] = {
-        "name": "build",
+        "name": BUILD_CONTAINER,
         "image": runtime_image(spec, config),
         "imagePullPolicy": config.image_pull_policy,
         "command": ["reranker-runtime", "build"],
@@ -333,7 +346,7 @@ def build_engine_job(
         ],
         "resources": _container_resources(spec, config),
         "volumeMounts": [
-            {"name": CACHE_VOLUME, "mountPath": ENGINES_MOUNT},
+            {"name": _engine_volume_name(spec, config), "mountPath": ENGINES_MOUNT},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
         ],
         "securityContext": _container_security_context(),
@@ -342,6 +355,21 @@ def build_engine_job(
     }
     if spec.checkpoint.secret_name:
         container["envFrom"] = [{"secretRef": {"name": spec.checkpoint.secret_name}}]
+    return container
+
+
+def build_engine_job(
+    name: str,
+    namespace: str,
+    spec: RerankerSpec,
+    config: OperatorConfig,
+    key: str,
+    owner: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The engine-preparation Job `<name>-engine-<key[:10]>` (Shared mode), on the serving
+    accelerator."""
+    job_labels = {**labels(name, COMPONENT_BUILD), LABEL_ENGINE: key[:10]}
+    container = build_container(spec, config, key)
     jobs = config.build_job
     obj = {
         "apiVersion": "batch/v1",
@@ -359,7 +387,7 @@ def build_engine_job(
                     "restartPolicy": "Never",
                     **_pod_common(spec, config),
                     "containers": [container],
-                    "volumes": _volumes(name, read_only=False),
+                    "volumes": _volumes(name, spec, config, read_only=False),
                 },
             },
         },
@@ -415,7 +443,7 @@ def build_deployment(
     the spec's while a new engine builds). `replicas` is omitted when autoscaling (HPA owns it)."""
     probes = spec.runtime.probes
     container: dict[str, Any] = {
-        "name": "reranker",
+        "name": SERVE_CONTAINER,
         "image": runtime_image(spec, config),
         "imagePullPolicy": config.image_pull_policy,
         "command": ["reranker-runtime", "serve"],
@@ -426,7 +454,11 @@ def build_deployment(
         "livenessProbe": _probe("/live", LIVENESS_PROBE, probes.liveness),
         "resources": _container_resources(spec, config),
         "volumeMounts": [
-            {"name": CACHE_VOLUME, "mountPath": ENGINES_MOUNT, "readOnly": True},
+            {
+                "name": _engine_volume_name(spec, config),
+                "mountPath": ENGINES_MOUNT,
+                "readOnly": True,
+            },
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
         ],
         "securityContext": _container_security_context(),
@@ -450,17 +482,21 @@ def build_deployment(
         },
         "revisionHistoryLimit": 3,
         # Beyond the startup probe's budget, so Progressing=False means a real problem.
-        "progressDeadlineSeconds": _progress_deadline(spec),
+        "progressDeadlineSeconds": _progress_deadline(spec, config),
         "template": {
             "metadata": {"labels": pod_labels, "annotations": pod_annotations},
             "spec": {
                 **_pod_common(spec, config),
                 "terminationGracePeriodSeconds": config.termination_grace_period_seconds,
                 "containers": [container],
-                "volumes": _volumes(name, read_only=True),
+                "volumes": _volumes(name, spec, config, read_only=True),
             },
         },
     }
+    if cache_mode(spec, config) == "PerPod":
+        # Each pod builds (or, after a restart, finds) its engine before serving it.
+        pod_spec = dep_spec["template"]["spec"]
+        pod_spec["initContainers"] = [build_container(spec, config, key)]
     if spec.autoscaling is None:
         dep_spec = {"replicas": spec.desired_replicas, **dep_spec}
     obj = {
@@ -474,12 +510,14 @@ def build_deployment(
     return _finish(obj, owner)
 
 
-def _progress_deadline(spec: RerankerSpec) -> int:
+def _progress_deadline(spec: RerankerSpec, config: OperatorConfig) -> int:
     startup = _probe("/health", STARTUP_PROBE, spec.runtime.probes.startup)
     budget = (
         startup.get("initialDelaySeconds", 0)
         + startup["periodSeconds"] * startup["failureThreshold"]
     )
+    if cache_mode(spec, config) == "PerPod":
+        budget += config.build_job.active_deadline_seconds  # the init container's build
     return max(600, budget + 300)
 
 
@@ -579,11 +617,16 @@ def build_children(
     owner: dict[str, Any] | None = None,
     key: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child for `spec` in apply order: PVC, Job, Deployment, Service, [PDB], [HPA]."""
+    """Every child for `spec` in apply order: [PVC, Job] (Shared mode), Deployment, Service,
+    [PDB], [HPA]."""
     key = key or engine_key_for(spec, config)
-    children = [
-        build_engine_cache_pvc(name, namespace, spec, config, owner),
-        build_engine_job(name, namespace, spec, config, key, owner),
+    children: list[dict[str, Any] | None] = []
+    if cache_mode(spec, config) == "Shared":
+        children += [
+            build_engine_cache_pvc(name, namespace, spec, config, owner),
+            build_engine_job(name, namespace, spec, config, key, owner),
+        ]
+    children += [
         build_deployment(name, namespace, spec, config, key, owner),
         build_service(name, namespace, owner),
         build_pdb(name, namespace, spec, owner),

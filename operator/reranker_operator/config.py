@@ -99,6 +99,9 @@ class AcceleratorPlacement(_Model):
 
 
 class EngineCacheDefaults(_Model):
+    # PerPod needs no storage set-up (nothing ReadWriteMany); Shared needs an RWX class to serve
+    # from several nodes. See docs/operator.md, "Engine storage".
+    mode: Literal["PerPod", "Shared"] = "PerPod"
     size: str = "20Gi"
     storage_class_name: str | None = Field(
         default=None, alias="storageClassName"
@@ -166,6 +169,12 @@ class OperatorConfig(_Model):
     )
     termination_grace_period_seconds: int = Field(
         default=60, alias="terminationGracePeriodSeconds", ge=0
+    )
+    # A pod preparing an engine that stays Unschedulable this long turns the Reranker Failed (or
+    # Degraded while older pods serve) instead of Pending. Leaves time for a cluster autoscaler
+    # to add a GPU node (typically 3-10 minutes).
+    unschedulable_timeout_seconds: int = Field(
+        default=900, alias="unschedulableTimeoutSeconds", ge=1
     )
 
     def placement(self, accelerator_type: str) -> AcceleratorPlacement:

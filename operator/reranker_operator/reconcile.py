@@ -12,15 +12,18 @@ process, so the Reranker's own handlers and its children's event handlers can al
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from reranker_operator import builders, kube, status
+from reranker_operator import builders, diagnosis, kube, status
 from reranker_operator.config import OperatorConfig
 from reranker_operator.spec import InvalidSpec, RerankerSpec, parse_spec
 
@@ -43,6 +46,38 @@ def built_keys(pvc: dict[str, Any] | None) -> set[str]:
     return {k for k in value.split(",") if k}
 
 
+def _labels(obj: dict[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("labels") or {})
+
+
+def _is_server(pod: dict[str, Any]) -> bool:
+    return _labels(pod).get(builders.LABEL_COMPONENT) == builders.COMPONENT_SERVER
+
+
+def _pod_key(pod: dict[str, Any]) -> str | None:
+    return ((pod.get("metadata") or {}).get("annotations") or {}).get(
+        builders.ANNOTATION_ENGINE_KEY
+    )
+
+
+def _init_done(pod: dict[str, Any]) -> bool:
+    """The build init container finished (PerPod): later problems are the server's."""
+    cs = diagnosis.container_status(pod, builders.BUILD_CONTAINER)
+    term = (cs.get("state") or {}).get("terminated") or {}
+    return diagnosis.is_ready(pod) or term.get("exitCode") == 0
+
+
+def _serving_key(pods: list[dict[str, Any]], key: str) -> str | None:
+    """The engine the Reranker's Ready pods serve: the current key if any pod serves it, else the
+    one most of them serve; None when no pod is Ready."""
+    keys = Counter(
+        _pod_key(p) for p in pods if _is_server(p) and diagnosis.is_ready(p) and _pod_key(p)
+    )
+    if not keys:
+        return None
+    return key if key in keys else keys.most_common(1)[0][0]
+
+
 class Reconciler:
     """Holds the API wrapper and the operator config; `reconcile(ns, name)` is the entry point."""
 
@@ -51,6 +86,7 @@ class Reconciler:
         self.config = config
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._timers: dict[tuple[str, str], threading.Timer] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -85,20 +121,43 @@ class Reconciler:
 
         owner = builders.owner_reference(body)
         key = builders.engine_key_for(spec, self.config)
-        job_name = builders.job_name(name, key)
-
-        # 1. The engine cache (created once; a PVC's spec is mostly immutable afterwards).
-        pvc, _ = self.api.create_if_absent(
-            builders.build_engine_cache_pvc(name, namespace, spec, self.config, owner)
-        )
-
-        # 2. The engine: built already, or its Job (created only when absent).
-        engine, build_message, built_at = self._ensure_engine(body, spec, pvc, key, job_name)
-
-        # 3. Serving: roll the Deployment only to a built engine; until then, leave it alone.
+        shared = builders.cache_mode(spec, self.config) == "Shared"
+        # Every pod of this Reranker (build Jobs' and the Deployment's), for what they report.
+        pods = self.api.list(kube.POD, namespace, {builders.LABEL_RERANKER: name})
+        now = datetime.datetime.now(datetime.timezone.utc)
+        timeout = self.config.unschedulable_timeout_seconds
         deployment = self.api.get(kube.DEPLOYMENT, namespace, name)
-        if engine == "built":
+
+        if shared:
+            job_name: str | None = builders.job_name(name, key)
+            # 1. The engine cache (created once; a PVC's spec is mostly immutable afterwards).
+            pvc, _ = self.api.create_if_absent(
+                builders.build_engine_cache_pvc(name, namespace, spec, self.config, owner)
+            )
+            # 2. The engine: built already, or its Job (created only when absent).
+            job_pods = [p for p in pods if _labels(p).get("job-name") == job_name]
+            engine, build_message, built_at = self._ensure_engine(
+                body, spec, pvc, key, str(job_name), job_pods
+            )
+            engine_issue = diagnosis.with_volume_detail(
+                diagnosis.first_issue(job_pods, now, timeout), pvc
+            )
+            # 3. Serving: roll the Deployment only to a built engine; until then, leave it alone.
+            if engine == "built":
+                deployment = self._ensure_serving(body, spec, key, owner, deployment)
+            serve_pods = [p for p in pods if _is_server(p)]
+            serve_issue = diagnosis.first_issue(serve_pods, now, timeout)
+        else:
+            # PerPod: the Deployment always runs the current engine; its pods build it first.
+            job_name, built_at = None, None
             deployment = self._ensure_serving(body, spec, key, owner, deployment)
+            key_pods = [p for p in pods if _is_server(p) and _pod_key(p) == key]
+            engine, build_message = status.per_pod_engine_state(key_pods, builders.BUILD_CONTAINER)
+            init_pending = [p for p in key_pods if not _init_done(p)]
+            engine_issue = diagnosis.first_issue(init_pending, now, timeout)
+            serve_issue = diagnosis.first_issue(
+                [p for p in key_pods if _init_done(p)], now, timeout, (builders.SERVE_CONTAINER,)
+            )
 
         # 4. Status from what the children say now.
         dep_state = (
@@ -106,6 +165,18 @@ class Reconciler:
             if deployment
             else None
         )
+        if dep_state is not None and not shared:
+            # The Ready pods tell which engine answers (old ones, mid-rollout); without them, the
+            # Deployment's own word: a rolled-out, available Deployment of this key has pods
+            # that finished their build.
+            serving = _serving_key(pods, key)
+            if serving is not None:
+                dep_state = dataclasses.replace(dep_state, engine_key=serving)
+            elif dep_state.engine_key == key and dep_state.available and dep_state.rolled_out:
+                engine, build_message = "built", ""
+        scaling = None
+        if spec.autoscaling is not None:
+            scaling = diagnosis.scaling_condition(self.api.get(kube.HPA, namespace, name))
         observed = status.Observed(
             name=name,
             namespace=namespace,
@@ -119,16 +190,28 @@ class Reconciler:
             deployment=dep_state,
             endpoint=builders.endpoint_url(name, namespace),
             selector=builders.selector_string(name),
+            engine_issue=engine_issue,
+            serve_issue=serve_issue,
+            scaling=scaling,
         )
         new = status.derive_status(observed, previous)
         if self._write_status(body, previous, new):
             self._transition_events(body, previous, new)
+        for issue in (engine_issue, serve_issue):
+            if issue is not None and not issue.stuck and issue.since:
+                self._recheck_when_stuck(namespace, name, issue.since, now)
         return Outcome(phase=new["phase"])
 
     def _ensure_engine(
-        self, body: dict[str, Any], spec: RerankerSpec, pvc: dict[str, Any], key: str, job_name: str
+        self,
+        body: dict[str, Any],
+        spec: RerankerSpec,
+        pvc: dict[str, Any],
+        key: str,
+        job_name: str,
+        job_pods: list[dict[str, Any]],
     ) -> tuple[status.EngineState, str, str | None]:
-        """(state, failure message, completion time) of the engine for `key`."""
+        """(state, failure message, completion time) of the engine for `key` (Shared mode)."""
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
         if key in built_keys(pvc):
@@ -155,10 +238,43 @@ class Reconciler:
             self._event(body, "Normal", "EngineBuilt", f"engine {key[:10]} built by Job {job_name}")
             return "built", "", (job.get("status") or {}).get("completionTime") or status.now_iso()
         if state == "failed":
-            pods = self.api.list(kube.POD, namespace, {"job-name": job_name})
-            message = status.termination_message(pods) or status.job_failure_message(job)
+            message = status.termination_message(job_pods) or status.job_failure_message(job)
             return "failed", message, None
+        if state == "building" and status.job_pods_running(job_pods) is False:
+            state = "pending"  # the Job counts its Pending pod as active
         return state, "", None
+
+    def _recheck_when_stuck(
+        self, namespace: str, name: str, since: str, now: datetime.datetime
+    ) -> None:
+        """Reconcile again when an Unschedulable pod passes the timeout: no event may come then."""
+        started = diagnosis.parse_time(since) or now
+        delay = self.config.unschedulable_timeout_seconds - (now - started).total_seconds() + 1
+        timer_key = (namespace, name)
+        with self._locks_guard:
+            if timer_key in self._timers and self._timers[timer_key].is_alive():
+                return
+            timer = threading.Timer(max(delay, 1.0), self._timed_reconcile, (namespace, name))
+            timer.daemon = True
+            self._timers[timer_key] = timer
+        timer.start()
+
+    def _timed_reconcile(self, namespace: str, name: str) -> None:
+        with self._locks_guard:
+            self._timers.pop((namespace, name), None)
+        try:
+            self.reconcile(namespace, name)
+        except Exception as exc:  # a timer thread has no caller to raise to: log it
+            log.warning(
+                "timed reconcile failed",
+                extra={"reranker": f"{namespace}/{name}", "error": str(exc)},
+            )
+
+    def stop_timers(self) -> None:
+        with self._locks_guard:
+            for timer in self._timers.values():
+                timer.cancel()
+            self._timers.clear()
 
     def _record_built(self, pvc: dict[str, Any], key: str) -> None:
         meta = pvc["metadata"]

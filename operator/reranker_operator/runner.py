@@ -55,6 +55,9 @@ def operator_settings(
     managed = f"{builders.LABEL_MANAGED_BY}=reranker-operator"
     settings.watching.label_selectors["batch", "v1", "jobs"] = managed
     settings.watching.label_selectors["apps", "v1", "deployments"] = managed
+    settings.watching.label_selectors["v1", "pods"] = managed
+    settings.watching.label_selectors["v1", "persistentvolumeclaims"] = managed
+    settings.watching.label_selectors["autoscaling", "v2", "horizontalpodautoscalers"] = managed
     return settings
 
 

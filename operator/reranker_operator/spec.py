@@ -23,6 +23,9 @@ Source = Literal["HF", "S3", "GCS", "AZURE", "REMOTE_URL"]
 Quantization = Literal["no_quant", "fp8", "fp4"]
 AcceleratorType = Literal["L4", "A10G", "A100", "H100", "H200", "T4", "CPU"]
 AccessMode = Literal["ReadWriteMany", "ReadWriteOnce"]
+# PerPod: each runtime pod builds its engine in an init container into a pod-local volume.
+# Shared: one Job builds it into the PVC <name>-engine-cache, which every pod mounts.
+CacheMode = Literal["PerPod", "Shared"]
 Retention = Literal["Retain", "Delete"]
 AutoscalingMetric = Literal["Concurrency", "CPU"]
 
@@ -167,6 +170,7 @@ class Runtime(_Model):
 
 class EngineCache(_Model):
     # None: the operator config's default (see config.EngineCacheDefaults).
+    mode: CacheMode | None = None
     storage_class_name: str | None = Field(default=None, alias="storageClassName", max_length=253)
     size: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
     access_mode: AccessMode | None = Field(default=None, alias="accessMode")

@@ -336,10 +336,17 @@ NAMESPACED_GRANTS = {
     ("batch", "jobs"): {"get", "list", "watch", "create"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
     ("", "services"): {"get", "create", "patch"},
-    ("", "persistentvolumeclaims"): {"get", "create", "patch"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
-    ("autoscaling", "horizontalpodautoscalers"): {"get", "create", "patch", "delete"},
-    ("", "pods"): {"get", "list"},
+    ("autoscaling", "horizontalpodautoscalers"): {
+        "get",
+        "list",
+        "watch",
+        "create",
+        "patch",
+        "delete",
+    },
+    ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create"},
 }
 

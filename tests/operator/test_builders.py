@@ -69,13 +69,19 @@ VARIANTS: dict[str, RerankerSpec] = {
                 "liveness": {"timeoutSeconds": 9},
             },
         },
-        engineCache={"storageClassName": "filestore", "size": "100Gi", "retention": "Delete"},
+        engineCache={
+            "mode": "Shared",
+            "storageClassName": "filestore",
+            "size": "100Gi",
+            "retention": "Delete",
+        },
     ),
     "cpu": spec_of(
         accelerator={"type": "CPU"},
         resources={"cpu": 2, "memory": "4Gi"},
-        engineCache={"accessMode": "ReadWriteOnce"},
+        engineCache={"mode": "Shared", "accessMode": "ReadWriteOnce"},
     ),
+    "per-pod-replicas": spec_of(replicas=3, engineCache={"size": "8Gi"}),
     "autoscaling-concurrency": spec_of(
         autoscaling={"minReplicas": 2, "maxReplicas": 6, "targetConcurrency": 24}
     ),
@@ -114,7 +120,47 @@ def test_every_child_passes_kubernetes_validate_strict(variant: str, owned: bool
     for obj in children:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     kinds = [c["kind"] for c in children]
-    assert kinds[:4] == ["PersistentVolumeClaim", "Job", "Deployment", "Service"]
+    if b.cache_mode(VARIANTS[variant], CONFIG) == "Shared":
+        assert kinds[:4] == ["PersistentVolumeClaim", "Job", "Deployment", "Service"]
+    else:
+        assert kinds[:2] == ["Deployment", "Service"]
+
+
+def test_per_pod_mode_needs_no_shared_storage() -> None:
+    """The default: 3 replicas, each pod builds its engine; nothing asks for ReadWriteMany."""
+    children = all_children(VARIANTS["per-pod-replicas"])
+    assert {c["kind"] for c in children} == {"Deployment", "Service", "PodDisruptionBudget"}
+    assert "ReadWriteMany" not in yaml.safe_dump_all(children)
+    dep = by_kind(children)["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+    assert {"name": "engine", "emptyDir": {"sizeLimit": "8Gi"}} in pod["volumes"]
+    (init,) = pod["initContainers"]
+    job = b.build_engine_job("rr", NS, VARIANTS["per-pod-replicas"], CONFIG, KEY)
+    # The init container is the build Job's container: the same command, args, env and limits.
+    assert init == container(job)
+    assert init["args"][-2:] == ["--output", f"/engines/{KEY}"]
+    assert {"name": "engine", "mountPath": "/engines"} in init["volumeMounts"]
+    serve = container(dep)
+    assert {"name": "engine", "mountPath": "/engines", "readOnly": True} in serve["volumeMounts"]
+    assert env_map(serve)["RERANKER_ENGINE_DIR"] == f"/engines/{KEY}"
+    assert init["resources"] == serve["resources"]  # the build runs on the pod's GPU
+    # Old pods serve until new ones are ready; the deadline covers a build plus the start-up.
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert dep["spec"]["progressDeadlineSeconds"] >= CONFIG.build_job.active_deadline_seconds
+
+
+def test_shared_mode_from_the_operator_config() -> None:
+    config = config_from_dict({"engineCache": {"mode": "Shared"}})
+    kinds = [c["kind"] for c in b.build_children("rr", NS, spec_of(), config, key=KEY)]
+    assert kinds == ["PersistentVolumeClaim", "Job", "Deployment", "Service"]
+    dep = b.build_deployment("rr", NS, spec_of(), config, KEY)
+    assert "initContainers" not in dep["spec"]["template"]["spec"]
+    per_pod = spec_of(engineCache={"mode": "PerPod"})  # the spec wins over the config
+    assert [c["kind"] for c in b.build_children("rr", NS, per_pod, config, key=KEY)] == [
+        "Deployment",
+        "Service",
+    ]
 
 
 def test_pdb_and_hpa_only_when_called_for() -> None:

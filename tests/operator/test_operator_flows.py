@@ -29,10 +29,13 @@ from reranker_operator.reconcile import ANNOTATION_BUILT
 from reranker_operator.spec import parse_spec
 
 NAME = "bge"
+# Most flows here follow the Shared engine cache (a build Job, the cache PVC); the PerPod mode
+# (the default: pods build their own engine) has its flows in test_operator_status.py.
 SPEC: dict[str, Any] = {
     "checkpoint": {"repo": "BAAI/bge-reranker-large", "revision": "main"},
     "accelerator": {"type": "L4"},
     "replicas": 1,
+    "engineCache": {"mode": "Shared"},
 }
 
 
@@ -507,7 +510,7 @@ async def test_flows_deletion_and_recreation_reuses_the_retained_cache(
 async def test_flows_cache_retention_delete_owns_the_pvc(
     cluster: Cluster, operator: OperatorRunner
 ) -> None:
-    await cluster.create_reranker(NAME, spec(engineCache={"retention": "Delete"}))
+    await cluster.create_reranker(NAME, spec(engineCache={"mode": "Shared", "retention": "Delete"}))
     pvc = await wait_for(
         lambda: cluster.get(cluster.PVC, builders.cache_pvc_name(NAME)), "the cache PVC"
     )

@@ -112,6 +112,7 @@ accelerators:
 {{- end }}
 {{- end }}
 engineCache:
+  mode: {{ .Values.engineCache.mode }}
   size: {{ .Values.engineCache.size | quote }}
   storageClassName: {{ if .Values.engineCache.storageClassName }}{{ .Values.engineCache.storageClassName | quote }}{{ else }}null{{ end }}
   accessMode: {{ .Values.engineCache.accessMode }}
@@ -123,6 +124,7 @@ buildJob:
 podSecurityContext:
   {{- toYaml .Values.runtimePodSecurityContext | nindent 2 }}
 terminationGracePeriodSeconds: {{ .Values.runtimeTerminationGracePeriodSeconds | int }}
+unschedulableTimeoutSeconds: {{ .Values.unschedulableTimeoutSeconds | int }}
 {{- end }}
 
 {{/*
@@ -154,21 +156,27 @@ collector through owner references, so only PDBs and HPAs (removed when no longe
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# Services and engine-cache PVCs: created, then patched.
+# Services: created, then patched.
 - apiGroups: [""]
-  resources: ["services", "persistentvolumeclaims"]
+  resources: ["services"]
   verbs: ["get", "create", "patch"]
-# PDBs and HPAs: created, patched, and deleted when no longer wanted (1 replica, no autoscaling).
+# Engine-cache PVCs (Shared mode): created, annotated, and watched (an unbound claim).
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# PDBs and HPAs: created, patched, and deleted when no longer wanted (1 replica, no autoscaling);
+# HPAs are also watched (their ScalingActive condition goes into status).
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "create", "patch", "delete"]
-# Build pods: read a failed build container's termination message (read-only).
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Build and runtime pods (read-only): what the scheduler and kubelet report (Unschedulable,
+# ImagePullBackOff, OOMKilled, a build's termination message).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
+  verbs: ["get", "list", "watch"]
 # Events about Rerankers (kopf and the operator post core/v1 Events).
 - apiGroups: [""]
   resources: ["events"]
