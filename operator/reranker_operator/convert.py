@@ -131,9 +131,14 @@ def _accelerator(resources: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"type": accel}
     if count:
         try:
-            out["count"] = int(count)
+            gpus = int(count)
         except ValueError:
             raise ConvertError(f"resources.accelerator {raw!r}: count is not an integer") from None
+        if gpus != 1:
+            notes.append(
+                f"resources.accelerator {raw}: {gpus} GPUs per pod mapped to 1 (an engine runs on "
+                f"one GPU); for the same capacity, set replicas: {gpus}"
+            )
     return out
 
 

@@ -244,9 +244,12 @@ def _check_rules(spec: RerankerSpec) -> None:
         raise InvalidSpec(
             "spec.build.quantization", "quantization is GPU-only; use no_quant on CPU"
         )
-    if accel == "CPU" and spec.accelerator.count != 1:
+    if spec.accelerator.count != 1:
         raise InvalidSpec(
-            "spec.accelerator.count", "count must be 1 on CPU (set resources.cpu for more cores)"
+            "spec.accelerator.count",
+            "count must be 1: an engine runs on one GPU (multi-GPU engines are not supported "
+            "yet, extra GPUs would sit idle); scale out with replicas, or on CPU set "
+            "resources.cpu for more cores",
         )
     if spec.build.max_seq_len is not None and spec.build.max_seq_len > spec.build.max_num_tokens:
         raise InvalidSpec(

@@ -49,7 +49,7 @@ VARIANTS: dict[str, RerankerSpec] = {
     "gpu-default": spec_of(),
     "gpu-replicas": spec_of(
         replicas=3,
-        accelerator={"type": "H100", "count": 2},
+        accelerator={"type": "H100", "count": 1},
         build={"quantization": "fp8", "maxNumTokens": 32768, "maxSeqLen": 1024},
         checkpoint={
             "repo": "org/model",
@@ -250,7 +250,7 @@ def test_job_runs_where_it_will_serve() -> None:
     )
     for key in ("affinity", "tolerations"):
         assert job["spec"]["template"]["spec"][key] == dep["spec"]["template"]["spec"][key]
-    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 # ---------------------------------------------------------------- placement
@@ -679,7 +679,6 @@ SERVING_CHANGES = {
     "replicas": {"replicas": 4},
     "autoscaling": {"autoscaling": {"maxReplicas": 9}},
     "resources": {"resources": {"cpu": "8", "memory": "64Gi"}},
-    "gpu-count": {"accelerator": {"type": "L4", "count": 2}},
     "runtime-limits": {
         "runtime": {"maxBatchTokens": 4096, "maxConcurrentRequests": 7, "autoTruncate": True}
     },

@@ -171,7 +171,8 @@ def test_build_mapping(changes: dict[str, Any], expected_build: dict[str, Any]) 
 @pytest.mark.parametrize(
     "accelerator,use_gpu,expected",
     [
-        ("H100:2", True, {"type": "H100", "count": 2}),
+        ("H100:2", True, {"type": "H100"}),  # one GPU per pod (a note says replicas: 2)
+        ("H100:1", True, {"type": "H100"}),
         ("H100_40GB", True, {"type": "H100"}),
         ("a10g", True, {"type": "A10G"}),
         (None, False, {"type": "CPU"}),

@@ -271,6 +271,7 @@ BAD = {
     "fp8-on-t4.yaml": ("cel", "spec.build.quantization"),
     "fp4.yaml": ("cel", "spec.build.quantization"),
     "cpu-gpu-count.yaml": ("cel", "spec.accelerator.count"),
+    "multi-gpu.yaml": ("cel", "spec.accelerator.count"),
     "max-seq-len-over-budget.yaml": ("cel", "spec.build.maxSeqLen"),
 }
 
@@ -307,7 +308,9 @@ CEL_CASES = [
     ("quantization-on-cpu", {**MINIMAL, "build": {"quantization": "fp8"}, "accelerator": {"type": "CPU"}},
      "spec.build.quantization", "self.build.quantization == 'no_quant'"),
     ("count-on-cpu", {**MINIMAL, "accelerator": {"type": "CPU", "count": 2}}, "spec.accelerator.count",
-     "self.type != 'CPU' || !has(self.count) || self.count == 1"),
+     "!has(self.count) || self.count == 1"),
+    ("multi-gpu", {**MINIMAL, "accelerator": {"type": "H100", "count": 2}}, "spec.accelerator.count",
+     "!has(self.count) || self.count == 1"),
     ("seq-len-over-budget", {**MINIMAL, "build": {"maxNumTokens": 512, "maxSeqLen": 1024}},
      "spec.build.maxSeqLen", "self.maxSeqLen <= "),
     ("seq-len-over-default-budget", {**MINIMAL, "build": {"maxSeqLen": 20000}}, "spec.build.maxSeqLen",
