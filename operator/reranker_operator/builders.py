@@ -202,22 +202,50 @@ def _container_resources(spec: RerankerSpec, config: OperatorConfig) -> dict[str
     return {"requests": requests, "limits": limits}
 
 
-def _pod_placement(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
-    """nodeAffinity / nodeSelector / tolerations for the accelerator (GPU engines are GPU-specific)."""
-    placement = config.placement(spec.accelerator.type)
-    out: dict[str, Any] = {}
-    if placement.node_selector_terms:
-        out["affinity"] = {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": copy.deepcopy(placement.node_selector_terms)
-                }
+def _and_terms(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Two ORed lists of nodeSelectorTerms, ANDed: every pair of terms joined."""
+    if not ours or not theirs:
+        return copy.deepcopy(ours or theirs)
+    joined = []
+    for a in ours:
+        for b in theirs:
+            term = {
+                field: copy.deepcopy(a.get(field, []) + b.get(field, []))
+                for field in ("matchExpressions", "matchFields")
+                if a.get(field) or b.get(field)
             }
+            joined.append(term)
+    return joined
+
+
+def _pod_placement(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
+    """nodeAffinity / nodeSelector / tolerations: the accelerator's (GPU engines are
+    GPU-specific), merged with spec.pod's (both must hold)."""
+    placement = config.placement(spec.accelerator.type)
+    user = spec.pod
+    out: dict[str, Any] = {}
+    affinity = copy.deepcopy(user.affinity)
+    node_affinity = affinity.setdefault("nodeAffinity", {})
+    required = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    terms = _and_terms(placement.node_selector_terms, required.get("nodeSelectorTerms") or [])
+    if terms:
+        node_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = {
+            "nodeSelectorTerms": terms
         }
-    if placement.node_selector:
-        out["nodeSelector"] = dict(placement.node_selector)
-    if placement.tolerations:
-        out["tolerations"] = copy.deepcopy(placement.tolerations)
+    if not node_affinity:
+        del affinity["nodeAffinity"]
+    if affinity:
+        out["affinity"] = affinity
+    node_selector = {**placement.node_selector, **user.node_selector}
+    if node_selector:
+        out["nodeSelector"] = node_selector
+    tolerations = copy.deepcopy(placement.tolerations)
+    for toleration in user.tolerations:
+        extra = toleration.model_dump(by_alias=True, exclude_none=True)
+        if extra not in tolerations:
+            tolerations.append(extra)
+    if tolerations:
+        out["tolerations"] = tolerations
     return out
 
 
@@ -225,14 +253,32 @@ def _pod_common(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "securityContext": copy.deepcopy(config.pod_security_context),
         # The runtime never talks to the API server, and Service links would inject variables
-        # such as RERANKER_PORT=tcp://... for a Service named `reranker`.
+        # such as RERANKER_PORT=tcp://... for a Service named `reranker`. (Workload Identity
+        # and IRSA / Pod Identity need no API token: they inject their own credentials.)
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         **_pod_placement(spec, config),
     }
+    settings = spec.pod
+    if settings.service_account_name:
+        pod["serviceAccountName"] = settings.service_account_name
+    if settings.priority_class_name:
+        pod["priorityClassName"] = settings.priority_class_name
+    if settings.topology_spread_constraints:
+        pod["topologySpreadConstraints"] = copy.deepcopy(list(settings.topology_spread_constraints))
     if config.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s} for s in config.image_pull_secrets]
     return pod
+
+
+def _pod_metadata(
+    spec: RerankerSpec, labels_: dict[str, str], annotations: dict[str, str]
+) -> dict[str, Any]:
+    """Pod template metadata: spec.pod's labels and annotations, then the operator's."""
+    return {
+        "labels": {**spec.pod.labels, **labels_},
+        "annotations": {**spec.pod.annotations, **annotations},
+    }
 
 
 def cache_mode(spec: RerankerSpec, config: OperatorConfig) -> str:
@@ -382,7 +428,7 @@ def build_engine_job(
             "activeDeadlineSeconds": jobs.active_deadline_seconds,
             "ttlSecondsAfterFinished": jobs.ttl_seconds_after_finished,
             "template": {
-                "metadata": {"labels": job_labels, "annotations": {ANNOTATION_ENGINE_KEY: key}},
+                "metadata": _pod_metadata(spec, job_labels, {ANNOTATION_ENGINE_KEY: key}),
                 "spec": {
                     "restartPolicy": "Never",
                     **_pod_common(spec, config),
@@ -484,7 +530,7 @@ def build_deployment(
         # Beyond the startup probe's budget, so Progressing=False means a real problem.
         "progressDeadlineSeconds": _progress_deadline(spec, config),
         "template": {
-            "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+            "metadata": _pod_metadata(spec, pod_labels, pod_annotations),
             "spec": {
                 **_pod_common(spec, config),
                 "terminationGracePeriodSeconds": config.termination_grace_period_seconds,

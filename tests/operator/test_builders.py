@@ -312,6 +312,73 @@ def test_l4_placement_refuses_other_nodes(node: str) -> None:
     assert not node_matches(pod, NOT_L4_NODES[node])
 
 
+POD_SETTINGS = {
+    "nodeSelector": {"cloud.google.com/gke-nodepool": "l4-pool"},
+    "tolerations": [
+        {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}
+    ],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "topology.kubernetes.io/zone",
+                                           "operator": "In", "values": ["europe-west4-a"]}]}
+                ]
+            }
+        },
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "rr"}}}}
+            ]
+        },
+    },
+    "topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+         "whenUnsatisfiable": "ScheduleAnyway",
+         "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "rr"}}}
+    ],
+    "priorityClassName": "inference-high",
+    "serviceAccountName": "reranker-gcs-reader",
+    "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+    "labels": {"team": "search"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["Job", "Deployment"])
+def test_pod_settings_reach_build_and_runtime_pods(kind: str) -> None:
+    spec = spec_of(pod=POD_SETTINGS, engineCache={"mode": "Shared"}, replicas=2)
+    obj = by_kind(all_children(spec))[kind]
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    template = obj["spec"]["template"]
+    pod = template["spec"]
+    assert pod["serviceAccountName"] == "reranker-gcs-reader"
+    assert pod["priorityClassName"] == "inference-high"
+    assert pod["topologySpreadConstraints"] == POD_SETTINGS["topologySpreadConstraints"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-nodepool": "l4-pool"}
+    assert pod["affinity"]["podAntiAffinity"] == POD_SETTINGS["affinity"]["podAntiAffinity"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert POD_SETTINGS["tolerations"][0] in pod["tolerations"]
+    assert template["metadata"]["labels"]["team"] == "search"
+    assert template["metadata"]["labels"][b.LABEL_RERANKER] == "rr"  # the operator's stay
+    assert template["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"]
+    # The user's zone and the accelerator's GPU must both hold: an L4 node in europe-west4-a.
+    zone = {"topology.kubernetes.io/zone": "europe-west4-a"}
+    assert node_matches(pod, {**L4_NODES["gke-g2-standard-4"], **zone, **pod["nodeSelector"]})
+    assert not node_matches(pod, {**L4_NODES["gke-g2-standard-4"], **pod["nodeSelector"]})
+    assert not node_matches(pod, {**NOT_L4_NODES["gke-t4"], **zone, **pod["nodeSelector"]})
+
+
+def test_user_node_affinity_on_cpu_is_kept_as_is() -> None:
+    spec = spec_of(accelerator={"type": "CPU"}, pod={"affinity": POD_SETTINGS["affinity"]})
+    pod = b.build_deployment("rr", NS, spec, CONFIG, KEY)["spec"]["template"]["spec"]
+    assert pod["affinity"] == POD_SETTINGS["affinity"]
+    assert "tolerations" not in pod
+
+
 def test_default_pod_fits_the_smallest_l4_nodes() -> None:
     # Allocatable memory of GKE g2-standard-4 (~13 GiB) and EKS g6.xlarge (~14.5 GiB), minus
     # ~1 GiB of daemonsets: the default request must fit both.
