@@ -55,6 +55,12 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
     "autoscaling/v2/horizontalpodautoscalers": kmock.ResourceInfo(
         kind="HorizontalPodAutoscaler", namespaced=True, verbs=_ALL, subresources=["status"]
     ),
+    "monitoring.coreos.com/v1/servicemonitors": kmock.ResourceInfo(
+        kind="ServiceMonitor", namespaced=True, verbs=_ALL
+    ),
+    "monitoring.googleapis.com/v1/podmonitorings": kmock.ResourceInfo(
+        kind="PodMonitoring", namespaced=True, verbs=_ALL
+    ),
 }
 
 

@@ -41,7 +41,8 @@ COMPONENT_BUILD = "engine-build"
 COMPONENT_CACHE = "engine-cache"
 
 # The runtime's in-flight requests gauge (runtime/reranker_runtime/metrics.py), the
-# concurrency autoscaling metric. Needs a custom-metrics adapter (docs/operator.md).
+# concurrency autoscaling metric (its name in the custom metrics API is configurable:
+# config.autoscaling.concurrencyMetric). Needs a custom-metrics adapter (docs/operator.md).
 IN_FLIGHT_METRIC = "te_requests_in_flight"
 
 _JOB_NAME_MAX = 63  # Job names become the pods' `job-name` label value: a 63-char limit.
@@ -602,8 +603,42 @@ def build_pdb(
     return _finish(obj, owner)
 
 
+def build_monitor(
+    name: str, namespace: str, config: OperatorConfig, owner: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The ServiceMonitor (Prometheus Operator) or PodMonitoring (GKE managed Prometheus) that
+    scrapes the runtime pods' /metrics, when the operator config asks for one; else None."""
+    monitoring = config.monitoring
+    if monitoring.kind is None:
+        return None
+    endpoint = {"port": "http", "path": "/metrics", "interval": monitoring.interval}
+    api_version = (
+        "monitoring.coreos.com/v1"
+        if monitoring.kind == "ServiceMonitor"
+        else "monitoring.googleapis.com/v1"
+    )
+    obj = {
+        "apiVersion": api_version,
+        "kind": monitoring.kind,
+        "metadata": _metadata(
+            name, namespace, {**monitoring.labels, **labels(name, COMPONENT_SERVER)}
+        ),
+        "spec": {
+            # A ServiceMonitor selects the Service (same labels as the pods), a PodMonitoring
+            # the pods; both scrape the named container port.
+            "selector": {"matchLabels": selector_labels(name)},
+            "endpoints": [endpoint],
+        },
+    }
+    return _finish(obj, owner)
+
+
 def build_hpa(
-    name: str, namespace: str, spec: RerankerSpec, owner: dict[str, Any] | None = None
+    name: str,
+    namespace: str,
+    spec: RerankerSpec,
+    owner: dict[str, Any] | None = None,
+    config: OperatorConfig | None = None,
 ) -> dict[str, Any] | None:
     """An autoscaling/v2 HPA on the Deployment when spec.autoscaling is set; else None.
 
@@ -630,7 +665,7 @@ def build_hpa(
         metric = {
             "type": "Pods",
             "pods": {
-                "metric": {"name": IN_FLIGHT_METRIC},
+                "metric": {"name": (config or OperatorConfig()).autoscaling.concurrency_metric},
                 "target": {"type": "AverageValue", "averageValue": str(auto.target_concurrency)},
             },
         }
@@ -676,6 +711,7 @@ def build_children(
         build_deployment(name, namespace, spec, config, key, owner),
         build_service(name, namespace, owner),
         build_pdb(name, namespace, spec, owner),
-        build_hpa(name, namespace, spec, owner),
+        build_hpa(name, namespace, spec, owner, config),
+        build_monitor(name, namespace, config, owner),
     ]
     return [c for c in children if c is not None]

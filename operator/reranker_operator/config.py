@@ -153,6 +153,28 @@ def default_pod_security_context() -> dict[str, Any]:
     }
 
 
+class MonitoringSettings(_Model):
+    """An opt-in scrape object per Reranker, for the metrics pipeline the cluster runs."""
+
+    # ServiceMonitor: Prometheus Operator (kube-prometheus-stack); PodMonitoring: GKE managed
+    # Prometheus. None: neither (the pods still carry prometheus.io/* annotations).
+    kind: Literal["ServiceMonitor", "PodMonitoring"] | None = None
+    interval: str = Field(default="30s", pattern=r"^[0-9]+(ms|s|m|h)$")
+    # Labels on the ServiceMonitor / PodMonitoring, e.g. the `release` label a Prometheus
+    # object's serviceMonitorSelector picks.
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class AutoscalingSettings(_Model):
+    # The name the HPA asks the custom metrics API for (metric Concurrency): what the adapter
+    # exposes the runtime's te_requests_in_flight gauge as. prometheus-adapter with the rule in
+    # docs/operator.md: te_requests_in_flight; GKE's Custom Metrics Stackdriver Adapter with
+    # managed Prometheus: prometheus.googleapis.com|te_requests_in_flight|gauge.
+    concurrency_metric: str = Field(
+        default="te_requests_in_flight", alias="concurrencyMetric", min_length=1
+    )
+
+
 class OperatorConfig(_Model):
     runtime_image: str = Field(default=DEFAULT_RUNTIME_IMAGE, alias="runtimeImage", min_length=1)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
@@ -170,6 +192,8 @@ class OperatorConfig(_Model):
     termination_grace_period_seconds: int = Field(
         default=60, alias="terminationGracePeriodSeconds", ge=0
     )
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     # A pod preparing an engine that stays Unschedulable this long turns the Reranker Failed (or
     # Degraded while older pods serve) instead of Pending. Leaves time for a cluster autoscaler
     # to add a GPU node (typically 3-10 minutes).

@@ -53,6 +53,8 @@ JOB = Kind("batch/v1", "jobs")
 DEPLOYMENT = Kind("apps/v1", "deployments")
 PDB = Kind("policy/v1", "poddisruptionbudgets")
 HPA = Kind("autoscaling/v2", "horizontalpodautoscalers")
+SERVICE_MONITOR = Kind("monitoring.coreos.com/v1", "servicemonitors")
+POD_MONITORING = Kind("monitoring.googleapis.com/v1", "podmonitorings")
 
 KIND_BY_NAME: dict[str, Kind] = {
     "Reranker": RERANKER,
@@ -64,6 +66,8 @@ KIND_BY_NAME: dict[str, Kind] = {
     "Deployment": DEPLOYMENT,
     "PodDisruptionBudget": PDB,
     "HorizontalPodAutoscaler": HPA,
+    "ServiceMonitor": SERVICE_MONITOR,
+    "PodMonitoring": POD_MONITORING,
 }
 
 

@@ -307,9 +307,13 @@ class Reconciler:
             )
 
         self._apply(builders.build_service(name, namespace, owner))
+        monitor = builders.build_monitor(name, namespace, self.config, owner)
+        if monitor is not None:
+            # Only the configured kind is touched: its CRD (and RBAC) may be all there is.
+            self._apply(monitor)
         for kind, child in (
             (kube.PDB, builders.build_pdb(name, namespace, spec, owner)),
-            (kube.HPA, builders.build_hpa(name, namespace, spec, owner)),
+            (kube.HPA, builders.build_hpa(name, namespace, spec, owner, self.config)),
         ):
             if child is not None:
                 self._apply(child)

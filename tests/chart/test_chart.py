@@ -391,12 +391,34 @@ def test_cluster_wide_rbac_is_least_privilege(chart: helm_python.Chart) -> None:
     assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
 
 
+# Kinds the operator touches only when the config asks for them: RBAC follows the same value.
+OPT_IN_KINDS = {"ServiceMonitor": "ServiceMonitor", "PodMonitoring": "PodMonitoring"}
+
+
 def test_rbac_covers_every_kind_the_operator_touches(chart: helm_python.Chart) -> None:
     kube = pytest.importorskip("reranker_operator.kube")
     rules = rules_of(one(manifests(render(chart)), "ClusterRole"))
-    for kind in kube.KIND_BY_NAME.values():
+    for kind_name, kind in kube.KIND_BY_NAME.items():
         group = "" if kind.api_version == "v1" else kind.api_version.split("/")[0]
+        if kind_name in OPT_IN_KINDS:
+            assert not grants(rules, group, kind.plural), f"{kind_name} granted by default"
+            opted = rules_of(
+                one(manifests(render(chart, {"monitoring": {"kind": kind_name}})), "ClusterRole")
+            )
+            assert grants(opted, group, kind.plural) == {"get", "create", "patch"}
+            continue
         assert grants(rules, group, kind.plural), f"no RBAC rule for {group}/{kind.plural}"
+
+
+def test_monitoring_config_reaches_the_operator(chart: helm_python.Chart) -> None:
+    values = {
+        "monitoring": {"kind": "PodMonitoring", "interval": "15s", "labels": {"team": "ml"}},
+        "concurrencyMetric": "prometheus.googleapis.com|te_requests_in_flight|gauge",
+    }
+    loaded = load_operator_config(operator_config_text(manifests(render(chart, values))))
+    assert loaded.monitoring.kind == "PodMonitoring" and loaded.monitoring.interval == "15s"
+    assert loaded.monitoring.labels == {"team": "ml"}
+    assert loaded.autoscaling.concurrency_metric == values["concurrencyMetric"]
 
 
 # kube.Kube method -> the HTTP verbs (RBAC verbs) it issues.

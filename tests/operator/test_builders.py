@@ -379,6 +379,58 @@ def test_user_node_affinity_on_cpu_is_kept_as_is() -> None:
     assert "tolerations" not in pod
 
 
+def test_no_monitor_unless_configured() -> None:
+    assert b.build_monitor("rr", NS, CONFIG) is None
+    assert not any(c["kind"].endswith(("Monitor", "Monitoring")) for c in all_children(spec_of()))
+
+
+@pytest.mark.parametrize(
+    "kind,api_version",
+    [
+        ("ServiceMonitor", "monitoring.coreos.com/v1"),
+        ("PodMonitoring", "monitoring.googleapis.com/v1"),
+    ],
+)
+def test_monitor_scrapes_the_runtime_pods(kind: str, api_version: str) -> None:
+    config = config_from_dict(
+        {"monitoring": {"kind": kind, "interval": "15s", "labels": {"release": "prom"}}}
+    )
+    children = b.build_children("rr", NS, spec_of(), config, OWNER, KEY)
+    monitor = by_kind(children)[kind]
+    assert monitor["apiVersion"] == api_version and monitor["metadata"]["name"] == "rr"
+    assert monitor["metadata"]["ownerReferences"] == [OWNER]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    # It selects what serves /metrics on the port named http: the Service (ServiceMonitor) or
+    # the pods (PodMonitoring) carry these labels.
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    target = by_kind(children)["Service" if kind == "ServiceMonitor" else "Deployment"]
+    have = target["metadata"]["labels"] if kind == "ServiceMonitor" else (
+        target["spec"]["template"]["metadata"]["labels"])  # fmt: skip
+    assert selector.items() <= have.items()
+    ports = (
+        target["spec"]["ports"]
+        if kind == "ServiceMonitor"
+        else target["spec"]["template"]["spec"]["containers"][0]["ports"]
+    )
+    assert "http" in {p["name"] for p in ports}
+
+
+def test_hpa_concurrency_metric_name_from_the_config() -> None:
+    config = config_from_dict(
+        {
+            "autoscaling": {
+                "concurrencyMetric": "prometheus.googleapis.com|te_requests_in_flight|gauge"
+            }
+        }
+    )
+    hpa = b.build_hpa("rr", NS, VARIANTS["autoscaling-concurrency"], None, config)
+    assert hpa is not None
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == (
+        "prometheus.googleapis.com|te_requests_in_flight|gauge"
+    )
+
+
 def test_default_pod_fits_the_smallest_l4_nodes() -> None:
     # Allocatable memory of GKE g2-standard-4 (~13 GiB) and EKS g6.xlarge (~14.5 GiB), minus
     # ~1 GiB of daemonsets: the default request must fit both.

@@ -488,3 +488,22 @@ async def test_hpa_without_its_metric_shows_in_status(
     status = cluster.status(NAME)
     assert status["phase"] == "Ready"  # it serves; it just cannot scale
     assert "cannot scale" in status["message"] and "custom metrics API" in status["message"]
+
+
+async def test_configured_service_monitor_is_created_per_reranker(
+    cluster: Cluster, kmock: Any
+) -> None:
+    config = config_from_dict({"monitoring": {"kind": "ServiceMonitor"}})
+    op = OperatorRunner(str(kmock.url), config)
+    await op.start()
+    try:
+        await cluster.create_reranker(NAME, SPEC)
+        monitor = await wait_for(
+            lambda: cluster.get("monitoring.coreos.com/v1/servicemonitors", NAME),
+            "the ServiceMonitor",
+        )
+        assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+        uid = cluster.get(cluster.RERANKER, NAME)["metadata"]["uid"]
+        assert monitor["metadata"]["ownerReferences"][0]["uid"] == uid
+    finally:
+        await op.stop()

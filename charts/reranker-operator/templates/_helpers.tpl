@@ -125,6 +125,16 @@ podSecurityContext:
   {{- toYaml .Values.runtimePodSecurityContext | nindent 2 }}
 terminationGracePeriodSeconds: {{ .Values.runtimeTerminationGracePeriodSeconds | int }}
 unschedulableTimeoutSeconds: {{ .Values.unschedulableTimeoutSeconds | int }}
+monitoring:
+  kind: {{ if .Values.monitoring.kind }}{{ .Values.monitoring.kind }}{{ else }}null{{ end }}
+  interval: {{ .Values.monitoring.interval | quote }}
+  labels:
+  {{- if .Values.monitoring.labels }}
+    {{- toYaml .Values.monitoring.labels | nindent 4 }}
+  {{- else }} {}
+  {{- end }}
+autoscaling:
+  concurrencyMetric: {{ .Values.concurrencyMetric | quote }}
 {{- end }}
 
 {{/*
@@ -177,6 +187,17 @@ collector through owner references, so only PDBs and HPAs (removed when no longe
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+{{- if eq .Values.monitoring.kind "ServiceMonitor" }}
+# One ServiceMonitor per Reranker (monitoring.kind ServiceMonitor).
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["servicemonitors"]
+  verbs: ["get", "create", "patch"]
+{{- else if eq .Values.monitoring.kind "PodMonitoring" }}
+# One PodMonitoring per Reranker (monitoring.kind PodMonitoring, GKE managed Prometheus).
+- apiGroups: ["monitoring.googleapis.com"]
+  resources: ["podmonitorings"]
+  verbs: ["get", "create", "patch"]
+{{- end }}
 # Events about Rerankers (kopf and the operator post core/v1 Events).
 - apiGroups: [""]
   resources: ["events"]
