@@ -74,6 +74,10 @@ def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 def assert_valid(objects: list[dict[str, Any]]) -> None:
     for obj in objects:
+        if obj["apiVersion"].startswith("kopf.dev/"):
+            # kopf's peering objects: a CRD of the chart, unknown to kubernetes-validate.
+            assert set(obj) == {"apiVersion", "kind", "metadata"}
+            continue
         for version in KUBE_VERSIONS:
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
@@ -206,8 +210,10 @@ def test_every_rendered_manifest_is_valid(chart: helm_python.Chart, values: dict
 
 
 def test_crd_is_valid_for_kubernetes(chart: helm_python.Chart) -> None:
-    (crd,) = chart.crds
-    assert_valid([yaml.safe_load(crd["data"])])
+    names = sorted(c["name"] for c in chart.crds)
+    assert names == ["crds/kopf-peering.yaml", f"crds/{CRD_FILE}"]
+    for crd in chart.crds:
+        assert_valid([d for d in yaml.safe_load_all(crd["data"]) if d])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,6 +414,50 @@ def test_rbac_covers_every_kind_the_operator_touches(chart: helm_python.Chart) -
             assert grants(opted, group, kind.plural) == {"get", "create", "patch"}
             continue
         assert grants(rules, group, kind.plural), f"no RBAC rule for {group}/{kind.plural}"
+
+
+@pytest.mark.parametrize("namespaces", [[], ["ml-serving", "search"]], ids=["cluster", "ns"])
+def test_two_replicas_run_kopf_peering(chart: helm_python.Chart, namespaces: list[str]) -> None:
+    objects = manifests(render(chart, {"replicaCount": 2, "watchNamespaces": namespaces}))
+    assert_valid(objects)
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    fullname = deployment["metadata"]["name"]
+    assert f"--peering={fullname}" in container(objects)["args"]
+    from reranker_operator.cli import build_parser
+
+    args = build_parser().parse_args(container(objects)["args"])
+    assert args.peering == fullname and args.priority is None
+    if namespaces:
+        peerings = by_kind(objects, "KopfPeering")
+        assert sorted(p["metadata"]["namespace"] for p in peerings) == namespaces
+        for role in by_kind(objects, "Role"):
+            assert grants(rules_of(role), "kopf.dev", "kopfpeerings") == {
+                "get", "list", "watch", "patch",
+            }  # fmt: skip
+    else:
+        assert one(objects, "ClusterKopfPeering")["metadata"]["name"] == fullname
+        rules = rules_of(one(objects, "ClusterRole"))
+        assert grants(rules, "kopf.dev", "clusterkopfpeerings") == {"get", "list", "watch", "patch"}
+    # The peering CRDs the objects need ship with the chart.
+    peering_crds = next(c for c in chart.crds if c["name"] == "crds/kopf-peering.yaml")
+    kinds = {d["spec"]["names"]["kind"] for d in yaml.safe_load_all(peering_crds["data"]) if d}
+    assert kinds == {"ClusterKopfPeering", "KopfPeering"}
+
+
+def test_one_replica_runs_standalone(chart: helm_python.Chart) -> None:
+    objects = manifests(render(chart))
+    assert not any(o["apiVersion"].startswith("kopf.dev/") for o in objects)
+    assert not any(a.startswith("--peering") for a in container(objects)["args"])
+    assert not grants(rules_of(one(objects, "ClusterRole")), "kopf.dev", "clusterkopfpeerings")
+
+
+def test_peering_priority_differs_per_pod() -> None:
+    from reranker_operator.runner import peering_priority
+
+    a, b = peering_priority("rr-reranker-operator-5d9c-abcde"), peering_priority("rr-x-fghij")
+    assert a != b and a == peering_priority("rr-reranker-operator-5d9c-abcde") and a >= 0
 
 
 def test_monitoring_config_reaches_the_operator(chart: helm_python.Chart) -> None:
@@ -712,8 +762,7 @@ def test_schema_accelerator_types_match_the_crd() -> None:
 def test_chart_crd_is_identical_to_the_repository_crd(chart: helm_python.Chart) -> None:
     source = (REPO / "crds" / CRD_FILE).read_bytes()
     assert (CHART / "crds" / CRD_FILE).read_bytes() == source, "run scripts/sync-crd.sh"
-    (loaded,) = chart.crds
-    assert loaded["name"] == f"crds/{CRD_FILE}"
+    (loaded,) = [c for c in chart.crds if c["name"] == f"crds/{CRD_FILE}"]
     assert loaded["data"] == source.decode()
 
 

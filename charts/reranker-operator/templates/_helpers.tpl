@@ -198,6 +198,12 @@ collector through owner references, so only PDBs and HPAs (removed when no longe
   resources: ["podmonitorings"]
   verbs: ["get", "create", "patch"]
 {{- end }}
+{{- if and (gt (int .Values.replicaCount) 1) .Values.watchNamespaces }}
+# kopf peering between the operator replicas, in each watched namespace.
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
 # Events about Rerankers (kopf and the operator post core/v1 Events).
 - apiGroups: [""]
   resources: ["events"]
