@@ -39,6 +39,15 @@ ANNOTATION_RETENTION = f"{API_GROUP}/retention"
 COMPONENT_SERVER = "server"
 COMPONENT_BUILD = "engine-build"
 COMPONENT_CACHE = "engine-cache"
+COMPONENT_PRUNE = "engine-prune"
+
+# Deletes engine directories from the Shared cache (the runtime image has python3).
+_PRUNE_SCRIPT = (
+    "import shutil, sys\n"
+    "for path in sys.argv[1:]:\n"
+    "    shutil.rmtree(path, ignore_errors=True)\n"
+    "    print('removed', path)\n"
+)
 
 # The runtime's in-flight requests gauge (runtime/reranker_runtime/metrics.py), the
 # concurrency autoscaling metric (its name in the custom metrics API is configurable:
@@ -437,6 +446,60 @@ def build_engine_job(
                     "volumes": _volumes(name, spec, config, read_only=False),
                 },
             },
+        },
+    }
+    return _finish(obj, owner)
+
+
+def prune_job_name(name: str, keys: list[str]) -> str:
+    digest = hashlib.sha256(",".join(sorted(keys)).encode()).hexdigest()[:10]
+    suffix = f"-prune-{digest}"
+    return short_name(name, _JOB_NAME_MAX - len(suffix)) + suffix
+
+
+def build_prune_job(
+    name: str,
+    namespace: str,
+    spec: RerankerSpec,
+    config: OperatorConfig,
+    keys: list[str],
+    owner: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A Job deleting the engines `keys` from the Shared cache PVC (no GPU needed)."""
+    job_labels = labels(name, COMPONENT_PRUNE)
+    container: dict[str, Any] = {
+        "name": "prune",
+        "image": runtime_image(spec, config),
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["python3", "-c", _PRUNE_SCRIPT],
+        "args": [f"{ENGINES_MOUNT}/{k}" for k in sorted(keys)],
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": ENGINES_MOUNT}],
+        "securityContext": _container_security_context(),
+    }
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": copy.deepcopy(config.pod_security_context),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": [
+            {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache_pvc_name(name)}}
+        ],
+    }
+    if config.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in config.image_pull_secrets]
+    obj = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(prune_job_name(name, keys), namespace, job_labels),
+        "spec": {
+            "backoffLimit": 3,
+            "ttlSecondsAfterFinished": config.build_job.ttl_seconds_after_finished,
+            "template": {"metadata": {"labels": job_labels}, "spec": pod},
         },
     }
     return _finish(obj, owner)

@@ -110,6 +110,10 @@ class EngineCacheDefaults(_Model):
         default="ReadWriteMany", alias="accessMode"
     )
     retention: Literal["Retain", "Delete"] = "Retain"
+    # Shared mode: engines kept on the cache besides the one being served, most recently served
+    # first (a rollback to them needs no build). Older ones are deleted once a rollout to a new
+    # engine has succeeded.
+    keep_engines: int = Field(default=1, alias="keepEngines", ge=0, le=100)
 
 
 class BuildJobSettings(_Model):

@@ -30,6 +30,8 @@ from reranker_operator.spec import InvalidSpec, RerankerSpec, parse_spec
 log = logging.getLogger(__name__)
 
 ANNOTATION_BUILT = "reranker.dev/built-engines"  # on the cache PVC: comma-separated engine keys
+# On the cache PVC: the engines served, oldest first (what pruning keeps the newest of).
+ANNOTATION_HISTORY = "reranker.dev/engine-history"
 COMPONENT = "reranker-operator"
 
 
@@ -128,6 +130,7 @@ class Reconciler:
         timeout = self.config.unschedulable_timeout_seconds
         deployment = self.api.get(kube.DEPLOYMENT, namespace, name)
 
+        pvc: dict[str, Any] | None
         if shared:
             job_name: str | None = builders.job_name(name, key)
             # 1. The engine cache (created once; a PVC's spec is mostly immutable afterwards).
@@ -149,7 +152,7 @@ class Reconciler:
             serve_issue = diagnosis.first_issue(serve_pods, now, timeout)
         else:
             # PerPod: the Deployment always runs the current engine; its pods build it first.
-            job_name, built_at = None, None
+            job_name, built_at, pvc = None, None, None
             deployment = self._ensure_serving(body, spec, key, owner, deployment)
             key_pods = [p for p in pods if _is_server(p) and _pod_key(p) == key]
             engine, build_message = status.per_pod_engine_state(key_pods, builders.BUILD_CONTAINER)
@@ -197,6 +200,9 @@ class Reconciler:
         new = status.derive_status(observed, previous)
         if self._write_status(body, previous, new):
             self._transition_events(body, previous, new)
+        if pvc is not None and new["phase"] == "Ready":
+            # The rollout to `key` succeeded: engines beyond the ones to keep can go.
+            self._prune_engines(body, spec, pvc, key)
         for issue in (engine_issue, serve_issue):
             if issue is not None and not issue.stuck and issue.since:
                 self._recheck_when_stuck(namespace, name, issue.since, now)
@@ -275,6 +281,39 @@ class Reconciler:
             for timer in self._timers.values():
                 timer.cancel()
             self._timers.clear()
+
+    def _prune_engines(
+        self, body: dict[str, Any], spec: RerankerSpec, pvc: dict[str, Any], key: str
+    ) -> None:
+        """Keep the served engine and the `keepEngines` most recently served before it; delete
+        the rest from the cache with a Job, and forget them (a later need rebuilds them)."""
+        annotations = (pvc.get("metadata") or {}).get("annotations") or {}
+        history = [k for k in (annotations.get(ANNOTATION_HISTORY) or "").split(",") if k]
+        built = built_keys(pvc) | {key}
+        if history and history[-1] == key and built <= set(history):
+            return  # nothing new since the last look
+        # Built but never served (superseded builds) counts as oldest.
+        served = [k for k in dict.fromkeys(history) if k in built and k != key]
+        order = [*sorted(built - set(history) - {key}), *served, key]
+        keep = 1 + self.config.engine_cache.keep_engines
+        drop, kept = order[:-keep], order[-keep:]
+        meta = body["metadata"]
+        if drop:
+            job = builders.build_prune_job(
+                meta["name"], meta["namespace"], spec, self.config, drop,
+                builders.owner_reference(body),
+            )  # fmt: skip
+            self.api.create_if_absent(job)
+            self._event(
+                body, "Normal", "EnginesPruned",
+                f"deleting {len(drop)} unused engine(s) from the cache: "
+                + ", ".join(k[:10] for k in drop),
+            )  # fmt: skip
+        self.api.patch(
+            kube.PVC, pvc["metadata"]["namespace"], pvc["metadata"]["name"],
+            {"metadata": {"annotations": {
+                ANNOTATION_BUILT: ",".join(sorted(kept)), ANNOTATION_HISTORY: ",".join(kept)}}},
+        )  # fmt: skip
 
     def _record_built(self, pvc: dict[str, Any], key: str) -> None:
         meta = pvc["metadata"]

@@ -379,6 +379,22 @@ def test_user_node_affinity_on_cpu_is_kept_as_is() -> None:
     assert "tolerations" not in pod
 
 
+def test_prune_job_deletes_only_the_given_engines() -> None:
+    keys = ["b" * 64, "a" * 64]
+    job = b.build_prune_job("rr", NS, VARIANTS["gpu-replicas"], CONFIG, keys, OWNER)
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    c = container(job)
+    assert c["args"] == [f"/engines/{'a' * 64}", f"/engines/{'b' * 64}"]
+    assert c["command"][:2] == ["python3", "-c"] and "rmtree" in c["command"][2]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["volumes"] == [
+        {"name": "engine-cache", "persistentVolumeClaim": {"claimName": "rr-engine-cache"}}
+    ]
+    assert "nvidia.com/gpu" not in str(job) and "affinity" not in pod
+    assert job["metadata"]["name"] == b.prune_job_name("rr", list(reversed(keys)))
+    assert DNS1123_LABEL.match(b.prune_job_name("x" * 63, keys))
+
+
 def test_no_monitor_unless_configured() -> None:
     assert b.build_monitor("rr", NS, CONFIG) is None
     assert not any(c["kind"].endswith(("Monitor", "Monitoring")) for c in all_children(spec_of()))

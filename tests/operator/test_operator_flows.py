@@ -24,7 +24,7 @@ import yaml
 
 from kmock_env import Cluster, OperatorRunner, declare_resources, wait_for
 from reranker_operator import builders
-from reranker_operator.config import OperatorConfig
+from reranker_operator.config import OperatorConfig, config_from_dict
 from reranker_operator.reconcile import ANNOTATION_BUILT
 from reranker_operator.spec import parse_spec
 
@@ -354,6 +354,50 @@ async def test_flows_children_are_patched_only_when_the_spec_changes(
     assert deployment_patches(kmock) == patches
     await cluster.update_spec(NAME, {"resources": {"memory": "8Gi"}})
     await wait_for(lambda: deployment_patches(kmock) == patches + 1, "one Deployment patch")
+
+
+async def test_flows_shared_cache_prunes_engines_no_longer_served(
+    cluster: Cluster, kmock: Any
+) -> None:
+    """keepEngines 1: after each successful rollout, the served engine and the one before stay."""
+    op = OperatorRunner(str(kmock.url), config_from_dict({"engineCache": {"keepEngines": 1}}))
+    await op.start()
+    try:
+        keys = [await bring_to_ready(cluster)]
+        for revision in ("v2", "v3"):
+            new_spec = spec(checkpoint={"repo": "BAAI/bge-reranker-large", "revision": revision})
+            await cluster.update_spec(NAME, {"checkpoint": {"revision": revision}})
+            await finish_builds(cluster, NAME, new_spec)
+            keys.append(key_of(new_spec))
+            await wait_for(
+                lambda: engine_dir(cluster.get(cluster.DEPLOYMENT, NAME)) == f"/engines/{keys[-1]}",
+                "the rollout",
+            )
+            await cluster.deployment_ready(NAME)
+            await wait_for(
+                lambda: (
+                    cluster.status(NAME).get("engine", {}).get("servingKey") == keys[-1]
+                    and cluster.status(NAME).get("phase") == "Ready"
+                ),
+                f"Ready on {revision}",
+            )
+
+        def built() -> set[str]:
+            pvc = cluster.get(cluster.PVC, builders.cache_pvc_name(NAME))
+            return set(pvc["metadata"]["annotations"][ANNOTATION_BUILT].split(","))
+
+        await wait_for(lambda: built() == {keys[1], keys[2]}, "the first engine forgotten")
+        prune = builders.prune_job_name(NAME, [keys[0]])
+        job = await wait_for(lambda: cluster.get(cluster.JOB, prune), "the prune Job")
+        (c,) = job["spec"]["template"]["spec"]["containers"]
+        assert c["args"] == [f"/engines/{keys[0]}"]
+        assert "nvidia.com/gpu" not in str(job)
+        await wait_for(lambda: cluster.events("EnginesPruned"), "an EnginesPruned event")
+        assert (
+            len([j for j in cluster.list(cluster.JOB) if "-prune-" in j["metadata"]["name"]]) == 1
+        )
+    finally:
+        await op.stop()
 
 
 # --------------------------------------------------------------------------- failures

@@ -117,6 +117,7 @@ engineCache:
   storageClassName: {{ if .Values.engineCache.storageClassName }}{{ .Values.engineCache.storageClassName | quote }}{{ else }}null{{ end }}
   accessMode: {{ .Values.engineCache.accessMode }}
   retention: {{ .Values.engineCache.retention }}
+  keepEngines: {{ .Values.engineCache.keepEngines | int }}
 buildJob:
   backoffLimit: {{ .Values.buildJob.backoffLimit | int }}
   activeDeadlineSeconds: {{ .Values.buildJob.activeDeadlineSeconds | int }}
