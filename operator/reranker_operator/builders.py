@@ -508,7 +508,7 @@ def build_prune_job(
 def serve_env(spec: RerankerSpec, key: str) -> list[dict[str, Any]]:
     """`reranker-runtime serve` environment (contract: docs/architecture.md)."""
     rt = spec.runtime
-    env = [
+    env: list[dict[str, Any]] = [
         _env("RERANKER_ENGINE_DIR", f"{ENGINES_MOUNT}/{key}"),
         _env("RERANKER_PORT", str(PORT)),
         _env("RERANKER_SERVED_MODEL_NAME", spec.checkpoint.repo),

@@ -29,7 +29,11 @@ from reranker_operator import builders, kube
 from reranker_operator.reconcile import Reconciler
 from reranker_operator.spec import API_GROUP, API_VERSION, PLURAL
 
-MANAGED = {builders.LABEL_MANAGED_BY: "reranker-operator", builders.LABEL_RERANKER: kopf.PRESENT}
+MANAGED: dict[str, Any] = {  # values: a label value or kopf.PRESENT
+    builders.LABEL_MANAGED_BY: "reranker-operator",
+    builders.LABEL_RERANKER: kopf.PRESENT,
+}
+Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,9 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
         backoff=tuning.backoff,
         timeout=tuning.timeout,
     )
-    def reconcile_reranker(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    def reconcile_reranker(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+        if namespace is None:  # Rerankers are namespaced: kopf always passes one
+            return None
         reconciler: Reconciler = memo.reconciler
         try:
             outcome = reconciler.reconcile(namespace, name)
@@ -93,13 +99,13 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
 
     @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=registry)
     def job_event(
-        body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+        body: kopf.Body, namespace: str | None, memo: Any, logger: Logger, **_: Any
     ) -> None:
         _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
     def deployment_event(
-        body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+        body: kopf.Body, namespace: str | None, memo: Any, logger: Logger, **_: Any
     ) -> None:
         _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
@@ -107,13 +113,13 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
     # the pods; an unbound cache is on its PVC; a missing metric on the HPA.
     @kopf.on.event("v1", "pods", labels=MANAGED, registry=registry)
     def pod_event(
-        body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+        body: kopf.Body, namespace: str | None, memo: Any, logger: Logger, **_: Any
     ) -> None:
         _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
     @kopf.on.event("v1", "persistentvolumeclaims", labels=MANAGED, registry=registry)
     def pvc_event(
-        body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+        body: kopf.Body, namespace: str | None, memo: Any, logger: Logger, **_: Any
     ) -> None:
         _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
@@ -121,13 +127,13 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
         "autoscaling", "v2", "horizontalpodautoscalers", labels=MANAGED, registry=registry
     )
     def hpa_event(
-        body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+        body: kopf.Body, namespace: str | None, memo: Any, logger: Logger, **_: Any
     ) -> None:
         _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
 
 def _reconcile_owner(
-    reconciler: Reconciler, namespace: str, body: kopf.Body, tuning: Tuning, logger: logging.Logger
+    reconciler: Reconciler, namespace: str | None, body: kopf.Body, tuning: Tuning, logger: Logger
 ) -> None:
     """Reconcile the Reranker a child belongs to.
 
@@ -136,7 +142,7 @@ def _reconcile_owner(
     event of any child, or the Reranker's own handler, reconciles again.
     """
     owner = body.metadata.labels.get(builders.LABEL_RERANKER)
-    if not owner:
+    if not owner or namespace is None:
         return
     for attempt in range(1, tuning.event_attempts + 1):
         try:

@@ -12,6 +12,7 @@ cluster object, which a merge patch would leave behind.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ class Kube:
         kind: Kind,
         namespace: str,
         name: str,
-        patch: dict[str, Any] | list[dict[str, Any]],
+        patch: dict[str, Any] | builtins.list[dict[str, Any]],  # `list` is a method here
         subresource: str | None = None,
     ) -> dict[str, Any]:
         """A merge patch (a dict) or a JSON Patch (a list of operations)."""

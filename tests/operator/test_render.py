@@ -142,7 +142,6 @@ def test_render_refuses_other_kinds(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_render_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("reranker_operator.runner")  # cli.py wires `run` too
     from reranker_operator.cli import main
 
     assert main(["render", "-f", str(EXAMPLES / "bge-reranker-large-l4.yaml")]) == 0
