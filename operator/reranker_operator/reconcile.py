@@ -80,6 +80,16 @@ def _serving_key(pods: list[dict[str, Any]], key: str) -> str | None:
     return key if key in keys else keys.most_common(1)[0][0]
 
 
+def engines_to_keep(
+    history: list[str], built: set[str], key: str, keep: int
+) -> tuple[list[str], list[str]]:
+    """(engines to delete, engines kept, oldest first): `key` (now served) and the `keep` most
+    recently served before it. Built engines never served (superseded builds) count as oldest."""
+    served = [k for k in dict.fromkeys(history) if k in built and k != key]
+    order = [*sorted(built - set(history) - {key}), *served, key]
+    return order[: -(1 + keep)], order[-(1 + keep) :]
+
+
 class Reconciler:
     """Holds the API wrapper and the operator config; `reconcile(ns, name)` is the entry point."""
 
@@ -292,11 +302,7 @@ class Reconciler:
         built = built_keys(pvc) | {key}
         if history and history[-1] == key and built <= set(history):
             return  # nothing new since the last look
-        # Built but never served (superseded builds) counts as oldest.
-        served = [k for k in dict.fromkeys(history) if k in built and k != key]
-        order = [*sorted(built - set(history) - {key}), *served, key]
-        keep = 1 + self.config.engine_cache.keep_engines
-        drop, kept = order[:-keep], order[-keep:]
+        drop, kept = engines_to_keep(history, built, key, self.config.engine_cache.keep_engines)
         meta = body["metadata"]
         if drop:
             job = builders.build_prune_job(

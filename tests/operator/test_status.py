@@ -266,3 +266,26 @@ def test_hpa_scaling_condition_becomes_a_condition() -> None:
     hpa = {"status": {"conditions": [scaling]}}
     assert diagnosis.scaling_condition(hpa) == scaling
     assert diagnosis.scaling_condition(None) is None
+
+
+# ---------------------------------------------------------------- Shared cache pruning
+
+
+@pytest.mark.parametrize(
+    "history,built,key,keep,drop,kept",
+    [
+        ([], {"a"}, "a", 1, [], ["a"]),
+        (["a"], {"a", "b"}, "b", 1, [], ["a", "b"]),
+        (["a", "b"], {"a", "b", "c"}, "c", 1, ["a"], ["b", "c"]),
+        (["a", "b"], {"a", "b", "c"}, "c", 0, ["a", "b"], ["c"]),
+        (["a", "b"], {"a", "b", "c", "x"}, "c", 1, ["x", "a"], ["b", "c"]),  # x: never served
+        (["b", "a"], {"a", "b"}, "b", 1, [], ["a", "b"]),  # a rollback to b keeps a
+        (["a", "a", "b"], {"a", "b"}, "a", 5, [], ["b", "a"]),
+    ],
+)
+def test_engines_to_keep(
+    history: list[str], built: set[str], key: str, keep: int, drop: list[str], kept: list[str]
+) -> None:
+    from reranker_operator.reconcile import engines_to_keep
+
+    assert engines_to_keep(history, built, key, keep) == (drop, kept)
