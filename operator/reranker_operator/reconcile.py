@@ -168,6 +168,12 @@ class Reconciler:
             engine, build_message = status.per_pod_engine_state(key_pods, builders.BUILD_CONTAINER)
             init_pending = [p for p in key_pods if not _init_done(p)]
             engine_issue = diagnosis.first_issue(init_pending, now, timeout)
+            if engine == "pending" and spec.autoscaling is None and spec.desired_replicas == 0:
+                engine_issue = diagnosis.PodIssue(
+                    "ScaledToZero",
+                    "spec.replicas is 0: each pod builds its engine when it starts",
+                    stuck=False,
+                )
             serve_issue = diagnosis.first_issue(
                 [p for p in key_pods if _init_done(p)], now, timeout, (builders.SERVE_CONTAINER,)
             )

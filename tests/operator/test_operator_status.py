@@ -507,3 +507,10 @@ async def test_configured_service_monitor_is_created_per_reranker(
         assert monitor["metadata"]["ownerReferences"][0]["uid"] == uid
     finally:
         await op.stop()
+
+
+async def test_per_pod_scaled_to_zero_says_so(cluster: Cluster, operator: OperatorRunner) -> None:
+    await cluster.create_reranker(NAME, {**SPEC, "replicas": 0})
+    await deployment(cluster)
+    status = await phase(cluster, "Pending", "ScaledToZero")
+    assert "replicas is 0" in status["message"]
