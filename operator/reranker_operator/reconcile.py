@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import threading
 import time
@@ -80,6 +81,15 @@ def _serving_key(pods: list[dict[str, Any]], key: str) -> str | None:
     return key if key in keys else keys.most_common(1)[0][0]
 
 
+def refusal_message(exc: ApiException) -> str:
+    """The API server's own words for a refused object (its Status body's message)."""
+    try:
+        message = json.loads(exc.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return f"the API server refused a child: {message or exc.reason or exc.status}"
+
+
 def engines_to_keep(
     history: list[str], built: set[str], key: str, keep: int
 ) -> tuple[list[str], list[str]]:
@@ -110,7 +120,26 @@ class Reconciler:
             if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
                 # Gone (children follow by garbage collection) or going: nothing to do.
                 return Outcome(phase=None)
-            return self._reconcile(body)
+            try:
+                return self._reconcile(body)
+            except ApiException as exc:
+                if exc.status not in (400, 422):
+                    raise
+                # The API server refused a child as rendered (e.g. a spec.pod.affinity the CRD
+                # passes through unchecked): an invalid spec, not something a retry fixes.
+                return self._invalid(body, InvalidSpec("spec", refusal_message(exc)))
+
+    def _invalid(self, body: dict[str, Any], exc: InvalidSpec) -> Outcome:
+        meta = body["metadata"]
+        previous = body.get("status") or {}
+        new = status.invalid_spec_status(exc.field, exc.message, meta.get("generation"), previous)
+        if self._write_status(body, previous, new):
+            self._event(body, "Warning", "InvalidSpec", f"{exc.field}: {exc.message}")
+        log.warning(
+            "invalid spec",
+            extra={"reranker": f"{meta['namespace']}/{meta['name']}", "field": exc.field},
+        )
+        return Outcome(phase="Failed", invalid=exc)
 
     # ------------------------------------------------------------------ the steps
 
@@ -123,13 +152,7 @@ class Reconciler:
         try:
             spec = parse_spec(body)
         except InvalidSpec as exc:
-            new = status.invalid_spec_status(exc.field, exc.message, generation, previous)
-            if self._write_status(body, previous, new):
-                self._event(body, "Warning", "InvalidSpec", f"{exc.field}: {exc.message}")
-            log.warning(
-                "invalid spec", extra={"reranker": f"{namespace}/{name}", "field": exc.field}
-            )
-            return Outcome(phase="Failed", invalid=exc)
+            return self._invalid(body, exc)
 
         owner = builders.owner_reference(body)
         key = builders.engine_key_for(spec, self.config)
