@@ -283,6 +283,8 @@ class Reconciler:
             self._event(body, "Normal", "EngineBuilt", f"engine {key[:10]} built by Job {job_name}")
             return "built", "", (job.get("status") or {}).get("completionTime") or status.now_iso()
         if state == "failed":
+            # Listed again: the failed pod may be newer than this reconcile's first look.
+            job_pods = self.api.list(kube.POD, namespace, {"job-name": job_name})
             message = status.termination_message(job_pods) or status.job_failure_message(job)
             return "failed", message, None
         if state == "building" and status.job_pods_running(job_pods) is False:
