@@ -160,12 +160,17 @@ async def set_pod_status(cluster: Cluster, pod: str, status: dict[str, Any]) -> 
 
 
 async def deployment_status(
-    cluster: Cluster, ready: int, updated: int, replicas: int = 3, available: bool | None = None
+    cluster: Cluster,
+    ready: int,
+    updated: int,
+    replicas: int = 3,
+    available: bool | None = None,
+    name: str = NAME,
 ) -> None:
     available = ready > 0 if available is None else available
     await cluster.patch(
         cluster.DEPLOYMENT,
-        NAME,
+        name,
         {
             "status": {
                 "replicas": replicas,
@@ -182,25 +187,29 @@ async def deployment_status(
     )
 
 
-async def deployment(cluster: Cluster, key: str | None = None) -> dict[str, Any]:
+async def deployment(cluster: Cluster, key: str | None = None, name: str = NAME) -> dict[str, Any]:
     def current() -> dict[str, Any] | None:
-        dep = cluster.get(cluster.DEPLOYMENT, NAME)
+        dep = cluster.get(cluster.DEPLOYMENT, name)
         annotations = (dep or {}).get("metadata", {}).get("annotations") or {}
         if dep and (key is None or annotations.get(builders.ANNOTATION_ENGINE_KEY) == key):
             return dep
         return None
 
-    return await wait_for(current, "the Deployment")
+    return await wait_for(current, f"the Deployment {name}")
 
 
 async def phase(
-    cluster: Cluster, want: str, reason: str | None = None, words: tuple[str, ...] = ()
+    cluster: Cluster,
+    want: str,
+    reason: str | None = None,
+    words: tuple[str, ...] = (),
+    name: str = NAME,
 ) -> dict[str, Any]:
     """The status once it has phase `want`, a condition with `reason`, and `words` in its message
     (a reconcile that started before the test's last change may write an older picture first)."""
 
     def reached() -> dict[str, Any] | None:
-        status = cluster.status(NAME)
+        status = cluster.status(name)
         if status.get("phase") != want:
             return None
         if reason is not None and reason not in {c["reason"] for c in status["conditions"]}:
@@ -209,11 +218,11 @@ async def phase(
             return None
         return status
 
-    return await wait_for(reached, f"phase {want} ({reason}) with {words}")
+    return await wait_for(reached, f"{name}: phase {want} ({reason}) with {words}")
 
 
-def condition(cluster: Cluster, type_: str) -> dict[str, Any]:
-    return cluster.condition(NAME, type_)
+def condition(cluster: Cluster, type_: str, name: str = NAME) -> dict[str, Any]:
+    return cluster.condition(name, type_)
 
 
 # --------------------------------------------------------------------------- PerPod: the default
@@ -322,17 +331,20 @@ PREPARATION_ISSUES = {
 }
 
 
-@pytest.mark.parametrize("case", PREPARATION_ISSUES)
-async def test_per_pod_preparation_issue_is_failed_with_its_reason(
-    cluster: Cluster, operator: OperatorRunner, case: str
+async def test_per_pod_preparation_issues_are_failed_with_their_reason(
+    cluster: Cluster, operator: OperatorRunner
 ) -> None:
-    pod_status, reason, words = PREPARATION_ISSUES[case]
-    await cluster.create_reranker(NAME, SPEC)
-    dep = await deployment(cluster)
-    await create_pod(cluster, dep, pod_status)
-    await phase(cluster, "Failed", reason, tuple(words))
-    assert condition(cluster, "EngineReady")["reason"] == reason
-    assert condition(cluster, "Ready")["status"] == "False"
+    """One Reranker per case, side by side (one operator start for all)."""
+    names = {case: f"prep-{case}" for case in PREPARATION_ISSUES}
+    for name in names.values():
+        await cluster.create_reranker(name, SPEC)
+    for case, name in names.items():
+        await create_pod(cluster, await deployment(cluster, name=name), PREPARATION_ISSUES[case][0])
+    for case, name in names.items():
+        _, reason, words = PREPARATION_ISSUES[case]
+        await phase(cluster, "Failed", reason, tuple(words), name=name)
+        assert condition(cluster, "EngineReady", name)["reason"] == reason
+        assert condition(cluster, "Ready", name)["status"] == "False"
 
 
 async def test_unschedulable_is_pending_then_failed_after_the_configured_time(
@@ -370,18 +382,21 @@ SERVING_ISSUES = {
 }
 
 
-@pytest.mark.parametrize("case", SERVING_ISSUES)
-async def test_serving_issue_is_failed_with_its_reason(
-    cluster: Cluster, operator: OperatorRunner, case: str
+async def test_serving_issues_are_failed_with_their_reason(
+    cluster: Cluster, operator: OperatorRunner
 ) -> None:
-    state, last, reason, words = SERVING_ISSUES[case]
-    await cluster.create_reranker(NAME, SPEC)
-    dep = await deployment(cluster)
-    await create_pod(cluster, dep, serve_status(state, last))
-    await deployment_status(cluster, ready=0, updated=1, available=False)
-    await phase(cluster, "Failed", reason, tuple(words))
-    assert condition(cluster, "Available")["reason"] == reason
-    assert condition(cluster, "EngineReady")["status"] == "True"  # the build itself worked
+    names = {case: f"serve-{case}" for case in SERVING_ISSUES}
+    for name in names.values():
+        await cluster.create_reranker(name, SPEC)
+    for case, name in names.items():
+        state, last, _, _ = SERVING_ISSUES[case]
+        await create_pod(cluster, await deployment(cluster, name=name), serve_status(state, last))
+        await deployment_status(cluster, ready=0, updated=1, available=False, name=name)
+    for case, name in names.items():
+        _, _, reason, words = SERVING_ISSUES[case]
+        await phase(cluster, "Failed", reason, tuple(words), name=name)
+        assert condition(cluster, "Available", name)["reason"] == reason
+        assert condition(cluster, "EngineReady", name)["status"] == "True"  # the build worked
 
 
 # --------------------------------------------------------------------------- Shared mode
