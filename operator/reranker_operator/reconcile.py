@@ -81,6 +81,20 @@ def _serving_key(pods: list[dict[str, Any]], key: str) -> str | None:
     return key if key in keys else keys.most_common(1)[0][0]
 
 
+@dataclass(frozen=True)
+class _EngineView:
+    """What one mode's steps found: the Deployment, the engine's state and what the pods say."""
+
+    deployment: dict[str, Any] | None
+    engine: status.EngineState
+    build_message: str
+    built_at: str | None
+    job_name: str | None  # Shared: the build Job
+    pvc: dict[str, Any] | None  # Shared: the cache PVC
+    engine_issue: diagnosis.PodIssue | None
+    serve_issue: diagnosis.PodIssue | None
+
+
 def refusal_message(exc: ApiException) -> str:
     """The API server's own words for a refused object (its Status body's message)."""
     try:
@@ -160,48 +174,17 @@ class Reconciler:
         # Every pod of this Reranker (build Jobs' and the Deployment's), for what they report.
         pods = self.api.list(kube.POD, namespace, {builders.LABEL_RERANKER: name})
         now = datetime.datetime.now(datetime.timezone.utc)
-        timeout = self.config.unschedulable_timeout_seconds
         deployment = self.api.get(kube.DEPLOYMENT, namespace, name)
 
-        pvc: dict[str, Any] | None
         if shared:
-            job_name: str | None = builders.job_name(name, key)
-            # 1. The engine cache (created once; a PVC's spec is mostly immutable afterwards).
-            pvc, _ = self.api.create_if_absent(
-                builders.build_engine_cache_pvc(name, namespace, spec, self.config, owner)
-            )
-            # 2. The engine: built already, or its Job (created only when absent).
-            job_pods = [p for p in pods if _labels(p).get("job-name") == job_name]
-            engine, build_message, built_at = self._ensure_engine(
-                body, spec, pvc, key, str(job_name), job_pods
-            )
-            engine_issue = diagnosis.with_volume_detail(
-                diagnosis.first_issue(job_pods, now, timeout), pvc
-            )
-            # 3. Serving: roll the Deployment only to a built engine; until then, leave it alone.
-            if engine == "built":
-                deployment = self._ensure_serving(body, spec, key, owner, deployment)
-            serve_pods = [p for p in pods if _is_server(p)]
-            serve_issue = diagnosis.first_issue(serve_pods, now, timeout)
+            view = self._shared_engine(body, spec, key, owner, deployment, pods, now)
         else:
-            # PerPod: the Deployment always runs the current engine; its pods build it first.
-            job_name, built_at, pvc = None, None, None
-            deployment = self._ensure_serving(body, spec, key, owner, deployment)
-            key_pods = [p for p in pods if _is_server(p) and _pod_key(p) == key]
-            engine, build_message = status.per_pod_engine_state(key_pods, builders.BUILD_CONTAINER)
-            init_pending = [p for p in key_pods if not _init_done(p)]
-            engine_issue = diagnosis.first_issue(init_pending, now, timeout)
-            if engine == "pending" and spec.autoscaling is None and spec.desired_replicas == 0:
-                engine_issue = diagnosis.PodIssue(
-                    "ScaledToZero",
-                    "spec.replicas is 0: each pod builds its engine when it starts",
-                    stuck=False,
-                )
-            serve_issue = diagnosis.first_issue(
-                [p for p in key_pods if _init_done(p)], now, timeout, (builders.SERVE_CONTAINER,)
-            )
+            view = self._per_pod_engine(body, spec, key, owner, deployment, pods, now)
+        deployment, engine, build_message = view.deployment, view.engine, view.build_message
+        job_name, pvc = view.job_name, view.pvc
+        engine_issue, serve_issue = view.engine_issue, view.serve_issue
 
-        # 4. Status from what the children say now.
+        # Status from what the children and their pods say now.
         dep_state = (
             status.deployment_state(deployment, builders.ANNOTATION_ENGINE_KEY)
             if deployment
@@ -228,7 +211,7 @@ class Reconciler:
             image=builders.runtime_image(spec, self.config),
             engine=engine,
             build_message=build_message,
-            built_at=built_at,
+            built_at=view.built_at,
             deployment=dep_state,
             endpoint=builders.endpoint_url(name, namespace),
             selector=builders.selector_string(name),
@@ -246,6 +229,70 @@ class Reconciler:
             if issue is not None and not issue.stuck and issue.since:
                 self._recheck_when_stuck(namespace, name, issue.since, now)
         return Outcome(phase=new["phase"])
+
+    def _shared_engine(
+        self,
+        body: dict[str, Any],
+        spec: RerankerSpec,
+        key: str,
+        owner: dict[str, Any],
+        deployment: dict[str, Any] | None,
+        pods: list[dict[str, Any]],
+        now: datetime.datetime,
+    ) -> _EngineView:
+        """Shared mode: the cache PVC, the build Job, and the Deployment once the key is built."""
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        timeout = self.config.unschedulable_timeout_seconds
+        job_name = builders.job_name(name, key)
+        # The engine cache (created once; a PVC's spec is mostly immutable afterwards).
+        pvc, _ = self.api.create_if_absent(
+            builders.build_engine_cache_pvc(name, namespace, spec, self.config, owner)
+        )
+        # The engine: built already, or its Job (created only when absent).
+        job_pods = [p for p in pods if _labels(p).get("job-name") == job_name]
+        engine, build_message, built_at = self._ensure_engine(
+            body, spec, pvc, key, job_name, job_pods
+        )
+        engine_issue = diagnosis.with_volume_detail(
+            diagnosis.first_issue(job_pods, now, timeout), pvc
+        )
+        # Serving: roll the Deployment only to a built engine; until then, leave it alone.
+        if engine == "built":
+            deployment = self._ensure_serving(body, spec, key, owner, deployment)
+        serve_issue = diagnosis.first_issue([p for p in pods if _is_server(p)], now, timeout)
+        return _EngineView(
+            deployment, engine, build_message, built_at, job_name, pvc, engine_issue, serve_issue
+        )
+
+    def _per_pod_engine(
+        self,
+        body: dict[str, Any],
+        spec: RerankerSpec,
+        key: str,
+        owner: dict[str, Any],
+        deployment: dict[str, Any] | None,
+        pods: list[dict[str, Any]],
+        now: datetime.datetime,
+    ) -> _EngineView:
+        """PerPod mode: the Deployment always runs the current engine; its pods build it first."""
+        timeout = self.config.unschedulable_timeout_seconds
+        deployment = self._ensure_serving(body, spec, key, owner, deployment)
+        key_pods = [p for p in pods if _is_server(p) and _pod_key(p) == key]
+        engine, build_message = status.per_pod_engine_state(key_pods, builders.BUILD_CONTAINER)
+        building = [p for p in key_pods if not _init_done(p)]
+        engine_issue = diagnosis.first_issue(building, now, timeout)
+        if engine == "pending" and spec.autoscaling is None and spec.desired_replicas == 0:
+            engine_issue = diagnosis.PodIssue(
+                "ScaledToZero",
+                "spec.replicas is 0: each pod builds its engine when it starts",
+                stuck=False,
+            )
+        serving = [p for p in key_pods if _init_done(p)]
+        serve_issue = diagnosis.first_issue(serving, now, timeout, (builders.SERVE_CONTAINER,))
+        return _EngineView(
+            deployment, engine, build_message, None, None, None, engine_issue, serve_issue
+        )
 
     def _ensure_engine(
         self,
