@@ -29,6 +29,10 @@ class ServeSettings:
     api_key: str | None = None
     log_format: str = "json"  # json | text
     log_level: str = "info"
+    # auto | torch | packed | trtllm (engines/factory.py `choose_engine` says what auto picks)
+    engine: str = "auto"
+    torch_compile: bool = False  # packed engine: torch.compile the forward pass
+    cuda_graphs: bool = False  # packed engine: CUDA graphs per token-count bucket
 
 
 # flag name -> environment variable. Every `serve` flag is settable through its variable.
@@ -49,4 +53,9 @@ SERVE_ENV_VARS: dict[str, str] = {
     "api_key": "RERANKER_API_KEY",
     "log_format": "RERANKER_LOG_FORMAT",
     "log_level": "RERANKER_LOG_LEVEL",
+    "engine": "RERANKER_ENGINE",
+    "torch_compile": "RERANKER_TORCH_COMPILE",
+    "cuda_graphs": "RERANKER_CUDA_GRAPHS",
 }
+
+ENGINE_CHOICES = ("auto", "torch", "packed", "trtllm")

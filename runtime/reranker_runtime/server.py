@@ -25,7 +25,7 @@ from typing import Any
 
 import uvicorn
 
-from reranker_runtime.config import DEFAULT_MODEL, SERVE_ENV_VARS, ServeSettings
+from reranker_runtime.config import DEFAULT_MODEL, ENGINE_CHOICES, SERVE_ENV_VARS, ServeSettings
 
 log = logging.getLogger("reranker_runtime.server")
 
@@ -204,6 +204,31 @@ _OPTIONS: tuple[_Option, ...] = (
         _choice_parser(LOG_LEVELS),
         "debug, info, warning, error or critical",
         "LEVEL",
+    ),
+    _Option(
+        "engine",
+        ("--engine",),
+        _choice_parser(ENGINE_CHOICES),
+        "auto (TensorRT-LLM for a TensorRT-LLM engine directory when it is installed, else the "
+        "packed PyTorch engine on GPUs; docs/engines.md), torch (padded transformers model), "
+        "packed (padding-free PyTorch engine) or trtllm",
+        "ENGINE",
+    ),
+    _Option(
+        "torch_compile",
+        ("--torch-compile",),
+        parse_bool,
+        "Packed engine: torch.compile the forward pass (slower start; measure with "
+        "`reranker-runtime gpu-check`)",
+        boolean=True,
+    ),
+    _Option(
+        "cuda_graphs",
+        ("--cuda-graphs",),
+        parse_bool,
+        "Packed engine on CUDA: replay CUDA graphs captured per token-count bucket (more GPU "
+        "memory; measure with `reranker-runtime gpu-check`)",
+        boolean=True,
     ),
 )
 

@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 ENGINE_NAME = "pytorch-packed"
 ATTENTION_BACKENDS = ("varlen", "nested", "grouped")
+# Grouped backend: sequences attended together may be padded by at most this share of tokens.
+CPU_CHUNK_PADDING = 0.125
 
 try:  # PyTorch >= 2.10
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -118,15 +120,52 @@ class PackedBatch:
     def max_len(self) -> int:
         return int(self.lengths.max())
 
-    def groups(self) -> tuple[tuple[int, int, int], ...]:
-        """(start, count, length) of each run of equal lengths in the stream."""
-        out: list[tuple[int, int, int]] = []
-        start = 0
-        for length, run in itertools.groupby(self.lengths.tolist()):
-            count = len(list(run))
-            out.append((start, count, length))
-            start += count * length
+    def chunks(self, max_padding: float = CPU_CHUNK_PADDING) -> tuple[AttentionChunk, ...]:
+        """Runs of consecutive sequences attended together by the grouped backend (see
+        AttentionChunk); a run grows while padding it to its longest sequence wastes at most
+        `max_padding` of its tokens."""
+        out: list[AttentionChunk] = []
+        lengths = self.lengths.tolist()
+        starts = self.cu_seqlens.tolist()
+        first = 0
+        while first < len(lengths):
+            longest, total, last = lengths[first], lengths[first], first + 1
+            while last < len(lengths) and longest * (last - first + 1) <= (1 + max_padding) * (
+                total + lengths[last]
+            ):
+                total += lengths[last]
+                last += 1
+            out.append(AttentionChunk.build(lengths[first:last], starts[first]))
+            first = last
         return tuple(out)
+
+
+@dataclass(frozen=True)
+class AttentionChunk:
+    """Sequences [start, end) of the stream attended in one dense SDPA call of `count` x
+    `length`. Sequences of equal length are plain views of the stream (no copy, no mask);
+    otherwise they are gathered into padded rows, keys masked, and the real rows scattered back."""
+
+    start: int
+    end: int
+    count: int
+    length: int
+    gather: torch.Tensor | None  # [count * length] stream row (from start) of each padded slot
+    scatter: torch.Tensor | None  # [end - start] padded slot of each real token
+    key_mask: torch.Tensor | None  # bool [count, 1, 1, length], True = a real key
+
+    @classmethod
+    def build(cls, lengths: list[int], start: int) -> AttentionChunk:
+        count, longest, total = len(lengths), max(lengths), sum(lengths)
+        if all(length == longest for length in lengths):
+            return cls(start, start + total, count, longest, None, None, None)
+        lens = torch.tensor(lengths)
+        slot = torch.arange(longest)
+        valid = slot[None, :] < lens[:, None]  # [count, longest]
+        seq_start = torch.cumsum(lens, 0) - lens
+        gather = torch.where(valid, seq_start[:, None] + slot[None, :], 0).reshape(-1)
+        scatter = torch.nonzero(valid.reshape(-1)).reshape(-1)
+        return cls(start, start + total, count, longest, gather, scatter, valid[:, None, None, :])
 
 
 def pack(
@@ -245,12 +284,12 @@ class PackedEncoder(torch.nn.Module):
         first_tokens: torch.Tensor,
         cu_seqlens: torch.Tensor | None,
         max_len: int,
-        groups: tuple[tuple[int, int, int], ...] | None = None,
+        chunks: tuple[AttentionChunk, ...] | None = None,
     ) -> torch.Tensor:
         """Logits [len(first_tokens), num_labels] for a packed stream of T tokens.
 
         `first_tokens` indexes each sequence's first token in the stream; `cu_seqlens` (int32,
-        [n + 1]) and `max_len` drive the varlen/nested backends, `groups` the grouped one."""
+        [n + 1]) and `max_len` drive the varlen/nested backends, `chunks` the grouped one."""
         x = self.word(input_ids) + self.token_type(token_type_ids)
         x = self.emb_norm(x + self.position(position_ids))
         offsets = cu_seqlens.long() if self.attention == "nested" and cu_seqlens is not None else None
@@ -267,8 +306,8 @@ class PackedEncoder(torch.nn.Module):
                 assert offsets is not None
                 a = _nested_attention(q, k, v, offsets, max_len)
             else:
-                assert groups is not None
-                a = _grouped_attention(q, k, v, groups)
+                assert chunks is not None
+                a = _grouped_attention(qkv, chunks)
             a = a.reshape(tokens, self.hidden)
             if i == last:
                 # The head reads only each sequence's first token.
@@ -291,23 +330,19 @@ def _nested_attention(
     return out.transpose(1, 2).values()
 
 
-def _grouped_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    groups: tuple[tuple[int, int, int], ...],
-) -> torch.Tensor:
-    """Dense SDPA per run of equal-length sequences: no mask, no padding, exact."""
-    out = torch.empty_like(q)
-    heads, dim = q.shape[1], q.shape[2]
-    for start, count, length in groups:
-        end = start + count * length
-
-        def dense(t: torch.Tensor, start: int = start, end: int = end) -> torch.Tensor:
-            return t[start:end].view(count, length, heads, dim).transpose(1, 2)
-
-        o = F.scaled_dot_product_attention(dense(q), dense(k), dense(v))
-        out[start:end].view(count, length, heads, dim).copy_(o.transpose(1, 2))
+def _grouped_attention(qkv: torch.Tensor, chunks: tuple[AttentionChunk, ...]) -> torch.Tensor:
+    """Dense SDPA per chunk of similar-length sequences (the CPU backend)."""
+    tokens, _, heads, dim = qkv.shape
+    out = qkv.new_empty(tokens, heads, dim)
+    for c in chunks:
+        seg = qkv[c.start : c.end]
+        if c.gather is not None:
+            seg = seg.index_select(0, c.gather)
+        seg = seg.view(c.count, c.length, 3, heads, dim)
+        q, k, v = (seg[:, :, i].transpose(1, 2) for i in range(3))  # [count, heads, L, dim]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=c.key_mask)
+        o = o.transpose(1, 2).reshape(c.count * c.length, heads, dim)
+        out[c.start : c.end] = o if c.scatter is None else o.index_select(0, c.scatter)
     return out
 
 
@@ -704,7 +739,7 @@ class PackedEngine(Engine):
             cu[:-1],
             cu,
             packed.max_len,
-            packed.groups() if self._encoder.attention == "grouped" else None,
+            packed.chunks() if self._encoder.attention == "grouped" else None,
         )
         return logits.float().cpu().numpy()
 
