@@ -54,6 +54,9 @@ ENV = {
     "RERANKER_API_KEY": "sekret",
     "RERANKER_LOG_FORMAT": "text",
     "RERANKER_LOG_LEVEL": "DEBUG",
+    "RERANKER_ENGINE": "packed",
+    "RERANKER_TORCH_COMPILE": "true",
+    "RERANKER_CUDA_GRAPHS": "1",
 }
 
 
@@ -77,6 +80,9 @@ def test_every_setting_comes_from_its_env_var() -> None:
         api_key="sekret",
         log_format="text",
         log_level="debug",
+        engine="packed",
+        torch_compile=True,
+        cuda_graphs=True,
     )
 
 

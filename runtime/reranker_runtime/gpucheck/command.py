@@ -227,11 +227,12 @@ class GpuCheck:
                 continue
             model_dir = self._model(arch, shape)
             per_query = 8
-            pairs = checks.workload_pairs(8 if shape == "large" else 6, per_query, seed=7)
+            n_queries = 8 if shape == "large" else 3 if self.quick else 6
+            pairs = checks.workload_pairs(n_queries, per_query, seed=7)
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-            batch = checks.encode(tokenizer, pairs, 512)
+            batch = checks.encode(tokenizer, pairs, min(512, int(tokenizer.model_max_length)))
             ref = checks.reference_logits(str(model_dir), batch, self.device)
             for dtype in dtypes:
                 engines = self._engines(model_dir, dtype, graphs=dtype != "float32")
@@ -270,7 +271,7 @@ class GpuCheck:
                 workloads.append((str(tokens), {name: [batch] for name in engines}))
             mixed_pairs = [
                 p
-                for i in range(32)
+                for i in range(2 if self.quick else 32)
                 for p in make_request(11, i, n_passages=16, min_words=30, max_words=200).pairs()
             ]
             encoded = checks.encode(tokenizer, mixed_pairs, engines["padded"].info.max_input_length)
