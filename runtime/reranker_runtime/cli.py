@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="BEI/TEI-compatible cross-encoder reranker server and engine builder.",
     )
     parser.add_argument("--version", action="version", version=f"reranker-runtime {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,build,bench,gpu-check}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{serve,build,bench,gpu-check}"
+    )
     add_serve_parser(sub)
     add_build_parser(sub)
     add_bench_parser(sub)

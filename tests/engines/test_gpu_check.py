@@ -98,30 +98,45 @@ def test_cpu_self_test_writes_both_reports(
     assert "not GPU figures" in report["note"]
     rows = report["correctness"]
     assert {(r["model"], r["engine"]) for r in rows} == {
-        (f"{arch}-tiny", engine) for arch in ("xlmr", "roberta", "bert") for engine in ("padded", "packed")
+        (f"{arch}-tiny", engine)
+        for arch in ("xlmr", "roberta", "bert")
+        for engine in ("padded", "packed")
     }
     assert all(r["ok"] and r["max_abs_score_delta"] <= 1e-5 for r in rows)
     throughput = report["throughput"]["rows"]
     assert {(r["engine"], r["tokens_per_pair"]) for r in throughput} == {
         (e, t) for e in ("padded", "packed") for t in ("64", "mixed")
     }
-    assert all(r["pairs_per_s"] > 0 and r["pct_datasheet_peak"] is None for r in throughput if r["tokens_per_pair"] == "64")
+    assert all(
+        r["pairs_per_s"] > 0 and r["pct_datasheet_peak"] is None
+        for r in throughput
+        if r["tokens_per_pair"] == "64"
+    )
     server = report["server"]
     assert server["ok"] > 0 and server["errors"] == {}
     assert server["engine_only_pairs_per_s"] > 0 and server["lone_16_pair_ms"] > 0
 
     markdown = (tmp_path / "report" / "gpu-check.md").read_text()
-    for heading in ("## Environment", "## Correctness", "## Engine throughput", "## Server end to end"):
+    for heading in (
+        "## Environment",
+        "## Correctness",
+        "## Engine throughput",
+        "## Server end to end",
+    ):
         assert heading in markdown
     assert "Dense peak" not in markdown  # no GPU figure is claimed
 
 
-def test_a_failed_correctness_check_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_correctness_check_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def fake_run(self: command.GpuCheck) -> dict:
         return {
             "mode": "cpu-self-test",
             "environment": {"torch": torch.__version__},
-            "correctness": [{"model": "m", "engine": "packed", "dtype": "float32", "ok": False, "error": "boom"}],
+            "correctness": [
+                {"model": "m", "engine": "packed", "dtype": "float32", "ok": False, "error": "boom"}
+            ],
             "throughput": {},
             "server": None,
         }
@@ -130,7 +145,12 @@ def test_a_failed_correctness_check_exits_1(tmp_path: Path, monkeypatch: pytest.
     args = argparse.Namespace(device="cpu", out=str(tmp_path / "r"), quick=True, args=None)
     for name in ("shape", "tokens", "rounds", "seconds", "concurrency", "server_seconds", "dtypes"):
         setattr(args, name, None)
-    args.time_limit, args.max_batch_tokens, args.torch_compile, args.skip_server = 10.0, 512, False, True
+    args.time_limit, args.max_batch_tokens, args.torch_compile, args.skip_server = (
+        10.0,
+        512,
+        False,
+        True,
+    )
     assert command.run_gpu_check(args) == 1
     assert "error: boom" in (tmp_path / "r" / "gpu-check.md").read_text()
 

@@ -8,6 +8,7 @@ graphs replay. GPU tests (marked `gpu`) check float16/bfloat16 against the fp32 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -98,14 +99,14 @@ def pairs_and_reference(model_dir: Path, tokenizer: Any, seed: int) -> tuple[lis
     return _REFERENCES[key]
 
 
-def emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k):  # noqa: ANN001, ANN202 - varlen_attn's shape
+def emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
     """varlen_attn's semantics on CPU: attention within each [cu[i], cu[i+1]) run; empty runs
     (the CUDA-graph layout's spare rows) produce nothing, as in the flash kernel."""
     assert cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32  # what the CUDA kernel needs
     bounds = cu_q.tolist()
-    assert max(b - a for a, b in zip(bounds, bounds[1:], strict=False)) <= max_q
+    assert max(b - a for a, b in itertools.pairwise(bounds)) <= max_q
     out = torch.zeros_like(q)
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         if b > a:
             o = F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)))
             out[a:b] = o.transpose(0, 1)
@@ -157,9 +158,7 @@ def test_cuda_graph_layout_scores_like_eager(
     sequences, spare rows empty) gives the same logits for the real sequences."""
     monkeypatch.setattr(packed_engine, "_varlen_attn", emulated_varlen)
     for kind in ("xlmr", "bert"):
-        engine = PackedEngine.from_torch_engine(
-            padded_engine(models[kind]), attention="varlen"
-        )
+        engine = PackedEngine.from_torch_engine(padded_engine(models[kind]), attention="varlen")
         packed = engine.pack(encode(engine.tokenizer, mixed_pairs(engine.tokenizer, 9, seed=5)))
         n, total, max_len = len(packed.lengths), packed.num_tokens, engine.info.max_input_length
         tokens = packed_engine._bucket(total + 300, 128)  # spare tokens > max_len: 3+ spare seqs
@@ -237,13 +236,17 @@ def test_info_and_limits(models: dict[str, Path]) -> None:
 
 
 def test_family_facts() -> None:
-    assert family_facts(SimpleNamespace(model_type="xlm-roberta", pad_token_id=1)).position_offset == 2
+    assert (
+        family_facts(SimpleNamespace(model_type="xlm-roberta", pad_token_id=1)).position_offset == 2
+    )
     assert family_facts(SimpleNamespace(model_type="bert", pad_token_id=0)).position_offset == 0
     with pytest.raises(ModelLoadError, match="use --engine torch"):
         family_facts(SimpleNamespace(model_type="distilbert"))
     with pytest.raises(ModelLoadError, match="absolute position embeddings only"):
         family_facts(
-            SimpleNamespace(model_type="bert", position_embedding_type="relative_key", pad_token_id=0)
+            SimpleNamespace(
+                model_type="bert", position_embedding_type="relative_key", pad_token_id=0
+            )
         )
 
 
@@ -269,7 +272,9 @@ def test_load_defaults_to_float32_on_cpu(models: dict[str, Path]) -> None:
         ("trtllm", "cuda", "tensorrt-llm", True, "trtllm"),
     ],
 )
-def test_choose_engine(requested: str, device: str, kind: str | None, trt: bool, chosen: str) -> None:
+def test_choose_engine(
+    requested: str, device: str, kind: str | None, trt: bool, chosen: str
+) -> None:
     assert (
         factory.choose_engine(requested, device=device, engine_dir_kind=kind, trtllm_available=trt)
         == chosen
@@ -278,12 +283,16 @@ def test_choose_engine(requested: str, device: str, kind: str | None, trt: bool,
 
 @pytest.mark.parametrize("kind", [None, "pytorch"])
 def test_trtllm_needs_a_tensorrt_llm_engine_dir(kind: str | None) -> None:
-    with pytest.raises(ModelLoadError, match="--engine trtllm serves a TensorRT-LLM engine directory"):
+    with pytest.raises(
+        ModelLoadError, match="--engine trtllm serves a TensorRT-LLM engine directory"
+    ):
         factory.choose_engine("trtllm", device="cuda", engine_dir_kind=kind, trtllm_available=True)
 
 
 def test_factory_packed(models: dict[str, Path]) -> None:
-    engine = factory.create_engine(ServeSettings(model=str(models["roberta"]), device="cpu", engine="packed"))
+    engine = factory.create_engine(
+        ServeSettings(model=str(models["roberta"]), device="cpu", engine="packed")
+    )
     assert isinstance(engine, PackedEngine)
     assert engine.info.dtype == "float32"
 
@@ -313,7 +322,9 @@ def test_factory_packed_on_a_cpu_engine_dir(xlmr_reranker: Path, tmp_path: Path)
     assert engine.info.model_id == str(xlmr_reranker)
     pairs = [("what is the capital", "paris is the capital city of france")]
     np.testing.assert_allclose(
-        engine.score(encode(engine.tokenizer, pairs)), reference_logits(xlmr_reranker, pairs), atol=LOGIT_TOL
+        engine.score(encode(engine.tokenizer, pairs)),
+        reference_logits(xlmr_reranker, pairs),
+        atol=LOGIT_TOL,
     )
 
 
@@ -381,7 +392,9 @@ def test_gpu_half_precision_matches_reference(
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("bfloat16 needs sm_80+")
     model_dir = models[kind]
-    padded = TorchEngine.load(str(model_dir), device="cuda", dtype=str(dtype).removeprefix("torch."))
+    padded = TorchEngine.load(
+        str(model_dir), device="cuda", dtype=str(dtype).removeprefix("torch.")
+    )
     engine = PackedEngine.from_torch_engine(padded, cuda_graphs=graphs)
     pairs, ref_logits = pairs_and_reference(model_dir, engine.tokenizer, seed=11)
     batch = encode(engine.tokenizer, pairs)

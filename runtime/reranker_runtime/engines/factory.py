@@ -82,18 +82,23 @@ def create_engine(settings: ServeSettings) -> Engine:
     )
     logger.info("engine chosen", extra={"requested": settings.engine, "engine": chosen})
 
-    if settings.engine_dir and not (kind == "tensorrt-llm" and chosen != "trtllm"):
+    engine_dir = settings.engine_dir
+    if engine_dir and not (kind == "tensorrt-llm" and chosen != "trtllm"):
         # Imported lazily: the engine-directory loader may pull in TensorRT-LLM.
         from reranker_runtime.build.engine_dir import load_engine_from_dir
 
-        logger.info("loading prepared engine directory", extra={"engine_dir": settings.engine_dir})
+        logger.info("loading prepared engine directory", extra={"engine_dir": engine_dir})
         if chosen == "packed" and settings.dtype == "auto":
             settings = dataclasses.replace(settings, dtype=_packed_default_dtype(device))
-        engine = load_engine_from_dir(settings.engine_dir, settings)
-        return _to_packed(engine, settings, strict=settings.engine == "packed") if chosen == "packed" else engine
+        engine = load_engine_from_dir(engine_dir, settings)
+        return (
+            _to_packed(engine, settings, strict=settings.engine == "packed")
+            if chosen == "packed"
+            else engine
+        )
 
-    if settings.engine_dir:  # a TensorRT-LLM directory served by a PyTorch engine
-        return _load_checkpoint_of(settings.engine_dir, settings, chosen, device)
+    if engine_dir:  # a TensorRT-LLM directory served by a PyTorch engine
+        return _load_checkpoint_of(engine_dir, settings, chosen, device)
 
     model = settings.model or config.DEFAULT_MODEL
     if chosen == "torch":
@@ -162,7 +167,9 @@ def _engine_dir_kind(engine_dir: str) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def _load_checkpoint_of(engine_dir: str, settings: ServeSettings, chosen: str, device: str) -> Engine:
+def _load_checkpoint_of(
+    engine_dir: str, settings: ServeSettings, chosen: str, device: str
+) -> Engine:
     """Serve the checkpoint cached in a TensorRT-LLM engine directory with a PyTorch engine."""
     from reranker_runtime.build.engine_dir import set_offline
     from reranker_runtime.build.manifest import ManifestError, read_manifest
@@ -173,12 +180,20 @@ def _load_checkpoint_of(engine_dir: str, settings: ServeSettings, chosen: str, d
     except ManifestError as e:
         raise ModelLoadError(f"cannot serve {engine_dir}: {e}") from e
     checkpoint = str(Path(engine_dir) / (manifest.paths.get("checkpoint") or "checkpoint"))
-    source = (manifest.inputs.checkpoint_repo, manifest.resolved_revision or manifest.inputs.revision)
+    source = (
+        manifest.inputs.checkpoint_repo,
+        manifest.resolved_revision or manifest.inputs.revision,
+    )
     if chosen == "torch":
         from reranker_runtime.engines.torch_engine import TorchEngine
 
         return TorchEngine.load(
-            checkpoint, None, device, settings.dtype, max_seq_len=manifest.inputs.max_seq_len, source=source
+            checkpoint,
+            None,
+            device,
+            settings.dtype,
+            max_seq_len=manifest.inputs.max_seq_len,
+            source=source,
         )
     return _load_packed(
         checkpoint,

@@ -54,13 +54,19 @@ ATTENTION_BACKENDS = ("varlen", "nested", "grouped")
 # Grouped backend: sequences attended together may be padded by at most this share of tokens.
 CPU_CHUNK_PADDING = 0.125
 
-try:  # PyTorch >= 2.10
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover - depends on the installed PyTorch
-    _varlen_attn = None
+# A varlen call: (q, k, v, cu_seq_q, cu_seq_k, max_q, max_k) -> out [T, heads, head_dim].
+VarlenFn = Callable[..., Any]
 
-# A varlen call signature: (q, k, v, cu_seq_q, cu_seq_k, max_q, max_k) -> out, all positional.
-VarlenFn = Callable[..., torch.Tensor]
+
+def _import_varlen() -> VarlenFn | None:
+    try:  # PyTorch >= 2.10
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - depends on the installed PyTorch
+        return None
+    return varlen_attn
+
+
+_varlen_attn: VarlenFn | None = _import_varlen()
 
 
 # ------------------------------------------------------------------------------------------
@@ -292,7 +298,9 @@ class PackedEncoder(torch.nn.Module):
         [n + 1]) and `max_len` drive the varlen/nested backends, `chunks` the grouped one."""
         x = self.word(input_ids) + self.token_type(token_type_ids)
         x = self.emb_norm(x + self.position(position_ids))
-        offsets = cu_seqlens.long() if self.attention == "nested" and cu_seqlens is not None else None
+        offsets = (
+            cu_seqlens.long() if self.attention == "nested" and cu_seqlens is not None else None
+        )
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, _Layer)
@@ -718,10 +726,7 @@ class PackedEngine(Engine):
             return np.zeros((0, self._info.num_labels), dtype=np.float32)
         packed = self.pack(batch)
         with self._lock, torch.inference_mode():
-            if self._cuda is not None:
-                logits = self._cuda.run(packed)
-            else:
-                logits = self._run_cpu(packed)
+            logits = self._cuda.run(packed) if self._cuda is not None else self._run_cpu(packed)
         # Back to the caller's order.
         out = np.empty_like(logits)
         out[packed.order] = logits

@@ -124,7 +124,9 @@ def nvidia_driver_version() -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    return (
+        out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    )
 
 
 def measured_matmul_tflops(device: str, dtype_name: str, size: int = 8192) -> float:
@@ -262,7 +264,9 @@ def uniform_batch(tokens: int, budget: int, vocab: int, cls: int, sep: int) -> l
     return [EncodedPair([cls, *row, sep][:tokens]) for row in body]
 
 
-def mixed_batches(lengths_pairs: Sequence[EncodedPair], budget: int, padded: bool) -> list[list[EncodedPair]]:
+def mixed_batches(
+    lengths_pairs: Sequence[EncodedPair], budget: int, padded: bool
+) -> list[list[EncodedPair]]:
     """Realistic batches: pairs sorted longest first, cut by the engine's cost model (padded:
     longest x n; packed: sum), as the batcher forms them under load."""
     ordered = sorted(lengths_pairs, key=len, reverse=True)

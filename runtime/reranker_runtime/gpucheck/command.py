@@ -54,7 +54,9 @@ def add_gpu_check_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokens", default=None, help="tokens per pair, comma-separated (default: 128,256,512)"
     )
-    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget of one pass")
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=16384, help="token budget of one pass"
+    )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 3)")
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per measured run (default: 1.0)"
@@ -64,14 +66,21 @@ def add_gpu_check_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--server-seconds", type=float, default=None, help="server load duration (default: 20)"
     )
     parser.add_argument(
-        "--dtypes", default=None, help="throughput dtypes (default: bfloat16,float16 on GPU, float32 on CPU)"
+        "--dtypes",
+        default=None,
+        help="throughput dtypes (default: bfloat16,float16 on GPU, float32 on CPU)",
     )
     parser.add_argument(
-        "--torch-compile", action="store_true", help="also measure the packed engine under torch.compile (minutes)"
+        "--torch-compile",
+        action="store_true",
+        help="also measure the packed engine under torch.compile (minutes)",
     )
     parser.add_argument("--skip-server", action="store_true", help="no server end-to-end run")
     parser.add_argument(
-        "--time-limit", type=float, default=330.0, help="seconds; later sections are skipped past it (default: 330)"
+        "--time-limit",
+        type=float,
+        default=330.0,
+        help="seconds; later sections are skipped past it (default: 330)",
     )
     parser.set_defaults(func=run_gpu_check)
     return parser
@@ -87,7 +96,10 @@ def _log(message: str) -> None:
 def run_gpu_check(args: argparse.Namespace) -> int:
     device = args.device.strip().lower()
     if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
-        print(f"reranker-runtime gpu-check: error: --device {args.device!r}: use cuda, cuda:N or cpu", file=sys.stderr)
+        print(
+            f"reranker-runtime gpu-check: error: --device {args.device!r}: use cuda, cuda:N or cpu",
+            file=sys.stderr,
+        )
         return 2
     import torch
 
@@ -128,7 +140,9 @@ class GpuCheck:
         self.quick = bool(args.quick)
         self.deadline = checks.Deadline(args.time_limit)
         self.shape = args.shape or ("tiny" if self.quick else "large")
-        self.tokens = [int(t) for t in (args.tokens or ("128" if self.quick else "128,256,512")).split(",")]
+        self.tokens = [
+            int(t) for t in (args.tokens or ("128" if self.quick else "128,256,512")).split(",")
+        ]
         self.rounds = args.rounds or (1 if self.quick else 3)
         self.seconds = args.seconds if args.seconds is not None else (0.05 if self.quick else 1.0)
         self.concurrency = args.concurrency or (8 if self.quick else 64)
@@ -178,10 +192,15 @@ class GpuCheck:
         for dtype in ("float16", "bfloat16"):
             measured = None
             try:
-                measured = checks.measured_matmul_tflops(self.device, dtype, 4096 if self.quick else 8192)
+                measured = checks.measured_matmul_tflops(
+                    self.device, dtype, 4096 if self.quick else 8192
+                )
             except Exception as exc:
                 _log(f"matmul {dtype} failed: {exc}")
-            out[dtype] = {"datasheet_tflops": checks.known_peak(name, dtype), "matmul_tflops": measured}
+            out[dtype] = {
+                "datasheet_tflops": checks.known_peak(name, dtype),
+                "matmul_tflops": measured,
+            }
         _log(f"peak: {out}")
         return out
 
@@ -206,7 +225,10 @@ class GpuCheck:
         from reranker_runtime.engines.torch_engine import TorchEngine
 
         padded = TorchEngine.load(str(model_dir), device=self.device, dtype=dtype)
-        engines: dict[str, Any] = {"padded": padded, "packed": PackedEngine.from_torch_engine(padded)}
+        engines: dict[str, Any] = {
+            "padded": padded,
+            "packed": PackedEngine.from_torch_engine(padded),
+        }
         if graphs and not self.cpu:
             engines["packed+graphs"] = PackedEngine.from_torch_engine(padded, cuda_graphs=True)
         if self.args.torch_compile:
@@ -271,7 +293,7 @@ class GpuCheck:
                 workloads.append((str(tokens), {name: [batch] for name in engines}))
             mixed_pairs = [
                 p
-                for i in range(2 if self.quick else 32)
+                for i in range(2 if self.quick else 8 if self.cpu else 32)
                 for p in make_request(11, i, n_passages=16, min_words=30, max_words=200).pairs()
             ]
             encoded = checks.encode(tokenizer, mixed_pairs, engines["padded"].info.max_input_length)
@@ -290,29 +312,55 @@ class GpuCheck:
                     continue
                 configs = [checks.Config(name, engines[name], batches[name]) for name in engines]
                 try:
-                    results = checks.interleaved_throughput(configs, self.rounds, self.seconds, self.sync)
+                    results = checks.interleaved_throughput(
+                        configs, self.rounds, self.seconds, self.sync
+                    )
                 except Exception as exc:
-                    rows.append({"dtype": dtype, "tokens_per_pair": tokens_label, "error": f"{type(exc).__name__}: {exc}"})
+                    rows.append(
+                        {
+                            "dtype": dtype,
+                            "tokens_per_pair": tokens_label,
+                            "error": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
                     _log(f"throughput {dtype} {tokens_label} failed: {exc}")
                     continue
                 for name, r in results.items():
                     row = {"dtype": dtype, "tokens_per_pair": tokens_label, "engine": name, **r}
                     if tokens_label != "mixed":
-                        achieved = checks.flops_per_pair(config, int(tokens_label)) * r["pairs_per_s"] / 1e12
+                        achieved = (
+                            checks.flops_per_pair(config, int(tokens_label))
+                            * r["pairs_per_s"]
+                            / 1e12
+                        )
                         row["tflops"] = achieved
                         p = peak.get(dtype) or {}
-                        for key, source in (("pct_datasheet_peak", "datasheet_tflops"), ("pct_matmul_peak", "matmul_tflops")):
+                        for key, source in (
+                            ("pct_datasheet_peak", "datasheet_tflops"),
+                            ("pct_matmul_peak", "matmul_tflops"),
+                        ):
                             row[key] = 100 * achieved / p[source] if p.get(source) else None
                     rows.append(row)
                     _log(f"throughput {row}")
                 ratio = checks.paired_ratios(results, "packed", "padded")
                 if ratio:
-                    ratios.append({"dtype": dtype, "tokens_per_pair": tokens_label, "packed_over_padded": ratio})
+                    ratios.append(
+                        {
+                            "dtype": dtype,
+                            "tokens_per_pair": tokens_label,
+                            "packed_over_padded": ratio,
+                        }
+                    )
             if dtype == self.dtypes[0]:
                 self.keep = {"dtype": dtype, "engine": engines["packed"], "model_dir": model_dir}
             del engines
             self._free()
-        return {"model_shape": self.shape, "max_batch_tokens": budget, "rows": rows, "ratios": ratios}
+        return {
+            "model_shape": self.shape,
+            "max_batch_tokens": budget,
+            "rows": rows,
+            "ratios": ratios,
+        }
 
     def server(self, throughput: dict[str, Any]) -> dict[str, Any] | None:
         if self.args.skip_server:
@@ -356,7 +404,9 @@ class GpuCheck:
             (
                 r["pairs_per_s"]
                 for r in throughput["rows"]
-                if r.get("engine") == "packed" and r["dtype"] == dtype and r["tokens_per_pair"] == str(target)
+                if r.get("engine") == "packed"
+                and r["dtype"] == dtype
+                and r["tokens_per_pair"] == str(target)
             ),
             None,
         )

@@ -35,12 +35,23 @@ def render_markdown(r: dict[str, Any]) -> str:
     ):
         if key in env:
             lines.append(f"| {key} | {_f(env[key])} |")
-    lines += ["", f"Mode: {r['mode']}{' (quick)' if r.get('quick') else ''}; wall time {_f(r.get('wall_s'))} s.", ""]
+    lines += [
+        "",
+        f"Mode: {r['mode']}{' (quick)' if r.get('quick') else ''}; wall time {_f(r.get('wall_s'))} s.",
+        "",
+    ]
 
     if r.get("peak"):
-        lines += ["## Dense peak (TFLOP/s)", "", "| dtype | datasheet | measured matmul |", "|---|---|---|"]
+        lines += [
+            "## Dense peak (TFLOP/s)",
+            "",
+            "| dtype | datasheet | measured matmul |",
+            "|---|---|---|",
+        ]
         for dtype, p in r["peak"].items():
-            lines.append(f"| {dtype} | {_f(p.get('datasheet_tflops'))} | {_f(p.get('matmul_tflops'))} |")
+            lines.append(
+                f"| {dtype} | {_f(p.get('datasheet_tflops'))} | {_f(p.get('matmul_tflops'))} |"
+            )
         lines.append("")
 
     lines += [
@@ -51,7 +62,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     ]
     for c in r["correctness"]:
         if "error" in c:
-            lines.append(f"| {c['model']} | {c['engine']} | {c['dtype']} | error: {c['error']} | | | | | no |")
+            lines.append(
+                f"| {c['model']} | {c['engine']} | {c['dtype']} | error: {c['error']} | | | | | no |"
+            )
             continue
         lines.append(
             f"| {c['model']} | {c['engine']} | {c['dtype']} | {c['max_abs_score_delta']:.2e} | "
@@ -73,7 +86,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         ]
         for row in t["rows"]:
             if "error" in row:
-                lines.append(f"| {row['dtype']} | {row['tokens_per_pair']} | error: {row['error']} | | | | | |")
+                lines.append(
+                    f"| {row['dtype']} | {row['tokens_per_pair']} | error: {row['error']} | | | | | |"
+                )
                 continue
             lines.append(
                 f"| {row['dtype']} | {row['tokens_per_pair']} | {row['engine']} | {_f(row['pairs_per_s'])} | "
