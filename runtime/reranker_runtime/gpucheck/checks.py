@@ -8,7 +8,6 @@ import math
 import os
 import re
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from reranker_runtime.engines.base import EncodedPair, Engine
+from reranker_runtime.engines.cuda_driver import host_driver_version
 
 # Dense (no sparsity) fp16/bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets, matched on
 # the CUDA device name. (fp16, bf16); None where the GPU has no bf16 tensor cores.
@@ -79,7 +79,7 @@ def environment(device: str) -> dict[str, Any]:
             gpu=props.name,
             compute_capability=f"{props.major}.{props.minor}",
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            driver=nvidia_driver_version(),
+            driver=host_driver_version(),
             cudnn=torch.backends.cudnn.version(),
         )
     return env
@@ -103,30 +103,6 @@ def _cpu_model() -> str:
     import platform
 
     return platform.processor() or "unknown"
-
-
-def nvidia_driver_version() -> str | None:
-    """The kernel driver's version: /proc/driver/nvidia/version, else nvidia-smi."""
-    try:
-        text = Path("/proc/driver/nvidia/version").read_text()
-        match = re.search(r"Kernel Module(?: for [\w-]+)?\s+([\d.]+)", text)
-        if match:
-            return match.group(1)
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=15,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return (
-        out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    )
 
 
 def measured_matmul_tflops(device: str, dtype_name: str, size: int = 8192) -> float:
