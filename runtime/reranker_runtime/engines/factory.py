@@ -82,6 +82,10 @@ def create_engine(settings: ServeSettings) -> Engine:
     )
     logger.info("engine chosen", extra={"requested": settings.engine, "engine": chosen})
 
+    if chosen == "trtllm":
+        from reranker_runtime.engines.cuda_driver import ensure_driver_supported
+
+        ensure_driver_supported()  # names the host driver and the one the image's CUDA needs
     engine_dir = settings.engine_dir
     if engine_dir and not (kind == "tensorrt-llm" and chosen != "trtllm"):
         # Imported lazily: the engine-directory loader may pull in TensorRT-LLM.
