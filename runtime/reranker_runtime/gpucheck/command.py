@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from reranker_runtime.gpucheck import checks
+from reranker_runtime.gpucheck.models import Arch
 
 SHAPE_CHOICES = ("tiny", "small", "base", "large")
 
@@ -204,7 +205,7 @@ class GpuCheck:
         _log(f"peak: {out}")
         return out
 
-    def _model(self, arch: str, shape: str) -> Path:
+    def _model(self, arch: Arch, shape: str) -> Path:
         from reranker_runtime.gpucheck.models import LARGE, TINY, build_model
 
         path = self.tmp / f"{arch}-{shape}"
@@ -213,12 +214,12 @@ class GpuCheck:
         import torch
 
         if shape == "tiny":
-            return build_model(path, arch, TINY, initializer_range=0.5)  # type: ignore[arg-type]
+            return build_model(path, arch, TINY, initializer_range=0.5)
         from reranker_runtime.bench.model import SHAPES
 
         dims = LARGE if shape == "large" else SHAPES[shape]
         # Saved in float16 (half the disk and load time); the reference computes in float32.
-        return build_model(path, arch, dims, dtype=torch.float16)  # type: ignore[arg-type]
+        return build_model(path, arch, dims, dtype=torch.float16)
 
     def _engines(self, model_dir: Path, dtype: str, *, graphs: bool) -> dict[str, Any]:
         from reranker_runtime.engines.packed_engine import PackedEngine
@@ -236,7 +237,7 @@ class GpuCheck:
         return engines
 
     def correctness(self) -> list[dict[str, Any]]:
-        models = [("xlmr", "tiny"), ("roberta", "tiny"), ("bert", "tiny")]
+        models: list[tuple[Arch, str]] = [("xlmr", "tiny"), ("roberta", "tiny"), ("bert", "tiny")]
         if not self.cpu:
             models.append(("xlmr", "large"))
         else:
