@@ -6,6 +6,7 @@ contract (tests/contract checks both sides).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 DEFAULT_MODEL = "BAAI/bge-reranker-large"
@@ -26,9 +27,23 @@ class ServeSettings:
     max_client_batch_size: int = 1000  # most texts/inputs in one request
     max_concurrent_requests: int = 512  # requests in flight before 429
     auto_truncate: bool = False  # truncate over-long inputs even when the request says not to
+    # Long texts scored as windows (docs/runtime-batching.md, "Long texts"): default windows per
+    # text (1 = no chunking), tokens shared by consecutive windows, and most windows per request.
+    max_chunks_per_doc: int = 1
+    chunk_overlap_tokens: int = 32
+    max_chunks_per_request: int = 4096
+    request_timeout: float | None = None  # default deadline of a request in seconds; None: none
     api_key: str | None = None
     log_format: str = "json"  # json | text
     log_level: str = "info"
+    # TEI's flags (router/src/main.rs): same names, same defaults where TEI has one.
+    payload_limit: int = 2_000_000  # request body bytes; more -> 413 (TEI's default)
+    prometheus_port: int = 9000  # /metrics also served here (0: off); TEI's default
+    cors_allow_origin: tuple[str, ...] | None = None  # None: any origin, like TEI
+    hf_cache: str | None = None  # hub download cache (HF_HUB_CACHE); None: huggingface_hub's
+    tokenization_workers: int | None = (
+        None  # tokenizer threads; None: default_tokenization_workers()
+    )
     # auto | torch | packed | trtllm (engines/factory.py `choose_engine` says what auto picks)
     engine: str = "auto"
     torch_compile: bool = False  # packed engine: torch.compile the forward pass
@@ -50,12 +65,42 @@ SERVE_ENV_VARS: dict[str, str] = {
     "max_client_batch_size": "RERANKER_MAX_CLIENT_BATCH_SIZE",
     "max_concurrent_requests": "RERANKER_MAX_CONCURRENT_REQUESTS",
     "auto_truncate": "RERANKER_AUTO_TRUNCATE",
+    "max_chunks_per_doc": "RERANKER_MAX_CHUNKS_PER_DOC",
+    "chunk_overlap_tokens": "RERANKER_CHUNK_OVERLAP_TOKENS",
+    "max_chunks_per_request": "RERANKER_MAX_CHUNKS_PER_REQUEST",
+    "request_timeout": "RERANKER_REQUEST_TIMEOUT",
     "api_key": "RERANKER_API_KEY",
     "log_format": "RERANKER_LOG_FORMAT",
     "log_level": "RERANKER_LOG_LEVEL",
+    "payload_limit": "RERANKER_PAYLOAD_LIMIT",
+    "prometheus_port": "RERANKER_PROMETHEUS_PORT",
+    "cors_allow_origin": "RERANKER_CORS_ALLOW_ORIGIN",
+    "hf_cache": "RERANKER_HF_CACHE",
+    "tokenization_workers": "RERANKER_TOKENIZATION_WORKERS",
     "engine": "RERANKER_ENGINE",
     "torch_compile": "RERANKER_TORCH_COMPILE",
     "cuda_graphs": "RERANKER_CUDA_GRAPHS",
 }
 
 ENGINE_CHOICES = ("auto", "torch", "packed", "trtllm")
+
+# TEI's own variable for the same setting, read when the RERANKER_* one is unset, so a TEI
+# deployment's environment keeps working.
+TEI_ENV_VARS: dict[str, str] = {
+    "payload_limit": "PAYLOAD_LIMIT",
+    "prometheus_port": "PROMETHEUS_PORT",
+    "cors_allow_origin": "CORS_ALLOW_ORIGIN",
+    "hf_cache": "HUGGINGFACE_HUB_CACHE",
+    "tokenization_workers": "TOKENIZATION_WORKERS",
+}
+
+
+def default_tokenization_workers() -> int:
+    """Tokenizer threads when --tokenization-workers is unset: Python's default thread-pool size
+    (CPUs + 4, at most 32). TEI's default (CPUs - 1) would give a 2-CPU pod one thread, and one
+    long request's tokenization would then hold up every other request's."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return min(32, cpus + 4)

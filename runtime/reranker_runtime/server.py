@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import re
 import signal
@@ -21,18 +22,26 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from reranker_runtime.config import DEFAULT_MODEL, ENGINE_CHOICES, SERVE_ENV_VARS, ServeSettings
+from reranker_runtime.config import (
+    DEFAULT_MODEL,
+    ENGINE_CHOICES,
+    SERVE_ENV_VARS,
+    TEI_ENV_VARS,
+    ServeSettings,
+)
+from reranker_runtime.logging import LOG_FORMATS, LOG_LEVELS, log_fields
 
-log = logging.getLogger("reranker_runtime.server")
+if TYPE_CHECKING:
+    from reranker_runtime.lifecycle import Lifecycle
+
+log = logging.getLogger(__name__)
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-LOG_FORMATS = ("json", "text")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -77,6 +86,16 @@ def _choice_parser(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a finite number > 0")
+    return value
+
+
 def _device(text: str) -> str:
     value = text.strip().lower()
     if not DEVICE_RE.match(value):
@@ -88,6 +107,14 @@ def _text(text: str) -> str:
     return text
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    """CORS origins, comma-separated (`*`: any origin)."""
+    origins = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not origins:
+        raise ValueError("expected one or more origins, comma-separated, or *")
+    return origins
+
+
 @dataclass(frozen=True)
 class _Option:
     field: str
@@ -97,6 +124,7 @@ class _Option:
     metavar: str | None = None
     boolean: bool = False
     default_text: str | None = None  # how --help shows the default when not the plain value
+    many: bool = False  # the flag may be repeated; the values add up (a tuple)
 
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -184,6 +212,37 @@ _OPTIONS: tuple[_Option, ...] = (
         boolean=True,
     ),
     _Option(
+        "max_chunks_per_doc",
+        ("--max-chunks-per-doc",),
+        _int_parser(1),
+        "Windows a text longer than the model's limit is split into and scored by (its score is "
+        "the best window's) when the request does not send max_chunks_per_doc; 1 = no chunking",
+        "N",
+    ),
+    _Option(
+        "chunk_overlap_tokens",
+        ("--chunk-overlap-tokens",),
+        _int_parser(0),
+        "Text tokens shared by consecutive windows of a chunked text (at most half a window)",
+        "N",
+    ),
+    _Option(
+        "max_chunks_per_request",
+        ("--max-chunks-per-request",),
+        _int_parser(1),
+        "Most windows one chunking request may score; more -> 413",
+        "N",
+    ),
+    _Option(
+        "request_timeout",
+        ("--request-timeout",),
+        _positive_float,
+        "Default deadline of an inference request in seconds (the X-Request-Timeout header "
+        "replaces it); past it the request's waiting pairs are dropped and it gets 504",
+        "SECONDS",
+        default_text="none (no deadline)",
+    ),
+    _Option(
         "api_key",
         ("--api-key",),
         _text,
@@ -204,6 +263,48 @@ _OPTIONS: tuple[_Option, ...] = (
         _choice_parser(LOG_LEVELS),
         "debug, info, warning, error or critical",
         "LEVEL",
+    ),
+    _Option(
+        "payload_limit",
+        ("--payload-limit",),
+        _int_parser(1),
+        "Largest request body in bytes; a larger one gets 413 (TEI's flag and default)",
+        "BYTES",
+    ),
+    _Option(
+        "prometheus_port",
+        ("--prometheus-port",),
+        _int_parser(0, 65535),
+        "Also serve the Prometheus metrics on this port, on every path, as TEI does (/metrics on "
+        "--port stays); 0 turns it off; a port in use is logged and skipped",
+        "PORT",
+    ),
+    _Option(
+        "cors_allow_origin",
+        ("--cors-allow-origin",),
+        _origins,
+        "Origins allowed to call the API from a browser (CORS), comma-separated or repeated; * "
+        "allows any",
+        "ORIGIN",
+        default_text="any origin, like TEI",
+        many=True,
+    ),
+    _Option(
+        "hf_cache",
+        ("--hf-cache", "--huggingface-hub-cache"),
+        _text,
+        "Directory the hub downloads go to (sets HF_HUB_CACHE; without it huggingface_hub uses "
+        "HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)",
+        "DIR",
+        default_text="huggingface_hub's",
+    ),
+    _Option(
+        "tokenization_workers",
+        ("--tokenization-workers",),
+        _int_parser(1, 256),
+        "Threads that tokenize requests (one request's tokenization runs on one of them)",
+        "N",
+        default_text="CPUs + 4, at most 32",
     ),
     _Option(
         "engine",
@@ -267,7 +368,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
             if isinstance(default, bool)
             else default
         )
-        help_text = f"{opt.help} (default: {shown}; env: {SERVE_ENV_VARS[opt.field]})"
+        env_names = SERVE_ENV_VARS[opt.field]
+        if opt.field in TEI_ENV_VARS:
+            env_names += f" or TEI's {TEI_ENV_VARS[opt.field]}"
+        help_text = f"{opt.help} (default: {shown}; env: {env_names})"
         if opt.boolean:
             parser.add_argument(
                 *opt.flags,
@@ -281,6 +385,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                 *opt.flags,
                 dest=opt.field,
                 type=_argparse_type(opt),
+                action="extend" if opt.many else "store",
                 default=None,
                 metavar=opt.metavar,
                 help=help_text,
@@ -298,10 +403,13 @@ def settings_from_args(
     for opt in _OPTIONS:
         flag_value = getattr(args, opt.field, None)
         if flag_value is not None:
-            values[opt.field] = flag_value
+            values[opt.field] = tuple(flag_value) if opt.many else flag_value
             continue
         var = SERVE_ENV_VARS[opt.field]
         raw = env.get(var)
+        if (raw is None or raw.strip() == "") and opt.field in TEI_ENV_VARS:
+            var = TEI_ENV_VARS[opt.field]
+            raw = env.get(var)
         if raw is None or raw.strip() == "":
             continue
         try:
@@ -350,12 +458,23 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~"))
 
 
+def use_hub_cache(settings: ServeSettings, environ: dict[str, str] | None = None) -> None:
+    """--hf-cache: point huggingface_hub's download cache there. Must run before huggingface_hub
+    is imported (it reads the variable once); `serve` does it before loading anything."""
+    if settings.hf_cache:
+        (os.environ if environ is None else environ)["HF_HUB_CACHE"] = os.path.expanduser(
+            settings.hf_cache
+        )
+
+
 def serve(settings: ServeSettings) -> int:
     """Run the server until a signal; returns the process exit code."""
+    use_hub_cache(settings)
     from reranker_runtime.api.app import create_app
+    from reranker_runtime.metrics import start_metrics_server
 
     app = create_app(settings)
-    runtime = app.state.runtime
+    lifecycle: Lifecycle = app.state.lifecycle
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -365,22 +484,25 @@ def serve(settings: ServeSettings) -> int:
         lifespan="on",
         timeout_keep_alive=30,
     )
-    server = _DrainingServer(config, runtime)
-    runtime.on_fatal = lambda _message: server.request_exit()
+    server = _DrainingServer(config, lifecycle)
+    lifecycle.on_fatal = lambda _message: server.request_exit()
     log.info(
         "starting",
-        extra={
-            "fields": {
-                "host": settings.host,
-                "port": settings.port,
-                "model": settings.model,
-                "engine_dir": settings.engine_dir,
-            }
-        },
+        extra=log_fields(
+            host=settings.host,
+            port=settings.port,
+            model=settings.model,
+            engine_dir=settings.engine_dir,
+        ),
     )
-    server.run()
-    if runtime.load_error:
-        print(f"reranker-runtime serve: error: {runtime.not_ready_reason()}", file=sys.stderr)
+    metrics_server = start_metrics_server(settings.host, settings.prometheus_port)
+    try:
+        server.run()
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+    if lifecycle.failure is not None:
+        print(f"reranker-runtime serve: error: {lifecycle.not_ready_error()}", file=sys.stderr)
         return 1
     if not server.started:
         return 1  # e.g. the port was taken; uvicorn logged why
@@ -390,9 +512,9 @@ def serve(settings: ServeSettings) -> int:
 class _DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first exit signal drains the service before uvicorn shuts down."""
 
-    def __init__(self, config: uvicorn.Config, runtime: Any) -> None:
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
         super().__init__(config)
-        self._runtime = runtime
+        self._lifecycle = lifecycle
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_requested = False
         self._drain_task: asyncio.Future[None] | None = None
@@ -418,7 +540,7 @@ class _DrainingServer(uvicorn.Server):
     def _start_drain(self) -> None:
         async def drain_then_exit() -> None:
             try:
-                await self._runtime.drain()
+                await self._lifecycle.drain()
             finally:
                 self.should_exit = True
 

@@ -29,9 +29,11 @@ Input = str | tuple[str, str]
 def parse_direction(value: str) -> Direction:
     """'right'/'left' in any case ('Right', 'LEFT'), as TEI clients send them."""
     normalized = str(value).strip().lower()
-    if normalized not in ("right", "left"):
-        raise ValidationError(f"truncation_direction must be 'right' or 'left', got {value!r}")
-    return normalized  # type: ignore[return-value]
+    if normalized == "right":
+        return "right"
+    if normalized == "left":
+        return "left"
+    raise ValidationError(f"truncation_direction must be 'right' or 'left', got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,21 @@ class Encoded:
     num_tokens: int  # tokens the model sees (special tokens included), after any truncation
     original_tokens: int  # tokens before truncation
     truncated: bool
+
+
+@dataclass(frozen=True)
+class ChunkedText:
+    """One text as scored: its windows, each paired with the whole query (one window unless the
+    text was chunked), and whether part of the text was left unscored."""
+
+    windows: list[Encoded]
+    needed_windows: int  # windows the whole text needs; more than len(windows) when cut
+    window_tokens: int  # text tokens per window (the last one may be shorter)
+    truncated: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(w.num_tokens for w in self.windows)
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,11 @@ class PairTokenizer:
         if max_input_length <= self._special_pair + 1:
             raise ValueError(f"max_input_length {max_input_length} leaves no room for a pair")
 
+    @property
+    def max_text_tokens(self) -> int:
+        """Text tokens of a pair with an empty query: the longest window a text can get."""
+        return self.max_input_length - self._special_pair
+
     def _raw(self, texts: Sequence[str]) -> list[Encoding]:
         return self._tok.encode_batch(list(texts), add_special_tokens=False)
 
@@ -91,15 +113,103 @@ class PairTokenizer:
         )
 
     def encode_pairs(
-        self, query: str, texts: Sequence[str], *, truncate: bool, direction: Direction = "right"
+        self,
+        query: str,
+        texts: Sequence[str],
+        *,
+        truncate: bool,
+        direction: Direction = "right",
+        max_text_tokens: int | None = None,
     ) -> list[Encoded]:
         """Encode (query, text) for each text. Without `truncate`, over-long pairs come back
-        untruncated (num_tokens > max_input_length) and the caller rejects them."""
+        untruncated (num_tokens > max_input_length) and the caller rejects them.
+        `max_text_tokens` first keeps only each text's first that many tokens (Cohere/Jina
+        `max_tokens_per_doc`); a text so cut counts as truncated."""
         q = self._tok.encode(query, add_special_tokens=False)
-        return [
-            self._pair(q, query, t, truncate=truncate, direction=direction)
-            for t in self._raw(texts)
-        ]
+        out: list[Encoded] = []
+        for t in self._raw(texts):
+            extra = 0
+            if max_text_tokens is not None and len(t.ids) > max_text_tokens:
+                extra = len(t.ids) - max_text_tokens
+                t.truncate(max_text_tokens, stride=0, direction="right")
+            out.append(
+                self._pair(q, query, t, truncate=truncate, direction=direction, cut_tokens=extra)
+            )
+        return out
+
+    def encode_chunked(
+        self,
+        query: str,
+        texts: Sequence[str],
+        *,
+        truncate: bool,
+        direction: Direction = "right",
+        max_text_tokens: int | None = None,
+        max_windows: int = 1,
+        overlap: int = 0,
+    ) -> list[ChunkedText]:
+        """Encode each text as windows when it does not fit the model with the query.
+
+        A text whose pair is too long is split into windows of `budget - len(query)` text
+        tokens, each paired with the whole query by the tokenizer's own template; consecutive
+        windows share `overlap` tokens (at most half a window). Windows are laid from the
+        text's start (`direction="right"`) or its end (`"left"`); at most `max_windows` are
+        kept, in that order, and a text that needs more is marked truncated (the caller refuses
+        it when truncation is off). With `max_windows=1`, or a query that leaves no room for
+        text, this is exactly `encode_pairs`."""
+        if max_windows <= 1:
+            return [
+                ChunkedText(windows=[e], needed_windows=1, window_tokens=0, truncated=e.truncated)
+                for e in self.encode_pairs(
+                    query,
+                    texts,
+                    truncate=truncate,
+                    direction=direction,
+                    max_text_tokens=max_text_tokens,
+                )
+            ]
+        budget = self.max_input_length - self._special_pair
+        q = self._tok.encode(query, add_special_tokens=False)
+        window = budget - len(q.ids)
+        out: list[ChunkedText] = []
+        for t in self._raw(texts):
+            cut = 0
+            if max_text_tokens is not None and len(t.ids) > max_text_tokens:
+                cut = len(t.ids) - max_text_tokens
+                t.truncate(max_text_tokens, stride=0, direction="right")
+            if window < 1 or len(q.ids) + len(t.ids) <= budget:
+                single = self._pair(
+                    q, query, t, truncate=truncate, direction=direction, cut_tokens=cut
+                )
+                out.append(ChunkedText([single], 1, max(window, 0), single.truncated))
+                continue
+            # The tokenizer's own windowing: `t` becomes the first window, the others go to
+            # `t.overflowing`. Each is post-processed with the query on its own: the pair
+            # outputs' own `overflowing` carry wrong token_type_ids for BERT-style templates.
+            t.truncate(window, stride=min(overlap, window // 2), direction=direction)
+            parts = [t, *t.overflowing][:max_windows]
+            windows = [
+                self._window(self._tok.post_process(q, part, add_special_tokens=True))
+                for part in parts
+            ]
+            out.append(
+                ChunkedText(
+                    windows=windows,
+                    needed_windows=1 + len(t.overflowing),
+                    window_tokens=window,
+                    truncated=cut > 0 or len(t.overflowing) >= max_windows,
+                )
+            )
+        return out
+
+    def _window(self, enc: Encoding) -> Encoded:
+        pair = EncodedPair(
+            input_ids=list(enc.ids),
+            token_type_ids=list(enc.type_ids) if self.uses_token_type_ids else None,
+        )
+        return Encoded(
+            pair=pair, num_tokens=len(enc.ids), original_tokens=len(enc.ids), truncated=False
+        )
 
     def encode_inputs(
         self, inputs: Sequence[Input], *, truncate: bool, direction: Direction = "right"
@@ -123,13 +233,21 @@ class PairTokenizer:
         return out
 
     def _pair(
-        self, q: Encoding, query: str, t: Encoding, *, truncate: bool, direction: Direction
+        self,
+        q: Encoding,
+        query: str,
+        t: Encoding,
+        *,
+        truncate: bool,
+        direction: Direction,
+        cut_tokens: int = 0,
     ) -> Encoded:
+        """`cut_tokens`: tokens already cut from the text (max_text_tokens) before pairing."""
         budget = self.max_input_length - self._special_pair
         nq, nt = len(q.ids), len(t.ids)
-        original = nq + nt + self._special_pair
+        original = nq + nt + cut_tokens + self._special_pair
         if not truncate or nq + nt <= budget:
-            return self._finish(q, t, original, False)
+            return self._finish(q, t, original, cut_tokens > 0)
         # Keep the query whole where it fits, leaving the text at least one token; otherwise
         # cut the query too (in the same direction).
         keep_text = max(budget - nq, min(nt, 1))
@@ -147,8 +265,12 @@ class PairTokenizer:
         """TEI /tokenize: every token with its id, text, special flag and offsets."""
         result: list[list[TokenInfo]] = []
         for item in inputs:
-            sources = (item,) if isinstance(item, str) else tuple(item)
-            enc = self._tok.encode(*sources, add_special_tokens=add_special_tokens)
+            sources = (item,) if isinstance(item, str) else item
+            enc = self._tok.encode(
+                sources[0],
+                sources[1] if len(sources) == 2 else None,
+                add_special_tokens=add_special_tokens,
+            )
             tokens: list[TokenInfo] = []
             for tid, token, special, (start, stop), seq in zip(
                 enc.ids,

@@ -236,18 +236,28 @@ def test_info_and_limits(models: dict[str, Path]) -> None:
 
 
 def test_family_facts() -> None:
-    assert (
-        family_facts(SimpleNamespace(model_type="xlm-roberta", pad_token_id=1)).position_offset == 2
-    )
-    assert family_facts(SimpleNamespace(model_type="bert", pad_token_id=0)).position_offset == 0
-    with pytest.raises(ModelLoadError, match="use --engine torch"):
-        family_facts(SimpleNamespace(model_type="distilbert"))
-    with pytest.raises(ModelLoadError, match="absolute position embeddings only"):
-        family_facts(
-            SimpleNamespace(
-                model_type="bert", position_embedding_type="relative_key", pad_token_id=0
-            )
+    def config(**over: Any) -> SimpleNamespace:
+        values: dict[str, Any] = dict(
+            architectures=["XLMRobertaForSequenceClassification"],
+            model_type="xlm-roberta",
+            pad_token_id=1,
+            max_position_embeddings=514,
+            num_labels=1,
         )
+        values.update(over)
+        return SimpleNamespace(**values)
+
+    assert family_facts(config()).position_offset == 2
+    bert = family_facts(
+        config(architectures=["BertForSequenceClassification"], model_type="bert", pad_token_id=0)
+    )
+    assert (bert.position_offset, bert.head, bert.uses_token_type_ids) == (0, "bert", True)
+    with pytest.raises(ModelLoadError, match="DistilBertForSequenceClassification"):
+        family_facts(
+            config(architectures=["DistilBertForSequenceClassification"], model_type="distilbert")
+        )
+    with pytest.raises(ModelLoadError, match="absolute position embeddings only"):
+        family_facts(config(position_embedding_type="relative_key"))
 
 
 def test_load_defaults_to_float32_on_cpu(models: dict[str, Path]) -> None:
@@ -312,7 +322,7 @@ def test_factory_auto_keeps_padded_engine_for_other_families(
 
 def test_factory_packed_on_a_cpu_engine_dir(xlmr_reranker: Path, tmp_path: Path) -> None:
     from engines.helpers import inputs
-    from reranker_runtime.build import command
+    from reranker_runtime.engine_build import command
 
     out = tmp_path / "engine-dir"
     command.run_build(inputs(xlmr_reranker), out)

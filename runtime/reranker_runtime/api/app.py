@@ -1,9 +1,10 @@
-"""The FastAPI application: routers, the one error mapping, access log + metrics, lifespan.
+"""The FastAPI application: routers, error handlers (mapped by api/errors.py), access log +
+metrics, and the lifespan that starts and drains the lifecycle.
 
 `create_app(settings)` loads the model itself (in the background, from the lifespan);
 `create_app(settings, engine=...)` or `create_app(settings, service=...)` serve what the caller
 built (tests, other embedders). Either way the service is started (warm-up) in the background so
-`/live` answers at once and `/health` says 503 until the model is ready.
+`/live` answers at once and `/health` says 503 until the model is ready (lifecycle.py).
 """
 
 from __future__ import annotations
@@ -20,38 +21,73 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker_runtime import __version__, metrics
-from reranker_runtime.api import cohere, ops, tei
-from reranker_runtime.api.auth import ApiKeyMiddleware, document_api_key
+from reranker_runtime.api import cohere, ops, other_models, tei
+from reranker_runtime.api.auth import all_routes, document_api_key, protected_paths
 from reranker_runtime.api.deps import (
     LOG_SCOPE_KEY,
     REQUEST_ID_SCOPE_KEY,
     ClientDisconnected,
-    Runtime,
+    annotate,
+)
+from reranker_runtime.api.errors import (
+    CLIENT_CLOSED_REQUEST,
+    HTTP_ERROR_TYPES,
+    INTERNAL_ERROR_BODY,
+    error_response,
+    plain_error_response,
 )
 from reranker_runtime.api.schemas import INPUT_ERROR, ErrorBody
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.errors import RerankerError
-from reranker_runtime.logging import ACCESS_LOGGER
+from reranker_runtime.lifecycle import Lifecycle
+from reranker_runtime.logging import ACCESS_LOGGER, log_fields
 
 if TYPE_CHECKING:
     from reranker_runtime.engines.base import Engine
     from reranker_runtime.service import RerankService
 
-log = logging.getLogger("reranker_runtime.api")
+log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
 # Probes and scrapes arrive every few seconds; their access lines go to debug.
-_QUIET_PATHS = frozenset({"/health", "/live", "/metrics"})
+_QUIET_PATHS = frozenset({"/health", "/live", "/metrics", "/ping"})
 # A client-supplied request id is echoed only if it is short and plain.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-# nginx's "client closed request": the client left before the answer; nothing was sent.
-CLIENT_CLOSED_REQUEST = 499
+
+
+class _App(FastAPI):
+    """FastAPI whose OpenAPI schema declares the API key on the protected routes when one is
+    set, so /docs offers "Authorize" and generated clients send the header."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            if self.state.api_key:
+                document_api_key(schema, protected_paths(self.routes))
+            # POST / and /invocations take /rerank's body on a reranker and /predict's on a
+            # classifier: once the model is loaded the schema says which; until then, either
+            # (and the schema is built again on the next call).
+            kind = _default_route_body(self.state.lifecycle)
+            if kind is not None:
+                for path in tei.DEFAULT_ROUTE_PATHS:
+                    body = schema["paths"][path]["post"]["requestBody"]["content"]
+                    body["application/json"]["schema"] = {"$ref": f"#/components/schemas/{kind}"}
+            self.openapi_schema = schema if kind is not None else None
+            return schema
+        return self.openapi_schema
+
+
+def _default_route_body(lifecycle: Lifecycle) -> str | None:
+    service = lifecycle.service
+    if service is None:
+        return None
+    return "RerankRequest" if service.info.num_labels == 1 else "PredictRequest"
 
 
 def create_app(
@@ -59,17 +95,17 @@ def create_app(
     engine: Engine | None = None,
     service: RerankService | None = None,
 ) -> FastAPI:
-    runtime = Runtime(settings, engine=engine, service=service)
+    lifecycle = Lifecycle(settings, engine=engine, service=service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime.start_boot()
+        lifecycle.start()
         try:
             yield
         finally:
-            await runtime.close()
+            await lifecycle.close()
 
-    app = FastAPI(
+    app = _App(
         title="reranker-runtime",
         version=__version__,
         description=(
@@ -77,7 +113,6 @@ def create_app(
             'routes. Errors are `{"error", "error_type"}` with TEI\'s status codes.'
         ),
         lifespan=lifespan,
-        max_body_size=MAX_BODY_BYTES,
         responses={
             "default": {
                 "model": ErrorBody,
@@ -85,45 +120,39 @@ def create_app(
             },
         },
     )
-    app.state.runtime = runtime
+    app.state.lifecycle = lifecycle
+    # Read by ProtectedRoute (api/auth.py) on every protected route.
+    app.state.api_key = settings.api_key
     app.include_router(tei.router)
     app.include_router(cohere.router)
     app.include_router(ops.router)
+    app.include_router(ops.info_router)
+    app.include_router(other_models.router)
     _install_error_handlers(app)
 
-    if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
-        default_openapi = app.openapi
-
-        def openapi_with_api_key() -> dict[str, Any]:
-            if app.openapi_schema is None:
-                app.openapi_schema = document_api_key(default_openapi())
-            return app.openapi_schema
-
-        app.openapi = openapi_with_api_key  # type: ignore[method-assign]
     # Metric labels: known paths only, so scanners hitting random URLs cannot blow up the
-    # label cardinality. (Collected from the routers: included routers are not flattened
-    # into app.routes in this FastAPI version.)
+    # label cardinality.
     routes = frozenset(
-        path
-        for router in (tei.router, cohere.router, ops.router, app.router)
-        for path in (getattr(r, "path", None) for r in router.routes)
-        if path
+        path for path in (getattr(r, "path", None) for r in all_routes(app.routes)) if path
     )
-    app.add_middleware(AccessMiddleware, routes=routes)  # outermost: sees every response
+    # Innermost first; AccessMiddleware is outermost, so it sees every response, a refused body
+    # and a CORS preflight included.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit)
+    origins = settings.cors_allow_origin
+    app.add_middleware(
+        CORSMiddleware,
+        # TEI (router/src/http/server.rs): any origin unless --cors-allow-origin, GET and POST,
+        # the Content-Type header; we also allow Authorization, which --api-key needs.
+        allow_origins=["*"] if origins is None or "*" in origins else list(origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=["content-type", "authorization"],
+    )
+    app.add_middleware(AccessMiddleware, routes=routes)
     return app
 
 
 # ---------------------------------------------------------------------------------------------
-# Errors: one mapping for everything a client can get wrong or run into.
-
-
-def _error_response(
-    status: int, message: str, error_type: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": message, "error_type": error_type}, status_code=status, headers=headers
-    )
+# Error handlers: each answers through api/errors.py's mapping.
 
 
 def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
@@ -136,12 +165,15 @@ def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
             detail = (err.get("ctx") or {}).get("error", "invalid JSON")
             pos = err.get("loc", ("body", 0))[-1]
             return 400, f"malformed JSON body: {detail} (at character {pos})"
-        if kind == INPUT_ERROR:
-            parts.append(str(err.get("msg")))
-            continue
         loc = list(err.get("loc", ()))
         if loc and loc[0] == "body":
             loc = loc[1:]
+        if kind == INPUT_ERROR:
+            # The message names the field already; a body nested in another (a /vertex
+            # instance) adds where that body is.
+            outer = "".join(f"{x}." for x in loc[:-1])
+            parts.append(outer + str(err.get("msg")))
+            continue
         field = ".".join(str(x) for x in loc)
         if not field:
             if isinstance(err.get("input"), (bytes, str)):
@@ -157,20 +189,27 @@ def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    # Each handler also puts the message on the request's access-log line (one line, no
+    # traceback: these are the client's errors).
     @app.exception_handler(RerankerError)
-    async def _domain(_: Request, exc: RerankerError) -> JSONResponse:
-        return _error_response(exc.status_code, exc.message, exc.error_type, exc.headers)
+    async def _domain(request: Request, exc: RerankerError) -> JSONResponse:
+        annotate(request, error=exc.message)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, message = _validation_message(exc.errors())
-        return _error_response(status, message, "Validation")
+        annotate(request, error=message)
+        return plain_error_response(status, message, "Validation")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "NotFound", 405: "MethodNotAllowed", 413: "Validation"}
-        return _error_response(
-            exc.status_code, str(exc.detail), kinds.get(exc.status_code, "Validation"), exc.headers
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        annotate(request, error=str(exc.detail))
+        return plain_error_response(
+            exc.status_code,
+            str(exc.detail),
+            HTTP_ERROR_TYPES.get(exc.status_code, "Validation"),
+            exc.headers,
         )
 
     @app.exception_handler(ClientDisconnected)
@@ -179,13 +218,64 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Request body limit (--payload-limit).
+
+
+class PayloadTooLarge(StarletteHTTPException):
+    """A request body over --payload-limit. An HTTPException, so FastAPI's body reading lets it
+    through (it turns other errors into 400) and the HTTP handler answers it like any 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"request body is larger than the {limit}-byte limit; send fewer or shorter texts, "
+            "or raise --payload-limit (RERANKER_PAYLOAD_LIMIT)",
+        )
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `limit` bytes: at once when Content-Length says so (the body is
+    never read), else as soon as the bytes received pass it (chunked uploads), so no more than
+    `limit` bytes are ever buffered. TEI: axum's DefaultBodyLimit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            error = PayloadTooLarge(self.limit)
+            scope.setdefault(LOG_SCOPE_KEY, {})["error"] = error.detail
+            await plain_error_response(413, error.detail, "Validation")(scope, receive, send)
+            return
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise PayloadTooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+# ---------------------------------------------------------------------------------------------
 # Access log, request id, request metrics.
 
 
 class AccessMiddleware:
-    """Outermost layer: request id (echoed or generated), `te_request_count` /
-    `te_request_duration` by route and status, one access-log line per request, and a JSON 500
-    for anything unexpected (never a bare traceback page)."""
+    """Outermost layer: request id (echoed or generated), `reranker_http_requests_total` by route
+    and the status the client got, and `reranker_http_request_duration_seconds`, one access-log
+    line per request (with the error message of a refusal), and a JSON 500 for anything
+    unexpected (never a bare traceback page). TEI's own counters are kept by the inference
+    routes (deps.py)."""
 
     def __init__(self, app: ASGIApp, routes: frozenset[str]) -> None:
         self.app = app
@@ -213,13 +303,20 @@ class AccessMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except PayloadTooLarge as exc:
+            # Raised while a body was read outside FastAPI's handling (e.g. a body sent to an
+            # unknown path): still the client's 413, not a server error.
+            fields["error"] = exc.detail
+            if not response_started:
+                status = 413
+                await plain_error_response(413, exc.detail, "Validation")(
+                    scope, receive, send_with_id
+                )
         except Exception:
-            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            log.exception("unhandled error", extra=log_fields(request_id=request_id))
             status = 500
             if not response_started:
-                body = json.dumps(
-                    {"error": "internal server error", "error_type": "Backend"}
-                ).encode()
+                body = json.dumps(INTERNAL_ERROR_BODY).encode()
                 await send(
                     {
                         "type": "http.response.start",
@@ -236,8 +333,8 @@ class AccessMiddleware:
             duration = time.perf_counter() - started
             path: str = scope["path"]
             route = path if path in self.routes else "other"
-            metrics.REQUEST_COUNT.labels(method=route, status=str(status)).inc()
-            metrics.REQUEST_DURATION.labels(method=route).observe(duration)
+            metrics.HTTP_REQUESTS.labels(route=route, status=str(status)).inc()
+            metrics.HTTP_REQUEST_DURATION.labels(route=route).observe(duration)
             level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
             if access_log.isEnabledFor(level):
                 client = scope.get("client")
@@ -247,17 +344,15 @@ class AccessMiddleware:
                     scope["method"],
                     path,
                     status,
-                    extra={
-                        "fields": {
-                            "request_id": request_id,
-                            "method": scope["method"],
-                            "route": route,
-                            "status": status,
-                            "duration_ms": round(duration * 1000, 2),
-                            "client": f"{client[0]}:{client[1]}" if client else None,
-                            **fields,
-                        }
-                    },
+                    extra=log_fields(
+                        request_id=request_id,
+                        method=scope["method"],
+                        route=route,
+                        status=status,
+                        duration_ms=round(duration * 1000, 2),
+                        client=f"{client[0]}:{client[1]}" if client else None,
+                        **fields,
+                    ),
                 )
 
 

@@ -1,199 +1,132 @@
-"""What the routes share: the runtime state (service, boot, drain), the client-disconnect guard,
-TEI's timing headers and the access-log annotations."""
+"""What the routes share: the inference route class (admission, cancellation on disconnect,
+release), the lifecycle accessor, TEI's timing headers and the access-log annotations.
+
+Every route of an inference router (`APIRouter(route_class=InferenceRoute)`) runs as:
+
+    API key checked (ProtectedRoute, before the body is read)
+    -> body parsed and validated (FastAPI: 400/422)
+    -> admitted by the lifecycle (503 unless ready, 429 over --max-concurrent-requests)
+    -> the handler runs, cancelled if the client disconnects first (499, its queued pairs dropped)
+    -> the permit is released, however the handler ended.
+
+so a route only parses, calls the service (`admitted_service(request)`) and formats. The same
+wrapper keeps TEI's request counters (metrics.py): te_request_count{method} once the body is
+parsed, then te_request_success{method} or te_request_failure{err}.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import functools
+import inspect
+import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 
-from reranker_runtime.config import ServeSettings
-from reranker_runtime.errors import NotReadyError
+from reranker_runtime import metrics
+from reranker_runtime.api.auth import ProtectedRoute
+from reranker_runtime.api.errors import DROPPED, failure_reason
+from reranker_runtime.api.schemas import DecodeRequest, PredictRequest, TokenizeRequest
+from reranker_runtime.errors import ValidationError
 
 if TYPE_CHECKING:
-    from reranker_runtime.engines.base import Engine
+    from reranker_runtime.lifecycle import Lifecycle
     from reranker_runtime.service import RerankService
 
 T = TypeVar("T")
-log = logging.getLogger("reranker_runtime.api")
 
 # Per-request fields for the access log (pairs, tokens), kept in the ASGI scope so the
 # outer middleware can read what the route wrote.
 LOG_SCOPE_KEY = "reranker.access"
 REQUEST_ID_SCOPE_KEY = "reranker.request_id"
+_SERVICE_SCOPE_KEY = "reranker.service"
+_TEI_METHOD_SCOPE_KEY = "reranker.tei_method"
+# Handlers already wrapped by `admitted`.
+_ADMITTED: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 
 class ClientDisconnected(Exception):
     """The client went away before its answer was ready; the work was cancelled."""
 
 
-class Runtime:
-    """The app's mutable state: loading, serving, draining.
+def tei_method(body: object) -> str | None:
+    """TEI's `method` label for a parsed request body: "single" for /predict with one input,
+    "batch" for every other scoring request; None for /tokenize and /decode, which TEI does not
+    count, and for a body the route parses itself (POST /: it calls count_request)."""
+    if body is None or isinstance(body, (TokenizeRequest, DecodeRequest)):
+        return None
+    if isinstance(body, PredictRequest):
+        return "single" if body.single else "batch"
+    return "batch"
 
-    The model loads in the background so `/live` answers (and `/health` says 503) while it
-    loads and warms up; `/health` turns 503 again as soon as draining starts.
-    """
 
-    def __init__(
-        self,
-        settings: ServeSettings,
-        engine: Engine | None = None,
-        service: RerankService | None = None,
-    ) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.service = service
-        # Engines we loaded ourselves are ours to close; injected ones belong to the caller.
-        self.owns_engine = engine is None and service is None
-        self.load_error: str | None = None
-        self.draining = False
-        self.on_fatal: Callable[[str], None] | None = None
-        self._boot_task: asyncio.Task[None] | None = None
-        self._drain_task: asyncio.Task[None] | None = None
+def count_request(request: Request, method: str) -> None:
+    """te_request_count{method}; the wrapper counts the success under the same method."""
+    request.scope[_TEI_METHOD_SCOPE_KEY] = method
+    metrics.REQUEST_COUNT.inc(method=method)
 
-    # -- state ---------------------------------------------------------------------------------
 
-    @property
-    def ready(self) -> bool:
-        return not self.draining and self.service is not None and bool(self.service.ready)
+def get_lifecycle(request: Request) -> Lifecycle:
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    return lifecycle
 
-    def not_ready_reason(self) -> str:
-        if self.load_error:
-            return f"model failed to load: {self.load_error}"
-        if self.draining:
-            return "server is shutting down"
-        if self.service is None:
-            return "model is loading"
-        return "model is warming up"
 
-    def require_service(self) -> RerankService:
-        """The service when it can take requests; 503 (with Retry-After) otherwise."""
-        if self.service is None or self.draining or self.load_error:
-            raise NotReadyError(self.not_ready_reason())
-        return self.service
+def admitted_service(request: Request) -> RerankService:
+    """The service, inside a handler of an InferenceRoute (which admitted the request)."""
+    service: RerankService = request.scope[_SERVICE_SCOPE_KEY]
+    return service
 
-    # -- boot / drain --------------------------------------------------------------------------
 
-    def start_boot(self) -> None:
-        self._boot_task = asyncio.create_task(self._boot(), name="reranker-boot")
+def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap a route handler: admit, run cancelling on disconnect, release. FastAPI reads the
+    handler's own signature through `__wrapped__`; it must take `request: Request`.
+    Idempotent, so a route copied into another router is still admitted once."""
+    if endpoint in _ADMITTED:
+        return endpoint
+    if "request" not in inspect.signature(endpoint).parameters:
+        raise TypeError(f"inference route {endpoint.__name__} must take `request: Request`")
 
-    async def _boot(self) -> None:
+    @functools.wraps(endpoint)
+    async def run(**kwargs: Any) -> Any:
+        request: Request = kwargs["request"]
+        started = time.perf_counter()
+        method = tei_method(kwargs.get("body"))
+        if method is not None:
+            count_request(request, method)
         try:
-            if self.service is None:
-                if self.engine is None:
-                    from reranker_runtime.engines.factory import create_engine
-
-                    log.info("loading model", extra={"fields": _model_fields(self.settings)})
-                    started = time.perf_counter()
-                    self.engine = await _in_daemon_thread(create_engine, self.settings)
-                    log.info(
-                        "model loaded",
-                        extra={"fields": {"load_s": round(time.perf_counter() - started, 3)}},
-                    )
-                from reranker_runtime.service import RerankService
-
-                self.service = RerankService(self.engine, self.settings)
-            if not self.service.ready:
-                started = time.perf_counter()
-                await self.service.start()
-                log.info(
-                    "ready",
-                    extra={"fields": {"warmup_s": round(time.perf_counter() - started, 3)}},
-                )
-        except asyncio.CancelledError:
+            async with get_lifecycle(request).admit() as service:
+                request.scope[_SERVICE_SCOPE_KEY] = service
+                result = await cancel_on_disconnect(request, endpoint(**kwargs))
+        except ClientDisconnected:
+            metrics.REQUEST_FAILURE.inc(err=DROPPED)
             raise
-        except Exception as exc:  # any load/warm-up failure is fatal for the server
-            self.load_error = _describe(exc)
-            log.error("model load failed: %s", self.load_error)
-            log.debug("model load failure details", exc_info=True)
-            if self.on_fatal is not None:
-                self.on_fatal(self.load_error)
+        except (RequestValidationError, HTTPException):
+            raise  # a body the route parses itself (POST /): TEI does not count these either
+        except Exception as exc:
+            metrics.REQUEST_FAILURE.inc(err=failure_reason(exc))
+            raise
+        method = request.scope.get(_TEI_METHOD_SCOPE_KEY)
+        if method is not None:
+            metrics.REQUEST_SUCCESS.inc(method=method)
+            metrics.REQUEST_DURATION.observe(time.perf_counter() - started)
+        return result
 
-    def drain(self) -> asyncio.Task[None]:
-        """Stop taking requests, let in-flight ones finish, stop the batcher. Idempotent: every
-        caller (SIGTERM handler, lifespan shutdown) awaits the same task."""
-        if self._drain_task is None:
-            self.draining = True
-            self._drain_task = asyncio.create_task(self._drain(), name="reranker-drain")
-        return self._drain_task
-
-    async def _drain(self) -> None:
-        log.info("draining: /health now 503, finishing in-flight requests")
-        if self._boot_task is not None and not self._boot_task.done():
-            self._boot_task.cancel()
-            with suppress(asyncio.CancelledError, Exception):
-                await self._boot_task
-        if self.service is not None:
-            try:
-                await self.service.stop()
-            except Exception:
-                log.exception("error while stopping the service")
-        log.info("drained")
-
-    async def close(self) -> None:
-        await self.drain()
-        # service.stop() closes its engine; close ours only if no service ever took it over.
-        if self.owns_engine and self.service is None and self.engine is not None:
-            engine, self.engine = self.engine, None
-            with suppress(Exception):
-                await asyncio.to_thread(engine.close)
+    _ADMITTED.add(run)
+    return run
 
 
-def _model_fields(settings: ServeSettings) -> dict[str, Any]:
-    return {
-        "model": settings.model,
-        "revision": settings.revision,
-        "engine_dir": settings.engine_dir,
-        "device": settings.device,
-        "dtype": settings.dtype,
-    }
+class InferenceRoute(ProtectedRoute):
+    """Route class of the inference routers: API key, admission, cancellation, release."""
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    if not text:
-        return name
-    # Our own ModelLoadError messages are written for users; others keep their type for context.
-    return text if name == "ModelLoadError" else f"{name}: {text}"
-
-
-async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run fn in a daemon thread: a model load that is still running when the process is told
-    to exit must not keep it alive (the default executor's threads are joined at exit)."""
-    import threading
-
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def resolve(ok: bool, value: Any) -> None:
-        if future.done():
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-    def target() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:
-            loop.call_soon_threadsafe(resolve, False, exc)
-        else:
-            loop.call_soon_threadsafe(resolve, True, result)
-
-    threading.Thread(target=target, name="reranker-load", daemon=True).start()
-    return await future
-
-
-def get_runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, admitted(endpoint), **kwargs)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -230,20 +163,65 @@ def request_id(request: Request) -> str | None:
     return value if isinstance(value, str) else None
 
 
+REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
+# `openapi_extra` of the routes that honour the header, so /docs and generated clients show it.
+REQUEST_TIMEOUT_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": REQUEST_TIMEOUT_HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "number", "exclusiveMinimum": 0},
+            "description": "Deadline in seconds (e.g. 2.5); replaces the server's "
+            "--request-timeout. Past it: 504 and the request's waiting pairs are dropped; a "
+            "request that cannot make it is refused at once with 503.",
+        }
+    ]
+}
+
+
+def request_timeout(request: Request) -> float | None:
+    """The request's deadline in seconds from its `X-Request-Timeout` header (a number > 0,
+    e.g. `2.5`), or None when it sent none (the service then applies --request-timeout)."""
+    raw = request.headers.get(REQUEST_TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValidationError(
+            f"header `{REQUEST_TIMEOUT_HEADER}` must be a number of seconds greater than 0 "
+            f"(e.g. 2.5), got {raw!r}"
+        )
+    return value
+
+
 def annotate(request: Request, **fields: Any) -> None:
     """Add fields (pairs, tokens, ...) to this request's access-log line."""
     request.scope.setdefault(LOG_SCOPE_KEY, {}).update(fields)
 
 
-def timing_headers(result: Any, started: float) -> dict[str, str]:
-    """TEI's headers, in whole milliseconds like TEI."""
+def timing_headers(
+    request: Request, result: Any, started: float, characters: int
+) -> dict[str, str]:
+    """TEI's headers (router/src/lib.rs, `From<ResponseMetadata> for HeaderMap`), times in whole
+    milliseconds like TEI. `characters`: the Unicode characters scored (x-compute-characters:
+    for a rerank the query counts once per text). x-compute-type: TEI always says
+    "gpu+optimized"; we say "cpu" on a CPU."""
 
     def ms(seconds: float) -> str:
         return str(round(seconds * 1000))
 
+    total = ms(time.perf_counter() - started)
+    device = str(admitted_service(request).info.device)
     return {
-        "x-compute-time": ms(time.perf_counter() - started),
+        "x-compute-type": "cpu" if device.startswith("cpu") else "gpu+optimized",
+        "x-compute-time": total,
+        "x-compute-characters": str(characters),
         "x-compute-tokens": str(int(result.total_tokens)),
+        "x-total-time": total,
         "x-tokenization-time": ms(result.tokenization_time_s),
         "x-queue-time": ms(result.queue_time_s),
         "x-inference-time": ms(result.inference_time_s),

@@ -7,8 +7,9 @@ parsed by hand: a pydantic union would report one error per union member, which 
 types instead of the caller's mistake. Their errors use the `reranker_input` error type, whose
 message already names the field (see `app._validation_message`).
 
-Responses are documented here for the OpenAPI schema; routes build plain dicts (one `text`
-key only when asked for, exactly like TEI).
+Routes return the response models declared here, so FastAPI checks what is sent against the
+OpenAPI schema. Optional fields left None are dropped from the body on the routes that declare
+`response_model_exclude_none` (TEI's `text` appears only when asked for).
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+_MAX_CHUNKS_DESCRIPTION = (
+    "Score a text too long for the model as up to this many windows (each paired with the whole "
+    "query) and keep the best window's score; default: the server's --max-chunks-per-doc "
+    "(1: no chunking)."
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # TEI / BEI
 
@@ -51,57 +59,108 @@ class RerankRequest(_Request):
     truncation_direction: TruncationDirection = Field(
         "right", description="Which end of the text to cut: right (default) or left; any case."
     )
+    max_chunks_per_doc: int | None = Field(None, gt=0, description=_MAX_CHUNKS_DESCRIPTION)
 
 
 class RankItem(BaseModel):
     index: int = Field(description="Position of the text in the request's `texts`.")
     score: float = Field(description="sigmoid(logit), or the raw logit with raw_scores.")
     text: str | None = Field(None, description="Only present when return_text was true.")
-
-
-def _predict_sequence(value: Any, where: str) -> str | tuple[str, str]:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
-        return (value[0], value[1])
-    raise PydanticCustomError(
-        INPUT_ERROR,
-        "{where}: Input should be a string or a pair [text_a, text_b]",
-        {"where": where},
+    chunks: int | None = Field(
+        None, description="Windows the text was scored as; only present when chunking is on."
+    )
+    truncated: bool | None = Field(
+        None,
+        description="Part of the text was not scored (cut, or windows beyond "
+        "max_chunks_per_doc); only present when chunking is on.",
     )
 
 
+# TEI's wording (router/src/http/types.rs, PredictInputVisitor::expecting), so a TEI user reads
+# the message they know.
+_PREDICT_EXPECTING = (
+    "expected a string, a pair of strings [string, string] or a batch of mixed strings and pairs "
+    "[[string], [string, string], ...]"
+)
+
+
+def _predict_error(where: str, problem: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        INPUT_ERROR,
+        "{where}: {problem}, {expecting}",
+        {"where": where, "problem": problem, "expecting": _PREDICT_EXPECTING},
+    )
+
+
+def _predict_batch_item(value: Any, where: str) -> str | tuple[str, str]:
+    """One item of a batch: [text] or [text_a, text_b]."""
+    if not isinstance(value, list):
+        raise _predict_error(where, "invalid type")
+    if not all(isinstance(v, str) for v in value):
+        raise _predict_error(where, "invalid type")
+    if len(value) == 1:
+        return str(value[0])
+    if len(value) == 2:
+        return (value[0], value[1])
+    raise _predict_error(where, f"invalid length {len(value)}")
+
+
+def parse_predict_inputs(value: Any) -> tuple[bool, list[str | tuple[str, str]]]:
+    """TEI's `PredictInput`, exactly (types.rs): a string, or an array whose first element
+    decides. A string first: ONE input, `[a]` a single text, `[a, b]` a pair, a third element
+    refused. An array first: a batch, every item `[text]` or `[text_a, text_b]`.
+    Returns (single, inputs)."""
+    if isinstance(value, str):
+        return True, [value]
+    if not isinstance(value, list):
+        raise _predict_error("inputs", "invalid type")
+    if not value:
+        raise _predict_error("inputs", "invalid length 0")
+    first = value[0]
+    if isinstance(first, str):
+        if len(value) > 2:
+            raise _predict_error("inputs", f"invalid length {len(value)}")
+        if not all(isinstance(v, str) for v in value):
+            raise _predict_error("inputs.1", "invalid type")
+        return True, [first] if len(value) == 1 else [(first, value[1])]
+    return False, [_predict_batch_item(v, f"inputs.{i}") for i, v in enumerate(value)]
+
+
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+
+# TEI's PredictInput schema (types.rs, `ToSchema for PredictInput`).
 PredictInputs = Annotated[
     Any,
     WithJsonSchema(
         {
-            "description": "A string, a pair [text_a, text_b], or a list of strings and pairs.",
-            "anyOf": [
-                {"type": "string"},
-                {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2},
+            "description": (
+                "Model input: a single string, a pair of strings, or a batch of mixed single "
+                "strings and pairs, each in a list: [[text], [text_a, text_b], ...]."
+            ),
+            "oneOf": [
+                {"type": "string", "description": "A single string"},
+                {**_STRINGS, "minItems": 2, "maxItems": 2, "description": "A pair of strings"},
                 {
                     "type": "array",
+                    "description": "A batch",
                     "items": {
-                        "anyOf": [
-                            {"type": "string"},
-                            {
-                                "type": "array",
-                                "items": {"type": "string"},
-                                "minItems": 2,
-                                "maxItems": 2,
-                            },
+                        "oneOf": [
+                            {**_STRINGS, "minItems": 1, "maxItems": 1},
+                            {**_STRINGS, "minItems": 2, "maxItems": 2},
                         ]
                     },
                 },
             ],
+            "example": "What is Deep Learning?",
         }
     ),
 ]
 
 
 class PredictRequest(_Request):
-    """`POST /predict`: TEI's request. `inputs` follows TEI's parsing exactly: a string or a
-    two-string array is ONE input (a single text or a pair); any other array is a batch."""
+    """`POST /predict`: TEI's request. `inputs` is parsed exactly as TEI parses it
+    (`parse_predict_inputs`): one input answers a list of {label, score}, a batch a list of
+    such lists."""
 
     inputs: PredictInputs
     raw_scores: bool = Field(
@@ -113,18 +172,8 @@ class PredictRequest(_Request):
     @field_validator("inputs", mode="before")
     @classmethod
     def _parse_inputs(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return {"single": True, "items": [value]}
-        if isinstance(value, list):
-            if len(value) == 2 and all(isinstance(v, str) for v in value):
-                return {"single": True, "items": [(value[0], value[1])]}
-            return {
-                "single": False,
-                "items": [_predict_sequence(v, f"inputs.{i}") for i, v in enumerate(value)],
-            }
-        raise PydanticCustomError(
-            INPUT_ERROR, "inputs: Input should be a string, a pair, or a list of strings and pairs"
-        )
+        single, items = parse_predict_inputs(value)
+        return {"single": single, "items": items}
 
     @property
     def single(self) -> bool:
@@ -133,6 +182,14 @@ class PredictRequest(_Request):
     @property
     def items(self) -> list[str | tuple[str, str]]:
         return list(self.inputs["items"])
+
+
+class VertexRequest(_Request):
+    """`POST /vertex`: TEI's Vertex AI request; each instance is a /rerank or /predict body."""
+
+    instances: list[dict[str, Any]] = Field(
+        description="Each a /rerank body (query, texts) or else a /predict body (inputs)."
+    )
 
 
 class Prediction(BaseModel):
@@ -150,6 +207,10 @@ class TokenizeRequest(_Request):
         ),
     ]
     add_special_tokens: bool = True
+    prompt_name: str | None = Field(
+        None,
+        description="TEI's sentence-transformers prompt; rerankers have none, so only null.",
+    )
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -168,6 +229,52 @@ class TokenizeRequest(_Request):
         raise PydanticCustomError(
             INPUT_ERROR, "inputs: Input should be a string or a list of strings"
         )
+
+
+def _token_ids(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(type(v) is int and 0 <= v < 2**32 for v in value):
+        raise PydanticCustomError(
+            INPUT_ERROR,
+            "{where}: Input should be a list of token ids (integers >= 0)",
+            {"where": where},
+        )
+    return value
+
+
+class DecodeRequest(_Request):
+    """`POST /decode`: TEI's request. `ids` is one list of token ids, or a list of such lists."""
+
+    ids: Annotated[
+        Any,
+        WithJsonSchema(
+            {
+                "oneOf": [
+                    {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    {
+                        "type": "array",
+                        "items": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    },
+                ]
+            }
+        ),
+    ]
+    skip_special_tokens: bool = True
+
+    @field_validator("ids", mode="before")
+    @classmethod
+    def _parse_ids(cls, value: Any) -> Any:
+        # TEI (untagged InputIds): a list of integers is one sequence; otherwise a batch.
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            return [_token_ids(v, f"ids.{i}") for i, v in enumerate(value)]
+        return [_token_ids(value, "ids")]
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return list(self.ids)
+
+
+class VertexResponse(BaseModel):
+    predictions: list[list[RankItem] | list[Prediction] | list[list[Prediction]]]
 
 
 class SimpleToken(BaseModel):
@@ -229,6 +336,7 @@ class _ApiRerankRequest(_Request):
     max_tokens_per_doc: int | None = Field(
         None, gt=0, description="Cut each document to this many tokens before scoring."
     )
+    max_chunks_per_doc: int | None = Field(None, gt=0, description=_MAX_CHUNKS_DESCRIPTION)
 
 
 class CohereRerankRequest(_ApiRerankRequest):
@@ -251,7 +359,11 @@ class ApiRerankResult(BaseModel):
     index: int
     relevance_score: float
     document: DocumentText | None = Field(None, description="Only with return_documents.")
-    truncated: bool = Field(description="The pair was cut to fit the model (extension).")
+    truncated: bool = Field(
+        description="Part of the document was not scored: cut to fit the model, by "
+        "max_tokens_per_doc, or windows beyond max_chunks_per_doc (extension)."
+    )
+    chunks: int = Field(1, description="Windows the document was scored as (extension).")
 
 
 class CohereBilledUnits(BaseModel):
@@ -311,14 +423,22 @@ class InfoResponse(BaseModel):
     engine: str
     device: str
     model_dtype: str
+    torch_threads: int | None = Field(
+        description="CPU threads of the forward pass (PyTorch engine); size the CPU request to it."
+    )
     max_input_length: int
-    max_batch_tokens: int
-    max_batch_requests: int | None
+    max_batch_tokens: int = Field(description="Tokens per forward pass, engine caps applied.")
+    max_batch_requests: int | None = Field(
+        description="Sequences per forward pass, engine caps applied; null: no limit but tokens."
+    )
     max_client_batch_size: int
     max_concurrent_requests: int
     auto_truncate: bool
+    tokenization_workers: int = Field(description="Threads that tokenize requests.")
     ready: bool = Field(description="Same as GET /health returning 200.")
     version: str
+    sha: str | None = Field(description="Git commit of this build (RERANKER_GIT_SHA), if set.")
+    docker_label: str | None = Field(description="Image label (DOCKER_LABEL), if set.")
 
 
 class StatusBody(BaseModel):

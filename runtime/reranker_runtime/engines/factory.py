@@ -19,6 +19,8 @@ from pathlib import Path
 from reranker_runtime import config
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.engines.base import Engine
+from reranker_runtime.engines.engine_dir import load_engine_from_dir, set_offline
+from reranker_runtime.engines.manifest import ManifestError, read_manifest
 from reranker_runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -88,9 +90,6 @@ def create_engine(settings: ServeSettings) -> Engine:
         ensure_driver_supported()  # names the host driver and the one the image's CUDA needs
     engine_dir = settings.engine_dir
     if engine_dir and not (kind == "tensorrt-llm" and chosen != "trtllm"):
-        # Imported lazily: the engine-directory loader may pull in TensorRT-LLM.
-        from reranker_runtime.build.engine_dir import load_engine_from_dir
-
         logger.info("loading prepared engine directory", extra={"engine_dir": engine_dir})
         if chosen == "packed" and settings.dtype == "auto":
             settings = dataclasses.replace(settings, dtype=_packed_default_dtype(device))
@@ -175,9 +174,6 @@ def _load_checkpoint_of(
     engine_dir: str, settings: ServeSettings, chosen: str, device: str
 ) -> Engine:
     """Serve the checkpoint cached in a TensorRT-LLM engine directory with a PyTorch engine."""
-    from reranker_runtime.build.engine_dir import set_offline
-    from reranker_runtime.build.manifest import ManifestError, read_manifest
-
     set_offline()
     try:
         manifest = read_manifest(engine_dir)

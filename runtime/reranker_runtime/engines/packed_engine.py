@@ -70,10 +70,7 @@ _varlen_attn: VarlenFn | None = _import_varlen()
 
 
 # ------------------------------------------------------------------------------------------
-# Model family: the one place with family-specific knowledge. To be replaced by
-# reranker_runtime.model_family when it lands on main.
-
-PACKED_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
+# Model family (reranker_runtime.model_family holds the rules; this is what the forward needs)
 
 
 @dataclass(frozen=True)
@@ -85,22 +82,23 @@ class FamilyFacts:
 
 def family_facts(config: Any) -> FamilyFacts:
     """What the packed forward pass needs to know about a checkpoint's model family."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in PACKED_MODEL_TYPES:
-        raise ModelLoadError(
-            f"the packed engine serves model_type {', '.join(sorted(PACKED_MODEL_TYPES))}, not "
-            f"{model_type!r}; use --engine torch for this model"
-        )
+    from reranker_runtime.model_family import ModelFamily, UnsupportedModelError
+
+    try:
+        family = ModelFamily.from_config(config)
+    except UnsupportedModelError as exc:
+        raise ModelLoadError(str(exc)) from exc
     position_type = getattr(config, "position_embedding_type", None) or "absolute"
     if position_type != "absolute":
         raise ModelLoadError(
             f"the packed engine supports absolute position embeddings only, this model has "
             f"{position_type!r}; use --engine torch for this model"
         )
-    if model_type == "bert":
-        return FamilyFacts(position_offset=0, head="bert", uses_token_type_ids=True)
-    pad = config.pad_token_id if config.pad_token_id is not None else 1
-    return FamilyFacts(position_offset=int(pad) + 1, head="roberta", uses_token_type_ids=False)
+    return FamilyFacts(
+        position_offset=family.position_offset,
+        head="bert" if family.model_type == "bert" else "roberta",
+        uses_token_type_ids=family.uses_token_type_ids,
+    )
 
 
 # ------------------------------------------------------------------------------------------
