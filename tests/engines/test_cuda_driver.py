@@ -39,3 +39,22 @@ def test_too_old_names_found_and_needed(driver: str, cuda: str, needed: str) -> 
     assert "CUDA 12.x TensorRT-LLM release" in message
     with pytest.raises(ModelLoadError, match=f"driver {driver} is too old"):
         ensure_driver_supported(driver, cuda)
+
+
+def test_gpu_build_refuses_a_too_old_driver(
+    monkeypatch: pytest.MonkeyPatch, xlmr_reranker, tmp_path
+) -> None:
+    from engines.helpers import L4, inputs, mutate_checkpoint
+    from reranker_runtime.engine_build import command
+    from reranker_runtime.engine_build.errors import GpuMismatchError
+    from reranker_runtime.engines import cuda_driver
+
+    monkeypatch.setattr(cuda_driver, "host_driver_version", lambda: "570.172.08")
+    monkeypatch.setattr(cuda_driver, "image_cuda_version", lambda: "13.1.0")
+    ckpt = mutate_checkpoint(xlmr_reranker, tmp_path / "ckpt", config={"intermediate_size": 128})
+    with pytest.raises(
+        GpuMismatchError, match=r"driver 570\.172\.08 is too old for CUDA 13\.1\.0"
+    ) as err:
+        command.run_build(inputs(ckpt, accelerator="L4"), tmp_path / "out", gpu_detector=lambda: L4)
+    assert err.value.exit_code == 14
+    assert not (tmp_path / "out").exists()

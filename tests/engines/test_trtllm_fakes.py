@@ -25,6 +25,12 @@ def _modules(monkeypatch: pytest.MonkeyPatch, **modules: types.ModuleType) -> No
         monkeypatch.setitem(sys.modules, name, module)
 
 
+def _module(name: str, **attributes: Any) -> types.ModuleType:
+    module = types.ModuleType(name)
+    vars(module).update(attributes)
+    return module
+
+
 # ----------------------------------------------------------------------------------- build
 
 
@@ -60,16 +66,14 @@ def test_build_turns_on_fp32_accumulation_and_packed_attention(
     def build(model: Any, config: Any) -> Engine:
         return Engine()
 
-    root = types.ModuleType("tensorrt_llm")
-    root.__version__ = "1.0.0"  # type: ignore[attr-defined]
-    builder = types.ModuleType("tensorrt_llm.builder")
-    builder.BuildConfig = BuildConfig  # type: ignore[attr-defined]
-    builder.build = build  # type: ignore[attr-defined]
-    bert = types.ModuleType("tensorrt_llm.models.bert.model")
-    bert.RobertaForSequenceClassification = RobertaForSequenceClassification  # type: ignore[attr-defined]
-    bert.BertForSequenceClassification = BertForSequenceClassification  # type: ignore[attr-defined]
-    plugin = types.ModuleType("tensorrt_llm.plugin.plugin")
-    plugin.PluginConfig = PluginConfig  # type: ignore[attr-defined]
+    root = _module("tensorrt_llm", __version__="1.0.0")
+    builder = _module("tensorrt_llm.builder", BuildConfig=BuildConfig, build=build)
+    bert = _module(
+        "tensorrt_llm.models.bert.model",
+        RobertaForSequenceClassification=RobertaForSequenceClassification,
+        BertForSequenceClassification=BertForSequenceClassification,
+    )
+    plugin = _module("tensorrt_llm.plugin.plugin", PluginConfig=PluginConfig)
     _modules(
         monkeypatch,
         **{
@@ -87,7 +91,7 @@ def test_build_turns_on_fp32_accumulation_and_packed_attention(
         intermediate_size=4096,
     )
     profile = trtllm.derive_profile(16384, 512)
-    trtllm.build_engine(tmp_path / "ckpt", tmp_path / "engine", spec, profile, tmp_path / "scratch")  # type: ignore[arg-type]
+    trtllm.build_engine(tmp_path / "ckpt", tmp_path / "engine", spec, profile, tmp_path / "scratch")
 
     plugin_config = seen["build_config"]["plugin_config"]
     assert plugin_config.bert_context_fmha_fp32_acc is True
@@ -119,7 +123,9 @@ class _FakeSession:
         batch = next(i.shape[0] for i in infos if i.name == "input_lengths")
         return [types.SimpleNamespace(name="logits", dtype="FLOAT", shape=(batch, 1))]
 
-    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], stream: Any) -> bool:
+    def run(
+        self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], stream: Any
+    ) -> bool:
         self.pointers.append({k: v.data_ptr() for k, v in inputs.items()})
         ids, lengths = inputs["input_ids"].tolist(), inputs["input_lengths"].tolist()
         start = 0
@@ -130,13 +136,15 @@ class _FakeSession:
 
 
 def test_engine_call_reuses_staging_and_output_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    trt = types.ModuleType("tensorrt")
-    trt.DataType = types.SimpleNamespace(INT32="INT32")  # type: ignore[attr-defined]
-    utils = types.ModuleType("tensorrt_llm._utils")
-    utils.trt_dtype_to_torch = lambda dtype: torch.float32  # type: ignore[attr-defined]
-    runtime = types.ModuleType("tensorrt_llm.runtime")
-    runtime.TensorInfo = lambda name, dtype, shape: types.SimpleNamespace(name=name, shape=shape)  # type: ignore[attr-defined]
-    _modules(monkeypatch, tensorrt=trt, **{"tensorrt_llm._utils": utils, "tensorrt_llm.runtime": runtime})
+    trt = _module("tensorrt", DataType=types.SimpleNamespace(INT32="INT32"))
+    utils = _module("tensorrt_llm._utils", trt_dtype_to_torch=lambda dtype: torch.float32)
+    runtime = _module(
+        "tensorrt_llm.runtime",
+        TensorInfo=lambda name, dtype, shape: types.SimpleNamespace(name=name, shape=shape),
+    )
+    _modules(
+        monkeypatch, tensorrt=trt, **{"tensorrt_llm._utils": utils, "tensorrt_llm.runtime": runtime}
+    )
     # CPU stands in for the GPU: no CUDA device or stream contexts.
     monkeypatch.setattr(torch.cuda, "device", lambda _d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "stream", lambda _s: contextlib.nullcontext())
