@@ -75,6 +75,8 @@ def create_engine(settings: ServeSettings) -> Engine:
     from reranker_runtime.engines.torch_engine import resolve_device
 
     device = resolve_device(settings.device)
+    if device == "cpu" and settings.device == "auto":
+        _warn_if_the_gpu_is_unusable()
     kind = _engine_dir_kind(settings.engine_dir) if settings.engine_dir else None
     chosen = choose_engine(
         settings.engine,
@@ -109,6 +111,18 @@ def create_engine(settings: ServeSettings) -> Engine:
 
         return TorchEngine.load(model, settings.revision, device, settings.dtype)
     return _load_packed(model, settings, device, strict=settings.engine == "packed")
+
+
+def _warn_if_the_gpu_is_unusable() -> None:
+    """A GPU node whose driver is too old for the image's CUDA shows no GPU to PyTorch; say why
+    instead of serving on CPU without a word."""
+    from reranker_runtime.engines import cuda_driver
+
+    problem = cuda_driver.driver_problem(
+        cuda_driver.host_driver_version(), cuda_driver.image_cuda_version()
+    )
+    if problem:
+        logger.warning("no usable GPU, serving on CPU: %s", problem)
 
 
 def _packed_default_dtype(device: str) -> str:
