@@ -440,3 +440,49 @@ def test_gpu_default_dtype_is_bfloat16_where_native(models: dict[str, Path]) -> 
     engine = PackedEngine.load(str(models["bert"]), device="cuda")
     native = torch.cuda.get_device_capability() >= (8, 0)
     assert engine.info.dtype == ("bfloat16" if native else "float16")
+
+
+# ------------------------------------------------------------- overlapped batches (batcher)
+
+
+async def test_batcher_runs_two_scores_at_once_for_an_engine_that_allows_it(
+    models: dict[str, Path],
+) -> None:
+    """The packed engine on CUDA sets max_concurrent_scores = 2, so the next batch is packed and
+    copied while the current one runs; here a CPU engine with the same flag must see two score
+    calls in flight together (a barrier both must reach), and every score stays right."""
+    import dataclasses
+    import threading
+
+    from reranker_runtime.batching import Batcher
+
+    inner = PackedEngine.from_torch_engine(padded_engine(models["xlmr"]))
+    barrier = threading.Barrier(2, timeout=10)
+
+    class Overlapping(PackedEngine):
+        max_concurrent_scores = 2
+
+        def __init__(self) -> None:
+            self.__dict__.update(inner.__dict__)
+            self._info = dataclasses.replace(inner.info, device="cuda:0")  # GPU pipelining
+            self.calls = 0
+
+        def score(self, batch: Any) -> np.ndarray:
+            self.calls += 1
+            if self.calls <= 2:
+                barrier.wait()  # raises BrokenBarrierError if the calls do not overlap
+            return super().score(batch)
+
+    engine = Overlapping()
+    batcher = Batcher(engine, max_batch_tokens=256)
+    await batcher.start(warmup=False)
+    try:
+        batch = encode(engine.tokenizer, mixed_pairs(engine.tokenizer, 24, seed=9))
+        results = await asyncio.gather(
+            batcher.score("a", batch[:12]), batcher.score("b", batch[12:])
+        )
+    finally:
+        await batcher.stop()
+    assert engine.calls >= 2
+    together = np.concatenate([r.logits for r in results])
+    np.testing.assert_allclose(together, inner.score(batch), rtol=0, atol=LOGIT_TOL)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -385,9 +386,29 @@ def _bucket(value: int, minimum: int) -> int:
     return -(-value // step) * step
 
 
+class _Slot:
+    """One batch's staging: pinned host buffer, device buffer, and the event of its copy."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.host = torch.empty(0, dtype=torch.int32).pin_memory()
+        self.dev = torch.empty(0, dtype=torch.int32, device=device)
+        self.copied = torch.cuda.Event()
+
+    def fill(self, size: int) -> np.ndarray:
+        """A host view of `size` int32 to write the batch into (grown once, then reused)."""
+        if self.host.numel() < size:
+            grown = size + size // 4
+            self.host = torch.empty(grown, dtype=torch.int32).pin_memory()
+            self.dev = torch.empty(grown, dtype=torch.int32, device=self.device)
+        return self.host.numpy()[:size]
+
+
 class _CudaRunner:
-    """Runs the encoder on one GPU: one pinned int32 staging buffer per batch layout, one
-    non-blocking host-to-device copy, logits back through pinned memory, optional CUDA graphs."""
+    """Runs the encoder on one GPU. Two staging slots let a second caller pack its batch and copy
+    it to the device (one non-blocking transfer from pinned memory, on a copy stream) while the
+    first one's forward pass runs; forward passes themselves run one at a time. Logits come back
+    through pinned memory. Optional CUDA graphs replay per (tokens, sequences) bucket."""
 
     def __init__(
         self,
@@ -413,48 +434,57 @@ class _CudaRunner:
         self._max_graphs = max_graphs
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_pool: Any = None
-        self._stream = torch.cuda.Stream(device=device)
-        self._host = torch.empty(0, dtype=torch.int32).pin_memory()
-        self._dev = torch.empty(0, dtype=torch.int32, device=device)
+        self._stream = torch.cuda.Stream(device=device)  # forward passes
+        self._copy_stream = torch.cuda.Stream(device=device)  # host-to-device staging
+        self._slots: queue.Queue[_Slot] = queue.Queue()
+        for _ in range(2):
+            self._slots.put(_Slot(device))
+        self._run_lock = threading.Lock()  # one forward pass at a time
+        self._graph_slot = _Slot(device)  # staging for CUDA-graph runs (under the run lock)
         self._out = torch.empty((0, num_labels), dtype=torch.float32).pin_memory()
         self._done = torch.cuda.Event()
 
-    def _staging(self, size: int, rows: int) -> tuple[np.ndarray, torch.Tensor]:
-        if self._host.numel() < size:
-            self._host = torch.empty(size, dtype=torch.int32).pin_memory()
-            self._dev = torch.empty(size, dtype=torch.int32, device=self._device)
-        if self._out.shape[0] < rows:
-            self._out = torch.empty((rows, self._num_labels), dtype=torch.float32).pin_memory()
-        return self._host.numpy()[:size], self._dev[:size]
-
     def run(self, packed: PackedBatch) -> np.ndarray:
         n, total = len(packed.lengths), packed.num_tokens
-        with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
+        with torch.cuda.device(self._device):
             if self._graphs_enabled:
-                graph = self._graph_for(total, n)
-                if graph is not None:
-                    return graph.run(packed, self)
-            # Layout: ids | positions | types | cu_seqlens | first tokens.
-            size = 3 * total + 2 * n + 1
-            host, dev = self._staging(size, n)
-            host[:total] = packed.input_ids
-            host[total : 2 * total] = packed.position_ids
-            host[2 * total : 3 * total] = packed.token_type_ids
-            host[3 * total : 3 * total + n + 1] = packed.cu_seqlens
-            host[3 * total + n + 1 :] = packed.cu_seqlens[:-1]
-            dev.copy_(self._host[:size], non_blocking=True)
-            logits = self._forward(
-                dev[:total],
-                dev[total : 2 * total],
-                dev[2 * total : 3 * total],
-                dev[3 * total + n + 1 :],
-                dev[3 * total : 3 * total + n + 1],
-                packed.max_len,
-                None,
-            )
-            return self._read_back(logits, n)
+                with self._run_lock, torch.cuda.stream(self._stream):
+                    graph = self._graph_for(total, n)
+                    if graph is not None:
+                        return graph.run(packed, self)
+            slot = self._slots.get()  # a free slot: its previous batch has completed
+            try:
+                # Layout: ids | positions | types | cu_seqlens | first tokens.
+                size = 3 * total + 2 * n + 1
+                host = slot.fill(size)
+                host[:total] = packed.input_ids
+                host[total : 2 * total] = packed.position_ids
+                host[2 * total : 3 * total] = packed.token_type_ids
+                host[3 * total : 3 * total + n + 1] = packed.cu_seqlens
+                host[3 * total + n + 1 :] = packed.cu_seqlens[:-1]
+                dev = slot.dev[:size]
+                with torch.cuda.stream(self._copy_stream):
+                    dev.copy_(slot.host[:size], non_blocking=True)
+                    slot.copied.record(self._copy_stream)
+                with self._run_lock, torch.cuda.stream(self._stream):
+                    self._stream.wait_event(slot.copied)
+                    logits = self._forward(
+                        dev[:total],
+                        dev[total : 2 * total],
+                        dev[2 * total : 3 * total],
+                        dev[3 * total + n + 1 :],
+                        dev[3 * total : 3 * total + n + 1],
+                        packed.max_len,
+                        None,
+                    )
+                    return self._read_back(logits, n)
+            finally:
+                self._slots.put(slot)
 
     def _read_back(self, logits: torch.Tensor, n: int) -> np.ndarray:
+        """Copy the logits into pinned memory and wait for them (under the run lock)."""
+        if self._out.shape[0] < n:
+            self._out = torch.empty((n, self._num_labels), dtype=torch.float32).pin_memory()
         out = self._out[:n]
         out.copy_(logits[:n].float(), non_blocking=True)
         self._done.record(self._stream)
@@ -477,8 +507,9 @@ class _CudaRunner:
         return graph
 
     def close(self) -> None:
-        self._graphs.clear()
-        self._graph_pool = None
+        with self._run_lock:
+            self._graphs.clear()
+            self._graph_pool = None
 
 
 class _Graph:
@@ -556,13 +587,15 @@ class _Graph:
         return out
 
     def run(self, packed: PackedBatch, runner: _CudaRunner) -> np.ndarray:
+        """Stage the batch into the static buffer and replay (under the runner's run lock, on
+        its forward stream, so the copy is ordered after the previous replay's reads)."""
         n = len(packed.lengths)
         layout = self.layout(
             packed, self.tokens, self.rows, runner._max_len, runner._pad_id, runner._offset
         )
-        host, _ = runner._staging(layout.size, n)
-        host[:] = layout
-        self.static.copy_(runner._host[: layout.size], non_blocking=True)
+        slot = runner._graph_slot
+        slot.fill(layout.size)[:] = layout
+        self.static.copy_(slot.host[: layout.size], non_blocking=True)
         self.graph.replay()
         return runner._read_back(self.logits, n)
 
@@ -602,6 +635,9 @@ class PackedEngine(Engine):
         self._pad_id = int(pad) if pad is not None else 0
         self._cuda: _CudaRunner | None = None
         if self._device.type == "cuda":
+            # The batcher may call score twice at once: the second packs and copies its batch
+            # while the first one's forward pass runs.
+            self.max_concurrent_scores = 2
             self._cuda = _CudaRunner(
                 encoder,
                 forward,
@@ -722,9 +758,13 @@ class PackedEngine(Engine):
     def score(self, batch: Sequence[EncodedPair]) -> np.ndarray:
         if not batch:
             return np.zeros((0, self._info.num_labels), dtype=np.float32)
-        packed = self.pack(batch)
-        with self._lock, torch.inference_mode():
-            logits = self._cuda.run(packed) if self._cuda is not None else self._run_cpu(packed)
+        packed = self.pack(batch)  # host work: runs while another call's pass is on the GPU
+        with torch.inference_mode():
+            if self._cuda is not None:
+                logits = self._cuda.run(packed)  # serialises the forward passes itself
+            else:
+                with self._lock:
+                    logits = self._run_cpu(packed)
         # Back to the caller's order.
         out = np.empty_like(logits)
         out[packed.order] = logits
