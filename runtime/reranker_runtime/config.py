@@ -26,6 +26,9 @@ class ServeSettings:
     max_client_batch_size: int = 1000  # most texts/inputs in one request
     max_concurrent_requests: int = 512  # requests in flight before 429
     auto_truncate: bool = False  # truncate over-long inputs even when the request says not to
+    max_request_characters: int = 4_000_000  # characters in one request's texts; more -> 413
+    request_read_timeout: float = 30.0  # seconds to receive a request's headers and body
+    max_connections: int = 2048  # open HTTP connections; more are refused (503) and closed
     api_key: str | None = None
     log_format: str = "json"  # json | text
     log_level: str = "info"
@@ -46,6 +49,9 @@ SERVE_ENV_VARS: dict[str, str] = {
     "max_client_batch_size": "RERANKER_MAX_CLIENT_BATCH_SIZE",
     "max_concurrent_requests": "RERANKER_MAX_CONCURRENT_REQUESTS",
     "auto_truncate": "RERANKER_AUTO_TRUNCATE",
+    "max_request_characters": "RERANKER_MAX_REQUEST_CHARACTERS",
+    "request_read_timeout": "RERANKER_REQUEST_READ_TIMEOUT",
+    "max_connections": "RERANKER_MAX_CONNECTIONS",
     "api_key": "RERANKER_API_KEY",
     "log_format": "RERANKER_LOG_FORMAT",
     "log_level": "RERANKER_LOG_LEVEL",

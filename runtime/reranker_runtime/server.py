@@ -67,6 +67,16 @@ def _int_parser(minimum: int, maximum: int | None = None) -> Callable[[str], int
     return parse
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
 def _choice_parser(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -182,6 +192,31 @@ _OPTIONS: tuple[_Option, ...] = (
         "Truncate over-long inputs on every request, even when it sets truncate=false "
         "(--no-auto-truncate to turn off)",
         boolean=True,
+    ),
+    _Option(
+        "max_request_characters",
+        ("--max-request-characters",),
+        _int_parser(1),
+        "Most characters in one request's texts (query, texts, documents, inputs together); more "
+        "-> 413. Long texts cost no more than the model's window to score, whatever their length",
+        "N",
+    ),
+    _Option(
+        "request_read_timeout",
+        ("--request-read-timeout",),
+        _positive_float,
+        "Seconds a client has to send a request's headers and body, counted from its first byte "
+        "(from the connection's opening for the first request); a slower request gets 408 and "
+        "its connection is closed",
+        "SECONDS",
+    ),
+    _Option(
+        "max_connections",
+        ("--max-connections",),
+        _int_parser(1),
+        "Most open HTTP connections; a connection beyond it gets 503 and is closed at once. Keep "
+        "it above --max-concurrent-requests and below the process's file-descriptor limit",
+        "N",
     ),
     _Option(
         "api_key",

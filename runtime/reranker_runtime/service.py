@@ -20,6 +20,7 @@ from reranker_runtime import metrics
 from reranker_runtime.batching import Batcher, BatchResult
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.engines.base import Engine, EngineInfo
+from reranker_runtime.limits import check_request_characters
 from reranker_runtime.errors import (
     EmptyInputError,
     InputTooLongError,
@@ -224,6 +225,7 @@ class RerankService:
                 f"`{texts_field}` must not be empty: send at least one text to rank"
             )
         self._check_count(texts_field, len(texts))
+        check_request_characters([query, *texts], self._settings.max_request_characters)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise ValidationError(f"`{texts_field}[{i}]` must be a string")
@@ -235,7 +237,12 @@ class RerankService:
         truncating = truncate or self._settings.auto_truncate
         t0 = time.perf_counter()
         encoded = await asyncio.to_thread(
-            self._tokenizer.encode_pairs, query, texts, truncate=truncating, direction=direction
+            self._tokenizer.encode_pairs,
+            query,
+            texts,
+            truncate=truncating,
+            direction=direction,
+            texts_field=texts_field,
         )
         tokenization_s = time.perf_counter() - t0
         self._check_lengths(encoded, texts_field, "query and text are")
@@ -350,15 +357,18 @@ class RerankService:
                 items.append((item[0], item[1]))
             else:
                 raise ValidationError(f"`inputs[{i}]` must be a string or a pair of two strings")
+        check_request_characters(items, self._settings.max_request_characters)
         return items
 
     def _check_lengths(self, encoded: list[Encoded], field: str, what: str) -> None:
         limit = self._info.max_input_length
         for i, enc in enumerate(encoded):
             if enc.num_tokens > limit:
+                # A text far over the limit is tokenized only past it: its length is a bound.
+                at_least = "" if enc.fully_counted else "at least "
                 raise InputTooLongError(
-                    f"`{field}[{i}]`: {what} {enc.num_tokens} tokens long but the model accepts at most "
-                    f"{limit}; shorten it or set truncate=true"
+                    f"`{field}[{i}]`: {what} {at_least}{enc.num_tokens} tokens long but the model "
+                    f"accepts at most {limit}; shorten it or set truncate=true"
                 )
 
     async def _score(self, encoded: list[Encoded], request_id: str | None) -> BatchResult:

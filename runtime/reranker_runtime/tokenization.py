@@ -9,21 +9,28 @@ transformers 5.x tokenizers have no `build_inputs_with_special_tokens`, and `tok
 switches the shared backend's truncation/padding state on each call, which is not safe from
 several threads. We use a private copy of the backend tokenizer with truncation and padding off;
 its `encode*` calls are thread-safe and we never change its state.
+
+A text is tokenized only as far as the model can use it (`text_bounds.encode_bounded`: one token
+more than the model's window, from the kept end), so a 10 MB text costs what a normal one does,
+with or without truncation, and the result is exactly what tokenizing it whole would give.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 from tokenizers import Encoding, Tokenizer
 
 from reranker_runtime.engines.base import EncodedPair
-from reranker_runtime.errors import ValidationError
+from reranker_runtime.errors import TokenizerError, ValidationError
+from reranker_runtime.text_bounds import BoundedEncoding, Direction, encode_bounded
 
-Direction = Literal["right", "left"]
+__all__ = ["Direction", "Encoded", "Input", "PairTokenizer", "TokenInfo", "parse_direction"]
+
 Input = str | tuple[str, str]
+T = TypeVar("T")
 
 
 def parse_direction(value: str) -> Direction:
@@ -40,8 +47,11 @@ class Encoded:
 
     pair: EncodedPair
     num_tokens: int  # tokens the model sees (special tokens included), after any truncation
-    original_tokens: int  # tokens before truncation
+    original_tokens: int  # tokens before truncation (a lower bound unless `fully_counted`)
     truncated: bool
+    # False when a text longer than the model's window was tokenized only as far as the window
+    # needs: then (without truncation) num_tokens and original_tokens are lower bounds.
+    fully_counted: bool = True
 
 
 @dataclass(frozen=True)
@@ -74,12 +84,33 @@ class PairTokenizer:
         self._special_single = self._tok.num_special_tokens_to_add(is_pair=False)
         if max_input_length <= self._special_pair + 1:
             raise ValueError(f"max_input_length {max_input_length} leaves no room for a pair")
+        # Tokens worth computing per text: one more than the model takes, so that a text that
+        # does not fit is known not to fit.
+        self.max_useful_tokens = max_input_length + 1
 
-    def _raw(self, texts: Sequence[str]) -> list[Encoding]:
-        return self._tok.encode_batch(list(texts), add_special_tokens=False)
+    def _bounded(self, texts: Sequence[str], direction: Direction) -> list[BoundedEncoding]:
+        """Each text's tokens, as far as the model can use them. Texts too short to need a
+        bound are tokenized together (encode_batch runs them in parallel)."""
+        out: list[BoundedEncoding | None] = [None] * len(texts)
+        short = [i for i, t in enumerate(texts) if len(t) <= self.max_useful_tokens]
+        for i, enc in zip(
+            short,
+            self._tok.encode_batch([texts[i] for i in short], add_special_tokens=False),
+            strict=True,
+        ):
+            out[i] = BoundedEncoding(enc, complete=True)
+        for i, text in enumerate(texts):
+            if out[i] is None:
+                out[i] = encode_bounded(self._tok, text, self.max_useful_tokens, direction)
+        return [b for b in out if b is not None]
 
     def _finish(
-        self, first: Encoding, second: Encoding | None, original: int, truncated: bool
+        self,
+        first: Encoding,
+        second: Encoding | None,
+        original: int,
+        truncated: bool,
+        fully_counted: bool = True,
     ) -> Encoded:
         enc = self._tok.post_process(first, second, add_special_tokens=True)
         pair = EncodedPair(
@@ -87,68 +118,85 @@ class PairTokenizer:
             token_type_ids=list(enc.type_ids) if self.uses_token_type_ids else None,
         )
         return Encoded(
-            pair=pair, num_tokens=len(enc.ids), original_tokens=original, truncated=truncated
+            pair=pair,
+            num_tokens=len(enc.ids),
+            original_tokens=original,
+            truncated=truncated,
+            fully_counted=fully_counted,
         )
 
     def encode_pairs(
-        self, query: str, texts: Sequence[str], *, truncate: bool, direction: Direction = "right"
+        self,
+        query: str,
+        texts: Sequence[str],
+        *,
+        truncate: bool,
+        direction: Direction = "right",
+        texts_field: str = "texts",
     ) -> list[Encoded]:
         """Encode (query, text) for each text. Without `truncate`, over-long pairs come back
         untruncated (num_tokens > max_input_length) and the caller rejects them."""
-        q = self._tok.encode(query, add_special_tokens=False)
-        return [
-            self._pair(q, query, t, truncate=truncate, direction=direction)
-            for t in self._raw(texts)
-        ]
+        q = _tokenizing("query", lambda: self._bounded([query], direction)[0])
+        encoded = _tokenizing(texts_field, lambda: self._bounded(texts, direction), texts)
+        return [self._pair(q, t, truncate=truncate, direction=direction) for t in encoded]
 
     def encode_inputs(
         self, inputs: Sequence[Input], *, truncate: bool, direction: Direction = "right"
     ) -> list[Encoded]:
         """Encode /predict inputs: single strings or (first, second) pairs."""
+        flat = [part for item in inputs for part in ((item,) if isinstance(item, str) else item)]
+        parts = iter(_tokenizing("inputs", lambda: self._bounded(flat, direction), inputs))
         out: list[Encoded] = []
         for item in inputs:
             if isinstance(item, str):
-                enc = self._tok.encode(item, add_special_tokens=False)
-                original = len(enc.ids) + self._special_single
-                budget = self.max_input_length - self._special_single
-                cut = truncate and len(enc.ids) > budget
-                if cut:
-                    enc.truncate(budget, stride=0, direction=direction)
-                out.append(self._finish(enc, None, original, cut))
+                out.append(self._single(next(parts), truncate=truncate, direction=direction))
             else:
-                first, second = item
-                a = self._tok.encode(first, add_special_tokens=False)
-                b = self._tok.encode(second, add_special_tokens=False)
-                out.append(self._pair(a, first, b, truncate=truncate, direction=direction))
+                first = next(parts)
+                out.append(self._pair(first, next(parts), truncate=truncate, direction=direction))
         return out
 
+    def _single(self, b: BoundedEncoding, *, truncate: bool, direction: Direction) -> Encoded:
+        enc = b.encoding
+        original = len(enc.ids) + self._special_single
+        budget = self.max_input_length - self._special_single
+        cut = truncate and len(enc.ids) > budget
+        if cut:
+            enc.truncate(budget, stride=0, direction=direction)
+        return self._finish(enc, None, original, cut, b.complete)
+
     def _pair(
-        self, q: Encoding, query: str, t: Encoding, *, truncate: bool, direction: Direction
+        self, qb: BoundedEncoding, tb: BoundedEncoding, *, truncate: bool, direction: Direction
     ) -> Encoded:
+        q, t = qb.encoding, tb.encoding
+        complete = qb.complete and tb.complete
         budget = self.max_input_length - self._special_pair
         nq, nt = len(q.ids), len(t.ids)
         original = nq + nt + self._special_pair
         if not truncate or nq + nt <= budget:
-            return self._finish(q, t, original, False)
+            return self._finish(q, t, original, False, complete)
         # Keep the query whole where it fits, leaving the text at least one token; otherwise
-        # cut the query too (in the same direction).
+        # cut the query too (in the same direction). Encodings are copied before truncating:
+        # truncate() mutates, and the query's encoding is shared by every pair.
         keep_text = max(budget - nq, min(nt, 1))
         keep_query = budget - keep_text
         if keep_query < nq:
-            q = self._tok.encode(query, add_special_tokens=False)  # fresh copy: truncate mutates
-            q.truncate(keep_query, stride=0, direction=direction)
+            q = _truncated(q, keep_query, direction)
         if keep_text < nt:
-            t.truncate(keep_text, stride=0, direction=direction)
-        return self._finish(q, t, original, True)
+            t = _truncated(t, keep_text, direction)
+        return self._finish(q, t, original, True, complete)
 
     def tokens(
         self, inputs: Sequence[Input], *, add_special_tokens: bool = True
     ) -> list[list[TokenInfo]]:
         """TEI /tokenize: every token with its id, text, special flag and offsets."""
         result: list[list[TokenInfo]] = []
-        for item in inputs:
+        for i, item in enumerate(inputs):
             sources = (item,) if isinstance(item, str) else tuple(item)
-            enc = self._tok.encode(*sources, add_special_tokens=add_special_tokens)
+
+            def encode(parts: tuple[str, ...] = sources) -> Encoding:
+                return self._tok.encode(*parts, add_special_tokens=add_special_tokens)
+
+            enc = _tokenizing(f"inputs[{i}]", encode)
             tokens: list[TokenInfo] = []
             for tid, token, special, (start, stop), seq in zip(
                 enc.ids,
@@ -174,3 +222,39 @@ class PairTokenizer:
                     )
             result.append(tokens)
         return result
+
+
+def _truncated(enc: Encoding, keep: int, direction: Direction) -> Encoding:
+    """A copy of `enc` cut to `keep` tokens (Encoding.truncate works in place)."""
+    copy = Encoding.merge([enc], growing_offsets=False)
+    copy.truncate(keep, stride=0, direction=direction)
+    return copy
+
+
+def _tokenizing(field: str, run: Callable[[], T], texts: Sequence[object] | None = None) -> T:
+    """Run the tokenizer; a text it cannot take is a 422 naming the field (never a 500)."""
+    try:
+        return run()
+    except Exception as exc:  # the tokenizer's errors are TypeError/Exception, not a hierarchy
+        where = field
+        for i, text in enumerate(texts or ()):
+            if _bad_text(text):
+                where = f"{field}[{i}]"
+                break
+        raise TokenizerError(f"`{where}` cannot be tokenized: {_reason(exc)}") from None
+
+
+def _bad_text(value: object) -> bool:
+    parts = (value,) if isinstance(value, str) else value if isinstance(value, tuple) else ()
+    for part in parts:
+        try:
+            part.encode("utf-8")
+        except (UnicodeEncodeError, AttributeError):
+            return True
+    return False
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, TypeError):  # what the tokenizer raises for a lone surrogate
+        return "it is not valid Unicode text (a lone surrogate such as \\ud800?); send UTF-8 text"
+    return str(exc) or type(exc).__name__
