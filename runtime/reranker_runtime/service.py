@@ -20,7 +20,6 @@ from reranker_runtime import metrics
 from reranker_runtime.batching import Batcher, BatchResult
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.engines.base import Engine, EngineInfo
-from reranker_runtime.limits import check_request_characters
 from reranker_runtime.errors import (
     EmptyInputError,
     InputTooLongError,
@@ -30,6 +29,7 @@ from reranker_runtime.errors import (
     ValidationError,
     WrongModelKindError,
 )
+from reranker_runtime.limits import check_request_characters
 from reranker_runtime.tokenization import Encoded, PairTokenizer, TokenInfo, parse_direction
 
 __all__ = ["PredictResult", "RerankResult", "RerankService", "TokenInfo"]
