@@ -33,6 +33,7 @@ from reranker_runtime.api.deps import (
     ClientDisconnected,
     Runtime,
 )
+from reranker_runtime.api.schema_limits import publish_limits
 from reranker_runtime.api.schemas import INPUT_ERROR, ErrorBody
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.errors import RerankerError
@@ -78,6 +79,8 @@ def create_app(
         ),
         lifespan=lifespan,
         max_body_size=MAX_BODY_BYTES,
+        # No 307 to the slash-less path: its absolute Location would echo the client's Host.
+        redirect_slashes=False,
         responses={
             "default": {
                 "model": ErrorBody,
@@ -90,6 +93,7 @@ def create_app(
     app.include_router(cohere.router)
     app.include_router(ops.router)
     _install_error_handlers(app)
+    publish_limits(app, settings.max_client_batch_size)
 
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)

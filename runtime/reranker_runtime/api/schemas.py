@@ -9,16 +9,72 @@ message already names the field (see `app._validation_message`).
 
 Responses are documented here for the OpenAPI schema; routes build plain dicts (one `text`
 key only when asked for, exactly like TEI).
+
+The published schema says what the server enforces: texts the service refuses when empty or blank
+carry `minLength: 1` and `pattern: \\S` (the service's 400 `Empty` keeps TEI's status, so these
+are published, not checked by pydantic), and arrays bounded by `--max-client-batch-size` carry
+`x-max-client-batch-size`, which `api/schema_limits.py` turns into `maxItems` with the server's
+value. Every string must be valid Unicode (a lone surrogate such as `"\\ud800"` in the JSON is a
+422 naming the field): the tokenizer and the JSON encoder cannot take one.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 INPUT_ERROR = "reranker_input"
+# Marks an array whose length --max-client-batch-size bounds (see api/schema_limits.py).
+CLIENT_BATCH_KEY = "x-max-client-batch-size"
+# A text the service scores: not empty, not only whitespace (else 400 `Empty`).
+SCORED_TEXT_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": "\\S"}
+
+
+def unicode_problem(value: str) -> str | None:
+    """Why `value` is not valid Unicode text (JSON may carry a lone surrogate, `"\\ud800"`,
+    which no tokenizer or UTF-8 encoder takes), or None."""
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(value[exc.start])
+        return (
+            f"Input should be valid Unicode text, found a lone surrogate U+{code:04X} at "
+            f"character {exc.start}; send UTF-8 text"
+        )
+    return None
+
+
+def _unicode(value: str) -> str:
+    problem = unicode_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("unicode_text", problem)
+    return value
+
+
+def _unicode_at(value: str, where: str) -> str:
+    """The same check for hand-parsed inputs, whose errors name the field themselves."""
+    problem = unicode_problem(value)
+    if problem is not None:
+        raise PydanticCustomError(INPUT_ERROR, "{where}: " + problem, {"where": where})
+    return value
+
+
+# Any string a client sends that the server reads, echoes or tokenizes.
+UnicodeStr = Annotated[str, AfterValidator(_unicode)]
+# A query or text that is scored: also documented as non-empty and not blank.
+ScoredText = Annotated[UnicodeStr, WithJsonSchema(SCORED_TEXT_SCHEMA)]
 
 
 def _lower(value: Any) -> Any:
@@ -26,7 +82,18 @@ def _lower(value: Any) -> Any:
 
 
 # "right" / "Right" / "RIGHT" all accepted: TEI's enum is PascalCase, BEI's docs lower case.
-TruncationDirection = Annotated[Literal["right", "left"], BeforeValidator(_lower)]
+TruncationDirection = Annotated[
+    Literal["right", "left"],
+    BeforeValidator(_lower),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": "^([Rr][Ii][Gg][Hh][Tt]|[Ll][Ee][Ff][Tt])$",
+            "description": "right or left, in any case (TEI sends Right/Left).",
+            "examples": ["right", "left"],
+        }
+    ),
+]
 
 
 class _Request(BaseModel):
@@ -40,8 +107,11 @@ class _Request(BaseModel):
 class RerankRequest(_Request):
     """`POST /rerank`: exactly BEI's (TEI's) request."""
 
-    query: str = Field(description="The query every text is scored against.")
-    texts: list[str] = Field(description="Texts to rank; at most --max-client-batch-size.")
+    query: ScoredText = Field(description="The query every text is scored against.")
+    texts: list[ScoredText] = Field(
+        description="Texts to rank; at most --max-client-batch-size.",
+        json_schema_extra={"minItems": 1, CLIENT_BATCH_KEY: True},
+    )
     raw_scores: bool = Field(False, description="Return raw logits instead of sigmoid(logit).")
     return_text: bool = Field(False, description="Echo each text in its result.")
     truncate: bool | None = Field(
@@ -61,9 +131,9 @@ class RankItem(BaseModel):
 
 def _predict_sequence(value: Any, where: str) -> str | tuple[str, str]:
     if isinstance(value, str):
-        return value
+        return _unicode_at(value, where)
     if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
-        return (value[0], value[1])
+        return (_unicode_at(value[0], f"{where}.0"), _unicode_at(value[1], f"{where}.1"))
     raise PydanticCustomError(
         INPUT_ERROR,
         "{where}: Input should be a string or a pair [text_a, text_b]",
@@ -77,16 +147,18 @@ PredictInputs = Annotated[
         {
             "description": "A string, a pair [text_a, text_b], or a list of strings and pairs.",
             "anyOf": [
-                {"type": "string"},
-                {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2},
+                SCORED_TEXT_SCHEMA,
+                {"type": "array", "items": SCORED_TEXT_SCHEMA, "minItems": 2, "maxItems": 2},
                 {
                     "type": "array",
+                    "minItems": 1,
+                    CLIENT_BATCH_KEY: True,
                     "items": {
                         "anyOf": [
-                            {"type": "string"},
+                            SCORED_TEXT_SCHEMA,
                             {
                                 "type": "array",
-                                "items": {"type": "string"},
+                                "items": SCORED_TEXT_SCHEMA,
                                 "minItems": 2,
                                 "maxItems": 2,
                             },
@@ -114,10 +186,11 @@ class PredictRequest(_Request):
     @classmethod
     def _parse_inputs(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return {"single": True, "items": [value]}
+            return {"single": True, "items": [_unicode_at(value, "inputs")]}
         if isinstance(value, list):
             if len(value) == 2 and all(isinstance(v, str) for v in value):
-                return {"single": True, "items": [(value[0], value[1])]}
+                pair = (_unicode_at(value[0], "inputs.0"), _unicode_at(value[1], "inputs.1"))
+                return {"single": True, "items": [pair]}
             return {
                 "single": False,
                 "items": [_predict_sequence(v, f"inputs.{i}") for i, v in enumerate(value)],
@@ -146,7 +219,17 @@ class TokenizeRequest(_Request):
     inputs: Annotated[
         Any,
         WithJsonSchema(
-            {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "minItems": 1,
+                        CLIENT_BATCH_KEY: True,
+                    },
+                ]
+            }
         ),
     ]
     add_special_tokens: bool = True
@@ -155,7 +238,7 @@ class TokenizeRequest(_Request):
     @classmethod
     def _parse_inputs(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [value]
+            return [_unicode_at(value, "inputs")]
         if isinstance(value, list):
             for i, v in enumerate(value):
                 if not isinstance(v, str):
@@ -164,6 +247,7 @@ class TokenizeRequest(_Request):
                         "{where}: Input should be a valid string",
                         {"where": f"inputs.{i}"},
                     )
+                _unicode_at(v, f"inputs.{i}")
             return value
         raise PydanticCustomError(
             INPUT_ERROR, "inputs: Input should be a string or a list of strings"
@@ -188,9 +272,9 @@ def _parse_documents(value: Any) -> list[str]:
     out: list[str] = []
     for i, doc in enumerate(value):
         if isinstance(doc, str):
-            out.append(doc)
+            out.append(_unicode_at(doc, f"documents.{i}"))
         elif isinstance(doc, dict) and isinstance(doc.get("text"), str):
-            out.append(doc["text"])
+            out.append(_unicode_at(doc["text"], f"documents.{i}.text"))
         else:
             raise PydanticCustomError(
                 INPUT_ERROR,
@@ -206,12 +290,14 @@ Documents = Annotated[
     WithJsonSchema(
         {
             "type": "array",
+            "minItems": 1,
+            CLIENT_BATCH_KEY: True,
             "items": {
                 "anyOf": [
-                    {"type": "string"},
+                    SCORED_TEXT_SCHEMA,
                     {
                         "type": "object",
-                        "properties": {"text": {"type": "string"}},
+                        "properties": {"text": SCORED_TEXT_SCHEMA},
                         "required": ["text"],
                     },
                 ]
@@ -222,8 +308,10 @@ Documents = Annotated[
 
 
 class _ApiRerankRequest(_Request):
-    model: str | None = Field(None, description="Accepted for compatibility; echoed, not checked.")
-    query: str
+    model: UnicodeStr | None = Field(
+        None, description="Accepted for compatibility; echoed, not checked."
+    )
+    query: ScoredText
     documents: Documents = Field(description='Strings or {"text": ...} objects.')
     top_n: int | None = Field(None, gt=0, description="Return only the n best; default all.")
     max_tokens_per_doc: int | None = Field(
