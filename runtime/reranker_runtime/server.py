@@ -366,16 +366,7 @@ def serve(settings: ServeSettings) -> int:
 
     app = create_app(settings)
     runtime = app.state.runtime
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep setup_logging's handlers
-        access_log=False,  # AccessMiddleware logs each request once, with pairs and tokens
-        lifespan="on",
-        timeout_keep_alive=30,
-    )
-    server = _DrainingServer(config, runtime)
+    server = _DrainingServer(uvicorn_config(app, settings), runtime)
     runtime.on_fatal = lambda _message: server.request_exit()
     log.info(
         "starting",
@@ -395,6 +386,23 @@ def serve(settings: ServeSettings) -> int:
     if not server.started:
         return 1  # e.g. the port was taken; uvicorn logged why
     return 0
+
+
+def uvicorn_config(app: Any, settings: ServeSettings) -> uvicorn.Config:
+    """How `serve` runs the app: uvicorn's h11 protocol with a read deadline per request and a
+    cap on open connections (connections.py), idle keep-alive connections closed after 30 s."""
+    from reranker_runtime.connections import guarded_protocol
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(settings.request_read_timeout, settings.max_connections),
+        log_config=None,  # keep setup_logging's handlers
+        access_log=False,  # AccessMiddleware logs each request once, with pairs and tokens
+        lifespan="on",
+        timeout_keep_alive=30,
+    )
 
 
 class _DrainingServer(uvicorn.Server):
