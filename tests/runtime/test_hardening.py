@@ -17,19 +17,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from tokenizers import Tokenizer
 
-from reranker_runtime.api import create_app
-from reranker_runtime.config import ServeSettings
 from reranker_runtime.errors import TokenizerError
-from reranker_runtime.server import uvicorn_config
 from reranker_runtime.text_bounds import encode_bounded
 from reranker_runtime.tokenization import PairTokenizer
 from runtime.api_support import (
@@ -42,6 +37,7 @@ from runtime.api_support import (
     truncated_reference,
 )
 from runtime.fakes import ControlledEngine
+from runtime.live_server import live_server
 from tiny_models import TINY_MAX_TOKENS
 
 WAIT_S = 30.0  # upper bound for any wait on the server (a failure, not a timing assertion)
@@ -65,14 +61,14 @@ WORDS = [
 def _texts(rng: random.Random) -> Iterator[str]:
     """Texts of every shape that stresses a cut: words, no spaces at all (one huge pre-token),
     runs of whitespace, one word longer than WordPiece takes, CJK without spaces, punctuation."""
-    yield " ".join(rng.choice(WORDS) for _ in range(rng.randint(200, 3000)))
-    yield "".join(rng.choice(WORDS) for _ in range(rng.randint(200, 2000)))
-    yield "  \n ".join(rng.choice(WORDS) for _ in range(rng.randint(200, 2000)))
-    yield "word " + "x" * rng.randint(200, 9000) + " tail" * rng.randint(0, 300)
+    yield " ".join(rng.choice(WORDS) for _ in range(rng.randint(200, 1200)))
+    yield "".join(rng.choice(WORDS) for _ in range(rng.randint(200, 800)))
+    yield "  \n ".join(rng.choice(WORDS) for _ in range(rng.randint(200, 800)))
+    yield "word " + "x" * rng.randint(200, 6000) + " tail" * rng.randint(0, 300)
     yield "".join(
-        rng.choice("的一是不了人我在有他这中大来上个国") for _ in range(rng.randint(500, 6000))
+        rng.choice("的一是不了人我在有他这中大来上个国") for _ in range(rng.randint(500, 3000))
     )
-    yield " ".join(rng.choice(WORDS) + rng.choice(["", ",", ".", "!?"]) for _ in range(2000))
+    yield " ".join(rng.choice(WORDS) + rng.choice(["", ",", ".", "!?"]) for _ in range(1000))
 
 
 @pytest.mark.parametrize("model", ["xlmr_reranker", "bert_reranker"])
@@ -308,37 +304,6 @@ async def test_no_redirect_reflects_the_host_header(xlmr_reranker: Path, xlmr_en
 # ---------------------------------------------------------------------------- connections
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def _uvicorn(settings: ServeSettings, engine: Any) -> Iterator[tuple[str, int]]:
-    """The real app under uvicorn, configured as `serve` configures it, in a thread."""
-    port = _free_port()
-    settings = ServeSettings(**{**settings.__dict__, "host": "127.0.0.1", "port": port})
-    app = create_app(settings, engine=engine)
-    server = uvicorn.Server(uvicorn_config(app, settings))
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.05)
-        yield "127.0.0.1", port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-
-
 def _read_until_closed(sock: socket.socket) -> bytes:
     """Everything the server sends until it closes the connection (bounded by WAIT_S)."""
     sock.settimeout(WAIT_S)
@@ -358,8 +323,9 @@ def _read_until_closed(sock: socket.socket) -> bytes:
 def guarded_server(xlmr_reranker: Path, xlmr_engine: Any) -> Iterator[tuple[str, int, Any]]:
     engine = ControlledEngine(xlmr_engine)
     settings = settings_for(xlmr_reranker, request_read_timeout=0.5, max_connections=4)
-    with _uvicorn(settings, engine) as (host, port):
-        yield host, port, engine
+    with live_server(settings, engine) as url:
+        host, port = url.removeprefix("http://").split(":")
+        yield host, int(port), engine
 
 
 def test_stalled_headers_get_408_and_the_connection_closed(guarded_server: Any) -> None:

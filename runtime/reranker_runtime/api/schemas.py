@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from annotated_types import Gt
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -75,6 +76,18 @@ def _unicode_at(value: str, where: str) -> str:
 UnicodeStr = Annotated[str, AfterValidator(_unicode)]
 # A query or text that is scored: also documented as non-empty and not blank.
 ScoredText = Annotated[UnicodeStr, WithJsonSchema(SCORED_TEXT_SCHEMA)]
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer, and so do JSON encoders that write every number
+    as a float: accept it as 5. (Strings and 5.5 stay errors.)"""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# A positive integer count; 5.0 counts too (see _whole_number).
+PositiveInt = Annotated[int, Gt(0), BeforeValidator(_whole_number)]
 
 
 def _lower(value: Any) -> Any:
@@ -313,9 +326,9 @@ class _ApiRerankRequest(_Request):
     )
     query: ScoredText
     documents: Documents = Field(description='Strings or {"text": ...} objects.')
-    top_n: int | None = Field(None, gt=0, description="Return only the n best; default all.")
-    max_tokens_per_doc: int | None = Field(
-        None, gt=0, description="Cut each document to this many tokens before scoring."
+    top_n: PositiveInt | None = Field(None, description="Return only the n best; default all.")
+    max_tokens_per_doc: PositiveInt | None = Field(
+        None, description="Cut each document to this many tokens before scoring."
     )
 
 
