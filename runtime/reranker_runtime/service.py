@@ -307,12 +307,20 @@ class RerankService:
         )
 
     async def tokenize(
-        self, inputs: list[str | tuple[str, str]], *, add_special_tokens: bool = True
+        self,
+        inputs: list[str | tuple[str, str]],
+        *,
+        add_special_tokens: bool = True,
+        max_tokens: int | None = None,
     ) -> list[list[TokenInfo]]:
-        """TEI /tokenize: tokens of each input (a string or a pair), not truncated."""
+        """TEI /tokenize: tokens of each input (a string or a pair), not truncated; with
+        `max_tokens`, only each text's first tokens (see PairTokenizer.tokens)."""
         items = self._check_inputs(inputs, allow_blank=True)
         return await asyncio.to_thread(
-            self._tokenizer.tokens, items, add_special_tokens=add_special_tokens
+            self._tokenizer.tokens,
+            items,
+            add_special_tokens=add_special_tokens,
+            max_tokens=max_tokens,
         )
 
     # --------------------------------------------------------------------------- helpers

@@ -186,14 +186,26 @@ class PairTokenizer:
         return self._finish(q, t, original, True, complete)
 
     def tokens(
-        self, inputs: Sequence[Input], *, add_special_tokens: bool = True
+        self,
+        inputs: Sequence[Input],
+        *,
+        add_special_tokens: bool = True,
+        max_tokens: int | None = None,
     ) -> list[list[TokenInfo]]:
-        """TEI /tokenize: every token with its id, text, special flag and offsets."""
+        """TEI /tokenize: every token with its id, text, special flag and offsets.
+
+        With `max_tokens`, a single text yields only its first `max_tokens` tokens (at most one
+        more than the model's window: no caller can use more), and only that much of it is
+        tokenized; pairs are always tokenized whole."""
+        bound = None if max_tokens is None else min(max_tokens, self.max_useful_tokens)
         result: list[list[TokenInfo]] = []
         for i, item in enumerate(inputs):
             sources = (item,) if isinstance(item, str) else tuple(item)
 
             def encode(parts: tuple[str, ...] = sources) -> Encoding:
+                if bound is not None and len(parts) == 1:
+                    first = encode_bounded(self._tok, parts[0], bound, "right").encoding
+                    return self._tok.post_process(first, None, add_special_tokens)
                 return self._tok.encode(*parts, add_special_tokens=add_special_tokens)
 
             enc = _tokenizing(f"inputs[{i}]", encode)

@@ -212,6 +212,20 @@ async def test_ten_megabyte_text_is_scored_as_its_window_and_refused_fast_withou
         reference = sigmoid(truncated_reference(xlmr_reranker, QUERY, huge[:100_000], "right"))
         assert first["relevance_score"] == pytest.approx(reference, abs=TOL)
 
+        # max_tokens_per_doc cuts a document by its tokens: only its start is tokenized, and the
+        # result is the same as for a document that is just that start.
+        scores = []
+        for document in (huge, huge[:100_000]):
+            cut = await client.post(
+                "/v2/rerank",
+                json={"query": QUERY, "documents": [document], "max_tokens_per_doc": 20},
+            )
+            assert cut.status_code == 200, cut.text
+            (result,) = cut.json()["results"]
+            assert result["truncated"] is True
+            scores.append(result["relevance_score"])
+        assert scores[0] == pytest.approx(scores[1], abs=TOL)
+
 
 @pytest.mark.parametrize(
     ("path", "body"),

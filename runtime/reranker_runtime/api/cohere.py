@@ -43,7 +43,8 @@ async def _cut_documents(
 ) -> tuple[list[str], list[bool]]:
     """Cut each document to `max_tokens` tokens (no special tokens), at a token boundary of
     the original text, so the server tokenizes exactly the first `max_tokens` tokens again."""
-    tokens = await service.tokenize(documents, add_special_tokens=False)
+    # One token past the cut tells whether a document is longer; only that much is tokenized.
+    tokens = await service.tokenize(documents, add_special_tokens=False, max_tokens=max_tokens + 1)
     out: list[str] = []
     cut: list[bool] = []
     for doc, toks in zip(documents, tokens, strict=True):
