@@ -206,7 +206,8 @@ class PairTokenizer:
                 if bound is not None and len(parts) == 1:
                     first = encode_bounded(self._tok, parts[0], bound, "right").encoding
                     return self._tok.post_process(first, None, add_special_tokens)
-                return self._tok.encode(*parts, add_special_tokens=add_special_tokens)
+                pair = parts[1] if len(parts) > 1 else None
+                return self._tok.encode(parts[0], pair, add_special_tokens=add_special_tokens)
 
             enc = _tokenizing(f"inputs[{i}]", encode)
             tokens: list[TokenInfo] = []
