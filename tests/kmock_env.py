@@ -6,17 +6,23 @@
   at the emulator, stopped by a stop flag; start/stop it as often as a test likes (restarts).
 - `Cluster`: async HTTP helpers for the test, which also plays the controllers the emulator
   lacks (Job and Deployment controllers, the API server's metadata.generation bumps).
+- `FaultyKubernetes` + `Fault`: the same emulator with API faults on demand (5xx, 409, resets, a
+  dropped or silent watch stream); select it with `pytestmark = pytest.mark.kmock(cls=...)`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp.web
+import attrs
 import kmock
 import kopf
 
@@ -64,7 +70,7 @@ def declare_resources(server: Any) -> None:
 
 
 def fast_tuning() -> handlers.Tuning:
-    return handlers.Tuning(retries=5, backoff=0.2, timeout=30, event_attempts=3, event_backoff=0.1)
+    return handlers.Tuning(retries=5, backoff=0.2, timeout=30, event_backoff=0.1)
 
 
 def fast_settings() -> kopf.OperatorSettings:
@@ -86,9 +92,15 @@ class OperatorRunner:
     to the API server over HTTP, which a test can stop and start again (operator restarts).
     """
 
-    def __init__(self, url: str, config: OperatorConfig | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        config: OperatorConfig | None = None,
+        settings: Callable[[], kopf.OperatorSettings] = fast_settings,
+    ) -> None:
         self.url = url
         self.config = config or OperatorConfig()
+        self.settings = settings
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -108,7 +120,7 @@ class OperatorRunner:
             asyncio.run(
                 kopf.operator(
                     registry=registry,
-                    settings=fast_settings(),
+                    settings=self.settings(),
                     memo=kopf.Memo(reconciler=self.reconciler),
                     standalone=True,
                     clusterwide=True,
@@ -314,3 +326,183 @@ async def wait_for(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+# --------------------------------------------------------------------------- API faults
+
+# What a real kube-apiserver answers for each injected status (reason, message template).
+_FAULT_BODIES: dict[int, tuple[str, str]] = {
+    409: ("AlreadyExists", "{what} already exists"),
+    429: ("TooManyRequests", "the server has received too many requests, try again later"),
+    500: ("InternalError", "an error on the server (etcdserver: request timed out)"),
+    503: ("ServiceUnavailable", "the server is currently unable to handle the request"),
+}
+CONFLICT_MESSAGE = (
+    "Operation cannot be fulfilled on {what}: the object has been modified; "
+    "please apply your changes to the latest version and try again"
+)
+
+
+RESET = 0  # Fault.status: close the connection instead of answering
+
+
+@dataclass
+class Fault:
+    """One injected API failure, matched on the request's method and URL path.
+
+    - `method`: "POST", "PATCH", "GET", ... or "*" for any; `path`: a regular expression searched
+      in the URL path (e.g. r"/jobs$", r"/rerankers/bge/status$").
+    - `status`: the HTTP status answered, with the body a kube-apiserver gives (a `Status`
+      object; 409 on PATCH/PUT is a "Conflict", elsewhere "AlreadyExists"); `RESET` (0): no
+      answer, the connection is closed (a network fault).
+    - `after`: let this many matching requests through first (a fault mid-flow); `times`: then
+      fail this many (None: until `stop()`). Every fault counts every matching request.
+    - `commit`: perform the request first, then answer the error, as when the API server
+      committed the write but the reply was lost (5xx), or another writer won a race (409).
+    - `watch`: match watch requests too (by default a fault leaves watch streams alone).
+    - `user_agent`: a regular expression searched in the request's User-Agent; by default every
+      client but the test's own (kmock's client), so a test can play the controllers meanwhile.
+    """
+
+    method: str
+    path: str
+    status: int
+    times: int | None = 1
+    after: int = 0
+    commit: bool = False
+    watch: bool = False
+    user_agent: str = r"^(?!kmock/)"
+    matched: int = 0  # matching requests seen so far
+    injected: int = 0  # of which answered with the fault
+    stopped: bool = False
+
+    def matches(self, request: kmock.Request) -> bool:
+        if self.stopped or (request.action == kmock.action.WATCH and not self.watch):
+            return False
+        if self.method != "*" and request.method.value != self.method.upper():
+            return False
+        if not re.search(self.user_agent, request.headers.get("User-Agent", "")):
+            return False
+        return re.search(self.path, request.url.path) is not None
+
+    def due(self) -> bool:
+        """Count a matching request; True when it falls in this fault's window (`after`,
+        `times`). Every fault counts every matching request, whichever fault answers it."""
+        self.matched += 1
+        if self.stopped or self.matched <= self.after:
+            return False
+        return self.times is None or self.matched <= self.after + self.times
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def body(self, request: kmock.Request) -> dict[str, Any]:
+        resource = request.resource.plural if request.resource is not None else "objects"
+        name = request.name or ((request.data or {}).get("metadata") or {}).get("name", "")
+        what = f'{resource} "{name}"'
+        if self.status == 409 and request.method.value in ("PATCH", "PUT"):
+            reason, message = "Conflict", CONFLICT_MESSAGE
+        else:
+            reason, message = _FAULT_BODIES.get(self.status, ("InternalError", "injected fault"))
+        return {
+            "apiVersion": "v1",
+            "kind": "Status",
+            "metadata": {},
+            "status": "Failure",
+            "reason": reason,
+            "message": message.format(what=what),
+            "details": {"name": name, "kind": resource},
+            "code": self.status,
+        }
+
+
+@attrs.define(kw_only=True)
+class FaultyKubernetes(kmock.KubernetesEmulator):
+    """kmock's KubernetesEmulator with API faults on demand.
+
+    - `inject(method, path, status, ...)` adds a `Fault` (see there), checked before the
+      emulator touches its state; several can be active; the first match answers.
+    - `drop_watches(path)` closes the TCP connection of every open watch whose URL path matches
+      (kopf sees the stream break mid-flight and reconnects); `stall_watches(path)` keeps those
+      connections open but silently swallows their events from now on (a half-open connection:
+      only kopf's watch timeouts notice).
+    - `answers`: (method, path, status) of what the server did with each request (a committed
+      fault's request counts as done), for "created once" checks: see `created`.
+    """
+
+    faults: list[Fault] = attrs.field(factory=list)
+    answers: list[tuple[str, str, int]] = attrs.field(factory=list)
+    _watches: dict[int, tuple[kmock.Request, list[str]]] = attrs.field(factory=dict)
+
+    def inject(self, method: str, path: str, status: int, **options: Any) -> Fault:
+        fault = Fault(method=method, path=path, status=status, **options)
+        self.faults.append(fault)
+        return fault
+
+    def created(self, path: str) -> int:
+        """How many POSTs to a path matching `path` the server accepted (2xx)."""
+        return sum(
+            1
+            for method, p, status in self.answers
+            if method == "POST" and re.search(path, p) and 200 <= status < 300
+        )
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        due = [f for f in self.faults if f.matches(request) and f.due()]
+        fault = due[0] if due else None  # the first injected answers
+        if fault is not None:
+            fault.injected += 1
+        if fault is None or fault.commit:
+            # Done as usual (with `commit`, the client hears only the fault's error below).
+            response = await super()._handle(request)
+            self.answers.append((request.method.value, request.url.path, response.status))
+        if fault is None:
+            return response
+        if not fault.commit:
+            self.answers.append((request.method.value, request.url.path, fault.status))
+        raw = request._raw_request
+        if fault.status == RESET and raw is not None and raw.transport is not None:
+            raw.transport.close()  # the client reads no answer at all
+            return aiohttp.web.Response(status=500)  # goes nowhere
+        return aiohttp.web.json_response(fault.body(request), status=fault.status)
+
+    # ------------------------------------------------------------------ watch streams
+
+    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
+        state: list[str] = []  # "dropped" / "stalled", set by drop_watches / stall_watches
+        self._watches[id(request)] = (request, state)
+        try:
+            async for item in super()._serve_watch(request):
+                if "dropped" in state:
+                    return
+                if "stalled" not in state:
+                    yield item
+        finally:
+            self._watches.pop(id(request), None)
+
+    def _open_watches(self, path: str) -> list[tuple[kmock.Request, list[str]]]:
+        return [
+            (req, state)
+            for req, state in self._watches.values()
+            if not state and re.search(path, req.url.path)
+        ]
+
+    def drop_watches(self, path: str = "") -> int:
+        """Break every open watch on a matching path (TCP closed mid-stream); how many."""
+        watches = self._open_watches(path)
+        for request, state in watches:
+            state.append("dropped")
+            raw = request._raw_request
+            if raw is not None and raw.transport is not None:
+                raw.transport.close()
+        return len(watches)
+
+    def stall_watches(self, path: str = "") -> int:
+        """Make every open watch on a matching path go silent (connection kept); how many."""
+        watches = self._open_watches(path)
+        for _, state in watches:
+            state.append("stalled")
+        return len(watches)
+
+    def open_watches(self, path: str = "") -> int:
+        return len(self._open_watches(path))

@@ -8,14 +8,19 @@ Triggers (all end in the same idempotent `Reconciler.reconcile(namespace, name)`
 No deletion handlers and no timers/daemons: both would put a kopf finalizer on every Reranker.
 Children go by ownerReferences (the garbage collector), which needs no operator at all.
 
-Handlers are sync: the official `kubernetes` client blocks, so kopf runs them in its thread pool.
-The reconciler comes from kopf's `memo` (see runner.make_memo).
+The official `kubernetes` client blocks: the Reranker's handler is sync (kopf runs it in its
+thread pool); the children's event handlers are async and run the reconcile in the same pool, so
+their retry waits are cancellable sleeps. The reconciler comes from kopf's `memo`
+(see runner.make_memo).
+
+API faults (docs/operator-lifecycle.md, "Under API faults"): transient errors (`kube.is_transient`:
+5xx, 429, 409, network) are retried with a back-off and logged once per attempt, in one line,
+without a traceback; so are API refusals and `kube.NotOurs` in the Reranker's handler.
 """
 
 from __future__ import annotations
 
-import logging
-import time
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,18 +31,20 @@ from reranker_operator import builders, kube
 from reranker_operator.reconcile import Reconciler
 from reranker_operator.spec import API_GROUP, API_VERSION, PLURAL
 
-MANAGED = {builders.LABEL_MANAGED_BY: "reranker-operator", builders.LABEL_RERANKER: kopf.PRESENT}
+MANAGED: dict[str, Any] = {
+    builders.LABEL_MANAGED_BY: "reranker-operator",
+    builders.LABEL_RERANKER: kopf.PRESENT,
+}
 
 
 @dataclass(frozen=True)
 class Tuning:
     """Retry/timeout knobs: kopf retries forever unless told otherwise."""
 
-    retries: int = 20  # attempts of the Reranker handler before giving up until the next change
+    retries: int = 20  # attempts of one trigger (the Reranker's handler, or a child's event)
     backoff: float = 15.0  # seconds between attempts (also TemporaryError's delay)
     timeout: float = 30 * 60.0  # overall budget of one handling, seconds
-    event_attempts: int = 3  # a child's event handler: tries before leaving it to the next event
-    event_backoff: float = 2.0
+    event_backoff: float = 2.0  # a child's event: first back-off, doubling up to `backoff`
 
 
 def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None:
@@ -73,52 +80,81 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
         backoff=tuning.backoff,
         timeout=tuning.timeout,
     )
-    def reconcile_reranker(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    def reconcile_reranker(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+        if namespace is None:  # never: Rerankers are namespaced (typed so by kopf)
+            return None
         reconciler: Reconciler = memo.reconciler
         try:
             outcome = reconciler.reconcile(namespace, name)
         except Exception as exc:
-            if kube.is_transient(exc):
-                raise kopf.TemporaryError(
-                    f"transient API error: {exc}", delay=tuning.backoff
-                ) from exc
-            raise
+            # API faults, API refusals (403, 422, ...) and someone else's object in the way:
+            # one line per attempt (kopf logs it at ERROR, without a traceback), retried after
+            # `backoff`. Anything else is a bug: kopf logs its traceback and retries too.
+            if not (kube.is_transient(exc) or isinstance(exc, (ApiException, kube.NotOurs))):
+                raise
+            raise kopf.TemporaryError(
+                f"{kube.describe(exc)}; retrying in {tuning.backoff:g}s", delay=tuning.backoff
+            ) from exc
         if outcome.invalid is not None:
             # Status already says Failed/InvalidSpec; retrying cannot help until the spec changes.
             raise kopf.PermanentError(str(outcome.invalid))
         return None  # nothing for kopf to store in status
 
     @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=registry)
-    def job_event(
-        body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    async def job_event(
+        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
-        _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
+        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
-    def deployment_event(
-        body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    async def deployment_event(
+        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
-        _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
+        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
 
-def _reconcile_owner(
-    reconciler: Reconciler, namespace: str, body: kopf.Body, tuning: Tuning, logger: logging.Logger
+def event_delay(tuning: Tuning, attempt: int) -> float:
+    """Back-off after failed attempt `attempt` (1-based) of a child's event: doubling from
+    `event_backoff`, capped at `backoff` (the Reranker handler's own delay)."""
+    return float(min(tuning.event_backoff * 2 ** (attempt - 1), tuning.backoff))
+
+
+async def _reconcile_owner(
+    reconciler: Reconciler,
+    namespace: str | None,
+    body: kopf.Body,
+    tuning: Tuning,
+    logger: kopf.Logger,
 ) -> None:
     """Reconcile the Reranker a child belongs to.
 
-    kopf never retries event handlers, so transient API errors get a few bounded attempts here
-    (this runs in a worker thread; the short sleep blocks nothing else). After that the next
-    event of any child, or the Reranker's own handler, reconciles again.
+    kopf never retries event handlers, and this event may be the only trigger there will be (a
+    Job that succeeded during an API outage changes no more), so transient API errors are retried
+    here up to `tuning.retries` attempts with a capped doubling back-off (`event_delay`), each
+    failure logged once in one line. The reconcile runs in a worker thread (the `kubernetes`
+    client blocks); the waits are asyncio sleeps, so a stopping operator cancels them at once.
     """
     owner = body.metadata.labels.get(builders.LABEL_RERANKER)
-    if not owner:
+    if not owner or namespace is None:  # not ours / never (Jobs, Deployments are namespaced)
         return
-    for attempt in range(1, tuning.event_attempts + 1):
+    loop = asyncio.get_running_loop()
+    for attempt in range(1, tuning.retries + 1):
         try:
-            reconciler.reconcile(namespace, owner)
+            await loop.run_in_executor(None, reconciler.reconcile, namespace, owner)
             return
-        except (ApiException, OSError) as exc:
-            if not kube.is_transient(exc) or attempt == tuning.event_attempts:
-                logger.warning(f"reconcile of Reranker {owner} after a child's event failed: {exc}")
+        except Exception as exc:
+            if not (kube.is_transient(exc) or isinstance(exc, (ApiException, kube.NotOurs))):
+                raise  # a bug: kopf logs its traceback
+            what = f"reconcile of Reranker {owner} after a {body.get('kind', 'child')}'s event"
+            if not kube.is_transient(exc):  # a refusal: the Reranker's own handler retries it
+                logger.warning(f"{what} failed: {kube.describe(exc)}")
                 return
-            time.sleep(tuning.event_backoff * attempt)
+            if attempt == tuning.retries:
+                logger.warning(
+                    f"{what} failed: {kube.describe(exc)}; giving up after {attempt} attempts "
+                    "until the next change of the Reranker or of its children"
+                )
+                return
+            delay = event_delay(tuning, attempt)
+            logger.warning(f"{what} failed: {kube.describe(exc)}; retrying in {delay:g}s")
+            await asyncio.sleep(delay)

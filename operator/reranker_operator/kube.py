@@ -19,6 +19,8 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from reranker_operator.builders import LABEL_MANAGED_BY, LABEL_RERANKER
+
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -66,6 +68,73 @@ KIND_BY_NAME: dict[str, Kind] = {
 
 def kind_of(obj: dict[str, Any]) -> Kind:
     return KIND_BY_NAME[obj["kind"]]
+
+
+class ApiError(ApiException):
+    """An API error response that names the request and reads in one line (for logs and kopf):
+    `POST /apis/batch/v1/namespaces/ml/jobs: 503 ServiceUnavailable: <the server's message>`.
+    The client's own `str(ApiException)` spans lines with every header and the raw body."""
+
+    def __init__(self, method: str, path: str, http_resp: Any) -> None:
+        super().__init__(http_resp=http_resp)
+        self.method = method
+        self.path = path
+
+    def __str__(self) -> str:
+        reason, message = self.reason or "", ""
+        try:
+            body = json.loads(self.body or "{}")
+        except (TypeError, ValueError):
+            body = None
+        if isinstance(body, dict):  # a metav1.Status
+            reason = body.get("reason") or reason
+            message = body.get("message") or ""
+        text = f"{self.method} {self.path}: {self.status} {reason}".rstrip()
+        return f"{text}: {one_line(message)}" if message else text
+
+
+class ApiUnreachable(OSError):
+    """No answer from the API server (connection refused or reset, a timeout): transient, and,
+    unlike the client's urllib3 errors, names the request."""
+
+    def __init__(self, method: str, path: str, cause: BaseException) -> None:
+        super().__init__(f"{method} {path}: no answer: {type(cause).__name__}: {cause}")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Whitespace collapsed, cut to `limit` characters: fit for a single log line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in one line: ApiError and ApiUnreachable name the request; others read
+    `Type: message`."""
+    if isinstance(exc, (ApiError, ApiUnreachable)):
+        return one_line(str(exc))
+    if isinstance(exc, ApiException):
+        return one_line(f"{exc.status} {exc.reason}")
+    return one_line(f"{type(exc).__name__}: {exc}")
+
+
+class NotOurs(Exception):
+    """An object of the name the operator needs exists, but this operator did not make it for
+    this Reranker: never adopted (nor patched), the user has to delete or rename it."""
+
+    def __init__(self, live: dict[str, Any]) -> None:
+        meta = live.get("metadata") or {}
+        super().__init__(
+            f"{live.get('kind', 'object')} {meta.get('namespace')}/{meta.get('name')} exists and "
+            f"was not created by reranker-operator for this Reranker (labels "
+            f"{LABEL_MANAGED_BY}, {LABEL_RERANKER}): delete or rename it"
+        )
+
+
+def is_ours(live: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """`live` carries `desired`'s managed-by and owning-Reranker labels."""
+    have = (live.get("metadata") or {}).get("labels") or {}
+    want = (desired.get("metadata") or {}).get("labels") or {}
+    return all(have.get(k) == want.get(k) for k in (LABEL_MANAGED_BY, LABEL_RERANKER))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -116,12 +185,17 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(
-            method_, url, headers_, body_, post, _request_timeout=self.request_timeout
-        )
-        response.read()
+        try:
+            response = self.api.call_api(
+                method_, url, headers_, body_, post, _request_timeout=self.request_timeout
+            )
+            response.read()
+        except Exception as exc:
+            if isinstance(exc, ApiException) or not is_transient(exc):
+                raise
+            raise ApiUnreachable(method, path, exc) from exc
         if not 200 <= response.status <= 299:
-            raise ApiException(http_resp=response)
+            raise ApiError(method, path, response)
         return json.loads(response.data) if response.data else {}
 
     def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
@@ -149,21 +223,27 @@ class Kube:
         return self._request("POST", kind_of(obj).path(meta["namespace"]), body=obj)
 
     def create_if_absent(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """(the live object, created?). Never replaces an existing one: safe to repeat."""
+        """(the live object, created?). Never replaces an existing one: safe to repeat.
+
+        An existing object is adopted only if it is ours (`is_ours`); otherwise `NotOurs`.
+        """
         meta = obj["metadata"]
         existing = self.get(kind_of(obj), meta["namespace"], meta["name"])
-        if existing is not None:
-            return existing, False
-        try:
-            return self.create(obj), True
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            # Lost a race with another reconcile (or a previous operator): theirs stands.
-            again = self.get(kind_of(obj), meta["namespace"], meta["name"])
-            if again is None:
-                raise
-            return again, False
+        if existing is None:
+            try:
+                return self.create(obj), True
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                # AlreadyExists: another reconcile (a second replica, a previous operator whose
+                # reply was lost) won the race. A conflict for an object that is gone again by
+                # now is raised as it is (transient: retried).
+                existing = self.get(kind_of(obj), meta["namespace"], meta["name"])
+                if existing is None:
+                    raise
+        if not is_ours(existing, obj):
+            raise NotOurs(existing)
+        return existing, False
 
     def patch(
         self,

@@ -134,20 +134,16 @@ class Reconciler:
         if key in built_keys(pvc):
             return "built", "", None
 
-        job = self.api.get(kube.JOB, namespace, job_name)
-        if job is None:
-            desired = builders.build_engine_job(
-                name, namespace, spec, self.config, key, builders.owner_reference(body)
+        # Created only when absent; an existing Job of that name is used only if it is ours.
+        desired = builders.build_engine_job(
+            name, namespace, spec, self.config, key, builders.owner_reference(body)
+        )
+        job, created = self.api.create_if_absent(desired)
+        if created:
+            log.info(
+                "engine build started", extra={"reranker": f"{namespace}/{name}", "job": job_name}
             )
-            job, created = self.api.create_if_absent(desired)
-            if created:
-                log.info(
-                    "engine build started",
-                    extra={"reranker": f"{namespace}/{name}", "job": job_name},
-                )
-                self._event(
-                    body, "Normal", "BuildStarted", f"Job {job_name} builds engine {key[:10]}"
-                )
+            self._event(body, "Normal", "BuildStarted", f"Job {job_name} builds engine {key[:10]}")
 
         state = status.job_state(job)
         if state == "built":

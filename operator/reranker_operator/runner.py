@@ -17,12 +17,12 @@ from typing import Any
 import kopf
 from kubernetes import config as k8s_config
 
-from reranker_operator import builders, handlers, kube
+from reranker_operator import builders, handlers, kube, spec
 from reranker_operator.config import CONFIG_ENV, ConfigError, OperatorConfig, load_config
 from reranker_operator.reconcile import Reconciler
 
 NAMESPACES_ENV = "RERANKER_OPERATOR_NAMESPACES"
-PREFIX = "reranker.dev"  # kopf's own annotations: reranker.dev/last-handled-configuration, ...
+PREFIX = spec.API_GROUP  # kopf's own annotations: reranker.dev/last-handled-configuration, ...
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,15 @@ Batch formation (`_form_batch`) balances fairness against padding:
 3. efficiency: the rest of the budget takes the longest waiting entries of all requests (a
    merge of the requests' length-sorted lists; equal lengths alternate between requests);
 4. a batch is closed when the next entry would exceed the token budget (padded engines cost
-   `longest * n`, packed engines `sum(lengths)`) or the batch size limit.
+   `longest * n`, packed engines `sum(lengths)`) or the per-batch request limit.
+
+The batcher's limits (`max_batch_tokens`, `max_batch_requests`) are the ones in force: the
+configured ones, lowered to the engine's own caps (a TensorRT profile). /info reports them.
+
+Deadlines: a request submitted with one is refused at once (`DeadlineUnreachableError`) when
+even served next it could not finish in time (`_refuse_if_unreachable`). When a deadline
+passes, the service cancels the caller, which drops the request's waiting entries like a
+client disconnect does. A long text's windows are ordinary entries of their request.
 """
 
 from __future__ import annotations
@@ -31,14 +39,21 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from reranker_runtime import metrics
 from reranker_runtime.engines.base import EncodedPair, Engine
-from reranker_runtime.errors import EngineError, ModelLoadError, NotReadyError
+from reranker_runtime.errors import DeadlineUnreachableError, EngineError, ModelLoadError
+from reranker_runtime.lifecycle import State, not_ready_error
+from reranker_runtime.logging import log_fields
 
 logger = logging.getLogger(__name__)
+
+
+# Forward passes whose throughput the early deadline check looks at.
+_RATE_WINDOW = 32
 
 
 def default_pipeline_depth(device: str) -> int:
@@ -59,8 +74,6 @@ class BatchResult:
 @dataclass(eq=False)
 class _Request:
     request_id: str
-    n: int
-    num_labels: int
     submitted_at: float
     future: asyncio.Future[BatchResult]
     # Waiting entries, longest first; `pending_lengths` holds their lengths negated (heap keys).
@@ -87,6 +100,7 @@ class _Entry:
 class _Batch:
     entries: list[_Entry]
     cost: int
+    submitted_at: float = 0.0  # event-loop time it was handed to the worker
 
 
 @dataclass
@@ -113,7 +127,7 @@ class Batcher:
         engine: Engine,
         *,
         max_batch_tokens: int,
-        max_batch_size: int | None = None,
+        max_batch_requests: int | None = None,
         pipeline_depth: int | None = None,
     ) -> None:
         info = engine.info
@@ -122,18 +136,19 @@ class Batcher:
         budget = max_batch_tokens
         if info.max_batch_tokens is not None and info.max_batch_tokens < budget:
             logger.warning(
-                "engine caps tokens per forward pass below --max-batch-tokens; using the engine's limit",
-                extra={
-                    "max_batch_tokens": budget,
-                    "engine_max_batch_tokens": info.max_batch_tokens,
-                },
+                "the engine caps tokens per forward pass below the configured max_batch_tokens; "
+                "using the engine's limit",
+                extra=log_fields(
+                    max_batch_tokens=budget, engine_max_batch_tokens=info.max_batch_tokens
+                ),
             )
             budget = info.max_batch_tokens
         self.max_batch_tokens = budget
-        sizes = [s for s in (max_batch_size, info.max_batch_size) if s is not None]
-        self.max_batch_size: int | None = min(sizes) if sizes else None
-        if budget < 1 or (self.max_batch_size is not None and self.max_batch_size < 1):
-            raise ValueError("max_batch_tokens and max_batch_size must be positive")
+        # The engine's hard batch size (EngineInfo.max_batch_size) caps the requests per batch.
+        caps = [s for s in (max_batch_requests, info.max_batch_size) if s is not None]
+        self.max_batch_requests: int | None = min(caps) if caps else None
+        if budget < 1 or (self.max_batch_requests is not None and self.max_batch_requests < 1):
+            raise ValueError("max_batch_tokens and max_batch_requests must be positive")
         self._num_labels = info.num_labels
         self.pipeline_depth = pipeline_depth or default_pipeline_depth(info.device)
         # Requests with entries still waiting, least recently seeded first (the turn order).
@@ -145,8 +160,13 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._owner: asyncio.Task[None] | None = None
         self._running = False
+        self._stopped = False  # stop() was called: not scoring again
         self._batches_run = 0
         self._batches_formed = 0
+        # Batches handed to the worker and not delivered yet, oldest (running) first.
+        self._submitted: deque[tuple[_Batch, asyncio.Future[_Outcome]]] = deque()
+        # Tokens per second (as budgeted) of recent large forward passes: the deadline estimate.
+        self._recent_rates: deque[float] = deque(maxlen=_RATE_WINDOW)
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -179,10 +199,10 @@ class Batcher:
                 raise
             logger.info(
                 "engine warmed up",
-                extra={
-                    "max_batch_tokens": self.max_batch_tokens,
-                    "warmup_s": round(time.perf_counter() - started, 3),
-                },
+                extra=log_fields(
+                    max_batch_tokens=self.max_batch_tokens,
+                    warmup_s=round(time.perf_counter() - started, 3),
+                ),
             )
         self._running = True
         self._owner = asyncio.create_task(self._own_queue(), name="batcher-owner")
@@ -190,16 +210,17 @@ class Batcher:
 
     async def stop(self) -> None:
         """Finish the forward passes already submitted, fail every request still waiting
-        (NotReadyError: shutting down), and release the worker thread."""
+        (NotReadyError: draining), and release the worker thread."""
         if not self._running and self._owner is None:
             return
         self._running = False
+        self._stopped = True
         self._wakeup.set()
         if self._owner is not None:
             with contextlib.suppress(BaseException):
                 await self._owner
             self._owner = None
-        self._fail_all(NotReadyError("the server is shutting down; retry on another replica"))
+        self._fail_all(not_ready_error(State.DRAINING))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -219,19 +240,25 @@ class Batcher:
 
     # ------------------------------------------------------------------------------- submit
 
-    async def score(self, request_id: str, items: Sequence[EncodedPair]) -> BatchResult:
+    async def score(
+        self, request_id: str, items: Sequence[EncodedPair], *, deadline: float | None = None
+    ) -> BatchResult:
         """Score every item; returns when all are done. Cancelling the caller drops the
-        request's entries that have not run yet."""
+        request's entries that have not run yet (that is how a passed deadline ends it).
+
+        `deadline` (event-loop time): refuse the request at once, queueing nothing, when even
+        served next it could not finish in time (`DeadlineUnreachableError`)."""
         if not self._running:
-            raise NotReadyError("the model is not serving (starting up or shutting down)")
+            # Never started (loading, warming up) or stopped: either way no longer scoring.
+            raise not_ready_error(State.STOPPED if self._stopped else State.WARMING_UP)
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         if not items:
             return BatchResult(np.zeros((0, self._num_labels), np.float32), 0.0, 0.0, 0)
+        if deadline is not None:
+            self._refuse_if_unreachable(items, deadline, loop.time())
         request = _Request(
             request_id=request_id,
-            n=len(items),
-            num_labels=self._num_labels,
             submitted_at=now,
             future=loop.create_future(),
             remaining=len(items),
@@ -255,22 +282,48 @@ class Batcher:
 
     # ------------------------------------------------------------------------- queue owner
 
+    def _refuse_if_unreachable(
+        self, items: Sequence[EncodedPair], deadline: float, now: float
+    ) -> None:
+        """A lower bound of the time the request needs, were it served next: the forward passes
+        already submitted (they cannot be interrupted) plus its own tokens, both at the fastest
+        rate of the recent forward passes of at least half the budget. Pairs of other requests
+        still waiting are not counted: the fair batching can put the new request's pairs ahead
+        of them. So a request is refused only when it cannot finish in time."""
+        if not self._recent_rates:
+            return  # no large forward pass measured yet: no estimate
+        rate = max(self._recent_rates)
+        ahead_s = 0.0
+        for i, (batch, _) in enumerate(self._submitted):
+            if i == 0:
+                # Running (or about to): part of it is done. Counting from its submission
+                # overstates that part, which keeps the bound low.
+                ahead_s += max(0.0, batch.cost / rate - (now - batch.submitted_at))
+            else:
+                # Not started: entries of requests dropped meanwhile will be skipped.
+                live = [len(e.pair) for e in batch.entries if not e.request.dropped]
+                ahead_s += batch_cost(live, self._padded) / rate
+        tokens = sum(len(p) for p in items)
+        needed_s = ahead_s + tokens / rate
+        if now + needed_s > deadline:
+            raise DeadlineUnreachableError(needed_s, ahead_s, tokens, rate, deadline - now)
+
     async def _own_queue(self) -> None:
         loop = asyncio.get_running_loop()
-        submitted: deque[tuple[_Batch, asyncio.Future[_Outcome]]] = deque()
+        submitted = self._submitted
         while self._running or submitted:
             while self._running and len(submitted) < self.pipeline_depth and self._requests:
                 batch = self._form_batch()
                 assert self._executor is not None
+                batch.submitted_at = loop.time()
                 fut = loop.run_in_executor(self._executor, self._forward, batch)
                 submitted.append((batch, fut))
             if submitted:
                 self._wakeup.clear()
                 waiter = asyncio.ensure_future(self._wakeup.wait())
+                head: asyncio.Future[Any] = submitted[0][1]
                 try:
-                    await asyncio.wait(
-                        {submitted[0][1], waiter}, return_when=asyncio.FIRST_COMPLETED
-                    )
+                    await asyncio.wait({head, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     waiter.cancel()
                 # The worker runs batches in order, so only the head can be done.
@@ -285,7 +338,7 @@ class Batcher:
     def _form_batch(self) -> _Batch:
         entries: list[_Entry] = []
         lengths: list[int] = []
-        limit = self.max_batch_size
+        limit = self.max_batch_requests
         longest = total = 0
         # Entries taken from the top of each request's list (its longest waiting ones).
         taken: dict[_Request, int] = {}
@@ -382,12 +435,12 @@ class Batcher:
             metrics.BATCH_FAILURES.inc()
             logger.error(
                 "forward pass failed",
-                extra={
-                    "batch_size": len(outcome.ran),
-                    "batch_tokens": batch.cost,
-                    "requests": [r.request_id for r in requests],
-                    "error": repr(outcome.error),
-                },
+                extra=log_fields(
+                    batch_size=len(outcome.ran),
+                    batch_tokens=batch.cost,
+                    requests=[r.request_id for r in requests],
+                    error=repr(outcome.error),
+                ),
                 exc_info=outcome.error,
             )
             err = EngineError(
@@ -399,6 +452,11 @@ class Batcher:
         metrics.BATCH_SIZE.observe(len(outcome.ran))
         metrics.BATCH_TOKENS.observe(batch.cost)
         metrics.BATCH_INFERENCE_DURATION.observe(outcome.duration_s)
+        ran_cost = batch_cost([len(e.pair) for e in outcome.ran], self._padded)
+        # Only passes of at least half the budget measure throughput: a small one is mostly
+        # fixed per-pass overhead and would make every estimate too slow.
+        if outcome.duration_s > 0 and 2 * ran_cost >= self.max_batch_tokens:
+            self._recent_rates.append(ran_cost / outcome.duration_s)
         assert outcome.logits is not None
         for request in requests:
             if request.first_start is None:
@@ -442,7 +500,7 @@ class Batcher:
         if dropped:
             logger.info(
                 "dropped queued pairs",
-                extra={"request_id": request.request_id, "pairs": dropped, "reason": reason},
+                extra=log_fields(request_id=request.request_id, pairs=dropped, reason=reason),
             )
 
     def _fail(self, request: _Request, error: BaseException) -> None:

@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommand modules import heavy libraries (torch, transformers) lazily, inside their
     # handlers, so `--help` stays fast.
     from reranker_runtime.bench.command import add_bench_parser
-    from reranker_runtime.build.command import add_build_parser
+    from reranker_runtime.engine_build.command import add_build_parser
     from reranker_runtime.server import add_serve_parser
 
     parser = argparse.ArgumentParser(

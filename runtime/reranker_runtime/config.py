@@ -29,6 +29,12 @@ class ServeSettings:
     max_request_characters: int = 4_000_000  # characters in one request's texts; more -> 413
     request_read_timeout: float = 30.0  # seconds to receive a request's headers and body
     max_connections: int = 2048  # open HTTP connections; more are refused (503) and closed
+    # Long texts scored as windows (docs/runtime-batching.md, "Long texts"): default windows per
+    # text (1 = no chunking), tokens shared by consecutive windows, and most windows per request.
+    max_chunks_per_doc: int = 1
+    chunk_overlap_tokens: int = 32
+    max_chunks_per_request: int = 4096
+    request_timeout: float | None = None  # default deadline of a request in seconds; None: none
     api_key: str | None = None
     log_format: str = "json"  # json | text
     log_level: str = "info"
@@ -52,6 +58,10 @@ SERVE_ENV_VARS: dict[str, str] = {
     "max_request_characters": "RERANKER_MAX_REQUEST_CHARACTERS",
     "request_read_timeout": "RERANKER_REQUEST_READ_TIMEOUT",
     "max_connections": "RERANKER_MAX_CONNECTIONS",
+    "max_chunks_per_doc": "RERANKER_MAX_CHUNKS_PER_DOC",
+    "chunk_overlap_tokens": "RERANKER_CHUNK_OVERLAP_TOKENS",
+    "max_chunks_per_request": "RERANKER_MAX_CHUNKS_PER_REQUEST",
+    "request_timeout": "RERANKER_REQUEST_TIMEOUT",
     "api_key": "RERANKER_API_KEY",
     "log_format": "RERANKER_LOG_FORMAT",
     "log_level": "RERANKER_LOG_LEVEL",

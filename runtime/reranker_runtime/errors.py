@@ -1,99 +1,152 @@
-"""Domain errors and their HTTP mapping, in one place.
+"""Domain errors: what went wrong, in the service's terms.
 
-Bodies follow TEI's error model, `{"error": str, "error_type": str}`; `error_type` uses TEI's
-names (Validation, Empty, Tokenizer, Overloaded, Unhealthy, Backend) plus Unauthorized and
-NotFound, so TEI clients that branch on it keep working.
+They carry no HTTP: no status codes, no headers, no CLI flag names. The HTTP layer maps each
+kind to its status, TEI's `error_type` and headers in one table (`api/errors.py`), and adds the
+advice that names server flags. Errors about a request field carry the field's name as data
+(`field="documents"` on the Cohere/Jina routes) so each message names what the client sent.
 """
 
 from __future__ import annotations
 
 
 class RerankerError(Exception):
-    """Base for every error a client may see. Subclasses fix status and error_type."""
+    """Base for every error a client may see; `message` is written for the client."""
 
-    status_code: int = 500
-    error_type: str = "Backend"
-
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
-
-    def to_body(self) -> dict[str, str]:
-        return {"error": self.message, "error_type": self.error_type}
 
 
 class EmptyInputError(RerankerError):
     """An empty query, an empty list of texts, or an empty text."""
 
-    status_code = 400
-    error_type = "Empty"
-
 
 class ValidationError(RerankerError):
     """A request that is well-formed JSON but asks for something invalid."""
 
-    status_code = 422
-    error_type = "Validation"
-
 
 class TooManyInputsError(ValidationError):
-    """More texts/inputs in one request than --max-client-batch-size."""
+    """More texts/inputs in one request than the server accepts per request."""
 
-    status_code = 413
+    def __init__(self, field: str, count: int, limit: int) -> None:
+        super().__init__(
+            f"`{field}` has {count} items but this server accepts at most {limit} per request; "
+            "send fewer per request"
+        )
+        self.field = field
+        self.count = count
+        self.limit = limit
+
+
+class TooManyCharactersError(ValidationError):
+    """A request whose texts hold more characters than the server accepts per request."""
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(
+            f"the request's texts hold {count:,} characters but this server accepts at most "
+            f"{limit:,} per request; send fewer or shorter texts"
+        )
+        self.count = count
+        self.limit = limit
 
 
 class InputTooLongError(ValidationError):
     """A sequence longer than the model accepts while truncation is off."""
 
-    status_code = 422
+
+class TooManyChunksPerTextError(ValidationError):
+    """A text needs more windows than the request's max_chunks_per_doc while truncation is off."""
+
+    def __init__(
+        self,
+        field: str,
+        index: int,
+        needed: int,
+        window_tokens: int,
+        limit: int,
+        *,
+        at_least: bool = False,  # the text was tokenized only as far as the limit reaches
+    ) -> None:
+        bound = "at least " if at_least else ""
+        super().__init__(
+            f"`{field}[{index}]` needs {bound}{needed} windows of up to {window_tokens} text tokens "
+            f"to be scored whole, but at most {limit} windows per text are scored "
+            "(max_chunks_per_doc)"
+        )
+        self.field = field
+        self.index = index
+        self.needed = needed
+        self.limit = limit
 
 
-class WrongModelKindError(RerankerError):
+class TooManyChunksPerRequestError(ValidationError):
+    """A chunking request whose texts make more windows than the server scores per request."""
+
+    def __init__(self, texts: int, windows: int, limit: int) -> None:
+        super().__init__(
+            f"the {texts} texts of this request make {windows} windows but this server scores at "
+            f"most {limit} per request"
+        )
+        self.windows = windows
+        self.limit = limit
+
+
+class WrongModelKindError(ValidationError):
     """A rerank route called on a classifier (several labels), or the reverse."""
-
-    status_code = 400
-    error_type = "Validation"
-
-
-class TokenizerError(RerankerError):
-    status_code = 422
-    error_type = "Tokenizer"
 
 
 class OverloadedError(RerankerError):
-    """More requests in flight than --max-concurrent-requests: refused at once, never queued."""
+    """The server's limit of requests in flight is reached: refused at once, never queued."""
 
-    status_code = 429
-    error_type = "Overloaded"
+    def __init__(self, in_flight: int, limit: int) -> None:
+        super().__init__(f"{in_flight} requests are already in flight, the limit is {limit}")
+        self.in_flight = in_flight
+        self.limit = limit
 
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+class DeadlineExceededError(RerankerError):
+    """The request's deadline passed before it was answered; its waiting pairs were dropped."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"the request was not answered within its deadline of {timeout_s:g} s; "
+            "its pairs still waiting were dropped"
+        )
+        self.timeout_s = timeout_s
+
+
+class DeadlineUnreachableError(RerankerError):
+    """Refused before queueing: even served next, the request could not finish in time."""
+
+    def __init__(
+        self, needed_s: float, ahead_s: float, tokens: int, rate: float, left_s: float
+    ) -> None:
+        super().__init__(
+            f"this request cannot be answered within its deadline: it needs at least "
+            f"{needed_s:.3g} s ({ahead_s:.3g} s for the forward passes already running, then "
+            f"{tokens} tokens at the recent {rate:.0f} tokens/s) but {left_s:.3g} s remain; "
+            "nothing was computed"
+        )
+        self.needed_s = needed_s
+        self.left_s = left_s
 
 
 class NotReadyError(RerankerError):
-    """The model is still loading or warming up, or the server is shutting down."""
+    """The server cannot take requests in its current lifecycle state (loading, warming up,
+    draining, stopped, failed). The message comes from `lifecycle.not_ready_error`, one per
+    state, and says what to do next."""
 
-    status_code = 503
-    error_type = "Unhealthy"
-
-    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+    def __init__(self, message: str, *, state: str) -> None:
+        super().__init__(message)
+        self.state = state
 
 
 class EngineError(RerankerError):
     """The forward pass failed. Only the requests in that batch fail; the server keeps serving."""
 
-    status_code = 500
-    error_type = "Backend"
-
 
 class UnauthorizedError(RerankerError):
-    status_code = 401
-    error_type = "Unauthorized"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+    """The request does not carry the server's API key."""
 
 
 class ModelLoadError(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from reranker_runtime.errors import TooManyInputsError
+from reranker_runtime.errors import TooManyCharactersError
 
 __all__ = ["check_request_characters", "count_characters"]
 
@@ -21,11 +21,8 @@ def count_characters(parts: Iterable[str | tuple[str, str]]) -> int:
 
 
 def check_request_characters(parts: Iterable[str | tuple[str, str]], limit: int) -> None:
-    """413 when a request's texts (query included) hold more than `limit` characters."""
+    """TooManyCharactersError (413) when a request's texts (query included) hold more than
+    `limit` characters."""
     total = count_characters(parts)
     if total > limit:
-        raise TooManyInputsError(
-            f"the request's texts hold {total:,} characters but this server accepts at most "
-            f"{limit:,} per request; send fewer or shorter texts, or raise "
-            "--max-request-characters (RERANKER_MAX_REQUEST_CHARACTERS)"
-        )
+        raise TooManyCharactersError(total, limit)

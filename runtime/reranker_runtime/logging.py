@@ -1,7 +1,7 @@
 """Logging setup: one JSON object per line by default (what log pipelines in a cluster parse),
 plain text on request (`--log-format text`, for a terminal).
 
-Structured fields travel as `extra={"fields": {...}}`; both formats print them. The access log
+Structured fields travel as `extra=log_fields(key=value, ...)`; both formats print them. The access log
 (`reranker_runtime.access`) writes one line per HTTP request with route, status, duration, pairs
 and tokens; uvicorn's own access log is turned off so each request is logged once.
 """
@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import suppress
 from typing import Any
 
 LOG_FORMATS = ("json", "text")
@@ -29,7 +30,15 @@ _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {
 }
 
 
+def log_fields(**fields: Any) -> dict[str, Any]:
+    """The `extra=` of a log call with structured fields: `log.info("ready", extra=log_fields(
+    warmup_s=1.2))`. The one way the runtime writes them; the formatters print them as JSON keys
+    or `key=value` pairs."""
+    return {"fields": fields}
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    # `log_fields(...)` first; flat `extra=` keys (third-party libraries, the engines) too.
     fields: dict[str, Any] = {}
     explicit = record.__dict__.get("fields")
     if isinstance(explicit, dict):
@@ -89,6 +98,7 @@ def setup_logging(log_format: str = "json", level: str = "info") -> None:
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
+    _route_library_loggers()
     if log_format == "json":
         # Download/loading progress bars would interleave raw text with the JSON lines. Read by
         # huggingface_hub and transformers at import, which happens later (model load).
@@ -96,3 +106,22 @@ def setup_logging(log_format: str = "json", level: str = "info") -> None:
     # Third-party chatter at info level is noise in a server log.
     for name in ("httpx", "httpcore", "filelock", "urllib3"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+def _route_library_loggers() -> None:
+    """huggingface_hub and transformers give their loggers a stderr handler of their own (and
+    transformers turns propagation off), so a hub retry warning came out twice, once as plain
+    text, and transformers' lines never came out as JSON. Configure both libraries now (they
+    would do it lazily at first use, after us) and send their records through our handler."""
+    with suppress(ImportError):
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.get_logger()
+    with suppress(ImportError):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.get_logger()
+    for name in ("huggingface_hub", "transformers"):
+        library_logger = logging.getLogger(name)
+        library_logger.handlers.clear()
+        library_logger.propagate = True

@@ -49,3 +49,17 @@ BATCH_INFERENCE_DURATION = Histogram(
 )
 BATCH_FAILURES = Counter("te_batch_failure", "Forward passes that raised")
 IN_FLIGHT = Gauge("te_requests_in_flight", "Inference requests being processed")
+
+# Deadlines (X-Request-Timeout / --request-timeout). Not TEI metrics: TEI has no deadlines.
+REQUEST_TIMEOUTS = Counter(
+    "reranker_request_timeouts",
+    "Requests whose deadline passed before they were answered (504; waiting pairs dropped)",
+)
+REQUEST_DEADLINE_REFUSALS = Counter(
+    "reranker_request_deadline_refusals",
+    "Requests refused before queueing because they could not finish before their deadline (503)",
+)
+# Long texts scored as several windows (max_chunks_per_doc > 1).
+CHUNKED_TEXTS = Counter(
+    "reranker_chunked_texts", "Texts longer than the model's limit scored as several windows"
+)

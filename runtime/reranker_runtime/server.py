@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import re
 import signal
@@ -21,18 +22,20 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from reranker_runtime.config import DEFAULT_MODEL, SERVE_ENV_VARS, ServeSettings
+from reranker_runtime.logging import LOG_FORMATS, LOG_LEVELS, log_fields
 
-log = logging.getLogger("reranker_runtime.server")
+if TYPE_CHECKING:
+    from reranker_runtime.lifecycle import Lifecycle
+
+log = logging.getLogger(__name__)
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-LOG_FORMATS = ("json", "text")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -67,16 +70,6 @@ def _int_parser(minimum: int, maximum: int | None = None) -> Callable[[str], int
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError("expected a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a positive number of seconds")
-    return value
-
-
 def _choice_parser(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -85,6 +78,16 @@ def _choice_parser(choices: tuple[str, ...]) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a finite number > 0")
+    return value
 
 
 def _device(text: str) -> str:
@@ -217,6 +220,37 @@ _OPTIONS: tuple[_Option, ...] = (
         "Most open HTTP connections; a connection beyond it gets 503 and is closed at once. Keep "
         "it above --max-concurrent-requests and below the process's file-descriptor limit",
         "N",
+    ),
+    _Option(
+        "max_chunks_per_doc",
+        ("--max-chunks-per-doc",),
+        _int_parser(1),
+        "Windows a text longer than the model's limit is split into and scored by (its score is "
+        "the best window's) when the request does not send max_chunks_per_doc; 1 = no chunking",
+        "N",
+    ),
+    _Option(
+        "chunk_overlap_tokens",
+        ("--chunk-overlap-tokens",),
+        _int_parser(0),
+        "Text tokens shared by consecutive windows of a chunked text (at most half a window)",
+        "N",
+    ),
+    _Option(
+        "max_chunks_per_request",
+        ("--max-chunks-per-request",),
+        _int_parser(1),
+        "Most windows one chunking request may score; more -> 413",
+        "N",
+    ),
+    _Option(
+        "request_timeout",
+        ("--request-timeout",),
+        _positive_float,
+        "Default deadline of an inference request in seconds (the X-Request-Timeout header "
+        "replaces it); past it the request's waiting pairs are dropped and it gets 504",
+        "SECONDS",
+        default_text="none (no deadline)",
     ),
     _Option(
         "api_key",
@@ -365,23 +399,21 @@ def serve(settings: ServeSettings) -> int:
     from reranker_runtime.api.app import create_app
 
     app = create_app(settings)
-    runtime = app.state.runtime
-    server = _DrainingServer(uvicorn_config(app, settings), runtime)
-    runtime.on_fatal = lambda _message: server.request_exit()
+    lifecycle: Lifecycle = app.state.lifecycle
+    server = _DrainingServer(uvicorn_config(app, settings), lifecycle)
+    lifecycle.on_fatal = lambda _message: server.request_exit()
     log.info(
         "starting",
-        extra={
-            "fields": {
-                "host": settings.host,
-                "port": settings.port,
-                "model": settings.model,
-                "engine_dir": settings.engine_dir,
-            }
-        },
+        extra=log_fields(
+            host=settings.host,
+            port=settings.port,
+            model=settings.model,
+            engine_dir=settings.engine_dir,
+        ),
     )
     server.run()
-    if runtime.load_error:
-        print(f"reranker-runtime serve: error: {runtime.not_ready_reason()}", file=sys.stderr)
+    if lifecycle.failure is not None:
+        print(f"reranker-runtime serve: error: {lifecycle.not_ready_error()}", file=sys.stderr)
         return 1
     if not server.started:
         return 1  # e.g. the port was taken; uvicorn logged why
@@ -408,9 +440,9 @@ def uvicorn_config(app: Any, settings: ServeSettings) -> uvicorn.Config:
 class _DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first exit signal drains the service before uvicorn shuts down."""
 
-    def __init__(self, config: uvicorn.Config, runtime: Any) -> None:
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
         super().__init__(config)
-        self._runtime = runtime
+        self._lifecycle = lifecycle
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_requested = False
         self._drain_task: asyncio.Future[None] | None = None
@@ -436,7 +468,7 @@ class _DrainingServer(uvicorn.Server):
     def _start_drain(self) -> None:
         async def drain_then_exit() -> None:
             try:
-                await self._runtime.drain()
+                await self._lifecycle.drain()
             finally:
                 self.should_exit = True
 

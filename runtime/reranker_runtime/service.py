@@ -1,18 +1,20 @@
 """RerankService: validation, tokenization/truncation, the batcher, and score assembly.
 
 Routes (api/) parse and format; everything a request needs beyond that happens here, and every
-failure is a `RerankerError` with its HTTP status (errors.py).
+failure is a domain error (errors.py) that the HTTP layer maps in one table (api/errors.py).
+Messages name the request's fields; the names come in as data (`texts_field`) because the
+Cohere/Jina routes call the texts `documents`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,16 +23,26 @@ from reranker_runtime.batching import Batcher, BatchResult
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.engines.base import Engine, EngineInfo
 from reranker_runtime.errors import (
+    DeadlineExceededError,
+    DeadlineUnreachableError,
     EmptyInputError,
     InputTooLongError,
-    NotReadyError,
-    OverloadedError,
+    ModelLoadError,
+    TooManyChunksPerRequestError,
+    TooManyChunksPerTextError,
     TooManyInputsError,
     ValidationError,
     WrongModelKindError,
 )
 from reranker_runtime.limits import check_request_characters
-from reranker_runtime.tokenization import Encoded, PairTokenizer, TokenInfo, parse_direction
+from reranker_runtime.logging import log_fields
+from reranker_runtime.tokenization import (
+    ChunkedText,
+    Encoded,
+    PairTokenizer,
+    TokenInfo,
+    parse_direction,
+)
 
 __all__ = ["PredictResult", "RerankResult", "RerankService", "TokenInfo"]
 
@@ -48,6 +60,11 @@ class RerankResult:
     tokenization_time_s: float
     queue_time_s: float
     inference_time_s: float
+    chunks: list[int] = field(default_factory=list)  # windows scored per text (1: not chunked)
+
+    def ranking(self) -> list[int]:
+        """Indices by score, best first; ties keep request order (stable sort)."""
+        return sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
 
 
 @dataclass(frozen=True)
@@ -76,7 +93,9 @@ def _is_blank(text: str) -> bool:
 
 
 class RerankService:
-    """One model behind one batcher. `start()` before use, `stop()` on shutdown."""
+    """One model behind one batcher. `start()` warms up and starts batching, `stop()` stops
+    batching and closes the engine; admission, readiness and draining belong to the lifecycle
+    (lifecycle.py), which owns the service."""
 
     def __init__(self, engine: Engine, settings: ServeSettings) -> None:
         self._engine = engine
@@ -87,21 +106,9 @@ class RerankService:
         self._batcher = Batcher(
             engine,
             max_batch_tokens=settings.max_batch_tokens,
-            max_batch_size=settings.max_batch_requests,
+            max_batch_requests=settings.max_batch_requests,
         )
         self._labels = [info.id2label.get(i, f"LABEL_{i}") for i in range(info.num_labels)]
-        self._ready = False
-        self._draining = False
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    # ----------------------------------------------------------------------------- state
-
-    @property
-    def ready(self) -> bool:
-        """Loaded, warmed up, and not draining: what /health reports."""
-        return self._ready and not self._draining
 
     @property
     def info(self) -> EngineInfo:
@@ -117,84 +124,25 @@ class RerankService:
 
     @property
     def batcher(self) -> Batcher:
+        """The batcher, whose limits (engine caps applied) are the ones in force."""
         return self._batcher
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    @property
-    def max_batch_tokens(self) -> int:
-        """The effective token budget per forward pass (engine limits applied)."""
-        return self._batcher.max_batch_tokens
-
-    @property
-    def max_batch_size(self) -> int | None:
-        return self._batcher.max_batch_size
 
     async def start(self) -> None:
         """Refuse impossible limits, warm the engine up (off the event loop), start batching."""
-        if self._ready:
-            return
-        started = time.perf_counter()
+        longest_window = self._tokenizer.max_text_tokens
+        if self._settings.chunk_overlap_tokens >= longest_window:
+            raise ModelLoadError(
+                f"--chunk-overlap-tokens is {self._settings.chunk_overlap_tokens} but a window of "
+                f"this model holds at most {longest_window} text tokens (max input length "
+                f"{self._info.max_input_length} minus special tokens); lower --chunk-overlap-tokens"
+            )
         await self._batcher.start(warmup=True)
-        self._ready = True
-        logger.info(
-            "service ready",
-            extra={
-                "model": self._info.model_id,
-                "engine": self._info.name,
-                "max_input_length": self._info.max_input_length,
-                "max_batch_tokens": self._batcher.max_batch_tokens,
-                "max_batch_size": self._batcher.max_batch_size,
-                "start_s": round(time.perf_counter() - started, 3),
-            },
-        )
 
-    async def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop admitting (ready -> False), let in-flight requests finish (up to timeout_s),
-        then stop the batcher (failing whatever still waits) and release the engine."""
-        self._draining = True
-        if self._in_flight:
-            logger.info("draining in-flight requests", extra={"in_flight": self._in_flight})
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                logger.warning(
-                    "drain timed out; failing what is left", extra={"in_flight": self._in_flight}
-                )
+    async def stop(self) -> None:
+        """Stop the batcher (failing whatever still waits) and release the engine."""
         await self._batcher.stop()
-        self._ready = False
         await asyncio.to_thread(self._engine.close)
         logger.info("service stopped")
-
-    @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        """Count one request in flight for its whole duration (a large request counts once).
-        Refuses at once: NotReadyError (503) when not ready, OverloadedError (429) when
-        --max-concurrent-requests are already in flight."""
-        if not self.ready:
-            raise NotReadyError(
-                "the model is still loading or warming up"
-                if not self._draining
-                else "the server is shutting down"
-            )
-        limit = self._settings.max_concurrent_requests
-        if self._in_flight >= limit:
-            raise OverloadedError(
-                f"{self._in_flight} requests are already in flight, the limit (--max-concurrent-requests) "
-                f"is {limit}; retry shortly"
-            )
-        self._in_flight += 1
-        self._idle.clear()
-        metrics.IN_FLIGHT.inc()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            metrics.IN_FLIGHT.dec()
-            if self._in_flight == 0:
-                self._idle.set()
 
     # ---------------------------------------------------------------------------- routes
 
@@ -206,12 +154,21 @@ class RerankService:
         truncate: bool,
         truncation_direction: str = "right",
         raw_scores: bool = False,
+        max_tokens_per_text: int | None = None,
+        max_chunks_per_text: int | None = None,
+        timeout_s: float | None = None,
         request_id: str | None = None,
         texts_field: str = "texts",
     ) -> RerankResult:
         """Score each text against the query. `texts_field` is the request's name for the texts
-        (`documents` on the Cohere/Jina routes), so error messages name what the client sent."""
-        self._check_serving()
+        (`documents` on the Cohere/Jina routes), so error messages name what the client sent.
+        `max_tokens_per_text` first cuts each text to that many tokens (Cohere/Jina
+        `max_tokens_per_doc`); a text so cut is reported as truncated.
+
+        `max_chunks_per_text` (default `--max-chunks-per-doc`): a text too long for the model is
+        scored as up to that many windows, each paired with the whole query, and gets the best
+        window's score (the max of the raw logits; sigmoid applies to that max). `timeout_s`
+        (default `--request-timeout`): the deadline, counted from this call."""
         if self._info.num_labels != 1:
             raise WrongModelKindError(
                 f"this model is a classifier with {self._info.num_labels} labels ({', '.join(self._labels)}), "
@@ -233,24 +190,40 @@ class RerankService:
                 raise EmptyInputError(
                     f"`{texts_field}[{i}]` is empty; every text needs at least one non-space character"
                 )
-
-        truncating = truncate or self._settings.auto_truncate
-        t0 = time.perf_counter()
-        encoded = await asyncio.to_thread(
-            self._tokenizer.encode_pairs,
-            query,
-            texts,
-            truncate=truncating,
-            direction=direction,
-            texts_field=texts_field,
+        chunks = (
+            max_chunks_per_text
+            if max_chunks_per_text is not None
+            else self._settings.max_chunks_per_doc
         )
-        tokenization_s = time.perf_counter() - t0
-        self._check_lengths(encoded, texts_field, "query and text are")
+        if chunks < 1:
+            raise ValidationError(f"max_chunks_per_doc must be at least 1, got {chunks}")
+        truncating = self._truncating(truncate)
 
-        result = await self._score(encoded, request_id)
-        logits = result.logits[:, 0]
-        scores = logits.astype(np.float64) if raw_scores else _sigmoid(logits)
-        self._observe(encoded, tokenization_s, result)
+        async with self._deadline(timeout_s, request_id) as deadline:
+            t0 = time.perf_counter()
+            encoded = await asyncio.to_thread(
+                self._tokenizer.encode_chunked,
+                query,
+                texts,
+                truncate=truncating,
+                direction=direction,
+                max_text_tokens=max_tokens_per_text,
+                max_windows=chunks,
+                overlap=self._settings.chunk_overlap_tokens,
+                texts_field=texts_field,
+            )
+            tokenization_s = time.perf_counter() - t0
+            windows = self._check_windows(encoded, chunks, truncating, texts_field)
+            result = await self._score(windows, request_id, deadline)
+
+        # The max over each text's windows, on raw logits (sigmoid is monotonic: same ranking).
+        logits = result.logits[:, 0].astype(np.float64)
+        bounds = np.cumsum([0] + [len(e.windows) for e in encoded])
+        best = np.array([logits[bounds[i] : bounds[i + 1]].max() for i in range(len(encoded))])
+        scores = best if raw_scores else _sigmoid(best)
+        self._observe(windows, tokenization_s, result)
+        if chunks > 1:
+            metrics.CHUNKED_TEXTS.inc(sum(1 for e in encoded if len(e.windows) > 1))
         return RerankResult(
             scores=[float(s) for s in scores],
             token_counts=[e.num_tokens for e in encoded],
@@ -259,6 +232,7 @@ class RerankService:
             tokenization_time_s=tokenization_s,
             queue_time_s=result.queue_time_s,
             inference_time_s=result.inference_time_s,
+            chunks=[len(e.windows) for e in encoded],
         )
 
     async def predict(
@@ -268,22 +242,25 @@ class RerankService:
         truncate: bool,
         truncation_direction: str = "right",
         raw_scores: bool = False,
+        timeout_s: float | None = None,
         request_id: str | None = None,
     ) -> PredictResult:
-        """TEI /predict: one label -> sigmoid, several -> softmax (raw logits with raw_scores)."""
-        self._check_serving()
+        """TEI /predict: one label -> sigmoid, several -> softmax (raw logits with raw_scores).
+        `timeout_s` as in `rerank`."""
         direction = parse_direction(truncation_direction)
         items = self._check_inputs(inputs)
 
-        truncating = truncate or self._settings.auto_truncate
-        t0 = time.perf_counter()
-        encoded = await asyncio.to_thread(
-            self._tokenizer.encode_inputs, items, truncate=truncating, direction=direction
-        )
-        tokenization_s = time.perf_counter() - t0
-        self._check_lengths(encoded, "inputs", "input is")
-
-        result = await self._score(encoded, request_id)
+        async with self._deadline(timeout_s, request_id) as deadline:
+            t0 = time.perf_counter()
+            encoded = await asyncio.to_thread(
+                self._tokenizer.encode_inputs,
+                items,
+                truncate=self._truncating(truncate),
+                direction=direction,
+            )
+            tokenization_s = time.perf_counter() - t0
+            self._check_lengths(encoded, "inputs", "input is")
+            result = await self._score(encoded, request_id, deadline)
         logits = result.logits
         if raw_scores:
             probs = logits.astype(np.float64)
@@ -307,38 +284,24 @@ class RerankService:
         )
 
     async def tokenize(
-        self,
-        inputs: list[str | tuple[str, str]],
-        *,
-        add_special_tokens: bool = True,
-        max_tokens: int | None = None,
+        self, inputs: list[str | tuple[str, str]], *, add_special_tokens: bool = True
     ) -> list[list[TokenInfo]]:
-        """TEI /tokenize: tokens of each input (a string or a pair), not truncated; with
-        `max_tokens`, only each text's first tokens (see PairTokenizer.tokens)."""
+        """TEI /tokenize: tokens of each input (a string or a pair), not truncated."""
         items = self._check_inputs(inputs, allow_blank=True)
         return await asyncio.to_thread(
-            self._tokenizer.tokens,
-            items,
-            add_special_tokens=add_special_tokens,
-            max_tokens=max_tokens,
+            self._tokenizer.tokens, items, add_special_tokens=add_special_tokens
         )
 
     # --------------------------------------------------------------------------- helpers
 
-    def _check_serving(self) -> None:
-        # Requests admitted before a drain began still run; only a stopped batcher refuses.
-        if not self._batcher.running:
-            raise NotReadyError(
-                "the model is still loading or warming up, or the server is shutting down"
-            )
+    def _truncating(self, requested: bool) -> bool:
+        # The one place auto-truncate applies: it turns truncation on for every request.
+        return requested or self._settings.auto_truncate
 
     def _check_count(self, field: str, n: int) -> None:
         limit = self._settings.max_client_batch_size
         if n > limit:
-            raise TooManyInputsError(
-                f"`{field}` has {n} items but this server accepts at most {limit} per request; "
-                "send fewer per request or raise --max-client-batch-size (RERANKER_MAX_CLIENT_BATCH_SIZE)"
-            )
+            raise TooManyInputsError(field, n, limit)
 
     def _check_inputs(
         self, inputs: Sequence[object], *, allow_blank: bool = False
@@ -376,11 +339,67 @@ class RerankService:
                 at_least = "" if enc.fully_counted else "at least "
                 raise InputTooLongError(
                     f"`{field}[{i}]`: {what} {at_least}{enc.num_tokens} tokens long but the model "
-                    f"accepts at most {limit}; shorten it or set truncate=true"
+                    f"accepts at most {limit}"
                 )
 
-    async def _score(self, encoded: list[Encoded], request_id: str | None) -> BatchResult:
-        return await self._batcher.score(request_id or uuid.uuid4().hex, [e.pair for e in encoded])
+    def _check_windows(
+        self, encoded: list[ChunkedText], chunks: int, truncating: bool, field: str
+    ) -> list[Encoded]:
+        """The windows to score, in text order; refuses a text that needs more windows than
+        `chunks` (truncation off), an over-long pair, and too many windows per request."""
+        for i, text in enumerate(encoded):
+            if not truncating and text.needed_windows > chunks:
+                raise TooManyChunksPerTextError(
+                    field,
+                    i,
+                    text.needed_windows,
+                    text.window_tokens,
+                    chunks,
+                    at_least=not text.fully_counted,
+                )
+        self._check_lengths([text.windows[0] for text in encoded], field, "query and text are")
+        windows = [w for text in encoded for w in text.windows]
+        limit = self._settings.max_chunks_per_request
+        if chunks > 1 and len(windows) > limit:
+            raise TooManyChunksPerRequestError(len(encoded), len(windows), limit)
+        return windows
+
+    @asynccontextmanager
+    async def _deadline(
+        self, timeout_s: float | None, request_id: str | None
+    ) -> AsyncIterator[float | None]:
+        """Run the block under the request's deadline (event-loop time), if it has one. When it
+        passes, the block is cancelled (the batcher drops the request's waiting pairs) and the
+        caller gets DeadlineExceededError at once, whatever forward pass is running."""
+        timeout_s = timeout_s if timeout_s is not None else self._settings.request_timeout
+        if timeout_s is None:
+            yield None
+            return
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        scope = asyncio.timeout_at(deadline)
+        try:
+            async with scope:
+                yield deadline
+        except TimeoutError:
+            if not scope.expired():
+                raise  # not our deadline
+            metrics.REQUEST_TIMEOUTS.inc()
+            logger.info(
+                "request deadline passed",
+                extra=log_fields(request_id=request_id, timeout_s=timeout_s),
+            )
+            raise DeadlineExceededError(timeout_s) from None
+
+    async def _score(
+        self, encoded: list[Encoded], request_id: str | None, deadline: float | None
+    ) -> BatchResult:
+        try:
+            return await self._batcher.score(
+                request_id or uuid.uuid4().hex, [e.pair for e in encoded], deadline=deadline
+            )
+        except DeadlineUnreachableError:
+            metrics.REQUEST_DEADLINE_REFUSALS.inc()
+            raise
 
     def _observe(self, encoded: list[Encoded], tokenization_s: float, result: BatchResult) -> None:
         metrics.TOKENIZATION_DURATION.observe(tokenization_s)

@@ -10,9 +10,11 @@ switches the shared backend's truncation/padding state on each call, which is no
 several threads. We use a private copy of the backend tokenizer with truncation and padding off;
 its `encode*` calls are thread-safe and we never change its state.
 
-A text is tokenized only as far as the model can use it (`text_bounds.encode_bounded`: one token
-more than the model's window, from the kept end), so a 10 MB text costs what a normal one does,
-with or without truncation, and the result is exactly what tokenizing it whole would give.
+A text (and the query) is tokenized only as far as the request can use it
+(`text_bounds.encode_bounded`: one token past the model's window, or past the windows a chunked
+text may get, from the kept end), so a 10 MB text costs what a normal one does, with or without
+truncation, and the result is exactly what tokenizing it whole would give. The tokenizer cannot
+take every Python string (a lone surrogate); such a text is a 422 naming it, never a 500.
 """
 
 from __future__ import annotations
@@ -24,10 +26,18 @@ from typing import Any, TypeVar
 from tokenizers import Encoding, Tokenizer
 
 from reranker_runtime.engines.base import EncodedPair
-from reranker_runtime.errors import TokenizerError, ValidationError
+from reranker_runtime.errors import ValidationError
 from reranker_runtime.text_bounds import BoundedEncoding, Direction, encode_bounded
 
-__all__ = ["Direction", "Encoded", "Input", "PairTokenizer", "TokenInfo", "parse_direction"]
+__all__ = [
+    "ChunkedText",
+    "Direction",
+    "Encoded",
+    "Input",
+    "PairTokenizer",
+    "TokenInfo",
+    "parse_direction",
+]
 
 Input = str | tuple[str, str]
 T = TypeVar("T")
@@ -36,9 +46,11 @@ T = TypeVar("T")
 def parse_direction(value: str) -> Direction:
     """'right'/'left' in any case ('Right', 'LEFT'), as TEI clients send them."""
     normalized = str(value).strip().lower()
-    if normalized not in ("right", "left"):
-        raise ValidationError(f"truncation_direction must be 'right' or 'left', got {value!r}")
-    return normalized  # type: ignore[return-value]
+    if normalized == "right":
+        return "right"
+    if normalized == "left":
+        return "left"
+    raise ValidationError(f"truncation_direction must be 'right' or 'left', got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -49,9 +61,27 @@ class Encoded:
     num_tokens: int  # tokens the model sees (special tokens included), after any truncation
     original_tokens: int  # tokens before truncation (a lower bound unless `fully_counted`)
     truncated: bool
-    # False when a text longer than the model's window was tokenized only as far as the window
-    # needs: then (without truncation) num_tokens and original_tokens are lower bounds.
+    # False when a text longer than the request can use was tokenized only as far as it can:
+    # then (without truncation) num_tokens and original_tokens are lower bounds.
     fully_counted: bool = True
+
+
+@dataclass(frozen=True)
+class ChunkedText:
+    """One text as scored: its windows, each paired with the whole query (one window unless the
+    text was chunked), and whether part of the text was left unscored."""
+
+    windows: list[Encoded]
+    needed_windows: int  # windows the whole text needs; more than len(windows) when cut
+    window_tokens: int  # text tokens per window (the last one may be shorter)
+    truncated: bool
+    # False when the text was tokenized only as far as its windows reach: needed_windows is
+    # then a lower bound.
+    fully_counted: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(w.num_tokens for w in self.windows)
 
 
 @dataclass(frozen=True)
@@ -84,15 +114,20 @@ class PairTokenizer:
         self._special_single = self._tok.num_special_tokens_to_add(is_pair=False)
         if max_input_length <= self._special_pair + 1:
             raise ValueError(f"max_input_length {max_input_length} leaves no room for a pair")
-        # Tokens worth computing per text: one more than the model takes, so that a text that
-        # does not fit is known not to fit.
-        self.max_useful_tokens = max_input_length + 1
 
-    def _bounded(self, texts: Sequence[str], direction: Direction) -> list[BoundedEncoding]:
-        """Each text's tokens, as far as the model can use them. Texts too short to need a
-        bound are tokenized together (encode_batch runs them in parallel)."""
+    @property
+    def max_text_tokens(self) -> int:
+        """Text tokens of a pair with an empty query: the longest window a text can get."""
+        return self.max_input_length - self._special_pair
+
+    def _bounded(
+        self, texts: Sequence[str], max_tokens: int, direction: Direction
+    ) -> list[BoundedEncoding]:
+        """Each text's tokens from its `direction` end, as many as `max_tokens` (all of a
+        shorter text). Texts too short to need a bound are tokenized together (encode_batch
+        runs them in parallel)."""
         out: list[BoundedEncoding | None] = [None] * len(texts)
-        short = [i for i, t in enumerate(texts) if len(t) <= self.max_useful_tokens]
+        short = [i for i, t in enumerate(texts) if len(t) <= max_tokens]
         for i, enc in zip(
             short,
             self._tok.encode_batch([texts[i] for i in short], add_special_tokens=False),
@@ -101,8 +136,41 @@ class PairTokenizer:
             out[i] = BoundedEncoding(enc, complete=True)
         for i, text in enumerate(texts):
             if out[i] is None:
-                out[i] = encode_bounded(self._tok, text, self.max_useful_tokens, direction)
+                out[i] = encode_bounded(self._tok, text, max_tokens, direction)
         return [b for b in out if b is not None]
+
+    def _query(self, query: str, direction: Direction) -> BoundedEncoding:
+        # One token past the pair budget: a longer query is cut (or refused) whatever its length.
+        return _tokenizing(
+            "query",
+            lambda: self._bounded([query], self.max_text_tokens + 1, direction)[0],
+        )
+
+    def _texts(
+        self,
+        texts: Sequence[str],
+        field: str,
+        usable: int,
+        direction: Direction,
+        max_text_tokens: int | None,
+    ) -> list[tuple[Encoding, int, bool]]:
+        """Each text's tokens as far as `usable` of them (from the `direction` end) can be used,
+        after `max_text_tokens` keeps only its first that many: (encoding, tokens cut by
+        max_text_tokens, whether the text was tokenized whole)."""
+        if max_text_tokens is None:
+            bound, side = usable + 1, direction
+        elif direction == "right":
+            bound, side = min(max_text_tokens, usable) + 1, direction
+        else:  # the last tokens of its first max_text_tokens: those must all be known
+            bound, side = max_text_tokens + 1, "right"
+        out: list[tuple[Encoding, int, bool]] = []
+        for b in _tokenizing(field, lambda: self._bounded(texts, bound, side), texts):
+            t, cut = b.encoding, 0
+            if max_text_tokens is not None and len(t.ids) > max_text_tokens:
+                cut = len(t.ids) - max_text_tokens
+                t.truncate(max_text_tokens, stride=0, direction="right")
+            out.append((t, cut, b.complete))
+        return out
 
     def _finish(
         self,
@@ -132,82 +200,194 @@ class PairTokenizer:
         *,
         truncate: bool,
         direction: Direction = "right",
+        max_text_tokens: int | None = None,
         texts_field: str = "texts",
     ) -> list[Encoded]:
         """Encode (query, text) for each text. Without `truncate`, over-long pairs come back
-        untruncated (num_tokens > max_input_length) and the caller rejects them."""
-        q = _tokenizing("query", lambda: self._bounded([query], direction)[0])
-        encoded = _tokenizing(texts_field, lambda: self._bounded(texts, direction), texts)
-        return [self._pair(q, t, truncate=truncate, direction=direction) for t in encoded]
+        untruncated (num_tokens > max_input_length) and the caller rejects them.
+        `max_text_tokens` first keeps only each text's first that many tokens (Cohere/Jina
+        `max_tokens_per_doc`); a text so cut counts as truncated. `texts_field` names the texts
+        in errors."""
+        qb = self._query(query, direction)
+        return [
+            self._pair(
+                qb.encoding,
+                t,
+                truncate=truncate,
+                direction=direction,
+                cut_tokens=cut,
+                fully_counted=qb.complete and complete,
+            )
+            for t, cut, complete in self._texts(
+                texts, texts_field, self.max_text_tokens, direction, max_text_tokens
+            )
+        ]
+
+    def encode_chunked(
+        self,
+        query: str,
+        texts: Sequence[str],
+        *,
+        truncate: bool,
+        direction: Direction = "right",
+        max_text_tokens: int | None = None,
+        max_windows: int = 1,
+        overlap: int = 0,
+        texts_field: str = "texts",
+    ) -> list[ChunkedText]:
+        """Encode each text as windows when it does not fit the model with the query.
+
+        A text whose pair is too long is split into windows of `budget - len(query)` text
+        tokens, each paired with the whole query by the tokenizer's own template; consecutive
+        windows share `overlap` tokens (at most half a window). Windows are laid from the
+        text's start (`direction="right"`) or its end (`"left"`); at most `max_windows` are
+        kept, in that order, and a text that needs more is marked truncated (the caller refuses
+        it when truncation is off). With `max_windows=1`, or a query that leaves no room for
+        text, this is exactly `encode_pairs`."""
+        if max_windows <= 1:
+            return [
+                ChunkedText(
+                    windows=[e],
+                    needed_windows=1,
+                    window_tokens=0,
+                    truncated=e.truncated,
+                    fully_counted=e.fully_counted,
+                )
+                for e in self.encode_pairs(
+                    query,
+                    texts,
+                    truncate=truncate,
+                    direction=direction,
+                    max_text_tokens=max_text_tokens,
+                    texts_field=texts_field,
+                )
+            ]
+        budget = self.max_input_length - self._special_pair
+        qb = self._query(query, direction)
+        q = qb.encoding
+        window = budget - len(q.ids)
+        stride = min(overlap, window // 2)
+        # Text tokens that max_windows windows cover (one window when the query leaves no room).
+        usable = window + (max_windows - 1) * (window - stride) if window >= 1 else budget
+        out: list[ChunkedText] = []
+        for t, cut, complete in self._texts(texts, texts_field, usable, direction, max_text_tokens):
+            counted = qb.complete and complete
+            if window < 1 or len(q.ids) + len(t.ids) <= budget:
+                single = self._pair(
+                    q,
+                    t,
+                    truncate=truncate,
+                    direction=direction,
+                    cut_tokens=cut,
+                    fully_counted=counted,
+                )
+                out.append(
+                    ChunkedText([single], 1, max(window, 0), single.truncated, single.fully_counted)
+                )
+                continue
+            # The tokenizer's own windowing: `t` becomes the first window, the others go to
+            # `t.overflowing`. Each is post-processed with the query on its own: the pair
+            # outputs' own `overflowing` carry wrong token_type_ids for BERT-style templates.
+            t.truncate(window, stride=stride, direction=direction)
+            parts = [t, *t.overflowing][:max_windows]
+            windows = [
+                self._window(self._tok.post_process(q, part, add_special_tokens=True))
+                for part in parts
+            ]
+            out.append(
+                ChunkedText(
+                    windows=windows,
+                    needed_windows=1 + len(t.overflowing),
+                    window_tokens=window,
+                    truncated=cut > 0 or len(t.overflowing) >= max_windows,
+                    fully_counted=counted,
+                )
+            )
+        return out
+
+    def _window(self, enc: Encoding) -> Encoded:
+        pair = EncodedPair(
+            input_ids=list(enc.ids),
+            token_type_ids=list(enc.type_ids) if self.uses_token_type_ids else None,
+        )
+        return Encoded(
+            pair=pair, num_tokens=len(enc.ids), original_tokens=len(enc.ids), truncated=False
+        )
 
     def encode_inputs(
         self, inputs: Sequence[Input], *, truncate: bool, direction: Direction = "right"
     ) -> list[Encoded]:
         """Encode /predict inputs: single strings or (first, second) pairs."""
         flat = [part for item in inputs for part in ((item,) if isinstance(item, str) else item)]
-        parts = iter(_tokenizing("inputs", lambda: self._bounded(flat, direction), inputs))
+        # One token past the window of a single text (which is longer than a pair's).
+        bound = self.max_input_length - self._special_single + 1
+        parts = iter(_tokenizing("inputs", lambda: self._bounded(flat, bound, direction), inputs))
         out: list[Encoded] = []
         for item in inputs:
             if isinstance(item, str):
-                out.append(self._single(next(parts), truncate=truncate, direction=direction))
+                b = next(parts)
+                enc = b.encoding
+                original = len(enc.ids) + self._special_single
+                budget = self.max_input_length - self._special_single
+                cut = truncate and len(enc.ids) > budget
+                if cut:
+                    enc.truncate(budget, stride=0, direction=direction)
+                out.append(self._finish(enc, None, original, cut, b.complete))
             else:
-                first = next(parts)
-                out.append(self._pair(first, next(parts), truncate=truncate, direction=direction))
+                a, b = next(parts), next(parts)
+                out.append(
+                    self._pair(
+                        a.encoding,
+                        b.encoding,
+                        truncate=truncate,
+                        direction=direction,
+                        fully_counted=a.complete and b.complete,
+                    )
+                )
         return out
 
-    def _single(self, b: BoundedEncoding, *, truncate: bool, direction: Direction) -> Encoded:
-        enc = b.encoding
-        original = len(enc.ids) + self._special_single
-        budget = self.max_input_length - self._special_single
-        cut = truncate and len(enc.ids) > budget
-        if cut:
-            enc.truncate(budget, stride=0, direction=direction)
-        return self._finish(enc, None, original, cut, b.complete)
-
     def _pair(
-        self, qb: BoundedEncoding, tb: BoundedEncoding, *, truncate: bool, direction: Direction
+        self,
+        q: Encoding,
+        t: Encoding,
+        *,
+        truncate: bool,
+        direction: Direction,
+        cut_tokens: int = 0,
+        fully_counted: bool = True,
     ) -> Encoded:
-        q, t = qb.encoding, tb.encoding
-        complete = qb.complete and tb.complete
+        """`cut_tokens`: tokens already cut from the text (max_text_tokens) before pairing."""
         budget = self.max_input_length - self._special_pair
         nq, nt = len(q.ids), len(t.ids)
-        original = nq + nt + self._special_pair
+        original = nq + nt + cut_tokens + self._special_pair
         if not truncate or nq + nt <= budget:
-            return self._finish(q, t, original, False, complete)
+            return self._finish(q, t, original, cut_tokens > 0, fully_counted)
         # Keep the query whole where it fits, leaving the text at least one token; otherwise
-        # cut the query too (in the same direction). Encodings are copied before truncating:
-        # truncate() mutates, and the query's encoding is shared by every pair.
+        # cut the query too (in the same direction). The query's encoding is shared by every
+        # pair and truncate() works in place: cut a copy.
         keep_text = max(budget - nq, min(nt, 1))
         keep_query = budget - keep_text
         if keep_query < nq:
-            q = _truncated(q, keep_query, direction)
+            q = Encoding.merge([q], growing_offsets=False)
+            q.truncate(keep_query, stride=0, direction=direction)
         if keep_text < nt:
-            t = _truncated(t, keep_text, direction)
-        return self._finish(q, t, original, True, complete)
+            t.truncate(keep_text, stride=0, direction=direction)
+        return self._finish(q, t, original, True, fully_counted)
 
     def tokens(
-        self,
-        inputs: Sequence[Input],
-        *,
-        add_special_tokens: bool = True,
-        max_tokens: int | None = None,
+        self, inputs: Sequence[Input], *, add_special_tokens: bool = True
     ) -> list[list[TokenInfo]]:
-        """TEI /tokenize: every token with its id, text, special flag and offsets.
-
-        With `max_tokens`, a single text yields only its first `max_tokens` tokens (at most one
-        more than the model's window: no caller can use more), and only that much of it is
-        tokenized; pairs are always tokenized whole."""
-        bound = None if max_tokens is None else min(max_tokens, self.max_useful_tokens)
+        """TEI /tokenize: every token with its id, text, special flag and offsets."""
         result: list[list[TokenInfo]] = []
         for i, item in enumerate(inputs):
-            sources = (item,) if isinstance(item, str) else tuple(item)
+            sources = (item,) if isinstance(item, str) else item
 
-            def encode(parts: tuple[str, ...] = sources) -> Encoding:
-                if bound is not None and len(parts) == 1:
-                    first = encode_bounded(self._tok, parts[0], bound, "right").encoding
-                    return self._tok.post_process(first, None, add_special_tokens)
-                pair = parts[1] if len(parts) > 1 else None
-                return self._tok.encode(parts[0], pair, add_special_tokens=add_special_tokens)
+            def encode(parts: Sequence[str] = sources) -> Encoding:
+                return self._tok.encode(
+                    parts[0],
+                    parts[1] if len(parts) == 2 else None,
+                    add_special_tokens=add_special_tokens,
+                )
 
             enc = _tokenizing(f"inputs[{i}]", encode)
             tokens: list[TokenInfo] = []
@@ -237,24 +417,17 @@ class PairTokenizer:
         return result
 
 
-def _truncated(enc: Encoding, keep: int, direction: Direction) -> Encoding:
-    """A copy of `enc` cut to `keep` tokens (Encoding.truncate works in place)."""
-    copy = Encoding.merge([enc], growing_offsets=False)
-    copy.truncate(keep, stride=0, direction=direction)
-    return copy
-
-
 def _tokenizing(field: str, run: Callable[[], T], texts: Sequence[object] | None = None) -> T:
     """Run the tokenizer; a text it cannot take is a 422 naming the field (never a 500)."""
     try:
         return run()
-    except Exception as exc:  # the tokenizer's errors are TypeError/Exception, not a hierarchy
+    except Exception as exc:  # the tokenizer raises TypeError/Exception, not a hierarchy
         where = field
         for i, text in enumerate(texts or ()):
             if _bad_text(text):
                 where = f"{field}[{i}]"
                 break
-        raise TokenizerError(f"`{where}` cannot be tokenized: {_reason(exc)}") from None
+        raise ValidationError(f"`{where}` cannot be tokenized: {_reason(exc)}") from None
 
 
 def _bad_text(value: object) -> bool:

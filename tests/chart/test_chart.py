@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -292,8 +293,8 @@ def test_security_context_is_restricted(chart: helm_python.Chart) -> None:
 
 
 def test_image_tag_is_pinned_to_the_package_version(chart: helm_python.Chart) -> None:
-    init = (REPO / "operator" / "reranker_operator" / "__init__.py").read_text()
-    version = re.search(r'^__version__ = "([^"]+)"', init, re.M).group(1)
+    # pyproject.toml is the one source of the version (tests/test_version.py checks the rest).
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert chart.metadata["appVersion"] == version
     assert chart.metadata["version"] == version
     assert chart.values["image"]["tag"] == version

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reranker_runtime.build.manifest import BuildInputs, GpuInfo
+from reranker_runtime.engines.manifest import BuildInputs, GpuInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 L4 = GpuInfo(name="NVIDIA L4", compute_capability="8.9")

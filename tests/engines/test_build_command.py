@@ -21,14 +21,14 @@ from engines.helpers import (
     mutate_checkpoint,
     run_build_cli,
 )
-from reranker_runtime.build import atomic, command, trtllm
-from reranker_runtime.build.errors import (
+from reranker_runtime.config import ServeSettings
+from reranker_runtime.engine_build import atomic, command, trtllm
+from reranker_runtime.engine_build.errors import (
     CheckpointInvalidError,
     GpuMismatchError,
     OutputConflictError,
 )
-from reranker_runtime.build.manifest import ManifestError, read_manifest
-from reranker_runtime.config import ServeSettings
+from reranker_runtime.engines.manifest import ManifestError, read_manifest
 
 PAIRS = [
     ("what is the capital of france", "paris is the capital city of france"),
@@ -74,7 +74,7 @@ def _scores(engine, pairs) -> np.ndarray:
 def test_cpu_build_then_load_scores_equal_reference(
     fixture: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    from reranker_runtime.build.engine_dir import load_engine_from_dir
+    from reranker_runtime.engines.engine_dir import load_engine_from_dir
     from tiny_models import reference_logits
 
     model_dir: Path = request.getfixturevalue(fixture)
@@ -105,7 +105,7 @@ def test_cpu_engine_honours_max_seq_len_and_reports_the_checkpoint(
 ) -> None:
     """--max-seq-len caps inputs below the model's maximum, so a long-context model fits a smaller
     token budget; /info reports the checkpoint the engine came from, not the cache path."""
-    from reranker_runtime.build.engine_dir import load_engine_from_dir
+    from reranker_runtime.engines.engine_dir import load_engine_from_dir
     from reranker_runtime.service import RerankService
 
     out = tmp_path / "key"
@@ -165,13 +165,13 @@ def test_killed_build_leaves_no_complete_looking_output_and_rerun_completes(
     out = tmp_path / "engines" / "key"
     script = f"""
 import os, signal, sys
-from reranker_runtime.build import checkpoint
+from reranker_runtime.engine_build import checkpoint
 _orig = checkpoint.copy_checkpoint
 def _crash(src, dst):
     _orig(src, dst)                       # part of the temp directory is written ...
     os.kill(os.getpid(), signal.SIGKILL)  # ... then the pod is killed
 checkpoint.copy_checkpoint = _crash
-from reranker_runtime.build.__main__ import main
+from reranker_runtime.engine_build.__main__ import main
 sys.exit(main({_cli_args(xlmr_reranker, out)!r}))
 """
     r = subprocess.run(
@@ -195,7 +195,7 @@ sys.exit(main({_cli_args(xlmr_reranker, out)!r}))
 def test_failure_mid_build_cleans_its_temp_dir(
     monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path
 ) -> None:
-    from reranker_runtime.build import checkpoint
+    from reranker_runtime.engine_build import checkpoint
 
     orig = checkpoint.copy_checkpoint
 
@@ -364,8 +364,8 @@ def test_t4_gets_a_pytorch_engine_directory(
 ) -> None:
     """TensorRT-LLM's release builds have no sm_75 kernels: on a T4 the checkpoint is cached for
     the PyTorch engine (float16 on the GPU) instead of a TensorRT-LLM build that would fail."""
-    from reranker_runtime.build.engine_dir import load_engine_from_dir
-    from reranker_runtime.build.manifest import GpuInfo
+    from reranker_runtime.engines.engine_dir import load_engine_from_dir
+    from reranker_runtime.engines.manifest import GpuInfo
 
     t4 = GpuInfo(name="Tesla T4", compute_capability="7.5")
     monkeypatch.setattr(
@@ -387,7 +387,7 @@ def test_t4_gets_a_pytorch_engine_directory(
 def test_gpu_build_refuses_other_gpu_before_downloading(
     monkeypatch: pytest.MonkeyPatch, xlmr_reranker: Path, tmp_path: Path
 ) -> None:
-    from reranker_runtime.build import checkpoint
+    from reranker_runtime.engine_build import checkpoint
 
     monkeypatch.setattr(
         checkpoint, "fetch_checkpoint", lambda *a, **k: pytest.fail("fetched before the GPU check")
@@ -420,7 +420,7 @@ def test_trtllm_missing_is_a_clear_build_error(xlmr_reranker: Path, tmp_path: Pa
         pytest.skip("tensorrt_llm is installed here")
     except ImportError:
         pass
-    from reranker_runtime.build.errors import EngineBuildError
+    from reranker_runtime.engine_build.errors import EngineBuildError
 
     ckpt = mutate_checkpoint(xlmr_reranker, tmp_path / "ckpt", config={"intermediate_size": 128})
     with pytest.raises(EngineBuildError, match=r"tensorrt_llm is not importable in this image"):

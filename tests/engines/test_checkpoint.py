@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from engines.helpers import mutate_checkpoint
-from reranker_runtime.build import checkpoint as ck
-from reranker_runtime.build.errors import (
+from reranker_runtime.engine_build import checkpoint as ck
+from reranker_runtime.engine_build.errors import (
     BuildArgumentError,
     CheckpointFetchError,
     CheckpointInvalidError,
@@ -44,15 +44,16 @@ def test_valid_rerankers(xlmr_reranker: Path, bert_reranker: Path) -> None:
     [
         (
             {"architectures": ["XLMRobertaForMaskedLM"]},
-            "XLMRobertaForMaskedLM is not a *ForSequenceClassification model",
+            "XLMRobertaForMaskedLM is not a cross-encoder: it is not a *ForSequenceClassification model",
         ),
         (
             {"architectures": ["DebertaV2ForSequenceClassification"], "model_type": "deberta-v2"},
-            "DebertaV2ForSequenceClassification (model_type 'deberta-v2') is a sequence classifier, but not of the BERT family",
+            "DebertaV2ForSequenceClassification (model_type 'deberta-v2') is a sequence classifier, but not one of the BERT family",
         ),
         ({"architectures": []}, "names no architecture"),
         ({"model_type": "bert"}, "model_type 'bert' (expected 'xlm-roberta')"),
-        ({"max_position_embeddings": None}, "no valid max_position_embeddings"),
+        ({"max_position_embeddings": 0}, "no valid max_position_embeddings"),
+        ({"max_position_embeddings": 2}, "allows only 0 tokens per sequence"),
     ],
 )
 def test_wrong_architecture(xlmr_reranker: Path, tmp_path: Path, config: dict, needle: str) -> None:

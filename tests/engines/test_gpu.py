@@ -8,27 +8,28 @@ from pathlib import Path
 import pytest
 
 from engines.helpers import A10G, L4, inputs
-from reranker_runtime.build import gpu
-from reranker_runtime.build.engine_dir import load_engine_from_dir
-from reranker_runtime.build.errors import GpuMismatchError
-from reranker_runtime.build.manifest import (
+from reranker_runtime.config import ServeSettings
+from reranker_runtime.engine_build import gpu
+from reranker_runtime.engine_build.errors import GpuMismatchError
+from reranker_runtime.engines.engine_dir import load_engine_from_dir
+from reranker_runtime.engines.gpu import parse_nvidia_smi
+from reranker_runtime.engines.manifest import (
     BuildShapes,
     GpuInfo,
     Manifest,
     ModelInfo,
     write_manifest,
 )
-from reranker_runtime.config import ServeSettings
 from reranker_runtime.errors import ModelLoadError
 
 
 def test_parse_nvidia_smi() -> None:
-    assert gpu.parse_nvidia_smi("NVIDIA L4, 8.9\n") == GpuInfo("NVIDIA L4", "8.9")
-    assert gpu.parse_nvidia_smi(
-        "NVIDIA H100 80GB HBM3, 9.0\nNVIDIA H100 80GB HBM3, 9.0\n"
-    ) == GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
-    assert gpu.parse_nvidia_smi("") is None
-    assert gpu.parse_nvidia_smi("Failed to initialize NVML") is None
+    assert parse_nvidia_smi("NVIDIA L4, 8.9\n") == GpuInfo("NVIDIA L4", "8.9")
+    assert parse_nvidia_smi("NVIDIA H100 80GB HBM3, 9.0\nNVIDIA H100 80GB HBM3, 9.0\n") == GpuInfo(
+        "NVIDIA H100 80GB HBM3", "9.0"
+    )
+    assert parse_nvidia_smi("") is None
+    assert parse_nvidia_smi("Failed to initialize NVML") is None
 
 
 @pytest.mark.parametrize(
@@ -110,8 +111,8 @@ def test_serving_sets_offline_and_reports_bad_dirs(
 
 
 def test_serving_refuses_an_engine_from_another_tensorrt_llm(tmp_path: Path) -> None:
-    from reranker_runtime.build.engine_dir import check_serving_versions
-    from reranker_runtime.build.manifest import read_manifest
+    from reranker_runtime.engines.engine_dir import check_serving_versions
+    from reranker_runtime.engines.manifest import read_manifest
 
     d = _trt_dir(tmp_path)
     m = read_manifest(d)

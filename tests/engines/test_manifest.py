@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engines.helpers import L4, inputs
-from reranker_runtime.build.manifest import (
+from reranker_runtime.engines.manifest import (
     FORMAT_VERSION,
     BuildShapes,
     Manifest,

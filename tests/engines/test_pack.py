@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from reranker_runtime.build.checkpoint import validate_checkpoint
+from reranker_runtime.engine_build.checkpoint import validate_checkpoint
 from reranker_runtime.engines.base import EncodedPair
 from reranker_runtime.engines.trtllm_engine import INPUT_NAMES, pack_batch
 
@@ -81,3 +81,21 @@ def test_packed_arrays_reproduce_reference_logits(
                 )[None]
             got.append(model(**kwargs).logits[0].tolist())
     np.testing.assert_allclose(got, reference_logits(model_dir, pairs), atol=1e-5)
+
+
+def test_engine_family_comes_from_the_checkpoint_and_must_match_the_engine(
+    xlmr_reranker: Path, bert_reranker: Path
+) -> None:
+    """The TensorRT-LLM engine takes its position offset and token types from the checkpoint's
+    config.json (as the build did) and refuses an engine config that records another model."""
+    from reranker_runtime.engines.trtllm_engine import model_family_of
+    from reranker_runtime.errors import ModelLoadError
+
+    xlmr = model_family_of(xlmr_reranker, {"is_roberta": True, "pad_token_id": 1})
+    assert (xlmr.position_offset, xlmr.uses_token_type_ids) == (2, False)
+    assert model_family_of(xlmr_reranker, {}).position_offset == 2  # nothing recorded: no check
+    bert = model_family_of(bert_reranker, {"is_roberta": False})
+    assert (bert.position_offset, bert.uses_token_type_ids) == (0, True)
+    for recorded in ({"is_roberta": False}, {"pad_token_id": 0}):
+        with pytest.raises(ModelLoadError, match=r"was built for another model"):
+            model_family_of(xlmr_reranker, recorded)

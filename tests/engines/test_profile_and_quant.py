@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from reranker_runtime.build.checkpoint import ModelSpec
-from reranker_runtime.build.errors import (
+from reranker_runtime.engine_build.checkpoint import ModelSpec
+from reranker_runtime.engine_build.errors import (
     BuildArgumentError,
     CheckpointInvalidError,
     QuantizationUnsupportedError,
 )
-from reranker_runtime.build.trtllm import (
+from reranker_runtime.engine_build.trtllm import (
     MAX_BATCH_SIZE_CAP,
     Profile,
     check_quantization,
     check_trtllm_compatible,
     derive_profile,
 )
+from reranker_runtime.model_family import ModelFamily
 
 
 @pytest.mark.parametrize(
@@ -81,12 +82,16 @@ def test_unknown_quantization() -> None:
 
 
 def _spec(**over) -> ModelSpec:
+    config = {
+        "architectures": [over.pop("architecture", "XLMRobertaForSequenceClassification")],
+        "model_type": over.pop("model_type", "xlm-roberta"),
+        "num_labels": 1,
+        "max_position_embeddings": 514,
+        "pad_token_id": over.pop("pad_token_id", 1),
+    }
     base = dict(
-        architecture="XLMRobertaForSequenceClassification",
-        model_type="xlm-roberta",
-        num_labels=1,
+        family=ModelFamily.from_config(config),
         max_input_length=512,
-        pad_token_id=1,
         hidden_size=1024,
         intermediate_size=4096,
         position_embedding_type="absolute",

@@ -26,9 +26,10 @@ def _accelerator() -> str:
         import tensorrt_llm  # noqa: F401
     except ImportError as e:
         pytest.skip(f"tensorrt_llm is not installed ({e})")
-    from reranker_runtime.build import gpu
+    from reranker_runtime.engine_build import gpu
+    from reranker_runtime.engines.gpu import detect_gpu
 
-    detected = gpu.detect_gpu()
+    detected = detect_gpu()
     if detected is None:
         pytest.skip("no CUDA GPU visible")
     for name in gpu.GPU_ACCELERATORS:
@@ -67,11 +68,11 @@ def _tiny_trt_compatible(kind: str, out: Path) -> Path:
 @pytest.mark.parametrize("kind", ["xlmr-reranker", "bert-reranker"])
 def test_trtllm_engine_matches_reference(kind: str, tmp_path: Path) -> None:
     accel = _accelerator()
-    from reranker_runtime.build.command import run_build
-    from reranker_runtime.build.engine_dir import load_engine_from_dir
-    from reranker_runtime.build.manifest import read_manifest
     from reranker_runtime.config import ServeSettings
+    from reranker_runtime.engine_build.command import run_build
     from reranker_runtime.engines.base import EncodedPair
+    from reranker_runtime.engines.engine_dir import load_engine_from_dir
+    from reranker_runtime.engines.manifest import read_manifest
     from tiny_models import reference_logits
 
     ckpt = _tiny_trt_compatible(kind, tmp_path)

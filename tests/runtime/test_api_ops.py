@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +14,33 @@ import httpx
 import pytest
 import pytest_asyncio
 import torch
+from fastapi import APIRouter, Request
+from prometheus_client.parser import text_string_to_metric_families
 
 from reranker_runtime import __version__
 from reranker_runtime.api import create_app
+from reranker_runtime.api.deps import InferenceRoute, admitted_service
 from reranker_runtime.engines.torch_engine import TorchEngine
+from reranker_runtime.service import RerankService
 from runtime.api_support import QUERY, TEXTS, running_app, serving, settings_for, wait_until
 from runtime.fakes import ControlledEngine
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 KEY = "s3cret-key"
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Wait (bounded) for a condition the test needs before its next step; fail if it never
+    comes (not a timing assertion: the bound is far above any normal wait)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition never became true")
+        await asyncio.sleep(0.005)
+
+
 RERANK = {"query": QUERY, "texts": TEXTS[:2]}
 
 
@@ -76,29 +93,61 @@ async def test_info(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
     assert info["version"] == __version__
 
 
-async def test_metrics(client: httpx.AsyncClient) -> None:
-    assert (await client.post("/rerank", json=RERANK)).status_code == 200
+async def test_info_reports_the_limits_in_force(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    """An engine's own caps (a TensorRT profile) lower the configured limits; /info shows what
+    the batcher uses."""
+    engine = ControlledEngine(xlmr_engine, max_batch_tokens=512, max_batch_size=4)
+    settings = settings_for(xlmr_reranker, max_batch_tokens=2048, max_batch_requests=8)
+    async with serving(settings, engine) as c:
+        info = (await c.get("/info")).json()
+    assert (info["max_batch_tokens"], info["max_batch_requests"]) == (512, 4)
+    assert engine.warmups == [512]
+
+
+def _samples(text: str) -> dict[str, float]:
+    """`name{labels} value` lines of a Prometheus text page, by `name{labels}`."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+async def test_metrics_count_what_a_request_did(client: httpx.AsyncClient) -> None:
+    """Every value below moves only because of the requests this test sends."""
+    before = _samples((await client.get("/metrics")).text)
+    ok = await client.post("/rerank", json=RERANK)
+    assert ok.status_code == 200
+    tokens = int(ok.headers["x-compute-tokens"])
     assert (await client.post("/rerank", json={"query": QUERY, "texts": []})).status_code == 400
     await client.get("/nope")
     resp = await client.get("/metrics")
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/plain")
-    text = resp.text
-    assert 'te_request_count_total{method="/rerank",status="200"}' in text
-    assert 'te_request_count_total{method="/rerank",status="400"}' in text
-    assert 'te_request_count_total{method="other",status="404"}' in text  # unknown paths: one label
-    assert 'te_request_duration_bucket{le="0.001",method="/rerank"}' in text
+    after = _samples(resp.text)
+
+    def moved(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved('te_request_count_total{method="/rerank",status="200"}') == 1
+    assert moved('te_request_count_total{method="/rerank",status="400"}') == 1
+    assert moved('te_request_count_total{method="other",status="404"}') == 1  # unknown: one label
+    assert moved('te_request_duration_count{method="/rerank"}') == 2
+    # Only the request that reached the model is in the per-request and per-batch histograms.
     for name in (
-        "te_request_queue_duration",
-        "te_request_inference_duration",
-        "te_request_tokenization_duration",
-        "te_request_input_length",
-        "te_queue_size",
-        "te_batch_next_size",
-        "te_batch_next_tokens",
-        "te_requests_in_flight",
+        "te_request_queue_duration_count",
+        "te_request_inference_duration_count",
+        "te_request_tokenization_duration_count",
+        "te_request_input_length_count",
     ):
-        assert name in text, name
+        assert moved(name) == 1, name
+    assert moved("te_request_input_length_sum") == tokens
+    assert moved("te_batch_next_size_sum") == len(RERANK["texts"])  # both pairs in one batch
+    assert moved("te_batch_next_tokens_count") == 1
+    assert after["te_queue_size"] == 0 and after["te_requests_in_flight"] == 0
 
 
 async def test_openapi_and_docs(client: httpx.AsyncClient) -> None:
@@ -197,6 +246,37 @@ async def test_api_key_declared_in_openapi(
     assert "securitySchemes" not in open_schema.get("components", {})
 
 
+async def test_a_new_inference_route_is_protected_and_admitted(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    """A route added to any router built with InferenceRoute gets the API key check, the
+    lifecycle's admission and the OpenAPI security declaration without listing it anywhere."""
+    router = APIRouter(route_class=InferenceRoute)
+
+    @router.post("/v9/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"max_input_length": admitted_service(request).info.max_input_length}
+
+    engine = ControlledEngine(xlmr_engine)
+    engine.hold_warmup()
+    app = create_app(settings_for(xlmr_reranker, api_key=KEY), engine=engine)
+    app.include_router(router)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    async with running_app(app) as c:
+        try:
+            assert (await c.post("/v9/echo")).status_code == 401
+            warming = await c.post("/v9/echo", headers=auth)
+            assert warming.status_code == 503 and "retry shortly" in warming.json()["error"]
+        finally:
+            engine.release_warmup()
+        await wait_until(c)
+        assert (await c.post("/v9/echo")).status_code == 401
+        resp = await c.post("/v9/echo", headers=auth)
+        assert resp.status_code == 200 and resp.json() == {"max_input_length": 128}
+        [operation] = (await c.get("/openapi.json")).json()["paths"]["/v9/echo"].values()
+        assert operation["security"] == [{"Bearer": []}, {"ApiKey": []}]
+
+
 async def test_no_api_key_means_open(client: httpx.AsyncClient) -> None:
     resp = await client.post("/rerank", json=RERANK, headers={"Authorization": "Bearer anything"})
     assert resp.status_code == 200
@@ -231,17 +311,17 @@ async def test_429_at_once_when_max_concurrent_requests_in_flight(
     xlmr_reranker: Path, xlmr_engine: TorchEngine
 ) -> None:
     engine = ControlledEngine(xlmr_engine)
-    async with serving(settings_for(xlmr_reranker, max_concurrent_requests=2), engine) as c:
+    app = create_app(settings_for(xlmr_reranker, max_concurrent_requests=2), engine=engine)
+    lifecycle = app.state.lifecycle
+    async with running_app(app) as c:
+        await wait_until(c)
         engine.hold()
         big = asyncio.create_task(
             c.post("/rerank", json={"query": QUERY, "texts": TEXTS})
         )  # counts once
         small = asyncio.create_task(c.post("/predict", json={"inputs": "paris"}))
         await engine.wait_for_calls(1)
-        for _ in range(200):  # both admitted: wait until the second one is in flight too
-            if (await c.get("/metrics")).text.count("te_requests_in_flight 2.0"):
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: lifecycle.in_flight == 2)  # both admitted
         refused = await c.post("/rerank", json=RERANK)
         assert refused.status_code == 429
         assert refused.json()["error_type"] == "Overloaded"
@@ -327,7 +407,7 @@ async def test_drain_turns_health_503_and_finishes_in_flight(
         engine.hold()
         in_flight = asyncio.create_task(c.post("/rerank", json=RERANK))
         await engine.wait_for_calls(1)
-        drain = app.state.runtime.drain()
+        drain = app.state.lifecycle.drain()
         health = await c.get("/health")
         assert health.status_code == 503 and "shutting down" in health.json()["error"]
         assert (await c.post("/rerank", json=RERANK)).status_code == 503  # no new work
@@ -349,27 +429,21 @@ async def test_model_load_failure_is_reported(tmp_path: Path) -> None:
         assert (await c.post("/rerank", json=RERANK)).status_code == 503
 
 
-class _BrokenService:
-    """A started service whose rerank has a bug (not a RerankerError)."""
-
-    ready = True
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    def admit(self) -> Any:
-        import contextlib
-
-        return contextlib.AsyncExitStack()
+class _BrokenService(RerankService):
+    """A real service whose rerank has a bug (not a RerankerError)."""
 
     async def rerank(self, *args: Any, **kwargs: Any) -> Any:
         raise KeyError("bug")
 
 
-async def test_unexpected_error_is_a_json_500_with_request_id(xlmr_reranker: Path) -> None:
-    app = create_app(settings_for(xlmr_reranker), service=_BrokenService())  # type: ignore[arg-type]
+async def test_unexpected_error_is_a_json_500_with_request_id(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    settings = settings_for(xlmr_reranker)
+    service = _BrokenService(ControlledEngine(xlmr_engine), settings)
+    app = create_app(settings, service=service)
     async with running_app(app) as c:
+        await wait_until(c)
         resp = await c.post("/rerank", json=RERANK, headers={"x-request-id": "bug-1"})
         assert resp.status_code == 500
         assert resp.json() == {"error": "internal server error", "error_type": "Backend"}

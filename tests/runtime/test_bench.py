@@ -272,14 +272,6 @@ def test_bench_model_fits_the_workload(bench_model: Path):
 
 
 def test_bench_end_to_end(bench_model: Path, tmp_path: Path):
-    try:
-        from reranker_runtime.cli import build_parser
-
-        build_parser()
-        import reranker_runtime.engines.factory  # noqa: F401
-    except ImportError as exc:  # the server is being written in parallel
-        pytest.skip(f"server not available yet: {exc}")
-
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     log = (tmp_path / "server.log").open("w")

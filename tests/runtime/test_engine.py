@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
-import sys
-import types
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from reranker_runtime.config import ServeSettings
-from reranker_runtime.engines.base import EncodedPair
+from reranker_runtime.engines import factory
+from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
 from reranker_runtime.engines.factory import create_engine
 from reranker_runtime.engines.torch_engine import TorchEngine, cpu_has_native_bf16
 from reranker_runtime.errors import ModelLoadError
@@ -140,8 +142,43 @@ def test_bfloat16_on_cpu(xlmr_reranker: Path, xlmr_engine) -> None:
     assert np.corrcoef(low[:, 0], full[:, 0])[0, 1] > 0.95
 
 
-def test_warmup_at_budget(xlmr_engine) -> None:
-    xlmr_engine.warmup(1024)  # 8 x 128 tokens, then a short pass
+class RecordingEngine(Engine):
+    """Delegates to a real engine and records the sequence lengths of every forward pass."""
+
+    def __init__(self, inner: Engine, **info_overrides: Any) -> None:
+        self._inner = inner
+        self._info = dataclasses.replace(inner.info, **info_overrides)
+        self.batches: list[list[int]] = []
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._inner.tokenizer
+
+    def score(self, batch: Sequence[EncodedPair]) -> np.ndarray:
+        self.batches.append([len(pair) for pair in batch])
+        return self._inner.score(batch)
+
+
+@pytest.mark.parametrize(
+    ("budget", "max_batch_size", "full_batch"),
+    [
+        (1024, None, [TINY_MAX_TOKENS] * 8),  # 8 x 128 = the whole budget
+        (1000, None, [TINY_MAX_TOKENS] * 7),  # as many full-length sequences as fit
+        (100, None, [TINY_MAX_TOKENS]),  # at least one full-length sequence
+        (1024, 3, [TINY_MAX_TOKENS] * 3),  # never beyond the engine's own batch limit
+    ],
+)
+def test_warmup_runs_the_largest_batch_first(
+    xlmr_engine, budget: int, max_batch_size: int | None, full_batch: list[int]
+) -> None:
+    engine = RecordingEngine(xlmr_engine, max_batch_size=max_batch_size)
+    engine.warmup(budget)
+    assert engine.batches[0] == full_batch  # the pass that would run out of memory, at start
+    assert len(engine.batches) == 2 and len(engine.batches[1]) == 1  # then one short sequence
 
 
 def test_refuses_base_model_without_head(tmp_path: Path, xlmr_reranker: Path) -> None:
@@ -160,7 +197,7 @@ def test_refuses_base_model_without_head(tmp_path: Path, xlmr_reranker: Path) ->
     XLMRobertaModel(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(xlmr_reranker).save_pretrained(out)
     with pytest.raises(
-        ModelLoadError, match=r"not a cross-encoder.*XLMRobertaModel.*ForSequenceClassification"
+        ModelLoadError, match=r"XLMRobertaModel is not a cross-encoder.*ForSequenceClassification"
     ):
         TorchEngine.load(str(out), device="cpu")
 
@@ -169,7 +206,7 @@ def test_refuses_other_model_families(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"]})
     )
-    with pytest.raises(ModelLoadError, match=r"'gpt2'.*BERT-family"):
+    with pytest.raises(ModelLoadError, match=r"'gpt2'.*not one of the BERT family"):
         TorchEngine.load(str(tmp_path), device="cpu")
 
 
@@ -201,9 +238,7 @@ def test_factory_prefers_engine_dir(monkeypatch: pytest.MonkeyPatch, xlmr_engine
         seen.append((path, settings))
         return xlmr_engine
 
-    fake = types.ModuleType("reranker_runtime.build.engine_dir")
-    fake.load_engine_from_dir = load_engine_from_dir  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "reranker_runtime.build.engine_dir", fake)
+    monkeypatch.setattr(factory, "load_engine_from_dir", load_engine_from_dir)
     settings = ServeSettings(model="ignored", engine_dir="/engines/abc")
     assert create_engine(settings) is xlmr_engine
     assert seen == [("/engines/abc", settings)]

@@ -1,5 +1,6 @@
-"""RerankService: scores vs the reference, validation errors, truncation, tokenization,
-/predict semantics, readiness, admission and draining."""
+"""RerankService: scores vs the reference, validation errors (and their HTTP mapping),
+truncation, tokenization, /predict semantics, engine failures and cancellation. Readiness,
+admission and draining: test_lifecycle.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from reranker_runtime.api.errors import client_message, http_error
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.engines.base import EncodedPair, Engine
 from reranker_runtime.errors import (
@@ -21,8 +23,6 @@ from reranker_runtime.errors import (
     EngineError,
     InputTooLongError,
     ModelLoadError,
-    NotReadyError,
-    OverloadedError,
     TooManyInputsError,
     ValidationError,
     WrongModelKindError,
@@ -112,8 +112,7 @@ async def test_fifty_concurrent_requests_no_cross_talk(xlmr_engine, xlmr_reranke
     async with serving(xlmr_engine, max_batch_tokens=2048) as service:
 
         async def one(query: str, texts: list[str]) -> list[float]:
-            async with service.admit():
-                return (await service.rerank(query, texts, truncate=True)).scores
+            return (await service.rerank(query, texts, truncate=True)).scores
 
         results = await asyncio.wait_for(
             asyncio.gather(*(one(q, ts) for q, ts in requests)), WAIT_S
@@ -191,19 +190,19 @@ async def test_validation_errors(xlmr_engine) -> None:
         for call, error_type, status, text in cases:
             with pytest.raises(error_type) as err:
                 await call
-            assert err.value.status_code == status
-            assert text in err.value.message, err.value.message
+            assert http_error(err.value).status == status
+            assert text in client_message(err.value), client_message(err.value)
 
         long_text = " ".join(corpus(40, seed=1))
         n = len(xlmr_engine.tokenizer("q", long_text)["input_ids"])
         with pytest.raises(InputTooLongError) as err:
             await service.rerank("q", ["short", long_text], truncate=False)
-        assert err.value.status_code == 422
+        assert http_error(err.value).status == 422
         # The text is tokenized only past the limit (text_bounds), so the count is a true bound.
         match = re.fullmatch(
             r"`texts\[1\]`: query and text are at least (\d+) tokens long but the model accepts "
             rf"at most {TINY_MAX_TOKENS}; shorten it or set truncate=true",
-            err.value.message,
+            client_message(err.value),
         )
         assert match, err.value.message
         assert TINY_MAX_TOKENS < int(match.group(1)) <= n
@@ -215,7 +214,7 @@ async def test_too_many_message_names_limit(xlmr_engine) -> None:
     async with serving(xlmr_engine, max_client_batch_size=2) as service:
         with pytest.raises(TooManyInputsError) as err:
             await service.rerank("q", ["a", "b", "c"], truncate=False)
-    assert err.value.message == (
+    assert client_message(err.value) == (
         "`texts` has 3 items but this server accepts at most 2 per request; send fewer per request "
         "or raise --max-client-batch-size (RERANKER_MAX_CLIENT_BATCH_SIZE)"
     )
@@ -322,7 +321,7 @@ async def test_classifier_refused_by_rerank_served_by_predict(
             await service.rerank(QUERY, TEXTS, truncate=False)
         result = await service.predict(inputs, truncate=False)
         raw = await service.predict(inputs, truncate=False, raw_scores=True)
-    assert err.value.status_code == 400
+    assert http_error(err.value).status == 400
     assert (
         "3 labels (negative, neutral, positive)" in err.value.message
         and "/predict" in err.value.message
@@ -364,64 +363,7 @@ async def test_bfloat16_service_close_to_fp32(xlmr_reranker: Path, xlmr_engine) 
     np.testing.assert_allclose(low.scores, full.scores, atol=0.15)
 
 
-# ------------------------------------------------------------- lifecycle and admission
-
-
-async def test_not_ready_until_warmed_up_then_drains(xlmr_engine) -> None:
-    engine = ControlledEngine(xlmr_engine)
-    engine.hold_warmup()
-    service = RerankService(engine, settings(max_batch_tokens=512))
-    starting = asyncio.create_task(service.start())
-    try:
-        await asyncio.sleep(0.01)
-        assert not service.ready
-        with pytest.raises(NotReadyError) as err:
-            async with service.admit():
-                pass
-        assert err.value.status_code == 503 and "Retry-After" in err.value.headers
-        with pytest.raises(NotReadyError):
-            await service.rerank(QUERY, TEXTS, truncate=False)
-    finally:
-        engine.release_warmup()
-    await asyncio.wait_for(starting, WAIT_S)
-    assert service.ready and engine.warmups == [512]
-    assert service.info.max_input_length == TINY_MAX_TOKENS
-
-    # Draining: new requests refused at once, the one in flight finishes, then the engine closes.
-    engine.hold()
-
-    async def in_flight() -> list[float]:
-        async with service.admit():
-            return (await service.rerank(QUERY, TEXTS, truncate=False)).scores
-
-    request = asyncio.create_task(in_flight())
-    await engine.wait_for_calls(1)
-    stopping = asyncio.create_task(service.stop())
-    await asyncio.sleep(0.01)
-    assert not service.ready and not stopping.done()
-    with pytest.raises(NotReadyError, match="shutting down"):
-        async with service.admit():
-            pass
-    engine.release()
-    scores = await asyncio.wait_for(request, WAIT_S)
-    await asyncio.wait_for(stopping, WAIT_S)
-    assert len(scores) == len(TEXTS)
-    assert engine.closed and not service.ready
-
-
-async def test_admit_refuses_over_limit(xlmr_engine) -> None:
-    async with serving(xlmr_engine, max_concurrent_requests=2) as service:
-        async with service.admit(), service.admit():
-            assert service.in_flight == 2
-            with pytest.raises(OverloadedError) as err:
-                async with service.admit():
-                    pass
-            assert err.value.status_code == 429
-            assert err.value.headers["Retry-After"]
-            assert "limit (--max-concurrent-requests) is 2" in err.value.message
-        assert service.in_flight == 0
-        async with service.admit():
-            pass
+# ------------------------------------------------------------- failures and start-up
 
 
 async def test_engine_failure_is_engine_error_and_service_recovers(xlmr_engine) -> None:
@@ -430,7 +372,7 @@ async def test_engine_failure_is_engine_error_and_service_recovers(xlmr_engine) 
         engine.fail_next(RuntimeError("boom"))
         with pytest.raises(EngineError) as err:
             await service.rerank(QUERY, TEXTS, truncate=False)
-        assert err.value.status_code == 500 and "boom" in err.value.message
+        assert http_error(err.value).status == 500 and "boom" in err.value.message
         assert len((await service.rerank(QUERY, TEXTS, truncate=False)).scores) == len(TEXTS)
 
 
@@ -462,4 +404,4 @@ async def test_start_refuses_max_length_above_budget(xlmr_engine) -> None:
     service = RerankService(xlmr_engine, settings(max_batch_tokens=100))
     with pytest.raises(ModelLoadError, match="raise --max-batch-tokens to at least 128"):
         await service.start()
-    assert not service.ready
+    assert not service.batcher.running

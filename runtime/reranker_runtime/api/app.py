@@ -1,9 +1,10 @@
-"""The FastAPI application: routers, the one error mapping, access log + metrics, lifespan.
+"""The FastAPI application: routers, error handlers (mapped by api/errors.py), access log +
+metrics, and the lifespan that starts and drains the lifecycle.
 
 `create_app(settings)` loads the model itself (in the background, from the lifespan);
 `create_app(settings, engine=...)` or `create_app(settings, service=...)` serve what the caller
 built (tests, other embedders). Either way the service is started (warm-up) in the background so
-`/live` answers at once and `/health` says 503 until the model is ready.
+`/live` answers at once and `/health` says 503 until the model is ready (lifecycle.py).
 """
 
 from __future__ import annotations
@@ -26,24 +27,27 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker_runtime import __version__, metrics
 from reranker_runtime.api import cohere, ops, tei
-from reranker_runtime.api.auth import ApiKeyMiddleware, document_api_key
-from reranker_runtime.api.deps import (
-    LOG_SCOPE_KEY,
-    REQUEST_ID_SCOPE_KEY,
-    ClientDisconnected,
-    Runtime,
+from reranker_runtime.api.auth import all_routes, document_api_key, protected_paths
+from reranker_runtime.api.deps import LOG_SCOPE_KEY, REQUEST_ID_SCOPE_KEY, ClientDisconnected
+from reranker_runtime.api.errors import (
+    CLIENT_CLOSED_REQUEST,
+    HTTP_ERROR_TYPES,
+    INTERNAL_ERROR_BODY,
+    error_response,
+    plain_error_response,
 )
-from reranker_runtime.api.schema_limits import publish_limits
+from reranker_runtime.api.schema_limits import apply_client_batch_limit
 from reranker_runtime.api.schemas import INPUT_ERROR, ErrorBody
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.errors import RerankerError
-from reranker_runtime.logging import ACCESS_LOGGER
+from reranker_runtime.lifecycle import Lifecycle
+from reranker_runtime.logging import ACCESS_LOGGER, log_fields
 
 if TYPE_CHECKING:
     from reranker_runtime.engines.base import Engine
     from reranker_runtime.service import RerankService
 
-log = logging.getLogger("reranker_runtime.api")
+log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -51,8 +55,21 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 _QUIET_PATHS = frozenset({"/health", "/live", "/metrics"})
 # A client-supplied request id is echoed only if it is short and plain.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-# nginx's "client closed request": the client left before the answer; nothing was sent.
-CLIENT_CLOSED_REQUEST = 499
+
+
+class _App(FastAPI):
+    """FastAPI whose OpenAPI schema declares the API key on the protected routes when one is
+    set, so /docs offers "Authorize" and generated clients send the header, and publishes the
+    server's --max-client-batch-size as `maxItems` (api/schema_limits.py)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            apply_client_batch_limit(schema, self.state.max_client_batch_size)
+            if self.state.api_key:
+                document_api_key(schema, protected_paths(self.routes))
+            self.openapi_schema = schema
+        return self.openapi_schema
 
 
 def create_app(
@@ -60,17 +77,17 @@ def create_app(
     engine: Engine | None = None,
     service: RerankService | None = None,
 ) -> FastAPI:
-    runtime = Runtime(settings, engine=engine, service=service)
+    lifecycle = Lifecycle(settings, engine=engine, service=service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime.start_boot()
+        lifecycle.start()
         try:
             yield
         finally:
-            await runtime.close()
+            await lifecycle.close()
 
-    app = FastAPI(
+    app = _App(
         title="reranker-runtime",
         version=__version__,
         description=(
@@ -88,46 +105,27 @@ def create_app(
             },
         },
     )
-    app.state.runtime = runtime
+    app.state.lifecycle = lifecycle
+    # Read by ProtectedRoute (api/auth.py) on every protected route.
+    app.state.api_key = settings.api_key
+    app.state.max_client_batch_size = settings.max_client_batch_size
     app.include_router(tei.router)
     app.include_router(cohere.router)
     app.include_router(ops.router)
+    app.include_router(ops.info_router)
     _install_error_handlers(app)
-    publish_limits(app, settings.max_client_batch_size)
 
-    if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
-        default_openapi = app.openapi
-
-        def openapi_with_api_key() -> dict[str, Any]:
-            if app.openapi_schema is None:
-                app.openapi_schema = document_api_key(default_openapi())
-            return app.openapi_schema
-
-        app.openapi = openapi_with_api_key  # type: ignore[method-assign]
     # Metric labels: known paths only, so scanners hitting random URLs cannot blow up the
-    # label cardinality. (Collected from the routers: included routers are not flattened
-    # into app.routes in this FastAPI version.)
+    # label cardinality.
     routes = frozenset(
-        path
-        for router in (tei.router, cohere.router, ops.router, app.router)
-        for path in (getattr(r, "path", None) for r in router.routes)
-        if path
+        path for path in (getattr(r, "path", None) for r in all_routes(app.routes)) if path
     )
     app.add_middleware(AccessMiddleware, routes=routes)  # outermost: sees every response
     return app
 
 
 # ---------------------------------------------------------------------------------------------
-# Errors: one mapping for everything a client can get wrong or run into.
-
-
-def _error_response(
-    status: int, message: str, error_type: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": message, "error_type": error_type}, status_code=status, headers=headers
-    )
+# Error handlers: each answers through api/errors.py's mapping.
 
 
 def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
@@ -163,18 +161,20 @@ def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RerankerError)
     async def _domain(_: Request, exc: RerankerError) -> JSONResponse:
-        return _error_response(exc.status_code, exc.message, exc.error_type, exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         status, message = _validation_message(exc.errors())
-        return _error_response(status, message, "Validation")
+        return plain_error_response(status, message, "Validation")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "NotFound", 405: "MethodNotAllowed", 413: "Validation"}
-        return _error_response(
-            exc.status_code, str(exc.detail), kinds.get(exc.status_code, "Validation"), exc.headers
+        return plain_error_response(
+            exc.status_code,
+            str(exc.detail),
+            HTTP_ERROR_TYPES.get(exc.status_code, "Validation"),
+            exc.headers,
         )
 
     @app.exception_handler(ClientDisconnected)
@@ -218,12 +218,10 @@ class AccessMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            log.exception("unhandled error", extra=log_fields(request_id=request_id))
             status = 500
             if not response_started:
-                body = json.dumps(
-                    {"error": "internal server error", "error_type": "Backend"}
-                ).encode()
+                body = json.dumps(INTERNAL_ERROR_BODY).encode()
                 await send(
                     {
                         "type": "http.response.start",
@@ -251,17 +249,15 @@ class AccessMiddleware:
                     scope["method"],
                     path,
                     status,
-                    extra={
-                        "fields": {
-                            "request_id": request_id,
-                            "method": scope["method"],
-                            "route": route,
-                            "status": status,
-                            "duration_ms": round(duration * 1000, 2),
-                            "client": f"{client[0]}:{client[1]}" if client else None,
-                            **fields,
-                        }
-                    },
+                    extra=log_fields(
+                        request_id=request_id,
+                        method=scope["method"],
+                        route=route,
+                        status=status,
+                        duration_ms=round(duration * 1000, 2),
+                        client=f"{client[0]}:{client[1]}" if client else None,
+                        **fields,
+                    ),
                 )
 
 

@@ -1,28 +1,27 @@
-"""API-key check for the inference routes.
+"""API-key check for the protected routes: every route of a router built with
+`route_class=ProtectedRoute` (the inference routers use its subclass `InferenceRoute`, and /info
+has its own protected router), so a route added to those routers cannot be left open.
 
 With `--api-key`, protected routes require `Authorization: Bearer <key>` (OpenAI/Cohere/Jina
-clients) or `Authorization: Api-Key <key>` (Baseten/BEI clients). It runs as ASGI middleware,
-before the body is read or parsed, so an unauthenticated caller gets 401 and learns nothing
-about the request schema. The comparison is constant-time.
-
-Protected: /rerank, /predict, /v1/rerank, /v2/rerank, /tokenize, /info (it reveals the model
-and the server's limits). Open: /health, /live (probes), /metrics (scraped from inside the
-cluster; aggregate numbers only), /openapi.json and /docs (the public schema).
+clients) or `Authorization: Api-Key <key>` (Baseten/BEI clients). The check runs before the body
+is read or parsed, so an unauthenticated caller gets 401 and learns nothing about the request
+schema. The comparison is constant-time. Open: /health, /live (probes), /metrics (scraped from
+inside the cluster; aggregate numbers only), /openapi.json and /docs (the public schema).
 """
 
 from __future__ import annotations
 
 import hmac
-import json
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 
+from reranker_runtime.api.errors import error_response
 from reranker_runtime.errors import UnauthorizedError
 
-PROTECTED_PATHS = frozenset(
-    {"/rerank", "/predict", "/v1/rerank", "/v2/rerank", "/tokenize", "/info"}
-)
 _SCHEMES = ("bearer", "api-key")
 
 
@@ -43,39 +42,38 @@ def check_authorization(header: str | None, api_key: str) -> UnauthorizedError |
     return None
 
 
-class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.api_key = api_key
+class ProtectedRoute(APIRoute):
+    """A route that answers 401 without the server's API key (when one is set)."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] not in PROTECTED_PATHS
-            or scope["method"] == "OPTIONS"
-        ):
-            await self.app(scope, receive, send)
-            return
-        header = None
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                header = value.decode("latin-1")
-                break
-        error = check_authorization(header, self.api_key)
-        if error is None:
-            await self.app(scope, receive, send)
-            return
-        body = json.dumps(error.to_body()).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-        await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            api_key: str | None = request.app.state.api_key
+            if api_key:
+                error = check_authorization(request.headers.get("authorization"), api_key)
+                if error is not None:
+                    return error_response(error)
+            return await handler(request)
+
+        return checked
 
 
-def document_api_key(schema: dict[str, Any]) -> dict[str, Any]:
+def all_routes(routes: Iterable[BaseRoute]) -> list[BaseRoute]:
+    """Every route, looking into included routers (FastAPI keeps those as one entry that holds
+    the router it included, `original_router`)."""
+    out: list[BaseRoute] = []
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        out.extend(all_routes(included.routes) if included is not None else [route])
+    return out
+
+
+def protected_paths(routes: Iterable[BaseRoute]) -> frozenset[str]:
+    return frozenset(r.path for r in all_routes(routes) if isinstance(r, ProtectedRoute))
+
+
+def document_api_key(schema: dict[str, Any], protected: frozenset[str]) -> dict[str, Any]:
     """Declare the key in an OpenAPI schema: both schemes, required on the protected routes, so
     /docs offers "Authorize" and generated clients send the header."""
     components = schema.setdefault("components", {})
@@ -93,7 +91,7 @@ def document_api_key(schema: dict[str, Any]) -> dict[str, Any]:
         },
     }
     for path, operations in schema.get("paths", {}).items():
-        if path in PROTECTED_PATHS:
+        if path in protected:
             for operation in operations.values():
                 operation["security"] = [{"Bearer": []}, {"ApiKey": []}]
     return schema

@@ -1,19 +1,20 @@
-"""Operational routes: /health (readiness), /live (liveness), /info, /metrics."""
+"""Operational routes: /health (readiness), /live (liveness), /metrics (open), and /info
+(behind the API key: it reveals the model and the server's limits). All read the lifecycle."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from reranker_runtime import __version__
-from reranker_runtime.api.deps import Runtime, get_runtime
+from reranker_runtime.api.auth import ProtectedRoute
+from reranker_runtime.api.deps import get_lifecycle
 from reranker_runtime.api.schemas import ErrorBody, InfoResponse, StatusBody
-from reranker_runtime.errors import NotReadyError
+from reranker_runtime.lifecycle import Lifecycle, State
 
 router = APIRouter(tags=["Operations"])
+info_router = APIRouter(tags=["Operations"], route_class=ProtectedRoute)
 
 
 @router.get(
@@ -22,10 +23,11 @@ router = APIRouter(tags=["Operations"])
     responses={503: {"model": ErrorBody, "description": "Loading, warming up or shutting down."}},
     summary="Readiness: 200 only when the model is loaded and warmed up",
 )
-async def health(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
-    if runtime.ready:
-        return JSONResponse({"status": "ok"})
-    raise NotReadyError(runtime.not_ready_reason())
+async def health(request: Request) -> StatusBody:
+    lifecycle = get_lifecycle(request)
+    if not lifecycle.ready:
+        raise lifecycle.not_ready_error()
+    return StatusBody(status="ok")
 
 
 @router.get(
@@ -34,62 +36,56 @@ async def health(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
     responses={503: {"model": ErrorBody, "description": "The model failed to load."}},
     summary="Liveness: 200 while the process runs (also while loading)",
 )
-async def live(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
-    if runtime.load_error:
+async def live(request: Request) -> StatusBody:
+    lifecycle = get_lifecycle(request)
+    if lifecycle.state is State.FAILED:
         # A failed load is not going to fix itself: let the kubelet restart the container.
-        return JSONResponse(
-            {"error": runtime.not_ready_reason(), "error_type": "Unhealthy"}, status_code=503
-        )
-    return JSONResponse({"status": "alive"})
+        raise lifecycle.not_ready_error()
+    return StatusBody(status="alive")
 
 
-@router.get(
+@info_router.get(
     "/info",
     response_model=InfoResponse,
     responses={503: {"model": ErrorBody, "description": "The model is not loaded yet."}},
     summary="Model, engine and server limits",
 )
-async def info(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
-    if runtime.service is None:
-        raise NotReadyError(runtime.not_ready_reason())
-    return JSONResponse(build_info(runtime))
+async def info(request: Request) -> InfoResponse:
+    return build_info(get_lifecycle(request))
 
 
-def build_info(runtime: Runtime) -> dict[str, Any]:
-    settings = runtime.settings
-    info = runtime.service.info  # type: ignore[union-attr]
+def build_info(lifecycle: Lifecycle) -> InfoResponse:
+    """What /info reports; limits are the batcher's, the ones in force."""
+    service = lifecycle.service
+    if service is None:
+        raise lifecycle.not_ready_error()
+    settings = lifecycle.settings
+    info = service.info
+    batcher = service.batcher
     id2label = {str(k): v for k, v in (info.id2label or {}).items()}
     kind = "reranker" if info.num_labels == 1 else "classifier"
-    # The engine's own token cap (TensorRT profile) wins over the flag when it is lower.
-    max_batch_tokens = settings.max_batch_tokens
-    if info.max_batch_tokens is not None:
-        max_batch_tokens = min(max_batch_tokens, info.max_batch_tokens)
-    max_batch_requests = settings.max_batch_requests
-    if info.max_batch_size is not None:
-        max_batch_requests = min(max_batch_requests or info.max_batch_size, info.max_batch_size)
-    return {
-        "model_id": info.model_id,
-        "model_sha": info.revision or settings.revision,
-        "served_model_name": settings.served_model_name or settings.model or info.model_id,
-        "model_type": {
+    return InfoResponse(
+        model_id=info.model_id,
+        model_sha=info.revision or settings.revision,
+        served_model_name=settings.served_model_name or settings.model or info.model_id,
+        model_type={
             kind: {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()}}
         },
-        "architecture": info.architecture,
-        "num_labels": info.num_labels,
-        "engine": info.name,
-        "device": info.device,
-        "model_dtype": info.dtype,
-        # CPU threads of the forward pass (PyTorch engine); size the pod's CPU request to match.
-        "torch_threads": info.extra.get("torch_threads"),
-        "max_input_length": info.max_input_length,
-        "max_batch_tokens": max_batch_tokens,
-        "max_batch_requests": max_batch_requests,
-        "max_client_batch_size": settings.max_client_batch_size,
-        "max_concurrent_requests": settings.max_concurrent_requests,
-        "auto_truncate": settings.auto_truncate,
-        "ready": runtime.ready,
-        "version": __version__,
-    }
+        architecture=info.architecture,
+        num_labels=info.num_labels,
+        engine=info.name,
+        device=info.device,
+        model_dtype=info.dtype,
+        torch_threads=info.extra.get("torch_threads"),
+        max_input_length=info.max_input_length,
+        max_batch_tokens=batcher.max_batch_tokens,
+        max_batch_requests=batcher.max_batch_requests,
+        max_client_batch_size=settings.max_client_batch_size,
+        max_concurrent_requests=settings.max_concurrent_requests,
+        auto_truncate=settings.auto_truncate,
+        ready=lifecycle.ready,
+        version=__version__,
+    )
 
 
 @router.get(

@@ -7,15 +7,17 @@ parsed by hand: a pydantic union would report one error per union member, which 
 types instead of the caller's mistake. Their errors use the `reranker_input` error type, whose
 message already names the field (see `app._validation_message`).
 
-Responses are documented here for the OpenAPI schema; routes build plain dicts (one `text`
-key only when asked for, exactly like TEI).
+Routes return the response models declared here, so FastAPI checks what is sent against the
+OpenAPI schema. Optional fields left None are dropped from the body on the routes that declare
+`response_model_exclude_none` (TEI's `text` appears only when asked for).
 
 The published schema says what the server enforces: texts the service refuses when empty or blank
 carry `minLength: 1` and `pattern: \\S` (the service's 400 `Empty` keeps TEI's status, so these
 are published, not checked by pydantic), and arrays bounded by `--max-client-batch-size` carry
 `x-max-client-batch-size`, which `api/schema_limits.py` turns into `maxItems` with the server's
-value. Every string must be valid Unicode (a lone surrogate such as `"\\ud800"` in the JSON is a
-422 naming the field): the tokenizer and the JSON encoder cannot take one.
+value. Integer fields take 5.0 as 5, as JSON Schema's `integer` does. Every string must be valid
+Unicode (a lone surrogate such as `"\\ud800"` in the JSON is a 422 naming the field): the
+tokenizer and the JSON encoder cannot take one.
 """
 
 from __future__ import annotations
@@ -113,6 +115,13 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+_MAX_CHUNKS_DESCRIPTION = (
+    "Score a text too long for the model as up to this many windows (each paired with the whole "
+    "query) and keep the best window's score; default: the server's --max-chunks-per-doc "
+    "(1: no chunking)."
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # TEI / BEI
 
@@ -134,12 +143,21 @@ class RerankRequest(_Request):
     truncation_direction: TruncationDirection = Field(
         "right", description="Which end of the text to cut: right (default) or left; any case."
     )
+    max_chunks_per_doc: PositiveInt | None = Field(None, description=_MAX_CHUNKS_DESCRIPTION)
 
 
 class RankItem(BaseModel):
     index: int = Field(description="Position of the text in the request's `texts`.")
     score: float = Field(description="sigmoid(logit), or the raw logit with raw_scores.")
     text: str | None = Field(None, description="Only present when return_text was true.")
+    chunks: int | None = Field(
+        None, description="Windows the text was scored as; only present when chunking is on."
+    )
+    truncated: bool | None = Field(
+        None,
+        description="Part of the text was not scored (cut, or windows beyond "
+        "max_chunks_per_doc); only present when chunking is on.",
+    )
 
 
 def _predict_sequence(value: Any, where: str) -> str | tuple[str, str]:
@@ -330,6 +348,7 @@ class _ApiRerankRequest(_Request):
     max_tokens_per_doc: PositiveInt | None = Field(
         None, description="Cut each document to this many tokens before scoring."
     )
+    max_chunks_per_doc: PositiveInt | None = Field(None, description=_MAX_CHUNKS_DESCRIPTION)
 
 
 class CohereRerankRequest(_ApiRerankRequest):
@@ -352,7 +371,11 @@ class ApiRerankResult(BaseModel):
     index: int
     relevance_score: float
     document: DocumentText | None = Field(None, description="Only with return_documents.")
-    truncated: bool = Field(description="The pair was cut to fit the model (extension).")
+    truncated: bool = Field(
+        description="Part of the document was not scored: cut to fit the model, by "
+        "max_tokens_per_doc, or windows beyond max_chunks_per_doc (extension)."
+    )
+    chunks: int = Field(1, description="Windows the document was scored as (extension).")
 
 
 class CohereBilledUnits(BaseModel):
@@ -412,9 +435,14 @@ class InfoResponse(BaseModel):
     engine: str
     device: str
     model_dtype: str
+    torch_threads: int | None = Field(
+        description="CPU threads of the forward pass (PyTorch engine); size the CPU request to it."
+    )
     max_input_length: int
-    max_batch_tokens: int
-    max_batch_requests: int | None
+    max_batch_tokens: int = Field(description="Tokens per forward pass, engine caps applied.")
+    max_batch_requests: int | None = Field(
+        description="Sequences per forward pass, engine caps applied; null: no limit but tokens."
+    )
     max_client_batch_size: int
     max_concurrent_requests: int
     auto_truncate: bool

@@ -54,7 +54,7 @@ class CrossEncoderBaseline:
     def run(self, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
         import torch
 
-        pairs = [tuple(p) for p in pairs]
+        pairs = [(query, text) for query, text in pairs]
         t0 = time.perf_counter()
         scores = self.model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False)
         seconds = time.perf_counter() - t0

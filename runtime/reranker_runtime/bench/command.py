@@ -28,8 +28,12 @@ import os
 import platform
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from reranker_runtime.bench.workload import RerankRequest
 
 TARGET_THROUGHPUT_RATIO = 1.0  # server pairs/s at concurrency 8 / CrossEncoder.predict pairs/s
 TARGET_LONE_RATIO = 1.2  # lone 16-pair request p50 / its pure compute time
@@ -176,6 +180,18 @@ class _References:
         self.pure = b.PureCompute(model_dir, server_dtype)
 
 
+def _requests_from(
+    seed: int, first: int, passages: int, shape: dict[str, Any]
+) -> Callable[[int], RerankRequest]:
+    """Request i of a round is workload request first+i: each round gets fresh pairs."""
+    from reranker_runtime.bench import workload as w
+
+    def make(i: int) -> RerankRequest:
+        return w.make_request(seed, first + i, passages, **shape)
+
+    return make
+
+
 async def _run(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any]:
     """Every phase, one at a time: the server and the in-process references alternate, never
     overlap."""
@@ -233,9 +249,7 @@ async def _run(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any
             results, wall = await c.drive(
                 client,
                 url,
-                lambda i, base=base, shape=shape: w.make_request(
-                    args.seed, base + i, args.passages, **shape
-                ),
+                _requests_from(args.seed, base, args.passages, shape),
                 args.concurrency,
                 n_requests=n_requests,
                 duration_s=args.duration,
@@ -401,7 +415,7 @@ def build_report(args: argparse.Namespace, server: dict[str, Any]) -> dict[str, 
         targets[2]["note"] = "not run (--fairness)"
 
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpu": _cpu_model(),
             "cores": os.cpu_count(),

@@ -20,7 +20,7 @@ token.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Size = Literal["tiny", "small", "base", "large"]
 Arch = Literal["xlmr", "bert"]
@@ -44,20 +44,22 @@ MAX_TOKENS = 512
 VOCAB_SIZE = {"xlmr": 520, "bert": 1000}
 
 
-def _train_tokenizer(arch: Arch, out: Path):
+def _train_tokenizer(arch: Arch, out: Path) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     from reranker_runtime.bench.workload import training_corpus
 
     text = training_corpus()
+    fast: Any
     if arch == "xlmr":
-        from transformers import XLMRobertaTokenizerFast
+        # transformers 5.x: the XLM-R/BERT tokenizer classes are the fast (Rust) ones.
+        from transformers import XLMRobertaTokenizer
 
         specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
         tok = Tokenizer(models.Unigram())
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(
+        trainer: trainers.Trainer = trainers.UnigramTrainer(
             vocab_size=VOCAB_SIZE[arch], special_tokens=specials, unk_token="<unk>"
         )
         tok.train_from_iterator(text, trainer=trainer)
@@ -66,9 +68,9 @@ def _train_tokenizer(arch: Arch, out: Path):
             pair="<s> $A </s> </s> $B </s>",
             special_tokens=[("<s>", 0), ("</s>", 2)],
         )
-        fast = XLMRobertaTokenizerFast(tokenizer_object=tok, model_max_length=MAX_TOKENS)
+        fast = XLMRobertaTokenizer(tokenizer_object=tok, model_max_length=MAX_TOKENS)
     else:
-        from transformers import BertTokenizerFast
+        from transformers import BertTokenizer
 
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -82,7 +84,7 @@ def _train_tokenizer(arch: Arch, out: Path):
             pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
-        fast = BertTokenizerFast(tokenizer_object=tok, model_max_length=MAX_TOKENS)
+        fast = BertTokenizer(tokenizer_object=tok, model_max_length=MAX_TOKENS)
     fast.save_pretrained(out)
     return fast
 
@@ -105,11 +107,12 @@ def build_bench_model(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = _train_tokenizer(arch, out)
-    common = dict(
+    common: dict[str, Any] = dict(
         SHAPES[size], num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
+    model: XLMRobertaForSequenceClassification | BertForSequenceClassification
     if arch == "xlmr":
-        config = XLMRobertaConfig(
+        xlmr_config = XLMRobertaConfig(
             vocab_size=len(tokenizer),
             max_position_embeddings=MAX_TOKENS + 2,  # XLM-R: padding_idx + 1 reserved slots
             type_vocab_size=1,
@@ -118,16 +121,16 @@ def build_bench_model(
             eos_token_id=2,
             **common,
         )
-        model = XLMRobertaForSequenceClassification(config)
+        model = XLMRobertaForSequenceClassification(xlmr_config)
     else:
-        config = BertConfig(
+        bert_config = BertConfig(
             vocab_size=len(tokenizer),
             max_position_embeddings=MAX_TOKENS,
             type_vocab_size=2,
             pad_token_id=tokenizer.pad_token_id,
             **common,
         )
-        model = BertForSequenceClassification(config)
+        model = BertForSequenceClassification(bert_config)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     return out

@@ -1,13 +1,12 @@
 """PyTorch engine: `transformers` AutoModelForSequenceClassification, SDPA attention, CPU or CUDA.
 
-Only BERT-family cross-encoders are served (BERT, RoBERTa, XLM-RoBERTa and close relatives):
-their inputs are one token sequence, their position limit is known, and the TensorRT-LLM engine
-serves the same family, so both engines agree on what a model accepts.
+Serves the checkpoints `reranker_runtime.model_family` accepts (BERT, RoBERTa, XLM-RoBERTa
+cross-encoders), with the limits it computes, so this engine, the TensorRT-LLM engine and
+`reranker-runtime build` agree on what a model accepts.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -19,15 +18,9 @@ import torch
 
 from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
 from reranker_runtime.errors import ModelLoadError
+from reranker_runtime.model_family import ModelFamily, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
-
-# model_type -> position-id offset. RoBERTa-style models number positions from
-# padding_idx + 1, so (pad_token_id + 1) of their max_position_embeddings are unusable.
-_ROBERTA_FAMILY = frozenset({"roberta", "xlm-roberta", "camembert"})
-SUPPORTED_MODEL_TYPES = frozenset(
-    {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra"}
-)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -38,8 +31,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-# tokenizer.model_max_length is ~1e30 when a tokenizer does not declare a limit.
-_SANE_MAX_LENGTH = 1_000_000
 
 
 def resolve_device(device: str) -> str:
@@ -80,24 +71,6 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def max_input_length(config: Any, tokenizer: Any) -> int:
-    """The real per-sequence limit: model positions (minus RoBERTa's offset) and tokenizer limit."""
-    positions = int(getattr(config, "max_position_embeddings", 0) or 0)
-    if config.model_type in _ROBERTA_FAMILY:
-        pad = config.pad_token_id if config.pad_token_id is not None else 1
-        positions -= pad + 1
-    limits = [positions] if positions > 0 else []
-    tok_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tok_max, int) and 0 < tok_max < _SANE_MAX_LENGTH:
-        limits.append(tok_max)
-    if not limits:
-        raise ModelLoadError(
-            "cannot tell the model's maximum input length (no max_position_embeddings in "
-            "config.json and no model_max_length in the tokenizer config); add one of them"
-        )
-    return min(limits)
 
 
 class TorchEngine(Engine):
@@ -148,9 +121,15 @@ class TorchEngine(Engine):
         except Exception as exc:
             raise ModelLoadError(
                 f"cannot read the model config of {model!r} (revision {revision or 'default'}): {exc}. "
-                "Check the model id or path, the revision, network access / HF_TOKEN, or HF_HUB_OFFLINE"
+                "Without hub access, pass a local checkpoint directory (--model /path/to/dir with "
+                "config.json, *.safetensors and the tokenizer files) or set HF_HUB_OFFLINE=1 to "
+                "serve from a filled Hugging Face cache (HF_HOME); otherwise check the model id, "
+                "the revision, network access and HF_TOKEN"
             ) from exc
-        _check_supported(model, config)
+        try:
+            family = ModelFamily.from_config(config)
+        except UnsupportedModelError as exc:
+            raise ModelLoadError(f"cannot serve {model!r}: {exc}") from exc
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, use_fast=True)
@@ -171,14 +150,13 @@ class TorchEngine(Engine):
         hf_model.to(dev)
         hf_model.eval()
 
-        num_labels = int(hf_model.config.num_labels)
+        num_labels = family.num_labels
         id2label = {int(k): str(v) for k, v in (hf_model.config.id2label or {}).items()}
-        forward_params = inspect.signature(hf_model.forward).parameters
-        use_tt = (
-            "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in forward_params
-        )
-        architecture = (config.architectures or [type(hf_model).__name__])[0]
-        limit = max_input_length(config, tokenizer)
+        architecture = family.architecture
+        try:
+            limit = family.max_input_length(getattr(tokenizer, "model_max_length", None))
+        except UnsupportedModelError as exc:
+            raise ModelLoadError(f"cannot serve {model!r}: {exc}") from exc
         if max_seq_len is not None:
             if max_seq_len < 1:
                 raise ModelLoadError(f"max_seq_len must be positive, got {max_seq_len}")
@@ -217,7 +195,7 @@ class TorchEngine(Engine):
                 "load_s": round(time.perf_counter() - started, 3),
             },
         )
-        return cls(hf_model, tokenizer, info, use_token_type_ids=use_tt)
+        return cls(hf_model, tokenizer, info, use_token_type_ids=family.uses_token_type_ids)
 
     @property
     def info(self) -> EngineInfo:
@@ -266,24 +244,6 @@ class TorchEngine(Engine):
         # reuse it after a service on top of it has stopped.
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _check_supported(model: str, config: Any) -> None:
-    model_type = getattr(config, "model_type", None)
-    architectures = list(getattr(config, "architectures", None) or [])
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(
-            f"{model!r} is a {model_type!r} model ({', '.join(architectures) or 'unknown architecture'}); "
-            f"this runtime serves BERT-family cross-encoders only (model_type one of "
-            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}), e.g. BAAI/bge-reranker-large"
-        )
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise ModelLoadError(
-            f"{model!r} is not a cross-encoder: its architecture is {', '.join(architectures) or 'not declared'}, "
-            "not *ForSequenceClassification. A base or embedding checkpoint has no trained scoring head; "
-            "use a reranker checkpoint (e.g. BAAI/bge-reranker-large) or declare "
-            "'architectures': ['...ForSequenceClassification'] in config.json if the head is trained"
-        )
 
 
 def _load_model(

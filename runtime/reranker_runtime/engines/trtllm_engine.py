@@ -23,21 +23,37 @@ Everything touching torch/tensorrt/tensorrt_llm is imported inside methods, so t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
 from reranker_runtime.errors import EngineError, ModelLoadError
+from reranker_runtime.model_family import ModelFamily
 
-log = logging.getLogger("reranker_runtime.engines.trtllm")
+if TYPE_CHECKING:
+    from reranker_runtime.engines.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("input_ids", "input_lengths", "token_type_ids", "position_ids", "max_input_length")
+
+
+def installed_versions() -> dict[str, str]:
+    """The installed TensorRT-LLM and TensorRT versions (empty without them): a TensorRT plan only
+    deserializes with the versions that built it, so build records them and serve compares."""
+    out: dict[str, str] = {}
+    for dist in ("tensorrt_llm", "tensorrt"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
 
 
 def pack_batch(batch: Sequence[EncodedPair], *, position_offset: int) -> dict[str, np.ndarray]:
@@ -95,15 +111,17 @@ class TrtLlmEngine(Engine):
     def load(
         cls,
         engine_dir: str | Path,
-        manifest: Any,
+        manifest: Manifest,
         *,
         device: str = "cuda",
         model_id: str | None = None,
     ) -> TrtLlmEngine:
         """Load `<engine_dir>/engine/rank0.engine` and the tokenizer from `<engine_dir>/checkpoint`.
 
-        `manifest` is a reranker_runtime.build.manifest.Manifest (already validated, GPU checked).
-        """
+        `manifest` is the directory's manifest, already validated and GPU-checked
+        (reranker_runtime.engines.engine_dir). Model-family facts (position offset, token types,
+        max length) come from the checkpoint's config.json through reranker_runtime.model_family,
+        as they did when the engine was built."""
         engine_dir = Path(engine_dir)
         trt_dir = engine_dir / (manifest.paths.get("engine") or "engine")
         ckpt_dir = engine_dir / (manifest.paths.get("checkpoint") or "checkpoint")
@@ -137,21 +155,16 @@ class TrtLlmEngine(Engine):
             raise ModelLoadError(
                 f"{trt_dir} is a {world}-GPU (tensor-parallel) engine; this runtime serves single-GPU engines"
             )
-        max_batch = int(build_cfg.get("max_batch_size") or manifest.build.max_batch_size)
-        max_len = int(build_cfg.get("max_input_len") or manifest.build.max_input_len)
-        is_roberta = bool(
-            pretrained.get("is_roberta", manifest.model.model_type in ("roberta", "xlm-roberta"))
-        )
-        pad = pretrained.get("pad_token_id")
-        if is_roberta and pad is None:
-            # A silent offset of 0 would shift every position and mis-score without an error.
+        max_batch = int(build_cfg.get("max_batch_size") or manifest.build.max_batch_size or 0)
+        if max_batch < 1:
             raise ModelLoadError(
-                f"{trt_dir / 'config.json'} has no pretrained_config.pad_token_id for a RoBERTa-family "
-                "engine; rebuild it with `reranker-runtime build`"
+                f"{trt_dir} records no max_batch_size; rebuild it with `reranker-runtime build`"
             )
+        max_len = int(build_cfg.get("max_input_len") or manifest.build.max_input_len)
+        family = model_family_of(ckpt_dir, pretrained)
         # examples/models/core/bert/utils.py process_input: roberta positions + 1 + padding_idx.
-        position_offset = int(pad) + 1 if is_roberta else 0
-        num_labels = int(pretrained.get("num_labels") or manifest.model.num_labels)
+        position_offset = family.position_offset
+        num_labels = family.num_labels
 
         dev = device if device.startswith("cuda") else "cuda"
         torch_device = torch.device(dev)
@@ -159,7 +172,10 @@ class TrtLlmEngine(Engine):
             torch_device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(torch_device)
         engine_file = trt_dir / "rank0.engine"
-        log.info("loading TensorRT-LLM engine %s on %s", engine_file, torch_device)
+        log.info(
+            "loading TensorRT-LLM engine",
+            extra={"engine_file": str(engine_file), "device": str(torch_device)},
+        )
         try:
             session = Session.from_serialized_engine(engine_file.read_bytes())
         except Exception as e:
@@ -191,7 +207,7 @@ class TrtLlmEngine(Engine):
             tokenizer=tokenizer,
             info=info,
             position_offset=position_offset,
-            use_token_types=not is_roberta,
+            use_token_types=family.uses_token_type_ids,
             device=str(torch_device),
         )
         engine._stream = torch.cuda.Stream(device=torch_device)
@@ -293,3 +309,26 @@ class TrtLlmEngine(Engine):
             torch.cuda.empty_cache()
         except Exception:
             pass
+
+
+def model_family_of(ckpt_dir: Path, pretrained: dict[str, Any]) -> ModelFamily:
+    """The model family of the checkpoint the engine was built from, checked against what
+    TensorRT-LLM recorded in the engine config, so a mismatch fails loudly instead of
+    mis-scoring (a wrong position offset shifts every position without an error)."""
+    config_path = ckpt_dir / "config.json"
+    try:
+        family = ModelFamily.from_config(json.loads(config_path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:  # UnsupportedModelError is a ValueError
+        raise ModelLoadError(f"cannot use {config_path}: {e}") from e
+    recorded_roberta = pretrained.get("is_roberta")
+    recorded_pad = pretrained.get("pad_token_id")
+    if (recorded_roberta is not None and bool(recorded_roberta) != family.is_roberta) or (
+        family.is_roberta and recorded_pad is not None and recorded_pad != family.pad_token_id
+    ):
+        raise ModelLoadError(
+            f"the TensorRT-LLM engine next to {config_path} was built for another model "
+            f"(is_roberta {recorded_roberta}, pad_token_id {recorded_pad}; the checkpoint is a "
+            f"{family.model_type} with pad_token_id {family.pad_token_id}); rebuild it with "
+            "`reranker-runtime build`"
+        )
+    return family

@@ -63,17 +63,3 @@ class EngineBuildError(BuildError):
 class OutputConflictError(BuildError):
     exit_code = 16
     reason = "OutputConflict"
-
-
-EXIT_CODES: dict[str, int] = {
-    cls.reason: cls.exit_code
-    for cls in (
-        BuildArgumentError,
-        CheckpointFetchError,
-        CheckpointInvalidError,
-        QuantizationUnsupportedError,
-        GpuMismatchError,
-        EngineBuildError,
-        OutputConflictError,
-    )
-}

@@ -1,8 +1,8 @@
 """`reranker-runtime build`: fetch + validate a checkpoint, build the engine, publish it atomically.
 
 The operator's engine-preparation Job runs exactly this (docs/architecture.md, "Operator ->
-runtime contract"); exit codes and the termination message are documented in build/errors.py and
-docs/engines.md.
+runtime contract"); exit codes and the termination message are documented in
+engine_build/errors.py and docs/engines.md.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
 
-from reranker_runtime.build.errors import BuildArgumentError, BuildError
-from reranker_runtime.build.manifest import BuildInputs
+from reranker_runtime.engine_build.errors import BuildArgumentError, BuildError
+from reranker_runtime.engines.manifest import BuildInputs, GpuInfo, Manifest
 
-log = logging.getLogger("reranker_runtime.build")
+log = logging.getLogger(__name__)
 
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LOG_ENV = "RERANKER_TERMINATION_LOG"
@@ -34,13 +34,13 @@ _TERMINATION_MAX_BYTES = 4000  # Kubernetes keeps at most 4096 bytes of the mess
 class BuildResult:
     status: str  # "built" | "unchanged"
     output: Path
-    manifest: object  # reranker_runtime.build.manifest.Manifest
+    manifest: Manifest
 
 
 def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from reranker_runtime.build.checkpoint import SOURCES
-    from reranker_runtime.build.gpu import ALL_ACCELERATORS
-    from reranker_runtime.build.trtllm import QUANTIZATIONS
+    from reranker_runtime.engine_build.checkpoint import SOURCES
+    from reranker_runtime.engine_build.gpu import ALL_ACCELERATORS
+    from reranker_runtime.engine_build.trtllm import QUANTIZATIONS
 
     p = subparsers.add_parser(
         "build",
@@ -54,15 +54,55 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
             "(HF_TOKEN, AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)."
         ),
     )
-    p.add_argument("--checkpoint-repo", required=True, help="HF repo id, local directory, s3://, gs://, az:// or https:// URL")
-    p.add_argument("--revision", default="main", help="HF branch/tag/commit (recorded as the resolved commit); main for object stores; sha256:<hex> pins a REMOTE_URL archive")
-    p.add_argument("--source", default="HF", type=str.upper, choices=SOURCES, help="where the checkpoint lives (an existing local path is used as is)")
-    p.add_argument("--quantization", default="no_quant", type=str.lower, choices=QUANTIZATIONS, help="no_quant = float16 engine (fp8/fp4 are refused for BERT-family models)")
-    p.add_argument("--max-num-tokens", type=int, default=16384, help="token budget of one forward pass; sets the engine's batch profile")
-    p.add_argument("--max-seq-len", type=int, default=None, help="most tokens per sequence (default: the model's maximum)")
-    p.add_argument("--accelerator", required=True, type=str.upper, choices=ALL_ACCELERATORS, help="the GPU this engine will serve on (must be the one building it), or CPU")
+    p.add_argument(
+        "--checkpoint-repo",
+        required=True,
+        help="HF repo id, local directory, s3://, gs://, az:// or https:// URL",
+    )
+    p.add_argument(
+        "--revision",
+        default="main",
+        help="HF branch/tag/commit (recorded as the resolved commit); main for object stores; sha256:<hex> pins a REMOTE_URL archive",
+    )
+    p.add_argument(
+        "--source",
+        default="HF",
+        type=str.upper,
+        choices=SOURCES,
+        help="where the checkpoint lives (an existing local path is used as is)",
+    )
+    p.add_argument(
+        "--quantization",
+        default="no_quant",
+        type=str.lower,
+        choices=QUANTIZATIONS,
+        help="no_quant = float16 engine (fp8/fp4 are refused for BERT-family models)",
+    )
+    p.add_argument(
+        "--max-num-tokens",
+        type=int,
+        default=16384,
+        help="token budget of one forward pass; sets the engine's batch profile",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="most tokens per sequence (default: the model's maximum)",
+    )
+    p.add_argument(
+        "--accelerator",
+        required=True,
+        type=str.upper,
+        choices=ALL_ACCELERATORS,
+        help="the GPU this engine will serve on (must be the one building it), or CPU",
+    )
     p.add_argument("--output", required=True, help="engine directory to create")
-    p.add_argument("--allow-classifier", action="store_true", help="accept a checkpoint with several labels (served on /predict only)")
+    p.add_argument(
+        "--allow-classifier",
+        action="store_true",
+        help="accept a checkpoint with several labels (served on /predict only)",
+    )
     p.set_defaults(func=run_build_command)
     return p
 
@@ -103,10 +143,9 @@ def progress(step: str, every_s: float = 30.0) -> Iterator[None]:
 # --------------------------------------------------------------------------- termination log
 
 
-def write_termination_message(text: str, env: dict[str, str] | None = None) -> None:
+def write_termination_message(text: str, env: Mapping[str, str] | None = None) -> None:
     """Write the one-paragraph message Kubernetes shows as the container's termination message."""
-    env = os.environ if env is None else env
-    explicit = env.get(TERMINATION_LOG_ENV)
+    explicit = (os.environ if env is None else env).get(TERMINATION_LOG_ENV)
     path = Path(explicit or DEFAULT_TERMINATION_LOG)
     if not explicit and not (path.exists() and os.access(path, os.W_OK)):
         return
@@ -129,10 +168,8 @@ def _versions(extra: dict[str, str] | None = None) -> dict[str, str]:
 
     out = {"reranker-runtime": __version__}
     for dist in ("transformers", "tokenizers", "torch"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     out.update(extra or {})
     return out
 
@@ -142,22 +179,32 @@ def run_build(
     output: str | Path,
     *,
     allow_classifier: bool = False,
-    gpu_detector: Callable[[], object] | None = None,
+    gpu_detector: Callable[[], GpuInfo | None] | None = None,
     env: dict[str, str] | None = None,
 ) -> BuildResult:
     """Do the build; raises BuildError subclasses with user-facing messages."""
-    from reranker_runtime.build import atomic
-    from reranker_runtime.build.checkpoint import copy_checkpoint, fetch_checkpoint, resolve_source, validate_checkpoint
-    from reranker_runtime.build.gpu import TRTLLM_ACCELERATORS, check_accelerator, detect_gpu
-    from reranker_runtime.build.manifest import (
+    from reranker_runtime.engine_build import atomic
+    from reranker_runtime.engine_build.checkpoint import (
+        copy_checkpoint,
+        fetch_checkpoint,
+        resolve_source,
+        validate_checkpoint,
+    )
+    from reranker_runtime.engine_build.gpu import TRTLLM_ACCELERATORS, check_accelerator
+    from reranker_runtime.engine_build.trtllm import (
+        build_engine,
+        check_quantization,
+        check_trtllm_compatible,
+        derive_profile,
+    )
+    from reranker_runtime.engines.gpu import detect_gpu
+    from reranker_runtime.engines.manifest import (
         CHECKPOINT_SUBDIR,
         ENGINE_SUBDIR,
         BuildShapes,
-        Manifest,
         ModelInfo,
         write_manifest,
     )
-    from reranker_runtime.build.trtllm import build_engine, check_quantization, check_trtllm_compatible, derive_profile
 
     inputs = inputs.normalized()
     out = Path(output).expanduser().absolute()
@@ -184,15 +231,21 @@ def run_build(
 
     with atomic.output_lock(out):
         atomic.clean_stale_temps(out)
-        existing = atomic.existing_complete(out, inputs)  # another builder may have finished meanwhile
+        existing = atomic.existing_complete(
+            out, inputs
+        )  # another builder may have finished meanwhile
         if existing is not None:
             log.info("%s was completed by another build with the same inputs; nothing to do", out)
             return BuildResult("unchanged", out, existing)
         tmp = atomic.make_temp_dir(out)
         try:
             scratch = tmp / ".scratch"
-            with progress(f"fetching {inputs.checkpoint_repo}@{inputs.revision or 'main'} ({inputs.source})"):
-                fetched = fetch_checkpoint(inputs.checkpoint_repo, inputs.revision, inputs.source, scratch, env=env)
+            with progress(
+                f"fetching {inputs.checkpoint_repo}@{inputs.revision or 'main'} ({inputs.source})"
+            ):
+                fetched = fetch_checkpoint(
+                    inputs.checkpoint_repo, inputs.revision, inputs.source, scratch, env=env
+                )
             spec = validate_checkpoint(fetched.path, allow_classifier=allow_classifier)
             log.info(
                 "checkpoint: %s (model_type %s, %d label(s), max %d tokens)",
@@ -203,17 +256,29 @@ def run_build(
             )
             if use_trtllm:
                 check_trtllm_compatible(spec)
-            profile = derive_profile(inputs.max_num_tokens, spec.max_input_length, inputs.max_seq_len)
+            profile = derive_profile(
+                inputs.max_num_tokens, spec.max_input_length, inputs.max_seq_len
+            )
             with progress("copying tokenizer, config and weights"):
                 copied = copy_checkpoint(fetched.path, tmp / CHECKPOINT_SUBDIR)
             log.info("cached %d checkpoint files: %s", len(copied), ", ".join(copied))
             extra_versions: dict[str, str] = {}
             if use_trtllm:
-                with progress(f"converting and building the TensorRT-LLM engine (B={profile.max_batch_size}, L={profile.max_input_len})"):
-                    extra_versions = build_engine(tmp / CHECKPOINT_SUBDIR, tmp / ENGINE_SUBDIR, spec, profile, scratch)
-                shapes = BuildShapes(dtype=dtype, max_batch_size=profile.max_batch_size, max_input_len=profile.max_input_len)
+                with progress(
+                    f"converting and building the TensorRT-LLM engine (B={profile.max_batch_size}, L={profile.max_input_len})"
+                ):
+                    extra_versions = build_engine(
+                        tmp / CHECKPOINT_SUBDIR, tmp / ENGINE_SUBDIR, spec, profile, scratch
+                    )
+                shapes = BuildShapes(
+                    dtype=dtype,
+                    max_batch_size=profile.max_batch_size,
+                    max_input_len=profile.max_input_len,
+                )
             else:
-                shapes = BuildShapes(dtype=dtype, max_batch_size=None, max_input_len=profile.max_input_len)
+                shapes = BuildShapes(
+                    dtype=dtype, max_batch_size=None, max_input_len=profile.max_input_len
+                )
             shutil.rmtree(scratch, ignore_errors=True)
             manifest = Manifest(
                 engine="tensorrt-llm" if use_trtllm else "pytorch",
@@ -257,7 +322,7 @@ def run_build_command(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
         write_termination_message(msg)
         return e.exit_code
-    except Exception as e:  # noqa: BLE001 - a bug: still tell the operator what happened
+    except Exception as e:  # a bug: still tell the operator what happened
         log.exception("build failed unexpectedly")
         msg = failure_message("InternalError", 1, f"{type(e).__name__}: {e}")
         print(msg, file=sys.stderr, flush=True)

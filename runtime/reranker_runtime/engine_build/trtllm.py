@@ -26,18 +26,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-from reranker_runtime.build.checkpoint import ModelSpec
-from reranker_runtime.build.errors import (
+from reranker_runtime.engine_build.checkpoint import ModelSpec
+from reranker_runtime.engine_build.errors import (
     BuildArgumentError,
     CheckpointInvalidError,
     EngineBuildError,
     QuantizationUnsupportedError,
 )
+from reranker_runtime.engines.trtllm_engine import installed_versions
 
-log = logging.getLogger("reranker_runtime.build")
+log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("no_quant", "fp8", "fp4")
 ENGINE_DTYPE = "float16"
@@ -57,7 +57,9 @@ class Profile:
         return self.max_batch_size * self.max_input_len
 
 
-def derive_profile(max_num_tokens: int, model_max_len: int, max_seq_len: int | None = None) -> Profile:
+def derive_profile(
+    max_num_tokens: int, model_max_len: int, max_seq_len: int | None = None
+) -> Profile:
     """The engine's batch/length profile from the Reranker's token budget.
 
     L = min(max_seq_len or model max, model max, max_num_tokens): a sequence may not exceed the
@@ -79,7 +81,9 @@ def check_quantization(quantization: str, accelerator: str, architecture: str | 
     """The engine dtype for a quantization request, or a refusal that says why (never a silent fp16)."""
     q = quantization.lower()
     if q not in QUANTIZATIONS:
-        raise BuildArgumentError(f"--quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+        raise BuildArgumentError(
+            f"--quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}"
+        )
     if accelerator.upper() == "CPU":
         if q != "no_quant":
             raise BuildArgumentError(
@@ -106,7 +110,11 @@ def check_trtllm_compatible(spec: ModelSpec) -> None:
             f"{spec.architecture} uses position_embedding_type {spec.position_embedding_type!r}; "
             "TensorRT-LLM's BERT supports only 'absolute'. Build it for CPU, or pick another checkpoint."
         )
-    if spec.hidden_size and spec.intermediate_size and spec.intermediate_size != 4 * spec.hidden_size:
+    if (
+        spec.hidden_size
+        and spec.intermediate_size
+        and spec.intermediate_size != 4 * spec.hidden_size
+    ):
         # tensorrt_llm/models/bert/model.py BertEncoderLayer: MLP(ffn_hidden_size=hidden_size * 4).
         raise CheckpointInvalidError(
             f"{spec.architecture} has intermediate_size {spec.intermediate_size} != 4 x hidden_size "
@@ -115,17 +123,9 @@ def check_trtllm_compatible(spec: ModelSpec) -> None:
         )
 
 
-def trtllm_versions() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for dist in ("tensorrt_llm", "tensorrt"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def build_engine(checkpoint_dir: Path, engine_dir: Path, spec: ModelSpec, profile: Profile, scratch: Path) -> dict[str, str]:
+def build_engine(
+    checkpoint_dir: Path, engine_dir: Path, spec: ModelSpec, profile: Profile, scratch: Path
+) -> dict[str, str]:
     """Convert the HF checkpoint and build a float16 engine into engine_dir; returns versions."""
     try:
         # Concrete modules rather than the package's re-exports: they hold in every 1.x release,
@@ -133,7 +133,10 @@ def build_engine(checkpoint_dir: Path, engine_dir: Path, spec: ModelSpec, profil
         import tensorrt_llm
         from tensorrt_llm.builder import BuildConfig
         from tensorrt_llm.builder import build as trtllm_build
-        from tensorrt_llm.models.bert.model import BertForSequenceClassification, RobertaForSequenceClassification
+        from tensorrt_llm.models.bert.model import (
+            BertForSequenceClassification,
+            RobertaForSequenceClassification,
+        )
         from tensorrt_llm.plugin.plugin import PluginConfig
     except ImportError as e:
         raise EngineBuildError(
@@ -145,7 +148,12 @@ def build_engine(checkpoint_dir: Path, engine_dir: Path, spec: ModelSpec, profil
     check_trtllm_compatible(spec)
     cls = RobertaForSequenceClassification if spec.is_roberta else BertForSequenceClassification
     try:
-        log.info("converting %s to TensorRT-LLM (%s, dtype %s)", spec.architecture, cls.__name__, ENGINE_DTYPE)
+        log.info(
+            "converting %s to TensorRT-LLM (%s, dtype %s)",
+            spec.architecture,
+            cls.__name__,
+            ENGINE_DTYPE,
+        )
         # BertBase.from_hugging_face(hf_model_or_dir, dtype='float16', mapping=None, quant_config=None)
         model = cls.from_hugging_face(str(checkpoint_dir), dtype=ENGINE_DTYPE)
 
@@ -178,10 +186,12 @@ def build_engine(checkpoint_dir: Path, engine_dir: Path, spec: ModelSpec, profil
         engine.save(str(engine_dir))
     except (CheckpointInvalidError, EngineBuildError):
         raise
-    except Exception as e:  # noqa: BLE001 - TensorRT/TRT-LLM raise assertions, RuntimeErrors, ...
+    except Exception as e:  # TensorRT/TRT-LLM raise assertions, RuntimeErrors, ...
         raise EngineBuildError(f"TensorRT-LLM engine build failed: {type(e).__name__}: {e}") from e
     if not (engine_dir / "rank0.engine").is_file():
-        raise EngineBuildError(f"TensorRT-LLM reported success but wrote no {engine_dir}/rank0.engine")
-    versions = trtllm_versions()
+        raise EngineBuildError(
+            f"TensorRT-LLM reported success but wrote no {engine_dir}/rank0.engine"
+        )
+    versions = installed_versions()
     versions.setdefault("tensorrt_llm", getattr(tensorrt_llm, "__version__", "unknown"))
     return versions

@@ -38,25 +38,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reranker_runtime.build.errors import (
+from reranker_runtime.engine_build.errors import (
     BuildArgumentError,
     CheckpointFetchError,
     CheckpointInvalidError,
 )
+from reranker_runtime.model_family import ModelFamily, UnsupportedModelError
 
-log = logging.getLogger("reranker_runtime.build")
+log = logging.getLogger(__name__)
 
 SOURCES = ("HF", "LOCAL", "S3", "GCS", "AZURE", "REMOTE_URL")
-
-# HF architecture -> (model_type values it comes with, TensorRT-LLM class name). TensorRT-LLM maps
-# every non-"bert" model_type to its RoBERTa path (tensorrt_llm/models/bert/config.py,
-# BERTConfig.from_hugging_face: `is_roberta = hf_config.model_type != "bert"`).
-SUPPORTED_ARCHITECTURES: dict[str, tuple[tuple[str, ...], str]] = {
-    "BertForSequenceClassification": (("bert",), "BertForSequenceClassification"),
-    "RobertaForSequenceClassification": (("roberta",), "RobertaForSequenceClassification"),
-    "XLMRobertaForSequenceClassification": (("xlm-roberta",), "RobertaForSequenceClassification"),
-}
-ROBERTA_FAMILY = ("roberta", "xlm-roberta")
 
 # What serving needs from a checkpoint; everything else (pytorch_model.bin, onnx/, flax, tf) is
 # neither downloaded nor copied.
@@ -74,30 +65,39 @@ class FetchedCheckpoint:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What build and serve need to know about a validated checkpoint."""
+    """What the build needs to know about a validated checkpoint: its model family (shared with
+    the engines, reranker_runtime.model_family) plus the shapes TensorRT-LLM constrains."""
 
-    architecture: str
-    model_type: str
-    num_labels: int
-    max_input_length: int  # usable tokens per sequence
-    pad_token_id: int | None
+    family: ModelFamily
+    max_input_length: int  # usable tokens per sequence (positions and tokenizer limit)
     hidden_size: int
     intermediate_size: int
     position_embedding_type: str
     id2label: dict[int, str] = field(default_factory=dict)
 
     @property
-    def is_roberta(self) -> bool:
-        return self.model_type in ROBERTA_FAMILY
+    def architecture(self) -> str:
+        return self.family.architecture
 
     @property
-    def trtllm_class(self) -> str:
-        return SUPPORTED_ARCHITECTURES[self.architecture][1]
+    def model_type(self) -> str:
+        return self.family.model_type
+
+    @property
+    def num_labels(self) -> int:
+        return self.family.num_labels
+
+    @property
+    def is_roberta(self) -> bool:
+        return self.family.is_roberta
 
     @property
     def position_offset(self) -> int:
-        """RoBERTa/XLM-R positions start at padding_idx + 1 (2 for XLM-R); BERT's at 0."""
-        return (self.pad_token_id or 0) + 1 if self.is_roberta else 0
+        return self.family.position_offset
+
+    @property
+    def trtllm_class(self) -> str:
+        return self.family.trtllm_class
 
 
 # --------------------------------------------------------------------------------------- fetch
@@ -169,7 +169,7 @@ def _fetch_hf(repo: str, revision: str | None, env: dict[str, str]) -> FetchedCh
             RevisionNotFoundError,
         )
     except ImportError:  # pragma: no cover
-        from huggingface_hub.utils import (  # type: ignore[no-redef]
+        from huggingface_hub.utils import (
             GatedRepoError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
@@ -178,16 +178,25 @@ def _fetch_hf(repo: str, revision: str | None, env: dict[str, str]) -> FetchedCh
 
     token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
     rev = revision or "main"
-    log.info("downloading %s@%s from the Hugging Face Hub (token: %s)", repo, rev, "set" if token else "none")
+    log.info(
+        "downloading %s@%s from the Hugging Face Hub (token: %s)",
+        repo,
+        rev,
+        "set" if token else "none",
+    )
     try:
-        path = snapshot_download(repo_id=repo, revision=rev, token=token, allow_patterns=HF_ALLOW_PATTERNS)
+        path = snapshot_download(
+            repo_id=repo, revision=rev, token=token, allow_patterns=HF_ALLOW_PATTERNS
+        )
     except GatedRepoError as e:
         raise CheckpointFetchError(
             f"{repo} is gated: accept its terms on huggingface.co with the account whose token is in "
             f"HF_TOKEN (token {'set' if token else 'not set'}): {_first_line(e)}"
         ) from e
     except RevisionNotFoundError as e:
-        raise CheckpointFetchError(f"revision {rev!r} does not exist in {repo}: {_first_line(e)}") from e
+        raise CheckpointFetchError(
+            f"revision {rev!r} does not exist in {repo}: {_first_line(e)}"
+        ) from e
     except RepositoryNotFoundError as e:
         raise CheckpointFetchError(
             f"{repo} was not found on the Hugging Face Hub, or it is private and HF_TOKEN "
@@ -199,7 +208,9 @@ def _fetch_hf(repo: str, revision: str | None, env: dict[str, str]) -> FetchedCh
             f"is not in the cache at HF_HOME: {_first_line(e)}"
         ) from e
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise CheckpointFetchError(f"cannot download {repo}@{rev} from the Hugging Face Hub: {_first_line(e)}") from e
+        raise CheckpointFetchError(
+            f"cannot download {repo}@{rev} from the Hugging Face Hub: {_first_line(e)}"
+        ) from e
     p = Path(path)
     resolved = _local_revision(p)
     if resolved is None:
@@ -207,7 +218,7 @@ def _fetch_hf(repo: str, revision: str | None, env: dict[str, str]) -> FetchedCh
             from huggingface_hub import HfApi
 
             resolved = HfApi(token=token).model_info(repo, revision=rev).sha
-        except Exception:  # noqa: BLE001 - the commit is informative, not required
+        except Exception:  # the commit is informative, not required
             resolved = None
     log.info("downloaded %s@%s (commit %s) to %s", repo, rev, resolved, p)
     return FetchedCheckpoint(p, resolved)
@@ -225,10 +236,14 @@ def _fetch_remote_url(url: str, revision: str | None, scratch: Path) -> FetchedC
         expected = m.group(1).lower()
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https"):
-        raise BuildArgumentError(f"REMOTE_URL must be an http(s) URL of a .tar.gz archive, got {url!r}")
+        raise BuildArgumentError(
+            f"REMOTE_URL must be an http(s) URL of a .tar.gz archive, got {url!r}"
+        )
     scratch.mkdir(parents=True, exist_ok=True)
     archive = scratch / "checkpoint.tar.gz"
-    safe_url = urllib.parse.urlunparse(parsed._replace(query="", fragment=""))  # no signed query in logs
+    safe_url = urllib.parse.urlunparse(
+        parsed._replace(query="", fragment="")
+    )  # no signed query in logs
     log.info("downloading %s", safe_url)
     digest = hashlib.sha256()
     try:
@@ -237,11 +252,13 @@ def _fetch_remote_url(url: str, revision: str | None, scratch: Path) -> FetchedC
             while chunk := resp.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
-    except Exception as e:  # noqa: BLE001 - urllib raises URLError/HTTPError/OSError/timeouts
+    except Exception as e:  # urllib raises URLError/HTTPError/OSError/timeouts
         raise CheckpointFetchError(f"cannot download {safe_url}: {e}") from e
     sha = digest.hexdigest()
     if expected is not None and sha != expected:
-        raise CheckpointFetchError(f"{safe_url} has sha256 {sha}, but --revision pins sha256:{expected}")
+        raise CheckpointFetchError(
+            f"{safe_url} has sha256 {sha}, but --revision pins sha256:{expected}"
+        )
     dest = scratch / "extracted"
     safe_extract_tar(archive, dest)
     archive.unlink(missing_ok=True)
@@ -257,8 +274,12 @@ def safe_extract_tar(archive: Path, dest: Path) -> None:
             members = tar.getmembers()
             for m in members:
                 target = (root / m.name).resolve()
-                if m.name.startswith(("/", "\\")) or (target != root and root not in target.parents):
-                    raise CheckpointFetchError(f"{archive.name}: unsafe path {m.name!r} in the archive (outside the target)")
+                if m.name.startswith(("/", "\\")) or (
+                    target != root and root not in target.parents
+                ):
+                    raise CheckpointFetchError(
+                        f"{archive.name}: unsafe path {m.name!r} in the archive (outside the target)"
+                    )
                 if not (m.isfile() or m.isdir()):
                     raise CheckpointFetchError(
                         f"{archive.name}: {m.name!r} is a link or special file; a checkpoint archive may hold only files and directories"
@@ -284,7 +305,9 @@ def _single_root(dest: Path) -> Path:
 def _split_bucket_url(url: str, schemes: tuple[str, ...], what: str) -> tuple[str, str]:
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in schemes or not parsed.netloc:
-        raise BuildArgumentError(f"{what} checkpoint must look like {schemes[0]}://bucket/prefix, got {url!r}")
+        raise BuildArgumentError(
+            f"{what} checkpoint must look like {schemes[0]}://bucket/prefix, got {url!r}"
+        )
     return parsed.netloc, parsed.path.lstrip("/")
 
 
@@ -296,13 +319,15 @@ def _run_cli(cmd: list[str], what: str, env: dict[str, str]) -> None:
         raise CheckpointFetchError(f"cannot run {cmd[0]} to fetch from {what}: {e}") from e
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip()[-800:]
-        raise CheckpointFetchError(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}) fetching from {what}: {tail}")
+        raise CheckpointFetchError(
+            f"{' '.join(cmd[:3])} failed (exit {proc.returncode}) fetching from {what}: {tail}"
+        )
 
 
 def _fetch_s3(url: str, dest: Path, env: dict[str, str]) -> None:
     bucket, prefix = _split_bucket_url(url, ("s3",), "an S3")
     try:
-        import boto3  # type: ignore[import-not-found]
+        import boto3
     except ImportError:
         boto3 = None
     if boto3 is not None:
@@ -313,17 +338,21 @@ def _fetch_s3(url: str, dest: Path, env: dict[str, str]) -> None:
             n = 0
             for page in pages:
                 for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(prefix):].lstrip("/")
+                    rel = obj["Key"][len(prefix) :].lstrip("/")
                     if not rel or obj["Key"].endswith("/") or not rel.endswith(_COPY_SUFFIXES):
                         continue
                     target = _safe_join(dest, rel)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     s3.download_file(bucket, obj["Key"], str(target))
                     n += 1
-        except Exception as e:  # noqa: BLE001 - botocore raises many kinds
-            raise CheckpointFetchError(f"cannot download {url} with boto3 (AWS_* credentials from the secret): {e}") from e
+        except Exception as e:  # botocore raises many kinds
+            raise CheckpointFetchError(
+                f"cannot download {url} with boto3 (AWS_* credentials from the secret): {e}"
+            ) from e
         if n == 0:
-            raise CheckpointFetchError(f"{url} holds no checkpoint files (nothing under that prefix)")
+            raise CheckpointFetchError(
+                f"{url} holds no checkpoint files (nothing under that prefix)"
+            )
         return
     aws = shutil.which("aws")
     if aws is None:
@@ -337,7 +366,7 @@ def _fetch_s3(url: str, dest: Path, env: dict[str, str]) -> None:
 def _fetch_gcs(url: str, dest: Path, env: dict[str, str]) -> None:
     bucket_name, prefix = _split_bucket_url(url, ("gs",), "a GCS")
     try:
-        from google.cloud import storage  # type: ignore[import-not-found]
+        from google.cloud import storage
     except ImportError:
         storage = None
     if storage is not None:
@@ -346,19 +375,21 @@ def _fetch_gcs(url: str, dest: Path, env: dict[str, str]) -> None:
             client = storage.Client()
             n = 0
             for blob in client.list_blobs(bucket_name, prefix=prefix):
-                rel = blob.name[len(prefix):].lstrip("/")
+                rel = blob.name[len(prefix) :].lstrip("/")
                 if not rel or blob.name.endswith("/") or not rel.endswith(_COPY_SUFFIXES):
                     continue
                 target = _safe_join(dest, rel)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 blob.download_to_filename(str(target))
                 n += 1
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CheckpointFetchError(
                 f"cannot download {url} with google-cloud-storage (GOOGLE_APPLICATION_CREDENTIALS or workload identity): {e}"
             ) from e
         if n == 0:
-            raise CheckpointFetchError(f"{url} holds no checkpoint files (nothing under that prefix)")
+            raise CheckpointFetchError(
+                f"{url} holds no checkpoint files (nothing under that prefix)"
+            )
         return
     gcloud, gsutil = shutil.which("gcloud"), shutil.which("gsutil")
     if gcloud:
@@ -393,7 +424,7 @@ def _fetch_azure(url: str, dest: Path, env: dict[str, str]) -> None:
     if account_url is None and account:
         account_url = f"https://{account}.blob.core.windows.net"
     try:
-        from azure.storage.blob import ContainerClient  # type: ignore[import-not-found]
+        from azure.storage.blob import ContainerClient
     except ImportError:
         ContainerClient = None
     if ContainerClient is not None:
@@ -403,7 +434,9 @@ def _fetch_azure(url: str, dest: Path, env: dict[str, str]) -> None:
                 client = ContainerClient.from_connection_string(conn, container_name=container)
             elif account_url:
                 cred = env.get("AZURE_STORAGE_SAS_TOKEN") or env.get("AZURE_STORAGE_KEY")
-                client = ContainerClient(account_url=account_url, container_name=container, credential=cred)
+                client = ContainerClient(
+                    account_url=account_url, container_name=container, credential=cred
+                )
             else:
                 raise CheckpointFetchError(
                     "AZURE source: set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT (+ "
@@ -411,7 +444,7 @@ def _fetch_azure(url: str, dest: Path, env: dict[str, str]) -> None:
                 )
             n = 0
             for blob in client.list_blobs(name_starts_with=prefix):
-                rel = blob.name[len(prefix):].lstrip("/")
+                rel = blob.name[len(prefix) :].lstrip("/")
                 if not rel or not rel.endswith(_COPY_SUFFIXES):
                     continue
                 target = _safe_join(dest, rel)
@@ -421,10 +454,12 @@ def _fetch_azure(url: str, dest: Path, env: dict[str, str]) -> None:
                 n += 1
         except CheckpointFetchError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CheckpointFetchError(f"cannot download {url} with azure-storage-blob: {e}") from e
         if n == 0:
-            raise CheckpointFetchError(f"{url} holds no checkpoint files (nothing under that prefix)")
+            raise CheckpointFetchError(
+                f"{url} holds no checkpoint files (nothing under that prefix)"
+            )
         return
     az = shutil.which("az")
     if az is None:
@@ -432,7 +467,16 @@ def _fetch_azure(url: str, dest: Path, env: dict[str, str]) -> None:
             "--source AZURE needs azure-storage-blob (pip install azure-storage-blob) or the Azure "
             "CLI (`az`) in the runtime image; neither is installed"
         )
-    cmd = [az, "storage", "blob", "download-batch", "--source", container, "--destination", str(dest)]
+    cmd = [
+        az,
+        "storage",
+        "blob",
+        "download-batch",
+        "--source",
+        container,
+        "--destination",
+        str(dest),
+    ]
     if prefix:
         cmd += ["--pattern", f"{prefix.rstrip('/')}/*"]
     if account_url and not conn:
@@ -443,7 +487,9 @@ def _fetch_azure(url: str, dest: Path, env: dict[str, str]) -> None:
 def _safe_join(root: Path, rel: str) -> Path:
     target = (root / rel).resolve()
     if root.resolve() not in target.parents:
-        raise CheckpointFetchError(f"refusing object key {rel!r}: it escapes the download directory")
+        raise CheckpointFetchError(
+            f"refusing object key {rel!r}: it escapes the download directory"
+        )
     return target
 
 
@@ -458,7 +504,9 @@ def _first_line(e: BaseException) -> str:
 def load_config(path: Path) -> dict[str, Any]:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise CheckpointInvalidError(f"{path} has no config.json: it is not a Hugging Face checkpoint directory")
+        raise CheckpointInvalidError(
+            f"{path} has no config.json: it is not a Hugging Face checkpoint directory"
+        )
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -468,54 +516,33 @@ def load_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def num_labels_of(cfg: dict[str, Any]) -> int:
-    # transformers derives num_labels from id2label (and defaults to 2 when neither is given).
-    if isinstance(cfg.get("num_labels"), int):
-        return int(cfg["num_labels"])
-    id2label = cfg.get("id2label")
-    if isinstance(id2label, dict) and id2label:
-        return len(id2label)
-    return 2
-
-
 def validate_checkpoint(path: Path, *, allow_classifier: bool = False) -> ModelSpec:
     """Check the checkpoint is something we can serve; every refusal names what is wrong."""
     cfg = load_config(path)
-    archs = cfg.get("architectures") or []
-    arch = archs[0] if isinstance(archs, list) and archs else None
-    model_type = str(cfg.get("model_type", ""))
-    supported = ", ".join(SUPPORTED_ARCHITECTURES)
-    if arch is None:
-        raise CheckpointInvalidError(
-            f"{path}/config.json names no architecture (architectures is empty); expected one of {supported}"
-        )
-    if arch not in SUPPORTED_ARCHITECTURES:
-        if arch.endswith("ForSequenceClassification"):
-            why = f"{arch} (model_type {model_type!r}) is a sequence classifier, but not of the BERT family"
-        else:
-            why = f"{arch} is not a *ForSequenceClassification model (a cross-encoder reranker has a classification head)"
-        raise CheckpointInvalidError(f"unsupported architecture: {why}; supported architectures: {supported}")
-    expected_types = SUPPORTED_ARCHITECTURES[arch][0]
-    if model_type not in expected_types:
-        raise CheckpointInvalidError(
-            f"config.json says architecture {arch} but model_type {model_type!r} (expected {expected_types[0]!r})"
-        )
-
-    n_labels = num_labels_of(cfg)
-    if n_labels < 1:
-        raise CheckpointInvalidError(f"{arch} has num_labels {n_labels}; a reranker needs exactly one output")
-    if n_labels != 1 and not allow_classifier:
+    try:
+        family = ModelFamily.from_config(cfg)
+    except UnsupportedModelError as e:
+        raise CheckpointInvalidError(f"{path}: {e}") from e
+    arch = family.architecture
+    if family.num_labels != 1 and not allow_classifier:
         labels = cfg.get("id2label") or {}
-        names = ", ".join(str(v) for v in list(labels.values())[:8]) if isinstance(labels, dict) else ""
+        names = (
+            ", ".join(str(v) for v in list(labels.values())[:8]) if isinstance(labels, dict) else ""
+        )
         raise CheckpointInvalidError(
-            f"{arch} has {n_labels} labels{f' ({names})' if names else ''}, but a reranker has exactly one "
-            "(num_labels == 1, a relevance logit). This looks like a text classifier: pass "
-            "--allow-classifier to build it anyway (served on /predict; /rerank refuses it)."
+            f"{arch} has {family.num_labels} labels{f' ({names})' if names else ''}, but a "
+            "reranker has exactly one (num_labels == 1, a relevance logit). This looks like a "
+            "text classifier: pass --allow-classifier to build it anyway (served on /predict; "
+            "/rerank refuses it)."
         )
 
     weights = sorted(p.name for p in path.glob("*.safetensors"))
     if not weights:
-        others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".h5", ".msgpack", ".ckpt"))
+        others = sorted(
+            p.name
+            for p in path.iterdir()
+            if p.suffix in (".bin", ".pt", ".h5", ".msgpack", ".ckpt")
+        )
         found = f" (found {', '.join(others)})" if others else ""
         raise CheckpointInvalidError(
             f"{path} has no *.safetensors weights{found}: only safetensors checkpoints are accepted "
@@ -525,51 +552,39 @@ def validate_checkpoint(path: Path, *, allow_classifier: bool = False) -> ModelS
     if not (path / "tokenizer.json").is_file():
         raise CheckpointInvalidError(
             f"{path} has no fast tokenizer (tokenizer.json): the runtime tokenizes with a "
-            "`tokenizers` fast tokenizer; save one with `AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(dir)`"
+            "`tokenizers` fast tokenizer; save one with "
+            "`AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(dir)`"
         )
+    try:
+        max_len = family.max_input_length(_tokenizer_max_length(path))
+    except UnsupportedModelError as e:
+        raise CheckpointInvalidError(f"{path}: {e}") from e
 
-    positions = cfg.get("max_position_embeddings")
-    if not isinstance(positions, int) or positions < 1:
-        raise CheckpointInvalidError(f"config.json has no valid max_position_embeddings ({positions!r})")
-    pad = cfg.get("pad_token_id")
-    pad = int(pad) if isinstance(pad, int) else None
-    is_roberta = model_type in ROBERTA_FAMILY
-    # RoBERTa/XLM-R reserve padding_idx + 1 position slots (514 positions -> 512 tokens).
-    max_len = positions - ((pad or 0) + 1) if is_roberta else positions
-    tok_max = _tokenizer_max_length(path)
-    if tok_max is not None:
-        max_len = min(max_len, tok_max)
-    if max_len < 2:
-        raise CheckpointInvalidError(f"{arch} allows only {max_len} tokens per sequence (max_position_embeddings {positions})")
-    id2label_raw = cfg.get("id2label") if isinstance(cfg.get("id2label"), dict) else {}
+    id2label_raw = cfg.get("id2label")
     id2label: dict[int, str] = {}
-    for k, v in id2label_raw.items():
+    for k, v in (id2label_raw if isinstance(id2label_raw, dict) else {}).items():
         try:
             id2label[int(k)] = str(v)
         except (TypeError, ValueError):
             continue
-    hidden = int(cfg.get("hidden_size", 0) or 0)
     return ModelSpec(
-        architecture=arch,
-        model_type=model_type,
-        num_labels=n_labels,
+        family=family,
         max_input_length=max_len,
-        pad_token_id=pad,
-        hidden_size=hidden,
+        hidden_size=int(cfg.get("hidden_size", 0) or 0),
         intermediate_size=int(cfg.get("intermediate_size", 0) or 0),
         position_embedding_type=str(cfg.get("position_embedding_type", "absolute")),
         id2label=id2label,
     )
 
 
-def _tokenizer_max_length(path: Path) -> int | None:
+def _tokenizer_max_length(path: Path) -> object:
+    """tokenizer_config.json's model_max_length as written (ModelFamily.max_input_length ignores
+    what is not a real limit, like transformers' 1e30 sentinel), or None."""
     try:
         tc = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    v = tc.get("model_max_length") if isinstance(tc, dict) else None
-    # transformers writes a huge sentinel (1e30) when the length is unknown.
-    return int(v) if isinstance(v, (int, float)) and 1 <= v < 1_000_000 else None
+    return tc.get("model_max_length") if isinstance(tc, dict) else None
 
 
 # ---------------------------------------------------------------------------------------- copy

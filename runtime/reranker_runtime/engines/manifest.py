@@ -18,6 +18,11 @@ Layout and fields follow docs/architecture.md ("Engine directory"):
 
 `manifest.json` is written last, atomically (temp file + rename), so its presence means the
 directory is complete. Readers validate every field and name the first one that is wrong.
+
+Why here: the format has one writer, `reranker-runtime build` (reranker_runtime.engine_build),
+and one reader, the serve-time loader (reranker_runtime.engines.engine_dir). Dependencies point
+from the build package to the engines, never back (serving must not import the build), so the
+shared format lives on the engines' side, where both can import it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +57,7 @@ class BuildInputs:
     max_seq_len: int | None
     accelerator: str
 
-    def normalized(self) -> "BuildInputs":
+    def normalized(self) -> BuildInputs:
         return BuildInputs(
             checkpoint_repo=self.checkpoint_repo,
             revision=self.revision or None,
@@ -66,13 +71,13 @@ class BuildInputs:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self.normalized())
 
-    def differences(self, other: "BuildInputs") -> dict[str, tuple[Any, Any]]:
+    def differences(self, other: BuildInputs) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ: name -> (self's, other's)."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "BuildInputs":
+    def from_dict(cls, data: Any) -> BuildInputs:
         d = _require_mapping(data, "inputs")
         return cls(
             checkpoint_repo=_require(d, "checkpoint_repo", str, "inputs"),
@@ -93,7 +98,7 @@ class ModelInfo:
     max_input_length: int
 
     @classmethod
-    def from_dict(cls, data: Any) -> "ModelInfo":
+    def from_dict(cls, data: Any) -> ModelInfo:
         d = _require_mapping(data, "model")
         info = cls(
             architecture=_require(d, "architecture", str, "model"),
@@ -102,7 +107,9 @@ class ModelInfo:
             max_input_length=_require(d, "max_input_length", int, "model"),
         )
         if info.num_labels < 1 or info.max_input_length < 1:
-            raise ManifestError("manifest.json: model.num_labels and model.max_input_length must be >= 1")
+            raise ManifestError(
+                "manifest.json: model.num_labels and model.max_input_length must be >= 1"
+            )
         return info
 
 
@@ -113,15 +120,19 @@ class BuildShapes:
     max_input_len: int
 
     @classmethod
-    def from_dict(cls, data: Any) -> "BuildShapes":
+    def from_dict(cls, data: Any) -> BuildShapes:
         d = _require_mapping(data, "build")
         shapes = cls(
             dtype=_require(d, "dtype", str, "build"),
             max_batch_size=_require(d, "max_batch_size", (int, type(None)), "build"),
             max_input_len=_require(d, "max_input_len", int, "build"),
         )
-        if shapes.max_input_len < 1 or (shapes.max_batch_size is not None and shapes.max_batch_size < 1):
-            raise ManifestError("manifest.json: build.max_input_len and build.max_batch_size must be >= 1")
+        if shapes.max_input_len < 1 or (
+            shapes.max_batch_size is not None and shapes.max_batch_size < 1
+        ):
+            raise ManifestError(
+                "manifest.json: build.max_input_len and build.max_batch_size must be >= 1"
+            )
         return shapes
 
 
@@ -131,7 +142,7 @@ class GpuInfo:
     compute_capability: str  # e.g. "8.9"
 
     @classmethod
-    def from_dict(cls, data: Any) -> "GpuInfo | None":
+    def from_dict(cls, data: Any) -> GpuInfo | None:
         if data is None:
             return None
         d = _require_mapping(data, "gpu")
@@ -173,7 +184,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Manifest":
+    def from_dict(cls, data: Any) -> Manifest:
         d = _require_mapping(data, "manifest")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
@@ -189,7 +200,9 @@ class Manifest:
             )
         gpu = GpuInfo.from_dict(d.get("gpu"))
         if engine == "tensorrt-llm" and gpu is None:
-            raise ManifestError("manifest.json: a tensorrt-llm engine must record the gpu it was built on")
+            raise ManifestError(
+                "manifest.json: a tensorrt-llm engine must record the gpu it was built on"
+            )
         versions = _require_mapping(d.get("versions", {}), "versions")
         paths = d.get("paths") or default_paths(engine)
         return cls(
@@ -216,7 +229,7 @@ def default_paths(engine: str) -> dict[str, str | None]:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def manifest_path(directory: str | os.PathLike[str]) -> Path:
@@ -258,10 +271,14 @@ def read_manifest(directory: str | os.PathLike[str], *, check_files: bool = True
             rel = manifest.paths.get(key)
             if rel is None:
                 if key == "engine" and manifest.engine == "tensorrt-llm":
-                    raise ManifestError("manifest.json: paths.engine is required for a tensorrt-llm engine")
+                    raise ManifestError(
+                        "manifest.json: paths.engine is required for a tensorrt-llm engine"
+                    )
                 continue
             if not (directory / rel).exists():
-                raise ManifestError(f"{directory}: manifest.json names {key} file {rel}, which is missing")
+                raise ManifestError(
+                    f"{directory}: manifest.json names {key} file {rel}, which is missing"
+                )
     return manifest
 
 
@@ -277,8 +294,10 @@ def _require(d: dict[str, Any], key: str, types: type | tuple[type, ...], where:
     value = d[key]
     # bool is an int subclass; a true/false where a number belongs is a wrong manifest.
     if isinstance(value, bool) or not isinstance(value, types):
-        names = types.__name__ if isinstance(types, type) else " or ".join(
-            "null" if t is type(None) else t.__name__ for t in types
+        names = (
+            types.__name__
+            if isinstance(types, type)
+            else " or ".join("null" if t is type(None) else t.__name__ for t in types)
         )
         raise ManifestError(f"manifest.json: {where}.{key} must be {names}, got {value!r}")
     return value

@@ -1,5 +1,9 @@
 """`serve --engine-dir DIR`: read the manifest and load the engine it describes.
 
+The serve-time loader of what `reranker-runtime build` (reranker_runtime.engine_build) writes.
+It lives with the engines because it is how engines are loaded; the build package may depend on
+the engines, never the reverse.
+
 "pytorch"      -> reranker_runtime.engines.torch_engine.TorchEngine on `<dir>/checkpoint`
 "tensorrt-llm" -> reranker_runtime.engines.trtllm_engine.TrtLlmEngine on `<dir>/engine`, refused on
                   a GPU other than the one it was built for (the message names both).
@@ -12,16 +16,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from reranker_runtime.build.gpu import describe, detect_gpu, same_gpu
-from reranker_runtime.build.manifest import GpuInfo, Manifest, ManifestError, read_manifest
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.engines.base import Engine
+from reranker_runtime.engines.gpu import describe, detect_gpu, same_gpu
+from reranker_runtime.engines.manifest import GpuInfo, Manifest, ManifestError, read_manifest
 from reranker_runtime.errors import ModelLoadError
 
-log = logging.getLogger("reranker_runtime.engines")
+log = logging.getLogger(__name__)
 
 
 def set_offline() -> None:
@@ -46,7 +50,9 @@ def check_serving_gpu(manifest: Manifest, current: GpuInfo | None, engine_dir: s
         )
 
 
-def check_serving_versions(manifest: Manifest, installed: dict[str, str], engine_dir: str | Path) -> None:
+def check_serving_versions(
+    manifest: Manifest, installed: dict[str, str], engine_dir: str | Path
+) -> None:
     """A TensorRT plan only deserializes with the TensorRT (and TRT-LLM plugins) that built it."""
     for dist in ("tensorrt_llm", "tensorrt"):
         built, here = manifest.versions.get(dist), installed.get(dist)
@@ -71,12 +77,14 @@ def load_engine_from_dir(
     except ManifestError as e:
         raise ModelLoadError(f"cannot serve {directory}: {e}") from e
     log.info(
-        "engine directory %s: %s engine for %s (%s), built %s",
-        directory,
-        manifest.engine,
-        manifest.inputs.checkpoint_repo,
-        manifest.resolved_revision or manifest.inputs.revision,
-        manifest.created_at,
+        "loading engine directory",
+        extra={
+            "engine_dir": str(directory),
+            "engine": manifest.engine,
+            "checkpoint": manifest.inputs.checkpoint_repo,
+            "revision": manifest.resolved_revision or manifest.inputs.revision,
+            "built_at": manifest.created_at,
+        },
     )
     if manifest.engine == "pytorch":
         from reranker_runtime.engines.torch_engine import TorchEngine
@@ -88,14 +96,17 @@ def load_engine_from_dir(
             settings.device,
             settings.dtype,
             max_seq_len=manifest.inputs.max_seq_len,
-            source=(manifest.inputs.checkpoint_repo, manifest.resolved_revision or manifest.inputs.revision),
+            source=(
+                manifest.inputs.checkpoint_repo,
+                manifest.resolved_revision or manifest.inputs.revision,
+            ),
         )
 
-    check_serving_gpu(manifest, gpu_detector(), directory)
-    from reranker_runtime.build.trtllm import trtllm_versions
+    # Imported here, not at the top: only a TensorRT-LLM directory needs this module.
+    from reranker_runtime.engines.trtllm_engine import TrtLlmEngine, installed_versions
 
-    check_serving_versions(manifest, trtllm_versions(), directory)
-    from reranker_runtime.engines.trtllm_engine import TrtLlmEngine
+    check_serving_gpu(manifest, gpu_detector(), directory)
+    check_serving_versions(manifest, installed_versions(), directory)
 
     device = settings.device if settings.device.startswith("cuda") else "cuda"
     return TrtLlmEngine.load(directory, manifest, device=device)

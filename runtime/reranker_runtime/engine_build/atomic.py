@@ -15,13 +15,19 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from reranker_runtime.build.errors import OutputConflictError
-from reranker_runtime.build.manifest import MANIFEST_NAME, BuildInputs, Manifest, ManifestError, read_manifest
+from reranker_runtime.engine_build.errors import OutputConflictError
+from reranker_runtime.engines.manifest import (
+    MANIFEST_NAME,
+    BuildInputs,
+    Manifest,
+    ManifestError,
+    read_manifest,
+)
 
-log = logging.getLogger("reranker_runtime.build")
+log = logging.getLogger(__name__)
 
 
 def temp_prefix(output: Path) -> str:
@@ -48,7 +54,9 @@ def existing_complete(output: Path, inputs: BuildInputs) -> Manifest | None:
             ) from e
         diff = manifest.inputs.differences(inputs)
         if diff:
-            detail = "; ".join(f"{k}: existing {a!r}, requested {b!r}" for k, (a, b) in diff.items())
+            detail = "; ".join(
+                f"{k}: existing {a!r}, requested {b!r}" for k, (a, b) in diff.items()
+            )
             raise OutputConflictError(
                 f"--output {output} already holds a complete engine built from different inputs ({detail}). "
                 "An engine directory is keyed by its inputs: build into another --output, or delete this one."
@@ -82,7 +90,7 @@ def output_lock(output: Path) -> Iterator[None]:
 
 def clean_stale_temps(output: Path) -> list[Path]:
     """Delete `.tmp-` directories of builds that died (call with the lock held)."""
-    removed = []
+    removed: list[Path] = []
     if not output.parent.is_dir():
         return removed
     for p in output.parent.iterdir():
@@ -102,7 +110,7 @@ def make_temp_dir(output: Path) -> Path:
 def make_readable(root: Path) -> None:
     """Directories 0755, files 0644: serving pods mount the cache read-only, maybe as another uid
     (copy2 keeps the HF cache's 0600 blobs otherwise)."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o755)
         for name in filenames:
             p = os.path.join(dirpath, name)

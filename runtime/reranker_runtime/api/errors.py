@@ -1,0 +1,179 @@
+"""Every error a client can get, mapped to HTTP in one place.
+
+Bodies follow TEI's error model, `{"error": str, "error_type": str}`; `error_type` uses TEI's
+names (Validation, Empty, Overloaded, Unhealthy, Backend) plus Unauthorized, NotFound and
+MethodNotAllowed, so TEI clients that branch on it keep working.
+
+| error                                   | status | error_type       | headers / advice added |
+|-----------------------------------------|--------|------------------|------------------------|
+| malformed JSON body                     | 400    | Validation       |                        |
+| EmptyInputError                         | 400    | Empty            |                        |
+| WrongModelKindError                     | 400    | Validation       |                        |
+| UnauthorizedError (api/auth.py)         | 401    | Unauthorized     | WWW-Authenticate       |
+| unknown path                            | 404    | NotFound         |                        |
+| wrong method                            | 405    | MethodNotAllowed |                        |
+| TooManyInputsError, body over 64 MiB    | 413    | Validation       | names the server flag  |
+| TooManyCharactersError                  | 413    | Validation       | names the server flag  |
+| TooManyChunksPerTextError               | 413    | Validation       | max_chunks_per_doc     |
+| TooManyChunksPerRequestError            | 413    | Validation       | names the server flag  |
+| ValidationError, InputTooLongError,     | 422    | Validation       | InputTooLong: truncate |
+|   request schema errors                 |        |                  |                        |
+| OverloadedError                         | 429    | Overloaded       | Retry-After: 1, flag   |
+| client went away before the answer      | 499    | (no body)        |                        |
+| EngineError, any other exception        | 500    | Backend          |                        |
+| NotReadyError (every lifecycle state)   | 503    | Unhealthy        | Retry-After: 5         |
+| DeadlineUnreachableError                | 503    | Overloaded       | Retry-After: 1         |
+| DeadlineExceededError                   | 504    | Timeout          | names the header, flag |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fastapi.responses import JSONResponse
+
+from reranker_runtime.errors import (
+    DeadlineExceededError,
+    DeadlineUnreachableError,
+    EmptyInputError,
+    EngineError,
+    InputTooLongError,
+    NotReadyError,
+    OverloadedError,
+    RerankerError,
+    TooManyCharactersError,
+    TooManyChunksPerRequestError,
+    TooManyChunksPerTextError,
+    TooManyInputsError,
+    UnauthorizedError,
+    ValidationError,
+    WrongModelKindError,
+)
+
+# nginx's "client closed request": the client left before the answer; nothing was sent.
+CLIENT_CLOSED_REQUEST = 499
+OVERLOADED_RETRY_AFTER_S = 1
+NOT_READY_RETRY_AFTER_S = 5
+# What the access middleware sends for an exception nothing else handled (never a traceback).
+INTERNAL_ERROR_BODY = {"error": "internal server error", "error_type": "Backend"}
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """How one kind of error is answered."""
+
+    status: int
+    error_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+    advice: str = ""  # appended to the message: what the client or the operator can change
+
+
+# Most specific kind first: a kind's entry is the first one it is an instance of.
+ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
+    (EmptyInputError, HttpError(400, "Empty")),
+    (WrongModelKindError, HttpError(400, "Validation")),
+    (UnauthorizedError, HttpError(401, "Unauthorized", {"WWW-Authenticate": "Bearer"})),
+    (
+        TooManyInputsError,
+        HttpError(
+            413,
+            "Validation",
+            advice=" or raise --max-client-batch-size (RERANKER_MAX_CLIENT_BATCH_SIZE)",
+        ),
+    ),
+    (
+        TooManyCharactersError,
+        HttpError(
+            413,
+            "Validation",
+            advice=", or raise --max-request-characters (RERANKER_MAX_REQUEST_CHARACTERS)",
+        ),
+    ),
+    (
+        TooManyChunksPerTextError,
+        HttpError(
+            413,
+            "Validation",
+            advice="; send a larger max_chunks_per_doc (server default: --max-chunks-per-doc) or "
+            "set truncate=true to score only the first windows",
+        ),
+    ),
+    (
+        TooManyChunksPerRequestError,
+        HttpError(
+            413,
+            "Validation",
+            advice="; send fewer or shorter texts or a smaller max_chunks_per_doc, or raise "
+            "--max-chunks-per-request (RERANKER_MAX_CHUNKS_PER_REQUEST)",
+        ),
+    ),
+    (InputTooLongError, HttpError(422, "Validation", advice="; shorten it or set truncate=true")),
+    (ValidationError, HttpError(422, "Validation")),
+    (
+        OverloadedError,
+        HttpError(
+            429,
+            "Overloaded",
+            {"Retry-After": str(OVERLOADED_RETRY_AFTER_S)},
+            advice=" (--max-concurrent-requests); retry shortly",
+        ),
+    ),
+    (
+        DeadlineUnreachableError,
+        HttpError(
+            503,
+            "Overloaded",
+            {"Retry-After": str(OVERLOADED_RETRY_AFTER_S)},
+            advice="; retry with a longer X-Request-Timeout, fewer or shorter texts, or on a less "
+            "busy replica",
+        ),
+    ),
+    (
+        DeadlineExceededError,
+        HttpError(
+            504,
+            "Timeout",
+            advice="; send a longer X-Request-Timeout header (server default: --request-timeout) "
+            "or fewer texts",
+        ),
+    ),
+    (NotReadyError, HttpError(503, "Unhealthy", {"Retry-After": str(NOT_READY_RETRY_AFTER_S)})),
+    (EngineError, HttpError(500, "Backend")),
+)
+_FALLBACK = HttpError(500, "Backend")
+
+# Errors raised by FastAPI/Starlette themselves (routing, body size), by status.
+HTTP_ERROR_TYPES = {404: "NotFound", 405: "MethodNotAllowed", 413: "Validation"}
+
+
+def http_error(exc: RerankerError) -> HttpError:
+    for kind, mapped in ERROR_TABLE:
+        if isinstance(exc, kind):
+            return mapped
+    return _FALLBACK
+
+
+def error_body(message: str, error_type: str) -> dict[str, str]:
+    return {"error": message, "error_type": error_type}
+
+
+def client_message(exc: RerankerError) -> str:
+    """The message a client reads: the domain message plus the HTTP layer's advice."""
+    return exc.message + http_error(exc).advice
+
+
+def error_response(exc: RerankerError) -> JSONResponse:
+    mapped = http_error(exc)
+    return JSONResponse(
+        error_body(client_message(exc), mapped.error_type),
+        status_code=mapped.status,
+        headers=mapped.headers or None,
+    )
+
+
+def plain_error_response(
+    status: int, message: str, error_type: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """For errors that are not domain errors (request validation, routing)."""
+    return JSONResponse(error_body(message, error_type), status_code=status, headers=headers)

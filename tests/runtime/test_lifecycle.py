@@ -1,0 +1,127 @@
+"""The lifecycle: loading -> warming_up -> ready -> draining -> stopped (or failed), admission
+(503 unless ready, 429 over the limit, counted until the request ends) and draining."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reranker_runtime.api.errors import client_message, http_error
+from reranker_runtime.config import ServeSettings
+from reranker_runtime.errors import NotReadyError, OverloadedError
+from reranker_runtime.lifecycle import Lifecycle, State, not_ready_error
+from runtime.fakes import ControlledEngine
+
+WAIT_S = 30.0
+QUERY = "what is the capital of france"
+TEXTS = ["paris is the capital city of france", "apple banana orange fruit"]
+
+
+def settings(**overrides: Any) -> ServeSettings:
+    values: dict[str, Any] = dict(device="cpu", dtype="float32", max_batch_tokens=512)
+    values.update(overrides)
+    return ServeSettings(**values)
+
+
+async def _until(condition: Any) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition never became true")
+        await asyncio.sleep(0.005)
+
+
+async def test_not_ready_until_warmed_up_then_drains(xlmr_engine) -> None:
+    engine = ControlledEngine(xlmr_engine)
+    engine.hold_warmup()
+    lifecycle = Lifecycle(settings(), engine=engine)
+    assert lifecycle.state is State.LOADING
+    lifecycle.start()
+    try:
+        await _until(lambda: lifecycle.state is State.WARMING_UP)
+        with pytest.raises(NotReadyError) as err:
+            async with lifecycle.admit():
+                pass
+        assert "warming up" in err.value.message
+        mapped = http_error(err.value)
+        assert mapped.status == 503 and int(mapped.headers["Retry-After"]) > 0
+    finally:
+        engine.release_warmup()
+    await _until(lambda: lifecycle.ready)
+    assert engine.warmups == [512]
+
+    # Draining: new requests refused at once, the one in flight finishes, then the engine closes.
+    engine.hold()
+
+    async def in_flight() -> list[float]:
+        async with lifecycle.admit() as service:
+            return (await service.rerank(QUERY, TEXTS, truncate=False)).scores
+
+    request = asyncio.create_task(in_flight())
+    await engine.wait_for_calls(1)
+    drain = lifecycle.drain()
+    assert lifecycle.drain() is drain  # idempotent: every caller awaits the same drain
+    assert lifecycle.state is State.DRAINING and not lifecycle.ready
+    with pytest.raises(NotReadyError, match="shutting down; retry on another replica"):
+        async with lifecycle.admit():
+            pass
+    await asyncio.sleep(0)
+    assert not drain.done()  # waits for the request in flight
+    engine.release()
+    scores = await asyncio.wait_for(request, WAIT_S)
+    await asyncio.wait_for(drain, WAIT_S)
+    assert len(scores) == len(TEXTS)
+    assert lifecycle.state is State.STOPPED and engine.closed and lifecycle.in_flight == 0
+
+
+async def test_admit_refuses_over_limit_and_releases(xlmr_engine) -> None:
+    lifecycle = Lifecycle(settings(max_concurrent_requests=2), engine=ControlledEngine(xlmr_engine))
+    lifecycle.start()
+    await _until(lambda: lifecycle.ready)
+    try:
+        async with lifecycle.admit(), lifecycle.admit():
+            assert lifecycle.in_flight == 2
+            with pytest.raises(OverloadedError) as err:
+                async with lifecycle.admit():
+                    pass
+            mapped = http_error(err.value)
+            assert mapped.status == 429 and mapped.headers["Retry-After"] == "1"
+            assert client_message(err.value) == (
+                "2 requests are already in flight, the limit is 2 (--max-concurrent-requests); "
+                "retry shortly"
+            )
+        assert lifecycle.in_flight == 0
+        with pytest.raises(RuntimeError):  # a request that fails still gives its permit back
+            async with lifecycle.admit():
+                raise RuntimeError("handler failed")
+        assert lifecycle.in_flight == 0
+    finally:
+        await lifecycle.close()
+
+
+async def test_load_failure_is_the_failed_state(tmp_path: Path) -> None:
+    reasons: list[str] = []
+    lifecycle = Lifecycle(settings(model=str(tmp_path / "no-such-model")))
+    lifecycle.on_fatal = reasons.append
+    lifecycle.start()
+    await _until(lambda: lifecycle.state is State.FAILED)
+    assert reasons and "no-such-model" in reasons[0]
+    message = lifecycle.not_ready_error().message
+    assert message.startswith("model failed to load:") and "no-such-model" in message
+    assert "check its log" in message  # says what to do next
+    await lifecycle.close()
+    assert lifecycle.state is State.FAILED  # closing keeps the reason
+
+
+def test_every_not_ready_state_has_its_own_message() -> None:
+    states = [s for s in State if s is not State.READY]
+    messages = {not_ready_error(s, "boom").message for s in states}
+    assert len(messages) == len(states)
+    for state in states:
+        error = not_ready_error(state, "boom")
+        assert error.state == state.value
+        assert "retry" in error.message or "restart" in error.message, error.message
