@@ -13,7 +13,8 @@ protocol (uvicorn's h11 one, which `serve` uses) adds both:
 
 Both act below the application, so they show in their own metrics (`reranker_http_*`), not in
 `te_request_count`, except a body that times out: the application saw that request, and its
-access line and count say 408 (`CLIENT_STATUS_SCOPE_KEY`).
+access line and count say 408 (`CLIENT_STATUS_SCOPE_KEY`). Bytes that are not HTTP get uvicorn's
+400, with TEI's error body and counted (`reranker_http_invalid_requests_total`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ OPEN_CONNECTIONS = Gauge("reranker_http_connections", "Open HTTP connections")
 REFUSED_CONNECTIONS = Counter(
     "reranker_http_connections_refused",
     "Connections refused with 503 because --max-connections were open",
+)
+INVALID_REQUESTS = Counter(
+    "reranker_http_invalid_requests",
+    "Requests refused with 400 because they were not valid HTTP/1.1",
 )
 READ_TIMEOUTS = Counter(
     "reranker_http_read_timeouts",
@@ -117,6 +122,16 @@ class GuardedH11Protocol(H11Protocol):
             self._counted = False
             OPEN_CONNECTIONS.dec()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """Not HTTP at all: TEI's error body instead of uvicorn's plain text, and counted."""
+        INVALID_REQUESTS.inc()
+        self.transport.write(
+            _raw_response(
+                400, "Bad Request", f"invalid HTTP request: {msg.rstrip('.')}", "Validation"
+            )
+        )
+        self.transport.close()
 
     # -- the deadline -----------------------------------------------------------------------
 

@@ -24,7 +24,8 @@ import httpx
 import pytest
 from tokenizers import Tokenizer
 
-from reranker_runtime.errors import TokenizerError
+from reranker_runtime.api.errors import http_error
+from reranker_runtime.errors import ValidationError
 from reranker_runtime.text_bounds import encode_bounded
 from reranker_runtime.tokenization import PairTokenizer
 from runtime.api_support import (
@@ -150,11 +151,11 @@ def test_pair_truncation_matches_transformers_on_a_long_text(
 def test_tokenizer_failure_is_a_422_naming_the_text(xlmr_engine: Any) -> None:
     """Below the schema's check (embedders call the service directly): still never a 500."""
     tokenizer = PairTokenizer(xlmr_engine.tokenizer, TINY_MAX_TOKENS)
-    with pytest.raises(TokenizerError) as err:
+    with pytest.raises(ValidationError) as err:
         tokenizer.encode_pairs("q", ["fine", "bad \ud800"], truncate=True, texts_field="documents")
-    assert err.value.status_code == 422
+    assert http_error(err.value).status == 422
     assert err.value.message.startswith("`documents[1]` cannot be tokenized")
-    with pytest.raises(TokenizerError, match=r"`query` cannot be tokenized"):
+    with pytest.raises(ValidationError, match=r"`query` cannot be tokenized"):
         tokenizer.encode_pairs("\udfff", ["fine"], truncate=True)
 
 
@@ -225,6 +226,36 @@ async def test_ten_megabyte_text_is_scored_as_its_window_and_refused_fast_withou
             assert result["truncated"] is True
             scores.append(result["relevance_score"])
         assert scores[0] == pytest.approx(scores[1], abs=TOL)
+
+
+async def test_ten_megabyte_text_chunked_costs_only_its_windows(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    """With chunking, a text is tokenized as far as its windows reach: a 10 MB text scores as
+    its first 100,000 characters do (hundreds of windows' worth), and without truncation it is
+    refused at once with a true lower bound on the windows it needs."""
+    huge = _ten_megabytes()
+    settings = settings_for(xlmr_reranker, max_request_characters=11_000_000)
+    async with serving(settings, xlmr_engine) as client:
+        answers = []
+        for text in (huge, huge[:100_000]):
+            response = await client.post(
+                "/rerank",
+                json={"query": QUERY, "texts": [text], "truncate": True, "max_chunks_per_doc": 3},
+            )
+            assert response.status_code == 200, response.text
+            answers.append(response.json()[0])
+        assert answers[0]["chunks"] == answers[1]["chunks"] == 3
+        assert answers[0]["score"] == pytest.approx(answers[1]["score"], abs=TOL)
+
+        refused = await client.post(
+            "/rerank", json={"query": QUERY, "texts": [huge], "max_chunks_per_doc": 3}
+        )
+        assert refused.status_code == 413, refused.text
+        assert re.match(
+            r"`texts\[0\]` needs at least 4 windows of up to \d+ text tokens",
+            refused.json()["error"],
+        )
 
 
 @pytest.mark.parametrize(
@@ -442,3 +473,55 @@ def test_connections_beyond_the_cap_get_503_and_are_closed(guarded_server: Any) 
     assert refused and float(refused.group(1)) >= 1
     timeouts = re.search(r"^reranker_http_read_timeouts_total (\S+)$", metrics, re.M)
     assert timeouts is not None
+
+
+# ----------------------------------------------------------------- refusals counted as sent
+
+
+def _count(url: str, route: str, status: int) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=WAIT_S).text
+    pattern = rf'^te_request_count_total\{{method="{re.escape(route)}",status="{status}"\}} (\S+)$'
+    match = re.search(pattern, text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _raw_exchange(host: str, port: int, data: bytes, then_close: bool = False) -> bytes:
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(data)
+        if then_close:
+            return b""
+        return _read_until_closed(sock)
+
+
+def test_refusals_are_counted_and_logged_as_what_the_client_got(
+    guarded_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """413 for a body over 64 MiB, 400 for malformed JSON, 408 for a stalled body, 499 for a
+    client that left mid-body, 400 for bytes that are not HTTP: each counted in
+    te_request_count with the status the client got, logged in one line, no traceback."""
+    host, port, _ = guarded_server
+    url = f"http://{host}:{port}"
+    head = b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    cases = [
+        (413, head + b"Content-Length: 70000000\r\n\r\n" + b'{"query": ', False),
+        (400, head + b"Content-Length: 10\r\n\r\n" + b'{"query": ', False),
+        (408, head + b"Content-Length: 100\r\n\r\n" + b'{"query": ', False),
+        (499, head + b"Content-Length: 100\r\n\r\n" + b'{"query": ', True),
+    ]
+    for status, request, leave in cases:
+        before = _count(url, "/rerank", status)
+        reply = _raw_exchange(host, port, request, then_close=leave)
+        if not leave:
+            assert reply.startswith(f"HTTP/1.1 {status} ".encode()), reply
+            body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+            assert set(body) == {"error", "error_type"}, body
+        deadline = time.monotonic() + WAIT_S
+        while _count(url, "/rerank", status) != before + 1:
+            assert time.monotonic() < deadline, f"te_request_count never counted {status}"
+            time.sleep(0.05)
+
+    assert _raw_exchange(host, port, b"NOT HTTP AT ALL\r\n\r\n").startswith(
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json"
+    )
+    assert not [r for r in caplog.records if r.exc_info], "a refusal logged a traceback"
+    assert not [r for r in caplog.records if r.levelno >= 40], "a refusal logged an error"

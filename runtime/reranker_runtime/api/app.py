@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from reranker_runtime import __version__, metrics
 from reranker_runtime.api import cohere, ops, tei
 from reranker_runtime.api.auth import all_routes, document_api_key, protected_paths
+from reranker_runtime.api.body_limit import BodyLimitMiddleware
 from reranker_runtime.api.deps import LOG_SCOPE_KEY, REQUEST_ID_SCOPE_KEY, ClientDisconnected
 from reranker_runtime.api.errors import (
     CLIENT_CLOSED_REQUEST,
@@ -39,6 +40,7 @@ from reranker_runtime.api.errors import (
 from reranker_runtime.api.schema_limits import apply_client_batch_limit
 from reranker_runtime.api.schemas import INPUT_ERROR, ErrorBody
 from reranker_runtime.config import ServeSettings
+from reranker_runtime.connections import CLIENT_STATUS_SCOPE_KEY
 from reranker_runtime.errors import RerankerError
 from reranker_runtime.lifecycle import Lifecycle
 from reranker_runtime.logging import ACCESS_LOGGER, log_fields
@@ -95,7 +97,6 @@ def create_app(
             'routes. Errors are `{"error", "error_type"}` with TEI\'s status codes.'
         ),
         lifespan=lifespan,
-        max_body_size=MAX_BODY_BYTES,
         # No 307 to the slash-less path: its absolute Location would echo the client's Host.
         redirect_slashes=False,
         responses={
@@ -120,6 +121,8 @@ def create_app(
     routes = frozenset(
         path for path in (getattr(r, "path", None) for r in all_routes(app.routes)) if path
     )
+    # Inside AccessMiddleware, so its 413 is logged and counted as such (api/body_limit.py).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(AccessMiddleware, routes=routes)  # outermost: sees every response
     return app
 
@@ -189,7 +192,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 class AccessMiddleware:
     """Outermost layer: request id (echoed or generated), `te_request_count` /
     `te_request_duration` by route and status, one access-log line per request, and a JSON 500
-    for anything unexpected (never a bare traceback page)."""
+    for anything unexpected (never a bare traceback page).
+
+    The status counted and logged is the one the client got: 408 when the connection layer gave
+    up waiting for the body (`connections.CLIENT_STATUS_SCOPE_KEY`), 499 when the client left
+    before the answer, whatever the application then tried to send."""
 
     def __init__(self, app: ASGIApp, routes: frozenset[str]) -> None:
         self.app = app
@@ -206,6 +213,7 @@ class AccessMiddleware:
         scope[REQUEST_ID_SCOPE_KEY] = request_id
         status = 500
         response_started = False
+        client_left = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
@@ -215,12 +223,24 @@ class AccessMiddleware:
                 MutableHeaders(scope=message)["x-request-id"] = request_id
             await send(message)
 
+        async def receive_watching() -> Message:
+            nonlocal client_left
+            message = await receive()
+            if message["type"] == "http.disconnect" and not response_started:
+                client_left = True  # whatever is sent from now on reaches nobody
+            return message
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watching, send_with_id)
         except Exception:
-            log.exception("unhandled error", extra=log_fields(request_id=request_id))
-            status = 500
-            if not response_started:
+            if response_started:
+                # The client already has its status; count that one.
+                log.exception(
+                    "error after the response started", extra=log_fields(request_id=request_id)
+                )
+            else:
+                log.exception("unhandled error", extra=log_fields(request_id=request_id))
+                status = 500
                 body = json.dumps(INTERNAL_ERROR_BODY).encode()
                 await send(
                     {
@@ -236,6 +256,10 @@ class AccessMiddleware:
                 await send({"type": "http.response.body", "body": body})
         finally:
             duration = time.perf_counter() - started
+            if CLIENT_STATUS_SCOPE_KEY in scope:
+                status = scope[CLIENT_STATUS_SCOPE_KEY]
+            elif client_left:
+                status = CLIENT_CLOSED_REQUEST
             path: str = scope["path"]
             route = path if path in self.routes else "other"
             metrics.REQUEST_COUNT.labels(method=route, status=str(status)).inc()
