@@ -6,6 +6,7 @@ contract (tests/contract checks both sides).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 DEFAULT_MODEL = "BAAI/bge-reranker-large"
@@ -38,6 +39,14 @@ class ServeSettings:
     api_key: str | None = None
     log_format: str = "json"  # json | text
     log_level: str = "info"
+    # TEI's flags (router/src/main.rs): same names, same defaults where TEI has one.
+    payload_limit: int = 2_000_000  # request body bytes; more -> 413 (TEI's default)
+    prometheus_port: int = 9000  # /metrics also served here (0: off); TEI's default
+    cors_allow_origin: tuple[str, ...] | None = None  # None: any origin, like TEI
+    hf_cache: str | None = None  # hub download cache (HF_HUB_CACHE); None: huggingface_hub's
+    tokenization_workers: int | None = (
+        None  # tokenizer threads; None: default_tokenization_workers()
+    )
 
 
 # flag name -> environment variable. Every `serve` flag is settable through its variable.
@@ -65,4 +74,30 @@ SERVE_ENV_VARS: dict[str, str] = {
     "api_key": "RERANKER_API_KEY",
     "log_format": "RERANKER_LOG_FORMAT",
     "log_level": "RERANKER_LOG_LEVEL",
+    "payload_limit": "RERANKER_PAYLOAD_LIMIT",
+    "prometheus_port": "RERANKER_PROMETHEUS_PORT",
+    "cors_allow_origin": "RERANKER_CORS_ALLOW_ORIGIN",
+    "hf_cache": "RERANKER_HF_CACHE",
+    "tokenization_workers": "RERANKER_TOKENIZATION_WORKERS",
 }
+
+# TEI's own variable for the same setting, read when the RERANKER_* one is unset, so a TEI
+# deployment's environment keeps working.
+TEI_ENV_VARS: dict[str, str] = {
+    "payload_limit": "PAYLOAD_LIMIT",
+    "prometheus_port": "PROMETHEUS_PORT",
+    "cors_allow_origin": "CORS_ALLOW_ORIGIN",
+    "hf_cache": "HUGGINGFACE_HUB_CACHE",
+    "tokenization_workers": "TOKENIZATION_WORKERS",
+}
+
+
+def default_tokenization_workers() -> int:
+    """Tokenizer threads when --tokenization-workers is unset: Python's default thread-pool size
+    (CPUs + 4, at most 32). TEI's default (CPUs - 1) would give a 2-CPU pod one thread, and one
+    long request's tokenization would then hold up every other request's."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return min(32, cpus + 4)

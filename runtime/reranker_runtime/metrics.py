@@ -1,51 +1,174 @@
-"""Prometheus metrics. Names follow TEI's (`te_*`) so existing TEI dashboards and alerts work."""
+"""Prometheus metrics.
+
+TEI's metrics keep TEI's names, labels and buckets, so TEI's dashboards and alerts work unchanged
+(sources in TEI: router/src/http/server.rs and router/src/lib.rs for te_request_*,
+core/src/infer.rs for te_predict_* and most te_request_failure reasons, core/src/queue.rs for the
+queue and batch metrics, router/src/prometheus.rs for the buckets). TEI's exporter writes a counter
+under its plain name (`te_request_count`, no `_total`), so TEI's counters are kept here
+(`TeiCounter`) and written by `render()` the same way; everything else is prometheus_client's.
+
+Our own metrics carry other names: `reranker_http_*` (every response by route and status, refusals
+included) and the te_* names TEI does not have (`te_requests_in_flight`, which the operator's
+autoscaler reads; `te_batch_inference_duration`, `te_batch_failure`, which the bench reads).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import logging
+import threading
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-_TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-
-REQUEST_COUNT = Counter(
-    "te_request_count", "HTTP requests received, by route and status code", ["method", "status"]
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
 )
+
+log = logging.getLogger(__name__)
+
+# TEI's exporter has no `*_created` series; neither do we.
+disable_created_metrics()
+
+# router/src/prometheus.rs: durations 1.5e-5 x 1.5^k (35 buckets, 15 us to ~20 min); input
+# lengths 2^0..2^19 (TEI also drops those above the model's max input length: Prometheus
+# quantiles are the same); batch sizes 2^0..2^12; batch tokens 2^0..2^20.
+_DURATION_BUCKETS = tuple(1e-5 * 1.5 ** (k + 1) for k in range(35))
+_INPUT_LENGTH_BUCKETS = tuple(float(2**k) for k in range(20))
+_BATCH_SIZE_BUCKETS = tuple(float(2**k) for k in range(13))
+_BATCH_TOKENS_BUCKETS = tuple(float(2**k) for k in range(21))
+
+
+class TeiCounter:
+    """A counter written under its exact name with TEI's labels, as TEI's exporter writes it."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+        _TEI_COUNTERS.append(self)
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels: str) -> float:
+        with self._lock:
+            return self._values.get(self._key(labels), 0.0)
+
+    def render(self) -> str:
+        lines = [f"# HELP {self.name} {self.documentation}", f"# TYPE {self.name} counter"]
+        with self._lock:
+            items = sorted(self._values.items())
+        for key, value in items:
+            labels = ",".join(f'{n}="{v}"' for n, v in zip(self.labelnames, key, strict=True))
+            lines.append(
+                f"{self.name}{{{labels}}} {value:g}" if labels else f"{self.name} {value:g}"
+            )
+        return "\n".join(lines) + "\n"
+
+    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
+        if set(labels) != set(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
+        return tuple(str(labels[n]) for n in self.labelnames)
+
+
+_TEI_COUNTERS: list[TeiCounter] = []
+
+# --------------------------------------------------------------------------------------------
+# TEI's metrics
+
+# method: "single" (/predict with one input) or "batch" (/rerank, /v1|v2/rerank, /predict with a
+# batch). Counted once the body is parsed, before admission, as TEI does; /tokenize and /decode
+# are not counted (TEI does not count them either).
+REQUEST_COUNT = TeiCounter("te_request_count", "Inference requests received", ["method"])
+REQUEST_SUCCESS = TeiCounter("te_request_success", "Inference requests answered", ["method"])
+# err: validation, batch_size, tokenization, model_type, overloaded, inference, dropped (TEI's),
+# and unhealthy (ours: not ready or draining, 503).
+REQUEST_FAILURE = TeiCounter("te_request_failure", "Inference requests refused or failed", ["err"])
+PREDICT_COUNT = TeiCounter("te_predict_count", "Inputs (pairs) submitted for scoring")
+PREDICT_SUCCESS = TeiCounter("te_predict_success", "Inputs (pairs) scored")
+
 REQUEST_DURATION = Histogram(
     "te_request_duration",
-    "End-to-end request duration in seconds",
-    ["method"],
-    buckets=_LATENCY_BUCKETS,
+    "Duration of an answered inference request in seconds",
+    buckets=_DURATION_BUCKETS,
 )
 TOKENIZATION_DURATION = Histogram(
     "te_request_tokenization_duration",
     "Tokenization time per request in seconds",
-    buckets=_LATENCY_BUCKETS,
+    buckets=_DURATION_BUCKETS,
 )
 QUEUE_DURATION = Histogram(
     "te_request_queue_duration",
     "Time a request's pairs waited in the queue, in seconds",
-    buckets=_LATENCY_BUCKETS,
+    buckets=_DURATION_BUCKETS,
 )
 INFERENCE_DURATION = Histogram(
     "te_request_inference_duration",
     "Forward-pass time attributed to a request, in seconds",
-    buckets=_LATENCY_BUCKETS,
+    buckets=_DURATION_BUCKETS,
+)
+PREDICT_DURATION = Histogram(
+    "te_predict_duration",
+    "Tokenization + queue + inference time of a scored request, in seconds",
+    buckets=_DURATION_BUCKETS,
+)
+PREDICT_TOKENIZATION_DURATION = Histogram(
+    "te_predict_tokenization_duration",
+    "Tokenization time of a scored request in seconds",
+    buckets=_DURATION_BUCKETS,
+)
+PREDICT_QUEUE_DURATION = Histogram(
+    "te_predict_queue_duration",
+    "Queue time of a scored request in seconds",
+    buckets=_DURATION_BUCKETS,
+)
+PREDICT_INFERENCE_DURATION = Histogram(
+    "te_predict_inference_duration",
+    "Inference time of a scored request in seconds",
+    buckets=_DURATION_BUCKETS,
 )
 REQUEST_INPUT_TOKENS = Histogram(
-    "te_request_input_length", "Tokens per request (all pairs)", buckets=_TOKEN_BUCKETS
+    "te_request_input_length",
+    "Tokens of each input (pair) as scored",
+    buckets=_INPUT_LENGTH_BUCKETS,
 )
 QUEUE_SIZE = Gauge("te_queue_size", "Pairs waiting in the batcher's queue")
-BATCH_SIZE = Histogram("te_batch_next_size", "Sequences per forward pass", buckets=_SIZE_BUCKETS)
+BATCH_SIZE = Histogram(
+    "te_batch_next_size", "Sequences per forward pass", buckets=_BATCH_SIZE_BUCKETS
+)
 BATCH_TOKENS = Histogram(
     "te_batch_next_tokens",
     "Tokens per forward pass as budgeted (padded: longest x n)",
-    buckets=_TOKEN_BUCKETS,
+    buckets=_BATCH_TOKENS_BUCKETS,
+)
+
+# --------------------------------------------------------------------------------------------
+# Ours
+
+HTTP_REQUESTS = Counter(
+    "reranker_http_requests",
+    "HTTP responses by route and the status the client got (unknown paths: route=other)",
+    ["route", "status"],
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "reranker_http_request_duration_seconds",
+    "HTTP request duration in seconds, by route, whatever the status",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 BATCH_INFERENCE_DURATION = Histogram(
     "te_batch_inference_duration",
     "Duration of one forward pass in seconds",
-    buckets=_LATENCY_BUCKETS,
+    buckets=_DURATION_BUCKETS,
 )
 BATCH_FAILURES = Counter("te_batch_failure", "Forward passes that raised")
 IN_FLIGHT = Gauge("te_requests_in_flight", "Inference requests being processed")
@@ -63,3 +186,45 @@ REQUEST_DEADLINE_REFUSALS = Counter(
 CHUNKED_TEXTS = Counter(
     "reranker_chunked_texts", "Texts longer than the model's limit scored as several windows"
 )
+
+
+def render() -> bytes:
+    """The Prometheus text page: prometheus_client's metrics, then TEI's counters."""
+    return generate_latest(REGISTRY) + "".join(c.render() for c in _TEI_COUNTERS).encode()
+
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = render()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # scrapes every few seconds: not worth a log line
+
+
+def start_metrics_server(host: str, port: int) -> ThreadingHTTPServer | None:
+    """--prometheus-port: the metrics on every path of a second port, as TEI's exporter serves
+    them. 0 turns it off; a port in use is logged and skipped (the main port's /metrics stays)."""
+    if port == 0:
+        return None
+    try:
+        server = ThreadingHTTPServer((host, port), _MetricsHandler)
+    except OSError as exc:
+        log.warning(
+            "cannot serve metrics on port %d (%s); /metrics on the main port still works; "
+            "set --prometheus-port to a free port or 0",
+            port,
+            exc,
+        )
+        return None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    log.info("serving metrics on port %d", port)
+    return server

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from reranker_runtime.config import DEFAULT_MODEL, SERVE_ENV_VARS, ServeSettings
+from reranker_runtime.config import DEFAULT_MODEL, SERVE_ENV_VARS, TEI_ENV_VARS, ServeSettings
 from reranker_runtime.logging import LOG_FORMATS, LOG_LEVELS, log_fields
 
 if TYPE_CHECKING:
@@ -101,6 +101,14 @@ def _text(text: str) -> str:
     return text
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    """CORS origins, comma-separated (`*`: any origin)."""
+    origins = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not origins:
+        raise ValueError("expected one or more origins, comma-separated, or *")
+    return origins
+
+
 @dataclass(frozen=True)
 class _Option:
     field: str
@@ -110,6 +118,7 @@ class _Option:
     metavar: str | None = None
     boolean: bool = False
     default_text: str | None = None  # how --help shows the default when not the plain value
+    many: bool = False  # the flag may be repeated; the values add up (a tuple)
 
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -274,6 +283,48 @@ _OPTIONS: tuple[_Option, ...] = (
         "debug, info, warning, error or critical",
         "LEVEL",
     ),
+    _Option(
+        "payload_limit",
+        ("--payload-limit",),
+        _int_parser(1),
+        "Largest request body in bytes; a larger one gets 413 (TEI's flag and default)",
+        "BYTES",
+    ),
+    _Option(
+        "prometheus_port",
+        ("--prometheus-port",),
+        _int_parser(0, 65535),
+        "Also serve the Prometheus metrics on this port, on every path, as TEI does (/metrics on "
+        "--port stays); 0 turns it off; a port in use is logged and skipped",
+        "PORT",
+    ),
+    _Option(
+        "cors_allow_origin",
+        ("--cors-allow-origin",),
+        _origins,
+        "Origins allowed to call the API from a browser (CORS), comma-separated or repeated; * "
+        "allows any",
+        "ORIGIN",
+        default_text="any origin, like TEI",
+        many=True,
+    ),
+    _Option(
+        "hf_cache",
+        ("--hf-cache", "--huggingface-hub-cache"),
+        _text,
+        "Directory the hub downloads go to (sets HF_HUB_CACHE; without it huggingface_hub uses "
+        "HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)",
+        "DIR",
+        default_text="huggingface_hub's",
+    ),
+    _Option(
+        "tokenization_workers",
+        ("--tokenization-workers",),
+        _int_parser(1, 256),
+        "Threads that tokenize requests (one request's tokenization runs on one of them)",
+        "N",
+        default_text="CPUs + 4, at most 32",
+    ),
 )
 
 _DEFAULTS = ServeSettings()
@@ -311,7 +362,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
             if isinstance(default, bool)
             else default
         )
-        help_text = f"{opt.help} (default: {shown}; env: {SERVE_ENV_VARS[opt.field]})"
+        env_names = SERVE_ENV_VARS[opt.field]
+        if opt.field in TEI_ENV_VARS:
+            env_names += f" or TEI's {TEI_ENV_VARS[opt.field]}"
+        help_text = f"{opt.help} (default: {shown}; env: {env_names})"
         if opt.boolean:
             parser.add_argument(
                 *opt.flags,
@@ -325,6 +379,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                 *opt.flags,
                 dest=opt.field,
                 type=_argparse_type(opt),
+                action="extend" if opt.many else "store",
                 default=None,
                 metavar=opt.metavar,
                 help=help_text,
@@ -342,10 +397,13 @@ def settings_from_args(
     for opt in _OPTIONS:
         flag_value = getattr(args, opt.field, None)
         if flag_value is not None:
-            values[opt.field] = flag_value
+            values[opt.field] = tuple(flag_value) if opt.many else flag_value
             continue
         var = SERVE_ENV_VARS[opt.field]
         raw = env.get(var)
+        if (raw is None or raw.strip() == "") and opt.field in TEI_ENV_VARS:
+            var = TEI_ENV_VARS[opt.field]
+            raw = env.get(var)
         if raw is None or raw.strip() == "":
             continue
         try:
@@ -394,9 +452,20 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~"))
 
 
+def use_hub_cache(settings: ServeSettings, environ: dict[str, str] | None = None) -> None:
+    """--hf-cache: point huggingface_hub's download cache there. Must run before huggingface_hub
+    is imported (it reads the variable once); `serve` does it before loading anything."""
+    if settings.hf_cache:
+        (os.environ if environ is None else environ)["HF_HUB_CACHE"] = os.path.expanduser(
+            settings.hf_cache
+        )
+
+
 def serve(settings: ServeSettings) -> int:
     """Run the server until a signal; returns the process exit code."""
+    use_hub_cache(settings)
     from reranker_runtime.api.app import create_app
+    from reranker_runtime.metrics import start_metrics_server
 
     app = create_app(settings)
     lifecycle: Lifecycle = app.state.lifecycle
@@ -411,7 +480,12 @@ def serve(settings: ServeSettings) -> int:
             engine_dir=settings.engine_dir,
         ),
     )
-    server.run()
+    metrics_server = start_metrics_server(settings.host, settings.prometheus_port)
+    try:
+        server.run()
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
     if lifecycle.failure is not None:
         print(f"reranker-runtime serve: error: {lifecycle.not_ready_error()}", file=sys.stderr)
         return 1

@@ -9,18 +9,21 @@ Cohere/Jina routes call the texts `documents`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
 from reranker_runtime import metrics
 from reranker_runtime.batching import Batcher, BatchResult
-from reranker_runtime.config import ServeSettings
+from reranker_runtime.config import ServeSettings, default_tokenization_workers
 from reranker_runtime.engines.base import Engine, EngineInfo
 from reranker_runtime.errors import (
     DeadlineExceededError,
@@ -49,6 +52,7 @@ __all__ = ["PredictResult", "RerankResult", "RerankService", "TokenInfo"]
 logger = logging.getLogger(__name__)
 
 PredictInput = str | tuple[str, str]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,12 @@ class RerankService:
             max_batch_requests=settings.max_batch_requests,
         )
         self._labels = [info.id2label.get(i, f"LABEL_{i}") for i in range(info.num_labels)]
+        # --tokenization-workers: requests are tokenized on these threads (TEI's tokenization
+        # workers), apart from the threads that run forward passes.
+        self.tokenization_workers = settings.tokenization_workers or default_tokenization_workers()
+        self._tokenize_pool = ThreadPoolExecutor(
+            self.tokenization_workers, thread_name_prefix="tokenize"
+        )
 
     @property
     def info(self) -> EngineInfo:
@@ -141,6 +151,7 @@ class RerankService:
     async def stop(self) -> None:
         """Stop the batcher (failing whatever still waits) and release the engine."""
         await self._batcher.stop()
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self._engine.close)
         logger.info("service stopped")
 
@@ -201,7 +212,7 @@ class RerankService:
 
         async with self._deadline(timeout_s, request_id) as deadline:
             t0 = time.perf_counter()
-            encoded = await asyncio.to_thread(
+            encoded = await self._in_tokenize_pool(
                 self._tokenizer.encode_chunked,
                 query,
                 texts,
@@ -252,7 +263,7 @@ class RerankService:
 
         async with self._deadline(timeout_s, request_id) as deadline:
             t0 = time.perf_counter()
-            encoded = await asyncio.to_thread(
+            encoded = await self._in_tokenize_pool(
                 self._tokenizer.encode_inputs,
                 items,
                 truncate=self._truncating(truncate),
@@ -288,11 +299,29 @@ class RerankService:
     ) -> list[list[TokenInfo]]:
         """TEI /tokenize: tokens of each input (a string or a pair), not truncated."""
         items = self._check_inputs(inputs, allow_blank=True)
-        return await asyncio.to_thread(
+        return await self._in_tokenize_pool(
             self._tokenizer.tokens, items, add_special_tokens=add_special_tokens
         )
 
+    async def decode(
+        self, sequences: list[list[int]], *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        """TEI /decode: the text of each sequence of token ids (ids the vocabulary lacks are
+        skipped, as the tokenizer does in TEI)."""
+        self._check_count("ids", len(sequences))
+        backend = self._engine.tokenizer.backend_tokenizer
+        texts: list[str] = await self._in_tokenize_pool(
+            backend.decode_batch, sequences, skip_special_tokens=skip_special_tokens
+        )
+        return texts
+
     # --------------------------------------------------------------------------- helpers
+
+    async def _in_tokenize_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenize_pool, functools.partial(fn, *args, **kwargs)
+        )
 
     def _truncating(self, requested: bool) -> bool:
         # The one place auto-truncate applies: it turns truncation on for every request.
@@ -393,6 +422,7 @@ class RerankService:
     async def _score(
         self, encoded: list[Encoded], request_id: str | None, deadline: float | None
     ) -> BatchResult:
+        metrics.PREDICT_COUNT.inc(len(encoded))
         try:
             return await self._batcher.score(
                 request_id or uuid.uuid4().hex, [e.pair for e in encoded], deadline=deadline
@@ -405,4 +435,12 @@ class RerankService:
         metrics.TOKENIZATION_DURATION.observe(tokenization_s)
         metrics.QUEUE_DURATION.observe(result.queue_time_s)
         metrics.INFERENCE_DURATION.observe(result.inference_time_s)
-        metrics.REQUEST_INPUT_TOKENS.observe(sum(e.num_tokens for e in encoded))
+        for e in encoded:  # per input, as TEI's tokenizer observes it
+            metrics.REQUEST_INPUT_TOKENS.observe(e.num_tokens)
+        metrics.PREDICT_SUCCESS.inc(len(encoded))
+        metrics.PREDICT_DURATION.observe(
+            tokenization_s + result.queue_time_s + result.inference_time_s
+        )
+        metrics.PREDICT_TOKENIZATION_DURATION.observe(tokenization_s)
+        metrics.PREDICT_QUEUE_DURATION.observe(result.queue_time_s)
+        metrics.PREDICT_INFERENCE_DURATION.observe(result.inference_time_s)

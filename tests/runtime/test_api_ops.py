@@ -132,10 +132,12 @@ async def test_metrics_count_what_a_request_did(client: httpx.AsyncClient) -> No
     def moved(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert moved('te_request_count_total{method="/rerank",status="200"}') == 1
-    assert moved('te_request_count_total{method="/rerank",status="400"}') == 1
-    assert moved('te_request_count_total{method="other",status="404"}') == 1  # unknown: one label
-    assert moved('te_request_duration_count{method="/rerank"}') == 2
+    assert moved('reranker_http_requests_total{route="/rerank",status="200"}') == 1
+    assert moved('reranker_http_requests_total{route="/rerank",status="400"}') == 1
+    # unknown paths: one label
+    assert moved('reranker_http_requests_total{route="other",status="404"}') == 1
+    assert moved('reranker_http_request_duration_seconds_count{route="/rerank"}') == 2
+    assert moved("te_request_duration_count") == 1  # TEI's: answered requests only
     # Only the request that reached the model is in the per-request and per-batch histograms.
     for name in (
         "te_request_queue_duration_count",
@@ -143,8 +145,8 @@ async def test_metrics_count_what_a_request_did(client: httpx.AsyncClient) -> No
         "te_request_tokenization_duration_count",
         "te_request_input_length_count",
     ):
-        assert moved(name) == 1, name
-    assert moved("te_request_input_length_sum") == tokens
+        assert moved(name) == (len(RERANK["texts"]) if "input_length" in name else 1), name
+    assert moved("te_request_input_length_sum") == tokens  # one observation per pair
     assert moved("te_batch_next_size_sum") == len(RERANK["texts"])  # both pairs in one batch
     assert moved("te_batch_next_tokens_count") == 1
     assert after["te_queue_size"] == 0 and after["te_requests_in_flight"] == 0

@@ -282,51 +282,70 @@ async def test_bert_reranker_matches_reference(
 
 
 async def test_predict_shapes_on_a_reranker(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
+    """TEI's PredictInput forms: a string, [text] and [text_a, text_b] are ONE input (a flat list
+    of {label, score}); [[text], [text_a, text_b], ...] is a batch (a list of such lists)."""
     ref = reference_logits(xlmr_reranker, ["paris", ("what is", "paris"), "apple", ("a", "b")])
-    single = await client.post("/predict", json={"inputs": "paris"})
-    assert single.status_code == 200, single.text
-    assert single.json() == [
-        {"label": "LABEL_0", "score": pytest.approx(sigmoid(ref[0][0]), abs=TOL)}
-    ]
-    pair = await client.post("/predict", json={"inputs": ["what is", "paris"]})  # a pair: one input
-    assert pair.json() == [
-        {"label": "LABEL_0", "score": pytest.approx(sigmoid(ref[1][0]), abs=TOL)}
-    ]
+
+    def one(score: float) -> list[dict[str, Any]]:
+        return [{"label": "LABEL_0", "score": pytest.approx(sigmoid(score), abs=TOL)}]
+
+    for inputs, expected in (
+        ("paris", one(ref[0][0])),
+        (["paris"], one(ref[0][0])),
+        (["what is", "paris"], one(ref[1][0])),
+    ):
+        resp = await client.post("/predict", json={"inputs": inputs})
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == expected, inputs
     batch = await client.post(
-        "/predict", json={"inputs": ["apple", ["a", "b"], "paris"], "raw_scores": True}
+        "/predict", json={"inputs": [["apple"], ["a", "b"], ["paris"]], "raw_scores": True}
     )
-    assert batch.status_code == 200
+    assert batch.status_code == 200, batch.text
     got = [[(p["label"], p["score"]) for p in preds] for preds in batch.json()]
     assert got == [
         [("LABEL_0", pytest.approx(ref[2][0], **RAW))],
         [("LABEL_0", pytest.approx(ref[3][0], **RAW))],
         [("LABEL_0", pytest.approx(ref[0][0], **RAW))],
     ]
-    one = await client.post("/predict", json={"inputs": ["apple"]})  # a list of one: a batch
-    assert isinstance(one.json()[0], list)
+    one_item_batch = await client.post("/predict", json={"inputs": [["apple"]]})
+    assert one_item_batch.json() == [one(ref[2][0])]
     assert "x-compute-tokens" in batch.headers
 
 
+_EXPECTING = "expected a string, a pair of strings [string, string] or a batch"
+
+
 @pytest.mark.parametrize(
-    ("inputs", "status", "needle"),
+    ("inputs", "needle"),
     [
-        (5, 422, "inputs: Input should be a string, a pair, or a list"),
-        (["a", 5, "c"], 422, "inputs.1: Input should be a string or a pair"),
-        ([["a"]], 422, "inputs.0: Input should be a string or a pair"),
-        ([["a", "b", "c"]], 422, "inputs.0"),
-        ([], 400, ""),
+        (5, "inputs: invalid type"),
+        ([], "inputs: invalid length 0"),
+        (["a", "b", "c"], "inputs: invalid length 3"),  # TEI refuses a third string
+        (["a", 5], "inputs.1: invalid type"),
+        (["a", ["b"]], "inputs.1: invalid type"),  # a string first: not a batch
+        ([["a"], "b"], "inputs.1: invalid type"),  # a list first: every item a list
+        ([["a"], []], "inputs.1: invalid length 0"),
+        ([["a", "b", "c"]], "inputs.0: invalid length 3"),
+        ([["a", 5]], "inputs.0: invalid type"),
     ],
 )
-async def test_predict_errors(
-    client: httpx.AsyncClient, inputs: Any, status: int, needle: str
+async def test_predict_refuses_what_tei_refuses(
+    client: httpx.AsyncClient, inputs: Any, needle: str
 ) -> None:
     resp = await client.post("/predict", json={"inputs": inputs})
-    assert resp.status_code == status, resp.text
-    assert needle in resp.json()["error"]
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error_type"] == "Validation"
+    assert needle in resp.json()["error"] and _EXPECTING in resp.json()["error"]
+
+
+async def test_predict_empty_text_is_400(client: httpx.AsyncClient) -> None:
+    for inputs in ("", [["a"], [" "]]):
+        resp = await client.post("/predict", json={"inputs": inputs})
+        assert resp.status_code == 400 and resp.json()["error_type"] == "Empty", inputs
 
 
 async def test_predict_too_many_inputs(client: httpx.AsyncClient) -> None:
-    resp = await client.post("/predict", json={"inputs": ["x"] * (MAX_TEXTS + 1)})
+    resp = await client.post("/predict", json={"inputs": [["x"]] * (MAX_TEXTS + 1)})
     assert resp.status_code == 413 and str(MAX_TEXTS) in resp.json()["error"]
 
 
@@ -336,7 +355,9 @@ async def test_classifier_predict_and_rerank_refusal(
     async with serving(settings_for(xlmr_classifier), classifier_engine) as clf:
         ref = reference_logits(xlmr_classifier, ["paris is nice", ("a query", "a text")])
         names = ["negative", "neutral", "positive"]
-        resp = await clf.post("/predict", json={"inputs": ["paris is nice", ["a query", "a text"]]})
+        resp = await clf.post(
+            "/predict", json={"inputs": [["paris is nice"], ["a query", "a text"]]}
+        )
         assert resp.status_code == 200, resp.text
         for preds, logits in zip(resp.json(), ref, strict=True):
             assert {p["label"] for p in preds} == {"negative", "neutral", "positive"}
@@ -357,7 +378,9 @@ async def test_classifier_predict_and_rerank_refusal(
             ("/v1/rerank", {"query": "q", "documents": ["a"]}),
         ):
             refused = await clf.post(route, json=body)
-            assert 400 <= refused.status_code < 500, route
+            # TEI: 424 Failed Dependency, error_type Backend, for a route of another model type
+            assert refused.status_code == 424, route
+            assert refused.json()["error_type"] == "Backend"
             assert (
                 "classifier" in refused.json()["error"].lower()
                 or "label" in refused.json()["error"].lower()

@@ -61,6 +61,11 @@ ENV = {
     "RERANKER_API_KEY": "sekret",
     "RERANKER_LOG_FORMAT": "text",
     "RERANKER_LOG_LEVEL": "DEBUG",
+    "RERANKER_PAYLOAD_LIMIT": "5000000",
+    "RERANKER_PROMETHEUS_PORT": "9100",
+    "RERANKER_CORS_ALLOW_ORIGIN": "https://a.example, https://b.example",
+    "RERANKER_HF_CACHE": "/cache/hub",
+    "RERANKER_TOKENIZATION_WORKERS": "3",
 }
 
 
@@ -91,6 +96,11 @@ def test_every_setting_comes_from_its_env_var() -> None:
         api_key="sekret",
         log_format="text",
         log_level="debug",
+        payload_limit=5_000_000,
+        prometheus_port=9100,
+        cors_allow_origin=("https://a.example", "https://b.example"),
+        hf_cache="/cache/hub",
+        tokenization_workers=3,
     )
 
 

@@ -22,7 +22,7 @@ from tiny_models import TINY_MAX_TOKENS, reference_logits
 WAIT_S = 30.0
 TIMEOUTS = "reranker_request_timeouts_total"
 REFUSALS = "reranker_request_deadline_refusals_total"
-RERANK_504 = 'te_request_count_total{method="/rerank",status="504"}'
+RERANK_504 = 'reranker_http_requests_total{route="/rerank",status="504"}'
 
 
 async def samples(client: httpx.AsyncClient) -> dict[str, float]:
@@ -88,7 +88,7 @@ async def test_504_while_its_own_pairs_are_in_the_running_batch(
     async with serving(settings_for(xlmr_reranker), engine) as client:
         engine.hold()
         resp = await client.post(
-            "/predict", json={"inputs": [["zzz", "music"], "art"]}, headers=timeout(0.1)
+            "/predict", json={"inputs": [["zzz", "music"], ["art"]]}, headers=timeout(0.1)
         )
         assert resp.status_code == 504 and resp.json()["error_type"] == "Timeout"
         assert engine.arrived == 1 and not engine.calls  # its batch still held
@@ -195,7 +195,7 @@ async def test_refused_early_when_the_work_ahead_cannot_finish_in_time(
         after = await samples(client)
     assert moved(before, after, REFUSALS) == 2
     assert moved(before, after, TIMEOUTS) == 0
-    assert moved(before, after, 'te_request_count_total{method="/rerank",status="503"}') == 2
+    assert moved(before, after, 'reranker_http_requests_total{route="/rerank",status="503"}') == 2
 
 
 async def test_no_deadline_by_default(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> None:

@@ -177,7 +177,9 @@ async def test_ten_megabyte_text_is_scored_as_its_window_and_refused_fast_withou
     xlmr_reranker: Path, xlmr_engine: Any
 ) -> None:
     huge = _ten_megabytes()
-    settings = settings_for(xlmr_reranker, max_request_characters=11_000_000)
+    settings = settings_for(
+        xlmr_reranker, max_request_characters=11_000_000, payload_limit=20_000_000
+    )
     async with serving(settings, xlmr_engine) as client:
         for side in ("right", "left"):
             response = await client.post(
@@ -235,7 +237,9 @@ async def test_ten_megabyte_text_chunked_costs_only_its_windows(
     its first 100,000 characters do (hundreds of windows' worth), and without truncation it is
     refused at once with a true lower bound on the windows it needs."""
     huge = _ten_megabytes()
-    settings = settings_for(xlmr_reranker, max_request_characters=11_000_000)
+    settings = settings_for(
+        xlmr_reranker, max_request_characters=11_000_000, payload_limit=20_000_000
+    )
     async with serving(settings, xlmr_engine) as client:
         answers = []
         for text in (huge, huge[:100_000]):
@@ -480,7 +484,9 @@ def test_connections_beyond_the_cap_get_503_and_are_closed(guarded_server: Any) 
 
 def _count(url: str, route: str, status: int) -> float:
     text = httpx.get(f"{url}/metrics", timeout=WAIT_S).text
-    pattern = rf'^te_request_count_total\{{method="{re.escape(route)}",status="{status}"\}} (\S+)$'
+    pattern = (
+        rf'^reranker_http_requests_total\{{route="{re.escape(route)}",status="{status}"\}} (\S+)$'
+    )
     match = re.search(pattern, text, re.M)
     return float(match.group(1)) if match else 0.0
 
@@ -496,9 +502,10 @@ def _raw_exchange(host: str, port: int, data: bytes, then_close: bool = False) -
 def test_refusals_are_counted_and_logged_as_what_the_client_got(
     guarded_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """413 for a body over 64 MiB, 400 for malformed JSON, 408 for a stalled body, 499 for a
+    """413 for a body over the limit, 400 for malformed JSON, 408 for a stalled body, 499 for a
     client that left mid-body, 400 for bytes that are not HTTP: each counted in
-    te_request_count with the status the client got, logged in one line, no traceback."""
+    reranker_http_requests_total with the status the client got, logged in one line, no
+    traceback."""
     host, port, _ = guarded_server
     url = f"http://{host}:{port}"
     head = b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -517,7 +524,7 @@ def test_refusals_are_counted_and_logged_as_what_the_client_got(
             assert set(body) == {"error", "error_type"}, body
         deadline = time.monotonic() + WAIT_S
         while _count(url, "/rerank", status) != before + 1:
-            assert time.monotonic() < deadline, f"te_request_count never counted {status}"
+            assert time.monotonic() < deadline, f"the request was never counted as {status}"
             time.sleep(0.05)
 
     assert _raw_exchange(host, port, b"NOT HTTP AT ALL\r\n\r\n").startswith(

@@ -21,15 +21,20 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker_runtime import __version__, metrics
-from reranker_runtime.api import cohere, ops, tei
+from reranker_runtime.api import cohere, ops, other_models, tei
 from reranker_runtime.api.auth import all_routes, document_api_key, protected_paths
-from reranker_runtime.api.body_limit import BodyLimitMiddleware
-from reranker_runtime.api.deps import LOG_SCOPE_KEY, REQUEST_ID_SCOPE_KEY, ClientDisconnected
+from reranker_runtime.api.deps import (
+    LOG_SCOPE_KEY,
+    REQUEST_ID_SCOPE_KEY,
+    ClientDisconnected,
+    annotate,
+)
 from reranker_runtime.api.errors import (
     CLIENT_CLOSED_REQUEST,
     HTTP_ERROR_TYPES,
@@ -52,9 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
 # Probes and scrapes arrive every few seconds; their access lines go to debug.
-_QUIET_PATHS = frozenset({"/health", "/live", "/metrics"})
+_QUIET_PATHS = frozenset({"/health", "/live", "/metrics", "/ping"})
 # A client-supplied request id is echoed only if it is short and plain.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
@@ -70,8 +74,24 @@ class _App(FastAPI):
             apply_client_batch_limit(schema, self.state.max_client_batch_size)
             if self.state.api_key:
                 document_api_key(schema, protected_paths(self.routes))
-            self.openapi_schema = schema
+            # POST / and /invocations take /rerank's body on a reranker and /predict's on a
+            # classifier: once the model is loaded the schema says which; until then, either
+            # (and the schema is built again on the next call).
+            kind = _default_route_body(self.state.lifecycle)
+            if kind is not None:
+                for path in tei.DEFAULT_ROUTE_PATHS:
+                    body = schema["paths"][path]["post"]["requestBody"]["content"]
+                    body["application/json"]["schema"] = {"$ref": f"#/components/schemas/{kind}"}
+            self.openapi_schema = schema if kind is not None else None
+            return schema
         return self.openapi_schema
+
+
+def _default_route_body(lifecycle: Lifecycle) -> str | None:
+    service = lifecycle.service
+    if service is None:
+        return None
+    return "RerankRequest" if service.info.num_labels == 1 else "PredictRequest"
 
 
 def create_app(
@@ -114,6 +134,7 @@ def create_app(
     app.include_router(cohere.router)
     app.include_router(ops.router)
     app.include_router(ops.info_router)
+    app.include_router(other_models.router)
     _install_error_handlers(app)
 
     # Metric labels: known paths only, so scanners hitting random URLs cannot blow up the
@@ -121,9 +142,19 @@ def create_app(
     routes = frozenset(
         path for path in (getattr(r, "path", None) for r in all_routes(app.routes)) if path
     )
-    # Inside AccessMiddleware, so its 413 is logged and counted as such (api/body_limit.py).
-    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
-    app.add_middleware(AccessMiddleware, routes=routes)  # outermost: sees every response
+    # Innermost first; AccessMiddleware is outermost, so it sees every response, a refused body
+    # and a CORS preflight included.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit)
+    origins = settings.cors_allow_origin
+    app.add_middleware(
+        CORSMiddleware,
+        # TEI (router/src/http/server.rs): any origin unless --cors-allow-origin, GET and POST,
+        # the Content-Type header; we also allow Authorization, which --api-key needs.
+        allow_origins=["*"] if origins is None or "*" in origins else list(origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=["content-type", "authorization"],
+    )
+    app.add_middleware(AccessMiddleware, routes=routes)
     return app
 
 
@@ -141,12 +172,15 @@ def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
             detail = (err.get("ctx") or {}).get("error", "invalid JSON")
             pos = err.get("loc", ("body", 0))[-1]
             return 400, f"malformed JSON body: {detail} (at character {pos})"
-        if kind == INPUT_ERROR:
-            parts.append(str(err.get("msg")))
-            continue
         loc = list(err.get("loc", ()))
         if loc and loc[0] == "body":
             loc = loc[1:]
+        if kind == INPUT_ERROR:
+            # The message names the field already; a body nested in another (a /vertex
+            # instance) adds where that body is.
+            outer = "".join(f"{x}." for x in loc[:-1])
+            parts.append(outer + str(err.get("msg")))
+            continue
         field = ".".join(str(x) for x in loc)
         if not field:
             if isinstance(err.get("input"), (bytes, str)):
@@ -162,17 +196,22 @@ def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    # Each handler also puts the message on the request's access-log line (one line, no
+    # traceback: these are the client's errors).
     @app.exception_handler(RerankerError)
-    async def _domain(_: Request, exc: RerankerError) -> JSONResponse:
+    async def _domain(request: Request, exc: RerankerError) -> JSONResponse:
+        annotate(request, error=exc.message)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, message = _validation_message(exc.errors())
+        annotate(request, error=message)
         return plain_error_response(status, message, "Validation")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        annotate(request, error=str(exc.detail))
         return plain_error_response(
             exc.status_code,
             str(exc.detail),
@@ -186,17 +225,68 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Request body limit (--payload-limit).
+
+
+class PayloadTooLarge(StarletteHTTPException):
+    """A request body over --payload-limit. An HTTPException, so FastAPI's body reading lets it
+    through (it turns other errors into 400) and the HTTP handler answers it like any 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"request body is larger than the {limit}-byte limit; send fewer or shorter texts, "
+            "or raise --payload-limit (RERANKER_PAYLOAD_LIMIT)",
+        )
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `limit` bytes: at once when Content-Length says so (the body is
+    never read), else as soon as the bytes received pass it (chunked uploads), so no more than
+    `limit` bytes are ever buffered. TEI: axum's DefaultBodyLimit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            error = PayloadTooLarge(self.limit)
+            scope.setdefault(LOG_SCOPE_KEY, {})["error"] = error.detail
+            await plain_error_response(413, error.detail, "Validation")(scope, receive, send)
+            return
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise PayloadTooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+# ---------------------------------------------------------------------------------------------
 # Access log, request id, request metrics.
 
 
 class AccessMiddleware:
-    """Outermost layer: request id (echoed or generated), `te_request_count` /
-    `te_request_duration` by route and status, one access-log line per request, and a JSON 500
-    for anything unexpected (never a bare traceback page).
+    """Outermost layer: request id (echoed or generated), `reranker_http_requests_total` by route
+    and the status the client got, and `reranker_http_request_duration_seconds`, one access-log
+    line per request (with the error message of a refusal), and a JSON 500 for anything
+    unexpected (never a bare traceback page). TEI's own counters are kept by the inference
+    routes (deps.py).
 
-    The status counted and logged is the one the client got: 408 when the connection layer gave
-    up waiting for the body (`connections.CLIENT_STATUS_SCOPE_KEY`), 499 when the client left
-    before the answer, whatever the application then tried to send."""
+    The status is the one the client got, whatever the application then tried to send: 408 when
+    the connection layer gave up waiting for the body (`connections.CLIENT_STATUS_SCOPE_KEY`),
+    499 when the client left before its answer."""
 
     def __init__(self, app: ASGIApp, routes: frozenset[str]) -> None:
         self.app = app
@@ -232,9 +322,18 @@ class AccessMiddleware:
 
         try:
             await self.app(scope, receive_watching, send_with_id)
+        except PayloadTooLarge as exc:
+            # Raised while a body was read outside FastAPI's handling (e.g. a body sent to an
+            # unknown path): still the client's 413, not a server error.
+            fields["error"] = exc.detail
+            if not response_started:
+                status = 413
+                await plain_error_response(413, exc.detail, "Validation")(
+                    scope, receive, send_with_id
+                )
         except Exception:
             if response_started:
-                # The client already has its status; count that one.
+                # The client already has its status: that is the one counted.
                 log.exception(
                     "error after the response started", extra=log_fields(request_id=request_id)
                 )
@@ -262,8 +361,8 @@ class AccessMiddleware:
                 status = CLIENT_CLOSED_REQUEST
             path: str = scope["path"]
             route = path if path in self.routes else "other"
-            metrics.REQUEST_COUNT.labels(method=route, status=str(status)).inc()
-            metrics.REQUEST_DURATION.labels(method=route).observe(duration)
+            metrics.HTTP_REQUESTS.labels(route=route, status=str(status)).inc()
+            metrics.HTTP_REQUEST_DURATION.labels(route=route).observe(duration)
             level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
             if access_log.isEnabledFor(level):
                 client = scope.get("client")

@@ -74,7 +74,8 @@ async def _rerank(
         for i in order
     ]
     annotate(request, pairs=len(result.scores), tokens=result.total_tokens)
-    response.headers.update(timing_headers(result, started))
+    characters = len(body.query) * len(body.documents) + sum(len(d) for d in body.documents)
+    response.headers.update(timing_headers(request, result, started, characters))
     return results, result
 
 

@@ -9,7 +9,9 @@ Every route of an inference router (`APIRouter(route_class=InferenceRoute)`) run
     -> the handler runs, cancelled if the client disconnects first (499, its queued pairs dropped)
     -> the permit is released, however the handler ended.
 
-so a route only parses, calls the service (`admitted_service(request)`) and formats.
+so a route only parses, calls the service (`admitted_service(request)`) and formats. The same
+wrapper keeps TEI's request counters (metrics.py): te_request_count{method} once the body is
+parsed, then te_request_success{method} or te_request_failure{err}.
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 
+from reranker_runtime import metrics
 from reranker_runtime.api.auth import ProtectedRoute
+from reranker_runtime.api.errors import DROPPED, failure_reason
+from reranker_runtime.api.schemas import DecodeRequest, PredictRequest, TokenizeRequest
 from reranker_runtime.errors import ValidationError
 
 if TYPE_CHECKING:
@@ -40,12 +47,30 @@ T = TypeVar("T")
 LOG_SCOPE_KEY = "reranker.access"
 REQUEST_ID_SCOPE_KEY = "reranker.request_id"
 _SERVICE_SCOPE_KEY = "reranker.service"
+_TEI_METHOD_SCOPE_KEY = "reranker.tei_method"
 # Handlers already wrapped by `admitted`.
 _ADMITTED: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 
 class ClientDisconnected(Exception):
     """The client went away before its answer was ready; the work was cancelled."""
+
+
+def tei_method(body: object) -> str | None:
+    """TEI's `method` label for a parsed request body: "single" for /predict with one input,
+    "batch" for every other scoring request; None for /tokenize and /decode, which TEI does not
+    count, and for a body the route parses itself (POST /: it calls count_request)."""
+    if body is None or isinstance(body, (TokenizeRequest, DecodeRequest)):
+        return None
+    if isinstance(body, PredictRequest):
+        return "single" if body.single else "batch"
+    return "batch"
+
+
+def count_request(request: Request, method: str) -> None:
+    """te_request_count{method}; the wrapper counts the success under the same method."""
+    request.scope[_TEI_METHOD_SCOPE_KEY] = method
+    metrics.REQUEST_COUNT.inc(method=method)
 
 
 def get_lifecycle(request: Request) -> Lifecycle:
@@ -71,9 +96,27 @@ def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
     @functools.wraps(endpoint)
     async def run(**kwargs: Any) -> Any:
         request: Request = kwargs["request"]
-        async with get_lifecycle(request).admit() as service:
-            request.scope[_SERVICE_SCOPE_KEY] = service
-            return await cancel_on_disconnect(request, endpoint(**kwargs))
+        started = time.perf_counter()
+        method = tei_method(kwargs.get("body"))
+        if method is not None:
+            count_request(request, method)
+        try:
+            async with get_lifecycle(request).admit() as service:
+                request.scope[_SERVICE_SCOPE_KEY] = service
+                result = await cancel_on_disconnect(request, endpoint(**kwargs))
+        except ClientDisconnected:
+            metrics.REQUEST_FAILURE.inc(err=DROPPED)
+            raise
+        except (RequestValidationError, HTTPException):
+            raise  # a body the route parses itself (POST /): TEI does not count these either
+        except Exception as exc:
+            metrics.REQUEST_FAILURE.inc(err=failure_reason(exc))
+            raise
+        method = request.scope.get(_TEI_METHOD_SCOPE_KEY)
+        if method is not None:
+            metrics.REQUEST_SUCCESS.inc(method=method)
+            metrics.REQUEST_DURATION.observe(time.perf_counter() - started)
+        return result
 
     _ADMITTED.add(run)
     return run
@@ -160,15 +203,25 @@ def annotate(request: Request, **fields: Any) -> None:
     request.scope.setdefault(LOG_SCOPE_KEY, {}).update(fields)
 
 
-def timing_headers(result: Any, started: float) -> dict[str, str]:
-    """TEI's headers, in whole milliseconds like TEI."""
+def timing_headers(
+    request: Request, result: Any, started: float, characters: int
+) -> dict[str, str]:
+    """TEI's headers (router/src/lib.rs, `From<ResponseMetadata> for HeaderMap`), times in whole
+    milliseconds like TEI. `characters`: the Unicode characters scored (x-compute-characters:
+    for a rerank the query counts once per text). x-compute-type: TEI always says
+    "gpu+optimized"; we say "cpu" on a CPU."""
 
     def ms(seconds: float) -> str:
         return str(round(seconds * 1000))
 
+    total = ms(time.perf_counter() - started)
+    device = str(admitted_service(request).info.device)
     return {
-        "x-compute-time": ms(time.perf_counter() - started),
+        "x-compute-type": "cpu" if device.startswith("cpu") else "gpu+optimized",
+        "x-compute-time": total,
+        "x-compute-characters": str(characters),
         "x-compute-tokens": str(int(result.total_tokens)),
+        "x-total-time": total,
         "x-tokenization-time": ms(result.tokenization_time_s),
         "x-queue-time": ms(result.queue_time_s),
         "x-inference-time": ms(result.inference_time_s),

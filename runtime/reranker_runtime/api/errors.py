@@ -8,16 +8,19 @@ MethodNotAllowed, so TEI clients that branch on it keep working.
 |-----------------------------------------|--------|------------------|------------------------|
 | malformed JSON body                     | 400    | Validation       |                        |
 | EmptyInputError                         | 400    | Empty            |                        |
-| WrongModelKindError                     | 400    | Validation       |                        |
 | UnauthorizedError (api/auth.py)         | 401    | Unauthorized     | WWW-Authenticate       |
 | unknown path                            | 404    | NotFound         |                        |
 | wrong method                            | 405    | MethodNotAllowed |                        |
 | TooManyInputsError, body over 64 MiB    | 413    | Validation       | names the server flag  |
 | TooManyCharactersError                  | 413    | Validation       | names the server flag  |
+| TooManyInputsError, body over           | 413    | Validation       | names the server flag  |
+|   --payload-limit                       |        |                  |                        |
 | TooManyChunksPerTextError               | 413    | Validation       | max_chunks_per_doc     |
 | TooManyChunksPerRequestError            | 413    | Validation       | names the server flag  |
 | ValidationError, InputTooLongError,     | 422    | Validation       | InputTooLong: truncate |
 |   request schema errors                 |        |                  |                        |
+| WrongModelKindError (a route of another | 424    | Backend          | (TEI's status)         |
+|   model type)                           |        |                  |                        |
 | OverloadedError                         | 429    | Overloaded       | Retry-After: 1, flag   |
 | client went away before the answer      | 499    | (no body)        |                        |
 | EngineError, any other exception        | 500    | Backend          |                        |
@@ -72,7 +75,9 @@ class HttpError:
 # Most specific kind first: a kind's entry is the first one it is an instance of.
 ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
     (EmptyInputError, HttpError(400, "Empty")),
-    (WrongModelKindError, HttpError(400, "Validation")),
+    # TEI answers a route of another model type with 424 Failed Dependency, error_type Backend
+    # (router/src/http/server.rs: `From<&ErrorType> for StatusCode`).
+    (WrongModelKindError, HttpError(424, "Backend")),
     (UnauthorizedError, HttpError(401, "Unauthorized", {"WWW-Authenticate": "Bearer"})),
     (
         TooManyInputsError,
@@ -145,6 +150,45 @@ _FALLBACK = HttpError(500, "Backend")
 
 # Errors raised by FastAPI/Starlette themselves (routing, body size), by status.
 HTTP_ERROR_TYPES = {404: "NotFound", 405: "MethodNotAllowed", 413: "Validation"}
+
+# TEI's `err` label of te_request_failure for each kind (core/src/infer.rs, http/server.rs);
+# most specific kind first. A kind not listed is labelled by its status (_REASON_BY_STATUS).
+FAILURE_REASONS: tuple[tuple[type[RerankerError], str], ...] = (
+    (EmptyInputError, "validation"),
+    (TooManyInputsError, "batch_size"),
+    (TooManyChunksPerTextError, "batch_size"),
+    (TooManyChunksPerRequestError, "batch_size"),
+    (WrongModelKindError, "model_type"),
+    (InputTooLongError, "tokenization"),
+    (ValidationError, "validation"),
+    (OverloadedError, "overloaded"),
+    (DeadlineUnreachableError, "overloaded"),
+    (DeadlineExceededError, "timeout"),  # ours: TEI has no deadlines
+    (NotReadyError, "unhealthy"),
+    (EngineError, "inference"),
+)
+_REASON_BY_STATUS = {
+    400: "validation",
+    413: "batch_size",
+    422: "validation",
+    429: "overloaded",
+    503: "overloaded",  # refused for load (NotReadyError, listed above, is "unhealthy")
+    504: "timeout",  # ours: TEI has no deadlines
+}
+# te_request_failure's label for a client that went away before its answer (TEI: a queue entry
+# whose receiver was dropped, core/src/queue.rs).
+DROPPED = "dropped"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The `err` label TEI gives this failure in te_request_failure."""
+    if isinstance(exc, RerankerError):
+        for kind, reason in FAILURE_REASONS:
+            if isinstance(exc, kind):
+                return reason
+        status = http_error(exc).status
+        return _REASON_BY_STATUS.get(status, "validation" if status < 500 else "inference")
+    return "inference"
 
 
 def http_error(exc: RerankerError) -> HttpError:

@@ -1,13 +1,15 @@
-"""Operational routes: /health (readiness), /live (liveness), /metrics (open), and /info
-(behind the API key: it reveals the model and the server's limits). All read the lifecycle."""
+"""Operational routes: /health (readiness; also GET / and GET /ping, as TEI serves it for the
+Inference API and SageMaker), /live (liveness), /metrics (open), and /info (behind the API key: it
+reveals the model and the server's limits). All read the lifecycle."""
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from reranker_runtime import __version__
+from reranker_runtime import __version__, metrics
 from reranker_runtime.api.auth import ProtectedRoute
 from reranker_runtime.api.deps import get_lifecycle
 from reranker_runtime.api.schemas import ErrorBody, InfoResponse, StatusBody
@@ -28,6 +30,18 @@ async def health(request: Request) -> StatusBody:
     if not lifecycle.ready:
         raise lifecycle.not_ready_error()
     return StatusBody(status="ok")
+
+
+for _path, _who in (("/", "Hugging Face Inference API"), ("/ping", "SageMaker")):
+    router.add_api_route(
+        _path,
+        health,
+        methods=["GET"],
+        response_model=StatusBody,
+        responses={503: {"model": ErrorBody, "description": "Not ready."}},
+        summary=f"Readiness, as /health ({_who} probe, TEI)",
+        name=f"health_{_path.strip('/') or 'root'}",
+    )
 
 
 @router.get(
@@ -83,8 +97,13 @@ def build_info(lifecycle: Lifecycle) -> InfoResponse:
         max_client_batch_size=settings.max_client_batch_size,
         max_concurrent_requests=settings.max_concurrent_requests,
         auto_truncate=settings.auto_truncate,
+        tokenization_workers=service.tokenization_workers,
         ready=lifecycle.ready,
         version=__version__,
+        # TEI reports its build's git sha and image label; ours come from the image's
+        # environment (the Dockerfile sets them), when set.
+        sha=os.environ.get("RERANKER_GIT_SHA") or None,
+        docker_label=os.environ.get("DOCKER_LABEL") or None,
     )
 
 
@@ -92,7 +111,7 @@ def build_info(lifecycle: Lifecycle) -> InfoResponse:
     "/metrics",
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
-    summary="Prometheus metrics (TEI names: te_*)",
+    summary="Prometheus metrics (TEI's te_* names and labels; ours: reranker_*)",
 )
 async def prometheus_metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)

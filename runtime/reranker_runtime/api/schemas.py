@@ -160,51 +160,101 @@ class RankItem(BaseModel):
     )
 
 
-def _predict_sequence(value: Any, where: str) -> str | tuple[str, str]:
-    if isinstance(value, str):
-        return _unicode_at(value, where)
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
-        return (_unicode_at(value[0], f"{where}.0"), _unicode_at(value[1], f"{where}.1"))
-    raise PydanticCustomError(
+# TEI's wording (router/src/http/types.rs, PredictInputVisitor::expecting), so a TEI user reads
+# the message they know.
+_PREDICT_EXPECTING = (
+    "expected a string, a pair of strings [string, string] or a batch of mixed strings and pairs "
+    "[[string], [string, string], ...]"
+)
+
+
+def _predict_error(where: str, problem: str) -> PydanticCustomError:
+    return PydanticCustomError(
         INPUT_ERROR,
-        "{where}: Input should be a string or a pair [text_a, text_b]",
-        {"where": where},
+        "{where}: {problem}, {expecting}",
+        {"where": where, "problem": problem, "expecting": _PREDICT_EXPECTING},
     )
 
 
+def _predict_batch_item(value: Any, where: str) -> str | tuple[str, str]:
+    """One item of a batch: [text] or [text_a, text_b]."""
+    if not isinstance(value, list):
+        raise _predict_error(where, "invalid type")
+    if not all(isinstance(v, str) for v in value):
+        raise _predict_error(where, "invalid type")
+    if len(value) == 1:
+        return _unicode_at(value[0], f"{where}.0")
+    if len(value) == 2:
+        return (_unicode_at(value[0], f"{where}.0"), _unicode_at(value[1], f"{where}.1"))
+    raise _predict_error(where, f"invalid length {len(value)}")
+
+
+def parse_predict_inputs(value: Any) -> tuple[bool, list[str | tuple[str, str]]]:
+    """TEI's `PredictInput`, exactly (types.rs): a string, or an array whose first element
+    decides. A string first: ONE input, `[a]` a single text, `[a, b]` a pair, a third element
+    refused. An array first: a batch, every item `[text]` or `[text_a, text_b]`.
+    Returns (single, inputs)."""
+    if isinstance(value, str):
+        return True, [_unicode_at(value, "inputs")]
+    if not isinstance(value, list):
+        raise _predict_error("inputs", "invalid type")
+    if not value:
+        raise _predict_error("inputs", "invalid length 0")
+    first = value[0]
+    if isinstance(first, str):
+        if len(value) > 2:
+            raise _predict_error("inputs", f"invalid length {len(value)}")
+        if not all(isinstance(v, str) for v in value):
+            raise _predict_error("inputs.1", "invalid type")
+        parts = [_unicode_at(v, f"inputs.{i}") for i, v in enumerate(value)]
+        return True, [parts[0]] if len(parts) == 1 else [(parts[0], parts[1])]
+    return False, [_predict_batch_item(v, f"inputs.{i}") for i, v in enumerate(value)]
+
+
+_STRINGS = {"type": "array", "items": SCORED_TEXT_SCHEMA}
+
+# TEI's PredictInput schema (types.rs, `ToSchema for PredictInput`), with what the server
+# enforces: no empty or blank text, `[text]` alone is a single input too, a batch of 1 to
+# --max-client-batch-size inputs.
 PredictInputs = Annotated[
     Any,
     WithJsonSchema(
         {
-            "description": "A string, a pair [text_a, text_b], or a list of strings and pairs.",
-            "anyOf": [
-                SCORED_TEXT_SCHEMA,
-                {"type": "array", "items": SCORED_TEXT_SCHEMA, "minItems": 2, "maxItems": 2},
+            "description": (
+                "Model input: a single string, a pair of strings, or a batch of mixed single "
+                "strings and pairs, each in a list: [[text], [text_a, text_b], ...]."
+            ),
+            "oneOf": [
+                {**SCORED_TEXT_SCHEMA, "description": "A single string"},
+                {
+                    **_STRINGS,
+                    "minItems": 1,
+                    "maxItems": 2,
+                    "description": "A single string or a pair of strings, in a list",
+                },
                 {
                     "type": "array",
+                    "description": "A batch",
                     "minItems": 1,
                     CLIENT_BATCH_KEY: True,
                     "items": {
-                        "anyOf": [
-                            SCORED_TEXT_SCHEMA,
-                            {
-                                "type": "array",
-                                "items": SCORED_TEXT_SCHEMA,
-                                "minItems": 2,
-                                "maxItems": 2,
-                            },
+                        "oneOf": [
+                            {**_STRINGS, "minItems": 1, "maxItems": 1},
+                            {**_STRINGS, "minItems": 2, "maxItems": 2},
                         ]
                     },
                 },
             ],
+            "example": "What is Deep Learning?",
         }
     ),
 ]
 
 
 class PredictRequest(_Request):
-    """`POST /predict`: TEI's request. `inputs` follows TEI's parsing exactly: a string or a
-    two-string array is ONE input (a single text or a pair); any other array is a batch."""
+    """`POST /predict`: TEI's request. `inputs` is parsed exactly as TEI parses it
+    (`parse_predict_inputs`): one input answers a list of {label, score}, a batch a list of
+    such lists."""
 
     inputs: PredictInputs
     raw_scores: bool = Field(
@@ -216,19 +266,8 @@ class PredictRequest(_Request):
     @field_validator("inputs", mode="before")
     @classmethod
     def _parse_inputs(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return {"single": True, "items": [_unicode_at(value, "inputs")]}
-        if isinstance(value, list):
-            if len(value) == 2 and all(isinstance(v, str) for v in value):
-                pair = (_unicode_at(value[0], "inputs.0"), _unicode_at(value[1], "inputs.1"))
-                return {"single": True, "items": [pair]}
-            return {
-                "single": False,
-                "items": [_predict_sequence(v, f"inputs.{i}") for i, v in enumerate(value)],
-            }
-        raise PydanticCustomError(
-            INPUT_ERROR, "inputs: Input should be a string, a pair, or a list of strings and pairs"
-        )
+        single, items = parse_predict_inputs(value)
+        return {"single": single, "items": items}
 
     @property
     def single(self) -> bool:
@@ -237,6 +276,14 @@ class PredictRequest(_Request):
     @property
     def items(self) -> list[str | tuple[str, str]]:
         return list(self.inputs["items"])
+
+
+class VertexRequest(_Request):
+    """`POST /vertex`: TEI's Vertex AI request; each instance is a /rerank or /predict body."""
+
+    instances: list[dict[str, Any]] = Field(
+        description="Each a /rerank body (query, texts) or else a /predict body (inputs)."
+    )
 
 
 class Prediction(BaseModel):
@@ -264,6 +311,10 @@ class TokenizeRequest(_Request):
         ),
     ]
     add_special_tokens: bool = True
+    prompt_name: str | None = Field(
+        None,
+        description="TEI's sentence-transformers prompt; rerankers have none, so only null.",
+    )
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -283,6 +334,52 @@ class TokenizeRequest(_Request):
         raise PydanticCustomError(
             INPUT_ERROR, "inputs: Input should be a string or a list of strings"
         )
+
+
+def _token_ids(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(type(v) is int and 0 <= v < 2**32 for v in value):
+        raise PydanticCustomError(
+            INPUT_ERROR,
+            "{where}: Input should be a list of token ids (integers >= 0)",
+            {"where": where},
+        )
+    return value
+
+
+class DecodeRequest(_Request):
+    """`POST /decode`: TEI's request. `ids` is one list of token ids, or a list of such lists."""
+
+    ids: Annotated[
+        Any,
+        WithJsonSchema(
+            {
+                "oneOf": [
+                    {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    {
+                        "type": "array",
+                        "items": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    },
+                ]
+            }
+        ),
+    ]
+    skip_special_tokens: bool = True
+
+    @field_validator("ids", mode="before")
+    @classmethod
+    def _parse_ids(cls, value: Any) -> Any:
+        # TEI (untagged InputIds): a list of integers is one sequence; otherwise a batch.
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            return [_token_ids(v, f"ids.{i}") for i, v in enumerate(value)]
+        return [_token_ids(value, "ids")]
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return list(self.ids)
+
+
+class VertexResponse(BaseModel):
+    predictions: list[list[RankItem] | list[Prediction] | list[list[Prediction]]]
 
 
 class SimpleToken(BaseModel):
@@ -446,8 +543,11 @@ class InfoResponse(BaseModel):
     max_client_batch_size: int
     max_concurrent_requests: int
     auto_truncate: bool
+    tokenization_workers: int = Field(description="Threads that tokenize requests.")
     ready: bool = Field(description="Same as GET /health returning 200.")
     version: str
+    sha: str | None = Field(description="Git commit of this build (RERANKER_GIT_SHA), if set.")
+    docker_label: str | None = Field(description="Image label (DOCKER_LABEL), if set.")
 
 
 class StatusBody(BaseModel):

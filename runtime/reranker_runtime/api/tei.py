@@ -1,4 +1,6 @@
-"""TEI/BEI routes: POST /rerank (the seed's API, exact), /predict, /tokenize.
+"""TEI/BEI routes: POST /rerank (the seed's API, exact), /predict, /tokenize, /decode, and
+POST / and /invocations (SageMaker), which serve /rerank for a reranker and /predict for a
+classifier, as TEI does (router/src/http/server.rs, `run`).
 
 Each route parses, calls the service and formats; InferenceRoute (deps.py) checks the API key,
 admits, cancels on disconnect and releases.
@@ -6,29 +8,55 @@ admits, cancels on disconnect and releases.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError as PydanticValidationError
 
 from reranker_runtime.api.deps import (
     REQUEST_TIMEOUT_OPENAPI,
     InferenceRoute,
     admitted_service,
     annotate,
+    count_request,
     request_id,
     request_timeout,
+    tei_method,
     timing_headers,
 )
 from reranker_runtime.api.schemas import (
+    DecodeRequest,
     Prediction,
     PredictRequest,
     RankItem,
     RerankRequest,
     SimpleToken,
     TokenizeRequest,
+    VertexRequest,
+    VertexResponse,
 )
+from reranker_runtime.errors import ValidationError
 
 router = APIRouter(tags=["TEI / BEI"], route_class=InferenceRoute)
+
+
+def _validated(model: type[RerankRequest] | type[PredictRequest], data: Any, *loc: Any) -> Any:
+    """`model` from parsed JSON, its errors reported like FastAPI's (at `loc` in the body)."""
+    try:
+        return model.model_validate(data)
+    except PydanticValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *loc, *e["loc"])} for e in exc.errors()]
+        ) from None
+
+
+def _characters(text: str | tuple[str, str]) -> int:
+    return len(text) if isinstance(text, str) else len(text[0]) + len(text[1])
 
 
 @router.post(
@@ -65,7 +93,8 @@ async def rerank(body: RerankRequest, request: Request, response: Response) -> l
         for i in result.ranking()
     ]
     annotate(request, pairs=len(items), tokens=result.total_tokens)
-    response.headers.update(timing_headers(result, started))
+    characters = len(body.query) * len(body.texts) + sum(len(t) for t in body.texts)
+    response.headers.update(timing_headers(request, result, started, characters))
     return items
 
 
@@ -75,8 +104,9 @@ async def rerank(body: RerankRequest, request: Request, response: Response) -> l
     summary="Classify texts or pairs (TEI)",
     openapi_extra=REQUEST_TIMEOUT_OPENAPI,
     description=(
-        "A single input (a string or a pair) returns a list of {label, score}; a list of inputs "
-        "returns a list of such lists. Labels are sorted by score, best first."
+        "TEI's forms: a string, `[text]` or a pair `[text_a, text_b]` is one input and returns a "
+        "list of {label, score}; a batch `[[text], [text_a, text_b], ...]` returns a list of "
+        "such lists. Labels are sorted by score, best first."
     ),
 )
 async def predict(
@@ -96,12 +126,20 @@ async def predict(
         for labels in result.predictions
     ]
     annotate(request, pairs=len(out), tokens=result.total_tokens)
-    response.headers.update(timing_headers(result, started))
+    characters = sum(_characters(item) for item in body.items)
+    response.headers.update(timing_headers(request, result, started, characters))
     return out[0] if body.single else out
 
 
 @router.post("/tokenize", response_model=list[list[SimpleToken]], summary="Tokenize texts (TEI)")
 async def tokenize(body: TokenizeRequest, request: Request) -> list[list[SimpleToken]]:
+    if body.prompt_name is not None:
+        # TEI refuses a prompt the model does not have (core/src/tokenization.rs); a
+        # cross-encoder has none.
+        raise ValidationError(
+            f"`prompt_name` is set to `{body.prompt_name}` but this model has no "
+            "sentence-transformers prompts; leave it out"
+        )
     tokens = await admitted_service(request).tokenize(
         body.inputs, add_special_tokens=body.add_special_tokens
     )
@@ -114,3 +152,102 @@ async def tokenize(body: TokenizeRequest, request: Request) -> list[list[SimpleT
     ]
     annotate(request, pairs=len(out), tokens=sum(len(seq) for seq in out))
     return out
+
+
+@router.post("/decode", response_model=list[str], summary="Decode token ids to text (TEI)")
+async def decode(body: DecodeRequest, request: Request) -> list[str]:
+    texts = await admitted_service(request).decode(
+        body.sequences, skip_special_tokens=body.skip_special_tokens
+    )
+    annotate(request, pairs=len(texts))
+    return texts
+
+
+_DEFAULT_ROUTE_BODY = {
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    {"$ref": "#/components/schemas/RerankRequest"},
+                    {"$ref": "#/components/schemas/PredictRequest"},
+                ]
+            }
+        }
+    },
+    "required": True,
+}
+
+
+async def default_route(request: Request, response: Response) -> Any:
+    """POST / and /invocations: /rerank's request and answer for a reranker, /predict's for a
+    classifier (TEI picks the route by model type at start; we pick it per request, once the
+    model is loaded, so the body is validated after admission)."""
+    try:
+        data = json.loads(await request.body())
+    except json.JSONDecodeError as exc:  # reported as FastAPI reports it on the other routes
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body", exc.pos), "ctx": {"error": exc.msg}}]
+        ) from None
+    except UnicodeDecodeError:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body", 0), "ctx": {"error": "not UTF-8"}}]
+        ) from None
+    reranker = admitted_service(request).info.num_labels == 1
+    body = _validated(RerankRequest if reranker else PredictRequest, data)
+    method = tei_method(body)
+    if method is not None:
+        count_request(request, method)
+    if isinstance(body, RerankRequest):
+        return await rerank(body, request, response)
+    return await predict(body, request, response)
+
+
+DEFAULT_ROUTE_PATHS = ("/", "/invocations")
+for _path, _name in zip(
+    DEFAULT_ROUTE_PATHS,
+    ("Rerank or classify by model type (TEI)", "Rerank or classify by model type (SageMaker, TEI)"),
+    strict=True,
+):
+    router.add_api_route(
+        _path,
+        default_route,
+        methods=["POST"],
+        response_model=list[RankItem] | list[Prediction] | list[list[Prediction]],
+        response_model_exclude_none=True,
+        summary=_name,
+        openapi_extra={"requestBody": _DEFAULT_ROUTE_BODY},
+    )
+
+
+@router.post(
+    "/vertex",
+    response_model=VertexResponse,
+    response_model_exclude_none=True,
+    summary="Vertex AI: several /rerank or /predict bodies at once (TEI)",
+    description=(
+        "TEI's Vertex route: each instance that is a /rerank body is reranked, any other is "
+        "classified as a /predict body; `predictions` holds each answer, in order. One failing "
+        "instance fails the request."
+    ),
+)
+async def vertex(body: VertexRequest, request: Request, response: Response) -> VertexResponse:
+    parsed = [
+        _validated(RerankRequest, instance, "instances", i)
+        if "query" in instance or "texts" in instance
+        else _validated(PredictRequest, instance, "instances", i)
+        for i, instance in enumerate(body.instances)
+    ]  # all of them first: an invalid one refuses the request before any work starts
+    calls: list[Awaitable[Any]] = [
+        rerank(item, request, Response())
+        if isinstance(item, RerankRequest)
+        else predict(item, request, Response())
+        for item in parsed
+    ]
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        predictions = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:  # the request failed: the other instances' work is not needed
+            task.cancel()
+        raise
+    return VertexResponse(predictions=list(predictions))
