@@ -330,7 +330,7 @@ async def test_schema_publishes_the_limits_the_server_enforces(
         for name in ("CohereRerankRequest", "JinaRerankRequest"):
             documents = schemas[name]["properties"]["documents"]
             assert (documents["minItems"], documents["maxItems"]) == (1, MAX_TEXTS)
-        batch = schemas["PredictRequest"]["properties"]["inputs"]["anyOf"][2]
+        batch = schemas["PredictRequest"]["properties"]["inputs"]["oneOf"][2]
         assert (batch["minItems"], batch["maxItems"]) == (1, MAX_TEXTS)
         assert "x-max-client-batch-size" not in json.dumps(schemas)
 

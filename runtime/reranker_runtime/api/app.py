@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker_runtime import __version__, metrics
 from reranker_runtime.api import cohere, ops, other_models, tei
-from reranker_runtime.api.auth import all_routes, document_api_key, protected_paths
+from reranker_runtime.api.auth import all_routes, document_api_key, protected_operations
 from reranker_runtime.api.deps import (
     LOG_SCOPE_KEY,
     REQUEST_ID_SCOPE_KEY,
@@ -73,7 +73,7 @@ class _App(FastAPI):
             schema = super().openapi()
             apply_client_batch_limit(schema, self.state.max_client_batch_size)
             if self.state.api_key:
-                document_api_key(schema, protected_paths(self.routes))
+                document_api_key(schema, protected_operations(self.routes))
             # POST / and /invocations take /rerank's body on a reranker and /predict's on a
             # classifier: once the model is loaded the schema says which; until then, either
             # (and the schema is built again on the next call).
@@ -212,11 +212,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         annotate(request, error=str(exc.detail))
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette lists the methods of the first route on the path; `/` has two routes.
+            headers = {**(headers or {}), "Allow": _allowed_methods(app, request.url.path)}
         return plain_error_response(
             exc.status_code,
             str(exc.detail),
             HTTP_ERROR_TYPES.get(exc.status_code, "Validation"),
-            exc.headers,
+            headers,
         )
 
     @app.exception_handler(ClientDisconnected)
@@ -382,6 +386,15 @@ class AccessMiddleware:
                         **fields,
                     ),
                 )
+
+
+def _allowed_methods(app: FastAPI, path: str) -> str:
+    """Every method some route serves at `path` (HEAD with GET, as Starlette does)."""
+    methods: set[str] = set()
+    for route in all_routes(app.routes):
+        if getattr(route, "path", None) == path:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 def _request_id(scope: Scope) -> str:

@@ -281,9 +281,20 @@ class PredictRequest(_Request):
 class VertexRequest(_Request):
     """`POST /vertex`: TEI's Vertex AI request; each instance is a /rerank or /predict body."""
 
-    instances: list[dict[str, Any]] = Field(
-        description="Each a /rerank body (query, texts) or else a /predict body (inputs)."
-    )
+    instances: Annotated[
+        list[dict[str, Any]],
+        WithJsonSchema(
+            {
+                "type": "array",
+                "items": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/RerankRequest"},
+                        {"$ref": "#/components/schemas/PredictRequest"},
+                    ]
+                },
+            }
+        ),
+    ] = Field(description="Each a /rerank body (query, texts) or else a /predict body (inputs).")
 
 
 class Prediction(BaseModel):
@@ -311,7 +322,8 @@ class TokenizeRequest(_Request):
         ),
     ]
     add_special_tokens: bool = True
-    prompt_name: str | None = Field(
+    # Typed as a string so a name gets TEI's own 422 (route), published as what is accepted.
+    prompt_name: Annotated[str | None, WithJsonSchema({"type": "null"})] = Field(
         None,
         description="TEI's sentence-transformers prompt; rerankers have none, so only null.",
     )
@@ -336,7 +348,12 @@ class TokenizeRequest(_Request):
         )
 
 
+_TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}  # TEI: u32
+
+
 def _token_ids(value: Any, where: str) -> list[int]:
+    if isinstance(value, list):
+        value = [_whole_number(v) for v in value]  # 5.0 is the integer 5, as in JSON Schema
     if not isinstance(value, list) or not all(type(v) is int and 0 <= v < 2**32 for v in value):
         raise PydanticCustomError(
             INPUT_ERROR,
@@ -354,10 +371,12 @@ class DecodeRequest(_Request):
         WithJsonSchema(
             {
                 "oneOf": [
-                    {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    {"type": "array", "items": _TOKEN_ID_SCHEMA},
                     {
                         "type": "array",
-                        "items": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                        "minItems": 1,
+                        CLIENT_BATCH_KEY: True,
+                        "items": {"type": "array", "items": _TOKEN_ID_SCHEMA},
                     },
                 ]
             }
