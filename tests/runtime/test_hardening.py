@@ -508,7 +508,10 @@ def test_refusals_are_counted_and_logged_as_what_the_client_got(
     traceback."""
     host, port, _ = guarded_server
     url = f"http://{host}:{port}"
-    head = b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (
+        b"POST /rerank HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\n"
+    )
     cases = [
         (413, head + b"Content-Length: 70000000\r\n\r\n" + b'{"query": ', False),
         (400, head + b"Content-Length: 10\r\n\r\n" + b'{"query": ', False),
