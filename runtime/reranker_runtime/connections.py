@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import h11
 from prometheus_client import Counter, Gauge
@@ -84,6 +84,7 @@ class GuardedH11Protocol(H11Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
+    # uvicorn narrows asyncio's BaseTransport to Transport with the same ignore.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
@@ -167,7 +168,7 @@ class GuardedH11Protocol(H11Protocol):
             if cycle is not None:
                 # The application is waiting for the body: it gets a disconnect, its answer is
                 # dropped, and its access line says what the client got.
-                self.scope[CLIENT_STATUS_SCOPE_KEY] = 408  # type: ignore[literal-required]
+                cast(dict[str, Any], self.scope)[CLIENT_STATUS_SCOPE_KEY] = 408
                 cycle.disconnected = True
                 cycle.message_event.set()
             self.transport.write(

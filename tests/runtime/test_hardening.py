@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from reranker_runtime.api.errors import http_error
 from reranker_runtime.errors import ValidationError
-from reranker_runtime.text_bounds import encode_bounded
+from reranker_runtime.text_bounds import Direction, encode_bounded
 from reranker_runtime.tokenization import PairTokenizer
 from runtime.api_support import (
     MAX_TEXTS,
@@ -41,6 +41,7 @@ from runtime.fakes import ControlledEngine
 from runtime.live_server import live_server
 from tiny_models import TINY_MAX_TOKENS
 
+DIRECTIONS: tuple[Direction, ...] = ("right", "left")
 WAIT_S = 30.0  # upper bound for any wait on the server (a failure, not a timing assertion)
 WORDS = [
     "the",
@@ -85,8 +86,8 @@ def test_cut_then_tokenized_equals_whole_text_tokenized(
         for text in _texts(rng):
             whole = tok.encode(text, add_special_tokens=False).ids
             for max_tokens in (1, 5, TINY_MAX_TOKENS + 1, 600):
-                for direction in ("right", "left"):
-                    bounded = encode_bounded(tok, text, max_tokens, direction)  # type: ignore[arg-type]
+                for direction in DIRECTIONS:
+                    bounded = encode_bounded(tok, text, max_tokens, direction)
                     if bounded.complete:
                         assert bounded.encoding.ids == whole
                     else:
@@ -119,16 +120,16 @@ class _CountingTokenizer:
 def test_a_huge_text_is_tokenized_only_as_far_as_the_window_needs(xlmr_reranker: Path) -> None:
     tok = _CountingTokenizer(Tokenizer.from_file(str(xlmr_reranker / "tokenizer.json")))
     huge = _words(10_000_000)
-    for direction in ("right", "left"):
+    for direction in DIRECTIONS:
         tok.sizes.clear()
-        bounded = encode_bounded(tok, huge, TINY_MAX_TOKENS + 1, direction)  # type: ignore[arg-type]
+        bounded = encode_bounded(cast(Tokenizer, tok), huge, TINY_MAX_TOKENS + 1, direction)
         assert not bounded.complete and len(bounded.encoding.ids) == TINY_MAX_TOKENS + 1
         assert sum(tok.sizes) < 20_000, tok.sizes  # characters tokenized, of 10 million
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("side", DIRECTIONS)
 def test_pair_truncation_matches_transformers_on_a_long_text(
-    side: str, xlmr_reranker: Path, xlmr_engine: Any
+    side: Direction, xlmr_reranker: Path, xlmr_engine: Any
 ) -> None:
     """The pair the model sees equals transformers' own `truncation="only_second"` of the whole
     text, although only a piece of the text was tokenized."""
@@ -142,7 +143,7 @@ def test_pair_truncation_matches_transformers_on_a_long_text(
         QUERY,
         [long_text],
         truncate=True,
-        direction=side,  # type: ignore[arg-type]
+        direction=side,
     )
     assert encoded.pair.input_ids == expected["input_ids"]
     assert encoded.truncated and not encoded.fully_counted
