@@ -7,7 +7,13 @@
 # built with). An engine is tied to the TensorRT(-LLM) version that built it, and the build Job and
 # the serving pods both run this image, so bumping the tag means rebuilding engines (the operator
 # keys its cache by the runtime image).
-ARG TRTLLM_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:1.2.1
+#
+# 1.0.0 is the newest TensorRT-LLM release on CUDA 12 (12.9.1, TensorRT 10.11; NVIDIA's Triton
+# compatibility matrix). CUDA 12.x runs on host drivers >= 525.60.13 through minor-version
+# compatibility, i.e. on the R535-R570 drivers GKE and EKS GPU node pools ship by default.
+# Releases 1.1+ are CUDA 13 and need driver >= 580 on every node: `serve` and `build` refuse a
+# too-old driver at start, naming both versions (engines/cuda_driver.py). docs/engines.md.
+ARG TRTLLM_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:1.0.0
 FROM ${TRTLLM_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

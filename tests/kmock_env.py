@@ -61,6 +61,12 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
     "autoscaling/v2/horizontalpodautoscalers": kmock.ResourceInfo(
         kind="HorizontalPodAutoscaler", namespaced=True, verbs=_ALL, subresources=["status"]
     ),
+    "monitoring.coreos.com/v1/servicemonitors": kmock.ResourceInfo(
+        kind="ServiceMonitor", namespaced=True, verbs=_ALL
+    ),
+    "monitoring.googleapis.com/v1/podmonitorings": kmock.ResourceInfo(
+        kind="PodMonitoring", namespaced=True, verbs=_ALL
+    ),
 }
 
 
@@ -148,6 +154,7 @@ class OperatorRunner:
             return
         self._stop.set()
         await wait_for(lambda: not self._thread.is_alive(), "kopf to stop", timeout)
+        self.reconciler.stop_timers()
         self._thread = None
         if self._error is not None:
             raise self._error
@@ -274,10 +281,13 @@ class Cluster:
 
     async def job_failed(self, job: str, termination_message: str) -> None:
         """A failed build pod with its termination message, then the Job marked Failed."""
+        template = (self.get(self.JOB, job) or {}).get("spec", {}).get("template", {})
+        template_labels = template.get("metadata", {}).get("labels", {})
         await self.create(self.POD, {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": f"{job}-x1y2z", "namespace": self.ns,
-                         "labels": {"job-name": job, "batch.kubernetes.io/job-name": job}},
+                         "labels": {**template_labels, "job-name": job,
+                                    "batch.kubernetes.io/job-name": job}},
             "status": {"phase": "Failed", "containerStatuses": [{
                 "name": "build",
                 "state": {"terminated": {"exitCode": 1, "reason": "Error", "finishedAt": _now(),

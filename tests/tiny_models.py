@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-Kind = Literal["xlmr-reranker", "bert-reranker", "xlmr-classifier"]
+Kind = Literal["xlmr-reranker", "bert-reranker", "xlmr-classifier", "roberta-reranker"]
 
 # Positions usable by tokens (XLM-R reserves padding_idx + 1 = 2 extra position slots).
 TINY_MAX_TOKENS = 128
@@ -122,6 +122,30 @@ def _xlmr_tokenizer(out_dir: Path):
     return fast
 
 
+def _roberta_tokenizer(out_dir: Path):
+    """Byte-level BPE with RoBERTa's special tokens <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4."""
+    from transformers import RobertaTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    fast = RobertaTokenizerFast(tokenizer_object=tok, model_max_length=TINY_MAX_TOKENS)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
 def _bert_tokenizer(out_dir: Path):
     from transformers import BertTokenizerFast
 
@@ -147,6 +171,8 @@ def build_tiny_model(kind: Kind, out_dir: Path | str, seed: int = 0) -> Path:
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
         XLMRobertaConfig,
         XLMRobertaForSequenceClassification,
     )
@@ -180,6 +206,19 @@ def build_tiny_model(kind: Kind, out_dir: Path | str, seed: int = 0) -> Path:
             config.id2label = {0: "negative", 1: "neutral", 2: "positive"}
             config.label2id = {v: k for k, v in config.id2label.items()}
         model = XLMRobertaForSequenceClassification(config)
+    elif kind == "roberta-reranker":
+        tokenizer = _roberta_tokenizer(out)
+        config = RobertaConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=TINY_MAX_TOKENS + 2,
+            type_vocab_size=1,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            num_labels=1,
+            **common,
+        )
+        model = RobertaForSequenceClassification(config)
     else:
         tokenizer = _bert_tokenizer(out)
         config = BertConfig(

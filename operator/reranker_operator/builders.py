@@ -18,8 +18,11 @@ from reranker_operator.spec import API_GROUP, API_VERSION, KIND, ProbeOverride, 
 
 PORT = 8080
 ENGINES_MOUNT = "/engines"
-CACHE_VOLUME = "engine-cache"
+CACHE_VOLUME = "engine-cache"  # Shared mode: the PVC
+ENGINE_VOLUME = "engine"  # PerPod mode: the pod's own emptyDir
 TMP_VOLUME = "tmp"
+BUILD_CONTAINER = "build"  # the Job's container, or the init container in PerPod mode
+SERVE_CONTAINER = "reranker"
 
 # Label / annotation keys.
 LABEL_NAME = "app.kubernetes.io/name"
@@ -36,9 +39,19 @@ ANNOTATION_RETENTION = f"{API_GROUP}/retention"
 COMPONENT_SERVER = "server"
 COMPONENT_BUILD = "engine-build"
 COMPONENT_CACHE = "engine-cache"
+COMPONENT_PRUNE = "engine-prune"
+
+# Deletes engine directories from the Shared cache (the runtime image has python3).
+_PRUNE_SCRIPT = (
+    "import shutil, sys\n"
+    "for path in sys.argv[1:]:\n"
+    "    shutil.rmtree(path, ignore_errors=True)\n"
+    "    print('removed', path)\n"
+)
 
 # The runtime's in-flight requests gauge (runtime/reranker_runtime/metrics.py), the
-# concurrency autoscaling metric. Needs a custom-metrics adapter (docs/operator.md).
+# concurrency autoscaling metric (its name in the custom metrics API is configurable:
+# config.autoscaling.concurrencyMetric). Needs a custom-metrics adapter (docs/operator.md).
 IN_FLIGHT_METRIC = "te_requests_in_flight"
 
 _JOB_NAME_MAX = 63  # Job names become the pods' `job-name` label value: a 63-char limit.
@@ -47,10 +60,19 @@ _JOB_NAME_MAX = 63  # Job names become the pods' `job-name` label value: a 63-ch
 # --------------------------------------------------------------------------- names and labels
 
 
+def short_name(name: str, limit: int) -> str:
+    """`name` if it fits in `limit` chars, else a prefix plus `-<8 hex of sha256(name)>`: two
+    long names that share a prefix still get distinct results."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name[: limit - len(digest) - 1].rstrip("-") + "-" + digest
+
+
 def job_name(name: str, key: str) -> str:
-    """`<name>-engine-<key[:10]>`, the name part truncated so the whole fits in 63 chars."""
+    """`<name>-engine-<key[:10]>` within 63 chars (see short_name for long Reranker names)."""
     suffix = f"-engine-{key[:10]}"
-    return name[: _JOB_NAME_MAX - len(suffix)].rstrip("-") + suffix
+    return short_name(name, _JOB_NAME_MAX - len(suffix)) + suffix
 
 
 def cache_pvc_name(name: str) -> str:
@@ -122,6 +144,33 @@ def spec_hash(obj: dict[str, Any]) -> str:
     ).hexdigest()
 
 
+def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dict[str, Any]]:
+    """A JSON Patch (RFC 6902) making `live` match `desired` exactly where the operator owns it.
+
+    `spec` is replaced as a whole, so a field the builders no longer render (a GPU toleration
+    after a switch to CPU) is removed. Labels and annotations are merged over the live ones (other
+    controllers annotate our children, e.g. `deployment.kubernetes.io/revision`). A Deployment
+    rendered without `replicas` (an HPA owns it) keeps its live count. JSON Patch rather than
+    server-side apply: both a real API server and the in-memory one used in tests implement its
+    `add` operation alike, whereas the latter treats an apply patch as a merge patch.
+    """
+    meta, live_meta = desired["metadata"], live.get("metadata") or {}
+    ops: list[dict[str, Any]] = []
+    for field in ("labels", "annotations"):
+        merged = {**(live_meta.get(field) or {}), **(meta.get(field) or {})}
+        ops.append({"op": "add", "path": f"/metadata/{field}", "value": merged})
+    if "ownerReferences" in meta:
+        ops.append(
+            {"op": "add", "path": "/metadata/ownerReferences", "value": meta["ownerReferences"]}
+        )
+    spec = copy.deepcopy(desired["spec"])
+    live_replicas = (live.get("spec") or {}).get("replicas")
+    if desired["kind"] == "Deployment" and "replicas" not in spec and live_replicas is not None:
+        spec["replicas"] = live_replicas
+    ops.append({"op": "add", "path": "/spec", "value": spec})
+    return ops
+
+
 def _finish(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
     meta = obj["metadata"]
     if owner is not None:
@@ -163,22 +212,50 @@ def _container_resources(spec: RerankerSpec, config: OperatorConfig) -> dict[str
     return {"requests": requests, "limits": limits}
 
 
-def _pod_placement(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
-    """nodeAffinity / nodeSelector / tolerations for the accelerator (GPU engines are GPU-specific)."""
-    placement = config.placement(spec.accelerator.type)
-    out: dict[str, Any] = {}
-    if placement.node_selector_terms:
-        out["affinity"] = {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": copy.deepcopy(placement.node_selector_terms)
-                }
+def _and_terms(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Two ORed lists of nodeSelectorTerms, ANDed: every pair of terms joined."""
+    if not ours or not theirs:
+        return copy.deepcopy(ours or theirs)
+    joined = []
+    for a in ours:
+        for b in theirs:
+            term = {
+                field: copy.deepcopy(a.get(field, []) + b.get(field, []))
+                for field in ("matchExpressions", "matchFields")
+                if a.get(field) or b.get(field)
             }
+            joined.append(term)
+    return joined
+
+
+def _pod_placement(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
+    """nodeAffinity / nodeSelector / tolerations: the accelerator's (GPU engines are
+    GPU-specific), merged with spec.pod's (both must hold)."""
+    placement = config.placement(spec.accelerator.type)
+    user = spec.pod
+    out: dict[str, Any] = {}
+    affinity = copy.deepcopy(user.affinity)
+    node_affinity = affinity.setdefault("nodeAffinity", {})
+    required = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    terms = _and_terms(placement.node_selector_terms, required.get("nodeSelectorTerms") or [])
+    if terms:
+        node_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = {
+            "nodeSelectorTerms": terms
         }
-    if placement.node_selector:
-        out["nodeSelector"] = dict(placement.node_selector)
-    if placement.tolerations:
-        out["tolerations"] = copy.deepcopy(placement.tolerations)
+    if not node_affinity:
+        del affinity["nodeAffinity"]
+    if affinity:
+        out["affinity"] = affinity
+    node_selector = {**placement.node_selector, **user.node_selector}
+    if node_selector:
+        out["nodeSelector"] = node_selector
+    tolerations = copy.deepcopy(placement.tolerations)
+    for toleration in user.tolerations:
+        extra = toleration.model_dump(by_alias=True, exclude_none=True)
+        if extra not in tolerations:
+            tolerations.append(extra)
+    if tolerations:
+        out["tolerations"] = tolerations
     return out
 
 
@@ -186,24 +263,59 @@ def _pod_common(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "securityContext": copy.deepcopy(config.pod_security_context),
         # The runtime never talks to the API server, and Service links would inject variables
-        # such as RERANKER_PORT=tcp://... for a Service named `reranker`.
+        # such as RERANKER_PORT=tcp://... for a Service named `reranker`. (Workload Identity
+        # and IRSA / Pod Identity need no API token: they inject their own credentials.)
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         **_pod_placement(spec, config),
     }
+    settings = spec.pod
+    if settings.service_account_name:
+        pod["serviceAccountName"] = settings.service_account_name
+    if settings.priority_class_name:
+        pod["priorityClassName"] = settings.priority_class_name
+    if settings.topology_spread_constraints:
+        pod["topologySpreadConstraints"] = copy.deepcopy(list(settings.topology_spread_constraints))
     if config.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s} for s in config.image_pull_secrets]
     return pod
 
 
-def _volumes(name: str, read_only: bool) -> list[dict[str, Any]]:
+def _pod_metadata(
+    spec: RerankerSpec, labels_: dict[str, str], annotations: dict[str, str]
+) -> dict[str, Any]:
+    """Pod template metadata: spec.pod's labels and annotations, then the operator's."""
+    return {
+        "labels": {**spec.pod.labels, **labels_},
+        "annotations": {**spec.pod.annotations, **annotations},
+    }
+
+
+def cache_mode(spec: RerankerSpec, config: OperatorConfig) -> str:
+    """PerPod (each pod builds its engine) or Shared (a Job builds into the cache PVC)."""
+    return spec.engine_cache.mode or config.engine_cache.mode
+
+
+def cache_size(spec: RerankerSpec, config: OperatorConfig) -> str:
+    return spec.engine_cache.size or config.engine_cache.size
+
+
+def _volumes(
+    name: str, spec: RerankerSpec, config: OperatorConfig, read_only: bool
+) -> list[dict[str, Any]]:
+    tmp = {"name": TMP_VOLUME, "emptyDir": {}}
+    if cache_mode(spec, config) == "PerPod":
+        # Pod-local: any pod starts on any node, and nothing needs ReadWriteMany. The limit
+        # evicts a pod whose engine outgrows it; it reserves nothing on the node.
+        return [{"name": ENGINE_VOLUME, "emptyDir": {"sizeLimit": cache_size(spec, config)}}, tmp]
     claim: dict[str, Any] = {"claimName": cache_pvc_name(name)}
     if read_only:
         claim["readOnly"] = True
-    return [
-        {"name": CACHE_VOLUME, "persistentVolumeClaim": claim},
-        {"name": TMP_VOLUME, "emptyDir": {}},
-    ]
+    return [{"name": CACHE_VOLUME, "persistentVolumeClaim": claim}, tmp]
+
+
+def _engine_volume_name(spec: RerankerSpec, config: OperatorConfig) -> str:
+    return ENGINE_VOLUME if cache_mode(spec, config) == "PerPod" else CACHE_VOLUME
 
 
 def _env(name: str, value: str) -> dict[str, str]:
@@ -240,7 +352,7 @@ def build_engine_cache_pvc(
     pvc_spec: dict[str, Any] = {
         "accessModes": [cache.access_mode or defaults.access_mode],
         "volumeMode": "Filesystem",
-        "resources": {"requests": {"storage": cache.size or defaults.size}},
+        "resources": {"requests": {"storage": cache_size(spec, config)}},
     }
     storage_class = cache.storage_class_name or defaults.storage_class_name
     if storage_class:
@@ -274,18 +386,11 @@ def build_args(spec: RerankerSpec, key: str) -> list[str]:
     return args
 
 
-def build_engine_job(
-    name: str,
-    namespace: str,
-    spec: RerankerSpec,
-    config: OperatorConfig,
-    key: str,
-    owner: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The engine-preparation Job `<name>-engine-<key[:10]>`, on the serving accelerator."""
-    job_labels = {**labels(name, COMPONENT_BUILD), LABEL_ENGINE: key[:10]}
+def build_container(spec: RerankerSpec, config: OperatorConfig, key: str) -> dict[str, Any]:
+    """The `reranker-runtime build` container: the Job's (Shared) or the init container (PerPod).
+    It writes /engines/<key> on the engine volume; a complete engine makes it a no-op."""
     container: dict[str, Any] = {
-        "name": "build",
+        "name": BUILD_CONTAINER,
         "image": runtime_image(spec, config),
         "imagePullPolicy": config.image_pull_policy,
         "command": ["reranker-runtime", "build"],
@@ -297,7 +402,7 @@ def build_engine_job(
         ],
         "resources": _container_resources(spec, config),
         "volumeMounts": [
-            {"name": CACHE_VOLUME, "mountPath": ENGINES_MOUNT},
+            {"name": _engine_volume_name(spec, config), "mountPath": ENGINES_MOUNT},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
         ],
         "securityContext": _container_security_context(),
@@ -306,6 +411,21 @@ def build_engine_job(
     }
     if spec.checkpoint.secret_name:
         container["envFrom"] = [{"secretRef": {"name": spec.checkpoint.secret_name}}]
+    return container
+
+
+def build_engine_job(
+    name: str,
+    namespace: str,
+    spec: RerankerSpec,
+    config: OperatorConfig,
+    key: str,
+    owner: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The engine-preparation Job `<name>-engine-<key[:10]>` (Shared mode), on the serving
+    accelerator."""
+    job_labels = {**labels(name, COMPONENT_BUILD), LABEL_ENGINE: key[:10]}
+    container = build_container(spec, config, key)
     jobs = config.build_job
     obj = {
         "apiVersion": "batch/v1",
@@ -318,14 +438,68 @@ def build_engine_job(
             "activeDeadlineSeconds": jobs.active_deadline_seconds,
             "ttlSecondsAfterFinished": jobs.ttl_seconds_after_finished,
             "template": {
-                "metadata": {"labels": job_labels, "annotations": {ANNOTATION_ENGINE_KEY: key}},
+                "metadata": _pod_metadata(spec, job_labels, {ANNOTATION_ENGINE_KEY: key}),
                 "spec": {
                     "restartPolicy": "Never",
                     **_pod_common(spec, config),
                     "containers": [container],
-                    "volumes": _volumes(name, read_only=False),
+                    "volumes": _volumes(name, spec, config, read_only=False),
                 },
             },
+        },
+    }
+    return _finish(obj, owner)
+
+
+def prune_job_name(name: str, keys: list[str]) -> str:
+    digest = hashlib.sha256(",".join(sorted(keys)).encode()).hexdigest()[:10]
+    suffix = f"-prune-{digest}"
+    return short_name(name, _JOB_NAME_MAX - len(suffix)) + suffix
+
+
+def build_prune_job(
+    name: str,
+    namespace: str,
+    spec: RerankerSpec,
+    config: OperatorConfig,
+    keys: list[str],
+    owner: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A Job deleting the engines `keys` from the Shared cache PVC (no GPU needed)."""
+    job_labels = labels(name, COMPONENT_PRUNE)
+    container: dict[str, Any] = {
+        "name": "prune",
+        "image": runtime_image(spec, config),
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["python3", "-c", _PRUNE_SCRIPT],
+        "args": [f"{ENGINES_MOUNT}/{k}" for k in sorted(keys)],
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": ENGINES_MOUNT}],
+        "securityContext": _container_security_context(),
+    }
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": copy.deepcopy(config.pod_security_context),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": [
+            {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache_pvc_name(name)}}
+        ],
+    }
+    if config.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in config.image_pull_secrets]
+    obj = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(prune_job_name(name, keys), namespace, job_labels),
+        "spec": {
+            "backoffLimit": 3,
+            "ttlSecondsAfterFinished": config.build_job.ttl_seconds_after_finished,
+            "template": {"metadata": {"labels": job_labels}, "spec": pod},
         },
     }
     return _finish(obj, owner)
@@ -334,7 +508,7 @@ def build_engine_job(
 def serve_env(spec: RerankerSpec, key: str) -> list[dict[str, Any]]:
     """`reranker-runtime serve` environment (contract: docs/architecture.md)."""
     rt = spec.runtime
-    env = [
+    env: list[dict[str, Any]] = [
         _env("RERANKER_ENGINE_DIR", f"{ENGINES_MOUNT}/{key}"),
         _env("RERANKER_PORT", str(PORT)),
         _env("RERANKER_SERVED_MODEL_NAME", spec.checkpoint.repo),
@@ -379,7 +553,7 @@ def build_deployment(
     the spec's while a new engine builds). `replicas` is omitted when autoscaling (HPA owns it)."""
     probes = spec.runtime.probes
     container: dict[str, Any] = {
-        "name": "reranker",
+        "name": SERVE_CONTAINER,
         "image": runtime_image(spec, config),
         "imagePullPolicy": config.image_pull_policy,
         "command": ["reranker-runtime", "serve"],
@@ -390,7 +564,11 @@ def build_deployment(
         "livenessProbe": _probe("/live", LIVENESS_PROBE, probes.liveness),
         "resources": _container_resources(spec, config),
         "volumeMounts": [
-            {"name": CACHE_VOLUME, "mountPath": ENGINES_MOUNT, "readOnly": True},
+            {
+                "name": _engine_volume_name(spec, config),
+                "mountPath": ENGINES_MOUNT,
+                "readOnly": True,
+            },
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
         ],
         "securityContext": _container_security_context(),
@@ -414,17 +592,21 @@ def build_deployment(
         },
         "revisionHistoryLimit": 3,
         # Beyond the startup probe's budget, so Progressing=False means a real problem.
-        "progressDeadlineSeconds": _progress_deadline(spec),
+        "progressDeadlineSeconds": _progress_deadline(spec, config),
         "template": {
-            "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+            "metadata": _pod_metadata(spec, pod_labels, pod_annotations),
             "spec": {
                 **_pod_common(spec, config),
                 "terminationGracePeriodSeconds": config.termination_grace_period_seconds,
                 "containers": [container],
-                "volumes": _volumes(name, read_only=True),
+                "volumes": _volumes(name, spec, config, read_only=True),
             },
         },
     }
+    if cache_mode(spec, config) == "PerPod":
+        # Each pod builds (or, after a restart, finds) its engine before serving it.
+        pod_spec = dep_spec["template"]["spec"]
+        pod_spec["initContainers"] = [build_container(spec, config, key)]
     if spec.autoscaling is None:
         dep_spec = {"replicas": spec.desired_replicas, **dep_spec}
     obj = {
@@ -438,12 +620,14 @@ def build_deployment(
     return _finish(obj, owner)
 
 
-def _progress_deadline(spec: RerankerSpec) -> int:
+def _progress_deadline(spec: RerankerSpec, config: OperatorConfig) -> int:
     startup = _probe("/health", STARTUP_PROBE, spec.runtime.probes.startup)
     budget = (
         startup.get("initialDelaySeconds", 0)
         + startup["periodSeconds"] * startup["failureThreshold"]
     )
+    if cache_mode(spec, config) == "PerPod":
+        budget += config.build_job.active_deadline_seconds  # the init container's build
     return max(600, budget + 300)
 
 
@@ -482,8 +666,42 @@ def build_pdb(
     return _finish(obj, owner)
 
 
+def build_monitor(
+    name: str, namespace: str, config: OperatorConfig, owner: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The ServiceMonitor (Prometheus Operator) or PodMonitoring (GKE managed Prometheus) that
+    scrapes the runtime pods' /metrics, when the operator config asks for one; else None."""
+    monitoring = config.monitoring
+    if monitoring.kind is None:
+        return None
+    endpoint = {"port": "http", "path": "/metrics", "interval": monitoring.interval}
+    api_version = (
+        "monitoring.coreos.com/v1"
+        if monitoring.kind == "ServiceMonitor"
+        else "monitoring.googleapis.com/v1"
+    )
+    obj = {
+        "apiVersion": api_version,
+        "kind": monitoring.kind,
+        "metadata": _metadata(
+            name, namespace, {**monitoring.labels, **labels(name, COMPONENT_SERVER)}
+        ),
+        "spec": {
+            # A ServiceMonitor selects the Service (same labels as the pods), a PodMonitoring
+            # the pods; both scrape the named container port.
+            "selector": {"matchLabels": selector_labels(name)},
+            "endpoints": [endpoint],
+        },
+    }
+    return _finish(obj, owner)
+
+
 def build_hpa(
-    name: str, namespace: str, spec: RerankerSpec, owner: dict[str, Any] | None = None
+    name: str,
+    namespace: str,
+    spec: RerankerSpec,
+    owner: dict[str, Any] | None = None,
+    config: OperatorConfig | None = None,
 ) -> dict[str, Any] | None:
     """An autoscaling/v2 HPA on the Deployment when spec.autoscaling is set; else None.
 
@@ -510,7 +728,7 @@ def build_hpa(
         metric = {
             "type": "Pods",
             "pods": {
-                "metric": {"name": IN_FLIGHT_METRIC},
+                "metric": {"name": (config or OperatorConfig()).autoscaling.concurrency_metric},
                 "target": {"type": "AverageValue", "averageValue": str(auto.target_concurrency)},
             },
         }
@@ -543,14 +761,20 @@ def build_children(
     owner: dict[str, Any] | None = None,
     key: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child for `spec` in apply order: PVC, Job, Deployment, Service, [PDB], [HPA]."""
+    """Every child for `spec` in apply order: [PVC, Job] (Shared mode), Deployment, Service,
+    [PDB], [HPA]."""
     key = key or engine_key_for(spec, config)
-    children = [
-        build_engine_cache_pvc(name, namespace, spec, config, owner),
-        build_engine_job(name, namespace, spec, config, key, owner),
+    children: list[dict[str, Any] | None] = []
+    if cache_mode(spec, config) == "Shared":
+        children += [
+            build_engine_cache_pvc(name, namespace, spec, config, owner),
+            build_engine_job(name, namespace, spec, config, key, owner),
+        ]
+    children += [
         build_deployment(name, namespace, spec, config, key, owner),
         build_service(name, namespace, owner),
         build_pdb(name, namespace, spec, owner),
-        build_hpa(name, namespace, spec, owner),
+        build_hpa(name, namespace, spec, owner, config),
+        build_monitor(name, namespace, config, owner),
     ]
     return [c for c in children if c is not None]

@@ -21,12 +21,32 @@ CONFIG_ENV = "RERANKER_OPERATOR_CONFIG"
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/reranker-dev/reranker-runtime:0.1.0"
 GPU_RESOURCE = "nvidia.com/gpu"
 
-# GKE node-pool label and GPU feature discovery's product label, per accelerator type.
+# Node labels that name a node's GPU, per accelerator type; a node matching any one of them is
+# accepted (the terms are ORed):
+# - GKE's node-pool label;
+# - NVIDIA GPU feature discovery's product label (GPU Operator, any cloud or on-premises);
+# - EKS without GPU feature discovery: the well-known instance-type label (EC2 instance families
+#   with that GPU) and Karpenter's GPU-name label.
 _GKE_LABEL = "cloud.google.com/gke-accelerator"
 _GFD_LABEL = "nvidia.com/gpu.product"
-_GPU_LABELS: dict[str, tuple[list[str], list[str]]] = {
-    "L4": (["nvidia-l4"], ["NVIDIA-L4"]),
-    "A10G": (["nvidia-a10g"], ["NVIDIA-A10G"]),
+_INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+_KARPENTER_LABEL = "karpenter.k8s.aws/instance-gpu-name"
+
+
+def _sizes(family: str, sizes: str) -> list[str]:
+    return [f"{family}.{size}" for size in sizes.split()]
+
+
+_G6 = "xlarge 2xlarge 4xlarge 8xlarge 12xlarge 16xlarge 24xlarge 48xlarge"
+# type: (GKE values, GPU feature discovery values, EC2 instance types, Karpenter GPU names)
+_GPU_LABELS: dict[str, tuple[list[str], list[str], list[str], list[str]]] = {
+    "L4": (
+        ["nvidia-l4"],
+        ["NVIDIA-L4"],
+        _sizes("g6", _G6) + _sizes("gr6", "4xlarge 8xlarge"),
+        ["l4"],
+    ),
+    "A10G": (["nvidia-a10g"], ["NVIDIA-A10G"], _sizes("g5", _G6), ["a10g"]),
     "A100": (
         ["nvidia-tesla-a100", "nvidia-a100-80gb"],
         [
@@ -35,13 +55,27 @@ _GPU_LABELS: dict[str, tuple[list[str], list[str]]] = {
             "NVIDIA-A100-PCIE-40GB",
             "NVIDIA-A100-80GB-PCIe",
         ],
+        ["p4d.24xlarge", "p4de.24xlarge"],
+        ["a100"],
     ),
     "H100": (
         ["nvidia-h100-80gb", "nvidia-h100-mega-80gb"],
         ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"],
+        ["p5.4xlarge", "p5.48xlarge"],
+        ["h100"],
     ),
-    "H200": (["nvidia-h200-141gb"], ["NVIDIA-H200", "NVIDIA-H200-NVL"]),
-    "T4": (["nvidia-tesla-t4"], ["Tesla-T4"]),
+    "H200": (
+        ["nvidia-h200-141gb"],
+        ["NVIDIA-H200", "NVIDIA-H200-NVL"],
+        ["p5e.48xlarge", "p5en.48xlarge"],
+        ["h200"],
+    ),
+    "T4": (
+        ["nvidia-tesla-t4"],
+        ["Tesla-T4"],
+        _sizes("g4dn", "xlarge 2xlarge 4xlarge 8xlarge 12xlarge 16xlarge metal"),
+        ["t4"],
+    ),
 }
 
 
@@ -65,6 +99,9 @@ class AcceleratorPlacement(_Model):
 
 
 class EngineCacheDefaults(_Model):
+    # PerPod needs no storage set-up (nothing ReadWriteMany); Shared needs an RWX class to serve
+    # from several nodes. See docs/operator.md, "Engine storage".
+    mode: Literal["PerPod", "Shared"] = "PerPod"
     size: str = "20Gi"
     storage_class_name: str | None = Field(
         default=None, alias="storageClassName"
@@ -73,6 +110,10 @@ class EngineCacheDefaults(_Model):
         default="ReadWriteMany", alias="accessMode"
     )
     retention: Literal["Retain", "Delete"] = "Retain"
+    # Shared mode: engines kept on the cache besides the one being served, most recently served
+    # first (a rollback to them needs no build). Older ones are deleted once a rollout to a new
+    # engine has succeeded.
+    keep_engines: int = Field(default=1, alias="keepEngines", ge=0, le=100)
 
 
 class BuildJobSettings(_Model):
@@ -81,19 +122,27 @@ class BuildJobSettings(_Model):
     ttl_seconds_after_finished: int = Field(default=86400, alias="ttlSecondsAfterFinished", ge=0)
 
 
-def _gpu_placement(gke: list[str], gfd: list[str]) -> AcceleratorPlacement:
+def _gpu_placement(
+    gke: list[str], gfd: list[str], instance_types: list[str], karpenter: list[str]
+) -> AcceleratorPlacement:
+    labels = (
+        (_GKE_LABEL, gke),
+        (_GFD_LABEL, gfd),
+        (_INSTANCE_TYPE_LABEL, instance_types),
+        (_KARPENTER_LABEL, karpenter),
+    )
     return AcceleratorPlacement(
         resourceName=GPU_RESOURCE,
         nodeSelectorTerms=[
-            {"matchExpressions": [{"key": _GKE_LABEL, "operator": "In", "values": gke}]},
-            {"matchExpressions": [{"key": _GFD_LABEL, "operator": "In", "values": gfd}]},
+            {"matchExpressions": [{"key": key, "operator": "In", "values": values}]}
+            for key, values in labels
         ],
         tolerations=[{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
     )
 
 
 def default_accelerators() -> dict[str, AcceleratorPlacement]:
-    accelerators = {t: _gpu_placement(gke, gfd) for t, (gke, gfd) in _GPU_LABELS.items()}
+    accelerators = {t: _gpu_placement(*labels) for t, labels in _GPU_LABELS.items()}
     accelerators["CPU"] = AcceleratorPlacement(resourceName=None)
     return accelerators
 
@@ -106,6 +155,28 @@ def default_pod_security_context() -> dict[str, Any]:
         "fsGroup": 10001,  # the engine cache must be writable by the build Job's user
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+class MonitoringSettings(_Model):
+    """An opt-in scrape object per Reranker, for the metrics pipeline the cluster runs."""
+
+    # ServiceMonitor: Prometheus Operator (kube-prometheus-stack); PodMonitoring: GKE managed
+    # Prometheus. None: neither (the pods still carry prometheus.io/* annotations).
+    kind: Literal["ServiceMonitor", "PodMonitoring"] | None = None
+    interval: str = Field(default="30s", pattern=r"^[0-9]+(ms|s|m|h)$")
+    # Labels on the ServiceMonitor / PodMonitoring, e.g. the `release` label a Prometheus
+    # object's serviceMonitorSelector picks.
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class AutoscalingSettings(_Model):
+    # The name the HPA asks the custom metrics API for (metric Concurrency): what the adapter
+    # exposes the runtime's te_requests_in_flight gauge as. prometheus-adapter with the rule in
+    # docs/operator.md: te_requests_in_flight; GKE's Custom Metrics Stackdriver Adapter with
+    # managed Prometheus: prometheus.googleapis.com|te_requests_in_flight|gauge.
+    concurrency_metric: str = Field(
+        default="te_requests_in_flight", alias="concurrencyMetric", min_length=1
+    )
 
 
 class OperatorConfig(_Model):
@@ -124,6 +195,14 @@ class OperatorConfig(_Model):
     )
     termination_grace_period_seconds: int = Field(
         default=60, alias="terminationGracePeriodSeconds", ge=0
+    )
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    # A pod preparing an engine that stays Unschedulable this long turns the Reranker Failed (or
+    # Degraded while older pods serve) instead of Pending. Leaves time for a cluster autoscaler
+    # to add a GPU node (typically 3-10 minutes).
+    unschedulable_timeout_seconds: int = Field(
+        default=900, alias="unschedulableTimeoutSeconds", ge=1
     )
 
     def placement(self, accelerator_type: str) -> AcceleratorPlacement:

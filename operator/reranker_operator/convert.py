@@ -10,7 +10,9 @@ Mapping (everything else in the Truss file is about Truss packaging and is dropp
                                                  ("the model's maximum") -> omitted, which means
                                                  the same here
   resources.accelerator ("L4", "H100:2", ...) -> spec.accelerator {type, count}; no GPU -> CPU
-  resources.cpu / resources.memory            -> spec.resources
+  resources.cpu / resources.memory            -> spec.resources (kept as written; a note warns
+                                                 when the memory cannot fit the accelerator's
+                                                 smallest common node)
   secrets (e.g. hf_access_token)              -> spec.checkpoint.secretName (<name>-checkpoint)
   environment_variables                       -> spec.runtime.env
 
@@ -30,6 +32,7 @@ import yaml
 from reranker_operator.spec import (
     API_GROUP,
     API_VERSION,
+    DEFAULT_MEMORY,
     KIND,
     RESERVED_ENV,
     InvalidSpec,
@@ -58,6 +61,44 @@ _ACCELERATORS = {
     "T4": "T4",
 }
 _ENCODER_BASE_MODELS = {"encoder", "encoder_bert"}
+# Allocatable memory (GiB, approximate, before daemonsets) of the smallest common node with each
+# accelerator, and its name: a pod requesting more never schedules there.
+SMALLEST_NODES: dict[str, tuple[float, str]] = {
+    "L4": (13.0, "GKE g2-standard-4 (~13 GiB allocatable; EKS g6.xlarge ~14.5 GiB)"),
+    "A10G": (14.5, "EKS g5.xlarge (~14.5 GiB allocatable)"),
+    "T4": (12.0, "GKE n1-standard-4 + T4 (~12 GiB allocatable; EKS g4dn.xlarge ~14.5 GiB)"),
+    "A100": (78.0, "GKE a2-highgpu-1g (~78 GiB allocatable)"),
+    "H100": (200.0, "a single-H100 node (GKE a3-highgpu-1g, EKS p5.4xlarge; ~200 GiB)"),
+    "H200": (1900.0, "an 8-GPU H200 node (GKE a3-ultragpu-8g, EKS p5en.48xlarge)"),
+}
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, "m": 1e-3, "": 1}
+
+
+def quantity_bytes(quantity: str) -> float | None:
+    """A Kubernetes memory quantity in bytes (`15Gi`, `16G`, `1e9`), or None if unparsable."""
+    match = re.fullmatch(r"([0-9.]+(?:[eE][0-9]+)?)([KMGTPE]i|[kMGTPEm]?)", quantity.strip())
+    if match is None:
+        return None
+    number, suffix = match.groups()
+    try:
+        return float(number) * (_BINARY.get(suffix) or _DECIMAL[suffix])
+    except ValueError:
+        return None
+
+
+def _memory_fit_note(accelerator: str, memory: str) -> str | None:
+    """A warning when `memory` (request = limit) cannot fit the accelerator's smallest node."""
+    smallest = SMALLEST_NODES.get(accelerator)
+    requested = quantity_bytes(memory)
+    if smallest is None or requested is None or requested <= smallest[0] * 2**30:
+        return None
+    return (
+        f"WARNING: resources.memory {memory} (kept from the Truss config) is more than "
+        f"{smallest[1]} can give a pod: pods will stay Pending (Unschedulable) on such nodes. "
+        f"Lower it (the Reranker default, {DEFAULT_MEMORY}, holds models up to ~1B parameters) "
+        "or use larger nodes"
+    )
 
 
 class ConvertError(ValueError):
@@ -90,9 +131,14 @@ def _accelerator(resources: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"type": accel}
     if count:
         try:
-            out["count"] = int(count)
+            gpus = int(count)
         except ValueError:
             raise ConvertError(f"resources.accelerator {raw!r}: count is not an integer") from None
+        if gpus != 1:
+            notes.append(
+                f"resources.accelerator {raw}: {gpus} GPUs per pod mapped to 1 (an engine runs on "
+                f"one GPU); for the same capacity, set replicas: {gpus}"
+            )
     return out
 
 
@@ -180,6 +226,9 @@ def convert_config(
     }
     if resources:
         spec["resources"] = resources
+    fit = _memory_fit_note(spec["accelerator"]["type"], resources.get("memory", DEFAULT_MEMORY))
+    if fit:
+        notes.append(fit)
     env_in = config.get("environment_variables") or {}
     env = [
         {"name": str(k), "value": str(v)} for k, v in env_in.items() if str(k) not in RESERVED_ENV
@@ -220,6 +269,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ConvertError, OSError, yaml.YAMLError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for note in notes:
+        if note.startswith("WARNING"):
+            print(note, file=sys.stderr)
     sys.stdout.write(to_yaml(manifest, notes))
     return 0
 

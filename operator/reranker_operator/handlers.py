@@ -2,10 +2,13 @@
 
 Triggers (all end in the same idempotent `Reconciler.reconcile(namespace, name)`):
 - a Reranker is created, its spec/labels/annotations change, or the operator (re)starts;
-- one of its Jobs or its Deployment changes (kopf.on.event on children labelled
-  `app.kubernetes.io/managed-by=reranker-operator`), so status follows the children.
+- one of its Jobs, its Deployment, their pods, its cache PVC or its HPA changes (kopf.on.event
+  on objects labelled `app.kubernetes.io/managed-by=reranker-operator`), so status follows what
+  the scheduler, the kubelet and the controllers report;
+- an Unschedulable pod reaches the configured timeout (a one-shot timer in the Reconciler: no
+  event may come at that moment).
 
-No deletion handlers and no timers/daemons: both would put a kopf finalizer on every Reranker.
+No deletion handlers and no kopf timers/daemons: both would put a kopf finalizer on every Reranker.
 Children go by ownerReferences (the garbage collector), which needs no operator at all.
 
 The official `kubernetes` client blocks: the Reranker's handler is sync (kopf runs it in its
@@ -108,6 +111,28 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
     async def deployment_event(
+        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    ) -> None:
+        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
+
+    # What the scheduler and kubelet say (Unschedulable, ImagePullBackOff, OOMKilled, ...) is on
+    # the pods; an unbound cache is on its PVC; a missing metric on the HPA.
+    @kopf.on.event("v1", "pods", labels=MANAGED, registry=registry)
+    async def pod_event(
+        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    ) -> None:
+        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
+
+    @kopf.on.event("v1", "persistentvolumeclaims", labels=MANAGED, registry=registry)
+    async def pvc_event(
+        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    ) -> None:
+        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
+
+    @kopf.on.event(
+        "autoscaling", "v2", "horizontalpodautoscalers", labels=MANAGED, registry=registry
+    )
+    async def hpa_event(
         body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
         await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)

@@ -4,12 +4,15 @@ Every kind the operator touches goes through one generic REST path (`Kind.path`)
 reconcile code reads like `kube.get(JOB, ns, name)` and never deals with the client's generated
 model classes. Authentication, TLS and proxies stay the client's job (`ApiClient`).
 
-Patches are JSON merge patches (RFC 7386) for every kind: lists (containers, env, ports) are
-replaced as a whole, which is what "make the child look like the builder's output" means.
+`patch` sends a JSON merge patch (RFC 7386) for a dict, or a JSON Patch (RFC 6902) for a list of
+operations. Children are updated with JSON Patch `add` operations that replace their whole
+`spec` (see builders.replacement_patch): a field the builders stop rendering disappears from the
+cluster object, which a merge patch would leave behind.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from reranker_operator.builders import LABEL_MANAGED_BY, LABEL_RERANKER
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ JOB = Kind("batch/v1", "jobs")
 DEPLOYMENT = Kind("apps/v1", "deployments")
 PDB = Kind("policy/v1", "poddisruptionbudgets")
 HPA = Kind("autoscaling/v2", "horizontalpodautoscalers")
+SERVICE_MONITOR = Kind("monitoring.coreos.com/v1", "servicemonitors")
+POD_MONITORING = Kind("monitoring.googleapis.com/v1", "podmonitorings")
 
 KIND_BY_NAME: dict[str, Kind] = {
     "Reranker": RERANKER,
@@ -63,6 +69,8 @@ KIND_BY_NAME: dict[str, Kind] = {
     "Deployment": DEPLOYMENT,
     "PodDisruptionBudget": PDB,
     "HorizontalPodAutoscaler": HPA,
+    "ServiceMonitor": SERVICE_MONITOR,
+    "PodMonitoring": POD_MONITORING,
 }
 
 
@@ -250,11 +258,13 @@ class Kube:
         kind: Kind,
         namespace: str,
         name: str,
-        patch: dict[str, Any],
+        patch: dict[str, Any] | builtins.list[dict[str, Any]],  # `list` is a method here
         subresource: str | None = None,
     ) -> dict[str, Any]:
+        """A merge patch (a dict) or a JSON Patch (a list of operations)."""
+        content_type = JSON_PATCH if isinstance(patch, list) else MERGE_PATCH
         return self._request(
-            "PATCH", kind.path(namespace, name, subresource), body=patch, content_type=MERGE_PATCH
+            "PATCH", kind.path(namespace, name, subresource), body=patch, content_type=content_type
         )
 
     def delete(self, kind: Kind, namespace: str, name: str) -> bool:

@@ -12,21 +12,27 @@ process, so the Reranker's own handlers and its children's event handlers can al
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import json
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from reranker_operator import builders, kube, status
+from reranker_operator import builders, diagnosis, kube, status
 from reranker_operator.config import OperatorConfig
 from reranker_operator.spec import InvalidSpec, RerankerSpec, parse_spec
 
 log = logging.getLogger(__name__)
 
 ANNOTATION_BUILT = "reranker.dev/built-engines"  # on the cache PVC: comma-separated engine keys
+# On the cache PVC: the engines served, oldest first (what pruning keeps the newest of).
+ANNOTATION_HISTORY = "reranker.dev/engine-history"
 COMPONENT = "reranker-operator"
 
 
@@ -43,6 +49,71 @@ def built_keys(pvc: dict[str, Any] | None) -> set[str]:
     return {k for k in value.split(",") if k}
 
 
+def _labels(obj: dict[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("labels") or {})
+
+
+def _is_server(pod: dict[str, Any]) -> bool:
+    return _labels(pod).get(builders.LABEL_COMPONENT) == builders.COMPONENT_SERVER
+
+
+def _pod_key(pod: dict[str, Any]) -> str | None:
+    return ((pod.get("metadata") or {}).get("annotations") or {}).get(
+        builders.ANNOTATION_ENGINE_KEY
+    )
+
+
+def _init_done(pod: dict[str, Any]) -> bool:
+    """The build init container finished (PerPod): later problems are the server's."""
+    cs = diagnosis.container_status(pod, builders.BUILD_CONTAINER)
+    term = (cs.get("state") or {}).get("terminated") or {}
+    return diagnosis.is_ready(pod) or term.get("exitCode") == 0
+
+
+def _serving_key(pods: list[dict[str, Any]], key: str) -> str | None:
+    """The engine the Reranker's Ready pods serve: the current key if any pod serves it, else the
+    one most of them serve; None when no pod is Ready."""
+    keys = Counter(
+        _pod_key(p) for p in pods if _is_server(p) and diagnosis.is_ready(p) and _pod_key(p)
+    )
+    if not keys:
+        return None
+    return key if key in keys else keys.most_common(1)[0][0]
+
+
+@dataclass(frozen=True)
+class _EngineView:
+    """What one mode's steps found: the Deployment, the engine's state and what the pods say."""
+
+    deployment: dict[str, Any] | None
+    engine: status.EngineState
+    build_message: str
+    built_at: str | None
+    job_name: str | None  # Shared: the build Job
+    pvc: dict[str, Any] | None  # Shared: the cache PVC
+    engine_issue: diagnosis.PodIssue | None
+    serve_issue: diagnosis.PodIssue | None
+
+
+def refusal_message(exc: ApiException) -> str:
+    """The API server's own words for a refused object (its Status body's message)."""
+    try:
+        message = json.loads(exc.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return f"the API server refused a child: {message or exc.reason or exc.status}"
+
+
+def engines_to_keep(
+    history: list[str], built: set[str], key: str, keep: int
+) -> tuple[list[str], list[str]]:
+    """(engines to delete, engines kept, oldest first): `key` (now served) and the `keep` most
+    recently served before it. Built engines never served (superseded builds) count as oldest."""
+    served = [k for k in dict.fromkeys(history) if k in built and k != key]
+    order = [*sorted(built - set(history) - {key}), *served, key]
+    return order[: -(1 + keep)], order[-(1 + keep) :]
+
+
 class Reconciler:
     """Holds the API wrapper and the operator config; `reconcile(ns, name)` is the entry point."""
 
@@ -51,6 +122,7 @@ class Reconciler:
         self.config = config
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._timers: dict[tuple[str, str], threading.Timer] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -62,7 +134,26 @@ class Reconciler:
             if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
                 # Gone (children follow by garbage collection) or going: nothing to do.
                 return Outcome(phase=None)
-            return self._reconcile(body)
+            try:
+                return self._reconcile(body)
+            except ApiException as exc:
+                if exc.status not in (400, 422):
+                    raise
+                # The API server refused a child as rendered (e.g. a spec.pod.affinity the CRD
+                # passes through unchecked): an invalid spec, not something a retry fixes.
+                return self._invalid(body, InvalidSpec("spec", refusal_message(exc)))
+
+    def _invalid(self, body: dict[str, Any], exc: InvalidSpec) -> Outcome:
+        meta = body["metadata"]
+        previous = body.get("status") or {}
+        new = status.invalid_spec_status(exc.field, exc.message, meta.get("generation"), previous)
+        if self._write_status(body, previous, new):
+            self._event(body, "Warning", "InvalidSpec", f"{exc.field}: {exc.message}")
+        log.warning(
+            "invalid spec",
+            extra={"reranker": f"{meta['namespace']}/{meta['name']}", "field": exc.field},
+        )
+        return Outcome(phase="Failed", invalid=exc)
 
     # ------------------------------------------------------------------ the steps
 
@@ -75,37 +166,42 @@ class Reconciler:
         try:
             spec = parse_spec(body)
         except InvalidSpec as exc:
-            new = status.invalid_spec_status(exc.field, exc.message, generation, previous)
-            if self._write_status(body, previous, new):
-                self._event(body, "Warning", "InvalidSpec", f"{exc.field}: {exc.message}")
-            log.warning(
-                "invalid spec", extra={"reranker": f"{namespace}/{name}", "field": exc.field}
-            )
-            return Outcome(phase="Failed", invalid=exc)
+            return self._invalid(body, exc)
 
         owner = builders.owner_reference(body)
         key = builders.engine_key_for(spec, self.config)
-        job_name = builders.job_name(name, key)
-
-        # 1. The engine cache (created once; a PVC's spec is mostly immutable afterwards).
-        pvc, _ = self.api.create_if_absent(
-            builders.build_engine_cache_pvc(name, namespace, spec, self.config, owner)
-        )
-
-        # 2. The engine: built already, or its Job (created only when absent).
-        engine, build_message, built_at = self._ensure_engine(body, spec, pvc, key, job_name)
-
-        # 3. Serving: roll the Deployment only to a built engine; until then, leave it alone.
+        shared = builders.cache_mode(spec, self.config) == "Shared"
+        # Every pod of this Reranker (build Jobs' and the Deployment's), for what they report.
+        pods = self.api.list(kube.POD, namespace, {builders.LABEL_RERANKER: name})
+        now = datetime.datetime.now(datetime.UTC)
         deployment = self.api.get(kube.DEPLOYMENT, namespace, name)
-        if engine == "built":
-            deployment = self._ensure_serving(body, spec, key, owner, deployment)
 
-        # 4. Status from what the children say now.
+        if shared:
+            view = self._shared_engine(body, spec, key, owner, deployment, pods, now)
+        else:
+            view = self._per_pod_engine(body, spec, key, owner, deployment, pods, now)
+        deployment, engine, build_message = view.deployment, view.engine, view.build_message
+        job_name, pvc = view.job_name, view.pvc
+        engine_issue, serve_issue = view.engine_issue, view.serve_issue
+
+        # Status from what the children and their pods say now.
         dep_state = (
             status.deployment_state(deployment, builders.ANNOTATION_ENGINE_KEY)
             if deployment
             else None
         )
+        if dep_state is not None and not shared:
+            # The Ready pods tell which engine answers (old ones, mid-rollout); without them, the
+            # Deployment's own word: a rolled-out, available Deployment of this key has pods
+            # that finished their build.
+            serving = _serving_key(pods, key)
+            if serving is not None:
+                dep_state = dataclasses.replace(dep_state, engine_key=serving)
+            elif dep_state.engine_key == key and dep_state.available and dep_state.rolled_out:
+                engine, build_message = "built", ""
+        scaling = None
+        if spec.autoscaling is not None:
+            scaling = diagnosis.scaling_condition(self.api.get(kube.HPA, namespace, name))
         observed = status.Observed(
             name=name,
             namespace=namespace,
@@ -115,20 +211,99 @@ class Reconciler:
             image=builders.runtime_image(spec, self.config),
             engine=engine,
             build_message=build_message,
-            built_at=built_at,
+            built_at=view.built_at,
             deployment=dep_state,
             endpoint=builders.endpoint_url(name, namespace),
             selector=builders.selector_string(name),
+            engine_issue=engine_issue,
+            serve_issue=serve_issue,
+            scaling=scaling,
         )
         new = status.derive_status(observed, previous)
         if self._write_status(body, previous, new):
             self._transition_events(body, previous, new)
+        if pvc is not None and new["phase"] == "Ready":
+            # The rollout to `key` succeeded: engines beyond the ones to keep can go.
+            self._prune_engines(body, spec, pvc, key)
+        for issue in (engine_issue, serve_issue):
+            if issue is not None and not issue.stuck and issue.since:
+                self._recheck_when_stuck(namespace, name, issue.since, now)
         return Outcome(phase=new["phase"])
 
+    def _shared_engine(
+        self,
+        body: dict[str, Any],
+        spec: RerankerSpec,
+        key: str,
+        owner: dict[str, Any],
+        deployment: dict[str, Any] | None,
+        pods: list[dict[str, Any]],
+        now: datetime.datetime,
+    ) -> _EngineView:
+        """Shared mode: the cache PVC, the build Job, and the Deployment once the key is built."""
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        timeout = self.config.unschedulable_timeout_seconds
+        job_name = builders.job_name(name, key)
+        # The engine cache (created once; a PVC's spec is mostly immutable afterwards).
+        pvc, _ = self.api.create_if_absent(
+            builders.build_engine_cache_pvc(name, namespace, spec, self.config, owner)
+        )
+        # The engine: built already, or its Job (created only when absent).
+        job_pods = [p for p in pods if _labels(p).get("job-name") == job_name]
+        engine, build_message, built_at = self._ensure_engine(
+            body, spec, pvc, key, job_name, job_pods
+        )
+        engine_issue = diagnosis.with_volume_detail(
+            diagnosis.first_issue(job_pods, now, timeout), pvc
+        )
+        # Serving: roll the Deployment only to a built engine; until then, leave it alone.
+        if engine == "built":
+            deployment = self._ensure_serving(body, spec, key, owner, deployment)
+        serve_issue = diagnosis.first_issue([p for p in pods if _is_server(p)], now, timeout)
+        return _EngineView(
+            deployment, engine, build_message, built_at, job_name, pvc, engine_issue, serve_issue
+        )
+
+    def _per_pod_engine(
+        self,
+        body: dict[str, Any],
+        spec: RerankerSpec,
+        key: str,
+        owner: dict[str, Any],
+        deployment: dict[str, Any] | None,
+        pods: list[dict[str, Any]],
+        now: datetime.datetime,
+    ) -> _EngineView:
+        """PerPod mode: the Deployment always runs the current engine; its pods build it first."""
+        timeout = self.config.unschedulable_timeout_seconds
+        deployment = self._ensure_serving(body, spec, key, owner, deployment)
+        key_pods = [p for p in pods if _is_server(p) and _pod_key(p) == key]
+        engine, build_message = status.per_pod_engine_state(key_pods, builders.BUILD_CONTAINER)
+        building = [p for p in key_pods if not _init_done(p)]
+        engine_issue = diagnosis.first_issue(building, now, timeout)
+        if engine == "pending" and spec.autoscaling is None and spec.desired_replicas == 0:
+            engine_issue = diagnosis.PodIssue(
+                "ScaledToZero",
+                "spec.replicas is 0: each pod builds its engine when it starts",
+                stuck=False,
+            )
+        serving = [p for p in key_pods if _init_done(p)]
+        serve_issue = diagnosis.first_issue(serving, now, timeout, (builders.SERVE_CONTAINER,))
+        return _EngineView(
+            deployment, engine, build_message, None, None, None, engine_issue, serve_issue
+        )
+
     def _ensure_engine(
-        self, body: dict[str, Any], spec: RerankerSpec, pvc: dict[str, Any], key: str, job_name: str
+        self,
+        body: dict[str, Any],
+        spec: RerankerSpec,
+        pvc: dict[str, Any],
+        key: str,
+        job_name: str,
+        job_pods: list[dict[str, Any]],
     ) -> tuple[status.EngineState, str, str | None]:
-        """(state, failure message, completion time) of the engine for `key`."""
+        """(state, failure message, completion time) of the engine for `key` (Shared mode)."""
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
         if key in built_keys(pvc):
@@ -151,10 +326,74 @@ class Reconciler:
             self._event(body, "Normal", "EngineBuilt", f"engine {key[:10]} built by Job {job_name}")
             return "built", "", (job.get("status") or {}).get("completionTime") or status.now_iso()
         if state == "failed":
-            pods = self.api.list(kube.POD, namespace, {"job-name": job_name})
-            message = status.termination_message(pods) or status.job_failure_message(job)
+            # Listed again: the failed pod may be newer than this reconcile's first look.
+            job_pods = self.api.list(kube.POD, namespace, {"job-name": job_name})
+            message = status.termination_message(job_pods) or status.job_failure_message(job)
             return "failed", message, None
+        if state == "building" and status.job_pods_running(job_pods) is False:
+            state = "pending"  # the Job counts its Pending pod as active
         return state, "", None
+
+    def _recheck_when_stuck(
+        self, namespace: str, name: str, since: str, now: datetime.datetime
+    ) -> None:
+        """Reconcile again when an Unschedulable pod passes the timeout: no event may come then."""
+        started = diagnosis.parse_time(since) or now
+        delay = self.config.unschedulable_timeout_seconds - (now - started).total_seconds() + 1
+        timer_key = (namespace, name)
+        with self._locks_guard:
+            if timer_key in self._timers and self._timers[timer_key].is_alive():
+                return
+            timer = threading.Timer(max(delay, 1.0), self._timed_reconcile, (namespace, name))
+            timer.daemon = True
+            self._timers[timer_key] = timer
+        timer.start()
+
+    def _timed_reconcile(self, namespace: str, name: str) -> None:
+        with self._locks_guard:
+            self._timers.pop((namespace, name), None)
+        try:
+            self.reconcile(namespace, name)
+        except Exception as exc:  # a timer thread has no caller to raise to: log it
+            log.warning(
+                "timed reconcile failed",
+                extra={"reranker": f"{namespace}/{name}", "error": str(exc)},
+            )
+
+    def stop_timers(self) -> None:
+        with self._locks_guard:
+            for timer in self._timers.values():
+                timer.cancel()
+            self._timers.clear()
+
+    def _prune_engines(
+        self, body: dict[str, Any], spec: RerankerSpec, pvc: dict[str, Any], key: str
+    ) -> None:
+        """Keep the served engine and the `keepEngines` most recently served before it; delete
+        the rest from the cache with a Job, and forget them (a later need rebuilds them)."""
+        annotations = (pvc.get("metadata") or {}).get("annotations") or {}
+        history = [k for k in (annotations.get(ANNOTATION_HISTORY) or "").split(",") if k]
+        built = built_keys(pvc) | {key}
+        if history and history[-1] == key and built <= set(history):
+            return  # nothing new since the last look
+        drop, kept = engines_to_keep(history, built, key, self.config.engine_cache.keep_engines)
+        meta = body["metadata"]
+        if drop:
+            job = builders.build_prune_job(
+                meta["name"], meta["namespace"], spec, self.config, drop,
+                builders.owner_reference(body),
+            )  # fmt: skip
+            self.api.create_if_absent(job)
+            self._event(
+                body, "Normal", "EnginesPruned",
+                f"deleting {len(drop)} unused engine(s) from the cache: "
+                + ", ".join(k[:10] for k in drop),
+            )  # fmt: skip
+        self.api.patch(
+            kube.PVC, pvc["metadata"]["namespace"], pvc["metadata"]["name"],
+            {"metadata": {"annotations": {
+                ANNOTATION_BUILT: ",".join(sorted(kept)), ANNOTATION_HISTORY: ",".join(kept)}}},
+        )  # fmt: skip
 
     def _record_built(self, pvc: dict[str, Any], key: str) -> None:
         meta = pvc["metadata"]
@@ -187,9 +426,13 @@ class Reconciler:
             )
 
         self._apply(builders.build_service(name, namespace, owner))
+        monitor = builders.build_monitor(name, namespace, self.config, owner)
+        if monitor is not None:
+            # Only the configured kind is touched: its CRD (and RBAC) may be all there is.
+            self._apply(monitor)
         for kind, child in (
             (kube.PDB, builders.build_pdb(name, namespace, spec, owner)),
-            (kube.HPA, builders.build_hpa(name, namespace, spec, owner)),
+            (kube.HPA, builders.build_hpa(name, namespace, spec, owner, self.config)),
         ):
             if child is not None:
                 self._apply(child)
@@ -200,7 +443,7 @@ class Reconciler:
         return deployment
 
     def _apply(self, desired: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Create, or merge-patch when the builders' spec-hash annotation differs."""
+        """Create, or replace the owned fields when the builders' spec-hash annotation differs."""
         meta = desired["metadata"]
         kind = kube.kind_of(desired)
         if live is None:
@@ -215,12 +458,7 @@ class Reconciler:
             "patching child",
             extra={"kind": desired["kind"], "child": f"{meta['namespace']}/{meta['name']}"},
         )
-        patch = {
-            "metadata": {
-                k: meta[k] for k in ("labels", "annotations", "ownerReferences") if k in meta
-            }
-        }
-        patch["spec"] = desired["spec"]
+        patch = builders.replacement_patch(desired, live)
         return self.api.patch(kind, meta["namespace"], meta["name"], patch)
 
     # ------------------------------------------------------------------ status and events

@@ -1,8 +1,9 @@
 """`reranker-operator render -f reranker.yaml`: print the child manifests the operator would create.
 
-For review and GitOps: the output is what the handlers apply for a fresh Reranker (PVC, engine
-Job, Deployment, Service, and a PDB / HPA where the spec calls for them), minus owner
-references (a Reranker that does not exist yet has no uid).
+For review and GitOps: the output is what the handlers apply for a fresh Reranker (Deployment
+and Service; the cache PVC and the engine Job in Shared mode; a PDB / HPA / monitor where the
+spec or config calls for them), minus owner references (a Reranker that does not exist yet has
+no uid).
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def add_render_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "render",
         help="print the manifests the operator would create for a Reranker",
-        description="Print the child manifests (PVC, engine Job, Deployment, Service, PDB/HPA) of "
-        "each Reranker in a file as multi-document YAML.",
+        description="Print the child manifests (Deployment, Service; PVC and engine Job in Shared "
+        "mode; PDB/HPA/monitor) of each Reranker in a file as multi-document YAML.",
     )
     parser.add_argument(
         "-f", "--filename", required=True, help="Reranker manifest (YAML; '-' for stdin)"

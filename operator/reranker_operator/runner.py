@@ -1,16 +1,19 @@
 """`reranker-operator run`: the kopf operator, with kubectl's kubeconfig resolution.
 
-Runs standalone (no kopf peering): deploy ONE replica (the chart does). Two replicas would both
-reconcile; that is safe (every step is idempotent and Job creation is create-if-absent) but
-wasteful, and kopf's peering would need its own CRDs and RBAC.
+Runs standalone (no kopf peering) by default: deploy ONE replica. With `--peering NAME` several
+replicas run kopf peering through the (Cluster)KopfPeering object NAME: the one with the
+highest priority works, the others stand by and take over when its keep-alive lapses (the chart
+installs kopf's peering CRDs, the object and its RBAC when replicaCount > 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +58,9 @@ def operator_settings(
     managed = f"{builders.LABEL_MANAGED_BY}=reranker-operator"
     settings.watching.label_selectors["batch", "v1", "jobs"] = managed
     settings.watching.label_selectors["apps", "v1", "deployments"] = managed
+    settings.watching.label_selectors["v1", "pods"] = managed
+    settings.watching.label_selectors["v1", "persistentvolumeclaims"] = managed
+    settings.watching.label_selectors["autoscaling", "v2", "horizontalpodautoscalers"] = managed
     return settings
 
 
@@ -101,7 +107,23 @@ def add_run_parser(subparsers: Any) -> None:
     )  # fmt: skip
     parser.add_argument("--log-format", choices=("json", "text"), default="json")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--peering", metavar="NAME", default=None,
+        help="run with kopf peering through the (Cluster)KopfPeering object NAME, which must "
+        "exist: of several replicas only the one with the highest priority works, the others "
+        "stand by (default: standalone, one replica)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--priority", type=int, default=None,
+        help="peering priority (default: derived from the host name, i.e. the pod name, so "
+        "replicas differ; kopf pauses every operator of equal priority)",
+    )  # fmt: skip
     parser.set_defaults(func=run_command)
+
+
+def peering_priority(hostname: str) -> int:
+    """A stable, practically unique priority per pod: kopf pauses all peers of equal priority."""
+    return int(hashlib.sha256(hostname.encode()).hexdigest()[:7], 16)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -127,15 +149,28 @@ def run_command(args: argparse.Namespace) -> int:
         "starting reranker-operator",
         extra={"namespaces": namespaces or "all", "runtime_image": config.runtime_image},
     )
-    asyncio.run(
-        kopf.operator(
-            registry=make_registry(),
-            settings=operator_settings(),
-            memo=make_memo(api, config),
-            standalone=True,
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            liveness_endpoint=liveness,
+    settings = operator_settings()
+    peering: dict[str, Any] = {"standalone": True}
+    if args.peering:
+        # With peering the object must exist: never fall back to standalone next to a peer.
+        settings.peering.mandatory = True
+        priority = args.priority
+        if priority is None:
+            priority = peering_priority(socket.gethostname())
+        peering = {"standalone": False, "peering_name": args.peering, "priority": priority}
+    memo = make_memo(api, config)
+    try:
+        asyncio.run(
+            kopf.operator(
+                registry=make_registry(),
+                settings=settings,
+                memo=memo,
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                liveness_endpoint=liveness,
+                **peering,
+            )
         )
-    )
+    finally:
+        memo.reconciler.stop_timers()
     return 0

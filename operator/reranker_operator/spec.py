@@ -10,9 +10,9 @@ handlers turn into a Failed status naming the field instead of a crash loop.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 API_GROUP = "reranker.dev"
 API_VERSION = "v1alpha1"
@@ -23,6 +23,9 @@ Source = Literal["HF", "S3", "GCS", "AZURE", "REMOTE_URL"]
 Quantization = Literal["no_quant", "fp8", "fp4"]
 AcceleratorType = Literal["L4", "A10G", "A100", "H100", "H200", "T4", "CPU"]
 AccessMode = Literal["ReadWriteMany", "ReadWriteOnce"]
+# PerPod: each runtime pod builds its engine in an init container into a pod-local volume.
+# Shared: one Job builds it into the PVC <name>-engine-cache, which every pod mounts.
+CacheMode = Literal["PerPod", "Shared"]
 Retention = Literal["Retain", "Delete"]
 AutoscalingMetric = Literal["Concurrency", "CPU"]
 
@@ -101,9 +104,16 @@ class Accelerator(_Model):
         return self.type != "CPU"
 
 
+# Default memory request and limit of build and runtime pods. Fits the smallest L4 nodes with
+# room for their daemonsets (GKE g2-standard-4: ~13 GiB allocatable; EKS g6.xlarge: ~14.5 GiB)
+# and holds a reranker up to ~1B parameters (bge-reranker-large, 560M: ~4 GiB resident when
+# serving, ~7 GiB peak while converting its checkpoint). Larger models: set resources.memory.
+DEFAULT_MEMORY = "10Gi"
+
+
 class Resources(_Model):
     cpu: str = Field(default="1", pattern=QUANTITY_PATTERN)
-    memory: str = Field(default="15Gi", pattern=QUANTITY_PATTERN)
+    memory: str = Field(default=DEFAULT_MEMORY, pattern=QUANTITY_PATTERN)
 
 
 class Autoscaling(_Model):
@@ -158,8 +168,45 @@ class Runtime(_Model):
     env: tuple[EnvVar, ...] = Field(default=(), max_length=64)
 
 
+class Toleration(_Model):
+    key: str | None = Field(default=None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(default=None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, alias="tolerationSeconds")
+
+
+# Label and annotation keys the operator sets on pods: spec.pod may not override them.
+OPERATOR_LABEL_PREFIXES = ("app.kubernetes.io/", f"{API_GROUP}/")
+AFFINITY_KINDS = frozenset({"nodeAffinity", "podAffinity", "podAntiAffinity"})
+
+
+class PodSettings(_Model):
+    """Per-Reranker pod settings, applied to runtime pods and build pods alike."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
+    tolerations: tuple[Toleration, ...] = Field(default=(), max_length=32)
+    # Kubernetes' own Affinity / TopologySpreadConstraint objects, passed through (the API server
+    # validates them when the operator applies the pods' owners).
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    topology_spread_constraints: tuple[dict[str, Any], ...] = Field(
+        default=(), alias="topologySpreadConstraints", max_length=16
+    )
+    priority_class_name: str | None = Field(
+        default=None, alias="priorityClassName", max_length=253, pattern=SECRET_NAME_PATTERN
+    )
+    service_account_name: str | None = Field(
+        default=None, alias="serviceAccountName", max_length=253, pattern=SECRET_NAME_PATTERN
+    )
+    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, Annotated[str, StringConstraints(max_length=63)]] = Field(
+        default_factory=dict
+    )
+
+
 class EngineCache(_Model):
     # None: the operator config's default (see config.EngineCacheDefaults).
+    mode: CacheMode | None = None
     storage_class_name: str | None = Field(default=None, alias="storageClassName", max_length=253)
     size: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
     access_mode: AccessMode | None = Field(default=None, alias="accessMode")
@@ -176,6 +223,7 @@ class RerankerSpec(_Model):
     autoscaling: Autoscaling | None = None
     runtime: Runtime = Runtime()
     engine_cache: EngineCache = Field(default=EngineCache(), alias="engineCache")
+    pod: PodSettings = PodSettings()
 
     @property
     def desired_replicas(self) -> int:
@@ -233,9 +281,12 @@ def _check_rules(spec: RerankerSpec) -> None:
         raise InvalidSpec(
             "spec.build.quantization", "quantization is GPU-only; use no_quant on CPU"
         )
-    if accel == "CPU" and spec.accelerator.count != 1:
+    if spec.accelerator.count != 1:
         raise InvalidSpec(
-            "spec.accelerator.count", "count must be 1 on CPU (set resources.cpu for more cores)"
+            "spec.accelerator.count",
+            "count must be 1: an engine runs on one GPU (multi-GPU engines are not supported "
+            "yet, extra GPUs would sit idle); scale out with replicas, or on CPU set "
+            "resources.cpu for more cores",
         )
     if spec.build.max_seq_len is not None and spec.build.max_seq_len > spec.build.max_num_tokens:
         raise InvalidSpec(
@@ -258,6 +309,17 @@ def _check_rules(spec: RerankerSpec) -> None:
             "spec.runtime.maxBatchTokens",
             "maxBatchTokens must be at least build.maxSeqLen (one sequence must fit in a batch)",
         )
+    pod = spec.pod
+    for field, keys in (("labels", pod.labels), ("annotations", pod.annotations)):
+        for k in keys:
+            if k.startswith(OPERATOR_LABEL_PREFIXES) or k.startswith("prometheus.io/"):
+                raise InvalidSpec(f"spec.pod.{field}", f"{k} is set by the operator")
+    for k in pod.affinity:
+        if k not in AFFINITY_KINDS:
+            raise InvalidSpec(
+                "spec.pod.affinity",
+                f"unknown field {k} (nodeAffinity, podAffinity, podAntiAffinity)",
+            )
     # Not in the CRD (lists of objects make poor CEL): no duplicate or operator-owned env names.
     names = [e.name for e in spec.runtime.env]
     for i, name in enumerate(names):

@@ -17,12 +17,21 @@ import datetime
 from dataclasses import dataclass
 from typing import Any, Literal
 
-PHASES = ("Pending", "Building", "Deploying", "Ready", "Degraded", "Failed")
+from reranker_operator.diagnosis import (
+    PodIssue,
+    container_status,
+    describe_termination,
+    failed_termination,
+    is_ready,
+    newest_first,
+)
+
 Phase = Literal["Pending", "Building", "Deploying", "Ready", "Degraded", "Failed"]
 
 ENGINE_READY = "EngineReady"
 AVAILABLE = "Available"
 READY = "Ready"
+SCALING_ACTIVE = "ScalingActive"  # mirrored from the HPA when autoscaling
 
 # Build state of the engine for the current key.
 EngineState = Literal["pending", "building", "built", "failed"]
@@ -50,7 +59,7 @@ class Observed:
     namespace: str
     generation: int | None
     engine_key: str
-    job_name: str
+    job_name: str | None  # the build Job (Shared mode); None when pods build their own engine
     image: str  # the runtime image the engine is built with
     engine: EngineState
     build_message: str = ""  # the failed build's termination message
@@ -58,6 +67,13 @@ class Observed:
     deployment: DeploymentState | None = None
     endpoint: str | None = None
     selector: str | None = None
+    engine_issue: PodIssue | None = None  # why the engine's preparation does not run
+    serve_issue: PodIssue | None = None  # why the Deployment's new pods do not become ready
+    scaling: dict[str, Any] | None = None  # the HPA's ScalingActive condition
+
+    @property
+    def builder(self) -> str:
+        return f"Job {self.job_name}" if self.job_name else "the pods' build init container"
 
 
 def now_iso() -> str:
@@ -138,17 +154,49 @@ def job_failure_message(job: dict[str, Any]) -> str:
 
 
 def termination_message(pods: list[dict[str, Any]]) -> str:
-    """The newest terminated container message among a Job's pods (what `build` wrote)."""
+    """The newest failed termination among a Job's pods: what `build` wrote, or OOMKilled with
+    the memory limit."""
     found: list[tuple[str, str]] = []
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             for state in (cs.get("state") or {}, cs.get("lastState") or {}):
                 term = state.get("terminated") or {}
-                if term.get("message") and term.get("exitCode", 1) != 0:
-                    found.append((term.get("finishedAt") or "", term["message"].strip()))
+                if term and term.get("exitCode", 1) != 0:
+                    text = describe_termination(pod, cs.get("name", ""), term)
+                    found.append((term.get("finishedAt") or "", text))
     if not found:
         return ""
     return max(found)[1]
+
+
+def job_pods_running(pods: list[dict[str, Any]]) -> bool | None:
+    """Whether a build pod runs (None: no pods seen). A Job counts a Pending pod as active."""
+    if not pods:
+        return None
+    return any((p.get("status") or {}).get("phase") == "Running" for p in pods)
+
+
+def per_pod_engine_state(
+    pods: list[dict[str, Any]], build_container: str
+) -> tuple[EngineState, str]:
+    """PerPod mode: the engine's state from the pods that build it in an init container.
+
+    built: a pod's build finished (or the pod is Ready); failed: the newest pod's build exited
+    non-zero (its termination message, or OOMKilled with the limit); building: a build runs.
+    """
+    pods = newest_first(pods)
+    for pod in pods:
+        term = (container_status(pod, build_container).get("state") or {}).get("terminated")
+        if is_ready(pod) or (term is not None and term.get("exitCode") == 0):
+            return "built", ""
+    for pod in pods:
+        cs = container_status(pod, build_container)
+        failure = failed_termination(cs)
+        if failure is not None:
+            return "failed", describe_termination(pod, build_container, failure)
+        if "running" in (cs.get("state") or {}):
+            return "building", ""
+    return "pending", ""
 
 
 def deployment_state(deployment: dict[str, Any], engine_key_annotation: str) -> DeploymentState:
@@ -198,23 +246,34 @@ def derive_status(
     now = now or now_iso()
     prev_conditions = (previous or {}).get("conditions") or []
     gen = observed.generation
-    key, job = observed.engine_key, observed.job_name
+    key = observed.engine_key
     dep = observed.deployment
     serving_key = dep.engine_key if dep is not None else None
     available = dep is not None and dep.available
     serving_old = available and serving_key is not None and serving_key != key
     still_serving = f"; still serving engine {short(serving_key)}" if serving_old else ""
+    preparing = observed.engine in ("pending", "building")
+    engine_issue = observed.engine_issue if preparing else None
+    serve_issue = observed.serve_issue
+    # When something fails: Degraded while older pods keep serving, else Failed.
+    broken: Phase = "Degraded" if available else "Failed"
 
     # EngineReady: the engine of the current spec.
     if observed.engine == "built":
         engine_cond = (True, "EngineBuilt", f"engine {short(key)} is built")
     elif observed.engine == "failed":
-        detail = observed.build_message or "the build Job failed"
-        engine_cond = (False, "BuildFailed", f"Job {job} failed: {detail}")
+        detail = observed.build_message or "the build failed"
+        engine_cond = (False, "BuildFailed", f"{observed.builder} failed: {detail}")
+    elif engine_issue is not None:
+        engine_cond = (False, engine_issue.reason, engine_issue.message)
     elif observed.engine == "building":
-        engine_cond = (False, "Building", f"Job {job} is building engine {short(key)}")
+        engine_cond = (False, "Building", f"{observed.builder} is building engine {short(key)}")
     else:
-        engine_cond = (False, "Building", f"Job {job} is waiting to start (engine {short(key)})")
+        engine_cond = (
+            False,
+            "Building",
+            f"{observed.builder} is waiting to start (engine {short(key)})",
+        )
 
     # Available: anything serving.
     if dep is None:
@@ -237,6 +296,8 @@ def derive_status(
             "ProgressDeadlineExceeded",
             dep.progress_message or "the rollout is stuck",
         )
+    elif serve_issue is not None:
+        available_cond = (False, serve_issue.reason, serve_issue.message)
     else:
         available_cond = (
             False,
@@ -249,18 +310,29 @@ def derive_status(
 
     # Phase, Ready's reason and the message, from the most important fact down.
     if observed.engine == "failed":
-        phase: Phase = "Degraded" if available else "Failed"
+        phase: Phase = broken
         ready_cond = (False, "BuildFailed", engine_cond[2])
-        message = f"engine build failed: {observed.build_message or job}{still_serving}"
+        message = (
+            f"engine build failed: {observed.build_message or observed.builder}{still_serving}"
+        )
     elif dep is not None and dep.progress_failed and (serving_key == key or not available):
-        phase = "Degraded" if available else "Failed"
+        phase = broken
         ready_cond = (
             False,
             "ProgressDeadlineExceeded",
             dep.progress_message or "the rollout is stuck",
         )
         message = f"the rollout of engine {short(serving_key)} is stuck: {dep.progress_message}"
-    elif observed.engine in ("pending", "building"):
+    elif engine_issue is not None:
+        ready_cond = (False, engine_issue.reason, engine_issue.message)
+        if engine_issue.stuck:
+            phase = broken
+            message = f"engine {short(key)} cannot be prepared: {engine_issue.message}"
+        else:
+            phase = "Pending"
+            message = f"engine {short(key)} is waiting: {engine_issue.message}"
+        message += still_serving
+    elif preparing:
         phase = "Building" if observed.engine == "building" else "Pending"
         ready_cond = (False, "EngineBuilding", engine_cond[2])
         message = engine_cond[2] + still_serving
@@ -268,6 +340,10 @@ def derive_status(
         phase = "Ready"
         ready_cond = (True, "Ready", f"serving engine {short(key)} at {observed.endpoint}")
         message = f"serving engine {short(key)}: {available_cond[2]}"
+    elif serve_issue is not None and not (dep is not None and dep.desired == 0):
+        phase = broken if serve_issue.stuck else "Deploying"
+        ready_cond = (False, serve_issue.reason, serve_issue.message)
+        message = f"engine {short(key)} does not serve: {serve_issue.message}{still_serving}"
     else:
         phase = "Deploying"
         if serving_key != key:
@@ -286,14 +362,26 @@ def derive_status(
         condition(AVAILABLE, *available_cond, gen, prev_conditions, now),
         condition(READY, *ready_cond, gen, prev_conditions, now),
     ]
+    scaling = observed.scaling
+    if scaling is not None:
+        active = scaling.get("status") == "True"
+        reason = scaling.get("reason") or ("ValidMetricFound" if active else "ScalingInactive")
+        text = scaling.get("message") or ""
+        conditions.append(
+            condition(SCALING_ACTIVE, active, reason, text, gen, prev_conditions, now)
+        )
+        if not active:
+            message += f"; the autoscaler cannot scale ({reason}: {text})"
     status: dict[str, Any] = {
         "phase": phase,
         "message": message,
         "conditions": conditions,
-        "engine": {"key": key, "shortKey": short(key), "jobName": job, "image": observed.image},
+        "engine": {"key": key, "shortKey": short(key), "image": observed.image},
         "replicas": dep.replicas if dep is not None else 0,
         "readyReplicas": dep.ready_replicas if dep is not None else 0,
     }
+    if observed.job_name:
+        status["engine"]["jobName"] = observed.job_name
     if observed.engine == "built":
         prev_engine = (previous or {}).get("engine") or {}
         built_at = prev_engine.get("builtAt") if prev_engine.get("key") == key else None

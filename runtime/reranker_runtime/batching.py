@@ -185,7 +185,8 @@ class Batcher:
         if self._running:
             return
         self.check_limits()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        workers = max(1, self._engine.max_concurrent_scores)  # 2: next batch staged meanwhile
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
         if warmup:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()

@@ -1,4 +1,4 @@
-"""`reranker-runtime`: serve | build | bench. Thin dispatch; each subcommand lives in its module."""
+"""`reranker-runtime`: serve | build | bench | gpu-check. Thin dispatch; each subcommand lives in its module."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     # handlers, so `--help` stays fast.
     from reranker_runtime.bench.command import add_bench_parser
     from reranker_runtime.engine_build.command import add_build_parser
+    from reranker_runtime.gpucheck.command import add_gpu_check_parser
     from reranker_runtime.server import add_serve_parser
 
     parser = argparse.ArgumentParser(
@@ -20,10 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="BEI/TEI-compatible cross-encoder reranker server and engine builder.",
     )
     parser.add_argument("--version", action="version", version=f"reranker-runtime {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,build,bench}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{serve,build,bench,gpu-check}"
+    )
     add_serve_parser(sub)
     add_build_parser(sub)
     add_bench_parser(sub)
+    add_gpu_check_parser(sub)
     return parser
 
 

@@ -47,6 +47,10 @@ class ServeSettings:
     tokenization_workers: int | None = (
         None  # tokenizer threads; None: default_tokenization_workers()
     )
+    # auto | torch | packed | trtllm (engines/factory.py `choose_engine` says what auto picks)
+    engine: str = "auto"
+    torch_compile: bool = False  # packed engine: torch.compile the forward pass
+    cuda_graphs: bool = False  # packed engine: CUDA graphs per token-count bucket
 
 
 # flag name -> environment variable. Every `serve` flag is settable through its variable.
@@ -79,7 +83,12 @@ SERVE_ENV_VARS: dict[str, str] = {
     "cors_allow_origin": "RERANKER_CORS_ALLOW_ORIGIN",
     "hf_cache": "RERANKER_HF_CACHE",
     "tokenization_workers": "RERANKER_TOKENIZATION_WORKERS",
+    "engine": "RERANKER_ENGINE",
+    "torch_compile": "RERANKER_TORCH_COMPILE",
+    "cuda_graphs": "RERANKER_CUDA_GRAPHS",
 }
+
+ENGINE_CHOICES = ("auto", "torch", "packed", "trtllm")
 
 # TEI's own variable for the same setting, read when the RERANKER_* one is unset, so a TEI
 # deployment's environment keeps working.

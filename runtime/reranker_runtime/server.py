@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from reranker_runtime.config import DEFAULT_MODEL, SERVE_ENV_VARS, TEI_ENV_VARS, ServeSettings
+from reranker_runtime.config import (
+    DEFAULT_MODEL,
+    ENGINE_CHOICES,
+    SERVE_ENV_VARS,
+    TEI_ENV_VARS,
+    ServeSettings,
+)
 from reranker_runtime.logging import LOG_FORMATS, LOG_LEVELS, log_fields
 
 if TYPE_CHECKING:
@@ -324,6 +330,31 @@ _OPTIONS: tuple[_Option, ...] = (
         "Threads that tokenize requests (one request's tokenization runs on one of them)",
         "N",
         default_text="CPUs + 4, at most 32",
+    ),
+    _Option(
+        "engine",
+        ("--engine",),
+        _choice_parser(ENGINE_CHOICES),
+        "auto (TensorRT-LLM for a TensorRT-LLM engine directory when it is installed, else the "
+        "packed PyTorch engine on GPUs; docs/engines.md), torch (padded transformers model), "
+        "packed (padding-free PyTorch engine) or trtllm",
+        "ENGINE",
+    ),
+    _Option(
+        "torch_compile",
+        ("--torch-compile",),
+        parse_bool,
+        "Packed engine: torch.compile the forward pass (slower start; measure with "
+        "`reranker-runtime gpu-check`)",
+        boolean=True,
+    ),
+    _Option(
+        "cuda_graphs",
+        ("--cuda-graphs",),
+        parse_bool,
+        "Packed engine on CUDA: replay CUDA graphs captured per token-count bucket (more GPU "
+        "memory; measure with `reranker-runtime gpu-check`)",
+        boolean=True,
     ),
 )
 

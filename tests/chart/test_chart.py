@@ -75,6 +75,10 @@ def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 def assert_valid(objects: list[dict[str, Any]]) -> None:
     for obj in objects:
+        if obj["apiVersion"].startswith("kopf.dev/"):
+            # kopf's peering objects: a CRD of the chart, unknown to kubernetes-validate.
+            assert set(obj) == {"apiVersion", "kind", "metadata"}
+            continue
         for version in KUBE_VERSIONS:
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
@@ -207,8 +211,10 @@ def test_every_rendered_manifest_is_valid(chart: helm_python.Chart, values: dict
 
 
 def test_crd_is_valid_for_kubernetes(chart: helm_python.Chart) -> None:
-    (crd,) = chart.crds
-    assert_valid([yaml.safe_load(crd["data"])])
+    names = sorted(c["name"] for c in chart.crds)
+    assert names == ["crds/kopf-peering.yaml", f"crds/{CRD_FILE}"]
+    for crd in chart.crds:
+        assert_valid([d for d in yaml.safe_load_all(crd["data"]) if d])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,10 +343,17 @@ NAMESPACED_GRANTS = {
     ("batch", "jobs"): {"get", "list", "watch", "create"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
     ("", "services"): {"get", "create", "patch"},
-    ("", "persistentvolumeclaims"): {"get", "create", "patch"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
-    ("autoscaling", "horizontalpodautoscalers"): {"get", "create", "patch", "delete"},
-    ("", "pods"): {"get", "list"},
+    ("autoscaling", "horizontalpodautoscalers"): {
+        "get",
+        "list",
+        "watch",
+        "create",
+        "patch",
+        "delete",
+    },
+    ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create"},
 }
 
@@ -385,12 +398,79 @@ def test_cluster_wide_rbac_is_least_privilege(chart: helm_python.Chart) -> None:
     assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
 
 
+# Kinds the operator touches only when the config asks for them: RBAC follows the same value.
+OPT_IN_KINDS = {"ServiceMonitor": "ServiceMonitor", "PodMonitoring": "PodMonitoring"}
+
+
 def test_rbac_covers_every_kind_the_operator_touches(chart: helm_python.Chart) -> None:
-    kube = pytest.importorskip("reranker_operator.kube")
+    from reranker_operator import kube as kube
+
     rules = rules_of(one(manifests(render(chart)), "ClusterRole"))
-    for kind in kube.KIND_BY_NAME.values():
+    for kind_name, kind in kube.KIND_BY_NAME.items():
         group = "" if kind.api_version == "v1" else kind.api_version.split("/")[0]
+        if kind_name in OPT_IN_KINDS:
+            assert not grants(rules, group, kind.plural), f"{kind_name} granted by default"
+            opted = rules_of(
+                one(manifests(render(chart, {"monitoring": {"kind": kind_name}})), "ClusterRole")
+            )
+            assert grants(opted, group, kind.plural) == {"get", "create", "patch"}
+            continue
         assert grants(rules, group, kind.plural), f"no RBAC rule for {group}/{kind.plural}"
+
+
+@pytest.mark.parametrize("namespaces", [[], ["ml-serving", "search"]], ids=["cluster", "ns"])
+def test_two_replicas_run_kopf_peering(chart: helm_python.Chart, namespaces: list[str]) -> None:
+    objects = manifests(render(chart, {"replicaCount": 2, "watchNamespaces": namespaces}))
+    assert_valid(objects)
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    fullname = deployment["metadata"]["name"]
+    assert f"--peering={fullname}" in container(objects)["args"]
+    from reranker_operator.cli import build_parser
+
+    args = build_parser().parse_args(container(objects)["args"])
+    assert args.peering == fullname and args.priority is None
+    if namespaces:
+        peerings = by_kind(objects, "KopfPeering")
+        assert sorted(p["metadata"]["namespace"] for p in peerings) == namespaces
+        for role in by_kind(objects, "Role"):
+            assert grants(rules_of(role), "kopf.dev", "kopfpeerings") == {
+                "get", "list", "watch", "patch",
+            }  # fmt: skip
+    else:
+        assert one(objects, "ClusterKopfPeering")["metadata"]["name"] == fullname
+        rules = rules_of(one(objects, "ClusterRole"))
+        assert grants(rules, "kopf.dev", "clusterkopfpeerings") == {"get", "list", "watch", "patch"}
+    # The peering CRDs the objects need ship with the chart.
+    peering_crds = next(c for c in chart.crds if c["name"] == "crds/kopf-peering.yaml")
+    kinds = {d["spec"]["names"]["kind"] for d in yaml.safe_load_all(peering_crds["data"]) if d}
+    assert kinds == {"ClusterKopfPeering", "KopfPeering"}
+
+
+def test_one_replica_runs_standalone(chart: helm_python.Chart) -> None:
+    objects = manifests(render(chart))
+    assert not any(o["apiVersion"].startswith("kopf.dev/") for o in objects)
+    assert not any(a.startswith("--peering") for a in container(objects)["args"])
+    assert not grants(rules_of(one(objects, "ClusterRole")), "kopf.dev", "clusterkopfpeerings")
+
+
+def test_peering_priority_differs_per_pod() -> None:
+    from reranker_operator.runner import peering_priority
+
+    a, b = peering_priority("rr-reranker-operator-5d9c-abcde"), peering_priority("rr-x-fghij")
+    assert a != b and a == peering_priority("rr-reranker-operator-5d9c-abcde") and a >= 0
+
+
+def test_monitoring_config_reaches_the_operator(chart: helm_python.Chart) -> None:
+    values = {
+        "monitoring": {"kind": "PodMonitoring", "interval": "15s", "labels": {"team": "ml"}},
+        "concurrencyMetric": "prometheus.googleapis.com|te_requests_in_flight|gauge",
+    }
+    loaded = load_operator_config(operator_config_text(manifests(render(chart, values))))
+    assert loaded.monitoring.kind == "PodMonitoring" and loaded.monitoring.interval == "15s"
+    assert loaded.monitoring.labels == {"team": "ml"}
+    assert loaded.autoscaling.concurrency_metric == values["concurrencyMetric"]
 
 
 # kube.Kube method -> the HTTP verbs (RBAC verbs) it issues.
@@ -407,7 +487,8 @@ KUBE_METHOD_VERBS = {
 def test_rbac_covers_the_operators_direct_api_calls(chart: helm_python.Chart) -> None:
     """A static scan of `self.api.<method>(kube.<KIND>, ...)` calls in the operator: a new call
     needs a new RBAC verb (kmock, which the operator tests run against, enforces no RBAC)."""
-    kube = pytest.importorskip("reranker_operator.kube")
+    from reranker_operator import kube as kube
+
     rules = rules_of(one(manifests(render(chart)), "ClusterRole"))
     calls = []
     for source in (REPO / "operator" / "reranker_operator").glob("*.py"):
@@ -504,13 +585,15 @@ def test_non_default_values_reach_the_pod(chart: helm_python.Chart) -> None:
 
 
 def load_operator_config(text: str):
-    config = pytest.importorskip("reranker_operator.config")
+    from reranker_operator import config as config
+
     return config.config_from_dict(yaml.safe_load(text))
 
 
 def test_default_config_equals_the_operators_built_in_defaults(chart: helm_python.Chart) -> None:
     """The chart's defaults and the operator's built-in defaults are one set of numbers."""
-    config = pytest.importorskip("reranker_operator.config")
+    from reranker_operator import config as config
+
     loaded = load_operator_config(operator_config_text(manifests(render(chart))))
     assert loaded == config.OperatorConfig()
     assert loaded.runtime_image == config.DEFAULT_RUNTIME_IMAGE
@@ -520,7 +603,8 @@ def test_default_config_equals_the_operators_built_in_defaults(chart: helm_pytho
 
 
 def test_non_default_config_parses_with_the_operators_loader(chart: helm_python.Chart) -> None:
-    config = pytest.importorskip("reranker_operator.config")
+    from reranker_operator import config as config
+
     loaded = load_operator_config(
         operator_config_text(manifests(render(chart, NON_DEFAULT_VALUES)))
     )
@@ -549,7 +633,6 @@ def test_non_default_config_parses_with_the_operators_loader(chart: helm_python.
 
 
 def test_deployment_args_parse_with_the_operators_cli(chart: helm_python.Chart) -> None:
-    pytest.importorskip("reranker_operator.runner")
     from reranker_operator.cli import build_parser
 
     for values in ({}, NON_DEFAULT_VALUES):
@@ -684,8 +767,7 @@ def test_schema_accelerator_types_match_the_crd() -> None:
 def test_chart_crd_is_identical_to_the_repository_crd(chart: helm_python.Chart) -> None:
     source = (REPO / "crds" / CRD_FILE).read_bytes()
     assert (CHART / "crds" / CRD_FILE).read_bytes() == source, "run scripts/sync-crd.sh"
-    (loaded,) = chart.crds
-    assert loaded["name"] == f"crds/{CRD_FILE}"
+    (loaded,) = [c for c in chart.crds if c["name"] == f"crds/{CRD_FILE}"]
     assert loaded["data"] == source.decode()
 
 
@@ -816,10 +898,10 @@ def test_operator_image_context_has_what_the_dockerfile_copies() -> None:
 
 
 def test_runtime_pods_run_as_the_runtime_images_user(chart: helm_python.Chart) -> None:
+    # runAsNonRoot needs a numeric user the kubelet can check: the image must set one, and it
+    # must be the user the chart's runtime pods run as (their engine volume is written by it).
     dockerfile = REPO / "images" / "runtime.Dockerfile"
-    if not dockerfile.is_file():
-        pytest.skip("images/runtime.Dockerfile not written yet")
+    assert dockerfile.is_file(), "images/runtime.Dockerfile is missing"
     users = re.findall(r"^USER\s+(\d+)", dockerfile.read_text(), re.M)
-    if not users:
-        pytest.skip("runtime.Dockerfile sets no numeric USER")
+    assert users, "runtime.Dockerfile sets no numeric USER (runAsNonRoot needs one)"
     assert int(users[-1]) == chart.values["runtimePodSecurityContext"]["runAsUser"]

@@ -1,12 +1,13 @@
 """The operator <-> runtime contract, end to end on CPU, with no cluster.
 
 The operator speaks to the runtime only through container commands and environment variables.
-This test takes the engine Job and the Deployment that the operator renders for a `CPU` Reranker
-pointing at a tiny local checkpoint, runs their containers' command, args and environment as
-local processes (a temporary directory stands in for the engine-cache volume at /engines, a free
-port for the container port, as a kubelet's port mapping would), follows the probes the
-Deployment declares, and calls the resulting server's /rerank. A flag or variable renamed on
-either side breaks it.
+This test takes the Deployment that the operator renders for a `CPU` Reranker pointing at a
+tiny local checkpoint (engineCache.mode PerPod, the default), runs its build init container and
+then its serving container as local processes (a temporary directory stands in for the pod's
+engine volume at /engines, a free port for the container port, as a kubelet's port mapping
+would), follows the probes the Deployment declares, and calls the resulting server's /rerank. A
+flag or variable renamed on either side breaks it. In Shared mode the build Job runs the very
+same container (checked below), against the cache PVC instead.
 """
 
 from __future__ import annotations
@@ -60,9 +61,14 @@ def _container(workload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mount_path(container: dict[str, Any], pod_spec: dict[str, Any], volume_kind: str) -> str:
-    """Where the container mounts the pod volume of the given kind (persistentVolumeClaim, emptyDir)."""
+    """Where the container mounts the pod volume of the given kind (persistentVolumeClaim, emptyDir)
+    other than /tmp."""
     names = {v["name"] for v in pod_spec["volumes"] if volume_kind in v}
-    [path] = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in names]
+    [path] = [
+        m["mountPath"]
+        for m in container["volumeMounts"]
+        if m["name"] in names and m["mountPath"] != TMP_MOUNT
+    ]
     return path
 
 
@@ -122,32 +128,46 @@ def _wait_for_probe(proc: subprocess.Popen[str], url: str, log: Path, timeout: f
     pytest.fail(f"startup probe {url} never succeeded:\n{log.read_text()}")
 
 
-def test_rendered_job_and_deployment_serve_reference_scores(
+def test_shared_mode_job_runs_the_per_pod_build_container() -> None:
+    reranker = _reranker("/models/m")
+    per_pod = render_reranker(reranker, OperatorConfig())
+    reranker["spec"]["engineCache"] = {"mode": "Shared"}
+    shared = render_reranker(reranker, OperatorConfig())
+    [init] = _child(per_pod, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    job_container = _container(_child(shared, "Job"))
+    for field in ("command", "args", "env", "image", "terminationMessagePolicy"):
+        assert job_container[field] == init[field], field
+    assert _mount_path(job_container, _child(shared, "Job")["spec"]["template"]["spec"],
+                       "persistentVolumeClaim") == CACHE_MOUNT  # fmt: skip
+
+
+def test_rendered_deployment_builds_and_serves_reference_scores(
     xlmr_reranker: Path, tmp_path: Path
 ) -> None:
     children = render_reranker(_reranker(f"{MODELS_MOUNT}/{xlmr_reranker.name}"), OperatorConfig())
-    job, deployment = _child(children, "Job"), _child(children, "Deployment")
-    job_container, serve_container = _container(job), _container(deployment)
+    assert [c["kind"] for c in children] == ["Deployment", "Service"]
+    deployment = _child(children, "Deployment")
+    serve_pod = deployment["spec"]["template"]["spec"]
+    [init_container] = serve_pod["initContainers"]
+    serve_container = _container(deployment)
 
-    # The engine cache is one volume shared by the Job (writer) and the runtime pods (readers).
-    cache, pod_tmp = tmp_path / "engine-cache", tmp_path / "pod-tmp"
+    # The pod's engine volume: written by the init container, read by the server.
+    cache, pod_tmp = tmp_path / "engine-volume", tmp_path / "pod-tmp"
     cache.mkdir()
     pod_tmp.mkdir()
-    job_pod = job["spec"]["template"]["spec"]
-    serve_pod = deployment["spec"]["template"]["spec"]
-    assert _mount_path(job_container, job_pod, "persistentVolumeClaim") == CACHE_MOUNT
-    assert _mount_path(serve_container, serve_pod, "persistentVolumeClaim") == CACHE_MOUNT
+    assert _mount_path(init_container, serve_pod, "emptyDir") == CACHE_MOUNT
+    assert _mount_path(serve_container, serve_pod, "emptyDir") == CACHE_MOUNT
     mounts = {CACHE_MOUNT: cache, TMP_MOUNT: pod_tmp, MODELS_MOUNT: xlmr_reranker.parent}
 
-    # 1. The engine-preparation Job.
-    build = LocalPod(job_container, mounts, tmp_path / "build.log").run(timeout=300)
+    # 1. The build init container.
+    build = LocalPod(init_container, mounts, tmp_path / "build.log").run(timeout=300)
     assert build.returncode == 0, f"build failed:\n{build.stdout}\n{build.stderr}"
     [engine_dir] = [p for p in cache.iterdir() if not p.name.startswith(".")]
     assert (engine_dir / "manifest.json").is_file()
-    assert job["metadata"]["annotations"]["reranker.dev/engine-key"] == engine_dir.name
+    assert deployment["metadata"]["annotations"]["reranker.dev/engine-key"] == engine_dir.name
 
-    # Running the Job again (a retried pod) is a no-op on a complete engine.
-    again = LocalPod(job_container, mounts, tmp_path / "build2.log").run(timeout=120)
+    # Running it again (the pod's sandbox re-created) is a no-op on a complete engine.
+    again = LocalPod(init_container, mounts, tmp_path / "build2.log").run(timeout=120)
     assert again.returncode == 0, again.stderr
 
     # 2. The runtime Deployment's pod, reached through its declared port and probes.

@@ -340,9 +340,9 @@ def test_gpu_build_orchestration(
     assert m.engine == "tensorrt-llm" and m.gpu == L4
     assert (m.build.dtype, m.build.max_batch_size, m.build.max_input_len) == (
         "float16",
+        256,
         128,
-        128,
-    )  # 16384 // 128
+    )  # 16384 // 64: pairs of 64+ tokens fill the budget in one pass
     assert m.versions["tensorrt_llm"] == "0.0-fake"
     assert (out / "engine" / "rank0.engine").is_file() and (
         out / "checkpoint" / "tokenizer.json"

@@ -12,6 +12,7 @@ from reranker_runtime.engine_build.errors import (
 )
 from reranker_runtime.engine_build.trtllm import (
     MAX_BATCH_SIZE_CAP,
+    SHORT_PAIR_TOKENS,
     Profile,
     check_quantization,
     check_trtllm_compatible,
@@ -23,12 +24,13 @@ from reranker_runtime.model_family import ModelFamily
 @pytest.mark.parametrize(
     ("max_num_tokens", "model_max", "max_seq_len", "expected"),
     [
-        (16384, 512, None, Profile(32, 512)),  # XLM-R default: 32 x 512
-        (16384, 512, 256, Profile(64, 256)),  # a shorter max_seq_len buys batch
-        (16384, 512, 1024, Profile(32, 512)),  # never beyond the model's positions
-        (8192, 512, 300, Profile(27, 300)),  # floor(8192 / 300)
-        (256, 512, None, Profile(1, 256)),  # a sequence never exceeds the whole budget
-        (512, 512, None, Profile(1, 512)),
+        # B = budget // 64: one pass carries the whole budget for pairs of 64+ tokens.
+        (16384, 512, None, Profile(256, 512)),  # XLM-R default: 256 x 512
+        (16384, 512, 256, Profile(256, 256)),  # a shorter max_seq_len lowers B x L
+        (16384, 512, 1024, Profile(256, 512)),  # never beyond the model's positions
+        (8192, 512, 300, Profile(128, 300)),
+        (256, 512, None, Profile(4, 256)),  # a sequence never exceeds the whole budget
+        (512, 512, None, Profile(8, 512)),
         (1_000_000, 8, None, Profile(MAX_BATCH_SIZE_CAP, 8)),  # capped
     ],
 )
@@ -37,11 +39,9 @@ def test_derive_profile(
 ) -> None:
     p = derive_profile(max_num_tokens, model_max, max_seq_len)
     assert p == expected
-    assert (
-        p.max_num_tokens
-        == p.max_batch_size * p.max_input_len
-        <= max(max_num_tokens, p.max_input_len)
-    )
+    assert p.max_num_tokens == p.max_batch_size * p.max_input_len
+    short = min(p.max_input_len, SHORT_PAIR_TOKENS)
+    assert p.max_batch_size == min(MAX_BATCH_SIZE_CAP, max(1, max_num_tokens // short))
 
 
 @pytest.mark.parametrize("args", [(0, 512, None), (1024, 0, None), (1024, 512, 0)])

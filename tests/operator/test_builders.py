@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
@@ -22,6 +23,7 @@ from reranker_operator.config import (
     config_from_dict,
     load_config,
 )
+from reranker_operator.convert import quantity_bytes
 from reranker_operator.engine_key import engine_key
 from reranker_operator.spec import RerankerSpec, parse_spec
 
@@ -47,7 +49,7 @@ VARIANTS: dict[str, RerankerSpec] = {
     "gpu-default": spec_of(),
     "gpu-replicas": spec_of(
         replicas=3,
-        accelerator={"type": "H100", "count": 2},
+        accelerator={"type": "H100", "count": 1},
         build={"quantization": "fp8", "maxNumTokens": 32768, "maxSeqLen": 1024},
         checkpoint={
             "repo": "org/model",
@@ -67,13 +69,19 @@ VARIANTS: dict[str, RerankerSpec] = {
                 "liveness": {"timeoutSeconds": 9},
             },
         },
-        engineCache={"storageClassName": "filestore", "size": "100Gi", "retention": "Delete"},
+        engineCache={
+            "mode": "Shared",
+            "storageClassName": "filestore",
+            "size": "100Gi",
+            "retention": "Delete",
+        },
     ),
     "cpu": spec_of(
         accelerator={"type": "CPU"},
         resources={"cpu": 2, "memory": "4Gi"},
-        engineCache={"accessMode": "ReadWriteOnce"},
+        engineCache={"mode": "Shared", "accessMode": "ReadWriteOnce"},
     ),
+    "per-pod-replicas": spec_of(replicas=3, engineCache={"size": "8Gi"}),
     "autoscaling-concurrency": spec_of(
         autoscaling={"minReplicas": 2, "maxReplicas": 6, "targetConcurrency": 24}
     ),
@@ -112,7 +120,47 @@ def test_every_child_passes_kubernetes_validate_strict(variant: str, owned: bool
     for obj in children:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     kinds = [c["kind"] for c in children]
-    assert kinds[:4] == ["PersistentVolumeClaim", "Job", "Deployment", "Service"]
+    if b.cache_mode(VARIANTS[variant], CONFIG) == "Shared":
+        assert kinds[:4] == ["PersistentVolumeClaim", "Job", "Deployment", "Service"]
+    else:
+        assert kinds[:2] == ["Deployment", "Service"]
+
+
+def test_per_pod_mode_needs_no_shared_storage() -> None:
+    """The default: 3 replicas, each pod builds its engine; nothing asks for ReadWriteMany."""
+    children = all_children(VARIANTS["per-pod-replicas"])
+    assert {c["kind"] for c in children} == {"Deployment", "Service", "PodDisruptionBudget"}
+    assert "ReadWriteMany" not in yaml.safe_dump_all(children)
+    dep = by_kind(children)["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+    assert {"name": "engine", "emptyDir": {"sizeLimit": "8Gi"}} in pod["volumes"]
+    (init,) = pod["initContainers"]
+    job = b.build_engine_job("rr", NS, VARIANTS["per-pod-replicas"], CONFIG, KEY)
+    # The init container is the build Job's container: the same command, args, env and limits.
+    assert init == container(job)
+    assert init["args"][-2:] == ["--output", f"/engines/{KEY}"]
+    assert {"name": "engine", "mountPath": "/engines"} in init["volumeMounts"]
+    serve = container(dep)
+    assert {"name": "engine", "mountPath": "/engines", "readOnly": True} in serve["volumeMounts"]
+    assert env_map(serve)["RERANKER_ENGINE_DIR"] == f"/engines/{KEY}"
+    assert init["resources"] == serve["resources"]  # the build runs on the pod's GPU
+    # Old pods serve until new ones are ready; the deadline covers a build plus the start-up.
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert dep["spec"]["progressDeadlineSeconds"] >= CONFIG.build_job.active_deadline_seconds
+
+
+def test_shared_mode_from_the_operator_config() -> None:
+    config = config_from_dict({"engineCache": {"mode": "Shared"}})
+    kinds = [c["kind"] for c in b.build_children("rr", NS, spec_of(), config, key=KEY)]
+    assert kinds == ["PersistentVolumeClaim", "Job", "Deployment", "Service"]
+    dep = b.build_deployment("rr", NS, spec_of(), config, KEY)
+    assert "initContainers" not in dep["spec"]["template"]["spec"]
+    per_pod = spec_of(engineCache={"mode": "PerPod"})  # the spec wins over the config
+    assert [c["kind"] for c in b.build_children("rr", NS, per_pod, config, key=KEY)] == [
+        "Deployment",
+        "Service",
+    ]
 
 
 def test_pdb_and_hpa_only_when_called_for() -> None:
@@ -184,6 +232,16 @@ def test_job_name_is_a_dns1123_label(name: str) -> None:
         assert job == f"{name}-engine-{KEY[:10]}"
 
 
+def test_long_names_sharing_a_prefix_get_distinct_job_names() -> None:
+    prefix = "bge-reranker-large-production-search-" + "x" * 8  # 45 characters
+    a, b_ = prefix + "-europe-west4-a", prefix + "-europe-west4-b"
+    assert len(prefix) == 45
+    assert b.job_name(a, KEY) != b.job_name(b_, KEY)
+    assert b.job_name(a, KEY) == b.job_name(a, KEY)  # stable: found again after a restart
+    for job in (b.job_name(a, KEY), b.job_name(b_, KEY)):
+        assert len(job) <= 63 and DNS1123_LABEL.match(job), job
+
+
 def test_job_runs_where_it_will_serve() -> None:
     spec = VARIANTS["gpu-replicas"]
     job, dep = (
@@ -192,30 +250,213 @@ def test_job_runs_where_it_will_serve() -> None:
     )
     for key in ("affinity", "tolerations"):
         assert job["spec"]["template"]["spec"][key] == dep["spec"]["template"]["spec"][key]
-    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 # ---------------------------------------------------------------- placement
 
 
-def test_gpu_placement_accepts_gke_or_gpu_feature_discovery() -> None:
+def node_matches(pod: dict[str, Any], node_labels: dict[str, str]) -> bool:
+    """The scheduler's required node affinity + nodeSelector check (In/NotIn/Exists only)."""
+    if any(node_labels.get(k) != v for k, v in (pod.get("nodeSelector") or {}).items()):
+        return False
+    affinity = (pod.get("affinity") or {}).get("nodeAffinity") or {}
+    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution")
+    if not required:
+        return True
+
+    def expr_ok(e: dict[str, Any]) -> bool:
+        value = node_labels.get(e["key"])
+        if e["operator"] == "In":
+            return value in e["values"]
+        if e["operator"] == "NotIn":
+            return value not in e["values"]
+        return (value is not None) == (e["operator"] == "Exists")
+
+    return any(all(map(expr_ok, t["matchExpressions"])) for t in required["nodeSelectorTerms"])
+
+
+L4_NODES = {
+    "gke-g2-standard-4": {
+        "cloud.google.com/gke-accelerator": "nvidia-l4",
+        "node.kubernetes.io/instance-type": "g2-standard-4",
+    },
+    "gpu-feature-discovery": {"nvidia.com/gpu.product": "NVIDIA-L4"},
+    "eks-g6-xlarge-no-gfd": {"node.kubernetes.io/instance-type": "g6.xlarge"},
+    "eks-karpenter": {
+        "karpenter.k8s.aws/instance-gpu-name": "l4",
+        "node.kubernetes.io/instance-type": "g6.2xlarge",
+    },
+}
+NOT_L4_NODES = {
+    "eks-g6e-l40s": {"node.kubernetes.io/instance-type": "g6e.xlarge"},
+    "eks-g5-a10g": {"node.kubernetes.io/instance-type": "g5.xlarge"},
+    "gke-t4": {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"},
+    "cpu-node": {"node.kubernetes.io/instance-type": "m6i.xlarge"},
+}
+
+
+@pytest.mark.parametrize("node", L4_NODES)
+def test_l4_placement_matches_l4_nodes_of_gke_eks_and_gpu_feature_discovery(node: str) -> None:
     pod = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)["spec"]["template"]["spec"]
-    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-        "nodeSelectorTerms"
-    ]
-    # Two ORed terms, one label each: a single term (or a nodeSelector) with both would match no node.
-    assert len(terms) == 2 and all(len(t["matchExpressions"]) == 1 for t in terms)
-    exprs = {t["matchExpressions"][0]["key"]: t["matchExpressions"][0]["values"] for t in terms}
-    assert "nvidia-l4" in exprs["cloud.google.com/gke-accelerator"]
-    assert "NVIDIA-L4" in exprs["nvidia.com/gpu.product"]
+    assert node_matches(pod, L4_NODES[node])
     assert pod["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
-    assert "nodeSelector" not in pod
-    assert (
-        container({"spec": {"template": {"spec": pod}}})["resources"]["limits"]["nvidia.com/gpu"]
-        == "1"
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+@pytest.mark.parametrize("node", NOT_L4_NODES)
+def test_l4_placement_refuses_other_nodes(node: str) -> None:
+    pod = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)["spec"]["template"]["spec"]
+    assert not node_matches(pod, NOT_L4_NODES[node])
+
+
+POD_SETTINGS = {
+    "nodeSelector": {"cloud.google.com/gke-nodepool": "l4-pool"},
+    "tolerations": [
+        {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}
+    ],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "topology.kubernetes.io/zone",
+                                           "operator": "In", "values": ["europe-west4-a"]}]}
+                ]
+            }
+        },
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "rr"}}}}
+            ]
+        },
+    },
+    "topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+         "whenUnsatisfiable": "ScheduleAnyway",
+         "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "rr"}}}
+    ],
+    "priorityClassName": "inference-high",
+    "serviceAccountName": "reranker-gcs-reader",
+    "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+    "labels": {"team": "search"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["Job", "Deployment"])
+def test_pod_settings_reach_build_and_runtime_pods(kind: str) -> None:
+    spec = spec_of(pod=POD_SETTINGS, engineCache={"mode": "Shared"}, replicas=2)
+    obj = by_kind(all_children(spec))[kind]
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    template = obj["spec"]["template"]
+    pod = template["spec"]
+    assert pod["serviceAccountName"] == "reranker-gcs-reader"
+    assert pod["priorityClassName"] == "inference-high"
+    assert pod["topologySpreadConstraints"] == POD_SETTINGS["topologySpreadConstraints"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-nodepool": "l4-pool"}
+    assert pod["affinity"]["podAntiAffinity"] == POD_SETTINGS["affinity"]["podAntiAffinity"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert POD_SETTINGS["tolerations"][0] in pod["tolerations"]
+    assert template["metadata"]["labels"]["team"] == "search"
+    assert template["metadata"]["labels"][b.LABEL_RERANKER] == "rr"  # the operator's stay
+    assert template["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"]
+    # The user's zone and the accelerator's GPU must both hold: an L4 node in europe-west4-a.
+    zone = {"topology.kubernetes.io/zone": "europe-west4-a"}
+    assert node_matches(pod, {**L4_NODES["gke-g2-standard-4"], **zone, **pod["nodeSelector"]})
+    assert not node_matches(pod, {**L4_NODES["gke-g2-standard-4"], **pod["nodeSelector"]})
+    assert not node_matches(pod, {**NOT_L4_NODES["gke-t4"], **zone, **pod["nodeSelector"]})
+
+
+def test_user_node_affinity_on_cpu_is_kept_as_is() -> None:
+    spec = spec_of(accelerator={"type": "CPU"}, pod={"affinity": POD_SETTINGS["affinity"]})
+    pod = b.build_deployment("rr", NS, spec, CONFIG, KEY)["spec"]["template"]["spec"]
+    assert pod["affinity"] == POD_SETTINGS["affinity"]
+    assert "tolerations" not in pod
+
+
+def test_prune_job_deletes_only_the_given_engines() -> None:
+    keys = ["b" * 64, "a" * 64]
+    job = b.build_prune_job("rr", NS, VARIANTS["gpu-replicas"], CONFIG, keys, OWNER)
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    c = container(job)
+    assert c["args"] == [f"/engines/{'a' * 64}", f"/engines/{'b' * 64}"]
+    assert c["command"][:2] == ["python3", "-c"] and "rmtree" in c["command"][2]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["volumes"] == [
+        {"name": "engine-cache", "persistentVolumeClaim": {"claimName": "rr-engine-cache"}}
+    ]
+    assert "nvidia.com/gpu" not in str(job) and "affinity" not in pod
+    assert job["metadata"]["name"] == b.prune_job_name("rr", list(reversed(keys)))
+    assert DNS1123_LABEL.match(b.prune_job_name("x" * 63, keys))
+
+
+def test_no_monitor_unless_configured() -> None:
+    assert b.build_monitor("rr", NS, CONFIG) is None
+    assert not any(c["kind"].endswith(("Monitor", "Monitoring")) for c in all_children(spec_of()))
+
+
+@pytest.mark.parametrize(
+    "kind,api_version",
+    [
+        ("ServiceMonitor", "monitoring.coreos.com/v1"),
+        ("PodMonitoring", "monitoring.googleapis.com/v1"),
+    ],
+)
+def test_monitor_scrapes_the_runtime_pods(kind: str, api_version: str) -> None:
+    config = config_from_dict(
+        {"monitoring": {"kind": kind, "interval": "15s", "labels": {"release": "prom"}}}
     )
+    children = b.build_children("rr", NS, spec_of(), config, OWNER, KEY)
+    monitor = by_kind(children)[kind]
+    assert monitor["apiVersion"] == api_version and monitor["metadata"]["name"] == "rr"
+    assert monitor["metadata"]["ownerReferences"] == [OWNER]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    # It selects what serves /metrics on the port named http: the Service (ServiceMonitor) or
+    # the pods (PodMonitoring) carry these labels.
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    target = by_kind(children)["Service" if kind == "ServiceMonitor" else "Deployment"]
+    have = target["metadata"]["labels"] if kind == "ServiceMonitor" else (
+        target["spec"]["template"]["metadata"]["labels"])  # fmt: skip
+    assert selector.items() <= have.items()
+    ports = (
+        target["spec"]["ports"]
+        if kind == "ServiceMonitor"
+        else target["spec"]["template"]["spec"]["containers"][0]["ports"]
+    )
+    assert "http" in {p["name"] for p in ports}
+
+
+def test_hpa_concurrency_metric_name_from_the_config() -> None:
+    config = config_from_dict(
+        {
+            "autoscaling": {
+                "concurrencyMetric": "prometheus.googleapis.com|te_requests_in_flight|gauge"
+            }
+        }
+    )
+    hpa = b.build_hpa("rr", NS, VARIANTS["autoscaling-concurrency"], None, config)
+    assert hpa is not None
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == (
+        "prometheus.googleapis.com|te_requests_in_flight|gauge"
+    )
+
+
+def test_default_pod_fits_the_smallest_l4_nodes() -> None:
+    # Allocatable memory of GKE g2-standard-4 (~13 GiB) and EKS g6.xlarge (~14.5 GiB), minus
+    # ~1 GiB of daemonsets: the default request must fit both.
+    for obj in all_children(spec_of()):
+        if obj["kind"] in ("Job", "Deployment"):
+            pod = obj["spec"]["template"]["spec"]
+            total = sum(
+                quantity_bytes(c["resources"]["requests"]["memory"]) for c in pod["containers"]
+            )
+            assert total <= 12 * 2**30, obj["kind"]
 
 
 @pytest.mark.parametrize("accel", ["L4", "A10G", "A100", "H100", "H200", "T4"])
@@ -491,19 +732,62 @@ def test_children_carry_common_labels_and_a_spec_hash() -> None:
         assert (
             labels[b.LABEL_RERANKER] == "rr" and labels[b.LABEL_MANAGED_BY] == "reranker-operator"
         )
-        assert obj["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH] == b.spec_hash(obj)
+        assert re.fullmatch(r"[0-9a-f]{64}", obj["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH])
         assert obj["metadata"]["namespace"] == NS
 
 
-def test_spec_hash_detects_changes_only() -> None:
+def _hash(obj: dict[str, Any]) -> str:
+    return obj["metadata"]["annotations"][b.ANNOTATION_SPEC_HASH]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"replicas": 3},
+        {"resources": {"memory": "8Gi"}},
+        {"runtime": {"autoTruncate": True}},
+        {"runtime": {"probes": {"startup": {"failureThreshold": 7}}}},
+        {"accelerator": {"type": "CPU"}},
+    ],
+)
+def test_spec_hash_changes_with_what_the_deployment_renders(change: dict[str, Any]) -> None:
+    base = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY)
+    changed = b.build_deployment("rr", NS, spec_of(**{"replicas": 2, **change}), CONFIG, KEY)
+    assert _hash(changed) != _hash(base)
+    assert changed["spec"] != base["spec"]
+
+
+def test_spec_hash_is_stable_for_an_unchanged_spec() -> None:
     one = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY)
-    same = b.build_deployment(
-        "rr", NS, spec_of(replicas=2), CONFIG, KEY, OWNER
-    )  # owner refs don't count
-    other = b.build_deployment("rr", NS, spec_of(replicas=3), CONFIG, KEY)
-    h = b.ANNOTATION_SPEC_HASH
-    assert one["metadata"]["annotations"][h] == same["metadata"]["annotations"][h]
-    assert one["metadata"]["annotations"][h] != other["metadata"]["annotations"][h]
+    # Rebuilt from an equal spec (a fresh parse), with an owner reference: same hash.
+    same = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY, OWNER)
+    assert _hash(one) == _hash(same)
+    # Another engine is another template: a new hash.
+    assert _hash(b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, "f" * 64)) != _hash(one)
+
+
+def test_replacement_patch_removes_what_the_builders_no_longer_render() -> None:
+    live = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY, OWNER)
+    live["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = "4"  # a controller's
+    live["status"] = {"readyReplicas": 1}
+    desired = b.build_deployment("rr", NS, spec_of(accelerator={"type": "CPU"}), CONFIG, KEY, OWNER)
+    patched = jsonpatch.apply_patch(live, b.replacement_patch(desired, live))
+    pod = patched["spec"]["template"]["spec"]
+    assert "affinity" not in pod and "tolerations" not in pod
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+    assert patched["spec"] == desired["spec"]
+    assert patched["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "4"
+    assert _hash(patched) == _hash(desired)
+    assert patched["status"] == {"readyReplicas": 1}  # the status is not ours
+
+
+def test_replacement_patch_keeps_the_hpas_replicas() -> None:
+    live = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY)
+    live["spec"]["replicas"] = 5  # scaled by the HPA
+    desired = b.build_deployment("rr", NS, spec_of(autoscaling={"maxReplicas": 8}), CONFIG, KEY)
+    assert "replicas" not in desired["spec"]
+    patched = jsonpatch.apply_patch(live, b.replacement_patch(desired, live))
+    assert patched["spec"]["replicas"] == 5
 
 
 def test_builders_are_pure() -> None:
@@ -530,7 +814,6 @@ SERVING_CHANGES = {
     "replicas": {"replicas": 4},
     "autoscaling": {"autoscaling": {"maxReplicas": 9}},
     "resources": {"resources": {"cpu": "8", "memory": "64Gi"}},
-    "gpu-count": {"accelerator": {"type": "L4", "count": 2}},
     "runtime-limits": {
         "runtime": {"maxBatchTokens": 4096, "maxConcurrentRequests": 7, "autoTruncate": True}
     },

@@ -20,7 +20,7 @@ from reranker_operator.convert import (
     convert_config,
     sanitize_name,
 )
-from reranker_operator.spec import parse_spec
+from reranker_operator.spec import DEFAULT_MEMORY, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = Path(__file__).with_name("data") / "seed-config.yaml"
@@ -85,13 +85,42 @@ def test_seed_conversion_is_the_l4_example() -> None:
     )
     config = OperatorConfig()
     assert engine_key_for(converted, config) == engine_key_for(example, config)
-    assert converted.resources == example.resources and converted.accelerator == example.accelerator
+    assert converted.accelerator == example.accelerator
     assert converted.desired_replicas == example.desired_replicas == 1
+    # The seed's 15Gi is kept (with a warning); the example uses the default, which fits an L4 node.
+    assert converted.resources.memory == "15Gi" and example.resources.memory == DEFAULT_MEMORY
+    assert converted.resources.cpu == example.resources.cpu
+
+
+def test_seed_memory_is_kept_with_a_warning_that_it_cannot_fit_an_l4_node() -> None:
+    _, notes = convert_config(seed())
+    [warning] = [n for n in notes if n.startswith("WARNING")]
+    assert "15Gi" in warning and "g2-standard-4" in warning and "Pending" in warning
+
+
+@pytest.mark.parametrize(
+    "accelerator,memory,warns",
+    [("L4", "12Gi", False), ("L4", "14Gi", True), ("L4", "16G", True), ("H100", "64Gi", False),
+     ("T4", "15Gi", True), ("A10G", "14Gi", False)],
+)  # fmt: skip
+def test_memory_fit_warning_per_accelerator(accelerator: str, memory: str, warns: bool) -> None:
+    config = seed()
+    config["resources"] = {"accelerator": accelerator, "memory": memory, "use_gpu": True}
+    _, notes = convert_config(config)
+    assert any(n.startswith("WARNING") for n in notes) == warns
+
+
+def test_no_memory_in_the_truss_config_takes_the_default_that_fits() -> None:
+    config = seed()
+    config["resources"] = {"accelerator": "L4", "use_gpu": True}
+    manifest, notes = convert_config(config)
+    assert "resources" not in manifest["spec"]
+    assert not any(n.startswith("WARNING") for n in notes)
 
 
 def test_cli_prints_notes_as_comments_and_yaml(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run_cli([str(SEED), "--name", "bge", "--namespace", "search"], capsys)
-    assert rc == 0 and err == ""
+    assert rc == 0 and err.startswith("WARNING: resources.memory 15Gi")
     assert out.startswith("# note: ")
     manifest = yaml.safe_load(out)
     assert manifest["metadata"]["name"] == "bge" and manifest["metadata"]["namespace"] == "search"
@@ -142,7 +171,8 @@ def test_build_mapping(changes: dict[str, Any], expected_build: dict[str, Any]) 
 @pytest.mark.parametrize(
     "accelerator,use_gpu,expected",
     [
-        ("H100:2", True, {"type": "H100", "count": 2}),
+        ("H100:2", True, {"type": "H100"}),  # one GPU per pod (a note says replicas: 2)
+        ("H100:1", True, {"type": "H100"}),
         ("H100_40GB", True, {"type": "H100"}),
         ("a10g", True, {"type": "A10G"}),
         (None, False, {"type": "CPU"}),

@@ -145,11 +145,19 @@ def _walk_schema(
         yield from _walk_schema(node["items"], f"{path}[]")
 
 
+# Kubernetes' own Affinity and TopologySpreadConstraint, passed through to the pods (the API
+# server validates them on the Deployment); nothing else keeps unknown fields.
+PASSED_THROUGH = {".spec.pod.affinity", ".spec.pod.topologySpreadConstraints[]"}
+
+
 def test_schema_is_structural_and_prunes_nothing_we_write() -> None:
+    kept = set()
     for path, node in _walk_schema(crd_schema(load_crd())):
         assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
         # kopf's progress belongs in annotations, never in a catch-all status.
-        assert not node.get("x-kubernetes-preserve-unknown-fields"), path
+        if node.get("x-kubernetes-preserve-unknown-fields"):
+            kept.add(path)
+    assert kept == PASSED_THROUGH
 
 
 def test_status_schema_declares_what_the_operator_writes() -> None:
@@ -226,7 +234,7 @@ def test_crd_defaults_match_the_spec_model() -> None:
     }
     assert spec["build"] == {"quantization": "no_quant", "maxNumTokens": 16384}
     assert spec["accelerator"] == {"type": "L4", "count": 1}
-    assert spec["resources"] == {"cpu": "1", "memory": "15Gi"}
+    assert spec["resources"] == {"cpu": "1", "memory": "10Gi"}
     assert spec["runtime"] == {"autoTruncate": False}
     assert (
         "replicas" not in spec and "autoscaling" not in spec
@@ -271,6 +279,7 @@ BAD = {
     "fp8-on-t4.yaml": ("cel", "spec.build.quantization"),
     "fp4.yaml": ("cel", "spec.build.quantization"),
     "cpu-gpu-count.yaml": ("cel", "spec.accelerator.count"),
+    "multi-gpu.yaml": ("cel", "spec.accelerator.count"),
     "max-seq-len-over-budget.yaml": ("cel", "spec.build.maxSeqLen"),
 }
 
@@ -307,7 +316,9 @@ CEL_CASES = [
     ("quantization-on-cpu", {**MINIMAL, "build": {"quantization": "fp8"}, "accelerator": {"type": "CPU"}},
      "spec.build.quantization", "self.build.quantization == 'no_quant'"),
     ("count-on-cpu", {**MINIMAL, "accelerator": {"type": "CPU", "count": 2}}, "spec.accelerator.count",
-     "self.type != 'CPU' || !has(self.count) || self.count == 1"),
+     "!has(self.count) || self.count == 1"),
+    ("multi-gpu", {**MINIMAL, "accelerator": {"type": "H100", "count": 2}}, "spec.accelerator.count",
+     "!has(self.count) || self.count == 1"),
     ("seq-len-over-budget", {**MINIMAL, "build": {"maxNumTokens": 512, "maxSeqLen": 1024}},
      "spec.build.maxSeqLen", "self.maxSeqLen <= "),
     ("seq-len-over-default-budget", {**MINIMAL, "build": {"maxSeqLen": 20000}}, "spec.build.maxSeqLen",
@@ -395,6 +406,11 @@ def test_name_must_be_a_dns1035_label(name: str) -> None:
         ({**MINIMAL, "engineCache": {"accessMode": "ReadOnlyMany"}}, "spec.engineCache.accessMode"),
         ({**MINIMAL, "autoscaling": {"minReplicas": 1}}, "spec.autoscaling.maxReplicas"),
         ({**MINIMAL, "runtime": {"env": [{"name": "1BAD"}]}}, "spec.runtime.env[0].name"),
+        (
+            {**MINIMAL, "pod": {"tolerations": [{"operator": "Maybe"}]}},
+            "spec.pod.tolerations[0].operator",
+        ),
+        ({**MINIMAL, "pod": {"labels": {"team": "x" * 64}}}, "spec.pod.labels.team"),
     ],
 )
 def test_schema_and_model_refuse_the_same_values(spec: dict, field: str) -> None:
@@ -422,6 +438,21 @@ def test_code_only_checks_name_the_field() -> None:
     with pytest.raises(InvalidSpec) as exc:
         parse_spec({"metadata": {"name": "x"}})
     assert exc.value.field == "spec"
+
+
+@pytest.mark.parametrize(
+    "pod,field",
+    [
+        ({"labels": {"app.kubernetes.io/instance": "other"}}, "spec.pod.labels"),
+        ({"annotations": {"reranker.dev/engine-key": "x"}}, "spec.pod.annotations"),
+        ({"affinity": {"nodeAffinty": {}}}, "spec.pod.affinity"),
+    ],
+)
+def test_pod_settings_may_not_override_the_operators(pod: dict, field: str) -> None:
+    assert schema_errors(reranker({**MINIMAL, "pod": pod})) == []
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec(reranker({**MINIMAL, "pod": pod}))
+    assert exc.value.field == field
 
 
 def test_int_quantities_are_accepted() -> None:

@@ -24,15 +24,18 @@ import yaml
 
 from kmock_env import Cluster, OperatorRunner, declare_resources, wait_for
 from reranker_operator import builders
-from reranker_operator.config import OperatorConfig
+from reranker_operator.config import OperatorConfig, config_from_dict
 from reranker_operator.reconcile import ANNOTATION_BUILT
 from reranker_operator.spec import parse_spec
 
 NAME = "bge"
+# Most flows here follow the Shared engine cache (a build Job, the cache PVC); the PerPod mode
+# (the default: pods build their own engine) has its flows in test_operator_status.py.
 SPEC: dict[str, Any] = {
     "checkpoint": {"repo": "BAAI/bge-reranker-large", "revision": "main"},
     "accelerator": {"type": "L4"},
     "replicas": 1,
+    "engineCache": {"mode": "Shared"},
 }
 
 
@@ -69,6 +72,24 @@ async def operator(kmock: Any, cluster: Cluster) -> AsyncIterator[OperatorRunner
 
 def job_creations(kmock: Any) -> int:
     return sum(1 for r in list(kmock) if r.method.value == "POST" and r.url.path.endswith("/jobs"))
+
+
+def deployment_patches(kmock: Any) -> int:
+    """PATCHes of Deployments by the operator (the test's own status patches excluded)."""
+    return sum(
+        1
+        for r in list(kmock)
+        if r.method.value == "PATCH"
+        and "/deployments/" in r.url.path
+        and not r.url.path.endswith("/status")
+    )
+
+
+async def finish_builds(cluster: Cluster, name: str, spec_: dict[str, Any]) -> None:
+    """Play the Job controller: the build Job of `spec_` succeeds."""
+    job = builders.job_name(name, key_of(spec_))
+    await wait_for(lambda: cluster.get(cluster.JOB, job), f"Job {job}")
+    await cluster.job_succeeded(job)
 
 
 def operator_reads(kmock: Any, name: str = NAME) -> int:
@@ -277,6 +298,108 @@ async def test_flows_replicas_and_autoscaling_patch_the_deployment_without_a_job
     assert job_creations(kmock) == 1  # none of that rebuilt the engine
 
 
+async def test_flows_l4_to_cpu_leaves_no_gpu_placement_on_the_deployment(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    await bring_to_ready(cluster)
+    gpu_pod = cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["template"]["spec"]
+    assert gpu_pod["affinity"] and gpu_pod["tolerations"]
+
+    cpu_spec = spec(accelerator={"type": "CPU"})
+    await cluster.update_spec(NAME, {"accelerator": {"type": "CPU"}})
+    await finish_builds(cluster, NAME, cpu_spec)
+    dep = await wait_for(
+        lambda: (
+            (d := cluster.get(cluster.DEPLOYMENT, NAME))
+            and engine_dir(d) == f"/engines/{key_of(cpu_spec)}"
+            and d
+        ),
+        "the Deployment on the CPU engine",
+    )
+    pod = dep["spec"]["template"]["spec"]
+    assert "affinity" not in pod and "tolerations" not in pod and "nodeSelector" not in pod
+    for c in pod["containers"] + pod.get("initContainers", []):
+        assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert dep["spec"]["replicas"] == 1
+
+
+async def test_flows_long_names_sharing_a_prefix_get_distinct_children(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    prefix = "bge-reranker-large-production-search-" + "x" * 8  # 45 characters
+    names = [prefix + "-europe-west4-a", prefix + "-europe-west4-b"]
+    for name in names:
+        await cluster.create_reranker(name, SPEC)
+    for name in names:
+        await finish_builds(cluster, name, SPEC)
+        await wait_for(lambda n=name: cluster.get(cluster.SERVICE, n), f"Service {name}")
+    for resource in (cluster.JOB, cluster.DEPLOYMENT, cluster.SERVICE, cluster.PVC):
+        owners = [o["metadata"]["labels"][builders.LABEL_RERANKER] for o in cluster.list(resource)]
+        assert sorted(owners) == sorted(names), resource
+        for obj in cluster.list(resource):
+            assert len(obj["metadata"]["name"]) <= 63 or resource == cluster.PVC
+
+
+async def test_flows_children_are_patched_only_when_the_spec_changes(
+    cluster: Cluster, operator: OperatorRunner, kmock: Any
+) -> None:
+    await bring_to_ready(cluster)
+    patches = deployment_patches(kmock)
+    # A change that is not part of the spec (a label) reconciles without touching the children.
+    reads = operator_reads(kmock)
+    await cluster.patch(cluster.RERANKER, NAME, {"metadata": {"labels": {"team": "search"}}})
+    await wait_for(lambda: operator_reads(kmock) > reads, "a reconcile after the label change")
+    await cluster.deployment_ready(NAME)
+    await wait_for(lambda: operator_reads(kmock) > reads + 1, "a reconcile after a child event")
+    assert deployment_patches(kmock) == patches
+    await cluster.update_spec(NAME, {"resources": {"memory": "8Gi"}})
+    await wait_for(lambda: deployment_patches(kmock) == patches + 1, "one Deployment patch")
+
+
+async def test_flows_shared_cache_prunes_engines_no_longer_served(
+    cluster: Cluster, kmock: Any
+) -> None:
+    """keepEngines 0: after a successful rollout, only the served engine stays."""
+    op = OperatorRunner(str(kmock.url), config_from_dict({"engineCache": {"keepEngines": 0}}))
+    await op.start()
+    try:
+        keys = [await bring_to_ready(cluster)]
+        for revision in ("v2",):
+            new_spec = spec(checkpoint={"repo": "BAAI/bge-reranker-large", "revision": revision})
+            await cluster.update_spec(NAME, {"checkpoint": {"revision": revision}})
+            await finish_builds(cluster, NAME, new_spec)
+            keys.append(key_of(new_spec))
+            await wait_for(
+                lambda: engine_dir(cluster.get(cluster.DEPLOYMENT, NAME)) == f"/engines/{keys[-1]}",
+                "the rollout",
+            )
+            await cluster.deployment_ready(NAME)
+            await wait_for(
+                lambda: (
+                    cluster.status(NAME).get("engine", {}).get("servingKey") == keys[-1]
+                    and cluster.status(NAME).get("phase") == "Ready"
+                ),
+                f"Ready on {revision}",
+            )
+
+        def built() -> set[str]:
+            pvc = cluster.get(cluster.PVC, builders.cache_pvc_name(NAME))
+            return set(pvc["metadata"]["annotations"][ANNOTATION_BUILT].split(","))
+
+        await wait_for(lambda: built() == {keys[1]}, "the first engine forgotten")
+        prune = builders.prune_job_name(NAME, [keys[0]])
+        job = await wait_for(lambda: cluster.get(cluster.JOB, prune), "the prune Job")
+        (c,) = job["spec"]["template"]["spec"]["containers"]
+        assert c["args"] == [f"/engines/{keys[0]}"]
+        assert "nvidia.com/gpu" not in str(job)
+        await wait_for(lambda: cluster.events("EnginesPruned"), "an EnginesPruned event")
+        assert (
+            len([j for j in cluster.list(cluster.JOB) if "-prune-" in j["metadata"]["name"]]) == 1
+        )
+    finally:
+        await op.stop()
+
+
 # --------------------------------------------------------------------------- failures
 
 
@@ -431,7 +554,7 @@ async def test_flows_deletion_and_recreation_reuses_the_retained_cache(
 async def test_flows_cache_retention_delete_owns_the_pvc(
     cluster: Cluster, operator: OperatorRunner
 ) -> None:
-    await cluster.create_reranker(NAME, spec(engineCache={"retention": "Delete"}))
+    await cluster.create_reranker(NAME, spec(engineCache={"mode": "Shared", "retention": "Delete"}))
     pvc = await wait_for(
         lambda: cluster.get(cluster.PVC, builders.cache_pvc_name(NAME)), "the cache PVC"
     )

@@ -30,8 +30,8 @@ def render(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, li
 @pytest.mark.parametrize(
     "example,kinds",
     [
-        ("bge-reranker-large-l4.yaml", ["PersistentVolumeClaim", "Job", "Deployment", "Service"]),
-        ("cpu-laptop.yaml", ["PersistentVolumeClaim", "Job", "Deployment", "Service"]),
+        ("bge-reranker-large-l4.yaml", ["Deployment", "Service"]),
+        ("cpu-laptop.yaml", ["Deployment", "Service"]),
         (
             "autoscaled.yaml",
             [
@@ -57,10 +57,16 @@ def test_render_examples(
     source = yaml.safe_load((EXAMPLES / example).read_text())
     ns = source["metadata"].get("namespace", "default")
     assert {d["metadata"]["namespace"] for d in docs} == {ns}
-    job, dep = docs[1], docs[2]
-    key = job["metadata"]["annotations"][ANNOTATION_ENGINE_KEY]
-    assert job["metadata"]["name"] == job_name(source["metadata"]["name"], key)
-    assert dep["metadata"]["annotations"][ANNOTATION_ENGINE_KEY] == key
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    key = dep["metadata"]["annotations"][ANNOTATION_ENGINE_KEY]
+    jobs = [d for d in docs if d["kind"] == "Job"]
+    if jobs:  # Shared mode: a Job builds the engine into the PVC
+        assert jobs[0]["metadata"]["name"] == job_name(source["metadata"]["name"], key)
+        assert jobs[0]["metadata"]["annotations"][ANNOTATION_ENGINE_KEY] == key
+    else:  # PerPod mode: the init container builds it
+        (init,) = dep["spec"]["template"]["spec"]["initContainers"]
+        assert init["args"][-1] == f"/engines/{key}"
+    assert "ReadWriteMany" not in yaml.safe_dump_all(docs) or jobs
 
 
 def test_render_output_has_no_yaml_aliases(capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,12 +80,12 @@ def test_render_output_has_no_yaml_aliases(capsys: pytest.CaptureFixture[str]) -
 def test_render_cpu_example_has_no_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     _, docs, _ = render(["-f", str(EXAMPLES / "cpu-laptop.yaml")], capsys)
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(docs)
-    assert docs[0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert "persistentVolumeClaim" not in yaml.safe_dump_all(docs)
 
 
 def test_render_autoscaled_leaves_replicas_to_the_hpa(capsys: pytest.CaptureFixture[str]) -> None:
     _, docs, _ = render(["-f", str(EXAMPLES / "autoscaled.yaml")], capsys)
-    assert "replicas" not in docs[2]["spec"]
+    assert "replicas" not in next(d for d in docs if d["kind"] == "Deployment")["spec"]
 
 
 def test_render_namespace_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,13 +97,12 @@ def test_render_namespace_and_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     assert rc == 0
     assert {d["metadata"]["namespace"] for d in docs} == {"ml"}
-    assert (
-        docs[2]["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/runtime:7"
-    )
+    pod = docs[0]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == pod["initContainers"][0]["image"]
+    assert pod["containers"][0]["image"] == "registry.local/runtime:7"
     _, default_docs, _ = render(["-f", str(EXAMPLES / "bge-reranker-large-l4.yaml")], capsys)
-    assert (
-        docs[1]["metadata"]["name"] != default_docs[1]["metadata"]["name"]
-    )  # the image is in the engine key
+    key = docs[0]["metadata"]["annotations"][ANNOTATION_ENGINE_KEY]
+    assert key != default_docs[0]["metadata"]["annotations"][ANNOTATION_ENGINE_KEY]  # image
 
 
 def test_render_multi_document_from_stdin(
@@ -110,7 +115,7 @@ def test_render_multi_document_from_stdin(
     )
     monkeypatch.setattr("sys.stdin", io.StringIO(text))
     rc, docs, _ = render(["-f", "-"], capsys)
-    assert rc == 0 and len(docs) == 4 + 6
+    assert rc == 0 and len(docs) == 2 + 6
 
 
 @pytest.mark.parametrize(
@@ -137,8 +142,7 @@ def test_render_refuses_other_kinds(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_render_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("reranker_operator.runner")  # cli.py wires `run` too
     from reranker_operator.cli import main
 
     assert main(["render", "-f", str(EXAMPLES / "bge-reranker-large-l4.yaml")]) == 0
-    assert len([d for d in yaml.safe_load_all(capsys.readouterr().out) if d]) == 4
+    assert len([d for d in yaml.safe_load_all(capsys.readouterr().out) if d]) == 2

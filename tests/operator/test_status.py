@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from reranker_operator import status
+from reranker_operator import diagnosis, status
+from reranker_operator.diagnosis import PodIssue
 from reranker_operator.status import DeploymentState, Observed
 
 KEY, OLD = "a" * 64, "b" * 64
@@ -19,6 +20,12 @@ def observed(
         name="rr", namespace="ml", generation=2, engine_key=KEY, job_name="rr-engine-aaaaaaaaaa",
         image="img", engine=engine, deployment=dep, endpoint="http://rr.ml.svc.cluster.local:8080", **kw,
     )  # fmt: skip
+
+
+WAITING = PodIssue("Unschedulable", "pod p cannot be scheduled: 0/3 nodes", stuck=False)
+STUCK = PodIssue("Unschedulable", "pod p cannot be scheduled: 0/3 nodes", stuck=True)
+OOM = PodIssue("OOMKilled", "container reranker of pod p was OOMKilled (memory limit 10Gi)", True)
+NOW = diagnosis.parse_time("2026-01-01T01:00:00Z")
 
 
 def dep(
@@ -53,6 +60,13 @@ def conds(st: dict[str, Any]) -> dict[str, tuple[str, str]]:
             "ProgressDeadlineExceeded",
         ),
         (observed("built", dep(progress_failed=True)), "Degraded", "ProgressDeadlineExceeded"),
+        # What the pods say: waiting (Pending) until it is stuck, then Failed / Degraded.
+        (observed("pending", engine_issue=WAITING), "Pending", "Unschedulable"),
+        (observed("pending", engine_issue=STUCK), "Failed", "Unschedulable"),
+        (observed("pending", dep(OLD), engine_issue=STUCK), "Degraded", "Unschedulable"),
+        (observed("built", dep(available=False), serve_issue=OOM), "Failed", "OOMKilled"),
+        (observed("built", dep(rolled_out=False), serve_issue=OOM), "Degraded", "OOMKilled"),
+        (observed("built", dep(), serve_issue=OOM), "Ready", "Ready"),  # an old pod's past
     ],
 )
 def test_phase_and_ready_reason(obs: Observed, phase: str, ready_reason: str) -> None:
@@ -160,3 +174,118 @@ def test_deployment_state_rollout() -> None:
         deployment(observedGeneration=1, replicas=1, updatedReplicas=1), "x"
     )
     assert not stale.rolled_out and not stale.available
+
+
+# ---------------------------------------------------------------- what the pods say (diagnosis)
+
+
+def pod(status_: dict[str, Any], created: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p", "creationTimestamp": created},
+        "spec": {"containers": [{"name": "reranker", "resources": {"limits": {"memory": "10Gi"}}}]},
+        "status": status_,
+    }
+
+
+def test_unschedulable_is_stuck_only_after_the_timeout() -> None:
+    since = "2026-01-01T00:50:00Z"  # 10 minutes before NOW
+    cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available", "lastTransitionTime": since}  # fmt: skip
+    p = pod({"phase": "Pending", "conditions": [cond]})
+    assert diagnosis.pod_issue(p, NOW, 900) == PodIssue(
+        "Unschedulable", "pod p cannot be scheduled: 0/3 nodes are available", False, since, "p"
+    )
+    assert diagnosis.pod_issue(p, NOW, 300).stuck
+
+
+def test_ready_pods_and_running_pods_have_no_issue() -> None:
+    running = {"name": "reranker", "state": {"running": {}}}
+    ready = pod({"conditions": [{"type": "Ready", "status": "True"}], "containerStatuses": [
+        {"name": "reranker", "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]})  # fmt: skip
+    assert diagnosis.pod_issue(pod({"containerStatuses": [running]}), NOW, 900) is None
+    assert diagnosis.first_issue([ready], NOW, 900) is None
+
+
+def test_the_newest_pod_speaks_first() -> None:
+    def crashing(message: str, created: str) -> dict[str, Any]:
+        return pod({"containerStatuses": [{"name": "reranker",
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "message": message}}}]}, created)  # fmt: skip
+
+    old, new = crashing("old", "2026-01-01T00:00:00Z"), crashing("new", "2026-01-01T00:10:00Z")
+    issue = diagnosis.first_issue([old, new], NOW, 900)
+    assert (
+        issue is not None and issue.reason == "CrashLoopBackOff" and issue.message.endswith("new")
+    )
+
+
+def test_volume_detail_only_for_a_volume_wait() -> None:
+    pvc = {"metadata": {"name": "rr-engine-cache"}, "status": {"phase": "Pending"},
+           "spec": {"accessModes": ["ReadWriteMany"]}}  # fmt: skip
+    gpu = PodIssue("Unschedulable", "pod p cannot be scheduled: Insufficient nvidia.com/gpu", False)
+    assert diagnosis.with_volume_detail(gpu, pvc) == gpu
+    volume = PodIssue(
+        "Unschedulable", "pod p: pod has unbound immediate PersistentVolumeClaims", True
+    )
+    detailed = diagnosis.with_volume_detail(volume, pvc)
+    assert detailed is not None and detailed.reason == "VolumeNotBound" and detailed.stuck
+    assert (
+        "cluster default StorageClass" in detailed.message and "ReadWriteMany" in detailed.message
+    )
+    bound = {**pvc, "status": {"phase": "Bound"}}
+    assert diagnosis.with_volume_detail(volume, bound) == volume
+
+
+def test_per_pod_engine_state_from_the_build_init_container() -> None:
+    def with_build(state: dict[str, Any], last: dict[str, Any] | None = None) -> dict[str, Any]:
+        build: dict[str, Any] = {"name": "build", "state": state}
+        if last:
+            build["lastState"] = last
+        return pod({"initContainerStatuses": [build]})
+
+    assert status.per_pod_engine_state([], "build") == ("pending", "")
+    assert status.per_pod_engine_state([with_build({"running": {}})], "build")[0] == "building"
+    done = with_build({"terminated": {"exitCode": 0}})
+    assert status.per_pod_engine_state([done], "build") == ("built", "")
+    crash = with_build(
+        {"waiting": {"reason": "CrashLoopBackOff"}},
+        {"terminated": {"exitCode": 3, "message": "fp8 refused"}},
+    )
+    assert status.per_pod_engine_state([crash], "build") == ("failed", "fp8 refused")
+    # A retry that runs again is building, whatever the last attempt said.
+    retry = with_build({"running": {}}, {"terminated": {"exitCode": 3, "message": "x"}})
+    assert status.per_pod_engine_state([retry], "build")[0] == "building"
+
+
+def test_hpa_scaling_condition_becomes_a_condition() -> None:
+    scaling = {"type": "ScalingActive", "status": "False", "reason": "FailedGetPodsMetric",
+               "message": "no custom metrics API"}  # fmt: skip
+    st = status.derive_status(observed("built", dep(), scaling=scaling), None)
+    assert conds(st)["ScalingActive"] == ("False", "FailedGetPodsMetric")
+    assert st["phase"] == "Ready" and "no custom metrics API" in st["message"]
+    hpa = {"status": {"conditions": [scaling]}}
+    assert diagnosis.scaling_condition(hpa) == scaling
+    assert diagnosis.scaling_condition(None) is None
+
+
+# ---------------------------------------------------------------- Shared cache pruning
+
+
+@pytest.mark.parametrize(
+    "history,built,key,keep,drop,kept",
+    [
+        ([], {"a"}, "a", 1, [], ["a"]),
+        (["a"], {"a", "b"}, "b", 1, [], ["a", "b"]),
+        (["a", "b"], {"a", "b", "c"}, "c", 1, ["a"], ["b", "c"]),
+        (["a", "b"], {"a", "b", "c"}, "c", 0, ["a", "b"], ["c"]),
+        (["a", "b"], {"a", "b", "c", "x"}, "c", 1, ["x", "a"], ["b", "c"]),  # x: never served
+        (["b", "a"], {"a", "b"}, "b", 1, [], ["a", "b"]),  # a rollback to b keeps a
+        (["a", "a", "b"], {"a", "b"}, "a", 5, [], ["b", "a"]),
+    ],
+)
+def test_engines_to_keep(
+    history: list[str], built: set[str], key: str, keep: int, drop: list[str], kept: list[str]
+) -> None:
+    from reranker_operator.reconcile import engines_to_keep
+
+    assert engines_to_keep(history, built, key, keep) == (drop, kept)

@@ -66,6 +66,9 @@ ENV = {
     "RERANKER_CORS_ALLOW_ORIGIN": "https://a.example, https://b.example",
     "RERANKER_HF_CACHE": "/cache/hub",
     "RERANKER_TOKENIZATION_WORKERS": "3",
+    "RERANKER_ENGINE": "packed",
+    "RERANKER_TORCH_COMPILE": "true",
+    "RERANKER_CUDA_GRAPHS": "1",
 }
 
 
@@ -101,6 +104,9 @@ def test_every_setting_comes_from_its_env_var() -> None:
         cors_allow_origin=("https://a.example", "https://b.example"),
         hf_cache="/cache/hub",
         tokenization_workers=3,
+        engine="packed",
+        torch_compile=True,
+        cuda_graphs=True,
     )
 
 

@@ -112,10 +112,12 @@ accelerators:
 {{- end }}
 {{- end }}
 engineCache:
+  mode: {{ .Values.engineCache.mode }}
   size: {{ .Values.engineCache.size | quote }}
   storageClassName: {{ if .Values.engineCache.storageClassName }}{{ .Values.engineCache.storageClassName | quote }}{{ else }}null{{ end }}
   accessMode: {{ .Values.engineCache.accessMode }}
   retention: {{ .Values.engineCache.retention }}
+  keepEngines: {{ .Values.engineCache.keepEngines | int }}
 buildJob:
   backoffLimit: {{ .Values.buildJob.backoffLimit | int }}
   activeDeadlineSeconds: {{ .Values.buildJob.activeDeadlineSeconds | int }}
@@ -123,6 +125,17 @@ buildJob:
 podSecurityContext:
   {{- toYaml .Values.runtimePodSecurityContext | nindent 2 }}
 terminationGracePeriodSeconds: {{ .Values.runtimeTerminationGracePeriodSeconds | int }}
+unschedulableTimeoutSeconds: {{ .Values.unschedulableTimeoutSeconds | int }}
+monitoring:
+  kind: {{ if .Values.monitoring.kind }}{{ .Values.monitoring.kind }}{{ else }}null{{ end }}
+  interval: {{ .Values.monitoring.interval | quote }}
+  labels:
+  {{- if .Values.monitoring.labels }}
+    {{- toYaml .Values.monitoring.labels | nindent 4 }}
+  {{- else }} {}
+  {{- end }}
+autoscaling:
+  concurrencyMetric: {{ .Values.concurrencyMetric | quote }}
 {{- end }}
 
 {{/*
@@ -154,21 +167,44 @@ collector through owner references, so only PDBs and HPAs (removed when no longe
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# Services and engine-cache PVCs: created, then patched.
+# Services: created, then patched.
 - apiGroups: [""]
-  resources: ["services", "persistentvolumeclaims"]
+  resources: ["services"]
   verbs: ["get", "create", "patch"]
-# PDBs and HPAs: created, patched, and deleted when no longer wanted (1 replica, no autoscaling).
+# Engine-cache PVCs (Shared mode): created, annotated, and watched (an unbound claim).
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# PDBs and HPAs: created, patched, and deleted when no longer wanted (1 replica, no autoscaling);
+# HPAs are also watched (their ScalingActive condition goes into status).
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "create", "patch", "delete"]
-# Build pods: read a failed build container's termination message (read-only).
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Build and runtime pods (read-only): what the scheduler and kubelet report (Unschedulable,
+# ImagePullBackOff, OOMKilled, a build's termination message).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
+  verbs: ["get", "list", "watch"]
+{{- if eq .Values.monitoring.kind "ServiceMonitor" }}
+# One ServiceMonitor per Reranker (monitoring.kind ServiceMonitor).
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["servicemonitors"]
+  verbs: ["get", "create", "patch"]
+{{- else if eq .Values.monitoring.kind "PodMonitoring" }}
+# One PodMonitoring per Reranker (monitoring.kind PodMonitoring, GKE managed Prometheus).
+- apiGroups: ["monitoring.googleapis.com"]
+  resources: ["podmonitorings"]
+  verbs: ["get", "create", "patch"]
+{{- end }}
+{{- if and (gt (int .Values.replicaCount) 1) .Values.watchNamespaces }}
+# kopf peering between the operator replicas, in each watched namespace.
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
 # Events about Rerankers (kopf and the operator post core/v1 Events).
 - apiGroups: [""]
   resources: ["events"]

@@ -174,6 +174,18 @@ def _versions(extra: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
+def check_driver() -> None:
+    """Refuse (exit 14) a node whose NVIDIA driver is too old for this image's CUDA, naming both."""
+    from reranker_runtime.engine_build.errors import GpuMismatchError
+    from reranker_runtime.engines import cuda_driver
+
+    problem = cuda_driver.driver_problem(
+        cuda_driver.host_driver_version(), cuda_driver.image_cuda_version()
+    )
+    if problem:
+        raise GpuMismatchError(problem)
+
+
 def run_build(
     inputs: BuildInputs,
     output: str | Path,
@@ -228,6 +240,8 @@ def run_build(
     gpu = check_accelerator(inputs.accelerator, (gpu_detector or detect_gpu)()) if is_gpu else None
     if gpu is not None:
         log.info("building on %s (compute capability %s)", gpu.name, gpu.compute_capability)
+    if use_trtllm:
+        check_driver()
 
     with atomic.output_lock(out):
         atomic.clean_stale_temps(out)

@@ -53,8 +53,14 @@ class Engine(ABC):
     """A loaded model that scores batches of encoded pairs.
 
     Implementations must be safe to call `score` from one worker thread at a time (the batcher
-    never runs two forward passes of one engine concurrently).
+    never runs two forward passes of one engine concurrently), unless they raise
+    `max_concurrent_scores`.
     """
+
+    # How many `score` calls the batcher may run at once. 2 lets an engine prepare the next batch
+    # (packing, host-to-device copy) while the device runs the current one; such an engine
+    # serialises its device work itself.
+    max_concurrent_scores: int = 1
 
     @property
     @abstractmethod

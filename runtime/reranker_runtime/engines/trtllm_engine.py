@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
+from reranker_runtime.engines.staging import Float32Readback, Int32Staging
 from reranker_runtime.errors import EngineError, ModelLoadError
 from reranker_runtime.model_family import ModelFamily
 
@@ -103,6 +104,10 @@ class TrtLlmEngine(Engine):
         self._device = device
         self._lock = threading.Lock()
         self._stream: Any = None
+        # Reused pinned host / device buffers (created with the stream, on the engine's GPU).
+        self._staging: Int32Staging | None = None
+        self._readback: Float32Readback | None = None
+        self._outputs: dict[str, Any] = {}
         self._input_names: set[str] | None = None
 
     # ----------------------------------------------------------------------------------- load
@@ -211,6 +216,8 @@ class TrtLlmEngine(Engine):
             device=str(torch_device),
         )
         engine._stream = torch.cuda.Stream(device=torch_device)
+        engine._staging = Int32Staging(torch_device)
+        engine._readback = Float32Readback()
         return engine
 
     # ------------------------------------------------------------------------------- interface
@@ -258,33 +265,40 @@ class TrtLlmEngine(Engine):
 
         with self._lock, torch.cuda.device(self._device), torch.cuda.stream(self._stream):
             wanted = self._engine_inputs()
-            inputs = {
-                k: torch.from_numpy(v).to(self._device, non_blocking=False)
-                for k, v in packed.items()
-                if k in wanted
-            }
-            missing = wanted - inputs.keys()
+            missing = wanted - packed.keys()
             if missing:
                 raise EngineError(
                     f"the engine expects inputs this runtime does not produce: {sorted(missing)}"
                 )
+            assert self._staging is not None and self._readback is not None
+            # One pinned buffer, one non-blocking copy for all inputs (reused every batch).
+            inputs = self._staging.stage({k: v for k, v in packed.items() if k in wanted})
             output_info = self._session.infer_shapes(
                 [TensorInfo(name, trt.DataType.INT32, tuple(t.shape)) for name, t in inputs.items()]
             )
-            outputs = {
-                t.name: torch.empty(
-                    tuple(t.shape), dtype=trt_dtype_to_torch(t.dtype), device=self._device
-                )
-                for t in output_info
-            }
+            outputs = {t.name: self._output(t, trt_dtype_to_torch) for t in output_info}
             if "logits" not in outputs:
                 raise EngineError(f"the engine has no 'logits' output (outputs: {sorted(outputs)})")
             ok = self._session.run(inputs=inputs, outputs=outputs, stream=self._stream.cuda_stream)
             if not ok:
                 raise EngineError("TensorRT execution failed (execute_async_v3 returned false)")
-            self._stream.synchronize()
-            logits = outputs["logits"].float().cpu().numpy()
+            host = self._readback.copy(outputs["logits"].float())
+            self._stream.synchronize()  # the logits have arrived; the staging buffer is free again
+            logits = host.numpy().copy()
         return logits.reshape(len(batch), info.num_labels).astype(np.float32, copy=False)
+
+    def _output(self, tensor_info: Any, to_torch_dtype: Any) -> Any:
+        """A view of a reused device buffer for this output, grown to the largest batch seen."""
+        import torch
+
+        shape = tuple(int(d) for d in tensor_info.shape)
+        size = int(np.prod(shape)) if shape else 1
+        dtype = to_torch_dtype(tensor_info.dtype)
+        buffer = self._outputs.get(tensor_info.name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+            buffer = torch.empty(size, dtype=dtype, device=self._device)
+            self._outputs[tensor_info.name] = buffer
+        return buffer[:size].view(shape)
 
     def warmup(self, max_batch_tokens: int) -> None:
         """Full-length sequences at the budget, then the most short sequences the profile takes

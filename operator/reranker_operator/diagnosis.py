@@ -1,0 +1,216 @@
+"""What the scheduler, the kubelet and the HPA say about a Reranker's pods: pure functions.
+
+A Job whose pod cannot start still counts as `active`, and a Deployment only says "not
+available" after its progress deadline. The reasons are on the pods (PodScheduled=False with
+the scheduler's message, `waiting.reason: ImagePullBackOff`, `terminated.reason: OOMKilled`, ...),
+on the PVC (Pending), and in the HPA's conditions. `pod_issue` turns the first of those into a
+`PodIssue` (a CamelCase reason and one line naming the pod, the container and what to do), which
+status.py puts into the phase, the message and the conditions.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+# A waiting container with one of these reasons will not start until someone changes something.
+_IMAGE_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
+_CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")
+_VOLUME_WORDS = ("persistentvolumeclaim", "volume")
+
+
+@dataclass(frozen=True)
+class PodIssue:
+    """Why a pod does not run (or keeps failing)."""
+
+    reason: str  # CamelCase, used as the condition's reason
+    message: str
+    stuck: bool  # will not resolve by waiting (or has waited past the configured time)
+    since: str | None = None  # when a waitable issue (Unschedulable) began
+    pod: str = ""
+
+
+def parse_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name", ""))
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return bool(cond.get("status") == "True")
+    return False
+
+
+def newest_first(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pods not being deleted, the most recently created first."""
+    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    return sorted(
+        live, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True
+    )
+
+
+def memory_limit(pod: dict[str, Any], container: str) -> str:
+    spec = pod.get("spec") or {}
+    for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+        if c.get("name") == container:
+            return str(((c.get("resources") or {}).get("limits") or {}).get("memory", "none"))
+    return "unknown"
+
+
+def container_status(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    status = pod.get("status") or {}
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        if cs.get("name") == name:
+            return dict(cs)
+    return {}
+
+
+def describe_termination(pod: dict[str, Any], container: str, term: dict[str, Any]) -> str:
+    """One line for a terminated container: OOMKilled with the limit, else what it wrote."""
+    output = (term.get("message") or "").strip()
+    if term.get("reason") == "OOMKilled":
+        text = (
+            f"OOMKilled (memory limit {memory_limit(pod, container)}): raise spec.resources.memory"
+        )
+        return f"{text}; last output: {output}" if output else text
+    return output or f"{term.get('reason') or 'Error'} (exit code {term.get('exitCode')})"
+
+
+def failed_termination(cs: dict[str, Any]) -> dict[str, Any] | None:
+    """The container's failed termination that is current: its state, or its last state while it
+    waits to be restarted (CrashLoopBackOff). None while it runs again or after a success."""
+    state = cs.get("state") or {}
+    term = state.get("terminated")
+    if term is None and "waiting" in state:
+        term = (cs.get("lastState") or {}).get("terminated")
+    if term and term.get("exitCode", 1) != 0:
+        return dict(term)
+    return None
+
+
+def pod_issue(
+    pod: dict[str, Any],
+    now: datetime.datetime,
+    unschedulable_timeout: float,
+    containers: tuple[str, ...] | None = None,
+) -> PodIssue | None:
+    """Why `pod` does not run, or None. `containers` limits the container checks to those names."""
+    name = _name(pod)
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            since = cond.get("lastTransitionTime") or (pod.get("metadata") or {}).get(
+                "creationTimestamp"
+            )
+            started = parse_time(since)
+            waited = (now - started).total_seconds() if started else 0.0
+            message = cond.get("message") or "no node fits"
+            return PodIssue(
+                reason="Unschedulable",
+                message=f"pod {name} cannot be scheduled: {message}",
+                stuck=waited >= unschedulable_timeout,
+                since=since,
+                pod=name,
+            )
+    statuses = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+    for cs in statuses:
+        container = cs.get("name", "")
+        if containers is not None and container not in containers:
+            continue
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason, detail = waiting.get("reason"), waiting.get("message") or ""
+        where = f"container {container} of pod {name}"
+        if reason in _IMAGE_REASONS:
+            return PodIssue(
+                "ImagePullBackOff",
+                f"{where} cannot pull image {cs.get('image', '')}: {detail or reason}; check the "
+                "image name and the runtime image pull secrets",
+                stuck=True,
+                pod=name,
+            )
+        if reason in _CONFIG_REASONS:
+            return PodIssue(
+                "CreateContainerConfigError",
+                f"{where} cannot start: {detail or reason}; create the Secret or key it names",
+                stuck=True,
+                pod=name,
+            )
+        term = failed_termination(cs)
+        if term is not None and term.get("reason") == "OOMKilled":
+            return PodIssue(
+                "OOMKilled",
+                f"{where} was {describe_termination(pod, container, term)}",
+                True,
+                pod=name,
+            )
+        if reason == "CrashLoopBackOff":
+            last = describe_termination(pod, container, term or {})
+            return PodIssue(
+                "CrashLoopBackOff",
+                f"{where} keeps crashing ({cs.get('restartCount', 0)} restarts): {last}",
+                stuck=True,
+                pod=name,
+            )
+    return None
+
+
+def first_issue(
+    pods: list[dict[str, Any]],
+    now: datetime.datetime,
+    unschedulable_timeout: float,
+    containers: tuple[str, ...] | None = None,
+) -> PodIssue | None:
+    """The issue of the newest pod that has one (pods that are Ready are skipped)."""
+    for pod in newest_first(pods):
+        if is_ready(pod):
+            continue
+        issue = pod_issue(pod, now, unschedulable_timeout, containers)
+        if issue is not None:
+            return issue
+    return None
+
+
+def with_volume_detail(issue: PodIssue | None, pvc: dict[str, Any] | None) -> PodIssue | None:
+    """An Unschedulable pod waiting for an unbound cache PVC: say so, naming class and mode."""
+    if issue is None or issue.reason != "Unschedulable" or pvc is None:
+        return issue
+    phase = (pvc.get("status") or {}).get("phase")
+    if phase == "Bound" or not any(w in issue.message.lower() for w in _VOLUME_WORDS):
+        return issue
+    spec = pvc.get("spec") or {}
+    storage_class = spec.get("storageClassName") or "the cluster default StorageClass"
+    modes = ", ".join(spec.get("accessModes") or []) or "unknown"
+    return PodIssue(
+        reason="VolumeNotBound",
+        message=(
+            f"PVC {_name(pvc)} is {phase or 'Pending'}: no volume of {storage_class} with access "
+            f"mode {modes}; ReadWriteMany needs an RWX-capable class (Filestore, EFS, NFS), or use "
+            f"engineCache.mode PerPod ({issue.message})"
+        ),
+        stuck=issue.stuck,
+        since=issue.since,
+        pod=issue.pod,
+    )
+
+
+def scaling_condition(hpa: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The HPA's ScalingActive condition (False, e.g. FailedGetPodsMetric, when its metric cannot
+    be read: no custom-metrics adapter), or None before the HPA controller has reported."""
+    for cond in ((hpa or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "ScalingActive":
+            return dict(cond)
+    return None

@@ -1,0 +1,160 @@
+"""`reranker-runtime gpu-check`: the CPU self-test writes both reports end to end; without a GPU
+the real command stops at once; the peak table and FLOP count are right."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from reranker_runtime.gpucheck import checks, command
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "tflops"),
+    [
+        ("NVIDIA L4", "float16", 121.0),
+        ("NVIDIA L40S", "bfloat16", 362.0),
+        ("NVIDIA A10G", "float16", 70.0),
+        ("NVIDIA A10", "float16", 125.0),
+        ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989.0),
+        ("NVIDIA H100 PCIe", "float16", 756.0),
+        ("NVIDIA H200", "bfloat16", 989.0),
+        ("Tesla T4", "float16", 65.0),
+        ("Tesla T4", "bfloat16", None),
+        ("Some Future GPU", "float16", None),
+    ],
+)
+def test_known_peak(name: str, dtype: str, tflops: float | None) -> None:
+    assert checks.known_peak(name, dtype) == tflops
+
+
+def test_flops_of_bge_reranker_large_at_256_tokens() -> None:
+    config = SimpleNamespace(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24)
+    assert checks.flops_per_pair(config, 256) == pytest.approx(161e9, rel=0.01)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_without_a_gpu_the_script_stops_at_once(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHON=sys.executable, PATH=os.environ.get("PATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "runtime"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu-check.sh"), str(tmp_path / "report")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "no CUDA GPU is visible to PyTorch" in proc.stderr
+    assert "--device cpu --quick" in proc.stderr
+    assert not (tmp_path / "report").exists()  # nothing was run
+
+
+def test_cpu_self_test_writes_both_reports(
+    tmp_path: Path,
+    xlmr_reranker: Path,
+    bert_reranker: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The session's tiny checkpoints stand in for the ones the check builds (same builder kind),
+    # so CI pays no tokenizer training here.
+    made = {"xlmr": xlmr_reranker, "roberta": xlmr_reranker, "bert": bert_reranker}
+    monkeypatch.setattr(command.GpuCheck, "_model", lambda self, arch, shape: made[arch])
+    parser = argparse.ArgumentParser()
+    command.add_gpu_check_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "gpu-check",
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path / "report"),
+            "--tokens",
+            "64",
+            "--max-batch-tokens",
+            "512",
+            "--concurrency",
+            "4",
+            "--server-seconds",
+            "0.3",
+        ]
+    )
+    assert args.func(args) == 0
+
+    report = json.loads((tmp_path / "report" / "gpu-check.json").read_text())
+    assert report["mode"] == "cpu-self-test" and report["peak"] == {}
+    assert "not GPU figures" in report["note"]
+    rows = report["correctness"]
+    assert {(r["model"], r["engine"]) for r in rows} == {
+        (f"{arch}-tiny", engine)
+        for arch in ("xlmr", "roberta", "bert")
+        for engine in ("padded", "packed")
+    }
+    assert all(r["ok"] and r["max_abs_score_delta"] <= 1e-5 for r in rows)
+    throughput = report["throughput"]["rows"]
+    assert {(r["engine"], r["tokens_per_pair"]) for r in throughput} == {
+        (e, t) for e in ("padded", "packed") for t in ("64", "mixed")
+    }
+    assert all(
+        r["pairs_per_s"] > 0 and r["pct_datasheet_peak"] is None
+        for r in throughput
+        if r["tokens_per_pair"] == "64"
+    )
+    server = report["server"]
+    assert server["ok"] > 0 and server["errors"] == {}
+    assert server["engine_only_pairs_per_s"] > 0 and server["lone_16_pair_ms"] > 0
+
+    markdown = (tmp_path / "report" / "gpu-check.md").read_text()
+    for heading in (
+        "## Environment",
+        "## Correctness",
+        "## Engine throughput",
+        "## Server end to end",
+    ):
+        assert heading in markdown
+    assert "Dense peak" not in markdown  # no GPU figure is claimed
+
+
+def test_a_failed_correctness_check_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fake_run(self: command.GpuCheck) -> dict:
+        return {
+            "mode": "cpu-self-test",
+            "environment": {"torch": torch.__version__},
+            "correctness": [
+                {"model": "m", "engine": "packed", "dtype": "float32", "ok": False, "error": "boom"}
+            ],
+            "throughput": {},
+            "server": None,
+        }
+
+    monkeypatch.setattr(command.GpuCheck, "run", fake_run)
+    args = argparse.Namespace(device="cpu", out=str(tmp_path / "r"), quick=True, args=None)
+    for name in ("shape", "tokens", "rounds", "seconds", "concurrency", "server_seconds", "dtypes"):
+        setattr(args, name, None)
+    args.time_limit, args.max_batch_tokens, args.torch_compile, args.skip_server = (
+        10.0,
+        512,
+        False,
+        True,
+    )
+    assert command.run_gpu_check(args) == 1
+    assert "error: boom" in (tmp_path / "r" / "gpu-check.md").read_text()
+
+
+def test_bad_device_is_a_usage_error(tmp_path: Path) -> None:
+    args = argparse.Namespace(device="tpu", out=str(tmp_path))
+    assert command.run_gpu_check(args) == 2

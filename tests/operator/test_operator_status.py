@@ -1,0 +1,531 @@
+"""What `kubectl get rr` says when pods do not run: the real operator against kmock, with the test
+playing the scheduler and the kubelet (pods with the status shapes they write).
+
+The default engine storage (PerPod: each runtime pod builds its engine in an init container) is
+used unless a test says Shared. Every wait is bounded polling (kmock_env.wait_for).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import yaml
+
+from kmock_env import NAMESPACE, Cluster, OperatorRunner, declare_resources, wait_for
+from reranker_operator import builders
+from reranker_operator.config import OperatorConfig, config_from_dict
+from reranker_operator.spec import parse_spec
+
+NAME = "rr"
+SPEC: dict[str, Any] = {
+    "checkpoint": {"repo": "BAAI/bge-reranker-large", "secretName": "hf-token"},
+    "accelerator": {"type": "L4"},
+    "replicas": 3,
+}
+IMAGE = "ghcr.io/reranker-dev/reranker-runtime:0.1.0"
+GPU_FULL = (
+    "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are "
+    "available: 3 No preemption victims found for incoming pod."
+)
+UNSCHEDULABLE_TIMEOUT = 2  # seconds, so the timer-driven recheck shows within a test
+_counter = itertools.count()
+
+
+def now(offset: float = 0) -> str:
+    t = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=offset)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def key_of(spec_: dict[str, Any]) -> str:
+    return builders.engine_key_for(parse_spec({"spec": spec_}), OperatorConfig())
+
+
+@pytest.fixture()
+async def cluster(kmock: Any) -> Cluster:
+    declare_resources(kmock)
+    return Cluster(kmock)
+
+
+@pytest.fixture()
+async def operator(kmock: Any, cluster: Cluster) -> AsyncIterator[OperatorRunner]:
+    config = config_from_dict({"unschedulableTimeoutSeconds": UNSCHEDULABLE_TIMEOUT})
+    op = OperatorRunner(str(kmock.url), config)
+    await op.start()
+    try:
+        yield op
+    finally:
+        await op.stop()
+
+
+# --------------------------------------------------------------------------- the kubelet's part
+
+# Container states as the kubelet writes them.
+RUNNING = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+DONE = {"terminated": {"exitCode": 0, "reason": "Completed", "finishedAt": "2026-01-01T00:05:00Z"}}
+INITIALIZING = {"waiting": {"reason": "PodInitializing"}}
+
+
+def scheduled(ready: bool = False) -> list[dict[str, Any]]:
+    return [
+        {"type": "PodScheduled", "status": "True"},
+        {"type": "Ready", "status": "True" if ready else "False"},
+    ]
+
+
+def unschedulable(message: str = GPU_FULL, since: str | None = None) -> dict[str, Any]:
+    return {
+        "phase": "Pending",
+        "conditions": [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": message,
+                "lastTransitionTime": since or now(),
+            }
+        ],
+    }
+
+
+def init_status(state: dict[str, Any], last: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The pod while (or after) its build init container runs."""
+    build = {"name": "build", "image": IMAGE, "ready": False, "restartCount": 0, "state": state}
+    if last is not None:
+        build.update(lastState=last, restartCount=3)
+    return {
+        "phase": "Pending",
+        "conditions": scheduled(),
+        "initContainerStatuses": [build],
+        "containerStatuses": [
+            {"name": "reranker", "image": IMAGE, "ready": False, "state": INITIALIZING}
+        ],
+    }
+
+
+def serve_status(
+    state: dict[str, Any], last: dict[str, Any] | None = None, ready: bool = False
+) -> dict[str, Any]:
+    """The pod after its build: the serving container's state."""
+    serve = {"name": "reranker", "image": IMAGE, "ready": ready, "restartCount": 0, "state": state}
+    if last is not None:
+        serve.update(lastState=last, restartCount=4)
+    return {
+        "phase": "Running",
+        "conditions": scheduled(ready),
+        "initContainerStatuses": [{"name": "build", "image": IMAGE, "ready": True, "state": DONE}],
+        "containerStatuses": [serve],
+    }
+
+
+READY = serve_status(RUNNING, ready=True)
+
+
+async def create_pod(
+    cluster: Cluster, template_of: dict[str, Any], status: dict[str, Any], name: str | None = None
+) -> str:
+    """A pod of a Deployment's or a Job's template, as the controllers create it."""
+    template = template_of["spec"]["template"]
+    owner = template_of["metadata"]["name"]
+    name = name or f"{owner}-{next(_counter):05d}"
+    labels = copy.deepcopy(template["metadata"]["labels"])
+    if template_of["kind"] == "Job":  # the Job controller's labels
+        labels.update({"job-name": owner, "batch.kubernetes.io/job-name": owner})
+    await cluster.create(
+        cluster.POD,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": NAMESPACE,
+                "creationTimestamp": now(),
+                "labels": labels,
+                "annotations": copy.deepcopy(template["metadata"].get("annotations") or {}),
+            },
+            "spec": copy.deepcopy(template["spec"]),
+            "status": status,
+        },
+    )
+    return name
+
+
+async def set_pod_status(cluster: Cluster, pod: str, status: dict[str, Any]) -> None:
+    # Whole lists replaced by the merge patch, like the kubelet's status updates.
+    await cluster.patch(cluster.POD, pod, {"status": status}, sub="status")
+
+
+async def deployment_status(
+    cluster: Cluster,
+    ready: int,
+    updated: int,
+    replicas: int = 3,
+    available: bool | None = None,
+    name: str = NAME,
+) -> None:
+    available = ready > 0 if available is None else available
+    await cluster.patch(
+        cluster.DEPLOYMENT,
+        name,
+        {
+            "status": {
+                "replicas": replicas,
+                "readyReplicas": ready,
+                "availableReplicas": ready,
+                "updatedReplicas": updated,
+                "conditions": [
+                    {"type": "Available", "status": "True" if available else "False"},
+                    {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"},
+                ],
+            }
+        },
+        sub="status",
+    )
+
+
+async def deployment(cluster: Cluster, key: str | None = None, name: str = NAME) -> dict[str, Any]:
+    def current() -> dict[str, Any] | None:
+        dep = cluster.get(cluster.DEPLOYMENT, name)
+        annotations = (dep or {}).get("metadata", {}).get("annotations") or {}
+        if dep and (key is None or annotations.get(builders.ANNOTATION_ENGINE_KEY) == key):
+            return dep
+        return None
+
+    return await wait_for(current, f"the Deployment {name}")
+
+
+async def phase(
+    cluster: Cluster,
+    want: str,
+    reason: str | None = None,
+    words: tuple[str, ...] = (),
+    name: str = NAME,
+) -> dict[str, Any]:
+    """The status once it has phase `want`, a condition with `reason`, and `words` in its message
+    (a reconcile that started before the test's last change may write an older picture first)."""
+
+    def reached() -> dict[str, Any] | None:
+        status = cluster.status(name)
+        if status.get("phase") != want:
+            return None
+        if reason is not None and reason not in {c["reason"] for c in status["conditions"]}:
+            return None
+        if not all(word in status.get("message", "") for word in words):
+            return None
+        return status
+
+    return await wait_for(reached, f"{name}: phase {want} ({reason}) with {words}")
+
+
+def condition(cluster: Cluster, type_: str, name: str = NAME) -> dict[str, Any]:
+    return cluster.condition(name, type_)
+
+
+# --------------------------------------------------------------------------- PerPod: the default
+
+
+async def test_per_pod_replicas_become_ready_with_nothing_shared(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    await cluster.create_reranker(NAME, SPEC)
+    dep = await deployment(cluster)
+    # No build Job, no cache PVC: nothing needs ReadWriteMany (or any StorageClass).
+    assert cluster.list(cluster.JOB) == [] and cluster.list(cluster.PVC) == []
+    assert "ReadWriteMany" not in yaml.safe_dump(dep)
+    assert dep["spec"]["template"]["spec"]["initContainers"][0]["name"] == "build"
+
+    pods = [await create_pod(cluster, dep, init_status(RUNNING)) for _ in range(3)]
+    await phase(cluster, "Building", "Building", ("init container",))
+
+    for pod in pods:
+        await set_pod_status(cluster, pod, READY)
+    await deployment_status(cluster, ready=3, updated=3)
+    status = await phase(cluster, "Ready")
+    assert status["readyReplicas"] == 3 and status["engine"]["servingKey"] == key_of(SPEC)
+    assert "jobName" not in status["engine"]
+
+
+async def test_per_pod_engine_change_keeps_old_pods_serving(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    old_key = key_of(SPEC)
+    await cluster.create_reranker(NAME, SPEC)
+    old = await deployment(cluster)
+    for _ in range(3):
+        await create_pod(cluster, old, READY)
+    await deployment_status(cluster, ready=3, updated=3)
+    await phase(cluster, "Ready")
+
+    new_spec = {**SPEC, "build": {"maxNumTokens": 8192}}
+    await cluster.update_spec(NAME, {"build": {"maxNumTokens": 8192}})
+    new = await deployment(cluster, key_of(new_spec))
+    # The rolling update surges one new pod; the three old ones keep serving.
+    assert new["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    await create_pod(cluster, new, init_status(RUNNING))
+    await deployment_status(cluster, ready=3, updated=1, replicas=4)
+    status = await phase(cluster, "Building", None, (f"still serving engine {old_key[:10]}",))
+    assert condition(cluster, "Available")["status"] == "True"
+    assert status["engine"]["servingKey"] == old_key
+
+
+async def test_per_pod_build_failure_reaches_status_with_the_builds_message(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    await cluster.create_reranker(NAME, SPEC)
+    dep = await deployment(cluster)
+    refused = (
+        "quantization fp8 is not supported for XLMRobertaForSequenceClassification by "
+        "TensorRT-LLM; use no_quant"
+    )
+    crash = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting"}}
+    failed = {"terminated": {"exitCode": 3, "reason": "Error", "message": refused}}
+    await create_pod(cluster, dep, init_status(crash, last=failed))
+    await phase(cluster, "Failed", "BuildFailed", (refused,))
+    assert refused in condition(cluster, "EngineReady")["message"]
+    await wait_for(lambda: cluster.events("BuildFailed"), "a BuildFailed event")
+
+
+# (init container or pod status, reason in conditions, words the message must contain)
+PREPARATION_ISSUES = {
+    "unschedulable-for-too-long": (
+        unschedulable(since=now(-3600)),
+        "Unschedulable",
+        ["0/3 nodes are available: 3 Insufficient nvidia.com/gpu", "cannot be prepared"],
+    ),
+    "image-pull": (
+        init_status(
+            {
+                "waiting": {
+                    "reason": "ImagePullBackOff",
+                    "message": f'Back-off pulling image "{IMAGE}"',
+                }
+            }
+        ),
+        "ImagePullBackOff",
+        ["cannot pull image", IMAGE],
+    ),
+    "missing-secret": (
+        init_status(
+            {
+                "waiting": {
+                    "reason": "CreateContainerConfigError",
+                    "message": 'secret "hf-token" not found',
+                }
+            }
+        ),
+        "CreateContainerConfigError",
+        ['secret "hf-token" not found'],
+    ),
+    "build-oom": (
+        init_status(
+            {"waiting": {"reason": "CrashLoopBackOff"}},
+            last={"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+        ),
+        "BuildFailed",
+        ["OOMKilled", "memory limit 10Gi"],
+    ),
+}
+
+
+async def test_per_pod_preparation_issues_are_failed_with_their_reason(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """One Reranker per case, side by side (one operator start for all)."""
+    names = {case: f"prep-{case}" for case in PREPARATION_ISSUES}
+    for name in names.values():
+        await cluster.create_reranker(name, SPEC)
+    for case, name in names.items():
+        await create_pod(cluster, await deployment(cluster, name=name), PREPARATION_ISSUES[case][0])
+    for case, name in names.items():
+        _, reason, words = PREPARATION_ISSUES[case]
+        await phase(cluster, "Failed", reason, tuple(words), name=name)
+        assert condition(cluster, "EngineReady", name)["reason"] == reason
+        assert condition(cluster, "Ready", name)["status"] == "False"
+
+
+async def test_unschedulable_is_pending_then_failed_after_the_configured_time(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    await cluster.create_reranker(NAME, SPEC)
+    dep = await deployment(cluster)
+    await create_pod(cluster, dep, unschedulable())
+    await phase(cluster, "Pending", "Unschedulable", (GPU_FULL, "waiting"))
+    # No event comes when the time is up: the operator's own timer reconciles.
+    await phase(cluster, "Failed", "Unschedulable", (GPU_FULL,))
+    assert GPU_FULL in condition(cluster, "EngineReady")["message"]
+
+
+# (serving container state, last state, reason, words)
+SERVING_ISSUES = {
+    "oom": (
+        {"waiting": {"reason": "CrashLoopBackOff"}},
+        {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+        "OOMKilled",
+        ["OOMKilled", "memory limit 10Gi"],
+    ),
+    "crash-loop": (
+        {"waiting": {"reason": "CrashLoopBackOff"}},
+        {
+            "terminated": {
+                "exitCode": 1,
+                "reason": "Error",
+                "message": "engine directory /engines/x has no manifest.json",
+            }
+        },
+        "CrashLoopBackOff",
+        ["keeps crashing", "has no manifest.json"],
+    ),
+}
+
+
+async def test_serving_issues_are_failed_with_their_reason(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    names = {case: f"serve-{case}" for case in SERVING_ISSUES}
+    for name in names.values():
+        await cluster.create_reranker(name, SPEC)
+    for case, name in names.items():
+        state, last, _, _ = SERVING_ISSUES[case]
+        await create_pod(cluster, await deployment(cluster, name=name), serve_status(state, last))
+        await deployment_status(cluster, ready=0, updated=1, available=False, name=name)
+    for case, name in names.items():
+        _, _, reason, words = SERVING_ISSUES[case]
+        await phase(cluster, "Failed", reason, tuple(words), name=name)
+        assert condition(cluster, "Available", name)["reason"] == reason
+        assert condition(cluster, "EngineReady", name)["status"] == "True"  # the build worked
+
+
+# --------------------------------------------------------------------------- Shared mode
+
+
+SHARED = {**SPEC, "engineCache": {"mode": "Shared", "storageClassName": "standard-rwo"}}
+
+
+async def test_shared_job_pod_pending_is_pending_not_building(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    job_name = builders.job_name(NAME, key_of(SHARED))
+    await cluster.create_reranker(NAME, SHARED)
+    job = await wait_for(lambda: cluster.get(cluster.JOB, job_name), "the Job")
+    pod = await create_pod(cluster, job, {"phase": "Pending", "conditions": scheduled()})
+    await cluster.job_running(job_name)  # a Job counts its Pending pod as active
+    await phase(cluster, "Pending")
+    await set_pod_status(cluster, pod, {"phase": "Running", "conditions": scheduled()})
+    await phase(cluster, "Building")
+
+
+async def test_shared_unbound_pvc_names_the_class_and_access_mode(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    job_name = builders.job_name(NAME, key_of(SHARED))
+    await cluster.create_reranker(NAME, SHARED)
+    job = await wait_for(lambda: cluster.get(cluster.JOB, job_name), "the Job")
+    pvc = builders.cache_pvc_name(NAME)
+    await cluster.patch(cluster.PVC, pvc, {"status": {"phase": "Pending"}})
+    message = "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+    await create_pod(cluster, job, unschedulable(message, since=now(-3600)))
+    await phase(
+        cluster,
+        "Failed",
+        "VolumeNotBound",
+        (pvc, "standard-rwo", "ReadWriteMany", "unbound immediate"),
+    )
+
+
+async def test_shared_oom_killed_build_says_so_with_the_limit(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    job_name = builders.job_name(NAME, key_of(SHARED))
+    await cluster.create_reranker(NAME, SHARED)
+    job = await wait_for(lambda: cluster.get(cluster.JOB, job_name), "the Job")
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled", "message": "loading shards"}}
+    await create_pod(
+        cluster,
+        job,
+        {
+            "phase": "Failed",
+            "containerStatuses": [{"name": "build", "image": IMAGE, "state": oom}],
+        },
+    )
+    await cluster.patch(
+        cluster.JOB,
+        job_name,
+        {"status": {"failed": 3, "conditions": [{"type": "Failed", "status": "True"}]}},
+        sub="status",
+    )
+    await phase(
+        cluster, "Failed", "BuildFailed", ("OOMKilled (memory limit 10Gi)", "loading shards")
+    )
+
+
+# --------------------------------------------------------------------------- the HPA's word
+
+
+async def test_hpa_without_its_metric_shows_in_status(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    spec = {**SPEC, "replicas": None, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}}
+    spec.pop("replicas")
+    await cluster.create_reranker(NAME, spec)
+    dep = await deployment(cluster)
+    await create_pod(cluster, dep, READY)
+    await deployment_status(cluster, ready=1, updated=1, replicas=1)
+    await wait_for(lambda: cluster.get(cluster.HPA, NAME), "the HPA")
+    await phase(cluster, "Ready")
+    missing = (
+        "the HPA was unable to compute the replica count: unable to get metric "
+        "te_requests_in_flight: no custom metrics API (custom.metrics.k8s.io) registered"
+    )
+    await cluster.patch(
+        cluster.HPA,
+        NAME,
+        {
+            "status": {
+                "conditions": [
+                    {"type": "AbleToScale", "status": "True", "reason": "SucceededGetScale"},
+                    {
+                        "type": "ScalingActive",
+                        "status": "False",
+                        "reason": "FailedGetPodsMetric",
+                        "message": missing,
+                    },
+                ]
+            }
+        },
+        sub="status",
+    )
+    await wait_for(
+        lambda: condition(cluster, "ScalingActive").get("reason") == "FailedGetPodsMetric",
+        "ScalingActive=False in status",
+    )
+    # It serves; it just cannot scale.
+    await phase(cluster, "Ready", "FailedGetPodsMetric", ("cannot scale", "custom metrics API"))
+
+
+async def test_configured_service_monitor_is_created_per_reranker(
+    cluster: Cluster, kmock: Any
+) -> None:
+    config = config_from_dict({"monitoring": {"kind": "ServiceMonitor"}})
+    op = OperatorRunner(str(kmock.url), config)
+    await op.start()
+    try:
+        await cluster.create_reranker(NAME, SPEC)
+        monitor = await wait_for(
+            lambda: cluster.get("monitoring.coreos.com/v1/servicemonitors", NAME),
+            "the ServiceMonitor",
+        )
+        assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+        uid = cluster.get(cluster.RERANKER, NAME)["metadata"]["uid"]
+        assert monitor["metadata"]["ownerReferences"][0]["uid"] == uid
+    finally:
+        await op.stop()
+
+
+async def test_per_pod_scaled_to_zero_says_so(cluster: Cluster, operator: OperatorRunner) -> None:
+    await cluster.create_reranker(NAME, {**SPEC, "replicas": 0})
+    await deployment(cluster)
+    await phase(cluster, "Pending", "ScaledToZero", ("replicas is 0",))

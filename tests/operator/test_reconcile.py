@@ -1,0 +1,71 @@
+"""Reconciler paths an in-memory API server cannot produce: the API server refusing a child."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from kubernetes.client.exceptions import ApiException
+
+from reranker_operator import kube
+from reranker_operator.config import OperatorConfig
+from reranker_operator.reconcile import Reconciler
+
+REFUSAL = (
+    'Deployment.apps "rr" is invalid: spec.template.spec.affinity.nodeAffinity.'
+    "requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0]"
+    '.operator: Unsupported value: "Inside"'
+)
+
+
+class RefusingApi:
+    """Just enough of kube.Kube: a Reranker, and an API server that refuses Deployments."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.status_patches: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+
+    def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.body if kind == kube.RERANKER else None
+
+    def list(self, kind: kube.Kind, namespace: str, labels: Any = None) -> list[dict[str, Any]]:
+        return []
+
+    def create_if_absent(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        if obj["kind"] == "Deployment":
+            error = ApiException(status=422, reason="Unprocessable Entity")
+            error.body = json.dumps({"kind": "Status", "message": REFUSAL})
+            raise error
+        return obj, True
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.events.append(obj)
+        return obj
+
+    def patch(self, kind: kube.Kind, namespace: str, name: str, patch: Any, **_: Any) -> Any:
+        assert kind == kube.RERANKER
+        self.status_patches.append(patch["status"])
+        return {}
+
+
+def test_a_child_refused_by_the_api_server_is_an_invalid_spec_with_its_message() -> None:
+    body = {
+        "apiVersion": "reranker.dev/v1alpha1",
+        "kind": "Reranker",
+        "metadata": {"name": "rr", "namespace": "ml", "uid": "u", "generation": 3},
+        "spec": {
+            "checkpoint": {"repo": "BAAI/bge-reranker-large"},
+            "pod": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "zone", "operator": "Inside", "values": ["a"]}]}]}}}},
+        },
+    }  # fmt: skip
+    api = RefusingApi(body)
+    outcome = Reconciler(cast(kube.Kube, api), OperatorConfig()).reconcile("ml", "rr")
+    assert outcome.phase == "Failed" and outcome.invalid is not None
+    (written,) = api.status_patches
+    assert written["phase"] == "Failed" and "Unsupported value" in written["message"]
+    ready = next(c for c in written["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec" and ready["observedGeneration"] == 3
+    assert [e["reason"] for e in api.events] == ["InvalidSpec"]
