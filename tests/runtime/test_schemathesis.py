@@ -28,7 +28,12 @@ SEED = 20261201
 # and too many characters: a rejection like 400 and 422. 504 (and 503 `Overloaded`, refused
 # early) answer a deadline the client set in X-Request-Timeout and the schema documents: a tiny
 # one (5e-324 s) is valid input that cannot be met, not a server error.
+# No crash cache: each run starts from the seed alone (a cache would replay earlier failures and
+# write into the working tree).
 CONFIG_TOML = """
+[cache]
+enabled = false
+
 [checks.negative_data_rejection]
 expected-statuses = ["400", "401", "404", "405", "406", "413", "415", "422", "503", "504"]
 
