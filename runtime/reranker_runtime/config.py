@@ -27,6 +27,9 @@ class ServeSettings:
     max_client_batch_size: int = 1000  # most texts/inputs in one request
     max_concurrent_requests: int = 512  # requests in flight before 429
     auto_truncate: bool = False  # truncate over-long inputs even when the request says not to
+    max_request_characters: int = 4_000_000  # characters in one request's texts; more -> 413
+    request_read_timeout: float = 30.0  # seconds to receive a request's headers and body
+    max_connections: int = 2048  # open HTTP connections; more are refused (503) and closed
     # Long texts scored as windows (docs/runtime-batching.md, "Long texts"): default windows per
     # text (1 = no chunking), tokens shared by consecutive windows, and most windows per request.
     max_chunks_per_doc: int = 1
@@ -65,6 +68,9 @@ SERVE_ENV_VARS: dict[str, str] = {
     "max_client_batch_size": "RERANKER_MAX_CLIENT_BATCH_SIZE",
     "max_concurrent_requests": "RERANKER_MAX_CONCURRENT_REQUESTS",
     "auto_truncate": "RERANKER_AUTO_TRUNCATE",
+    "max_request_characters": "RERANKER_MAX_REQUEST_CHARACTERS",
+    "request_read_timeout": "RERANKER_REQUEST_READ_TIMEOUT",
+    "max_connections": "RERANKER_MAX_CONNECTIONS",
     "max_chunks_per_doc": "RERANKER_MAX_CHUNKS_PER_DOC",
     "chunk_overlap_tokens": "RERANKER_CHUNK_OVERLAP_TOKENS",
     "max_chunks_per_request": "RERANKER_MAX_CHUNKS_PER_REQUEST",

@@ -38,6 +38,18 @@ class TooManyInputsError(ValidationError):
         self.limit = limit
 
 
+class TooManyCharactersError(ValidationError):
+    """A request whose texts hold more characters than the server accepts per request."""
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(
+            f"the request's texts hold {count:,} characters but this server accepts at most "
+            f"{limit:,} per request; send fewer or shorter texts"
+        )
+        self.count = count
+        self.limit = limit
+
+
 class InputTooLongError(ValidationError):
     """A sequence longer than the model accepts while truncation is off."""
 
@@ -45,10 +57,21 @@ class InputTooLongError(ValidationError):
 class TooManyChunksPerTextError(ValidationError):
     """A text needs more windows than the request's max_chunks_per_doc while truncation is off."""
 
-    def __init__(self, field: str, index: int, needed: int, window_tokens: int, limit: int) -> None:
+    def __init__(
+        self,
+        field: str,
+        index: int,
+        needed: int,
+        window_tokens: int,
+        limit: int,
+        *,
+        at_least: bool = False,  # the text was tokenized only as far as the limit reaches
+    ) -> None:
+        bound = "at least " if at_least else ""
         super().__init__(
-            f"`{field}[{index}]` needs {needed} windows of up to {window_tokens} text tokens to be "
-            f"scored whole, but at most {limit} windows per text are scored (max_chunks_per_doc)"
+            f"`{field}[{index}]` needs {bound}{needed} windows of up to {window_tokens} text tokens "
+            f"to be scored whole, but at most {limit} windows per text are scored "
+            "(max_chunks_per_doc)"
         )
         self.field = field
         self.index = index

@@ -212,6 +212,31 @@ _OPTIONS: tuple[_Option, ...] = (
         boolean=True,
     ),
     _Option(
+        "max_request_characters",
+        ("--max-request-characters",),
+        _int_parser(1),
+        "Most characters in one request's texts (query, texts, documents, inputs together); more "
+        "-> 413. Long texts cost no more than the model's window to score, whatever their length",
+        "N",
+    ),
+    _Option(
+        "request_read_timeout",
+        ("--request-read-timeout",),
+        _positive_float,
+        "Seconds a client has to send a request's headers and body, counted from its first byte "
+        "(from the connection's opening for the first request); a slower request gets 408 and "
+        "its connection is closed",
+        "SECONDS",
+    ),
+    _Option(
+        "max_connections",
+        ("--max-connections",),
+        _int_parser(1),
+        "Most open HTTP connections; a connection beyond it gets 503 and is closed at once. Keep "
+        "it above --max-concurrent-requests and below the process's file-descriptor limit",
+        "N",
+    ),
+    _Option(
         "max_chunks_per_doc",
         ("--max-chunks-per-doc",),
         _int_parser(1),
@@ -475,16 +500,7 @@ def serve(settings: ServeSettings) -> int:
 
     app = create_app(settings)
     lifecycle: Lifecycle = app.state.lifecycle
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep setup_logging's handlers
-        access_log=False,  # AccessMiddleware logs each request once, with pairs and tokens
-        lifespan="on",
-        timeout_keep_alive=30,
-    )
-    server = _DrainingServer(config, lifecycle)
+    server = _DrainingServer(uvicorn_config(app, settings), lifecycle)
     lifecycle.on_fatal = lambda _message: server.request_exit()
     log.info(
         "starting",
@@ -507,6 +523,23 @@ def serve(settings: ServeSettings) -> int:
     if not server.started:
         return 1  # e.g. the port was taken; uvicorn logged why
     return 0
+
+
+def uvicorn_config(app: Any, settings: ServeSettings) -> uvicorn.Config:
+    """How `serve` runs the app: uvicorn's h11 protocol with a read deadline per request and a
+    cap on open connections (connections.py), idle keep-alive connections closed after 30 s."""
+    from reranker_runtime.connections import guarded_protocol
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(settings.request_read_timeout, settings.max_connections),
+        log_config=None,  # keep setup_logging's handlers
+        access_log=False,  # AccessMiddleware logs each request once, with pairs and tokens
+        lifespan="on",
+        timeout_keep_alive=30,
+    )
 
 
 class _DrainingServer(uvicorn.Server):

@@ -37,6 +37,7 @@ from reranker_runtime.errors import (
     ValidationError,
     WrongModelKindError,
 )
+from reranker_runtime.limits import check_request_characters
 from reranker_runtime.logging import log_fields
 from reranker_runtime.tokenization import (
     ChunkedText,
@@ -192,6 +193,7 @@ class RerankService:
                 f"`{texts_field}` must not be empty: send at least one text to rank"
             )
         self._check_count(texts_field, len(texts))
+        check_request_characters([query, *texts], self._settings.max_request_characters)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise ValidationError(f"`{texts_field}[{i}]` must be a string")
@@ -219,6 +221,7 @@ class RerankService:
                 max_text_tokens=max_tokens_per_text,
                 max_windows=chunks,
                 overlap=self._settings.chunk_overlap_tokens,
+                texts_field=texts_field,
             )
             tokenization_s = time.perf_counter() - t0
             windows = self._check_windows(encoded, chunks, truncating, texts_field)
@@ -354,15 +357,18 @@ class RerankService:
                 items.append((item[0], item[1]))
             else:
                 raise ValidationError(f"`inputs[{i}]` must be a string or a pair of two strings")
+        check_request_characters(items, self._settings.max_request_characters)
         return items
 
     def _check_lengths(self, encoded: list[Encoded], field: str, what: str) -> None:
         limit = self._info.max_input_length
         for i, enc in enumerate(encoded):
             if enc.num_tokens > limit:
+                # A text far over the limit is tokenized only past it: its length is a bound.
+                at_least = "" if enc.fully_counted else "at least "
                 raise InputTooLongError(
-                    f"`{field}[{i}]`: {what} {enc.num_tokens} tokens long but the model accepts "
-                    f"at most {limit}"
+                    f"`{field}[{i}]`: {what} {at_least}{enc.num_tokens} tokens long but the model "
+                    f"accepts at most {limit}"
                 )
 
     def _check_windows(
@@ -373,7 +379,12 @@ class RerankService:
         for i, text in enumerate(encoded):
             if not truncating and text.needed_windows > chunks:
                 raise TooManyChunksPerTextError(
-                    field, i, text.needed_windows, text.window_tokens, chunks
+                    field,
+                    i,
+                    text.needed_windows,
+                    text.window_tokens,
+                    chunks,
+                    at_least=not text.fully_counted,
                 )
         self._check_lengths([text.windows[0] for text in encoded], field, "query and text are")
         windows = [w for text in encoded for w in text.windows]

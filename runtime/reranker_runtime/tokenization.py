@@ -9,21 +9,38 @@ transformers 5.x tokenizers have no `build_inputs_with_special_tokens`, and `tok
 switches the shared backend's truncation/padding state on each call, which is not safe from
 several threads. We use a private copy of the backend tokenizer with truncation and padding off;
 its `encode*` calls are thread-safe and we never change its state.
+
+A text (and the query) is tokenized only as far as the request can use it
+(`text_bounds.encode_bounded`: one token past the model's window, or past the windows a chunked
+text may get, from the kept end), so a 10 MB text costs what a normal one does, with or without
+truncation, and the result is exactly what tokenizing it whole would give. The tokenizer cannot
+take every Python string (a lone surrogate); such a text is a 422 naming it, never a 500.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 from tokenizers import Encoding, Tokenizer
 
 from reranker_runtime.engines.base import EncodedPair
 from reranker_runtime.errors import ValidationError
+from reranker_runtime.text_bounds import BoundedEncoding, Direction, encode_bounded
 
-Direction = Literal["right", "left"]
+__all__ = [
+    "ChunkedText",
+    "Direction",
+    "Encoded",
+    "Input",
+    "PairTokenizer",
+    "TokenInfo",
+    "parse_direction",
+]
+
 Input = str | tuple[str, str]
+T = TypeVar("T")
 
 
 def parse_direction(value: str) -> Direction:
@@ -42,8 +59,11 @@ class Encoded:
 
     pair: EncodedPair
     num_tokens: int  # tokens the model sees (special tokens included), after any truncation
-    original_tokens: int  # tokens before truncation
+    original_tokens: int  # tokens before truncation (a lower bound unless `fully_counted`)
     truncated: bool
+    # False when a text longer than the request can use was tokenized only as far as it can:
+    # then (without truncation) num_tokens and original_tokens are lower bounds.
+    fully_counted: bool = True
 
 
 @dataclass(frozen=True)
@@ -55,6 +75,9 @@ class ChunkedText:
     needed_windows: int  # windows the whole text needs; more than len(windows) when cut
     window_tokens: int  # text tokens per window (the last one may be shorter)
     truncated: bool
+    # False when the text was tokenized only as far as its windows reach: needed_windows is
+    # then a lower bound.
+    fully_counted: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -97,11 +120,65 @@ class PairTokenizer:
         """Text tokens of a pair with an empty query: the longest window a text can get."""
         return self.max_input_length - self._special_pair
 
-    def _raw(self, texts: Sequence[str]) -> list[Encoding]:
-        return self._tok.encode_batch(list(texts), add_special_tokens=False)
+    def _bounded(
+        self, texts: Sequence[str], max_tokens: int, direction: Direction
+    ) -> list[BoundedEncoding]:
+        """Each text's tokens from its `direction` end, as many as `max_tokens` (all of a
+        shorter text). Texts too short to need a bound are tokenized together (encode_batch
+        runs them in parallel)."""
+        out: list[BoundedEncoding | None] = [None] * len(texts)
+        short = [i for i, t in enumerate(texts) if len(t) <= max_tokens]
+        for i, enc in zip(
+            short,
+            self._tok.encode_batch([texts[i] for i in short], add_special_tokens=False),
+            strict=True,
+        ):
+            out[i] = BoundedEncoding(enc, complete=True)
+        for i, text in enumerate(texts):
+            if out[i] is None:
+                out[i] = encode_bounded(self._tok, text, max_tokens, direction)
+        return [b for b in out if b is not None]
+
+    def _query(self, query: str, direction: Direction) -> BoundedEncoding:
+        # One token past the pair budget: a longer query is cut (or refused) whatever its length.
+        return _tokenizing(
+            "query",
+            lambda: self._bounded([query], self.max_text_tokens + 1, direction)[0],
+        )
+
+    def _texts(
+        self,
+        texts: Sequence[str],
+        field: str,
+        usable: int,
+        direction: Direction,
+        max_text_tokens: int | None,
+    ) -> list[tuple[Encoding, int, bool]]:
+        """Each text's tokens as far as `usable` of them (from the `direction` end) can be used,
+        after `max_text_tokens` keeps only its first that many: (encoding, tokens cut by
+        max_text_tokens, whether the text was tokenized whole)."""
+        if max_text_tokens is None:
+            bound, side = usable + 1, direction
+        elif direction == "right":
+            bound, side = min(max_text_tokens, usable) + 1, direction
+        else:  # the last tokens of its first max_text_tokens: those must all be known
+            bound, side = max_text_tokens + 1, "right"
+        out: list[tuple[Encoding, int, bool]] = []
+        for b in _tokenizing(field, lambda: self._bounded(texts, bound, side), texts):
+            t, cut = b.encoding, 0
+            if max_text_tokens is not None and len(t.ids) > max_text_tokens:
+                cut = len(t.ids) - max_text_tokens
+                t.truncate(max_text_tokens, stride=0, direction="right")
+            out.append((t, cut, b.complete))
+        return out
 
     def _finish(
-        self, first: Encoding, second: Encoding | None, original: int, truncated: bool
+        self,
+        first: Encoding,
+        second: Encoding | None,
+        original: int,
+        truncated: bool,
+        fully_counted: bool = True,
     ) -> Encoded:
         enc = self._tok.post_process(first, second, add_special_tokens=True)
         pair = EncodedPair(
@@ -109,7 +186,11 @@ class PairTokenizer:
             token_type_ids=list(enc.type_ids) if self.uses_token_type_ids else None,
         )
         return Encoded(
-            pair=pair, num_tokens=len(enc.ids), original_tokens=original, truncated=truncated
+            pair=pair,
+            num_tokens=len(enc.ids),
+            original_tokens=original,
+            truncated=truncated,
+            fully_counted=fully_counted,
         )
 
     def encode_pairs(
@@ -120,22 +201,27 @@ class PairTokenizer:
         truncate: bool,
         direction: Direction = "right",
         max_text_tokens: int | None = None,
+        texts_field: str = "texts",
     ) -> list[Encoded]:
         """Encode (query, text) for each text. Without `truncate`, over-long pairs come back
         untruncated (num_tokens > max_input_length) and the caller rejects them.
         `max_text_tokens` first keeps only each text's first that many tokens (Cohere/Jina
-        `max_tokens_per_doc`); a text so cut counts as truncated."""
-        q = self._tok.encode(query, add_special_tokens=False)
-        out: list[Encoded] = []
-        for t in self._raw(texts):
-            extra = 0
-            if max_text_tokens is not None and len(t.ids) > max_text_tokens:
-                extra = len(t.ids) - max_text_tokens
-                t.truncate(max_text_tokens, stride=0, direction="right")
-            out.append(
-                self._pair(q, query, t, truncate=truncate, direction=direction, cut_tokens=extra)
+        `max_tokens_per_doc`); a text so cut counts as truncated. `texts_field` names the texts
+        in errors."""
+        qb = self._query(query, direction)
+        return [
+            self._pair(
+                qb.encoding,
+                t,
+                truncate=truncate,
+                direction=direction,
+                cut_tokens=cut,
+                fully_counted=qb.complete and complete,
             )
-        return out
+            for t, cut, complete in self._texts(
+                texts, texts_field, self.max_text_tokens, direction, max_text_tokens
+            )
+        ]
 
     def encode_chunked(
         self,
@@ -147,6 +233,7 @@ class PairTokenizer:
         max_text_tokens: int | None = None,
         max_windows: int = 1,
         overlap: int = 0,
+        texts_field: str = "texts",
     ) -> list[ChunkedText]:
         """Encode each text as windows when it does not fit the model with the query.
 
@@ -159,34 +246,49 @@ class PairTokenizer:
         text, this is exactly `encode_pairs`."""
         if max_windows <= 1:
             return [
-                ChunkedText(windows=[e], needed_windows=1, window_tokens=0, truncated=e.truncated)
+                ChunkedText(
+                    windows=[e],
+                    needed_windows=1,
+                    window_tokens=0,
+                    truncated=e.truncated,
+                    fully_counted=e.fully_counted,
+                )
                 for e in self.encode_pairs(
                     query,
                     texts,
                     truncate=truncate,
                     direction=direction,
                     max_text_tokens=max_text_tokens,
+                    texts_field=texts_field,
                 )
             ]
         budget = self.max_input_length - self._special_pair
-        q = self._tok.encode(query, add_special_tokens=False)
+        qb = self._query(query, direction)
+        q = qb.encoding
         window = budget - len(q.ids)
+        stride = min(overlap, window // 2)
+        # Text tokens that max_windows windows cover (one window when the query leaves no room).
+        usable = window + (max_windows - 1) * (window - stride) if window >= 1 else budget
         out: list[ChunkedText] = []
-        for t in self._raw(texts):
-            cut = 0
-            if max_text_tokens is not None and len(t.ids) > max_text_tokens:
-                cut = len(t.ids) - max_text_tokens
-                t.truncate(max_text_tokens, stride=0, direction="right")
+        for t, cut, complete in self._texts(texts, texts_field, usable, direction, max_text_tokens):
+            counted = qb.complete and complete
             if window < 1 or len(q.ids) + len(t.ids) <= budget:
                 single = self._pair(
-                    q, query, t, truncate=truncate, direction=direction, cut_tokens=cut
+                    q,
+                    t,
+                    truncate=truncate,
+                    direction=direction,
+                    cut_tokens=cut,
+                    fully_counted=counted,
                 )
-                out.append(ChunkedText([single], 1, max(window, 0), single.truncated))
+                out.append(
+                    ChunkedText([single], 1, max(window, 0), single.truncated, single.fully_counted)
+                )
                 continue
             # The tokenizer's own windowing: `t` becomes the first window, the others go to
             # `t.overflowing`. Each is post-processed with the query on its own: the pair
             # outputs' own `overflowing` carry wrong token_type_ids for BERT-style templates.
-            t.truncate(window, stride=min(overlap, window // 2), direction=direction)
+            t.truncate(window, stride=stride, direction=direction)
             parts = [t, *t.overflowing][:max_windows]
             windows = [
                 self._window(self._tok.post_process(q, part, add_special_tokens=True))
@@ -198,6 +300,7 @@ class PairTokenizer:
                     needed_windows=1 + len(t.overflowing),
                     window_tokens=window,
                     truncated=cut > 0 or len(t.overflowing) >= max_windows,
+                    fully_counted=counted,
                 )
             )
         return out
@@ -215,62 +318,78 @@ class PairTokenizer:
         self, inputs: Sequence[Input], *, truncate: bool, direction: Direction = "right"
     ) -> list[Encoded]:
         """Encode /predict inputs: single strings or (first, second) pairs."""
+        flat = [part for item in inputs for part in ((item,) if isinstance(item, str) else item)]
+        # One token past the window of a single text (which is longer than a pair's).
+        bound = self.max_input_length - self._special_single + 1
+        parts = iter(_tokenizing("inputs", lambda: self._bounded(flat, bound, direction), inputs))
         out: list[Encoded] = []
         for item in inputs:
             if isinstance(item, str):
-                enc = self._tok.encode(item, add_special_tokens=False)
+                b = next(parts)
+                enc = b.encoding
                 original = len(enc.ids) + self._special_single
                 budget = self.max_input_length - self._special_single
                 cut = truncate and len(enc.ids) > budget
                 if cut:
                     enc.truncate(budget, stride=0, direction=direction)
-                out.append(self._finish(enc, None, original, cut))
+                out.append(self._finish(enc, None, original, cut, b.complete))
             else:
-                first, second = item
-                a = self._tok.encode(first, add_special_tokens=False)
-                b = self._tok.encode(second, add_special_tokens=False)
-                out.append(self._pair(a, first, b, truncate=truncate, direction=direction))
+                a, b = next(parts), next(parts)
+                out.append(
+                    self._pair(
+                        a.encoding,
+                        b.encoding,
+                        truncate=truncate,
+                        direction=direction,
+                        fully_counted=a.complete and b.complete,
+                    )
+                )
         return out
 
     def _pair(
         self,
         q: Encoding,
-        query: str,
         t: Encoding,
         *,
         truncate: bool,
         direction: Direction,
         cut_tokens: int = 0,
+        fully_counted: bool = True,
     ) -> Encoded:
         """`cut_tokens`: tokens already cut from the text (max_text_tokens) before pairing."""
         budget = self.max_input_length - self._special_pair
         nq, nt = len(q.ids), len(t.ids)
         original = nq + nt + cut_tokens + self._special_pair
         if not truncate or nq + nt <= budget:
-            return self._finish(q, t, original, cut_tokens > 0)
+            return self._finish(q, t, original, cut_tokens > 0, fully_counted)
         # Keep the query whole where it fits, leaving the text at least one token; otherwise
-        # cut the query too (in the same direction).
+        # cut the query too (in the same direction). The query's encoding is shared by every
+        # pair and truncate() works in place: cut a copy.
         keep_text = max(budget - nq, min(nt, 1))
         keep_query = budget - keep_text
         if keep_query < nq:
-            q = self._tok.encode(query, add_special_tokens=False)  # fresh copy: truncate mutates
+            q = Encoding.merge([q], growing_offsets=False)
             q.truncate(keep_query, stride=0, direction=direction)
         if keep_text < nt:
             t.truncate(keep_text, stride=0, direction=direction)
-        return self._finish(q, t, original, True)
+        return self._finish(q, t, original, True, fully_counted)
 
     def tokens(
         self, inputs: Sequence[Input], *, add_special_tokens: bool = True
     ) -> list[list[TokenInfo]]:
         """TEI /tokenize: every token with its id, text, special flag and offsets."""
         result: list[list[TokenInfo]] = []
-        for item in inputs:
+        for i, item in enumerate(inputs):
             sources = (item,) if isinstance(item, str) else item
-            enc = self._tok.encode(
-                sources[0],
-                sources[1] if len(sources) == 2 else None,
-                add_special_tokens=add_special_tokens,
-            )
+
+            def encode(parts: Sequence[str] = sources) -> Encoding:
+                return self._tok.encode(
+                    parts[0],
+                    parts[1] if len(parts) == 2 else None,
+                    add_special_tokens=add_special_tokens,
+                )
+
+            enc = _tokenizing(f"inputs[{i}]", encode)
             tokens: list[TokenInfo] = []
             for tid, token, special, (start, stop), seq in zip(
                 enc.ids,
@@ -296,3 +415,32 @@ class PairTokenizer:
                     )
             result.append(tokens)
         return result
+
+
+def _tokenizing(field: str, run: Callable[[], T], texts: Sequence[object] | None = None) -> T:
+    """Run the tokenizer; a text it cannot take is a 422 naming the field (never a 500)."""
+    try:
+        return run()
+    except Exception as exc:  # the tokenizer raises TypeError/Exception, not a hierarchy
+        where = field
+        for i, text in enumerate(texts or ()):
+            if _bad_text(text):
+                where = f"{field}[{i}]"
+                break
+        raise ValidationError(f"`{where}` cannot be tokenized: {_reason(exc)}") from None
+
+
+def _bad_text(value: object) -> bool:
+    parts = (value,) if isinstance(value, str) else value if isinstance(value, tuple) else ()
+    for part in parts:
+        try:
+            part.encode("utf-8")
+        except (UnicodeEncodeError, AttributeError):
+            return True
+    return False
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, TypeError):  # what the tokenizer raises for a lone surrogate
+        return "it is not valid Unicode text (a lone surrogate such as \\ud800?); send UTF-8 text"
+    return str(exc) or type(exc).__name__

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker_runtime import __version__, metrics
 from reranker_runtime.api import cohere, ops, other_models, tei
-from reranker_runtime.api.auth import all_routes, document_api_key, protected_paths
+from reranker_runtime.api.auth import all_routes, document_api_key, protected_operations
 from reranker_runtime.api.deps import (
     LOG_SCOPE_KEY,
     REQUEST_ID_SCOPE_KEY,
@@ -42,8 +42,10 @@ from reranker_runtime.api.errors import (
     error_response,
     plain_error_response,
 )
+from reranker_runtime.api.schema_limits import apply_client_batch_limit
 from reranker_runtime.api.schemas import INPUT_ERROR, ErrorBody
 from reranker_runtime.config import ServeSettings
+from reranker_runtime.connections import CLIENT_STATUS_SCOPE_KEY
 from reranker_runtime.errors import RerankerError
 from reranker_runtime.lifecycle import Lifecycle
 from reranker_runtime.logging import ACCESS_LOGGER, log_fields
@@ -63,13 +65,15 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 class _App(FastAPI):
     """FastAPI whose OpenAPI schema declares the API key on the protected routes when one is
-    set, so /docs offers "Authorize" and generated clients send the header."""
+    set, so /docs offers "Authorize" and generated clients send the header, and publishes the
+    server's --max-client-batch-size as `maxItems` (api/schema_limits.py)."""
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
             schema = super().openapi()
+            apply_client_batch_limit(schema, self.state.max_client_batch_size)
             if self.state.api_key:
-                document_api_key(schema, protected_paths(self.routes))
+                document_api_key(schema, protected_operations(self.routes))
             # POST / and /invocations take /rerank's body on a reranker and /predict's on a
             # classifier: once the model is loaded the schema says which; until then, either
             # (and the schema is built again on the next call).
@@ -113,6 +117,8 @@ def create_app(
             'routes. Errors are `{"error", "error_type"}` with TEI\'s status codes.'
         ),
         lifespan=lifespan,
+        # No 307 to the slash-less path: its absolute Location would echo the client's Host.
+        redirect_slashes=False,
         responses={
             "default": {
                 "model": ErrorBody,
@@ -123,6 +129,7 @@ def create_app(
     app.state.lifecycle = lifecycle
     # Read by ProtectedRoute (api/auth.py) on every protected route.
     app.state.api_key = settings.api_key
+    app.state.max_client_batch_size = settings.max_client_batch_size
     app.include_router(tei.router)
     app.include_router(cohere.router)
     app.include_router(ops.router)
@@ -205,11 +212,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         annotate(request, error=str(exc.detail))
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette lists the methods of the first route on the path; `/` has two routes.
+            headers = {**(headers or {}), "Allow": _allowed_methods(app, request.url.path)}
         return plain_error_response(
             exc.status_code,
             str(exc.detail),
             HTTP_ERROR_TYPES.get(exc.status_code, "Validation"),
-            exc.headers,
+            headers,
         )
 
     @app.exception_handler(ClientDisconnected)
@@ -275,7 +286,11 @@ class AccessMiddleware:
     and the status the client got, and `reranker_http_request_duration_seconds`, one access-log
     line per request (with the error message of a refusal), and a JSON 500 for anything
     unexpected (never a bare traceback page). TEI's own counters are kept by the inference
-    routes (deps.py)."""
+    routes (deps.py).
+
+    The status is the one the client got, whatever the application then tried to send: 408 when
+    the connection layer gave up waiting for the body (`connections.CLIENT_STATUS_SCOPE_KEY`),
+    499 when the client left before its answer."""
 
     def __init__(self, app: ASGIApp, routes: frozenset[str]) -> None:
         self.app = app
@@ -292,6 +307,7 @@ class AccessMiddleware:
         scope[REQUEST_ID_SCOPE_KEY] = request_id
         status = 500
         response_started = False
+        client_left = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
@@ -301,8 +317,15 @@ class AccessMiddleware:
                 MutableHeaders(scope=message)["x-request-id"] = request_id
             await send(message)
 
+        async def receive_watching() -> Message:
+            nonlocal client_left
+            message = await receive()
+            if message["type"] == "http.disconnect" and not response_started:
+                client_left = True  # whatever is sent from now on reaches nobody
+            return message
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watching, send_with_id)
         except PayloadTooLarge as exc:
             # Raised while a body was read outside FastAPI's handling (e.g. a body sent to an
             # unknown path): still the client's 413, not a server error.
@@ -313,9 +336,14 @@ class AccessMiddleware:
                     scope, receive, send_with_id
                 )
         except Exception:
-            log.exception("unhandled error", extra=log_fields(request_id=request_id))
-            status = 500
-            if not response_started:
+            if response_started:
+                # The client already has its status: that is the one counted.
+                log.exception(
+                    "error after the response started", extra=log_fields(request_id=request_id)
+                )
+            else:
+                log.exception("unhandled error", extra=log_fields(request_id=request_id))
+                status = 500
                 body = json.dumps(INTERNAL_ERROR_BODY).encode()
                 await send(
                     {
@@ -331,6 +359,10 @@ class AccessMiddleware:
                 await send({"type": "http.response.body", "body": body})
         finally:
             duration = time.perf_counter() - started
+            if CLIENT_STATUS_SCOPE_KEY in scope:
+                status = scope[CLIENT_STATUS_SCOPE_KEY]
+            elif client_left:
+                status = CLIENT_CLOSED_REQUEST
             path: str = scope["path"]
             route = path if path in self.routes else "other"
             metrics.HTTP_REQUESTS.labels(route=route, status=str(status)).inc()
@@ -354,6 +386,15 @@ class AccessMiddleware:
                         **fields,
                     ),
                 )
+
+
+def _allowed_methods(app: FastAPI, path: str) -> str:
+    """Every method some route serves at `path` (HEAD with GET, as Starlette does)."""
+    methods: set[str] = set()
+    for route in all_routes(app.routes):
+        if getattr(route, "path", None) == path:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 def _request_id(scope: Scope) -> str:

@@ -69,11 +69,19 @@ def all_routes(routes: Iterable[BaseRoute]) -> list[BaseRoute]:
     return out
 
 
-def protected_paths(routes: Iterable[BaseRoute]) -> frozenset[str]:
-    return frozenset(r.path for r in all_routes(routes) if isinstance(r, ProtectedRoute))
+def protected_operations(routes: Iterable[BaseRoute]) -> frozenset[tuple[str, str]]:
+    """(path, method) of every protected route: `/` is open for GET and protected for POST."""
+    return frozenset(
+        (r.path, method.lower())
+        for r in all_routes(routes)
+        if isinstance(r, ProtectedRoute)
+        for method in (r.methods or ())
+    )
 
 
-def document_api_key(schema: dict[str, Any], protected: frozenset[str]) -> dict[str, Any]:
+def document_api_key(
+    schema: dict[str, Any], protected: frozenset[tuple[str, str]]
+) -> dict[str, Any]:
     """Declare the key in an OpenAPI schema: both schemes, required on the protected routes, so
     /docs offers "Authorize" and generated clients send the header."""
     components = schema.setdefault("components", {})
@@ -91,7 +99,7 @@ def document_api_key(schema: dict[str, Any], protected: frozenset[str]) -> dict[
         },
     }
     for path, operations in schema.get("paths", {}).items():
-        if path in protected:
-            for operation in operations.values():
+        for method, operation in operations.items():
+            if (path, method) in protected:
                 operation["security"] = [{"Bearer": []}, {"ApiKey": []}]
     return schema

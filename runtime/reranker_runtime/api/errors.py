@@ -11,6 +11,8 @@ MethodNotAllowed, so TEI clients that branch on it keep working.
 | UnauthorizedError (api/auth.py)         | 401    | Unauthorized     | WWW-Authenticate       |
 | unknown path                            | 404    | NotFound         |                        |
 | wrong method                            | 405    | MethodNotAllowed |                        |
+| TooManyInputsError, body over 64 MiB    | 413    | Validation       | names the server flag  |
+| TooManyCharactersError                  | 413    | Validation       | names the server flag  |
 | TooManyInputsError, body over           | 413    | Validation       | names the server flag  |
 |   --payload-limit                       |        |                  |                        |
 | TooManyChunksPerTextError               | 413    | Validation       | max_chunks_per_doc     |
@@ -43,6 +45,7 @@ from reranker_runtime.errors import (
     NotReadyError,
     OverloadedError,
     RerankerError,
+    TooManyCharactersError,
     TooManyChunksPerRequestError,
     TooManyChunksPerTextError,
     TooManyInputsError,
@@ -82,6 +85,14 @@ ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
             413,
             "Validation",
             advice=" or raise --max-client-batch-size (RERANKER_MAX_CLIENT_BATCH_SIZE)",
+        ),
+    ),
+    (
+        TooManyCharactersError,
+        HttpError(
+            413,
+            "Validation",
+            advice=", or raise --max-request-characters (RERANKER_MAX_REQUEST_CHARACTERS)",
         ),
     ),
     (

@@ -10,16 +10,86 @@ message already names the field (see `app._validation_message`).
 Routes return the response models declared here, so FastAPI checks what is sent against the
 OpenAPI schema. Optional fields left None are dropped from the body on the routes that declare
 `response_model_exclude_none` (TEI's `text` appears only when asked for).
+
+The published schema says what the server enforces: texts the service refuses when empty or blank
+carry `minLength: 1` and `pattern: \\S` (the service's 400 `Empty` keeps TEI's status, so these
+are published, not checked by pydantic), and arrays bounded by `--max-client-batch-size` carry
+`x-max-client-batch-size`, which `api/schema_limits.py` turns into `maxItems` with the server's
+value. Integer fields take 5.0 as 5, as JSON Schema's `integer` does. Every string must be valid
+Unicode (a lone surrogate such as `"\\ud800"` in the JSON is a 422 naming the field): the
+tokenizer and the JSON encoder cannot take one.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from annotated_types import Gt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 INPUT_ERROR = "reranker_input"
+# Marks an array whose length --max-client-batch-size bounds (see api/schema_limits.py).
+CLIENT_BATCH_KEY = "x-max-client-batch-size"
+# A text the service scores: not empty, not only whitespace (else 400 `Empty`).
+SCORED_TEXT_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": "\\S"}
+
+
+def unicode_problem(value: str) -> str | None:
+    """Why `value` is not valid Unicode text (JSON may carry a lone surrogate, `"\\ud800"`,
+    which no tokenizer or UTF-8 encoder takes), or None."""
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(value[exc.start])
+        return (
+            f"Input should be valid Unicode text, found a lone surrogate U+{code:04X} at "
+            f"character {exc.start}; send UTF-8 text"
+        )
+    return None
+
+
+def _unicode(value: str) -> str:
+    problem = unicode_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("unicode_text", problem)
+    return value
+
+
+def _unicode_at(value: str, where: str) -> str:
+    """The same check for hand-parsed inputs, whose errors name the field themselves."""
+    problem = unicode_problem(value)
+    if problem is not None:
+        raise PydanticCustomError(INPUT_ERROR, "{where}: " + problem, {"where": where})
+    return value
+
+
+# Any string a client sends that the server reads, echoes or tokenizes.
+UnicodeStr = Annotated[str, AfterValidator(_unicode)]
+# A query or text that is scored: also documented as non-empty and not blank.
+ScoredText = Annotated[UnicodeStr, WithJsonSchema(SCORED_TEXT_SCHEMA)]
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer, and so do JSON encoders that write every number
+    as a float: accept it as 5. (Strings and 5.5 stay errors.)"""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# A positive integer count; 5.0 counts too (see _whole_number).
+PositiveInt = Annotated[int, Gt(0), BeforeValidator(_whole_number)]
 
 
 def _lower(value: Any) -> Any:
@@ -27,7 +97,18 @@ def _lower(value: Any) -> Any:
 
 
 # "right" / "Right" / "RIGHT" all accepted: TEI's enum is PascalCase, BEI's docs lower case.
-TruncationDirection = Annotated[Literal["right", "left"], BeforeValidator(_lower)]
+TruncationDirection = Annotated[
+    Literal["right", "left"],
+    BeforeValidator(_lower),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": "^([Rr][Ii][Gg][Hh][Tt]|[Ll][Ee][Ff][Tt])$",
+            "description": "right or left, in any case (TEI sends Right/Left).",
+            "examples": ["right", "left"],
+        }
+    ),
+]
 
 
 class _Request(BaseModel):
@@ -48,8 +129,11 @@ _MAX_CHUNKS_DESCRIPTION = (
 class RerankRequest(_Request):
     """`POST /rerank`: exactly BEI's (TEI's) request."""
 
-    query: str = Field(description="The query every text is scored against.")
-    texts: list[str] = Field(description="Texts to rank; at most --max-client-batch-size.")
+    query: ScoredText = Field(description="The query every text is scored against.")
+    texts: list[ScoredText] = Field(
+        description="Texts to rank; at most --max-client-batch-size.",
+        json_schema_extra={"minItems": 1, CLIENT_BATCH_KEY: True},
+    )
     raw_scores: bool = Field(False, description="Return raw logits instead of sigmoid(logit).")
     return_text: bool = Field(False, description="Echo each text in its result.")
     truncate: bool | None = Field(
@@ -59,7 +143,7 @@ class RerankRequest(_Request):
     truncation_direction: TruncationDirection = Field(
         "right", description="Which end of the text to cut: right (default) or left; any case."
     )
-    max_chunks_per_doc: int | None = Field(None, gt=0, description=_MAX_CHUNKS_DESCRIPTION)
+    max_chunks_per_doc: PositiveInt | None = Field(None, description=_MAX_CHUNKS_DESCRIPTION)
 
 
 class RankItem(BaseModel):
@@ -99,9 +183,9 @@ def _predict_batch_item(value: Any, where: str) -> str | tuple[str, str]:
     if not all(isinstance(v, str) for v in value):
         raise _predict_error(where, "invalid type")
     if len(value) == 1:
-        return str(value[0])
+        return _unicode_at(value[0], f"{where}.0")
     if len(value) == 2:
-        return (value[0], value[1])
+        return (_unicode_at(value[0], f"{where}.0"), _unicode_at(value[1], f"{where}.1"))
     raise _predict_error(where, f"invalid length {len(value)}")
 
 
@@ -111,7 +195,7 @@ def parse_predict_inputs(value: Any) -> tuple[bool, list[str | tuple[str, str]]]
     refused. An array first: a batch, every item `[text]` or `[text_a, text_b]`.
     Returns (single, inputs)."""
     if isinstance(value, str):
-        return True, [value]
+        return True, [_unicode_at(value, "inputs")]
     if not isinstance(value, list):
         raise _predict_error("inputs", "invalid type")
     if not value:
@@ -122,13 +206,16 @@ def parse_predict_inputs(value: Any) -> tuple[bool, list[str | tuple[str, str]]]
             raise _predict_error("inputs", f"invalid length {len(value)}")
         if not all(isinstance(v, str) for v in value):
             raise _predict_error("inputs.1", "invalid type")
-        return True, [first] if len(value) == 1 else [(first, value[1])]
+        parts = [_unicode_at(v, f"inputs.{i}") for i, v in enumerate(value)]
+        return True, [parts[0]] if len(parts) == 1 else [(parts[0], parts[1])]
     return False, [_predict_batch_item(v, f"inputs.{i}") for i, v in enumerate(value)]
 
 
-_STRINGS = {"type": "array", "items": {"type": "string"}}
+_STRINGS = {"type": "array", "items": SCORED_TEXT_SCHEMA}
 
-# TEI's PredictInput schema (types.rs, `ToSchema for PredictInput`).
+# TEI's PredictInput schema (types.rs, `ToSchema for PredictInput`), with what the server
+# enforces: no empty or blank text, `[text]` alone is a single input too, a batch of 1 to
+# --max-client-batch-size inputs.
 PredictInputs = Annotated[
     Any,
     WithJsonSchema(
@@ -138,11 +225,18 @@ PredictInputs = Annotated[
                 "strings and pairs, each in a list: [[text], [text_a, text_b], ...]."
             ),
             "oneOf": [
-                {"type": "string", "description": "A single string"},
-                {**_STRINGS, "minItems": 2, "maxItems": 2, "description": "A pair of strings"},
+                {**SCORED_TEXT_SCHEMA, "description": "A single string"},
+                {
+                    **_STRINGS,
+                    "minItems": 1,
+                    "maxItems": 2,
+                    "description": "A single string or a pair of strings, in a list",
+                },
                 {
                     "type": "array",
                     "description": "A batch",
+                    "minItems": 1,
+                    CLIENT_BATCH_KEY: True,
                     "items": {
                         "oneOf": [
                             {**_STRINGS, "minItems": 1, "maxItems": 1},
@@ -187,9 +281,20 @@ class PredictRequest(_Request):
 class VertexRequest(_Request):
     """`POST /vertex`: TEI's Vertex AI request; each instance is a /rerank or /predict body."""
 
-    instances: list[dict[str, Any]] = Field(
-        description="Each a /rerank body (query, texts) or else a /predict body (inputs)."
-    )
+    instances: Annotated[
+        list[dict[str, Any]],
+        WithJsonSchema(
+            {
+                "type": "array",
+                "items": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/RerankRequest"},
+                        {"$ref": "#/components/schemas/PredictRequest"},
+                    ]
+                },
+            }
+        ),
+    ] = Field(description="Each a /rerank body (query, texts) or else a /predict body (inputs).")
 
 
 class Prediction(BaseModel):
@@ -203,11 +308,22 @@ class TokenizeRequest(_Request):
     inputs: Annotated[
         Any,
         WithJsonSchema(
-            {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "minItems": 1,
+                        CLIENT_BATCH_KEY: True,
+                    },
+                ]
+            }
         ),
     ]
     add_special_tokens: bool = True
-    prompt_name: str | None = Field(
+    # Typed as a string so a name gets TEI's own 422 (route), published as what is accepted.
+    prompt_name: Annotated[str | None, WithJsonSchema({"type": "null"})] = Field(
         None,
         description="TEI's sentence-transformers prompt; rerankers have none, so only null.",
     )
@@ -216,7 +332,7 @@ class TokenizeRequest(_Request):
     @classmethod
     def _parse_inputs(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [value]
+            return [_unicode_at(value, "inputs")]
         if isinstance(value, list):
             for i, v in enumerate(value):
                 if not isinstance(v, str):
@@ -225,13 +341,19 @@ class TokenizeRequest(_Request):
                         "{where}: Input should be a valid string",
                         {"where": f"inputs.{i}"},
                     )
+                _unicode_at(v, f"inputs.{i}")
             return value
         raise PydanticCustomError(
             INPUT_ERROR, "inputs: Input should be a string or a list of strings"
         )
 
 
+_TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}  # TEI: u32
+
+
 def _token_ids(value: Any, where: str) -> list[int]:
+    if isinstance(value, list):
+        value = [_whole_number(v) for v in value]  # 5.0 is the integer 5, as in JSON Schema
     if not isinstance(value, list) or not all(type(v) is int and 0 <= v < 2**32 for v in value):
         raise PydanticCustomError(
             INPUT_ERROR,
@@ -249,10 +371,12 @@ class DecodeRequest(_Request):
         WithJsonSchema(
             {
                 "oneOf": [
-                    {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    {"type": "array", "items": _TOKEN_ID_SCHEMA},
                     {
                         "type": "array",
-                        "items": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                        "minItems": 1,
+                        CLIENT_BATCH_KEY: True,
+                        "items": {"type": "array", "items": _TOKEN_ID_SCHEMA},
                     },
                 ]
             }
@@ -295,9 +419,9 @@ def _parse_documents(value: Any) -> list[str]:
     out: list[str] = []
     for i, doc in enumerate(value):
         if isinstance(doc, str):
-            out.append(doc)
+            out.append(_unicode_at(doc, f"documents.{i}"))
         elif isinstance(doc, dict) and isinstance(doc.get("text"), str):
-            out.append(doc["text"])
+            out.append(_unicode_at(doc["text"], f"documents.{i}.text"))
         else:
             raise PydanticCustomError(
                 INPUT_ERROR,
@@ -313,12 +437,14 @@ Documents = Annotated[
     WithJsonSchema(
         {
             "type": "array",
+            "minItems": 1,
+            CLIENT_BATCH_KEY: True,
             "items": {
                 "anyOf": [
-                    {"type": "string"},
+                    SCORED_TEXT_SCHEMA,
                     {
                         "type": "object",
-                        "properties": {"text": {"type": "string"}},
+                        "properties": {"text": SCORED_TEXT_SCHEMA},
                         "required": ["text"],
                     },
                 ]
@@ -329,14 +455,16 @@ Documents = Annotated[
 
 
 class _ApiRerankRequest(_Request):
-    model: str | None = Field(None, description="Accepted for compatibility; echoed, not checked.")
-    query: str
-    documents: Documents = Field(description='Strings or {"text": ...} objects.')
-    top_n: int | None = Field(None, gt=0, description="Return only the n best; default all.")
-    max_tokens_per_doc: int | None = Field(
-        None, gt=0, description="Cut each document to this many tokens before scoring."
+    model: UnicodeStr | None = Field(
+        None, description="Accepted for compatibility; echoed, not checked."
     )
-    max_chunks_per_doc: int | None = Field(None, gt=0, description=_MAX_CHUNKS_DESCRIPTION)
+    query: ScoredText
+    documents: Documents = Field(description='Strings or {"text": ...} objects.')
+    top_n: PositiveInt | None = Field(None, description="Return only the n best; default all.")
+    max_tokens_per_doc: PositiveInt | None = Field(
+        None, description="Cut each document to this many tokens before scoring."
+    )
+    max_chunks_per_doc: PositiveInt | None = Field(None, description=_MAX_CHUNKS_DESCRIPTION)
 
 
 class CohereRerankRequest(_ApiRerankRequest):
