@@ -57,13 +57,13 @@ async def info(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
 
 def build_info(runtime: Runtime) -> dict[str, Any]:
     settings = runtime.settings
-    info = runtime.service.info  # type: ignore[union-attr]
+    service = runtime.service
+    assert service is not None, "callers check that the model is loaded"
+    info = service.info
     id2label = {str(k): v for k, v in (info.id2label or {}).items()}
     kind = "reranker" if info.num_labels == 1 else "classifier"
-    # The engine's own token cap (TensorRT profile) wins over the flag when it is lower.
-    max_batch_tokens = settings.max_batch_tokens
-    if info.max_batch_tokens is not None:
-        max_batch_tokens = min(max_batch_tokens, info.max_batch_tokens)
+    # The batcher's budget: `auto` resolved, the engine's own cap (TensorRT profile) applied.
+    max_batch_tokens = service.max_batch_tokens
     max_batch_requests = settings.max_batch_requests
     if info.max_batch_size is not None:
         max_batch_requests = min(max_batch_requests or info.max_batch_size, info.max_batch_size)
