@@ -227,10 +227,11 @@ async def test_info_reports_the_auto_budget_and_threads(
     ("device", "budget", "max_len", "max_batch", "passes"),
     [
         ("cuda", 16384, 512, None, [(32, 512), (1, 8)]),  # GPU: the full budget (OOM at start)
-        ("cpu", 2048, 512, None, [(4, 512), (1, 8)]),
-        ("cpu", 16384, 512, None, [(4, 512), (1, 8)]),  # CPU: bounded, whatever the budget
-        ("cpu", 1024, 512, 1, [(1, 512), (1, 8)]),
-        ("cpu", 2048, 4, None, [(512, 4), (1, 4)]),
+        ("cuda:0", 16384, 512, 8, [(8, 512), (1, 8)]),  # at most the engine's batch size
+        ("cpu", 2048, 512, None, [(1, 512), (1, 8)]),  # CPU: one sequence, whatever the budget
+        ("cpu", 16384, 512, None, [(1, 512), (1, 8)]),
+        ("cpu", 8192, 8192, None, [(1, 512), (1, 8)]),  # a long-context model: bounded too
+        ("cpu", 2048, 4, None, [(1, 4), (1, 4)]),
     ],
 )
 def test_warmup_plan(
@@ -243,10 +244,11 @@ def test_warmup_logs_each_pass(xlmr_engine: TorchEngine, caplog: pytest.LogCaptu
     with caplog.at_level(logging.INFO, logger="reranker_runtime.engines.base"):
         xlmr_engine.warmup(1024)
     messages = [r.getMessage() for r in caplog.records]
-    assert messages[0] == "warming up: 8 x 128 tokens, 1 x 8 tokens"
-    assert messages[1].startswith("warm-up pass 1/2: 8 x 128 tokens in ")
+    assert messages[0] == "warming up: 1 x 128 tokens, 1 x 8 tokens"
+    assert messages[1].startswith("warm-up pass 1/2: 1 x 128 tokens in ")
     assert messages[2].startswith("warm-up pass 2/2: 1 x 8 tokens in ")
-    assert caplog.records[1].__dict__["fields"]["sequences"] == 8
+    fields = caplog.records[1].__dict__["fields"]
+    assert (fields["sequences"], fields["tokens_each"]) == (1, 128) and fields["seconds"] >= 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +288,6 @@ def test_serve_process_sets_threads_and_reports_auto_budget(
     assert info["torch_threads"] == 1
     assert "cpu threads torch_threads=1 source=--torch-threads" in text
     assert "OMP_WAIT_POLICY=PASSIVE" in text and "TOKENIZERS_PARALLELISM=false" in text
-    assert "warming up: 16 x 128 tokens, 1 x 8 tokens" in text
-    assert "warm-up pass 1/2: 16 x 128 tokens in " in text
+    assert "warming up: 1 x 128 tokens, 1 x 8 tokens" in text
+    assert "warm-up pass 1/2: 1 x 128 tokens in " in text
     assert "warm-up pass 2/2: 1 x 8 tokens in " in text

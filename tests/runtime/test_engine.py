@@ -141,7 +141,7 @@ def test_bfloat16_on_cpu(xlmr_reranker: Path, xlmr_engine) -> None:
 
 
 def test_warmup_at_budget(xlmr_engine) -> None:
-    xlmr_engine.warmup(1024)  # 8 x 128 tokens, then a short pass
+    xlmr_engine.warmup(1024)  # on CPU 1 x 128 tokens, then a short pass (plan: test_cpu_threads)
 
 
 def test_refuses_base_model_without_head(tmp_path: Path, xlmr_reranker: Path) -> None:
