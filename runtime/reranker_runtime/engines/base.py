@@ -125,7 +125,9 @@ class Engine(ABC):
                 n,
                 length,
                 seconds,
-                extra={"fields": {"sequences": n, "tokens_each": length, "seconds": seconds}},
+                extra={
+                    "fields": {"sequences": n, "tokens_each": length, "seconds": round(seconds, 3)}
+                },
             )
 
     def close(self) -> None:  # noqa: B027 - optional hook: most engines hold nothing to free
