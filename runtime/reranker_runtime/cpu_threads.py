@@ -4,7 +4,7 @@ PyTorch sizes its OpenMP pool from the machine's core count, and GNU OpenMP (the
 PyTorch's CPU wheels) lets idle pool threads spin between parallel regions. In a pod that shares
 its node, both hurt: a pool wider than the pod's CPU limit is throttled by the kernel's CFS quota,
 and a spinning thread steals the core that the busy thread next to it (or the tokenizer, or the
-event loop) needs. docs/benchmarks.md ("CPU contention") has the measurements.
+event loop) needs. docs/benchmarks.md ("CPU threads and contention") has the measurements.
 
 `serve` therefore calls `configure_cpu_threads` before PyTorch is imported:
 
@@ -239,6 +239,6 @@ def log_thread_plan(plan: ThreadPlan) -> None:
     )
     if plan.torch_already_loaded:
         logger.info(
-            "torch was imported before the thread setup: OMP_WAIT_POLICY and the tokenizer "
-            "setting apply only to a fresh process"
+            "torch was imported before the thread setup: the thread count is applied, but "
+            "OMP_WAIT_POLICY takes effect only in a fresh process"
         )
