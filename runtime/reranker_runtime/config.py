@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 DEFAULT_MODEL = "BAAI/bge-reranker-large"
+# A setting the server chooses at start from the machine and the model (batch_budget.py,
+# cpu_threads.py); /info and the start-up log report the number chosen.
+AUTO: Literal["auto"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,8 @@ class ServeSettings:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     host: str = "0.0.0.0"
     port: int = 8080
-    max_batch_tokens: int = 16384  # token budget of one forward pass (padded: longest * n)
+    # Token budget of one forward pass (padded: longest * n); auto: 2048 on CPU, 16384 on GPU.
+    max_batch_tokens: int | Literal["auto"] = AUTO
     max_batch_requests: int | None = None  # most sequences in one forward pass
     max_client_batch_size: int = 1000  # most texts/inputs in one request
     max_concurrent_requests: int = 512  # requests in flight before 429
@@ -51,6 +56,8 @@ class ServeSettings:
     engine: str = "auto"
     torch_compile: bool = False  # packed engine: torch.compile the forward pass
     cuda_graphs: bool = False  # packed engine: CUDA graphs per token-count bucket
+    # Intra-op CPU threads of the forward pass; auto: the CPUs this process may use.
+    torch_threads: int | Literal["auto"] = AUTO
 
 
 # flag name -> environment variable. Every `serve` flag is settable through its variable.
@@ -86,6 +93,7 @@ SERVE_ENV_VARS: dict[str, str] = {
     "engine": "RERANKER_ENGINE",
     "torch_compile": "RERANKER_TORCH_COMPILE",
     "cuda_graphs": "RERANKER_CUDA_GRAPHS",
+    "torch_threads": "RERANKER_TORCH_THREADS",
 }
 
 ENGINE_CHOICES = ("auto", "torch", "packed", "trtllm")

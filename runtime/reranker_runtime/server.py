@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from reranker_runtime.batch_budget import parse_max_batch_tokens
 from reranker_runtime.config import (
     DEFAULT_MODEL,
     ENGINE_CHOICES,
@@ -33,6 +34,7 @@ from reranker_runtime.config import (
     TEI_ENV_VARS,
     ServeSettings,
 )
+from reranker_runtime.cpu_threads import configure_cpu_threads, log_thread_plan, parse_torch_threads
 from reranker_runtime.logging import LOG_FORMATS, LOG_LEVELS, log_fields
 
 if TYPE_CHECKING:
@@ -174,11 +176,12 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "max_batch_tokens",
         ("--max-batch-tokens",),
-        _int_parser(1),
+        parse_max_batch_tokens,
         "Token budget of one forward pass (padded engines count longest x sequences); must be at "
-        "least the model's max input length. On CPU, 2048 serves more pairs/s and answers small "
-        "requests sooner (docs/benchmarks.md)",
-        "N",
+        "least the model's max input length. auto: 2048 on CPU, 16384 (TEI's default) on GPU, "
+        "raised to the model's max input length and capped by the engine's own limit; /info "
+        "reports the number (docs/runtime-batching.md)",
+        "N|auto",
     ),
     _Option(
         "max_batch_requests",
@@ -274,6 +277,15 @@ _OPTIONS: tuple[_Option, ...] = (
         "Require 'Authorization: Bearer <key>' or 'Authorization: Api-Key <key>' on the inference "
         "routes and /info (/health, /live, /metrics, /docs stay open)",
         "KEY",
+    ),
+    _Option(
+        "torch_threads",
+        ("--torch-threads",),
+        parse_torch_threads,
+        "CPU threads of one forward pass. auto: OMP_NUM_THREADS when set, else the CPUs this "
+        "process may use (affinity mask and cgroup CPU limit, rounded down); /info reports the "
+        "number (docs/runtime-batching.md)",
+        "N|auto",
     ),
     _Option(
         "log_format",
@@ -494,6 +506,8 @@ def use_hub_cache(settings: ServeSettings, environ: dict[str, str] | None = None
 
 def serve(settings: ServeSettings) -> int:
     """Run the server until a signal; returns the process exit code."""
+    # First, before anything imports torch: OpenMP reads its variables once, when it starts.
+    log_thread_plan(configure_cpu_threads(settings.torch_threads))
     use_hub_cache(settings)
     from reranker_runtime.api.app import create_app
     from reranker_runtime.metrics import start_metrics_server

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from reranker_runtime import metrics
+from reranker_runtime.batch_budget import resolve_max_batch_tokens
 from reranker_runtime.batching import Batcher, BatchResult
 from reranker_runtime.config import ServeSettings, default_tokenization_workers
 from reranker_runtime.engines.base import Engine, EngineInfo
@@ -109,7 +110,7 @@ class RerankService:
         self._tokenizer = PairTokenizer(engine.tokenizer, info.max_input_length)
         self._batcher = Batcher(
             engine,
-            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_tokens=resolve_max_batch_tokens(settings.max_batch_tokens, info),
             max_batch_requests=settings.max_batch_requests,
         )
         self._labels = [info.id2label.get(i, f"LABEL_{i}") for i in range(info.num_labels)]

@@ -24,7 +24,8 @@ def test_defaults_match_serve_settings() -> None:
     settings = settings_from_args(_serve_args([]), environ={})
     assert settings == ServeSettings(model=DEFAULT_MODEL)
     assert settings.port == 8080
-    assert settings.max_batch_tokens == 16384
+    assert settings.max_batch_tokens == "auto"
+    assert settings.torch_threads == "auto"
     assert settings.max_client_batch_size == 1000
     assert settings.max_concurrent_requests == 512
     assert settings.auto_truncate is False
@@ -69,6 +70,7 @@ ENV = {
     "RERANKER_ENGINE": "packed",
     "RERANKER_TORCH_COMPILE": "true",
     "RERANKER_CUDA_GRAPHS": "1",
+    "RERANKER_TORCH_THREADS": "3",
 }
 
 
@@ -107,6 +109,7 @@ def test_every_setting_comes_from_its_env_var() -> None:
         engine="packed",
         torch_compile=True,
         cuda_graphs=True,
+        torch_threads=3,
     )
 
 
@@ -139,7 +142,7 @@ def test_every_env_var_has_a_flag_and_help_names_it(capsys: pytest.CaptureFixtur
         assert f"env: {var}" in help_text, var
         assert "--" + field.replace("_", "-") in help_text, field
     assert "(default: 8080; env: RERANKER_PORT)" in help_text
-    assert "(default: 16384; env: RERANKER_MAX_BATCH_TOKENS)" in help_text
+    assert "(default: auto; env: RERANKER_MAX_BATCH_TOKENS)" in help_text
     # argparse may wrap inside "bge-reranker-large": compare without whitespace.
     assert (
         f"(default:{DEFAULT_MODEL}unless--engine-dirisset;env:RERANKER_MODEL)"

@@ -164,18 +164,20 @@ class RecordingEngine(Engine):
 
 
 @pytest.mark.parametrize(
-    ("budget", "max_batch_size", "full_batch"),
+    ("device", "budget", "max_batch_size", "full_batch"),
     [
-        (1024, None, [TINY_MAX_TOKENS] * 8),  # 8 x 128 = the whole budget
-        (1000, None, [TINY_MAX_TOKENS] * 7),  # as many full-length sequences as fit
-        (100, None, [TINY_MAX_TOKENS]),  # at least one full-length sequence
-        (1024, 3, [TINY_MAX_TOKENS] * 3),  # never beyond the engine's own batch limit
+        ("cuda", 1024, None, [TINY_MAX_TOKENS] * 8),  # 8 x 128 = the whole budget
+        ("cuda", 1000, None, [TINY_MAX_TOKENS] * 7),  # as many full-length sequences as fit
+        ("cuda", 100, None, [TINY_MAX_TOKENS]),  # at least one full-length sequence
+        ("cuda", 1024, 3, [TINY_MAX_TOKENS] * 3),  # never beyond the engine's own batch limit
+        ("cpu", 1024, None, [TINY_MAX_TOKENS]),  # CPU: one full-length sequence, any budget
     ],
 )
 def test_warmup_runs_the_largest_batch_first(
-    xlmr_engine, budget: int, max_batch_size: int | None, full_batch: list[int]
+    xlmr_engine, device: str, budget: int, max_batch_size: int | None, full_batch: list[int]
 ) -> None:
-    engine = RecordingEngine(xlmr_engine, max_batch_size=max_batch_size)
+    # The plan follows the engine's device (the forward passes run on the CPU engine beneath).
+    engine = RecordingEngine(xlmr_engine, device=device, max_batch_size=max_batch_size)
     engine.warmup(budget)
     assert engine.batches[0] == full_batch  # the pass that would run out of memory, at start
     assert len(engine.batches) == 2 and len(engine.batches[1]) == 1  # then one short sequence

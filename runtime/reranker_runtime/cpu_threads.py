@@ -1,0 +1,244 @@
+"""CPU threads for the forward pass, chosen from the CPUs this process may actually use.
+
+PyTorch sizes its OpenMP pool from the machine's core count, and GNU OpenMP (the libgomp in
+PyTorch's CPU wheels) lets idle pool threads spin between parallel regions. In a pod that shares
+its node, both hurt: a pool wider than the pod's CPU limit is throttled by the kernel's CFS quota,
+and a spinning thread steals the core that the busy thread next to it (or the tokenizer, or the
+event loop) needs. docs/benchmarks.md ("CPU threads and contention") has the measurements.
+
+`serve` therefore calls `configure_cpu_threads` before PyTorch is imported:
+
+- torch threads (`--torch-threads`, default `auto`) = the CPUs this process may use: the affinity
+  mask (`taskset`, a cpuset) and, when set, the cgroup CPU limit (a Kubernetes `limits.cpu`),
+  rounded down, at least 1. An explicit `OMP_NUM_THREADS` is honoured when the flag is `auto`.
+- `OMP_WAIT_POLICY=PASSIVE`: idle OpenMP threads sleep at once instead of spinning.
+- `TOKENIZERS_PARALLELISM=false`: each request is tokenized on one thread; requests are
+  tokenized concurrently anyway, and a second thread pool only competes with the forward pass.
+
+Variables already set in the environment are left as they are, so each choice can be overridden.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from reranker_runtime.config import AUTO
+
+logger = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+
+# Set when absent; a value already in the environment wins (the documented override).
+DEFAULT_ENVIRONMENT: dict[str, str] = {
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# The thread count itself goes to every library that reads one.
+THREAD_COUNT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class CpuLimits:
+    """The CPUs available to this process."""
+
+    affinity: int  # CPUs in the affinity mask
+    quota: float | None = None  # cgroup CPU limit in CPUs (cpu.max / cfs_quota); None = none
+
+    @property
+    def usable(self) -> int:
+        """Whole CPUs the process can keep busy: the affinity, capped by the quota rounded
+        down (a pool wider than the quota is throttled), at least 1."""
+        cpus = max(1, self.affinity)
+        if self.quota is not None:
+            cpus = min(cpus, max(1, math.floor(self.quota)))
+        return cpus
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """What `configure_cpu_threads` decided, for the start-up log."""
+
+    threads: int
+    source: str  # "--torch-threads", "OMP_NUM_THREADS" or "auto"
+    limits: CpuLimits
+    environment: dict[str, str] = field(default_factory=dict)  # variables as now set
+    torch_already_loaded: bool = False
+
+
+# -- pure parsing / choice ----------------------------------------------------------------------
+
+
+def parse_cpu_max(text: str) -> float | None:
+    """cgroup v2 `cpu.max` ("QUOTA PERIOD", QUOTA may be "max") -> CPUs, None when unlimited."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def parse_cfs_quota(quota_text: str, period_text: str) -> float | None:
+    """cgroup v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us` -> CPUs, None when unlimited (-1)."""
+    try:
+        quota, period = int(quota_text.strip()), int(period_text.strip())
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def parse_torch_threads(text: str) -> int | Literal["auto"]:
+    """`--torch-threads` / RERANKER_TORCH_THREADS: 'auto' or a positive integer."""
+    value = text.strip().lower()
+    if value == AUTO:
+        return AUTO
+    try:
+        threads = int(value)
+    except ValueError:
+        raise ValueError("expected 'auto' or a positive integer") from None
+    if threads < 1:
+        raise ValueError("must be 'auto' or >= 1")
+    return threads
+
+
+def choose_threads(
+    requested: int | Literal["auto"], limits: CpuLimits, omp_num_threads: str | None = None
+) -> tuple[int, str]:
+    """(threads, where the number came from): the flag, else a valid OMP_NUM_THREADS, else the
+    usable CPUs."""
+    if requested != AUTO:
+        return int(requested), "--torch-threads"
+    if omp_num_threads:
+        try:
+            from_env = int(omp_num_threads.split(",")[0])
+        except ValueError:
+            from_env = 0
+        if from_env >= 1:
+            return from_env, "OMP_NUM_THREADS"
+    return limits.usable, AUTO
+
+
+# -- reading the machine ------------------------------------------------------------------------
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _ancestors(root: Path, cgroup_path: str) -> list[Path]:
+    """root/a/b, root/a, root: a limit anywhere up the hierarchy applies to the process. Paths
+    that do not exist (the host's path seen from inside a container) are skipped by the caller."""
+    parts = [p for p in cgroup_path.split("/") if p and p not in (".", "..")]
+    return [root.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def read_cgroup_quota(
+    root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP
+) -> float | None:
+    """The tightest CPU limit (in CPUs) of this process's cgroups, v2 or v1; None when none."""
+    text = _read(proc_cgroup)
+    if text is None:
+        return None
+    limits: list[float] = []
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":  # cgroup v2 (unified)
+            for directory in _ancestors(root, path):
+                cpu_max = _read(directory / "cpu.max")
+                quota = parse_cpu_max(cpu_max) if cpu_max is not None else None
+                if quota is not None:
+                    limits.append(quota)
+        elif "cpu" in controllers.split(","):  # cgroup v1, mounted as cpu or cpu,cpuacct
+            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+                for directory in _ancestors(root / mount, path):
+                    q = _read(directory / "cpu.cfs_quota_us")
+                    p = _read(directory / "cpu.cfs_period_us")
+                    quota = parse_cfs_quota(q, p) if q is not None and p is not None else None
+                    if quota is not None:
+                        limits.append(quota)
+    return min(limits) if limits else None
+
+
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def detect_cpu_limits(
+    affinity: Callable[[], int] = _affinity,
+    quota: Callable[[], float | None] = read_cgroup_quota,
+) -> CpuLimits:
+    return CpuLimits(affinity=affinity(), quota=quota())
+
+
+# -- applying -----------------------------------------------------------------------------------
+
+
+def configure_cpu_threads(
+    requested: int | Literal["auto"] = AUTO,
+    *,
+    limits: CpuLimits | None = None,
+    environ: MutableMapping[str, str] | None = None,
+) -> ThreadPlan:
+    """Choose the torch thread count and set the OpenMP/tokenizer variables.
+
+    Call before PyTorch is imported: OpenMP reads its variables once, when it starts. When torch
+    is already loaded (an embedding application, a test), the thread count is applied through
+    `torch.set_num_threads` and the wait policy stays whatever OpenMP started with."""
+    env = os.environ if environ is None else environ
+    limits = limits or detect_cpu_limits()
+    threads, source = choose_threads(requested, limits, env.get("OMP_NUM_THREADS"))
+    for name in THREAD_COUNT_VARIABLES:
+        env[name] = str(threads)
+    for name, value in DEFAULT_ENVIRONMENT.items():
+        env.setdefault(name, value)
+    torch_loaded = "torch" in sys.modules
+    if torch_loaded:
+        import torch
+
+        # Threads started later (the batcher's forward thread) take this value on first use.
+        torch.set_num_threads(threads)
+    names = (*THREAD_COUNT_VARIABLES, *DEFAULT_ENVIRONMENT)
+    return ThreadPlan(
+        threads=threads,
+        source=source,
+        limits=limits,
+        environment={name: env[name] for name in names},
+        torch_already_loaded=torch_loaded,
+    )
+
+
+def log_thread_plan(plan: ThreadPlan) -> None:
+    logger.info(
+        "cpu threads",
+        extra={
+            "fields": {
+                "torch_threads": plan.threads,
+                "source": plan.source,
+                "affinity_cpus": plan.limits.affinity,
+                "cgroup_cpu_limit": plan.limits.quota,
+                **plan.environment,
+            }
+        },
+    )
+    if plan.torch_already_loaded:
+        logger.info(
+            "torch was imported before the thread setup: the thread count is applied, but "
+            "OMP_WAIT_POLICY takes effect only in a fresh process"
+        )
