@@ -151,7 +151,8 @@ def _server_dtype(info: dict[str, Any]) -> str | None:
     return str(value) if value else None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for reports: speed figures hold per CPU model."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -417,7 +418,7 @@ def build_report(args: argparse.Namespace, server: dict[str, Any]) -> dict[str, 
     return {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),

@@ -12,11 +12,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from reranker_runtime.bench.command import cpu_model
 from reranker_runtime.engines.base import EncodedPair, Engine
 from reranker_runtime.engines.cuda_driver import host_driver_version
 
@@ -70,7 +70,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "reranker_runtime": reranker_runtime.__version__,
         "varlen_attn": _has_varlen(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "torch_threads": torch.get_num_threads(),
     }
     if device.startswith("cuda"):
@@ -91,18 +91,6 @@ def _has_varlen() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def measured_matmul_tflops(device: str, dtype_name: str, size: int = 8192) -> float:
