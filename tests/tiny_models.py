@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -101,6 +101,19 @@ def corpus(n_sentences: int = 400, seed: int = 0) -> list[str]:
     return [
         " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 30))) for _ in range(n_sentences)
     ]
+
+
+def mixed_pairs(tokenizer: Any, n: int, seed: int) -> list[tuple[str, str]]:
+    """(query, text) pairs of very different lengths, all within the model's limit."""
+    rng = random.Random(seed)
+    sentences = corpus(200, seed=seed)
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < n:
+        query = rng.choice(sentences)
+        text = " ".join(rng.choice(sentences) for _ in range(rng.randint(1, 4)))
+        if len(tokenizer(query, text)["input_ids"]) <= TINY_MAX_TOKENS:
+            pairs.append((query, text))
+    return pairs
 
 
 def _xlmr_tokenizer(out_dir: Path):

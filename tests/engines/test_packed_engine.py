@@ -25,7 +25,7 @@ from reranker_runtime.engines.base import EncodedPair
 from reranker_runtime.engines.packed_engine import PackedEngine, family_facts, pack
 from reranker_runtime.engines.torch_engine import TorchEngine
 from reranker_runtime.errors import ModelLoadError
-from tiny_models import TINY_MAX_TOKENS, build_tiny_model, corpus, reference_logits
+from tiny_models import TINY_MAX_TOKENS, build_tiny_model, corpus, mixed_pairs, reference_logits
 
 SCORE_TOL = 1e-5  # on sigmoid scores (the bar)
 LOGIT_TOL = 1e-4  # raw logits of a few units: float summation order differs from the reference
@@ -65,18 +65,6 @@ def padded_engine(model_dir: Path) -> TorchEngine:
     if key not in _PADDED:
         _PADDED[key] = TorchEngine.load(key, device="cpu", dtype="float32")
     return _PADDED[key]
-
-
-def mixed_pairs(tokenizer: Any, n: int, seed: int) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    sentences = corpus(200, seed=seed)
-    pairs: list[tuple[str, str]] = []
-    while len(pairs) < n:
-        query = rng.choice(sentences)
-        text = " ".join(rng.choice(sentences) for _ in range(rng.randint(1, 4)))
-        if len(tokenizer(query, text)["input_ids"]) <= TINY_MAX_TOKENS:
-            pairs.append((query, text))
-    return pairs
 
 
 def encode(tokenizer: Any, pairs: list[tuple[str, str]]) -> list[EncodedPair]:

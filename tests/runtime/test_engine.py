@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
 from reranker_runtime.engines.factory import create_engine
 from reranker_runtime.engines.torch_engine import TorchEngine, cpu_has_native_bf16
 from reranker_runtime.errors import ModelLoadError
-from tiny_models import TINY_MAX_TOKENS, corpus, reference_logits
+from tiny_models import TINY_MAX_TOKENS, mixed_pairs, reference_logits
 
 # Scores (sigmoid of logits) must match the reference within 1e-5. Raw logits of the tiny
 # models (initializer_range 0.5, chosen to amplify mix-ups) move by up to ~3e-5 when a
@@ -30,19 +29,6 @@ LOGIT_TOL = 1e-4
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
-
-
-def mixed_pairs(tokenizer, n: int, seed: int) -> list[tuple[str, str]]:
-    """(query, text) pairs of very different lengths, all within the model's limit."""
-    rng = random.Random(seed)
-    sentences = corpus(200, seed=seed)
-    pairs: list[tuple[str, str]] = []
-    while len(pairs) < n:
-        query = rng.choice(sentences)
-        text = " ".join(rng.choice(sentences) for _ in range(rng.randint(1, 4)))
-        if len(tokenizer(query, text)["input_ids"]) <= TINY_MAX_TOKENS:
-            pairs.append((query, text))
-    return pairs
 
 
 def encode(engine: TorchEngine, pairs: list[tuple[str, str]]) -> list[EncodedPair]:
