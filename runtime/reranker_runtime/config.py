@@ -56,6 +56,7 @@ class ServeSettings:
     engine: str = "auto"
     torch_compile: bool = False  # packed engine: torch.compile the forward pass
     cuda_graphs: bool = False  # packed engine: CUDA graphs per token-count bucket
+    cpu_kernels: str = "auto"  # packed engine on CPU: auto | onednn | aten (engines/cpu_kernels.py)
     # Intra-op CPU threads of the forward pass; auto: the CPUs this process may use.
     torch_threads: int | Literal["auto"] = AUTO
 
@@ -93,10 +94,12 @@ SERVE_ENV_VARS: dict[str, str] = {
     "engine": "RERANKER_ENGINE",
     "torch_compile": "RERANKER_TORCH_COMPILE",
     "cuda_graphs": "RERANKER_CUDA_GRAPHS",
+    "cpu_kernels": "RERANKER_CPU_KERNELS",
     "torch_threads": "RERANKER_TORCH_THREADS",
 }
 
 ENGINE_CHOICES = ("auto", "torch", "packed", "trtllm")
+CPU_KERNEL_CHOICES = ("auto", "onednn", "aten")
 
 # TEI's own variable for the same setting, read when the RERANKER_* one is unset, so a TEI
 # deployment's environment keeps working.

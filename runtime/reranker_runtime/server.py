@@ -28,6 +28,7 @@ import uvicorn
 
 from reranker_runtime.batch_budget import parse_max_batch_tokens
 from reranker_runtime.config import (
+    CPU_KERNEL_CHOICES,
     DEFAULT_MODEL,
     ENGINE_CHOICES,
     SERVE_ENV_VARS,
@@ -367,6 +368,15 @@ _OPTIONS: tuple[_Option, ...] = (
         "Packed engine on CUDA: replay CUDA graphs captured per token-count bucket (more GPU "
         "memory; measure with `reranker-runtime gpu-check`)",
         boolean=True,
+    ),
+    _Option(
+        "cpu_kernels",
+        ("--cpu-kernels",),
+        _choice_parser(CPU_KERNEL_CHOICES),
+        "Packed engine on CPU: the linear layers' kernels. onednn (pre-packed weights, GELU and "
+        "residual add fused into the GEMM), aten (PyTorch's F.linear), or auto: onednn when a "
+        "check at load finds it works on this CPU and dtype (docs/engines.md)",
+        "KERNELS",
     ),
 )
 

@@ -104,15 +104,25 @@ def emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
 # ------------------------------------------------------------------------------ correctness
 
 
-@pytest.mark.parametrize("attention", ["grouped", "nested", "varlen"])
+@pytest.mark.parametrize(
+    ("attention", "kernels"),
+    [("grouped", "onednn"), ("grouped", "aten"), ("nested", "aten"), ("varlen", "aten")],
+)
 @pytest.mark.parametrize("kind", ["xlmr", "roberta", "bert", "classifier"])
 def test_scores_match_reference(
-    kind: str, attention: str, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    kind: str,
+    attention: str,
+    kernels: str,
+    models: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if attention == "varlen":
         monkeypatch.setattr(packed_engine, "_varlen_attn", emulated_varlen)
     model_dir = models[kind]
-    engine = PackedEngine.from_torch_engine(padded_engine(model_dir), attention=attention)
+    engine = PackedEngine.from_torch_engine(
+        padded_engine(model_dir), attention=attention, cpu_kernels=kernels
+    )
+    assert engine.info.extra["cpu_kernels"] == kernels
     pairs, ref = pairs_and_reference(model_dir, engine.tokenizer, seed=11)
     batch = encode(engine.tokenizer, pairs)
     lengths = [len(p) for p in batch]
@@ -260,7 +270,8 @@ def test_load_defaults_to_float32_on_cpu(models: dict[str, Path]) -> None:
 @pytest.mark.parametrize(
     ("requested", "device", "kind", "trt", "chosen"),
     [
-        ("auto", "cpu", None, False, "torch"),
+        ("auto", "cpu", None, False, "packed"),
+        ("auto", "cpu", "pytorch", False, "packed"),
         ("auto", "cuda", None, False, "packed"),
         ("auto", "cuda", "pytorch", False, "packed"),
         ("auto", "cuda", "tensorrt-llm", True, "trtllm"),

@@ -71,6 +71,7 @@ ENV = {
     "RERANKER_TORCH_COMPILE": "true",
     "RERANKER_CUDA_GRAPHS": "1",
     "RERANKER_TORCH_THREADS": "3",
+    "RERANKER_CPU_KERNELS": "aten",
 }
 
 
@@ -110,6 +111,7 @@ def test_every_setting_comes_from_its_env_var() -> None:
         torch_compile=True,
         cuda_graphs=True,
         torch_threads=3,
+        cpu_kernels="aten",
     )
 
 

@@ -554,6 +554,11 @@ class InfoResponse(BaseModel):
     torch_threads: int | None = Field(
         description="CPU threads of the forward pass (PyTorch engine); size the CPU request to it."
     )
+    cpu_kernels: str | None = Field(
+        default=None,
+        description="Packed engine on CPU: the linear layers' kernels, onednn or aten "
+        "(--cpu-kernels); null for other engines and devices.",
+    )
     max_input_length: int
     max_batch_tokens: int = Field(description="Tokens per forward pass, engine caps applied.")
     max_batch_requests: int | None = Field(

@@ -36,9 +36,10 @@ def choose_engine(
     """The engine to load: "torch", "packed" or "trtllm".
 
     auto: an engine directory holding a TensorRT-LLM engine -> trtllm when TensorRT-LLM is
-    installed, else the packed engine on the directory's checkpoint (logged); otherwise packed on
-    GPUs (no padding, varlen attention) and torch on CPUs, where the two measure alike
-    (docs/benchmarks.md) and the padded engine also serves the model types the packed one lacks.
+    installed, else the packed engine on the directory's checkpoint (logged); otherwise packed,
+    on GPUs (no padding, varlen attention) and CPUs alike (fused linear layers, and the last
+    layer's FFN for the first tokens only: faster than the padded model, docs/benchmarks.md).
+    A model the packed engine does not handle stays on the padded one (create_engine).
     Raises ModelLoadError for a choice that cannot work."""
     if requested == "trtllm":
         if engine_dir_kind != "tensorrt-llm":
@@ -65,8 +66,7 @@ def choose_engine(
             "the engine directory holds a TensorRT-LLM engine but tensorrt_llm is not installed "
             "here; serving its checkpoint with the packed PyTorch engine"
         )
-        return "packed"
-    return "packed" if device.startswith("cuda") else "torch"
+    return "packed"
 
 
 def create_engine(settings: ServeSettings) -> Engine:
@@ -97,7 +97,7 @@ def create_engine(settings: ServeSettings) -> Engine:
             settings = dataclasses.replace(settings, dtype=_packed_default_dtype(device))
         engine = load_engine_from_dir(engine_dir, settings)
         return (
-            _to_packed(engine, settings, strict=settings.engine == "packed")
+            _to_packed(engine, settings, strict=_packed_required(settings))
             if chosen == "packed"
             else engine
         )
@@ -110,7 +110,13 @@ def create_engine(settings: ServeSettings) -> Engine:
         from reranker_runtime.engines.torch_engine import TorchEngine
 
         return TorchEngine.load(model, settings.revision, device, settings.dtype)
-    return _load_packed(model, settings, device, strict=settings.engine == "packed")
+    return _load_packed(model, settings, device, strict=_packed_required(settings))
+
+
+def _packed_required(settings: ServeSettings) -> bool:
+    """Whether a model the packed engine cannot serve is an error rather than a fallback to the
+    padded engine: it was asked for, by name or by its CPU kernels."""
+    return settings.engine == "packed" or settings.cpu_kernels == "onednn"
 
 
 def _warn_if_the_gpu_is_unusable() -> None:
@@ -164,7 +170,10 @@ def _to_packed(engine: Engine, settings: ServeSettings, *, strict: bool) -> Engi
         return engine
     try:
         return PackedEngine.from_torch_engine(
-            engine, compile_model=settings.torch_compile, cuda_graphs=settings.cuda_graphs
+            engine,
+            compile_model=settings.torch_compile,
+            cuda_graphs=settings.cuda_graphs,
+            cpu_kernels=settings.cpu_kernels,
         )
     except ModelLoadError as exc:
         if strict:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
+from reranker_runtime.engines.cpu_kernels import activation_of, choose_cpu_kernels, make_linear
 from reranker_runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -234,31 +235,36 @@ def pack(
 
 
 class _Layer(torch.nn.Module):
-    qkv_w: torch.Tensor
-    qkv_b: torch.Tensor
+    """One encoder layer's weights as the packed forward pass runs them (cpu_kernels.Linear)."""
 
-    def __init__(self, hf_layer: Any) -> None:
+    def __init__(self, hf_layer: Any, hidden_act: Any, kernels: str) -> None:
         super().__init__()
         sa, so = hf_layer.attention.self, hf_layer.attention.output
         inter, out = hf_layer.intermediate, hf_layer.output
         # Fused QKV: one [3H, H] GEMM instead of three [H, H] ones.
-        self.register_buffer("qkv_w", torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]))
-        self.register_buffer("qkv_b", torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]))
-        self.attn_out = so.dense
+        self.qkv = make_linear(
+            kernels,
+            torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]),
+            torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]),
+        )
+        self.attn_out = make_linear(kernels, so.dense.weight, so.dense.bias)
         self.attn_norm = so.LayerNorm
-        self.ffn_in = inter.dense
-        self.act = inter.intermediate_act_fn
-        self.ffn_out = out.dense
+        activation = activation_of(hidden_act, inter.intermediate_act_fn)
+        self.ffn_in = make_linear(kernels, inter.dense.weight, inter.dense.bias, activation)
+        self.ffn_out = make_linear(kernels, out.dense.weight, out.dense.bias)
         self.ffn_norm = out.LayerNorm
 
 
 class PackedEncoder(torch.nn.Module):
     """A BERT-family sequence classifier run on a packed token stream."""
 
-    def __init__(self, hf_model: Any, facts: FamilyFacts, attention: str) -> None:
+    def __init__(
+        self, hf_model: Any, facts: FamilyFacts, attention: str, kernels: str = "aten"
+    ) -> None:
         super().__init__()
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}")
+        self.kernels = kernels
         config = hf_model.config
         base = hf_model.base_model
         emb = base.embeddings
@@ -270,7 +276,9 @@ class PackedEncoder(torch.nn.Module):
         self.position = emb.position_embeddings
         self.token_type = emb.token_type_embeddings
         self.emb_norm = emb.LayerNorm
-        self.layers = torch.nn.ModuleList(_Layer(layer) for layer in base.encoder.layer)
+        self.layers = torch.nn.ModuleList(
+            _Layer(layer, config.hidden_act, kernels) for layer in base.encoder.layer
+        )
         self.head_kind = facts.head
         if facts.head == "roberta":
             self.head_dense = hf_model.classifier.dense
@@ -304,7 +312,7 @@ class PackedEncoder(torch.nn.Module):
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, _Layer)
             tokens = x.shape[0]
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(tokens, 3, self.num_heads, -1)
+            qkv = layer.qkv(x).view(tokens, 3, self.num_heads, -1)
             q, k, v = qkv.unbind(1)
             if self.attention == "varlen":
                 assert _varlen_attn is not None and cu_seqlens is not None
@@ -319,8 +327,8 @@ class PackedEncoder(torch.nn.Module):
             if i == last:
                 # The head reads only each sequence's first token.
                 a, x = a.index_select(0, first_tokens), x.index_select(0, first_tokens)
-            x = layer.attn_norm(layer.attn_out(a) + x)
-            x = layer.ffn_norm(layer.ffn_out(layer.act(layer.ffn_in(x))) + x)
+            x = layer.attn_norm(layer.attn_out.add(a, x))
+            x = layer.ffn_norm(layer.ffn_out.add(layer.ffn_in(x), x))
         if not self.layers:
             x = x.index_select(0, first_tokens)
         return self.head_out(torch.tanh(self.head_dense(x)))
@@ -662,6 +670,7 @@ class PackedEngine(Engine):
         attention: str | None = None,
         compile_model: bool = False,
         cuda_graphs: bool = False,
+        cpu_kernels: str = "auto",
     ) -> PackedEngine:
         """Load and validate a checkpoint (as the PyTorch engine does), then build the packed
         forward pass over its weights. Raises ModelLoadError."""
@@ -674,7 +683,11 @@ class PackedEngine(Engine):
             model, revision, dev, dtype, max_seq_len=max_seq_len, source=source
         )
         return cls.from_torch_engine(
-            padded, attention=attention, compile_model=compile_model, cuda_graphs=cuda_graphs
+            padded,
+            attention=attention,
+            compile_model=compile_model,
+            cuda_graphs=cuda_graphs,
+            cpu_kernels=cpu_kernels,
         )
 
     @classmethod
@@ -685,8 +698,11 @@ class PackedEngine(Engine):
         attention: str | None = None,
         compile_model: bool = False,
         cuda_graphs: bool = False,
+        cpu_kernels: str = "auto",
     ) -> PackedEngine:
-        """Reuse a loaded TorchEngine's validated model, tokenizer and limits."""
+        """Reuse a loaded TorchEngine's validated model, tokenizer and limits. `cpu_kernels`
+        (auto | onednn | aten, see engines/cpu_kernels.py) applies on CPU without
+        torch.compile, which fuses by itself; elsewhere the linear layers are PyTorch's own."""
         hf_model = padded._model  # the engine's own transformers model (same package)
         config = hf_model.config
         facts = family_facts(config)
@@ -698,7 +714,13 @@ class PackedEngine(Engine):
             raise ModelLoadError(
                 "this PyTorch has no torch.nn.attention.varlen (needs PyTorch >= 2.10)"
             )
-        encoder = PackedEncoder(hf_model, facts, backend).eval()
+        kernels = "aten"
+        if device.type == "cpu" and not compile_model:
+            try:
+                kernels = choose_cpu_kernels(cpu_kernels, dtype)
+            except ValueError as exc:
+                raise ModelLoadError(str(exc)) from exc
+        encoder = PackedEncoder(hf_model, facts, backend, kernels).eval()
         info = EngineInfo(
             name=ENGINE_NAME,
             model_id=base.model_id,
@@ -718,6 +740,7 @@ class PackedEngine(Engine):
                 "torch_threads": torch.get_num_threads(),
                 "torch_compile": compile_model,
                 "cuda_graphs": cuda_graphs and backend == "varlen",
+                "cpu_kernels": kernels if device.type == "cpu" else None,
             },
         )
         if cuda_graphs and backend != "varlen":
@@ -725,7 +748,10 @@ class PackedEngine(Engine):
                 "CUDA graphs need the varlen attention backend; running without them",
                 extra={"attention": backend},
             )
-        logger.info("packed engine ready", extra={"attention": backend, "dtype": info.dtype})
+        logger.info(
+            "packed engine ready",
+            extra={"attention": backend, "dtype": info.dtype, "linear_kernels": kernels},
+        )
         return cls(
             encoder,
             padded.tokenizer,

@@ -1,0 +1,124 @@
+"""The packed engine's CPU linear layers: oneDNN's fused kernels compute what PyTorch's ops do,
+the choice at load falls back (or refuses, when forced) with the reason, and every activation
+the BERT family uses scores like the transformers reference."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reranker_runtime.config import ServeSettings
+from reranker_runtime.engines import cpu_kernels, factory
+from reranker_runtime.engines.base import EncodedPair
+from reranker_runtime.engines.cpu_kernels import (
+    AtenLinear,
+    OneDnnLinear,
+    activation_of,
+    choose_cpu_kernels,
+    onednn_problem,
+)
+from reranker_runtime.engines.packed_engine import PackedEngine
+from reranker_runtime.errors import ModelLoadError
+from tiny_models import mixed_pairs, reference_logits
+
+LOGIT_TOL = 1e-4
+
+
+def test_onednn_works_in_float32_on_this_cpu() -> None:
+    """CI's CPUs (x86 with AVX2 or AVX-512) all run oneDNN in float32: if this fails, auto
+    silently serves the slower kernels, so it must fail loudly here."""
+    assert onednn_problem(torch.float32) is None
+    assert choose_cpu_kernels("auto", torch.float32) == "onednn"
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"])
+def test_fused_linear_computes_what_pytorch_does(act: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 48, generator=gen)
+    w, b = torch.randn(80, 48, generator=gen) / 7, torch.randn(80, generator=gen)
+    residual = torch.randn(37, 80, generator=gen)
+    activation = activation_of(act, torch.nn.SiLU())
+    want = activation.torch_fn(F.linear(x, w, b))
+    for linear in (OneDnnLinear(w, b, activation), AtenLinear(w, b, activation)):
+        torch.testing.assert_close(linear(x), want, atol=1e-5, rtol=1e-5)
+    plain = OneDnnLinear(w, b, None)
+    torch.testing.assert_close(plain.add(x, residual), F.linear(x, w, b) + residual)
+    torch.testing.assert_close(
+        AtenLinear(w, b, None).add(x, residual), F.linear(x, w, b) + residual
+    )
+
+
+def test_activation_names() -> None:
+    module = torch.nn.SiLU()
+    assert activation_of("gelu", module).onednn == ("gelu", "none")  # exact (erf) GELU
+    assert activation_of("gelu_new", module).onednn == ("gelu", "tanh")
+    unknown = activation_of("silu", module)
+    assert unknown.onednn is None and unknown.torch_fn is module  # runs after the GEMM
+
+
+def test_choice_falls_back_or_refuses_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert choose_cpu_kernels("aten", torch.float32) == "aten"
+    monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda _dtype: "no bf16 ISA here")
+    with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
+        assert choose_cpu_kernels("auto", torch.bfloat16) == "aten"
+    assert "no bf16 ISA here" in caplog.text
+    with pytest.raises(ValueError, match="no bf16 ISA here; use --cpu-kernels aten"):
+        choose_cpu_kernels("onednn", torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown cpu kernels 'fast'"):
+        choose_cpu_kernels("fast", torch.float32)
+
+
+def test_a_failing_probe_is_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_a: object, **_k: object) -> torch.Tensor:
+        raise RuntimeError("could not create a primitive descriptor\nmore detail")
+
+    monkeypatch.setattr(OneDnnLinear, "__call__", broken)
+    problem = onednn_problem(torch.float32)
+    assert problem is not None and "could not create a primitive descriptor" in problem
+    assert "more detail" not in problem
+
+
+def test_serve_picks_the_packed_engine_with_onednn_on_cpu(xlmr_reranker: Path) -> None:
+    engine = factory.create_engine(ServeSettings(model=str(xlmr_reranker), device="cpu"))
+    assert isinstance(engine, PackedEngine)
+    assert engine.info.extra["cpu_kernels"] == "onednn"
+    forced = factory.create_engine(
+        ServeSettings(model=str(xlmr_reranker), device="cpu", cpu_kernels="aten")
+    )
+    assert isinstance(forced, PackedEngine) and forced.info.extra["cpu_kernels"] == "aten"
+
+
+def test_forcing_onednn_where_it_cannot_run_fails_at_load(
+    xlmr_reranker: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda _dtype: "no oneDNN here")
+    with pytest.raises(ModelLoadError, match="--cpu-kernels onednn: no oneDNN here"):
+        factory.create_engine(
+            ServeSettings(model=str(xlmr_reranker), device="cpu", cpu_kernels="onednn")
+        )
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "relu"])
+def test_other_activations_score_like_the_reference(
+    act: str, xlmr_reranker: Path, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / act
+    shutil.copytree(xlmr_reranker, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["hidden_act"] = act
+    (model_dir / "config.json").write_text(json.dumps(config))
+    engine = PackedEngine.load(str(model_dir), device="cpu", cpu_kernels="onednn")
+    pairs = mixed_pairs(engine.tokenizer, 12, seed=4)
+    batch = [EncodedPair(engine.tokenizer(q, t)["input_ids"]) for q, t in pairs]
+    np.testing.assert_allclose(
+        engine.score(batch), reference_logits(model_dir, pairs), rtol=0, atol=LOGIT_TOL
+    )
