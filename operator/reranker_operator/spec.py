@@ -151,7 +151,7 @@ class EnvVar(_Model):
 
 class Runtime(_Model):
     image: str | None = Field(default=None, min_length=1, max_length=512)
-    # None: the runtime's own default (max_batch_tokens defaults to build.maxNumTokens).
+    # None: build.maxNumTokens on GPU, the runtime's `auto` budget on CPU (RerankerSpec).
     max_batch_tokens: int | None = Field(default=None, alias="maxBatchTokens", ge=1, le=_LIMIT_MAX)
     max_batch_requests: int | None = Field(
         default=None, alias="maxBatchRequests", ge=1, le=_LIMIT_MAX
@@ -233,9 +233,15 @@ class RerankerSpec(_Model):
         return 1 if self.replicas is None else self.replicas
 
     @property
-    def max_batch_tokens(self) -> int:
-        """The serving token budget: runtime.maxBatchTokens, else the engine's maxNumTokens."""
-        return self.runtime.max_batch_tokens or self.build.max_num_tokens
+    def max_batch_tokens(self) -> int | Literal["auto"]:
+        """The serving token budget (RERANKER_MAX_BATCH_TOKENS): runtime.maxBatchTokens when set;
+        else on GPU the engine's maxNumTokens (what its TensorRT profile was built for), and on
+        CPU the runtime's `auto` (2048, or the model's max input length if larger): a CPU engine
+        has no token profile (maxNumTokens only caps its input length there), and passes of
+        16384 tokens are slower and far less fair on CPU (docs/benchmarks.md)."""
+        if self.runtime.max_batch_tokens is not None:
+            return self.runtime.max_batch_tokens
+        return self.build.max_num_tokens if self.accelerator.is_gpu else "auto"
 
 
 def _quantity(value: Any) -> Any:

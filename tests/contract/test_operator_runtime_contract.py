@@ -42,7 +42,6 @@ def _reranker(checkpoint: str) -> dict[str, Any]:
         "metadata": {"name": "contract", "namespace": "default"},
         "spec": {
             "checkpoint": {"repo": checkpoint},
-            "build": {"maxNumTokens": 2048},
             "accelerator": {"type": "CPU"},
             "replicas": 1,
             "runtime": {"maxConcurrentRequests": 16, "maxClientBatchSize": 64},
@@ -209,7 +208,7 @@ def test_rendered_deployment_builds_and_serves_reference_scores(
         info = httpx.get(f"{base}/info").json()
         assert info["max_concurrent_requests"] == 16
         assert info["max_client_batch_size"] == 64
-        assert info["max_batch_tokens"] == 2048
+        assert info["max_batch_tokens"] == 2048  # `auto` on CPU (the default maxNumTokens is 16384)
     finally:
         proc.terminate()
         try:

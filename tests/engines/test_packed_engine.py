@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -231,6 +232,19 @@ def test_info_and_limits(models: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="exceeds the model's limit of 128"):
         engine.score([EncodedPair([0] + [5] * 200 + [2])])
     engine.warmup(1024)
+
+
+def test_warmup_logs_its_progress(
+    models: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = PackedEngine.from_torch_engine(padded_engine(models["xlmr"]))
+    with caplog.at_level(logging.INFO, logger="reranker_runtime.engines.base"):
+        engine.warmup(1024)
+    # CPU: the budget of full-length sequences, then one short one (no allocator to grow).
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == f"warming up: 8 x {TINY_MAX_TOKENS} tokens, 1 x 8 tokens"
+    assert messages[1].startswith(f"warm-up pass 1/2: 8 x {TINY_MAX_TOKENS} tokens in ")
+    assert messages[2].startswith("warm-up pass 2/2: 1 x 8 tokens in ")
 
 
 def test_family_facts() -> None:

@@ -5,6 +5,7 @@ reused staging buffers."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import types
 from pathlib import Path
@@ -118,6 +119,7 @@ class _FakeSession:
 
     def __init__(self) -> None:
         self.pointers: list[dict[str, int]] = []
+        self.lengths: list[list[int]] = []  # the sequence lengths of each call
 
     def infer_shapes(self, infos: list[Any]) -> list[Any]:
         batch = next(i.shape[0] for i in infos if i.name == "input_lengths")
@@ -128,6 +130,7 @@ class _FakeSession:
     ) -> bool:
         self.pointers.append({k: v.data_ptr() for k, v in inputs.items()})
         ids, lengths = inputs["input_ids"].tolist(), inputs["input_lengths"].tolist()
+        self.lengths.append(lengths)
         start = 0
         for row, n in enumerate(lengths):
             outputs["logits"][row, 0] = float(sum(ids[start : start + n]))
@@ -135,7 +138,8 @@ class _FakeSession:
         return True
 
 
-def test_engine_call_reuses_staging_and_output_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fake_engine(monkeypatch: pytest.MonkeyPatch, session: _FakeSession) -> TrtLlmEngine:
+    """A TrtLlmEngine over `session`: max 16 tokens a sequence, 8 sequences and 128 tokens a pass."""
     trt = _module("tensorrt", DataType=types.SimpleNamespace(INT32="INT32"))
     utils = _module("tensorrt_llm._utils", trt_dtype_to_torch=lambda dtype: torch.float32)
     runtime = _module(
@@ -149,7 +153,6 @@ def test_engine_call_reuses_staging_and_output_buffers(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.cuda, "device", lambda _d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "stream", lambda _s: contextlib.nullcontext())
 
-    session = _FakeSession()
     info = EngineInfo(
         name="tensorrt-llm",
         model_id="m",
@@ -165,7 +168,7 @@ def test_engine_call_reuses_staging_and_output_buffers(monkeypatch: pytest.Monke
     )
     engine = TrtLlmEngine(
         session=session,
-        tokenizer=None,
+        tokenizer=types.SimpleNamespace(pad_token_id=1),
         info=info,
         position_offset=2,
         use_token_types=False,
@@ -175,7 +178,12 @@ def test_engine_call_reuses_staging_and_output_buffers(monkeypatch: pytest.Monke
     engine._staging = Int32Staging("cpu", pin=False)
     engine._readback = Float32Readback(pin=False)
     engine._input_names = {"input_ids", "input_lengths", "position_ids", "max_input_length"}
+    return engine
 
+
+def test_engine_call_reuses_staging_and_output_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    session = _FakeSession()
+    engine = _fake_engine(monkeypatch, session)
     first = [EncodedPair([0, 5, 2]), EncodedPair([0, 7, 8, 9, 2])]
     second = [EncodedPair([0, 3, 2]), EncodedPair([0, 4, 2]), EncodedPair([0, 1, 1, 2])]
     np.testing.assert_array_equal(engine.score(first), [[7.0], [26.0]])
@@ -183,3 +191,21 @@ def test_engine_call_reuses_staging_and_output_buffers(monkeypatch: pytest.Monke
     # Same staging buffer for both batches: nothing allocated or copied from pageable memory anew.
     assert session.pointers[0]["input_ids"] == session.pointers[1]["input_ids"]
     assert set(session.pointers[0]) == engine._input_names
+
+
+def test_engine_warmup_logs_its_progress(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    session = _FakeSession()
+    engine = _fake_engine(monkeypatch, session)
+    with caplog.at_level(logging.INFO, logger="reranker_runtime.engines.base"):
+        engine.warmup(1024)  # above the profile's 128 tokens: the profile's cap wins
+    # Full-length sequences at the budget, the most short ones the profile takes, one short one.
+    assert session.lengths == [[16] * 8, [8] * 8, [8]]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "warming up: 8 x 16 tokens, 8 x 8 tokens, 1 x 8 tokens"
+    assert messages[1].startswith("warm-up pass 1/3: 8 x 16 tokens in ")
+    assert messages[2].startswith("warm-up pass 2/3: 8 x 8 tokens in ")
+    assert messages[3].startswith("warm-up pass 3/3: 1 x 8 tokens in ")
+    fields = caplog.records[1].__dict__["fields"]
+    assert (fields["sequences"], fields["tokens_each"]) == (8, 16) and fields["seconds"] >= 0

@@ -560,6 +560,27 @@ def test_deployment_defaults_and_auto_truncate_false() -> None:
         assert unset not in env
 
 
+@pytest.mark.parametrize(
+    ("fields", "budget"),
+    [
+        # CPU: the runtime's own CPU budget, whatever build.maxNumTokens (a GPU profile) says.
+        ({"accelerator": {"type": "CPU"}}, "auto"),
+        ({"accelerator": {"type": "CPU"}, "build": {"maxNumTokens": 8192}}, "auto"),
+        ({"accelerator": {"type": "CPU"}, "runtime": {"maxBatchTokens": 4096}}, "4096"),
+        # GPU: the engine's profile unless the user chose a budget.
+        ({"accelerator": {"type": "L4"}}, "16384"),
+        ({"accelerator": {"type": "H100"}, "build": {"maxNumTokens": 8192}}, "8192"),
+        ({"accelerator": {"type": "H100"}, "runtime": {"maxBatchTokens": 4096}}, "4096"),
+    ],
+)
+def test_serve_max_batch_tokens_per_accelerator(fields: dict[str, Any], budget: str) -> None:
+    from reranker_runtime.batch_budget import parse_max_batch_tokens
+
+    env = env_map(container(b.build_deployment("rr", NS, spec_of(**fields), CONFIG, KEY)))
+    assert env["RERANKER_MAX_BATCH_TOKENS"] == budget
+    parse_max_batch_tokens(budget)  # the runtime's own parser accepts it
+
+
 def test_serve_env_names_are_runtime_settings() -> None:
     from reranker_runtime.config import SERVE_ENV_VARS
 

@@ -77,10 +77,18 @@ def test_render_output_has_no_yaml_aliases(capsys: pytest.CaptureFixture[str]) -
     assert "&id" not in out and "*id" not in out
 
 
-def test_render_cpu_example_has_no_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+def test_render_cpu_example_has_no_gpu_and_the_cpu_budget(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     _, docs, _ = render(["-f", str(EXAMPLES / "cpu-laptop.yaml")], capsys)
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(docs)
     assert "persistentVolumeClaim" not in yaml.safe_dump_all(docs)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["RERANKER_MAX_BATCH_TOKENS"] == "auto"  # the runtime's CPU budget
 
 
 def test_render_autoscaled_leaves_replicas_to_the_hpa(capsys: pytest.CaptureFixture[str]) -> None:

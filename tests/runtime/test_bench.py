@@ -157,15 +157,17 @@ def _local(baseline_pps: float, forward_ms: float) -> dict:
 
 def test_report_targets_pass_and_miss():
     args = _args(argv=["--fairness"])
-    r = build_report(args, {**_server_result(110.0, 100.0, 0.10), **_local(100.0, 90.0)})
+    # Issue 9's targets: throughput >= 1.3x, lone <= 1.2x, fairness < 10%.
+    r = build_report(args, {**_server_result(130.0, 120.0, 0.09), **_local(100.0, 100.0)})
     assert [t["status"] for t in r["targets"]] == ["PASS", "PASS", "PASS"]
-    assert r["throughput_ratio"] == pytest.approx(1.1)
-    assert r["lone"]["ratio"] == pytest.approx(100 / 90)
+    assert r["throughput_ratio"] == pytest.approx(1.3)
+    assert r["lone"]["ratio"] == pytest.approx(1.2)
+    assert [t["target"] for t in r["targets"]] == [">= 1.3x", "<= 1.2x", "< 10%"]
 
-    r = build_report(args, {**_server_result(90.0, 130.0, 0.15), **_local(100.0, 100.0)})
-    assert [t["status"] for t in r["targets"]] == ["MISS", "MISS", "MISS"]  # 15% is not < 15%
+    r = build_report(args, {**_server_result(125.0, 130.0, 0.10), **_local(100.0, 100.0)})
+    assert [t["status"] for t in r["targets"]] == ["MISS", "MISS", "MISS"]  # 10% is not < 10%
     text = format_report(r)
-    assert "MISS" in text and "0.90x" in text and "15.0%" in text
+    assert "MISS" in text and "1.25x" in text and "10.0%" in text
 
     # Without the model directory (no in-process phases) and without --fairness: n/a, not a verdict.
     r = build_report(_args(), _server_result(90.0, 130.0, None))

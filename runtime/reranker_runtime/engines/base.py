@@ -106,14 +106,19 @@ class Engine(ABC):
     def score(self, batch: Sequence[EncodedPair]) -> np.ndarray:
         """Run one forward pass; returns raw logits, float32, shape [len(batch), num_labels]."""
 
-    def warmup(self, max_batch_tokens: int) -> None:
-        """Run the passes of `warmup_passes` so the first request pays no start-up cost
-        (thread pools, allocator growth, kernel selection) and, on GPUs, an out-of-memory shows
-        at start. Logs the plan, then each pass with its shape and time."""
+    def warmup_plan(self, max_batch_tokens: int) -> list[tuple[int, int]]:
+        """(sequences, tokens each) of every warm-up pass, in order: `warmup_passes`. An engine
+        whose costs have other extremes (a packed engine's many short sequences) overrides it."""
         info = self.info
-        passes = warmup_passes(
+        return warmup_passes(
             info.device, max_batch_tokens, info.max_input_length, info.max_batch_size
         )
+
+    def warmup(self, max_batch_tokens: int) -> None:
+        """Run the passes of `warmup_plan` so the first request pays no start-up cost
+        (thread pools, allocator growth, kernel selection) and, on GPUs, an out-of-memory shows
+        at start. Logs the plan, then each pass with its shape and time."""
+        passes = self.warmup_plan(max_batch_tokens)
         logger.info(
             "warming up: %s",
             ", ".join(f"{n} x {length} tokens" for n, length in passes),

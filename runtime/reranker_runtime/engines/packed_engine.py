@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
+from reranker_runtime.engines.base import SHORT_WARMUP_TOKENS, EncodedPair, Engine, EngineInfo
 from reranker_runtime.engines.cpu_kernels import activation_of, choose_cpu_kernels, make_linear
 from reranker_runtime.errors import ModelLoadError
 
@@ -812,16 +812,15 @@ class PackedEngine(Engine):
         )
         return logits.float().cpu().numpy()
 
-    def warmup(self, max_batch_tokens: int) -> None:
+    def warmup_plan(self, max_batch_tokens: int) -> list[tuple[int, int]]:
         """Full-length sequences at the budget, the most short sequences the budget holds (a
         packed engine's other extreme), then one short sequence."""
         max_len = self._info.max_input_length
-        pad = self._pad_id
-        short = min(8, max_len)
-        self.score([EncodedPair([pad] * max_len)] * max(1, max_batch_tokens // max_len))
+        short = min(SHORT_WARMUP_TOKENS, max_len)
+        passes = [(max(1, max_batch_tokens // max_len), max_len)]
         if self._cuda is not None:  # allocator growth and kernel choice matter on GPUs only
-            self.score([EncodedPair([pad] * short)] * max(1, max_batch_tokens // short))
-        self.score([EncodedPair([pad] * short)])
+            passes.append((max(1, max_batch_tokens // short), short))
+        return [*passes, (1, short)]
 
     def close(self) -> None:
         if self._cuda is not None:
