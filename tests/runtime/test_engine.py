@@ -214,7 +214,9 @@ def test_refuses_bad_device_and_dtype(xlmr_reranker: Path) -> None:
 
 
 def test_factory_loads_torch_engine(xlmr_reranker: Path) -> None:
-    engine = create_engine(ServeSettings(model=str(xlmr_reranker), device="cpu", dtype="float32"))
+    engine = create_engine(
+        ServeSettings(model=str(xlmr_reranker), device="cpu", dtype="float32", engine="torch")
+    )
     assert isinstance(engine, TorchEngine)
     assert engine.info.model_id == str(xlmr_reranker)
 
@@ -227,6 +229,6 @@ def test_factory_prefers_engine_dir(monkeypatch: pytest.MonkeyPatch, xlmr_engine
         return xlmr_engine
 
     monkeypatch.setattr(factory, "load_engine_from_dir", load_engine_from_dir)
-    settings = ServeSettings(model="ignored", engine_dir="/engines/abc")
+    settings = ServeSettings(model="ignored", engine_dir="/engines/abc", engine="torch")
     assert create_engine(settings) is xlmr_engine
     assert seen == [("/engines/abc", settings)]

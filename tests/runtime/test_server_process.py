@@ -31,23 +31,28 @@ WAIT_S = 120.0  # upper bound for any wait (a failure, not a timing assertion)
 LAUNCHER = """
 import os, sys, time
 from reranker_runtime.engines.base import Engine
+from reranker_runtime.engines.packed_engine import PackedEngine
 from reranker_runtime.engines.torch_engine import TorchEngine
 
 HOLD = os.environ["TEST_HOLD_FILE"]
 WARMUP_HOLD = os.environ["TEST_WARMUP_HOLD_FILE"]
-_score, _warmup = TorchEngine.score, TorchEngine.warmup
+_warmup = Engine.warmup
 
-def score(self, batch):
-    while os.path.exists(HOLD):  # forward passes wait while the marker file exists
-        time.sleep(0.01)
-    return _score(self, batch)
+def held(original):
+    def score(self, batch):
+        while os.path.exists(HOLD):  # forward passes wait while the marker file exists
+            time.sleep(0.01)
+        return original(self, batch)
+    return score
 
 def warmup(self, max_batch_tokens):
     while os.path.exists(WARMUP_HOLD):
         time.sleep(0.01)
     return _warmup(self, max_batch_tokens)
 
-TorchEngine.score, TorchEngine.warmup = score, warmup
+# Whichever engine `serve` picks (auto: the packed one on CPU).
+TorchEngine.score, PackedEngine.score = held(TorchEngine.score), held(PackedEngine.score)
+Engine.warmup = warmup
 from reranker_runtime.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -813,14 +813,18 @@ class PackedEngine(Engine):
         return logits.float().cpu().numpy()
 
     def warmup_plan(self, max_batch_tokens: int) -> list[tuple[int, int]]:
-        """Full-length sequences at the budget, the most short sequences the budget holds (a
-        packed engine's other extreme), then one short sequence."""
+        """On GPUs: full-length sequences at the budget, the most short sequences the budget
+        holds (a packed engine's other extreme: allocator growth and kernel choice), then one
+        short sequence. On CPU the padded engine's bounded plan (`warmup_passes`)."""
+        if self._cuda is None:
+            return super().warmup_plan(max_batch_tokens)
         max_len = self._info.max_input_length
         short = min(SHORT_WARMUP_TOKENS, max_len)
-        passes = [(max(1, max_batch_tokens // max_len), max_len)]
-        if self._cuda is not None:  # allocator growth and kernel choice matter on GPUs only
-            passes.append((max(1, max_batch_tokens // short), short))
-        return [*passes, (1, short)]
+        return [
+            (max(1, max_batch_tokens // max_len), max_len),
+            (max(1, max_batch_tokens // short), short),
+            (1, short),
+        ]
 
     def close(self) -> None:
         if self._cuda is not None:
