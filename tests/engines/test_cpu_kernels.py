@@ -4,6 +4,7 @@ the BERT family uses scores like the transformers reference."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -25,6 +26,7 @@ from reranker_runtime.engines.cpu_kernels import (
     onednn_problem,
 )
 from reranker_runtime.engines.packed_engine import PackedEngine
+from reranker_runtime.engines.torch_engine import TorchEngine
 from reranker_runtime.errors import ModelLoadError
 from tiny_models import mixed_pairs, reference_logits
 
@@ -122,3 +124,21 @@ def test_other_activations_score_like_the_reference(
     np.testing.assert_allclose(
         engine.score(batch), reference_logits(model_dir, pairs), rtol=0, atol=LOGIT_TOL
     )
+
+
+def test_onednn_engine_lets_go_of_the_checkpoint_file(xlmr_reranker: Path, tmp_path: Path) -> None:
+    """The oneDNN layers are copies; a tensor left viewing the memory-mapped safetensors file
+    would keep the whole file resident next to them (double the weights' memory)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(xlmr_reranker, model_dir)
+
+    def mapped() -> bool:
+        return str(model_dir) in Path("/proc/self/maps").read_text()
+
+    padded = TorchEngine.load(str(model_dir), device="cpu", dtype="float32")
+    assert mapped()  # transformers maps the weights file: this test can see the difference
+    engine = PackedEngine.from_torch_engine(padded, cpu_kernels="onednn")
+    del padded
+    gc.collect()
+    assert not mapped()
+    assert engine.score([EncodedPair([0, 5, 6, 2])]).shape == (1, 1)

@@ -551,7 +551,7 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(
                 f"  ({len(bad)} round(s) not counted: failed or the small request was sent too late)"
             )
-    lines += ["", "targets (CPU, issue 2)"]
+    lines += ["", "targets (CPU, issue 9)"]
     for t in r["targets"]:
         v = t["value"]
         shown = (

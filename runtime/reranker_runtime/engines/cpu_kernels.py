@@ -88,9 +88,10 @@ class OneDnnLinear(Linear):
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, activation: Activation | None
     ) -> None:
-        # The blocked copy replaces the dense weight: the engine keeps only this one.
+        # Copies, so the engine holds no view of the checkpoint's memory-mapped file (see
+        # PackedEncoder): the blocked weight replaces the dense one.
         self.weight = weight.detach().to_mkldnn()
-        self.bias = bias.detach() if bias is not None else None
+        self.bias = bias.detach().clone() if bias is not None else None
         self._act = activation
         attr, algorithm = (activation.onednn if activation else None) or ("none", "")
         self._attr, self._algorithm = attr, algorithm
