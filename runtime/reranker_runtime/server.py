@@ -373,7 +373,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "cpu_kernels",
         ("--cpu-kernels",),
         _choice_parser(CPU_KERNEL_CHOICES),
-        "Packed engine on CPU: the linear layers' kernels. onednn (pre-packed weights, GELU and "
+        "Packed engine on CPU: the linear layers' kernels. onednn (weights converted once, GELU and "
         "residual add fused into the GEMM), aten (PyTorch's F.linear), or auto: onednn when a "
         "check at load finds it works on this CPU and dtype (docs/engines.md)",
         "KERNELS",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import platform
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tiny_models import mixed_pairs, reference_logits
 LOGIT_TOL = 1e-4
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="CI's CPUs are x86-64")
 def test_onednn_works_in_float32_on_this_cpu() -> None:
     """CI's CPUs (x86 with AVX2 or AVX-512) all run oneDNN in float32: if this fails, auto
     silently serves the slower kernels, so it must fail loudly here."""
@@ -69,7 +71,7 @@ def test_choice_falls_back_or_refuses_with_the_reason(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert choose_cpu_kernels("aten", torch.float32) == "aten"
-    monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda _dtype: "no bf16 ISA here")
+    monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda *_a: "no bf16 ISA here")
     with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
         assert choose_cpu_kernels("auto", torch.bfloat16) == "aten"
     assert "no bf16 ISA here" in caplog.text
@@ -77,6 +79,36 @@ def test_choice_falls_back_or_refuses_with_the_reason(
         choose_cpu_kernels("onednn", torch.bfloat16)
     with pytest.raises(ValueError, match="unknown cpu kernels 'fast'"):
         choose_cpu_kernels("fast", torch.float32)
+
+
+def test_half_types_take_onednn_only_where_the_cpu_has_native_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """oneDNN may accept bfloat16 on any AVX-512 CPU, emulating it: auto keeps PyTorch's ops
+    there; a forced onednn is honoured."""
+    from reranker_runtime.engines import torch_engine
+
+    monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda *_a: None)
+    monkeypatch.setattr(torch_engine, "cpu_has_native_bf16", lambda: False)
+    assert choose_cpu_kernels("auto", torch.bfloat16) == "aten"
+    assert choose_cpu_kernels("onednn", torch.bfloat16) == "onednn"
+    assert choose_cpu_kernels("auto", torch.float32) == "onednn"
+    monkeypatch.setattr(torch_engine, "cpu_has_native_bf16", lambda: True)
+    assert choose_cpu_kernels("auto", torch.bfloat16) == "onednn"
+
+
+def test_the_probe_runs_the_models_own_activation(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[object] = []
+    real = OneDnnLinear.__init__
+
+    def spy(self: OneDnnLinear, weight: torch.Tensor, bias: object, activation: object) -> None:
+        seen.append(activation)
+        real(self, weight, bias, activation)
+
+    monkeypatch.setattr(OneDnnLinear, "__init__", spy)
+    tanh_gelu = activation_of("gelu_new", torch.nn.GELU())
+    assert onednn_problem(torch.float32, tanh_gelu) is None
+    assert seen == [tanh_gelu]
 
 
 def test_a_failing_probe_is_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,10 +131,27 @@ def test_serve_picks_the_packed_engine_with_onednn_on_cpu(xlmr_reranker: Path) -
     assert isinstance(forced, PackedEngine) and forced.info.extra["cpu_kernels"] == "aten"
 
 
+def test_onednn_with_an_engine_or_option_that_cannot_use_it_is_refused(
+    xlmr_reranker: Path,
+) -> None:
+    with pytest.raises(ModelLoadError, match="--cpu-kernels onednn needs the packed engine"):
+        factory.create_engine(
+            ServeSettings(
+                model=str(xlmr_reranker), device="cpu", engine="torch", cpu_kernels="onednn"
+            )
+        )
+    with pytest.raises(ModelLoadError, match="--cpu-kernels onednn and --torch-compile"):
+        factory.create_engine(
+            ServeSettings(
+                model=str(xlmr_reranker), device="cpu", cpu_kernels="onednn", torch_compile=True
+            )
+        )
+
+
 def test_forcing_onednn_where_it_cannot_run_fails_at_load(
     xlmr_reranker: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda _dtype: "no oneDNN here")
+    monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda *_a: "no oneDNN here")
     with pytest.raises(ModelLoadError, match="--cpu-kernels onednn: no oneDNN here"):
         factory.create_engine(
             ServeSettings(model=str(xlmr_reranker), device="cpu", cpu_kernels="onednn")

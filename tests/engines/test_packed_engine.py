@@ -247,6 +247,16 @@ def test_warmup_logs_its_progress(
     assert messages[2].startswith("warm-up pass 2/2: 1 x 8 tokens in ")
 
 
+def test_gpu_warmup_plan_covers_both_extremes_of_the_budget(models: dict[str, Path]) -> None:
+    engine = PackedEngine.from_torch_engine(padded_engine(models["xlmr"]))
+    engine._cuda = object()  # the plan only asks "on a GPU?"
+    assert engine.warmup_plan(1024) == [
+        (1024 // TINY_MAX_TOKENS, TINY_MAX_TOKENS),
+        (128, 8),
+        (1, 8),
+    ]
+
+
 def test_family_facts() -> None:
     def config(**over: Any) -> SimpleNamespace:
         values: dict[str, Any] = dict(
@@ -378,6 +388,7 @@ async def test_50_concurrent_requests_and_truncation_over_http(models: dict[str,
     async with serving(settings_for(model_dir, engine="packed"), engine) as client:
         info = (await client.get("/info")).json()
         assert info["engine"] == "pytorch-packed"
+        assert info["cpu_kernels"] == engine.info.extra["cpu_kernels"] == "onednn"
         responses = await asyncio.gather(
             *(client.post("/rerank", json={"query": q, "texts": t}) for q, t in requests)
         )

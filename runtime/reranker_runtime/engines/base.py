@@ -80,6 +80,24 @@ def warmup_passes(
     return [long_pass, (1, min(SHORT_WARMUP_TOKENS, max_input_length))]
 
 
+def packed_warmup_passes(
+    max_batch_tokens: int, max_input_length: int, max_batch_size: int | None = None
+) -> list[tuple[int, int]]:
+    """A packed engine's warm-up on a GPU: full-length sequences at the budget, the most short
+    sequences the budget holds (its other extreme: allocator growth and kernel choice), then one
+    short sequence; `max_batch_size` (a TensorRT profile's) caps the sequences of a pass."""
+    short = min(SHORT_WARMUP_TOKENS, max_input_length)
+
+    def sequences(n: int) -> int:
+        return max(1, n if max_batch_size is None else min(n, max_batch_size))
+
+    return [
+        (sequences(max_batch_tokens // max_input_length), max_input_length),
+        (sequences(max_batch_tokens // short), short),
+        (1, short),
+    ]
+
+
 class Engine(ABC):
     """A loaded model that scores batches of encoded pairs.
 

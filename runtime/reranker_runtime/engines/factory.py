@@ -85,6 +85,14 @@ def create_engine(settings: ServeSettings) -> Engine:
         trtllm_available=kind == "tensorrt-llm" and trtllm_installed(),
     )
     logger.info("engine chosen", extra={"requested": settings.engine, "engine": chosen})
+    if settings.cpu_kernels == "onednn":
+        if device != "cpu":
+            logger.warning("--cpu-kernels applies on CPU only; ignored on %s", device)
+        elif chosen != "packed":
+            raise ModelLoadError(
+                f"--cpu-kernels onednn needs the packed engine, not --engine {settings.engine} "
+                f"({chosen}); use --engine packed or auto, or drop --cpu-kernels"
+            )
 
     if chosen == "trtllm":
         from reranker_runtime.engines.cuda_driver import ensure_driver_supported
@@ -97,7 +105,7 @@ def create_engine(settings: ServeSettings) -> Engine:
             settings = dataclasses.replace(settings, dtype=_packed_default_dtype(device))
         engine = load_engine_from_dir(engine_dir, settings)
         return (
-            _to_packed(engine, settings, strict=_packed_required(settings))
+            _to_packed(engine, settings, strict=_packed_required(settings, device))
             if chosen == "packed"
             else engine
         )
@@ -110,13 +118,13 @@ def create_engine(settings: ServeSettings) -> Engine:
         from reranker_runtime.engines.torch_engine import TorchEngine
 
         return TorchEngine.load(model, settings.revision, device, settings.dtype)
-    return _load_packed(model, settings, device, strict=_packed_required(settings))
+    return _load_packed(model, settings, device, strict=_packed_required(settings, device))
 
 
-def _packed_required(settings: ServeSettings) -> bool:
+def _packed_required(settings: ServeSettings, device: str) -> bool:
     """Whether a model the packed engine cannot serve is an error rather than a fallback to the
-    padded engine: it was asked for, by name or by its CPU kernels."""
-    return settings.engine == "packed" or settings.cpu_kernels == "onednn"
+    padded engine: it was asked for, by name or, on CPU, by its oneDNN kernels."""
+    return settings.engine == "packed" or (device == "cpu" and settings.cpu_kernels == "onednn")
 
 
 def _warn_if_the_gpu_is_unusable() -> None:

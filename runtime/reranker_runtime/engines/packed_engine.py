@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reranker_runtime.engines.base import SHORT_WARMUP_TOKENS, EncodedPair, Engine, EngineInfo
+from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo, packed_warmup_passes
 from reranker_runtime.engines.cpu_kernels import activation_of, choose_cpu_kernels, make_linear
 from reranker_runtime.errors import ModelLoadError
 
@@ -235,7 +235,8 @@ def pack(
 
 
 class _Layer(torch.nn.Module):
-    """One encoder layer's weights as the packed forward pass runs them (cpu_kernels.Linear)."""
+    """One encoder layer's weights as the packed forward pass runs them. The projections are
+    cpu_kernels.LinearKernel objects, not modules: `.to()`/`state_dict()` do not see them."""
 
     def __init__(self, hf_layer: Any, hidden_act: Any, kernels: str) -> None:
         super().__init__()
@@ -264,7 +265,6 @@ class PackedEncoder(torch.nn.Module):
         super().__init__()
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}")
-        self.kernels = kernels
         config = hf_model.config
         base = hf_model.base_model
         emb = base.embeddings
@@ -289,10 +289,10 @@ class PackedEncoder(torch.nn.Module):
             self.head_dense = base.pooler.dense
             self.head_out = hf_model.classifier
         if kernels == "onednn":
-            # The linear layers now hold copies in oneDNN's layout; copy the rest too (the
-            # embeddings, norms and head are small), so nothing keeps the checkpoint's
-            # memory-mapped safetensors file alive: it would stay resident next to the copies
-            # (2.8 GiB instead of 1.6 for bge-reranker-large's shape).
+            # The linear layers now hold oneDNN copies of their weights; copy the rest too
+            # (embeddings, norms, head), so nothing keeps the checkpoint's memory-mapped
+            # safetensors file alive: it would stay resident next to the copies (2.8 GiB
+            # instead of 1.7 for the benchmark's large model, docs/benchmarks.md).
             self._apply(torch.Tensor.clone)
 
     def forward(
@@ -708,7 +708,8 @@ class PackedEngine(Engine):
     ) -> PackedEngine:
         """Reuse a loaded TorchEngine's validated model, tokenizer and limits. `cpu_kernels`
         (auto | onednn | aten, see engines/cpu_kernels.py) applies on CPU without
-        torch.compile, which fuses by itself; elsewhere the linear layers are PyTorch's own."""
+        torch.compile (which traces PyTorch's own ops); on GPUs the linear layers are
+        PyTorch's own."""
         hf_model = padded._model  # the engine's own transformers model (same package)
         config = hf_model.config
         facts = family_facts(config)
@@ -721,11 +722,23 @@ class PackedEngine(Engine):
                 "this PyTorch has no torch.nn.attention.varlen (needs PyTorch >= 2.10)"
             )
         kernels = "aten"
-        if device.type == "cpu" and not compile_model:
-            try:
-                kernels = choose_cpu_kernels(cpu_kernels, dtype)
-            except ValueError as exc:
-                raise ModelLoadError(str(exc)) from exc
+        if device.type == "cpu":
+            if compile_model and cpu_kernels == "onednn":
+                raise ModelLoadError(
+                    "--cpu-kernels onednn and --torch-compile exclude each other (the compiled "
+                    "forward pass runs PyTorch's own linear layers); drop one of them"
+                )
+            if not compile_model:
+                layers = hf_model.base_model.encoder.layer
+                activation = (
+                    activation_of(config.hidden_act, layers[0].intermediate.intermediate_act_fn)
+                    if len(layers)
+                    else None
+                )
+                try:
+                    kernels = choose_cpu_kernels(cpu_kernels, dtype, activation)
+                except ValueError as exc:
+                    raise ModelLoadError(str(exc)) from exc
         encoder = PackedEncoder(hf_model, facts, backend, kernels).eval()
         info = EngineInfo(
             name=ENGINE_NAME,
@@ -819,18 +832,11 @@ class PackedEngine(Engine):
         return logits.float().cpu().numpy()
 
     def warmup_plan(self, max_batch_tokens: int) -> list[tuple[int, int]]:
-        """On GPUs: full-length sequences at the budget, the most short sequences the budget
-        holds (a packed engine's other extreme: allocator growth and kernel choice), then one
-        short sequence. On CPU the padded engine's bounded plan (`warmup_passes`)."""
+        """On GPUs `packed_warmup_passes`; on CPU the padded engine's bounded plan
+        (`warmup_passes`: no allocator to grow, and a full-budget pass is slow there)."""
         if self._cuda is None:
             return super().warmup_plan(max_batch_tokens)
-        max_len = self._info.max_input_length
-        short = min(SHORT_WARMUP_TOKENS, max_len)
-        return [
-            (max(1, max_batch_tokens // max_len), max_len),
-            (max(1, max_batch_tokens // short), short),
-            (1, short),
-        ]
+        return packed_warmup_passes(max_batch_tokens, self._info.max_input_length)
 
     def close(self) -> None:
         if self._cuda is not None:

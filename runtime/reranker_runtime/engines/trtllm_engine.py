@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reranker_runtime.engines.base import SHORT_WARMUP_TOKENS, EncodedPair, Engine, EngineInfo
+from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo, packed_warmup_passes
 from reranker_runtime.engines.staging import Float32Readback, Int32Staging
 from reranker_runtime.errors import EngineError, ModelLoadError
 from reranker_runtime.model_family import ModelFamily
@@ -301,15 +301,10 @@ class TrtLlmEngine(Engine):
         return buffer[:size].view(shape)
 
     def warmup_plan(self, max_batch_tokens: int) -> list[tuple[int, int]]:
-        """Full-length sequences at the budget, then the most short sequences the profile takes
-        (a packed engine's other extreme), then one short sequence."""
+        """`packed_warmup_passes` within the profile's token and batch limits."""
         info = self._info
         budget = min(max_batch_tokens, info.max_batch_tokens or max_batch_tokens)
-        length = info.max_input_length
-        short = min(SHORT_WARMUP_TOKENS, length)
-        n_long = max(1, min(budget // length, info.max_batch_size or 1))
-        n_short = max(1, min(budget // short, info.max_batch_size or 1))
-        return [(n_long, length), (n_short, short), (1, short)]
+        return packed_warmup_passes(budget, info.max_input_length, info.max_batch_size or 1)
 
     def close(self) -> None:
         self._session = None
