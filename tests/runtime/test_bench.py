@@ -169,6 +169,13 @@ def test_report_targets_pass_and_miss():
     text = format_report(r)
     assert "MISS" in text and "1.25x" in text and "10.0%" in text
 
+    # A bfloat16 server is held to issue 9's bf16 target: 2x CrossEncoder.predict in fp32.
+    bf16 = _server_result(190.0, 100.0, 0.05)
+    bf16["info"] = {**bf16["info"], "model_dtype": "bfloat16"}
+    r = build_report(args, {**bf16, **_local(100.0, 100.0)})
+    assert (r["targets"][0]["target"], r["targets"][0]["status"]) == (">= 2.0x", "MISS")
+    assert r["targets"][0]["note"] == "server dtype is bfloat16"
+
     # Without the model directory (no in-process phases) and without --fairness: n/a, not a verdict.
     r = build_report(_args(), _server_result(90.0, 130.0, None))
     assert [t["status"] for t in r["targets"]] == ["n/a", "n/a", "n/a"]
