@@ -8,13 +8,15 @@
 # Writes OUT_DIR/bench.txt, OUT_DIR/bench.json, OUT_DIR/drift.txt and OUT_DIR/serve.log. On a
 # CPU without native bf16 it stops at once with exit code 2 (bf16 is emulated there and slower
 # than fp32: nothing to measure); RERANKER_BF16_CHECK_ANY_CPU=1 runs it anyway (to test this
-# script). CPUS (default: the first two CPUs this process may use) and PYTHON can be set.
+# script). CPUS (default: the first two CPUs this process may use), PYTHON and CPUINFO (default
+# /proc/cpuinfo) can be set.
 set -euo pipefail
 out="${1:-cpu-bf16-report}"
 python="${PYTHON:-python3}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-if ! grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo && [ "${RERANKER_BF16_CHECK_ANY_CPU:-0}" != 1 ]; then
+cpuinfo="${CPUINFO:-/proc/cpuinfo}"
+if ! grep -qwE 'avx512_bf16|amx_bf16' "$cpuinfo" && [ "${RERANKER_BF16_CHECK_ANY_CPU:-0}" != 1 ]; then
     echo "cpu-bf16-check: this CPU has no avx512_bf16 or amx_bf16 flag (no native bfloat16):" \
         "nothing to measure" >&2
     exit 2
@@ -26,7 +28,7 @@ runtime=("$python" -m reranker_runtime.cli)
 port="$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 mkdir -p "$out"
 
-echo "cpu-bf16-check: CPUs $cpus; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
+echo "cpu-bf16-check: CPUs $cpus; $(grep -m1 'model name' "$cpuinfo" | cut -d: -f2- | xargs)"
 "$python" "$here/bench/make_model.py" --size small --out "$out/model" >/dev/null 2>&1
 
 taskset -c "$cpus" "${runtime[@]}" serve --model "$out/model" --device cpu --dtype bfloat16 \

@@ -9,15 +9,19 @@
 # 3. scripts/cpu-bf16-check.sh (issue 9: the server in bfloat16 on 2 of the host's CPUs against
 #    CrossEncoder fp32, and the score drift), when the host CPU has native bf16 (~3 min).
 # Reports go to $OUT (the device tool returns it) or ./device-report. A step that fails does not
-# stop the next one; the exit code is the first failure's.
+# stop the next one; the exit code is the first failure's. WHEELS (default .whl) and CPUINFO
+# (default /proc/cpuinfo) can be set.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-device-report}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-if ls .whl/*.whl >/dev/null 2>&1; then
+wheels="${WHEELS:-.whl}"
+cpuinfo="${CPUINFO:-/proc/cpuinfo}"
+export CPUINFO="$cpuinfo"
+if ls "$wheels"/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
+        --target /tmp/site "$wheels"/*.whl || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/runtime:$PWD/operator${PYTHONPATH:+:$PYTHONPATH}"
@@ -33,13 +37,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 }
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
-    grep -m1 'model name' /proc/cpuinfo
+    grep -m1 'model name' "$cpuinfo"
     nproc
-    grep -m1 -ow -E 'avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u || echo "no native bf16 flags"
+    grep -m1 -ow -E 'avx512_bf16|amx_bf16' "$cpuinfo" | sort -u | grep . || echo "no native bf16 flags"
     python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 } 2>&1 | tee "$out/machine.txt"
 step gpu-check 400 bash scripts/gpu-check.sh "$out/gpu-check"
-if grep -qw -E 'avx512_bf16|amx_bf16' /proc/cpuinfo; then
+if grep -qw -E 'avx512_bf16|amx_bf16' "$cpuinfo"; then
     step cpu-bf16-check 180 bash scripts/cpu-bf16-check.sh "$out/cpu-bf16"
 else
     echo "== cpu-bf16-check: skipped, the host CPU has no native bfloat16"

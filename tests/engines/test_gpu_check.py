@@ -61,6 +61,51 @@ def test_without_a_gpu_the_script_stops_at_once(tmp_path: Path) -> None:
     assert not (tmp_path / "report").exists()  # nothing was run
 
 
+def _script_env(tmp_path: Path, *, bf16: bool) -> dict[str, str]:
+    cpuinfo = tmp_path / "cpuinfo"
+    flags = "fpu sse avx2" + (" avx512_bf16" if bf16 else "")
+    cpuinfo.write_text(f"model name\t: Test CPU\nflags\t\t: {flags}\n")
+    (tmp_path / "no-wheels").mkdir()
+    env = dict(os.environ, PYTHON=sys.executable, CPUINFO=str(cpuinfo))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["WHEELS"] = str(tmp_path / "no-wheels")
+    return env
+
+
+def test_the_cpu_bf16_check_needs_native_bf16(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "cpu-bf16-check.sh"), str(tmp_path / "report")],
+        env=_script_env(tmp_path, bf16=False),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "no avx512_bf16 or amx_bf16 flag" in proc.stderr
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU run")
+def test_device_check_records_the_machine_and_reports_each_step(tmp_path: Path) -> None:
+    """Without a GPU: the machine lines, gpu-check's exit 2 as the script's, and the bf16 step
+    skipped on a CPU without native bf16 (with one it would run for minutes)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "device-check.sh")],
+        env={**_script_env(tmp_path, bf16=False), "OUT": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    machine = (out / "machine.txt").read_text()
+    assert "Test CPU" in machine and "no native bf16 flags" in machine
+    assert f"torch {torch.__version__}" in machine
+    assert "== gpu-check: exit 2" in proc.stdout
+    assert "no CUDA GPU is visible" in (out / "gpu-check.log").read_text()
+    assert "== cpu-bf16-check: skipped" in proc.stdout
+
+
 def test_cpu_self_test_writes_both_reports(
     tmp_path: Path,
     xlmr_reranker: Path,
