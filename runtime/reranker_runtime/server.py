@@ -373,9 +373,9 @@ _OPTIONS: tuple[_Option, ...] = (
         "cpu_kernels",
         ("--cpu-kernels",),
         _choice_parser(CPU_KERNEL_CHOICES),
-        "Packed engine on CPU: the linear layers' kernels. onednn (weights converted once, GELU and "
-        "residual add fused into the GEMM), aten (PyTorch's F.linear), or auto: onednn when a "
-        "check at load finds it works on this CPU and dtype (docs/engines.md)",
+        "Packed engine on CPU: the linear layers' kernels. aten (PyTorch's F.linear; what auto "
+        "picks) or onednn (weights converted once, GELU and residual add fused into the GEMM; "
+        "checked at load; measured mixed, docs/benchmarks.md)",
         "KERNELS",
     ),
 )

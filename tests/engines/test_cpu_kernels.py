@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import platform
 import shutil
 from pathlib import Path
@@ -36,10 +35,10 @@ LOGIT_TOL = 1e-4
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="CI's CPUs are x86-64")
 def test_onednn_works_in_float32_on_this_cpu() -> None:
-    """CI's CPUs (x86 with AVX2 or AVX-512) all run oneDNN in float32: if this fails, auto
-    silently serves the slower kernels, so it must fail loudly here."""
+    """CI's CPUs (x86 with AVX2 or AVX-512) all run oneDNN in float32, so `--cpu-kernels
+    onednn` loads on them."""
     assert onednn_problem(torch.float32) is None
-    assert choose_cpu_kernels("auto", torch.float32) == "onednn"
+    assert choose_cpu_kernels("onednn", torch.float32) == "onednn"
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"])
@@ -67,34 +66,19 @@ def test_activation_names() -> None:
     assert unknown.onednn is None and unknown.torch_fn is module  # runs after the GEMM
 
 
-def test_choice_falls_back_or_refuses_with_the_reason(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    assert choose_cpu_kernels("aten", torch.float32) == "aten"
-    monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda *_a: "no bf16 ISA here")
-    with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
-        assert choose_cpu_kernels("auto", torch.bfloat16) == "aten"
-    assert "no bf16 ISA here" in caplog.text
-    with pytest.raises(ValueError, match="no bf16 ISA here; use --cpu-kernels aten"):
-        choose_cpu_kernels("onednn", torch.bfloat16)
-    with pytest.raises(ValueError, match="unknown cpu kernels 'fast'"):
-        choose_cpu_kernels("fast", torch.float32)
-
-
-def test_half_types_take_onednn_only_where_the_cpu_has_native_bf16(
+def test_auto_is_pytorchs_ops_and_a_forced_onednn_is_probed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """oneDNN may accept bfloat16 on any AVX-512 CPU, emulating it: auto keeps PyTorch's ops
-    there; a forced onednn is honoured."""
-    from reranker_runtime.engines import torch_engine
-
+    for dtype in (torch.float32, torch.bfloat16):
+        assert choose_cpu_kernels("auto", dtype) == "aten"  # measured faster on a quiet host
+        assert choose_cpu_kernels("aten", dtype) == "aten"
+    monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda *_a: "no bf16 ISA here")
+    with pytest.raises(ValueError, match="no bf16 ISA here; use --cpu-kernels aten"):
+        choose_cpu_kernels("onednn", torch.bfloat16)
     monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda *_a: None)
-    monkeypatch.setattr(torch_engine, "cpu_has_native_bf16", lambda: False)
-    assert choose_cpu_kernels("auto", torch.bfloat16) == "aten"
     assert choose_cpu_kernels("onednn", torch.bfloat16) == "onednn"
-    assert choose_cpu_kernels("auto", torch.float32) == "onednn"
-    monkeypatch.setattr(torch_engine, "cpu_has_native_bf16", lambda: True)
-    assert choose_cpu_kernels("auto", torch.bfloat16) == "onednn"
+    with pytest.raises(ValueError, match="unknown cpu kernels 'fast'"):
+        choose_cpu_kernels("fast", torch.float32)
 
 
 def test_the_probe_runs_the_models_own_activation(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,14 +105,14 @@ def test_a_failing_probe_is_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "more detail" not in problem
 
 
-def test_serve_picks_the_packed_engine_with_onednn_on_cpu(xlmr_reranker: Path) -> None:
+def test_serve_picks_the_packed_engine_with_pytorchs_ops_on_cpu(xlmr_reranker: Path) -> None:
     engine = factory.create_engine(ServeSettings(model=str(xlmr_reranker), device="cpu"))
     assert isinstance(engine, PackedEngine)
-    assert engine.info.extra["cpu_kernels"] == "onednn"
+    assert engine.info.extra["cpu_kernels"] == "aten"
     forced = factory.create_engine(
-        ServeSettings(model=str(xlmr_reranker), device="cpu", cpu_kernels="aten")
+        ServeSettings(model=str(xlmr_reranker), device="cpu", cpu_kernels="onednn")
     )
-    assert isinstance(forced, PackedEngine) and forced.info.extra["cpu_kernels"] == "aten"
+    assert isinstance(forced, PackedEngine) and forced.info.extra["cpu_kernels"] == "onednn"
 
 
 def test_onednn_with_an_engine_or_option_that_cannot_use_it_is_refused(

@@ -1,23 +1,22 @@
-"""The packed engine's encoder linear layers on CPU: oneDNN GEMMs with fused epilogues.
+"""The packed engine's encoder linear layers on CPU: PyTorch's ops, or oneDNN GEMMs with fused
+epilogues (opt-in).
 
-`F.linear` on CPU runs the GEMM through the BLAS (MKL in PyTorch's x86 wheels), then the
-activation and the residual add as separate passes over the activations. oneDNN's inner product
-(`torch.ops.mkldnn._linear_pointwise`, the op `torch.compile`'s CPU backend emits) takes the
-weight as a oneDNN tensor, converted once at load (`to_mkldnn`), and runs GELU or the residual
-add in the GEMM's epilogue. On an AMD EPYC (2 cores, AVX2) the GEMMs of bge shapes ran 10-30%
-faster and the packed engine's forward pass about 1.18x (docs/benchmarks.md).
+`aten` (the default): `F.linear`, which runs the GEMM through the BLAS (MKL in PyTorch's x86
+wheels), then the activation and the residual add as separate passes. `onednn`: oneDNN's inner
+product (`torch.ops.mkldnn._linear_pointwise`, the op `torch.compile`'s CPU backend emits) with
+the weight converted once at load (`to_mkldnn`) and GELU or the residual add in the GEMM's
+epilogue. Measured on an AMD EPYC (2 cores, AVX2), the server with oneDNN was about 1.1x as fast
+as with aten while the host was loaded and 0.77x and 0.90x (two A/B pairs) on a quiet host
+(docs/benchmarks.md), so `auto` keeps PyTorch's ops; `onednn` stays available to measure on
+other CPUs.
 
-The op is PyTorch-internal, so `choose_cpu_kernels` probes it at load: it must exist, run the
+The op is PyTorch-internal, so `--cpu-kernels onednn` probes it at load: it must exist, run the
 engine's dtype and the model's activation on this CPU and match `F.linear` on a small problem;
-otherwise the engine runs the plain PyTorch ops ("aten"), which compute the same thing.
-`--cpu-kernels` (RERANKER_CPU_KERNELS) forces either. For bfloat16/float16, `auto` takes oneDNN
-only on CPUs with native bf16 (AVX512-BF16 or AMX): elsewhere oneDNN may accept them (any
-AVX-512 CPU) but emulates them, unmeasured against PyTorch's own emulation.
+otherwise the load fails naming the reason.
 """
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from reranker_runtime.config import CPU_KERNEL_CHOICES
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,23 +149,14 @@ def onednn_problem(dtype: torch.dtype, activation: Activation | None = None) -> 
 def choose_cpu_kernels(
     requested: str, dtype: torch.dtype, activation: Activation | None = None
 ) -> str:
-    """ "onednn" or "aten" for a CPU packed engine. auto: oneDNN when it works here (see
-    onednn_problem; for half types only on CPUs with native bf16), logged either way; onednn:
-    required (ValueError naming the reason)."""
+    """ "onednn" or "aten" for a CPU packed engine. auto: aten, the faster on a quiet machine
+    (see the module docstring); onednn: required, after the probe (ValueError naming what
+    fails)."""
     if requested not in CPU_KERNEL_CHOICES:
         raise ValueError(f"unknown cpu kernels {requested!r}; use {', '.join(CPU_KERNEL_CHOICES)}")
-    if requested == "aten":
+    if requested in ("auto", "aten"):
         return "aten"
     problem = onednn_problem(dtype, activation)
-    if problem is None and requested == "auto" and dtype != torch.float32:
-        from reranker_runtime.engines.torch_engine import cpu_has_native_bf16
-
-        if not cpu_has_native_bf16():
-            problem = f"{dtype} is emulated on this CPU (no avx512_bf16 or amx_bf16)"
-    if problem is None:
-        return "onednn"
-    if requested == "onednn":
+    if problem is not None:
         raise ValueError(f"--cpu-kernels onednn: {problem}; use --cpu-kernels aten (or auto)")
-    level = logging.WARNING if "disagrees" in problem else logging.INFO
-    logger.log(level, "cpu kernels: plain PyTorch ops (%s)", problem, extra={"reason": problem})
-    return "aten"
+    return "onednn"

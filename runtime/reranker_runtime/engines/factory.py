@@ -37,8 +37,8 @@ def choose_engine(
 
     auto: an engine directory holding a TensorRT-LLM engine -> trtllm when TensorRT-LLM is
     installed, else the packed engine on the directory's checkpoint (logged); otherwise packed,
-    on GPUs (no padding, varlen attention) and CPUs alike (fused linear layers, and the last
-    layer's FFN for the first tokens only: faster than the padded model, docs/benchmarks.md).
+    on GPUs (no padding, varlen attention) and CPUs alike (fused QKV, no masks, the last layer's
+    FFN for the first tokens only: faster than the padded model, docs/benchmarks.md).
     A model the packed engine does not handle stays on the padded one (create_engine).
     Raises ModelLoadError for a choice that cannot work."""
     if requested == "trtllm":
