@@ -129,12 +129,37 @@ def test_scores_match_reference(
     lengths = [len(p) for p in batch]
     assert max(lengths) > 2 * min(lengths)  # really mixed lengths
     assert len(set(lengths)) > 10  # many chunks / sequence boundaries
+    if attention == "grouped":  # runs of several equal-length sequences and lone ones
+        counts = [c.count for c in engine.pack(batch).chunks()]
+        assert max(counts) > 1 and min(counts) == 1
 
     logits = engine.score(batch)
     assert logits.dtype == np.float32 and logits.shape == (len(pairs), engine.info.num_labels)
     np.testing.assert_allclose(logits, ref, rtol=0, atol=LOGIT_TOL)
     if kind != "classifier":
         np.testing.assert_allclose(sigmoid(logits), sigmoid(ref), rtol=0, atol=SCORE_TOL)
+
+
+def test_grouped_attention_calls() -> None:
+    """One call per run of equal lengths, each a plain view of the (longest-first) stream."""
+    lengths = [5, 100, 90, 100, 63, 5, 5, 1]
+    packed = pack(
+        [EncodedPair([1] * n) for n in lengths],
+        position_offset=0,
+        use_token_type_ids=False,
+        max_input_length=512,
+        vocab_size=10,
+        type_vocab_size=1,
+    )
+    chunks = packed.chunks()
+    assert [(c.count, c.length) for c in chunks] == [(2, 100), (1, 90), (1, 63), (3, 5), (1, 1)]
+    assert [(c.start, c.end) for c in chunks] == [
+        (0, 200),
+        (200, 290),
+        (290, 353),
+        (353, 368),
+        (368, 369),
+    ]
 
 
 def test_scores_do_not_depend_on_batch_neighbours(models: dict[str, Path]) -> None:

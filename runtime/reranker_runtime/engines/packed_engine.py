@@ -13,8 +13,9 @@ packages, and their default position ids would run across sequence boundaries):
     head         on each sequence's first token: RoBERTa/XLM-R dense -> tanh -> out_proj;
                  BERT pooler dense -> tanh -> classifier (transformers' heads, dropout off)
 
-The last layer runs attention for every token (its keys and values need them) but its output
-projection and FFN only for the first token of each sequence: the head reads nothing else.
+The head reads each sequence's first token only, so the last layer runs its output projection
+and FFN for first tokens only; on CPU (the grouped backend) also its query projection and its
+attention (one query per sequence against all of the sequence's keys and values).
 
 Attention backends (`ATTENTION_BACKENDS`), chosen at load:
 
@@ -22,8 +23,11 @@ Attention backends (`ATTENTION_BACKENDS`), chosen at load:
              CUDA, float16/bfloat16, compute capability >= 8.0), called positionally since its
              keyword names changed between releases
     nested   SDPA on nested jagged tensors: the CUDA fallback (older PyTorch, float32, sm_75)
-    grouped  one dense SDPA call per distinct sequence length, over contiguous slices of the
-             stream (sequences are packed sorted by length): the CPU backend; exact, no mask
+    grouped  the CPU backend: one dense SDPA call per run of equal-length sequences (they are
+             packed sorted by length), on plain views of the stream: no padding, no mask.
+             PyTorch's CPU flash kernel is much slower with a mask, so this beat runs of
+             similar lengths padded and masked for every length mix measured (bench/
+             cpu_attention.py; docs/benchmarks.md)
 
 On CUDA the host packs into one pinned int32 buffer, copies it with one non-blocking transfer and
 reads the logits back through a pinned buffer; optional CUDA graphs (one per token-count and
@@ -46,16 +50,18 @@ import torch
 import torch.nn.functional as F
 
 from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo, packed_warmup_passes
-from reranker_runtime.engines.cpu_kernels import activation_of, choose_cpu_kernels, make_linear
+from reranker_runtime.engines.cpu_kernels import (
+    LinearKernel,
+    activation_of,
+    choose_cpu_kernels,
+    make_linear,
+)
 from reranker_runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 ENGINE_NAME = "pytorch-packed"
 ATTENTION_BACKENDS = ("varlen", "nested", "grouped")
-# Grouped backend: sequences attended together may be padded by at most this share of tokens.
-CPU_CHUNK_PADDING = 0.125
-
 # A varlen call: (q, k, v, cu_seq_q, cu_seq_k, max_q, max_k) -> out [T, heads, head_dim].
 VarlenFn = Callable[..., Any]
 
@@ -126,52 +132,31 @@ class PackedBatch:
     def max_len(self) -> int:
         return int(self.lengths.max())
 
-    def chunks(self, max_padding: float = CPU_CHUNK_PADDING) -> tuple[AttentionChunk, ...]:
-        """Runs of consecutive sequences attended together by the grouped backend (see
-        AttentionChunk); a run grows while padding it to its longest sequence wastes at most
-        `max_padding` of its tokens."""
+    def chunks(self) -> tuple[AttentionChunk, ...]:
+        """The runs of equal-length sequences the grouped backend attends in one call each."""
         out: list[AttentionChunk] = []
         lengths = self.lengths.tolist()
         starts = self.cu_seqlens.tolist()
         first = 0
         while first < len(lengths):
-            longest, total, last = lengths[first], lengths[first], first + 1
-            while last < len(lengths) and longest * (last - first + 1) <= (1 + max_padding) * (
-                total + lengths[last]
-            ):
-                total += lengths[last]
+            last = first + 1
+            while last < len(lengths) and lengths[last] == lengths[first]:
                 last += 1
-            out.append(AttentionChunk.build(lengths[first:last], starts[first]))
+            count = last - first
+            out.append(AttentionChunk(starts[first], starts[last], count, lengths[first]))
             first = last
         return tuple(out)
 
 
 @dataclass(frozen=True)
 class AttentionChunk:
-    """Sequences [start, end) of the stream attended in one dense SDPA call of `count` x
-    `length`. Sequences of equal length are plain views of the stream (no copy, no mask);
-    otherwise they are gathered into padded rows, keys masked, and the real rows scattered back."""
+    """Sequences [start, end) of the stream, `count` of `length` tokens each: a plain
+    [count, length, ...] view of the stream, attended in one dense SDPA call."""
 
     start: int
     end: int
     count: int
     length: int
-    gather: torch.Tensor | None  # [count * length] stream row (from start) of each padded slot
-    scatter: torch.Tensor | None  # [end - start] padded slot of each real token
-    key_mask: torch.Tensor | None  # bool [count, 1, 1, length], True = a real key
-
-    @classmethod
-    def build(cls, lengths: list[int], start: int) -> AttentionChunk:
-        count, longest, total = len(lengths), max(lengths), sum(lengths)
-        if all(length == longest for length in lengths):
-            return cls(start, start + total, count, longest, None, None, None)
-        lens = torch.tensor(lengths)
-        slot = torch.arange(longest)
-        valid = slot[None, :] < lens[:, None]  # [count, longest]
-        seq_start = torch.cumsum(lens, 0) - lens
-        gather = torch.where(valid, seq_start[:, None] + slot[None, :], 0).reshape(-1)
-        scatter = torch.nonzero(valid.reshape(-1)).reshape(-1)
-        return cls(start, start + total, count, longest, gather, scatter, valid[:, None, None, :])
 
 
 def pack(
@@ -238,16 +223,30 @@ class _Layer(torch.nn.Module):
     """One encoder layer's weights as the packed forward pass runs them. The projections are
     cpu_kernels.LinearKernel objects, not modules: `.to()`/`state_dict()` do not see them."""
 
-    def __init__(self, hf_layer: Any, hidden_act: Any, kernels: str) -> None:
+    def __init__(
+        self, hf_layer: Any, hidden_act: Any, kernels: str, first_token_queries: bool = False
+    ) -> None:
         super().__init__()
         sa, so = hf_layer.attention.self, hf_layer.attention.output
         inter, out = hf_layer.intermediate, hf_layer.output
-        # Fused QKV: one [3H, H] GEMM instead of three [H, H] ones.
-        self.qkv = make_linear(
-            kernels,
-            torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]),
-            torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]),
-        )
+        # Fused QKV: one [3H, H] GEMM instead of three [H, H] ones. A last layer that computes
+        # queries for first tokens only has a query projection and a fused [2H, H] KV one.
+        self.qkv: LinearKernel | None = None
+        self.q: LinearKernel | None = None
+        self.kv: LinearKernel | None = None
+        if first_token_queries:
+            self.q = make_linear(kernels, sa.query.weight, sa.query.bias)
+            self.kv = make_linear(
+                kernels,
+                torch.cat([sa.key.weight, sa.value.weight]),
+                torch.cat([sa.key.bias, sa.value.bias]),
+            )
+        else:
+            self.qkv = make_linear(
+                kernels,
+                torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]),
+                torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]),
+            )
         self.attn_out = make_linear(kernels, so.dense.weight, so.dense.bias)
         self.attn_norm = so.LayerNorm
         activation = activation_of(hidden_act, inter.intermediate_act_fn)
@@ -276,8 +275,18 @@ class PackedEncoder(torch.nn.Module):
         self.position = emb.position_embeddings
         self.token_type = emb.token_type_embeddings
         self.emb_norm = emb.LayerNorm
+        # The grouped (CPU) backend's last layer computes queries and attention for each
+        # sequence's first token only: the head reads nothing else. (The GPU backends keep the
+        # full last layer: their kernels are tuned for equal query and key lengths.)
+        hf_layers = list(base.encoder.layer)
         self.layers = torch.nn.ModuleList(
-            _Layer(layer, config.hidden_act, kernels) for layer in base.encoder.layer
+            _Layer(
+                layer,
+                config.hidden_act,
+                kernels,
+                first_token_queries=attention == "grouped" and i == len(hf_layers) - 1,
+            )
+            for i, layer in enumerate(hf_layers)
         )
         self.head_kind = facts.head
         if facts.head == "roberta":
@@ -318,23 +327,32 @@ class PackedEncoder(torch.nn.Module):
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, _Layer)
             tokens = x.shape[0]
-            qkv = layer.qkv(x).view(tokens, 3, self.num_heads, -1)
-            q, k, v = qkv.unbind(1)
-            if self.attention == "varlen":
-                assert _varlen_attn is not None and cu_seqlens is not None
-                a = _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
-            elif self.attention == "nested":
-                assert offsets is not None
-                a = _nested_attention(q, k, v, offsets, max_len)
+            if layer.qkv is None:  # the grouped backend's last layer (see __init__)
+                assert layer.q is not None and layer.kv is not None and chunks is not None
+                kv = layer.kv(x).view(tokens, 2, self.num_heads, -1)
+                x = x.index_select(0, first_tokens)
+                q = layer.q(x).view(x.shape[0], self.num_heads, -1)
+                a = _first_token_attention(q, kv, chunks).reshape(x.shape[0], self.hidden)
             else:
-                assert chunks is not None
-                a = _grouped_attention(qkv, chunks)
-            a = a.reshape(tokens, self.hidden)
-            if i == last:
-                # The head reads only each sequence's first token.
-                a, x = a.index_select(0, first_tokens), x.index_select(0, first_tokens)
-            x = layer.attn_norm(layer.attn_out.add(a, x))
-            x = layer.ffn_norm(layer.ffn_out.add(layer.ffn_in(x), x))
+                qkv = layer.qkv(x).view(tokens, 3, self.num_heads, -1)
+                q, k, v = qkv.unbind(1)
+                if self.attention == "varlen":
+                    assert _varlen_attn is not None and cu_seqlens is not None
+                    a = _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+                elif self.attention == "nested":
+                    assert offsets is not None
+                    a = _nested_attention(q, k, v, offsets, max_len)
+                else:
+                    assert chunks is not None
+                    a = _grouped_attention(qkv, chunks)
+                a = a.reshape(tokens, self.hidden)
+                if i == last:
+                    # The head reads only each sequence's first token.
+                    a, x = a.index_select(0, first_tokens), x.index_select(0, first_tokens)
+            # x is a fresh tensor here (embeddings, norm or index_select output): add_to may
+            # accumulate into it.
+            x = layer.attn_norm(layer.attn_out.add_to(a, x))
+            x = layer.ffn_norm(layer.ffn_out.add_to(layer.ffn_in(x), x))
         if not self.layers:
             x = x.index_select(0, first_tokens)
         return self.head_out(torch.tanh(self.head_dense(x)))
@@ -352,18 +370,31 @@ def _nested_attention(
 
 
 def _grouped_attention(qkv: torch.Tensor, chunks: tuple[AttentionChunk, ...]) -> torch.Tensor:
-    """Dense SDPA per chunk of similar-length sequences (the CPU backend)."""
+    """Dense SDPA per run of equal-length sequences (the CPU backend)."""
     tokens, _, heads, dim = qkv.shape
     out = qkv.new_empty(tokens, heads, dim)
     for c in chunks:
-        seg = qkv[c.start : c.end]
-        if c.gather is not None:
-            seg = seg.index_select(0, c.gather)
-        seg = seg.view(c.count, c.length, 3, heads, dim)
+        seg = qkv[c.start : c.end].view(c.count, c.length, 3, heads, dim)
         q, k, v = (seg[:, :, i].transpose(1, 2) for i in range(3))  # [count, heads, L, dim]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=c.key_mask)
-        o = o.transpose(1, 2).reshape(c.count * c.length, heads, dim)
-        out[c.start : c.end] = o if c.scatter is None else o.index_select(0, c.scatter)
+        o = F.scaled_dot_product_attention(q, k, v)
+        out[c.start : c.end] = o.transpose(1, 2).reshape(c.end - c.start, heads, dim)
+    return out
+
+
+def _first_token_attention(
+    q: torch.Tensor, kv: torch.Tensor, chunks: tuple[AttentionChunk, ...]
+) -> torch.Tensor:
+    """The grouped backend's attention for one query per sequence (its first token) over all of
+    the sequence's keys: q [n, heads, dim], kv [T, 2, heads, dim] -> [n, heads, dim]."""
+    _, _, heads, dim = kv.shape
+    out = torch.empty_like(q)
+    first = 0  # chunks hold consecutive sequences
+    for c in chunks:
+        seg = kv[c.start : c.end].view(c.count, c.length, 2, heads, dim)
+        k, v = (seg[:, :, i].transpose(1, 2) for i in range(2))  # [count, heads, L, dim]
+        queries = q[first : first + c.count].unsqueeze(2)  # [count, heads, 1, dim]
+        out[first : first + c.count] = F.scaled_dot_product_attention(queries, k, v).squeeze(2)
+        first += c.count
     return out
 
 
