@@ -1,11 +1,13 @@
 """Token-budget dynamic batcher: one queue owner task, fair across requests, low padding.
 
 Every (query, text) pair is its own queue entry, so pairs of different requests share forward
-passes. One asyncio task (the owner) forms batches; forward passes run on one dedicated worker
-thread, one at a time. The owner keeps `pipeline_depth` batches submitted: 2 on GPUs (one
-running, one ready, so the device never idles while the event loop is busy), 1 on CPUs (forming
-a batch takes well under a millisecond next to a forward pass of hundreds, and a request that
-arrives meanwhile rides in the very next batch).
+passes. One asyncio task (the owner) forms batches; forward passes run on dedicated worker
+threads, as many at once as the engine allows (`Engine.max_concurrent_scores`). The owner keeps
+`pipeline_depth` batches submitted: 2 on GPUs (one running, one ready, so the device never idles
+while the event loop is busy); on CPUs one per forward worker (`--cpu-workers`, cpu_threads.py:
+two single-threaded passes at once on 2 CPUs), none waiting (forming a batch takes well under a
+millisecond next to a forward pass of hundreds, and a request that arrives meanwhile rides in
+the very next batch). A batch is delivered as soon as its pass ends, in any order.
 
 Batch formation (`_form_batch`) balances fairness against padding:
 1. lead: the longest waiting entry of all; batches are cut from the top of the length order,
@@ -56,9 +58,10 @@ logger = logging.getLogger(__name__)
 _RATE_WINDOW = 32
 
 
-def default_pipeline_depth(device: str) -> int:
-    """Batches kept submitted to the worker: 1 on CPU, 2 (one running, one ready) on GPUs."""
-    return 1 if device == "cpu" else 2
+def default_pipeline_depth(device: str, workers: int = 1) -> int:
+    """Batches kept submitted: one per forward worker on CPU, 2 (one running, one ready) on
+    GPUs."""
+    return max(1, workers) if device == "cpu" else 2
 
 
 @dataclass
@@ -150,7 +153,11 @@ class Batcher:
         if budget < 1 or (self.max_batch_requests is not None and self.max_batch_requests < 1):
             raise ValueError("max_batch_tokens and max_batch_requests must be positive")
         self._num_labels = info.num_labels
-        self.pipeline_depth = pipeline_depth or default_pipeline_depth(info.device)
+        self.workers = max(1, engine.max_concurrent_scores)  # worker threads
+        # Forward passes that compute in parallel: CPU workers; on a GPU the device runs one
+        # at a time (a second worker only stages the next batch).
+        self._parallel = self.workers if info.device == "cpu" else 1
+        self.pipeline_depth = pipeline_depth or default_pipeline_depth(info.device, self.workers)
         # Requests with entries still waiting, least recently seeded first (the turn order).
         self._requests: dict[_Request, None] = {}
         # Every request whose future is not resolved yet (waiting or in a submitted batch).
@@ -185,8 +192,7 @@ class Batcher:
         if self._running:
             return
         self.check_limits()
-        workers = max(1, self._engine.max_concurrent_scores)  # 2: next batch staged meanwhile
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="forward")
         if warmup:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
@@ -288,24 +294,27 @@ class Batcher:
     ) -> None:
         """A lower bound of the time the request needs, were it served next: the forward passes
         already submitted (they cannot be interrupted) plus its own tokens, both at the fastest
-        rate of the recent forward passes of at least half the budget. Pairs of other requests
-        still waiting are not counted: the fair batching can put the new request's pairs ahead
-        of them. So a request is refused only when it cannot finish in time."""
+        rate of the recent forward passes of at least half the budget, times the passes that run
+        in parallel (CPU workers). Pairs of other requests still waiting are not counted: the
+        fair batching can put the new request's pairs ahead of them. So a request is refused
+        only when it cannot finish in time."""
         if not self._recent_rates:
             return  # no large forward pass measured yet: no estimate
-        rate = max(self._recent_rates)
-        ahead_s = 0.0
+        single = max(self._recent_rates)  # tokens/s of one pass
+        rate = single * self._parallel  # of all the passes that run at once
+        ahead = 0.0  # tokens
         for i, (batch, _) in enumerate(self._submitted):
-            if i == 0:
+            if i < self._parallel:
                 # Running (or about to): part of it is done. Counting from its submission
                 # overstates that part, which keeps the bound low.
-                ahead_s += max(0.0, batch.cost / rate - (now - batch.submitted_at))
+                ahead += max(0.0, batch.cost - (now - batch.submitted_at) * single)
             else:
                 # Not started: entries of requests dropped meanwhile will be skipped.
                 live = [len(e.pair) for e in batch.entries if not e.request.dropped]
-                ahead_s += batch_cost(live, self._padded) / rate
+                ahead += batch_cost(live, self._padded)
         tokens = sum(len(p) for p in items)
-        needed_s = ahead_s + tokens / rate
+        ahead_s = ahead / rate
+        needed_s = (ahead + tokens) / rate
         if now + needed_s > deadline:
             raise DeadlineUnreachableError(needed_s, ahead_s, tokens, rate, deadline - now)
 
@@ -322,15 +331,15 @@ class Batcher:
             if submitted:
                 self._wakeup.clear()
                 waiter = asyncio.ensure_future(self._wakeup.wait())
-                head: asyncio.Future[Any] = submitted[0][1]
+                running: set[asyncio.Future[Any]] = {fut for _, fut in submitted}
                 try:
-                    await asyncio.wait({head, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait({*running, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     waiter.cancel()
-                # The worker runs batches in order, so only the head can be done.
-                while submitted and submitted[0][1].done():
-                    batch, fut = submitted.popleft()
-                    self._deliver(batch, fut.result())
+                # Parallel workers may finish out of order: deliver every pass that ended.
+                for item in [item for item in submitted if item[1].done()]:
+                    submitted.remove(item)
+                    self._deliver(item[0], item[1].result())
             elif self._running:
                 self._wakeup.clear()
                 if not self._requests:
@@ -460,7 +469,7 @@ class Batcher:
             self._recent_rates.append(ran_cost / outcome.duration_s)
         assert outcome.logits is not None
         for request in requests:
-            if request.first_start is None:
+            if request.first_start is None or outcome.started < request.first_start:
                 request.first_start = outcome.started
             request.inference_time_s += outcome.duration_s
             request.batches += 1

@@ -57,8 +57,10 @@ class ServeSettings:
     torch_compile: bool = False  # packed engine: torch.compile the forward pass
     cuda_graphs: bool = False  # packed engine: CUDA graphs per token-count bucket
     cpu_kernels: str = "auto"  # packed engine on CPU: auto | onednn | aten (engines/cpu_kernels.py)
-    # Intra-op CPU threads of the forward pass; auto: the CPUs this process may use.
+    # Intra-op CPU threads of one forward pass; auto: the usable CPUs / cpu_workers.
     torch_threads: int | Literal["auto"] = AUTO
+    # Forward passes run at once on CPU (cpu_threads.py); auto: 2 where 2+ CPUs are usable.
+    cpu_workers: int | Literal["auto"] = AUTO
 
 
 # flag name -> environment variable. Every `serve` flag is settable through its variable.
@@ -96,6 +98,7 @@ SERVE_ENV_VARS: dict[str, str] = {
     "cuda_graphs": "RERANKER_CUDA_GRAPHS",
     "cpu_kernels": "RERANKER_CPU_KERNELS",
     "torch_threads": "RERANKER_TORCH_THREADS",
+    "cpu_workers": "RERANKER_CPU_WORKERS",
 }
 
 ENGINE_CHOICES = ("auto", "torch", "packed", "trtllm")

@@ -35,7 +35,12 @@ from reranker_runtime.config import (
     TEI_ENV_VARS,
     ServeSettings,
 )
-from reranker_runtime.cpu_threads import configure_cpu_threads, log_thread_plan, parse_torch_threads
+from reranker_runtime.cpu_threads import (
+    configure_cpu_threads,
+    log_thread_plan,
+    parse_cpu_workers,
+    parse_torch_threads,
+)
 from reranker_runtime.logging import LOG_FORMATS, LOG_LEVELS, log_fields
 
 if TYPE_CHECKING:
@@ -284,8 +289,18 @@ _OPTIONS: tuple[_Option, ...] = (
         ("--torch-threads",),
         parse_torch_threads,
         "CPU threads of one forward pass. auto: OMP_NUM_THREADS when set, else the CPUs this "
-        "process may use (affinity mask and cgroup CPU limit, rounded down); /info reports the "
-        "number (docs/runtime-batching.md)",
+        "process may use (affinity mask and cgroup CPU limit, rounded down) divided by "
+        "--cpu-workers; /info reports the number (docs/runtime-batching.md)",
+        "N|auto",
+    ),
+    _Option(
+        "cpu_workers",
+        ("--cpu-workers",),
+        parse_cpu_workers,
+        "Forward passes run at once on CPU, each on --torch-threads threads (more passes, fewer "
+        "threads each: no barriers between threads, better throughput, each batch slower). "
+        "auto: 2 when 2 or more CPUs are usable, else 1; /info reports the number "
+        "(docs/runtime-batching.md)",
         "N|auto",
     ),
     _Option(
@@ -517,7 +532,7 @@ def use_hub_cache(settings: ServeSettings, environ: dict[str, str] | None = None
 def serve(settings: ServeSettings) -> int:
     """Run the server until a signal; returns the process exit code."""
     # First, before anything imports torch: OpenMP reads its variables once, when it starts.
-    log_thread_plan(configure_cpu_threads(settings.torch_threads))
+    log_thread_plan(configure_cpu_threads(settings.torch_threads, settings.cpu_workers))
     use_hub_cache(settings)
     from reranker_runtime.api.app import create_app
     from reranker_runtime.metrics import start_metrics_server

@@ -110,7 +110,9 @@ class RerankService:
         self._tokenizer = PairTokenizer(engine.tokenizer, info.max_input_length)
         self._batcher = Batcher(
             engine,
-            max_batch_tokens=resolve_max_batch_tokens(settings.max_batch_tokens, info),
+            max_batch_tokens=resolve_max_batch_tokens(
+                settings.max_batch_tokens, info, engine.max_concurrent_scores
+            ),
             max_batch_requests=settings.max_batch_requests,
         )
         self._labels = [info.id2label.get(i, f"LABEL_{i}") for i in range(info.num_labels)]

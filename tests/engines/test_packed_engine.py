@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -160,6 +161,21 @@ def test_grouped_attention_calls() -> None:
         (353, 368),
         (368, 369),
     ]
+
+
+def test_cpu_forward_passes_may_run_at_once(models: dict[str, Path]) -> None:
+    """--cpu-workers: score() called from several threads at once gives each batch's own
+    scores."""
+    engine = PackedEngine.from_torch_engine(padded_engine(models["xlmr"]))
+    assert engine.reentrant_on_cpu
+    batches = [
+        encode(engine.tokenizer, mixed_pairs(engine.tokenizer, 10, seed=seed)) for seed in range(4)
+    ]
+    alone = [engine.score(b) for b in batches]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(engine.score, batches * 3))
+    for got, want in zip(together, alone * 3, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
 def test_scores_do_not_depend_on_batch_neighbours(models: dict[str, Path]) -> None:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import threading
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
 from reranker_runtime.batching import Batcher, batch_cost
-from reranker_runtime.engines.base import EncodedPair
+from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
 from reranker_runtime.errors import EngineError, ModelLoadError, NotReadyError
 from runtime.fakes import ControlledEngine
 
@@ -345,3 +347,51 @@ async def test_empty_request(xlmr_engine) -> None:
     finally:
         await batcher.stop()
     assert result.logits.shape == (0, 1)
+
+
+class _GatedByToken(Engine):
+    """A reentrant CPU engine of two forward workers whose passes holding a sequence marked
+    with a gated token wait for that token's gate."""
+
+    max_concurrent_scores = 2
+    reentrant_on_cpu = True
+
+    def __init__(self, inner: Engine, gates: dict[int, threading.Event]) -> None:
+        self.inner, self.gates = inner, gates
+        self.entered: list[int] = []
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.inner.info
+
+    @property
+    def tokenizer(self) -> object:
+        return self.inner.tokenizer
+
+    def score(self, batch: Sequence[EncodedPair]) -> np.ndarray:
+        for token in {p.input_ids[1] for p in batch}:
+            self.entered.append(token)
+            if token in self.gates and not self.gates[token].wait(WAIT_S):
+                raise TimeoutError("gate never opened (test bug)")
+        return self.inner.score(batch)
+
+
+async def test_cpu_workers_run_passes_at_once_and_deliver_out_of_order(xlmr_engine) -> None:
+    """Two CPU forward workers: a request finishes while an earlier pass still runs."""
+    gate = threading.Event()
+    engine = _GatedByToken(xlmr_engine, {7: gate})
+    batcher = await started(engine, max_batch_tokens=128)
+    assert (batcher.workers, batcher.pipeline_depth) == (2, 2)
+    try:
+        slow = asyncio.ensure_future(batcher.score("slow", [seq(40, token=7)]))
+        await until(lambda: engine.entered == [7], "the slow pass to start")
+        fast_items = [seq(30, token=8), seq(20, token=8)]
+        fast = await asyncio.wait_for(batcher.score("fast", fast_items), WAIT_S)
+        assert not slow.done()  # the other worker is still held
+        np.testing.assert_allclose(fast.logits, xlmr_engine.score(fast_items), atol=1e-5)
+        gate.set()
+        held = await asyncio.wait_for(slow, WAIT_S)
+        np.testing.assert_allclose(held.logits, xlmr_engine.score([seq(40, token=7)]), atol=1e-5)
+    finally:
+        gate.set()
+        await batcher.stop()

@@ -26,6 +26,7 @@ def test_defaults_match_serve_settings() -> None:
     assert settings.port == 8080
     assert settings.max_batch_tokens == "auto"
     assert settings.torch_threads == "auto"
+    assert settings.cpu_workers == "auto"
     assert settings.max_client_batch_size == 1000
     assert settings.max_concurrent_requests == 512
     assert settings.auto_truncate is False
@@ -71,6 +72,7 @@ ENV = {
     "RERANKER_TORCH_COMPILE": "true",
     "RERANKER_CUDA_GRAPHS": "1",
     "RERANKER_TORCH_THREADS": "3",
+    "RERANKER_CPU_WORKERS": "4",
     "RERANKER_CPU_KERNELS": "aten",
 }
 
@@ -111,6 +113,7 @@ def test_every_setting_comes_from_its_env_var() -> None:
         torch_compile=True,
         cuda_graphs=True,
         torch_threads=3,
+        cpu_workers=4,
         cpu_kernels="aten",
     )
 

@@ -29,7 +29,9 @@ from reranker_runtime.cpu_threads import (
     configure_cpu_threads,
     parse_cfs_quota,
     parse_cpu_max,
+    parse_cpu_workers,
     parse_torch_threads,
+    plan_cpu_threads,
     read_cgroup_quota,
 )
 from reranker_runtime.engines.base import warmup_passes
@@ -138,6 +140,49 @@ def test_thread_choice_precedence() -> None:
     assert choose_threads(AUTO, limits, "lots") == (2, "auto")  # unusable value: ignored
     assert choose_threads(AUTO, limits, "0") == (2, "auto")
     assert choose_threads(5, limits, "3") == (5, "--torch-threads")
+
+
+@pytest.mark.parametrize(
+    ("affinity", "quota", "threads", "workers", "env", "plan"),
+    [
+        (2, None, AUTO, AUTO, None, (2, 1, "auto")),  # 2 CPUs: two single-threaded passes
+        (1, None, AUTO, AUTO, None, (1, 1, "auto")),
+        (8, 3.0, AUTO, AUTO, None, (2, 1, "auto")),  # a 3-CPU limit: 2 passes x 1 thread
+        (16, None, AUTO, AUTO, None, (2, 8, "auto")),
+        (2, None, 2, AUTO, None, (1, 2, "--torch-threads")),  # the user's threads fill the CPUs
+        (8, None, 2, AUTO, None, (2, 2, "--torch-threads")),
+        (2, None, AUTO, AUTO, "2", (1, 2, "OMP_NUM_THREADS")),
+        (8, None, AUTO, 4, None, (4, 2, "auto")),  # explicit workers share the CPUs
+        (2, None, AUTO, 1, None, (1, 2, "auto")),  # one pass on every CPU (the old default)
+    ],
+)
+def test_cpu_forward_workers_and_threads(
+    affinity: int,
+    quota: float | None,
+    threads: int | str,
+    workers: int | str,
+    env: str | None,
+    plan: tuple[int, int, str],
+) -> None:
+    environ = {"OMP_NUM_THREADS": env} if env else {}
+    limits = CpuLimits(affinity=affinity, quota=quota)
+    got = plan_cpu_threads(threads, workers, limits=limits, environ=environ)  # type: ignore[arg-type]
+    assert got == plan
+    assert parse_cpu_workers("auto") == AUTO and parse_cpu_workers("3") == 3
+    with pytest.raises(ValueError, match="auto"):
+        parse_cpu_workers("0")
+
+
+def test_cpu_engines_run_as_many_passes_as_workers(xlmr_reranker: Path) -> None:
+    from reranker_runtime.config import ServeSettings
+    from reranker_runtime.engines.factory import create_engine
+
+    for engine_name in ("packed", "torch"):
+        settings = ServeSettings(
+            model=str(xlmr_reranker), device="cpu", engine=engine_name, cpu_workers=3
+        )
+        engine = create_engine(settings)
+        assert engine.reentrant_on_cpu and engine.max_concurrent_scores == 3
 
 
 @pytest.mark.parametrize("text", ["0", "-2", "two", ""])
@@ -284,9 +329,12 @@ def test_serve_process_sets_threads_and_reports_auto_budget(
         proc.terminate()
         proc.wait(timeout=60)
     text = log.read_text()
-    assert info["max_batch_tokens"] == CPU_MAX_BATCH_TOKENS
+    # One thread per pass: as many passes at once as CPUs, at most 2, sharing the auto budget.
+    workers = min(2, len(os.sched_getaffinity(0)))
+    assert info["cpu_workers"] == workers
+    assert info["max_batch_tokens"] == CPU_MAX_BATCH_TOKENS // workers
     assert info["torch_threads"] == 1
-    assert "cpu threads torch_threads=1 source=--torch-threads" in text
+    assert f"cpu threads cpu_workers={workers} torch_threads=1 source=--torch-threads" in text
     assert "OMP_WAIT_POLICY=PASSIVE" in text and "TOKENIZERS_PARALLELISM=false" in text
     assert "warming up: 1 x 128 tokens, 1 x 8 tokens" in text
     assert "warm-up pass 1/2: 1 x 128 tokens in " in text

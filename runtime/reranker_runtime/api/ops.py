@@ -91,6 +91,7 @@ def build_info(lifecycle: Lifecycle) -> InfoResponse:
         device=info.device,
         model_dtype=info.dtype,
         torch_threads=info.extra.get("torch_threads"),
+        cpu_workers=batcher.workers if info.device == "cpu" else None,
         cpu_kernels=info.extra.get("cpu_kernels"),
         max_input_length=info.max_input_length,
         max_batch_tokens=batcher.max_batch_tokens,

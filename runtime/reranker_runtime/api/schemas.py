@@ -552,7 +552,12 @@ class InfoResponse(BaseModel):
     device: str
     model_dtype: str
     torch_threads: int | None = Field(
-        description="CPU threads of the forward pass (PyTorch engine); size the CPU request to it."
+        description="CPU threads of one forward pass (PyTorch engines); CPU requests: "
+        "torch_threads x cpu_workers CPUs."
+    )
+    cpu_workers: int | None = Field(
+        default=None,
+        description="Forward passes run at once on CPU (--cpu-workers); null on GPUs.",
     )
     cpu_kernels: str | None = Field(
         default=None,

@@ -108,8 +108,12 @@ class Engine(ABC):
 
     # How many `score` calls the batcher may run at once. 2 lets an engine prepare the next batch
     # (packing, host-to-device copy) while the device runs the current one; such an engine
-    # serialises its device work itself.
+    # serialises its device work itself. On CPU, the number of forward passes that run in
+    # parallel (--cpu-workers), for engines whose `score` is reentrant there.
     max_concurrent_scores: int = 1
+    # `score` may run on several threads at once on CPU (no shared mutable state): the factory
+    # then sets max_concurrent_scores to the CPU forward workers.
+    reentrant_on_cpu: bool = False
 
     @property
     @abstractmethod

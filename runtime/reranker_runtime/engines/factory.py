@@ -18,6 +18,7 @@ from pathlib import Path
 
 from reranker_runtime import config
 from reranker_runtime.config import ServeSettings
+from reranker_runtime.cpu_threads import plan_cpu_threads
 from reranker_runtime.engines.base import Engine
 from reranker_runtime.engines.engine_dir import load_engine_from_dir, set_offline
 from reranker_runtime.engines.manifest import ManifestError, read_manifest
@@ -71,10 +72,20 @@ def choose_engine(
 
 def create_engine(settings: ServeSettings) -> Engine:
     """`--engine-dir` (a prepared engine directory) wins over `--model`; with neither, the
-    default model. Raises ModelLoadError."""
+    default model. On CPU a reentrant engine runs `--cpu-workers` forward passes at once.
+    Raises ModelLoadError."""
     from reranker_runtime.engines.torch_engine import resolve_device
 
     device = resolve_device(settings.device)
+    engine = _create_engine(settings, device)
+    if device == "cpu" and engine.reentrant_on_cpu:
+        workers, threads, _ = plan_cpu_threads(settings.torch_threads, settings.cpu_workers)
+        engine.max_concurrent_scores = workers
+        logger.info("cpu forward workers", extra={"cpu_workers": workers, "torch_threads": threads})
+    return engine
+
+
+def _create_engine(settings: ServeSettings, device: str) -> Engine:
     if device == "cpu" and settings.device == "auto":
         _warn_if_the_gpu_is_unusable()
     kind = _engine_dir_kind(settings.engine_dir) if settings.engine_dir else None

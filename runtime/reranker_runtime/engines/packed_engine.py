@@ -652,6 +652,8 @@ class _Graph:
 class PackedEngine(Engine):
     """Scores packed (padding-free) batches with its own forward pass over the checkpoint."""
 
+    reentrant_on_cpu = True  # the CPU forward pass mutates only its own tensors
+
     def __init__(
         self,
         encoder: PackedEncoder,
@@ -671,7 +673,6 @@ class PackedEngine(Engine):
         self._vocab_size = vocab_size
         self._type_vocab_size = type_vocab_size
         self._device = torch.device(info.device)
-        self._lock = threading.Lock()
         forward: Callable[..., torch.Tensor] = encoder
         if compile_model:
             forward = torch.compile(encoder, dynamic=True)
@@ -836,11 +837,10 @@ class PackedEngine(Engine):
             return np.zeros((0, self._info.num_labels), dtype=np.float32)
         packed = self.pack(batch)  # host work: runs while another call's pass is on the GPU
         with torch.inference_mode():
-            if self._cuda is not None:
-                logits = self._cuda.run(packed)  # serialises the forward passes itself
-            else:
-                with self._lock:
-                    logits = self._run_cpu(packed)
+            # CUDA: the runner serialises the forward passes itself; CPU: reentrant, so
+            # --cpu-workers passes may run at once.
+            runner = self._cuda.run if self._cuda is not None else self._run_cpu
+            logits = runner(packed)
         # Back to the caller's order.
         out = np.empty_like(logits)
         out[packed.order] = logits

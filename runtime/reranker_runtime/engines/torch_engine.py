@@ -76,6 +76,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class TorchEngine(Engine):
     """Scores padded batches with a `transformers` sequence-classification model."""
 
+    reentrant_on_cpu = True  # an eval-mode model under inference_mode: nothing is mutated
+
     def __init__(
         self, model: Any, tokenizer: Any, info: EngineInfo, *, use_token_type_ids: bool
     ) -> None:
