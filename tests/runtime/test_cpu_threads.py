@@ -27,6 +27,7 @@ from reranker_runtime.cpu_threads import (
     CpuLimits,
     choose_threads,
     configure_cpu_threads,
+    detect_cpu_limits,
     parse_cfs_quota,
     parse_cpu_max,
     parse_cpu_workers,
@@ -339,3 +340,19 @@ def test_serve_process_sets_threads_and_reports_auto_budget(
     assert "warming up: 1 x 128 tokens, 1 x 8 tokens" in text
     assert "warm-up pass 1/2: 1 x 128 tokens in " in text
     assert "warm-up pass 2/2: 1 x 8 tokens in " in text
+
+
+def test_gpu_serving_gives_every_cpu_to_one_pool(
+    monkeypatch: pytest.MonkeyPatch, torch_threads_restored: None
+) -> None:
+    """`serve` splits the CPUs among forward workers before it knows the device; on a GPU there
+    are none, so the engine factory gives the host-side pool every CPU back."""
+    from reranker_runtime.config import ServeSettings
+    from reranker_runtime.engines import factory, torch_engine
+
+    loaded = object()
+    monkeypatch.setattr(torch_engine, "resolve_device", lambda _device: "cuda:0")
+    monkeypatch.setattr(factory, "_create_engine", lambda _settings, _device: loaded)
+    torch.set_num_threads(1)  # as configure_cpu_threads left it with 2 workers on 2 CPUs
+    assert factory.create_engine(ServeSettings(model="m")) is loaded
+    assert torch.get_num_threads() == detect_cpu_limits().usable

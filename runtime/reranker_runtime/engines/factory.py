@@ -77,9 +77,17 @@ def create_engine(settings: ServeSettings) -> Engine:
     from reranker_runtime.engines.torch_engine import resolve_device
 
     device = resolve_device(settings.device)
+    if device == "cpu":
+        workers, threads, _ = plan_cpu_threads(settings.torch_threads, settings.cpu_workers)
+    else:
+        # No CPU forward workers on a GPU: `serve` split the CPUs among them before it knew
+        # the device, so give them all back to the one host-side thread pool.
+        import torch
+
+        workers, threads, _ = plan_cpu_threads(settings.torch_threads, 1)
+        torch.set_num_threads(threads)
     engine = _create_engine(settings, device)
     if device == "cpu" and engine.reentrant_on_cpu:
-        workers, threads, _ = plan_cpu_threads(settings.torch_threads, settings.cpu_workers)
         engine.max_concurrent_scores = workers
         logger.info("cpu forward workers", extra={"cpu_workers": workers, "torch_threads": threads})
     return engine
