@@ -240,21 +240,42 @@ def detect_cpu_limits(
 # -- applying -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CpuPlan:
+    workers: int  # forward passes at once on CPU
+    threads: int  # torch threads per forward pass
+    source: str  # where the thread count came from
+    single_pass_threads: int  # the thread count with one pass at a time (on a GPU)
+
+
+# The plan `configure_cpu_threads` applied in this process (the engine factory reads it: the
+# environment then holds the per-pass thread count, no longer the user's own).
+_applied: CpuPlan | None = None
+
+
 def plan_cpu_threads(
     requested: int | Literal["auto"] = AUTO,
     requested_workers: int | Literal["auto"] = AUTO,
     *,
     limits: CpuLimits | None = None,
     environ: Mapping[str, str] | None = None,
-) -> tuple[int, int, str]:
-    """(workers, threads per forward pass, where the thread count came from), changing
-    nothing. The engine factory asks this too: the same answer as `configure_cpu_threads`."""
+) -> CpuPlan:
+    """The CPU forward workers and threads, changing nothing."""
     env = os.environ if environ is None else environ
     limits = limits or detect_cpu_limits()
     omp = env.get("OMP_NUM_THREADS")
     workers = choose_workers(requested_workers, limits, requested, omp)
     threads, source = choose_threads(requested, limits, omp, workers)
-    return workers, threads, source
+    single, _ = choose_threads(requested, limits, omp, 1)
+    return CpuPlan(workers, threads, source, single)
+
+
+def applied_cpu_plan(
+    requested: int | Literal["auto"] = AUTO, requested_workers: int | Literal["auto"] = AUTO
+) -> CpuPlan:
+    """The plan `configure_cpu_threads` applied, or (never configured: a test, an embedding
+    application) the one these settings give now."""
+    return _applied or plan_cpu_threads(requested, requested_workers)
 
 
 def configure_cpu_threads(
@@ -270,11 +291,13 @@ def configure_cpu_threads(
     Call before PyTorch is imported: OpenMP reads its variables once, when it starts. When torch
     is already loaded (an embedding application, a test), the thread count is applied through
     `torch.set_num_threads` and the wait policy stays whatever OpenMP started with."""
+    global _applied
     env = os.environ if environ is None else environ
     limits = limits or detect_cpu_limits()
-    workers, threads, source = plan_cpu_threads(
-        requested, requested_workers, limits=limits, environ=env
-    )
+    plan = plan_cpu_threads(requested, requested_workers, limits=limits, environ=env)
+    workers, threads, source = plan.workers, plan.threads, plan.source
+    if environ is None:  # this process's own setup (a test passes its own mapping)
+        _applied = plan
     for name in THREAD_COUNT_VARIABLES:
         env[name] = str(threads)
     for name, value in DEFAULT_ENVIRONMENT.items():

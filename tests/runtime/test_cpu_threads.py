@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from reranker_runtime import cpu_threads
 from reranker_runtime.batch_budget import (
     CPU_MAX_BATCH_TOKENS,
     GPU_MAX_BATCH_TOKENS,
@@ -27,7 +28,6 @@ from reranker_runtime.cpu_threads import (
     CpuLimits,
     choose_threads,
     configure_cpu_threads,
-    detect_cpu_limits,
     parse_cfs_quota,
     parse_cpu_max,
     parse_cpu_workers,
@@ -168,7 +168,7 @@ def test_cpu_forward_workers_and_threads(
     environ = {"OMP_NUM_THREADS": env} if env else {}
     limits = CpuLimits(affinity=affinity, quota=quota)
     got = plan_cpu_threads(threads, workers, limits=limits, environ=environ)  # type: ignore[arg-type]
-    assert got == plan
+    assert (got.workers, got.threads, got.source) == plan
     assert parse_cpu_workers("auto") == AUTO and parse_cpu_workers("3") == 3
     with pytest.raises(ValueError, match="auto"):
         parse_cpu_workers("0")
@@ -351,8 +351,13 @@ def test_gpu_serving_gives_every_cpu_to_one_pool(
     from reranker_runtime.engines import factory, torch_engine
 
     loaded = object()
+    # As `serve` leaves the process on 2 CPUs: the plan applied, OMP_NUM_THREADS per pass.
+    plan = cpu_threads.plan_cpu_threads(limits=CpuLimits(affinity=2), environ={})
+    assert (plan.workers, plan.threads, plan.single_pass_threads) == (2, 1, 2)
+    monkeypatch.setattr(cpu_threads, "_applied", plan)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(torch_engine, "resolve_device", lambda _device: "cuda:0")
     monkeypatch.setattr(factory, "_create_engine", lambda _settings, _device: loaded)
-    torch.set_num_threads(1)  # as configure_cpu_threads left it with 2 workers on 2 CPUs
+    torch.set_num_threads(1)
     assert factory.create_engine(ServeSettings(model="m")) is loaded
-    assert torch.get_num_threads() == detect_cpu_limits().usable
+    assert torch.get_num_threads() == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from reranker_runtime import config
 from reranker_runtime.config import ServeSettings
-from reranker_runtime.cpu_threads import plan_cpu_threads
+from reranker_runtime.cpu_threads import applied_cpu_plan
 from reranker_runtime.engines.base import Engine
 from reranker_runtime.engines.engine_dir import load_engine_from_dir, set_offline
 from reranker_runtime.engines.manifest import ManifestError, read_manifest
@@ -77,19 +77,20 @@ def create_engine(settings: ServeSettings) -> Engine:
     from reranker_runtime.engines.torch_engine import resolve_device
 
     device = resolve_device(settings.device)
-    if device == "cpu":
-        workers, threads, _ = plan_cpu_threads(settings.torch_threads, settings.cpu_workers)
-    else:
+    plan = applied_cpu_plan(settings.torch_threads, settings.cpu_workers)
+    if device != "cpu":
         # No CPU forward workers on a GPU: `serve` split the CPUs among them before it knew
         # the device, so give them all back to the one host-side thread pool.
         import torch
 
-        workers, threads, _ = plan_cpu_threads(settings.torch_threads, 1)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(plan.single_pass_threads)
     engine = _create_engine(settings, device)
     if device == "cpu" and engine.reentrant_on_cpu:
-        engine.max_concurrent_scores = workers
-        logger.info("cpu forward workers", extra={"cpu_workers": workers, "torch_threads": threads})
+        engine.max_concurrent_scores = plan.workers
+        logger.info(
+            "cpu forward workers",
+            extra={"cpu_workers": plan.workers, "torch_threads": plan.threads},
+        )
     return engine
 
 
