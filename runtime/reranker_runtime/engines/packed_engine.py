@@ -277,7 +277,7 @@ class PackedEncoder(torch.nn.Module):
         self.emb_norm = emb.LayerNorm
         # The grouped (CPU) backend's last layer computes queries and attention for each
         # sequence's first token only: the head reads nothing else. (The GPU backends keep the
-        # full last layer: their kernels are tuned for equal query and key lengths.)
+        # full last layer until a GPU measurement shows the split pays off there.)
         hf_layers = list(base.encoder.layer)
         self.layers = torch.nn.ModuleList(
             _Layer(
