@@ -270,12 +270,10 @@ def plan_cpu_threads(
     return CpuPlan(workers, threads, source, single)
 
 
-def applied_cpu_plan(
-    requested: int | Literal["auto"] = AUTO, requested_workers: int | Literal["auto"] = AUTO
-) -> CpuPlan:
-    """The plan `configure_cpu_threads` applied, or (never configured: a test, an embedding
-    application) the one these settings give now."""
-    return _applied or plan_cpu_threads(requested, requested_workers)
+def applied_cpu_plan() -> CpuPlan | None:
+    """The plan `configure_cpu_threads` applied to this process; None when it never ran (a
+    test, an embedding application)."""
+    return _applied
 
 
 def configure_cpu_threads(
@@ -295,11 +293,10 @@ def configure_cpu_threads(
     env = os.environ if environ is None else environ
     limits = limits or detect_cpu_limits()
     plan = plan_cpu_threads(requested, requested_workers, limits=limits, environ=env)
-    workers, threads, source = plan.workers, plan.threads, plan.source
     if environ is None:  # this process's own setup (a test passes its own mapping)
         _applied = plan
     for name in THREAD_COUNT_VARIABLES:
-        env[name] = str(threads)
+        env[name] = str(plan.threads)
     for name, value in DEFAULT_ENVIRONMENT.items():
         env.setdefault(name, value)
     torch_loaded = "torch" in sys.modules
@@ -307,12 +304,12 @@ def configure_cpu_threads(
         import torch
 
         # Threads started later (the batcher's forward workers) take this value on first use.
-        torch.set_num_threads(threads)
+        torch.set_num_threads(plan.threads)
     names = (*THREAD_COUNT_VARIABLES, *DEFAULT_ENVIRONMENT)
     return ThreadPlan(
-        threads=threads,
-        source=source,
-        workers=workers,
+        threads=plan.threads,
+        source=plan.source,
+        workers=plan.workers,
         limits=limits,
         environment={name: env[name] for name in names},
         torch_already_loaded=torch_loaded,

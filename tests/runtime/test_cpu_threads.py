@@ -361,3 +361,8 @@ def test_gpu_serving_gives_every_cpu_to_one_pool(
     torch.set_num_threads(1)
     assert factory.create_engine(ServeSettings(model="m")) is loaded
     assert torch.get_num_threads() == 2
+    # A process `serve` did not set up (an embedding application) keeps its own thread count.
+    monkeypatch.setattr(cpu_threads, "_applied", None)
+    torch.set_num_threads(1)
+    assert factory.create_engine(ServeSettings(model="m")) is loaded
+    assert torch.get_num_threads() == 1

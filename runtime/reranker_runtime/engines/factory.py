@@ -18,7 +18,7 @@ from pathlib import Path
 
 from reranker_runtime import config
 from reranker_runtime.config import ServeSettings
-from reranker_runtime.cpu_threads import applied_cpu_plan
+from reranker_runtime.cpu_threads import applied_cpu_plan, plan_cpu_threads
 from reranker_runtime.engines.base import Engine
 from reranker_runtime.engines.engine_dir import load_engine_from_dir, set_offline
 from reranker_runtime.engines.manifest import ManifestError, read_manifest
@@ -77,13 +77,15 @@ def create_engine(settings: ServeSettings) -> Engine:
     from reranker_runtime.engines.torch_engine import resolve_device
 
     device = resolve_device(settings.device)
-    plan = applied_cpu_plan(settings.torch_threads, settings.cpu_workers)
-    if device != "cpu":
+    applied = applied_cpu_plan()
+    if device != "cpu" and applied is not None:
         # No CPU forward workers on a GPU: `serve` split the CPUs among them before it knew
         # the device, so give them all back to the one host-side thread pool.
         import torch
 
-        torch.set_num_threads(plan.single_pass_threads)
+        torch.set_num_threads(applied.single_pass_threads)
+    # Not configured by `serve` (a test, an embedding application): what the settings give.
+    plan = applied or plan_cpu_threads(settings.torch_threads, settings.cpu_workers)
     engine = _create_engine(settings, device)
     if device == "cpu" and engine.reentrant_on_cpu:
         engine.max_concurrent_scores = plan.workers
