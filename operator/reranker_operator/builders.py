@@ -52,7 +52,7 @@ _PRUNE_SCRIPT = (
 # The runtime's in-flight requests gauge (runtime/reranker_runtime/metrics.py), the
 # concurrency autoscaling metric (its name in the custom metrics API is configurable:
 # config.autoscaling.concurrencyMetric). Needs a custom-metrics adapter (docs/operator.md).
-IN_FLIGHT_METRIC = "te_requests_in_flight"
+IN_FLIGHT_METRIC = "reranker_requests_in_flight"
 
 _JOB_NAME_MAX = 63  # Job names become the pods' `job-name` label value: a 63-char limit.
 
@@ -705,7 +705,7 @@ def build_hpa(
 ) -> dict[str, Any] | None:
     """An autoscaling/v2 HPA on the Deployment when spec.autoscaling is set; else None.
 
-    One metric, never both: with metric Concurrency, the Pods metric `te_requests_in_flight`
+    One metric, never both: with metric Concurrency, the Pods metric `reranker_requests_in_flight`
     (average in-flight requests per pod; needs a custom-metrics adapter such as
     prometheus-adapter); with metric CPU, CPU utilisation (metrics-server only). Mixing them
     would let a missing adapter silently block every scale-down.

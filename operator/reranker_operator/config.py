@@ -171,11 +171,11 @@ class MonitoringSettings(_Model):
 
 class AutoscalingSettings(_Model):
     # The name the HPA asks the custom metrics API for (metric Concurrency): what the adapter
-    # exposes the runtime's te_requests_in_flight gauge as. prometheus-adapter with the rule in
-    # docs/operator.md: te_requests_in_flight; GKE's Custom Metrics Stackdriver Adapter with
-    # managed Prometheus: prometheus.googleapis.com|te_requests_in_flight|gauge.
+    # exposes the runtime's reranker_requests_in_flight gauge as. prometheus-adapter with the rule in
+    # docs/operator.md: reranker_requests_in_flight; GKE's Custom Metrics Stackdriver Adapter with
+    # managed Prometheus: prometheus.googleapis.com|reranker_requests_in_flight|gauge.
     concurrency_metric: str = Field(
-        default="te_requests_in_flight", alias="concurrencyMetric", min_length=1
+        default="reranker_requests_in_flight", alias="concurrencyMetric", min_length=1
     )
 
 

@@ -162,7 +162,7 @@ class Runtime(_Model):
     max_concurrent_requests: int | None = Field(
         default=None, alias="maxConcurrentRequests", ge=1, le=_LIMIT_MAX
     )
-    auto_truncate: bool = Field(default=False, alias="autoTruncate")
+    auto_truncate: bool = Field(default=True, alias="autoTruncate")
     api_key_secret: SecretKeyRef | None = Field(default=None, alias="apiKeySecret")
     probes: Probes = Probes()
     env: tuple[EnvVar, ...] = Field(default=(), max_length=64)

@@ -31,7 +31,8 @@ class ServeSettings:
     max_batch_requests: int | None = None  # most sequences in one forward pass
     max_client_batch_size: int = 1000  # most texts/inputs in one request
     max_concurrent_requests: int = 512  # requests in flight before 429
-    auto_truncate: bool = False  # truncate over-long inputs even when the request says not to
+    # Truncate over-long inputs of a request that does not send `truncate` (TEI's default: true).
+    auto_truncate: bool = True
     max_request_characters: int = 4_000_000  # characters in one request's texts; more -> 413
     request_read_timeout: float = 30.0  # seconds to receive a request's headers and body
     max_connections: int = 2048  # open HTTP connections; more are refused (503) and closed
@@ -104,15 +105,29 @@ SERVE_ENV_VARS: dict[str, str] = {
 ENGINE_CHOICES = ("auto", "torch", "packed", "trtllm")
 CPU_KERNEL_CHOICES = ("auto", "onednn", "aten")
 
-# TEI's own variable for the same setting, read when the RERANKER_* one is unset, so a TEI
-# deployment's environment keeps working.
+# TEI's own variable for the same setting (router/src/main.rs, `#[clap(long, env)]`), read when
+# the RERANKER_* one is unset, so a TEI deployment's environment keeps working. Not HOSTNAME:
+# every shell and pod sets it to the machine's name, and listening there would shut out localhost
+# (kubectl port-forward, sidecars). TEI's JSON_OUTPUT is read as --log-format json/text.
 TEI_ENV_VARS: dict[str, str] = {
+    "model": "MODEL_ID",
+    "revision": "REVISION",
+    "served_model_name": "SERVED_MODEL_NAME",
+    "dtype": "DTYPE",
+    "port": "PORT",
+    "max_batch_tokens": "MAX_BATCH_TOKENS",
+    "max_batch_requests": "MAX_BATCH_REQUESTS",
+    "max_client_batch_size": "MAX_CLIENT_BATCH_SIZE",
+    "max_concurrent_requests": "MAX_CONCURRENT_REQUESTS",
+    "auto_truncate": "AUTO_TRUNCATE",
+    "api_key": "API_KEY",
     "payload_limit": "PAYLOAD_LIMIT",
     "prometheus_port": "PROMETHEUS_PORT",
     "cors_allow_origin": "CORS_ALLOW_ORIGIN",
     "hf_cache": "HUGGINGFACE_HUB_CACHE",
     "tokenization_workers": "TOKENIZATION_WORKERS",
 }
+TEI_JSON_OUTPUT_ENV = "JSON_OUTPUT"
 
 
 def default_tokenization_workers() -> int:

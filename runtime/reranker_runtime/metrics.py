@@ -7,9 +7,11 @@ queue and batch metrics, router/src/prometheus.rs for the buckets). TEI's export
 under its plain name (`te_request_count`, no `_total`), so TEI's counters are kept here
 (`TeiCounter`) and written by `render()` the same way; everything else is prometheus_client's.
 
-Our own metrics carry other names: `reranker_http_*` (every response by route and status, refusals
-included) and the te_* names TEI does not have (`te_requests_in_flight`, which the operator's
-autoscaler reads; `te_batch_inference_duration`, `te_batch_failure`, which the bench reads).
+Our own metrics carry other names, `reranker_*`, so no TEI dashboard misreads them:
+`reranker_http_*` (every response by route and status, refusals included),
+`reranker_requests_in_flight` (the operator's autoscaler reads it),
+`reranker_batch_inference_duration_seconds` and `reranker_batch_failures` (the bench reads them),
+and the deadline and chunking counters.
 """
 
 from __future__ import annotations
@@ -166,12 +168,12 @@ HTTP_REQUEST_DURATION = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 BATCH_INFERENCE_DURATION = Histogram(
-    "te_batch_inference_duration",
+    "reranker_batch_inference_duration_seconds",
     "Duration of one forward pass in seconds",
     buckets=_DURATION_BUCKETS,
 )
-BATCH_FAILURES = Counter("te_batch_failure", "Forward passes that raised")
-IN_FLIGHT = Gauge("te_requests_in_flight", "Inference requests being processed")
+BATCH_FAILURES = Counter("reranker_batch_failures", "Forward passes that raised")
+IN_FLIGHT = Gauge("reranker_requests_in_flight", "Inference requests being processed")
 
 # Deadlines (X-Request-Timeout / --request-timeout). Not TEI metrics: TEI has no deadlines.
 REQUEST_TIMEOUTS = Counter(

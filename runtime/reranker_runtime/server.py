@@ -33,6 +33,7 @@ from reranker_runtime.config import (
     ENGINE_CHOICES,
     SERVE_ENV_VARS,
     TEI_ENV_VARS,
+    TEI_JSON_OUTPUT_ENV,
     ServeSettings,
 )
 from reranker_runtime.cpu_threads import (
@@ -138,7 +139,7 @@ class _Option:
 _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "model",
-        ("--model", "-m"),
+        ("--model", "-m", "--model-id"),
         _text,
         "Hugging Face repo id or local checkpoint directory of a *ForSequenceClassification model",
         "DIR_OR_HF_ID",
@@ -177,8 +178,8 @@ _OPTIONS: tuple[_Option, ...] = (
         "auto (float16/bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16",
         "DTYPE",
     ),
-    _Option("host", ("--host",), _text, "Address to listen on", "HOST"),
-    _Option("port", ("--port",), _int_parser(1, 65535), "Port to listen on", "PORT"),
+    _Option("host", ("--host", "--hostname"), _text, "Address to listen on", "HOST"),
+    _Option("port", ("--port", "-p"), _int_parser(1, 65535), "Port to listen on", "PORT"),
     _Option(
         "max_batch_tokens",
         ("--max-batch-tokens",),
@@ -216,8 +217,8 @@ _OPTIONS: tuple[_Option, ...] = (
         "auto_truncate",
         ("--auto-truncate",),
         parse_bool,
-        "Truncate over-long inputs on every request, even when it sets truncate=false "
-        "(--no-auto-truncate to turn off)",
+        "Truncate over-long inputs of a request that does not send `truncate` (as TEI; a "
+        "request's own truncate wins); false: such inputs get 422",
         boolean=True,
     ),
     _Option(
@@ -435,12 +436,23 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
             env_names += f" or TEI's {TEI_ENV_VARS[opt.field]}"
         help_text = f"{opt.help} (default: {shown}; env: {env_names})"
         if opt.boolean:
+            # `--flag`, `--flag true|false` (TEI's form, e.g. `--auto-truncate false`), `--no-flag`.
             parser.add_argument(
                 *opt.flags,
                 dest=opt.field,
-                action=argparse.BooleanOptionalAction,
+                type=_argparse_type(opt),
+                nargs="?",
+                const=True,
                 default=None,
+                metavar="BOOL",
                 help=help_text,
+            )
+            parser.add_argument(
+                *(f"--no-{flag[2:]}" for flag in opt.flags),
+                dest=opt.field,
+                action="store_false",
+                default=None,
+                help=f"same as {opt.flags[0]} false",
             )
         else:
             parser.add_argument(
@@ -452,6 +464,14 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                 metavar=opt.metavar,
                 help=help_text,
             )
+    parser.add_argument(
+        "--json-output",
+        dest="log_format",
+        action="store_const",
+        const="json",
+        help=f"TEI's flag: same as --log-format json (env: TEI's {TEI_JSON_OUTPUT_ENV}=true|false, "
+        "read when RERANKER_LOG_FORMAT is unset)",
+    )
     parser.set_defaults(func=run_serve)
     return parser
 
@@ -478,6 +498,14 @@ def settings_from_args(
             values[opt.field] = opt.parse(raw)
         except ValueError as exc:
             raise SettingsError(f"environment variable {var}={raw!r} is invalid: {exc}") from None
+    if "log_format" not in values and env.get(TEI_JSON_OUTPUT_ENV, "").strip():
+        raw = env[TEI_JSON_OUTPUT_ENV]
+        try:
+            values["log_format"] = "json" if parse_bool(raw) else "text"
+        except ValueError as exc:
+            raise SettingsError(
+                f"environment variable {TEI_JSON_OUTPUT_ENV}={raw!r} is invalid: {exc}"
+            ) from None
     if not values.get("model") and not values.get("engine_dir"):
         values["model"] = DEFAULT_MODEL
     known = {f.name for f in dataclasses.fields(ServeSettings)}

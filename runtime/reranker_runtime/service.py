@@ -165,7 +165,7 @@ class RerankService:
         query: str,
         texts: list[str],
         *,
-        truncate: bool,
+        truncate: bool | None,
         truncation_direction: str = "right",
         raw_scores: bool = False,
         max_tokens_per_text: int | None = None,
@@ -185,6 +185,7 @@ class RerankService:
         (default `--request-timeout`): the deadline, counted from this call."""
         if self._info.num_labels != 1:
             raise WrongModelKindError(
+                "model is not a re-ranker model: "
                 f"this model is a classifier with {self._info.num_labels} labels ({', '.join(self._labels)}), "
                 "not a reranker (one relevance logit); use /predict to classify inputs"
             )
@@ -253,7 +254,7 @@ class RerankService:
         self,
         inputs: list[str | tuple[str, str]],
         *,
-        truncate: bool,
+        truncate: bool | None,
         truncation_direction: str = "right",
         raw_scores: bool = False,
         timeout_s: float | None = None,
@@ -326,9 +327,10 @@ class RerankService:
             self._tokenize_pool, functools.partial(fn, *args, **kwargs)
         )
 
-    def _truncating(self, requested: bool) -> bool:
-        # The one place auto-truncate applies: it turns truncation on for every request.
-        return requested or self._settings.auto_truncate
+    def _truncating(self, requested: bool | None) -> bool:
+        # The one place auto-truncate applies, as in TEI (`req.truncate.unwrap_or(auto_truncate)`):
+        # it decides for a request that does not say.
+        return self._settings.auto_truncate if requested is None else requested
 
     def _check_count(self, field: str, n: int) -> None:
         limit = self._settings.max_client_batch_size

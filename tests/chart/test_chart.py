@@ -465,7 +465,7 @@ def test_peering_priority_differs_per_pod() -> None:
 def test_monitoring_config_reaches_the_operator(chart: helm_python.Chart) -> None:
     values = {
         "monitoring": {"kind": "PodMonitoring", "interval": "15s", "labels": {"team": "ml"}},
-        "concurrencyMetric": "prometheus.googleapis.com|te_requests_in_flight|gauge",
+        "concurrencyMetric": "prometheus.googleapis.com|reranker_requests_in_flight|gauge",
     }
     loaded = load_operator_config(operator_config_text(manifests(render(chart, values))))
     assert loaded.monitoring.kind == "PodMonitoring" and loaded.monitoring.interval == "15s"

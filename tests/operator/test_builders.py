@@ -62,7 +62,7 @@ VARIANTS: dict[str, RerankerSpec] = {
             "maxBatchRequests": 64,
             "maxClientBatchSize": 100,
             "maxConcurrentRequests": 128,
-            "autoTruncate": True,
+            "autoTruncate": False,
             "env": [{"name": "EXTRA", "value": "1"}],
             "probes": {
                 "startup": {"failureThreshold": 200, "periodSeconds": 5},
@@ -436,14 +436,14 @@ def test_hpa_concurrency_metric_name_from_the_config() -> None:
     config = config_from_dict(
         {
             "autoscaling": {
-                "concurrencyMetric": "prometheus.googleapis.com|te_requests_in_flight|gauge"
+                "concurrencyMetric": "prometheus.googleapis.com|reranker_requests_in_flight|gauge"
             }
         }
     )
     hpa = b.build_hpa("rr", NS, VARIANTS["autoscaling-concurrency"], None, config)
     assert hpa is not None
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == (
-        "prometheus.googleapis.com|te_requests_in_flight|gauge"
+        "prometheus.googleapis.com|reranker_requests_in_flight|gauge"
     )
 
 
@@ -526,7 +526,7 @@ def test_deployment_follows_the_serve_contract() -> None:
     assert env["RERANKER_MAX_BATCH_REQUESTS"] == "64"
     assert env["RERANKER_MAX_CLIENT_BATCH_SIZE"] == "100"
     assert env["RERANKER_MAX_CONCURRENT_REQUESTS"] == "128"
-    assert env["RERANKER_AUTO_TRUNCATE"] == "true"
+    assert env["RERANKER_AUTO_TRUNCATE"] == "false"
     assert env["RERANKER_API_KEY"] == {"secretKeyRef": {"name": "api", "key": "token"}}
     assert env["RERANKER_LOG_FORMAT"] == "json"
     assert env["HF_HUB_OFFLINE"] == "1"
@@ -547,10 +547,10 @@ def test_deployment_follows_the_serve_contract() -> None:
     assert dep["metadata"]["annotations"][b.ANNOTATION_ENGINE_KEY] == KEY
 
 
-def test_deployment_defaults_and_auto_truncate_false() -> None:
+def test_deployment_defaults() -> None:
     c = container(b.build_deployment("rr", NS, spec_of(), CONFIG, KEY))
     env = env_map(c)
-    assert env["RERANKER_AUTO_TRUNCATE"] == "false"
+    assert env["RERANKER_AUTO_TRUNCATE"] == "true"  # TEI's default
     assert env["RERANKER_MAX_BATCH_TOKENS"] == "16384"
     for unset in (
         "RERANKER_API_KEY",
@@ -686,7 +686,7 @@ def test_hpa_concurrency_and_cpu() -> None:
         {
             "type": "Pods",
             "pods": {
-                "metric": {"name": "te_requests_in_flight"},
+                "metric": {"name": "reranker_requests_in_flight"},
                 "target": {"type": "AverageValue", "averageValue": "24"},
             },
         }
@@ -766,7 +766,7 @@ def _hash(obj: dict[str, Any]) -> str:
     [
         {"replicas": 3},
         {"resources": {"memory": "8Gi"}},
-        {"runtime": {"autoTruncate": True}},
+        {"runtime": {"autoTruncate": False}},
         {"runtime": {"probes": {"startup": {"failureThreshold": 7}}}},
         {"accelerator": {"type": "CPU"}},
     ],

@@ -478,7 +478,7 @@ async def test_hpa_without_its_metric_shows_in_status(
     await phase(cluster, "Ready")
     missing = (
         "the HPA was unable to compute the replica count: unable to get metric "
-        "te_requests_in_flight: no custom metrics API (custom.metrics.k8s.io) registered"
+        "reranker_requests_in_flight: no custom metrics API (custom.metrics.k8s.io) registered"
     )
     await cluster.patch(
         cluster.HPA,

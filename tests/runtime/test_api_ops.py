@@ -87,7 +87,7 @@ async def test_info(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
     assert info["max_batch_requests"] is None
     assert info["max_client_batch_size"] == 16
     assert info["max_concurrent_requests"] == 512
-    assert info["auto_truncate"] is False
+    assert info["auto_truncate"] is True
     assert info["torch_threads"] == torch.get_num_threads()
     assert info["cpu_kernels"] is None  # the padded engine has no choice of CPU kernels
     assert info["ready"] is True
@@ -150,7 +150,7 @@ async def test_metrics_count_what_a_request_did(client: httpx.AsyncClient) -> No
     assert moved("te_request_input_length_sum") == tokens  # one observation per pair
     assert moved("te_batch_next_size_sum") == len(RERANK["texts"])  # both pairs in one batch
     assert moved("te_batch_next_tokens_count") == 1
-    assert after["te_queue_size"] == 0 and after["te_requests_in_flight"] == 0
+    assert after["te_queue_size"] == 0 and after["reranker_requests_in_flight"] == 0
 
 
 async def test_openapi_and_docs(client: httpx.AsyncClient) -> None:

@@ -155,8 +155,8 @@ async def test_too_long_without_truncation_is_422_naming_count_and_limit(
     text = long_text()
     n_tokens = len(tokenizer(QUERY, text)["input_ids"])
     for body in (
-        {"query": QUERY, "texts": ["short", text]},
-        {"query": QUERY, "texts": [text], "truncate": False},
+        {"query": QUERY, "texts": ["short", text], "truncate": False},
+        {"query": QUERY, "texts": [text], "truncate": False, "truncation_direction": "left"},
     ):
         resp = await client.post("/rerank", json=body)
         assert resp.status_code == 422
@@ -165,18 +165,40 @@ async def test_too_long_without_truncation_is_422_naming_count_and_limit(
         assert str(n_tokens) in err["error"] and str(TINY_MAX_TOKENS) in err["error"]
 
 
-async def test_auto_truncate_server(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> None:
+@pytest.mark.parametrize(
+    ("auto_truncate", "truncate", "status"),
+    [
+        (True, None, 200),  # TEI's default: a request that does not say is truncated
+        (True, False, 422),  # the request's own truncate wins, as in TEI
+        (True, True, 200),
+        (False, None, 422),  # --auto-truncate false
+        (False, True, 200),
+    ],
+)
+async def test_auto_truncate_decides_for_requests_that_do_not_say(
+    xlmr_reranker: Path,
+    xlmr_engine: TorchEngine,
+    auto_truncate: bool,
+    truncate: bool | None,
+    status: int,
+) -> None:
     text = long_text()
-    async with serving(settings_for(xlmr_reranker, auto_truncate=True), xlmr_engine) as auto:
-        resp = await auto.post(
-            "/rerank", json={"query": QUERY, "texts": [text], "raw_scores": True}
-        )
-        assert resp.status_code == 200, resp.text
-        assert resp.json()[0]["score"] == pytest.approx(
-            truncated_reference(xlmr_reranker, QUERY, text, "right"), **RAW
-        )
-        info = (await auto.get("/info")).json()
-        assert info["auto_truncate"] is True
+    said = {} if truncate is None else {"truncate": truncate}
+    body: dict[str, Any] = {"query": QUERY, "texts": [text], "raw_scores": True, **said}
+    settings = settings_for(xlmr_reranker, auto_truncate=auto_truncate)
+    async with serving(settings, xlmr_engine) as client:
+        resp = await client.post("/rerank", json=body)
+        assert resp.status_code == status, resp.text
+        if status == 200:
+            assert resp.json()[0]["score"] == pytest.approx(
+                truncated_reference(xlmr_reranker, QUERY, text, "right"), **RAW
+            )
+        else:
+            assert "truncate=true" in resp.json()["error"]
+        predicted = await client.post("/predict", json={"inputs": [QUERY, text], **said})
+        assert predicted.status_code == status, predicted.text
+        info = (await client.get("/info")).json()
+        assert info["auto_truncate"] is auto_truncate
 
 
 @pytest.mark.parametrize(

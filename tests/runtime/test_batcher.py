@@ -212,7 +212,7 @@ async def test_cancelled_request_skipped_in_submitted_batch(xlmr_engine) -> None
 async def test_engine_failure_fails_exactly_its_batch(xlmr_engine) -> None:
     engine = ControlledEngine(xlmr_engine)
     batcher = await started(engine, pipeline_depth=2)
-    failures_before = REGISTRY.get_sample_value("te_batch_failure_total") or 0.0
+    failures_before = REGISTRY.get_sample_value("reranker_batch_failures_total") or 0.0
     engine.hold()
     try:
         first = asyncio.create_task(batcher.score("first", [seq(12, token=4)]))
@@ -241,7 +241,9 @@ async def test_engine_failure_fails_exactly_its_batch(xlmr_engine) -> None:
         assert "illegal memory access" in outcome.message
     assert outcomes[2].logits.shape == (1, 1)  # type: ignore[union-attr]
     assert after.logits.shape == (1, 1)
-    assert (REGISTRY.get_sample_value("te_batch_failure_total") or 0.0) == failures_before + 1
+    assert (
+        REGISTRY.get_sample_value("reranker_batch_failures_total") or 0.0
+    ) == failures_before + 1
 
 
 async def test_stop_resolves_or_fails_everything(xlmr_engine) -> None:

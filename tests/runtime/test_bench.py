@@ -187,14 +187,14 @@ def test_batch_stats_from_metrics():
         "te_batch_next_size_count": 2,
         "te_batch_next_size_sum": 20,
         "te_batch_next_tokens_sum": 1000,
-        "te_batch_inference_duration_sum": 1.0,
+        "reranker_batch_inference_duration_seconds_sum": 1.0,
         "te_request_input_length_sum": 900,
     }
     after = {
         "te_batch_next_size_count": 6,
         "te_batch_next_size_sum": 100,
         "te_batch_next_tokens_sum": 5000,
-        "te_batch_inference_duration_sum": 3.0,
+        "reranker_batch_inference_duration_seconds_sum": 3.0,
         "te_request_input_length_sum": 3900,
     }
     s = c.batch_stats(before, after, wall_s=4.0)

@@ -260,9 +260,9 @@ async def test_truncation_scores_the_first_windows_only(xlmr_engine, xlmr_rerank
 async def test_request_parameter_overrides_the_server_default(xlmr_engine) -> None:
     text = long_texts("xlmr")[0]
     async with serving(xlmr_engine, max_chunks_per_doc=3, auto_truncate=True) as service:
-        default = await service.rerank(QUERY, [text], truncate=False)
-        one = await service.rerank(QUERY, [text], truncate=False, max_chunks_per_text=1)
-        many = await service.rerank(QUERY, [text], truncate=False, max_chunks_per_text=50)
+        default = await service.rerank(QUERY, [text], truncate=None)
+        one = await service.rerank(QUERY, [text], truncate=None, max_chunks_per_text=1)
+        many = await service.rerank(QUERY, [text], truncate=None, max_chunks_per_text=50)
     assert default.chunks == [3] and default.truncated == [True]  # auto-truncate applies
     assert one.chunks == [1] and one.truncated == [True]
     assert many.chunks[0] > 3 and many.truncated == [False]
@@ -328,7 +328,9 @@ async def test_routes_report_windows_and_usage(xlmr_reranker: Path, xlmr_engine)
         # /rerank without chunking: TEI's body exactly, long texts refused as today.
         plain = await client.post("/rerank", json={"query": QUERY, "texts": texts[-1:]})
         assert plain.status_code == 200 and set(plain.json()[0]) == {"index", "score"}
-        refused = await client.post("/rerank", json={"query": QUERY, "texts": texts})
+        refused = await client.post(
+            "/rerank", json={"query": QUERY, "texts": texts, "truncate": False}
+        )
         assert refused.status_code == 422
 
         resp = await client.post(
@@ -346,7 +348,8 @@ async def test_routes_report_windows_and_usage(xlmr_reranker: Path, xlmr_engine)
         assert int(resp.headers["x-compute-tokens"]) == tokens
 
         too_many = await client.post(
-            "/rerank", json={"query": QUERY, "texts": texts, "max_chunks_per_doc": 2}
+            "/rerank",
+            json={"query": QUERY, "texts": texts, "max_chunks_per_doc": 2, "truncate": False},
         )
         assert too_many.status_code == 413, too_many.text
         assert too_many.json()["error_type"] == "Validation"

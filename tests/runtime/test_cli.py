@@ -29,7 +29,7 @@ def test_defaults_match_serve_settings() -> None:
     assert settings.cpu_workers == "auto"
     assert settings.max_client_batch_size == 1000
     assert settings.max_concurrent_requests == 512
-    assert settings.auto_truncate is False
+    assert settings.auto_truncate is True  # TEI's default
     assert settings.log_format == "json"
 
 
@@ -146,13 +146,108 @@ def test_every_env_var_has_a_flag_and_help_names_it(capsys: pytest.CaptureFixtur
     for field, var in SERVE_ENV_VARS.items():
         assert f"env: {var}" in help_text, var
         assert "--" + field.replace("_", "-") in help_text, field
-    assert "(default: 8080; env: RERANKER_PORT)" in help_text
-    assert "(default: auto; env: RERANKER_MAX_BATCH_TOKENS)" in help_text
+    assert "(default: 8080; env: RERANKER_PORT or TEI's PORT)" in help_text
+    assert "(default: auto; env: RERANKER_MAX_BATCH_TOKENS or TEI's MAX_BATCH_TOKENS)" in help_text
     # argparse may wrap inside "bge-reranker-large": compare without whitespace.
     assert (
-        f"(default:{DEFAULT_MODEL}unless--engine-dirisset;env:RERANKER_MODEL)"
+        f"(default:{DEFAULT_MODEL}unless--engine-dirisset;env:RERANKER_MODELorTEI'sMODEL_ID)"
         in help_text.replace(" ", "")
     )
+
+
+def test_a_tei_command_line_works_as_it_is() -> None:
+    """TEI's flag spellings (router/src/main.rs), as a TEI pod spec or docker run passes them."""
+    args = _serve_args(
+        [
+            "--model-id",
+            "/data/bge",
+            "--hostname",
+            "127.0.0.1",
+            "-p",
+            "3000",
+            "--auto-truncate",
+            "false",
+            "--json-output",
+            "--max-client-batch-size",
+            "64",
+        ]
+    )
+    settings = settings_from_args(args, environ={"RERANKER_LOG_FORMAT": "text"})
+    assert (settings.model, settings.host, settings.port) == ("/data/bge", "127.0.0.1", 3000)
+    assert settings.auto_truncate is False
+    assert settings.log_format == "json"  # the flag beats the variable
+    assert settings.max_client_batch_size == 64
+
+
+@pytest.mark.parametrize(
+    ("argv", "value"),
+    [
+        ([], None),
+        (["--auto-truncate"], True),
+        (["--auto-truncate", "true"], True),
+        (["--auto-truncate=false"], False),
+        (["--no-auto-truncate"], False),
+    ],
+)
+def test_boolean_flags_take_an_optional_value(argv: list[str], value: bool | None) -> None:
+    assert _serve_args(argv).auto_truncate is value
+
+
+def test_bad_boolean_flag_value_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--cuda-graphs", "maybe"])
+    assert exit_info.value.code == 2
+    assert "--cuda-graphs" in capsys.readouterr().err
+
+
+TEI_ENV = {
+    "MODEL_ID": "/data/bge",
+    "REVISION": "refs/pr/5",
+    "SERVED_MODEL_NAME": "bge",
+    "DTYPE": "float16",
+    "PORT": "80",
+    "MAX_BATCH_TOKENS": "8192",
+    "MAX_BATCH_REQUESTS": "16",
+    "MAX_CLIENT_BATCH_SIZE": "32",
+    "MAX_CONCURRENT_REQUESTS": "100",
+    "AUTO_TRUNCATE": "false",
+    "API_KEY": "tei-key",
+    "JSON_OUTPUT": "false",
+    "HOSTNAME": "my-pod-7f9c",  # set by every shell and pod: never an address to listen on
+}
+
+
+def test_a_tei_environment_works_as_it_is() -> None:
+    settings = settings_from_args(_serve_args([]), environ=TEI_ENV)
+    assert settings == ServeSettings(
+        model="/data/bge",
+        revision="refs/pr/5",
+        served_model_name="bge",
+        dtype="float16",
+        port=80,
+        max_batch_tokens=8192,
+        max_batch_requests=16,
+        max_client_batch_size=32,
+        max_concurrent_requests=100,
+        auto_truncate=False,
+        api_key="tei-key",
+        log_format="text",
+    )
+    assert settings.host == "0.0.0.0"
+
+
+def test_reranker_variables_win_over_tei_ones() -> None:
+    env = {**TEI_ENV, "RERANKER_PORT": "8080", "RERANKER_LOG_FORMAT": "json"}
+    settings = settings_from_args(_serve_args([]), environ=env)
+    assert (settings.port, settings.log_format) == (8080, "json")
+
+
+def test_bad_tei_variable_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("JSON_OUTPUT", "sometimes")
+    assert cli.main(["serve"]) == 2
+    assert "JSON_OUTPUT='sometimes'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

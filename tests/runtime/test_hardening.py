@@ -197,7 +197,9 @@ async def test_ten_megabyte_text_is_scored_as_its_window_and_refused_fast_withou
             assert response.json()[0]["score"] == pytest.approx(reference, abs=TOL)
             assert int(response.headers["x-compute-tokens"]) == TINY_MAX_TOKENS
 
-        refused = await client.post("/rerank", json={"query": QUERY, "texts": ["paris", huge]})
+        refused = await client.post(
+            "/rerank", json={"query": QUERY, "texts": ["paris", huge], "truncate": False}
+        )
         assert refused.status_code == 422
         message = refused.json()["error"]
         match = re.fullmatch(
@@ -254,7 +256,8 @@ async def test_ten_megabyte_text_chunked_costs_only_its_windows(
         assert answers[0]["score"] == pytest.approx(answers[1]["score"], abs=TOL)
 
         refused = await client.post(
-            "/rerank", json={"query": QUERY, "texts": [huge], "max_chunks_per_doc": 3}
+            "/rerank",
+            json={"query": QUERY, "texts": [huge], "max_chunks_per_doc": 3, "truncate": False},
         )
         assert refused.status_code == 413, refused.text
         assert re.match(

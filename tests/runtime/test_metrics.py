@@ -171,7 +171,7 @@ async def test_failures_by_tei_reason(client: httpx.AsyncClient) -> None:
             ("/rerank", {"query": QUERY, "texts": []}, 400),
             ("/predict", {"inputs": ""}, 400),
             ("/rerank", {"query": QUERY, "texts": ["x"] * (MAX_TEXTS + 1)}, 413),
-            ("/rerank", {"query": QUERY, "texts": [long_text()]}, 422),
+            ("/rerank", {"query": QUERY, "texts": [long_text()], "truncate": False}, 422),
             ("/embed", {"inputs": "a"}, 424),
             ("/v1/embeddings", {"input": "a"}, 424),
             ("/predict", {"inputs": ["a", "b", "c"]}, 422),  # schema: not counted by TEI either

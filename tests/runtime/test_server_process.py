@@ -224,7 +224,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(server: Server) -> No
             thread.start()
             wait_for(
                 "request in flight",
-                lambda: metric(client, "te_requests_in_flight") == 1,
+                lambda: metric(client, "reranker_requests_in_flight") == 1,
                 server.proc,
             )
             server.proc.send_signal(signal.SIGTERM)

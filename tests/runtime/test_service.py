@@ -267,11 +267,16 @@ async def test_truncation_cuts_query_when_it_alone_does_not_fit(bert_engine) -> 
     assert enc.pair.token_type_ids == [0] * (TINY_MAX_TOKENS - 2) + [1, 1]
 
 
-async def test_auto_truncate_overrides_request(xlmr_engine) -> None:
+async def test_auto_truncate_applies_only_where_the_request_does_not_say(xlmr_engine) -> None:
     long_text = " ".join(corpus(40, seed=1))
     async with serving(xlmr_engine, auto_truncate=True) as service:
-        result = await service.rerank(QUERY, [long_text], truncate=False)
-    assert result.truncated == [True]
+        result = await service.rerank(QUERY, [long_text], truncate=None)
+        assert result.truncated == [True]
+        with pytest.raises(InputTooLongError):
+            await service.rerank(QUERY, [long_text], truncate=False)
+    async with serving(xlmr_engine, auto_truncate=False) as service:
+        with pytest.raises(InputTooLongError):
+            await service.rerank(QUERY, [long_text], truncate=None)
 
 
 @pytest.mark.parametrize("kind", ["xlmr", "bert"])

@@ -137,8 +137,9 @@ class RerankRequest(_Request):
     raw_scores: bool = Field(False, description="Return raw logits instead of sigmoid(logit).")
     return_text: bool = Field(False, description="Echo each text in its result.")
     truncate: bool | None = Field(
-        False,
-        description="Cut pairs longer than the model's limit instead of refusing them (422).",
+        None,
+        description="Cut pairs longer than the model's limit (true) or refuse them with 422 "
+        "(false); absent or null: the server's --auto-truncate (default true, as TEI).",
     )
     truncation_direction: TruncationDirection = Field(
         "right", description="Which end of the text to cut: right (default) or left; any case."
@@ -260,7 +261,10 @@ class PredictRequest(_Request):
     raw_scores: bool = Field(
         False, description="Raw logits instead of sigmoid (1 label) / softmax."
     )
-    truncate: bool | None = False
+    truncate: bool | None = Field(
+        None,
+        description="As /rerank's: absent or null means the server's --auto-truncate.",
+    )
     truncation_direction: TruncationDirection = "right"
 
     @field_validator("inputs", mode="before")

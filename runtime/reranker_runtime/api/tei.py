@@ -72,7 +72,7 @@ async def rerank(body: RerankRequest, request: Request, response: Response) -> l
     result = await service.rerank(
         body.query,
         body.texts,
-        truncate=bool(body.truncate),
+        truncate=body.truncate,
         truncation_direction=body.truncation_direction,
         raw_scores=body.raw_scores,
         max_chunks_per_text=body.max_chunks_per_doc,
@@ -115,7 +115,7 @@ async def predict(
     started = time.perf_counter()
     result = await admitted_service(request).predict(
         body.items,
-        truncate=bool(body.truncate),
+        truncate=body.truncate,
         truncation_direction=body.truncation_direction,
         raw_scores=body.raw_scores,
         timeout_s=request_timeout(request),

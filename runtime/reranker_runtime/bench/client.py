@@ -279,7 +279,7 @@ _METRICS = (
     "te_batch_next_size_count",  # forward passes
     "te_batch_next_size_sum",  # pairs in them
     "te_batch_next_tokens_sum",  # tokens they cost (padded: longest x n)
-    "te_batch_inference_duration_sum",  # seconds the engine was busy
+    "reranker_batch_inference_duration_seconds_sum",  # seconds the engine was busy
     "te_request_input_length_sum",  # real tokens of the requests
 )
 
@@ -316,7 +316,7 @@ def batch_stats(
         return None
     padded = d["te_batch_next_tokens_sum"]
     real = d["te_request_input_length_sum"]
-    busy = d["te_batch_inference_duration_sum"]
+    busy = d["reranker_batch_inference_duration_seconds_sum"]
     return {
         "batches": int(batches),
         "pairs_per_batch": d["te_batch_next_size_sum"] / batches,
