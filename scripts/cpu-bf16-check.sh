@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's bfloat16 CPU target on a CPU with native bf16 (AVX512-BF16 or AMX): the server with
 # --dtype bfloat16 against CrossEncoder.predict in float32, both on the same 2 CPUs, plus the
-# bf16-vs-fp32 score drift. About 3 minutes; offline (the model is built on the spot).
+# bf16-vs-fp32 score drift. About 2 minutes; offline (the model is built on the spot).
 #
 #   scripts/cpu-bf16-check.sh [OUT_DIR]       # default OUT_DIR: cpu-bf16-report
 #
@@ -38,7 +38,7 @@ trap 'kill "$server" 2>/dev/null || true' EXIT
 
 # The bench waits for /health itself; the baseline (fp32 CrossEncoder) runs on the same CPUs.
 taskset -c "$cpus" "${runtime[@]}" bench --url "http://127.0.0.1:$port" --model "$out/model" \
-    --concurrency 8 --requests 24 --rounds 2 --lone-repeats 3 --threads 2 --wait-healthy 180 \
+    --concurrency 8 --requests 16 --rounds 2 --lone-repeats 3 --threads 2 --wait-healthy 60 \
     --output "$out/bench.json" | tee "$out/bench.txt"
 kill "$server" 2>/dev/null || true
 

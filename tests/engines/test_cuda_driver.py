@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from reranker_runtime.engines.cuda_driver import driver_problem, ensure_driver_supported
 from reranker_runtime.errors import ModelLoadError
@@ -58,3 +59,27 @@ def test_gpu_build_refuses_a_too_old_driver(
         command.run_build(inputs(ckpt, accelerator="L4"), tmp_path / "out", gpu_detector=lambda: L4)
     assert err.value.exit_code == 14
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a node where no GPU is visible")
+@pytest.mark.parametrize(
+    ("driver", "cuda", "named"),
+    [("570.172.08", "13.1.0", "driver 570.172.08 is too old for CUDA 13.1.0"), (None, "13.1", "")],
+)
+def test_device_cuda_without_a_visible_gpu_names_a_too_old_driver(
+    monkeypatch: pytest.MonkeyPatch, driver: str | None, cuda: str, named: str
+) -> None:
+    """`--device cuda` on a node whose driver CUDA cannot use: PyTorch sees no GPU; the error says
+    why, where it can tell."""
+    from reranker_runtime.config import ServeSettings
+    from reranker_runtime.engines import cuda_driver
+    from reranker_runtime.engines.factory import create_engine
+
+    monkeypatch.setattr(cuda_driver, "host_driver_version", lambda: driver)
+    monkeypatch.setattr(cuda_driver, "image_cuda_version", lambda: cuda)
+    with pytest.raises(ModelLoadError) as err:
+        create_engine(ServeSettings(model="unused", device="cuda"))
+    message = str(err.value)
+    assert message.startswith("--device cuda was requested but no CUDA GPU is visible")
+    assert named in message
+    assert ("too old" in message) is bool(named)

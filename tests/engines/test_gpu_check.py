@@ -175,7 +175,7 @@ def test_cpu_self_test_writes_both_reports(
 def test_a_failed_correctness_check_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def fake_run(self: command.GpuCheck) -> dict:
+    def fake_run(self: command.GpuCheck, checkpoint: object) -> dict:
         return {
             "mode": "cpu-self-test",
             "environment": {"torch": torch.__version__},
@@ -198,6 +198,89 @@ def test_a_failed_correctness_check_exits_1(
     )
     assert command.run_gpu_check(args) == 1
     assert "error: boom" in (tmp_path / "r" / "gpu-check.md").read_text()
+
+
+def test_a_run_cut_short_still_leaves_its_reports(
+    tmp_path: Path,
+    xlmr_reranker: Path,
+    bert_reranker: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A time limit (the device tool's, device-check.sh's) may kill the run mid-way: the sections
+    done so far are on disk, marked incomplete."""
+    made = {"xlmr": xlmr_reranker, "roberta": xlmr_reranker, "bert": bert_reranker}
+    monkeypatch.setattr(command.GpuCheck, "_model", lambda self, arch, shape: made[arch])
+
+    def killed(self: command.GpuCheck, peak: dict) -> dict:
+        raise KeyboardInterrupt  # what the run sees of `timeout`'s signal, at the worst moment
+
+    monkeypatch.setattr(command.GpuCheck, "throughput", killed)
+    parser = argparse.ArgumentParser()
+    command.add_gpu_check_parser(parser.add_subparsers())
+    out = tmp_path / "report"
+    args = parser.parse_args(["gpu-check", "--device", "cpu", "--quick", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        args.func(args)
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert report["complete"] is False
+    assert len(report["correctness"]) == 6 and "throughput" not in report
+    markdown = (out / "gpu-check.md").read_text()
+    assert "**Incomplete**" in markdown and "## Correctness" in markdown
+
+
+class _Offset:
+    """An engine whose logits are off by a constant: a real bug a tolerance must catch."""
+
+    def __init__(self, engine: object, offset: float) -> None:
+        self.engine, self.offset = engine, offset
+
+    def score(self, batch: object) -> object:
+        return self.engine.score(batch) + self.offset  # type: ignore[attr-defined]
+
+
+def test_half_precision_is_judged_against_transformers_at_that_dtype(
+    xlmr_reranker: Path,
+) -> None:
+    """bfloat16 on CPU stands in for the GPU's half precision: the padded and packed engines
+    pass against the baseline of transformers itself in bfloat16, pair by pair, while an engine
+    that is wrong by a fraction of a logit fails."""
+    from transformers import AutoTokenizer
+
+    from reranker_runtime.engines.packed_engine import PackedEngine
+    from reranker_runtime.engines.torch_engine import TorchEngine
+
+    model = str(xlmr_reranker)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    per_query = 8
+    batch = checks.encode(tokenizer, checks.workload_pairs(4, per_query, seed=7), 128)
+    ref = checks.reference_logits(model, batch, "cpu")
+    baseline = checks.compare(
+        checks.reference_logits(model, batch, "cpu", "bfloat16"), ref, per_query
+    )
+    padded = TorchEngine.load(model, device="cpu", dtype="bfloat16")
+    engines = {
+        "padded": padded,
+        "packed": PackedEngine.from_torch_engine(padded),
+        "wrong": _Offset(padded, 0.5),
+    }
+    rows = {
+        name: checks.correctness_row(
+            "xlmr-tiny",
+            name,
+            "bfloat16",
+            engine,
+            batch,
+            ref,
+            per_query,
+            cpu=True,
+            baseline=baseline,
+        )
+        for name, engine in engines.items()
+    }
+    assert rows["padded"]["ok"] and rows["packed"]["ok"], rows
+    assert not rows["wrong"]["ok"], rows["wrong"]
+    assert rows["packed"]["allowed_score_delta"] >= checks.SCORE_TOL["bfloat16"]
+    assert rows["packed"]["baseline_max_abs_score_delta"] == baseline["max_abs_score_delta"]
 
 
 def test_bad_device_is_a_usage_error(tmp_path: Path) -> None:

@@ -76,7 +76,11 @@ def create_engine(settings: ServeSettings) -> Engine:
     Raises ModelLoadError."""
     from reranker_runtime.engines.torch_engine import resolve_device
 
-    device = resolve_device(settings.device)
+    try:
+        device = resolve_device(settings.device)
+    except ModelLoadError as exc:  # --device cuda with no GPU visible: a driver may be why
+        problem = _gpu_driver_problem()
+        raise ModelLoadError(f"{exc}. {problem}" if problem else str(exc)) from None
     applied = applied_cpu_plan()
     if device != "cpu" and applied is not None:
         # No CPU forward workers on a GPU: `serve` split the CPUs among them before it knew
@@ -149,14 +153,18 @@ def _packed_required(settings: ServeSettings, device: str) -> bool:
     return settings.engine == "packed" or (device == "cpu" and settings.cpu_kernels == "onednn")
 
 
-def _warn_if_the_gpu_is_unusable() -> None:
-    """A GPU node whose driver is too old for the image's CUDA shows no GPU to PyTorch; say why
-    instead of serving on CPU without a word."""
+def _gpu_driver_problem() -> str | None:
+    """A GPU node whose driver is too old for the image's CUDA shows no GPU to PyTorch: why."""
     from reranker_runtime.engines import cuda_driver
 
-    problem = cuda_driver.driver_problem(
+    return cuda_driver.driver_problem(
         cuda_driver.host_driver_version(), cuda_driver.image_cuda_version()
     )
+
+
+def _warn_if_the_gpu_is_unusable() -> None:
+    """Say why instead of serving on CPU without a word."""
+    problem = _gpu_driver_problem()
     if problem:
         logger.warning("no usable GPU, serving on CPU: %s", problem)
 

@@ -132,6 +132,10 @@ class PackedBatch:
     def max_len(self) -> int:
         return int(self.lengths.max())
 
+    @property
+    def min_len(self) -> int:
+        return int(self.lengths.min())
+
     def chunks(self) -> tuple[AttentionChunk, ...]:
         """The runs of equal-length sequences the grouped backend attends in one call each."""
         out: list[AttentionChunk] = []
@@ -313,11 +317,14 @@ class PackedEncoder(torch.nn.Module):
         cu_seqlens: torch.Tensor | None,
         max_len: int,
         chunks: tuple[AttentionChunk, ...] | None = None,
+        min_len: int | None = None,
     ) -> torch.Tensor:
         """Logits [len(first_tokens), num_labels] for a packed stream of T tokens.
 
         `first_tokens` indexes each sequence's first token in the stream; `cu_seqlens` (int32,
-        [n + 1]) and `max_len` drive the varlen/nested backends, `chunks` the grouped one."""
+        [n + 1]) and `max_len` drive the varlen/nested backends, `chunks` the grouped one.
+        `min_len` spares the nested backend a device-to-host read of the shortest length in
+        every attention call (PyTorch computes it from the offsets when it is not given)."""
         x = self.word(input_ids) + self.token_type(token_type_ids)
         x = self.emb_norm(x + self.position(position_ids))
         offsets = (
@@ -341,7 +348,7 @@ class PackedEncoder(torch.nn.Module):
                     a = _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
                 elif self.attention == "nested":
                     assert offsets is not None
-                    a = _nested_attention(q, k, v, offsets, max_len)
+                    a = _nested_attention(q, k, v, offsets, max_len, min_len)
                 else:
                     assert chunks is not None
                     a = _grouped_attention(qkv, chunks)
@@ -359,10 +366,17 @@ class PackedEncoder(torch.nn.Module):
 
 
 def _nested_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_len: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    max_len: int,
+    min_len: int | None,
 ) -> torch.Tensor:
     def jagged(t: torch.Tensor) -> torch.Tensor:
-        nt = torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets, max_seqlen=max_len)
+        nt = torch.nested.nested_tensor_from_jagged(
+            t.contiguous(), offsets, min_seqlen=min_len, max_seqlen=max_len
+        )
         return nt.transpose(1, 2)  # [n, heads, j, head_dim]
 
     out = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v))
@@ -521,6 +535,7 @@ class _CudaRunner:
                         dev[3 * total : 3 * total + n + 1],
                         packed.max_len,
                         None,
+                        packed.min_len,
                     )
                     return self._read_back(logits, n)
             finally:
@@ -859,6 +874,7 @@ class PackedEngine(Engine):
             cu,
             packed.max_len,
             packed.chunks() if self._encoder.attention == "grouped" else None,
+            packed.min_len,
         )
         return logits.float().cpu().numpy()
 

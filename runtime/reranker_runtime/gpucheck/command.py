@@ -23,6 +23,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +120,14 @@ def run_gpu_check(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    report = GpuCheck(args, device).run()
-    report["wall_s"] = round(time.monotonic() - started, 1)
-    (out_dir / "gpu-check.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
-    from reranker_runtime.gpucheck.report import render_markdown
 
-    (out_dir / "gpu-check.md").write_text(render_markdown(report))
+    def checkpoint(partial: dict[str, Any]) -> None:
+        write_reports(out_dir, {**partial, "wall_s": round(time.monotonic() - started, 1)})
+
+    report = GpuCheck(args, device).run(checkpoint)
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    report["complete"] = True
+    write_reports(out_dir, report)
     _log(f"reports written: {out_dir / 'gpu-check.json'}, {out_dir / 'gpu-check.md'}")
     failed = [r for r in report["correctness"] if not r.get("ok")]
     if failed:
@@ -155,8 +158,10 @@ class GpuCheck:
 
     # ------------------------------------------------------------------------------ sections
 
-    def run(self) -> dict[str, Any]:
+    def run(self, checkpoint: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+        """The sections in order; `checkpoint` gets the report so far after each one."""
         report: dict[str, Any] = {
+            "complete": False,
             "mode": "cpu-self-test" if self.cpu else "gpu",
             "quick": self.quick,
             "note": (
@@ -176,13 +181,16 @@ class GpuCheck:
                 "server_seconds": self.server_seconds,
             },
         }
+        report["skipped"] = self.skipped
         report["peak"] = self.peak()
+        checkpoint(report)
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
             self.tmp = Path(tmp)
             report["correctness"] = self.correctness()
+            checkpoint(report)
             report["throughput"] = self.throughput(report["peak"])
+            checkpoint(report)
             report["server"] = self.server(report["throughput"])
-        report["skipped"] = self.skipped
         return report
 
     def peak(self) -> dict[str, Any]:
@@ -258,10 +266,29 @@ class GpuCheck:
             batch = checks.encode(tokenizer, pairs, min(512, int(tokenizer.model_max_length)))
             ref = checks.reference_logits(str(model_dir), batch, self.device)
             for dtype in dtypes:
-                engines = self._engines(model_dir, dtype, graphs=dtype != "float32")
+                try:
+                    baseline = None
+                    if dtype != "float32":
+                        half_ref = checks.reference_logits(
+                            str(model_dir), batch, self.device, dtype
+                        )
+                        baseline = checks.compare(half_ref, ref, per_query)
+                        _log(f"correctness baseline {arch}-{shape} {dtype}: {baseline}")
+                    engines = self._engines(model_dir, dtype, graphs=dtype != "float32")
+                except Exception as exc:  # a finding for this dtype; the others still run
+                    rows.append(_load_error(f"{arch}-{shape}", dtype, exc))
+                    continue
                 for name, engine in engines.items():
                     row = checks.correctness_row(
-                        f"{arch}-{shape}", name, dtype, engine, batch, ref, per_query, cpu=self.cpu
+                        f"{arch}-{shape}",
+                        name,
+                        dtype,
+                        engine,
+                        batch,
+                        ref,
+                        per_query,
+                        cpu=self.cpu,
+                        baseline=baseline,
                     )
                     rows.append(row)
                     _log(f"correctness {row}")
@@ -284,7 +311,12 @@ class GpuCheck:
             if self.deadline.left() < 90:
                 self.skipped.append(f"throughput {dtype}: out of time")
                 continue
-            engines = self._engines(model_dir, dtype, graphs=True)
+            try:
+                engines = self._engines(model_dir, dtype, graphs=True)
+            except Exception as exc:
+                error = _load_error(self.shape, dtype, exc)
+                rows.append({"dtype": dtype, "tokens_per_pair": "all", "error": error["error"]})
+                continue
             tokenizer = engines["padded"].tokenizer
             cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else 0
             sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else 2
@@ -433,6 +465,26 @@ class GpuCheck:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _load_error(model: str, dtype: str, exc: Exception) -> dict[str, Any]:
+    _log(f"loading the engines for {model} {dtype} failed: {exc}")
+    return {
+        "model": model,
+        "engine": "(loading)",
+        "dtype": dtype,
+        "ok": False,
+        "error": f"{type(exc).__name__}: {exc}",
+    }
+
+
+def write_reports(out_dir: Path, report: dict[str, Any]) -> None:
+    """Both reports, as far as the run has got (written after every section, so a run cut short
+    by a time limit still reports what it measured; `complete` says whether it finished)."""
+    from reranker_runtime.gpucheck.report import render_markdown
+
+    (out_dir / "gpu-check.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+    (out_dir / "gpu-check.md").write_text(render_markdown(report))
 
 
 def _json_safe(value: Any) -> Any:
