@@ -21,6 +21,11 @@ class EmptyInputError(RerankerError):
     """An empty query, an empty list of texts, or an empty text."""
 
 
+class EmptyTokenizerInputError(EmptyInputError):
+    """An empty text to tokenize or an empty sequence of token ids to decode (/tokenize,
+    /decode): TEI's tokenizer refuses these, and counts them as tokenization failures."""
+
+
 class ValidationError(RerankerError):
     """A request that is well-formed JSON but asks for something invalid."""
 
@@ -29,9 +34,10 @@ class TooManyInputsError(ValidationError):
     """More texts/inputs in one request than the server accepts per request."""
 
     def __init__(self, field: str, count: int, limit: int) -> None:
+        # Starts with TEI's message (router/src/http/server.rs), which TEI clients may match.
         super().__init__(
-            f"`{field}` has {count} items but this server accepts at most {limit} per request; "
-            "send fewer per request"
+            f"batch size {count} > maximum allowed batch size {limit}: `{field}` has {count} "
+            "items; send fewer per request"
         )
         self.field = field
         self.count = count

@@ -246,7 +246,8 @@ def _model_fields(settings: ServeSettings) -> dict[str, Any]:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
+    # One line: a library's message may span several (the log line and /health carry it).
+    text = " ".join(str(exc).split())
     name = type(exc).__name__
     if not text:
         return name

@@ -3,7 +3,9 @@ plain text on request (`--log-format text`, for a terminal).
 
 Structured fields travel as `extra=log_fields(key=value, ...)`; both formats print them. The access log
 (`reranker_runtime.access`) writes one line per HTTP request with route, status, duration, pairs
-and tokens; uvicorn's own access log is turned off so each request is logged once.
+and tokens; uvicorn's own access log is turned off so each request is logged once. A warning that
+huggingface_hub or transformers repeats (the hub's retry loop) is printed once
+(`LibraryRepeatFilter`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
+import threading
 import time
 from contextlib import suppress
 from typing import Any
@@ -80,6 +84,48 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class LibraryRepeatFilter(logging.Filter):
+    """Each library warning once: huggingface_hub logs the same `'<error>' thrown while
+    requesting HEAD <url>` before every retry (six times in 25 s), each followed by `Retrying in
+    Ns [Retry k/5]`. A warning from huggingface_hub or transformers identical to one printed in
+    the last `window_s` seconds is dropped, and so is the retry line right after a dropped one;
+    a different error (a timeout after a 503, say) comes through. `dropped` counts what was left
+    out. Our own loggers are never filtered."""
+
+    _LIBRARIES = ("huggingface_hub", "transformers")
+    _RETRY_LINE = re.compile(r"(Retrying in |Rate limited\. Waiting )")
+    _MAX_REMEMBERED = 256
+
+    def __init__(self, window_s: float = 600.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.dropped = 0
+        self._last_seen: dict[tuple[str, int, str], float] = {}
+        self._dropped_last: dict[int | None, bool] = {}  # per thread: was its last one dropped
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith(self._LIBRARIES):
+            return True
+        message = record.getMessage()
+        with self._lock:
+            if self._RETRY_LINE.match(message):
+                keep = not self._dropped_last.get(record.thread, False)
+            else:
+                key = (record.name, record.levelno, message)
+                last = self._last_seen.get(key)
+                keep = last is None or record.created - last > self.window_s
+                if len(self._last_seen) >= self._MAX_REMEMBERED and key not in self._last_seen:
+                    self._last_seen.clear()
+                if len(self._dropped_last) >= self._MAX_REMEMBERED:
+                    self._dropped_last.clear()
+                self._last_seen[key] = record.created
+                self._dropped_last[record.thread] = not keep
+            if not keep:
+                self.dropped += 1
+        return keep
+
+
 def setup_logging(log_format: str = "json", level: str = "info") -> None:
     """Route the root logger (and uvicorn's loggers) to stderr in the chosen format."""
     if log_format not in LOG_FORMATS:
@@ -88,6 +134,7 @@ def setup_logging(log_format: str = "json", level: str = "info") -> None:
         raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(LibraryRepeatFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

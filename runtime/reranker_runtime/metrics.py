@@ -93,7 +93,7 @@ _TEI_COUNTERS: list[TeiCounter] = []
 REQUEST_COUNT = TeiCounter("te_request_count", "Inference requests received", ["method"])
 REQUEST_SUCCESS = TeiCounter("te_request_success", "Inference requests answered", ["method"])
 # err: validation, batch_size, tokenization, model_type, overloaded, inference, dropped (TEI's),
-# and unhealthy (ours: not ready or draining, 503).
+# and ours: unhealthy (not ready or draining, 503), timeout (deadline passed, 504).
 REQUEST_FAILURE = TeiCounter("te_request_failure", "Inference requests refused or failed", ["err"])
 PREDICT_COUNT = TeiCounter("te_predict_count", "Inputs (pairs) submitted for scoring")
 PREDICT_SUCCESS = TeiCounter("te_predict_success", "Inputs (pairs) scored")
@@ -118,24 +118,26 @@ INFERENCE_DURATION = Histogram(
     "Forward-pass time attributed to a request, in seconds",
     buckets=_DURATION_BUCKETS,
 )
+# te_predict_*_duration: one observation per input (pair), as TEI's (core/src/infer.rs); the
+# inputs of one request share the request's times.
 PREDICT_DURATION = Histogram(
     "te_predict_duration",
-    "Tokenization + queue + inference time of a scored request, in seconds",
+    "Tokenization + queue + inference time of a scored input (pair), in seconds",
     buckets=_DURATION_BUCKETS,
 )
 PREDICT_TOKENIZATION_DURATION = Histogram(
     "te_predict_tokenization_duration",
-    "Tokenization time of a scored request in seconds",
+    "Tokenization time of a scored input (pair) in seconds",
     buckets=_DURATION_BUCKETS,
 )
 PREDICT_QUEUE_DURATION = Histogram(
     "te_predict_queue_duration",
-    "Queue time of a scored request in seconds",
+    "Queue time of a scored input (pair) in seconds",
     buckets=_DURATION_BUCKETS,
 )
 PREDICT_INFERENCE_DURATION = Histogram(
     "te_predict_inference_duration",
-    "Inference time of a scored request in seconds",
+    "Inference time of a scored input (pair) in seconds",
     buckets=_DURATION_BUCKETS,
 )
 REQUEST_INPUT_TOKENS = Histogram(

@@ -202,7 +202,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "max_client_batch_size",
         ("--max-client-batch-size",),
         _int_parser(1),
-        "Most texts/inputs in one request; more -> 413",
+        "Most texts/inputs in one request; more -> 422 (TEI's status)",
         "N",
     ),
     _Option(
@@ -365,8 +365,9 @@ _OPTIONS: tuple[_Option, ...] = (
         ("--engine",),
         _choice_parser(ENGINE_CHOICES),
         "auto (TensorRT-LLM for a TensorRT-LLM engine directory when it is installed, else the "
-        "packed PyTorch engine on GPUs; docs/engines.md), torch (padded transformers model), "
-        "packed (padding-free PyTorch engine) or trtllm",
+        "packed PyTorch engine, on GPUs and CPUs, falling back to torch for a checkpoint it does "
+        "not serve; docs/engines.md), torch (padded transformers model), packed (padding-free "
+        "PyTorch engine) or trtllm",
         "ENGINE",
     ),
     _Option(
@@ -539,6 +540,8 @@ def run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    # Before setup_logging: it imports huggingface_hub, which reads HF_HUB_CACHE once.
+    use_hub_cache(settings)
     setup_logging(settings.log_format, settings.log_level)
     return serve(settings)
 
@@ -585,7 +588,13 @@ def serve(settings: ServeSettings) -> int:
         if metrics_server is not None:
             metrics_server.shutdown()
     if lifecycle.failure is not None:
-        print(f"reranker-runtime serve: error: {lifecycle.not_ready_error()}", file=sys.stderr)
+        # The lifecycle logged the reason (one line, in the log format); repeat it only when
+        # the log level hides that line.
+        if logging.getLogger("reranker_runtime.lifecycle").isEnabledFor(logging.ERROR):
+            reason = "model failed to load (the reason is logged above)"
+        else:
+            reason = f"model failed to load: {lifecycle.failure}"
+        print(f"reranker-runtime serve: error: {reason}", file=sys.stderr)
         return 1
     if not server.started:
         return 1  # e.g. the port was taken; uvicorn logged why

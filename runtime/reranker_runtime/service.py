@@ -30,6 +30,7 @@ from reranker_runtime.errors import (
     DeadlineExceededError,
     DeadlineUnreachableError,
     EmptyInputError,
+    EmptyTokenizerInputError,
     InputTooLongError,
     ModelLoadError,
     TooManyChunksPerRequestError,
@@ -95,6 +96,11 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def _is_blank(text: str) -> bool:
     return not text or text.isspace()
+
+
+def _at(field: str, index: int, count: int) -> str:
+    """How a message names item `index` of `count` in `field`: the field alone for one item."""
+    return f"`{field}`" if count == 1 else f"`{field}[{index}]`"
 
 
 class RerankService:
@@ -301,8 +307,12 @@ class RerankService:
     async def tokenize(
         self, inputs: list[str | tuple[str, str]], *, add_special_tokens: bool = True
     ) -> list[list[TokenInfo]]:
-        """TEI /tokenize: tokens of each input (a string or a pair), not truncated."""
+        """TEI /tokenize: tokens of each input (a string or a pair), not truncated. A blank input
+        is tokenized; an empty one is refused, as TEI's tokenizer refuses it."""
         items = self._check_inputs(inputs, allow_blank=True)
+        for i, item in enumerate(items):
+            if item in ("", ("", "")):  # TEI: a pair is empty when both parts are
+                raise EmptyTokenizerInputError(f"{_at('inputs', i, len(items))} cannot be empty")
         return await self._in_tokenize_pool(
             self._tokenizer.tokens, items, add_special_tokens=add_special_tokens
         )
@@ -313,6 +323,11 @@ class RerankService:
         """TEI /decode: the text of each sequence of token ids (ids the vocabulary lacks are
         skipped, as the tokenizer does in TEI)."""
         self._check_count("ids", len(sequences))
+        for i, ids in enumerate(sequences):
+            if not ids:  # TEI's tokenizer refuses an empty sequence ("`input_ids` cannot be empty")
+                raise EmptyTokenizerInputError(
+                    f"{_at('ids', i, len(sequences))} cannot be empty: send at least one token id"
+                )
         backend = self._engine.tokenizer.backend_tokenizer
         texts: list[str] = await self._in_tokenize_pool(
             backend.decode_batch, sequences, skip_special_tokens=skip_special_tokens
@@ -443,9 +458,11 @@ class RerankService:
         for e in encoded:  # per input, as TEI's tokenizer observes it
             metrics.REQUEST_INPUT_TOKENS.observe(e.num_tokens)
         metrics.PREDICT_SUCCESS.inc(len(encoded))
-        metrics.PREDICT_DURATION.observe(
-            tokenization_s + result.queue_time_s + result.inference_time_s
-        )
-        metrics.PREDICT_TOKENIZATION_DURATION.observe(tokenization_s)
-        metrics.PREDICT_QUEUE_DURATION.observe(result.queue_time_s)
-        metrics.PREDICT_INFERENCE_DURATION.observe(result.inference_time_s)
+        # TEI records these once per input (core/src/infer.rs, `predict`), so their _count
+        # equals te_predict_success; the inputs of one request share the request's times.
+        total_s = tokenization_s + result.queue_time_s + result.inference_time_s
+        for _ in encoded:
+            metrics.PREDICT_DURATION.observe(total_s)
+            metrics.PREDICT_TOKENIZATION_DURATION.observe(tokenization_s)
+            metrics.PREDICT_QUEUE_DURATION.observe(result.queue_time_s)
+            metrics.PREDICT_INFERENCE_DURATION.observe(result.inference_time_s)

@@ -191,12 +191,12 @@ async def test_max_tokens_per_doc(
         ({"query": "", "documents": ["a"]}, 400, "query"),
         (
             {"query": QUERY, "documents": ["a"] * (MAX_TEXTS + 1)},
-            413,
+            422,
             f"`documents` has {MAX_TEXTS + 1} items",
         ),
         (
             {"query": QUERY, "documents": ["a"] * (MAX_TEXTS + 1), "max_tokens_per_doc": 2},
-            413,
+            422,
             str(MAX_TEXTS),
         ),
     ],

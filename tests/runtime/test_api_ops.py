@@ -336,14 +336,14 @@ async def test_429_at_once_when_max_concurrent_requests_in_flight(
         assert (await c.post("/rerank", json=RERANK)).status_code == 200  # capacity is back
 
 
-async def test_engine_failure_is_a_500_and_the_server_keeps_serving(
+async def test_engine_failure_is_a_424_and_the_server_keeps_serving(
     xlmr_reranker: Path, xlmr_engine: TorchEngine
 ) -> None:
     engine = ControlledEngine(xlmr_engine)
     async with serving(settings_for(xlmr_reranker), engine) as c:
         engine.fail_next(RuntimeError("CUDA error: device-side assert"))
         failed = await c.post("/rerank", json=RERANK)
-        assert failed.status_code == 500
+        assert failed.status_code == 424  # TEI's status for ErrorType::Backend
         assert failed.json()["error_type"] == "Backend"
         assert (await c.post("/rerank", json=RERANK)).status_code == 200
         assert (await c.get("/health")).status_code == 200

@@ -4,6 +4,7 @@ POST /rerank (the seed's API, exact), /predict, /tokenize; scores against the fp
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -206,7 +207,12 @@ async def test_auto_truncate_decides_for_requests_that_do_not_say(
     [
         ({"query": QUERY, "texts": []}, 400, "Empty", "texts"),
         ({"query": "", "texts": ["a"]}, 400, "Empty", "query"),
-        ({"query": QUERY, "texts": ["x"] * (MAX_TEXTS + 1)}, 413, "Validation", str(MAX_TEXTS)),
+        (
+            {"query": QUERY, "texts": ["x"] * (MAX_TEXTS + 1)},
+            422,  # TEI's status and message
+            "Validation",
+            f"batch size {MAX_TEXTS + 1} > maximum allowed batch size {MAX_TEXTS}",
+        ),
         (
             {"query": QUERY, "texts": ["a", "b", "c", 3]},
             422,
@@ -246,7 +252,7 @@ async def test_rerank_errors(
     assert needle in err["error"]
 
 
-async def test_malformed_json_and_missing_content_type(client: httpx.AsyncClient) -> None:
+async def test_malformed_json(client: httpx.AsyncClient) -> None:
     resp = await client.post(
         "/rerank",
         content=b'{"query": "q", "texts": [',
@@ -254,11 +260,64 @@ async def test_malformed_json_and_missing_content_type(client: httpx.AsyncClient
     )
     assert resp.status_code == 400
     assert resp.json()["error_type"] == "Validation" and "malformed JSON" in resp.json()["error"]
-    resp = await client.post("/rerank", content=b'{"query": "q", "texts": ["a"]}')
-    assert resp.status_code == 422
-    assert "Content-Type: application/json" in resp.json()["error"]
     resp = await client.post("/rerank", content=b"", headers={"content-type": "application/json"})
     assert resp.status_code == 422 and "body" in resp.json()["error"]
+
+
+_BODIES = {
+    "/rerank": {"query": "q", "texts": ["a"]},
+    "/v2/rerank": {"query": "q", "documents": ["a"]},
+    "/": {"query": "q", "texts": ["a"]},  # parses its body itself: checked all the same
+}
+
+
+@pytest.mark.parametrize("path", list(_BODIES))
+@pytest.mark.parametrize(
+    ("headers", "status", "needles"),
+    [
+        # TEI (axum's Json): 415 unless the body is declared as JSON.
+        ({}, 415, ["Content-Type: application/json", "no Content-Type"]),
+        ({"content-type": "text/plain"}, 415, ["Content-Type: application/json", "text/plain"]),
+        (
+            {"content-type": "application/json", "content-encoding": "gzip"},
+            415,
+            ["Content-Encoding 'gzip' is not supported"],
+        ),
+        ({"content-type": "application/json; charset=utf-8"}, 200, []),
+        ({"content-type": "application/vnd.api+json"}, 200, []),
+        ({"content-type": "application/json", "content-encoding": "identity"}, 200, []),
+    ],
+)
+async def test_body_media_type_and_encoding(
+    client: httpx.AsyncClient, path: str, headers: dict[str, str], status: int, needles: list[str]
+) -> None:
+    content = json.dumps(_BODIES[path]).encode()
+    resp = await client.post(path, content=content, headers=headers)
+    assert resp.status_code == status, resp.text
+    if status != 200:
+        assert resp.json()["error_type"] == "Validation"
+        for needle in needles:
+            assert needle in resp.json()["error"], resp.json()
+
+
+@pytest.mark.parametrize("path", list(_BODIES))
+async def test_body_not_utf8_is_400_naming_the_byte(client: httpx.AsyncClient, path: str) -> None:
+    texts = "documents" if path == "/v2/rerank" else "texts"
+    content = b'{"query": "caf\xe9", "' + texts.encode() + b'": ["a"]}'  # latin-1, not UTF-8
+    resp = await client.post(path, content=content, headers={"content-type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json() == {
+        "error": "body is not valid UTF-8 (byte 14); send the JSON encoded as UTF-8",
+        "error_type": "Validation",
+    }
+
+
+@pytest.mark.parametrize("path", list(_BODIES))
+async def test_body_nested_too_deeply_is_400_not_500(client: httpx.AsyncClient, path: str) -> None:
+    content = b"[" * 100_000 + b"]" * 100_000
+    resp = await client.post(path, content=content, headers={"content-type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"].startswith("body could not be parsed as JSON: it is nested too")
 
 
 async def test_50_concurrent_mixed_requests_match_reference(
@@ -368,7 +427,13 @@ async def test_predict_empty_text_is_400(client: httpx.AsyncClient) -> None:
 
 async def test_predict_too_many_inputs(client: httpx.AsyncClient) -> None:
     resp = await client.post("/predict", json={"inputs": [["x"]] * (MAX_TEXTS + 1)})
-    assert resp.status_code == 413 and str(MAX_TEXTS) in resp.json()["error"]
+    assert resp.status_code == 422, resp.text
+    assert resp.json() == {
+        "error": f"batch size {MAX_TEXTS + 1} > maximum allowed batch size {MAX_TEXTS}: "
+        f"`inputs` has {MAX_TEXTS + 1} items; send fewer per request or raise "
+        "--max-client-batch-size (RERANKER_MAX_CLIENT_BATCH_SIZE)",
+        "error_type": "Validation",
+    }
 
 
 async def test_classifier_predict_and_rerank_refusal(
@@ -434,3 +499,18 @@ async def test_tokenize(client: httpx.AsyncClient, tokenizer: Any) -> None:
     assert [t["id"] for t in plain[0]] == tokenizer(text, add_special_tokens=False)["input_ids"]
     bad = await client.post("/tokenize", json={"inputs": ["a", 1]})
     assert bad.status_code == 422 and "inputs.1" in bad.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "needle"),
+    [("", "`inputs` cannot be empty"), (["a", ""], "`inputs[1]` cannot be empty")],
+)
+async def test_tokenize_empty_input_is_400(
+    client: httpx.AsyncClient, inputs: Any, needle: str
+) -> None:
+    # TEI's tokenizer refuses an empty input ("`inputs` cannot be empty", 400 Empty); a blank one
+    # is tokenized.
+    resp = await client.post("/tokenize", json={"inputs": inputs})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error_type"] == "Empty" and needle in resp.json()["error"]
+    assert (await client.post("/tokenize", json={"inputs": " "})).status_code == 200

@@ -117,25 +117,45 @@ async def test_server_default_applies_and_the_header_replaces_it(
         assert resp.status_code == 200, resp.text  # its header gave it 60 s
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", "", "1s"])
-async def test_bad_header_is_422_naming_it(
-    value: str, xlmr_reranker: Path, xlmr_engine: TorchEngine
-) -> None:
+# (header bytes sent, the value the message shows). Only a plain decimal number is a deadline:
+# Python's float() would take `1_0`, `+3`, `inf` or a full-width digit.
+_BAD_TIMEOUTS = [
+    (b"abc", "abc"),
+    (b"0", "0"),
+    (b"0.0", "0.0"),
+    (b"-1", "-1"),
+    (b"+3", "+3"),
+    (b"1_0", "1_0"),
+    (b"nan", "nan"),
+    (b"inf", "inf"),
+    (b"1e999", "1e999"),  # not finite
+    (b"0x10", "0x10"),
+    (b"2.5.1", "2.5.1"),
+    (b"", ""),
+    (b"1s", "1s"),
+    ("\uff11".encode(), "\uff11"),  # a full-width 1, sent as UTF-8: shown as the client wrote it
+    (b"\xff", "\xff"),  # not UTF-8: shown as latin-1, as the bytes read
+]
+
+
+async def test_bad_header_is_422_naming_it(xlmr_reranker: Path, xlmr_engine: TorchEngine) -> None:
     async with serving(settings_for(xlmr_reranker), xlmr_engine) as client:
-        for path, body in (
-            ("/rerank", {"query": QUERY, "texts": TEXTS}),
-            ("/v2/rerank", {"query": QUERY, "documents": TEXTS}),
-            ("/predict", {"inputs": "hello"}),
-        ):
-            resp = await client.post(path, json=body, headers=timeout(value))
-            assert resp.status_code == 422, (path, resp.text)
-            assert resp.json() == {
-                "error": "header `X-Request-Timeout` must be a number of seconds greater than 0 "
-                f"(e.g. 2.5), got {value!r}",
-                "error_type": "Validation",
-            }
-        good = await client.post("/predict", json={"inputs": "hello"}, headers=timeout(" 2.5 "))
-        assert good.status_code == 200
+        for sent, shown in _BAD_TIMEOUTS:
+            for path, body in (
+                ("/rerank", {"query": QUERY, "texts": TEXTS}),
+                ("/v2/rerank", {"query": QUERY, "documents": TEXTS}),
+                ("/predict", {"inputs": "hello"}),
+            ):
+                resp = await client.post(path, json=body, headers={"X-Request-Timeout": sent})
+                assert resp.status_code == 422, (path, sent, resp.text)
+                assert resp.json() == {
+                    "error": "header `X-Request-Timeout` must be a finite decimal number of "
+                    f"seconds greater than 0 (e.g. 2.5), got {shown!r}",
+                    "error_type": "Validation",
+                }
+        for good in (" 2.5 ", "3", ".5", "1.", "1e1", "2E-1"):
+            resp = await client.post("/predict", json={"inputs": "hello"}, headers=timeout(good))
+            assert resp.status_code == 200, (good, resp.text)
 
 
 async def test_refused_early_when_the_work_ahead_cannot_finish_in_time(

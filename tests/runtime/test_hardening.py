@@ -342,7 +342,7 @@ async def test_schema_publishes_the_limits_the_server_enforces(
         assert (await client.post("/rerank", json={"query": "", "texts": ["a"]})).status_code == 400
         assert (await client.post("/rerank", json={"query": "q", "texts": []})).status_code == 400
         too_many = {"query": "q", "texts": ["a"] * (MAX_TEXTS + 1)}
-        assert (await client.post("/rerank", json=too_many)).status_code == 413
+        assert (await client.post("/rerank", json=too_many)).status_code == 422
 
 
 async def test_no_redirect_reflects_the_host_header(xlmr_reranker: Path, xlmr_engine: Any) -> None:

@@ -38,3 +38,27 @@ def test_library_warnings_are_printed_once_as_json(
     assert record["logger"] == name
     assert record["level"] == "warning"
     assert record["message"] == "Retrying in 1s [Retry 1/5]."
+
+
+def test_repeated_hub_retry_warnings_are_printed_once(capfd: pytest.CaptureFixture[str]) -> None:
+    # huggingface_hub's backoff logs the same error before each of its five retries.
+    setup_logging("text", "info")
+    hub = logging.getLogger("huggingface_hub.utils._http")
+    thrown = "'[Errno -2] Name or service not known' thrown while requesting HEAD https://hub/x"
+    for i, wait in enumerate([1, 2, 4, 8, 8], start=1):
+        hub.warning(thrown)
+        hub.warning(f"Retrying in {wait}s [Retry {i}/5].")
+    hub.warning(thrown)
+    hub.warning("HTTP Error 503 thrown while requesting HEAD https://hub/x")  # a new error
+    ours = logging.getLogger("reranker_runtime.test")
+    ours.warning("same")
+    ours.warning("same")  # our own lines are never folded
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    messages = [line.split(": ", 1)[1] for line in lines]
+    assert messages == [
+        thrown,
+        "Retrying in 1s [Retry 1/5].",
+        "HTTP Error 503 thrown while requesting HEAD https://hub/x",
+        "same",
+        "same",
+    ], lines

@@ -161,7 +161,13 @@ async def test_success_counters_by_tei_method(client: httpx.AsyncClient) -> None
     assert m.moved("te_predict_count") == pairs
     assert m.moved("te_predict_success") == pairs
     assert m.moved("te_request_input_length_count") == pairs  # one observation per input
-    assert m.moved("te_predict_duration_count") == 7
+    for name in (
+        "te_predict_duration",
+        "te_predict_tokenization_duration",
+        "te_predict_queue_duration",
+        "te_predict_inference_duration",
+    ):  # TEI: one observation per input (core/src/infer.rs, `predict`)
+        assert m.moved(f"{name}_count") == pairs, name
     assert not [k for k in m.after if k.startswith("te_request_failure") and m.moved(k)]
 
 
@@ -170,32 +176,65 @@ async def test_failures_by_tei_reason(client: httpx.AsyncClient) -> None:
         for path, body, status in (
             ("/rerank", {"query": QUERY, "texts": []}, 400),
             ("/predict", {"inputs": ""}, 400),
-            ("/rerank", {"query": QUERY, "texts": ["x"] * (MAX_TEXTS + 1)}, 413),
+            ("/rerank", {"query": QUERY, "texts": ["x"] * (MAX_TEXTS + 1)}, 422),
             ("/rerank", {"query": QUERY, "texts": [long_text()], "truncate": False}, 422),
             ("/embed", {"inputs": "a"}, 424),
             ("/v1/embeddings", {"input": "a"}, 424),
             ("/predict", {"inputs": ["a", "b", "c"]}, 422),  # schema: not counted by TEI either
+            # TEI's tokenizer refuses these (Infer::tokenize / decode): err="tokenization".
+            ("/tokenize", {"inputs": ""}, 400),
+            ("/decode", {"ids": []}, 400),
         ):
             resp = await client.post(path, json=body)
             assert resp.status_code == status, (path, resp.text)
     assert m.moved('te_request_failure{err="validation"}') == 2
     assert m.moved('te_request_failure{err="batch_size"}') == 1
-    assert m.moved('te_request_failure{err="tokenization"}') == 1
+    assert m.moved('te_request_failure{err="tokenization"}') == 3
     assert m.moved('te_request_failure{err="model_type"}') == 2
     assert m.moved('te_request_count{method="batch"}') == 3  # the three /rerank requests
-    assert m.moved('te_request_count{method="single"}') == 1
+    # /predict "", then the 424 routes, counted before they fail as TEI does
+    assert m.moved('te_request_count{method="single"}') == 3
     assert m.moved('te_request_success{method="batch"}') == 0
     assert m.moved("te_request_duration_count") == 0  # TEI: answered requests only
     for route, status, n in (
         ("/rerank", 400, 1),
         ("/predict", 400, 1),
-        ("/rerank", 413, 1),
-        ("/rerank", 422, 1),
+        ("/rerank", 422, 2),
         ("/predict", 422, 1),
         ("/embed", 424, 1),
         ("/v1/embeddings", 424, 1),
+        ("/tokenize", 400, 1),
+        ("/decode", 400, 1),
     ):
         assert m.moved(f'reranker_http_requests_total{{route="{route}",status="{status}"}}') == n
+
+
+async def test_other_model_type_routes_count_the_request_by_inputs_shape(
+    client: httpx.AsyncClient,
+) -> None:
+    # TEI increments te_request_count{method} before it fails with model_type.
+    async with Scrape(client) as m:
+        for path, content, method in (
+            ("/embed", b'{"inputs": "a"}', "single"),
+            ("/embed_all", b'{"inputs": ["a", "b"]}', "batch"),
+            ("/embed_sparse", b'{"inputs": [["a"]]}', "batch"),
+            ("/similarity", b'{"inputs": {"source_sentence": "a", "sentences": ["b"]}}', "batch"),
+            ("/embeddings", b'{"input": "a"}', "single"),
+            ("/v1/embeddings", b'{"input": ["a", "b"]}', "batch"),
+            ("/embed", b"{not json", "single"),
+            ("/v1/embeddings", b"", "single"),
+        ):
+            before = metrics.REQUEST_COUNT.value(method=method)
+            resp = await client.post(
+                path, content=content, headers={"content-type": "application/json"}
+            )
+            assert resp.status_code == 424, (path, resp.text)
+            assert metrics.REQUEST_COUNT.value(method=method) == before + 1, (path, content)
+    assert m.moved('te_request_count{method="single"}') == 4
+    assert m.moved('te_request_count{method="batch"}') == 4
+    assert m.moved('te_request_failure{err="model_type"}') == 8
+    assert m.moved('te_request_success{method="single"}') == 0
+    assert m.moved('te_request_success{method="batch"}') == 0
 
 
 async def test_every_status_counted_as_the_client_got_it(client: httpx.AsyncClient) -> None:

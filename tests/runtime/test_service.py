@@ -153,8 +153,8 @@ async def test_validation_errors(xlmr_engine) -> None:
             (
                 service.rerank("q", ["a"] * 5, truncate=False),
                 TooManyInputsError,
-                413,
-                "at most 4 per request",
+                422,
+                "batch size 5 > maximum allowed batch size 4",
             ),
             (
                 service.rerank("q", ["a"], truncate=False, truncation_direction="up"),
@@ -183,7 +183,7 @@ async def test_validation_errors(xlmr_engine) -> None:
             (
                 service.predict(["a"] * 5, truncate=False),
                 TooManyInputsError,
-                413,
+                422,
                 "--max-client-batch-size",
             ),
         ]
@@ -214,9 +214,10 @@ async def test_too_many_message_names_limit(xlmr_engine) -> None:
     async with serving(xlmr_engine, max_client_batch_size=2) as service:
         with pytest.raises(TooManyInputsError) as err:
             await service.rerank("q", ["a", "b", "c"], truncate=False)
+    # TEI's message first, then ours: the field and the flag.
     assert client_message(err.value) == (
-        "`texts` has 3 items but this server accepts at most 2 per request; send fewer per request "
-        "or raise --max-client-batch-size (RERANKER_MAX_CLIENT_BATCH_SIZE)"
+        "batch size 3 > maximum allowed batch size 2: `texts` has 3 items; send fewer per "
+        "request or raise --max-client-batch-size (RERANKER_MAX_CLIENT_BATCH_SIZE)"
     )
 
 
@@ -377,7 +378,8 @@ async def test_engine_failure_is_engine_error_and_service_recovers(xlmr_engine) 
         engine.fail_next(RuntimeError("boom"))
         with pytest.raises(EngineError) as err:
             await service.rerank(QUERY, TEXTS, truncate=False)
-        assert http_error(err.value).status == 500 and "boom" in err.value.message
+        # TEI: a failed forward pass is ErrorType::Backend, 424.
+        assert http_error(err.value).status == 424 and "boom" in err.value.message
         assert len((await service.rerank(QUERY, TEXTS, truncate=False)).scores) == len(TEXTS)
 
 

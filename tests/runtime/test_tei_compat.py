@@ -336,6 +336,15 @@ async def test_openapi_names_the_default_routes_body_by_model_type(
         assert not set(EMBEDDING_ROUTES) & set(spec["paths"])
 
 
+async def test_openapi_also_at_teis_path(client: httpx.AsyncClient) -> None:
+    # TEI serves its schema at /api-doc/openapi.json (router/src/http/server.rs, SwaggerUi).
+    tei = await client.get("/api-doc/openapi.json")
+    assert tei.status_code == 200 and tei.headers["content-type"] == "application/json"
+    spec = tei.json()
+    assert spec == (await client.get("/openapi.json")).json()
+    assert "/rerank" in spec["paths"] and "/api-doc/openapi.json" not in spec["paths"]
+
+
 @pytest.mark.parametrize("path", ["/", "/ping", "/health"])
 async def test_get_probes(client: httpx.AsyncClient, path: str) -> None:
     resp = await client.get(path)
@@ -413,7 +422,10 @@ async def test_decode_round_trips_tokenize(client: httpx.AsyncClient, tokenizer:
         ({"ids": [[1], [1.5]]}, 422, "ids.1: Input should be a list of token ids"),
         ({"ids": [True]}, 422, "ids"),
         ({}, 422, "ids: Field required"),
-        ({"ids": [[1]] * (MAX_TEXTS + 1)}, 413, str(MAX_TEXTS)),
+        ({"ids": [[1]] * (MAX_TEXTS + 1)}, 422, f"maximum allowed batch size {MAX_TEXTS}"),
+        # TEI's tokenizer refuses an empty sequence: 400 Empty ("`input_ids` cannot be empty").
+        ({"ids": []}, 400, "`ids` cannot be empty"),
+        ({"ids": [[1], []]}, 400, "`ids[1]` cannot be empty"),
     ],
 )
 async def test_decode_errors(
@@ -422,6 +434,7 @@ async def test_decode_errors(
     resp = await client.post("/decode", json=body)
     assert resp.status_code == status, resp.text
     assert needle in resp.json()["error"]
+    assert resp.json()["error_type"] == ("Empty" if status == 400 else "Validation")
 
 
 async def test_tokenize_refuses_a_prompt_name(client: httpx.AsyncClient) -> None:
@@ -484,6 +497,8 @@ async def test_api_key_covers_the_new_routes(xlmr_reranker: Path, xlmr_engine: T
         auth = {"Authorization": f"Bearer {KEY}"}
         assert (await c.post("/decode", json={"ids": [5]}, headers=auth)).status_code == 200
         assert (await c.post("/embed", json={}, headers=auth)).status_code == 424
+        # The schema stays open at both paths, as /openapi.json is.
+        assert (await c.get("/api-doc/openapi.json")).status_code == 200
 
 
 def _preflight(origin: str) -> dict[str, str]:

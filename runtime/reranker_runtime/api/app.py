@@ -36,7 +36,9 @@ from reranker_runtime.api.deps import (
     annotate,
 )
 from reranker_runtime.api.errors import (
+    BODY_UNPARSABLE,
     CLIENT_CLOSED_REQUEST,
+    FASTAPI_BODY_PARSE_ERROR,
     HTTP_ERROR_TYPES,
     INTERNAL_ERROR_BODY,
     error_response,
@@ -135,6 +137,12 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(ops.info_router)
     app.include_router(other_models.router)
+
+    # TEI serves its schema at /api-doc/openapi.json; ours is at /openapi.json too.
+    @app.get("/api-doc/openapi.json", include_in_schema=False)
+    async def tei_openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     _install_error_handlers(app)
 
     # Metric labels: known paths only, so scanners hitting random URLs cannot blow up the
@@ -181,14 +189,8 @@ def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
             outer = "".join(f"{x}." for x in loc[:-1])
             parts.append(outer + str(err.get("msg")))
             continue
-        field = ".".join(str(x) for x in loc)
-        if not field:
-            if isinstance(err.get("input"), (bytes, str)):
-                parts.append(
-                    "body: expected a JSON object sent with 'Content-Type: application/json'"
-                )
-                continue
-            field = "body"
+        # A body that is not JSON never gets here: JsonBodyRoute answers it 415 (api/deps.py).
+        field = ".".join(str(x) for x in loc) or "body"
         parts.append(f"{field}: {err.get('msg')}")
     shown = parts[:5]
     more = f" (and {len(parts) - 5} more errors)" if len(parts) > 5 else ""
@@ -211,14 +213,19 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        annotate(request, error=str(exc.detail))
+        detail = str(exc.detail)
+        if detail == FASTAPI_BODY_PARSE_ERROR:
+            # UTF-8 and syntax errors are reported before this (JsonBodyRoute, json_invalid):
+            # what is left is JSON the parser gave up on, in practice nesting too deep for it.
+            detail = BODY_UNPARSABLE
+        annotate(request, error=detail)
         headers = exc.headers
         if exc.status_code == 405:
             # Starlette lists the methods of the first route on the path; `/` has two routes.
             headers = {**(headers or {}), "Allow": _allowed_methods(app, request.url.path)}
         return plain_error_response(
             exc.status_code,
-            str(exc.detail),
+            detail,
             HTTP_ERROR_TYPES.get(exc.status_code, "Validation"),
             headers,
         )

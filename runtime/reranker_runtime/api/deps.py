@@ -4,6 +4,7 @@ release), the lifecycle accessor, TEI's timing headers and the access-log annota
 Every route of an inference router (`APIRouter(route_class=InferenceRoute)`) runs as:
 
     API key checked (ProtectedRoute, before the body is read)
+    -> JSON media type, encoding and UTF-8 checked (JsonBodyRoute: 415/400)
     -> body parsed and validated (FastAPI: 400/422)
     -> admitted by the lifecycle (503 unless ready, 429 over --max-concurrent-requests)
     -> the handler runs, cancelled if the client disconnects first (499, its queued pairs dropped)
@@ -20,15 +21,18 @@ import asyncio
 import functools
 import inspect
 import math
+import re
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from reranker_runtime import metrics
 from reranker_runtime.api.auth import ProtectedRoute
@@ -122,8 +126,74 @@ def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
     return run
 
 
-class InferenceRoute(ProtectedRoute):
-    """Route class of the inference routers: API key, admission, cancellation, release."""
+def _is_json(content_type: str) -> bool:
+    """`application/json` or `application/<x>+json`, any parameters (axum's Json accepts these)."""
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (
+        mime.startswith("application/") and mime.endswith("+json")
+    )
+
+
+def check_json_body_headers(request: Request) -> None:
+    """415 for a body that is not declared as JSON (TEI: axum's Json extractor) or that is
+    compressed (nothing here decodes a Content-Encoding)."""
+    content_type = request.headers.get("content-type")
+    if content_type is None or not _is_json(content_type):
+        got = "no Content-Type" if content_type is None else f"Content-Type {content_type!r}"
+        raise HTTPException(
+            415,
+            f"expected a JSON body sent with 'Content-Type: application/json', got {got}",
+        )
+    encoding = request.headers.get("content-encoding")
+    if encoding is not None:
+        unsupported = [e.strip() for e in encoding.split(",") if e.strip().lower() != "identity"]
+        if unsupported:
+            raise HTTPException(
+                415,
+                f"Content-Encoding {', '.join(unsupported)!r} is not supported: send the body "
+                "uncompressed",
+            )
+
+
+def check_utf8(body: bytes) -> None:
+    """400 for a body that is not UTF-8 (JSON's encoding, and TEI's: serde_json), naming where
+    (FastAPI would answer a vague "There was an error parsing the body")."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HTTPException(
+            400, f"body is not valid UTF-8 (byte {exc.start}); send the JSON encoded as UTF-8"
+        ) from None
+
+
+class JsonBodyRoute(APIRoute):
+    """A route that reads a JSON body: its media type, encoding and UTF-8 are checked before
+    FastAPI parses it. One that takes no body is left alone; POST / parses its body itself and
+    declares it in `openapi_extra`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None and "requestBody" not in (self.openapi_extra or {}):
+            return handler
+
+        async def checked(request: Request) -> Response:
+            check_json_body_headers(request)
+            # Read here (Starlette keeps it for FastAPI's parsing); a body over --payload-limit
+            # raises its 413 here.
+            try:
+                body = await request.body()
+            except ClientDisconnect:
+                raise ClientDisconnected() from None  # left while sending its body: 499
+            check_utf8(body)
+            return await handler(request)
+
+        return checked
+
+
+class InferenceRoute(ProtectedRoute, JsonBodyRoute):
+    """Route class of the inference routers: API key, admission, cancellation, release.
+    By the method resolution order the API key is checked (ProtectedRoute) before the body's
+    media type (JsonBodyRoute), and both before FastAPI reads the body."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, admitted(endpoint), **kwargs)
@@ -180,20 +250,34 @@ REQUEST_TIMEOUT_OPENAPI: dict[str, Any] = {
 }
 
 
+# A plain decimal number, e.g. `2.5`, `.5`, `1e3`: not `1_0`, `+3`, `inf`, `0x10` or full-width
+# digits, which Python's float() would take.
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _header_text(value: str) -> str:
+    """A header value as the client wrote it: Starlette decodes header bytes as latin-1, so
+    UTF-8 text (e.g. a full-width digit) is re-read as UTF-8 where it is valid."""
+    raw = value.encode("latin-1")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
+
+
 def request_timeout(request: Request) -> float | None:
-    """The request's deadline in seconds from its `X-Request-Timeout` header (a number > 0,
-    e.g. `2.5`), or None when it sent none (the service then applies --request-timeout)."""
+    """The request's deadline in seconds from its `X-Request-Timeout` header (a finite decimal
+    number > 0, e.g. `2.5`), or None when it sent none (the service then applies
+    --request-timeout)."""
     raw = request.headers.get(REQUEST_TIMEOUT_HEADER)
     if raw is None:
         return None
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = math.nan
+    text = raw.strip(" \t")
+    value = float(text) if _DECIMAL.fullmatch(text) else math.nan
     if not math.isfinite(value) or value <= 0:
         raise ValidationError(
-            f"header `{REQUEST_TIMEOUT_HEADER}` must be a number of seconds greater than 0 "
-            f"(e.g. 2.5), got {raw!r}"
+            f"header `{REQUEST_TIMEOUT_HEADER}` must be a finite decimal number of seconds "
+            f"greater than 0 (e.g. 2.5), got {_header_text(raw)!r}"
         )
     return value
 

@@ -6,24 +6,26 @@ MethodNotAllowed, so TEI clients that branch on it keep working.
 
 | error                                   | status | error_type       | headers / advice added |
 |-----------------------------------------|--------|------------------|------------------------|
-| malformed JSON body                     | 400    | Validation       |                        |
+| malformed JSON body, body not UTF-8     | 400    | Validation       |                        |
 | EmptyInputError                         | 400    | Empty            |                        |
 | UnauthorizedError (api/auth.py)         | 401    | Unauthorized     | WWW-Authenticate       |
 | unknown path                            | 404    | NotFound         |                        |
 | wrong method                            | 405    | MethodNotAllowed |                        |
-| TooManyInputsError, body over 64 MiB    | 413    | Validation       | names the server flag  |
+| body over --payload-limit               | 413    | Validation       | names the server flag  |
 | TooManyCharactersError                  | 413    | Validation       | names the server flag  |
-| TooManyInputsError, body over           | 413    | Validation       | names the server flag  |
-|   --payload-limit                       |        |                  |                        |
 | TooManyChunksPerTextError               | 413    | Validation       | max_chunks_per_doc     |
 | TooManyChunksPerRequestError            | 413    | Validation       | names the server flag  |
+| Content-Type not JSON, Content-Encoding | 415    | Validation       |                        |
+|   not identity (api/deps.py)            |        |                  |                        |
+| TooManyInputsError (TEI's status)       | 422    | Validation       | names the server flag  |
 | ValidationError, InputTooLongError,     | 422    | Validation       | InputTooLong: truncate |
 |   request schema errors                 |        |                  |                        |
 | WrongModelKindError (a route of another | 424    | Backend          | (TEI's status)         |
 |   model type)                           |        |                  |                        |
+| EngineError (a failed forward pass)     | 424    | Backend          | (TEI's status)         |
 | OverloadedError                         | 429    | Overloaded       | Retry-After: 1, flag   |
 | client went away before the answer      | 499    | (no body)        |                        |
-| EngineError, any other exception        | 500    | Backend          |                        |
+| any other exception                     | 500    | Backend          |                        |
 | NotReadyError (every lifecycle state)   | 503    | Unhealthy        | Retry-After: 5         |
 | DeadlineUnreachableError                | 503    | Overloaded       | Retry-After: 1         |
 | DeadlineExceededError                   | 504    | Timeout          | names the header, flag |
@@ -40,6 +42,7 @@ from reranker_runtime.errors import (
     DeadlineExceededError,
     DeadlineUnreachableError,
     EmptyInputError,
+    EmptyTokenizerInputError,
     EngineError,
     InputTooLongError,
     NotReadyError,
@@ -82,7 +85,7 @@ ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
     (
         TooManyInputsError,
         HttpError(
-            413,
+            422,  # TEI's: ErrorType::Validation
             "Validation",
             advice=" or raise --max-client-batch-size (RERANKER_MAX_CLIENT_BATCH_SIZE)",
         ),
@@ -144,16 +147,32 @@ ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
         ),
     ),
     (NotReadyError, HttpError(503, "Unhealthy", {"Retry-After": str(NOT_READY_RETRY_AFTER_S)})),
-    (EngineError, HttpError(500, "Backend")),
+    # TEI answers a failed forward pass with ErrorType::Backend, 424 Failed Dependency.
+    (EngineError, HttpError(424, "Backend")),
 )
 _FALLBACK = HttpError(500, "Backend")
 
+# FastAPI's message for a body its JSON parser raised on, other than a syntax error.
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+BODY_UNPARSABLE = (
+    "body could not be parsed as JSON: it is nested too deeply (or otherwise beyond the "
+    "parser); send a flat JSON object"
+)
+
+
 # Errors raised by FastAPI/Starlette themselves (routing, body size), by status.
-HTTP_ERROR_TYPES = {404: "NotFound", 405: "MethodNotAllowed", 413: "Validation"}
+HTTP_ERROR_TYPES = {
+    400: "Validation",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "Validation",
+    415: "Validation",
+}
 
 # TEI's `err` label of te_request_failure for each kind (core/src/infer.rs, http/server.rs);
 # most specific kind first. A kind not listed is labelled by its status (_REASON_BY_STATUS).
 FAILURE_REASONS: tuple[tuple[type[RerankerError], str], ...] = (
+    (EmptyTokenizerInputError, "tokenization"),  # TEI: Infer::tokenize / Infer::decode
     (EmptyInputError, "validation"),
     (TooManyInputsError, "batch_size"),
     (TooManyChunksPerTextError, "batch_size"),

@@ -4,19 +4,25 @@ wrong server learns why.
 
 TEI's messages (core/src/infer.rs: `embed` on a classifier, `embed_sparse` without SPLADE
 pooling) are kept word for word and followed by what to use instead. The OpenAI-compatible routes
-answer in OpenAI's error shape, as TEI's `openai_embed` does (`OpenAICompatErrorResponse`). The
-body is not read: every request is refused the same way. Behind the API key like TEI's routes.
+answer in OpenAI's error shape, as TEI's `openai_embed` does (`OpenAICompatErrorResponse`). Every
+request is refused the same way; the body is read only to count it in te_request_count as TEI
+does before it fails (`method` by the shape of `inputs` / `input`). Behind the API key like TEI's
+routes.
 Left out of our OpenAPI schema: they exist for clients that call TEI's paths, not to be generated
 into new clients.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import json
+
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from reranker_runtime import metrics
 from reranker_runtime.api.auth import ProtectedRoute
+from reranker_runtime.api.deps import ClientDisconnected, count_request
 
 router = APIRouter(tags=["TEI: other model types (424)"], route_class=ProtectedRoute)
 
@@ -24,6 +30,19 @@ FAILED_DEPENDENCY = 424
 NOT_EMBEDDING = "Backend error: Model is not an embedding model"
 NOT_SPLADE = "Backend error: Model is not an embedding model with SPLADE pooling"
 _ADVICE = " (this server serves a cross-encoder: use /rerank, or /predict for a classifier)"
+
+
+async def _tei_method(request: Request, field: str) -> str:
+    """te_request_count's `method` as TEI gives it: "batch" when the body's `field` is a list,
+    else "single" (also for a body that is not JSON)."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError):  # not JSON (or nested too deep for the parser)
+        return "single"
+    except ClientDisconnect:
+        raise ClientDisconnected() from None  # left while sending its body: 499
+    inputs = body.get(field) if isinstance(body, dict) else None
+    return "batch" if isinstance(inputs, list) else "single"
 
 
 def _refusal(message: str, *, openai: bool = False) -> JSONResponse:
@@ -38,7 +57,12 @@ def _refusal(message: str, *, openai: bool = False) -> JSONResponse:
 
 
 def _route(path: str, message: str, *, openai: bool = False) -> None:
-    async def refuse() -> JSONResponse:
+    field = "input" if openai else "inputs"
+
+    async def refuse(request: Request) -> JSONResponse:
+        # TEI's /similarity embeds the source sentence and the sentences as one batch.
+        method = "batch" if path == "/similarity" else await _tei_method(request, field)
+        count_request(request, method)
         return _refusal(message, openai=openai)
 
     router.add_api_route(

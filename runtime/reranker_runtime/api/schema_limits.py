@@ -3,7 +3,7 @@
 Request models (api/schemas.py) mark every array that --max-client-batch-size bounds with
 `x-max-client-batch-size`; this fills in `maxItems` with the server's value when the schema is
 first generated (`api/app.py`), so generated clients and schema-driven testers see the limit the
-server enforces (413 beyond it).
+server enforces (422 beyond it, TEI's status).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ OpenAPI schema. Optional fields left None are dropped from the body on the route
 
 The published schema says what the server enforces: texts the service refuses when empty or blank
 carry `minLength: 1` and `pattern: \\S` (the service's 400 `Empty` keeps TEI's status, so these
-are published, not checked by pydantic), and arrays bounded by `--max-client-batch-size` carry
-`x-max-client-batch-size`, which `api/schema_limits.py` turns into `maxItems` with the server's
+are published, not checked by pydantic); `/tokenize` inputs carry `minLength: 1` and `/decode`
+sequences `minItems: 1` (empty ones get 400 `Empty` too, as in TEI); arrays bounded by
+`--max-client-batch-size` carry `x-max-client-batch-size`, which `api/schema_limits.py` turns into `maxItems` with the server's
 value. Integer fields take 5.0 as 5, as JSON Schema's `integer` does. Every string must be valid
 Unicode (a lone surrogate such as `"\\ud800"` in the JSON is a 422 naming the field): the
 tokenizer and the JSON encoder cannot take one.
@@ -306,6 +307,10 @@ class Prediction(BaseModel):
     score: float
 
 
+# A text to tokenize: blank is fine, empty is refused (400 `Empty`, as TEI's tokenizer).
+_TOKENIZED_TEXT_SCHEMA = {"type": "string", "minLength": 1}
+
+
 class TokenizeRequest(_Request):
     """`POST /tokenize`: TEI's request (strings only)."""
 
@@ -314,10 +319,10 @@ class TokenizeRequest(_Request):
         WithJsonSchema(
             {
                 "anyOf": [
-                    {"type": "string"},
+                    _TOKENIZED_TEXT_SCHEMA,
                     {
                         "type": "array",
-                        "items": {"type": "string"},
+                        "items": _TOKENIZED_TEXT_SCHEMA,
                         "minItems": 1,
                         CLIENT_BATCH_KEY: True,
                     },
@@ -353,6 +358,8 @@ class TokenizeRequest(_Request):
 
 
 _TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}  # TEI: u32
+# A sequence to decode: not empty (400 `Empty`, as TEI's tokenizer).
+_TOKEN_IDS_SCHEMA = {"type": "array", "items": _TOKEN_ID_SCHEMA, "minItems": 1}
 
 
 def _token_ids(value: Any, where: str) -> list[int]:
@@ -375,12 +382,12 @@ class DecodeRequest(_Request):
         WithJsonSchema(
             {
                 "oneOf": [
-                    {"type": "array", "items": _TOKEN_ID_SCHEMA},
+                    _TOKEN_IDS_SCHEMA,
                     {
                         "type": "array",
                         "minItems": 1,
                         CLIENT_BATCH_KEY: True,
-                        "items": {"type": "array", "items": _TOKEN_ID_SCHEMA},
+                        "items": _TOKEN_IDS_SCHEMA,
                     },
                 ]
             }

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError as PydanticValidationError
 
@@ -29,6 +29,7 @@ from reranker_runtime.api.deps import (
     tei_method,
     timing_headers,
 )
+from reranker_runtime.api.errors import FASTAPI_BODY_PARSE_ERROR
 from reranker_runtime.api.schemas import (
     DecodeRequest,
     Prediction,
@@ -192,6 +193,8 @@ async def default_route(request: Request, response: Response) -> Any:
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body", 0), "ctx": {"error": "not UTF-8"}}]
         ) from None
+    except RecursionError:  # as the other routes answer it (app.py, BODY_UNPARSABLE)
+        raise HTTPException(400, FASTAPI_BODY_PARSE_ERROR) from None
     reranker = admitted_service(request).info.num_labels == 1
     body = _validated(RerankRequest if reranker else PredictRequest, data)
     method = tei_method(body)

@@ -203,9 +203,13 @@ def _fetch_hf(repo: str, revision: str | None, env: dict[str, str]) -> FetchedCh
             f"({'set' if token else 'not set'}) cannot read it: {_first_line(e)}"
         ) from e
     except LocalEntryNotFoundError as e:
+        from reranker_runtime.hub import cache_dir
+
         raise CheckpointFetchError(
             f"cannot download {repo}@{rev}: the hub is unreachable (or HF_HUB_OFFLINE is set) and it "
-            f"is not in the cache at HF_HOME: {_first_line(e)}"
+            f"is not in the hub cache at {cache_dir()} (HF_HUB_CACHE or $HF_HOME/hub): "
+            f"{_first_line(e).rstrip('.')}. "
+            "Without the hub, pass a local checkpoint directory (--checkpoint-repo /path/to/dir)"
         ) from e
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise CheckpointFetchError(

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from reranker_runtime import hub
 from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
 from reranker_runtime.errors import ModelLoadError
 from reranker_runtime.model_family import ModelFamily, UnsupportedModelError
@@ -118,27 +119,43 @@ class TorchEngine(Engine):
             )
         started = time.perf_counter()
 
+        # A hub id: ask the hub once, without retries, whether it can be reached at all (hub.py).
+        # When it cannot, read the cache only instead of retrying for half a minute.
+        offline = hub.looks_like_hub_id(model) and hub.offline_mode()
+        unreachable = (
+            hub.unreachable_reason(model, revision)
+            if hub.looks_like_hub_id(model) and not offline
+            else None
+        )
+        cache_only: dict[str, Any] = {"local_files_only": True} if unreachable else {}
         try:
-            config = AutoConfig.from_pretrained(model, revision=revision)
+            config = AutoConfig.from_pretrained(model, revision=revision, **cache_only)
         except Exception as exc:
             raise ModelLoadError(
-                f"cannot read the model config of {model!r} (revision {revision or 'default'}): {exc}. "
-                "Without hub access, pass a local checkpoint directory (--model /path/to/dir with "
-                "config.json, *.safetensors and the tokenizer files) or set HF_HUB_OFFLINE=1 to "
-                "serve from a filled Hugging Face cache (HF_HOME); otherwise check the model id, "
-                "the revision, network access and HF_TOKEN"
+                hub.config_error(model, revision, exc, offline=offline, unreachable=unreachable)
             ) from exc
+        if unreachable:
+            logger.warning(
+                "the Hugging Face hub at %s cannot be reached (%s); loading %r from the hub cache "
+                "at %s",
+                hub.endpoint(),
+                unreachable,
+                model,
+                hub.cache_dir(),
+            )
         try:
             family = ModelFamily.from_config(config)
         except UnsupportedModelError as exc:
             raise ModelLoadError(f"cannot serve {model!r}: {exc}") from exc
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, use_fast=True)
+            tokenizer = AutoTokenizer.from_pretrained(
+                model, revision=revision, use_fast=True, **cache_only
+            )
         except Exception as exc:
             raise ModelLoadError(
-                f"cannot load the tokenizer of {model!r}: {exc}. The checkpoint needs a fast "
-                "tokenizer (tokenizer.json)"
+                f"cannot load the tokenizer of {model!r}: {hub.one_line(exc)}. The checkpoint "
+                "needs a fast tokenizer (tokenizer.json)"
             ) from exc
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(
@@ -147,7 +164,7 @@ class TorchEngine(Engine):
             )
 
         hf_model, attn = _load_model(
-            AutoModelForSequenceClassification, model, revision, torch_dtype
+            AutoModelForSequenceClassification, model, revision, torch_dtype, cache_only
         )
         hf_model.to(dev)
         hf_model.eval()
@@ -249,7 +266,11 @@ class TorchEngine(Engine):
 
 
 def _load_model(
-    auto_cls: Any, model: str, revision: str | None, dtype: torch.dtype
+    auto_cls: Any,
+    model: str,
+    revision: str | None,
+    dtype: torch.dtype,
+    cache_only: dict[str, Any] | None = None,
 ) -> tuple[Any, str]:
     """Load with SDPA attention, falling back to eager where a model does not support it."""
     last_exc: Exception | None = None
@@ -261,6 +282,7 @@ def _load_model(
                 dtype=dtype,
                 attn_implementation=attn,
                 output_loading_info=True,
+                **(cache_only or {}),
             )
         except (ValueError, ImportError) as exc:
             if attn == "sdpa" and "attn" in str(exc).lower():
@@ -270,9 +292,13 @@ def _load_model(
                 )
                 last_exc = exc
                 continue
-            raise ModelLoadError(f"cannot load the weights of {model!r}: {exc}") from exc
+            raise ModelLoadError(
+                f"cannot load the weights of {model!r}: {hub.one_line(exc)}"
+            ) from exc
         except Exception as exc:
-            raise ModelLoadError(f"cannot load the weights of {model!r}: {exc}") from exc
+            raise ModelLoadError(
+                f"cannot load the weights of {model!r}: {hub.one_line(exc)}"
+            ) from exc
         missing = [
             k for k in loading_info.get("missing_keys", []) if "classifier" in k or "score" in k
         ]
