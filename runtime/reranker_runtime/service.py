@@ -177,6 +177,7 @@ class RerankService:
         max_tokens_per_text: int | None = None,
         max_chunks_per_text: int | None = None,
         timeout_s: float | None = None,
+        arrived_at: float | None = None,
         request_id: str | None = None,
         texts_field: str = "texts",
     ) -> RerankResult:
@@ -188,7 +189,8 @@ class RerankService:
         `max_chunks_per_text` (default `--max-chunks-per-doc`): a text too long for the model is
         scored as up to that many windows, each paired with the whole query, and gets the best
         window's score (the max of the raw logits; sigmoid applies to that max). `timeout_s`
-        (default `--request-timeout`): the deadline, counted from this call."""
+        (default `--request-timeout`): the deadline, counted from `arrived_at` (event-loop time
+        the request arrived; default: this call)."""
         if self._info.num_labels != 1:
             raise WrongModelKindError(
                 "model is not a re-ranker model: "
@@ -220,7 +222,7 @@ class RerankService:
             raise ValidationError(f"max_chunks_per_doc must be at least 1, got {chunks}")
         truncating = self._truncating(truncate)
 
-        async with self._deadline(timeout_s, request_id) as deadline:
+        async with self._deadline(timeout_s, request_id, arrived_at) as deadline:
             t0 = time.perf_counter()
             encoded = await self._in_tokenize_pool(
                 self._tokenizer.encode_chunked,
@@ -264,6 +266,7 @@ class RerankService:
         truncation_direction: str = "right",
         raw_scores: bool = False,
         timeout_s: float | None = None,
+        arrived_at: float | None = None,
         request_id: str | None = None,
     ) -> PredictResult:
         """TEI /predict: one label -> sigmoid, several -> softmax (raw logits with raw_scores).
@@ -271,7 +274,7 @@ class RerankService:
         direction = parse_direction(truncation_direction)
         items = self._check_inputs(inputs)
 
-        async with self._deadline(timeout_s, request_id) as deadline:
+        async with self._deadline(timeout_s, request_id, arrived_at) as deadline:
             t0 = time.perf_counter()
             encoded = await self._in_tokenize_pool(
                 self._tokenizer.encode_inputs,
@@ -415,22 +418,27 @@ class RerankService:
 
     @asynccontextmanager
     async def _deadline(
-        self, timeout_s: float | None, request_id: str | None
+        self, timeout_s: float | None, request_id: str | None, arrived_at: float | None = None
     ) -> AsyncIterator[float | None]:
-        """Run the block under the request's deadline (event-loop time), if it has one. When it
-        passes, the block is cancelled (the batcher drops the request's waiting pairs) and the
-        caller gets DeadlineExceededError at once, whatever forward pass is running."""
+        """Run the block under the request's deadline (event-loop time), if it has one, counted
+        from `arrived_at` (default: now). When it passes, the block is cancelled (the batcher
+        drops the request's waiting pairs) and the caller gets DeadlineExceededError at once,
+        whatever forward pass is running; one already past when the block starts (a slow body)
+        is refused the same way before any work."""
         timeout_s = timeout_s if timeout_s is not None else self._settings.request_timeout
         if timeout_s is None:
             yield None
             return
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        now = asyncio.get_running_loop().time()
+        deadline = (arrived_at if arrived_at is not None else now) + timeout_s
         scope = asyncio.timeout_at(deadline)
         try:
+            if deadline <= now:
+                raise TimeoutError  # spent before any work: tokenize nothing
             async with scope:
                 yield deadline
         except TimeoutError:
-            if not scope.expired():
+            if deadline > now and not scope.expired():
                 raise  # not our deadline
             metrics.REQUEST_TIMEOUTS.inc()
             logger.info(

@@ -8,6 +8,7 @@ checked by the gate still being closed when the answer arrives, not by timing.""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -95,6 +96,35 @@ async def test_504_while_its_own_pairs_are_in_the_running_batch(
         engine.release()  # the batch finishes for nobody; the server keeps serving
         ok = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS})
         assert ok.status_code == 200
+
+
+async def test_the_deadline_counts_from_arrival_so_a_slow_body_spends_it(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    """The clock starts with the headers: a body that takes longer than the deadline to arrive
+    gets the 504 as soon as it is parsed, and nothing of it is tokenized or scored."""
+    import json
+
+    engine = ControlledEngine(xlmr_engine)
+    body = json.dumps({"query": "zzz", "texts": ["music art science"]}).encode()
+
+    async def slowly() -> AsyncIterator[bytes]:
+        yield body[:10]
+        await asyncio.sleep(0.4)
+        yield body[10:]
+
+    async with serving(settings_for(xlmr_reranker), engine) as client:
+        before = await samples(client)
+        resp = await client.post(
+            "/rerank",
+            content=slowly(),
+            headers={**timeout(0.2), "content-type": "application/json"},
+        )
+        assert resp.status_code == 504, resp.text
+        assert resp.json()["error_type"] == "Timeout"
+        after = await samples(client)
+    assert moved(before, after, TIMEOUTS) == 1
+    assert engine.arrived == 0  # no forward pass was asked for
 
 
 async def test_server_default_applies_and_the_header_replaces_it(

@@ -9,6 +9,7 @@ built (tests, other embedders). Either way the service is started (warm-up) in t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -30,6 +31,7 @@ from reranker_runtime import __version__, metrics
 from reranker_runtime.api import cohere, ops, other_models, tei
 from reranker_runtime.api.auth import all_routes, document_api_key, protected_operations
 from reranker_runtime.api.deps import (
+    ARRIVED_AT_SCOPE_KEY,
     LOG_SCOPE_KEY,
     REQUEST_ID_SCOPE_KEY,
     ClientDisconnected,
@@ -312,6 +314,7 @@ class AccessMiddleware:
         fields: dict[str, Any] = {}
         scope[LOG_SCOPE_KEY] = fields
         scope[REQUEST_ID_SCOPE_KEY] = request_id
+        scope[ARRIVED_AT_SCOPE_KEY] = asyncio.get_running_loop().time()
         status = 500
         response_started = False
         client_left = False

@@ -21,6 +21,7 @@ from reranker_runtime.api.deps import (
     InferenceRoute,
     admitted_service,
     annotate,
+    request_arrival,
     request_id,
     request_timeout,
     timing_headers,
@@ -57,6 +58,7 @@ async def _rerank(
         max_tokens_per_text=body.max_tokens_per_doc,
         max_chunks_per_text=body.max_chunks_per_doc,
         timeout_s=request_timeout(request),
+        arrived_at=request_arrival(request),
         request_id=request_id(request),
         texts_field="documents",
     )

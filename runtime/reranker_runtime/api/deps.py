@@ -50,6 +50,9 @@ T = TypeVar("T")
 # outer middleware can read what the route wrote.
 LOG_SCOPE_KEY = "reranker.access"
 REQUEST_ID_SCOPE_KEY = "reranker.request_id"
+# Event-loop time at which the request's headers arrived (AccessMiddleware): a deadline counts
+# from there, so reading and parsing a large body is part of it.
+ARRIVED_AT_SCOPE_KEY = "reranker.arrived_at"
 _SERVICE_SCOPE_KEY = "reranker.service"
 _TEI_METHOD_SCOPE_KEY = "reranker.tei_method"
 # Handlers already wrapped by `admitted`.
@@ -231,6 +234,13 @@ def request_id(request: Request) -> str | None:
     """The id AccessMiddleware gave this request (the client's x-request-id, or generated)."""
     value = request.scope.get(REQUEST_ID_SCOPE_KEY)
     return value if isinstance(value, str) else None
+
+
+def request_arrival(request: Request) -> float | None:
+    """Event-loop time at which the request arrived (AccessMiddleware), the start of its
+    deadline; None outside that middleware (the deadline then counts from the service call)."""
+    value = request.scope.get(ARRIVED_AT_SCOPE_KEY)
+    return value if isinstance(value, float) else None
 
 
 REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"

@@ -24,6 +24,7 @@ from reranker_runtime.api.deps import (
     admitted_service,
     annotate,
     count_request,
+    request_arrival,
     request_id,
     request_timeout,
     tei_method,
@@ -78,6 +79,7 @@ async def rerank(body: RerankRequest, request: Request, response: Response) -> l
         raw_scores=body.raw_scores,
         max_chunks_per_text=body.max_chunks_per_doc,
         timeout_s=request_timeout(request),
+        arrived_at=request_arrival(request),
         request_id=request_id(request),
     )
     # `chunks` and `truncated` only when chunking is on (the request's or the server's max_chunks_per_doc > 1):
@@ -120,6 +122,7 @@ async def predict(
         truncation_direction=body.truncation_direction,
         raw_scores=body.raw_scores,
         timeout_s=request_timeout(request),
+        arrived_at=request_arrival(request),
         request_id=request_id(request),
     )
     out = [
