@@ -155,6 +155,19 @@ class RerankService:
                 f"this model holds at most {longest_window} text tokens (max input length "
                 f"{self._info.max_input_length} minus special tokens); lower --chunk-overlap-tokens"
             )
+        s = self._settings
+        if s.max_chunks_per_doc > 1 and s.max_chunks_per_request < s.max_client_batch_size:
+            # Every text is at least one window: chunking on by default would refuse plain
+            # requests the client batch size allows.
+            logger.warning(
+                "--max-chunks-per-request %d is below --max-client-batch-size %d while "
+                "--max-chunks-per-doc %d chunks every request: a /rerank request of more than %d "
+                "texts gets 413 even when every text fits; raise --max-chunks-per-request",
+                s.max_chunks_per_request,
+                s.max_client_batch_size,
+                s.max_chunks_per_doc,
+                s.max_chunks_per_request,
+            )
         await self._batcher.start(warmup=True)
 
     async def stop(self) -> None:
@@ -408,6 +421,16 @@ class RerankService:
                     text.window_tokens,
                     chunks,
                     at_least=not text.fully_counted,
+                )
+        if chunks > 1 and not truncating and encoded and encoded[0].window_tokens == 0:
+            first = encoded[0].windows[0]
+            if first.num_tokens > self._info.max_input_length:
+                # Windowing splits the text, never the query: say so rather than "shorten it".
+                raise InputTooLongError(
+                    f"`query` leaves no room for text within the model's "
+                    f"{self._info.max_input_length} tokens, so max_chunks_per_doc cannot split "
+                    f"`{field}[0]` into windows (query and text are "
+                    f"{'' if first.fully_counted else 'at least '}{first.num_tokens} tokens)"
                 )
         self._check_lengths([text.windows[0] for text in encoded], field, "query and text are")
         windows = [w for text in encoded for w in text.windows]

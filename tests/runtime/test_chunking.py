@@ -8,6 +8,7 @@ tokens placed by hand) and runs the Hugging Face model on each window alone."""
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -274,6 +275,19 @@ async def test_one_window_keeps_todays_422(xlmr_engine) -> None:
             await service.rerank(QUERY, [long_texts("xlmr")[0]], truncate=False)
 
 
+async def test_a_query_that_leaves_no_room_says_chunking_cannot_help(xlmr_engine) -> None:
+    long_query = long_texts("xlmr")[0]  # longer than the model's window on its own
+    async with serving(xlmr_engine) as service:
+        with pytest.raises(InputTooLongError) as err:
+            await service.rerank(long_query, ["paris"], truncate=False, max_chunks_per_text=50)
+        assert client_message(err.value).startswith(
+            f"`query` leaves no room for text within the model's {TINY_MAX_TOKENS} tokens, so "
+            "max_chunks_per_doc cannot split `texts[0]` into windows"
+        )
+        cut = await service.rerank(long_query, ["paris"], truncate=True, max_chunks_per_text=50)
+        assert cut.chunks == [1] and cut.truncated == [True]
+
+
 async def test_windows_per_request_are_capped(xlmr_engine) -> None:
     texts = long_texts("xlmr")
     async with serving(xlmr_engine, max_chunks_per_doc=100, max_chunks_per_request=6) as service:
@@ -416,3 +430,32 @@ async def test_server_default_turns_chunking_on(xlmr_reranker: Path, xlmr_engine
         capped = await client.post("/rerank", json={"query": QUERY, "texts": long_texts("xlmr")})
         assert capped.status_code == 413
         assert "--max-chunks-per-request" in capped.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("chunks_per_doc", "per_request", "warned"),
+    [(3, 100, True), (3, 5000, False), (1, 100, False)],
+)
+async def test_a_window_cap_below_the_client_batch_size_is_warned_at_start(
+    xlmr_engine,
+    caplog: pytest.LogCaptureFixture,
+    chunks_per_doc: int,
+    per_request: int,
+    warned: bool,
+) -> None:
+    """Chunking on by default counts every text as a window: a cap below the client batch size
+    would refuse plain requests, so the start-up log says so."""
+    with caplog.at_level(logging.WARNING, logger="reranker_runtime.service"):
+        async with serving(
+            xlmr_engine,
+            max_chunks_per_doc=chunks_per_doc,
+            max_chunks_per_request=per_request,
+            max_client_batch_size=1000,
+        ):
+            pass
+    messages = [
+        r.getMessage() for r in caplog.records if "--max-chunks-per-request" in r.getMessage()
+    ]
+    assert bool(messages) is warned
+    if warned:
+        assert "more than 100 texts gets 413" in messages[0]
