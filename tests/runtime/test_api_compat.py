@@ -92,6 +92,10 @@ async def test_jina_response(
     for r in body["results"]:
         assert r["document"] == {"text": TEXTS[r["index"]]}  # Jina default: documents returned
     check_ranked(body["results"], reference)
+    # Cohere's v1 SDK posts to this path too and reads Cohere v1's `meta`.
+    assert body["meta"]["api_version"] == {"version": "1"}
+    assert body["meta"]["billed_units"] == {"search_units": 1}
+    assert body["meta"]["tokens"]["input_tokens"] == body["usage"]["total_tokens"]
     unnamed = (await client.post("/v1/rerank", json={"query": QUERY, "documents": ["a"]})).json()
     assert unnamed["model"] == "tiny-bge"  # --served-model-name when the request names none
 

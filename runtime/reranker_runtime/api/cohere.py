@@ -92,15 +92,17 @@ async def cohere_rerank(
     body: CohereRerankRequest, request: Request, response: Response
 ) -> CohereRerankResponse:
     results, result = await _rerank(body, request, response)
-    units = max(1, math.ceil(len(body.documents) / _DOCS_PER_SEARCH_UNIT))
     return CohereRerankResponse(
-        id=str(uuid.uuid4()),
-        results=results,
-        meta=CohereMeta(
-            api_version=CohereApiVersion(version="2"),
-            billed_units=CohereBilledUnits(search_units=units),
-            tokens=CohereTokens(input_tokens=result.total_tokens, output_tokens=0),
-        ),
+        id=str(uuid.uuid4()), results=results, meta=_meta("2", len(body.documents), result)
+    )
+
+
+def _meta(version: str, documents: int, result: RerankResult) -> CohereMeta:
+    units = max(1, math.ceil(documents / _DOCS_PER_SEARCH_UNIT))
+    return CohereMeta(
+        api_version=CohereApiVersion(version=version),
+        billed_units=CohereBilledUnits(search_units=units),
+        tokens=CohereTokens(input_tokens=result.total_tokens, output_tokens=0),
     )
 
 
@@ -121,4 +123,5 @@ async def jina_rerank(
         model=body.model or settings.served_model_name or settings.model or "",
         results=results,
         usage=JinaUsage(total_tokens=result.total_tokens),
+        meta=_meta("1", len(body.documents), result),
     )

@@ -539,6 +539,8 @@ class JinaRerankResponse(BaseModel):
     model: str
     results: list[ApiRerankResult]
     usage: JinaUsage
+    # Cohere's v1 SDK posts to the same path: its `meta` too (api_version "1").
+    meta: CohereMeta
 
 
 # ---------------------------------------------------------------------------------------------
