@@ -164,6 +164,18 @@ async def test_max_tokens_per_doc(
     assert body["meta"]["tokens"]["input_tokens"] == expected_tokens
 
 
+async def test_jina_route_errors_also_carry_jinas_detail(client: httpx.AsyncClient) -> None:
+    """Jina's clients read `detail` (LlamaIndex's JinaRerank raises KeyError without it)."""
+    jina = await client.post("/v1/rerank", json={"query": "", "documents": ["a"]})
+    assert jina.status_code == 400
+    body = jina.json()
+    assert body["detail"] == body["error"] and body["error_type"] == "Empty"
+    schema = await client.post("/v1/rerank", json={"query": QUERY})
+    assert schema.status_code == 422 and schema.json()["detail"] == schema.json()["error"]
+    cohere = await client.post("/v2/rerank", json={"query": "", "documents": ["a"]})
+    assert set(cohere.json()) == {"error", "error_type"}
+
+
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
@@ -211,5 +223,7 @@ async def test_errors(
     resp = await client.post(route, json=body)
     assert resp.status_code == status, resp.text
     err = resp.json()
-    assert set(err) == {"error", "error_type"}
+    # TEI's body; the Jina route adds Jina's own field, `detail`.
+    jina = {"detail"} if route == "/v1/rerank" else set()
+    assert set(err) == {"error", "error_type", *jina}
     assert needle in err["error"]

@@ -312,6 +312,15 @@ async def test_body_not_utf8_is_400_naming_the_byte(client: httpx.AsyncClient, p
     }
 
 
+async def test_a_body_without_content_type_says_how_to_send_it(client: httpx.AsyncClient) -> None:
+    resp = await client.post("/rerank", content=json.dumps(_BODIES["/rerank"]).encode())
+    assert resp.status_code == 415
+    assert resp.json()["error"] == (
+        "expected a JSON body sent with 'Content-Type: application/json', got no Content-Type; "
+        "send that header (curl: -H 'Content-Type: application/json')"
+    )
+
+
 @pytest.mark.parametrize("path", list(_BODIES))
 async def test_body_nested_too_deeply_is_400_not_500(client: httpx.AsyncClient, path: str) -> None:
     content = b"[" * 100_000 + b"]" * 100_000

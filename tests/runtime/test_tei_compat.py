@@ -278,9 +278,16 @@ async def test_default_route_reranks_on_a_reranker(
         assert item["text"] == TEXTS[item["index"]]
         assert item["score"] == pytest.approx(sigmoid(ref[item["index"]][0]), abs=TOL)
     assert "x-compute-characters" in resp.headers
-    # TEI serves /rerank there for a reranker: a /predict body is refused naming the field.
+    # TEI serves /rerank there for a reranker: a /predict body (InferenceClient's
+    # text_classification) is refused, saying which body this server takes and where to post it.
     refused = await client.post(path, json={"inputs": "paris"})
-    assert refused.status_code == 422 and "query: Field required" in refused.json()["error"]
+    assert refused.status_code == 422
+    assert refused.json()["error"].startswith(
+        "this server serves a reranker, so POST / takes /rerank's body"
+    )
+    assert "post it to /predict" in refused.json()["error"]
+    incomplete = await client.post(path, json={"query": QUERY})
+    assert incomplete.status_code == 422 and "texts: Field required" in incomplete.json()["error"]
     malformed = await client.post(path, content=b"{", headers={"content-type": "application/json"})
     assert malformed.status_code == 400 and "malformed JSON" in malformed.json()["error"]
 
@@ -298,7 +305,12 @@ async def test_default_route_predicts_on_a_classifier(
             softmax_by_label(logits), abs=TOL
         )
     refused = await classifier.post(path, json={"query": "q", "texts": ["a"]})
-    assert refused.status_code == 422 and "inputs: Field required" in refused.json()["error"]
+    assert refused.status_code == 422
+    assert refused.json()["error"].startswith(
+        "this server serves a classifier, so POST / takes /predict's body"
+    )
+    empty = await classifier.post(path, json={"raw_scores": True})
+    assert empty.status_code == 422 and "inputs: Field required" in empty.json()["error"]
 
 
 async def test_baseten_classify_batch_form(

@@ -205,13 +205,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RerankerError)
     async def _domain(request: Request, exc: RerankerError) -> JSONResponse:
         annotate(request, error=exc.message)
-        return error_response(exc)
+        return error_response(exc, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, message = _validation_message(exc.errors())
         annotate(request, error=message)
-        return plain_error_response(status, message, "Validation")
+        return plain_error_response(status, message, "Validation", path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -230,6 +230,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             detail,
             HTTP_ERROR_TYPES.get(exc.status_code, "Validation"),
             headers,
+            path=request.url.path,
         )
 
     @app.exception_handler(ClientDisconnected)

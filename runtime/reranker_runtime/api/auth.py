@@ -54,7 +54,7 @@ class ProtectedRoute(APIRoute):
             if api_key:
                 error = check_authorization(request.headers.get("authorization"), api_key)
                 if error is not None:
-                    return error_response(error)
+                    return error_response(error, path=request.url.path)
             return await handler(request)
 
         return checked

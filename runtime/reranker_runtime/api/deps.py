@@ -145,7 +145,8 @@ def check_json_body_headers(request: Request) -> None:
         got = "no Content-Type" if content_type is None else f"Content-Type {content_type!r}"
         raise HTTPException(
             415,
-            f"expected a JSON body sent with 'Content-Type: application/json', got {got}",
+            f"expected a JSON body sent with 'Content-Type: application/json', got {got}; send "
+            "that header (curl: -H 'Content-Type: application/json')",
         )
     encoding = request.headers.get("content-encoding")
     if encoding is not None:

@@ -217,8 +217,16 @@ def http_error(exc: RerankerError) -> HttpError:
     return _FALLBACK
 
 
-def error_body(message: str, error_type: str) -> dict[str, str]:
-    return {"error": message, "error_type": error_type}
+# Jina's API answers errors as `{"detail": ...}` and its clients read that field (LlamaIndex's
+# JinaRerank raises KeyError('detail') otherwise): the Jina route's errors carry it too.
+JINA_ROUTE = "/v1/rerank"
+
+
+def error_body(message: str, error_type: str, *, path: str = "") -> dict[str, str]:
+    body = {"error": message, "error_type": error_type}
+    if path == JINA_ROUTE:
+        body["detail"] = message
+    return body
 
 
 def client_message(exc: RerankerError) -> str:
@@ -226,17 +234,25 @@ def client_message(exc: RerankerError) -> str:
     return exc.message + http_error(exc).advice
 
 
-def error_response(exc: RerankerError) -> JSONResponse:
+def error_response(exc: RerankerError, *, path: str = "") -> JSONResponse:
+    """`path`: the request's, so the Jina route's errors carry Jina's `detail` too."""
     mapped = http_error(exc)
     return JSONResponse(
-        error_body(client_message(exc), mapped.error_type),
+        error_body(client_message(exc), mapped.error_type, path=path),
         status_code=mapped.status,
         headers=mapped.headers or None,
     )
 
 
 def plain_error_response(
-    status: int, message: str, error_type: str, headers: Mapping[str, str] | None = None
+    status: int,
+    message: str,
+    error_type: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    path: str = "",
 ) -> JSONResponse:
     """For errors that are not domain errors (request validation, routing)."""
-    return JSONResponse(error_body(message, error_type), status_code=status, headers=headers)
+    return JSONResponse(
+        error_body(message, error_type, path=path), status_code=status, headers=headers
+    )

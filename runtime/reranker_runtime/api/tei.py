@@ -199,6 +199,7 @@ async def default_route(request: Request, response: Response) -> Any:
     except RecursionError:  # as the other routes answer it (app.py, BODY_UNPARSABLE)
         raise HTTPException(400, FASTAPI_BODY_PARSE_ERROR) from None
     reranker = admitted_service(request).info.num_labels == 1
+    _check_default_route_shape(data, reranker)
     body = _validated(RerankRequest if reranker else PredictRequest, data)
     method = tei_method(body)
     if method is not None:
@@ -206,6 +207,25 @@ async def default_route(request: Request, response: Response) -> Any:
     if isinstance(body, RerankRequest):
         return await rerank(body, request, response)
     return await predict(body, request, response)
+
+
+def _check_default_route_shape(data: Any, reranker: bool) -> None:
+    """A body of the other model type's route (e.g. InferenceClient.text_classification on a
+    reranker) gets a message that says which body this server takes, not a list of missing
+    fields."""
+    if not isinstance(data, dict):
+        return
+    if reranker and "inputs" in data and "query" not in data and "texts" not in data:
+        raise ValidationError(
+            "this server serves a reranker, so POST / takes /rerank's body "
+            '({"query": ..., "texts": [...]}); {"inputs": ...} is /predict\'s body: post it to '
+            "/predict to score each input with the reranker's one label"
+        )
+    if not reranker and ("query" in data or "texts" in data) and "inputs" not in data:
+        raise ValidationError(
+            "this server serves a classifier, so POST / takes /predict's body "
+            '({"inputs": ...}); {"query", "texts"} is /rerank\'s body, which needs a reranker'
+        )
 
 
 DEFAULT_ROUTE_PATHS = ("/", "/invocations")
