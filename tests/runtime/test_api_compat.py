@@ -57,9 +57,11 @@ def check_ranked(results: list[dict[str, Any]], reference: list[float]) -> None:
 async def test_cohere_v2_response(
     client: httpx.AsyncClient, tokenizer: Any, reference: list[float]
 ) -> None:
-    docs: list[Any] = [TEXTS[0], {"text": TEXTS[1]}, *TEXTS[2:]]  # strings and {text} objects mix
+    # Strings and {text} objects mix; Cohere v1's rank_fields ["text"] (its default) is accepted.
+    docs: list[Any] = [TEXTS[0], {"text": TEXTS[1], "id": "x"}, *TEXTS[2:]]
     resp = await client.post(
-        "/v2/rerank", json={"model": "whatever", "query": QUERY, "documents": docs}
+        "/v2/rerank",
+        json={"model": "whatever", "query": QUERY, "documents": docs, "rank_fields": ["text"]},
     )
     assert resp.status_code == 200, resp.text
     body = resp.json()
@@ -202,6 +204,11 @@ async def test_jina_route_errors_also_carry_jinas_detail(client: httpx.AsyncClie
         ({"query": QUERY, "documents": "a"}, 422, "documents: Input should be a valid list"),
         ({"query": QUERY, "documents": ["a"], "return_documents": "yes"}, 422, "return_documents"),
         ({"documents": ["a"]}, 422, "query: Field required"),
+        (
+            {"query": QUERY, "documents": [{"text": "a", "title": "b"}], "rank_fields": ["title"]},
+            422,
+            'rank_fields: only ["text"] is supported',
+        ),
         ({"query": QUERY, "documents": []}, 400, "`documents` must not be empty"),
         ({"query": QUERY, "documents": ["a", "  "]}, 400, "`documents[1]` is empty"),
         ({"query": "", "documents": ["a"]}, 400, "query"),

@@ -465,6 +465,19 @@ Documents = Annotated[
 ]
 
 
+def _only_text_ranked(value: list[str] | None) -> list[str] | None:
+    """Cohere v1's rank_fields: a document is scored by its `text` only, so any other field
+    list is refused (422) instead of silently scoring something else than asked."""
+    if value is not None and value != ["text"]:
+        raise PydanticCustomError(
+            INPUT_ERROR,
+            'rank_fields: only ["text"] is supported (each document is scored by its `text`); '
+            "send each document as one string holding the fields to score, e.g. "
+            '"title: ...\\ntext: ..."',
+        )
+    return value
+
+
 class _ApiRerankRequest(_Request):
     model: UnicodeStr | None = Field(
         None, description="Accepted for compatibility; echoed, not checked."
@@ -476,6 +489,22 @@ class _ApiRerankRequest(_Request):
         None, description="Cut each document to this many tokens before scoring."
     )
     max_chunks_per_doc: PositiveInt | None = Field(None, description=_MAX_CHUNKS_DESCRIPTION)
+    rank_fields: Annotated[
+        list[str] | None,
+        AfterValidator(_only_text_ranked),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "array", "items": {"enum": ["text"]}, "minItems": 1, "maxItems": 1},
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = Field(
+        None,
+        description='Cohere v1: the document fields to score. Only ["text"] (the default) is '
+        "supported; anything else is refused rather than ignored.",
+    )
 
 
 class CohereRerankRequest(_ApiRerankRequest):
