@@ -10,9 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,7 @@ import pytest
 
 from reranker_runtime import hub
 
-WAIT_S = 120.0  # a hung process fails the test; the timing assertions are the ones below
-LOAD_FAILS_WITHIN_S = 10.0  # from "loading model" to the error; the retries took 25 s and more
+WAIT_S = 120.0  # a hung process fails the test (the old retries took 25 s and more)
 
 EXE = Path(sys.executable).with_name("reranker-runtime")
 
@@ -62,10 +59,6 @@ def json_records(stderr: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
-def seconds(record: dict[str, Any]) -> float:
-    return datetime.strptime(record["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
-
-
 @pytest.mark.parametrize("where", ["refused", "unresolvable"])
 def test_unreachable_hub_fails_fast_once_with_what_to_do(
     where: str, refusing_endpoint: str, tmp_path: Path
@@ -81,10 +74,10 @@ def test_unreachable_hub_fails_fast_once_with_what_to_do(
     loading = [r for r in records if r["message"] == "loading model"]
     failed = [r for r in records if r["message"].startswith("model load failed")]
     assert len(loading) == 1 and len(failed) == 1, proc.stderr
-    assert seconds(failed[0]) - seconds(loading[0]) < LOAD_FAILS_WITHIN_S, proc.stderr
-    # Nothing retried, so no retry chatter; at most once if a library line comes through.
+    # Nothing retried (the retries are what took 25 s and more: no timing assertion needed),
+    # so no retry chatter; at most once if a library line comes through.
     assert proc.stderr.count("thrown while requesting") <= 1, proc.stderr
-    assert proc.stderr.count("Retrying in") <= 1, proc.stderr
+    assert proc.stderr.count("Retrying in") == 0, proc.stderr
 
     message = failed[0]["message"]
     assert f"the Hugging Face hub at {endpoint} cannot be reached" in message
@@ -102,12 +95,10 @@ def test_unreachable_hub_fails_fast_once_with_what_to_do(
 def test_offline_hub_id_not_in_the_cache_names_the_cache(tmp_path: Path) -> None:
     cache = tmp_path / "empty-cache"
     env = online_env(tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://hub.invalid")
-    started = time.monotonic()
     proc = serve(
         env, "--model", "some-org/no-such-model", "--hf-cache", str(cache), "--log-format", "text"
     )
     assert proc.returncode == 1, proc.stderr
-    assert time.monotonic() - started < WAIT_S
 
     # Text logs: the error is one line (transformers' message had a newline in it).
     errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
