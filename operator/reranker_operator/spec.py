@@ -56,6 +56,18 @@ RESERVED_ENV = frozenset(
         "RERANKER_AUTO_TRUNCATE",
         "RERANKER_API_KEY",
         "RERANKER_LOG_FORMAT",
+        # TEI's names for the same settings, which the runtime also reads (where the RERANKER_*
+        # one is unset: API_KEY would turn auth on with a plain-text key, past apiKeySecret).
+        "MODEL_ID",
+        "PORT",
+        "SERVED_MODEL_NAME",
+        "MAX_BATCH_TOKENS",
+        "MAX_BATCH_REQUESTS",
+        "MAX_CLIENT_BATCH_SIZE",
+        "MAX_CONCURRENT_REQUESTS",
+        "AUTO_TRUNCATE",
+        "API_KEY",
+        "JSON_OUTPUT",
         "HF_HUB_OFFLINE",
         "HF_HOME",
         "HOME",

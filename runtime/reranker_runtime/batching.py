@@ -47,7 +47,12 @@ import numpy as np
 
 from reranker_runtime import metrics
 from reranker_runtime.engines.base import EncodedPair, Engine
-from reranker_runtime.errors import DeadlineUnreachableError, EngineError, ModelLoadError
+from reranker_runtime.errors import (
+    DeadlineUnreachableError,
+    EngineError,
+    InternalError,
+    ModelLoadError,
+)
 from reranker_runtime.lifecycle import State, not_ready_error
 from reranker_runtime.logging import log_fields
 
@@ -530,4 +535,4 @@ class Batcher:
             # A bug in the owner must not leave requests hanging.
             logger.error("batcher owner task crashed", exc_info=exc)
             self._running = False
-            self._fail_all(EngineError(f"the batcher stopped unexpectedly: {exc!r}"))
+            self._fail_all(InternalError(f"the batcher stopped unexpectedly: {exc!r}"))

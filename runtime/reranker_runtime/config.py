@@ -50,6 +50,9 @@ class ServeSettings:
     prometheus_port: int = 9000  # /metrics also served here (0: off); TEI's default
     cors_allow_origin: tuple[str, ...] | None = None  # None: any origin, like TEI
     hf_cache: str | None = None  # hub download cache (HF_HUB_CACHE); None: huggingface_hub's
+    hf_token: str | None = (
+        None  # hub token (sets HF_TOKEN); None: huggingface_hub's (HF_TOKEN, login)
+    )
     tokenization_workers: int | None = (
         None  # tokenizer threads; None: default_tokenization_workers()
     )
@@ -93,6 +96,7 @@ SERVE_ENV_VARS: dict[str, str] = {
     "prometheus_port": "RERANKER_PROMETHEUS_PORT",
     "cors_allow_origin": "RERANKER_CORS_ALLOW_ORIGIN",
     "hf_cache": "RERANKER_HF_CACHE",
+    "hf_token": "RERANKER_HF_TOKEN",
     "tokenization_workers": "RERANKER_TOKENIZATION_WORKERS",
     "engine": "RERANKER_ENGINE",
     "torch_compile": "RERANKER_TORCH_COMPILE",
@@ -125,8 +129,12 @@ TEI_ENV_VARS: dict[str, str] = {
     "prometheus_port": "PROMETHEUS_PORT",
     "cors_allow_origin": "CORS_ALLOW_ORIGIN",
     "hf_cache": "HUGGINGFACE_HUB_CACHE",
+    "hf_token": "HF_API_TOKEN",  # TEI's hidden alias; its HF_TOKEN huggingface_hub reads itself
     "tokenization_workers": "TOKENIZATION_WORKERS",
 }
+# A TEI variable is skipped where this one is set: huggingface_hub reads HF_HUB_CACHE before
+# HUGGINGFACE_HUB_CACHE, and HF_TOKEN before anything we would set from HF_API_TOKEN.
+TEI_ENV_SHADOWED_BY: dict[str, str] = {"hf_cache": "HF_HUB_CACHE", "hf_token": "HF_TOKEN"}
 TEI_JSON_OUTPUT_ENV = "JSON_OUTPUT"
 
 

@@ -151,6 +151,11 @@ class EngineError(RerankerError):
     """The forward pass failed. Only the requests in that batch fail; the server keeps serving."""
 
 
+class InternalError(RerankerError):
+    """A bug in the server itself (e.g. the batcher's owner task crashed), not in the model or the
+    request: answered 500, unlike a failed forward pass."""
+
+
 class UnauthorizedError(RerankerError):
     """The request does not carry the server's API key."""
 

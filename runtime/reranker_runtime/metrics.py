@@ -16,6 +16,7 @@ and the deadline and chunking counters.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections.abc import Sequence
@@ -145,6 +146,26 @@ REQUEST_INPUT_TOKENS = Histogram(
     "Tokens of each input (pair) as scored",
     buckets=_INPUT_LENGTH_BUCKETS,
 )
+
+
+def observe_many(histogram: Histogram, value: float, count: int) -> None:
+    """`count` observations of `value` at the cost of one. TEI records te_predict_* once per
+    input, and 4 x 1000 observe() calls for a 1000-text request would hold the event loop ~10 ms.
+    Uses prometheus_client's own fields as Histogram.observe does; falls back to a loop where
+    they are missing (another version)."""
+    upper: Sequence[float] | None = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if count <= 0:
+        return
+    if upper is None or buckets is None or total is None:
+        for _ in range(count):
+            histogram.observe(value)
+        return
+    total.inc(value * count)
+    buckets[bisect.bisect_left(upper, value)].inc(count)  # first bound >= value, as observe()
+
+
 QUEUE_SIZE = Gauge("te_queue_size", "Pairs waiting in the batcher's queue")
 BATCH_SIZE = Histogram(
     "te_batch_next_size", "Sequences per forward pass", buckets=_BATCH_SIZE_BUCKETS

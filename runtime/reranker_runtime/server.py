@@ -32,6 +32,7 @@ from reranker_runtime.config import (
     DEFAULT_MODEL,
     ENGINE_CHOICES,
     SERVE_ENV_VARS,
+    TEI_ENV_SHADOWED_BY,
     TEI_ENV_VARS,
     TEI_JSON_OUTPUT_ENV,
     ServeSettings,
@@ -353,6 +354,14 @@ _OPTIONS: tuple[_Option, ...] = (
         default_text="huggingface_hub's",
     ),
     _Option(
+        "hf_token",
+        ("--hf-token",),
+        _text,
+        "Hugging Face token for gated or private hub models (sets HF_TOKEN; never logged)",
+        "TOKEN",
+        default_text="huggingface_hub's: HF_TOKEN, else a saved login",
+    ),
+    _Option(
         "tokenization_workers",
         ("--tokenization-workers",),
         _int_parser(1, 256),
@@ -480,9 +489,18 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 def settings_from_args(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> ServeSettings:
-    """Flag > RERANKER_* variable > default. Raises SettingsError naming the bad variable."""
-    env = os.environ if environ is None else environ
+    """Flag > RERANKER_* variable > TEI's variable > default. Raises SettingsError naming the
+    bad variable."""
+    return _resolve_settings(args, os.environ if environ is None else environ)[0]
+
+
+def _resolve_settings(
+    args: argparse.Namespace, env: Mapping[str, str]
+) -> tuple[ServeSettings, list[str]]:
+    """The settings, and the names of the TEI variables they took a value from (logged at
+    start: a generic name such as PORT or API_KEY may have been set for something else)."""
     values: dict[str, Any] = {}
+    tei_used: list[str] = []
     for opt in _OPTIONS:
         flag_value = getattr(args, opt.field, None)
         if flag_value is not None:
@@ -490,7 +508,8 @@ def settings_from_args(
             continue
         var = SERVE_ENV_VARS[opt.field]
         raw = env.get(var)
-        if (raw is None or raw.strip() == "") and opt.field in TEI_ENV_VARS:
+        shadowed = env.get(TEI_ENV_SHADOWED_BY.get(opt.field, ""), "").strip()
+        if (raw is None or raw.strip() == "") and opt.field in TEI_ENV_VARS and not shadowed:
             var = TEI_ENV_VARS[opt.field]
             raw = env.get(var)
         if raw is None or raw.strip() == "":
@@ -499,6 +518,8 @@ def settings_from_args(
             values[opt.field] = opt.parse(raw)
         except ValueError as exc:
             raise SettingsError(f"environment variable {var}={raw!r} is invalid: {exc}") from None
+        if var != SERVE_ENV_VARS[opt.field]:
+            tei_used.append(var)
     if "log_format" not in values and env.get(TEI_JSON_OUTPUT_ENV, "").strip():
         raw = env[TEI_JSON_OUTPUT_ENV]
         try:
@@ -507,17 +528,18 @@ def settings_from_args(
             raise SettingsError(
                 f"environment variable {TEI_JSON_OUTPUT_ENV}={raw!r} is invalid: {exc}"
             ) from None
+        tei_used.append(TEI_JSON_OUTPUT_ENV)
     if not values.get("model") and not values.get("engine_dir"):
         values["model"] = DEFAULT_MODEL
     known = {f.name for f in dataclasses.fields(ServeSettings)}
-    return ServeSettings(**{k: v for k, v in values.items() if k in known})
+    return ServeSettings(**{k: v for k, v in values.items() if k in known}), tei_used
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from reranker_runtime.logging import setup_logging
 
     try:
-        settings = settings_from_args(args)
+        settings, tei_used = _resolve_settings(args, os.environ)
     except SettingsError as exc:
         print(f"reranker-runtime serve: error: {exc}", file=sys.stderr)
         return 2
@@ -543,6 +565,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # Before setup_logging: it imports huggingface_hub, which reads HF_HUB_CACHE once.
     use_hub_cache(settings)
     setup_logging(settings.log_format, settings.log_level)
+    if tei_used:  # names only: API_KEY's value is a secret
+        log.info("settings read from TEI's variables", extra=log_fields(variables=tei_used))
     return serve(settings)
 
 
@@ -552,12 +576,14 @@ def _looks_like_path(model: str) -> bool:
 
 
 def use_hub_cache(settings: ServeSettings, environ: dict[str, str] | None = None) -> None:
-    """--hf-cache: point huggingface_hub's download cache there. Must run before huggingface_hub
-    is imported (it reads the variable once); `serve` does it before loading anything."""
+    """--hf-cache: point huggingface_hub's download cache there; --hf-token: its token. Must run
+    before huggingface_hub is imported (it reads HF_HUB_CACHE once); `serve` does it before
+    loading anything."""
+    env = os.environ if environ is None else environ
     if settings.hf_cache:
-        (os.environ if environ is None else environ)["HF_HUB_CACHE"] = os.path.expanduser(
-            settings.hf_cache
-        )
+        env["HF_HUB_CACHE"] = os.path.expanduser(settings.hf_cache)
+    if settings.hf_token:
+        env["HF_TOKEN"] = settings.hf_token
 
 
 def serve(settings: ServeSettings) -> int:

@@ -492,8 +492,8 @@ class RerankService:
         # TEI records these once per input (core/src/infer.rs, `predict`), so their _count
         # equals te_predict_success; the inputs of one request share the request's times.
         total_s = tokenization_s + result.queue_time_s + result.inference_time_s
-        for _ in encoded:
-            metrics.PREDICT_DURATION.observe(total_s)
-            metrics.PREDICT_TOKENIZATION_DURATION.observe(tokenization_s)
-            metrics.PREDICT_QUEUE_DURATION.observe(result.queue_time_s)
-            metrics.PREDICT_INFERENCE_DURATION.observe(result.inference_time_s)
+        n = len(encoded)
+        metrics.observe_many(metrics.PREDICT_DURATION, total_s, n)
+        metrics.observe_many(metrics.PREDICT_TOKENIZATION_DURATION, tokenization_s, n)
+        metrics.observe_many(metrics.PREDICT_QUEUE_DURATION, result.queue_time_s, n)
+        metrics.observe_many(metrics.PREDICT_INFERENCE_DURATION, result.inference_time_s, n)

@@ -226,6 +226,7 @@ def test_a_run_cut_short_still_leaves_its_reports(
     assert len(report["correctness"]) == 6 and "throughput" not in report
     markdown = (out / "gpu-check.md").read_text()
     assert "**Incomplete**" in markdown and "## Correctness" in markdown
+    assert not list(out.glob("*.partial"))  # written whole, then renamed
 
 
 class _Offset:

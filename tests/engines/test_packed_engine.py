@@ -514,10 +514,11 @@ def test_half_precision_matches_reference(
             kind, "packed", name, engine, batch, ref, per_group, cpu=False, baseline=baseline
         )
         assert row["ok"], row
-    # Batching must not change a score beyond the dtype's own noise.
+    # Batching must not change a score beyond the dtype's fixed tolerance (same engine, same
+    # dtype: the model's own drift from fp32 does not enter here).
     scores = sigmoid(engine.score(batch[:8]))
     alone = sigmoid(np.concatenate([engine.score([p]) for p in batch[:8]]))
-    np.testing.assert_allclose(alone, scores, rtol=0, atol=row["allowed_score_delta"])
+    np.testing.assert_allclose(alone, scores, rtol=0, atol=checks.SCORE_TOL[name])
     if device == "cuda" and torch.cuda.get_device_capability() >= (8, 0):
         assert engine.info.extra["attention"] == "varlen"
 

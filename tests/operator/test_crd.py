@@ -429,6 +429,10 @@ def test_code_only_checks_name_the_field() -> None:
             )
         )
     assert exc.value.field == "spec.runtime.env[0].name"
+    # TEI's name of an operator-owned setting too: API_KEY would bypass apiKeySecret.
+    with pytest.raises(InvalidSpec, match="API_KEY is set by the operator") as exc:
+        parse_spec(reranker({**MINIMAL, "runtime": {"env": [{"name": "X"}, {"name": "API_KEY"}]}}))
+    assert exc.value.field == "spec.runtime.env[1].name"
     with pytest.raises(InvalidSpec) as exc:
         parse_spec(reranker({**MINIMAL, "runtime": {"env": [{"name": "A"}, {"name": "A"}]}}))
     assert exc.value.field == "spec.runtime.env[1].name"

@@ -322,11 +322,22 @@ async def test_a_body_without_content_type_says_how_to_send_it(client: httpx.Asy
 
 
 @pytest.mark.parametrize("path", list(_BODIES))
-async def test_body_nested_too_deeply_is_400_not_500(client: httpx.AsyncClient, path: str) -> None:
-    content = b"[" * 100_000 + b"]" * 100_000
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"query": "q", "texts": ["a"], "top_n": 1' + b"0" * 5000 + b"}",
+    ],
+    ids=["nested", "long-number"],
+)
+async def test_body_beyond_the_json_parser_is_400_not_500(
+    client: httpx.AsyncClient, path: str, content: bytes
+) -> None:
     resp = await client.post(path, content=content, headers={"content-type": "application/json"})
     assert resp.status_code == 400, resp.text
-    assert resp.json()["error"].startswith("body could not be parsed as JSON: it is nested too")
+    assert resp.json()["error"].startswith(
+        "body could not be parsed as JSON: it is nested too deeply or holds a number too long"
+    )
 
 
 async def test_50_concurrent_mixed_requests_match_reference(

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from reranker_runtime.api.errors import http_error
 from reranker_runtime.batching import Batcher, batch_cost
 from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
-from reranker_runtime.errors import EngineError, ModelLoadError, NotReadyError
+from reranker_runtime.errors import EngineError, InternalError, ModelLoadError, NotReadyError
 from runtime.fakes import ControlledEngine
 
 WAIT_S = 30.0  # upper bound on any wait: a bug fails the test instead of hanging it
@@ -244,6 +245,26 @@ async def test_engine_failure_fails_exactly_its_batch(xlmr_engine) -> None:
     assert (
         REGISTRY.get_sample_value("reranker_batch_failures_total") or 0.0
     ) == failures_before + 1
+
+
+async def test_a_crashed_batcher_fails_waiting_requests_as_a_server_error(
+    xlmr_engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the owner task is not the model's failure: InternalError (500), not EngineError
+    (424, TEI's status for a failed forward pass); nothing is left hanging."""
+    batcher = await started(xlmr_engine)
+
+    def broken() -> None:
+        raise RuntimeError("bug in batch forming")
+
+    monkeypatch.setattr(batcher, "_form_batch", broken)
+    try:
+        with pytest.raises(InternalError, match="the batcher stopped unexpectedly"):
+            await asyncio.wait_for(batcher.score("r", [seq(12)]), WAIT_S)
+    finally:
+        await batcher.stop()
+    assert http_error(InternalError("x")).status == 500
+    assert http_error(EngineError("x")).status == 424
 
 
 async def test_stop_resolves_or_fails_everything(xlmr_engine) -> None:

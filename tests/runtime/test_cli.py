@@ -67,6 +67,7 @@ ENV = {
     "RERANKER_PROMETHEUS_PORT": "9100",
     "RERANKER_CORS_ALLOW_ORIGIN": "https://a.example, https://b.example",
     "RERANKER_HF_CACHE": "/cache/hub",
+    "RERANKER_HF_TOKEN": "hf_secret",
     "RERANKER_TOKENIZATION_WORKERS": "3",
     "RERANKER_ENGINE": "packed",
     "RERANKER_TORCH_COMPILE": "true",
@@ -108,6 +109,7 @@ def test_every_setting_comes_from_its_env_var() -> None:
         prometheus_port=9100,
         cors_allow_origin=("https://a.example", "https://b.example"),
         hf_cache="/cache/hub",
+        hf_token="hf_secret",
         tokenization_workers=3,
         engine="packed",
         torch_compile=True,
@@ -240,6 +242,55 @@ def test_reranker_variables_win_over_tei_ones() -> None:
     env = {**TEI_ENV, "RERANKER_PORT": "8080", "RERANKER_LOG_FORMAT": "json"}
     settings = settings_from_args(_serve_args([]), environ=env)
     assert (settings.port, settings.log_format) == (8080, "json")
+
+
+@pytest.mark.parametrize(
+    ("env", "cache", "token"),
+    [
+        ({"HUGGINGFACE_HUB_CACHE": "/tei", "HF_API_TOKEN": "t1"}, "/tei", "t1"),
+        # huggingface_hub reads these first: TEI's older names must not override them.
+        ({"HUGGINGFACE_HUB_CACHE": "/tei", "HF_HUB_CACHE": "/hf"}, None, None),
+        ({"HF_API_TOKEN": "t1", "HF_TOKEN": "t2"}, None, None),
+    ],
+)
+def test_tei_hub_variables_yield_to_huggingface_hubs_own(
+    env: dict[str, str], cache: str | None, token: str | None
+) -> None:
+    settings = settings_from_args(_serve_args([]), environ=env)
+    assert (settings.hf_cache, settings.hf_token) == (cache, token)
+
+
+def test_hf_token_flag_sets_hf_token_for_huggingface_hub() -> None:
+    from reranker_runtime.server import use_hub_cache
+
+    settings = settings_from_args(_serve_args(["--hf-token", "hf_abc"]), environ={})
+    env: dict[str, str] = {}
+    use_hub_cache(settings, env)
+    assert env == {"HF_TOKEN": "hf_abc"}
+
+
+def test_the_tei_variables_read_are_logged_by_name_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PORT or API_KEY may have been set for something else: the start-up log names them."""
+    from reranker_runtime import server
+
+    seen: list[object] = []
+    monkeypatch.setattr(server, "serve", lambda settings: seen.append(settings) or 0)
+    monkeypatch.setattr("reranker_runtime.logging.setup_logging", lambda *a: None)
+    for name, value in {"PORT": "3000", "API_KEY": "s3cret", "JSON_OUTPUT": "true"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RERANKER_PORT", raising=False)
+    monkeypatch.delenv("RERANKER_API_KEY", raising=False)
+    monkeypatch.delenv("RERANKER_LOG_FORMAT", raising=False)
+    with caplog.at_level(logging.INFO, logger="reranker_runtime.server"):
+        assert cli.main(["serve", "--model", "org/name"]) == 0
+    (record,) = [
+        r for r in caplog.records if r.getMessage() == "settings read from TEI's variables"
+    ]
+    assert record.fields == {"variables": ["PORT", "API_KEY", "JSON_OUTPUT"]}  # type: ignore[attr-defined]
+    assert "s3cret" not in caplog.text
+    assert seen and seen[0].port == 3000  # type: ignore[attr-defined]
 
 
 def test_bad_tei_variable_is_named(

@@ -181,6 +181,7 @@ async def test_failures_by_tei_reason(client: httpx.AsyncClient) -> None:
             ("/embed", {"inputs": "a"}, 424),
             ("/v1/embeddings", {"input": "a"}, 424),
             ("/predict", {"inputs": ["a", "b", "c"]}, 422),  # schema: not counted by TEI either
+            ("/", {"inputs": "a"}, 422),  # /predict's body on a reranker: a schema error too
             # TEI's tokenizer refuses these (Infer::tokenize / decode): err="tokenization".
             ("/tokenize", {"inputs": ""}, 400),
             ("/decode", {"ids": []}, 400),
@@ -205,6 +206,7 @@ async def test_failures_by_tei_reason(client: httpx.AsyncClient) -> None:
         ("/v1/embeddings", 424, 1),
         ("/tokenize", 400, 1),
         ("/decode", 400, 1),
+        ("/", 422, 1),
     ):
         assert m.moved(f'reranker_http_requests_total{{route="{route}",status="{status}"}}') == n
 
@@ -334,3 +336,26 @@ async def test_metrics_port_in_use_or_zero_is_skipped(caplog: pytest.LogCaptureF
         with caplog.at_level(logging.WARNING):
             assert metrics.start_metrics_server("127.0.0.1", port) is None
     assert any("--prometheus-port" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", [0.0, 1e-5, 0.01, 0.0123, 2.5, 1e9])
+async def test_observe_many_equals_observing_one_by_one(value: float) -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from reranker_runtime.metrics import observe_many
+
+    registry = CollectorRegistry()
+    bounds = (0.001, 0.01, 0.1, 1.0, 10.0)
+    many = Histogram("many_seconds", "m", buckets=bounds, registry=registry)
+    single = Histogram("single_seconds", "s", buckets=bounds, registry=registry)
+    observe_many(many, value, 7)
+    for _ in range(7):
+        single.observe(value)
+    for le in [*map(str, bounds), "+Inf"]:
+        assert registry.get_sample_value("many_seconds_bucket", {"le": le}) == (
+            registry.get_sample_value("single_seconds_bucket", {"le": le})
+        ), le
+    assert registry.get_sample_value("many_seconds_count") == 7
+    assert registry.get_sample_value("many_seconds_sum") == pytest.approx(
+        registry.get_sample_value("single_seconds_sum")
+    )

@@ -24,8 +24,8 @@ API_KEY = "schemathesis-key"
 EXAMPLES_PER_OPERATION = 20
 SEED = 20261201
 
-# 413 is how the server refuses too many characters (422, TEI's status, more texts than
-# --max-client-batch-size, the schema's maxItems): a rejection like 400 and 422. 504 (and 503 `Overloaded`, refused
+# 413 is how the server refuses too many characters, and 422 (TEI's status) more texts than
+# --max-client-batch-size (the schema's maxItems): rejections like 400. 504 (and 503 `Overloaded`, refused
 # early) answer a deadline the client set in X-Request-Timeout and the schema documents: a tiny
 # one (5e-324 s) is valid input that cannot be met, not a server error.
 # No crash cache: each run starts from the seed alone (a cache would replay earlier failures and

@@ -43,6 +43,7 @@ from reranker_runtime.api.errors import (
     FASTAPI_BODY_PARSE_ERROR,
     HTTP_ERROR_TYPES,
     INTERNAL_ERROR_BODY,
+    error_body,
     error_response,
     plain_error_response,
 )
@@ -218,7 +219,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = str(exc.detail)
         if detail == FASTAPI_BODY_PARSE_ERROR:
             # UTF-8 and syntax errors are reported before this (JsonBodyRoute, json_invalid):
-            # what is left is JSON the parser gave up on, in practice nesting too deep for it.
+            # what is left is JSON the parser gave up on: nesting too deep, a number too long.
             detail = BODY_UNPARSABLE
         annotate(request, error=detail)
         headers = exc.headers
@@ -271,7 +272,9 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             error = PayloadTooLarge(self.limit)
             scope.setdefault(LOG_SCOPE_KEY, {})["error"] = error.detail
-            await plain_error_response(413, error.detail, "Validation")(scope, receive, send)
+            await plain_error_response(413, error.detail, "Validation", path=scope["path"])(
+                scope, receive, send
+            )
             return
         received = 0
 
@@ -343,7 +346,7 @@ class AccessMiddleware:
             fields["error"] = exc.detail
             if not response_started:
                 status = 413
-                await plain_error_response(413, exc.detail, "Validation")(
+                await plain_error_response(413, exc.detail, "Validation", path=scope["path"])(
                     scope, receive, send_with_id
                 )
         except Exception:
@@ -355,7 +358,13 @@ class AccessMiddleware:
             else:
                 log.exception("unhandled error", extra=log_fields(request_id=request_id))
                 status = 500
-                body = json.dumps(INTERNAL_ERROR_BODY).encode()
+                body = json.dumps(
+                    error_body(
+                        INTERNAL_ERROR_BODY["error"],
+                        INTERNAL_ERROR_BODY["error_type"],
+                        path=scope["path"],
+                    )
+                ).encode()
                 await send(
                     {
                         "type": "http.response.start",

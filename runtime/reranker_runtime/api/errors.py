@@ -25,7 +25,8 @@ MethodNotAllowed, so TEI clients that branch on it keep working.
 | EngineError (a failed forward pass)     | 424    | Backend          | (TEI's status)         |
 | OverloadedError                         | 429    | Overloaded       | Retry-After: 1, flag   |
 | client went away before the answer      | 499    | (no body)        |                        |
-| any other exception                     | 500    | Backend          |                        |
+| InternalError (the batcher crashed),    | 500    | Backend          |                        |
+|   any other exception                   |        |                  |                        |
 | NotReadyError (every lifecycle state)   | 503    | Unhealthy        | Retry-After: 5         |
 | DeadlineUnreachableError                | 503    | Overloaded       | Retry-After: 1         |
 | DeadlineExceededError                   | 504    | Timeout          | names the header, flag |
@@ -45,6 +46,7 @@ from reranker_runtime.errors import (
     EmptyTokenizerInputError,
     EngineError,
     InputTooLongError,
+    InternalError,
     NotReadyError,
     OverloadedError,
     RerankerError,
@@ -149,14 +151,15 @@ ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
     (NotReadyError, HttpError(503, "Unhealthy", {"Retry-After": str(NOT_READY_RETRY_AFTER_S)})),
     # TEI answers a failed forward pass with ErrorType::Backend, 424 Failed Dependency.
     (EngineError, HttpError(424, "Backend")),
+    (InternalError, HttpError(500, "Backend")),
 )
 _FALLBACK = HttpError(500, "Backend")
 
 # FastAPI's message for a body its JSON parser raised on, other than a syntax error.
 FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 BODY_UNPARSABLE = (
-    "body could not be parsed as JSON: it is nested too deeply (or otherwise beyond the "
-    "parser); send a flat JSON object"
+    "body could not be parsed as JSON: it is nested too deeply or holds a number too long for "
+    "the parser (over 4300 digits); send a flat JSON object with ordinary numbers"
 )
 
 

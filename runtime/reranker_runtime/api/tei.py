@@ -32,6 +32,7 @@ from reranker_runtime.api.deps import (
 )
 from reranker_runtime.api.errors import FASTAPI_BODY_PARSE_ERROR
 from reranker_runtime.api.schemas import (
+    INPUT_ERROR,
     DecodeRequest,
     Prediction,
     PredictRequest,
@@ -196,7 +197,8 @@ async def default_route(request: Request, response: Response) -> Any:
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body", 0), "ctx": {"error": "not UTF-8"}}]
         ) from None
-    except RecursionError:  # as the other routes answer it (app.py, BODY_UNPARSABLE)
+    except (RecursionError, ValueError):  # too deep, or a number too long for int(): as the
+        # other routes answer it (app.py, BODY_UNPARSABLE)
         raise HTTPException(400, FASTAPI_BODY_PARSE_ERROR) from None
     reranker = admitted_service(request).info.num_labels == 1
     _check_default_route_shape(data, reranker)
@@ -212,20 +214,23 @@ async def default_route(request: Request, response: Response) -> Any:
 def _check_default_route_shape(data: Any, reranker: bool) -> None:
     """A body of the other model type's route (e.g. InferenceClient.text_classification on a
     reranker) gets a message that says which body this server takes, not a list of missing
-    fields."""
+    fields. A schema error like the others: 422, not counted in te_request_* (TEI: the same)."""
     if not isinstance(data, dict):
         return
+    message = None
     if reranker and "inputs" in data and "query" not in data and "texts" not in data:
-        raise ValidationError(
+        message = (
             "this server serves a reranker, so POST / takes /rerank's body "
             '({"query": ..., "texts": [...]}); {"inputs": ...} is /predict\'s body: post it to '
             "/predict to score each input with the reranker's one label"
         )
     if not reranker and ("query" in data or "texts" in data) and "inputs" not in data:
-        raise ValidationError(
+        message = (
             "this server serves a classifier, so POST / takes /predict's body "
             '({"inputs": ...}); {"query", "texts"} is /rerank\'s body, which needs a reranker'
         )
+    if message is not None:
+        raise RequestValidationError([{"type": INPUT_ERROR, "loc": ("body",), "msg": message}])
 
 
 DEFAULT_ROUTE_PATHS = ("/", "/invocations")

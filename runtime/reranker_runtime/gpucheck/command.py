@@ -20,6 +20,7 @@ import gc
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -483,8 +484,15 @@ def write_reports(out_dir: Path, report: dict[str, Any]) -> None:
     by a time limit still reports what it measured; `complete` says whether it finished)."""
     from reranker_runtime.gpucheck.report import render_markdown
 
-    (out_dir / "gpu-check.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
-    (out_dir / "gpu-check.md").write_text(render_markdown(report))
+    _write_atomically(out_dir / "gpu-check.json", json.dumps(_json_safe(report), indent=2) + "\n")
+    _write_atomically(out_dir / "gpu-check.md", render_markdown(report))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # A kill (the outer `timeout`'s SIGTERM) mid-write leaves the previous report, not half of one.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def _json_safe(value: Any) -> Any:
