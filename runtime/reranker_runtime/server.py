@@ -563,7 +563,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 1
     # Before setup_logging: it imports huggingface_hub, which reads HF_HUB_CACHE once.
-    use_hub_cache(settings)
+    use_hub_settings(settings)
     setup_logging(settings.log_format, settings.log_level)
     if tei_used:  # names only: API_KEY's value is a secret
         log.info("settings read from TEI's variables", extra=log_fields(variables=tei_used))
@@ -575,7 +575,7 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~"))
 
 
-def use_hub_cache(settings: ServeSettings, environ: dict[str, str] | None = None) -> None:
+def use_hub_settings(settings: ServeSettings, environ: dict[str, str] | None = None) -> None:
     """--hf-cache: point huggingface_hub's download cache there; --hf-token: its token. Must run
     before huggingface_hub is imported (it reads HF_HUB_CACHE once); `serve` does it before
     loading anything."""
@@ -587,10 +587,10 @@ def use_hub_cache(settings: ServeSettings, environ: dict[str, str] | None = None
 
 
 def serve(settings: ServeSettings) -> int:
-    """Run the server until a signal; returns the process exit code."""
+    """Run the server until a signal; returns the process exit code. `run_serve` has set up
+    logging and the hub variables (`use_hub_settings`) before."""
     # First, before anything imports torch: OpenMP reads its variables once, when it starts.
     log_thread_plan(configure_cpu_threads(settings.torch_threads, settings.cpu_workers))
-    use_hub_cache(settings)
     from reranker_runtime.api.app import create_app
     from reranker_runtime.metrics import start_metrics_server
 

@@ -103,6 +103,15 @@ def _at(field: str, index: int, count: int) -> str:
     return f"`{field}`" if count == 1 else f"`{field}[{index}]`"
 
 
+def _deadline_passed(timeout_s: float, request_id: str | None) -> DeadlineExceededError:
+    """Count and log a request whose deadline passed; the error to raise."""
+    metrics.REQUEST_TIMEOUTS.inc()
+    logger.info(
+        "request deadline passed", extra=log_fields(request_id=request_id, timeout_s=timeout_s)
+    )
+    return DeadlineExceededError(timeout_s)
+
+
 class RerankService:
     """One model behind one batcher. `start()` warms up and starts batching, `stop()` stops
     batching and closes the engine; admission, readiness and draining belong to the lifecycle
@@ -454,21 +463,16 @@ class RerankService:
             return
         now = asyncio.get_running_loop().time()
         deadline = (arrived_at if arrived_at is not None else now) + timeout_s
+        if deadline <= now:  # spent before any work (a slow body): tokenize nothing
+            raise _deadline_passed(timeout_s, request_id)
         scope = asyncio.timeout_at(deadline)
         try:
-            if deadline <= now:
-                raise TimeoutError  # spent before any work: tokenize nothing
             async with scope:
                 yield deadline
         except TimeoutError:
-            if deadline > now and not scope.expired():
+            if not scope.expired():
                 raise  # not our deadline
-            metrics.REQUEST_TIMEOUTS.inc()
-            logger.info(
-                "request deadline passed",
-                extra=log_fields(request_id=request_id, timeout_s=timeout_s),
-            )
-            raise DeadlineExceededError(timeout_s) from None
+            raise _deadline_passed(timeout_s, request_id) from None
 
     async def _score(
         self, encoded: list[Encoded], request_id: str | None, deadline: float | None

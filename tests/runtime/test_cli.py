@@ -261,11 +261,11 @@ def test_tei_hub_variables_yield_to_huggingface_hubs_own(
 
 
 def test_hf_token_flag_sets_hf_token_for_huggingface_hub() -> None:
-    from reranker_runtime.server import use_hub_cache
+    from reranker_runtime.server import use_hub_settings
 
     settings = settings_from_args(_serve_args(["--hf-token", "hf_abc"]), environ={})
     env: dict[str, str] = {}
-    use_hub_cache(settings, env)
+    use_hub_settings(settings, env)
     assert env == {"HF_TOKEN": "hf_abc"}
 
 

@@ -35,7 +35,7 @@ from reranker_runtime.server import (
     SettingsError,
     add_serve_parser,
     settings_from_args,
-    use_hub_cache,
+    use_hub_settings,
 )
 from reranker_runtime.tokenization import PairTokenizer
 from runtime.api_support import (
@@ -702,9 +702,9 @@ async def test_bad_tei_variable_names_itself() -> None:
 
 async def test_hf_cache_is_where_huggingface_hub_downloads(tmp_path: Path) -> None:
     env: dict[str, str] = {}
-    use_hub_cache(ServeSettings(hf_cache=str(tmp_path / "hub")), env)
+    use_hub_settings(ServeSettings(hf_cache=str(tmp_path / "hub")), env)
     assert env == {"HF_HUB_CACHE": str(tmp_path / "hub")}
-    # huggingface_hub reads it when imported, as `serve` imports it after use_hub_cache.
+    # huggingface_hub reads it when imported, as `serve` imports it after use_hub_settings.
     probe = "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"
     result = subprocess.run(
         [sys.executable, "-c", probe],
@@ -716,5 +716,5 @@ async def test_hf_cache_is_where_huggingface_hub_downloads(tmp_path: Path) -> No
     )
     assert result.stdout.strip() == str(tmp_path / "hub")
     untouched: dict[str, str] = {}
-    use_hub_cache(ServeSettings(), untouched)
+    use_hub_settings(ServeSettings(), untouched)
     assert untouched == {}  # HF_HOME / HF_HUB_CACHE as the user set them

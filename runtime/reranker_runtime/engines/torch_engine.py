@@ -121,12 +121,9 @@ class TorchEngine(Engine):
 
         # A hub id: ask the hub once, without retries, whether it can be reached at all (hub.py).
         # When it cannot, read the cache only instead of retrying for half a minute.
-        offline = hub.looks_like_hub_id(model) and hub.offline_mode()
-        unreachable = (
-            hub.unreachable_reason(model, revision)
-            if hub.looks_like_hub_id(model) and not offline
-            else None
-        )
+        hub_id = hub.looks_like_hub_id(model)
+        offline = hub_id and hub.offline_mode()
+        unreachable = hub.unreachable_reason(model, revision) if hub_id and not offline else None
         cache_only: dict[str, Any] = {"local_files_only": True} if unreachable else {}
         try:
             config = AutoConfig.from_pretrained(model, revision=revision, **cache_only)
