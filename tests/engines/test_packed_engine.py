@@ -8,6 +8,7 @@ graphs replay. GPU tests (marked `gpu`) check float16/bfloat16 against the fp32 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import random
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from reranker_runtime.config import ServeSettings
-from reranker_runtime.engines import factory, packed_engine
+from reranker_runtime.engines import base, factory, packed_engine
 from reranker_runtime.engines.base import EncodedPair
 from reranker_runtime.engines.packed_engine import PackedEngine, family_facts, pack
 from reranker_runtime.engines.torch_engine import TorchEngine
@@ -311,6 +312,70 @@ def test_gpu_warmup_plan_covers_both_extremes_of_the_budget(models: dict[str, Pa
         (1024 // TINY_MAX_TOKENS, TINY_MAX_TOKENS),
         (128, 8),
         (1, 8),
+    ]
+
+
+def test_gpu_passes_stay_within_the_attention_kernels_launch_grid(
+    models: dict[str, Path],
+) -> None:
+    """Flash and memory-efficient attention launch a grid row per sequence, and CUDA allows
+    65,535: on a GPU a pass holds at most CUDA_MAX_SEQUENCES_PER_PASS sequences, however large
+    the budget and short the inputs (the batcher splits by info.max_batch_size)."""
+    assert base.gpu_max_batch_size("cuda:1") == base.CUDA_MAX_SEQUENCES_PER_PASS < 65_535 // 1.2
+    assert base.gpu_max_batch_size("cpu") is None
+    engine = PackedEngine.from_torch_engine(padded_engine(models["xlmr"]))
+    assert engine.info.max_batch_size is None  # CPU: no kernel grid to respect
+    engine._cuda = object()  # the plan only asks "on a GPU?"
+    engine._info = dataclasses.replace(engine.info, max_batch_size=base.gpu_max_batch_size("cuda"))
+    plan = engine.warmup_plan(1 << 20)
+    assert max(n for n, _ in plan) == base.CUDA_MAX_SEQUENCES_PER_PASS
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "capability", "expected"),
+    [
+        (torch.bfloat16, 64, (9, 0), "varlen"),  # H100/H200
+        (torch.float16, 64, (8, 9), "varlen"),  # L4
+        (torch.bfloat16, 36, (9, 0), "nested"),  # the flash kernel needs a multiple of 8
+        (torch.bfloat16, 320, (9, 0), "nested"),  # and at most 256
+        (torch.float32, 64, (9, 0), "nested"),  # flash has no fp32
+        (torch.float16, 64, (7, 5), "nested"),  # T4: flash needs sm_80
+    ],
+)
+def test_attention_backend_for_a_gpu(
+    dtype: torch.dtype,
+    head_dim: int,
+    capability: tuple[int, int],
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(packed_engine, "_varlen_attn", emulated_varlen)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert packed_engine.choose_attention(torch.device("cuda"), dtype, head_dim) == expected
+    assert packed_engine.choose_attention(torch.device("cpu"), dtype, head_dim) == "grouped"
+
+
+def test_a_failed_cuda_graph_capture_runs_that_shape_eager(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A capture that fails (out of memory on a small GPU) costs one warning: that batch and
+    every later one of its shape run without a graph instead of failing or capturing again."""
+    attempts: list[tuple[int, int]] = []
+
+    def failing_capture(runner: Any, tokens: int, rows: int) -> Any:
+        attempts.append((tokens, rows))
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(packed_engine._Graph, "capture", staticmethod(failing_capture))
+    runner = object.__new__(packed_engine._CudaRunner)  # its state, without a GPU
+    runner._max_len, runner._max_graphs = TINY_MAX_TOKENS, 64
+    runner._graphs, runner._eager_buckets = {}, set()
+    with caplog.at_level(logging.WARNING, logger="reranker_runtime.engines.packed_engine"):
+        assert runner._graph_for(300, 5) is None
+        assert runner._graph_for(301, 5) is None  # the same bucket
+    assert len(attempts) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDA graph capture failed; this shape runs without a graph"
     ]
 
 

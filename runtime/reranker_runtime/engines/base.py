@@ -57,6 +57,18 @@ class EngineInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Sequences in one forward pass on a GPU. The attention kernels launch one grid row (flash:
+# gridDim.y, memory-efficient SDPA: gridDim.z) per sequence, and CUDA caps those at 65,535: a
+# budget of 131,072 tokens or more in 2-token inputs would go past it. 32,768 leaves room for the
+# packed engine's CUDA-graph buckets (rows rounded up by at most 1/8 plus padding sequences).
+CUDA_MAX_SEQUENCES_PER_PASS = 32_768
+
+
+def gpu_max_batch_size(device: str) -> int | None:
+    """EngineInfo.max_batch_size of a PyTorch engine on `device`: the cap above on a GPU."""
+    return CUDA_MAX_SEQUENCES_PER_PASS if device.startswith("cuda") else None
+
+
 def warmup_passes(
     device: str, max_batch_tokens: int, max_input_length: int, max_batch_size: int | None = None
 ) -> list[tuple[int, int]]:

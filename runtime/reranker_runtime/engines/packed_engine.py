@@ -37,6 +37,7 @@ measurement (`reranker-runtime gpu-check`) says they help.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -49,7 +50,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo, packed_warmup_passes
+from reranker_runtime.engines.base import (
+    EncodedPair,
+    Engine,
+    EngineInfo,
+    gpu_max_batch_size,
+    packed_warmup_passes,
+)
 from reranker_runtime.engines.cpu_kernels import (
     LinearKernel,
     activation_of,
@@ -412,18 +419,25 @@ def _first_token_attention(
     return out
 
 
-def choose_attention(device: torch.device, dtype: torch.dtype) -> str:
-    """varlen on CUDA (fp16/bf16, sm_80+, PyTorch >= 2.10), nested on other CUDA setups, grouped
-    on CPU."""
+def choose_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """varlen on CUDA (fp16/bf16, sm_80+, PyTorch >= 2.10, a head size the flash kernel takes),
+    nested on other CUDA setups, grouped on CPU."""
     if device.type != "cuda":
         return "grouped"
     if (
         _varlen_attn is not None
         and dtype in (torch.float16, torch.bfloat16)
+        and varlen_takes_head_dim(head_dim)
         and torch.cuda.get_device_capability(device) >= (8, 0)
     ):
         return "varlen"
     return "nested"
+
+
+def varlen_takes_head_dim(head_dim: int) -> bool:
+    """varlen_attn calls the flash kernel directly, which refuses head sizes that are not a
+    multiple of 8 or above 256 (SDPA pads them; varlen does not)."""
+    return head_dim % 8 == 0 and head_dim <= 256
 
 
 def default_dtype(device: str) -> str:
@@ -492,16 +506,23 @@ class _CudaRunner:
         self._graphs_enabled = cuda_graphs
         self._max_graphs = max_graphs
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._eager_buckets: set[tuple[int, int]] = set()  # their capture failed: run eager
         self._graph_pool: Any = None
-        self._stream = torch.cuda.Stream(device=device)  # forward passes
-        self._copy_stream = torch.cuda.Stream(device=device)  # host-to-device staging
-        self._slots: queue.Queue[_Slot] = queue.Queue()
-        for _ in range(2):
-            self._slots.put(_Slot(device))
+        with torch.cuda.device(device):  # pinned memory and streams belong to `device`
+            self._stream = torch.cuda.Stream(device=device)  # forward passes
+            self._copy_stream = torch.cuda.Stream(device=device)  # host-to-device staging
+            self._slots: queue.Queue[_Slot] = queue.Queue()
+            for _ in range(2):
+                self._slots.put(_Slot(device))
+            self._graph_slot = _Slot(device)  # staging for CUDA-graph runs (under the run lock)
+            self._out = torch.empty((0, num_labels), dtype=torch.float32).pin_memory()
+            # The host waits on this one for every batch: sleep, don't spin a CPU core that
+            # tokenization needs (GPU nodes often have few vCPUs per GPU).
+            self._done = torch.cuda.Event(blocking=True)
+            # The fused weights were made on the default stream; forward passes run on
+            # self._stream, which does not wait for it.
+            torch.cuda.synchronize(device)
         self._run_lock = threading.Lock()  # one forward pass at a time
-        self._graph_slot = _Slot(device)  # staging for CUDA-graph runs (under the run lock)
-        self._out = torch.empty((0, num_labels), dtype=torch.float32).pin_memory()
-        self._done = torch.cuda.Event()
 
     def run(self, packed: PackedBatch) -> np.ndarray:
         n, total = len(packed.lengths), packed.num_tokens
@@ -527,19 +548,31 @@ class _CudaRunner:
                     slot.copied.record(self._copy_stream)
                 with self._run_lock, torch.cuda.stream(self._stream):
                     self._stream.wait_event(slot.copied)
-                    logits = self._forward(
-                        dev[:total],
-                        dev[total : 2 * total],
-                        dev[2 * total : 3 * total],
-                        dev[3 * total + n + 1 :],
-                        dev[3 * total : 3 * total + n + 1],
-                        packed.max_len,
-                        None,
-                        packed.min_len,
-                    )
-                    return self._read_back(logits, n)
+                    try:
+                        logits = self._forward(
+                            dev[:total],
+                            dev[total : 2 * total],
+                            dev[2 * total : 3 * total],
+                            dev[3 * total + n + 1 :],
+                            dev[3 * total : 3 * total + n + 1],
+                            packed.max_len,
+                            None,
+                            packed.min_len,
+                        )
+                        return self._read_back(logits, n)
+                    except BaseException:
+                        self._settle(slot)
+                        raise
             finally:
                 self._slots.put(slot)
+
+    def _settle(self, slot: _Slot) -> None:
+        """After a failed pass: let the slot's copy and the kernels already queued finish before
+        the slot is reused. A CUDA error that broke the context raises again here; the original
+        error is the one reported."""
+        with contextlib.suppress(Exception):
+            slot.copied.synchronize()
+            self._stream.synchronize()
 
     def _read_back(self, logits: torch.Tensor, n: int) -> np.ndarray:
         """Copy the logits into pinned memory and wait for them (under the run lock)."""
@@ -559,9 +592,18 @@ class _CudaRunner:
         key = (tokens, rows)
         graph = self._graphs.get(key)
         if graph is None:
-            if len(self._graphs) >= self._max_graphs:
+            if len(self._graphs) >= self._max_graphs or key in self._eager_buckets:
                 return None  # eager for shapes beyond the cap (memory stays bounded)
-            graph = _Graph.capture(self, tokens, rows)
+            try:
+                graph = _Graph.capture(self, tokens, rows)
+            except Exception as exc:  # out of memory on a small GPU, an op capture refuses
+                # This batch and every later one of the bucket run eager instead of failing.
+                self._eager_buckets.add(key)
+                logger.warning(
+                    "CUDA graph capture failed; this shape runs without a graph",
+                    extra={"tokens": tokens, "sequences": rows, "error": str(exc)},
+                )
+                return None
             self._graphs[key] = graph
             logger.info("captured a CUDA graph", extra={"tokens": tokens, "sequences": rows})
         return graph
@@ -763,10 +805,16 @@ class PackedEngine(Engine):
         base = padded.info
         device = torch.device(base.device)
         dtype = next(hf_model.parameters()).dtype
-        backend = attention or choose_attention(device, dtype)
+        head_dim = config.hidden_size // config.num_attention_heads
+        backend = attention or choose_attention(device, dtype, head_dim)
         if backend == "varlen" and _varlen_attn is None:
             raise ModelLoadError(
                 "this PyTorch has no torch.nn.attention.varlen (needs PyTorch >= 2.10)"
+            )
+        if backend == "varlen" and not varlen_takes_head_dim(head_dim):
+            raise ModelLoadError(
+                f"attention 'varlen' cannot take this model's head size {head_dim} (the flash "
+                "kernel needs a multiple of 8, at most 256); use attention 'nested'"
             )
         kernels = "aten"
         if device.type == "cpu":
@@ -797,7 +845,7 @@ class PackedEngine(Engine):
             num_labels=base.num_labels,
             max_input_length=base.max_input_length,
             padded=False,
-            max_batch_size=None,
+            max_batch_size=gpu_max_batch_size(base.device),
             max_batch_tokens=None,
             id2label=dict(base.id2label),
             extra={
@@ -883,9 +931,12 @@ class PackedEngine(Engine):
         (`warmup_passes`: no allocator to grow, and a full-budget pass is slow there)."""
         if self._cuda is None:
             return super().warmup_plan(max_batch_tokens)
-        return packed_warmup_passes(max_batch_tokens, self._info.max_input_length)
+        return packed_warmup_passes(
+            max_batch_tokens, self._info.max_input_length, self._info.max_batch_size
+        )
 
     def close(self) -> None:
         if self._cuda is not None:
             self._cuda.close()
-            torch.cuda.empty_cache()
+            with torch.cuda.device(self._device):
+                torch.cuda.empty_cache()

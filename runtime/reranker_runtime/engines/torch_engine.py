@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from reranker_runtime import hub
-from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
+from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo, gpu_max_batch_size
 from reranker_runtime.errors import ModelLoadError
 from reranker_runtime.model_family import ModelFamily, UnsupportedModelError
 
@@ -188,7 +188,7 @@ class TorchEngine(Engine):
             num_labels=num_labels,
             max_input_length=limit,
             padded=True,
-            max_batch_size=None,
+            max_batch_size=gpu_max_batch_size(str(torch.device(dev))),
             max_batch_tokens=None,
             id2label=id2label,
             extra={
