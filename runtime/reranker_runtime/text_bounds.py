@@ -24,6 +24,7 @@ windows it may score instead of one window's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,18 +65,48 @@ def encode_bounded(
     of one word): that one is tokenized whole, in time linear in its length, which the per-request
     character cap (--max-request-characters) bounds.
     """
+    return encode_bounded_many(tokenizer, [text], max_tokens, direction)[0]
+
+
+def encode_bounded_many(
+    tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int, direction: Direction = "right"
+) -> list[BoundedEncoding]:
+    """`encode_bounded` for each text, with every tokenizer call an `encode_batch`.
+
+    `Tokenizer.encode` holds the GIL for the whole call, `encode_batch` releases it: tokenizing
+    texts one by one would serialise every request's tokenization (and stall the event loop)
+    behind the longest text. Each round tokenizes, in one batch, the texts still unresolved:
+    whole when they are no longer than the round's piece size, else their piece; the size grows
+    (x`GROWTH`) for the texts whose piece held too few settled tokens.
+    """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    out: list[BoundedEncoding | None] = [None] * len(texts)
+    pending = list(range(len(texts)))
     size = (max_tokens + UNSETTLED_WORDS) * CHARS_PER_TOKEN_GUESS + MARGIN_CHARS
-    while size < len(text):
-        piece = text[:size] if direction == "right" else text[len(text) - size :]
-        encoding = tokenizer.encode(piece, add_special_tokens=False)
-        if _settled(encoding, len(piece), direction) >= max_tokens:
-            # Encoding.truncate's direction names the end that is removed, like ours.
-            encoding.truncate(max_tokens, stride=0, direction=direction)
-            return BoundedEncoding(encoding, complete=False)
+    while pending:
+        whole = [i for i in pending if len(texts[i]) <= size]
+        cut = [i for i in pending if len(texts[i]) > size]
+        pieces = [_piece(texts[i], size, direction) for i in cut]
+        encodings = tokenizer.encode_batch(
+            [texts[i] for i in whole] + pieces, add_special_tokens=False
+        )
+        for i, encoding in zip(whole, encodings[: len(whole)], strict=True):
+            out[i] = BoundedEncoding(encoding, complete=True)
+        pending = []
+        for i, piece, encoding in zip(cut, pieces, encodings[len(whole) :], strict=True):
+            if _settled(encoding, len(piece), direction) >= max_tokens:
+                # Encoding.truncate's direction names the end that is removed, like ours.
+                encoding.truncate(max_tokens, stride=0, direction=direction)
+                out[i] = BoundedEncoding(encoding, complete=False)
+            else:
+                pending.append(i)
         size *= GROWTH
-    return BoundedEncoding(tokenizer.encode(text, add_special_tokens=False), complete=True)
+    return [b for b in out if b is not None]
+
+
+def _piece(text: str, size: int, direction: Direction) -> str:
+    return text[:size] if direction == "right" else text[len(text) - size :]
 
 
 def _settled(encoding: Encoding, piece_chars: int, direction: Direction) -> int:

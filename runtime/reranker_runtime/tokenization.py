@@ -27,7 +27,7 @@ from tokenizers import Encoding, Tokenizer
 
 from reranker_runtime.engines.base import EncodedPair
 from reranker_runtime.errors import ValidationError
-from reranker_runtime.text_bounds import BoundedEncoding, Direction, encode_bounded
+from reranker_runtime.text_bounds import BoundedEncoding, Direction, encode_bounded_many
 
 __all__ = [
     "ChunkedText",
@@ -124,20 +124,8 @@ class PairTokenizer:
         self, texts: Sequence[str], max_tokens: int, direction: Direction
     ) -> list[BoundedEncoding]:
         """Each text's tokens from its `direction` end, as many as `max_tokens` (all of a
-        shorter text). Texts too short to need a bound are tokenized together (encode_batch
-        runs them in parallel)."""
-        out: list[BoundedEncoding | None] = [None] * len(texts)
-        short = [i for i, t in enumerate(texts) if len(t) <= max_tokens]
-        for i, enc in zip(
-            short,
-            self._tok.encode_batch([texts[i] for i in short], add_special_tokens=False),
-            strict=True,
-        ):
-            out[i] = BoundedEncoding(enc, complete=True)
-        for i, text in enumerate(texts):
-            if out[i] is None:
-                out[i] = encode_bounded(self._tok, text, max_tokens, direction)
-        return [b for b in out if b is not None]
+        shorter text), in batches that release the GIL (text_bounds.encode_bounded_many)."""
+        return encode_bounded_many(self._tok, texts, max_tokens, direction)
 
     def _query(self, query: str, direction: Direction) -> BoundedEncoding:
         # One token past the pair budget: a longer query is cut (or refused) whatever its length.

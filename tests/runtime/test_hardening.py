@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from reranker_runtime.api.errors import http_error
 from reranker_runtime.errors import ValidationError
-from reranker_runtime.text_bounds import Direction, encode_bounded
+from reranker_runtime.text_bounds import Direction, encode_bounded, encode_bounded_many
 from reranker_runtime.tokenization import PairTokenizer
 from runtime.api_support import (
     MAX_TEXTS,
@@ -97,6 +97,53 @@ def test_cut_then_tokenized_equals_whole_text_tokenized(
     assert cases == 4 * 6 * 4 * 2
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_texts_bounded_together_equal_each_bounded_alone(
+    direction: Direction, xlmr_reranker: Path
+) -> None:
+    """A request's texts are tokenized in batches (short and long, settled after one piece or
+    after several): each comes out exactly as when bounded on its own."""
+    tok = Tokenizer.from_file(str(xlmr_reranker / "tokenizer.json"))
+    rng = random.Random(11)
+    texts = ["tiny", "a few short words", *(t for _ in range(3) for t in _texts(rng))]
+    rng.shuffle(texts)
+    for max_tokens in (1, TINY_MAX_TOKENS + 1, 600):
+        together = encode_bounded_many(tok, texts, max_tokens, direction)
+        alone = [encode_bounded(tok, text, max_tokens, direction) for text in texts]
+        assert [(b.encoding.ids, b.complete) for b in together] == [
+            (b.encoding.ids, b.complete) for b in alone
+        ]
+        assert any(b.complete for b in together) and any(not b.complete for b in together)
+
+
+class _BatchOnlyTokenizer:
+    """The real tokenizer, except that `encode` (which holds the GIL for its whole run) fails."""
+
+    def __init__(self, inner: Tokenizer) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("tokenized with encode(): holds the GIL, serialises requests")
+
+
+def test_scoring_paths_tokenize_in_batches_that_release_the_gil(xlmr_engine: Any) -> None:
+    """Requests are tokenized concurrently on a thread pool. That only works if no tokenizer
+    call holds the GIL through a long text: `encode_batch` releases it, `encode` does not."""
+    tokenizer = PairTokenizer(xlmr_engine.tokenizer, TINY_MAX_TOKENS)
+    tokenizer._tok = cast(Tokenizer, _BatchOnlyTokenizer(tokenizer._tok))
+    long_texts = [_words(5_000), _words(300), "short"]
+    for truncate in (True, False):
+        pairs = tokenizer.encode_pairs(QUERY, long_texts, truncate=truncate)
+        assert [p.truncated for p in pairs] == [truncate, truncate, False]
+    chunked = tokenizer.encode_chunked(QUERY, long_texts, truncate=True, max_windows=3)
+    assert [len(c.windows) for c in chunked] == [3, 3, 1]
+    inputs = tokenizer.encode_inputs([_words(5_000), (QUERY, _words(5_000))], truncate=True)
+    assert all(e.truncated for e in inputs)
+
+
 def _words(chars: int) -> str:
     """About `chars` characters of random words (a random block, repeated: generating millions of
     random words takes long on a loaded machine)."""
@@ -106,15 +153,15 @@ def _words(chars: int) -> str:
 
 
 class _CountingTokenizer:
-    """A tokenizer that records how many characters each encode() call was given."""
+    """A tokenizer that records how many characters it was given to encode."""
 
     def __init__(self, inner: Tokenizer) -> None:
         self.inner = inner
         self.sizes: list[int] = []
 
-    def encode(self, text: str, **kwargs: Any) -> Any:
-        self.sizes.append(len(text))
-        return self.inner.encode(text, **kwargs)
+    def encode_batch(self, texts: list[str], **kwargs: Any) -> Any:
+        self.sizes.extend(len(text) for text in texts)
+        return self.inner.encode_batch(texts, **kwargs)
 
 
 def test_a_huge_text_is_tokenized_only_as_far_as_the_window_needs(xlmr_reranker: Path) -> None:
