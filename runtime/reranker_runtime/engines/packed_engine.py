@@ -460,13 +460,30 @@ def _bucket(value: int, minimum: int) -> int:
 
 
 class _Slot:
-    """One batch's staging: pinned host buffer, device buffer, and the event of its copy."""
+    """One batch's staging: pinned host buffer, device buffer, the event of its copy, and the
+    pinned buffer and event its logits come back through."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, num_labels: int) -> None:
         self.device = device
         self.host = torch.empty(0, dtype=torch.int32).pin_memory()
         self.dev = torch.empty(0, dtype=torch.int32, device=device)
         self.copied = torch.cuda.Event()
+        self.out = torch.empty((0, num_labels), dtype=torch.float32).pin_memory()
+        # The host waits on this one for every batch: sleep, don't spin a CPU core that
+        # tokenization needs (GPU nodes often have few vCPUs per GPU).
+        self.done = torch.cuda.Event(blocking=True)
+
+    def queue_read_back(self, logits: torch.Tensor, n: int, stream: torch.cuda.Stream) -> None:
+        """Queue the copy of the first `n` logits into pinned memory, then the `done` event."""
+        if self.out.shape[0] < n:
+            self.out = torch.empty((n, self.out.shape[1]), dtype=torch.float32).pin_memory()
+        self.out[:n].copy_(logits[:n].float(), non_blocking=True)
+        self.done.record(stream)
+
+    def logits(self, n: int) -> np.ndarray:
+        """Wait for the queued read-back, then the logits (a copy: the buffer is reused)."""
+        self.done.synchronize()
+        return self.out[:n].numpy().copy()
 
     def fill(self, size: int) -> np.ndarray:
         """A host view of `size` int32 to write the batch into (grown once, then reused)."""
@@ -480,8 +497,11 @@ class _Slot:
 class _CudaRunner:
     """Runs the encoder on one GPU. Two staging slots let a second caller pack its batch and copy
     it to the device (one non-blocking transfer from pinned memory, on a copy stream) while the
-    first one's forward pass runs; forward passes themselves run one at a time. Logits come back
-    through pinned memory. Optional CUDA graphs replay per (tokens, sequences) bucket."""
+    first one's forward pass runs. Forward passes are queued one at a time on one stream, and
+    each caller waits for its logits (through its slot's pinned memory) after letting go of the
+    queue: the next pass's kernels are launched while this one runs, so the GPU does not idle
+    through the launches. Optional CUDA graphs replay per (tokens, sequences) bucket (waited
+    for under the lock: their staging buffer is shared)."""
 
     def __init__(
         self,
@@ -499,7 +519,6 @@ class _CudaRunner:
         self._model = model
         self._forward = forward
         self._device = device
-        self._num_labels = num_labels
         self._max_len = max_input_length
         self._pad_id = pad_id
         self._offset = position_offset
@@ -513,12 +532,9 @@ class _CudaRunner:
             self._copy_stream = torch.cuda.Stream(device=device)  # host-to-device staging
             self._slots: queue.Queue[_Slot] = queue.Queue()
             for _ in range(2):
-                self._slots.put(_Slot(device))
-            self._graph_slot = _Slot(device)  # staging for CUDA-graph runs (under the run lock)
-            self._out = torch.empty((0, num_labels), dtype=torch.float32).pin_memory()
-            # The host waits on this one for every batch: sleep, don't spin a CPU core that
-            # tokenization needs (GPU nodes often have few vCPUs per GPU).
-            self._done = torch.cuda.Event(blocking=True)
+                self._slots.put(_Slot(device, num_labels))
+            # Staging for CUDA-graph runs (used under the run lock only).
+            self._graph_slot = _Slot(device, num_labels)
             # The fused weights were made on the default stream; forward passes run on
             # self._stream, which does not wait for it.
             torch.cuda.synchronize(device)
@@ -559,10 +575,13 @@ class _CudaRunner:
                             None,
                             packed.min_len,
                         )
-                        return self._read_back(logits, n)
+                        slot.queue_read_back(logits, n, self._stream)
                     except BaseException:
                         self._settle(slot)
                         raise
+                # Outside the lock: the next caller queues its pass behind this one meanwhile.
+                # (The slot goes back only once its pass is done, so its buffers are free.)
+                return slot.logits(n)
             finally:
                 self._slots.put(slot)
 
@@ -573,16 +592,6 @@ class _CudaRunner:
         with contextlib.suppress(Exception):
             slot.copied.synchronize()
             self._stream.synchronize()
-
-    def _read_back(self, logits: torch.Tensor, n: int) -> np.ndarray:
-        """Copy the logits into pinned memory and wait for them (under the run lock)."""
-        if self._out.shape[0] < n:
-            self._out = torch.empty((n, self._num_labels), dtype=torch.float32).pin_memory()
-        out = self._out[:n]
-        out.copy_(logits[:n].float(), non_blocking=True)
-        self._done.record(self._stream)
-        self._done.synchronize()
-        return out.numpy().copy()
 
     def _graph_for(self, total: int, n: int) -> _Graph | None:
         tokens = _bucket(total, 128)
@@ -699,7 +708,8 @@ class _Graph:
         slot.fill(layout.size)[:] = layout
         self.static.copy_(slot.host[: layout.size], non_blocking=True)
         self.graph.replay()
-        return runner._read_back(self.logits, n)
+        slot.queue_read_back(self.logits, n, runner._stream)
+        return slot.logits(n)  # waited for here: the next graph run refills this slot
 
 
 # ------------------------------------------------------------------------------------------
