@@ -371,11 +371,9 @@ class PairTokenizer:
             sources = (item,) if isinstance(item, str) else item
 
             def encode(parts: Sequence[str] = sources) -> Encoding:
-                return self._tok.encode(
-                    parts[0],
-                    parts[1] if len(parts) == 2 else None,
-                    add_special_tokens=add_special_tokens,
-                )
+                # encode_batch releases the GIL while it works (encode holds it throughout).
+                one = parts[0] if len(parts) == 1 else (parts[0], parts[1])
+                return self._tok.encode_batch([one], add_special_tokens=add_special_tokens)[0]
 
             enc = _tokenizing(f"inputs[{i}]", encode)
             tokens: list[TokenInfo] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ import httpx
 import pytest
 import pytest_asyncio
 import torch
+from pydantic import TypeAdapter
 
+from reranker_runtime.api import tei
+from reranker_runtime.api.schemas import SimpleToken
 from reranker_runtime.engines.torch_engine import TorchEngine
 from runtime.api_support import (
     MAX_TEXTS,
@@ -519,6 +523,44 @@ async def test_tokenize(client: httpx.AsyncClient, tokenizer: Any) -> None:
     assert [t["id"] for t in plain[0]] == tokenizer(text, add_special_tokens=False)["input_ids"]
     bad = await client.post("/tokenize", json={"inputs": ["a", 1]})
     assert bad.status_code == 422 and "inputs.1" in bad.json()["error"]
+
+
+async def test_an_error_quoting_a_lone_surrogate_is_still_a_422(client: httpx.AsyncClient) -> None:
+    # The message quotes the client's value; a lone surrogate cannot be written as UTF-8.
+    resp = await client.post(
+        "/tokenize",
+        content=b'{"inputs": "a", "prompt_name": "\\ud800"}',
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 422, resp.text
+    assert "`prompt_name` is set to `\\ud800`" in resp.json()["error"]
+
+
+async def test_tokenize_answer_is_built_off_the_event_loop_in_pieces(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A million tokens written on the event loop would hold every other request and the health
+    probes for seconds: the answer is written on a worker thread, a few thousand tokens per
+    json.dumps call, and reads exactly as the schema's list[list[SimpleToken]]."""
+    threads: list[threading.Thread] = []
+    build = tei.tokens_json
+
+    def recording(sequences: Any) -> bytes:
+        threads.append(threading.current_thread())
+        return build(sequences)
+
+    monkeypatch.setattr(tei, "tokens_json", recording)
+    monkeypatch.setattr(tei, "TOKENS_PER_PIECE", 3)  # several pieces per sequence
+    inputs = ["paris is the capital of france", 'é ü 東京 "quoted" \\ back', "x"]
+    resp = await client.post("/tokenize", json={"inputs": inputs})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    assert threads and threads[0] is not threading.main_thread()
+    service = resp.json()
+    assert len(service) == 3 and all(len(seq) > 3 for seq in service[:2])  # several pieces
+    expected = TypeAdapter(list[list[SimpleToken]]).validate_python(service)
+    assert service == TypeAdapter(list[list[SimpleToken]]).dump_python(expected)
+    assert any(t["start"] is None for t in service[0])  # special tokens: null offsets
 
 
 @pytest.mark.parametrize(

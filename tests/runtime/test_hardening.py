@@ -129,7 +129,7 @@ class _BatchOnlyTokenizer:
         raise AssertionError("tokenized with encode(): holds the GIL, serialises requests")
 
 
-def test_scoring_paths_tokenize_in_batches_that_release_the_gil(xlmr_engine: Any) -> None:
+def test_every_path_tokenizes_in_batches_that_release_the_gil(xlmr_engine: Any) -> None:
     """Requests are tokenized concurrently on a thread pool. That only works if no tokenizer
     call holds the GIL through a long text: `encode_batch` releases it, `encode` does not."""
     tokenizer = PairTokenizer(xlmr_engine.tokenizer, TINY_MAX_TOKENS)
@@ -142,6 +142,8 @@ def test_scoring_paths_tokenize_in_batches_that_release_the_gil(xlmr_engine: Any
     assert [len(c.windows) for c in chunked] == [3, 3, 1]
     inputs = tokenizer.encode_inputs([_words(5_000), (QUERY, _words(5_000))], truncate=True)
     assert all(e.truncated for e in inputs)
+    tokens = tokenizer.tokens([_words(5_000), (QUERY, "short")])  # /tokenize
+    assert [t.special for t in tokens[1]].count(True) >= 2
 
 
 def _words(chars: int) -> str:

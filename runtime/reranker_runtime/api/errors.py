@@ -226,6 +226,9 @@ JINA_ROUTE = "/v1/rerank"
 
 
 def error_body(message: str, error_type: str, *, path: str = "") -> dict[str, str]:
+    # A message that quotes the client's string may carry a lone surrogate (JSON's "\ud800"),
+    # which cannot be written as UTF-8: it is written as its escape instead of failing with 500.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     body = {"error": message, "error_type": error_type}
     if path == JINA_ROUTE:
         body["detail"] = message

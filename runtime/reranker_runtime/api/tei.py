@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -44,6 +44,7 @@ from reranker_runtime.api.schemas import (
     VertexResponse,
 )
 from reranker_runtime.errors import ValidationError
+from reranker_runtime.tokenization import TokenInfo
 
 router = APIRouter(tags=["TEI / BEI"], route_class=InferenceRoute)
 
@@ -137,7 +138,7 @@ async def predict(
 
 
 @router.post("/tokenize", response_model=list[list[SimpleToken]], summary="Tokenize texts (TEI)")
-async def tokenize(body: TokenizeRequest, request: Request) -> list[list[SimpleToken]]:
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     if body.prompt_name is not None:
         # TEI refuses a prompt the model does not have (core/src/tokenization.rs); a
         # cross-encoder has none.
@@ -148,15 +149,32 @@ async def tokenize(body: TokenizeRequest, request: Request) -> list[list[SimpleT
     tokens = await admitted_service(request).tokenize(
         body.inputs, add_special_tokens=body.add_special_tokens
     )
-    out = [
-        [
-            SimpleToken(id=t.id, text=t.text, special=t.special, start=t.start, stop=t.stop)
-            for t in seq
-        ]
-        for seq in tokens
-    ]
-    annotate(request, pairs=len(out), tokens=sum(len(seq) for seq in out))
-    return out
+    annotate(request, pairs=len(tokens), tokens=sum(len(seq) for seq in tokens))
+    # A 1 MB text is about a million tokens: written on the event loop, its answer would hold
+    # every other request and the health probes for seconds.
+    content = await asyncio.to_thread(tokens_json, tokens)
+    return Response(content, media_type="application/json")
+
+
+# Tokens per json.dumps call in tokens_json: each call holds the GIL for its whole run, and
+# between calls the event loop gets its turn (a piece takes about a millisecond).
+TOKENS_PER_PIECE = 2048
+
+
+def tokens_json(sequences: Sequence[Sequence[TokenInfo]]) -> bytes:
+    """/tokenize's answer (list[list[SimpleToken]]) as JSON, as FastAPI would write it, built in
+    pieces of TOKENS_PER_PIECE tokens so that it never holds the GIL for long."""
+    out: list[str] = []
+    for seq in sequences:
+        pieces = []
+        for i in range(0, len(seq), TOKENS_PER_PIECE):
+            piece = [
+                {"id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop}
+                for t in seq[i : i + TOKENS_PER_PIECE]
+            ]
+            pieces.append(json.dumps(piece, ensure_ascii=False, separators=(",", ":"))[1:-1])
+        out.append("[" + ",".join(pieces) + "]")
+    return ("[" + ",".join(out) + "]").encode("utf-8")
 
 
 @router.post("/decode", response_model=list[str], summary="Decode token ids to text (TEI)")
