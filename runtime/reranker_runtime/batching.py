@@ -220,14 +220,17 @@ class Batcher:
         self._owner = asyncio.create_task(self._own_queue(), name="batcher-owner")
         self._owner.add_done_callback(self._owner_done)
 
-    async def stop(self) -> None:
+    async def stop(self, *, abandon: bool = False) -> None:
         """Finish the forward passes already submitted, fail every request still waiting
-        (NotReadyError: draining), and release the worker thread."""
+        (NotReadyError: draining), and release the worker thread. `abandon`: fail every request
+        at once, those in a running forward pass too (whose results are then dropped)."""
         if not self._running and self._owner is None:
             return
         self._running = False
         self._stopped = True
         self._wakeup.set()
+        if abandon:
+            self._fail_all(not_ready_error(State.DRAINING))
         if self._owner is not None:
             with contextlib.suppress(BaseException):
                 await self._owner

@@ -91,6 +91,7 @@ class Lifecycle:
         self._idle.set()
         self._boot_task: asyncio.Task[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self._cut_short = asyncio.Event()  # a second exit signal: stop waiting for requests
         # Called once with the reason when loading fails (the server then exits).
         self.on_fatal: Callable[[str], None] | None = None
 
@@ -211,20 +212,34 @@ class Lifecycle:
             self._boot_task.cancel()
             with suppress(asyncio.CancelledError, Exception):
                 await self._boot_task
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
+        idle = asyncio.ensure_future(self._idle.wait())
+        cut = asyncio.ensure_future(self._cut_short.wait())
+        await asyncio.wait({idle, cut}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        cut.cancel()
+        abandon = self._cut_short.is_set() and not self._idle.is_set()
+        if abandon:
+            log.warning(
+                "drain cut short: answering the requests in flight with 503",
+                extra=log_fields(in_flight=self._in_flight),
+            )
+        elif not self._idle.is_set():
             log.warning(
                 "drain timed out; failing what is left", extra=log_fields(in_flight=self._in_flight)
             )
         if self._service is not None:
             try:
-                await self._service.stop()
+                await self._service.stop(abandon=abandon)
             except Exception:
                 log.exception("error while stopping the service")
         if self._state is not State.FAILED:
             self._state = State.STOPPED
         log.info("drained")
+
+    def cut_drain_short(self) -> None:
+        """Stop waiting for the requests in flight: each gets 503 now, and the drain ends once
+        the forward passes already running have (their results are dropped). Idempotent."""
+        self._cut_short.set()
 
     async def close(self) -> None:
         await self.drain()

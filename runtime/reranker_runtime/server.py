@@ -622,8 +622,8 @@ def serve(settings: ServeSettings) -> int:
             reason = f"model failed to load: {lifecycle.failure}"
         print(f"reranker-runtime serve: error: {reason}", file=sys.stderr)
         return 1
-    if not server.started:
-        return 1  # e.g. the port was taken; uvicorn logged why
+    if not server.started or server.forced:
+        return 1  # e.g. the port was taken (uvicorn logged why), or a third exit signal
     return 0
 
 
@@ -652,6 +652,8 @@ class _DrainingServer(uvicorn.Server):
         self._lifecycle = lifecycle
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_requested = False
+        self._cut_requested = False
+        self.forced = False  # a third signal: uvicorn exits without waiting for anything
         self._drain_task: asyncio.Future[None] | None = None
 
     async def serve(self, sockets: Any = None) -> None:
@@ -664,13 +666,28 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not calling super(): uvicorn would re-raise the signal after shutdown and the process
         # would die by SIGTERM instead of exiting 0 after a clean drain.
-        if self._drain_requested or self._loop is None:
-            self.force_exit = self._drain_requested  # a second signal: exit now
+        name = signal.Signals(sig).name
+        if self._loop is None:  # before the server runs: nothing to drain
             self.should_exit = True
-            return
-        self._drain_requested = True
-        log.info("received %s: draining", signal.Signals(sig).name)
-        self._loop.call_soon_threadsafe(self._start_drain)
+        elif not self._drain_requested:
+            self._drain_requested = True
+            log.info("received %s: draining", name)
+            self._loop.call_soon_threadsafe(self._start_drain)
+        elif not self._cut_requested:
+            # A second signal (Ctrl-C twice): stop waiting, but still answer every client (503)
+            # and shut down in order; uvicorn's own force exit would cut their connections.
+            self._cut_requested = True
+            log.warning(
+                "received %s again: answering the requests in flight with 503 and exiting; "
+                "a third signal exits at once",
+                name,
+            )
+            self._loop.call_soon_threadsafe(self._lifecycle.cut_drain_short)
+        else:
+            log.warning("received %s a third time: exiting at once", name)
+            self.forced = True
+            self.force_exit = True
+            self.should_exit = True
 
     def _start_drain(self) -> None:
         async def drain_then_exit() -> None:

@@ -179,9 +179,10 @@ class RerankService:
             )
         await self._batcher.start(warmup=True)
 
-    async def stop(self) -> None:
-        """Stop the batcher (failing whatever still waits) and release the engine."""
-        await self._batcher.stop()
+    async def stop(self, *, abandon: bool = False) -> None:
+        """Stop the batcher (failing whatever still waits; with `abandon`, every request in
+        flight at once) and release the engine."""
+        await self._batcher.stop(abandon=abandon)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self._engine.close)
         logger.info("service stopped")

@@ -4,16 +4,25 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from reranker_runtime.api import create_app
 from reranker_runtime.api.errors import client_message, http_error
 from reranker_runtime.config import ServeSettings
 from reranker_runtime.errors import NotReadyError, OverloadedError
 from reranker_runtime.lifecycle import Lifecycle, State, not_ready_error
+from reranker_runtime.server import _DrainingServer, uvicorn_config
+from runtime.api_support import settings_for
 from runtime.fakes import ControlledEngine
+from runtime.live_server import free_port
 
 WAIT_S = 30.0
 QUERY = "what is the capital of france"
@@ -125,3 +134,65 @@ def test_every_not_ready_state_has_its_own_message() -> None:
         error = not_ready_error(state, "boom")
         assert error.state == state.value
         assert "retry" in error.message or "restart" in error.message, error.message
+
+
+# ---------------------------------------------------------------------------- exit signals
+
+
+def test_exit_signals_drain_then_answer_503_then_exit_at_once(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    """`serve`'s server, run for real on 127.0.0.1, signalled as uvicorn's handler would.
+    First SIGTERM: drain (in-flight work goes on). Second (Ctrl-C twice): every request in
+    flight is answered 503 with the error body at once, although its forward pass still runs,
+    and the server then stops in order. A third exits without waiting (exit code 1)."""
+    engine = ControlledEngine(xlmr_engine)
+    app_settings = dataclasses.replace(
+        settings_for(xlmr_reranker), host="127.0.0.1", port=free_port()
+    )
+    app = create_app(app_settings, engine=engine)
+    server = _DrainingServer(uvicorn_config(app, app_settings), app.state.lifecycle)
+    runner = threading.Thread(target=server.run, daemon=True)
+    runner.start()
+    url = f"http://127.0.0.1:{app_settings.port}"
+    result: dict[str, httpx.Response] = {}
+
+    def in_flight() -> None:
+        result["response"] = httpx.post(
+            f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}, timeout=WAIT_S
+        )
+
+    def until(what: str, check: Any) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not check():
+            assert time.monotonic() < deadline, f"gave up waiting for {what}"
+            time.sleep(0.01)
+
+    def health() -> int | None:
+        try:
+            return httpx.get(f"{url}/health", timeout=WAIT_S).status_code
+        except httpx.TransportError:
+            return None
+
+    try:
+        until("ready", lambda: health() == 200)
+        engine.hold()
+        client = threading.Thread(target=in_flight)
+        client.start()
+        until("a forward pass at the gate", lambda: engine._arrived >= 1)
+        server.handle_exit(signal.SIGTERM, None)
+        until("draining", lambda: health() == 503)
+        assert client.is_alive()  # a drain waits for the request
+        server.handle_exit(signal.SIGINT, None)
+        client.join(WAIT_S)
+        response = result["response"]  # answered while its forward pass is still held
+        assert response.status_code == 503, response.text
+        assert response.json()["error_type"] == "Unhealthy"
+        assert "shutting down" in response.json()["error"]
+        assert runner.is_alive() and not server.forced  # stopping in order: the pass runs
+        server.handle_exit(signal.SIGINT, None)
+        assert server.forced and server.force_exit
+    finally:
+        engine.release()
+        runner.join(WAIT_S)
+    assert not runner.is_alive()
