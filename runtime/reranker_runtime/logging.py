@@ -145,11 +145,12 @@ def setup_logging(log_format: str = "json", level: str = "info") -> None:
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
-    _route_library_loggers()
     if log_format == "json":
-        # Download/loading progress bars would interleave raw text with the JSON lines. Read by
-        # huggingface_hub and transformers at import, which happens later (model load).
+        # Download/loading progress bars would interleave raw text with the JSON lines.
+        # huggingface_hub reads this at import, which _route_library_loggers does next, and
+        # transformers asks huggingface_hub when it is imported.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _route_library_loggers()
     # Third-party chatter at info level is noise in a server log.
     for name in ("httpx", "httpcore", "filelock", "urllib3"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

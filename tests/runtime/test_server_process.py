@@ -240,6 +240,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(server: Server) -> No
     assert len(result["response"].json()) == len(TEXTS)
     assert server.proc.wait(timeout=WAIT_S) == 0
     assert any("draining" in r.get("message", "") for r in server.log_records())
+    # --log-format json: every line the process wrote is JSON (no loading progress bar).
+    lines = [line for line in server.log.read_text().splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith("{")] == []
 
 
 def test_model_load_failure_exits_non_zero_with_a_clear_message(tmp_path: Path) -> None:
