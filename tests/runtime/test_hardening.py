@@ -588,3 +588,24 @@ def test_refusals_are_counted_and_logged_as_what_the_client_got(
     )
     assert not [r for r in caplog.records if r.exc_info], "a refusal logged a traceback"
     assert not [r for r in caplog.records if r.levelno >= 40], "a refusal logged an error"
+
+
+def test_head_on_a_get_route_answers_as_get_without_the_body(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    """Monitors often probe with HEAD; RFC 9110 asks every server to take it on GET routes,
+    and TEI's router does. Over real HTTP (uvicorn's h11), so the body rules are the real ones."""
+    with (
+        live_server(settings_for(xlmr_reranker), ControlledEngine(xlmr_engine)) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        for path in ("/health", "/live", "/ping", "/info", "/metrics", "/", "/openapi.json"):
+            got, head = client.get(path), client.head(path)
+            assert (head.status_code, got.status_code) == (200, 200), path
+            assert head.content == b"", path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+        health = client.get("/health")
+        assert client.head("/health").headers["content-length"] == str(len(health.content))
+        assert client.head("/rerank").status_code == 405  # POST routes stay POST
+        assert client.head("/no-such-route").status_code == 404
+        assert client.get("/health").status_code == 200  # the connection is still good

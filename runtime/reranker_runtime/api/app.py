@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker_runtime import __version__, metrics
@@ -153,8 +154,14 @@ def create_app(
     routes = frozenset(
         path for path in (getattr(r, "path", None) for r in all_routes(app.routes)) if path
     )
+    get_routes = frozenset(
+        r.path
+        for r in all_routes(app.routes)
+        if isinstance(r, Route) and "GET" in (r.methods or ())
+    )
     # Innermost first; AccessMiddleware is outermost, so it sees every response, a refused body
     # and a CORS preflight included.
+    app.add_middleware(HeadAsGetMiddleware, get_routes=get_routes)
     app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit)
     origins = settings.cors_allow_origin
     app.add_middleware(
@@ -253,6 +260,34 @@ class PayloadTooLarge(StarletteHTTPException):
             f"request body is larger than the {limit}-byte limit; send fewer or shorter texts, "
             "or raise --payload-limit (RERANKER_PAYLOAD_LIMIT)",
         )
+
+
+class HeadAsGetMiddleware:
+    """HEAD on a GET route is answered as GET without the body: the same status and headers
+    (Content-Length included), as RFC 9110 asks and TEI's router (axum) does. FastAPI answers
+    405 otherwise, which breaks monitors that probe with HEAD."""
+
+    def __init__(self, app: ASGIApp, get_routes: frozenset[str]) -> None:
+        self.app = app
+        self.get_routes = get_routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "HEAD"
+            or scope["path"] not in self.get_routes
+        ):
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)
 
 
 class BodyLimitMiddleware:
