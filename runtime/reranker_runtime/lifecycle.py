@@ -86,7 +86,8 @@ class Lifecycle:
         self._owns_engine = engine is None and service is None
         self._state = State.LOADING
         self._failure: str | None = None
-        self._in_flight = 0
+        self._in_flight = 0  # every admitted request (a drain waits for these)
+        self._scoring = 0  # those under max_concurrent_requests
         self._idle = asyncio.Event()
         self._idle.set()
         self._boot_task: asyncio.Task[None] | None = None
@@ -125,23 +126,29 @@ class Lifecycle:
     # -- admission -----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def admit(self) -> AsyncIterator[RerankService]:
-        """Count one request in flight for its whole duration (a large request counts once).
-        Refuses at once: NotReadyError unless ready, OverloadedError when
-        `max_concurrent_requests` are already in flight."""
+    async def admit(self, *, limited: bool = True) -> AsyncIterator[RerankService]:
+        """Count one request in flight for its whole duration (a large request counts once; a
+        drain waits for it). Refuses at once: NotReadyError unless ready, OverloadedError when
+        `max_concurrent_requests` scoring requests are already in flight. `limited=False`
+        (/tokenize, /decode: TEI takes no permit for them) neither counts towards that limit
+        nor in the `reranker_requests_in_flight` gauge."""
         if self._state is not State.READY or self._service is None:
             raise self.not_ready_error()
         limit = self.settings.max_concurrent_requests
-        if self._in_flight >= limit:
-            raise OverloadedError(self._in_flight, limit)
+        if limited and self._scoring >= limit:
+            raise OverloadedError(self._scoring, limit)
         self._in_flight += 1
         self._idle.clear()
-        metrics.IN_FLIGHT.inc()
+        if limited:
+            self._scoring += 1
+            metrics.IN_FLIGHT.inc()
         try:
             yield self._service
         finally:
             self._in_flight -= 1
-            metrics.IN_FLIGHT.dec()
+            if limited:
+                self._scoring -= 1
+                metrics.IN_FLIGHT.dec()
             if self._in_flight == 0:
                 self._idle.set()
 

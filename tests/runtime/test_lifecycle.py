@@ -94,6 +94,8 @@ async def test_admit_refuses_over_limit_and_releases(xlmr_engine) -> None:
     try:
         async with lifecycle.admit(), lifecycle.admit():
             assert lifecycle.in_flight == 2
+            async with lifecycle.admit(limited=False):  # /tokenize, /decode: no slot taken
+                assert lifecycle.in_flight == 3  # but a drain waits for it
             with pytest.raises(OverloadedError) as err:
                 async with lifecycle.admit():
                     pass

@@ -91,6 +91,16 @@ def admitted_service(request: Request) -> RerankService:
     return service
 
 
+_NOT_LIMITED: set[Callable[..., Awaitable[Any]]] = set()
+
+
+def not_limited(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Mark an inference route whose requests do not count towards --max-concurrent-requests
+    (TEI takes no permit for /tokenize and /decode). Put it below the router's decorator."""
+    _NOT_LIMITED.add(endpoint)
+    return endpoint
+
+
 def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Wrap a route handler: admit, run cancelling on disconnect, release. FastAPI reads the
     handler's own signature through `__wrapped__`; it must take `request: Request`.
@@ -99,6 +109,7 @@ def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
         return endpoint
     if "request" not in inspect.signature(endpoint).parameters:
         raise TypeError(f"inference route {endpoint.__name__} must take `request: Request`")
+    limited = endpoint not in _NOT_LIMITED
 
     @functools.wraps(endpoint)
     async def run(**kwargs: Any) -> Any:
@@ -108,7 +119,7 @@ def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
         if method is not None:
             count_request(request, method)
         try:
-            async with get_lifecycle(request).admit() as service:
+            async with get_lifecycle(request).admit(limited=limited) as service:
                 request.scope[_SERVICE_SCOPE_KEY] = service
                 result = await cancel_on_disconnect(request, endpoint(**kwargs))
         except ClientDisconnected:

@@ -24,6 +24,7 @@ from reranker_runtime.api.deps import (
     admitted_service,
     annotate,
     count_request,
+    not_limited,
     request_arrival,
     request_id,
     request_timeout,
@@ -138,6 +139,7 @@ async def predict(
 
 
 @router.post("/tokenize", response_model=list[list[SimpleToken]], summary="Tokenize texts (TEI)")
+@not_limited
 async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     if body.prompt_name is not None:
         # TEI refuses a prompt the model does not have (core/src/tokenization.rs); a
@@ -178,6 +180,7 @@ def tokens_json(sequences: Sequence[Sequence[TokenInfo]]) -> bytes:
 
 
 @router.post("/decode", response_model=list[str], summary="Decode token ids to text (TEI)")
+@not_limited
 async def decode(body: DecodeRequest, request: Request) -> list[str]:
     texts = await admitted_service(request).decode(
         body.sequences, skip_special_tokens=body.skip_special_tokens
