@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -247,7 +248,7 @@ class RerankService:
 
         async with self._deadline(timeout_s, request_id, arrived_at) as deadline:
             t0 = time.perf_counter()
-            encoded = await self._in_tokenize_pool(
+            encoded = await self._stoppable_tokenization(
                 self._tokenizer.encode_chunked,
                 query,
                 texts,
@@ -299,7 +300,7 @@ class RerankService:
 
         async with self._deadline(timeout_s, request_id, arrived_at) as deadline:
             t0 = time.perf_counter()
-            encoded = await self._in_tokenize_pool(
+            encoded = await self._stoppable_tokenization(
                 self._tokenizer.encode_inputs,
                 items,
                 truncate=self._truncating(truncate),
@@ -339,7 +340,7 @@ class RerankService:
         for i, item in enumerate(items):
             if item in ("", ("", "")):  # TEI: a pair is empty when both parts are
                 raise EmptyTokenizerInputError(f"{_at('inputs', i, len(items))} cannot be empty")
-        return await self._in_tokenize_pool(
+        return await self._stoppable_tokenization(
             self._tokenizer.tokens, items, add_special_tokens=add_special_tokens
         )
 
@@ -367,6 +368,17 @@ class RerankService:
         return await loop.run_in_executor(
             self._tokenize_pool, functools.partial(fn, *args, **kwargs)
         )
+
+    async def _stoppable_tokenization(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, stop=..., **kwargs)` on the tokenizer pool. When this await is cancelled
+        (the request's deadline passed, its client left), `stop` is set and the tokenizer ends
+        at its next slice of text instead of running on for nobody."""
+        stop = threading.Event()
+        try:
+            return await self._in_tokenize_pool(fn, *args, stop=stop, **kwargs)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     def _truncating(self, requested: bool | None) -> bool:
         # The one place auto-truncate applies, as in TEI (`req.truncate.unwrap_or(auto_truncate)`):

@@ -24,6 +24,7 @@ windows it may score instead of one window's.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +41,15 @@ GROWTH = 4
 UNSETTLED_WORDS = 2
 # Inside one long word, tokens this far from the cut are settled (see the module docstring).
 MARGIN_CHARS = 256
+
+
+# Characters per encode_batch call: tens of milliseconds of work, so a request whose result nobody
+# waits for any more stops within that (the `stop` of encode_bounded_many).
+SLICE_CHARS = 65_536
+
+
+class TokenizationStopped(Exception):
+    """Tokenization was stopped (`stop` set): nobody waits for the result any more."""
 
 
 @dataclass(frozen=True)
@@ -69,15 +79,22 @@ def encode_bounded(
 
 
 def encode_bounded_many(
-    tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int, direction: Direction = "right"
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    max_tokens: int,
+    direction: Direction = "right",
+    *,
+    stop: threading.Event | None = None,
 ) -> list[BoundedEncoding]:
     """`encode_bounded` for each text, with every tokenizer call an `encode_batch`.
 
     `Tokenizer.encode` holds the GIL for the whole call, `encode_batch` releases it: tokenizing
     texts one by one would serialise every request's tokenization (and stall the event loop)
-    behind the longest text. Each round tokenizes, in one batch, the texts still unresolved:
-    whole when they are no longer than the round's piece size, else their piece; the size grows
-    (x`GROWTH`) for the texts whose piece held too few settled tokens.
+    behind the longest text. Each round tokenizes the texts still unresolved: whole when they
+    are no longer than the round's piece size, else their piece; the size grows (x`GROWTH`) for
+    the texts whose piece held too few settled tokens. A round's texts go in slices of about
+    `SLICE_CHARS` characters; before each slice, a set `stop` (the request's deadline passed,
+    its client left) ends the work with TokenizationStopped.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
@@ -88,9 +105,7 @@ def encode_bounded_many(
         whole = [i for i in pending if len(texts[i]) <= size]
         cut = [i for i in pending if len(texts[i]) > size]
         pieces = [_piece(texts[i], size, direction) for i in cut]
-        encodings = tokenizer.encode_batch(
-            [texts[i] for i in whole] + pieces, add_special_tokens=False
-        )
+        encodings = _encode_in_slices(tokenizer, [texts[i] for i in whole] + pieces, stop)
         for i, encoding in zip(whole, encodings[: len(whole)], strict=True):
             out[i] = BoundedEncoding(encoding, complete=True)
         pending = []
@@ -103,6 +118,23 @@ def encode_bounded_many(
                 pending.append(i)
         size *= GROWTH
     return [b for b in out if b is not None]
+
+
+def _encode_in_slices(
+    tokenizer: Tokenizer, texts: list[str], stop: threading.Event | None
+) -> list[Encoding]:
+    out: list[Encoding] = []
+    start = 0
+    while start < len(texts):
+        if stop is not None and stop.is_set():
+            raise TokenizationStopped
+        end, chars = start, 0
+        while end < len(texts) and (end == start or chars + len(texts[end]) <= SLICE_CHARS):
+            chars += len(texts[end])
+            end += 1
+        out.extend(tokenizer.encode_batch(texts[start:end], add_special_tokens=False))
+        start = end
+    return out
 
 
 def _piece(text: str, size: int, direction: Direction) -> str:

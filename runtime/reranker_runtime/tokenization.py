@@ -19,6 +19,7 @@ take every Python string (a lone surrogate); such a text is a 422 naming it, nev
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,7 +28,12 @@ from tokenizers import Encoding, Tokenizer
 
 from reranker_runtime.engines.base import EncodedPair
 from reranker_runtime.errors import ValidationError
-from reranker_runtime.text_bounds import BoundedEncoding, Direction, encode_bounded_many
+from reranker_runtime.text_bounds import (
+    BoundedEncoding,
+    Direction,
+    TokenizationStopped,
+    encode_bounded_many,
+)
 
 __all__ = [
     "ChunkedText",
@@ -121,11 +127,16 @@ class PairTokenizer:
         return self.max_input_length - self._special_pair
 
     def _bounded(
-        self, texts: Sequence[str], max_tokens: int, direction: Direction
+        self,
+        texts: Sequence[str],
+        max_tokens: int,
+        direction: Direction,
+        stop: threading.Event | None = None,
     ) -> list[BoundedEncoding]:
         """Each text's tokens from its `direction` end, as many as `max_tokens` (all of a
-        shorter text), in batches that release the GIL (text_bounds.encode_bounded_many)."""
-        return encode_bounded_many(self._tok, texts, max_tokens, direction)
+        shorter text), in batches that release the GIL (text_bounds.encode_bounded_many).
+        `stop`: set when nobody waits for the result any more (TokenizationStopped)."""
+        return encode_bounded_many(self._tok, texts, max_tokens, direction, stop=stop)
 
     def _query(self, query: str, direction: Direction) -> BoundedEncoding:
         # One token past the pair budget: a longer query is cut (or refused) whatever its length.
@@ -141,6 +152,7 @@ class PairTokenizer:
         usable: int,
         direction: Direction,
         max_text_tokens: int | None,
+        stop: threading.Event | None = None,
     ) -> list[tuple[Encoding, int, bool]]:
         """Each text's tokens as far as `usable` of them (from the `direction` end) can be used,
         after `max_text_tokens` keeps only its first that many: (encoding, tokens cut by
@@ -152,7 +164,7 @@ class PairTokenizer:
         else:  # the last tokens of its first max_text_tokens: those must all be known
             bound, side = max_text_tokens + 1, "right"
         out: list[tuple[Encoding, int, bool]] = []
-        for b in _tokenizing(field, lambda: self._bounded(texts, bound, side), texts):
+        for b in _tokenizing(field, lambda: self._bounded(texts, bound, side, stop), texts):
             t, cut = b.encoding, 0
             if max_text_tokens is not None and len(t.ids) > max_text_tokens:
                 cut = len(t.ids) - max_text_tokens
@@ -190,12 +202,13 @@ class PairTokenizer:
         direction: Direction = "right",
         max_text_tokens: int | None = None,
         texts_field: str = "texts",
+        stop: threading.Event | None = None,
     ) -> list[Encoded]:
         """Encode (query, text) for each text. Without `truncate`, over-long pairs come back
         untruncated (num_tokens > max_input_length) and the caller rejects them.
         `max_text_tokens` first keeps only each text's first that many tokens (Cohere/Jina
         `max_tokens_per_doc`); a text so cut counts as truncated. `texts_field` names the texts
-        in errors."""
+        in errors. `stop`: see `_bounded`."""
         qb = self._query(query, direction)
         return [
             self._pair(
@@ -207,7 +220,7 @@ class PairTokenizer:
                 fully_counted=qb.complete and complete,
             )
             for t, cut, complete in self._texts(
-                texts, texts_field, self.max_text_tokens, direction, max_text_tokens
+                texts, texts_field, self.max_text_tokens, direction, max_text_tokens, stop
             )
         ]
 
@@ -222,6 +235,7 @@ class PairTokenizer:
         max_windows: int = 1,
         overlap: int = 0,
         texts_field: str = "texts",
+        stop: threading.Event | None = None,
     ) -> list[ChunkedText]:
         """Encode each text as windows when it does not fit the model with the query.
 
@@ -231,7 +245,7 @@ class PairTokenizer:
         text's start (`direction="right"`) or its end (`"left"`); at most `max_windows` are
         kept, in that order, and a text that needs more is marked truncated (the caller refuses
         it when truncation is off). With `max_windows=1`, or a query that leaves no room for
-        text, this is exactly `encode_pairs`."""
+        text, this is exactly `encode_pairs`. `stop`: see `_bounded`."""
         if max_windows <= 1:
             return [
                 ChunkedText(
@@ -248,6 +262,7 @@ class PairTokenizer:
                     direction=direction,
                     max_text_tokens=max_text_tokens,
                     texts_field=texts_field,
+                    stop=stop,
                 )
             ]
         budget = self.max_input_length - self._special_pair
@@ -258,7 +273,9 @@ class PairTokenizer:
         # Text tokens that max_windows windows cover (one window when the query leaves no room).
         usable = window + (max_windows - 1) * (window - stride) if window >= 1 else budget
         out: list[ChunkedText] = []
-        for t, cut, complete in self._texts(texts, texts_field, usable, direction, max_text_tokens):
+        for t, cut, complete in self._texts(
+            texts, texts_field, usable, direction, max_text_tokens, stop
+        ):
             counted = qb.complete and complete
             if window < 1 or len(q.ids) + len(t.ids) <= budget:
                 single = self._pair(
@@ -303,13 +320,21 @@ class PairTokenizer:
         )
 
     def encode_inputs(
-        self, inputs: Sequence[Input], *, truncate: bool, direction: Direction = "right"
+        self,
+        inputs: Sequence[Input],
+        *,
+        truncate: bool,
+        direction: Direction = "right",
+        stop: threading.Event | None = None,
     ) -> list[Encoded]:
-        """Encode /predict inputs: single strings or (first, second) pairs."""
+        """Encode /predict inputs: single strings or (first, second) pairs. `stop`: see
+        `_bounded`."""
         flat = [part for item in inputs for part in ((item,) if isinstance(item, str) else item)]
         # One token past the window of a single text (which is longer than a pair's).
         bound = self.max_input_length - self._special_single + 1
-        parts = iter(_tokenizing("inputs", lambda: self._bounded(flat, bound, direction), inputs))
+        parts = iter(
+            _tokenizing("inputs", lambda: self._bounded(flat, bound, direction, stop), inputs)
+        )
         out: list[Encoded] = []
         for item in inputs:
             if isinstance(item, str):
@@ -363,11 +388,18 @@ class PairTokenizer:
         return self._finish(q, t, original, True, fully_counted)
 
     def tokens(
-        self, inputs: Sequence[Input], *, add_special_tokens: bool = True
+        self,
+        inputs: Sequence[Input],
+        *,
+        add_special_tokens: bool = True,
+        stop: threading.Event | None = None,
     ) -> list[list[TokenInfo]]:
-        """TEI /tokenize: every token with its id, text, special flag and offsets."""
+        """TEI /tokenize: every token with its id, text, special flag and offsets. `stop` is
+        looked at before each input (see `_bounded`)."""
         result: list[list[TokenInfo]] = []
         for i, item in enumerate(inputs):
+            if stop is not None and stop.is_set():
+                raise TokenizationStopped
             sources = (item,) if isinstance(item, str) else item
 
             def encode(parts: Sequence[str] = sources) -> Encoding:
@@ -377,7 +409,7 @@ class PairTokenizer:
 
             enc = _tokenizing(f"inputs[{i}]", encode)
             tokens: list[TokenInfo] = []
-            for tid, token, special, (start, stop), seq in zip(
+            for tid, token, special, (begin, end), seq in zip(
                 enc.ids,
                 enc.tokens,
                 enc.special_tokens_mask,
@@ -393,10 +425,10 @@ class PairTokenizer:
                     tokens.append(
                         TokenInfo(
                             id=tid,
-                            text=sources[seq][start:stop],
+                            text=sources[seq][begin:end],
                             special=False,
-                            start=start,
-                            stop=stop,
+                            start=begin,
+                            stop=end,
                         )
                     )
             result.append(tokens)
@@ -407,6 +439,8 @@ def _tokenizing(field: str, run: Callable[[], T], texts: Sequence[object] | None
     """Run the tokenizer; a text it cannot take is a 422 naming the field (never a 500)."""
     try:
         return run()
+    except TokenizationStopped:
+        raise
     except Exception as exc:  # the tokenizer raises TypeError/Exception, not a hierarchy
         where = field
         for i, text in enumerate(texts or ()):

@@ -8,15 +8,28 @@ checked by the gate still being closed when the answer arrives, not by timing.""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from reranker_runtime.api import create_app
 from reranker_runtime.engines.torch_engine import TorchEngine
-from runtime.api_support import QUERY, TEXTS, TOL, long_text, serving, settings_for, sigmoid
+from runtime.api_support import (
+    QUERY,
+    TEXTS,
+    TOL,
+    long_text,
+    running_app,
+    serving,
+    settings_for,
+    sigmoid,
+    wait_until,
+)
 from runtime.fakes import ControlledEngine
 from tiny_models import TINY_MAX_TOKENS, reference_logits
 
@@ -285,3 +298,58 @@ async def test_two_cpu_workers_count_twice_the_throughput(
         resp = await client.post("/rerank", json=big, headers=timeout(1.9))
         assert resp.status_code == 200, resp.text
         assert len(engine.calls) == 1 + 2  # its two passes, side by side
+
+
+class _GatedTokenizer:
+    """The real tokenizer; each encode_batch of several texts (a slice of a request's texts)
+    is counted and waits at a gate the test opens."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.slices = 0
+        self.gate = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def encode_batch(self, texts: list[str], **kwargs: Any) -> Any:
+        if len(texts) > 1:
+            self.slices += 1
+            assert self.gate.wait(WAIT_S), "gate never opened (test bug)"
+        return self._inner.encode_batch(texts, **kwargs)
+
+
+async def test_tokenization_stops_when_the_deadline_passes(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    """A deadline that passes while a large request is being tokenized: 504 at once, and the
+    tokenizer stops at its next slice of text instead of tokenizing the rest for nobody."""
+    settings = settings_for(xlmr_reranker, max_client_batch_size=1000)
+    app = create_app(settings, engine=ControlledEngine(xlmr_engine))
+    async with running_app(app) as client:
+        await wait_until(client)
+        tokenizer = app.state.lifecycle.service._tokenizer
+        gated = _GatedTokenizer(tokenizer._tok)
+        tokenizer._tok = gated
+        finished = threading.Event()
+        encode_chunked = tokenizer.encode_chunked
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return encode_chunked(*args, **kwargs)
+            finally:
+                finished.set()
+
+        tokenizer.encode_chunked = watched
+        text = " ".join(["paris france capital river"] * 45)  # ~1,200 characters, kept whole
+        texts = [f"{i} {text}" for i in range(200)]  # 4 slices of text_bounds.SLICE_CHARS
+        response = await client.post(
+            "/rerank", json={"query": QUERY, "texts": texts}, headers=timeout(0.2)
+        )
+        assert response.status_code == 504  # while the first slice is still held
+        gated.gate.set()
+        assert await asyncio.to_thread(finished.wait, WAIT_S)
+        assert gated.slices == 1
+        # The server tokenizes and scores normally afterwards.
+        tokenizer._tok = gated._inner
+        assert (await client.post("/rerank", json={"query": QUERY, "texts": TEXTS})).is_success
