@@ -30,7 +30,7 @@ class ServeSettings:
     max_batch_tokens: int | Literal["auto"] = AUTO
     max_batch_requests: int | None = None  # most sequences in one forward pass
     max_client_batch_size: int = 1000  # most texts/inputs in one request
-    max_concurrent_requests: int = 512  # requests in flight before 429
+    max_concurrent_requests: int = 512  # scoring requests in flight before 429
     # Truncate over-long inputs of a request that does not send `truncate` (TEI's default: true).
     auto_truncate: bool = True
     max_request_characters: int = 4_000_000  # characters in one request's texts; more -> 413

@@ -196,7 +196,10 @@ BATCH_INFERENCE_DURATION = Histogram(
     buckets=_DURATION_BUCKETS,
 )
 BATCH_FAILURES = Counter("reranker_batch_failures", "Forward passes that raised")
-IN_FLIGHT = Gauge("reranker_requests_in_flight", "Inference requests being processed")
+IN_FLIGHT = Gauge(
+    "reranker_requests_in_flight",
+    "Scoring requests being processed (those --max-concurrent-requests limits)",
+)
 
 # Deadlines (X-Request-Timeout / --request-timeout). Not TEI metrics: TEI has no deadlines.
 REQUEST_TIMEOUTS = Counter(

@@ -5,7 +5,8 @@ default. Empty variables count as unset (a pod spec may render `value: ""`).
 
 Shutdown: the first SIGTERM/SIGINT starts a drain: /health turns 503, new inference requests get
 503, in-flight requests finish, the batcher stops, then uvicorn closes the connections and the
-process exits 0. A second signal exits at once.
+process exits 0. A second signal answers every request still in flight with 503 and stops in
+order; a third exits at once (exit code 1).
 """
 
 from __future__ import annotations
@@ -653,7 +654,8 @@ class _DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_requested = False
         self._cut_requested = False
-        self.forced = False  # a third signal: uvicorn exits without waiting for anything
+        self.forced = False  # a third signal came
+        self._hard_exit: Callable[[int], object] = os._exit  # tests replace it
         self._drain_task: asyncio.Future[None] | None = None
 
     async def serve(self, sockets: Any = None) -> None:
@@ -684,10 +686,15 @@ class _DrainingServer(uvicorn.Server):
             )
             self._loop.call_soon_threadsafe(self._lifecycle.cut_drain_short)
         else:
-            log.warning("received %s a third time: exiting at once", name)
+            # uvicorn's force exit would still wait for the forward pass under way (Python joins
+            # the worker threads at exit): the very wait a third signal asks to skip.
+            log.warning("received %s a third time: exiting now (exit code 1)", name)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
             self.forced = True
             self.force_exit = True
             self.should_exit = True
+            self._hard_exit(1)
 
     def _start_drain(self) -> None:
         async def drain_then_exit() -> None:

@@ -40,8 +40,10 @@ from reranker_runtime.errors import (
     ValidationError,
     WrongModelKindError,
 )
+from reranker_runtime.lifecycle import State, not_ready_error
 from reranker_runtime.limits import check_request_characters
 from reranker_runtime.logging import log_fields
+from reranker_runtime.text_bounds import TokenizationStopped
 from reranker_runtime.tokenization import (
     ChunkedText,
     Encoded,
@@ -138,6 +140,7 @@ class RerankService:
         self._tokenize_pool = ThreadPoolExecutor(
             self.tokenization_workers, thread_name_prefix="tokenize"
         )
+        self._stops: set[threading.Event] = set()  # of the tokenizations under way
 
     @property
     def info(self) -> EngineInfo:
@@ -182,7 +185,11 @@ class RerankService:
 
     async def stop(self, *, abandon: bool = False) -> None:
         """Stop the batcher (failing whatever still waits; with `abandon`, every request in
-        flight at once) and release the engine."""
+        flight at once, those being tokenized too) and release the engine. A request whose
+        tokenization is stopped or dropped from the pool here gets 503 (draining)."""
+        if abandon:
+            for stop in list(self._stops):
+                stop.set()
         await self._batcher.stop(abandon=abandon)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self._engine.close)
@@ -365,20 +372,32 @@ class RerankService:
 
     async def _in_tokenize_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenize_pool, functools.partial(fn, *args, **kwargs)
-        )
+        try:
+            return await loop.run_in_executor(
+                self._tokenize_pool, functools.partial(fn, *args, **kwargs)
+            )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0:
+                # Not this request's own cancellation: stop() shut the pool down under it.
+                raise not_ready_error(State.DRAINING) from None
+            raise
 
     async def _stoppable_tokenization(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(*args, stop=..., **kwargs)` on the tokenizer pool. When this await is cancelled
         (the request's deadline passed, its client left), `stop` is set and the tokenizer ends
         at its next slice of text instead of running on for nobody."""
         stop = threading.Event()
+        self._stops.add(stop)
         try:
             return await self._in_tokenize_pool(fn, *args, stop=stop, **kwargs)
         except asyncio.CancelledError:
             stop.set()
             raise
+        except TokenizationStopped:  # stop(abandon=True): a second exit signal
+            raise not_ready_error(State.DRAINING) from None
+        finally:
+            self._stops.discard(stop)
 
     def _truncating(self, requested: bool | None) -> bool:
         # The one place auto-truncate applies, as in TEI (`req.truncate.unwrap_or(auto_truncate)`):

@@ -138,3 +138,37 @@ class ControlledEngine(Engine):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"expected {n} forward passes, saw {self.arrived}")
             await asyncio.sleep(0.005)
+
+
+class GatedTokenizer:
+    """A real `tokenizers.Tokenizer` whose encode_batch calls of several texts (the slices of a
+    request's texts) are counted and, while held, wait at a gate:
+
+        gated = GatedTokenizer(pair_tokenizer._tok); pair_tokenizer._tok = gated
+        gated.hold(); ...; gated.arrived.wait(); ...; gated.release()
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.slices = 0
+        self.arrived = threading.Event()  # a slice reached the closed gate
+        self._gate = threading.Event()
+        self._gate.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def hold(self) -> None:
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def encode_batch(self, texts: list[str], **kwargs: Any) -> Any:
+        if len(texts) > 1:
+            self.slices += 1
+            if not self._gate.is_set():
+                self.arrived.set()
+                if not self._gate.wait(_GATE_TIMEOUT_S):
+                    raise TimeoutError("GatedTokenizer was never released (test bug)")
+        return self._inner.encode_batch(texts, **kwargs)

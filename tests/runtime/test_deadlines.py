@@ -30,7 +30,7 @@ from runtime.api_support import (
     sigmoid,
     wait_until,
 )
-from runtime.fakes import ControlledEngine
+from runtime.fakes import ControlledEngine, GatedTokenizer
 from tiny_models import TINY_MAX_TOKENS, reference_logits
 
 WAIT_S = 30.0
@@ -300,25 +300,6 @@ async def test_two_cpu_workers_count_twice_the_throughput(
         assert len(engine.calls) == 1 + 2  # its two passes, side by side
 
 
-class _GatedTokenizer:
-    """The real tokenizer; each encode_batch of several texts (a slice of a request's texts)
-    is counted and waits at a gate the test opens."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.slices = 0
-        self.gate = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def encode_batch(self, texts: list[str], **kwargs: Any) -> Any:
-        if len(texts) > 1:
-            self.slices += 1
-            assert self.gate.wait(WAIT_S), "gate never opened (test bug)"
-        return self._inner.encode_batch(texts, **kwargs)
-
-
 async def test_tokenization_stops_when_the_deadline_passes(
     xlmr_reranker: Path, xlmr_engine: TorchEngine
 ) -> None:
@@ -329,7 +310,7 @@ async def test_tokenization_stops_when_the_deadline_passes(
     async with running_app(app) as client:
         await wait_until(client)
         tokenizer = app.state.lifecycle.service._tokenizer
-        gated = _GatedTokenizer(tokenizer._tok)
+        gated = GatedTokenizer(tokenizer._tok)
         tokenizer._tok = gated
         finished = threading.Event()
         encode_chunked = tokenizer.encode_chunked
@@ -343,11 +324,13 @@ async def test_tokenization_stops_when_the_deadline_passes(
         tokenizer.encode_chunked = watched
         text = " ".join(["paris france capital river"] * 45)  # ~1,200 characters, kept whole
         texts = [f"{i} {text}" for i in range(200)]  # 4 slices of text_bounds.SLICE_CHARS
+        gated.hold()
         response = await client.post(
-            "/rerank", json={"query": QUERY, "texts": texts}, headers=timeout(0.2)
+            "/rerank", json={"query": QUERY, "texts": texts}, headers=timeout(1.0)
         )
-        assert response.status_code == 504  # while the first slice is still held
-        gated.gate.set()
+        assert response.status_code == 504
+        assert gated.arrived.is_set()  # the deadline passed during tokenization, not before
+        gated.release()
         assert await asyncio.to_thread(finished.wait, WAIT_S)
         assert gated.slices == 1
         # The server tokenizes and scores normally afterwards.

@@ -24,6 +24,7 @@ import httpx
 import pytest
 from tokenizers import Tokenizer
 
+from reranker_runtime import text_bounds
 from reranker_runtime.api.errors import http_error
 from reranker_runtime.errors import ValidationError
 from reranker_runtime.text_bounds import Direction, encode_bounded, encode_bounded_many
@@ -99,14 +100,16 @@ def test_cut_then_tokenized_equals_whole_text_tokenized(
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_texts_bounded_together_equal_each_bounded_alone(
-    direction: Direction, xlmr_reranker: Path
+    direction: Direction, xlmr_reranker: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A request's texts are tokenized in batches (short and long, settled after one piece or
-    after several): each comes out exactly as when bounded on its own."""
+    """A request's texts are tokenized in batches, in slices (short and long texts, settled
+    after one piece or after several): each comes out exactly as when bounded on its own."""
+    monkeypatch.setattr(text_bounds, "SLICE_CHARS", 2_000)  # several slices per round
     tok = Tokenizer.from_file(str(xlmr_reranker / "tokenizer.json"))
     rng = random.Random(11)
     texts = ["tiny", "a few short words", *(t for _ in range(3) for t in _texts(rng))]
     rng.shuffle(texts)
+    wholes = [tok.encode(text, add_special_tokens=False) for text in texts]
     for max_tokens in (1, TINY_MAX_TOKENS + 1, 600):
         together = encode_bounded_many(tok, texts, max_tokens, direction)
         alone = [encode_bounded(tok, text, max_tokens, direction) for text in texts]
@@ -114,6 +117,18 @@ def test_texts_bounded_together_equal_each_bounded_alone(
             (b.encoding.ids, b.complete) for b in alone
         ]
         assert any(b.complete for b in together) and any(not b.complete for b in together)
+        for bounded, whole, text in zip(together, wholes, texts, strict=True):
+            # Each text's kept tokens are the whole text's; so are their offsets, except those
+            # of a piece cut from the end (counted from the piece's start).
+            if bounded.complete:
+                kept = slice(None)
+            elif direction == "right":
+                kept = slice(None, max_tokens)
+            else:
+                kept = slice(-max_tokens, None)
+            assert bounded.encoding.ids == whole.ids[kept], text[:40]
+            if bounded.complete or direction == "right":
+                assert bounded.encoding.offsets == whole.offsets[kept], text[:40]
 
 
 class _BatchOnlyTokenizer:
@@ -607,5 +622,7 @@ def test_head_on_a_get_route_answers_as_get_without_the_body(
         health = client.get("/health")
         assert client.head("/health").headers["content-length"] == str(len(health.content))
         assert client.head("/rerank").status_code == 405  # POST routes stay POST
+        wrong = client.post("/health")
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, HEAD"
         assert client.head("/no-such-route").status_code == 404
         assert client.get("/health").status_code == 200  # the connection is still good

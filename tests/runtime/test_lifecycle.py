@@ -21,7 +21,7 @@ from reranker_runtime.errors import NotReadyError, OverloadedError
 from reranker_runtime.lifecycle import Lifecycle, State, not_ready_error
 from reranker_runtime.server import _DrainingServer, uvicorn_config
 from runtime.api_support import settings_for
-from runtime.fakes import ControlledEngine
+from runtime.fakes import ControlledEngine, GatedTokenizer
 from runtime.live_server import free_port
 
 WAIT_S = 30.0
@@ -146,11 +146,12 @@ def test_exit_signals_drain_then_answer_503_then_exit_at_once(
 ) -> None:
     """`serve`'s server, run for real on 127.0.0.1, signalled as uvicorn's handler would.
     First SIGTERM: drain (in-flight work goes on). Second (Ctrl-C twice): every request in
-    flight is answered 503 with the error body at once, although its forward pass still runs,
-    and the server then stops in order. A third exits without waiting (exit code 1)."""
+    flight is answered 503 with the error body, one whose forward pass still runs at once, one
+    being tokenized at its next slice, and the server then stops in order. A third exits
+    without waiting (exit code 1)."""
     engine = ControlledEngine(xlmr_engine)
     app_settings = dataclasses.replace(
-        settings_for(xlmr_reranker), host="127.0.0.1", port=free_port()
+        settings_for(xlmr_reranker, max_client_batch_size=1000), host="127.0.0.1", port=free_port()
     )
     app = create_app(app_settings, engine=engine)
     server = _DrainingServer(uvicorn_config(app, app_settings), app.state.lifecycle)
@@ -159,9 +160,9 @@ def test_exit_signals_drain_then_answer_503_then_exit_at_once(
     url = f"http://127.0.0.1:{app_settings.port}"
     result: dict[str, httpx.Response] = {}
 
-    def in_flight() -> None:
-        result["response"] = httpx.post(
-            f"{url}/rerank", json={"query": QUERY, "texts": TEXTS}, timeout=WAIT_S
+    def in_flight(name: str, texts: list[str]) -> None:
+        result[name] = httpx.post(
+            f"{url}/rerank", json={"query": QUERY, "texts": texts}, timeout=WAIT_S
         )
 
     def until(what: str, check: Any) -> None:
@@ -179,21 +180,35 @@ def test_exit_signals_drain_then_answer_503_then_exit_at_once(
     try:
         until("ready", lambda: health() == 200)
         engine.hold()
-        client = threading.Thread(target=in_flight)
-        client.start()
+        scoring = threading.Thread(target=in_flight, args=("scoring", TEXTS))
+        scoring.start()
         until("a forward pass at the gate", lambda: engine._arrived >= 1)
+        tokenizer = app.state.lifecycle.service._tokenizer
+        gated = tokenizer._tok = GatedTokenizer(tokenizer._tok)
+        gated.hold()
+        # 120 texts of ~1,200 characters: 3 slices of text_bounds.SLICE_CHARS.
+        many = [f"{i} " + "paris france capital river " * 45 for i in range(120)]
+        tokenizing = threading.Thread(target=in_flight, args=("tokenizing", many))
+        tokenizing.start()
+        assert gated.arrived.wait(WAIT_S)
         server.handle_exit(signal.SIGTERM, None)
         until("draining", lambda: health() == 503)
-        assert client.is_alive()  # a drain waits for the request
+        assert scoring.is_alive() and tokenizing.is_alive()  # a drain waits for them
         server.handle_exit(signal.SIGINT, None)
-        client.join(WAIT_S)
-        response = result["response"]  # answered while its forward pass is still held
-        assert response.status_code == 503, response.text
-        assert response.json()["error_type"] == "Unhealthy"
-        assert "shutting down" in response.json()["error"]
+        scoring.join(WAIT_S)  # answered while its forward pass is still held
+        gated.release()  # the slice under way ends; the next one is not started
+        tokenizing.join(WAIT_S)
+        for name in ("scoring", "tokenizing"):
+            response = result[name]
+            assert response.status_code == 503, (name, response.text)
+            assert response.json()["error_type"] == "Unhealthy"
+            assert "shutting down" in response.json()["error"]
+        assert gated.slices == 1
         assert runner.is_alive() and not server.forced  # stopping in order: the pass runs
+        exits: list[int] = []
+        server._hard_exit = exits.append  # the real one is os._exit
         server.handle_exit(signal.SIGINT, None)
-        assert server.forced and server.force_exit
+        assert server.forced and exits == [1]
     finally:
         engine.release()
         runner.join(WAIT_S)

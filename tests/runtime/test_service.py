@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from reranker_runtime.errors import (
     EngineError,
     InputTooLongError,
     ModelLoadError,
+    NotReadyError,
     TooManyInputsError,
     ValidationError,
     WrongModelKindError,
@@ -412,3 +414,19 @@ async def test_start_refuses_max_length_above_budget(xlmr_engine) -> None:
     with pytest.raises(ModelLoadError, match="raise --max-batch-tokens to at least 128"):
         await service.start()
     assert not service.batcher.running
+
+
+async def test_a_request_still_queued_for_tokenization_at_stop_gets_a_503(xlmr_engine: Any) -> None:
+    """stop() drops the tokenizer pool's queued work: the request waiting on it gets the
+    draining 503, not a bare cancellation (which uvicorn would answer with a plain 500)."""
+    service = RerankService(ControlledEngine(xlmr_engine), settings(tokenization_workers=1))
+    busy = threading.Event()
+    first = asyncio.ensure_future(service._in_tokenize_pool(busy.wait, WAIT_S))
+    queued = asyncio.ensure_future(service._in_tokenize_pool(lambda: "never run"))
+    await asyncio.sleep(0)  # both submitted: the one worker runs `first`, `queued` waits
+    stopping = asyncio.ensure_future(service.stop(abandon=True))
+    with pytest.raises(NotReadyError, match="shutting down"):
+        await asyncio.wait_for(queued, WAIT_S)
+    busy.set()
+    assert await asyncio.wait_for(first, WAIT_S) is True
+    await asyncio.wait_for(stopping, WAIT_S)

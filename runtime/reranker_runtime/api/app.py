@@ -444,11 +444,13 @@ class AccessMiddleware:
 
 
 def _allowed_methods(app: FastAPI, path: str) -> str:
-    """Every method some route serves at `path` (HEAD with GET, as Starlette does)."""
+    """Every method some route serves at `path` (HEAD with GET: HeadAsGetMiddleware)."""
     methods: set[str] = set()
     for route in all_routes(app.routes):
         if getattr(route, "path", None) == path:
             methods.update(getattr(route, "methods", None) or ())
+    if "GET" in methods:
+        methods.add("HEAD")
     return ", ".join(sorted(methods))
 
 

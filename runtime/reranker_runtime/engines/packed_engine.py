@@ -690,7 +690,10 @@ class _Graph:
                 forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=runner._graph_pool):
+        # thread_local: the other callers wait for their logits (cudaEventSynchronize) outside
+        # the run lock, and CUDA's default "global" mode would fail their waits (and this
+        # capture) while any thread captures.
+        with torch.cuda.graph(graph, pool=runner._graph_pool, capture_error_mode="thread_local"):
             logits = forward()
         runner._graph_pool = graph.pool()
         out = cls(tokens, rows, static, logits)
@@ -815,7 +818,7 @@ class PackedEngine(Engine):
         base = padded.info
         device = torch.device(base.device)
         dtype = next(hf_model.parameters()).dtype
-        head_dim = config.hidden_size // config.num_attention_heads
+        head_dim = config.hidden_size // config.num_attention_heads  # as PackedEncoder's
         backend = attention or choose_attention(device, dtype, head_dim)
         if backend == "varlen" and _varlen_attn is None:
             raise ModelLoadError(
