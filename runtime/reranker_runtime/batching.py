@@ -127,6 +127,18 @@ def batch_cost(lengths: Sequence[int], padded: bool) -> int:
     return max(lengths) * len(lengths) if padded else sum(lengths)
 
 
+def _spread(free: list[float], work_s: float) -> float:
+    """When `work_s` seconds of one worker's work end at the earliest, spread over workers that
+    are free after `free` seconds (ascending): the time C with sum(max(0, C - f)) = work_s."""
+    done = 0.0
+    for k in range(1, len(free) + 1):
+        done += free[k - 1]
+        finish = (work_s + done) / k  # the first k workers share the work
+        if k == len(free) or finish <= free[k]:
+            return finish
+    return work_s  # no workers (not reached: a batcher has at least one)
+
+
 class Batcher:
     """Owns the queue of one engine. Create, `await start()`, `await score(...)`, `await stop()`."""
 
@@ -300,31 +312,33 @@ class Batcher:
     def _refuse_if_unreachable(
         self, items: Sequence[EncodedPair], deadline: float, now: float
     ) -> None:
-        """A lower bound of the time the request needs, were it served next: the forward passes
-        already submitted (they cannot be interrupted) plus its own tokens, both at the fastest
-        rate of the recent forward passes of at least half the budget, times the passes that run
-        in parallel (CPU workers). Pairs of other requests still waiting are not counted: the
-        fair batching can put the new request's pairs ahead of them. So a request is refused
-        only when it cannot finish in time."""
+        """A lower bound of the time the request needs, were it served next, at the fastest rate
+        of the recent forward passes of at least half the budget: each of the passes that run
+        at once (CPU workers) is free once its running pass ends; the passes already submitted
+        but not started (they cannot be interrupted) go to the first free one in turn; then the
+        request's own tokens, spread over the workers as they free up. Pairs of other requests
+        still waiting are not counted: the fair batching can put the new request's pairs ahead
+        of them. So a request is refused only when it cannot finish in time."""
         if not self._recent_rates:
             return  # no large forward pass measured yet: no estimate
         single = max(self._recent_rates)  # tokens/s of one pass
-        rate = single * self._parallel  # of all the passes that run at once
-        ahead = 0.0  # tokens
+        free = [0.0] * self._parallel  # seconds until each worker is free
         for i, (batch, _) in enumerate(self._submitted):
             if i < self._parallel:
                 # Running (or about to): part of it is done. Counting from its submission
                 # overstates that part, which keeps the bound low.
-                ahead += max(0.0, batch.cost - (now - batch.submitted_at) * single)
+                free[i] = max(0.0, batch.cost - (now - batch.submitted_at) * single) / single
             else:
                 # Not started: entries of requests dropped meanwhile will be skipped.
                 live = [len(e.pair) for e in batch.entries if not e.request.dropped]
-                ahead += batch_cost(live, self._padded)
+                first = free.index(min(free))
+                free[first] += batch_cost(live, self._padded) / single
         tokens = sum(len(p) for p in items)
-        ahead_s = ahead / rate
-        needed_s = (ahead + tokens) / rate
+        needed_s = _spread(sorted(free), tokens / single)
         if now + needed_s > deadline:
-            raise DeadlineUnreachableError(needed_s, ahead_s, tokens, rate, deadline - now)
+            raise DeadlineUnreachableError(
+                needed_s, min(free), tokens, single * self._parallel, deadline - now
+            )
 
     async def _own_queue(self) -> None:
         loop = asyncio.get_running_loop()

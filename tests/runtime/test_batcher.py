@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from reranker_runtime.api.errors import http_error
-from reranker_runtime.batching import Batcher, batch_cost
+from reranker_runtime.batching import Batcher, _spread, batch_cost
 from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
 from reranker_runtime.errors import EngineError, InternalError, ModelLoadError, NotReadyError
 from runtime.fakes import ControlledEngine
@@ -418,3 +418,27 @@ async def test_cpu_workers_run_passes_at_once_and_deliver_out_of_order(xlmr_engi
     finally:
         gate.set()
         await batcher.stop()
+
+
+@pytest.mark.parametrize(
+    ("free", "work_s", "finish"),
+    [
+        ([0.5], 1.0, 1.5),  # one worker: after its running pass
+        ([0.0, 0.0], 2.0, 1.0),  # two idle workers share the work
+        ([0.01, 0.30], 0.03, 0.04),  # done on the first free worker before the other frees
+        ([0.1, 0.3], 1.0, 0.7),  # both: (1.0 + 0.1 + 0.3) / 2
+    ],
+)
+def test_early_refusal_bound_spreads_the_work_over_workers_as_they_free(
+    free: list[float], work_s: float, finish: float
+) -> None:
+    """The deadline check's lower bound with several CPU workers: the request can start on the
+    first worker that frees, not after the average of the passes running (which refused
+    requests that could have made it)."""
+    assert _spread(free, work_s) == pytest.approx(finish)
+    rng = random.Random(3)
+    for _ in range(200):
+        frees = sorted(rng.uniform(0, 2) for _ in range(rng.randint(1, 4)))
+        work = rng.uniform(0, 3)
+        c = _spread(frees, work)
+        assert sum(max(0.0, c - f) for f in frees) == pytest.approx(work)
