@@ -52,6 +52,12 @@ class TokenizationStopped(Exception):
     """Tokenization was stopped (`stop` set): nobody waits for the result any more."""
 
 
+def raise_if_stopped(stop: threading.Event | None) -> None:
+    """TokenizationStopped when `stop` is set: called before each piece of tokenizer work."""
+    if stop is not None and stop.is_set():
+        raise TokenizationStopped
+
+
 @dataclass(frozen=True)
 class BoundedEncoding:
     """A text's tokens (no special tokens), as many as a caller may use.
@@ -126,8 +132,7 @@ def _encode_in_slices(
     out: list[Encoding] = []
     start = 0
     while start < len(texts):
-        if stop is not None and stop.is_set():
-            raise TokenizationStopped
+        raise_if_stopped(stop)
         end, chars = start, 0
         while end < len(texts) and (end == start or chars + len(texts[end]) <= SLICE_CHARS):
             chars += len(texts[end])

@@ -33,6 +33,7 @@ from reranker_runtime.text_bounds import (
     Direction,
     TokenizationStopped,
     encode_bounded_many,
+    raise_if_stopped,
 )
 
 __all__ = [
@@ -398,8 +399,7 @@ class PairTokenizer:
         looked at before each input (see `_bounded`)."""
         result: list[list[TokenInfo]] = []
         for i, item in enumerate(inputs):
-            if stop is not None and stop.is_set():
-                raise TokenizationStopped
+            raise_if_stopped(stop)
             sources = (item,) if isinstance(item, str) else item
 
             def encode(parts: Sequence[str] = sources) -> Encoding:
