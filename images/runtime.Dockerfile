@@ -31,7 +31,7 @@ COPY runtime/ /src/runtime/
 # Object-store sources need boto3 / google-cloud-storage / azure-storage-blob (or their CLIs):
 # add them here if you use S3, GCS or AZURE checkpoints.
 RUN (pip list --format=freeze \
-      | grep -iE '^(torch|tensorrt|tensorrt[-_]llm|numpy|transformers|tokenizers|safetensors|huggingface[-_]hub|pydantic|fastapi|uvicorn)==' \
+      | grep -iE '^(torch|tensorrt|tensorrt[-_]llm|numpy|transformers|tokenizers|safetensors|huggingface[-_]hub|pydantic|fastapi|uvicorn|protobuf|grpcio)==' \
       || true) > /tmp/image-pins.txt \
  && grep -qi '^torch==' /tmp/image-pins.txt \
  && pip install --no-deps /src \
@@ -39,6 +39,7 @@ RUN (pip list --format=freeze \
       "transformers>=4.45" "tokenizers>=0.19" "safetensors>=0.4" "huggingface_hub>=0.23" \
       "fastapi>=0.110" "uvicorn>=0.29" "pydantic>=2.6" "prometheus-client>=0.20" \
       "httpx>=0.27" "numpy>=1.26" "pyyaml>=6" \
+      "opentelemetry-api>=1.25" "opentelemetry-sdk>=1.25" "opentelemetry-exporter-otlp-proto-grpc>=1.25" \
  && reranker-runtime build --help > /dev/null \
  && rm -rf /src /tmp/image-pins.txt \
  && groupadd --gid 10001 reranker \

@@ -56,6 +56,11 @@ class ServeSettings:
     tokenization_workers: int | None = (
         None  # tokenizer threads; None: default_tokenization_workers()
     )
+    # OpenTelemetry traces (tracing.py): OTLP/gRPC collector URL (None: off), the service.name
+    # resource attribute, and whether JSON log lines leave out trace_id/span_id (TEI's flags).
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "reranker-runtime"
+    disable_spans: bool = False
     # auto | torch | packed | trtllm (engines/factory.py `choose_engine` says what auto picks)
     engine: str = "auto"
     torch_compile: bool = False  # packed engine: torch.compile the forward pass
@@ -98,6 +103,9 @@ SERVE_ENV_VARS: dict[str, str] = {
     "hf_cache": "RERANKER_HF_CACHE",
     "hf_token": "RERANKER_HF_TOKEN",
     "tokenization_workers": "RERANKER_TOKENIZATION_WORKERS",
+    "otlp_endpoint": "RERANKER_OTLP_ENDPOINT",
+    "otlp_service_name": "RERANKER_OTLP_SERVICE_NAME",
+    "disable_spans": "RERANKER_DISABLE_SPANS",
     "engine": "RERANKER_ENGINE",
     "torch_compile": "RERANKER_TORCH_COMPILE",
     "cuda_graphs": "RERANKER_CUDA_GRAPHS",
@@ -131,6 +139,9 @@ TEI_ENV_VARS: dict[str, str] = {
     "hf_cache": "HUGGINGFACE_HUB_CACHE",
     "hf_token": "HF_API_TOKEN",  # TEI's hidden alias; its HF_TOKEN huggingface_hub reads itself
     "tokenization_workers": "TOKENIZATION_WORKERS",
+    "otlp_endpoint": "OTLP_ENDPOINT",
+    "otlp_service_name": "OTLP_SERVICE_NAME",
+    "disable_spans": "DISABLE_SPANS",
 }
 # A TEI variable is skipped where this one is set: huggingface_hub reads HF_HUB_CACHE before
 # HUGGINGFACE_HUB_CACHE, and HF_TOKEN before anything we would set from HF_API_TOKEN.

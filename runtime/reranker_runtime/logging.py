@@ -20,6 +20,8 @@ import time
 from contextlib import suppress
 from typing import Any
 
+from opentelemetry import trace as otel_trace
+
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -53,8 +55,26 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+def trace_ids() -> dict[str, str]:
+    """`trace_id` and `span_id` (hex) of the OpenTelemetry span the caller runs in (tracing.py),
+    or nothing outside one."""
+    context = otel_trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return {}
+    return {
+        "trace_id": format(context.trace_id, "032x"),
+        "span_id": format(context.span_id, "016x"),
+    }
+
+
 class JsonFormatter(logging.Formatter):
-    """`{"ts", "level", "logger", "message", ...fields}`; exceptions as one `exc_info` string."""
+    """`{"ts", "level", "logger", "message", ...fields}`; exceptions as one `exc_info` string.
+    A line written inside a traced request carries its `trace_id` and `span_id`, unless
+    `with_trace_ids` is off (`--disable-spans`, as TEI's flag drops spans from its JSON lines)."""
+
+    def __init__(self, with_trace_ids: bool = True) -> None:
+        super().__init__()
+        self.with_trace_ids = with_trace_ids
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -64,6 +84,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.with_trace_ids:
+            out.update(trace_ids())
         out.update(_fields(record))
         if record.exc_info:
             out["exc_info"] = self.formatException(record.exc_info)
@@ -126,14 +148,18 @@ class LibraryRepeatFilter(logging.Filter):
         return keep
 
 
-def setup_logging(log_format: str = "json", level: str = "info") -> None:
+def setup_logging(
+    log_format: str = "json", level: str = "info", *, trace_ids_in_json: bool = True
+) -> None:
     """Route the root logger (and uvicorn's loggers) to stderr in the chosen format."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
     if level.lower() not in LOG_LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(
+        JsonFormatter(with_trace_ids=trace_ids_in_json) if log_format == "json" else TextFormatter()
+    )
     handler.addFilter(LibraryRepeatFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

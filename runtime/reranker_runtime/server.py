@@ -45,6 +45,7 @@ from reranker_runtime.cpu_threads import (
     parse_torch_threads,
 )
 from reranker_runtime.logging import LOG_FORMATS, LOG_LEVELS, log_fields
+from reranker_runtime.tracing import check_endpoint
 
 if TYPE_CHECKING:
     from reranker_runtime.lifecycle import Lifecycle
@@ -371,6 +372,30 @@ _OPTIONS: tuple[_Option, ...] = (
         default_text="CPUs + 4, at most 32",
     ),
     _Option(
+        "otlp_endpoint",
+        ("--otlp-endpoint",),
+        check_endpoint,
+        "Send OpenTelemetry traces (one span per request, with tokenize, queue and inference "
+        "children) over OTLP/gRPC to this collector, e.g. http://otel-collector:4317 (https:// "
+        "for TLS); the caller's traceparent header is followed",
+        "URL",
+        default_text="unset: no tracing",
+    ),
+    _Option(
+        "otlp_service_name",
+        ("--otlp-service-name",),
+        _text,
+        "The service.name of the traces (more resource attributes: OTEL_RESOURCE_ATTRIBUTES)",
+        "NAME",
+    ),
+    _Option(
+        "disable_spans",
+        ("--disable-spans",),
+        parse_bool,
+        "Leave trace_id and span_id out of JSON log lines (TEI's flag; traces are still sent)",
+        boolean=True,
+    ),
+    _Option(
         "engine",
         ("--engine",),
         _choice_parser(ENGINE_CHOICES),
@@ -565,7 +590,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     # Before setup_logging: it imports huggingface_hub, which reads HF_HUB_CACHE once.
     use_hub_settings(settings)
-    setup_logging(settings.log_format, settings.log_level)
+    setup_logging(
+        settings.log_format, settings.log_level, trace_ids_in_json=not settings.disable_spans
+    )
     if tei_used:  # names only: API_KEY's value is a secret
         log.info("settings read from TEI's variables", extra=log_fields(variables=tei_used))
     return serve(settings)

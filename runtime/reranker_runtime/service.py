@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from reranker_runtime import metrics
+from reranker_runtime import metrics, tracing
 from reranker_runtime.batch_budget import resolve_max_batch_tokens
 from reranker_runtime.batching import Batcher, BatchResult
 from reranker_runtime.config import ServeSettings, default_tokenization_workers
@@ -275,7 +275,7 @@ class RerankService:
         bounds = np.cumsum([0] + [len(e.windows) for e in encoded])
         best = np.array([logits[bounds[i] : bounds[i + 1]].max() for i in range(len(encoded))])
         scores = best if raw_scores else _sigmoid(best)
-        self._observe(windows, tokenization_s, result)
+        self._observe(windows, t0, tokenization_s, result)
         if chunks > 1:
             metrics.CHUNKED_TEXTS.inc(sum(1 for e in encoded if len(e.windows) > 1))
         return RerankResult(
@@ -327,7 +327,7 @@ class RerankService:
             sorted(((self._labels[j], float(row[j])) for j in range(len(row))), key=lambda p: -p[1])
             for row in probs
         ]
-        self._observe(encoded, tokenization_s, result)
+        self._observe(encoded, t0, tokenization_s, result)
         return PredictResult(
             predictions=predictions,
             token_counts=[e.num_tokens for e in encoded],
@@ -518,7 +518,20 @@ class RerankService:
             metrics.REQUEST_DEADLINE_REFUSALS.inc()
             raise
 
-    def _observe(self, encoded: list[Encoded], tokenization_s: float, result: BatchResult) -> None:
+    def _observe(
+        self, encoded: list[Encoded], started: float, tokenization_s: float, result: BatchResult
+    ) -> None:
+        """Metrics and trace spans of a scored request; `started`: perf_counter() before its
+        tokenization."""
+        tracing.record_phases(
+            started=started,
+            tokenization_s=tokenization_s,
+            queue_s=result.queue_time_s,
+            compute_s=result.inference_time_s,
+            batches=result.batches,
+            items=len(encoded),
+            tokens=sum(e.num_tokens for e in encoded),
+        )
         metrics.TOKENIZATION_DURATION.observe(tokenization_s)
         metrics.QUEUE_DURATION.observe(result.queue_time_s)
         metrics.INFERENCE_DURATION.observe(result.inference_time_s)

@@ -11,7 +11,12 @@ import pytest
 from reranker_runtime import cli
 from reranker_runtime.config import DEFAULT_MODEL, SERVE_ENV_VARS, ServeSettings
 from reranker_runtime.logging import setup_logging
-from reranker_runtime.server import add_serve_parser, parse_bool, settings_from_args
+from reranker_runtime.server import (
+    SettingsError,
+    add_serve_parser,
+    parse_bool,
+    settings_from_args,
+)
 
 
 def _serve_args(argv: list[str]) -> argparse.Namespace:
@@ -69,6 +74,9 @@ ENV = {
     "RERANKER_HF_CACHE": "/cache/hub",
     "RERANKER_HF_TOKEN": "hf_secret",
     "RERANKER_TOKENIZATION_WORKERS": "3",
+    "RERANKER_OTLP_ENDPOINT": "http://collector:4317",
+    "RERANKER_OTLP_SERVICE_NAME": "ranker",
+    "RERANKER_DISABLE_SPANS": "yes",
     "RERANKER_ENGINE": "packed",
     "RERANKER_TORCH_COMPILE": "true",
     "RERANKER_CUDA_GRAPHS": "1",
@@ -111,6 +119,9 @@ def test_every_setting_comes_from_its_env_var() -> None:
         hf_cache="/cache/hub",
         hf_token="hf_secret",
         tokenization_workers=3,
+        otlp_endpoint="http://collector:4317",
+        otlp_service_name="ranker",
+        disable_spans=True,
         engine="packed",
         torch_compile=True,
         cuda_graphs=True,
@@ -172,6 +183,11 @@ def test_a_tei_command_line_works_as_it_is() -> None:
             "--json-output",
             "--max-client-batch-size",
             "64",
+            "--otlp-endpoint",
+            "http://jaeger:4317",
+            "--otlp-service-name",
+            "text-embeddings-inference.server",
+            "--disable-spans",
         ]
     )
     settings = settings_from_args(args, environ={"RERANKER_LOG_FORMAT": "text"})
@@ -179,6 +195,9 @@ def test_a_tei_command_line_works_as_it_is() -> None:
     assert settings.auto_truncate is False
     assert settings.log_format == "json"  # the flag beats the variable
     assert settings.max_client_batch_size == 64
+    assert settings.otlp_endpoint == "http://jaeger:4317"
+    assert settings.otlp_service_name == "text-embeddings-inference.server"
+    assert settings.disable_spans is True
 
 
 @pytest.mark.parametrize(
@@ -202,6 +221,18 @@ def test_bad_boolean_flag_value_is_an_argparse_error(capsys: pytest.CaptureFixtu
     assert "--cuda-graphs" in capsys.readouterr().err
 
 
+def test_an_otlp_endpoint_without_its_scheme_is_refused_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--otlp-endpoint", "collector:4317"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--otlp-endpoint" in err and "http://otel-collector:4317" in err
+    with pytest.raises(SettingsError, match=r"OTLP_ENDPOINT='collector:4317' is invalid.*http://"):
+        settings_from_args(_serve_args([]), environ={"OTLP_ENDPOINT": "collector:4317"})
+
+
 TEI_ENV = {
     "MODEL_ID": "/data/bge",
     "REVISION": "refs/pr/5",
@@ -215,6 +246,9 @@ TEI_ENV = {
     "AUTO_TRUNCATE": "false",
     "API_KEY": "tei-key",
     "JSON_OUTPUT": "false",
+    "OTLP_ENDPOINT": "https://collector.example:4317",
+    "OTLP_SERVICE_NAME": "tei",
+    "DISABLE_SPANS": "true",
     "HOSTNAME": "my-pod-7f9c",  # set by every shell and pod: never an address to listen on
 }
 
@@ -234,6 +268,9 @@ def test_a_tei_environment_works_as_it_is() -> None:
         auto_truncate=False,
         api_key="tei-key",
         log_format="text",
+        otlp_endpoint="https://collector.example:4317",
+        otlp_service_name="tei",
+        disable_spans=True,
     )
     assert settings.host == "0.0.0.0"
 
@@ -277,7 +314,7 @@ def test_the_tei_variables_read_are_logged_by_name_only(
 
     seen: list[object] = []
     monkeypatch.setattr(server, "serve", lambda settings: seen.append(settings) or 0)
-    monkeypatch.setattr("reranker_runtime.logging.setup_logging", lambda *a: None)
+    monkeypatch.setattr("reranker_runtime.logging.setup_logging", lambda *a, **k: None)
     for name, value in {"PORT": "3000", "API_KEY": "s3cret", "JSON_OUTPUT": "true"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("RERANKER_PORT", raising=False)

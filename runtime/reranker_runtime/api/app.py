@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reranker_runtime import __version__, metrics
+from reranker_runtime import __version__, metrics, tracing
 from reranker_runtime.api import cohere, ops, other_models, tei
 from reranker_runtime.api.auth import all_routes, document_api_key, protected_operations
 from reranker_runtime.api.deps import (
@@ -54,7 +56,7 @@ from reranker_runtime.config import ServeSettings
 from reranker_runtime.connections import CLIENT_STATUS_SCOPE_KEY
 from reranker_runtime.errors import RerankerError
 from reranker_runtime.lifecycle import Lifecycle
-from reranker_runtime.logging import ACCESS_LOGGER, log_fields
+from reranker_runtime.logging import ACCESS_LOGGER, log_fields, trace_ids
 
 if TYPE_CHECKING:
     from reranker_runtime.engines.base import Engine
@@ -109,11 +111,18 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.otlp_endpoint:
+            tracing.start(settings.otlp_endpoint, settings.otlp_service_name)
         lifecycle.start()
         try:
             yield
         finally:
-            await lifecycle.close()
+            try:
+                await lifecycle.close()
+            finally:
+                if settings.otlp_endpoint:
+                    # Flushing waits on the network: not on the event loop.
+                    await asyncio.to_thread(tracing.stop)
 
     app = _App(
         title="reranker-runtime",
@@ -172,6 +181,11 @@ def create_app(
         allow_methods=["GET", "POST"],
         allow_headers=["content-type", "authorization"],
     )
+    if settings.otlp_endpoint:
+        # Inside AccessMiddleware, so the access-log line can carry the request's trace id.
+        app.add_middleware(
+            TraceMiddleware, routes=routes, trace_ids_in_log=not settings.disable_spans
+        )
     app.add_middleware(AccessMiddleware, routes=routes)
     return app
 
@@ -441,6 +455,69 @@ class AccessMiddleware:
                         **fields,
                     ),
                 )
+
+
+# TEI's timing headers -> attributes of the request span (milliseconds and counts, as numbers).
+_SPAN_ATTRIBUTES_FROM_HEADERS = (
+    ("x-total-time", "total_time"),
+    ("x-tokenization-time", "tokenization_time"),
+    ("x-queue-time", "queue_time"),
+    ("x-inference-time", "inference_time"),
+    ("x-compute-tokens", "compute_tokens"),
+    ("x-compute-characters", "compute_chars"),
+)
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
+
+
+class TraceMiddleware:
+    """One OpenTelemetry server span per request (probes and scrapes excepted), named
+    `METHOD route` and continuing the caller's W3C `traceparent`. It carries OpenTelemetry's
+    HTTP attributes, the request id, and TEI's times (`total_time`, `queue_time`, ... in ms,
+    from the response's timing headers); a 5xx marks it as an error. The service adds the
+    `tokenize`, `queue` and `inference` children (tracing.record_phases)."""
+
+    def __init__(self, app: ASGIApp, routes: frozenset[str], trace_ids_in_log: bool) -> None:
+        self.app = app
+        self.routes = routes
+        self.trace_ids_in_log = trace_ids_in_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or path in _QUIET_PATHS or not tracing.enabled():
+            await self.app(scope, receive, send)
+            return
+        route = path if path in self.routes else "other"
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+        }
+        with tracing.tracer().start_as_current_span(
+            f"{scope['method']} {route}",
+            context=_TRACE_CONTEXT.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": scope["method"],
+                "http.route": route,
+                "url.path": path,
+                "request_id": scope.get(REQUEST_ID_SCOPE_KEY, ""),
+            },
+        ) as span:
+            if self.trace_ids_in_log:
+                scope.setdefault(LOG_SCOPE_KEY, {}).update(trace_ids())
+
+            async def send_traced(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    status = int(message["status"])
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
+                    headers = Headers(raw=message.get("headers", []))
+                    for header, attribute in _SPAN_ATTRIBUTES_FROM_HEADERS:
+                        value = headers.get(header)
+                        if value is not None and value.isdigit():
+                            span.set_attribute(attribute, int(value))
+                await send(message)
+
+            await self.app(scope, receive, send_traced)
 
 
 def _allowed_methods(app: FastAPI, path: str) -> str:

@@ -1,0 +1,199 @@
+"""OpenTelemetry traces (--otlp-endpoint): what a collector receives from the real app, over real
+OTLP/gRPC, from an in-process collector (opentelemetry-proto's TraceService)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
+    TraceServiceServicer,
+    add_TraceServiceServicer_to_server,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from reranker_runtime import tracing
+from reranker_runtime.logging import ACCESS_LOGGER
+from runtime.api_support import QUERY, TEXTS, serving, settings_for
+from runtime.fakes import ControlledEngine
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+class Collector(TraceServiceServicer):
+    """Keeps every span it is sent, with its resource's attributes."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.resources: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def Export(
+        self, request: ExportTraceServiceRequest, context: Any
+    ) -> ExportTraceServiceResponse:  # the method name is gRPC's
+        with self._lock:
+            for resource_spans in request.resource_spans:
+                self.resources.append(attributes(resource_spans.resource.attributes))
+                for scope_spans in resource_spans.scope_spans:
+                    self.spans.extend(scope_spans.spans)
+        return ExportTraceServiceResponse()
+
+    def named(self, name: str) -> list[Span]:
+        with self._lock:
+            return [s for s in self.spans if s.name == name]
+
+
+def value(v: AnyValue) -> Any:
+    return getattr(v, v.WhichOneof("value"))
+
+
+def attributes(kvs: Any) -> dict[str, Any]:
+    return {kv.key: value(kv.value) for kv in kvs}
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[Collector, str]]:
+    servicer = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    add_TraceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"http://127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+async def test_a_request_is_one_trace_with_its_phases_under_the_callers_span(
+    xlmr_reranker: Path, xlmr_engine: Any, collector: tuple[Collector, str]
+) -> None:
+    sink, endpoint = collector
+    settings = settings_for(xlmr_reranker, otlp_endpoint=endpoint, otlp_service_name="rerank-a")
+    async with serving(settings, xlmr_engine) as client:
+        resp = await client.post(
+            "/rerank",
+            json={"query": QUERY, "texts": TEXTS},
+            headers={"traceparent": TRACEPARENT, "x-request-id": "req-1"},
+        )
+        assert resp.status_code == 200
+        untraced = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS[:2]})
+        assert untraced.status_code == 200
+    # Leaving the app flushes the spans.
+
+    (request_span,) = [s for s in sink.named("POST /rerank") if s.trace_id.hex() == TRACE_ID]
+    assert request_span.parent_span_id.hex() == PARENT_ID
+    assert request_span.kind == Span.SPAN_KIND_SERVER
+    attrs = attributes(request_span.attributes)
+    assert attrs["http.request.method"] == "POST"
+    assert attrs["http.route"] == "/rerank"
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["request_id"] == "req-1"
+    assert attrs["compute_tokens"] == int(resp.headers["x-compute-tokens"])
+    assert attrs["compute_chars"] == int(resp.headers["x-compute-characters"])
+    for name in ("total_time", "tokenization_time", "queue_time", "inference_time"):
+        assert attrs[name] == int(resp.headers[f"x-{name.replace('_', '-')}"])
+    assert request_span.status.code != Status.STATUS_CODE_ERROR
+
+    # tokenize -> queue -> inference, end to end inside the request span.
+    phases = {
+        name: next(s for s in sink.named(name) if s.trace_id == request_span.trace_id)
+        for name in ("tokenize", "queue", "inference")
+    }
+    for span in phases.values():
+        assert span.parent_span_id == request_span.span_id
+        assert request_span.start_time_unix_nano <= span.start_time_unix_nano
+        assert span.start_time_unix_nano <= span.end_time_unix_nano
+        assert span.end_time_unix_nano <= request_span.end_time_unix_nano
+    assert phases["tokenize"].end_time_unix_nano == phases["queue"].start_time_unix_nano
+    assert phases["queue"].end_time_unix_nano == phases["inference"].start_time_unix_nano
+    tokenize = attributes(phases["tokenize"].attributes)
+    assert tokenize == {"inputs": len(TEXTS), "tokens": int(resp.headers["x-compute-tokens"])}
+    inference = attributes(phases["inference"].attributes)
+    assert inference["pairs"] == len(TEXTS)
+    assert inference["forward_passes"] >= 1
+
+    # A request without traceparent starts its own trace; probes are not traced.
+    roots = [s for s in sink.named("POST /rerank") if s.trace_id.hex() != TRACE_ID]
+    assert len(roots) == 1 and roots[0].parent_span_id == b""
+    assert not sink.named("GET /health")
+    assert {"service.name": "rerank-a"}.items() <= sink.resources[0].items()
+
+
+async def test_a_server_error_marks_the_span_as_failed(
+    xlmr_reranker: Path, xlmr_engine: Any, collector: tuple[Collector, str]
+) -> None:
+    sink, endpoint = collector
+    engine = ControlledEngine(xlmr_engine)
+    async with serving(settings_for(xlmr_reranker, otlp_endpoint=endpoint), engine) as client:
+        engine.hold()
+        try:
+            resp = await client.post(
+                "/v2/rerank",
+                json={"model": "m", "query": QUERY, "documents": TEXTS},
+                headers={"X-Request-Timeout": "0.2"},
+            )
+        finally:
+            engine.release()
+        assert resp.status_code == 504
+    (span,) = sink.named("POST /v2/rerank")
+    assert attributes(span.attributes)["http.response.status_code"] == 504
+    assert span.status.code == Status.STATUS_CODE_ERROR
+    assert not sink.named("inference")  # the request never reached a forward pass
+
+
+async def test_log_lines_carry_the_trace_id_unless_spans_are_disabled(
+    xlmr_reranker: Path,
+    xlmr_engine: Any,
+    collector: tuple[Collector, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, endpoint = collector
+    for disable_spans in (False, True):
+        caplog.clear()
+        settings = settings_for(xlmr_reranker, otlp_endpoint=endpoint, disable_spans=disable_spans)
+        with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+            async with serving(settings, xlmr_engine) as client:
+                resp = await client.post(
+                    "/rerank",
+                    json={"query": QUERY, "texts": TEXTS[:2]},
+                    headers={"traceparent": TRACEPARENT},
+                )
+                assert resp.status_code == 200
+        (line,) = [r for r in caplog.records if r.getMessage() == "POST /rerank 200"]
+        fields = line.__dict__["fields"]
+        if disable_spans:
+            assert "trace_id" not in fields
+        else:
+            assert fields["trace_id"] == TRACE_ID
+            assert len(fields["span_id"]) == 16 and fields["span_id"] != PARENT_ID
+
+
+async def test_requests_are_answered_when_the_collector_is_down(
+    xlmr_reranker: Path, xlmr_engine: Any, unused_tcp_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing listens there: spans are dropped (and a warning logged), requests are not hurt.
+    monkeypatch.setattr(tracing, "FLUSH_TIMEOUT_MS", 200)  # the exit's wait for the collector
+    settings = settings_for(xlmr_reranker, otlp_endpoint=f"http://127.0.0.1:{unused_tcp_port}")
+    async with serving(settings, xlmr_engine) as client:
+        resp = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS})
+        assert resp.status_code == 200
+    assert not tracing.enabled()  # stopped with the app
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["localhost:4317", "otel-collector", "grpc://collector:4317", "http://"]
+)
+def test_an_endpoint_without_scheme_or_host_is_refused(endpoint: str) -> None:
+    with pytest.raises(ValueError, match=r"http:// \(plain gRPC\) or https:// \(TLS\)"):
+        tracing.check_endpoint(endpoint)
