@@ -41,6 +41,7 @@ RUN (pip list --format=freeze \
       "httpx>=0.27" "numpy>=1.26" "pyyaml>=6" \
       "opentelemetry-api>=1.25" "opentelemetry-sdk>=1.25" "opentelemetry-exporter-otlp-proto-grpc>=1.25" \
  && reranker-runtime build --help > /dev/null \
+ && python -c "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc.trace_exporter" \
  && rm -rf /src /tmp/image-pins.txt \
  && groupadd --gid 10001 reranker \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin reranker

@@ -59,7 +59,7 @@ class ServeSettings:
     # OpenTelemetry traces (tracing.py): OTLP/gRPC collector URL (None: off), the service.name
     # resource attribute, and whether JSON log lines leave out trace_id/span_id (TEI's flags).
     otlp_endpoint: str | None = None
-    otlp_service_name: str = "reranker-runtime"
+    otlp_service_name: str | None = None  # None: OTEL_SERVICE_NAME, else "reranker-runtime"
     disable_spans: bool = False
     # auto | torch | packed | trtllm (engines/factory.py `choose_engine` says what auto picks)
     engine: str = "auto"

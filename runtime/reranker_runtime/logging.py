@@ -56,11 +56,11 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def trace_ids() -> dict[str, str]:
-    """`trace_id` and `span_id` (hex) of the OpenTelemetry span the caller runs in (tracing.py),
-    or nothing outside one."""
+    """`trace_id` and `span_id` (hex) of the sampled OpenTelemetry span the caller runs in
+    (tracing.py), or nothing outside one."""
     context = otel_trace.get_current_span().get_span_context()
-    if not context.is_valid:
-        return {}
+    if not context.is_valid or not context.trace_flags.sampled:
+        return {}  # an unsampled span is never exported: no trace to link to
     return {
         "trace_id": format(context.trace_id, "032x"),
         "span_id": format(context.span_id, "016x"),
@@ -109,12 +109,13 @@ class TextFormatter(logging.Formatter):
 class LibraryRepeatFilter(logging.Filter):
     """Each library warning once: huggingface_hub logs the same `'<error>' thrown while
     requesting HEAD <url>` before every retry (six times in 25 s), each followed by `Retrying in
-    Ns [Retry k/5]`. A warning from huggingface_hub or transformers identical to one printed in
-    the last `window_s` seconds is dropped, and so is the retry line right after a dropped one;
+    Ns [Retry k/5]`; OpenTelemetry's exporter logs `Queue full, dropping span.` for every span
+    while its collector is down. A warning from huggingface_hub, transformers or opentelemetry
+    identical to one printed in the last `window_s` seconds is dropped, and so is the retry line right after a dropped one;
     a different error (a timeout after a 503, say) comes through. `dropped` counts what was left
     out. Our own loggers are never filtered."""
 
-    _LIBRARIES = ("huggingface_hub", "transformers")
+    _LIBRARIES = ("huggingface_hub", "transformers", "opentelemetry")
     _RETRY_LINE = re.compile(r"(Retrying in |Rate limited\. Waiting )")
     _MAX_REMEMBERED = 256
 

@@ -387,6 +387,7 @@ _OPTIONS: tuple[_Option, ...] = (
         _text,
         "The service.name of the traces (more resource attributes: OTEL_RESOURCE_ATTRIBUTES)",
         "NAME",
+        default_text="OTEL_SERVICE_NAME, else reranker-runtime",
     ),
     _Option(
         "disable_spans",

@@ -87,6 +87,15 @@ class PredictResult:
     inference_time_s: float
 
 
+@dataclass
+class _Progress:
+    """How far a scoring request got, for the trace spans of one that ends early."""
+
+    started: float  # perf_counter() before tokenization
+    tokenization_s: float | None = None  # set once tokenized
+    scoring: bool = False  # handed to the batcher
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
@@ -253,8 +262,12 @@ class RerankService:
             raise ValidationError(f"max_chunks_per_doc must be at least 1, got {chunks}")
         truncating = self._truncating(truncate)
 
-        async with self._deadline(timeout_s, request_id, arrived_at) as deadline:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        progress = _Progress(started=t0)
+        async with (
+            self._traced_unfinished(progress),
+            self._deadline(timeout_s, request_id, arrived_at) as deadline,
+        ):
             encoded = await self._stoppable_tokenization(
                 self._tokenizer.encode_chunked,
                 query,
@@ -266,8 +279,9 @@ class RerankService:
                 overlap=self._settings.chunk_overlap_tokens,
                 texts_field=texts_field,
             )
-            tokenization_s = time.perf_counter() - t0
+            tokenization_s = progress.tokenization_s = time.perf_counter() - t0
             windows = self._check_windows(encoded, chunks, truncating, texts_field)
+            progress.scoring = True
             result = await self._score(windows, request_id, deadline)
 
         # The max over each text's windows, on raw logits (sigmoid is monotonic: same ranking).
@@ -305,16 +319,21 @@ class RerankService:
         direction = parse_direction(truncation_direction)
         items = self._check_inputs(inputs)
 
-        async with self._deadline(timeout_s, request_id, arrived_at) as deadline:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        progress = _Progress(started=t0)
+        async with (
+            self._traced_unfinished(progress),
+            self._deadline(timeout_s, request_id, arrived_at) as deadline,
+        ):
             encoded = await self._stoppable_tokenization(
                 self._tokenizer.encode_inputs,
                 items,
                 truncate=self._truncating(truncate),
                 direction=direction,
             )
-            tokenization_s = time.perf_counter() - t0
+            tokenization_s = progress.tokenization_s = time.perf_counter() - t0
             self._check_lengths(encoded, "inputs", "input is")
+            progress.scoring = True
             result = await self._score(encoded, request_id, deadline)
         logits = result.logits
         if raw_scores:
@@ -518,6 +537,20 @@ class RerankService:
             metrics.REQUEST_DEADLINE_REFUSALS.inc()
             raise
 
+    @staticmethod
+    @asynccontextmanager
+    async def _traced_unfinished(progress: _Progress) -> AsyncIterator[None]:
+        """On the way out of a request that failed or was cancelled: its trace spans so far."""
+        try:
+            yield
+        except BaseException:
+            tracing.record_unfinished(
+                started=progress.started,
+                tokenization_s=progress.tokenization_s,
+                scoring=progress.scoring,
+            )
+            raise
+
     def _observe(
         self, encoded: list[Encoded], started: float, tokenization_s: float, result: BatchResult
     ) -> None:
@@ -529,7 +562,7 @@ class RerankService:
             queue_s=result.queue_time_s,
             compute_s=result.inference_time_s,
             batches=result.batches,
-            items=len(encoded),
+            pairs=len(encoded),
             tokens=sum(e.num_tokens for e in encoded),
         )
         metrics.TOKENIZATION_DURATION.observe(tokenization_s)

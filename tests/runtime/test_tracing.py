@@ -3,6 +3,7 @@ OTLP/gRPC, from an in-process collector (opentelemetry-proto's TraceService)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from reranker_runtime import tracing
-from reranker_runtime.logging import ACCESS_LOGGER
+from reranker_runtime.logging import ACCESS_LOGGER, setup_logging
 from runtime.api_support import QUERY, TEXTS, serving, settings_for
 from runtime.fakes import ControlledEngine
 
@@ -62,6 +63,21 @@ def value(v: AnyValue) -> Any:
 
 def attributes(kvs: Any) -> dict[str, Any]:
     return {kv.key: value(kv.value) for kv in kvs}
+
+
+@pytest.fixture(autouse=True)
+def _no_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A developer's shell may set these; each would change what the collector receives.
+    for name in (
+        "OTEL_SDK_DISABLED",
+        "OTEL_TRACES_SAMPLER",
+        "OTEL_TRACES_SAMPLER_ARG",
+        "OTEL_EXPORTER_OTLP_INSECURE",
+        "OTEL_EXPORTER_OTLP_TRACES_INSECURE",
+        "OTEL_SERVICE_NAME",
+        "OTEL_RESOURCE_ATTRIBUTES",
+    ):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -118,7 +134,7 @@ async def test_a_request_is_one_trace_with_its_phases_under_the_callers_span(
     assert phases["tokenize"].end_time_unix_nano == phases["queue"].start_time_unix_nano
     assert phases["queue"].end_time_unix_nano == phases["inference"].start_time_unix_nano
     tokenize = attributes(phases["tokenize"].attributes)
-    assert tokenize == {"inputs": len(TEXTS), "tokens": int(resp.headers["x-compute-tokens"])}
+    assert tokenize == {"pairs": len(TEXTS), "tokens": int(resp.headers["x-compute-tokens"])}
     inference = attributes(phases["inference"].attributes)
     assert inference["pairs"] == len(TEXTS)
     assert inference["forward_passes"] >= 1
@@ -130,7 +146,7 @@ async def test_a_request_is_one_trace_with_its_phases_under_the_callers_span(
     assert {"service.name": "rerank-a"}.items() <= sink.resources[0].items()
 
 
-async def test_a_server_error_marks_the_span_as_failed(
+async def test_a_request_past_its_deadline_is_a_failed_span_showing_where_it_waited(
     xlmr_reranker: Path, xlmr_engine: Any, collector: tuple[Collector, str]
 ) -> None:
     sink, endpoint = collector
@@ -149,51 +165,130 @@ async def test_a_server_error_marks_the_span_as_failed(
     (span,) = sink.named("POST /v2/rerank")
     assert attributes(span.attributes)["http.response.status_code"] == 504
     assert span.status.code == Status.STATUS_CODE_ERROR
-    assert not sink.named("inference")  # the request never reached a forward pass
+    # Tokenized, then held in the batcher until the deadline: `scoring` is cut there.
+    (tokenize,) = sink.named("tokenize")
+    (scoring,) = sink.named("scoring")
+    assert attributes(tokenize.attributes) == {"completed": True}
+    assert attributes(scoring.attributes) == {"completed": False}
+    assert tokenize.parent_span_id == scoring.parent_span_id == span.span_id
+    assert tokenize.end_time_unix_nano == scoring.start_time_unix_nano
+    assert scoring.end_time_unix_nano <= span.end_time_unix_nano
+    assert not sink.named("queue") and not sink.named("inference")
 
 
-async def test_log_lines_carry_the_trace_id_unless_spans_are_disabled(
+@pytest.fixture
+def json_logs() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+
+
+def _access_line(err: str, path: str) -> dict[str, Any]:
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    (line,) = [x for x in lines if x["logger"] == ACCESS_LOGGER and x["route"] == path]
+    return line
+
+
+@pytest.mark.usefixtures("json_logs")
+async def test_json_log_lines_carry_the_trace_id_unless_spans_are_disabled(
     xlmr_reranker: Path,
     xlmr_engine: Any,
     collector: tuple[Collector, str],
-    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    _, endpoint = collector
+    sink, endpoint = collector
     for disable_spans in (False, True):
-        caplog.clear()
+        setup_logging("json", "info", trace_ids_in_json=not disable_spans)
         settings = settings_for(xlmr_reranker, otlp_endpoint=endpoint, disable_spans=disable_spans)
-        with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
-            async with serving(settings, xlmr_engine) as client:
-                resp = await client.post(
-                    "/rerank",
-                    json={"query": QUERY, "texts": TEXTS[:2]},
-                    headers={"traceparent": TRACEPARENT},
-                )
-                assert resp.status_code == 200
-        (line,) = [r for r in caplog.records if r.getMessage() == "POST /rerank 200"]
-        fields = line.__dict__["fields"]
+        async with serving(settings, xlmr_engine) as client:
+            resp = await client.post(
+                "/rerank",
+                json={"query": QUERY, "texts": TEXTS[:2]},
+                headers={"traceparent": TRACEPARENT},
+            )
+            assert resp.status_code == 200
+        line = _access_line(capfd.readouterr().err, "/rerank")
         if disable_spans:
-            assert "trace_id" not in fields
+            assert "trace_id" not in line and "span_id" not in line
         else:
-            assert fields["trace_id"] == TRACE_ID
-            assert len(fields["span_id"]) == 16 and fields["span_id"] != PARENT_ID
+            (span,) = sink.named("POST /rerank")
+            assert line["trace_id"] == TRACE_ID
+            assert line["span_id"] == span.span_id.hex()
+
+
+@pytest.mark.usefixtures("json_logs")
+async def test_a_trace_the_caller_did_not_sample_is_neither_sent_nor_logged(
+    xlmr_reranker: Path,
+    xlmr_engine: Any,
+    collector: tuple[Collector, str],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    sink, endpoint = collector
+    setup_logging("json", "info")
+    async with serving(settings_for(xlmr_reranker, otlp_endpoint=endpoint), xlmr_engine) as client:
+        resp = await client.post(
+            "/rerank",
+            json={"query": QUERY, "texts": TEXTS[:2]},
+            headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"},  # flags 00: not sampled
+        )
+        assert resp.status_code == 200
+    assert "trace_id" not in _access_line(capfd.readouterr().err, "/rerank")
+    assert not sink.spans
+
+
+async def test_the_service_name_comes_from_otel_service_name_unless_set(
+    xlmr_reranker: Path,
+    xlmr_engine: Any,
+    collector: tuple[Collector, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sink, endpoint = collector
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-otel-env")
+    for name, expected in ((None, "from-otel-env"), ("flag-name", "flag-name")):
+        settings = settings_for(xlmr_reranker, otlp_endpoint=endpoint, otlp_service_name=name)
+        async with serving(settings, xlmr_engine) as client:
+            await client.post("/rerank", json={"query": QUERY, "texts": TEXTS[:1]})
+        assert sink.resources[-1]["service.name"] == expected
 
 
 async def test_requests_are_answered_when_the_collector_is_down(
-    xlmr_reranker: Path, xlmr_engine: Any, unused_tcp_port: int, monkeypatch: pytest.MonkeyPatch
+    xlmr_reranker: Path,
+    xlmr_engine: Any,
+    unused_tcp_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Nothing listens there: spans are dropped (and a warning logged), requests are not hurt.
-    monkeypatch.setattr(tracing, "FLUSH_TIMEOUT_MS", 200)  # the exit's wait for the collector
+    # Nothing listens there: the spans are dropped, requests are not hurt, and the exit waits
+    # for the collector no longer than FLUSH_TIMEOUT_MS (the exporter alone retries for 10 s).
+    monkeypatch.setattr(tracing, "FLUSH_TIMEOUT_MS", 200)
     settings = settings_for(xlmr_reranker, otlp_endpoint=f"http://127.0.0.1:{unused_tcp_port}")
-    async with serving(settings, xlmr_engine) as client:
-        resp = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS})
-        assert resp.status_code == 200
+    with caplog.at_level(logging.WARNING, logger=tracing.__name__):
+        async with serving(settings, xlmr_engine) as client:
+            resp = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS})
+            assert resp.status_code == 200
     assert not tracing.enabled()  # stopped with the app
+    assert any("the last spans were not sent" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(
-    "endpoint", ["localhost:4317", "otel-collector", "grpc://collector:4317", "http://"]
+    "endpoint",
+    [
+        "localhost:4317",
+        "otel-collector",
+        "grpc://collector:4317",
+        "http://",
+        "http://user:secret@collector:4317",
+        "http://collector:4317/v1/traces",
+        "http://collector:4317?x=1",
+    ],
 )
-def test_an_endpoint_without_scheme_or_host_is_refused(endpoint: str) -> None:
-    with pytest.raises(ValueError, match=r"http:// \(plain gRPC\) or https:// \(TLS\)"):
+def test_an_endpoint_that_is_not_scheme_host_and_port_is_refused(endpoint: str) -> None:
+    with pytest.raises(ValueError, match=r"e\.g\. http://otel-collector:4317"):
         tracing.check_endpoint(endpoint)
+
+
+@pytest.mark.parametrize("endpoint", ["http://collector:4317", "https://collector.example/"])
+def test_a_scheme_host_and_port_endpoint_is_taken(endpoint: str) -> None:
+    assert tracing.check_endpoint(f" {endpoint} ") == endpoint

@@ -402,10 +402,14 @@ class AccessMiddleware:
             if response_started:
                 # The client already has its status: that is the one counted.
                 log.exception(
-                    "error after the response started", extra=log_fields(request_id=request_id)
+                    "error after the response started",
+                    extra=log_fields(request_id=request_id, **_trace_fields(fields)),
                 )
             else:
-                log.exception("unhandled error", extra=log_fields(request_id=request_id))
+                log.exception(
+                    "unhandled error",
+                    extra=log_fields(request_id=request_id, **_trace_fields(fields)),
+                )
                 status = 500
                 body = json.dumps(
                     error_body(
@@ -473,8 +477,9 @@ class TraceMiddleware:
     """One OpenTelemetry server span per request (probes and scrapes excepted), named
     `METHOD route` and continuing the caller's W3C `traceparent`. It carries OpenTelemetry's
     HTTP attributes, the request id, and TEI's times (`total_time`, `queue_time`, ... in ms,
-    from the response's timing headers); a 5xx marks it as an error. The service adds the
-    `tokenize`, `queue` and `inference` children (tracing.record_phases)."""
+    from the response's timing headers). Its status code is the one the client got (408 and
+    499 included, as AccessMiddleware counts it); a 5xx marks it as an error. The service adds
+    the `tokenize`, `queue` and `inference` children (tracing.record_phases)."""
 
     def __init__(self, app: ASGIApp, routes: frozenset[str], trace_ids_in_log: bool) -> None:
         self.app = app
@@ -500,16 +505,18 @@ class TraceMiddleware:
                 "url.path": path,
                 "request_id": scope.get(REQUEST_ID_SCOPE_KEY, ""),
             },
+            record_exception=False,  # done below, with the status the client gets
+            set_status_on_exception=False,
         ) as span:
             if self.trace_ids_in_log:
                 scope.setdefault(LOG_SCOPE_KEY, {}).update(trace_ids())
+            status: int | None = None
+            client_left = False
 
             async def send_traced(message: Message) -> None:
+                nonlocal status
                 if message["type"] == "http.response.start":
                     status = int(message["status"])
-                    span.set_attribute("http.response.status_code", status)
-                    if status >= 500:
-                        span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
                     headers = Headers(raw=message.get("headers", []))
                     for header, attribute in _SPAN_ATTRIBUTES_FROM_HEADERS:
                         value = headers.get(header)
@@ -517,7 +524,38 @@ class TraceMiddleware:
                             span.set_attribute(attribute, int(value))
                 await send(message)
 
-            await self.app(scope, receive, send_traced)
+            async def receive_watching() -> Message:
+                nonlocal client_left
+                message = await receive()
+                if message["type"] == "http.disconnect" and status is None:
+                    client_left = True
+                return message
+
+            try:
+                await self.app(scope, receive_watching, send_traced)
+            except PayloadTooLarge:
+                status = 413  # AccessMiddleware answers it
+                raise
+            except Exception as exc:
+                span.record_exception(exc)
+                status = 500  # AccessMiddleware answers it
+                raise
+            finally:
+                # The status the client got, as the access log counts it (AccessMiddleware).
+                if CLIENT_STATUS_SCOPE_KEY in scope:
+                    status = scope[CLIENT_STATUS_SCOPE_KEY]
+                elif client_left:
+                    status = CLIENT_CLOSED_REQUEST
+                if status is not None:
+                    span.set_attribute("http.response.status_code", status)
+                if status is not None and status >= 500:
+                    span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
+
+
+def _trace_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The trace ids TraceMiddleware put in the access fields, for AccessMiddleware's own
+    lines (written after the request's span has ended)."""
+    return {key: fields[key] for key in ("trace_id", "span_id") if key in fields}
 
 
 def _allowed_methods(app: FastAPI, path: str) -> str:
