@@ -46,6 +46,19 @@ RUN (pip list --format=freeze \
  && groupadd --gid 10001 reranker \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin reranker
 
+# jemalloc serves every allocation: glibc's malloc keeps the memory of freed activations of
+# every shape it has seen, so a pod's memory kept growing (0.5 to 1 GB in 5 minutes of varied
+# requests on a small model); jemalloc returns it by itself at the same throughput
+# (runtime/reranker_runtime/allocator.py, docs/benchmarks.md). `serve` logs the allocator it
+# finds. To go back to glibc's malloc (which `serve` then trims every 5 s), set LD_PRELOAD to
+# an empty value in the pod (Reranker spec.runtime.env).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libjemalloc2 \
+ && rm -rf /var/lib/apt/lists/* \
+ && ln -s "$(dpkg -L libjemalloc2 | grep '/libjemalloc\.so\.2$')" /usr/local/lib/libjemalloc.so.2 \
+ && test -e /usr/local/lib/libjemalloc.so.2
+ENV LD_PRELOAD=/usr/local/lib/libjemalloc.so.2
+
 # Read-only root filesystem in the pods: everything writable lives under /tmp (an emptyDir).
 # The build Job overrides HF_HOME to the engine-cache volume.
 ENV HOME=/tmp \

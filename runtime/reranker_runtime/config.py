@@ -70,6 +70,8 @@ class ServeSettings:
     torch_threads: int | Literal["auto"] = AUTO
     # Forward passes run at once on CPU (cpu_threads.py); auto: 2 where 2+ CPUs are usable.
     cpu_workers: int | Literal["auto"] = AUTO
+    # Seconds between malloc_trim(0) calls under glibc's malloc (allocator.py); 0: never.
+    malloc_trim_interval: float = 5.0
 
 
 # flag name -> environment variable. Every `serve` flag is settable through its variable.
@@ -112,6 +114,7 @@ SERVE_ENV_VARS: dict[str, str] = {
     "cpu_kernels": "RERANKER_CPU_KERNELS",
     "torch_threads": "RERANKER_TORCH_THREADS",
     "cpu_workers": "RERANKER_CPU_WORKERS",
+    "malloc_trim_interval": "RERANKER_MALLOC_TRIM_INTERVAL",
 }
 
 ENGINE_CHOICES = ("auto", "torch", "packed", "trtllm")

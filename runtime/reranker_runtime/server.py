@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from reranker_runtime.allocator import start_memory_management
 from reranker_runtime.batch_budget import parse_max_batch_tokens
 from reranker_runtime.config import (
     CPU_KERNEL_CHOICES,
@@ -105,6 +106,16 @@ def _positive_float(text: str) -> float:
         raise ValueError("expected a number of seconds") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError("must be a finite number > 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a finite number >= 0")
     return value
 
 
@@ -306,6 +317,15 @@ _OPTIONS: tuple[_Option, ...] = (
         "auto: 2 when 2 or more CPUs are usable, else 1; /info reports the number "
         "(docs/runtime-batching.md)",
         "N|auto",
+    ),
+    _Option(
+        "malloc_trim_interval",
+        ("--malloc-trim-interval",),
+        _non_negative_float,
+        "Under glibc's malloc, hand freed memory back to the kernel (malloc_trim) every this "
+        "many seconds, so resident memory does not grow with varied requests; 0 turns it off. "
+        "Not used when jemalloc or tcmalloc is preloaded (the runtime image preloads jemalloc)",
+        "SECONDS",
     ),
     _Option(
         "log_format",
@@ -620,6 +640,7 @@ def serve(settings: ServeSettings) -> int:
     logging and the hub variables (`use_hub_settings`) before."""
     # First, before anything imports torch: OpenMP reads its variables once, when it starts.
     log_thread_plan(configure_cpu_threads(settings.torch_threads, settings.cpu_workers))
+    trimmer = start_memory_management(settings.malloc_trim_interval)
     from reranker_runtime.api.app import create_app
     from reranker_runtime.metrics import start_metrics_server
 
@@ -642,6 +663,8 @@ def serve(settings: ServeSettings) -> int:
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
+        if trimmer is not None:
+            trimmer.stop()
     if lifecycle.failure is not None:
         # The lifecycle logged the reason (one line, in the log format); repeat it only when
         # the log level hides that line.

@@ -83,6 +83,7 @@ ENV = {
     "RERANKER_TORCH_THREADS": "3",
     "RERANKER_CPU_WORKERS": "4",
     "RERANKER_CPU_KERNELS": "aten",
+    "RERANKER_MALLOC_TRIM_INTERVAL": "0",
 }
 
 
@@ -128,6 +129,7 @@ def test_every_setting_comes_from_its_env_var() -> None:
         torch_threads=3,
         cpu_workers=4,
         cpu_kernels="aten",
+        malloc_trim_interval=0.0,
     )
 
 
@@ -219,6 +221,16 @@ def test_bad_boolean_flag_value_is_an_argparse_error(capsys: pytest.CaptureFixtu
         cli.main(["serve", "--cuda-graphs", "maybe"])
     assert exit_info.value.code == 2
     assert "--cuda-graphs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_a_bad_malloc_trim_interval_is_refused(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--malloc-trim-interval", value])
+    assert exit_info.value.code == 2
+    assert "--malloc-trim-interval" in capsys.readouterr().err
 
 
 def test_an_otlp_endpoint_without_its_scheme_is_refused_naming_the_flag(
