@@ -40,8 +40,9 @@ RUN (pip list --format=freeze \
       "fastapi>=0.110" "uvicorn>=0.29" "pydantic>=2.6" "prometheus-client>=0.20" \
       "httpx>=0.27" "numpy>=1.26" "pyyaml>=6" \
       "opentelemetry-api>=1.25" "opentelemetry-sdk>=1.25" "opentelemetry-exporter-otlp-proto-grpc>=1.25" \
+      "grpcio>=1.63" "protobuf>=4.25" "grpcio-health-checking>=1.63" "grpcio-reflection>=1.63" \
  && reranker-runtime build --help > /dev/null \
- && python -c "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc.trace_exporter" \
+ && python -c "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc.trace_exporter, reranker_runtime.grpc_api.server" \
  && rm -rf /src /tmp/image-pins.txt \
  && groupadd --gid 10001 reranker \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin reranker

@@ -56,6 +56,7 @@ class ServeSettings:
     tokenization_workers: int | None = (
         None  # tokenizer threads; None: default_tokenization_workers()
     )
+    grpc_port: int = 0  # TEI's gRPC API (grpc_api/) on this port as well; 0: off
     # OpenTelemetry traces (tracing.py): OTLP/gRPC collector URL (None: off), the service.name
     # resource attribute, and whether JSON log lines leave out trace_id/span_id (TEI's flags).
     otlp_endpoint: str | None = None
@@ -105,6 +106,7 @@ SERVE_ENV_VARS: dict[str, str] = {
     "hf_cache": "RERANKER_HF_CACHE",
     "hf_token": "RERANKER_HF_TOKEN",
     "tokenization_workers": "RERANKER_TOKENIZATION_WORKERS",
+    "grpc_port": "RERANKER_GRPC_PORT",
     "otlp_endpoint": "RERANKER_OTLP_ENDPOINT",
     "otlp_service_name": "RERANKER_OTLP_SERVICE_NAME",
     "disable_spans": "RERANKER_DISABLE_SPANS",

@@ -392,6 +392,15 @@ _OPTIONS: tuple[_Option, ...] = (
         default_text="CPUs + 4, at most 32",
     ),
     _Option(
+        "grpc_port",
+        ("--grpc-port",),
+        _int_parser(0, 65535),
+        "Also serve TEI's gRPC API (tei.v1: Rerank, Predict, Tokenize, Info, with health and "
+        "reflection) on this port, beside HTTP; 0 turns it off",
+        "PORT",
+        default_text="0 (off)",
+    ),
+    _Option(
         "otlp_endpoint",
         ("--otlp-endpoint",),
         check_endpoint,

@@ -111,13 +111,21 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.otlp_endpoint:
-            tracing.start(settings.otlp_endpoint, settings.otlp_service_name)
-        lifecycle.start()
+        grpc_api = None
         try:
+            if settings.otlp_endpoint:
+                tracing.start(settings.otlp_endpoint, settings.otlp_service_name)
+            lifecycle.start()
+            if settings.grpc_port:
+                from reranker_runtime.grpc_api.server import GrpcApi
+
+                grpc_api = GrpcApi(lifecycle, settings)
+                app.state.grpc_port = await grpc_api.start()
             yield
         finally:
             try:
+                if grpc_api is not None:
+                    await grpc_api.stop()
                 await lifecycle.close()
             finally:
                 if settings.otlp_endpoint:

@@ -312,16 +312,23 @@ def annotate(request: Request, **fields: Any) -> None:
 def timing_headers(
     request: Request, result: Any, started: float, characters: int
 ) -> dict[str, str]:
+    """TEI's headers for an HTTP answer: `response_timing_headers` on this request's device."""
+    device = str(admitted_service(request).info.device)
+    return response_timing_headers(device, result, started, characters)
+
+
+def response_timing_headers(
+    device: str, result: Any, started: float, characters: int
+) -> dict[str, str]:
     """TEI's headers (router/src/lib.rs, `From<ResponseMetadata> for HeaderMap`), times in whole
-    milliseconds like TEI. `characters`: the Unicode characters scored (x-compute-characters:
-    for a rerank the query counts once per text). x-compute-type: TEI always says
-    "gpu+optimized"; we say "cpu" on a CPU."""
+    milliseconds like TEI; the gRPC API sends the same as response metadata. `characters`: the
+    Unicode characters scored (x-compute-characters: for a rerank the query counts once per
+    text). x-compute-type: TEI always says "gpu+optimized"; we say "cpu" on a CPU."""
 
     def ms(seconds: float) -> str:
         return str(round(seconds * 1000))
 
     total = ms(time.perf_counter() - started)
-    device = str(admitted_service(request).info.device)
     return {
         "x-compute-type": "cpu" if device.startswith("cpu") else "gpu+optimized",
         "x-compute-time": total,

@@ -1,0 +1,597 @@
+"""TEI's gRPC API on `--grpc-port`, beside the HTTP API, in the same process and event loop.
+
+What TEI's gRPC build serves for a reranker or classifier (router/src/grpc/server.rs), with the
+same package, services, methods and messages (tei.proto), so TEI's gRPC clients work unchanged:
+
+- `tei.v1.Info/Info`;
+- `tei.v1.Rerank/Rerank`, and `RerankStream` (one (query, text) pair per message, one answer);
+- `tei.v1.Predict/Predict`, `PredictPair` and their bidirectional streams;
+- `tei.v1.Tokenize/Tokenize`, `Decode` and their streams;
+- `tei.v1.Embed/*`, refused with FAILED_PRECONDITION as TEI refuses it for a cross-encoder;
+- `grpc.health.v1.Health` (per service, as TEI sets it) and server reflection (v1alpha, as TEI).
+
+Requests go through the same service, admission (`--max-concurrent-requests`), deadlines (the
+call's gRPC deadline) and metrics as HTTP requests. Errors carry TEI's status codes; answers
+carry TEI's timing headers as response metadata and the `Metadata` message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from reranker_runtime import metrics
+from reranker_runtime.api.deps import response_timing_headers
+from reranker_runtime.api.errors import DROPPED, client_message, failure_reason, http_error
+from reranker_runtime.api.ops import build_info
+from reranker_runtime.errors import (
+    EmptyInputError,
+    RerankerError,
+    UnauthorizedError,
+    ValidationError,
+    WrongModelKindError,
+)
+from reranker_runtime.grpc_api import messages as m
+from reranker_runtime.lifecycle import State
+from reranker_runtime.logging import log_fields
+
+if TYPE_CHECKING:
+    from reranker_runtime.config import ServeSettings
+    from reranker_runtime.lifecycle import Lifecycle
+    from reranker_runtime.service import RerankService
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Health and reflection describe themselves from the same pool as tei.v1 (reflection reads it).
+for _file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+    m.POOL.AddSerializedFile(_file.serialized_pb)
+
+# TEI's status for each of its error types (server.rs, `impl From<ErrorResponse> for Status`),
+# keyed by the error_type our HTTP mapping gives the error; a deadline is DEADLINE_EXCEEDED.
+_STATUS_BY_ERROR_TYPE = {
+    "Validation": grpc.StatusCode.INVALID_ARGUMENT,
+    "Empty": grpc.StatusCode.INVALID_ARGUMENT,
+    "Overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "Unhealthy": grpc.StatusCode.UNAVAILABLE,
+    "Backend": grpc.StatusCode.FAILED_PRECONDITION,
+    "Timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "Unauthorized": grpc.StatusCode.UNAUTHENTICATED,
+}
+NOT_EMBEDDING = (
+    "Backend error: Model is not an embedding model (this server serves a cross-encoder: use "
+    "tei.v1.Rerank, or tei.v1.Predict for a classifier)"
+)
+# Messages of one bidirectional stream scored at once; the answers still go out in order.
+STREAM_PARALLELISM = 64
+# gRPC's usual limit, raised to --payload-limit where that is larger.
+MIN_MESSAGE_BYTES = 4 * 1024 * 1024
+HEALTH_POLL_S = 0.5
+STOP_GRACE_S = 5.0
+
+
+def grpc_status(exc: RerankerError) -> tuple[grpc.StatusCode, str]:
+    """The status and message a gRPC client gets for a domain error."""
+    mapped = http_error(exc)
+    code = _STATUS_BY_ERROR_TYPE.get(mapped.error_type, grpc.StatusCode.INTERNAL)
+    if mapped.status >= 500 and mapped.error_type == "Backend":
+        code = grpc.StatusCode.INTERNAL  # our own failure (InternalError), not the model's
+    return code, client_message(exc)
+
+
+class GrpcApi:
+    """The gRPC server: `await start()` binds `--grpc-port`, `await stop()` drains it."""
+
+    def __init__(self, lifecycle: Lifecycle, settings: ServeSettings) -> None:
+        self._lifecycle = lifecycle
+        self._settings = settings
+        message_bytes = max(MIN_MESSAGE_BYTES, settings.payload_limit)
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_bytes)])
+        self._health = health.aio.HealthServicer()
+        self._health_task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and serve; returns the port (useful with --grpc-port 0 in tests). Raises
+        RuntimeError naming the address when it cannot be bound."""
+        self._server.add_generic_rpc_handlers(_handlers(self))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        names = [*m.service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self._server, pool=m.POOL)
+        address = f"{self._settings.host}:{self._settings.grpc_port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"cannot listen for gRPC on {address} ({exc}): is the port in use? Choose "
+                "another --grpc-port"
+            ) from exc
+        await self._server.start()
+        self._health_task = asyncio.create_task(self._track_health(), name="grpc-health")
+        log.info("gRPC API listening", extra=log_fields(address=address, port=self.port))
+        return self.port
+
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+
+    # -- health ------------------------------------------------------------------------------
+
+    async def _track_health(self) -> None:
+        """grpc.health.v1 follows the lifecycle: every service SERVING once the model is ready
+        (Rerank only for a reranker, never Embed), NOT_SERVING while loading or draining."""
+        last: tuple[State, int] | None = None
+        while True:
+            service = self._lifecycle.service
+            now = (self._lifecycle.state, service.info.num_labels if service else 0)
+            if now != last:
+                last = now
+                ready = self._lifecycle.ready
+                reranker = ready and service is not None and service.info.num_labels == 1
+                statuses = {
+                    "": ready,
+                    "tei.v1.Info": ready,
+                    "tei.v1.Tokenize": ready,
+                    "tei.v1.Predict": ready,
+                    "tei.v1.Rerank": reranker,
+                    "tei.v1.Embed": False,
+                }
+                for name, serving in statuses.items():
+                    await self._health.set(
+                        name,
+                        health_pb2.HealthCheckResponse.SERVING
+                        if serving
+                        else health_pb2.HealthCheckResponse.NOT_SERVING,
+                    )
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    # -- shared steps ------------------------------------------------------------------------
+
+    def authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """TEI's check: metadata `authorization: Bearer <key>` when --api-key is set."""
+        key = self._settings.api_key
+        if key is None:
+            return
+        sent = dict(context.invocation_metadata() or ()).get("authorization")
+        if sent != f"Bearer {key}":
+            raise UnauthorizedError("No valid auth token")
+
+    async def admitted(
+        self,
+        work: Callable[[RerankService], Awaitable[T]],
+        *,
+        method: str | None,
+        limited: bool = True,
+    ) -> T:
+        """Run `work` on the service as one admitted request, counted in TEI's metrics under
+        `method` (None: not counted, as TEI does not count tokenize and decode)."""
+        started = time.perf_counter()
+        if method is not None:
+            metrics.REQUEST_COUNT.inc(method=method)
+        try:
+            async with self._lifecycle.admit(limited=limited) as service:
+                result = await work(service)
+        except asyncio.CancelledError:
+            if method is not None:
+                metrics.REQUEST_FAILURE.inc(err=DROPPED)
+            raise
+        except Exception as exc:
+            if method is not None:
+                metrics.REQUEST_FAILURE.inc(err=failure_reason(exc))
+            raise
+        if method is not None:
+            metrics.REQUEST_SUCCESS.inc(method=method)
+            metrics.REQUEST_DURATION.observe(time.perf_counter() - started)
+        return result
+
+    def device(self) -> str:
+        service = self._lifecycle.service
+        return str(service.info.device) if service is not None else "cpu"
+
+
+# -- request handling ----------------------------------------------------------------------------
+
+
+def _unary(
+    fn: Callable[[GrpcApi, Any, grpc.aio.ServicerContext], Awaitable[Any]],
+) -> Callable[[GrpcApi, Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """Authorize, then answer domain errors with TEI's status and anything else with INTERNAL."""
+
+    @functools.wraps(fn)
+    async def handle(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            api.authorize(context)
+            return await fn(api, request, context)
+        except RerankerError as exc:
+            await context.abort(*grpc_status(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("unhandled error in a gRPC call", extra=log_fields(method=fn.__name__))
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+
+    return handle
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    sent = dict(context.invocation_metadata() or ()).get("x-request-id")
+    return sent if isinstance(sent, str) and 0 < len(sent) <= 128 else uuid.uuid4().hex
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else max(remaining, 1e-3)
+
+
+def _metadata(result: Any, started: float, characters: int) -> Any:
+    ns = 1_000_000_000
+    return m.Metadata(
+        compute_chars=characters,
+        compute_tokens=int(result.total_tokens),
+        total_time_ns=int((time.perf_counter() - started) * ns),
+        tokenization_time_ns=int(result.tokenization_time_s * ns),
+        queue_time_ns=int(result.queue_time_s * ns),
+        inference_time_ns=int(result.inference_time_s * ns),
+    )
+
+
+async def _send_timing(
+    api: GrpcApi, context: grpc.aio.ServicerContext, result: Any, started: float, characters: int
+) -> None:
+    headers = response_timing_headers(api.device(), result, started, characters)
+    await context.send_initial_metadata(tuple(headers.items()))
+
+
+def _direction(request: Any) -> str:
+    return m.TRUNCATION_DIRECTIONS.get(request.truncation_direction, "right")
+
+
+@_unary
+async def info(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    body = build_info(api._lifecycle)
+    kind = m.MODEL_TYPE_RERANKER if body.num_labels == 1 else m.MODEL_TYPE_CLASSIFIER
+    answer = m.InfoResponse(
+        version=body.version,
+        model_id=body.model_id,
+        model_dtype=body.model_dtype,
+        model_type=kind,
+        max_concurrent_requests=body.max_concurrent_requests,
+        max_input_length=body.max_input_length,
+        max_batch_tokens=body.max_batch_tokens,
+        max_client_batch_size=body.max_client_batch_size,
+        tokenization_workers=body.tokenization_workers,
+    )
+    for field, value in (
+        ("sha", body.sha),
+        ("docker_label", body.docker_label),
+        ("model_sha", body.model_sha),
+        ("max_batch_requests", body.max_batch_requests),
+    ):
+        if value is not None:
+            setattr(answer, field, value)
+    return answer
+
+
+@_unary
+async def rerank(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    started = time.perf_counter()
+    texts = list(request.texts)
+    if not texts:
+        raise EmptyInputError("`texts` cannot be empty")
+    result = await api.admitted(
+        lambda service: service.rerank(
+            request.query,
+            texts,
+            truncate=request.truncate,
+            truncation_direction=_direction(request),
+            raw_scores=request.raw_scores,
+            timeout_s=_timeout(context),
+            request_id=_request_id(context),
+        ),
+        method="batch",
+    )
+    characters = len(request.query) * len(texts) + sum(len(t) for t in texts)
+    await _send_timing(api, context, result, started, characters)
+    ranks = [
+        m.Rank(
+            index=i, score=result.scores[i], **({"text": texts[i]} if request.return_text else {})
+        )
+        for i in result.ranking()
+    ]
+    return m.RerankResponse(ranks=ranks, metadata=_metadata(result, started, characters))
+
+
+@_unary
+async def rerank_stream(
+    api: GrpcApi, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+) -> Any:
+    """One (query, text) per message, each message its own query; raw_scores, return_text,
+    truncate and truncation_direction are the first message's (TEI reads the first two from
+    it)."""
+    started = time.perf_counter()
+    messages = [message async for message in request_iterator]
+    if not messages:
+        raise EmptyInputError("`texts` cannot be empty: the stream sent no message")
+    first = messages[0]
+    pairs: list[str | tuple[str, str]] = [(msg.query, msg.text) for msg in messages]
+
+    async def score(service: RerankService) -> Any:
+        if service.info.num_labels != 1:
+            raise WrongModelKindError("model is not a re-ranker model")
+        return await service.predict(
+            pairs,
+            truncate=first.truncate,
+            truncation_direction=_direction(first),
+            raw_scores=first.raw_scores,
+            timeout_s=_timeout(context),
+            request_id=_request_id(context),
+        )
+
+    result = await api.admitted(score, method="batch")
+    scores = [prediction[0][1] for prediction in result.predictions]
+    characters = sum(len(msg.query) + len(msg.text) for msg in messages)
+    await _send_timing(api, context, result, started, characters)
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    ranks = [
+        m.Rank(
+            index=i,
+            score=scores[i],
+            **({"text": messages[i].text} if first.return_text else {}),
+        )
+        for i in order
+    ]
+    return m.RerankResponse(ranks=ranks, metadata=_metadata(result, started, characters))
+
+
+async def _predict_one(
+    api: GrpcApi, request: Any, context: grpc.aio.ServicerContext, *, pair: bool
+) -> Any:
+    started = time.perf_counter()
+    item: str | tuple[str, str]
+    if pair:
+        inputs = list(request.inputs)
+        if len(inputs) not in (1, 2):
+            raise ValidationError(
+                f"`inputs` must have a single or two elements. Given: {len(inputs)}"
+            )
+        item = inputs[0] if len(inputs) == 1 else (inputs[0], inputs[1])
+    else:
+        item = request.inputs
+    result = await api.admitted(
+        lambda service: service.predict(
+            [item],
+            truncate=request.truncate,
+            truncation_direction=_direction(request),
+            raw_scores=request.raw_scores,
+            timeout_s=_timeout(context),
+            request_id=_request_id(context),
+        ),
+        method="single",
+    )
+    characters = len(item) if isinstance(item, str) else len(item[0]) + len(item[1])
+    predictions = [m.Prediction(score=score, label=label) for label, score in result.predictions[0]]
+    return (
+        m.PredictResponse(predictions=predictions, metadata=_metadata(result, started, characters)),
+        result,
+        started,
+        characters,
+    )
+
+
+@_unary
+async def predict(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    answer, result, started, characters = await _predict_one(api, request, context, pair=False)
+    await _send_timing(api, context, result, started, characters)
+    return answer
+
+
+@_unary
+async def predict_pair(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    answer, result, started, characters = await _predict_one(api, request, context, pair=True)
+    await _send_timing(api, context, result, started, characters)
+    return answer
+
+
+async def _tokenize_one(api: GrpcApi, request: Any) -> Any:
+    sequences = await api.admitted(
+        lambda service: service.tokenize(
+            [request.inputs], add_special_tokens=request.add_special_tokens
+        ),
+        method=None,
+        limited=False,
+    )
+    tokens = [
+        m.SimpleToken(
+            id=t.id,
+            text=t.text,
+            special=t.special,
+            **({"start": t.start, "stop": t.stop} if t.start is not None else {}),
+        )
+        for t in sequences[0]
+    ]
+    return m.EncodeResponse(tokens=tokens)
+
+
+async def _decode_one(api: GrpcApi, request: Any) -> Any:
+    texts = await api.admitted(
+        lambda service: service.decode(
+            [list(request.ids)], skip_special_tokens=request.skip_special_tokens
+        ),
+        method=None,
+        limited=False,
+    )
+    return m.DecodeResponse(text=texts[0])
+
+
+@_unary
+async def tokenize(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    return await _tokenize_one(api, request)
+
+
+@_unary
+async def decode(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    return await _decode_one(api, request)
+
+
+def _ordered_stream(
+    one: Callable[[GrpcApi, Any, grpc.aio.ServicerContext], Awaitable[Any]],
+) -> Callable[[GrpcApi, AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """A bidirectional stream: one answer per message, in the order sent, up to
+    STREAM_PARALLELISM messages scored at once. The first error ends the call with its status,
+    after the answers before it (as TEI's streams do)."""
+
+    async def stream(
+        api: GrpcApi, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        try:
+            api.authorize(context)
+        except RerankerError as exc:
+            await context.abort(*grpc_status(exc))
+        pending: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue(STREAM_PARALLELISM)
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    await pending.put(asyncio.ensure_future(one(api, message, context)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (future := await pending.get()) is not None:
+                try:
+                    yield await future
+                except RerankerError as exc:
+                    await context.abort(*grpc_status(exc))
+            await reader  # a broken request stream ends the call with its error
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                left = pending.get_nowait()
+                if left is not None:
+                    left.cancel()
+
+    return stream
+
+
+async def _predict_stream_one(api: GrpcApi, request: Any, context: Any) -> Any:
+    return (await _predict_one(api, request, context, pair=False))[0]
+
+
+async def _predict_pair_stream_one(api: GrpcApi, request: Any, context: Any) -> Any:
+    return (await _predict_one(api, request, context, pair=True))[0]
+
+
+async def _tokenize_stream_one(api: GrpcApi, request: Any, context: Any) -> Any:
+    return await _tokenize_one(api, request)
+
+
+async def _decode_stream_one(api: GrpcApi, request: Any, context: Any) -> Any:
+    return await _decode_one(api, request)
+
+
+async def _not_embedding(api: GrpcApi, context: grpc.aio.ServicerContext) -> None:
+    metrics.REQUEST_COUNT.inc(method="single")
+    try:
+        api.authorize(context)
+    except RerankerError as exc:
+        await context.abort(*grpc_status(exc))
+    metrics.REQUEST_FAILURE.inc(err="model_type")
+    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_EMBEDDING)
+
+
+async def embed_refused(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    await _not_embedding(api, context)
+
+
+async def embed_stream_refused(
+    api: GrpcApi, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
+    await _not_embedding(api, context)
+    yield None  # never reached: makes this an async generator, as a stream handler must be
+
+
+def _handlers(api: GrpcApi) -> list[grpc.GenericRpcHandler]:
+    def bound(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return functools.partial(fn, api)
+
+    def unary(fn: Callable[..., Any], request: Any, response: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            bound(fn),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+
+    def streams(fn: Callable[..., Any], request: Any, response: Any) -> grpc.RpcMethodHandler:
+        return grpc.stream_stream_rpc_method_handler(
+            bound(fn),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+
+    predict_stream = _ordered_stream(_predict_stream_one)
+    predict_pair_stream = _ordered_stream(_predict_pair_stream_one)
+    tokenize_stream = _ordered_stream(_tokenize_stream_one)
+    decode_stream = _ordered_stream(_decode_stream_one)
+    return [
+        grpc.method_handlers_generic_handler(
+            "tei.v1.Info", {"Info": unary(info, m.InfoRequest, m.InfoResponse)}
+        ),
+        grpc.method_handlers_generic_handler(
+            "tei.v1.Rerank",
+            {
+                "Rerank": unary(rerank, m.RerankRequest, m.RerankResponse),
+                "RerankStream": grpc.stream_unary_rpc_method_handler(
+                    bound(rerank_stream),
+                    request_deserializer=m.RerankStreamRequest.FromString,
+                    response_serializer=m.RerankResponse.SerializeToString,
+                ),
+            },
+        ),
+        grpc.method_handlers_generic_handler(
+            "tei.v1.Predict",
+            {
+                "Predict": unary(predict, m.PredictRequest, m.PredictResponse),
+                "PredictPair": unary(predict_pair, m.PredictPairRequest, m.PredictResponse),
+                "PredictStream": streams(predict_stream, m.PredictRequest, m.PredictResponse),
+                "PredictPairStream": streams(
+                    predict_pair_stream, m.PredictPairRequest, m.PredictResponse
+                ),
+            },
+        ),
+        grpc.method_handlers_generic_handler(
+            "tei.v1.Tokenize",
+            {
+                "Tokenize": unary(tokenize, m.EncodeRequest, m.EncodeResponse),
+                "TokenizeStream": streams(tokenize_stream, m.EncodeRequest, m.EncodeResponse),
+                "Decode": unary(decode, m.DecodeRequest, m.DecodeResponse),
+                "DecodeStream": streams(decode_stream, m.DecodeRequest, m.DecodeResponse),
+            },
+        ),
+        grpc.method_handlers_generic_handler(
+            "tei.v1.Embed",
+            {
+                "Embed": unary(embed_refused, m.EmbedRequest, m.EmbedResponse),
+                "EmbedStream": streams(embed_stream_refused, m.EmbedRequest, m.EmbedResponse),
+                "EmbedSparse": unary(embed_refused, m.EmbedSparseRequest, m.EmbedSparseResponse),
+                "EmbedSparseStream": streams(
+                    embed_stream_refused, m.EmbedSparseRequest, m.EmbedSparseResponse
+                ),
+                "EmbedAll": unary(embed_refused, m.EmbedAllRequest, m.EmbedAllResponse),
+                "EmbedAllStream": streams(
+                    embed_stream_refused, m.EmbedAllRequest, m.EmbedAllResponse
+                ),
+            },
+        ),
+    ]

@@ -1,0 +1,364 @@
+"""TEI's gRPC API (--grpc-port): the real app serving tei.v1 over a real gRPC channel, scores
+checked against the fp32 reference, errors against TEI's status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from reranker_runtime.api import create_app
+from reranker_runtime.grpc_api import messages as m
+from runtime.api_support import (
+    QUERY,
+    TEXTS,
+    TOL,
+    running_app,
+    settings_for,
+    sigmoid,
+    wait_until,
+)
+from runtime.fakes import ControlledEngine
+from tiny_models import reference_logits
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def grpc_server(
+    model_dir: Path, engine: Any, **overrides: Any
+) -> AsyncIterator[tuple[grpc.aio.Channel, Any]]:
+    """The app with --grpc-port on a free port, ready; a channel to it, and the HTTP client."""
+    if not isinstance(engine, ControlledEngine):
+        engine = ControlledEngine(engine)
+    settings = settings_for(model_dir, host="127.0.0.1", grpc_port=free_port(), **overrides)
+    app = create_app(settings, engine=engine)
+    async with running_app(app) as client:
+        await wait_until(client)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:
+            yield channel, client
+
+
+def unary(channel: grpc.aio.Channel, path: str, request: Any, response: Any) -> Any:
+    return channel.unary_unary(
+        path,
+        request_serializer=request.SerializeToString,
+        response_deserializer=response.FromString,
+    )
+
+
+def stream(channel: grpc.aio.Channel, path: str, request: Any, response: Any) -> Any:
+    return channel.stream_stream(
+        path,
+        request_serializer=request.SerializeToString,
+        response_deserializer=response.FromString,
+    )
+
+
+async def _messages(*items: Any) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def health_status(channel: grpc.aio.Channel, service: str, *, until: int) -> int:
+    """grpc.health.v1's status of `service`, polled (bounded) until it is `until`: the server
+    updates it from the lifecycle every HEALTH_POLL_S."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    status = -1
+    for _ in range(500):
+        try:
+            status = (await stub.Check(health_pb2.HealthCheckRequest(service=service))).status
+        except grpc.aio.AioRpcError:  # NOT_FOUND before the first update
+            status = -1
+        if status == until:
+            break
+        await asyncio.sleep(0.01)
+    return status
+
+
+@pytest.fixture(scope="module")
+def reference(xlmr_reranker: Path) -> list[float]:
+    return [sigmoid(row[0]) for row in reference_logits(xlmr_reranker, [(QUERY, t) for t in TEXTS])]
+
+
+async def test_rerank_ranks_texts_with_the_reference_scores_and_teis_metadata(
+    xlmr_reranker: Path, xlmr_engine: Any, reference: list[float]
+) -> None:
+    async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, _):
+        call = unary(channel, "/tei.v1.Rerank/Rerank", m.RerankRequest, m.RerankResponse)(
+            m.RerankRequest(query=QUERY, texts=TEXTS, return_text=True)
+        )
+        answer = await call
+        headers = dict(await call.initial_metadata())
+    scores = [rank.score for rank in answer.ranks]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(rank.index for rank in answer.ranks) == list(range(len(TEXTS)))
+    for rank in answer.ranks:
+        assert rank.score == pytest.approx(reference[rank.index], abs=TOL)
+        assert rank.text == TEXTS[rank.index]
+    meta = answer.metadata
+    assert meta.compute_tokens == int(headers["x-compute-tokens"]) > 0
+    assert meta.compute_chars == len(QUERY) * len(TEXTS) + sum(len(t) for t in TEXTS)
+    assert meta.total_time_ns >= meta.inference_time_ns > 0
+    assert headers["x-compute-type"] == "cpu"
+    assert {"x-total-time", "x-queue-time", "x-inference-time"} <= headers.keys()
+
+
+async def test_rerank_without_return_text_leaves_text_unset_and_raw_scores_are_logits(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    logits = [row[0] for row in reference_logits(xlmr_reranker, [(QUERY, t) for t in TEXTS[:3]])]
+    async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, _):
+        answer = await unary(channel, "/tei.v1.Rerank/Rerank", m.RerankRequest, m.RerankResponse)(
+            m.RerankRequest(query=QUERY, texts=TEXTS[:3], raw_scores=True)
+        )
+    for rank in answer.ranks:
+        assert not rank.HasField("text")
+        assert rank.score == pytest.approx(logits[rank.index], abs=1e-4)
+
+
+async def test_rerank_stream_scores_each_message_as_its_own_pair(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    pairs = [(QUERY, TEXTS[0]), ("fruit", TEXTS[2]), (QUERY, TEXTS[1])]
+    expected = [sigmoid(row[0]) for row in reference_logits(xlmr_reranker, pairs)]
+    async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, _):
+        call = channel.stream_unary(
+            "/tei.v1.Rerank/RerankStream",
+            request_serializer=m.RerankStreamRequest.SerializeToString,
+            response_deserializer=m.RerankResponse.FromString,
+        )
+        answer = await call(
+            _messages(*(m.RerankStreamRequest(query=q, text=t, return_text=True) for q, t in pairs))
+        )
+    scores = [rank.score for rank in answer.ranks]
+    assert scores == pytest.approx(sorted(expected, reverse=True), abs=TOL)
+    for rank in answer.ranks:
+        assert rank.score == pytest.approx(expected[rank.index], abs=TOL)
+        assert rank.text == pairs[rank.index][1]
+
+
+async def test_predict_stream_answers_each_message_in_order_then_the_first_error_ends_it(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    texts = ["a b", TEXTS[0], "x y z " * 5]
+    expected = [
+        sigmoid(row[0]) for row in reference_logits(xlmr_reranker, [(QUERY, t) for t in texts])
+    ]
+    async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, _):
+        call = stream(
+            channel, "/tei.v1.Predict/PredictPairStream", m.PredictPairRequest, m.PredictResponse
+        )
+        sent = [m.PredictPairRequest(inputs=[QUERY, t]) for t in texts]
+        answers = [answer async for answer in call(_messages(*sent))]
+        assert [a.predictions[0].score for a in answers] == pytest.approx(expected, abs=TOL)
+
+        broken = [*sent[:2], m.PredictPairRequest(inputs=["a", "b", "c"]), sent[0]]
+        got: list[Any] = []
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            async for answer in call(_messages(*broken)):
+                got.append(answer)
+    assert len(got) == 2  # the answers before the bad message came through
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.value.details() == "`inputs` must have a single or two elements. Given: 3"
+
+
+async def test_predict_on_a_classifier_gives_every_label(
+    xlmr_classifier: Path, classifier_engine: Any
+) -> None:
+    async with grpc_server(xlmr_classifier, classifier_engine) as (channel, client):
+        answer = await unary(
+            channel, "/tei.v1.Predict/Predict", m.PredictRequest, m.PredictResponse
+        )(m.PredictRequest(inputs="great movie"))
+        http = (await client.post("/predict", json={"inputs": "great movie"})).json()
+        info = await unary(channel, "/tei.v1.Info/Info", m.InfoRequest, m.InfoResponse)(
+            m.InfoRequest()
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await unary(channel, "/tei.v1.Rerank/Rerank", m.RerankRequest, m.RerankResponse)(
+                m.RerankRequest(query="q", texts=["a"])
+            )
+    assert [(p.label, pytest.approx(p.score, abs=1e-6)) for p in answer.predictions] == [
+        (p["label"], p["score"]) for p in http
+    ]
+    assert {p.label for p in answer.predictions} == {"negative", "neutral", "positive"}
+    assert info.model_type == m.MODEL_TYPE_CLASSIFIER
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_info_tokenize_and_decode(xlmr_reranker: Path, xlmr_engine: Any) -> None:
+    async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, client):
+        info = await unary(channel, "/tei.v1.Info/Info", m.InfoRequest, m.InfoResponse)(
+            m.InfoRequest()
+        )
+        http_info = (await client.get("/info")).json()
+        tokens = await unary(
+            channel, "/tei.v1.Tokenize/Tokenize", m.EncodeRequest, m.EncodeResponse
+        )(m.EncodeRequest(inputs="paris is a city", add_special_tokens=True))
+        http_tokens = (await client.post("/tokenize", json={"inputs": "paris is a city"})).json()
+        decoded = await unary(
+            channel, "/tei.v1.Tokenize/Decode", m.DecodeRequest, m.DecodeResponse
+        )(m.DecodeRequest(ids=[t.id for t in tokens.tokens], skip_special_tokens=True))
+        decode_stream = stream(
+            channel, "/tei.v1.Tokenize/DecodeStream", m.DecodeRequest, m.DecodeResponse
+        )
+        ids = [t.id for t in tokens.tokens]
+        streamed = [
+            a.text
+            async for a in decode_stream(
+                _messages(
+                    m.DecodeRequest(ids=ids[:3]), m.DecodeRequest(ids=ids, skip_special_tokens=True)
+                )
+            )
+        ]
+    assert info.model_type == m.MODEL_TYPE_RERANKER
+    for field in ("max_input_length", "max_batch_tokens", "max_client_batch_size", "version"):
+        assert getattr(info, field) == http_info[field]
+    assert [(t.id, t.text, t.special) for t in tokens.tokens] == [
+        (t["id"], t["text"], t["special"]) for t in http_tokens[0]
+    ]
+    assert decoded.text == "paris is a city"
+    assert streamed[1] == "paris is a city" and len(streamed) == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "request_message", "response", "code", "details"),
+    [
+        (
+            "/tei.v1.Rerank/Rerank",
+            m.RerankRequest(query="q"),
+            m.RerankResponse,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "`texts` cannot be empty",
+        ),
+        (
+            "/tei.v1.Rerank/Rerank",
+            m.RerankRequest(query="q", texts=["a"] * 17),
+            m.RerankResponse,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "batch size 17 > maximum allowed batch size 16",
+        ),
+        (
+            "/tei.v1.Rerank/Rerank",
+            m.RerankRequest(query="q", texts=["word " * 400], truncate=False),
+            m.RerankResponse,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "truncate",
+        ),
+        (
+            "/tei.v1.Embed/Embed",
+            m.EmbedRequest(inputs="x"),
+            m.EmbedResponse,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "Model is not an embedding model",
+        ),
+    ],
+)
+async def test_errors_carry_teis_status_codes(
+    xlmr_reranker: Path,
+    xlmr_engine: Any,
+    path: str,
+    request_message: Any,
+    response: Any,
+    code: grpc.StatusCode,
+    details: str,
+) -> None:
+    async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, _):
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await unary(channel, path, type(request_message), response)(request_message)
+    assert failure.value.code() == code
+    assert details in failure.value.details()
+
+
+async def test_the_api_key_is_required_as_a_bearer_token_except_for_health(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    async with grpc_server(xlmr_reranker, xlmr_engine, api_key="sekret") as (channel, _):
+        rerank = unary(channel, "/tei.v1.Rerank/Rerank", m.RerankRequest, m.RerankResponse)
+        body = m.RerankRequest(query=QUERY, texts=TEXTS[:2])
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await rerank(body, metadata=metadata)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert refused.value.details() == "No valid auth token"
+        answer = await rerank(body, metadata=(("authorization", "Bearer sekret"),))
+        serving = await health_status(channel, "tei.v1.Rerank", until=SERVING)  # no key needed
+    assert len(answer.ranks) == 2
+    assert serving == SERVING
+
+
+async def test_health_follows_the_model_and_reflection_lists_the_services(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    engine = ControlledEngine(xlmr_engine)
+    engine.hold_warmup()
+    settings = settings_for(xlmr_reranker, host="127.0.0.1", grpc_port=free_port())
+    app = create_app(settings, engine=engine)
+    async with (
+        running_app(app) as client,
+        grpc.aio.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel,
+    ):
+        # NOT_SERVING while warming up, SERVING once ready (Rerank: a reranker), Embed never.
+        assert await health_status(channel, "tei.v1.Rerank", until=NOT_SERVING) == NOT_SERVING
+        engine.release_warmup()
+        await wait_until(client)
+        for service in ("", "tei.v1.Rerank", "tei.v1.Predict", "tei.v1.Info"):
+            assert await health_status(channel, service, until=SERVING) == SERVING
+        assert await health_status(channel, "tei.v1.Embed", until=NOT_SERVING) == NOT_SERVING
+
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            _messages(reflection_pb2.ServerReflectionRequest(list_services=""))
+        )
+        listed = [s.name async for answer in reflect for s in answer.list_services_response.service]
+    assert {"tei.v1.Rerank", "tei.v1.Predict", "tei.v1.Info", "grpc.health.v1.Health"} <= set(
+        listed
+    )
+
+
+async def test_a_grpc_deadline_ends_the_call_with_deadline_exceeded(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    engine = ControlledEngine(xlmr_engine)
+    async with grpc_server(xlmr_reranker, engine) as (channel, _):
+        engine.hold()
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await unary(channel, "/tei.v1.Rerank/Rerank", m.RerankRequest, m.RerankResponse)(
+                    m.RerankRequest(query=QUERY, texts=TEXTS), timeout=0.3
+                )
+        finally:
+            engine.release()
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_the_committed_descriptor_is_generated_from_tei_proto() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "gen_grpc_descriptor", REPO / "scripts" / "gen-grpc-descriptor.py"
+    )
+    assert spec is not None and spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    committed = (
+        REPO / "runtime" / "reranker_runtime" / "grpc_api" / "tei_descriptor.py"
+    ).read_text()
+    assert generator.render() == committed, "run scripts/gen-grpc-descriptor.py"
