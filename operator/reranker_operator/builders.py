@@ -17,6 +17,7 @@ from reranker_operator.engine_key import engine_key as compute_engine_key
 from reranker_operator.spec import API_GROUP, API_VERSION, KIND, ProbeOverride, RerankerSpec
 
 PORT = 8080
+GRPC_PORT = 50051  # TEI's gRPC API when spec.runtime.grpc (gRPC's customary port)
 ENGINES_MOUNT = "/engines"
 CACHE_VOLUME = "engine-cache"  # Shared mode: the PVC
 ENGINE_VOLUME = "engine"  # PerPod mode: the pod's own emptyDir
@@ -522,6 +523,8 @@ def serve_env(spec: RerankerSpec, key: str) -> list[dict[str, Any]]:
     }
     env += [_env(var, str(value)) for var, value in optional.items() if value is not None]
     env.append(_env("RERANKER_AUTO_TRUNCATE", "true" if rt.auto_truncate else "false"))
+    if rt.grpc:
+        env.append(_env("RERANKER_GRPC_PORT", str(GRPC_PORT)))
     if rt.api_key_secret is not None:
         env.append(
             {
@@ -558,7 +561,12 @@ def build_deployment(
         "imagePullPolicy": config.image_pull_policy,
         "command": ["reranker-runtime", "serve"],
         "env": serve_env(spec, key),
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}]
+        + (
+            [{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"}]
+            if spec.runtime.grpc
+            else []
+        ),
         "startupProbe": _probe("/health", STARTUP_PROBE, probes.startup),
         "readinessProbe": _probe("/health", READINESS_PROBE, probes.readiness),
         "livenessProbe": _probe("/live", LIVENESS_PROBE, probes.liveness),
@@ -631,17 +639,29 @@ def _progress_deadline(spec: RerankerSpec, config: OperatorConfig) -> int:
     return max(600, budget + 300)
 
 
-def build_service(name: str, namespace: str, owner: dict[str, Any] | None = None) -> dict[str, Any]:
-    """ClusterIP Service `<name>` on port 8080 (see endpoint_url)."""
+def build_service(
+    name: str, namespace: str, spec: RerankerSpec, owner: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """ClusterIP Service `<name>` on port 8080 (see endpoint_url), and 50051 for TEI's gRPC API
+    when spec.runtime.grpc (appProtocol h2c: plain-text HTTP/2, for meshes and gateways)."""
+    ports: list[dict[str, Any]] = [
+        {"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}
+    ]
+    if spec.runtime.grpc:
+        ports.append(
+            {
+                "name": "grpc",
+                "port": GRPC_PORT,
+                "targetPort": "grpc",
+                "protocol": "TCP",
+                "appProtocol": "kubernetes.io/h2c",
+            }
+        )
     obj = {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(name, namespace, labels(name, COMPONENT_SERVER)),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(name),
-            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
-        },
+        "spec": {"type": "ClusterIP", "selector": selector_labels(name), "ports": ports},
     }
     return _finish(obj, owner)
 
@@ -772,7 +792,7 @@ def build_children(
         ]
     children += [
         build_deployment(name, namespace, spec, config, key, owner),
-        build_service(name, namespace, owner),
+        build_service(name, namespace, spec, owner),
         build_pdb(name, namespace, spec, owner),
         build_hpa(name, namespace, spec, owner, config),
         build_monitor(name, namespace, config, owner),

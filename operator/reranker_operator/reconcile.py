@@ -425,7 +425,7 @@ class Reconciler:
                 body, "Normal", "RollingOut", f"rolling the Deployment to engine {key[:10]}"
             )
 
-        self._apply(builders.build_service(name, namespace, owner))
+        self._apply(builders.build_service(name, namespace, spec, owner))
         monitor = builders.build_monitor(name, namespace, self.config, owner)
         if monitor is not None:
             # Only the configured kind is touched: its CRD (and RBAC) may be all there is.

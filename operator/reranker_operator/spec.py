@@ -56,6 +56,7 @@ RESERVED_ENV = frozenset(
         "RERANKER_AUTO_TRUNCATE",
         "RERANKER_API_KEY",
         "RERANKER_LOG_FORMAT",
+        "RERANKER_GRPC_PORT",
         # TEI's names for the same settings, which the runtime also reads (where the RERANKER_*
         # one is unset: API_KEY would turn auth on with a plain-text key, past apiKeySecret).
         "MODEL_ID",
@@ -175,6 +176,8 @@ class Runtime(_Model):
         default=None, alias="maxConcurrentRequests", ge=1, le=_LIMIT_MAX
     )
     auto_truncate: bool = Field(default=True, alias="autoTruncate")
+    # TEI's gRPC API on GRPC_PORT as well (builders.py), in the pods and on the Service.
+    grpc: bool = False
     api_key_secret: SecretKeyRef | None = Field(default=None, alias="apiKeySecret")
     probes: Probes = Probes()
     env: tuple[EnvVar, ...] = Field(default=(), max_length=64)

@@ -63,6 +63,7 @@ VARIANTS: dict[str, RerankerSpec] = {
             "maxClientBatchSize": 100,
             "maxConcurrentRequests": 128,
             "autoTruncate": False,
+            "grpc": True,
             "env": [{"name": "EXTRA", "value": "1"}],
             "probes": {
                 "startup": {"failureThreshold": 200, "periodSeconds": 5},
@@ -532,8 +533,9 @@ def test_deployment_follows_the_serve_contract() -> None:
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["HOME"].startswith("/tmp") and env["HF_HOME"].startswith("/tmp")
     assert env["EXTRA"] == "1"
+    assert env["RERANKER_GRPC_PORT"] == "50051"
     assert len(env) == len(c["env"])  # no duplicates
-    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert [p["name"] for p in c["ports"]] == ["http", "grpc"]
     assert {"name": "engine-cache", "mountPath": "/engines", "readOnly": True} in c["volumeMounts"]
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     pod = dep["spec"]["template"]["spec"]
@@ -645,8 +647,29 @@ def test_image_from_spec_overrides_config() -> None:
 # ---------------------------------------------------------------- Service, PDB, HPA, PVC
 
 
+def test_grpc_opens_teis_grpc_api_on_the_pods_and_the_service() -> None:
+    off, on = spec_of(), spec_of(runtime={"grpc": True})
+    assert "RERANKER_GRPC_PORT" not in env_map(
+        container(b.build_deployment("rr", NS, off, CONFIG, KEY))
+    )
+    dep = b.build_deployment("rr", NS, on, CONFIG, KEY)
+    assert env_map(container(dep))["RERANKER_GRPC_PORT"] == "50051"
+    assert container(dep)["ports"] == [
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+    ]
+    assert b.build_service("rr", NS, on)["spec"]["ports"][1] == {
+        "name": "grpc",
+        "port": 50051,
+        "targetPort": "grpc",
+        "protocol": "TCP",
+        "appProtocol": "kubernetes.io/h2c",
+    }
+    assert len(b.build_service("rr", NS, off)["spec"]["ports"]) == 1
+
+
 def test_service_selects_the_serving_pods() -> None:
-    svc = b.build_service("rr", NS, OWNER)
+    svc = b.build_service("rr", NS, spec_of(), OWNER)
     dep = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)
     assert svc["spec"]["type"] == "ClusterIP"
     assert svc["spec"]["ports"] == [

@@ -235,7 +235,7 @@ def test_crd_defaults_match_the_spec_model() -> None:
     assert spec["build"] == {"quantization": "no_quant", "maxNumTokens": 16384}
     assert spec["accelerator"] == {"type": "L4", "count": 1}
     assert spec["resources"] == {"cpu": "1", "memory": "10Gi"}
-    assert spec["runtime"] == {"autoTruncate": True}
+    assert spec["runtime"] == {"autoTruncate": True, "grpc": False}
     assert (
         "replicas" not in spec and "autoscaling" not in spec
     )  # no default may trip replicas XOR autoscaling
