@@ -28,6 +28,8 @@ COPY runtime/ /src/runtime/
 # The `runtime` extra pins the CPU CI's torch; the image's CUDA torch must stay. So: the package
 # without dependencies, then the extra's other requirements, constrained to the versions the image
 # already has (pip fails the build rather than replace torch, TensorRT or TensorRT-LLM's pins).
+# gRPC's health and reflection packages need protobuf >= 5.26.1: a base image with an older one
+# fails this step (rather than have pip replace TensorRT-LLM's protobuf).
 # Object-store sources need boto3 / google-cloud-storage / azure-storage-blob (or their CLIs):
 # add them here if you use S3, GCS or AZURE checkpoints.
 RUN (pip list --format=freeze \
@@ -40,7 +42,7 @@ RUN (pip list --format=freeze \
       "fastapi>=0.110" "uvicorn>=0.29" "pydantic>=2.6" "prometheus-client>=0.20" \
       "httpx>=0.27" "numpy>=1.26" "pyyaml>=6" \
       "opentelemetry-api>=1.25" "opentelemetry-sdk>=1.25" "opentelemetry-exporter-otlp-proto-grpc>=1.25" \
-      "grpcio>=1.63" "protobuf>=4.25" "grpcio-health-checking>=1.63" "grpcio-reflection>=1.63" \
+      "grpcio>=1.63" "protobuf>=5.26.1" "grpcio-health-checking>=1.63" "grpcio-reflection>=1.63" \
  && reranker-runtime build --help > /dev/null \
  && python -c "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc.trace_exporter, reranker_runtime.grpc_api.server" \
  && rm -rf /src /tmp/image-pins.txt \

@@ -362,3 +362,56 @@ def test_the_committed_descriptor_is_generated_from_tei_proto() -> None:
         REPO / "runtime" / "reranker_runtime" / "grpc_api" / "tei_descriptor.py"
     ).read_text()
     assert generator.render() == committed, "run scripts/gen-grpc-descriptor.py"
+
+
+async def test_a_long_stream_takes_one_slot_and_never_refuses_its_own_messages(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    # More messages than --max-concurrent-requests and than the stream's parallelism (64).
+    texts = [f"text number {i} about paris" for i in range(150)]
+    async with grpc_server(xlmr_reranker, xlmr_engine, max_concurrent_requests=2) as (channel, _):
+        call = stream(
+            channel, "/tei.v1.Predict/PredictPairStream", m.PredictPairRequest, m.PredictResponse
+        )
+        answers = [
+            a
+            async for a in call(
+                _messages(*(m.PredictPairRequest(inputs=[QUERY, t]) for t in texts))
+            )
+        ]
+    assert len(answers) == len(texts)
+    expected = [
+        sigmoid(row[0]) for row in reference_logits(xlmr_reranker, [(QUERY, t) for t in texts[:5]])
+    ]
+    assert [a.predictions[0].score for a in answers[:5]] == pytest.approx(expected, abs=TOL)
+
+
+async def test_rerank_stream_refuses_more_pairs_than_the_client_batch_limit(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, _):
+        call = channel.stream_unary(
+            "/tei.v1.Rerank/RerankStream",
+            request_serializer=m.RerankStreamRequest.SerializeToString,
+            response_deserializer=m.RerankResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(_messages(*(m.RerankStreamRequest(query="q", text="t") for _ in range(17))))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "batch size 17 > maximum allowed batch size 16" in refused.value.details()
+
+
+async def test_a_grpc_port_already_served_stops_the_start_naming_it(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    # Even by another gRPC server: gRPC would share the port (SO_REUSEPORT) unless told not to.
+    port = free_port()
+
+    def app() -> Any:
+        settings = settings_for(xlmr_reranker, host="127.0.0.1", grpc_port=port)
+        return create_app(settings, engine=ControlledEngine(xlmr_engine))
+
+    async with running_app(app()):
+        with pytest.raises(RuntimeError, match=rf"cannot listen for gRPC on 127\.0\.0\.1:{port}"):
+            async with running_app(app()):
+                pass

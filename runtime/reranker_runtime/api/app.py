@@ -125,8 +125,12 @@ def create_app(
         finally:
             try:
                 if grpc_api is not None:
-                    await grpc_api.stop()
-                await lifecycle.close()
+                    try:
+                        await grpc_api.stop()
+                    finally:
+                        await lifecycle.close()
+                else:
+                    await lifecycle.close()
             finally:
                 if settings.otlp_endpoint:
                     # Flushing waits on the network: not on the event loop.

@@ -18,6 +18,7 @@ carry TEI's timing headers as response metadata and the `Metadata` message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -80,12 +81,15 @@ STOP_GRACE_S = 5.0
 
 
 def grpc_status(exc: RerankerError) -> tuple[grpc.StatusCode, str]:
-    """The status and message a gRPC client gets for a domain error."""
+    """The status and message a gRPC client gets for a domain error: the HTTP answer's message
+    and advice, except advice about the HTTP X-Request-Timeout header (a gRPC call has its
+    own deadline)."""
     mapped = http_error(exc)
     code = _STATUS_BY_ERROR_TYPE.get(mapped.error_type, grpc.StatusCode.INTERNAL)
     if mapped.status >= 500 and mapped.error_type == "Backend":
         code = grpc.StatusCode.INTERNAL  # our own failure (InternalError), not the model's
-    return code, client_message(exc)
+    message = exc.message if "X-Request-Timeout" in mapped.advice else client_message(exc)
+    return code, message
 
 
 class GrpcApi:
@@ -95,26 +99,40 @@ class GrpcApi:
         self._lifecycle = lifecycle
         self._settings = settings
         message_bytes = max(MIN_MESSAGE_BYTES, settings.payload_limit)
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_bytes)])
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", message_bytes),
+                # gRPC shares a port with another server by default: a second process (or a
+                # stale one) would silently take half the calls. Binding must fail instead.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
         self._health = health.aio.HealthServicer()
         self._health_task: asyncio.Task[None] | None = None
+        self._health_seen: tuple[State, int] | None = None
         self.port = 0
 
     async def start(self) -> int:
-        """Bind and serve; returns the port (useful with --grpc-port 0 in tests). Raises
-        RuntimeError naming the address when it cannot be bound."""
+        """Bind `--host`:`--grpc-port` and serve; returns the port. Raises RuntimeError naming
+        the address when it cannot be bound (in use, or not an address of this machine)."""
         self._server.add_generic_rpc_handlers(_handlers(self))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = [*m.service_names(), health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self._server, pool=m.POOL)
-        address = f"{self._settings.host}:{self._settings.grpc_port}"
+        host = self._settings.host
+        address = (
+            f"[{host}]:{self._settings.grpc_port}"
+            if ":" in host
+            else f"{host}:{self._settings.grpc_port}"
+        )
         try:
             self.port = self._server.add_insecure_port(address)
         except RuntimeError as exc:
             raise RuntimeError(
-                f"cannot listen for gRPC on {address} ({exc}): is the port in use? Choose "
-                "another --grpc-port"
+                f"cannot listen for gRPC on {address} ({exc}): another process may hold the "
+                "port (choose another --grpc-port), or --host is not an address of this machine"
             ) from exc
+        await self._update_health()  # NOT_SERVING until the model is ready, from the first call
         await self._server.start()
         self._health_task = asyncio.create_task(self._track_health(), name="grpc-health")
         log.info("gRPC API listening", extra=log_fields(address=address, port=self.port))
@@ -123,38 +141,45 @@ class GrpcApi:
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
 
     # -- health ------------------------------------------------------------------------------
 
     async def _track_health(self) -> None:
-        """grpc.health.v1 follows the lifecycle: every service SERVING once the model is ready
-        (Rerank only for a reranker, never Embed), NOT_SERVING while loading or draining."""
-        last: tuple[State, int] | None = None
+        """grpc.health.v1 follows the lifecycle, checked every HEALTH_POLL_S."""
         while True:
-            service = self._lifecycle.service
-            now = (self._lifecycle.state, service.info.num_labels if service else 0)
-            if now != last:
-                last = now
-                ready = self._lifecycle.ready
-                reranker = ready and service is not None and service.info.num_labels == 1
-                statuses = {
-                    "": ready,
-                    "tei.v1.Info": ready,
-                    "tei.v1.Tokenize": ready,
-                    "tei.v1.Predict": ready,
-                    "tei.v1.Rerank": reranker,
-                    "tei.v1.Embed": False,
-                }
-                for name, serving in statuses.items():
-                    await self._health.set(
-                        name,
-                        health_pb2.HealthCheckResponse.SERVING
-                        if serving
-                        else health_pb2.HealthCheckResponse.NOT_SERVING,
-                    )
             await asyncio.sleep(HEALTH_POLL_S)
+            await self._update_health()
+
+    async def _update_health(self) -> None:
+        """Every service SERVING once the model is ready (Rerank only for a reranker, never
+        Embed), NOT_SERVING while loading or draining. Info and Tokenize too: they need the
+        model's tokenizer and config (TEI keeps them SERVING from the start)."""
+        service = self._lifecycle.service
+        now = (self._lifecycle.state, service.info.num_labels if service else 0)
+        if now == self._health_seen:
+            return
+        self._health_seen = now
+        ready = self._lifecycle.ready
+        reranker = ready and service is not None and service.info.num_labels == 1
+        statuses = {
+            "": ready,
+            "tei.v1.Info": ready,
+            "tei.v1.Tokenize": ready,
+            "tei.v1.Predict": ready,
+            "tei.v1.Rerank": reranker,
+            "tei.v1.Embed": False,
+        }
+        for name, serving in statuses.items():
+            await self._health.set(
+                name,
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
 
     # -- shared steps ------------------------------------------------------------------------
 
@@ -318,9 +343,18 @@ async def rerank_stream(
 ) -> Any:
     """One (query, text) per message, each message its own query; raw_scores, return_text,
     truncate and truncation_direction are the first message's (TEI reads the first two from
-    it)."""
+    it). At most --max-client-batch-size messages: the call is refused as soon as one more
+    arrives (TEI takes any number, all held in memory)."""
     started = time.perf_counter()
-    messages = [message async for message in request_iterator]
+    limit = api._settings.max_client_batch_size
+    messages: list[Any] = []
+    async for message in request_iterator:
+        messages.append(message)
+        if len(messages) > limit:
+            raise ValidationError(
+                f"batch size {len(messages)} > maximum allowed batch size {limit}: the stream "
+                f"sent more than {limit} pairs (--max-client-batch-size); split it"
+            )
     if not messages:
         raise EmptyInputError("`texts` cannot be empty: the stream sent no message")
     first = messages[0]
@@ -354,9 +388,19 @@ async def rerank_stream(
     return m.RerankResponse(ranks=ranks, metadata=_metadata(result, started, characters))
 
 
-async def _predict_one(
-    api: GrpcApi, request: Any, context: grpc.aio.ServicerContext, *, pair: bool
-) -> Any:
+class _Predicted:
+    """A Predict answer with what its response metadata needs."""
+
+    def __init__(self, answer: Any, result: Any, started: float, characters: int) -> None:
+        self.answer = answer
+        self.result = result
+        self.started = started
+        self.characters = characters
+
+
+async def _predict_on(
+    service: RerankService, request: Any, context: grpc.aio.ServicerContext, *, pair: bool
+) -> _Predicted:
     started = time.perf_counter()
     item: str | tuple[str, str]
     if pair:
@@ -368,48 +412,45 @@ async def _predict_one(
         item = inputs[0] if len(inputs) == 1 else (inputs[0], inputs[1])
     else:
         item = request.inputs
-    result = await api.admitted(
-        lambda service: service.predict(
-            [item],
-            truncate=request.truncate,
-            truncation_direction=_direction(request),
-            raw_scores=request.raw_scores,
-            timeout_s=_timeout(context),
-            request_id=_request_id(context),
-        ),
-        method="single",
+    result = await service.predict(
+        [item],
+        truncate=request.truncate,
+        truncation_direction=_direction(request),
+        raw_scores=request.raw_scores,
+        timeout_s=_timeout(context),
+        request_id=_request_id(context),
     )
     characters = len(item) if isinstance(item, str) else len(item[0]) + len(item[1])
     predictions = [m.Prediction(score=score, label=label) for label, score in result.predictions[0]]
-    return (
-        m.PredictResponse(predictions=predictions, metadata=_metadata(result, started, characters)),
-        result,
-        started,
-        characters,
+    answer = m.PredictResponse(
+        predictions=predictions, metadata=_metadata(result, started, characters)
     )
+    return _Predicted(answer, result, started, characters)
+
+
+async def _predict_unary(
+    api: GrpcApi, request: Any, context: grpc.aio.ServicerContext, *, pair: bool
+) -> Any:
+    done = await api.admitted(
+        lambda service: _predict_on(service, request, context, pair=pair), method="single"
+    )
+    await _send_timing(api, context, done.result, done.started, done.characters)
+    return done.answer
 
 
 @_unary
 async def predict(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
-    answer, result, started, characters = await _predict_one(api, request, context, pair=False)
-    await _send_timing(api, context, result, started, characters)
-    return answer
+    return await _predict_unary(api, request, context, pair=False)
 
 
 @_unary
 async def predict_pair(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
-    answer, result, started, characters = await _predict_one(api, request, context, pair=True)
-    await _send_timing(api, context, result, started, characters)
-    return answer
+    return await _predict_unary(api, request, context, pair=True)
 
 
-async def _tokenize_one(api: GrpcApi, request: Any) -> Any:
-    sequences = await api.admitted(
-        lambda service: service.tokenize(
-            [request.inputs], add_special_tokens=request.add_special_tokens
-        ),
-        method=None,
-        limited=False,
+async def _tokenize_on(service: RerankService, request: Any) -> Any:
+    sequences = await service.tokenize(
+        [request.inputs], add_special_tokens=request.add_special_tokens
     )
     tokens = [
         m.SimpleToken(
@@ -423,90 +464,118 @@ async def _tokenize_one(api: GrpcApi, request: Any) -> Any:
     return m.EncodeResponse(tokens=tokens)
 
 
-async def _decode_one(api: GrpcApi, request: Any) -> Any:
-    texts = await api.admitted(
-        lambda service: service.decode(
-            [list(request.ids)], skip_special_tokens=request.skip_special_tokens
-        ),
-        method=None,
-        limited=False,
+async def _decode_on(service: RerankService, request: Any) -> Any:
+    texts = await service.decode(
+        [list(request.ids)], skip_special_tokens=request.skip_special_tokens
     )
     return m.DecodeResponse(text=texts[0])
 
 
 @_unary
 async def tokenize(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
-    return await _tokenize_one(api, request)
+    return await api.admitted(
+        lambda service: _tokenize_on(service, request), method=None, limited=False
+    )
 
 
 @_unary
 async def decode(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
-    return await _decode_one(api, request)
+    return await api.admitted(
+        lambda service: _decode_on(service, request), method=None, limited=False
+    )
+
+
+StreamStep = Callable[["RerankService", Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 def _ordered_stream(
-    one: Callable[[GrpcApi, Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    one: StreamStep, *, limited: bool
 ) -> Callable[[GrpcApi, AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]]:
-    """A bidirectional stream: one answer per message, in the order sent, up to
-    STREAM_PARALLELISM messages scored at once. The first error ends the call with its status,
-    after the answers before it (as TEI's streams do)."""
+    """A bidirectional stream: one answer per message, in the order sent. The stream is
+    admitted once, as one request (`limited`: it takes a --max-concurrent-requests slot for
+    its whole life), and scores up to STREAM_PARALLELISM of its messages at once; its messages
+    are not counted in te_request_count, as in TEI. The first error ends the call with its
+    status, after the answers before it (as TEI's streams do)."""
 
     async def stream(
         api: GrpcApi, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         try:
             api.authorize(context)
+            async with api._lifecycle.admit(limited=limited) as service:
+                async for answer in _answers_in_order(service, one, request_iterator, context):
+                    yield answer
         except RerankerError as exc:
             await context.abort(*grpc_status(exc))
-        pending: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue(STREAM_PARALLELISM)
-
-        async def read() -> None:
-            try:
-                async for message in request_iterator:
-                    await pending.put(asyncio.ensure_future(one(api, message, context)))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while (future := await pending.get()) is not None:
-                try:
-                    yield await future
-                except RerankerError as exc:
-                    await context.abort(*grpc_status(exc))
-            await reader  # a broken request stream ends the call with its error
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                left = pending.get_nowait()
-                if left is not None:
-                    left.cancel()
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("unhandled error in a gRPC stream", extra=log_fields(method=one.__name__))
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
 
     return stream
 
 
-async def _predict_stream_one(api: GrpcApi, request: Any, context: Any) -> Any:
-    return (await _predict_one(api, request, context, pair=False))[0]
+async def _answers_in_order(
+    service: RerankService,
+    one: StreamStep,
+    request_iterator: AsyncIterator[Any],
+    context: grpc.aio.ServicerContext,
+) -> AsyncIterator[Any]:
+    pending: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue()
+    started: set[asyncio.Future[Any]] = set()  # not finished yet
+    slots = asyncio.Semaphore(STREAM_PARALLELISM)  # messages scored but not yet answered
+
+    async def read() -> None:
+        try:
+            async for message in request_iterator:
+                await slots.acquire()
+                future = asyncio.ensure_future(one(service, message, context))
+                started.add(future)
+                future.add_done_callback(started.discard)
+                pending.put_nowait(future)
+        finally:
+            pending.put_nowait(None)  # the queue is unbounded: this never waits
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while (future := await pending.get()) is not None:
+            try:
+                yield await future
+            finally:
+                slots.release()
+        await reader  # a broken request stream ends the call with its error
+    finally:
+        # The call ended (done, failed, cancelled): nothing of it may run on.
+        reader.cancel()
+        left = list(started)
+        for future in left:
+            future.cancel()
+        await asyncio.gather(reader, *left, return_exceptions=True)
 
 
-async def _predict_pair_stream_one(api: GrpcApi, request: Any, context: Any) -> Any:
-    return (await _predict_one(api, request, context, pair=True))[0]
+async def _predict_stream_one(service: RerankService, request: Any, context: Any) -> Any:
+    return (await _predict_on(service, request, context, pair=False)).answer
 
 
-async def _tokenize_stream_one(api: GrpcApi, request: Any, context: Any) -> Any:
-    return await _tokenize_one(api, request)
+async def _predict_pair_stream_one(service: RerankService, request: Any, context: Any) -> Any:
+    return (await _predict_on(service, request, context, pair=True)).answer
 
 
-async def _decode_stream_one(api: GrpcApi, request: Any, context: Any) -> Any:
-    return await _decode_one(api, request)
+async def _tokenize_stream_one(service: RerankService, request: Any, context: Any) -> Any:
+    return await _tokenize_on(service, request)
+
+
+async def _decode_stream_one(service: RerankService, request: Any, context: Any) -> Any:
+    return await _decode_on(service, request)
 
 
 async def _not_embedding(api: GrpcApi, context: grpc.aio.ServicerContext) -> None:
-    metrics.REQUEST_COUNT.inc(method="single")
     try:
         api.authorize(context)
     except RerankerError as exc:
         await context.abort(*grpc_status(exc))
+    metrics.REQUEST_COUNT.inc(method="single")
     metrics.REQUEST_FAILURE.inc(err="model_type")
     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_EMBEDDING)
 
@@ -540,10 +609,10 @@ def _handlers(api: GrpcApi) -> list[grpc.GenericRpcHandler]:
             response_serializer=response.SerializeToString,
         )
 
-    predict_stream = _ordered_stream(_predict_stream_one)
-    predict_pair_stream = _ordered_stream(_predict_pair_stream_one)
-    tokenize_stream = _ordered_stream(_tokenize_stream_one)
-    decode_stream = _ordered_stream(_decode_stream_one)
+    predict_stream = _ordered_stream(_predict_stream_one, limited=True)
+    predict_pair_stream = _ordered_stream(_predict_pair_stream_one, limited=True)
+    tokenize_stream = _ordered_stream(_tokenize_stream_one, limited=False)
+    decode_stream = _ordered_stream(_decode_stream_one, limited=False)
     return [
         grpc.method_handlers_generic_handler(
             "tei.v1.Info", {"Info": unary(info, m.InfoRequest, m.InfoResponse)}
