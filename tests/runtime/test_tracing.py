@@ -185,6 +185,16 @@ def json_logs() -> Iterator[None]:
     root.setLevel(saved[1])
 
 
+async def _rerank_once(settings: Any, engine: Any, traceparent: str) -> None:
+    async with serving(settings, engine) as client:
+        resp = await client.post(
+            "/rerank",
+            json={"query": QUERY, "texts": TEXTS[:2]},
+            headers={"traceparent": traceparent},
+        )
+        assert resp.status_code == 200
+
+
 def _access_line(err: str, path: str) -> dict[str, Any]:
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     (line,) = [x for x in lines if x["logger"] == ACCESS_LOGGER and x["route"] == path]
@@ -202,13 +212,7 @@ async def test_json_log_lines_carry_the_trace_id_unless_spans_are_disabled(
     for disable_spans in (False, True):
         setup_logging("json", "info", trace_ids_in_json=not disable_spans)
         settings = settings_for(xlmr_reranker, otlp_endpoint=endpoint, disable_spans=disable_spans)
-        async with serving(settings, xlmr_engine) as client:
-            resp = await client.post(
-                "/rerank",
-                json={"query": QUERY, "texts": TEXTS[:2]},
-                headers={"traceparent": TRACEPARENT},
-            )
-            assert resp.status_code == 200
+        await _rerank_once(settings, xlmr_engine, TRACEPARENT)
         line = _access_line(capfd.readouterr().err, "/rerank")
         if disable_spans:
             assert "trace_id" not in line and "span_id" not in line
@@ -227,13 +231,8 @@ async def test_a_trace_the_caller_did_not_sample_is_neither_sent_nor_logged(
 ) -> None:
     sink, endpoint = collector
     setup_logging("json", "info")
-    async with serving(settings_for(xlmr_reranker, otlp_endpoint=endpoint), xlmr_engine) as client:
-        resp = await client.post(
-            "/rerank",
-            json={"query": QUERY, "texts": TEXTS[:2]},
-            headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"},  # flags 00: not sampled
-        )
-        assert resp.status_code == 200
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"  # flags 00: the caller did not sample it
+    await _rerank_once(settings_for(xlmr_reranker, otlp_endpoint=endpoint), xlmr_engine, unsampled)
     assert "trace_id" not in _access_line(capfd.readouterr().err, "/rerank")
     assert not sink.spans
 

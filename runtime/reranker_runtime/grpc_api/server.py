@@ -228,6 +228,21 @@ class GrpcApi:
 # -- request handling ----------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _answering_errors(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+    """End the call with TEI's status for a domain error, and with INTERNAL (logged with its
+    traceback, no detail to the client) for anything unexpected."""
+    try:
+        yield
+    except RerankerError as exc:
+        await context.abort(*grpc_status(exc))
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception:
+        log.exception("unhandled error in a gRPC call", extra=log_fields(method=method))
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+
+
 def _unary(
     fn: Callable[[GrpcApi, Any, grpc.aio.ServicerContext], Awaitable[Any]],
 ) -> Callable[[GrpcApi, Any, grpc.aio.ServicerContext], Awaitable[Any]]:
@@ -235,16 +250,9 @@ def _unary(
 
     @functools.wraps(fn)
     async def handle(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
+        async with _answering_errors(context, fn.__name__):
             api.authorize(context)
             return await fn(api, request, context)
-        except RerankerError as exc:
-            await context.abort(*grpc_status(exc))
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception:
-            log.exception("unhandled error in a gRPC call", extra=log_fields(method=fn.__name__))
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
 
     return handle
 
@@ -500,18 +508,11 @@ def _ordered_stream(
     async def stream(
         api: GrpcApi, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        try:
+        async with _answering_errors(context, one.__name__):
             api.authorize(context)
             async with api._lifecycle.admit(limited=limited) as service:
                 async for answer in _answers_in_order(service, one, request_iterator, context):
                     yield answer
-        except RerankerError as exc:
-            await context.abort(*grpc_status(exc))
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception:
-            log.exception("unhandled error in a gRPC stream", extra=log_fields(method=one.__name__))
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
 
     return stream
 
