@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -46,6 +47,14 @@ def settings_for(model_dir: Path, **overrides: Any) -> ServeSettings:
     )
     values.update(overrides)
     return ServeSettings(**values)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for the gRPC API's --grpc-port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 async def wait_until(client: httpx.AsyncClient, path: str = "/health", status: int = 200) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from runtime.api_support import (
     QUERY,
     TEXTS,
     TOL,
+    free_port,
     running_app,
     settings_for,
     sigmoid,
@@ -31,13 +31,6 @@ from runtime.fakes import ControlledEngine
 from tiny_models import reference_logits
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @asynccontextmanager

@@ -25,8 +25,9 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from reranker_runtime import tracing
+from reranker_runtime.grpc_api import messages as tei
 from reranker_runtime.logging import ACCESS_LOGGER, setup_logging
-from runtime.api_support import QUERY, TEXTS, serving, settings_for
+from runtime.api_support import QUERY, TEXTS, free_port, serving, settings_for
 from runtime.fakes import ControlledEngine
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -269,6 +270,44 @@ async def test_requests_are_answered_when_the_collector_is_down(
             assert resp.status_code == 200
     assert not tracing.enabled()  # stopped with the app
     assert any("the last spans were not sent" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_grpc_call_is_a_server_span_under_the_callers_traceparent(
+    xlmr_reranker: Path, xlmr_engine: Any, collector: tuple[Collector, str]
+) -> None:
+    sink, endpoint = collector
+    settings = settings_for(
+        xlmr_reranker, host="127.0.0.1", grpc_port=free_port(), otlp_endpoint=endpoint
+    )
+    async with (
+        serving(settings, xlmr_engine),
+        grpc.aio.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel,
+    ):
+        rerank = channel.unary_unary(
+            "/tei.v1.Rerank/Rerank",
+            request_serializer=tei.RerankRequest.SerializeToString,
+            response_deserializer=tei.RerankResponse.FromString,
+        )
+        await rerank(
+            tei.RerankRequest(query=QUERY, texts=TEXTS), metadata=(("traceparent", TRACEPARENT),)
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await rerank(tei.RerankRequest(query=QUERY))  # no texts: INVALID_ARGUMENT
+    ok, refused = sink.named("tei.v1.Rerank/Rerank")
+    if ok.trace_id.hex() != TRACE_ID:
+        ok, refused = refused, ok
+    assert ok.parent_span_id.hex() == PARENT_ID and ok.kind == Span.SPAN_KIND_SERVER
+    assert attributes(ok.attributes) == {
+        "rpc.system": "grpc",
+        "rpc.service": "tei.v1.Rerank",
+        "rpc.method": "Rerank",
+        "rpc.grpc.status_code": 0,
+    }
+    children = {s.name for s in sink.spans if s.parent_span_id == ok.span_id}
+    assert children == {"tokenize", "queue", "inference"}
+    # A client error is not a server error (OpenTelemetry's RPC conventions).
+    assert attributes(refused.attributes)["rpc.grpc.status_code"] == 3  # INVALID_ARGUMENT
+    assert refused.status.code != Status.STATUS_CODE_ERROR
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 import uuid
@@ -29,8 +28,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from reranker_runtime import metrics
+from reranker_runtime import metrics, tracing
 from reranker_runtime.api.deps import response_timing_headers
 from reranker_runtime.api.errors import DROPPED, client_message, failure_reason, http_error
 from reranker_runtime.api.ops import build_info
@@ -228,33 +229,58 @@ class GrpcApi:
 # -- request handling ----------------------------------------------------------------------------
 
 
+# gRPC codes that mark a server span as failed (OpenTelemetry's RPC conventions).
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
+
+
 @contextlib.asynccontextmanager
-async def _answering_errors(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
-    """End the call with TEI's status for a domain error, and with INTERNAL (logged with its
-    traceback, no detail to the client) for anything unexpected."""
-    try:
-        yield
-    except RerankerError as exc:
-        await context.abort(*grpc_status(exc))
-    except (asyncio.CancelledError, grpc.aio.AbortError):
-        raise
-    except Exception:
-        log.exception("unhandled error in a gRPC call", extra=log_fields(method=method))
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
-
-
-def _unary(
-    fn: Callable[[GrpcApi, Any, grpc.aio.ServicerContext], Awaitable[Any]],
-) -> Callable[[GrpcApi, Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    """Authorize, then answer domain errors with TEI's status and anything else with INTERNAL."""
-
-    @functools.wraps(fn)
-    async def handle(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _answering_errors(context, fn.__name__):
-            api.authorize(context)
-            return await fn(api, request, context)
-
-    return handle
+async def _call(context: grpc.aio.ServicerContext, path: str) -> AsyncIterator[None]:
+    """One gRPC call: its trace span (with --otlp-endpoint; `tei.v1.Rerank/Rerank`, a child of
+    the caller's `traceparent` metadata), then the call ended with TEI's status for a domain
+    error and with INTERNAL (logged with its traceback, no detail to the client) for anything
+    unexpected."""
+    metadata = {
+        key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
+    }
+    service, _, method = path.rpartition("/")
+    code = grpc.StatusCode.OK
+    with tracing.tracer().start_as_current_span(
+        path,
+        context=_TRACE_CONTEXT.extract(metadata),
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield
+        except RerankerError as exc:
+            code, message = grpc_status(exc)
+            await context.abort(code, message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            code = grpc.StatusCode.INTERNAL
+            span.record_exception(exc)
+            log.exception("unhandled error in a gRPC call", extra=log_fields(method=path))
+            await context.abort(code, "internal error (logged by the server)")
+        finally:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code in _SERVER_ERRORS:
+                span.set_status(Status(StatusCode.ERROR, code.name))
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -290,7 +316,6 @@ def _direction(request: Any) -> str:
     return m.TRUNCATION_DIRECTIONS.get(request.truncation_direction, "right")
 
 
-@_unary
 async def info(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
     body = build_info(api._lifecycle)
     kind = m.MODEL_TYPE_RERANKER if body.num_labels == 1 else m.MODEL_TYPE_CLASSIFIER
@@ -316,7 +341,6 @@ async def info(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) ->
     return answer
 
 
-@_unary
 async def rerank(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
     started = time.perf_counter()
     texts = list(request.texts)
@@ -345,7 +369,6 @@ async def rerank(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) 
     return m.RerankResponse(ranks=ranks, metadata=_metadata(result, started, characters))
 
 
-@_unary
 async def rerank_stream(
     api: GrpcApi, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
 ) -> Any:
@@ -446,12 +469,10 @@ async def _predict_unary(
     return done.answer
 
 
-@_unary
 async def predict(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
     return await _predict_unary(api, request, context, pair=False)
 
 
-@_unary
 async def predict_pair(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
     return await _predict_unary(api, request, context, pair=True)
 
@@ -479,14 +500,12 @@ async def _decode_on(service: RerankService, request: Any) -> Any:
     return m.DecodeResponse(text=texts[0])
 
 
-@_unary
 async def tokenize(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
     return await api.admitted(
         lambda service: _tokenize_on(service, request), method=None, limited=False
     )
 
 
-@_unary
 async def decode(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
     return await api.admitted(
         lambda service: _decode_on(service, request), method=None, limited=False
@@ -508,11 +527,9 @@ def _ordered_stream(
     async def stream(
         api: GrpcApi, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        async with _answering_errors(context, one.__name__):
-            api.authorize(context)
-            async with api._lifecycle.admit(limited=limited) as service:
-                async for answer in _answers_in_order(service, one, request_iterator, context):
-                    yield answer
+        async with api._lifecycle.admit(limited=limited) as service:
+            async for answer in _answers_in_order(service, one, request_iterator, context):
+                yield answer
 
     return stream
 
@@ -571,97 +588,131 @@ async def _decode_stream_one(service: RerankService, request: Any, context: Any)
     return await _decode_on(service, request)
 
 
-async def _not_embedding(api: GrpcApi, context: grpc.aio.ServicerContext) -> None:
-    try:
-        api.authorize(context)
-    except RerankerError as exc:
-        await context.abort(*grpc_status(exc))
+def _not_embedding() -> WrongModelKindError:
+    """What an Embed call gets, counted as TEI counts it."""
     metrics.REQUEST_COUNT.inc(method="single")
     metrics.REQUEST_FAILURE.inc(err="model_type")
-    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_EMBEDDING)
+    return WrongModelKindError(NOT_EMBEDDING)
 
 
 async def embed_refused(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) -> Any:
-    await _not_embedding(api, context)
+    raise _not_embedding()
 
 
 async def embed_stream_refused(
     api: GrpcApi, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
 ) -> AsyncIterator[Any]:
-    await _not_embedding(api, context)
-    yield None  # never reached: makes this an async generator, as a stream handler must be
+    raise _not_embedding()
+    yield  # never reached: makes this an async generator, as a stream handler must be
 
 
 def _handlers(api: GrpcApi) -> list[grpc.GenericRpcHandler]:
-    def bound(fn: Callable[..., Any]) -> Callable[..., Any]:
-        return functools.partial(fn, api)
+    """Every tei.v1 method, each run inside `_call` (trace span, authorization, errors)."""
 
-    def unary(fn: Callable[..., Any], request: Any, response: Any) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(
-            bound(fn),
-            request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString,
-        )
+    def answered(path: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with _call(context, path):
+                api.authorize(context)
+                return await fn(api, request, context)
 
-    def streams(fn: Callable[..., Any], request: Any, response: Any) -> grpc.RpcMethodHandler:
-        return grpc.stream_stream_rpc_method_handler(
-            bound(fn),
-            request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString,
-        )
+        return handle
 
-    predict_stream = _ordered_stream(_predict_stream_one, limited=True)
-    predict_pair_stream = _ordered_stream(_predict_pair_stream_one, limited=True)
-    tokenize_stream = _ordered_stream(_tokenize_stream_one, limited=False)
-    decode_stream = _ordered_stream(_decode_stream_one, limited=False)
+    def streamed(path: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        async def handle(
+            request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            async with _call(context, path):
+                api.authorize(context)
+                async for answer in fn(api, request_iterator, context):
+                    yield answer
+
+        return handle
+
+    def service(name: str, methods: dict[str, tuple[str, Any, Any, Any]]) -> Any:
+        """methods: name -> (kind, function, request class, response class)."""
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method, (kind, fn, request, response) in methods.items():
+            path = f"{name}/{method}"
+            codecs: dict[str, Any] = {
+                "request_deserializer": request.FromString,
+                "response_serializer": response.SerializeToString,
+            }
+            if kind == "unary":
+                handler = grpc.unary_unary_rpc_method_handler(answered(path, fn), **codecs)
+            elif kind == "client_stream":
+                handler = grpc.stream_unary_rpc_method_handler(answered(path, fn), **codecs)
+            else:
+                handler = grpc.stream_stream_rpc_method_handler(streamed(path, fn), **codecs)
+            handlers[method] = handler
+        return grpc.method_handlers_generic_handler(name, handlers)
+
+    embed, embed_stream = embed_refused, embed_stream_refused
     return [
-        grpc.method_handlers_generic_handler(
-            "tei.v1.Info", {"Info": unary(info, m.InfoRequest, m.InfoResponse)}
-        ),
-        grpc.method_handlers_generic_handler(
+        service("tei.v1.Info", {"Info": ("unary", info, m.InfoRequest, m.InfoResponse)}),
+        service(
             "tei.v1.Rerank",
             {
-                "Rerank": unary(rerank, m.RerankRequest, m.RerankResponse),
-                "RerankStream": grpc.stream_unary_rpc_method_handler(
-                    bound(rerank_stream),
-                    request_deserializer=m.RerankStreamRequest.FromString,
-                    response_serializer=m.RerankResponse.SerializeToString,
+                "Rerank": ("unary", rerank, m.RerankRequest, m.RerankResponse),
+                "RerankStream": (
+                    "client_stream",
+                    rerank_stream,
+                    m.RerankStreamRequest,
+                    m.RerankResponse,
                 ),
             },
         ),
-        grpc.method_handlers_generic_handler(
+        service(
             "tei.v1.Predict",
             {
-                "Predict": unary(predict, m.PredictRequest, m.PredictResponse),
-                "PredictPair": unary(predict_pair, m.PredictPairRequest, m.PredictResponse),
-                "PredictStream": streams(predict_stream, m.PredictRequest, m.PredictResponse),
-                "PredictPairStream": streams(
-                    predict_pair_stream, m.PredictPairRequest, m.PredictResponse
+                "Predict": ("unary", predict, m.PredictRequest, m.PredictResponse),
+                "PredictPair": ("unary", predict_pair, m.PredictPairRequest, m.PredictResponse),
+                "PredictStream": (
+                    "stream",
+                    _ordered_stream(_predict_stream_one, limited=True),
+                    m.PredictRequest,
+                    m.PredictResponse,
+                ),
+                "PredictPairStream": (
+                    "stream",
+                    _ordered_stream(_predict_pair_stream_one, limited=True),
+                    m.PredictPairRequest,
+                    m.PredictResponse,
                 ),
             },
         ),
-        grpc.method_handlers_generic_handler(
+        service(
             "tei.v1.Tokenize",
             {
-                "Tokenize": unary(tokenize, m.EncodeRequest, m.EncodeResponse),
-                "TokenizeStream": streams(tokenize_stream, m.EncodeRequest, m.EncodeResponse),
-                "Decode": unary(decode, m.DecodeRequest, m.DecodeResponse),
-                "DecodeStream": streams(decode_stream, m.DecodeRequest, m.DecodeResponse),
+                "Tokenize": ("unary", tokenize, m.EncodeRequest, m.EncodeResponse),
+                "TokenizeStream": (
+                    "stream",
+                    _ordered_stream(_tokenize_stream_one, limited=False),
+                    m.EncodeRequest,
+                    m.EncodeResponse,
+                ),
+                "Decode": ("unary", decode, m.DecodeRequest, m.DecodeResponse),
+                "DecodeStream": (
+                    "stream",
+                    _ordered_stream(_decode_stream_one, limited=False),
+                    m.DecodeRequest,
+                    m.DecodeResponse,
+                ),
             },
         ),
-        grpc.method_handlers_generic_handler(
+        service(
             "tei.v1.Embed",
             {
-                "Embed": unary(embed_refused, m.EmbedRequest, m.EmbedResponse),
-                "EmbedStream": streams(embed_stream_refused, m.EmbedRequest, m.EmbedResponse),
-                "EmbedSparse": unary(embed_refused, m.EmbedSparseRequest, m.EmbedSparseResponse),
-                "EmbedSparseStream": streams(
-                    embed_stream_refused, m.EmbedSparseRequest, m.EmbedSparseResponse
+                "Embed": ("unary", embed, m.EmbedRequest, m.EmbedResponse),
+                "EmbedStream": ("stream", embed_stream, m.EmbedRequest, m.EmbedResponse),
+                "EmbedSparse": ("unary", embed, m.EmbedSparseRequest, m.EmbedSparseResponse),
+                "EmbedSparseStream": (
+                    "stream",
+                    embed_stream,
+                    m.EmbedSparseRequest,
+                    m.EmbedSparseResponse,
                 ),
-                "EmbedAll": unary(embed_refused, m.EmbedAllRequest, m.EmbedAllResponse),
-                "EmbedAllStream": streams(
-                    embed_stream_refused, m.EmbedAllRequest, m.EmbedAllResponse
-                ),
+                "EmbedAll": ("unary", embed, m.EmbedAllRequest, m.EmbedAllResponse),
+                "EmbedAllStream": ("stream", embed_stream, m.EmbedAllRequest, m.EmbedAllResponse),
             },
         ),
     ]
