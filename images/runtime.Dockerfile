@@ -53,8 +53,9 @@ RUN (pip list --format=freeze \
 # every shape it has seen, so a pod's memory kept growing (0.5 to 1 GB in 5 minutes of varied
 # requests on a small model); jemalloc returns it by itself at the same throughput
 # (runtime/reranker_runtime/allocator.py, docs/benchmarks.md). `serve` logs the allocator it
-# finds. To go back to glibc's malloc (which `serve` then trims every 5 s), set LD_PRELOAD to
-# an empty value in the pod (Reranker spec.runtime.env).
+# finds. It applies to `reranker-runtime build` too (the engine build Job and init container);
+# only serving was measured. To go back to glibc's malloc (which `serve` then trims every 5 s),
+# set LD_PRELOAD to an empty value in the pod (Reranker spec.runtime.env).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libjemalloc2 \
  && rm -rf /var/lib/apt/lists/* \
@@ -71,6 +72,6 @@ ENV HOME=/tmp \
 # Numeric user, so the kubelet can verify runAsNonRoot.
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8080
+EXPOSE 8080 50051
 ENTRYPOINT ["reranker-runtime"]
 CMD ["serve"]

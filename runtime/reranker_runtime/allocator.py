@@ -29,7 +29,6 @@ from reranker_runtime.logging import log_fields
 log = logging.getLogger(__name__)
 
 PROC_SELF_MAPS = Path("/proc/self/maps")
-DEFAULT_TRIM_INTERVAL_S = 5.0
 # Shared-library names of the allocators a process may have preloaded, as they appear in its maps.
 _PRELOADED = (("libjemalloc", "jemalloc"), ("libtcmalloc", "tcmalloc"), ("libmimalloc", "mimalloc"))
 

@@ -110,13 +110,15 @@ class LibraryRepeatFilter(logging.Filter):
     """Each library warning once: huggingface_hub logs the same `'<error>' thrown while
     requesting HEAD <url>` before every retry (six times in 25 s), each followed by `Retrying in
     Ns [Retry k/5]`; OpenTelemetry's exporter logs `Queue full, dropping span.` for every span
-    while its collector is down. A warning from huggingface_hub, transformers or opentelemetry
-    identical to one printed in the last `window_s` seconds is dropped, and so is the retry line right after a dropped one;
+    while its collector is down, and a retry line whose delay changes each time. A warning from
+    huggingface_hub, transformers or opentelemetry (numbers aside, for opentelemetry) identical
+    to one printed in the last `window_s` seconds is dropped, and so is the retry line right after a dropped one;
     a different error (a timeout after a 503, say) comes through. `dropped` counts what was left
     out. Our own loggers are never filtered."""
 
     _LIBRARIES = ("huggingface_hub", "transformers", "opentelemetry")
     _RETRY_LINE = re.compile(r"(Retrying in |Rate limited\. Waiting )")
+    _NUMBER = re.compile(r"\d+(\.\d+)?")
     _MAX_REMEMBERED = 256
 
     def __init__(self, window_s: float = 600.0) -> None:
@@ -135,6 +137,9 @@ class LibraryRepeatFilter(logging.Filter):
             if self._RETRY_LINE.match(message):
                 keep = not self._dropped_last.get(record.thread, False)
             else:
+                if record.name.startswith("opentelemetry"):
+                    # Its retry lines differ only in their numbers ("retrying in 1.80s").
+                    message = self._NUMBER.sub("#", message)
                 key = (record.name, record.levelno, message)
                 last = self._last_seen.get(key)
                 keep = last is None or record.created - last > self.window_s
@@ -142,7 +147,8 @@ class LibraryRepeatFilter(logging.Filter):
                     self._last_seen.clear()
                 if len(self._dropped_last) >= self._MAX_REMEMBERED:
                     self._dropped_last.clear()
-                self._last_seen[key] = record.created
+                if keep:  # a warning that keeps coming is printed again every window_s
+                    self._last_seen[key] = record.created
                 self._dropped_last[record.thread] = not keep
             if not keep:
                 self.dropped += 1

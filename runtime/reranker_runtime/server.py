@@ -324,7 +324,8 @@ _OPTIONS: tuple[_Option, ...] = (
         _non_negative_float,
         "Under glibc's malloc, hand freed memory back to the kernel (malloc_trim) every this "
         "many seconds, so resident memory does not grow with varied requests; 0 turns it off. "
-        "Not used when jemalloc or tcmalloc is preloaded (the runtime image preloads jemalloc)",
+        "Not used when jemalloc, tcmalloc or mimalloc is preloaded (the runtime image preloads "
+        "jemalloc)",
         "SECONDS",
     ),
     _Option(

@@ -1,7 +1,8 @@
 """OpenTelemetry traces, sent over OTLP/gRPC to `--otlp-endpoint` as TEI does (off by default).
 
-Each traced HTTP request is one server span (`POST /rerank`), a child of the caller's W3C
-`traceparent` when it sends one. Inside it, three child spans show where the time went:
+Each traced HTTP request is one server span (`POST /rerank`), each gRPC call one too
+(`tei.v1.Rerank/Rerank`, grpc_api/server.py), a child of the caller's W3C `traceparent` when it
+sends one. Inside it, three child spans show where the time went:
 `tokenize`, `queue` (waiting for a forward pass) and `inference` (from the first forward pass to
 the last). TEI's trace has no queue or inference span, only their times as attributes. A
 request that ends before its scores (deadline, client gone, shutdown) gets `tokenize` and
@@ -66,6 +67,15 @@ def check_endpoint(value: str) -> str:
     if parts.username is not None or parts.path not in ("", "/") or parts.query:
         raise ValueError(
             "expected scheme, host and port only (gRPC has no user, path or query here), "
+            "e.g. http://otel-collector:4317"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        raise ValueError(
+            "expected a port (OTLP/gRPC listens on 4317; without one gRPC would dial 443), "
             "e.g. http://otel-collector:4317"
         )
     return text

@@ -283,20 +283,23 @@ async def test_errors_carry_teis_status_codes(
     assert details in failure.value.details()
 
 
-async def test_the_api_key_is_required_as_a_bearer_token_except_for_health(
+async def test_the_api_key_is_required_as_on_http_except_for_health(
     xlmr_reranker: Path, xlmr_engine: Any
 ) -> None:
     async with grpc_server(xlmr_reranker, xlmr_engine, api_key="sekret") as (channel, _):
         rerank = unary(channel, "/tei.v1.Rerank/Rerank", m.RerankRequest, m.RerankResponse)
         body = m.RerankRequest(query=QUERY, texts=TEXTS[:2])
-        for metadata in ((), (("authorization", "Bearer wrong"),)):
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "sekret"),)):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await rerank(body, metadata=metadata)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert refused.value.details() == "No valid auth token"
+            assert (
+                "API key" in refused.value.details() or "Authorization" in refused.value.details()
+            )
         answer = await rerank(body, metadata=(("authorization", "Bearer sekret"),))
+        bei = await rerank(body, metadata=(("authorization", "Api-Key sekret"),))  # BEI's scheme
         serving = await health_status(channel, "tei.v1.Rerank", until=SERVING)  # no key needed
-    assert len(answer.ranks) == 2
+    assert len(answer.ranks) == len(bei.ranks) == 2
     assert serving == SERVING
 
 
@@ -328,20 +331,68 @@ async def test_health_follows_the_model_and_reflection_lists_the_services(
     )
 
 
-async def test_a_grpc_deadline_ends_the_call_with_deadline_exceeded(
+async def test_a_grpc_deadline_ends_the_call_and_the_server_lets_go_of_it(
     xlmr_reranker: Path, xlmr_engine: Any
 ) -> None:
     engine = ControlledEngine(xlmr_engine)
-    async with grpc_server(xlmr_reranker, engine) as (channel, _):
+    async with grpc_server(xlmr_reranker, engine) as (channel, client):
         engine.hold()
         try:
             with pytest.raises(grpc.aio.AioRpcError) as failure:
                 await unary(channel, "/tei.v1.Rerank/Rerank", m.RerankRequest, m.RerankResponse)(
                     m.RerankRequest(query=QUERY, texts=TEXTS), timeout=0.3
                 )
+            # The server side ends too (its deadline, or the cancelled call), while the forward
+            # pass is still held: the request leaves the in-flight count, counted as a failure.
+            in_flight = failures = ""
+            for _ in range(500):  # bounded wait
+                metrics = (await client.get("/metrics")).text
+                in_flight = next(
+                    line
+                    for line in metrics.splitlines()
+                    if line.startswith("reranker_requests_in_flight ")
+                )
+                failures = " ".join(
+                    line for line in metrics.splitlines() if line.startswith("te_request_failure{")
+                )
+                if in_flight.endswith(" 0.0") and failures:
+                    break
+                await asyncio.sleep(0.01)
         finally:
             engine.release()
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert in_flight.endswith(" 0.0")
+    assert 'err="timeout"' in failures or 'err="dropped"' in failures
+
+
+async def test_draining_ends_an_open_stream_with_unavailable(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    settings = settings_for(xlmr_reranker, host="127.0.0.1", grpc_port=free_port())
+    app = create_app(settings, engine=ControlledEngine(xlmr_engine))
+    never = asyncio.Event()
+
+    async def one_then_silence() -> AsyncIterator[Any]:
+        yield m.EncodeRequest(inputs="paris", add_special_tokens=True)
+        await never.wait()  # an idle client that keeps its stream open
+
+    async with (
+        running_app(app) as client,
+        grpc.aio.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel,
+    ):
+        await wait_until(client)
+        call = stream(
+            channel, "/tei.v1.Tokenize/TokenizeStream", m.EncodeRequest, m.EncodeResponse
+        )(one_then_silence())
+        first = await call.read()
+        drained = app.state.lifecycle.drain()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+        await drained
+        never.set()
+    assert len(first.tokens) > 0
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in ended.value.details()
 
 
 def test_the_committed_descriptor_is_generated_from_tei_proto() -> None:
@@ -379,10 +430,11 @@ async def test_a_long_stream_takes_one_slot_and_never_refuses_its_own_messages(
     assert [a.predictions[0].score for a in answers[:5]] == pytest.approx(expected, abs=TOL)
 
 
-async def test_rerank_stream_refuses_more_pairs_than_the_client_batch_limit(
+async def test_rerank_stream_is_bounded_by_the_request_limits_while_it_is_read(
     xlmr_reranker: Path, xlmr_engine: Any
 ) -> None:
-    async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, _):
+    limits = {"max_request_characters": 1000}
+    async with grpc_server(xlmr_reranker, xlmr_engine, **limits) as (channel, _):
         call = channel.stream_unary(
             "/tei.v1.Rerank/RerankStream",
             request_serializer=m.RerankStreamRequest.SerializeToString,
@@ -390,8 +442,14 @@ async def test_rerank_stream_refuses_more_pairs_than_the_client_batch_limit(
         )
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call(_messages(*(m.RerankStreamRequest(query="q", text="t") for _ in range(17))))
+        with pytest.raises(grpc.aio.AioRpcError) as too_long:
+            await call(
+                _messages(*(m.RerankStreamRequest(query="q", text="t" * 400) for _ in range(3)))
+            )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "batch size 17 > maximum allowed batch size 16" in refused.value.details()
+    assert too_long.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1,000 per request" in too_long.value.details()
 
 
 async def test_a_grpc_port_already_served_stops_the_start_naming_it(

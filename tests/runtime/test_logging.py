@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from reranker_runtime.logging import setup_logging
+from reranker_runtime.logging import JsonFormatter, LibraryRepeatFilter, setup_logging
 
 
 @pytest.fixture(autouse=True)
@@ -62,3 +62,61 @@ def test_repeated_hub_retry_warnings_are_printed_once(capfd: pytest.CaptureFixtu
         "same",
         "same",
     ], lines
+
+
+def _warning(name: str, message: str, created: float) -> logging.LogRecord:
+    record = logging.LogRecord(name, logging.WARNING, __file__, 1, message, None, None)
+    record.created = created
+    return record
+
+
+def test_a_warning_that_keeps_coming_is_printed_again_every_window() -> None:
+    # A collector that stays down: the same warning every 5 s is printed at 0 s and 11 s with a
+    # 10 s window, not only once.
+    repeat = LibraryRepeatFilter(window_s=10)
+    kept = [
+        t
+        for t in (0, 5, 11, 15, 22)
+        if repeat.filter(_warning("opentelemetry.sdk", "Queue full, dropping span.", t))
+    ]
+    assert kept == [0, 11, 22]
+
+
+def test_opentelemetry_retry_lines_differing_in_their_numbers_are_one_warning() -> None:
+    repeat = LibraryRepeatFilter()
+    name = "opentelemetry.exporter.otlp.proto.grpc.exporter"
+    lines = [
+        "Transient error StatusCode.UNAVAILABLE encountered while exporting traces to "
+        f"10.0.0.9:4317, retrying in {delay}s."
+        for delay in ("1.07", "2.31", "4.80")
+    ]
+    kept = [line for i, line in enumerate(lines) if repeat.filter(_warning(name, line, i))]
+    assert kept == lines[:1]
+    # Our own loggers and other libraries' numbers are left alone.
+    hub = "huggingface_hub.utils._http"
+    assert repeat.filter(_warning(hub, "HTTP Error 503 thrown", 0))
+    assert repeat.filter(_warning(hub, "HTTP Error 404 thrown", 0))
+
+
+@pytest.mark.parametrize(
+    ("sampled", "with_ids", "expected"),
+    [(True, True, True), (True, False, False), (False, True, False)],
+)
+def test_json_lines_written_in_a_span_carry_its_ids(
+    sampled: bool, with_ids: bool, expected: bool
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+
+    tracer = TracerProvider(sampler=ALWAYS_ON if sampled else ALWAYS_OFF).get_tracer("test")
+    record = logging.LogRecord("reranker_runtime.x", logging.INFO, __file__, 1, "hi", None, None)
+    with tracer.start_as_current_span("request") as span:
+        line = json.loads(JsonFormatter(with_trace_ids=with_ids).format(record))
+    context = span.get_span_context()
+    if expected:
+        assert line["trace_id"] == format(context.trace_id, "032x")
+        assert line["span_id"] == format(context.span_id, "016x")
+    else:
+        assert "trace_id" not in line and "span_id" not in line
+    outside = json.loads(JsonFormatter().format(record))
+    assert "trace_id" not in outside

@@ -106,6 +106,7 @@ async def test_a_request_is_one_trace_with_its_phases_under_the_callers_span(
         assert resp.status_code == 200
         untraced = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS[:2]})
         assert untraced.status_code == 200
+        assert (await client.get("/")).status_code == 200  # TEI's health alias: a probe
     # Leaving the app flushes the spans.
 
     (request_span,) = [s for s in sink.named("POST /rerank") if s.trace_id.hex() == TRACE_ID]
@@ -143,7 +144,7 @@ async def test_a_request_is_one_trace_with_its_phases_under_the_callers_span(
     # A request without traceparent starts its own trace; probes are not traced.
     roots = [s for s in sink.named("POST /rerank") if s.trace_id.hex() != TRACE_ID]
     assert len(roots) == 1 and roots[0].parent_span_id == b""
-    assert not sink.named("GET /health")
+    assert not sink.named("GET /health") and not sink.named("GET /")
     assert {"service.name": "rerank-a"}.items() <= sink.resources[0].items()
 
 
@@ -320,6 +321,7 @@ async def test_a_grpc_call_is_a_server_span_under_the_callers_traceparent(
         "http://user:secret@collector:4317",
         "http://collector:4317/v1/traces",
         "http://collector:4317?x=1",
+        "http://otel-collector",
     ],
 )
 def test_an_endpoint_that_is_not_scheme_host_and_port_is_refused(endpoint: str) -> None:
@@ -327,6 +329,6 @@ def test_an_endpoint_that_is_not_scheme_host_and_port_is_refused(endpoint: str) 
         tracing.check_endpoint(endpoint)
 
 
-@pytest.mark.parametrize("endpoint", ["http://collector:4317", "https://collector.example/"])
+@pytest.mark.parametrize("endpoint", ["http://collector:4317", "https://collector.example:4317/"])
 def test_a_scheme_host_and_port_endpoint_is_taken(endpoint: str) -> None:
     assert tracing.check_endpoint(f" {endpoint} ") == endpoint

@@ -67,6 +67,14 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 
 # Probes and scrapes arrive every few seconds; their access lines go to debug.
 _QUIET_PATHS = frozenset({"/health", "/live", "/metrics", "/ping"})
+
+
+def _is_probe(scope: Scope) -> bool:
+    """A probe or scrape: the quiet paths, and `GET /` (TEI's health alias; `POST /` scores)."""
+    path = scope.get("path", "")
+    return path in _QUIET_PATHS or (path == "/" and scope.get("method") in ("GET", "HEAD"))
+
+
 # A client-supplied request id is echoed only if it is short and plain.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
@@ -112,9 +120,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         grpc_api = None
+        if settings.otlp_endpoint:  # before anything starts: a failure here has nothing to undo
+            tracing.start(settings.otlp_endpoint, settings.otlp_service_name)
         try:
-            if settings.otlp_endpoint:
-                tracing.start(settings.otlp_endpoint, settings.otlp_service_name)
             lifecycle.start()
             if settings.grpc_port:
                 from reranker_runtime.grpc_api.server import GrpcApi
@@ -452,7 +460,7 @@ class AccessMiddleware:
             route = path if path in self.routes else "other"
             metrics.HTTP_REQUESTS.labels(route=route, status=str(status)).inc()
             metrics.HTTP_REQUEST_DURATION.labels(route=route).observe(duration)
-            level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
+            level = logging.DEBUG if _is_probe(scope) else logging.INFO
             if access_log.isEnabledFor(level):
                 client = scope.get("client")
                 access_log.log(
@@ -500,7 +508,7 @@ class TraceMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] != "http" or path in _QUIET_PATHS or not tracing.enabled():
+        if scope["type"] != "http" or _is_probe(scope) or not tracing.enabled():
             await self.app(scope, receive, send)
             return
         route = path if path in self.routes else "other"

@@ -28,17 +28,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from reranker_runtime import metrics, tracing
+from reranker_runtime.api.auth import check_authorization
 from reranker_runtime.api.deps import response_timing_headers
 from reranker_runtime.api.errors import DROPPED, client_message, failure_reason, http_error
 from reranker_runtime.api.ops import build_info
 from reranker_runtime.errors import (
     EmptyInputError,
     RerankerError,
-    UnauthorizedError,
+    TooManyCharactersError,
     ValidationError,
     WrongModelKindError,
 )
@@ -111,6 +112,8 @@ class GrpcApi:
         self._health = health.aio.HealthServicer()
         self._health_task: asyncio.Task[None] | None = None
         self._health_seen: tuple[State, int] | None = None
+        # Set once the server drains: open streams stop reading and end with UNAVAILABLE.
+        self.closing = asyncio.Event()
         self.port = 0
 
     async def start(self) -> int:
@@ -164,6 +167,8 @@ class GrpcApi:
         if now == self._health_seen:
             return
         self._health_seen = now
+        if now[0] in (State.DRAINING, State.STOPPED, State.FAILED):
+            self.closing.set()
         ready = self._lifecycle.ready
         reranker = ready and service is not None and service.info.num_labels == 1
         statuses = {
@@ -185,13 +190,15 @@ class GrpcApi:
     # -- shared steps ------------------------------------------------------------------------
 
     def authorize(self, context: grpc.aio.ServicerContext) -> None:
-        """TEI's check: metadata `authorization: Bearer <key>` when --api-key is set."""
+        """With --api-key: the `authorization` metadata entry, `Bearer <key>` (TEI's) or
+        `Api-Key <key>` (BEI's), checked as HTTP checks its header (constant-time)."""
         key = self._settings.api_key
         if key is None:
             return
         sent = dict(context.invocation_metadata() or ()).get("authorization")
-        if sent != f"Bearer {key}":
-            raise UnauthorizedError("No valid auth token")
+        refusal = check_authorization(sent if isinstance(sent, str) else None, key)
+        if refusal is not None:
+            raise refusal
 
     async def admitted(
         self,
@@ -254,14 +261,19 @@ async def _call(context: grpc.aio.ServicerContext, path: str) -> AsyncIterator[N
     }
     service, _, method = path.rpartition("/")
     code = grpc.StatusCode.OK
-    with tracing.tracer().start_as_current_span(
-        path,
-        context=_TRACE_CONTEXT.extract(metadata),
-        kind=SpanKind.SERVER,
-        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
+    traced = (
+        tracing.tracer().start_as_current_span(
+            path,
+            context=_TRACE_CONTEXT.extract(metadata),
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+        if tracing.enabled()
+        else contextlib.nullcontext(INVALID_SPAN)  # the caller's ids stay out of our logs
+    )
+    with traced as span:
         try:
             yield
         except RerankerError as exc:
@@ -374,28 +386,33 @@ async def rerank_stream(
 ) -> Any:
     """One (query, text) per message, each message its own query; raw_scores, return_text,
     truncate and truncation_direction are the first message's (TEI reads the first two from
-    it). At most --max-client-batch-size messages: the call is refused as soon as one more
-    arrives (TEI takes any number, all held in memory)."""
+    it). The call is admitted before the stream is read, and refused as soon as it passes
+    --max-client-batch-size messages or --max-request-characters (TEI takes any number, all
+    held in memory)."""
     started = time.perf_counter()
-    limit = api._settings.max_client_batch_size
+    settings = api._settings
     messages: list[Any] = []
-    async for message in request_iterator:
-        messages.append(message)
-        if len(messages) > limit:
-            raise ValidationError(
-                f"batch size {len(messages)} > maximum allowed batch size {limit}: the stream "
-                f"sent more than {limit} pairs (--max-client-batch-size); split it"
-            )
-    if not messages:
-        raise EmptyInputError("`texts` cannot be empty: the stream sent no message")
-    first = messages[0]
-    pairs: list[str | tuple[str, str]] = [(msg.query, msg.text) for msg in messages]
 
-    async def score(service: RerankService) -> Any:
+    async def read_and_score(service: RerankService) -> Any:
+        characters = 0
+        async for message in request_iterator:
+            messages.append(message)
+            if len(messages) > settings.max_client_batch_size:
+                limit = settings.max_client_batch_size
+                raise ValidationError(
+                    f"batch size {len(messages)} > maximum allowed batch size {limit}: the "
+                    f"stream sent more than {limit} pairs (--max-client-batch-size); split it"
+                )
+            characters += len(message.query) + len(message.text)
+            if characters > settings.max_request_characters:
+                raise TooManyCharactersError(characters, settings.max_request_characters)
+        if not messages:
+            raise EmptyInputError("`texts` cannot be empty: the stream sent no message")
         if service.info.num_labels != 1:
             raise WrongModelKindError("model is not a re-ranker model")
+        first = messages[0]
         return await service.predict(
-            pairs,
+            [(msg.query, msg.text) for msg in messages],
             truncate=first.truncate,
             truncation_direction=_direction(first),
             raw_scores=first.raw_scores,
@@ -403,7 +420,8 @@ async def rerank_stream(
             request_id=_request_id(context),
         )
 
-    result = await api.admitted(score, method="batch")
+    result = await api.admitted(read_and_score, method="batch")
+    first = messages[0]
     scores = [prediction[0][1] for prediction in result.predictions]
     characters = sum(len(msg.query) + len(msg.text) for msg in messages)
     await _send_timing(api, context, result, started, characters)
@@ -528,31 +546,48 @@ def _ordered_stream(
         api: GrpcApi, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         async with api._lifecycle.admit(limited=limited) as service:
-            async for answer in _answers_in_order(service, one, request_iterator, context):
+            answers = _answers_in_order(api, service, one, request_iterator, context)
+            async for answer in answers:
                 yield answer
 
     return stream
 
 
 async def _answers_in_order(
+    api: GrpcApi,
     service: RerankService,
     one: StreamStep,
     request_iterator: AsyncIterator[Any],
     context: grpc.aio.ServicerContext,
 ) -> AsyncIterator[Any]:
+    """Score each message as it arrives, answer in order. When the server drains, stop reading:
+    the messages already read are answered, then the call ends with UNAVAILABLE (an open stream
+    would otherwise hold the drain for its whole timeout)."""
     pending: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue()
     started: set[asyncio.Future[Any]] = set()  # not finished yet
     slots = asyncio.Semaphore(STREAM_PARALLELISM)  # messages scored but not yet answered
 
     async def read() -> None:
+        messages = aiter(request_iterator)
+        closing = asyncio.ensure_future(api.closing.wait())
         try:
-            async for message in request_iterator:
+            while True:
+                arrival = asyncio.ensure_future(anext(messages))
+                await asyncio.wait({arrival, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if not arrival.done():
+                    arrival.cancel()
+                    raise api._lifecycle.not_ready_error()
+                try:
+                    message = arrival.result()
+                except StopAsyncIteration:
+                    return
                 await slots.acquire()
                 future = asyncio.ensure_future(one(service, message, context))
                 started.add(future)
                 future.add_done_callback(started.discard)
                 pending.put_nowait(future)
         finally:
+            closing.cancel()
             pending.put_nowait(None)  # the queue is unbounded: this never waits
 
     reader = asyncio.ensure_future(read())
@@ -562,7 +597,7 @@ async def _answers_in_order(
                 yield await future
             finally:
                 slots.release()
-        await reader  # a broken request stream ends the call with its error
+        await reader  # a broken request stream, or the drain, ends the call with its error
     finally:
         # The call ended (done, failed, cancelled): nothing of it may run on.
         reader.cancel()
@@ -607,7 +642,7 @@ async def embed_stream_refused(
 
 
 def _handlers(api: GrpcApi) -> list[grpc.GenericRpcHandler]:
-    """Every tei.v1 method, each run inside `_call` (trace span, authorization, errors)."""
+    """Every tei.v1 method: authorized, then run inside `_call` (trace span, errors)."""
 
     def answered(path: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
