@@ -95,6 +95,11 @@ class _Progress:
     tokenization_s: float | None = None  # set once tokenized
     scoring: bool = False  # handed to the batcher
 
+    def tokenized(self) -> float:
+        """Mark tokenization done; its duration in seconds."""
+        self.tokenization_s = time.perf_counter() - self.started
+        return self.tokenization_s
+
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
@@ -262,12 +267,7 @@ class RerankService:
             raise ValidationError(f"max_chunks_per_doc must be at least 1, got {chunks}")
         truncating = self._truncating(truncate)
 
-        t0 = time.perf_counter()
-        progress = _Progress(started=t0)
-        async with (
-            self._traced_unfinished(progress),
-            self._deadline(timeout_s, request_id, arrived_at) as deadline,
-        ):
+        async with self._scoring_request(timeout_s, request_id, arrived_at) as (progress, deadline):
             encoded = await self._stoppable_tokenization(
                 self._tokenizer.encode_chunked,
                 query,
@@ -279,17 +279,16 @@ class RerankService:
                 overlap=self._settings.chunk_overlap_tokens,
                 texts_field=texts_field,
             )
-            tokenization_s = progress.tokenization_s = time.perf_counter() - t0
+            tokenization_s = progress.tokenized()
             windows = self._check_windows(encoded, chunks, truncating, texts_field)
-            progress.scoring = True
-            result = await self._score(windows, request_id, deadline)
+            result = await self._score(windows, request_id, deadline, progress)
 
         # The max over each text's windows, on raw logits (sigmoid is monotonic: same ranking).
         logits = result.logits[:, 0].astype(np.float64)
         bounds = np.cumsum([0] + [len(e.windows) for e in encoded])
         best = np.array([logits[bounds[i] : bounds[i + 1]].max() for i in range(len(encoded))])
         scores = best if raw_scores else _sigmoid(best)
-        self._observe(windows, t0, tokenization_s, result)
+        self._observe(windows, progress.started, tokenization_s, result)
         if chunks > 1:
             metrics.CHUNKED_TEXTS.inc(sum(1 for e in encoded if len(e.windows) > 1))
         return RerankResult(
@@ -319,22 +318,16 @@ class RerankService:
         direction = parse_direction(truncation_direction)
         items = self._check_inputs(inputs)
 
-        t0 = time.perf_counter()
-        progress = _Progress(started=t0)
-        async with (
-            self._traced_unfinished(progress),
-            self._deadline(timeout_s, request_id, arrived_at) as deadline,
-        ):
+        async with self._scoring_request(timeout_s, request_id, arrived_at) as (progress, deadline):
             encoded = await self._stoppable_tokenization(
                 self._tokenizer.encode_inputs,
                 items,
                 truncate=self._truncating(truncate),
                 direction=direction,
             )
-            tokenization_s = progress.tokenization_s = time.perf_counter() - t0
+            tokenization_s = progress.tokenized()
             self._check_lengths(encoded, "inputs", "input is")
-            progress.scoring = True
-            result = await self._score(encoded, request_id, deadline)
+            result = await self._score(encoded, request_id, deadline, progress)
         logits = result.logits
         if raw_scores:
             probs = logits.astype(np.float64)
@@ -346,7 +339,7 @@ class RerankService:
             sorted(((self._labels[j], float(row[j])) for j in range(len(row))), key=lambda p: -p[1])
             for row in probs
         ]
-        self._observe(encoded, t0, tokenization_s, result)
+        self._observe(encoded, progress.started, tokenization_s, result)
         return PredictResult(
             predictions=predictions,
             token_counts=[e.num_tokens for e in encoded],
@@ -526,9 +519,14 @@ class RerankService:
             raise _deadline_passed(timeout_s, request_id) from None
 
     async def _score(
-        self, encoded: list[Encoded], request_id: str | None, deadline: float | None
+        self,
+        encoded: list[Encoded],
+        request_id: str | None,
+        deadline: float | None,
+        progress: _Progress,
     ) -> BatchResult:
         metrics.PREDICT_COUNT.inc(len(encoded))
+        progress.scoring = True
         try:
             return await self._batcher.score(
                 request_id or uuid.uuid4().hex, [e.pair for e in encoded], deadline=deadline
@@ -537,12 +535,16 @@ class RerankService:
             metrics.REQUEST_DEADLINE_REFUSALS.inc()
             raise
 
-    @staticmethod
     @asynccontextmanager
-    async def _traced_unfinished(progress: _Progress) -> AsyncIterator[None]:
-        """On the way out of a request that failed or was cancelled: its trace spans so far."""
+    async def _scoring_request(
+        self, timeout_s: float | None, request_id: str | None, arrived_at: float | None
+    ) -> AsyncIterator[tuple[_Progress, float | None]]:
+        """One scoring request from its tokenization on: its deadline (`_deadline`), and on the
+        way out of one that failed or was cancelled, its trace spans so far."""
+        progress = _Progress(started=time.perf_counter())
         try:
-            yield
+            async with self._deadline(timeout_s, request_id, arrived_at) as deadline:
+                yield progress, deadline
         except BaseException:
             tracing.record_unfinished(
                 started=progress.started,

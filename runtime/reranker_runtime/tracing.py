@@ -165,8 +165,7 @@ def record_phases(
     with waits between them."""
     if not trace.get_current_span().is_recording():
         return
-    now_ns = time.time_ns()
-    start_ns = now_ns - round((time.perf_counter() - started) * 1e9)
+    start_ns, now_ns = _since(started)
     tokenized_ns = min(now_ns, start_ns + round(tokenization_s * 1e9))
     first_pass_ns = min(now_ns, tokenized_ns + round(queue_s * 1e9))
     _span("tokenize", start_ns, tokenized_ns, {"pairs": pairs, "tokens": tokens})
@@ -186,8 +185,7 @@ def record_unfinished(*, started: float, tokenization_s: float | None, scoring: 
     `completed=false`."""
     if not trace.get_current_span().is_recording():
         return
-    now_ns = time.time_ns()
-    start_ns = now_ns - round((time.perf_counter() - started) * 1e9)
+    start_ns, now_ns = _since(started)
     if tokenization_s is None:
         _span("tokenize", start_ns, now_ns, {"completed": False})
         return
@@ -195,6 +193,12 @@ def record_unfinished(*, started: float, tokenization_s: float | None, scoring: 
     _span("tokenize", start_ns, tokenized_ns, {"completed": True})
     if scoring:
         _span("scoring", tokenized_ns, now_ns, {"completed": False})
+
+
+def _since(started: float) -> tuple[int, int]:
+    """(`started`, a perf_counter() reading, and now) as wall-clock ns, as spans need them."""
+    now_ns = time.time_ns()
+    return now_ns - round((time.perf_counter() - started) * 1e9), now_ns
 
 
 def _span(name: str, start_ns: int, end_ns: int, attributes: dict[str, Any]) -> None:

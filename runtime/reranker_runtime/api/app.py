@@ -67,6 +67,8 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 
 # Probes and scrapes arrive every few seconds; their access lines go to debug.
 _QUIET_PATHS = frozenset({"/health", "/live", "/metrics", "/ping"})
+# Set by AccessMiddleware when the client left before its answer started.
+CLIENT_LEFT_SCOPE_KEY = "reranker.client_left"
 
 
 def _is_probe(scope: Scope) -> bool:
@@ -390,7 +392,6 @@ class AccessMiddleware:
         scope[ARRIVED_AT_SCOPE_KEY] = asyncio.get_running_loop().time()
         status = 500
         response_started = False
-        client_left = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
@@ -401,10 +402,9 @@ class AccessMiddleware:
             await send(message)
 
         async def receive_watching() -> Message:
-            nonlocal client_left
             message = await receive()
             if message["type"] == "http.disconnect" and not response_started:
-                client_left = True  # whatever is sent from now on reaches nobody
+                scope[CLIENT_LEFT_SCOPE_KEY] = True  # whatever is sent from now reaches nobody
             return message
 
         try:
@@ -452,10 +452,7 @@ class AccessMiddleware:
                 await send({"type": "http.response.body", "body": body})
         finally:
             duration = time.perf_counter() - started
-            if CLIENT_STATUS_SCOPE_KEY in scope:
-                status = scope[CLIENT_STATUS_SCOPE_KEY]
-            elif client_left:
-                status = CLIENT_CLOSED_REQUEST
+            status = _client_side_status(scope) or status
             path: str = scope["path"]
             route = path if path in self.routes else "other"
             metrics.HTTP_REQUESTS.labels(route=route, status=str(status)).inc()
@@ -531,7 +528,6 @@ class TraceMiddleware:
             if self.trace_ids_in_log:
                 scope.setdefault(LOG_SCOPE_KEY, {}).update(trace_ids())
             status: int | None = None
-            client_left = False
 
             async def send_traced(message: Message) -> None:
                 nonlocal status
@@ -544,15 +540,8 @@ class TraceMiddleware:
                             span.set_attribute(attribute, int(value))
                 await send(message)
 
-            async def receive_watching() -> Message:
-                nonlocal client_left
-                message = await receive()
-                if message["type"] == "http.disconnect" and status is None:
-                    client_left = True
-                return message
-
             try:
-                await self.app(scope, receive_watching, send_traced)
+                await self.app(scope, receive, send_traced)
             except PayloadTooLarge:
                 status = 413  # AccessMiddleware answers it
                 raise
@@ -561,15 +550,22 @@ class TraceMiddleware:
                 status = 500  # AccessMiddleware answers it
                 raise
             finally:
-                # The status the client got, as the access log counts it (AccessMiddleware).
-                if CLIENT_STATUS_SCOPE_KEY in scope:
-                    status = scope[CLIENT_STATUS_SCOPE_KEY]
-                elif client_left:
-                    status = CLIENT_CLOSED_REQUEST
+                # The status the client got, as the access log counts it.
+                status = _client_side_status(scope) or status
                 if status is not None:
                     span.set_attribute("http.response.status_code", status)
                 if status is not None and status >= 500:
                     span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
+
+
+def _client_side_status(scope: Scope) -> int | None:
+    """The status the client got instead of the one sent, if any: 408 when the connection layer
+    gave up waiting for the body, 499 when it left before its answer (AccessMiddleware marks
+    that)."""
+    if CLIENT_STATUS_SCOPE_KEY in scope:
+        status: int = scope[CLIENT_STATUS_SCOPE_KEY]
+        return status
+    return CLIENT_CLOSED_REQUEST if scope.get(CLIENT_LEFT_SCOPE_KEY) else None
 
 
 def _trace_fields(fields: dict[str, Any]) -> dict[str, Any]:

@@ -23,12 +23,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from opentelemetry.trace import INVALID_SPAN, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from reranker_runtime import metrics, tracing
@@ -45,6 +46,7 @@ from reranker_runtime.errors import (
 )
 from reranker_runtime.grpc_api import messages as m
 from reranker_runtime.lifecycle import State
+from reranker_runtime.limits import count_characters
 from reranker_runtime.logging import log_fields
 
 if TYPE_CHECKING:
@@ -250,30 +252,35 @@ _SERVER_ERRORS = frozenset(
 _TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 
+def _server_span(
+    context: grpc.aio.ServicerContext, path: str
+) -> contextlib.AbstractContextManager[Span]:
+    """The call's server span under the caller's `traceparent` metadata; with tracing off, no
+    span and no look at the metadata (the caller's ids stay out of our logs)."""
+    if not tracing.enabled():
+        return contextlib.nullcontext(INVALID_SPAN)
+    metadata = {
+        key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
+    }
+    service, _, method = path.rpartition("/")
+    return tracing.tracer().start_as_current_span(
+        path,
+        context=_TRACE_CONTEXT.extract(metadata),
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
 @contextlib.asynccontextmanager
 async def _call(context: grpc.aio.ServicerContext, path: str) -> AsyncIterator[None]:
     """One gRPC call: its trace span (with --otlp-endpoint; `tei.v1.Rerank/Rerank`, a child of
     the caller's `traceparent` metadata), then the call ended with TEI's status for a domain
     error and with INTERNAL (logged with its traceback, no detail to the client) for anything
     unexpected."""
-    metadata = {
-        key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
-    }
-    service, _, method = path.rpartition("/")
     code = grpc.StatusCode.OK
-    traced = (
-        tracing.tracer().start_as_current_span(
-            path,
-            context=_TRACE_CONTEXT.extract(metadata),
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
-            record_exception=False,
-            set_status_on_exception=False,
-        )
-        if tracing.enabled()
-        else contextlib.nullcontext(INVALID_SPAN)  # the caller's ids stay out of our logs
-    )
-    with traced as span:
+    with _server_span(context, path) as span:
         try:
             yield
         except RerankerError as exc:
@@ -370,7 +377,7 @@ async def rerank(api: GrpcApi, request: Any, context: grpc.aio.ServicerContext) 
         ),
         method="batch",
     )
-    characters = len(request.query) * len(texts) + sum(len(t) for t in texts)
+    characters = count_characters((request.query, text) for text in texts)
     await _send_timing(api, context, result, started, characters)
     ranks = [
         m.Rank(
@@ -403,7 +410,7 @@ async def rerank_stream(
                     f"batch size {len(messages)} > maximum allowed batch size {limit}: the "
                     f"stream sent more than {limit} pairs (--max-client-batch-size); split it"
                 )
-            characters += len(message.query) + len(message.text)
+            characters += count_characters([(message.query, message.text)])
             if characters > settings.max_request_characters:
                 raise TooManyCharactersError(characters, settings.max_request_characters)
         if not messages:
@@ -423,7 +430,7 @@ async def rerank_stream(
     result = await api.admitted(read_and_score, method="batch")
     first = messages[0]
     scores = [prediction[0][1] for prediction in result.predictions]
-    characters = sum(len(msg.query) + len(msg.text) for msg in messages)
+    characters = count_characters((msg.query, msg.text) for msg in messages)
     await _send_timing(api, context, result, started, characters)
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     ranks = [
@@ -437,14 +444,14 @@ async def rerank_stream(
     return m.RerankResponse(ranks=ranks, metadata=_metadata(result, started, characters))
 
 
+@dataclass(frozen=True)
 class _Predicted:
     """A Predict answer with what its response metadata needs."""
 
-    def __init__(self, answer: Any, result: Any, started: float, characters: int) -> None:
-        self.answer = answer
-        self.result = result
-        self.started = started
-        self.characters = characters
+    answer: Any
+    result: Any
+    started: float
+    characters: int
 
 
 async def _predict_on(
@@ -469,7 +476,7 @@ async def _predict_on(
         timeout_s=_timeout(context),
         request_id=_request_id(context),
     )
-    characters = len(item) if isinstance(item, str) else len(item[0]) + len(item[1])
+    characters = count_characters([item])
     predictions = [m.Prediction(score=score, label=label) for label, score in result.predictions[0]]
     answer = m.PredictResponse(
         predictions=predictions, metadata=_metadata(result, started, characters)
