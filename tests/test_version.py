@@ -12,12 +12,14 @@ import yaml
 
 import reranker_operator
 import reranker_runtime
-from reranker_operator.config import DEFAULT_RUNTIME_IMAGE
+from reranker_operator.config import DEFAULT_RUNTIME_IMAGE, DEFAULT_RUNTIME_IMAGE_CPU
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHART = REPO_ROOT / "charts" / "reranker-operator"
 # Our images, wherever a tag is written out: docs, Dockerfile comments, chart, operator.
-IMAGE_TAG = re.compile(r"ghcr\.io/reranker-dev/reranker-(?:runtime|operator):([0-9A-Za-z.+-]+)")
+IMAGE_TAG = re.compile(
+    r"ghcr\.io/reranker-dev/reranker-(?:runtime|runtime-cpu|operator):([0-9A-Za-z.+-]+)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,7 @@ def test_packages_report_the_pyproject_version(version: str) -> None:
 
 def test_operator_default_runtime_image(version: str) -> None:
     assert f"ghcr.io/reranker-dev/reranker-runtime:{version}" == DEFAULT_RUNTIME_IMAGE
+    assert f"ghcr.io/reranker-dev/reranker-runtime-cpu:{version}" == DEFAULT_RUNTIME_IMAGE_CPU
 
 
 def test_chart(version: str) -> None:
@@ -47,6 +50,7 @@ def test_chart(version: str) -> None:
     assert chart["appVersion"] == version
     assert values["image"]["tag"] == version
     assert values["runtimeImage"] == f"ghcr.io/reranker-dev/reranker-runtime:{version}"
+    assert values["runtimeImageCPU"] == f"ghcr.io/reranker-dev/reranker-runtime-cpu:{version}"
 
 
 def test_every_written_image_tag(version: str) -> None:

@@ -120,8 +120,11 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def runtime_image(spec: RerankerSpec, config: OperatorConfig) -> str:
-    """The image for build Jobs and runtime pods: spec.runtime.image, else the config's."""
-    return spec.runtime.image or config.runtime_image
+    """The image for build Jobs and runtime pods: spec.runtime.image, else the config's image
+    for the accelerator (the CPU image for accelerator.type CPU, the GPU image otherwise)."""
+    if spec.runtime.image:
+        return spec.runtime.image
+    return config.runtime_image if spec.accelerator.is_gpu else config.runtime_image_cpu
 
 
 def engine_key_for(spec: RerankerSpec, config: OperatorConfig) -> str:

@@ -1,4 +1,4 @@
-"""Operator configuration: runtime image, accelerator placement map, cache and build-Job defaults.
+"""Operator configuration: runtime images, accelerator placement map, cache and build-Job defaults.
 
 Loaded from a YAML file (`--config PATH` or the RERANKER_OPERATOR_CONFIG variable); every key is
 optional and falls back to the built-in defaults below. The Helm chart renders this file from its
@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 CONFIG_ENV = "RERANKER_OPERATOR_CONFIG"
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/reranker-dev/reranker-runtime:0.1.0"
+# Rerankers on accelerator.type CPU: slim Python with PyTorch's CPU build (images/runtime-cpu.Dockerfile),
+# not the GPU image's tens of GB of CUDA and TensorRT-LLM.
+DEFAULT_RUNTIME_IMAGE_CPU = "ghcr.io/reranker-dev/reranker-runtime-cpu:0.1.0"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # Node labels that name a node's GPU, per accelerator type; a node matching any one of them is
@@ -181,6 +184,9 @@ class AutoscalingSettings(_Model):
 
 class OperatorConfig(_Model):
     runtime_image: str = Field(default=DEFAULT_RUNTIME_IMAGE, alias="runtimeImage", min_length=1)
+    runtime_image_cpu: str = Field(
+        default=DEFAULT_RUNTIME_IMAGE_CPU, alias="runtimeImageCPU", min_length=1
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", alias="imagePullPolicy"
     )

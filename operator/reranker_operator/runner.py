@@ -147,7 +147,11 @@ def run_command(args: argparse.Namespace) -> int:
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     log.info(
         "starting reranker-operator",
-        extra={"namespaces": namespaces or "all", "runtime_image": config.runtime_image},
+        extra={
+            "namespaces": namespaces or "all",
+            "runtime_image": config.runtime_image,
+            "runtime_image_cpu": config.runtime_image_cpu,
+        },
     )
     settings = operator_settings()
     peering: dict[str, Any] = {"standalone": True}

@@ -18,6 +18,7 @@ from reranker_operator import builders as b
 from reranker_operator.config import (
     CONFIG_ENV,
     DEFAULT_RUNTIME_IMAGE,
+    DEFAULT_RUNTIME_IMAGE_CPU,
     ConfigError,
     OperatorConfig,
     config_from_dict,
@@ -644,6 +645,40 @@ def test_image_from_spec_overrides_config() -> None:
     assert container(dep)["imagePullPolicy"] == "Always"
 
 
+def _images(children: list[dict[str, Any]]) -> set[str]:
+    """Every image of every container and init container of the pods these objects run."""
+    pods = [c["spec"]["template"]["spec"] for c in children if c["kind"] in ("Job", "Deployment")]
+    return {c["image"] for pod in pods for c in pod["containers"] + pod.get("initContainers", [])}
+
+
+@pytest.mark.parametrize("mode", ["PerPod", "Shared"])
+def test_cpu_rerankers_run_the_cpu_image_and_gpu_rerankers_the_gpu_image(mode: str) -> None:
+    config = config_from_dict(
+        {"runtimeImage": "registry.local/gpu:1", "runtimeImageCPU": "registry.local/cpu:1"}
+    )
+    cache = {"mode": mode} if mode == "PerPod" else {"mode": mode, "storageClassName": "rwx"}
+
+    def images(**spec: Any) -> set[str]:
+        rr = spec_of(engineCache=cache, **spec)
+        return _images(b.build_children("rr", NS, rr, config, owner=OWNER, key=KEY))
+
+    assert images(accelerator={"type": "CPU"}) == {"registry.local/cpu:1"}
+    assert images(accelerator={"type": "L4"}) == {"registry.local/gpu:1"}
+    pinned = {"image": "registry.local/mine:2"}
+    assert images(accelerator={"type": "CPU"}, runtime=pinned) == {"registry.local/mine:2"}
+    # The built-in defaults: a CPU node never pulls the CUDA image.
+    cpu_default = spec_of(engineCache=cache, accelerator={"type": "CPU"})
+    assert _images(all_children(cpu_default)) == {DEFAULT_RUNTIME_IMAGE_CPU}
+
+
+def test_the_engine_key_of_a_cpu_reranker_follows_the_cpu_image() -> None:
+    cpu, gpu = spec_of(accelerator={"type": "CPU"}), spec_of()
+    other_cpu_image = config_from_dict({"runtimeImageCPU": "registry.local/cpu:2"})
+    assert b.engine_key_for(cpu, other_cpu_image) != b.engine_key_for(cpu, CONFIG)
+    assert b.engine_key_for(gpu, other_cpu_image) == b.engine_key_for(gpu, CONFIG)
+    assert b.engine_key_for(cpu, CONFIG) == engine_key(cpu, DEFAULT_RUNTIME_IMAGE_CPU)
+
+
 # ---------------------------------------------------------------- Service, PDB, HPA, PVC
 
 
@@ -899,6 +934,7 @@ def test_engine_key_follows_the_config_image() -> None:
 def test_config_defaults() -> None:
     config = load_config(None)
     assert config.runtime_image == "ghcr.io/reranker-dev/reranker-runtime:0.1.0"
+    assert config.runtime_image_cpu == "ghcr.io/reranker-dev/reranker-runtime-cpu:0.1.0"
     assert set(config.accelerators) == {"L4", "A10G", "A100", "H100", "H200", "T4", "CPU"}
     assert config.accelerators["CPU"].resource_name is None
     assert (

@@ -12,6 +12,7 @@ import yaml
 
 from reranker_operator.builders import ANNOTATION_ENGINE_KEY, job_name
 from reranker_operator.cli import main as cli_main
+from reranker_operator.config import DEFAULT_RUNTIME_IMAGE_CPU
 from reranker_operator.render import add_render_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +90,11 @@ def test_render_cpu_example_has_no_gpu_and_the_cpu_budget(
         for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert env["RERANKER_MAX_BATCH_TOKENS"] == "auto"  # the runtime's CPU budget
+    # The slim CPU image, in the serving container and the init container that prepares it.
+    pod = deployment["spec"]["template"]["spec"]
+    assert {c["image"] for c in pod["containers"] + pod["initContainers"]} == {
+        DEFAULT_RUNTIME_IMAGE_CPU
+    }
 
 
 def test_render_autoscaled_leaves_replicas_to_the_hpa(capsys: pytest.CaptureFixture[str]) -> None:

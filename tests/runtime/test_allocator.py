@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -99,11 +98,3 @@ def test_trimming_turned_off_says_what_that_costs(caplog: pytest.LogCaptureFixtu
     with caplog.at_level(logging.INFO, logger=allocator.__name__):
         assert start_memory_management(0) is None
     assert any("--malloc-trim-interval" in r.getMessage() for r in caplog.records)
-
-
-def test_the_runtime_image_preloads_the_jemalloc_it_installs() -> None:
-    dockerfile = (Path(__file__).parents[2] / "images" / "runtime.Dockerfile").read_text()
-    (preload,) = re.findall(r"^ENV LD_PRELOAD=(\S+)$", dockerfile, re.M)
-    assert re.search(rf"ln -s .*libjemalloc2.* {re.escape(preload)} ", dockerfile)
-    assert "apt-get install -y --no-install-recommends libjemalloc2" in dockerfile
-    assert allocator_from_maps(MAPS_LINE.format(path=preload)) == "jemalloc"  # `serve` says so

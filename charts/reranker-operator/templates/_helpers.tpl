@@ -83,6 +83,7 @@ Empty strings become null where the operator reads null as "none" / "cluster def
 */}}
 {{- define "reranker-operator.config" -}}
 runtimeImage: {{ .Values.runtimeImage | quote }}
+runtimeImageCPU: {{ .Values.runtimeImageCPU | quote }}
 imagePullPolicy: {{ .Values.runtimeImagePullPolicy | quote }}
 imagePullSecrets:
 {{- range .Values.runtimeImagePullSecrets }}
