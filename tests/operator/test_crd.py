@@ -1,7 +1,10 @@
 """The Reranker CRD: a valid CRD object, a structural schema, examples accepted, bad ones refused.
 
-jsonschema cannot run CEL, so every CEL rule is (1) asserted present in the CRD and (2) enforced
-again by spec.parse_spec, which is what these tests exercise.
+The openAPIV3Schema is checked with jsonschema, after the API server's defaulting. Its CEL rules
+(x-kubernetes-validations) are run by a CEL interpreter (cel-python, with RE2 regexes as
+Kubernetes' CEL has them), each on the node it is attached to, as the API server runs them. The
+operator enforces the same rules again in code (spec.parse_spec), and a property test checks
+that the two refuse exactly the same specs.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from celpy import celtypes
 
 from reranker_operator import spec as spec_mod
 from reranker_operator.spec import InvalidSpec, parse_spec
@@ -77,7 +82,7 @@ def schema_errors(obj: dict[str, Any]) -> list[str]:
 
 
 def defaulted(obj: dict[str, Any]) -> dict[str, Any]:
-    return apply_defaults(crd_schema(load_crd()), copy.deepcopy(obj))
+    return apply_defaults(_cached_schema(), copy.deepcopy(obj))
 
 
 def cel_rules(crd: dict[str, Any]) -> list[str]:
@@ -94,6 +99,47 @@ def cel_rules(crd: dict[str, Any]) -> list[str]:
 
     walk(crd_schema(crd))
     return rules
+
+
+@functools.cache
+def _cached_schema() -> dict[str, Any]:
+    """The CRD's openAPIV3Schema, parsed once: only read, never changed."""
+    return crd_schema(load_crd())
+
+
+def _compile_cel(rule: str) -> celpy.Runner:
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+# Compiled once, when the module loads: compiling raises the recursion limit (lark), which
+# hypothesis warns about when it happens inside a test.
+CEL_PROGRAMS = {rule: _compile_cel(rule) for rule in cel_rules(load_crd())}
+
+
+def cel_errors(obj: dict[str, Any]) -> list[str]:
+    """The CRD's CEL rules run as the API server runs them, on an object after defaulting: each
+    rule on every node of the object it is attached to, with `self` bound to that node. Returns
+    `path: message` for every rule that does not evaluate to true (an evaluation error fails
+    too, as on the API server)."""
+    errors: list[str] = []
+
+    def walk(schema: dict[str, Any], value: Any, path: str) -> None:
+        for validation in schema.get("x-kubernetes-validations", []):
+            result = CEL_PROGRAMS[validation["rule"]].evaluate({"self": value})
+            if not (isinstance(result, celtypes.BoolType) and bool(result)):
+                where = f"{path or '<object>'}{validation.get('fieldPath', '')}"
+                errors.append(f"{where}: {validation['message']}")
+        if isinstance(value, dict):
+            for key, sub in (schema.get("properties") or {}).items():
+                if key in value:
+                    walk(sub, value[key], f"{path}.{key}" if path else key)
+        elif isinstance(value, list) and "items" in schema:
+            for i, item in enumerate(value):
+                walk(schema["items"], item, f"{path}[{i}]")
+
+    walk(_cached_schema(), celpy.json_to_cel(obj), "")
+    return errors
 
 
 def reranker(spec: dict[str, Any], name: str = "rr-test") -> dict[str, Any]:
@@ -267,6 +313,7 @@ def test_example_validates(path: Path) -> None:
     for obj in docs:
         assert schema_errors(obj) == []
         assert schema_errors(defaulted(obj)) == []
+        assert cel_errors(defaulted(obj)) == []
         parse_spec(obj)
         assert parse_spec(defaulted(obj)) == parse_spec(obj)
 
@@ -296,6 +343,7 @@ def test_bad_example_is_refused(path: Path) -> None:
         assert schema_errors(obj), "the openAPIV3Schema should refuse it"
     else:
         assert schema_errors(defaulted(obj)) == [], "only the CEL rule should refuse it"
+        assert cel_errors(defaulted(obj)), "the CEL rules should refuse it"
     with pytest.raises(InvalidSpec) as exc:
         parse_spec(obj)
     assert exc.value.field == field
@@ -334,8 +382,10 @@ CEL_CASES = [
 def test_cel_rule_is_in_the_crd_and_enforced_in_code(
     case: str, spec: dict, field: str, rule: str
 ) -> None:
-    assert any(rule in r for r in cel_rules(load_crd())), f"no CEL rule containing {rule!r}"
+    (validation,) = [v for v in _all_validations(load_crd()) if rule in v["rule"]]
     assert schema_errors(defaulted(reranker(spec))) == []  # jsonschema alone lets it through
+    # The API server refuses it with that rule's message; the operator refuses it too.
+    assert [e for e in cel_errors(defaulted(reranker(spec))) if validation["message"] in e]
     with pytest.raises(InvalidSpec) as exc:
         parse_spec(reranker(spec))
     assert exc.value.field == field
@@ -357,6 +407,7 @@ def test_cel_rule_is_in_the_crd_and_enforced_in_code(
 )
 def test_possible_combinations_are_accepted(spec: dict) -> None:
     assert schema_errors(defaulted(reranker(spec))) == []
+    assert cel_errors(defaulted(reranker(spec))) == []
     parse_spec(reranker(spec))
 
 
@@ -384,10 +435,77 @@ def _all_validations(crd: dict[str, Any]) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("name", ["9lives", "Upper", "a" * 64, "dots.not.allowed", "trailing-"])
 def test_name_must_be_a_dns1035_label(name: str) -> None:
-    assert any("self.metadata.name" in r for r in cel_rules(load_crd()))
+    assert cel_errors(defaulted(reranker(MINIMAL, name=name)))
     with pytest.raises(InvalidSpec) as exc:
         parse_spec(reranker(MINIMAL, name=name))
     assert exc.value.field == "metadata.name"
+
+
+@pytest.mark.parametrize("name", ["a", "rr-1", "a" * 63, "bge-reranker-large"])
+def test_dns1035_names_are_accepted(name: str) -> None:
+    assert cel_errors(defaulted(reranker(MINIMAL, name=name))) == []
+    parse_spec(reranker(MINIMAL, name=name))
+
+
+def test_every_cel_rule_compiles() -> None:
+    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 9  # each compiled at import
+
+
+def _absent_or(*values: Any) -> list[Any]:
+    return [None, *values]
+
+
+def _fields(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def rule_edge_specs() -> typing.Iterator[dict[str, Any]]:
+    """Specs over every field a CEL rule reads, valid and not. No rule reads fields from two of
+    these groups, so each group is enumerated in full with the others left valid. The numbers sit
+    on each rule's edges (one under, at and one over a budget, explicit or defaulted), so a rule
+    moved by one value in one place and not the other is found."""
+    for quantization in typing.get_args(spec_mod.Quantization):
+        for accel in typing.get_args(spec_mod.AcceleratorType):
+            for count in _absent_or(1, 2):
+                accelerator = _fields(type=accel, count=count)
+                yield {
+                    **MINIMAL,
+                    "build": {"quantization": quantization},
+                    "accelerator": accelerator,
+                }
+    for max_num_tokens in _absent_or(512, 16384):
+        for max_seq_len in _absent_or(511, 512, 513, 16384, 16385):
+            for max_batch_tokens in _absent_or(511, 512, 513, 16385):
+                build = _fields(maxNumTokens=max_num_tokens, maxSeqLen=max_seq_len)
+                runtime = _fields(maxBatchTokens=max_batch_tokens)
+                yield {**MINIMAL, "build": build, "runtime": runtime}
+    for replicas in _absent_or(0, 1):
+        yield _fields(**MINIMAL, replicas=replicas)
+        for max_replicas in (1, 2, 3):
+            for min_replicas in _absent_or(1, 2, 3):
+                autoscaling = _fields(minReplicas=min_replicas, maxReplicas=max_replicas)
+                yield _fields(**MINIMAL, replicas=replicas, autoscaling=autoscaling)
+
+
+def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
+    """What the CEL rules let into the cluster, the operator serves, and what they refuse, it
+    refuses too: the rules are written twice (CRD and spec.py), and must not drift apart."""
+    disagreements, refused = [], 0
+    specs = list(rule_edge_specs())
+    for spec in specs:
+        obj = defaulted(reranker(spec))
+        assert schema_errors(obj) == []  # only CEL may refuse these
+        refused_by_cel = cel_errors(obj)
+        try:
+            parse_spec(obj)
+            refused_in_code = ""
+        except InvalidSpec as exc:
+            refused_in_code = str(exc)
+        refused += bool(refused_by_cel)
+        if bool(refused_by_cel) != bool(refused_in_code):
+            disagreements.append((spec, refused_by_cel, refused_in_code))
+    assert disagreements == []
+    assert 0.2 < refused / len(specs) < 0.8  # both verdicts well represented
 
 
 @pytest.mark.parametrize(
