@@ -22,6 +22,6 @@ RUN pip install "/src[operator]" \
 # Numeric user, so the kubelet can verify runAsNonRoot.
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8080
+EXPOSE 8080 8081
 ENTRYPOINT ["reranker-operator"]
 CMD ["run"]

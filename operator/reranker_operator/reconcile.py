@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from reranker_operator import builders, diagnosis, kube, status
 from reranker_operator.config import OperatorConfig
+from reranker_operator.metrics import OperatorMetrics
 from reranker_operator.spec import InvalidSpec, RerankerSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,12 @@ def engines_to_keep(
 class Reconciler:
     """Holds the API wrapper and the operator config; `reconcile(ns, name)` is the entry point."""
 
-    def __init__(self, api: kube.Kube, config: OperatorConfig) -> None:
+    def __init__(
+        self, api: kube.Kube, config: OperatorConfig, metrics: OperatorMetrics | None = None
+    ) -> None:
         self.api = api
         self.config = config
+        self.metrics = metrics or OperatorMetrics()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._timers: dict[tuple[str, str], threading.Timer] = {}
@@ -130,18 +134,32 @@ class Reconciler:
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         with self._lock(namespace, name):
-            body = self.api.get(kube.RERANKER, namespace, name)
-            if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
-                # Gone (children follow by garbage collection) or going: nothing to do.
-                return Outcome(phase=None)
+            started = time.monotonic()
+            result = "error"
             try:
-                return self._reconcile(body)
-            except ApiException as exc:
-                if exc.status not in (400, 422):
-                    raise
-                # The API server refused a child as rendered (e.g. a spec.pod.affinity the CRD
-                # passes through unchecked): an invalid spec, not something a retry fixes.
-                return self._invalid(body, InvalidSpec("spec", refusal_message(exc)))
+                outcome = self._reconcile_named(namespace, name)
+                result = "ok" if outcome.invalid is None else "invalid_spec"
+                return outcome
+            except Exception as exc:
+                if kube.is_transient(exc) or isinstance(exc, (ApiException, kube.NotOurs)):
+                    result = "api_error"
+                raise
+            finally:
+                self.metrics.reconciled(result, time.monotonic() - started)
+
+    def _reconcile_named(self, namespace: str, name: str) -> Outcome:
+        body = self.api.get(kube.RERANKER, namespace, name)
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            # Gone (children follow by garbage collection) or going: nothing to do.
+            return Outcome(phase=None)
+        try:
+            return self._reconcile(body)
+        except ApiException as exc:
+            if exc.status not in (400, 422):
+                raise
+            # The API server refused a child as rendered (e.g. a spec.pod.affinity the CRD
+            # passes through unchecked): an invalid spec, not something a retry fixes.
+            return self._invalid(body, InvalidSpec("spec", refusal_message(exc)))
 
     def _invalid(self, body: dict[str, Any], exc: InvalidSpec) -> Outcome:
         meta = body["metadata"]
@@ -471,6 +489,7 @@ class Reconciler:
         self.api.patch(
             kube.RERANKER, meta["namespace"], meta["name"], {"status": patch}, subresource="status"
         )
+        self.metrics.phase_changed(old.get("phase"), new["phase"])
         log.info(
             "status",
             extra={
@@ -527,5 +546,6 @@ class Reconciler:
         }
         try:
             self.api.create(event)
+            self.metrics.event_posted(type_, reason)
         except (ApiException, OSError) as exc:
             log.warning("could not post an event", extra={"reason": reason, "error": str(exc)})

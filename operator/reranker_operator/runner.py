@@ -22,6 +22,7 @@ from kubernetes import config as k8s_config
 
 from reranker_operator import builders, handlers, kube, spec
 from reranker_operator.config import CONFIG_ENV, ConfigError, OperatorConfig, load_config
+from reranker_operator.metrics import OperatorMetrics
 from reranker_operator.reconcile import Reconciler
 
 NAMESPACES_ENV = "RERANKER_OPERATOR_NAMESPACES"
@@ -73,8 +74,10 @@ def make_registry(tuning: handlers.Tuning | None = None) -> kopf.OperatorRegistr
     return registry
 
 
-def make_memo(api: kube.Kube, config: OperatorConfig) -> kopf.Memo:
-    return kopf.Memo(reconciler=Reconciler(api, config))
+def make_memo(
+    api: kube.Kube, config: OperatorConfig, metrics: OperatorMetrics | None = None
+) -> kopf.Memo:
+    return kopf.Memo(reconciler=Reconciler(api, config, metrics))
 
 
 def parse_namespaces(values: Sequence[str] | None) -> list[str]:
@@ -104,6 +107,10 @@ def add_run_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--liveness-port", type=int, default=8080,
         help="serve kopf's liveness probe on http://0.0.0.0:PORT/healthz (0: off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--metrics-port", type=int, default=8081,
+        help="serve the operator's Prometheus metrics on http://0.0.0.0:PORT/metrics (0: off)",
     )  # fmt: skip
     parser.add_argument("--log-format", choices=("json", "text"), default="json")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -162,7 +169,18 @@ def run_command(args: argparse.Namespace) -> int:
         if priority is None:
             priority = peering_priority(socket.gethostname())
         peering = {"standalone": False, "peering_name": args.peering, "priority": priority}
-    memo = make_memo(api, config)
+    metrics = OperatorMetrics()
+    stop_metrics = None
+    if args.metrics_port:
+        try:
+            stop_metrics = metrics.serve(args.metrics_port)
+        except OSError as exc:
+            log.error(
+                f"cannot serve metrics on port {args.metrics_port}: {exc}; choose another "
+                "--metrics-port, or 0 to turn them off"
+            )
+            return 2
+    memo = make_memo(api, config, metrics)
     try:
         asyncio.run(
             kopf.operator(
@@ -177,4 +195,6 @@ def run_command(args: argparse.Namespace) -> int:
         )
     finally:
         memo.reconciler.stop_timers()
+        if stop_metrics is not None:
+            stop_metrics()
     return 0

@@ -475,6 +475,74 @@ def test_monitoring_config_reaches_the_operator(chart: helm_python.Chart) -> Non
     assert loaded.autoscaling.concurrency_metric == values["concurrencyMetric"]
 
 
+def _pod_template(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(objects, "Deployment")["spec"]["template"]
+
+
+def test_operator_metrics_port_is_served_and_annotated(chart: helm_python.Chart) -> None:
+    objects = manifests(render(chart))
+    c = container(objects)
+    assert "--metrics-port=8081" in c["args"]
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
+    annotations = _pod_template(objects)["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "8081"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert "checksum/config" in annotations
+    # Without monitoring.kind, no scrape object and no Service for it.
+    assert not by_kind(objects, "Service") and not by_kind(objects, "ServiceMonitor")
+
+
+def test_operator_metrics_off(chart: helm_python.Chart) -> None:
+    objects = manifests(render(chart, {"metricsPort": 0, "monitoring": {"kind": "ServiceMonitor"}}))
+    c = container(objects)
+    assert "--metrics-port=0" in c["args"]
+    assert [p["name"] for p in c["ports"]] == ["liveness"]
+    assert not any(
+        k.startswith("prometheus.io/") for k in _pod_template(objects)["metadata"]["annotations"]
+    )
+    assert not by_kind(objects, "Service") and not by_kind(objects, "ServiceMonitor")
+
+
+def test_pod_annotations_win_over_the_charts(chart: helm_python.Chart) -> None:
+    values = {"podAnnotations": {"prometheus.io/scrape": "false", "team": "ml"}}
+    annotations = _pod_template(manifests(render(chart, values)))["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "false" and annotations["team"] == "ml"
+    assert annotations["prometheus.io/port"] == "8081"
+
+
+def test_operator_service_monitor_scrapes_the_operator(chart: helm_python.Chart) -> None:
+    values = {
+        "monitoring": {"kind": "ServiceMonitor", "interval": "15s", "labels": {"release": "kps"}}
+    }
+    objects = manifests(render(chart, values))
+    service, monitor = one(objects, "Service"), one(objects, "ServiceMonitor")
+    kubernetes_validate.validate(service, "1.32.0", strict=True)
+    pod_labels = _pod_template(objects)["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port == {"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    ]
+
+
+def test_operator_pod_monitoring_scrapes_the_operator_pod(chart: helm_python.Chart) -> None:
+    objects = manifests(render(chart, {"monitoring": {"kind": "PodMonitoring"}}))
+    monitor = one(objects, "PodMonitoring")
+    assert monitor["apiVersion"] == "monitoring.googleapis.com/v1"
+    pod_labels = _pod_template(objects)["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in container(objects)["ports"]}
+    assert not by_kind(objects, "Service")
+
+
 # kube.Kube method -> the HTTP verbs (RBAC verbs) it issues.
 KUBE_METHOD_VERBS = {
     "get": {"get"},
@@ -682,6 +750,9 @@ def test_deployment_args_parse_with_the_operators_cli(chart: helm_python.Chart) 
         {"runtimeImage": "ghcr.io/reranker-dev/reranker-runtime:latest"},
         {"runtimeImageCPU": "ghcr.io/reranker-dev/reranker-runtime-cpu"},
         {"runtimeImageCPU": ""},
+        {"metricsPort": 80},
+        {"metricsPort": -1},
+        {"metricsPort": "8081"},
         {"runtimeImagePullPolicy": "always"},
         {
             "accelerators": {

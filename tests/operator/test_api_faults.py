@@ -277,6 +277,11 @@ async def test_faults_5xx_while_the_job_is_created(
     # BuildStarted is posted by the reconcile that created the Job: here its reply was lost.
     await converges(cluster, kmock, to_ready, lost_events=frozenset({"BuildStarted"}))
     assert refused.injected == 3 and lost.injected == 1
+    # Each failed attempt is a reconcile the operator's metrics count as an API error.
+    errors = operator.reconciler.metrics.registry.get_sample_value(
+        "reranker_operator_reconciles_total", {"result": "api_error"}
+    )
+    assert errors == refused.injected + lost.injected
     # Either handler may meet the fault (the Reranker's, or a child's event: the cache PVC's
     # creation triggers one), each with its own back-off.
     assert_logged_once_per_retry(logs, refused, "POST", "/jobs", "retrying in")

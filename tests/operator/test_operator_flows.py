@@ -12,9 +12,11 @@ import asyncio
 import copy
 import json
 import os
+import re
 import signal
 import socket
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import pytest
 import yaml
 
 from kmock_env import Cluster, OperatorRunner, declare_resources, wait_for
-from reranker_operator import builders
+from reranker_operator import __version__, builders
 from reranker_operator.config import OperatorConfig, config_from_dict
 from reranker_operator.reconcile import ANNOTATION_BUILT
 from reranker_operator.spec import parse_spec
@@ -112,6 +114,58 @@ async def bring_to_ready(cluster: Cluster, name: str = NAME, spec_: dict[str, An
     await cluster.deployment_ready(name)
     await wait_for(lambda: cluster.status(name).get("phase") == "Ready", "phase Ready")
     return key
+
+
+def metric(op: OperatorRunner, name: str, **labels: str) -> float:
+    value = op.reconciler.metrics.registry.get_sample_value(name, labels)
+    assert value is not None, f"no sample {name}{labels}"
+    return value
+
+
+async def test_flows_metrics_count_reconciles_phases_and_events(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    await bring_to_ready(cluster)
+    # A reconcile is counted once it returns, just after the status it wrote: at least one per
+    # phase entered below.
+    await wait_for(
+        lambda: metric(operator, "reranker_operator_reconciles_total", result="ok") >= 2,
+        "the reconciles counted",
+    )
+    assert metric(operator, "reranker_operator_reconcile_duration_seconds_count") >= 2
+    entered = {
+        phase: metric(operator, "reranker_operator_phase_transitions_total", phase=phase)
+        for phase in ("Pending", "Building", "Deploying", "Ready", "Degraded", "Failed")
+    }
+    # Pending or Building first (whether the Job is seen running depends on timing), then Ready.
+    assert entered["Pending"] + entered["Building"] >= 1
+    assert (entered["Ready"], entered["Degraded"], entered["Failed"]) == (1, 0, 0)
+    await wait_for(
+        lambda: metric(operator, "reranker_operator_events_total", type="Normal", reason="Ready"),
+        "the Ready event counted",
+    )
+    assert metric(operator, "reranker_operator_events_total", type="Normal", reason="Ready") == 1
+
+    # A spec the API server's CEL rules would refuse (the emulator has none): Failed, counted.
+    await cluster.create_reranker("bad", spec(accelerator={"type": "L4", "count": 2}))
+    await wait_for(lambda: cluster.status("bad").get("phase") == "Failed", "phase Failed")
+    await wait_for(
+        lambda: metric(operator, "reranker_operator_reconciles_total", result="invalid_spec"),
+        "the refused reconcile counted",
+    )
+    assert metric(operator, "reranker_operator_phase_transitions_total", phase="Failed") == 1
+    await wait_for(
+        lambda: metric(
+            operator, "reranker_operator_events_total", type="Warning", reason="InvalidSpec"
+        ),
+        "the InvalidSpec event counted",
+    )
+    assert (
+        metric(operator, "reranker_operator_events_total", type="Warning", reason="InvalidSpec")
+        == 1
+    )
+    assert metric(operator, "reranker_operator_reconciles_total", result="error") == 0
+    assert metric(operator, "reranker_operator_build_info", version=__version__) == 1
 
 
 # --------------------------------------------------------------------------- the happy path
@@ -585,8 +639,12 @@ async def test_flows_run_command_with_kubeconfig(
         port = sock.getsockname()[1]
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     env.pop("RERANKER_OPERATOR_NAMESPACES", None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "reranker_operator.cli", "run", "--all-namespaces", "--liveness-port", str(port),
+        "--metrics-port", str(metrics_port),
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -609,6 +667,20 @@ async def test_flows_run_command_with_kubeconfig(
             return head.startswith(b"HTTP/1.") and b" 200 " in head
 
         await wait_for(alive, "the liveness endpoint", timeout=15)
+
+        def scraped() -> str:
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read().decode()
+
+        async def reconcile_counted() -> bool:
+            text = await asyncio.to_thread(scraped)
+            assert re.search(r"^process_resident_memory_bytes ", text, re.M)
+            ok = r'^reranker_operator_reconciles_total\{result="ok"\} [1-9]'
+            return re.search(ok, text, re.M) is not None
+
+        # The reconcile that created the Job, counted once it returns.
+        await wait_for(reconcile_counted, "the reconcile on /metrics", timeout=15)
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
