@@ -278,6 +278,11 @@ def _pod_common(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
         pod["serviceAccountName"] = settings.service_account_name
     if settings.priority_class_name:
         pod["priorityClassName"] = settings.priority_class_name
+    runtime_class = (
+        settings.runtime_class_name or config.placement(spec.accelerator.type).runtime_class_name
+    )
+    if runtime_class:
+        pod["runtimeClassName"] = runtime_class
     if settings.topology_spread_constraints:
         pod["topologySpreadConstraints"] = copy.deepcopy(list(settings.topology_spread_constraints))
     if config.image_pull_secrets:

@@ -99,6 +99,13 @@ class AcceleratorPlacement(_Model):
     # Plain nodeSelector (ANDed with the affinity); usually empty.
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    # The pods' RuntimeClass, e.g. `nvidia` where the NVIDIA container runtime is not the
+    # default (k3s, RKE2, some GPU Operator set-ups); None: the cluster's default runtime.
+    runtime_class_name: str | None = Field(
+        default=None,
+        alias="runtimeClassName",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    )
 
 
 class EngineCacheDefaults(_Model):

@@ -213,6 +213,10 @@ class PodSettings(_Model):
     service_account_name: str | None = Field(
         default=None, alias="serviceAccountName", max_length=253, pattern=SECRET_NAME_PATTERN
     )
+    # None: the accelerator's (operator config), else the cluster's default container runtime.
+    runtime_class_name: str | None = Field(
+        default=None, alias="runtimeClassName", max_length=253, pattern=SECRET_NAME_PATTERN
+    )
     annotations: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, Annotated[str, StringConstraints(max_length=63)]] = Field(
         default_factory=dict

@@ -157,6 +157,7 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
                 },
             ],
             "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "runtimeClassName": "nvidia",
         },
         "H200": None,  # falls back to the operator's built-in entry
         "CPU": {"nodeSelector": {"pool": "cpu-inference"}},
@@ -686,6 +687,8 @@ def test_non_default_config_parses_with_the_operators_loader(chart: helm_python.
     l4 = loaded.placement("L4")
     assert l4.node_selector_terms == NON_DEFAULT_VALUES["accelerators"]["L4"]["nodeSelectorTerms"]
     assert l4.tolerations == [{"key": "gpu", "operator": "Exists"}]
+    assert l4.runtime_class_name == "nvidia"
+    assert loaded.placement("CPU").runtime_class_name is None
     assert l4.resource_name == "nvidia.com/gpu"  # kept from the chart default (Helm merges maps)
     assert loaded.placement("CPU").node_selector == {"pool": "cpu-inference"}
     assert loaded.placement("CPU").resource_name is None

@@ -343,6 +343,7 @@ POD_SETTINGS = {
     ],
     "priorityClassName": "inference-high",
     "serviceAccountName": "reranker-gcs-reader",
+    "runtimeClassName": "nvidia-cdi",
     "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
     "labels": {"team": "search"},
 }  # fmt: skip
@@ -357,6 +358,7 @@ def test_pod_settings_reach_build_and_runtime_pods(kind: str) -> None:
     pod = template["spec"]
     assert pod["serviceAccountName"] == "reranker-gcs-reader"
     assert pod["priorityClassName"] == "inference-high"
+    assert pod["runtimeClassName"] == "nvidia-cdi"
     assert pod["topologySpreadConstraints"] == POD_SETTINGS["topologySpreadConstraints"]
     assert pod["nodeSelector"] == {"cloud.google.com/gke-nodepool": "l4-pool"}
     assert pod["affinity"]["podAntiAffinity"] == POD_SETTINGS["affinity"]["podAntiAffinity"]
@@ -372,6 +374,28 @@ def test_pod_settings_reach_build_and_runtime_pods(kind: str) -> None:
     assert node_matches(pod, {**L4_NODES["gke-g2-standard-4"], **zone, **pod["nodeSelector"]})
     assert not node_matches(pod, {**L4_NODES["gke-g2-standard-4"], **pod["nodeSelector"]})
     assert not node_matches(pod, {**NOT_L4_NODES["gke-t4"], **zone, **pod["nodeSelector"]})
+
+
+@pytest.mark.parametrize("mode", ["PerPod", "Shared"])
+def test_runtime_class_from_the_accelerator_unless_the_reranker_sets_one(mode: str) -> None:
+    # k3s / RKE2: GPU pods need the `nvidia` RuntimeClass, set once per accelerator type.
+    config = config_from_dict({"accelerators": {"L4": {"runtimeClassName": "nvidia"}}})
+
+    def runtime_classes(**spec: Any) -> set[str | None]:
+        rr = spec_of(engineCache={"mode": mode}, **spec)
+        children = b.build_children("rr", NS, rr, config, owner=OWNER, key=KEY)
+        pods = [
+            c["spec"]["template"]["spec"] for c in children if c["kind"] in ("Job", "Deployment")
+        ]
+        return {pod.get("runtimeClassName") for pod in pods}
+
+    assert runtime_classes() == {"nvidia"}
+    assert runtime_classes(accelerator={"type": "CPU"}) == {None}
+    assert runtime_classes(pod={"runtimeClassName": "kata"}) == {"kata"}
+    assert (
+        "runtimeClassName"
+        not in b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)["spec"]["template"]["spec"]
+    )  # the built-in placement sets none
 
 
 def test_user_node_affinity_on_cpu_is_kept_as_is() -> None:

@@ -529,6 +529,7 @@ def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
             "spec.pod.tolerations[0].operator",
         ),
         ({**MINIMAL, "pod": {"labels": {"team": "x" * 64}}}, "spec.pod.labels.team"),
+        ({**MINIMAL, "pod": {"runtimeClassName": "Nvidia"}}, "spec.pod.runtimeClassName"),
     ],
 )
 def test_schema_and_model_refuse_the_same_values(spec: dict, field: str) -> None:

@@ -110,6 +110,9 @@ accelerators:
       {{- toYaml $p.tolerations | nindent 6 }}
     {{- else }} []
     {{- end }}
+    {{- with $p.runtimeClassName }}
+    runtimeClassName: {{ . | quote }}
+    {{- end }}
 {{- end }}
 {{- end }}
 engineCache:
