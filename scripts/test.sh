@@ -15,9 +15,10 @@ fi
 # mypy takes about 2 minutes without its cache (a fresh checkout, as in CI), and pytest keeps only
 # one of CI's two cores busy: so mypy runs beside pytest, and its report follows pytest's.
 mypy_log="$(mktemp)"
-trap 'rm -f "$mypy_log"' EXIT
 .venv/bin/mypy > "$mypy_log" 2>&1 &
 mypy_pid=$!
+# An interrupted run (Ctrl-C) stops mypy too instead of waiting for it or leaving it behind.
+trap 'kill "$mypy_pid" 2>/dev/null || true; rm -f "$mypy_log"' EXIT
 # pytest's exit code passes through; 5 (no tests collected) fails CI on purpose, since the
 # suite always has tests and collecting none means something is broken.
 pytest_rc=0

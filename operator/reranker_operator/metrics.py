@@ -31,13 +31,22 @@ log = logging.getLogger(__name__)
 # No `*_created` series (one per label set, doubling what a scrape carries), as in the runtime.
 disable_created_metrics()
 
-# ok: status written (or the Reranker is gone); invalid_spec: refused, status says Failed;
-# api_error: the API server failed or refused (retried with a back-off); error: a bug (kopf
-# logs its traceback and retries).
+# ok: status written; invalid_spec: refused, status says Failed; api_error: the API server
+# failed or refused, or someone else's object is in the way (retried with a back-off); error: a
+# bug (kopf logs its traceback and retries). A trigger for a Reranker that is gone (its children's
+# deletions) reconciles nothing and is not counted.
 RESULTS = ("ok", "invalid_spec", "api_error", "error")
 PHASES = ("Pending", "Building", "Deploying", "Ready", "Degraded", "Failed")
-# The events the reconciler posts on a Reranker (reconcile.py).
-EVENTS = (("Warning", "InvalidSpec"), ("Warning", "BuildFailed"), ("Normal", "Ready"))
+# Every event the reconciler posts on a Reranker (reconcile.py; a test keeps the two in step).
+EVENTS = (
+    ("Warning", "InvalidSpec"),
+    ("Warning", "BuildFailed"),
+    ("Normal", "BuildStarted"),
+    ("Normal", "EngineBuilt"),
+    ("Normal", "RollingOut"),
+    ("Normal", "Ready"),
+    ("Normal", "EnginesPruned"),
+)
 
 
 class OperatorMetrics:

@@ -135,17 +135,21 @@ class Reconciler:
     def reconcile(self, namespace: str, name: str) -> Outcome:
         with self._lock(namespace, name):
             started = time.monotonic()
-            result = "error"
+            result: str | None = "error"
             try:
                 outcome = self._reconcile_named(namespace, name)
-                result = "ok" if outcome.invalid is None else "invalid_spec"
+                if outcome.phase is None:
+                    result = None  # gone: nothing was reconciled
+                else:
+                    result = "ok" if outcome.invalid is None else "invalid_spec"
                 return outcome
             except Exception as exc:
                 if kube.is_transient(exc) or isinstance(exc, (ApiException, kube.NotOurs)):
                     result = "api_error"
                 raise
             finally:
-                self.metrics.reconciled(result, time.monotonic() - started)
+                if result is not None:
+                    self.metrics.reconciled(result, time.monotonic() - started)
 
     def _reconcile_named(self, namespace: str, name: str) -> Outcome:
         body = self.api.get(kube.RERANKER, namespace, name)

@@ -105,12 +105,13 @@ def add_run_parser(subparsers: Any) -> None:
     )  # fmt: skip
     parser.add_argument("--config", metavar="PATH", help=f"operator config YAML (env {CONFIG_ENV})")
     parser.add_argument(
-        "--liveness-port", type=int, default=8080,
+        "--liveness-port", type=port_number, default=8080,
         help="serve kopf's liveness probe on http://0.0.0.0:PORT/healthz (0: off)",
     )  # fmt: skip
     parser.add_argument(
-        "--metrics-port", type=int, default=8081,
-        help="serve the operator's Prometheus metrics on http://0.0.0.0:PORT/metrics (0: off)",
+        "--metrics-port", type=port_number, default=8081,
+        help="serve the operator's Prometheus metrics on http://0.0.0.0:PORT/metrics (0: off; "
+        "not the liveness port)",
     )  # fmt: skip
     parser.add_argument("--log-format", choices=("json", "text"), default="json")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -128,6 +129,17 @@ def add_run_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run_command)
 
 
+def port_number(text: str) -> int:
+    """A TCP port for argparse: 0 (off) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0-65535")
+    return port
+
+
 def peering_priority(hostname: str) -> int:
     """A stable, practically unique priority per pod: kopf pauses all peers of equal priority."""
     return int(hashlib.sha256(hostname.encode()).hexdigest()[:7], 16)
@@ -140,6 +152,12 @@ def run_command(args: argparse.Namespace) -> int:
     )
     if not args.verbose:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # liveness probes every few s
+    if args.metrics_port and args.metrics_port == args.liveness_port:
+        log.error(
+            f"--metrics-port and --liveness-port are both {args.metrics_port}: give them "
+            "different ports (defaults: 8081 and 8080), or turn metrics off with --metrics-port 0"
+        )
+        return 2
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -506,10 +506,27 @@ def test_operator_metrics_off(chart: helm_python.Chart) -> None:
 
 
 def test_pod_annotations_win_over_the_charts(chart: helm_python.Chart) -> None:
-    values = {"podAnnotations": {"prometheus.io/scrape": "false", "team": "ml"}}
+    default = _pod_template(manifests(render(chart)))["metadata"]["annotations"]
+    values = {
+        "podAnnotations": {
+            "prometheus.io/scrape": "false",
+            "prometheus.io/path": "",
+            "team": "ml",
+            "checksum/config": "mine",
+        }
+    }
     annotations = _pod_template(manifests(render(chart, values)))["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "false" and annotations["team"] == "ml"
+    assert annotations["prometheus.io/path"] == ""  # even an empty value is the user's
     assert annotations["prometheus.io/port"] == "8081"
+    # The config checksum stays the chart's: it is what rolls the pod on a config change.
+    assert annotations["checksum/config"] == default["checksum/config"] != "mine"
+
+
+def test_metrics_and_liveness_ports_must_differ(chart: helm_python.Chart) -> None:
+    with pytest.raises(Exception, match="metricsPort and livenessPort must differ"):
+        render(chart, {"metricsPort": 8080})
+    render(chart, {"metricsPort": 0, "livenessPort": 8080})  # off: no clash
 
 
 def test_operator_service_monitor_scrapes_the_operator(chart: helm_python.Chart) -> None:

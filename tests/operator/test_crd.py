@@ -120,8 +120,9 @@ CEL_PROGRAMS = {rule: _compile_cel(rule) for rule in cel_rules(load_crd())}
 def cel_errors(obj: dict[str, Any]) -> list[str]:
     """The CRD's CEL rules run as the API server runs them, on an object after defaulting: each
     rule on every node of the object it is attached to, with `self` bound to that node. Returns
-    `path: message` for every rule that does not evaluate to true (an evaluation error fails
-    too, as on the API server)."""
+    `path: message` for every rule that evaluates to false. An evaluation error (which the API
+    server would also refuse) raises, failing the test loudly. No rule sits under
+    additionalProperties, so the walk follows properties and items only."""
     errors: list[str] = []
 
     def walk(schema: dict[str, Any], value: Any, path: str) -> None:

@@ -5,6 +5,7 @@ ones that config makes). No Prometheus or kube-state-metrics runs here."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,10 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from reranker_operator.metrics import PHASES, OperatorMetrics
+from reranker_operator import status
+from reranker_operator.metrics import EVENTS, PHASES, RESULTS, OperatorMetrics
 from reranker_runtime import metrics as runtime_metrics
+from reranker_runtime.api import errors
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "monitoring"
@@ -38,15 +41,49 @@ def schema_at(path: list[str], node: dict[str, Any] = SCHEMA) -> dict[str, Any]:
 
 
 def exposed_names(page: bytes) -> set[str]:
-    """Every sample name a /metrics page can carry, labelled metrics without samples included."""
+    """Every sample name a /metrics page can carry, labelled metrics without samples included:
+    the name its TYPE line gives (counters: `_total` from prometheus_client, none for TEI's),
+    and a histogram's series."""
     names = set()
     for line in page.decode().splitlines():
         if line.startswith("# TYPE "):
             name, kind = line.split()[2:4]
-            base = name.removesuffix("_total")
-            suffixes = {"histogram": ("_bucket", "_sum", "_count")}.get(kind, ("", "_total"))
-            names.update(base + s for s in suffixes)
+            suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+            names.update(name + s for s in suffixes)
     return names
+
+
+def selectors(node: Any) -> Iterator[Any]:
+    """Every vector selector of a parsed PromQL expression."""
+    if type(node).__name__ == "VectorSelector":
+        yield node
+    for attr in dir(node):
+        if attr.startswith("_") or attr in ("parse", "prettify"):
+            continue
+        value = getattr(node, attr)
+        for child in value if isinstance(value, list) else [value]:
+            if type(child).__module__ == "promql_parser" and hasattr(child, "prettify"):
+                yield from selectors(child)
+
+
+ERR_VALUES = (
+    {reason for _, reason in errors.FAILURE_REASONS}
+    | set(errors._REASON_BY_STATUS.values())
+    | {errors.DROPPED, "inference", "model_type"}
+)
+CONDITION_TYPES = {status.ENGINE_READY, status.AVAILABLE, status.READY, "ScalingActive"}
+# metric -> label -> the values it takes (None: any value that status.py writes as a literal).
+LABEL_VALUES: dict[str, dict[str, set[str] | None]] = {
+    "reranker_operator_reconciles_total": {"result": set(RESULTS)},
+    "reranker_operator_phase_transitions_total": {"phase": set(PHASES)},
+    "reranker_operator_events_total": {
+        "type": {t for t, _ in EVENTS},
+        "reason": {r for _, r in EVENTS},
+    },
+    "te_request_failure": {"err": ERR_VALUES},
+    "kube_reranker_status_phase": {"phase": set(PHASES)},
+    "kube_reranker_status_condition": {"type": CONDITION_TYPES, "reason": None},
+}
 
 
 def ksm_names() -> set[str]:
@@ -84,13 +121,29 @@ def test_kube_state_metrics_reads_the_rerankers_status() -> None:
 
 @pytest.mark.parametrize("rule", rules(), ids=lambda r: r["alert"])
 def test_alert_parses_and_reads_metrics_that_exist(rule: dict[str, Any]) -> None:
-    promql_parser.parse(rule["expr"])
     known = (
         exposed_names(generate_latest(OperatorMetrics().registry))
         | exposed_names(runtime_metrics.render())  # the runtime's /metrics page
         | ksm_names()
     )
-    read = set(re.findall(r"\b(?:kube_reranker|reranker|te)_[a-z_]+\b", rule["expr"]))
-    assert read and read <= known, read - known
+    found = list(selectors(promql_parser.parse(rule["expr"])))
+    assert found and {s.name for s in found} <= known, {s.name for s in found} - known
+    status_source = (ROOT / "operator" / "reranker_operator" / "status.py").read_text()
+    for selector in found:
+        for matcher in selector.matchers.matchers:
+            allowed = LABEL_VALUES.get(selector.name, {})
+            assert matcher.name in allowed, f"{selector.name} has no label {matcher.name}"
+            for value in matcher.value.split("|"):
+                expected = allowed[matcher.name]
+                if expected is None:
+                    assert f'"{value}"' in status_source, f"{matcher.name}={value}"
+                else:
+                    assert value in expected, f"{selector.name}{{{matcher.name}={value!r}}}"
     assert rule["labels"]["severity"] in ("critical", "warning")
     assert rule["annotations"]["summary"]
+
+
+def test_every_event_the_reconciler_posts_is_counted_from_zero() -> None:
+    source = (ROOT / "operator" / "reranker_operator" / "reconcile.py").read_text()
+    posted = set(re.findall(r'self\._event\(\s*body,\s*"(\w+)",\s*"(\w+)"', source))
+    assert posted == set(EVENTS)

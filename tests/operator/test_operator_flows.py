@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
@@ -133,6 +134,11 @@ async def test_flows_metrics_count_reconciles_phases_and_events(
         "the reconciles counted",
     )
     assert metric(operator, "reranker_operator_reconcile_duration_seconds_count") >= 2
+    # Counted after the status PATCH returns, so possibly just after the test saw Ready.
+    await wait_for(
+        lambda: metric(operator, "reranker_operator_phase_transitions_total", phase="Ready"),
+        "the transition to Ready counted",
+    )
     entered = {
         phase: metric(operator, "reranker_operator_phase_transitions_total", phase=phase)
         for phase in ("Pending", "Building", "Deploying", "Ready", "Degraded", "Failed")
@@ -688,6 +694,23 @@ async def test_flows_run_command_with_kubeconfig(
     assert proc.returncode == 0
     first = json.loads(output.decode().splitlines()[0])  # JSON logs by default
     assert first["message"] == "starting reranker-operator"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--metrics-port", "8080", "--liveness-port", "8080"], "are both 8080"),
+        (["--metrics-port", "-1"], "port -1 is outside 0-65535"),
+        (["--liveness-port", "http"], "not a port number: 'http'"),
+    ],
+)
+def test_flows_run_refuses_bad_ports_before_anything_starts(args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "reranker_operator.cli", "run", *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "KUBECONFIG": "/nonexistent"},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert message in proc.stdout + proc.stderr
 
 
 def test_flows_run_namespaces_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,7 @@ REFUSAL = (
 class RefusingApi:
     """Just enough of kube.Kube: a Reranker, and an API server that refuses Deployments."""
 
-    def __init__(self, body: dict[str, Any]) -> None:
+    def __init__(self, body: dict[str, Any] | None) -> None:
         self.body = body
         self.status_patches: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
@@ -69,3 +69,33 @@ def test_a_child_refused_by_the_api_server_is_an_invalid_spec_with_its_message()
     ready = next(c for c in written["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InvalidSpec" and ready["observedGeneration"] == 3
     assert [e["reason"] for e in api.events] == ["InvalidSpec"]
+
+
+def counted(reconciler: Reconciler, result: str) -> float:
+    value = reconciler.metrics.registry.get_sample_value(
+        "reranker_operator_reconciles_total", {"result": result}
+    )
+    assert value is not None
+    return value
+
+
+def test_metrics_count_what_a_reconcile_ended_with_and_nothing_for_a_gone_reranker() -> None:
+    body = {
+        "apiVersion": "reranker.dev/v1alpha1",
+        "kind": "Reranker",
+        "metadata": {"name": "rr", "namespace": "ml", "uid": "u", "generation": 1},
+        "spec": {"checkpoint": {"repo": "BAAI/bge-reranker-large"}, "accelerator": {"count": 2}},
+    }
+    reconciler = Reconciler(cast(kube.Kube, RefusingApi(body)), OperatorConfig())
+    reconciler.reconcile("ml", "rr")
+    assert counted(reconciler, "invalid_spec") == 1
+    # The Reranker deleted: its children's deletion events still trigger reconciles.
+    gone = Reconciler(cast(kube.Kube, RefusingApi(None)), OperatorConfig())
+    assert gone.reconcile("ml", "rr").phase is None
+    assert {
+        r: counted(gone, r) for r in ("ok", "invalid_spec", "api_error", "error")
+    } == dict.fromkeys(("ok", "invalid_spec", "api_error", "error"), 0.0)
+    assert (
+        gone.metrics.registry.get_sample_value("reranker_operator_reconcile_duration_seconds_count")
+        == 0
+    )
