@@ -236,12 +236,7 @@ class RerankService:
         window's score (the max of the raw logits; sigmoid applies to that max). `timeout_s`
         (default `--request-timeout`): the deadline, counted from `arrived_at` (event-loop time
         the request arrived; default: this call)."""
-        if self._info.num_labels != 1:
-            raise WrongModelKindError(
-                "model is not a re-ranker model: "
-                f"this model is a classifier with {self._info.num_labels} labels ({', '.join(self._labels)}), "
-                "not a reranker (one relevance logit); use /predict to classify inputs"
-            )
+        self.check_reranker()
         direction = parse_direction(truncation_direction)
         if not isinstance(query, str) or _is_blank(query):
             raise EmptyInputError("`query` must not be empty")
@@ -302,6 +297,15 @@ class RerankService:
             chunks=[len(e.windows) for e in encoded],
         )
 
+    def check_reranker(self) -> None:
+        """Refuse (424, as TEI) a relevance score from a classifier with several labels."""
+        if self._info.num_labels != 1:
+            raise WrongModelKindError(
+                "model is not a re-ranker model: "
+                f"this model is a classifier with {self._info.num_labels} labels ({', '.join(self._labels)}), "
+                "not a reranker (one relevance logit); use /predict to classify inputs"
+            )
+
     async def predict(
         self,
         inputs: list[str | tuple[str, str]],
@@ -312,11 +316,12 @@ class RerankService:
         timeout_s: float | None = None,
         arrived_at: float | None = None,
         request_id: str | None = None,
+        inputs_field: str = "inputs",
     ) -> PredictResult:
         """TEI /predict: one label -> sigmoid, several -> softmax (raw logits with raw_scores).
-        `timeout_s` as in `rerank`."""
+        `timeout_s` as in `rerank`; `inputs_field` names the inputs in errors."""
         direction = parse_direction(truncation_direction)
-        items = self._check_inputs(inputs)
+        items = self._check_inputs(inputs, field=inputs_field)
 
         async with self._scoring_request(timeout_s, request_id, arrived_at) as (progress, deadline):
             encoded = await self._stoppable_tokenization(
@@ -326,7 +331,7 @@ class RerankService:
                 direction=direction,
             )
             tokenization_s = progress.tokenized()
-            self._check_lengths(encoded, "inputs", "input is")
+            self._check_lengths(encoded, inputs_field, "input is")
             result = await self._score(encoded, request_id, deadline, progress)
         logits = result.logits
         if raw_scores:
@@ -422,18 +427,18 @@ class RerankService:
             raise TooManyInputsError(field, n, limit)
 
     def _check_inputs(
-        self, inputs: Sequence[object], *, allow_blank: bool = False
+        self, inputs: Sequence[object], *, allow_blank: bool = False, field: str = "inputs"
     ) -> list[PredictInput]:
         if isinstance(inputs, (str, tuple)):
-            raise ValidationError("`inputs` must be a list of strings or pairs")
+            raise ValidationError(f"`{field}` must be a list of strings or pairs")
         if not inputs:
-            raise EmptyInputError("`inputs` must not be empty")
-        self._check_count("inputs", len(inputs))
+            raise EmptyInputError(f"`{field}` must not be empty")
+        self._check_count(field, len(inputs))
         items: list[PredictInput] = []
         for i, item in enumerate(inputs):
             if isinstance(item, str):
                 if not allow_blank and _is_blank(item):
-                    raise EmptyInputError(f"`inputs[{i}]` is empty")
+                    raise EmptyInputError(f"`{field}[{i}]` is empty")
                 items.append(item)
             elif (
                 isinstance(item, (tuple, list))
@@ -442,10 +447,10 @@ class RerankService:
             ):
                 for j, part in enumerate(item):
                     if not allow_blank and _is_blank(part):
-                        raise EmptyInputError(f"`inputs[{i}][{j}]` is empty")
+                        raise EmptyInputError(f"`{field}[{i}][{j}]` is empty")
                 items.append((item[0], item[1]))
             else:
-                raise ValidationError(f"`inputs[{i}]` must be a string or a pair of two strings")
+                raise ValidationError(f"`{field}[{i}]` must be a string or a pair of two strings")
         check_request_characters(items, self._settings.max_request_characters)
         return items
 

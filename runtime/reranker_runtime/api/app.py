@@ -31,7 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker_runtime import __version__, metrics, tracing
-from reranker_runtime.api import cohere, ops, other_models, tei
+from reranker_runtime.api import cohere, ops, other_models, tei, vllm
 from reranker_runtime.api.auth import all_routes, document_api_key, protected_operations
 from reranker_runtime.api.deps import (
     ARRIVED_AT_SCOPE_KEY,
@@ -169,6 +169,7 @@ def create_app(
     app.state.max_client_batch_size = settings.max_client_batch_size
     app.include_router(tei.router)
     app.include_router(cohere.router)
+    app.include_router(vllm.router)
     app.include_router(ops.router)
     app.include_router(ops.info_router)
     app.include_router(other_models.router)

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from annotated_types import Gt
+from annotated_types import Ge, Gt
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -623,3 +625,136 @@ class InfoResponse(BaseModel):
 
 class StatusBody(BaseModel):
     status: Literal["ok", "alive"]
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM's Score API (`POST /score`, `/v1/score`)
+
+# vLLM's names for the two sides, in the order its ScoreRequest union tries them.
+SCORE_FIELD_PAIRS = (
+    ("queries", "documents"),
+    ("queries", "items"),
+    ("data_1", "data_2"),
+    ("text_1", "text_2"),
+)
+
+
+def _parse_score_inputs(value: Any, info: ValidationInfo) -> list[str] | None:
+    """A string (one text) or a list of strings: vLLM's `ScoreInputs` for text."""
+    field = info.field_name
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [_unicode_at(value, str(field))]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [_unicode_at(v, f"{field}.{i}") for i, v in enumerate(value)]
+    raise PydanticCustomError(
+        INPUT_ERROR, "{field}: Input should be a string or a list of strings", {"field": field}
+    )
+
+
+ScoreInputs = Annotated[
+    list[str] | None,
+    BeforeValidator(_parse_score_inputs),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                SCORED_TEXT_SCHEMA,
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    CLIENT_BATCH_KEY: True,
+                    "items": SCORED_TEXT_SCHEMA,
+                },
+            ]
+        }
+    ),
+]
+WholeInt = Annotated[int, BeforeValidator(_whole_number)]
+
+
+class ScoreRequest(_Request):
+    """`POST /score`, `/v1/score`: vLLM's Score API for text. One side holds one text or N, the
+    other N: one text is scored against each of the other side's (1:N), two lists pair up
+    element by element (N:N)."""
+
+    # Exactly one of vLLM's pairs of field names is sent (its request types are a union). The
+    # schema says `anyOf`: a `oneOf` (exactly one) made schemathesis' run of this route take
+    # minutes; a body with two pairs is refused with 422 naming both.
+    model_config = ConfigDict(
+        strict=True,
+        extra="ignore",
+        json_schema_extra={
+            "anyOf": [{"required": [first, second]} for first, second in SCORE_FIELD_PAIRS]
+        },
+    )
+
+    model: UnicodeStr | None = Field(None, description="Accepted for compatibility; echoed.")
+    queries: ScoreInputs = Field(None, description="First side (with documents or items).")
+    documents: ScoreInputs = Field(None, description="Second side, with queries.")
+    items: ScoreInputs = Field(None, description="Second side, with queries.")
+    data_1: ScoreInputs = Field(None, description="First side (with data_2).")
+    data_2: ScoreInputs = Field(None, description="Second side, with data_1.")
+    text_1: ScoreInputs = Field(None, description="First side (with text_2).")
+    text_2: ScoreInputs = Field(None, description="Second side, with text_1.")
+    truncate_prompt_tokens: Annotated[WholeInt, Ge(-1)] | None = Field(
+        None,
+        description="-1: cut each pair to the model's maximum input length; absent or null: the "
+        "server's --auto-truncate. Other values are refused unless at least that maximum.",
+    )
+    use_activation: bool | None = Field(
+        None, description="false: raw logits instead of sigmoid(logit); default true."
+    )
+    activation: bool | None = Field(None, description="Deprecated vLLM name of use_activation.")
+    softmax: bool | None = Field(None, description="Deprecated vLLM name of use_activation.")
+
+    @model_validator(mode="after")
+    def _one_pair_of_fields(self) -> ScoreRequest:
+        given = [p for p in SCORE_FIELD_PAIRS if all(getattr(self, f) is not None for f in p)]
+        if len(given) != 1:
+            names = " or ".join(f"{a} and {b}" for a, b in SCORE_FIELD_PAIRS)
+            found = ", ".join(" and ".join(p) for p in given) or "none"
+            raise PydanticCustomError(
+                INPUT_ERROR,
+                "send exactly one pair of fields to score: {names} (found: {found})",
+                {"names": names, "found": found},
+            )
+        return self
+
+    @property
+    def sides(self) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
+        """((name, texts) of the first side, (name, texts) of the second)."""
+        ((first, second),) = [
+            p for p in SCORE_FIELD_PAIRS if all(getattr(self, f) is not None for f in p)
+        ]
+        return (first, getattr(self, first)), (second, getattr(self, second))
+
+    @property
+    def activation_on(self) -> bool:
+        """vLLM's get_use_activation: use_activation, else the deprecated names, else true."""
+        for value in (self.use_activation, self.activation, self.softmax):
+            if value is not None:
+                return value
+        return True
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+    prompt_tokens_details: None = None
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: ScoreUsage
