@@ -17,8 +17,10 @@ fi
 mypy_log="$(mktemp)"
 .venv/bin/mypy > "$mypy_log" 2>&1 &
 mypy_pid=$!
-# An interrupted run (Ctrl-C) stops mypy too instead of waiting for it or leaving it behind.
-trap 'kill "$mypy_pid" 2>/dev/null || true; rm -f "$mypy_log"' EXIT
+# Ctrl-C (or a TERM) stops mypy too, instead of waiting for it or leaving it behind: a
+# background job of a script ignores SIGINT itself.
+trap 'rm -f "$mypy_log"' EXIT
+trap 'kill "$mypy_pid" 2>/dev/null || true; exit 130' INT TERM
 # pytest's exit code passes through; 5 (no tests collected) fails CI on purpose, since the
 # suite always has tests and collecting none means something is broken.
 pytest_rc=0

@@ -60,6 +60,10 @@ class InputTooLongError(ValidationError):
     """A sequence longer than the model accepts while truncation is off."""
 
 
+class ScorePairTooLongError(InputTooLongError):
+    """The same on vLLM's Score API, whose truncation field is truncate_prompt_tokens."""
+
+
 class TooManyChunksPerTextError(ValidationError):
     """A text needs more windows than the request's max_chunks_per_doc while truncation is off."""
 

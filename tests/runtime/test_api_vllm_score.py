@@ -153,3 +153,47 @@ async def test_a_classifier_is_refused_as_on_rerank(
         ):
             resp = await clf.post("/score", json=body)
             assert resp.status_code == 424 and "classifier" in resp.json()["error"]
+
+
+async def test_a_pair_scores_the_same_through_either_path_whatever_the_chunking_default(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    # vLLM scores one sequence per pair: --max-chunks-per-doc (windows on /rerank) stays out.
+    text = long_text()
+    settings = settings_for(xlmr_reranker, max_chunks_per_doc=4, auto_truncate=False)
+    async with serving(settings, xlmr_engine) as c:
+        cut = {"truncate_prompt_tokens": -1}
+        one_to_n = await c.post("/score", json={"text_1": QUERY, "text_2": [text], **cut})
+        pairwise = await c.post("/score", json={"text_1": [QUERY] * 2, "text_2": [text] * 2, **cut})
+        expected = sigmoid(truncated_reference(xlmr_reranker, QUERY, text, "right"))
+        assert one_to_n.json()["data"][0]["score"] == pytest.approx(expected, abs=TOL)
+        assert [d["score"] for d in pairwise.json()["data"]] == pytest.approx(
+            [expected] * 2, abs=TOL
+        )
+        # Without truncation (the server's --auto-truncate is false here) both refuse it, and say
+        # how to cut it on this API.
+        for body in (
+            {"text_1": QUERY, "text_2": [text]},
+            {"text_1": [QUERY] * 2, "text_2": [text] * 2},
+        ):
+            resp = await c.post("/score", json=body)
+            assert resp.status_code == 422, resp.text
+            assert "send truncate_prompt_tokens: -1" in resp.json()["error"]
+
+
+async def test_null_fields_count_as_absent_and_the_old_activation_names_come_first(
+    client: httpx.AsyncClient, xlmr_reranker: Path
+) -> None:
+    body = {
+        "queries": QUERY,
+        "documents": TEXTS[:1],
+        "text_1": None,
+        "truncate_prompt_tokens": None,
+    }
+    resp = await client.post("/score", json=body)
+    assert resp.status_code == 200, resp.text
+    # vLLM's get_use_activation reads softmax, then activation, then use_activation.
+    (raw,) = logits(xlmr_reranker, [(QUERY, TEXTS[0])])
+    conflicting = {"text_1": QUERY, "text_2": TEXTS[:1], "softmax": False, "use_activation": True}
+    (only,) = (await client.post("/score", json=conflicting)).json()["data"]
+    assert only["score"] == pytest.approx(raw, abs=1e-5, rel=1e-5)

@@ -50,6 +50,7 @@ from reranker_runtime.errors import (
     NotReadyError,
     OverloadedError,
     RerankerError,
+    ScorePairTooLongError,
     TooManyCharactersError,
     TooManyChunksPerRequestError,
     TooManyChunksPerTextError,
@@ -117,6 +118,10 @@ ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
             advice="; send fewer or shorter texts or a smaller max_chunks_per_doc, or raise "
             "--max-chunks-per-request (RERANKER_MAX_CHUNKS_PER_REQUEST)",
         ),
+    ),
+    (
+        ScorePairTooLongError,
+        HttpError(422, "Validation", advice="; shorten it or send truncate_prompt_tokens: -1"),
     ),
     (InputTooLongError, HttpError(422, "Validation", advice="; shorten it or set truncate=true")),
     (ValidationError, HttpError(422, "Validation")),

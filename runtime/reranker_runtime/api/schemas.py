@@ -666,11 +666,11 @@ ScoreInputs = Annotated[
                     CLIENT_BATCH_KEY: True,
                     "items": SCORED_TEXT_SCHEMA,
                 },
+                {"type": "null"},  # as if absent
             ]
         }
     ),
 ]
-WholeInt = Annotated[int, BeforeValidator(_whole_number)]
 
 
 class ScoreRequest(_Request):
@@ -697,7 +697,7 @@ class ScoreRequest(_Request):
     data_2: ScoreInputs = Field(None, description="Second side, with data_1.")
     text_1: ScoreInputs = Field(None, description="First side (with text_2).")
     text_2: ScoreInputs = Field(None, description="Second side, with text_1.")
-    truncate_prompt_tokens: Annotated[WholeInt, Ge(-1)] | None = Field(
+    truncate_prompt_tokens: Annotated[int, Ge(-1), BeforeValidator(_whole_number)] | None = Field(
         None,
         description="-1: cut each pair to the model's maximum input length; absent or null: the "
         "server's --auto-truncate. Other values are refused unless at least that maximum.",
@@ -731,8 +731,9 @@ class ScoreRequest(_Request):
 
     @property
     def activation_on(self) -> bool:
-        """vLLM's get_use_activation: use_activation, else the deprecated names, else true."""
-        for value in (self.use_activation, self.activation, self.softmax):
+        """vLLM's get_use_activation: the deprecated softmax, then activation, then
+        use_activation; true when none is set."""
+        for value in (self.softmax, self.activation, self.use_activation):
             if value is not None:
                 return value
         return True

@@ -4,7 +4,9 @@
 One side with one text is scored against each text of the other side (1:N) through the rerank
 path (fair batching, one query tokenized once); two lists of the same length pair up element by
 element (N:N) through the predict path. Scores come back in request order, sigmoid(logit) unless
-`use_activation` is false, as vLLM gives them for a cross-encoder.
+`use_activation` is false, as vLLM gives them for a cross-encoder. A long text is never split
+into windows here (vLLM scores one sequence per pair), whatever --max-chunks-per-doc says, so a
+pair scores the same through either path.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from reranker_runtime.api.deps import (
     timing_headers,
 )
 from reranker_runtime.api.schemas import ScoreData, ScoreRequest, ScoreResponse, ScoreUsage
-from reranker_runtime.errors import EmptyInputError, ValidationError
+from reranker_runtime.errors import (
+    EmptyInputError,
+    InputTooLongError,
+    ScorePairTooLongError,
+    ValidationError,
+)
 from reranker_runtime.service import PredictResult, RerankResult, RerankService
 
 router = APIRouter(tags=["vLLM"], route_class=InferenceRoute)
@@ -79,6 +86,14 @@ def _check_sides(first: tuple[str, list[str]], second: tuple[str, list[str]]) ->
     openapi_extra=REQUEST_TIMEOUT_OPENAPI,
 )
 async def score(body: ScoreRequest, request: Request, response: Response) -> ScoreResponse:
+    try:
+        return await _score(body, request, response)
+    except InputTooLongError as exc:
+        # The advice names this API's truncation field, not /rerank's `truncate`.
+        raise ScorePairTooLongError(str(exc)) from exc
+
+
+async def _score(body: ScoreRequest, request: Request, response: Response) -> ScoreResponse:
     started = time.perf_counter()
     service = admitted_service(request)
     first, second = body.sides
@@ -92,6 +107,7 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
             texts_2,
             truncate=truncate,
             raw_scores=not body.activation_on,
+            max_chunks_per_text=1,
             texts_field=name_2,
             timeout_s=request_timeout(request),
             arrived_at=request_arrival(request),
