@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from reranker_operator.spec import SECRET_NAME_PATTERN
+
 CONFIG_ENV = "RERANKER_OPERATOR_CONFIG"
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/reranker-dev/reranker-runtime:0.1.0"
 # Rerankers on accelerator.type CPU: slim Python with PyTorch's CPU build (images/runtime-cpu.Dockerfile),
@@ -104,7 +106,7 @@ class AcceleratorPlacement(_Model):
     runtime_class_name: str | None = Field(
         default=None,
         alias="runtimeClassName",
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        pattern=SECRET_NAME_PATTERN,  # a DNS-1123 subdomain, as spec.pod.runtimeClassName
     )
 
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from reranker_operator import builders, kube
 from reranker_operator.reconcile import Reconciler
@@ -93,7 +92,7 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
             # API faults, API refusals (403, 422, ...) and someone else's object in the way:
             # one line per attempt (kopf logs it at ERROR, without a traceback), retried after
             # `backoff`. Anything else is a bug: kopf logs its traceback and retries too.
-            if not (kube.is_transient(exc) or isinstance(exc, (ApiException, kube.NotOurs))):
+            if not kube.is_api_fault(exc):
                 raise
             raise kopf.TemporaryError(
                 f"{kube.describe(exc)}; retrying in {tuning.backoff:g}s", delay=tuning.backoff
@@ -168,7 +167,7 @@ async def _reconcile_owner(
             await loop.run_in_executor(None, reconciler.reconcile, namespace, owner)
             return
         except Exception as exc:
-            if not (kube.is_transient(exc) or isinstance(exc, (ApiException, kube.NotOurs))):
+            if not kube.is_api_fault(exc):
                 raise  # a bug: kopf logs its traceback
             what = f"reconcile of Reranker {owner} after a {body.get('kind', 'child')}'s event"
             if not kube.is_transient(exc):  # a refusal: the Reranker's own handler retries it

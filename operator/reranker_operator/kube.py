@@ -152,6 +152,13 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith("urllib3")
 
 
+def is_api_fault(exc: BaseException) -> bool:
+    """The API's fault, not the operator's: a transient failure, an API refusal (403, 422, ...)
+    or someone else's object in the way. Retried with a back-off, logged in one line; anything
+    else is a bug."""
+    return is_transient(exc) or isinstance(exc, (ApiException, NotOurs))
+
+
 def load_api_client(host: str | None = None) -> k8s_client.ApiClient:
     """An ApiClient like kubectl's: `host` (tests), else in-cluster, else KUBECONFIG/~/.kube/config."""
     if host is not None:

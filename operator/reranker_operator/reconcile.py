@@ -144,7 +144,7 @@ class Reconciler:
                     result = "ok" if outcome.invalid is None else "invalid_spec"
                 return outcome
             except Exception as exc:
-                if kube.is_transient(exc) or isinstance(exc, (ApiException, kube.NotOurs)):
+                if kube.is_api_fault(exc):
                     result = "api_error"
                 raise
             finally:

@@ -708,9 +708,12 @@ class ScoreRequest(_Request):
     activation: bool | None = Field(None, description="Deprecated vLLM name of use_activation.")
     softmax: bool | None = Field(None, description="Deprecated vLLM name of use_activation.")
 
+    def _pairs_given(self) -> list[tuple[str, str]]:
+        return [p for p in SCORE_FIELD_PAIRS if all(getattr(self, f) is not None for f in p)]
+
     @model_validator(mode="after")
     def _one_pair_of_fields(self) -> ScoreRequest:
-        given = [p for p in SCORE_FIELD_PAIRS if all(getattr(self, f) is not None for f in p)]
+        given = self._pairs_given()
         if len(given) != 1:
             names = " or ".join(f"{a} and {b}" for a, b in SCORE_FIELD_PAIRS)
             found = ", ".join(" and ".join(p) for p in given) or "none"
@@ -724,9 +727,7 @@ class ScoreRequest(_Request):
     @property
     def sides(self) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
         """((name, texts) of the first side, (name, texts) of the second)."""
-        ((first, second),) = [
-            p for p in SCORE_FIELD_PAIRS if all(getattr(self, f) is not None for f in p)
-        ]
+        ((first, second),) = self._pairs_given()
         return (first, getattr(self, first)), (second, getattr(self, second))
 
     @property
