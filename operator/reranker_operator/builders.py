@@ -22,6 +22,9 @@ ENGINES_MOUNT = "/engines"
 CACHE_VOLUME = "engine-cache"  # Shared mode: the PVC
 ENGINE_VOLUME = "engine"  # PerPod mode: the pod's own emptyDir
 TMP_VOLUME = "tmp"
+# checkpoint.source PVC: the user's claim, mounted read-only in the build container only.
+CHECKPOINT_VOLUME = "checkpoint"
+CHECKPOINT_MOUNT = "/checkpoint"
 BUILD_CONTAINER = "build"  # the Job's container, or the init container in PerPod mode
 SERVE_CONTAINER = "reranker"
 
@@ -310,17 +313,30 @@ def cache_size(spec: RerankerSpec, config: OperatorConfig) -> str:
 
 
 def _volumes(
-    name: str, spec: RerankerSpec, config: OperatorConfig, read_only: bool
+    name: str, spec: RerankerSpec, config: OperatorConfig, read_only: bool, builds: bool
 ) -> list[dict[str, Any]]:
-    tmp = {"name": TMP_VOLUME, "emptyDir": {}}
+    """The pod's volumes; `builds`: the pod runs the build container (Job, or PerPod's init)."""
+    volumes = [{"name": TMP_VOLUME, "emptyDir": {}}]
     if cache_mode(spec, config) == "PerPod":
         # Pod-local: any pod starts on any node, and nothing needs ReadWriteMany. The limit
         # evicts a pod whose engine outgrows it; it reserves nothing on the node.
-        return [{"name": ENGINE_VOLUME, "emptyDir": {"sizeLimit": cache_size(spec, config)}}, tmp]
-    claim: dict[str, Any] = {"claimName": cache_pvc_name(name)}
-    if read_only:
-        claim["readOnly"] = True
-    return [{"name": CACHE_VOLUME, "persistentVolumeClaim": claim}, tmp]
+        volumes.insert(
+            0, {"name": ENGINE_VOLUME, "emptyDir": {"sizeLimit": cache_size(spec, config)}}
+        )
+    else:
+        claim: dict[str, Any] = {"claimName": cache_pvc_name(name)}
+        if read_only:
+            claim["readOnly"] = True
+        volumes.insert(0, {"name": CACHE_VOLUME, "persistentVolumeClaim": claim})
+    pvc_claim = spec.checkpoint.pvc_claim
+    if builds and pvc_claim is not None:
+        volumes.append(
+            {
+                "name": CHECKPOINT_VOLUME,
+                "persistentVolumeClaim": {"claimName": pvc_claim, "readOnly": True},
+            }
+        )
+    return volumes
 
 
 def _engine_volume_name(spec: RerankerSpec, config: OperatorConfig) -> str:
@@ -391,6 +407,8 @@ def build_args(spec: RerankerSpec, key: str) -> list[str]:
     ]  # fmt: skip
     if spec.build.max_seq_len is not None:
         args += ["--max-seq-len", str(spec.build.max_seq_len)]
+    if spec.checkpoint.pvc_claim is not None:
+        args += ["--checkpoint-mount", CHECKPOINT_MOUNT]
     args += ["--accelerator", spec.accelerator.type, "--output", f"{ENGINES_MOUNT}/{key}"]
     return args
 
@@ -418,6 +436,10 @@ def build_container(spec: RerankerSpec, config: OperatorConfig, key: str) -> dic
         # The build writes its failure reason to /dev/termination-log; the logs' tail otherwise.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if spec.checkpoint.pvc_claim is not None:
+        container["volumeMounts"].append(
+            {"name": CHECKPOINT_VOLUME, "mountPath": CHECKPOINT_MOUNT, "readOnly": True}
+        )
     if spec.checkpoint.secret_name:
         container["envFrom"] = [{"secretRef": {"name": spec.checkpoint.secret_name}}]
     return container
@@ -452,7 +474,7 @@ def build_engine_job(
                     "restartPolicy": "Never",
                     **_pod_common(spec, config),
                     "containers": [container],
-                    "volumes": _volumes(name, spec, config, read_only=False),
+                    "volumes": _volumes(name, spec, config, read_only=False, builds=True),
                 },
             },
         },
@@ -615,7 +637,13 @@ def build_deployment(
                 **_pod_common(spec, config),
                 "terminationGracePeriodSeconds": config.termination_grace_period_seconds,
                 "containers": [container],
-                "volumes": _volumes(name, spec, config, read_only=True),
+                "volumes": _volumes(
+                    name,
+                    spec,
+                    config,
+                    read_only=True,
+                    builds=cache_mode(spec, config) == "PerPod",
+                ),
             },
         },
     }

@@ -189,7 +189,12 @@ def with_volume_detail(issue: PodIssue | None, pvc: dict[str, Any] | None) -> Po
     if issue is None or issue.reason != "Unschedulable" or pvc is None:
         return issue
     phase = (pvc.get("status") or {}).get("phase")
-    if phase == "Bound" or not any(w in issue.message.lower() for w in _VOLUME_WORDS):
+    message = issue.message.lower()
+    if phase == "Bound" or not any(w in message for w in _VOLUME_WORDS):
+        return issue
+    # The scheduler names a missing claim (`persistentvolumeclaim "models" not found`): one that
+    # is not the cache, such as a PVC checkpoint's, already speaks for itself.
+    if 'persistentvolumeclaim "' in message and f'"{_name(pvc)}"' not in message:
         return issue
     spec = pvc.get("spec") or {}
     storage_class = spec.get("storageClassName") or "the cluster default StorageClass"

@@ -19,7 +19,7 @@ API_VERSION = "v1alpha1"
 KIND = "Reranker"
 PLURAL = "rerankers"
 
-Source = Literal["HF", "S3", "GCS", "AZURE", "REMOTE_URL"]
+Source = Literal["HF", "PVC", "S3", "GCS", "AZURE", "REMOTE_URL"]
 Quantization = Literal["no_quant", "fp8", "fp4"]
 AcceleratorType = Literal["L4", "A10G", "A100", "H100", "H200", "T4", "CPU"]
 AccessMode = Literal["ReadWriteMany", "ReadWriteOnce"]
@@ -42,6 +42,16 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _LIMIT_MAX = 1048576  # upper bound of the runtime batching limits
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# checkpoint.source PVC: repo is pvc://<claim>[/<path>] (KServe's storageUri form). The claim is a
+# DNS-1123 subdomain of at most 253 characters; no '.' or '..' segment in the path. The CRD's
+# CEL rules use these very patterns (tests/operator/test_crd.py holds them together).
+PVC_REPO_PATTERN = (
+    r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/[^/]+)*/?$"
+)
+PVC_CLAIM_LENGTH_PATTERN = r"^pvc://[-a-z0-9.]{1,253}(/|$)"
+PVC_DOT_SEGMENT_PATTERN = r"/\.\.?(/|$)"
+# Sources with no revisions (object stores, volumes): the version goes in the path.
+UNVERSIONED_SOURCES: tuple[str, ...] = ("PVC", "S3", "GCS", "AZURE")
 
 # Environment variables the operator sets on runtime pods; spec.runtime.env may not override them.
 RESERVED_ENV = frozenset(
@@ -98,6 +108,13 @@ class Checkpoint(_Model):
     secret_name: str | None = Field(
         default=None, alias="secretName", max_length=253, pattern=SECRET_NAME_PATTERN
     )
+
+    @property
+    def pvc_claim(self) -> str | None:
+        """The claim of a PVC source (pvc://<claim>/<path>), which the build mounts read-only."""
+        if self.source != "PVC":
+            return None
+        return self.repo.removeprefix("pvc://").split("/", 1)[0]
 
 
 class Build(_Model):
@@ -288,8 +305,30 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _check_checkpoint(ckpt: Checkpoint) -> None:
+    if ckpt.source == "PVC" and not (
+        re.search(PVC_REPO_PATTERN, ckpt.repo)
+        and re.search(PVC_CLAIM_LENGTH_PATTERN, ckpt.repo)
+        and not re.search(PVC_DOT_SEGMENT_PATTERN, ckpt.repo)
+    ):
+        raise InvalidSpec(
+            "spec.checkpoint.repo",
+            "with source PVC, repo must be pvc://<claim name>/<path in the claim> (a "
+            "PersistentVolumeClaim in the Reranker's namespace), without '.' or '..' in the path",
+        )
+    if ckpt.source != "PVC" and ckpt.repo.startswith("pvc://"):
+        raise InvalidSpec("spec.checkpoint.source", "a pvc:// repo needs source PVC")
+    if ckpt.source in UNVERSIONED_SOURCES and ckpt.revision != "main":
+        raise InvalidSpec(
+            "spec.checkpoint.revision",
+            "object stores and volumes (sources S3, GCS, AZURE, PVC) have no revisions: put the "
+            "version in the path and leave revision at main",
+        )
+
+
 def _check_rules(spec: RerankerSpec) -> None:
     """The CRD's CEL rules (x-kubernetes-validations), checked again in code. Keep in sync."""
+    _check_checkpoint(spec.checkpoint)
     q, accel = spec.build.quantization, spec.accelerator.type
     if q == "fp4":
         raise InvalidSpec(

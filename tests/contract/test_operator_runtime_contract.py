@@ -35,13 +35,13 @@ TMP_MOUNT = "/tmp"
 MODELS_MOUNT = "/models"
 
 
-def _reranker(checkpoint: str) -> dict[str, Any]:
+def _reranker(checkpoint: str, source: str = "HF") -> dict[str, Any]:
     return {
         "apiVersion": "reranker.dev/v1alpha1",
         "kind": "Reranker",
         "metadata": {"name": "contract", "namespace": "default"},
         "spec": {
-            "checkpoint": {"repo": checkpoint},
+            "checkpoint": {"repo": checkpoint, "source": source},
             "accelerator": {"type": "CPU"},
             "replicas": 1,
             "runtime": {"maxConcurrentRequests": 16, "maxClientBatchSize": 64},
@@ -138,6 +138,34 @@ def test_shared_mode_job_runs_the_per_pod_build_container() -> None:
         assert job_container[field] == init[field], field
     assert _mount_path(job_container, _child(shared, "Job")["spec"]["template"]["spec"],
                        "persistentVolumeClaim") == CACHE_MOUNT  # fmt: skip
+
+
+def test_a_pvc_checkpoint_is_built_from_the_claim_the_pod_mounts(
+    xlmr_reranker: Path, tmp_path: Path
+) -> None:
+    """checkpoint.source PVC: the init container reads the model from the claim the operator
+    mounts, at the path the repo names; the engine it writes is what the server reads."""
+    reranker = _reranker(f"pvc://models/rerankers/{xlmr_reranker.name}", source="PVC")
+    deployment = _child(render_reranker(reranker, OperatorConfig()), "Deployment")
+    pod_spec = deployment["spec"]["template"]["spec"]
+    [init_container] = pod_spec["initContainers"]
+    [claim_mount] = [m for m in init_container["volumeMounts"] if m.get("readOnly")]
+    [claim] = [v for v in pod_spec["volumes"] if v["name"] == claim_mount["name"]]
+    assert claim["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+
+    # The claim's contents, as a volume holding several models would have them.
+    volume = tmp_path / "claim-models"
+    shutil.copytree(xlmr_reranker, volume / "rerankers" / xlmr_reranker.name)
+    (volume / "rerankers" / "other-model").mkdir()
+    cache, pod_tmp = tmp_path / "engine-volume", tmp_path / "pod-tmp"
+    cache.mkdir()
+    pod_tmp.mkdir()
+    mounts = {CACHE_MOUNT: cache, TMP_MOUNT: pod_tmp, claim_mount["mountPath"]: volume}
+    build = LocalPod(init_container, mounts, tmp_path / "build.log").run(timeout=300)
+    assert build.returncode == 0, f"build failed:\n{build.stdout}\n{build.stderr}"
+    engine_dir = cache / deployment["metadata"]["annotations"]["reranker.dev/engine-key"]
+    assert (engine_dir / "manifest.json").is_file()
+    assert (engine_dir / "checkpoint" / "config.json").is_file()  # what the server loads
 
 
 def test_rendered_deployment_builds_and_serves_reference_scores(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -270,6 +271,30 @@ def test_missing_checkpoint_is_a_fetch_error(tmp_path: Path) -> None:
         "CheckpointFetchFailed" in term.read_text()
         and "not an existing directory" in term.read_text()
     )
+
+
+def test_pvc_checkpoint_is_read_from_the_mounted_claim(xlmr_reranker: Path, tmp_path: Path) -> None:
+    # What the operator's init container runs for checkpoint.source PVC, the claim mounted
+    # read-only at --checkpoint-mount.
+    mount = tmp_path / "claim"
+    mount.mkdir()
+    shutil.copytree(xlmr_reranker, mount / "tiny")
+    os.chmod(mount / "tiny", 0o555)  # read-only, as the operator mounts it
+    out = tmp_path / "key"
+    over = {"--source": "PVC", "--checkpoint-mount": str(mount)}
+    r = run_build_cli(_cli_args("pvc://models/tiny", out, **over))
+    assert r.returncode == 0, r.stderr
+    manifest = read_manifest(out)
+    assert (
+        manifest.inputs.source == "PVC" and manifest.inputs.checkpoint_repo == "pvc://models/tiny"
+    )
+    term = tmp_path / "t"
+    r = run_build_cli(
+        _cli_args("pvc://models/tinny", tmp_path / "o", **over),
+        env_extra={"RERANKER_TERMINATION_LOG": str(term)},
+    )
+    assert r.returncode == 11, r.stderr
+    assert "no directory 'tinny' on the claim 'models'; its root holds tiny/" in term.read_text()
 
 
 def test_termination_log_default_path_is_optional(

@@ -204,6 +204,56 @@ def test_object_stores_refuse_revisions(tmp_path: Path) -> None:
         ck.fetch_checkpoint("https://example.com/x", "main", "S3", tmp_path, env={})
 
 
+def test_pvc_source_reads_the_directory_on_the_mounted_claim(
+    xlmr_reranker: Path, tmp_path: Path
+) -> None:
+    # The operator mounts the claim `models` at the mount; pvc://models/<path> is <mount>/<path>.
+    mount = tmp_path / "checkpoint"
+    (mount / "rerankers").mkdir(parents=True)
+    (mount / "rerankers" / "tiny").symlink_to(xlmr_reranker, target_is_directory=True)
+    f = ck.fetch_checkpoint(
+        "pvc://models/rerankers/tiny/", "main", "PVC", tmp_path / "scratch", pvc_mount=mount
+    )
+    assert f.path == mount / "rerankers" / "tiny" and f.resolved_revision is None
+    ck.validate_checkpoint(f.path)
+    # Nothing was copied to scratch: the build reads the volume in place.
+    assert not (tmp_path / "scratch").exists()
+
+
+def test_pvc_source_errors_say_what_is_on_the_claim(tmp_path: Path) -> None:
+    mount = tmp_path / "checkpoint"
+    (mount / "rerankers" / "bge-reranker-large").mkdir(parents=True)
+    (mount / "README").write_text("models")
+    with pytest.raises(CheckpointFetchError) as ei:
+        ck.fetch_checkpoint("pvc://models/rerankers/bge-large", "main", "PVC", tmp_path,
+                            pvc_mount=mount)  # fmt: skip
+    assert ei.value.message == (
+        "pvc://models/rerankers/bge-large: there is no directory 'rerankers/bge-large' on the "
+        "claim 'models'; its rerankers/ holds bge-reranker-large/"
+    )
+    with pytest.raises(CheckpointFetchError, match=r"its root holds README, rerankers/"):
+        ck.fetch_checkpoint("pvc://models/other/x", "main", "PVC", tmp_path, pvc_mount=mount)
+    with pytest.raises(CheckpointFetchError, match=r"the claim 'models' is not mounted at"):
+        ck.fetch_checkpoint("pvc://models/x", "main", "PVC", tmp_path, pvc_mount=tmp_path / "no")
+    with pytest.raises(BuildArgumentError, match=r"cannot be applied to a PVC source"):
+        ck.fetch_checkpoint("pvc://models/x", "v2", "PVC", tmp_path, pvc_mount=mount)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["pvc://", "pvc://Models/x", "pvc://models/../etc", "pvc://models/./x", "s3://models/x",
+     "pvc://models//x", "pvc://-models/x", "pvc:/models/x", "models/x"],
+)  # fmt: skip
+def test_pvc_urls_are_checked_before_anything_runs(url: str) -> None:
+    with pytest.raises(BuildArgumentError, match=r"must look like pvc://<claim name>/<path"):
+        ck.resolve_source(url, "PVC")
+
+
+def test_pvc_url_parts() -> None:
+    assert ck.parse_pvc_url("pvc://models") == ("models", "")
+    assert ck.parse_pvc_url("pvc://models.team-a/bge/v2/") == ("models.team-a", "bge/v2")
+
+
 def _tar_of(model_dir: Path, arcroot: str = "model") -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:

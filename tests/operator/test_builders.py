@@ -53,8 +53,7 @@ VARIANTS: dict[str, RerankerSpec] = {
         accelerator={"type": "H100", "count": 1},
         build={"quantization": "fp8", "maxNumTokens": 32768, "maxSeqLen": 1024},
         checkpoint={
-            "repo": "org/model",
-            "revision": "v1",
+            "repo": "s3://models/org/model/v1",
             "source": "S3",
             "secretName": "s3-creds",
         },
@@ -84,6 +83,12 @@ VARIANTS: dict[str, RerankerSpec] = {
         engineCache={"mode": "Shared", "accessMode": "ReadWriteOnce"},
     ),
     "per-pod-replicas": spec_of(replicas=3, engineCache={"size": "8Gi"}),
+    "pvc-per-pod": spec_of(
+        checkpoint={"repo": "pvc://models/BAAI/bge-reranker-large", "source": "PVC"}
+    ),
+    "pvc-shared": spec_of(
+        checkpoint={"repo": "pvc://models", "source": "PVC"}, engineCache={"mode": "Shared"}
+    ),
     "autoscaling-concurrency": spec_of(
         autoscaling={"minReplicas": 2, "maxReplicas": 6, "targetConcurrency": 24}
     ),
@@ -152,6 +157,42 @@ def test_per_pod_mode_needs_no_shared_storage() -> None:
     assert dep["spec"]["progressDeadlineSeconds"] >= CONFIG.build_job.active_deadline_seconds
 
 
+PVC_VOLUME = {
+    "name": "checkpoint",
+    "persistentVolumeClaim": {"claimName": "models", "readOnly": True},
+}
+PVC_MOUNT = {"name": "checkpoint", "mountPath": "/checkpoint", "readOnly": True}
+
+
+@pytest.mark.parametrize("variant", ["pvc-per-pod", "pvc-shared"])
+def test_a_pvc_checkpoint_is_mounted_read_only_where_the_build_runs(variant: str) -> None:
+    spec = VARIANTS[variant]
+    kinds = by_kind(all_children(spec))
+    builder = kinds["Job"] if "Job" in kinds else kinds["Deployment"]
+    build_pod = builder["spec"]["template"]["spec"]
+    [build] = build_pod.get("initContainers") or build_pod["containers"]
+    assert PVC_VOLUME in build_pod["volumes"] and PVC_MOUNT in build["volumeMounts"]
+    args = build["args"]
+    assert args[args.index("--source") + 1] == "PVC"
+    assert args[args.index("--checkpoint-repo") + 1] == spec.checkpoint.repo
+    assert args[args.index("--checkpoint-mount") + 1] == "/checkpoint"
+    # The server reads only its engine directory: it never mounts the claim, and with a Shared
+    # cache its pods do not even reference it (they may run where the claim cannot attach).
+    serve = container(kinds["Deployment"])
+    assert PVC_MOUNT not in serve["volumeMounts"]
+    serve_pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    assert (PVC_VOLUME in serve_pod["volumes"]) == (variant == "pvc-per-pod")
+
+
+def test_other_sources_mount_no_checkpoint() -> None:
+    for spec in (spec_of(), VARIANTS["gpu-replicas"]):
+        for obj in all_children(spec):
+            pod = obj["spec"].get("template", {}).get("spec", {})
+            assert all(v["name"] != "checkpoint" for v in pod.get("volumes", []))
+            for c in pod.get("containers", []) + pod.get("initContainers", []):
+                assert "--checkpoint-mount" not in c.get("args", [])
+
+
 def test_shared_mode_from_the_operator_config() -> None:
     config = config_from_dict({"engineCache": {"mode": "Shared"}})
     kinds = [c["kind"] for c in b.build_children("rr", NS, spec_of(), config, key=KEY)]
@@ -192,7 +233,7 @@ def test_job_follows_the_build_contract() -> None:
     c = container(job)
     assert c["command"] == ["reranker-runtime", "build"]
     assert c["args"] == [
-        "--checkpoint-repo", "org/model", "--revision", "v1", "--source", "S3",
+        "--checkpoint-repo", "s3://models/org/model/v1", "--revision", "main", "--source", "S3",
         "--quantization", "fp8", "--max-num-tokens", "32768", "--max-seq-len", "1024",
         "--accelerator", "H100", "--output", f"/engines/{KEY}",
     ]  # fmt: skip
@@ -547,7 +588,7 @@ def test_deployment_follows_the_serve_contract() -> None:
     env = env_map(c)
     assert env["RERANKER_ENGINE_DIR"] == f"/engines/{KEY}"
     assert env["RERANKER_PORT"] == "8080"
-    assert env["RERANKER_SERVED_MODEL_NAME"] == "org/model"
+    assert env["RERANKER_SERVED_MODEL_NAME"] == "s3://models/org/model/v1"
     assert env["RERANKER_MAX_BATCH_TOKENS"] == "32768"  # build.maxNumTokens when runtime sets none
     assert env["RERANKER_MAX_BATCH_REQUESTS"] == "64"
     assert env["RERANKER_MAX_CLIENT_BATCH_SIZE"] == "100"

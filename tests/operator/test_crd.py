@@ -329,6 +329,7 @@ BAD = {
     "cpu-gpu-count.yaml": ("cel", "spec.accelerator.count"),
     "multi-gpu.yaml": ("cel", "spec.accelerator.count"),
     "max-seq-len-over-budget.yaml": ("cel", "spec.build.maxSeqLen"),
+    "pvc-path-escapes.yaml": ("cel", "spec.checkpoint.repo"),
 }
 
 
@@ -376,6 +377,16 @@ CEL_CASES = [
      "spec.autoscaling.minReplicas", "<= self.maxReplicas"),
     ("batch-tokens-under-seq-len", {**MINIMAL, "build": {"maxSeqLen": 1024}, "runtime": {"maxBatchTokens": 512}},
      "spec.runtime.maxBatchTokens", "self.runtime.maxBatchTokens >= self.build.maxSeqLen"),
+    ("pvc-without-claim", {"checkpoint": {"repo": "models/bge", "source": "PVC"}},
+     "spec.checkpoint.repo", "self.source != 'PVC' || (self.repo.matches("),
+    ("pvc-claim-not-dns", {"checkpoint": {"repo": "pvc://Models/bge", "source": "PVC"}},
+     "spec.checkpoint.repo", "self.source != 'PVC' || (self.repo.matches("),
+    ("pvc-url-on-hf", {"checkpoint": {"repo": "pvc://models/bge"}},
+     "spec.checkpoint.source", "self.source == 'PVC' || !self.repo.startsWith('pvc://')"),
+    ("revision-on-a-volume", {"checkpoint": {"repo": "pvc://models/bge", "source": "PVC", "revision": "v2"}},
+     "spec.checkpoint.revision", "self.revision == 'main'"),
+    ("revision-on-s3", {"checkpoint": {"repo": "s3://b/bge", "source": "S3", "revision": "v2"}},
+     "spec.checkpoint.revision", "self.revision == 'main'"),
 ]  # fmt: skip
 
 
@@ -404,6 +415,9 @@ def test_cel_rule_is_in_the_crd_and_enforced_in_code(
         {**MINIMAL, "build": {"maxNumTokens": 512, "maxSeqLen": 512}},
         {**MINIMAL, "autoscaling": {"minReplicas": 3, "maxReplicas": 3}},
         {**MINIMAL, "replicas": 0},
+        {"checkpoint": {"repo": "pvc://models", "source": "PVC"}},
+        {"checkpoint": {"repo": "pvc://models.team-a/BAAI/bge-reranker-large/", "source": "PVC"}},
+        {"checkpoint": {"repo": "BAAI/bge-reranker-large", "revision": "v2"}},
     ],
 )
 def test_possible_combinations_are_accepted(spec: dict) -> None:
@@ -449,7 +463,18 @@ def test_dns1035_names_are_accepted(name: str) -> None:
 
 
 def test_every_cel_rule_compiles() -> None:
-    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 9  # each compiled at import
+    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 12  # each compiled at import
+
+
+def test_pvc_rule_uses_the_operators_patterns() -> None:
+    # The rule's regexes are spec.py's, written once as a CEL string (backslashes doubled).
+    [rule] = [r for r in cel_rules(load_crd()) if r.startswith("self.source != 'PVC'")]
+    for pattern in (
+        spec_mod.PVC_REPO_PATTERN,
+        spec_mod.PVC_CLAIM_LENGTH_PATTERN,
+        spec_mod.PVC_DOT_SEGMENT_PATTERN,
+    ):
+        assert f"'{pattern.replace(chr(92), chr(92) * 2)}'" in rule
 
 
 def _absent_or(*values: Any) -> list[Any]:
@@ -480,6 +505,15 @@ def rule_edge_specs() -> typing.Iterator[dict[str, Any]]:
                 build = _fields(maxNumTokens=max_num_tokens, maxSeqLen=max_seq_len)
                 runtime = _fields(maxBatchTokens=max_batch_tokens)
                 yield {**MINIMAL, "build": build, "runtime": runtime}
+    claim_253, claim_254 = "a" * 253, "a" * 254
+    repos = ["BAAI/bge-reranker-large", "s3://b/bge", "pvc://models", "pvc://models/", "pvc://m/a/b",
+             "pvc://models.team-a/bge/v2/", "pvc://Models/x", "pvc://-m/x", "pvc://m.", "pvc://m//x",
+             "pvc://m/../x", "pvc://m/./x", "pvc://m/..x/.y", "pvc://m/..", "pvc://", "models/x",
+             f"pvc://{claim_253}/x", f"pvc://{claim_254}/x", f"pvc://{claim_253}"]  # fmt: skip
+    for source in typing.get_args(spec_mod.Source):
+        for repo in repos:
+            for revision in _absent_or("main", "v2"):
+                yield {"checkpoint": _fields(repo=repo, source=source, revision=revision)}
     for replicas in _absent_or(0, 1):
         yield _fields(**MINIMAL, replicas=replicas)
         for max_replicas in (1, 2, 3):

@@ -12,7 +12,7 @@ import yaml
 
 from reranker_operator.builders import ANNOTATION_ENGINE_KEY, job_name
 from reranker_operator.cli import main as cli_main
-from reranker_operator.config import DEFAULT_RUNTIME_IMAGE_CPU
+from reranker_operator.config import DEFAULT_RUNTIME_IMAGE_CPU, default_pod_security_context
 from reranker_operator.render import add_render_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +33,7 @@ def render(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, li
     [
         ("bge-reranker-large-l4.yaml", ["Deployment", "Service"]),
         ("cpu-laptop.yaml", ["Deployment", "Service"]),
+        ("model-on-pvc.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
         (
             "autoscaled.yaml",
             [
@@ -68,6 +69,34 @@ def test_render_examples(
         (init,) = dep["spec"]["template"]["spec"]["initContainers"]
         assert init["args"][-1] == f"/engines/{key}"
     assert "ReadWriteMany" not in yaml.safe_dump_all(docs) or jobs
+
+
+def test_the_pvc_example_serves_what_its_loader_copies(capsys: pytest.CaptureFixture[str]) -> None:
+    loader = list(yaml.safe_load_all((EXAMPLES / "pvc-loader" / "models-claim.yaml").read_text()))
+    for obj in loader:
+        kubernetes_validate.validate(obj, "1.32.0", strict=True)
+    claim, pod = loader
+    [volume] = pod["spec"]["volumes"]
+    [mount] = pod["spec"]["containers"][0]["volumeMounts"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    # The path `kubectl cp` writes to (in the example's instructions) is the one the Reranker
+    # reads: pvc://<claim>/<path> is <loader's mount>/<path>.
+    text = (EXAMPLES / "model-on-pvc.yaml").read_text()
+    reranker = yaml.safe_load(text)
+    repo = reranker["spec"]["checkpoint"]["repo"]
+    claim_name, path = repo.removeprefix("pvc://").split("/", 1)
+    assert claim_name == claim["metadata"]["name"]
+    assert f"models-loader:{mount['mountPath']}/{path}" in text
+    # The runtime's user can read what the loader's user wrote.
+    assert pod["spec"]["securityContext"] == default_pod_security_context()
+    rc, docs, err = render(["-f", str(EXAMPLES / "model-on-pvc.yaml")], capsys)
+    assert rc == 0, err
+    [init] = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "initContainers"
+    ]
+    assert {"name": "checkpoint", "mountPath": "/checkpoint", "readOnly": True} in init[
+        "volumeMounts"
+    ]
 
 
 def test_render_output_has_no_yaml_aliases(capsys: pytest.CaptureFixture[str]) -> None:

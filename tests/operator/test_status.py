@@ -234,6 +234,15 @@ def test_volume_detail_only_for_a_volume_wait() -> None:
     )
     bound = {**pvc, "status": {"phase": "Bound"}}
     assert diagnosis.with_volume_detail(volume, bound) == volume
+    # A missing claim the scheduler names, not the cache (a PVC checkpoint's): left as it is.
+    checkpoint = PodIssue("Unschedulable", 'pod p cannot be scheduled: 0/3 nodes are available: '
+                          'persistentvolumeclaim "models" not found.', False)  # fmt: skip
+    assert diagnosis.with_volume_detail(checkpoint, pvc) == checkpoint
+    missing_cache = PodIssue(
+        "Unschedulable", 'persistentvolumeclaim "rr-engine-cache" not found', False
+    )
+    detailed = diagnosis.with_volume_detail(missing_cache, pvc)
+    assert detailed is not None and detailed.reason == "VolumeNotBound"
 
 
 def test_per_pod_engine_state_from_the_build_init_container() -> None:

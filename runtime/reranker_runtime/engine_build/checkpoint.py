@@ -6,6 +6,10 @@ Sources (`--source`):
               commit sha is recorded. A `--checkpoint-repo` that is an existing local directory is
               used as is (that is how tests and air-gapped clusters point at a checkpoint).
 - LOCAL       a local directory (must exist).
+- PVC         `pvc://<claim>/<path>`: the directory <path> of a PersistentVolumeClaim, which the pod
+              mounts read-only at `--checkpoint-mount` (default /checkpoint). The operator mounts
+              the claim; the build only reads the directory (air-gapped clusters, models loaded
+              once by hand or by a Job).
 - S3          `s3://bucket/prefix`  - boto3 if installed, else the `aws` CLI.
 - GCS         `gs://bucket/prefix`  - google-cloud-storage if installed, else `gcloud storage`/`gsutil`.
 - AZURE       `az://container/prefix` or `https://<account>.blob.core.windows.net/<container>/<prefix>`
@@ -14,8 +18,8 @@ Sources (`--source`):
               may be `sha256:<hex>` of the archive, which is then verified; the archive digest is
               recorded as the resolved revision either way.
 
-Object stores have no revisions: for S3/GCS/AZURE `--revision` must be `main` (or empty); put
-versions in the path. Credentials come from the environment (the Job's `envFrom` secret): HF_TOKEN;
+Object stores and volumes have no revisions: for S3/GCS/AZURE/PVC `--revision` must be `main`
+(or empty); put versions in the path. Credentials come from the environment (the Job's `envFrom` secret): HF_TOKEN;
 AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN/AWS_REGION; GOOGLE_APPLICATION_CREDENTIALS;
 AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT + AZURE_STORAGE_KEY/AZURE_STORAGE_SAS_TOKEN.
 The image ships none of the cloud SDKs/CLIs by default; a missing one is a clear error naming the
@@ -47,7 +51,14 @@ from reranker_runtime.model_family import ModelFamily, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("HF", "LOCAL", "S3", "GCS", "AZURE", "REMOTE_URL")
+SOURCES = ("HF", "LOCAL", "PVC", "S3", "GCS", "AZURE", "REMOTE_URL")
+# Where the runtime and build pods mount a PVC source's claim (read-only).
+DEFAULT_PVC_MOUNT = Path("/checkpoint")
+# pvc://<claim>[/<path>]: the claim is a DNS-1123 subdomain, as Kubernetes names PVCs.
+_PVC_URL = re.compile(
+    r"pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)"
+    r"(?P<path>(/[^/]+)*)/?"
+)
 
 # What serving needs from a checkpoint; everything else (pytorch_model.bin, onnx/, flax, tf) is
 # neither downloaded nor copied.
@@ -112,6 +123,8 @@ def resolve_source(repo: str, source: str) -> str:
         return "LOCAL"
     if src == "LOCAL":
         raise CheckpointFetchError(f"--source LOCAL: {repo} is not an existing directory")
+    if src == "PVC":
+        parse_pvc_url(repo)  # a malformed URL is refused before anything else happens
     return src
 
 
@@ -122,6 +135,7 @@ def fetch_checkpoint(
     scratch: Path,
     *,
     env: dict[str, str] | None = None,
+    pvc_mount: Path = DEFAULT_PVC_MOUNT,
 ) -> FetchedCheckpoint:
     """Bring the checkpoint to a local directory (under `scratch` unless it is already local)."""
     env = dict(os.environ if env is None else env)
@@ -136,9 +150,11 @@ def fetch_checkpoint(
         return _fetch_remote_url(repo, revision, scratch)
     if revision not in _NO_REVISION:
         raise BuildArgumentError(
-            f"--revision {revision!r} cannot be applied to a {src} source (object stores have no "
-            "revisions): put the version in the path and use --revision main"
+            f"--revision {revision!r} cannot be applied to a {src} source (object stores and "
+            "volumes have no revisions): put the version in the path and use --revision main"
         )
+    if src == "PVC":
+        return FetchedCheckpoint(pvc_checkpoint_dir(repo, pvc_mount), None)
     dest = scratch / "download"
     dest.mkdir(parents=True, exist_ok=True)
     if src == "S3":
@@ -148,6 +164,45 @@ def fetch_checkpoint(
     else:
         _fetch_azure(repo, dest, env)
     return FetchedCheckpoint(_single_root(dest), None)
+
+
+def parse_pvc_url(url: str) -> tuple[str, str]:
+    """`pvc://<claim>/<path>` -> (claim, path), path relative ('' for the claim's root)."""
+    m = _PVC_URL.fullmatch(url)
+    segments = m.group("path").strip("/").split("/") if m else []
+    if m is None or len(m.group("claim")) > 253 or {".", ".."} & set(segments):
+        raise BuildArgumentError(
+            f"a PVC checkpoint must look like pvc://<claim name>/<path in the claim>, without "
+            f"'.' or '..' in the path, got {url!r}"
+        )
+    return m.group("claim"), "/".join(s for s in segments if s)
+
+
+def pvc_checkpoint_dir(url: str, mount: Path) -> Path:
+    """The checkpoint directory of a PVC source, inside the claim mounted at `mount`."""
+    claim, sub = parse_pvc_url(url)
+    if not mount.is_dir():
+        raise CheckpointFetchError(
+            f"{url}: the claim {claim!r} is not mounted at {mount} (--checkpoint-mount); the "
+            "operator mounts it for a Reranker with checkpoint.source PVC"
+        )
+    path = mount / sub
+    if path.is_dir():
+        log.info("using checkpoint %s from the claim %s, mounted at %s", sub or "/", claim, mount)
+        return path
+    # Name what is there, from the deepest directory that exists: a typo is then obvious.
+    parent = path.parent
+    while not parent.is_dir():
+        parent = parent.parent
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in parent.iterdir())
+    shown = ", ".join(entries[:20]) + (
+        f" and {len(entries) - 20} more" if len(entries) > 20 else ""
+    )
+    where = parent.relative_to(mount).as_posix()
+    raise CheckpointFetchError(
+        f"{url}: there is no directory {sub!r} on the claim {claim!r}; its "
+        f"{'root' if where == '.' else where + '/'} holds {shown or 'nothing'}"
+    )
 
 
 def _local_revision(path: Path) -> str | None:

@@ -38,7 +38,7 @@ class BuildResult:
 
 
 def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from reranker_runtime.engine_build.checkpoint import SOURCES
+    from reranker_runtime.engine_build.checkpoint import DEFAULT_PVC_MOUNT, SOURCES
     from reranker_runtime.engine_build.gpu import ALL_ACCELERATORS
     from reranker_runtime.engine_build.trtllm import QUANTIZATIONS
 
@@ -57,7 +57,7 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--checkpoint-repo",
         required=True,
-        help="HF repo id, local directory, s3://, gs://, az:// or https:// URL",
+        help="HF repo id, local directory, pvc://, s3://, gs://, az:// or https:// URL",
     )
     p.add_argument(
         "--revision",
@@ -96,6 +96,11 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         type=str.upper,
         choices=ALL_ACCELERATORS,
         help="the GPU this engine will serve on (must be the one building it), or CPU",
+    )
+    p.add_argument(
+        "--checkpoint-mount",
+        default=str(DEFAULT_PVC_MOUNT),
+        help="where the pod mounts the claim of a pvc:// checkpoint (default %(default)s)",
     )
     p.add_argument("--output", required=True, help="engine directory to create")
     p.add_argument(
@@ -193,10 +198,12 @@ def run_build(
     allow_classifier: bool = False,
     gpu_detector: Callable[[], GpuInfo | None] | None = None,
     env: dict[str, str] | None = None,
+    pvc_mount: Path | None = None,
 ) -> BuildResult:
     """Do the build; raises BuildError subclasses with user-facing messages."""
     from reranker_runtime.engine_build import atomic
     from reranker_runtime.engine_build.checkpoint import (
+        DEFAULT_PVC_MOUNT,
         copy_checkpoint,
         fetch_checkpoint,
         resolve_source,
@@ -258,7 +265,12 @@ def run_build(
                 f"fetching {inputs.checkpoint_repo}@{inputs.revision or 'main'} ({inputs.source})"
             ):
                 fetched = fetch_checkpoint(
-                    inputs.checkpoint_repo, inputs.revision, inputs.source, scratch, env=env
+                    inputs.checkpoint_repo,
+                    inputs.revision,
+                    inputs.source,
+                    scratch,
+                    env=env,
+                    pvc_mount=pvc_mount or DEFAULT_PVC_MOUNT,
                 )
             spec = validate_checkpoint(fetched.path, allow_classifier=allow_classifier)
             log.info(
@@ -329,7 +341,12 @@ def run_build_command(args: argparse.Namespace) -> int:
             max_seq_len=args.max_seq_len,
             accelerator=args.accelerator,
         )
-        result = run_build(inputs, args.output, allow_classifier=args.allow_classifier)
+        result = run_build(
+            inputs,
+            args.output,
+            allow_classifier=args.allow_classifier,
+            pvc_mount=Path(args.checkpoint_mount),
+        )
     except BuildError as e:
         msg = failure_message(e.reason, e.exit_code, e.message)
         log.error(msg)
