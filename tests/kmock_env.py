@@ -47,7 +47,12 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
         kind="PersistentVolumeClaim", namespaced=True, verbs=_ALL
     ),
     "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True, verbs=_ALL, subresources=["status"]),
-    "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs=_ALL),
+    "v1/services": kmock.ResourceInfo(
+        kind="Service", namespaced=True, verbs=_ALL, subresources=["status"]
+    ),
+    "networking.k8s.io/v1/ingresses": kmock.ResourceInfo(
+        kind="Ingress", namespaced=True, verbs=_ALL, subresources=["status"]
+    ),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs=_ALL),
     "batch/v1/jobs": kmock.ResourceInfo(
         kind="Job", namespaced=True, verbs=_ALL, subresources=["status"]
@@ -167,6 +172,7 @@ class Cluster:
     JOB = "batch/v1/jobs"
     DEPLOYMENT = "apps/v1/deployments"
     SERVICE = "v1/services"
+    INGRESS = "networking.k8s.io/v1/ingresses"
     PVC = "v1/persistentvolumeclaims"
     POD = "v1/pods"
     EVENT = "v1/events"

@@ -39,6 +39,9 @@ LABEL_ENGINE = f"{API_GROUP}/engine"  # engine key's first 10 hex chars (label v
 ANNOTATION_ENGINE_KEY = f"{API_GROUP}/engine-key"  # the full engine key
 ANNOTATION_SPEC_HASH = f"{API_GROUP}/spec-hash"  # hash of the child as built: patch when it differs
 ANNOTATION_RETENTION = f"{API_GROUP}/retention"
+# The user's label and annotation keys (spec.service, spec.ingress) on a child, as JSON: the
+# next patch removes the ones no longer in the spec, and leaves other controllers' keys alone.
+ANNOTATION_USER_KEYS = f"{API_GROUP}/user-metadata-keys"
 
 COMPONENT_SERVER = "server"
 COMPONENT_BUILD = "engine-build"
@@ -156,15 +159,22 @@ def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dic
 
     `spec` is replaced as a whole, so a field the builders no longer render (a GPU toleration
     after a switch to CPU) is removed. Labels and annotations are merged over the live ones (other
-    controllers annotate our children, e.g. `deployment.kubernetes.io/revision`). A Deployment
+    controllers annotate our children, e.g. `deployment.kubernetes.io/revision`), except the
+    user's keys an earlier render recorded (ANNOTATION_USER_KEYS) and this one drops. A Deployment
     rendered without `replicas` (an HPA owns it) keeps its live count. JSON Patch rather than
     server-side apply: both a real API server and the in-memory one used in tests implement its
     `add` operation alike, whereas the latter treats an apply patch as a merge patch.
     """
     meta, live_meta = desired["metadata"], live.get("metadata") or {}
     ops: list[dict[str, Any]] = []
+    # The user's keys from the last render (and their record) go unless rendered again.
+    dropped = _user_keys(live)
+    dropped["annotations"] = [*dropped.get("annotations", []), ANNOTATION_USER_KEYS]
     for field in ("labels", "annotations"):
-        merged = {**(live_meta.get(field) or {}), **(meta.get(field) or {})}
+        kept = {
+            k: v for k, v in (live_meta.get(field) or {}).items() if k not in dropped.get(field, ())
+        }
+        merged = {**kept, **(meta.get(field) or {})}
         ops.append({"op": "add", "path": f"/metadata/{field}", "value": merged})
     if "ownerReferences" in meta:
         ops.append(
@@ -176,6 +186,30 @@ def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dic
         spec["replicas"] = live_replicas
     ops.append({"op": "add", "path": "/spec", "value": spec})
     return ops
+
+
+def _user_keys(obj: dict[str, Any]) -> dict[str, list[str]]:
+    """The user's label and annotation keys recorded on a child (ANNOTATION_USER_KEYS)."""
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_USER_KEYS)
+    try:
+        keys = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return keys if isinstance(keys, dict) else {}
+
+
+def _with_user_metadata(
+    meta: dict[str, Any], labels_: dict[str, str], annotations: dict[str, str]
+) -> dict[str, Any]:
+    """`meta` plus the user's labels and annotations (ours win), their keys recorded."""
+    meta["labels"] = {**labels_, **meta["labels"]}
+    meta["annotations"] = {**annotations, **(meta.get("annotations") or {})}
+    if labels_ or annotations:
+        record = {"labels": sorted(labels_), "annotations": sorted(annotations)}
+        meta["annotations"][ANNOTATION_USER_KEYS] = json.dumps(record, separators=(",", ":"))
+    if not meta["annotations"]:
+        del meta["annotations"]
+    return meta
 
 
 def _finish(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
@@ -693,13 +727,73 @@ def build_service(
                 "appProtocol": "kubernetes.io/h2c",
             }
         )
+    settings = spec.service
+    service_spec: dict[str, Any] = {
+        "type": settings.type,
+        "selector": selector_labels(name),
+        "ports": ports,
+    }
+    if settings.load_balancer_source_ranges:
+        service_spec["loadBalancerSourceRanges"] = list(settings.load_balancer_source_ranges)
+    meta = _with_user_metadata(
+        _metadata(name, namespace, labels(name, COMPONENT_SERVER)),
+        settings.labels,
+        settings.annotations,
+    )
+    obj = {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": service_spec}
+    return _finish(obj, owner)
+
+
+def build_ingress(
+    name: str, namespace: str, spec: RerankerSpec, owner: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The Ingress `<name>` for spec.ingress (host + path prefix -> the Service's http port),
+    or None when the spec asks for none."""
+    ingress = spec.ingress
+    if ingress is None:
+        return None
+    rule = {
+        "host": ingress.host,
+        "http": {
+            "paths": [
+                {
+                    "path": ingress.path,
+                    "pathType": "Prefix",
+                    "backend": {"service": {"name": name, "port": {"name": "http"}}},
+                }
+            ]
+        },
+    }
+    ingress_spec: dict[str, Any] = {"rules": [rule]}
+    if ingress.class_name:
+        ingress_spec["ingressClassName"] = ingress.class_name
+    if ingress.tls_secret_name:
+        ingress_spec["tls"] = [{"hosts": [ingress.host], "secretName": ingress.tls_secret_name}]
+    meta = _with_user_metadata(
+        _metadata(name, namespace, labels(name, COMPONENT_SERVER)), {}, ingress.annotations
+    )
     obj = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(name, namespace, labels(name, COMPONENT_SERVER)),
-        "spec": {"type": "ClusterIP", "selector": selector_labels(name), "ports": ports},
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": meta,
+        "spec": ingress_spec,
     }
     return _finish(obj, owner)
+
+
+def external_endpoint(spec: RerankerSpec, service: dict[str, Any] | None) -> str | None:
+    """Where clients outside the cluster call: the Ingress's URL, else a LoadBalancer Service's
+    address once the cloud has assigned one (None until then, and for ClusterIP/NodePort)."""
+    if spec.ingress is not None:
+        return spec.ingress.url
+    if spec.service.type != "LoadBalancer" or service is None:
+        return None
+    for entry in ((service.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []:
+        address = entry.get("hostname") or entry.get("ip")
+        if address:
+            host = f"[{address}]" if ":" in address else address  # IPv6
+            return f"http://{host}:{PORT}"
+    return None
 
 
 def build_pdb(
@@ -818,7 +912,7 @@ def build_children(
     key: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every child for `spec` in apply order: [PVC, Job] (Shared mode), Deployment, Service,
-    [PDB], [HPA]."""
+    [Ingress], [PDB], [HPA], [monitor]."""
     key = key or engine_key_for(spec, config)
     children: list[dict[str, Any] | None] = []
     if cache_mode(spec, config) == "Shared":
@@ -829,6 +923,7 @@ def build_children(
     children += [
         build_deployment(name, namespace, spec, config, key, owner),
         build_service(name, namespace, spec, owner),
+        build_ingress(name, namespace, spec, owner),
         build_pdb(name, namespace, spec, owner),
         build_hpa(name, namespace, spec, owner, config),
         build_monitor(name, namespace, config, owner),

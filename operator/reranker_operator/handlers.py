@@ -2,7 +2,7 @@
 
 Triggers (all end in the same idempotent `Reconciler.reconcile(namespace, name)`):
 - a Reranker is created, its spec/labels/annotations change, or the operator (re)starts;
-- one of its Jobs, its Deployment, their pods, its cache PVC or its HPA changes (kopf.on.event
+- one of its Jobs, its Deployment, their pods, its Service, its cache PVC or its HPA changes (kopf.on.event
   on objects labelled `app.kubernetes.io/managed-by=reranker-operator`), so status follows what
   the scheduler, the kubelet and the controllers report;
 - an Unschedulable pod reaches the configured timeout (a one-shot timer in the Reconciler: no
@@ -118,6 +118,13 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
     # the pods; an unbound cache is on its PVC; a missing metric on the HPA.
     @kopf.on.event("v1", "pods", labels=MANAGED, registry=registry)
     async def pod_event(
+        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    ) -> None:
+        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
+
+    # A LoadBalancer Service's address arrives on its status, set by the cloud's controller.
+    @kopf.on.event("v1", "services", labels=MANAGED, registry=registry)
+    async def service_event(
         body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
         await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)

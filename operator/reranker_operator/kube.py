@@ -56,6 +56,7 @@ JOB = Kind("batch/v1", "jobs")
 DEPLOYMENT = Kind("apps/v1", "deployments")
 PDB = Kind("policy/v1", "poddisruptionbudgets")
 HPA = Kind("autoscaling/v2", "horizontalpodautoscalers")
+INGRESS = Kind("networking.k8s.io/v1", "ingresses")
 SERVICE_MONITOR = Kind("monitoring.coreos.com/v1", "servicemonitors")
 POD_MONITORING = Kind("monitoring.googleapis.com/v1", "podmonitorings")
 
@@ -69,6 +70,7 @@ KIND_BY_NAME: dict[str, Kind] = {
     "Deployment": DEPLOYMENT,
     "PodDisruptionBudget": PDB,
     "HorizontalPodAutoscaler": HPA,
+    "Ingress": INGRESS,
     "ServiceMonitor": SERVICE_MONITOR,
     "PodMonitoring": POD_MONITORING,
 }

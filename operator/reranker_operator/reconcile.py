@@ -221,6 +221,10 @@ class Reconciler:
                 dep_state = dataclasses.replace(dep_state, engine_key=serving)
             elif dep_state.engine_key == key and dep_state.available and dep_state.rolled_out:
                 engine, build_message = "built", ""
+        # A LoadBalancer's address comes from the cloud, on the Service's status.
+        service = None
+        if spec.service.type == "LoadBalancer":
+            service = self.api.get(kube.SERVICE, namespace, name)
         scaling = None
         if spec.autoscaling is not None:
             scaling = diagnosis.scaling_condition(self.api.get(kube.HPA, namespace, name))
@@ -236,6 +240,7 @@ class Reconciler:
             built_at=view.built_at,
             deployment=dep_state,
             endpoint=builders.endpoint_url(name, namespace),
+            external_endpoint=builders.external_endpoint(spec, service),
             selector=builders.selector_string(name),
             engine_issue=engine_issue,
             serve_issue=serve_issue,
@@ -453,6 +458,7 @@ class Reconciler:
             # Only the configured kind is touched: its CRD (and RBAC) may be all there is.
             self._apply(monitor)
         for kind, child in (
+            (kube.INGRESS, builders.build_ingress(name, namespace, spec, owner)),
             (kube.PDB, builders.build_pdb(name, namespace, spec, owner)),
             (kube.HPA, builders.build_hpa(name, namespace, spec, owner, self.config)),
         ):
@@ -461,7 +467,7 @@ class Reconciler:
             elif self.api.get(kind, namespace, name) is not None:
                 self.api.delete(
                     kind, namespace, name
-                )  # no longer wanted (1 replica / no autoscaling)
+                )  # no longer wanted (no ingress / 1 replica / no autoscaling)
         return deployment
 
     def _apply(self, desired: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:

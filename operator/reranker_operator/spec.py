@@ -28,6 +28,7 @@ AccessMode = Literal["ReadWriteMany", "ReadWriteOnce"]
 CacheMode = Literal["PerPod", "Shared"]
 Retention = Literal["Retain", "Delete"]
 AutoscalingMetric = Literal["Concurrency", "CPU"]
+ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 
 # GPUs with FP8 tensor cores (Ada: L4; Hopper: H100, H200). Mirrored by a CEL rule in the CRD.
 FP8_ACCELERATORS: tuple[str, ...] = ("L4", "H100", "H200")
@@ -42,6 +43,8 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _LIMIT_MAX = 1048576  # upper bound of the runtime batching limits
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# An Ingress rule's host: a DNS-1123 subdomain, or a wildcard `*.` in front of one.
+HOST_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # checkpoint.source PVC: repo is pvc://<claim>[/<path>] (KServe's storageUri form). The claim is a
 # DNS-1123 subdomain of at most 253 characters; no '.' or '..' segment in the path. The CRD's
 # CEL rules use these very patterns (tests/operator/test_crd.py holds them together).
@@ -211,6 +214,7 @@ class Toleration(_Model):
 # Label and annotation keys the operator sets on pods: spec.pod may not override them.
 OPERATOR_LABEL_PREFIXES = ("app.kubernetes.io/", f"{API_GROUP}/")
 AFFINITY_KINDS = frozenset({"nodeAffinity", "podAffinity", "podAntiAffinity"})
+LabelValue = Annotated[str, StringConstraints(max_length=63)]
 
 
 class PodSettings(_Model):
@@ -235,9 +239,39 @@ class PodSettings(_Model):
         default=None, alias="runtimeClassName", max_length=253, pattern=SECRET_NAME_PATTERN
     )
     annotations: dict[str, str] = Field(default_factory=dict)
-    labels: dict[str, Annotated[str, StringConstraints(max_length=63)]] = Field(
-        default_factory=dict
+    labels: dict[str, LabelValue] = Field(default_factory=dict)
+
+
+class ServiceSettings(_Model):
+    """The Service `<name>` (port 8080, and 50051 with gRPC): its type and metadata."""
+
+    type: ServiceType = "ClusterIP"
+    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, LabelValue] = Field(default_factory=dict)
+    load_balancer_source_ranges: tuple[
+        Annotated[str, StringConstraints(max_length=43, pattern=r"^[0-9a-fA-F:.]+/[0-9]+$")], ...
+    ] = Field(default=(), alias="loadBalancerSourceRanges", max_length=64)
+
+
+class IngressSettings(_Model):
+    """An Ingress `<name>` routing host + path to the Service's http port (8080)."""
+
+    host: str = Field(max_length=253, pattern=HOST_PATTERN)
+    path: str = Field(default="/", max_length=1024, pattern=r"^/[^\s]*$")
+    class_name: str | None = Field(
+        default=None, alias="className", max_length=253, pattern=SECRET_NAME_PATTERN
     )
+    tls_secret_name: str | None = Field(
+        default=None, alias="tlsSecretName", max_length=253, pattern=SECRET_NAME_PATTERN
+    )
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def url(self) -> str | None:
+        """What a client outside the cluster calls (None for a wildcard host: no one name)."""
+        if self.host.startswith("*."):
+            return None
+        return f"{'https' if self.tls_secret_name else 'http'}://{self.host}{self.path}"
 
 
 class EngineCache(_Model):
@@ -260,6 +294,8 @@ class RerankerSpec(_Model):
     runtime: Runtime = Runtime()
     engine_cache: EngineCache = Field(default=EngineCache(), alias="engineCache")
     pod: PodSettings = PodSettings()
+    service: ServiceSettings = ServiceSettings()
+    ingress: IngressSettings | None = None
 
     @property
     def desired_replicas(self) -> int:
@@ -378,6 +414,20 @@ def _check_rules(spec: RerankerSpec) -> None:
         for k in keys:
             if k.startswith(OPERATOR_LABEL_PREFIXES) or k.startswith("prometheus.io/"):
                 raise InvalidSpec(f"spec.pod.{field}", f"{k} is set by the operator")
+    if spec.service.load_balancer_source_ranges and spec.service.type != "LoadBalancer":
+        raise InvalidSpec(
+            "spec.service.loadBalancerSourceRanges",
+            "loadBalancerSourceRanges needs type LoadBalancer",
+        )
+    user_metadata = (
+        ("spec.service.labels", spec.service.labels),
+        ("spec.service.annotations", spec.service.annotations),
+        ("spec.ingress.annotations", spec.ingress.annotations if spec.ingress else {}),
+    )
+    for field, keys in user_metadata:
+        for k in keys:
+            if k.startswith(OPERATOR_LABEL_PREFIXES):
+                raise InvalidSpec(field, f"{k} is set by the operator")
     for k in pod.affinity:
         if k not in AFFINITY_KINDS:
             raise InvalidSpec(

@@ -66,6 +66,7 @@ class Observed:
     built_at: str | None = None  # the build Job's completionTime, when this reconcile saw it
     deployment: DeploymentState | None = None
     endpoint: str | None = None
+    external_endpoint: str | None = None  # the Ingress's URL, or a LoadBalancer's address
     selector: str | None = None
     engine_issue: PodIssue | None = None  # why the engine's preparation does not run
     serve_issue: PodIssue | None = None  # why the Deployment's new pods do not become ready
@@ -393,6 +394,8 @@ def derive_status(
         status["observedGeneration"] = gen
     if observed.endpoint:
         status["endpoint"] = observed.endpoint
+    if observed.external_endpoint:
+        status["externalEndpoint"] = observed.external_endpoint
     if observed.selector:
         status["selector"] = observed.selector
     return status

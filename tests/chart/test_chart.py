@@ -345,7 +345,8 @@ NAMESPACED_GRANTS = {
     ("reranker.dev", "rerankers/finalizers"): {"update"},  # blockOwnerDeletion on children
     ("batch", "jobs"): {"get", "list", "watch", "create"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
-    ("", "services"): {"get", "create", "patch"},
+    ("", "services"): {"get", "list", "watch", "create", "patch"},
+    ("networking.k8s.io", "ingresses"): {"get", "create", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
     ("autoscaling", "horizontalpodautoscalers"): {

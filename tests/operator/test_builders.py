@@ -86,6 +86,22 @@ VARIANTS: dict[str, RerankerSpec] = {
     "pvc-per-pod": spec_of(
         checkpoint={"repo": "pvc://models/BAAI/bge-reranker-large", "source": "PVC"}
     ),
+    "exposed": spec_of(
+        service={
+            "type": "LoadBalancer",
+            "annotations": {"a": "1"},
+            "labels": {"team": "search"},
+            "loadBalancerSourceRanges": ["10.0.0.0/8"],
+        },
+        ingress={
+            "host": "rerank.example.com",
+            "path": "/rr",
+            "className": "nginx",
+            "tlsSecretName": "rerank-tls",
+            "annotations": {"cert-manager.io/cluster-issuer": "le"},
+        },
+        runtime={"grpc": True},
+    ),
     "pvc-shared": spec_of(
         checkpoint={"repo": "pvc://models", "source": "PVC"}, engineCache={"mode": "Shared"}
     ),
@@ -923,6 +939,80 @@ def test_replacement_patch_removes_what_the_builders_no_longer_render() -> None:
     assert patched["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "4"
     assert _hash(patched) == _hash(desired)
     assert patched["status"] == {"readyReplicas": 1}  # the status is not ours
+
+
+def test_service_type_metadata_and_source_ranges() -> None:
+    svc = b.build_service("rr", NS, VARIANTS["exposed"], OWNER)
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["http", "grpc"]
+    assert svc["metadata"]["labels"]["team"] == "search"
+    assert svc["metadata"]["labels"].items() >= b.labels("rr", b.COMPONENT_SERVER).items()
+    assert svc["metadata"]["annotations"]["a"] == "1"
+    assert svc["spec"]["selector"] == b.selector_labels("rr")
+
+
+def test_ingress_routes_host_and_path_to_the_http_port() -> None:
+    assert b.build_ingress("rr", NS, spec_of()) is None
+    ing = b.build_ingress("rr", NS, VARIANTS["exposed"], OWNER)
+    assert ing is not None
+    assert ing["spec"] == {
+        "ingressClassName": "nginx",
+        "rules": [{"host": "rerank.example.com", "http": {"paths": [{
+            "path": "/rr", "pathType": "Prefix",
+            "backend": {"service": {"name": "rr", "port": {"name": "http"}}}}]}}],
+        "tls": [{"hosts": ["rerank.example.com"], "secretName": "rerank-tls"}],
+    }  # fmt: skip
+    assert ing["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == "le"
+    plain = b.build_ingress("rr", NS, spec_of(ingress={"host": "rr.internal"}))
+    assert plain is not None and "tls" not in plain["spec"]
+    assert "ingressClassName" not in plain["spec"]  # the cluster's default class
+
+
+@pytest.mark.parametrize(
+    "fields,service_status,url",
+    [
+        ({}, None, None),
+        ({"service": {"type": "NodePort"}}, None, None),
+        ({"service": {"type": "LoadBalancer"}}, {}, None),  # not assigned yet
+        ({"service": {"type": "LoadBalancer"}}, {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}},
+         "http://1.2.3.4:8080"),
+        ({"service": {"type": "LoadBalancer"}},
+         {"loadBalancer": {"ingress": [{"hostname": "abc.elb.amazonaws.com", "ip": "1.2.3.4"}]}},
+         "http://abc.elb.amazonaws.com:8080"),
+        ({"service": {"type": "LoadBalancer"}}, {"loadBalancer": {"ingress": [{"ip": "fd00::7"}]}},
+         "http://[fd00::7]:8080"),
+        ({"ingress": {"host": "rr.example.com"}}, None, "http://rr.example.com/"),
+        ({"ingress": {"host": "rr.example.com", "path": "/v1", "tlsSecretName": "t"}}, None,
+         "https://rr.example.com/v1"),
+        ({"ingress": {"host": "*.example.com"}}, None, None),
+        ({"service": {"type": "LoadBalancer"}, "ingress": {"host": "rr.example.com"}},
+         {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}}, "http://rr.example.com/"),
+    ],
+)  # fmt: skip
+def test_external_endpoint(fields: dict, service_status: dict | None, url: str | None) -> None:
+    service = None if service_status is None else {"status": service_status}
+    assert b.external_endpoint(spec_of(**fields), service) == url
+
+
+def test_user_metadata_removed_from_the_spec_leaves_the_child() -> None:
+    """Labels and annotations merge over the live ones (other controllers add theirs), except the
+    user's own keys from an earlier spec, which go when the spec drops them."""
+    before = spec_of(service={"annotations": {"a": "1", "b": "2"}, "labels": {"team": "x"}})
+    live = b.build_service("rr", NS, before)
+    live["metadata"]["annotations"]["cloud.example/lb-id"] = "42"  # a controller's
+    after = spec_of(service={"annotations": {"b": "3"}})
+    desired = b.build_service("rr", NS, after)
+    patched = jsonpatch.apply_patch(live, b.replacement_patch(desired, live))
+    annotations, labels = patched["metadata"]["annotations"], patched["metadata"]["labels"]
+    assert "a" not in annotations and annotations["b"] == "3" and "team" not in labels
+    assert annotations["cloud.example/lb-id"] == "42"
+    assert _hash(patched) == _hash(desired)
+    # With none left in the spec, the last ones and their record go too.
+    none = b.build_service("rr", NS, spec_of())
+    again = jsonpatch.apply_patch(patched, b.replacement_patch(none, patched))
+    assert "b" not in again["metadata"]["annotations"]
+    assert b.ANNOTATION_USER_KEYS not in again["metadata"]["annotations"]
 
 
 def test_replacement_patch_keeps_the_hpas_replicas() -> None:

@@ -263,6 +263,7 @@ def test_spec_model_enums_match_the_crd() -> None:
         (spec_mod.AccessMode, props["engineCache"]["properties"]["accessMode"]),
         (spec_mod.Retention, props["engineCache"]["properties"]["retention"]),
         (spec_mod.AutoscalingMetric, props["autoscaling"]["properties"]["metric"]),
+        (spec_mod.ServiceType, props["service"]["properties"]["type"]),
     ]
     for literal, node in pairs:
         assert list(typing.get_args(literal)) == node["enum"]
@@ -283,6 +284,7 @@ def test_crd_defaults_match_the_spec_model() -> None:
     assert spec["accelerator"] == {"type": "L4", "count": 1}
     assert spec["resources"] == {"cpu": "1", "memory": "10Gi"}
     assert spec["runtime"] == {"autoTruncate": True, "grpc": False}
+    assert spec["service"] == {"type": "ClusterIP"} and "ingress" not in spec
     assert (
         "replicas" not in spec and "autoscaling" not in spec
     )  # no default may trip replicas XOR autoscaling
@@ -385,6 +387,8 @@ CEL_CASES = [
      "spec.checkpoint.source", "self.source == 'PVC' || !self.repo.startsWith('pvc://')"),
     ("revision-on-a-volume", {"checkpoint": {"repo": "pvc://models/bge", "source": "PVC", "revision": "v2"}},
      "spec.checkpoint.revision", "self.revision == 'main'"),
+    ("source-ranges-on-cluster-ip", {**MINIMAL, "service": {"loadBalancerSourceRanges": ["10.0.0.0/8"]}},
+     "spec.service.loadBalancerSourceRanges", "self.type == 'LoadBalancer'"),
     ("revision-on-s3", {"checkpoint": {"repo": "s3://b/bge", "source": "S3", "revision": "v2"}},
      "spec.checkpoint.revision", "self.revision == 'main'"),
 ]  # fmt: skip
@@ -418,8 +422,10 @@ def test_cel_rule_is_in_the_crd_and_enforced_in_code(
         {"checkpoint": {"repo": "pvc://models", "source": "PVC"}},
         {"checkpoint": {"repo": "pvc://models.team-a/BAAI/bge-reranker-large/", "source": "PVC"}},
         {"checkpoint": {"repo": "BAAI/bge-reranker-large", "revision": "v2"}},
+        {**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8", "fd00::/8"]}},
+        {**MINIMAL, "ingress": {"host": "*.rerank.example.com", "path": "/v1/rerank", "className": "nginx"}},
     ],
-)
+)  # fmt: skip
 def test_possible_combinations_are_accepted(spec: dict) -> None:
     assert schema_errors(defaulted(reranker(spec))) == []
     assert cel_errors(defaulted(reranker(spec))) == []
@@ -463,7 +469,7 @@ def test_dns1035_names_are_accepted(name: str) -> None:
 
 
 def test_every_cel_rule_compiles() -> None:
-    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 12  # each compiled at import
+    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 13  # each compiled at import
 
 
 def test_pvc_rule_uses_the_operators_patterns() -> None:
@@ -514,6 +520,12 @@ def rule_edge_specs() -> typing.Iterator[dict[str, Any]]:
         for repo in repos:
             for revision in _absent_or("main", "v2"):
                 yield {"checkpoint": _fields(repo=repo, source=source, revision=revision)}
+    for service_type in _absent_or(*typing.get_args(spec_mod.ServiceType)):
+        for ranges in _absent_or([], ["10.0.0.0/8"]):
+            yield {
+                **MINIMAL,
+                "service": _fields(type=service_type, loadBalancerSourceRanges=ranges),
+            }
     for replicas in _absent_or(0, 1):
         yield _fields(**MINIMAL, replicas=replicas)
         for max_replicas in (1, 2, 3):
@@ -565,8 +577,19 @@ def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
         ),
         ({**MINIMAL, "pod": {"labels": {"team": "x" * 64}}}, "spec.pod.labels.team"),
         ({**MINIMAL, "pod": {"runtimeClassName": "Nvidia"}}, "spec.pod.runtimeClassName"),
+        ({**MINIMAL, "service": {"type": "ExternalName"}}, "spec.service.type"),
+        ({**MINIMAL, "service": {"labels": {"team": "x" * 64}}}, "spec.service.labels.team"),
+        ({**MINIMAL, "service": {"loadBalancerSourceRanges": ["10.0.0.0"]}},
+         "spec.service.loadBalancerSourceRanges[0]"),
+        ({**MINIMAL, "ingress": {"path": "/"}}, "spec.ingress.host"),
+        ({**MINIMAL, "ingress": {"host": "Rerank.Example.com"}}, "spec.ingress.host"),
+        ({**MINIMAL, "ingress": {"host": "https://rerank.example.com"}}, "spec.ingress.host"),
+        ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "rerank"}}, "spec.ingress.path"),
+        ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/a b"}}, "spec.ingress.path"),
+        ({**MINIMAL, "ingress": {"host": "a.example.com", "tlsSecretName": "Tls"}},
+         "spec.ingress.tlsSecretName"),
     ],
-)
+)  # fmt: skip
 def test_schema_and_model_refuse_the_same_values(spec: dict, field: str) -> None:
     assert schema_errors(reranker(spec)), "the CRD schema should refuse it too"
     with pytest.raises(InvalidSpec) as exc:
@@ -604,12 +627,17 @@ def test_code_only_checks_name_the_field() -> None:
         ({"labels": {"app.kubernetes.io/instance": "other"}}, "spec.pod.labels"),
         ({"annotations": {"reranker.dev/engine-key": "x"}}, "spec.pod.annotations"),
         ({"affinity": {"nodeAffinty": {}}}, "spec.pod.affinity"),
+        ({"service": {"labels": {"app.kubernetes.io/name": "x"}}}, "spec.service.labels"),
+        ({"service": {"annotations": {"reranker.dev/spec-hash": "x"}}}, "spec.service.annotations"),
+        ({"ingress": {"host": "a.b", "annotations": {"reranker.dev/x": "y"}}},
+         "spec.ingress.annotations"),
     ],
-)
+)  # fmt: skip
 def test_pod_settings_may_not_override_the_operators(pod: dict, field: str) -> None:
-    assert schema_errors(reranker({**MINIMAL, "pod": pod})) == []
+    fields = pod if set(pod) & {"service", "ingress"} else {"pod": pod}
+    assert schema_errors(reranker({**MINIMAL, **fields})) == []
     with pytest.raises(InvalidSpec) as exc:
-        parse_spec(reranker({**MINIMAL, "pod": pod}))
+        parse_spec(reranker({**MINIMAL, **fields}))
     assert exc.value.field == field
 
 

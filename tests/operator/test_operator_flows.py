@@ -358,6 +358,66 @@ async def test_flows_replicas_and_autoscaling_patch_the_deployment_without_a_job
     assert job_creations(kmock) == 1  # none of that rebuilt the engine
 
 
+async def test_flows_service_type_ingress_and_the_external_endpoint(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    lb = {
+        "type": "LoadBalancer",
+        "annotations": {"networking.gke.io/load-balancer-type": "Internal"},
+    }
+    await bring_to_ready(cluster, spec_=spec(service=lb))
+    service = cluster.get(cluster.SERVICE, NAME)
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["metadata"]["annotations"]["networking.gke.io/load-balancer-type"] == "Internal"
+    assert "externalEndpoint" not in cluster.status(NAME)  # no address assigned yet
+
+    # The cloud's controller assigns the address (and another controller annotates the Service).
+    await cluster.patch(cluster.SERVICE, NAME, {"metadata": {"annotations": {"cloud/lb-id": "42"}}})
+    await cluster.patch(cluster.SERVICE, NAME,
+                        {"status": {"loadBalancer": {"ingress": [{"ip": "10.128.0.7"}]}}}, sub="status")  # fmt: skip
+    await wait_for(
+        lambda: cluster.status(NAME).get("externalEndpoint") == "http://10.128.0.7:8080",
+        "the LoadBalancer's address in status",
+    )
+
+    # An Ingress with TLS; the user's Service annotation removed from the spec goes, the cloud's stays.
+    ingress = {"host": "rerank.example.com", "tlsSecretName": "rerank-tls", "className": "nginx",
+               "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "4m"}}  # fmt: skip
+    await cluster.update_spec(NAME, {"service": {"annotations": None}, "ingress": ingress})
+    created = await wait_for(lambda: cluster.get(cluster.INGRESS, NAME), "the Ingress")
+    assert created["spec"]["ingressClassName"] == "nginx"
+    assert created["spec"]["tls"] == [{"hosts": ["rerank.example.com"], "secretName": "rerank-tls"}]
+    [path] = created["spec"]["rules"][0]["http"]["paths"]
+    assert path["backend"] == {"service": {"name": NAME, "port": {"name": "http"}}}
+    assert created["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == "4m"
+    assert created["metadata"]["ownerReferences"][0]["kind"] == "Reranker"
+    await wait_for(
+        lambda: cluster.status(NAME).get("externalEndpoint") == "https://rerank.example.com/",
+        "the Ingress's URL in status",
+    )
+    annotations = await wait_for(
+        lambda: (
+            (a := cluster.get(cluster.SERVICE, NAME)["metadata"]["annotations"])
+            and "networking.gke.io/load-balancer-type" not in a
+            and a
+        ),
+        "the removed Service annotation gone",
+    )
+    assert annotations["cloud/lb-id"] == "42"
+
+    # No ingress, and back to ClusterIP: the Ingress goes, and so does the external endpoint.
+    await cluster.update_spec(NAME, {"service": None, "ingress": None})
+    await wait_for(lambda: cluster.get(cluster.INGRESS, NAME) is None, "the Ingress deleted")
+    await wait_for(
+        lambda: (
+            "externalEndpoint" not in cluster.status(NAME)
+            and cluster.get(cluster.SERVICE, NAME)["spec"]["type"] == "ClusterIP"
+        ),
+        "ClusterIP, no external endpoint",
+    )
+    assert cluster.status(NAME)["phase"] == "Ready"
+
+
 async def test_flows_l4_to_cpu_leaves_no_gpu_placement_on_the_deployment(
     cluster: Cluster, operator: OperatorRunner
 ) -> None:

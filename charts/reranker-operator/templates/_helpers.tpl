@@ -171,10 +171,14 @@ collector through owner references, so only PDBs and HPAs (removed when no longe
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# Services: created, then patched.
+# Services: created, patched, and watched (a LoadBalancer's address arrives on its status).
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Ingresses (spec.ingress): created, patched, and deleted when the field is removed.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["ingresses"]
+  verbs: ["get", "create", "patch", "delete"]
 # Engine-cache PVCs (Shared mode): created, annotated, and watched (an unbound claim).
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
