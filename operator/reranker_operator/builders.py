@@ -322,8 +322,11 @@ def _pod_common(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
         pod["runtimeClassName"] = runtime_class
     if settings.topology_spread_constraints:
         pod["topologySpreadConstraints"] = copy.deepcopy(list(settings.topology_spread_constraints))
-    if config.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": s} for s in config.image_pull_secrets]
+    pull_secrets = list(dict.fromkeys([*config.image_pull_secrets, *settings.image_pull_secrets]))
+    if pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in pull_secrets]
+    if settings.scheduler_name:
+        pod["schedulerName"] = settings.scheduler_name
     return pod
 
 
@@ -657,10 +660,14 @@ def build_deployment(
     }
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector_labels(name)},
-        # Surge, never remove a serving pod first: old pods serve until new ones are ready.
+        # By default surge, never remove a serving pod first: old pods serve until new ones are
+        # ready. spec.rollout trades that for no spare GPU (maxSurge 0, maxUnavailable 1).
         "strategy": {
             "type": "RollingUpdate",
-            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            "rollingUpdate": {
+                "maxUnavailable": spec.rollout.max_unavailable,
+                "maxSurge": spec.rollout.max_surge,
+            },
         },
         "revisionHistoryLimit": 3,
         # Beyond the startup probe's budget, so Progressing=False means a real problem.
@@ -891,12 +898,13 @@ def build_hpa(
             "minReplicas": auto.min_replicas,
             "maxReplicas": auto.max_replicas,
             "metrics": [metric],
-            # Accelerator pods are slow to start: scale down gently.
+            # Accelerator pods are slow to start: scale down gently, unless the spec says how.
             "behavior": {
                 "scaleDown": {
                     "stabilizationWindowSeconds": 300,
                     "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
-                }
+                },
+                **copy.deepcopy(auto.behavior),
             },
         },
     }

@@ -245,6 +245,7 @@ class Reconciler:
             engine_issue=engine_issue,
             serve_issue=serve_issue,
             scaling=scaling,
+            surge_rollout=spec.rollout.surges,
         )
         new = status.derive_status(observed, previous)
         if self._write_status(body, previous, new):

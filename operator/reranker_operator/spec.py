@@ -12,7 +12,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 API_GROUP = "reranker.dev"
 API_VERSION = "v1alpha1"
@@ -43,6 +50,7 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _LIMIT_MAX = 1048576  # upper bound of the runtime batching limits
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ROLLOUT_PERCENT_PATTERN = r"^[0-9]{1,3}%$"
 # An Ingress rule's host: a DNS-1123 subdomain, or a wildcard `*.` in front of one.
 HOST_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # checkpoint.source PVC: repo is pvc://<claim>[/<path>] (KServe's storageUri form). The claim is a
@@ -155,6 +163,36 @@ class Autoscaling(_Model):
     metric: AutoscalingMetric = "Concurrency"
     target_concurrency: int = Field(default=16, alias="targetConcurrency", ge=1, le=100000)
     target_cpu_utilization: int = Field(default=70, alias="targetCPUUtilization", ge=1, le=100)
+    # An autoscaling/v2 HorizontalPodAutoscalerBehavior, passed through: its scaleUp / scaleDown
+    # replace the operator's own (a gentle scale-down) direction by direction.
+    behavior: dict[str, Any] = Field(default_factory=dict)
+
+
+class Rollout(_Model):
+    """How the Deployment replaces pods: by default one extra pod first (no capacity lost), which
+    needs a spare GPU; `maxSurge: 0, maxUnavailable: 1` replaces in place on a full pool."""
+
+    # A count, or a percentage of the replicas ("25%"), as a Deployment's own fields.
+    max_surge: int | str = Field(default=1, alias="maxSurge")
+    max_unavailable: int | str = Field(default=0, alias="maxUnavailable")
+
+    @field_validator("max_surge", "max_unavailable", mode="before")
+    @classmethod
+    def _count_or_percent(cls, value: Any) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1000:
+            return value
+        if isinstance(value, str) and re.fullmatch(ROLLOUT_PERCENT_PATTERN, value):
+            return value
+        raise ValueError("must be a count from 0 to 1000 or a percentage such as 25%")
+
+    @property
+    def surges(self) -> bool:
+        """New pods start before old ones go (maxSurge > 0)."""
+        return not _is_zero(self.max_surge)
+
+
+def _is_zero(value: int | str) -> bool:
+    return int(value[:-1]) == 0 if isinstance(value, str) else value == 0
 
 
 class SecretKeyRef(_Model):
@@ -240,6 +278,14 @@ class PodSettings(_Model):
     )
     annotations: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, LabelValue] = Field(default_factory=dict)
+    # Added to the operator config's imagePullSecrets (per-namespace registry credentials).
+    image_pull_secrets: tuple[
+        Annotated[str, StringConstraints(max_length=253, pattern=SECRET_NAME_PATTERN)], ...
+    ] = Field(default=(), alias="imagePullSecrets", max_length=16)
+    # Another scheduler (Volcano, Run:ai, ...); unset: the cluster's default scheduler.
+    scheduler_name: str | None = Field(
+        default=None, alias="schedulerName", max_length=253, pattern=SECRET_NAME_PATTERN
+    )
 
 
 class ServiceSettings(_Model):
@@ -296,6 +342,7 @@ class RerankerSpec(_Model):
     pod: PodSettings = PodSettings()
     service: ServiceSettings = ServiceSettings()
     ingress: IngressSettings | None = None
+    rollout: Rollout = Rollout()
 
     @property
     def desired_replicas(self) -> int:
@@ -414,6 +461,19 @@ def _check_rules(spec: RerankerSpec) -> None:
         for k in keys:
             if k.startswith(OPERATOR_LABEL_PREFIXES) or k.startswith("prometheus.io/"):
                 raise InvalidSpec(f"spec.pod.{field}", f"{k} is set by the operator")
+    if _is_zero(spec.rollout.max_surge) and _is_zero(spec.rollout.max_unavailable):
+        raise InvalidSpec(
+            "spec.rollout.maxUnavailable",
+            "maxSurge and maxUnavailable may not both be 0 (no pod could ever be replaced); "
+            "on a pool without a spare GPU use maxSurge 0 and maxUnavailable 1",
+        )
+    if spec.autoscaling is not None:
+        unknown = set(spec.autoscaling.behavior) - {"scaleUp", "scaleDown"}
+        if unknown:
+            raise InvalidSpec(
+                "spec.autoscaling.behavior",
+                f"unknown field {sorted(unknown)[0]} (scaleUp, scaleDown)",
+            )
     if spec.service.load_balancer_source_ranges and spec.service.type != "LoadBalancer":
         raise InvalidSpec(
             "spec.service.loadBalancerSourceRanges",
@@ -470,6 +530,8 @@ def parse_spec(body: dict[str, Any]) -> RerankerSpec:
         spec = RerankerSpec.model_validate(_normalise(raw))
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise InvalidSpec(_field_path(err["loc"]), err["msg"]) from None
+        raise InvalidSpec(
+            _field_path(err["loc"]), err["msg"].removeprefix("Value error, ")
+        ) from None
     _check_rules(spec)
     return spec

@@ -71,6 +71,7 @@ class Observed:
     engine_issue: PodIssue | None = None  # why the engine's preparation does not run
     serve_issue: PodIssue | None = None  # why the Deployment's new pods do not become ready
     scaling: dict[str, Any] | None = None  # the HPA's ScalingActive condition
+    surge_rollout: bool = True  # spec.rollout starts new pods before old ones go (maxSurge > 0)
 
     @property
     def builder(self) -> str:
@@ -256,6 +257,18 @@ def derive_status(
     preparing = observed.engine in ("pending", "building")
     engine_issue = observed.engine_issue if preparing else None
     serve_issue = observed.serve_issue
+    new_pod_issue = engine_issue or serve_issue
+    if (
+        serving_old
+        and observed.surge_rollout
+        and new_pod_issue is not None
+        and new_pod_issue.reason == "Unschedulable"
+    ):
+        # The usual cause on a fixed GPU pool: no room for the surge pod beside the old ones.
+        still_serving += (
+            "; if no node has a spare GPU for the new pod, set spec.rollout maxSurge 0 and "
+            "maxUnavailable 1 to replace pods in place"
+        )
     # When something fails: Degraded while older pods keep serving, else Failed.
     broken: Phase = "Degraded" if available else "Failed"
 

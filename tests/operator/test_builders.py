@@ -102,6 +102,16 @@ VARIANTS: dict[str, RerankerSpec] = {
         },
         runtime={"grpc": True},
     ),
+    "full-pool": spec_of(
+        rollout={"maxSurge": 0, "maxUnavailable": "25%"},
+        pod={"imagePullSecrets": ["team-regcred"], "schedulerName": "volcano"},
+        autoscaling={
+            "maxReplicas": 4,
+            "behavior": {
+                "scaleUp": {"policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}]}
+            },
+        },
+    ),
     "pvc-shared": spec_of(
         checkpoint={"repo": "pvc://models", "source": "PVC"}, engineCache={"mode": "Shared"}
     ),
@@ -1013,6 +1023,40 @@ def test_user_metadata_removed_from_the_spec_leaves_the_child() -> None:
     again = jsonpatch.apply_patch(patched, b.replacement_patch(none, patched))
     assert "b" not in again["metadata"]["annotations"]
     assert b.ANNOTATION_USER_KEYS not in again["metadata"]["annotations"]
+
+
+def test_rollout_without_a_spare_gpu() -> None:
+    dep = b.build_deployment("rr", NS, VARIANTS["full-pool"], CONFIG, KEY)
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": 0},
+    }
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Job"])
+def test_per_reranker_pull_secrets_and_scheduler(kind: str) -> None:
+    config = config_from_dict({"imagePullSecrets": ["org-regcred", "team-regcred"]})
+    spec = VARIANTS["full-pool"].model_copy(
+        update={"engine_cache": spec_of(engineCache={"mode": "Shared"}).engine_cache}
+    )
+    children = {c["kind"]: c for c in b.build_children("rr", NS, spec, config, key=KEY)}
+    pod = children[kind]["spec"]["template"]["spec"]
+    # The config's first, then the Reranker's, each once.
+    assert pod["imagePullSecrets"] == [{"name": "org-regcred"}, {"name": "team-regcred"}]
+    assert pod["schedulerName"] == "volcano"
+    plain = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)["spec"]["template"]["spec"]
+    assert "imagePullSecrets" not in plain and "schedulerName" not in plain
+
+
+def test_hpa_behavior_replaces_ours_direction_by_direction() -> None:
+    hpa = b.build_hpa("rr", NS, VARIANTS["full-pool"])
+    assert hpa is not None
+    behavior = hpa["spec"]["behavior"]
+    assert behavior["scaleUp"] == {"policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}]}
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300  # ours, not overridden
+    down = {"scaleDown": {"stabilizationWindowSeconds": 60}}
+    hpa = b.build_hpa("rr", NS, spec_of(autoscaling={"maxReplicas": 4, "behavior": down}))
+    assert hpa is not None and hpa["spec"]["behavior"] == down
 
 
 def test_replacement_patch_keeps_the_hpas_replicas() -> None:

@@ -192,9 +192,14 @@ def _walk_schema(
         yield from _walk_schema(node["items"], f"{path}[]")
 
 
-# Kubernetes' own Affinity and TopologySpreadConstraint, passed through to the pods (the API
-# server validates them on the Deployment); nothing else keeps unknown fields.
-PASSED_THROUGH = {".spec.pod.affinity", ".spec.pod.topologySpreadConstraints[]"}
+# Kubernetes' own Affinity and TopologySpreadConstraint, passed through to the pods, and the
+# HPA's behavior (the API server validates them on the Deployment and the HPA); nothing else
+# keeps unknown fields.
+PASSED_THROUGH = {
+    ".spec.pod.affinity",
+    ".spec.pod.topologySpreadConstraints[]",
+    ".spec.autoscaling.behavior",
+}
 
 
 def test_schema_is_structural_and_prunes_nothing_we_write() -> None:
@@ -285,6 +290,7 @@ def test_crd_defaults_match_the_spec_model() -> None:
     assert spec["resources"] == {"cpu": "1", "memory": "10Gi"}
     assert spec["runtime"] == {"autoTruncate": True, "grpc": False}
     assert spec["service"] == {"type": "ClusterIP"} and "ingress" not in spec
+    assert spec["rollout"] == {"maxSurge": 1, "maxUnavailable": 0}
     assert (
         "replicas" not in spec and "autoscaling" not in spec
     )  # no default may trip replicas XOR autoscaling
@@ -423,6 +429,9 @@ def test_cel_rule_is_in_the_crd_and_enforced_in_code(
         {"checkpoint": {"repo": "pvc://models.team-a/BAAI/bge-reranker-large/", "source": "PVC"}},
         {"checkpoint": {"repo": "BAAI/bge-reranker-large", "revision": "v2"}},
         {**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8", "fd00::/8"]}},
+        {**MINIMAL, "rollout": {"maxSurge": 0, "maxUnavailable": 1}},
+        {**MINIMAL, "rollout": {"maxSurge": "25%", "maxUnavailable": "10%"}},
+        {**MINIMAL, "pod": {"imagePullSecrets": ["regcred"], "schedulerName": "volcano"}},
         {**MINIMAL, "ingress": {"host": "*.rerank.example.com", "path": "/v1/rerank", "className": "nginx"}},
     ],
 )  # fmt: skip
@@ -578,6 +587,11 @@ def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
         ({**MINIMAL, "pod": {"labels": {"team": "x" * 64}}}, "spec.pod.labels.team"),
         ({**MINIMAL, "pod": {"runtimeClassName": "Nvidia"}}, "spec.pod.runtimeClassName"),
         ({**MINIMAL, "service": {"type": "ExternalName"}}, "spec.service.type"),
+        ({**MINIMAL, "rollout": {"maxSurge": "25"}}, "spec.rollout.maxSurge"),
+        ({**MINIMAL, "rollout": {"maxUnavailable": -1}}, "spec.rollout.maxUnavailable"),
+        ({**MINIMAL, "rollout": {"maxSurge": "1.5%"}}, "spec.rollout.maxSurge"),
+        ({**MINIMAL, "pod": {"imagePullSecrets": ["Regcred"]}}, "spec.pod.imagePullSecrets[0]"),
+        ({**MINIMAL, "pod": {"schedulerName": "my scheduler"}}, "spec.pod.schedulerName"),
         ({**MINIMAL, "service": {"labels": {"team": "x" * 64}}}, "spec.service.labels.team"),
         ({**MINIMAL, "service": {"loadBalancerSourceRanges": ["10.0.0.0"]}},
          "spec.service.loadBalancerSourceRanges[0]"),
@@ -619,6 +633,19 @@ def test_code_only_checks_name_the_field() -> None:
     with pytest.raises(InvalidSpec) as exc:
         parse_spec({"metadata": {"name": "x"}})
     assert exc.value.field == "spec"
+    # Not in CEL (int-or-string values): a rollout that could never replace a pod.
+    for zero in (0, "0%"):
+        obj = reranker({**MINIMAL, "rollout": {"maxSurge": zero, "maxUnavailable": "0%"}})
+        assert schema_errors(defaulted(obj)) == [] and cel_errors(defaulted(obj)) == []
+        with pytest.raises(InvalidSpec, match="may not both be 0") as exc:
+            parse_spec(obj)
+        assert exc.value.field == "spec.rollout.maxUnavailable"
+    # The HPA's behavior is passed through, but a misspelt direction is named here.
+    with pytest.raises(InvalidSpec, match="unknown field scaledown") as exc:
+        parse_spec(
+            reranker({**MINIMAL, "autoscaling": {"maxReplicas": 2, "behavior": {"scaledown": {}}}})
+        )
+    assert exc.value.field == "spec.autoscaling.behavior"
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -76,6 +77,23 @@ def test_phase_and_ready_reason(obs: Observed, phase: str, ready_reason: str) ->
     assert ready == ("True" if phase == "Ready" else "False", ready_reason)
     assert all(c["observedGeneration"] == 2 for c in st["conditions"])
     assert st["observedGeneration"] == 2
+
+
+def test_a_surge_pod_without_room_points_at_the_in_place_rollout() -> None:
+    """Old pods serve and the new one cannot be scheduled: on a fixed GPU pool, the usual cause
+    is no room for the surge pod, and the message says what to set."""
+    hint = "set spec.rollout maxSurge 0 and maxUnavailable 1"
+    st = status.derive_status(observed("pending", dep(OLD), engine_issue=STUCK), None)
+    assert st["phase"] == "Degraded" and hint in st["message"]
+    # Not when nothing serves (nothing to replace), nor when the rollout already replaces in place.
+    st = status.derive_status(observed("pending", engine_issue=STUCK), None)
+    assert hint not in st["message"]
+    in_place = dataclasses.replace(
+        observed("pending", dep(OLD), engine_issue=STUCK), surge_rollout=False
+    )
+    assert hint not in status.derive_status(in_place, None)["message"]
+    oom = status.derive_status(observed("built", dep(OLD), serve_issue=OOM), None)
+    assert hint not in oom["message"]
 
 
 def test_old_engine_serving_while_building_is_available_not_ready() -> None:
