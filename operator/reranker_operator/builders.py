@@ -579,7 +579,7 @@ def serve_env(spec: RerankerSpec, key: str) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         _env("RERANKER_ENGINE_DIR", f"{ENGINES_MOUNT}/{key}"),
         _env("RERANKER_PORT", str(PORT)),
-        _env("RERANKER_SERVED_MODEL_NAME", spec.checkpoint.repo),
+        _env("RERANKER_SERVED_MODEL_NAME", rt.served_model_name or spec.checkpoint.repo),
         _env("RERANKER_MAX_BATCH_TOKENS", str(spec.max_batch_tokens)),
     ]
     # Unset limits are left to the runtime's defaults.

@@ -237,6 +237,11 @@ class Runtime(_Model):
     # TEI's gRPC API on GRPC_PORT as well (builders.py), in the pods and on the Service.
     grpc: bool = False
     api_key_secret: SecretKeyRef | None = Field(default=None, alias="apiKeySecret")
+    # The model name in /info, Cohere/Jina/vLLM responses (TEI's --served-model-name); None:
+    # checkpoint.repo.
+    served_model_name: str | None = Field(
+        default=None, alias="servedModelName", min_length=1, max_length=256
+    )
     probes: Probes = Probes()
     env: tuple[EnvVar, ...] = Field(default=(), max_length=64)
 

@@ -44,7 +44,11 @@ def _reranker(checkpoint: str, source: str = "HF") -> dict[str, Any]:
             "checkpoint": {"repo": checkpoint, "source": source},
             "accelerator": {"type": "CPU"},
             "replicas": 1,
-            "runtime": {"maxConcurrentRequests": 16, "maxClientBatchSize": 64},
+            "runtime": {
+                "maxConcurrentRequests": 16,
+                "maxClientBatchSize": 64,
+                "servedModelName": "contract-reranker",
+            },
         },
     }
 
@@ -236,6 +240,7 @@ def test_rendered_deployment_builds_and_serves_reference_scores(
         info = httpx.get(f"{base}/info").json()
         assert info["max_concurrent_requests"] == 16
         assert info["max_client_batch_size"] == 64
+        assert info["served_model_name"] == "contract-reranker"
         # `auto` on CPU (the default maxNumTokens is 16384): 2048 tokens in flight, shared by
         # the CPU forward workers the pod's CPUs allow.
         assert info["cpu_workers"] in (1, 2)

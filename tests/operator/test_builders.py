@@ -614,7 +614,10 @@ def test_deployment_follows_the_serve_contract() -> None:
     env = env_map(c)
     assert env["RERANKER_ENGINE_DIR"] == f"/engines/{KEY}"
     assert env["RERANKER_PORT"] == "8080"
-    assert env["RERANKER_SERVED_MODEL_NAME"] == "s3://models/org/model/v1"
+    assert env["RERANKER_SERVED_MODEL_NAME"] == "s3://models/org/model/v1"  # checkpoint.repo
+    named = spec_of(runtime={"servedModelName": "bge-reranker-large"})
+    named_env = env_map(container(b.build_deployment("rr", NS, named, CONFIG, KEY)))
+    assert named_env["RERANKER_SERVED_MODEL_NAME"] == "bge-reranker-large"
     assert env["RERANKER_MAX_BATCH_TOKENS"] == "32768"  # build.maxNumTokens when runtime sets none
     assert env["RERANKER_MAX_BATCH_REQUESTS"] == "64"
     assert env["RERANKER_MAX_CLIENT_BATCH_SIZE"] == "100"
