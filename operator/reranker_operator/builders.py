@@ -25,6 +25,18 @@ TMP_VOLUME = "tmp"
 # checkpoint.source PVC: the user's claim, mounted read-only in the build container only.
 CHECKPOINT_VOLUME = "checkpoint"
 CHECKPOINT_MOUNT = "/checkpoint"
+# The operator config's proxy.caConfigMap, in the build container only.
+CA_VOLUME = "ca-bundle"
+CA_MOUNT = "/etc/reranker/ca"
+CA_FILE = f"{CA_MOUNT}/ca.crt"
+# Every client the build may use reads one of these: OpenSSL/urllib and httpx (the hub),
+# requests (GCS, Azure), botocore (S3), the gcloud CLI.
+CA_ENV = (
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "AWS_CA_BUNDLE",
+    "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",
+)
 BUILD_CONTAINER = "build"  # the Job's container, or the init container in PerPod mode
 SERVE_CONTAINER = "reranker"
 
@@ -373,7 +385,29 @@ def _volumes(
                 "persistentVolumeClaim": {"claimName": pvc_claim, "readOnly": True},
             }
         )
+    proxy = config.proxy
+    if builds and proxy.ca_config_map:
+        items = [{"key": proxy.ca_config_map_key, "path": "ca.crt"}]
+        volumes.append(
+            {"name": CA_VOLUME, "configMap": {"name": proxy.ca_config_map, "items": items}}
+        )
     return volumes
+
+
+def _proxy_env(config: OperatorConfig) -> list[dict[str, str]]:
+    """The build's proxy and CA bundle variables (both spellings: tools read one or the other)."""
+    proxy = config.proxy
+    env: list[dict[str, str]] = []
+    for name, value in (
+        ("HTTP_PROXY", proxy.http_proxy),
+        ("HTTPS_PROXY", proxy.https_proxy),
+        ("NO_PROXY", proxy.no_proxy),
+    ):
+        if value:
+            env += [_env(name, value), _env(name.lower(), value)]
+    if proxy.ca_config_map:
+        env += [_env(name, CA_FILE) for name in CA_ENV]
+    return env
 
 
 def _engine_volume_name(spec: RerankerSpec, config: OperatorConfig) -> str:
@@ -463,6 +497,7 @@ def build_container(spec: RerankerSpec, config: OperatorConfig, key: str) -> dic
             _env("HF_HOME", f"{ENGINES_MOUNT}/.hf-home"),  # downloads cached on the volume
             _env("RERANKER_LOG_FORMAT", "json"),
             _env("HOME", "/tmp"),  # read-only root filesystem
+            *_proxy_env(config),
         ],
         "resources": _container_resources(spec, config),
         "volumeMounts": [
@@ -476,6 +511,10 @@ def build_container(spec: RerankerSpec, config: OperatorConfig, key: str) -> dic
     if spec.checkpoint.pvc_claim is not None:
         container["volumeMounts"].append(
             {"name": CHECKPOINT_VOLUME, "mountPath": CHECKPOINT_MOUNT, "readOnly": True}
+        )
+    if config.proxy.ca_config_map:
+        container["volumeMounts"].append(
+            {"name": CA_VOLUME, "mountPath": CA_MOUNT, "readOnly": True}
         )
     if spec.checkpoint.secret_name:
         container["envFrom"] = [{"secretRef": {"name": spec.checkpoint.secret_name}}]

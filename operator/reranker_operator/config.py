@@ -191,6 +191,26 @@ class AutoscalingSettings(_Model):
     )
 
 
+class ProxySettings(_Model):
+    """An egress proxy and a CA bundle for the engine build's downloads (the hub, S3, GCS,
+    Azure, REMOTE_URL), set on every build container. Serving never leaves the cluster."""
+
+    http_proxy: str | None = Field(default=None, alias="httpProxy", min_length=1)
+    https_proxy: str | None = Field(default=None, alias="httpsProxy", min_length=1)
+    no_proxy: str | None = Field(default=None, alias="noProxy", min_length=1)
+    # A ConfigMap in each Reranker's namespace holding a PEM bundle (e.g. trust-manager's): it
+    # replaces the default trust store, so it must hold the public CAs too.
+    ca_config_map: str | None = Field(
+        default=None,
+        alias="caConfigMap",
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    )
+    ca_config_map_key: str = Field(
+        default="ca.crt", alias="caConfigMapKey", pattern=r"^[-._a-zA-Z0-9]{1,253}$"
+    )
+
+
 class OperatorConfig(_Model):
     runtime_image: str = Field(default=DEFAULT_RUNTIME_IMAGE, alias="runtimeImage", min_length=1)
     runtime_image_cpu: str = Field(
@@ -213,6 +233,7 @@ class OperatorConfig(_Model):
     )
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
     # A pod preparing an engine that stays Unschedulable this long turns the Reranker Failed (or
     # Degraded while older pods serve) instead of Pending. Leaves time for a cluster autoscaler
     # to add a GPU node (typically 3-10 minutes).

@@ -477,6 +477,18 @@ def test_monitoring_config_reaches_the_operator(chart: helm_python.Chart) -> Non
     assert loaded.autoscaling.concurrency_metric == values["concurrencyMetric"]
 
 
+def test_proxy_config_reaches_the_operator(chart: helm_python.Chart) -> None:
+    values = {"proxy": {"httpsProxy": "http://proxy.corp:3128", "noProxy": ".svc,.cluster.local",
+                        "caConfigMap": "corp-ca-bundle", "caConfigMapKey": "bundle.pem"}}  # fmt: skip
+    loaded = load_operator_config(operator_config_text(manifests(render(chart, values))))
+    assert loaded.proxy.https_proxy == "http://proxy.corp:3128" and loaded.proxy.http_proxy is None
+    assert loaded.proxy.no_proxy == ".svc,.cluster.local"
+    assert (loaded.proxy.ca_config_map, loaded.proxy.ca_config_map_key) == (
+        "corp-ca-bundle",
+        "bundle.pem",
+    )
+
+
 def _pod_template(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return one(objects, "Deployment")["spec"]["template"]
 
@@ -773,6 +785,9 @@ def test_deployment_args_parse_with_the_operators_cli(chart: helm_python.Chart) 
         {"runtimeImageCPU": ""},
         {"metricsPort": 80},
         {"metricsPort": -1},
+        {"proxy": {"httpsProxy": 3128}},
+        {"proxy": {"caConfigMap": "Corp_CA"}},
+        {"proxy": {"caBundle": "x"}},
         {"metricsPort": "8081"},
         {"runtimeImagePullPolicy": "always"},
         {

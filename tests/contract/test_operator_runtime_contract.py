@@ -12,20 +12,28 @@ same container (checked below), against the cache PVC instead.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import io
 import math
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
+import tarfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trustme
 
-from reranker_operator.config import OperatorConfig
+from reranker_operator.config import OperatorConfig, config_from_dict
 from reranker_operator.render import render_reranker
 from tiny_models import reference_logits
 
@@ -170,6 +178,94 @@ def test_a_pvc_checkpoint_is_built_from_the_claim_the_pod_mounts(
     engine_dir = cache / deployment["metadata"]["annotations"]["reranker.dev/engine-key"]
     assert (engine_dir / "manifest.json").is_file()
     assert (engine_dir / "checkpoint" / "config.json").is_file()  # what the server loads
+
+
+# ------------------------------------------------------------- behind a proxy, with a CA bundle
+
+
+def _tarball(model_dir: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(model_dir, arcname="model")
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _serving(body: bytes, tls: ssl.SSLContext | None = None) -> Iterator[tuple[int, list[str]]]:
+    """An HTTP(S) server answering every GET with `body`; yields its port and the request
+    lines it saw (a proxy is sent the absolute URL: `GET http://host/path`)."""
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.requestline)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _build_pod(
+    repo: str, config: OperatorConfig, tmp: Path, extra_mounts: dict[str, Path]
+) -> tuple[LocalPod, Path]:
+    reranker = _reranker(repo, source="REMOTE_URL")
+    deployment = _child(render_reranker(reranker, config), "Deployment")
+    [init_container] = deployment["spec"]["template"]["spec"]["initContainers"]
+    cache, pod_tmp = tmp / "engine-volume", tmp / "pod-tmp"
+    cache.mkdir(parents=True)
+    pod_tmp.mkdir()
+    mounts = {CACHE_MOUNT: cache, TMP_MOUNT: pod_tmp, **extra_mounts}
+    return LocalPod(init_container, mounts, tmp / "build.log"), cache
+
+
+def test_the_build_trusts_the_configured_ca_bundle(xlmr_reranker: Path, tmp_path: Path) -> None:
+    """An HTTPS download signed by a private CA (a TLS-inspecting proxy's): it fails on the
+    image's CAs, and succeeds once the operator config's caConfigMap is mounted."""
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(tls)
+    ca_dir = tmp_path / "ca-configmap"
+    ca_dir.mkdir()
+    ca.cert_pem.write_to_path(str(ca_dir / "ca.crt"))
+    with _serving(_tarball(xlmr_reranker), tls) as (port, _):
+        url = f"https://localhost:{port}/model.tar.gz"
+        plain, _ = _build_pod(url, OperatorConfig(), tmp_path / "plain", {})
+        failed = plain.run(timeout=120)
+        assert failed.returncode == 11, failed.stderr
+        assert "CERTIFICATE_VERIFY_FAILED" in failed.stderr
+
+        config = config_from_dict({"proxy": {"caConfigMap": "corp-ca"}})
+        pod, cache = _build_pod(url, config, tmp_path / "trusted", {"/etc/reranker/ca": ca_dir})
+        built = pod.run(timeout=300)
+        assert built.returncode == 0, built.stderr
+    assert [p for p in cache.iterdir() if (p / "manifest.json").is_file()]
+
+
+def test_the_build_downloads_through_the_configured_proxy(
+    xlmr_reranker: Path, tmp_path: Path
+) -> None:
+    """The model's host does not resolve: only the configured proxy can fetch it."""
+    with _serving(_tarball(xlmr_reranker)) as (port, seen):
+        config = config_from_dict({"proxy": {"httpProxy": f"http://127.0.0.1:{port}"}})
+        pod, cache = _build_pod("http://models.example.invalid/bge.tar.gz", config, tmp_path, {})
+        built = pod.run(timeout=300)
+        assert built.returncode == 0, built.stderr
+    assert seen == ["GET http://models.example.invalid/bge.tar.gz HTTP/1.1"]
+    assert [p for p in cache.iterdir() if (p / "manifest.json").is_file()]
 
 
 def test_rendered_deployment_builds_and_serves_reference_scores(

@@ -210,6 +210,40 @@ def test_a_pvc_checkpoint_is_mounted_read_only_where_the_build_runs(variant: str
     assert (PVC_VOLUME in serve_pod["volumes"]) == (variant == "pvc-per-pod")
 
 
+PROXY_CONFIG = config_from_dict(
+    {"proxy": {"httpsProxy": "http://proxy.corp:3128", "noProxy": ".svc", "caConfigMap": "corp-ca",
+               "caConfigMapKey": "bundle.pem"}}
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["PerPod", "Shared"])
+def test_proxy_and_ca_bundle_reach_the_build_container_only(mode: str) -> None:
+    spec = spec_of(engineCache={"mode": mode})
+    kinds = by_kind(b.build_children("rr", NS, spec, PROXY_CONFIG, key=KEY))
+    for obj in kinds.values():
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    builder = kinds["Job"] if mode == "Shared" else kinds["Deployment"]
+    build_pod = builder["spec"]["template"]["spec"]
+    [build] = build_pod.get("initContainers") or build_pod["containers"]
+    env = env_map(build)
+    assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://proxy.corp:3128"
+    assert env["NO_PROXY"] == env["no_proxy"] == ".svc"
+    assert "HTTP_PROXY" not in env and "http_proxy" not in env  # unset stays unset
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE"):
+        assert env[name] == "/etc/reranker/ca/ca.crt"
+    assert {"name": "ca-bundle", "mountPath": "/etc/reranker/ca", "readOnly": True} in build[
+        "volumeMounts"
+    ]
+    assert {"name": "ca-bundle", "configMap": {"name": "corp-ca", "items": [
+        {"key": "bundle.pem", "path": "ca.crt"}]}} in build_pod["volumes"]  # fmt: skip
+    serve = container(kinds["Deployment"])
+    assert not {"HTTPS_PROXY", "SSL_CERT_FILE"} & set(env_map(serve))
+    assert all(m["name"] != "ca-bundle" for m in serve["volumeMounts"])
+    # Without a proxy config the build container has none of it.
+    plain = env_map(b.build_container(spec, CONFIG, KEY))
+    assert not {"HTTPS_PROXY", "https_proxy", "SSL_CERT_FILE"} & set(plain)
+
+
 def test_other_sources_mount_no_checkpoint() -> None:
     for spec in (spec_of(), VARIANTS["gpu-replicas"]):
         for obj in all_children(spec):

@@ -140,6 +140,14 @@ monitoring:
   {{- end }}
 autoscaling:
   concurrencyMetric: {{ .Values.concurrencyMetric | quote }}
+proxy:
+  {{- with .Values.proxy }}
+  httpProxy: {{ if .httpProxy }}{{ .httpProxy | quote }}{{ else }}null{{ end }}
+  httpsProxy: {{ if .httpsProxy }}{{ .httpsProxy | quote }}{{ else }}null{{ end }}
+  noProxy: {{ if .noProxy }}{{ .noProxy | quote }}{{ else }}null{{ end }}
+  caConfigMap: {{ if .caConfigMap }}{{ .caConfigMap | quote }}{{ else }}null{{ end }}
+  caConfigMapKey: {{ .caConfigMapKey | quote }}
+  {{- end }}
 {{- end }}
 
 {{/*
