@@ -193,11 +193,26 @@ def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dic
             {"op": "add", "path": "/metadata/ownerReferences", "value": meta["ownerReferences"]}
         )
     spec = copy.deepcopy(desired["spec"])
-    live_replicas = (live.get("spec") or {}).get("replicas")
+    live_spec = live.get("spec") or {}
+    if desired["kind"] == "Service":
+        spec.update(_service_fields_set_by_the_cluster(spec, live_spec))
+    live_replicas = live_spec.get("replicas")
     if desired["kind"] == "Deployment" and "replicas" not in spec and live_replicas is not None:
         spec["replicas"] = live_replicas
     ops.append({"op": "add", "path": "/spec", "value": spec})
     return ops
+
+
+def _service_fields_set_by_the_cluster(
+    desired: dict[str, Any], live: dict[str, Any]
+) -> dict[str, Any]:
+    """What the API server or a webhook set on the live Service and a replaced spec must keep:
+    the allocated IPs, and on a LoadBalancer the class a controller's webhook chose (immutable
+    once set: dropping it is refused). Node ports the API server keeps by itself."""
+    fields = ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"]
+    if desired.get("type") == live.get("type") == "LoadBalancer":
+        fields += ["loadBalancerClass", "allocateLoadBalancerNodePorts"]
+    return {f: copy.deepcopy(live[f]) for f in fields if f in live and f not in desired}
 
 
 def _user_keys(obj: dict[str, Any]) -> dict[str, list[str]]:
@@ -827,11 +842,15 @@ def build_ingress(
     return _finish(obj, owner)
 
 
-def external_endpoint(spec: RerankerSpec, service: dict[str, Any] | None) -> str | None:
-    """Where clients outside the cluster call: the Ingress's URL, else a LoadBalancer Service's
-    address once the cloud has assigned one (None until then, and for ClusterIP/NodePort)."""
+def external_endpoint(
+    spec: RerankerSpec, service: dict[str, Any] | None, ingress: dict[str, Any] | None
+) -> str | None:
+    """Where clients outside the cluster call: the Ingress's URL once the Ingress exists (in
+    Shared mode it is created with the Deployment, after the first build), else a LoadBalancer
+    Service's address once the cloud has assigned one (None until then, and for ClusterIP and
+    NodePort)."""
     if spec.ingress is not None:
-        return spec.ingress.url
+        return spec.ingress.url if ingress is not None else None
     if spec.service.type != "LoadBalancer" or service is None:
         return None
     for entry in ((service.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []:

@@ -222,8 +222,10 @@ class Reconciler:
             elif dep_state.engine_key == key and dep_state.available and dep_state.rolled_out:
                 engine, build_message = "built", ""
         # A LoadBalancer's address comes from the cloud, on the Service's status.
-        service = None
-        if spec.service.type == "LoadBalancer":
+        service = ingress = None
+        if spec.ingress is not None:
+            ingress = self.api.get(kube.INGRESS, namespace, name)
+        elif spec.service.type == "LoadBalancer":
             service = self.api.get(kube.SERVICE, namespace, name)
         scaling = None
         if spec.autoscaling is not None:
@@ -240,7 +242,7 @@ class Reconciler:
             built_at=view.built_at,
             deployment=dep_state,
             endpoint=builders.endpoint_url(name, namespace),
-            external_endpoint=builders.external_endpoint(spec, service),
+            external_endpoint=builders.external_endpoint(spec, service, ingress),
             selector=builders.selector_string(name),
             engine_issue=engine_issue,
             serve_issue=serve_issue,
@@ -458,6 +460,7 @@ class Reconciler:
         if monitor is not None:
             # Only the configured kind is touched: its CRD (and RBAC) may be all there is.
             self._apply(monitor)
+        owned_labels = builders.labels(name, builders.COMPONENT_SERVER)
         for kind, child in (
             (kube.INGRESS, builders.build_ingress(name, namespace, spec, owner)),
             (kube.PDB, builders.build_pdb(name, namespace, spec, owner)),
@@ -465,10 +468,12 @@ class Reconciler:
         ):
             if child is not None:
                 self._apply(child)
-            elif self.api.get(kind, namespace, name) is not None:
-                self.api.delete(
-                    kind, namespace, name
-                )  # no longer wanted (no ingress / 1 replica / no autoscaling)
+                continue
+            # No longer wanted (no ingress / 1 replica / no autoscaling): delete ours only, never
+            # a user's object that happens to have the Reranker's name.
+            live = self.api.get(kind, namespace, name)
+            if live is not None and kube.is_ours(live, {"metadata": {"labels": owned_labels}}):
+                self.api.delete(kind, namespace, name)
         return deployment
 
     def _apply(self, desired: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -51,8 +51,14 @@ _LIMIT_MAX = 1048576  # upper bound of the runtime batching limits
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 ROLLOUT_PERCENT_PATTERN = r"^[0-9]{1,3}%$"
-# An Ingress rule's host: a DNS-1123 subdomain, or a wildcard `*.` in front of one.
-HOST_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# What the API server accepts in an Ingress and a LoadBalancer Service, written once here and
+# in the CRD (tests/operator/test_crd.py holds them together): a host is a DNS-1123 subdomain
+# (labels of at most 63, the last one starting with a letter: not an IP address), or `*.` and
+# one; a Prefix path has no empty, `.` or `..` segment, no space and no `%`; a source range is
+# an IPv4 or IPv6 CIDR.
+HOST_PATTERN = r"^(\*\.)?([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+INGRESS_PATH_PATTERN = r"^/$|^(/([^/.\s%]|\.[^/.\s%]|\.\.[^/\s%])[^/\s%]*)+/?$"
+CIDR_PATTERN = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}/([0-9]|[12][0-9]|3[0-2])|[0-9a-fA-F:]*:[0-9a-fA-F:]*/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8]))$"
 # checkpoint.source PVC: repo is pvc://<claim>[/<path>] (KServe's storageUri form). The claim is a
 # DNS-1123 subdomain of at most 253 characters; no '.' or '..' segment in the path. The CRD's
 # CEL rules use these very patterns (tests/operator/test_crd.py holds them together).
@@ -300,7 +306,7 @@ class ServiceSettings(_Model):
     annotations: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, LabelValue] = Field(default_factory=dict)
     load_balancer_source_ranges: tuple[
-        Annotated[str, StringConstraints(max_length=43, pattern=r"^[0-9a-fA-F:.]+/[0-9]+$")], ...
+        Annotated[str, StringConstraints(max_length=43, pattern=CIDR_PATTERN)], ...
     ] = Field(default=(), alias="loadBalancerSourceRanges", max_length=64)
 
 
@@ -308,7 +314,7 @@ class IngressSettings(_Model):
     """An Ingress `<name>` routing host + path to the Service's http port (8080)."""
 
     host: str = Field(max_length=253, pattern=HOST_PATTERN)
-    path: str = Field(default="/", max_length=1024, pattern=r"^/[^\s]*$")
+    path: str = Field(default="/", max_length=1024, pattern=INGRESS_PATH_PATTERN)
     class_name: str | None = Field(
         default=None, alias="className", max_length=253, pattern=SECRET_NAME_PATTERN
     )
@@ -322,7 +328,8 @@ class IngressSettings(_Model):
         """What a client outside the cluster calls (None for a wildcard host: no one name)."""
         if self.host.startswith("*."):
             return None
-        return f"{'https' if self.tls_secret_name else 'http'}://{self.host}{self.path}"
+        scheme = "https" if self.tls_secret_name else "http"
+        return f"{scheme}://{self.host}{self.path.rstrip('/')}"  # `${url}/rerank` works
 
 
 class EngineCache(_Model):
@@ -393,11 +400,17 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _re2_search(pattern: str, value: str) -> bool:
+    """`pattern` searched as CEL's RE2 does: `$` only at the very end (Python's `$` also matches
+    before a final newline). Our patterns use `$` only as an anchor."""
+    return re.search(pattern.replace("$", r"\Z"), value) is not None
+
+
 def _check_checkpoint(ckpt: Checkpoint) -> None:
     if ckpt.source == "PVC" and not (
-        re.search(PVC_REPO_PATTERN, ckpt.repo)
-        and re.search(PVC_CLAIM_LENGTH_PATTERN, ckpt.repo)
-        and not re.search(PVC_DOT_SEGMENT_PATTERN, ckpt.repo)
+        _re2_search(PVC_REPO_PATTERN, ckpt.repo)
+        and _re2_search(PVC_CLAIM_LENGTH_PATTERN, ckpt.repo)
+        and not _re2_search(PVC_DOT_SEGMENT_PATTERN, ckpt.repo)
     ):
         raise InvalidSpec(
             "spec.checkpoint.repo",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import shutil
 import sys
 import tarfile
 import threading
@@ -209,8 +210,7 @@ def test_pvc_source_reads_the_directory_on_the_mounted_claim(
 ) -> None:
     # The operator mounts the claim `models` at the mount; pvc://models/<path> is <mount>/<path>.
     mount = tmp_path / "checkpoint"
-    (mount / "rerankers").mkdir(parents=True)
-    (mount / "rerankers" / "tiny").symlink_to(xlmr_reranker, target_is_directory=True)
+    shutil.copytree(xlmr_reranker, mount / "rerankers" / "tiny")
     f = ck.fetch_checkpoint(
         "pvc://models/rerankers/tiny/", "main", "PVC", tmp_path / "scratch", pvc_mount=mount
     )
@@ -237,6 +237,27 @@ def test_pvc_source_errors_say_what_is_on_the_claim(tmp_path: Path) -> None:
         ck.fetch_checkpoint("pvc://models/x", "main", "PVC", tmp_path, pvc_mount=tmp_path / "no")
     with pytest.raises(BuildArgumentError, match=r"cannot be applied to a PVC source"):
         ck.fetch_checkpoint("pvc://models/x", "v2", "PVC", tmp_path, pvc_mount=mount)
+
+
+def test_pvc_source_refuses_links_out_of_the_claim(xlmr_reranker: Path, tmp_path: Path) -> None:
+    mount = tmp_path / "checkpoint"
+    mount.mkdir()
+    # A model directory linked from elsewhere, or one file linked out (e.g. to the environment).
+    (mount / "linked").symlink_to(xlmr_reranker, target_is_directory=True)
+    with pytest.raises(CheckpointFetchError, match=r"linked is a link out of the claim"):
+        ck.fetch_checkpoint("pvc://models/linked", "main", "PVC", tmp_path, pvc_mount=mount)
+    model = mount / "model"
+    shutil.copytree(xlmr_reranker, model)
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.json").symlink_to("/proc/self/environ")
+    with pytest.raises(CheckpointFetchError, match=r"model/tokenizer.json is a link out of"):
+        ck.fetch_checkpoint("pvc://models/model", "main", "PVC", tmp_path, pvc_mount=mount)
+    # Links within the claim (an HF cache's layout) are fine.
+    (model / "tokenizer.json").unlink()
+    shutil.copy(xlmr_reranker / "tokenizer.json", mount / "blob")
+    (model / "tokenizer.json").symlink_to("../blob")
+    f = ck.fetch_checkpoint("pvc://models/model", "main", "PVC", tmp_path, pvc_mount=mount)
+    ck.validate_checkpoint(f.path)
 
 
 @pytest.mark.parametrize(

@@ -1029,17 +1029,42 @@ def test_ingress_routes_host_and_path_to_the_http_port() -> None:
          "http://abc.elb.amazonaws.com:8080"),
         ({"service": {"type": "LoadBalancer"}}, {"loadBalancer": {"ingress": [{"ip": "fd00::7"}]}},
          "http://[fd00::7]:8080"),
-        ({"ingress": {"host": "rr.example.com"}}, None, "http://rr.example.com/"),
-        ({"ingress": {"host": "rr.example.com", "path": "/v1", "tlsSecretName": "t"}}, None,
+        ({"ingress": {"host": "rr.example.com"}}, None, "http://rr.example.com"),
+        ({"ingress": {"host": "rr.example.com", "path": "/v1/", "tlsSecretName": "t"}}, None,
          "https://rr.example.com/v1"),
         ({"ingress": {"host": "*.example.com"}}, None, None),
         ({"service": {"type": "LoadBalancer"}, "ingress": {"host": "rr.example.com"}},
-         {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}}, "http://rr.example.com/"),
+         {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}}, "http://rr.example.com"),
     ],
 )  # fmt: skip
 def test_external_endpoint(fields: dict, service_status: dict | None, url: str | None) -> None:
     service = None if service_status is None else {"status": service_status}
-    assert b.external_endpoint(spec_of(**fields), service) == url
+    spec = spec_of(**fields)
+    ingress = b.build_ingress("rr", NS, spec)
+    assert b.external_endpoint(spec, service, ingress) == url
+    if spec.ingress is not None:  # not before the Ingress exists
+        assert b.external_endpoint(spec, service, None) is None
+
+
+def test_service_patch_keeps_what_the_cluster_set() -> None:
+    """A replaced Service spec keeps its allocated IPs, and on a LoadBalancer the class the AWS
+    Load Balancer Controller's webhook set (immutable: dropping it is refused)."""
+    lb = spec_of(service={"type": "LoadBalancer"})
+    live = b.build_service("rr", NS, lb)
+    set_by_cluster = {"clusterIP": "10.0.0.7", "clusterIPs": ["10.0.0.7"], "ipFamilies": ["IPv4"],
+                      "ipFamilyPolicy": "SingleStack", "loadBalancerClass": "service.k8s.aws/nlb",
+                      "allocateLoadBalancerNodePorts": True}  # fmt: skip
+    live["spec"].update(set_by_cluster)
+    annotated = spec_of(service={"type": "LoadBalancer", "annotations": {"a": "1"}})
+    desired = b.build_service("rr", NS, annotated)
+    patched = jsonpatch.apply_patch(live, b.replacement_patch(desired, live))
+    assert patched["spec"] == {**desired["spec"], **set_by_cluster}
+    # To ClusterIP: the LoadBalancer's fields go (the API server refuses them there), the IPs stay.
+    desired = b.build_service("rr", NS, spec_of())
+    patched = jsonpatch.apply_patch(live, b.replacement_patch(desired, live))
+    assert patched["spec"]["type"] == "ClusterIP" and patched["spec"]["clusterIP"] == "10.0.0.7"
+    assert "loadBalancerClass" not in patched["spec"]
+    assert "allocateLoadBalancerNodePorts" not in patched["spec"]
 
 
 def test_user_metadata_removed_from_the_spec_leaves_the_child() -> None:

@@ -433,6 +433,8 @@ def test_cel_rule_is_in_the_crd_and_enforced_in_code(
         {**MINIMAL, "rollout": {"maxSurge": "25%", "maxUnavailable": "10%"}},
         {**MINIMAL, "pod": {"imagePullSecrets": ["regcred"], "schedulerName": "volcano"}},
         {**MINIMAL, "ingress": {"host": "*.rerank.example.com", "path": "/v1/rerank", "className": "nginx"}},
+        {**MINIMAL, "ingress": {"host": "localhost", "path": "/.well-known/..x/a-b_c~/"}},
+        {**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["0.0.0.0/0", "::/0", "2001:db8::/32"]}},
     ],
 )  # fmt: skip
 def test_possible_combinations_are_accepted(spec: dict) -> None:
@@ -481,6 +483,14 @@ def test_every_cel_rule_compiles() -> None:
     assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 13  # each compiled at import
 
 
+def test_exposure_patterns_are_the_operators() -> None:
+    props = crd_schema(load_crd())["properties"]["spec"]["properties"]
+    ingress, service = props["ingress"]["properties"], props["service"]["properties"]
+    assert ingress["host"]["pattern"] == spec_mod.HOST_PATTERN
+    assert ingress["path"]["pattern"] == spec_mod.INGRESS_PATH_PATTERN
+    assert service["loadBalancerSourceRanges"]["items"]["pattern"] == spec_mod.CIDR_PATTERN
+
+
 def test_pvc_rule_uses_the_operators_patterns() -> None:
     # The rule's regexes are spec.py's, written once as a CEL string (backslashes doubled).
     [rule] = [r for r in cel_rules(load_crd()) if r.startswith("self.source != 'PVC'")]
@@ -524,7 +534,8 @@ def rule_edge_specs() -> typing.Iterator[dict[str, Any]]:
     repos = ["BAAI/bge-reranker-large", "s3://b/bge", "pvc://models", "pvc://models/", "pvc://m/a/b",
              "pvc://models.team-a/bge/v2/", "pvc://Models/x", "pvc://-m/x", "pvc://m.", "pvc://m//x",
              "pvc://m/../x", "pvc://m/./x", "pvc://m/..x/.y", "pvc://m/..", "pvc://", "models/x",
-             f"pvc://{claim_253}/x", f"pvc://{claim_254}/x", f"pvc://{claim_253}"]  # fmt: skip
+             f"pvc://{claim_253}/x", f"pvc://{claim_254}/x", f"pvc://{claim_253}",
+             "pvc://models\n", "pvc://m/..\n", "pvc://m/x\n/y"]  # fmt: skip
     for source in typing.get_args(spec_mod.Source):
         for repo in repos:
             for revision in _absent_or("main", "v2"):
@@ -600,6 +611,17 @@ def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
         ({**MINIMAL, "ingress": {"host": "https://rerank.example.com"}}, "spec.ingress.host"),
         ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "rerank"}}, "spec.ingress.path"),
         ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/a b"}}, "spec.ingress.path"),
+        # What the API server refuses in an Ingress or a Service, refused up front instead.
+        ({**MINIMAL, "ingress": {"host": "10.0.0.1"}}, "spec.ingress.host"),
+        ({**MINIMAL, "ingress": {"host": "a" * 64 + ".example.com"}}, "spec.ingress.host"),
+        ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/v1//rerank"}}, "spec.ingress.path"),
+        ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/v1/../admin"}}, "spec.ingress.path"),
+        ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/v1/."}}, "spec.ingress.path"),
+        ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/v1%2frerank"}}, "spec.ingress.path"),
+        ({**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["1.2.3.4/99"]}},
+         "spec.service.loadBalancerSourceRanges[0]"),
+        ({**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["fd00::/129"]}},
+         "spec.service.loadBalancerSourceRanges[0]"),
         ({**MINIMAL, "ingress": {"host": "a.example.com", "tlsSecretName": "Tls"}},
          "spec.ingress.tlsSecretName"),
     ],

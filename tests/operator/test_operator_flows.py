@@ -392,7 +392,7 @@ async def test_flows_service_type_ingress_and_the_external_endpoint(
     assert created["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == "4m"
     assert created["metadata"]["ownerReferences"][0]["kind"] == "Reranker"
     await wait_for(
-        lambda: cluster.status(NAME).get("externalEndpoint") == "https://rerank.example.com/",
+        lambda: cluster.status(NAME).get("externalEndpoint") == "https://rerank.example.com",
         "the Ingress's URL in status",
     )
     annotations = await wait_for(
@@ -416,6 +416,15 @@ async def test_flows_service_type_ingress_and_the_external_endpoint(
         "ClusterIP, no external endpoint",
     )
     assert cluster.status(NAME)["phase"] == "Ready"
+
+    # The user's own Ingress of that name (say, for gRPC) is not the operator's to delete.
+    user_ingress = {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                    "metadata": {"name": NAME}, "spec": {"defaultBackend": {
+                        "service": {"name": NAME, "port": {"name": "grpc"}}}}}  # fmt: skip
+    await cluster.create(cluster.INGRESS, user_ingress)
+    await cluster.update_spec(NAME, {"replicas": 2})  # a reconcile that renders no Ingress
+    await wait_for(lambda: cluster.get(cluster.PDB, NAME), "the reconcile of 2 replicas")
+    assert cluster.get(cluster.INGRESS, NAME) is not None
 
 
 async def test_flows_l4_to_cpu_leaves_no_gpu_placement_on_the_deployment(

@@ -188,6 +188,7 @@ def pvc_checkpoint_dir(url: str, mount: Path) -> Path:
         )
     path = mount / sub
     if path.is_dir():
+        _check_inside_claim(path, mount, url)
         log.info("using checkpoint %s from the claim %s, mounted at %s", sub or "/", claim, mount)
         return path
     # Name what is there, from the deepest directory that exists: a typo is then obvious.
@@ -203,6 +204,20 @@ def pvc_checkpoint_dir(url: str, mount: Path) -> Path:
         f"{url}: there is no directory {sub!r} on the claim {claim!r}; its "
         f"{'root' if where == '.' else where + '/'} holds {shown or 'nothing'}"
     )
+
+
+def _check_inside_claim(path: Path, mount: Path, url: str) -> None:
+    """Links on the claim may point within it (an HF cache's snapshots -> blobs), never out of
+    it: the build would copy whatever they name (another volume, /proc/self/environ with the
+    build's credentials) into the engine directory."""
+    root = mount.resolve()
+    for candidate in [path, *path.iterdir()]:
+        target = candidate.resolve()
+        if target != root and root not in target.parents:
+            raise CheckpointFetchError(
+                f"{url}: {candidate.relative_to(mount).as_posix()} is a link out of the claim "
+                f"(to {target}); a checkpoint on a PVC must stay on it"
+            )
 
 
 def _local_revision(path: Path) -> str | None:
