@@ -53,6 +53,9 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
     "networking.k8s.io/v1/ingresses": kmock.ResourceInfo(
         kind="Ingress", namespaced=True, verbs=_ALL, subresources=["status"]
     ),
+    "gateway.networking.k8s.io/v1/httproutes": kmock.ResourceInfo(
+        kind="HTTPRoute", namespaced=True, verbs=_ALL, subresources=["status"]
+    ),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs=_ALL),
     "batch/v1/jobs": kmock.ResourceInfo(
         kind="Job", namespaced=True, verbs=_ALL, subresources=["status"]
@@ -173,6 +176,7 @@ class Cluster:
     DEPLOYMENT = "apps/v1/deployments"
     SERVICE = "v1/services"
     INGRESS = "networking.k8s.io/v1/ingresses"
+    HTTP_ROUTE = "gateway.networking.k8s.io/v1/httproutes"
     PVC = "v1/persistentvolumeclaims"
     POD = "v1/pods"
     EVENT = "v1/events"

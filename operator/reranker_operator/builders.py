@@ -842,6 +842,45 @@ def build_ingress(
     return _finish(obj, owner)
 
 
+def build_http_route(
+    name: str, namespace: str, spec: RerankerSpec, owner: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The Gateway API HTTPRoute `<name>` for spec.httpRoute (its hostnames + path prefix -> the
+    Service's port 8080), or None when the spec asks for none."""
+    route = spec.http_route
+    if route is None:
+        return None
+    parent_refs = [
+        {
+            "name": ref.name,
+            **({"namespace": ref.namespace} if ref.namespace else {}),
+            **({"sectionName": ref.section_name} if ref.section_name else {}),
+        }
+        for ref in route.parent_refs
+    ]
+    route_spec: dict[str, Any] = {
+        "parentRefs": parent_refs,
+        "rules": [
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": route.path}}],
+                "backendRefs": [{"name": name, "port": PORT}],
+            }
+        ],
+    }
+    if route.hostnames:
+        route_spec["hostnames"] = list(route.hostnames)
+    meta = _with_user_metadata(
+        _metadata(name, namespace, labels(name, COMPONENT_SERVER)), {}, route.annotations
+    )
+    obj = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": meta,
+        "spec": route_spec,
+    }
+    return _finish(obj, owner)
+
+
 def external_endpoint(
     spec: RerankerSpec, service: dict[str, Any] | None, ingress: dict[str, Any] | None
 ) -> str | None:
@@ -978,7 +1017,7 @@ def build_children(
     key: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every child for `spec` in apply order: [PVC, Job] (Shared mode), Deployment, Service,
-    [Ingress], [PDB], [HPA], [monitor]."""
+    [Ingress], [HTTPRoute], [PDB], [HPA], [monitor]."""
     key = key or engine_key_for(spec, config)
     children: list[dict[str, Any] | None] = []
     if cache_mode(spec, config) == "Shared":
@@ -990,6 +1029,7 @@ def build_children(
         build_deployment(name, namespace, spec, config, key, owner),
         build_service(name, namespace, spec, owner),
         build_ingress(name, namespace, spec, owner),
+        build_http_route(name, namespace, spec, owner),
         build_pdb(name, namespace, spec, owner),
         build_hpa(name, namespace, spec, owner, config),
         build_monitor(name, namespace, config, owner),

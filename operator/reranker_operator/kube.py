@@ -57,6 +57,7 @@ DEPLOYMENT = Kind("apps/v1", "deployments")
 PDB = Kind("policy/v1", "poddisruptionbudgets")
 HPA = Kind("autoscaling/v2", "horizontalpodautoscalers")
 INGRESS = Kind("networking.k8s.io/v1", "ingresses")
+HTTP_ROUTE = Kind("gateway.networking.k8s.io/v1", "httproutes")
 SERVICE_MONITOR = Kind("monitoring.coreos.com/v1", "servicemonitors")
 POD_MONITORING = Kind("monitoring.googleapis.com/v1", "podmonitorings")
 
@@ -71,6 +72,7 @@ KIND_BY_NAME: dict[str, Kind] = {
     "PodDisruptionBudget": PDB,
     "HorizontalPodAutoscaler": HPA,
     "Ingress": INGRESS,
+    "HTTPRoute": HTTP_ROUTE,
     "ServiceMonitor": SERVICE_MONITOR,
     "PodMonitoring": POD_MONITORING,
 }

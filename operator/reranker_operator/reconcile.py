@@ -158,6 +158,8 @@ class Reconciler:
             return Outcome(phase=None)
         try:
             return self._reconcile(body)
+        except InvalidSpec as exc:  # a spec this cluster cannot serve (see _ensure_serving)
+            return self._invalid(body, exc)
         except ApiException as exc:
             if exc.status not in (400, 422):
                 raise
@@ -463,18 +465,33 @@ class Reconciler:
         owned_labels = builders.labels(name, builders.COMPONENT_SERVER)
         for kind, child in (
             (kube.INGRESS, builders.build_ingress(name, namespace, spec, owner)),
+            (kube.HTTP_ROUTE, builders.build_http_route(name, namespace, spec, owner)),
             (kube.PDB, builders.build_pdb(name, namespace, spec, owner)),
             (kube.HPA, builders.build_hpa(name, namespace, spec, owner, self.config)),
         ):
             if child is not None:
-                self._apply(child)
+                self._apply_optional_kind(kind, child)
                 continue
-            # No longer wanted (no ingress / 1 replica / no autoscaling): delete ours only, never
+            # No longer wanted (no ingress or route / 1 replica / no autoscaling): delete ours only, never
             # a user's object that happens to have the Reranker's name.
             live = self.api.get(kind, namespace, name)
             if live is not None and kube.is_ours(live, {"metadata": {"labels": owned_labels}}):
                 self.api.delete(kind, namespace, name)
         return deployment
+
+    def _apply_optional_kind(self, kind: kube.Kind, child: dict[str, Any]) -> None:
+        """Apply a child whose API a cluster may not serve: the Gateway API is an add-on."""
+        try:
+            self._apply(child)
+        except ApiException as exc:
+            if exc.status != 404 or kind != kube.HTTP_ROUTE:
+                raise
+            # The collection itself is missing: no retry installs the Gateway API's CRDs.
+            raise InvalidSpec(
+                "spec.httpRoute",
+                "this cluster does not serve the Gateway API (gateway.networking.k8s.io/v1 "
+                "HTTPRoute): install its CRDs, or remove spec.httpRoute",
+            ) from None
 
     def _apply(self, desired: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
         """Create, or replace the owned fields when the builders' spec-hash annotation differs."""

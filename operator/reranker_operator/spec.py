@@ -58,6 +58,8 @@ ROLLOUT_PERCENT_PATTERN = r"^[0-9]{1,3}%$"
 # an IPv4 or IPv6 CIDR.
 HOST_PATTERN = r"^(\*\.)?([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
 INGRESS_PATH_PATTERN = r"^/$|^(/([^/.\s%]|\.[^/.\s%]|\.\.[^/\s%])[^/\s%]*)+/?$"
+# A namespace name (DNS-1123 label).
+NAME_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 CIDR_PATTERN = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}/([0-9]|[12][0-9]|3[0-2])|[0-9a-fA-F:]*:[0-9a-fA-F:]*/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8]))$"
 # checkpoint.source PVC: repo is pvc://<claim>[/<path>] (KServe's storageUri form). The claim is a
 # DNS-1123 subdomain of at most 253 characters; no '.' or '..' segment in the path. The CRD's
@@ -332,6 +334,27 @@ class IngressSettings(_Model):
         return f"{scheme}://{self.host}{self.path.rstrip('/')}"  # `${url}/rerank` works
 
 
+class ParentRef(_Model):
+    """A Gateway (or a listener of one, `sectionName`) the HTTPRoute attaches to."""
+
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str | None = Field(default=None, max_length=63, pattern=NAME_LABEL_PATTERN)
+    section_name: str | None = Field(
+        default=None, alias="sectionName", max_length=253, pattern=SECRET_NAME_PATTERN
+    )
+
+
+class HTTPRouteSettings(_Model):
+    """A Gateway API HTTPRoute `<name>` sending host(s) + path prefix to the Service's port 8080."""
+
+    parent_refs: tuple[ParentRef, ...] = Field(alias="parentRefs", min_length=1, max_length=32)
+    hostnames: tuple[
+        Annotated[str, StringConstraints(max_length=253, pattern=HOST_PATTERN)], ...
+    ] = Field(default=(), max_length=16)
+    path: str = Field(default="/", max_length=1024, pattern=INGRESS_PATH_PATTERN)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
 class EngineCache(_Model):
     # None: the operator config's default (see config.EngineCacheDefaults).
     mode: CacheMode | None = None
@@ -354,6 +377,7 @@ class RerankerSpec(_Model):
     pod: PodSettings = PodSettings()
     service: ServiceSettings = ServiceSettings()
     ingress: IngressSettings | None = None
+    http_route: HTTPRouteSettings | None = Field(default=None, alias="httpRoute")
     rollout: Rollout = Rollout()
 
     @property
@@ -501,6 +525,7 @@ def _check_rules(spec: RerankerSpec) -> None:
         ("spec.service.labels", spec.service.labels),
         ("spec.service.annotations", spec.service.annotations),
         ("spec.ingress.annotations", spec.ingress.annotations if spec.ingress else {}),
+        ("spec.httpRoute.annotations", spec.http_route.annotations if spec.http_route else {}),
     )
     for field, keys in user_metadata:
         for k in keys:

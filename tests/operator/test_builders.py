@@ -1016,6 +1016,32 @@ def test_ingress_routes_host_and_path_to_the_http_port() -> None:
     assert "ingressClassName" not in plain["spec"]  # the cluster's default class
 
 
+def test_http_route_attaches_to_the_gateway_and_routes_to_the_service() -> None:
+    assert b.build_http_route("rr", NS, spec_of()) is None
+    route_spec = spec_of(httpRoute={
+        "parentRefs": [{"name": "shared", "namespace": "gateway-system", "sectionName": "https"},
+                       {"name": "internal"}],
+        "hostnames": ["rerank.example.com"], "annotations": {"team": "search"}})  # fmt: skip
+    route = b.build_http_route("rr", NS, route_spec, OWNER)
+    assert route is not None
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1" and route["kind"] == "HTTPRoute"
+    assert route["spec"] == {
+        "parentRefs": [{"name": "shared", "namespace": "gateway-system", "sectionName": "https"},
+                       {"name": "internal"}],
+        "hostnames": ["rerank.example.com"],
+        "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                   "backendRefs": [{"name": "rr", "port": 8080}]}],
+    }  # fmt: skip
+    assert route["metadata"]["annotations"]["team"] == "search"
+    assert route["metadata"]["ownerReferences"] == [OWNER]
+    assert route in b.build_children("rr", NS, route_spec, CONFIG, owner=OWNER, key=KEY)
+    # The Service it names is the one the operator makes, on the port it names.
+    svc = b.build_service("rr", NS, route_spec)
+    [backend] = route["spec"]["rules"][0]["backendRefs"]
+    assert backend["name"] == svc["metadata"]["name"]
+    assert backend["port"] in [p["port"] for p in svc["spec"]["ports"]]
+
+
 @pytest.mark.parametrize(
     "fields,service_status,url",
     [

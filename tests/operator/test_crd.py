@@ -434,6 +434,9 @@ def test_cel_rule_is_in_the_crd_and_enforced_in_code(
         {**MINIMAL, "pod": {"imagePullSecrets": ["regcred"], "schedulerName": "volcano"}},
         {**MINIMAL, "ingress": {"host": "*.rerank.example.com", "path": "/v1/rerank", "className": "nginx"}},
         {**MINIMAL, "ingress": {"host": "localhost", "path": "/.well-known/..x/a-b_c~/"}},
+        {**MINIMAL, "httpRoute": {"parentRefs": [{"name": "gw", "namespace": "gateway-system",
+                                                  "sectionName": "https"}],
+                                  "hostnames": ["rerank.example.com", "*.example.com"]}},
         {**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["0.0.0.0/0", "::/0", "2001:db8::/32"]}},
     ],
 )  # fmt: skip
@@ -488,6 +491,9 @@ def test_exposure_patterns_are_the_operators() -> None:
     ingress, service = props["ingress"]["properties"], props["service"]["properties"]
     assert ingress["host"]["pattern"] == spec_mod.HOST_PATTERN
     assert ingress["path"]["pattern"] == spec_mod.INGRESS_PATH_PATTERN
+    route = props["httpRoute"]["properties"]
+    assert route["hostnames"]["items"]["pattern"] == spec_mod.HOST_PATTERN
+    assert route["path"]["pattern"] == spec_mod.INGRESS_PATH_PATTERN
     assert service["loadBalancerSourceRanges"]["items"]["pattern"] == spec_mod.CIDR_PATTERN
 
 
@@ -613,6 +619,14 @@ def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
         ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/a b"}}, "spec.ingress.path"),
         # What the API server refuses in an Ingress or a Service, refused up front instead.
         ({**MINIMAL, "ingress": {"host": "10.0.0.1"}}, "spec.ingress.host"),
+        ({**MINIMAL, "httpRoute": {"hostnames": ["a.example.com"]}}, "spec.httpRoute.parentRefs"),
+        ({**MINIMAL, "httpRoute": {"parentRefs": []}}, "spec.httpRoute.parentRefs"),
+        ({**MINIMAL, "httpRoute": {"parentRefs": [{"name": "gw", "namespace": "Gateway_System"}]}},
+         "spec.httpRoute.parentRefs[0].namespace"),
+        ({**MINIMAL, "httpRoute": {"parentRefs": [{"name": "gw"}], "hostnames": ["10.0.0.1"]}},
+         "spec.httpRoute.hostnames[0]"),
+        ({**MINIMAL, "httpRoute": {"parentRefs": [{"name": "gw"}], "path": "/a/../b"}},
+         "spec.httpRoute.path"),
         ({**MINIMAL, "ingress": {"host": "a" * 64 + ".example.com"}}, "spec.ingress.host"),
         ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/v1//rerank"}}, "spec.ingress.path"),
         ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/v1/../admin"}}, "spec.ingress.path"),
@@ -680,10 +694,12 @@ def test_code_only_checks_name_the_field() -> None:
         ({"service": {"annotations": {"reranker.dev/spec-hash": "x"}}}, "spec.service.annotations"),
         ({"ingress": {"host": "a.b", "annotations": {"reranker.dev/x": "y"}}},
          "spec.ingress.annotations"),
+        ({"httpRoute": {"parentRefs": [{"name": "gw"}], "annotations": {"app.kubernetes.io/x": "y"}}},
+         "spec.httpRoute.annotations"),
     ],
 )  # fmt: skip
 def test_pod_settings_may_not_override_the_operators(pod: dict, field: str) -> None:
-    fields = pod if set(pod) & {"service", "ingress"} else {"pod": pod}
+    fields = pod if set(pod) & {"service", "ingress", "httpRoute"} else {"pod": pod}
     assert schema_errors(reranker({**MINIMAL, **fields})) == []
     with pytest.raises(InvalidSpec) as exc:
         parse_spec(reranker({**MINIMAL, **fields}))

@@ -405,9 +405,17 @@ async def test_flows_service_type_ingress_and_the_external_endpoint(
     )
     assert annotations["cloud/lb-id"] == "42"
 
-    # No ingress, and back to ClusterIP: the Ingress goes, and so does the external endpoint.
-    await cluster.update_spec(NAME, {"service": None, "ingress": None})
+    # A Gateway API route instead of the Ingress, then neither, and back to ClusterIP: each goes,
+    # and so does the external endpoint.
+    route = {"parentRefs": [{"name": "shared", "namespace": "gateway-system"}],
+             "hostnames": ["rerank.example.com"]}  # fmt: skip
+    await cluster.update_spec(NAME, {"ingress": None, "httpRoute": route})
     await wait_for(lambda: cluster.get(cluster.INGRESS, NAME) is None, "the Ingress deleted")
+    created_route = await wait_for(lambda: cluster.get(cluster.HTTP_ROUTE, NAME), "the HTTPRoute")
+    assert created_route["spec"]["parentRefs"] == route["parentRefs"]
+    assert created_route["spec"]["rules"][0]["backendRefs"] == [{"name": NAME, "port": 8080}]
+    await cluster.update_spec(NAME, {"service": None, "httpRoute": None})
+    await wait_for(lambda: cluster.get(cluster.HTTP_ROUTE, NAME) is None, "the HTTPRoute deleted")
     await wait_for(
         lambda: (
             "externalEndpoint" not in cluster.status(NAME)

@@ -71,6 +71,36 @@ def test_a_child_refused_by_the_api_server_is_an_invalid_spec_with_its_message()
     assert [e["reason"] for e in api.events] == ["InvalidSpec"]
 
 
+class NoGatewayApi(RefusingApi):
+    """An API server without the Gateway API: every HTTPRoute request answers 404."""
+
+    # Its GETs of routes answer 404, which kube.Kube.get returns as None (the inherited get).
+    def create_if_absent(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        if obj["kind"] == "HTTPRoute":
+            raise ApiException(status=404, reason="Not Found")
+        return obj, True
+
+
+def test_an_http_route_without_the_gateway_api_fails_saying_so() -> None:
+    body = {
+        "apiVersion": "reranker.dev/v1alpha1",
+        "kind": "Reranker",
+        "metadata": {"name": "rr", "namespace": "ml", "uid": "u", "generation": 2},
+        "spec": {"checkpoint": {"repo": "BAAI/bge-reranker-large"},
+                 "httpRoute": {"parentRefs": [{"name": "gw"}]}},
+    }  # fmt: skip
+    api = NoGatewayApi(body)
+    outcome = Reconciler(cast(kube.Kube, api), OperatorConfig()).reconcile("ml", "rr")
+    assert outcome.phase == "Failed" and outcome.invalid is not None
+    assert outcome.invalid.field == "spec.httpRoute"
+    (written,) = api.status_patches
+    assert "does not serve the Gateway API" in written["message"]
+    # Without spec.httpRoute, the same cluster is fine: its 404s read as "no route".
+    del body["spec"]["httpRoute"]
+    api = NoGatewayApi(body)
+    assert Reconciler(cast(kube.Kube, api), OperatorConfig()).reconcile("ml", "rr").invalid is None
+
+
 def counted(reconciler: Reconciler, result: str) -> float:
     value = reconciler.metrics.registry.get_sample_value(
         "reranker_operator_reconciles_total", {"result": result}

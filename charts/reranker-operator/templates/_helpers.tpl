@@ -187,6 +187,11 @@ collector through owner references, so only PDBs and HPAs (removed when no longe
 - apiGroups: ["networking.k8s.io"]
   resources: ["ingresses"]
   verbs: ["get", "create", "patch", "delete"]
+# Gateway API HTTPRoutes (spec.httpRoute): the same. Where the Gateway API is not installed, the
+# operator's reads of them answer 404, which it takes as "none".
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes"]
+  verbs: ["get", "create", "patch", "delete"]
 # Engine-cache PVCs (Shared mode): created, annotated, and watched (an unbound claim).
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
