@@ -349,12 +349,18 @@ def _pod_common(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
         pod["runtimeClassName"] = runtime_class
     if settings.topology_spread_constraints:
         pod["topologySpreadConstraints"] = copy.deepcopy(list(settings.topology_spread_constraints))
-    pull_secrets = list(dict.fromkeys([*config.image_pull_secrets, *settings.image_pull_secrets]))
+    pull_secrets = _pull_secrets(spec, config)
     if pull_secrets:
-        pod["imagePullSecrets"] = [{"name": s} for s in pull_secrets]
+        pod["imagePullSecrets"] = pull_secrets
     if settings.scheduler_name:
         pod["schedulerName"] = settings.scheduler_name
     return pod
+
+
+def _pull_secrets(spec: RerankerSpec, config: OperatorConfig) -> list[dict[str, str]]:
+    """The operator config's image pull secrets, then the Reranker's own, each once."""
+    names = dict.fromkeys([*config.image_pull_secrets, *spec.pod.image_pull_secrets])
+    return [{"name": n} for n in names]
 
 
 def _pod_metadata(
@@ -409,14 +415,31 @@ def _volumes(
     return volumes
 
 
+# Never through the proxy: the pod itself, the cloud's metadata server (GKE Workload Identity,
+# EC2/EKS instance credentials: through a proxy they fail, or answer for the proxy's node), and
+# the cluster's own services (an in-cluster MinIO).
+ALWAYS_NO_PROXY = (
+    "localhost",
+    "127.0.0.1",
+    "169.254.169.254",
+    "metadata.google.internal",
+    ".svc",
+    ".cluster.local",
+)
+
+
 def _proxy_env(config: OperatorConfig) -> list[dict[str, str]]:
     """The build's proxy and CA bundle variables (both spellings: tools read one or the other)."""
     proxy = config.proxy
     env: list[dict[str, str]] = []
+    no_proxy = None
+    if proxy.http_proxy or proxy.https_proxy:
+        listed = [h.strip() for h in (proxy.no_proxy or "").split(",") if h.strip()]
+        no_proxy = ",".join(dict.fromkeys([*listed, *ALWAYS_NO_PROXY]))
     for name, value in (
         ("HTTP_PROXY", proxy.http_proxy),
         ("HTTPS_PROXY", proxy.https_proxy),
-        ("NO_PROXY", proxy.no_proxy),
+        ("NO_PROXY", no_proxy),
     ):
         if value:
             env += [_env(name, value), _env(name.lower(), value)]
@@ -612,8 +635,9 @@ def build_prune_job(
             {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache_pvc_name(name)}}
         ],
     }
-    if config.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": s} for s in config.image_pull_secrets]
+    pull_secrets = _pull_secrets(spec, config)
+    if pull_secrets:
+        pod["imagePullSecrets"] = pull_secrets
     obj = {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -191,12 +191,16 @@ class AutoscalingSettings(_Model):
     )
 
 
+# A proxy URL with its scheme: httpx refuses `proxy:3128`, urllib misreads it.
+PROXY_URL_PATTERN = r"^(https?|socks5h?)://[^\s/]+/?$"
+
+
 class ProxySettings(_Model):
     """An egress proxy and a CA bundle for the engine build's downloads (the hub, S3, GCS,
     Azure, REMOTE_URL), set on every build container. Serving never leaves the cluster."""
 
-    http_proxy: str | None = Field(default=None, alias="httpProxy", min_length=1)
-    https_proxy: str | None = Field(default=None, alias="httpsProxy", min_length=1)
+    http_proxy: str | None = Field(default=None, alias="httpProxy", pattern=PROXY_URL_PATTERN)
+    https_proxy: str | None = Field(default=None, alias="httpsProxy", pattern=PROXY_URL_PATTERN)
     no_proxy: str | None = Field(default=None, alias="noProxy", min_length=1)
     # A ConfigMap in each Reranker's namespace holding a PEM bundle (e.g. trust-manager's): it
     # replaces the default trust store, so it must hold the public CAs too.

@@ -9,6 +9,7 @@ handlers turn into a Failed status naming the field instead of a crash loop.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
@@ -54,13 +55,14 @@ ROLLOUT_PERCENT_PATTERN = r"^[0-9]{1,3}%$"
 # What the API server accepts in an Ingress and a LoadBalancer Service, written once here and
 # in the CRD (tests/operator/test_crd.py holds them together): a host is a DNS-1123 subdomain
 # (labels of at most 63, the last one starting with a letter: not an IP address), or `*.` and
-# one; a Prefix path has no empty, `.` or `..` segment, no space and no `%`; a source range is
-# an IPv4 or IPv6 CIDR.
+# one; a Prefix path has no empty, `.` or `..` segment, no space, control character or `%` (the
+# classes spelt out in ASCII: the engines' `\s` differ); a source range is an IPv4 or IPv6 CIDR
+# (an IPv6 one checked in full by `ipaddress` here, which no regex of a sane size does).
 HOST_PATTERN = r"^(\*\.)?([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
-INGRESS_PATH_PATTERN = r"^/$|^(/([^/.\s%]|\.[^/.\s%]|\.\.[^/\s%])[^/\s%]*)+/?$"
+INGRESS_PATH_PATTERN = r"^/$|^(/([^/.%\x00-\x20\x7f]|\.[^/.%\x00-\x20\x7f]|\.\.[^/%\x00-\x20\x7f])[^/%\x00-\x20\x7f]*)+/?$"
 # A namespace name (DNS-1123 label).
 NAME_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-CIDR_PATTERN = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}/([0-9]|[12][0-9]|3[0-2])|[0-9a-fA-F:]*:[0-9a-fA-F:]*/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8]))$"
+CIDR_PATTERN = r"^(((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])/([0-9]|[12][0-9]|3[0-2])|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8]))$"
 # checkpoint.source PVC: repo is pvc://<claim>[/<path>] (KServe's storageUri form). The claim is a
 # DNS-1123 subdomain of at most 253 characters; no '.' or '..' segment in the path. The CRD's
 # CEL rules use these very patterns (tests/operator/test_crd.py holds them together).
@@ -516,6 +518,16 @@ def _check_rules(spec: RerankerSpec) -> None:
                 "spec.autoscaling.behavior",
                 f"unknown field {sorted(unknown)[0]} (scaleUp, scaleDown)",
             )
+    for i, cidr in enumerate(spec.service.load_balancer_source_ranges):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise InvalidSpec(
+                f"spec.service.loadBalancerSourceRanges[{i}]", f"{cidr} is not an IP network"
+            ) from None
+    max_unavailable = spec.rollout.max_unavailable
+    if isinstance(max_unavailable, str) and int(max_unavailable[:-1]) > 100:
+        raise InvalidSpec("spec.rollout.maxUnavailable", "a percentage may not exceed 100%")
     if spec.service.load_balancer_source_ranges and spec.service.type != "LoadBalancer":
         raise InvalidSpec(
             "spec.service.loadBalancerSourceRanges",

@@ -257,7 +257,9 @@ def derive_status(
     preparing = observed.engine in ("pending", "building")
     engine_issue = observed.engine_issue if preparing else None
     serve_issue = observed.serve_issue
-    new_pod_issue = engine_issue or serve_issue
+    # The Deployment's new pods: in Shared mode the engine's issue is the build Job's pod, which
+    # spec.rollout does not place.
+    new_pod_issue = serve_issue if observed.job_name else (engine_issue or serve_issue)
     if (
         serving_old
         and observed.surge_rollout

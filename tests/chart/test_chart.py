@@ -787,6 +787,7 @@ def test_deployment_args_parse_with_the_operators_cli(chart: helm_python.Chart) 
         {"metricsPort": 80},
         {"metricsPort": -1},
         {"proxy": {"httpsProxy": 3128}},
+        {"proxy": {"httpsProxy": "proxy.corp:3128"}},
         {"proxy": {"caConfigMap": "Corp_CA"}},
         {"proxy": {"caBundle": "x"}},
         {"metricsPort": "8081"},

@@ -17,8 +17,10 @@ import http.server
 import io
 import math
 import os
+import select
 import shutil
 import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -219,6 +221,46 @@ def _serving(body: bytes, tls: ssl.SSLContext | None = None) -> Iterator[tuple[i
         server.server_close()
 
 
+@contextlib.contextmanager
+def _tunnelling_proxy(to_port: int) -> Iterator[tuple[int, list[str]]]:
+    """An HTTPS proxy: answers CONNECT host:port and pipes the bytes to 127.0.0.1:`to_port`
+    (the host need not resolve); yields its port and the CONNECT lines it saw."""
+    seen: list[str] = []
+
+    class Tunnel(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            request = self.rfile.readline().decode().strip()
+            seen.append(request)
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # the request's headers
+            if not request.startswith("CONNECT "):
+                self.wfile.write(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                return
+            with socket.create_connection(("127.0.0.1", to_port)) as upstream:
+                self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                self.wfile.flush()
+                client, ends = self.connection, [self.connection, upstream]
+                while True:
+                    ready, _, _ = select.select(ends, [], [], 30)
+                    if not ready:
+                        return
+                    for end in ready:
+                        data = end.recv(65536)
+                        if not data:
+                            return
+                        (upstream if end is client else client).sendall(data)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Tunnel)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _build_pod(
     repo: str, config: OperatorConfig, tmp: Path, extra_mounts: dict[str, Path]
 ) -> tuple[LocalPod, Path]:
@@ -265,6 +307,34 @@ def test_the_build_downloads_through_the_configured_proxy(
         built = pod.run(timeout=300)
         assert built.returncode == 0, built.stderr
     assert seen == ["GET http://models.example.invalid/bge.tar.gz HTTP/1.1"]
+    assert [p for p in cache.iterdir() if (p / "manifest.json").is_file()]
+
+
+def test_the_build_tunnels_https_through_the_proxy_with_its_ca(
+    xlmr_reranker: Path, tmp_path: Path
+) -> None:
+    """What a build behind a TLS-inspecting corporate proxy does: HTTPS through a CONNECT
+    tunnel, to a host it cannot resolve itself, trusting the configured CA bundle."""
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("models.example.invalid").configure_cert(tls)
+    ca_dir = tmp_path / "ca-configmap"
+    ca_dir.mkdir()
+    ca.cert_pem.write_to_path(str(ca_dir / "ca.crt"))
+    with (
+        _serving(_tarball(xlmr_reranker), tls) as (origin, requests),
+        _tunnelling_proxy(origin) as (proxy, tunnels),
+    ):
+        config = config_from_dict(
+            {"proxy": {"httpsProxy": f"http://127.0.0.1:{proxy}", "caConfigMap": "corp-ca"}}
+        )
+        url = f"https://models.example.invalid:{origin}/bge.tar.gz"
+        pod, cache = _build_pod(url, config, tmp_path / "pod", {"/etc/reranker/ca": ca_dir})
+        built = pod.run(timeout=300)
+        assert built.returncode == 0, built.stderr
+    [tunnel] = tunnels
+    assert tunnel.startswith(f"CONNECT models.example.invalid:{origin} HTTP/1.")
+    assert requests == ["GET /bge.tar.gz HTTP/1.1"]  # inside the tunnel
     assert [p for p in cache.iterdir() if (p / "manifest.json").is_file()]
 
 

@@ -252,7 +252,9 @@ def test_pvc_source_refuses_links_out_of_the_claim(xlmr_reranker: Path, tmp_path
     (model / "tokenizer.json").symlink_to("/proc/self/environ")
     with pytest.raises(CheckpointFetchError, match=r"model/tokenizer.json is a link out of"):
         ck.fetch_checkpoint("pvc://models/model", "main", "PVC", tmp_path, pvc_mount=mount)
-    # Links within the claim (an HF cache's layout) are fine.
+    # Links within the claim (an HF cache's layout) are fine, and so are links of files the build
+    # does not copy.
+    (model / "README.md").symlink_to("/etc/hostname")
     (model / "tokenizer.json").unlink()
     shutil.copy(xlmr_reranker / "tokenizer.json", mount / "blob")
     (model / "tokenizer.json").symlink_to("../blob")

@@ -227,7 +227,13 @@ def test_proxy_and_ca_bundle_reach_the_build_container_only(mode: str) -> None:
     [build] = build_pod.get("initContainers") or build_pod["containers"]
     env = env_map(build)
     assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://proxy.corp:3128"
-    assert env["NO_PROXY"] == env["no_proxy"] == ".svc"
+    # The configured list, then what never goes through a proxy: the cloud's metadata server
+    # (workload identity, instance credentials) and the cluster's own services.
+    assert (
+        env["NO_PROXY"]
+        == env["no_proxy"]
+        == (".svc,localhost,127.0.0.1,169.254.169.254,metadata.google.internal,.cluster.local")
+    )
     assert "HTTP_PROXY" not in env and "http_proxy" not in env  # unset stays unset
     for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE"):
         assert env[name] == "/etc/reranker/ca/ca.crt"
@@ -1261,6 +1267,8 @@ def test_config_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         "- a list\n",
         "accelerators: [L4]\n",
         "buildJob: {backoffLimit: -1}\n",
+        "proxy: {httpsProxy: 'proxy.corp:3128'}\n",  # no scheme: httpx refuses it
+        "proxy: {caConfigMap: Corp_CA}\n",
     ],
 )
 def test_config_errors(tmp_path: Path, text: str) -> None:

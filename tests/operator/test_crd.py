@@ -212,6 +212,20 @@ def test_schema_is_structural_and_prunes_nothing_we_write() -> None:
     assert kept == PASSED_THROUGH
 
 
+def test_junctors_are_structural() -> None:
+    """The API server's structural-schema rule for logical junctors: inside anyOf/allOf/oneOf/not
+    no `type` (nor any other structure) may appear, except int-or-string's exact
+    `anyOf: [{type: integer}, {type: string}]`; value checks (pattern, minimum) go beside it.
+    A CRD breaking it is refused on install: nothing else would notice."""
+    int_or_string = [{"type": "integer"}, {"type": "string"}]
+    for path, node in _walk_schema(crd_schema(load_crd())):
+        for junctor in ("allOf", "oneOf", "not"):
+            assert junctor not in node, f"{path}: {junctor} (not used here; check its rules)"
+        if "anyOf" in node:
+            assert node.get("x-kubernetes-int-or-string") is True, path
+            assert node["anyOf"] == int_or_string, f"{path}: anyOf must be exactly {int_or_string}"
+
+
 def test_status_schema_declares_what_the_operator_writes() -> None:
     status = {
         "phase": "Degraded",
@@ -634,6 +648,10 @@ def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
         ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/v1%2frerank"}}, "spec.ingress.path"),
         ({**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["1.2.3.4/99"]}},
          "spec.service.loadBalancerSourceRanges[0]"),
+        ({**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["999.1.1.1/8"]}},
+         "spec.service.loadBalancerSourceRanges[0]"),
+        ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/a\x0bb"}}, "spec.ingress.path"),
+        ({**MINIMAL, "ingress": {"host": "a.example.com", "path": "/a\tb"}}, "spec.ingress.path"),
         ({**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["fd00::/129"]}},
          "spec.service.loadBalancerSourceRanges[0]"),
         ({**MINIMAL, "ingress": {"host": "a.example.com", "tlsSecretName": "Tls"}},
@@ -676,6 +694,21 @@ def test_code_only_checks_name_the_field() -> None:
         with pytest.raises(InvalidSpec, match="may not both be 0") as exc:
             parse_spec(obj)
         assert exc.value.field == "spec.rollout.maxUnavailable"
+    # Checks a regex cannot make (the API server makes them on the Deployment and the Service).
+    code_only = [
+        ({"rollout": {"maxUnavailable": "150%"}}, "spec.rollout.maxUnavailable", "100%"),
+        ({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": [":/64"]}},
+         "spec.service.loadBalancerSourceRanges[0]", "not an IP network"),
+        ({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["1::2::3/64"]}},
+         "spec.service.loadBalancerSourceRanges[0]", "not an IP network"),
+    ]  # fmt: skip
+    for fields, field, needle in code_only:
+        obj = reranker({**MINIMAL, **fields})
+        assert schema_errors(defaulted(obj)) == [] and cel_errors(defaulted(obj)) == []
+        with pytest.raises(InvalidSpec, match=needle) as exc:
+            parse_spec(obj)
+        assert exc.value.field == field
+    assert parse_spec(reranker({**MINIMAL, "rollout": {"maxSurge": "150%"}}))  # surge may
     # The HPA's behavior is passed through, but a misspelt direction is named here.
     with pytest.raises(InvalidSpec, match="unknown field scaledown") as exc:
         parse_spec(

@@ -17,9 +17,10 @@ KEY, OLD = "a" * 64, "b" * 64
 def observed(
     engine: status.EngineState = "built", dep: DeploymentState | None = None, **kw: Any
 ) -> Observed:
+    kw.setdefault("job_name", "rr-engine-aaaaaaaaaa")  # Shared mode unless a test says None
     return Observed(
-        name="rr", namespace="ml", generation=2, engine_key=KEY, job_name="rr-engine-aaaaaaaaaa",
-        image="img", engine=engine, deployment=dep, endpoint="http://rr.ml.svc.cluster.local:8080", **kw,
+        name="rr", namespace="ml", generation=2, engine_key=KEY, image="img", engine=engine,
+        deployment=dep, endpoint="http://rr.ml.svc.cluster.local:8080", **kw,
     )  # fmt: skip
 
 
@@ -83,13 +84,22 @@ def test_a_surge_pod_without_room_points_at_the_in_place_rollout() -> None:
     """Old pods serve and the new one cannot be scheduled: on a fixed GPU pool, the usual cause
     is no room for the surge pod, and the message says what to set."""
     hint = "set spec.rollout maxSurge 0 and maxUnavailable 1"
-    st = status.derive_status(observed("pending", dep(OLD), engine_issue=STUCK), None)
+    # PerPod (no build Job): the new Deployment pod builds, and it is the one without room.
+    st = status.derive_status(
+        observed("pending", dep(OLD), engine_issue=STUCK, job_name=None), None
+    )
     assert st["phase"] == "Degraded" and hint in st["message"]
+    # Shared: the pod without room is the build Job's, which spec.rollout does not place.
+    st = status.derive_status(observed("pending", dep(OLD), engine_issue=STUCK), None)
+    assert hint not in st["message"]
+    # ... but the Deployment's own new pod (the engine is built) is.
+    st = status.derive_status(observed("built", dep(OLD), serve_issue=STUCK), None)
+    assert hint in st["message"]
     # Not when nothing serves (nothing to replace), nor when the rollout already replaces in place.
     st = status.derive_status(observed("pending", engine_issue=STUCK), None)
     assert hint not in st["message"]
     in_place = dataclasses.replace(
-        observed("pending", dep(OLD), engine_issue=STUCK), surge_rollout=False
+        observed("pending", dep(OLD), engine_issue=STUCK, job_name=None), surge_rollout=False
     )
     assert hint not in status.derive_status(in_place, None)["message"]
     oom = status.derive_status(observed("built", dep(OLD), serve_issue=OOM), None)

@@ -209,9 +209,11 @@ def pvc_checkpoint_dir(url: str, mount: Path) -> Path:
 def _check_inside_claim(path: Path, mount: Path, url: str) -> None:
     """Links on the claim may point within it (an HF cache's snapshots -> blobs), never out of
     it: the build would copy whatever they name (another volume, /proc/self/environ with the
-    build's credentials) into the engine directory."""
+    build's credentials) into the engine directory. Files the build does not copy (a README
+    link) do not matter."""
     root = mount.resolve()
-    for candidate in [path, *path.iterdir()]:
+    copied = [p for p in path.iterdir() if p.name.endswith(_COPY_SUFFIXES)]
+    for candidate in [path, *copied]:
         target = candidate.resolve()
         if target != root and root not in target.parents:
             raise CheckpointFetchError(
