@@ -274,7 +274,9 @@ def _container_resources(spec: RerankerSpec, config: OperatorConfig) -> dict[str
     # No CPU limit (throttling hurts tokenization latency); memory limit = request.
     requests = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
     limits: dict[str, Any] = {"memory": spec.resources.memory}
-    resource_name = config.placement(spec.accelerator.type).resource_name
+    resource_name = (
+        spec.accelerator.resource_name or config.placement(spec.accelerator.type).resource_name
+    )
     if spec.accelerator.is_gpu and resource_name:
         limits[resource_name] = str(spec.accelerator.count)
     return {"requests": requests, "limits": limits}

@@ -146,9 +146,18 @@ class Build(_Model):
     max_seq_len: int | None = Field(default=None, alias="maxSeqLen", ge=1, le=131072)
 
 
+# An extended resource name (`vendor.domain/name`): a MIG slice, a shared (time-sliced) GPU.
+RESOURCE_NAME_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+
 class Accelerator(_Model):
     type: AcceleratorType = "L4"
     count: int = Field(default=1, ge=1, le=8)
+    # The GPU resource the pods request instead of the operator config's (nvidia.com/gpu): a MIG
+    # slice such as nvidia.com/mig-1g.10gb, or nvidia.com/gpu.shared for time-sliced GPUs.
+    resource_name: str | None = Field(
+        default=None, alias="resourceName", max_length=253, pattern=RESOURCE_NAME_PATTERN
+    )
 
     @property
     def is_gpu(self) -> bool:
@@ -471,6 +480,10 @@ def _check_rules(spec: RerankerSpec) -> None:
     if accel == "CPU" and q != "no_quant":
         raise InvalidSpec(
             "spec.build.quantization", "quantization is GPU-only; use no_quant on CPU"
+        )
+    if spec.accelerator.resource_name is not None and accel == "CPU":
+        raise InvalidSpec(
+            "spec.accelerator.resourceName", "resourceName is for GPUs; CPU pods request none"
         )
     if spec.accelerator.count != 1:
         raise InvalidSpec(

@@ -1119,6 +1119,28 @@ def test_user_metadata_removed_from_the_spec_leaves_the_child() -> None:
     assert b.ANNOTATION_USER_KEYS not in again["metadata"]["annotations"]
 
 
+@pytest.mark.parametrize("mode", ["PerPod", "Shared"])
+def test_a_mig_slice_or_shared_gpu_is_requested_instead_of_a_whole_gpu(mode: str) -> None:
+    spec = spec_of(
+        accelerator={"type": "H100", "resourceName": "nvidia.com/mig-1g.10gb"},
+        engineCache={"mode": mode},
+    )
+    for obj in b.build_children("rr", NS, spec, CONFIG, key=KEY):
+        pod = obj["spec"].get("template", {}).get("spec")
+        if pod is None:
+            continue
+        for c in pod["containers"] + pod.get("initContainers", []):
+            limits = c["resources"]["limits"]
+            assert limits["nvidia.com/mig-1g.10gb"] == "1" and "nvidia.com/gpu" not in limits
+        # Still on an H100 node, with the GPU taint tolerated.
+        assert node_matches(pod, {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"})
+        assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"])
+    # The engine is the H100's, whichever slice builds or serves it.
+    assert b.engine_key_for(spec, CONFIG) == b.engine_key_for(
+        spec_of(accelerator={"type": "H100"}, engineCache={"mode": mode}), CONFIG
+    )
+
+
 def test_rollout_without_a_spare_gpu() -> None:
     dep = b.build_deployment("rr", NS, VARIANTS["full-pool"], CONFIG, KEY)
     assert dep["spec"]["strategy"] == {

@@ -407,6 +407,8 @@ CEL_CASES = [
      "spec.checkpoint.source", "self.source == 'PVC' || !self.repo.startsWith('pvc://')"),
     ("revision-on-a-volume", {"checkpoint": {"repo": "pvc://models/bge", "source": "PVC", "revision": "v2"}},
      "spec.checkpoint.revision", "self.revision == 'main'"),
+    ("resource-name-on-cpu", {**MINIMAL, "accelerator": {"type": "CPU", "resourceName": "nvidia.com/gpu"}},
+     "spec.accelerator.resourceName", "self.type != 'CPU'"),
     ("source-ranges-on-cluster-ip", {**MINIMAL, "service": {"loadBalancerSourceRanges": ["10.0.0.0/8"]}},
      "spec.service.loadBalancerSourceRanges", "self.type == 'LoadBalancer'"),
     ("revision-on-s3", {"checkpoint": {"repo": "s3://b/bge", "source": "S3", "revision": "v2"}},
@@ -444,6 +446,8 @@ def test_cel_rule_is_in_the_crd_and_enforced_in_code(
         {"checkpoint": {"repo": "BAAI/bge-reranker-large", "revision": "v2"}},
         {**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8", "fd00::/8"]}},
         {**MINIMAL, "rollout": {"maxSurge": 0, "maxUnavailable": 1}},
+        {**MINIMAL, "accelerator": {"type": "H100", "resourceName": "nvidia.com/mig-1g.10gb"}},
+        {**MINIMAL, "accelerator": {"type": "L4", "resourceName": "nvidia.com/gpu.shared"}},
         {**MINIMAL, "rollout": {"maxSurge": "25%", "maxUnavailable": "10%"}},
         {**MINIMAL, "pod": {"imagePullSecrets": ["regcred"], "schedulerName": "volcano"}},
         {**MINIMAL, "ingress": {"host": "*.rerank.example.com", "path": "/v1/rerank", "className": "nginx"}},
@@ -497,7 +501,7 @@ def test_dns1035_names_are_accepted(name: str) -> None:
 
 
 def test_every_cel_rule_compiles() -> None:
-    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 13  # each compiled at import
+    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 14  # each compiled at import
 
 
 def test_exposure_patterns_are_the_operators() -> None:
@@ -538,12 +542,13 @@ def rule_edge_specs() -> typing.Iterator[dict[str, Any]]:
     for quantization in typing.get_args(spec_mod.Quantization):
         for accel in typing.get_args(spec_mod.AcceleratorType):
             for count in _absent_or(1, 2):
-                accelerator = _fields(type=accel, count=count)
-                yield {
-                    **MINIMAL,
-                    "build": {"quantization": quantization},
-                    "accelerator": accelerator,
-                }
+                for resource in _absent_or("nvidia.com/mig-1g.10gb"):
+                    accelerator = _fields(type=accel, count=count, resourceName=resource)
+                    yield {
+                        **MINIMAL,
+                        "build": {"quantization": quantization},
+                        "accelerator": accelerator,
+                    }
     for max_num_tokens in _absent_or(512, 16384):
         for max_seq_len in _absent_or(511, 512, 513, 16384, 16385):
             for max_batch_tokens in _absent_or(511, 512, 513, 16385):
@@ -619,6 +624,8 @@ def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
         ({**MINIMAL, "pod": {"runtimeClassName": "Nvidia"}}, "spec.pod.runtimeClassName"),
         ({**MINIMAL, "service": {"type": "ExternalName"}}, "spec.service.type"),
         ({**MINIMAL, "rollout": {"maxSurge": "25"}}, "spec.rollout.maxSurge"),
+        ({**MINIMAL, "accelerator": {"resourceName": "gpu"}}, "spec.accelerator.resourceName"),
+        ({**MINIMAL, "accelerator": {"resourceName": "nvidia.com/mig 1g"}}, "spec.accelerator.resourceName"),
         ({**MINIMAL, "rollout": {"maxUnavailable": -1}}, "spec.rollout.maxUnavailable"),
         ({**MINIMAL, "rollout": {"maxSurge": "1.5%"}}, "spec.rollout.maxSurge"),
         ({**MINIMAL, "pod": {"imagePullSecrets": ["Regcred"]}}, "spec.pod.imagePullSecrets[0]"),
