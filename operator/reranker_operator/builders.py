@@ -417,13 +417,17 @@ def _volumes(
     return volumes
 
 
-# Never through the proxy: the pod itself, the cloud's metadata server (GKE Workload Identity,
-# EC2/EKS instance credentials: through a proxy they fail, or answer for the proxy's node), and
-# the cluster's own services (an in-cluster MinIO).
+# Never through the proxy: the pod itself, the cloud's credential endpoints (GKE Workload
+# Identity's metadata server, EC2 instance metadata over IPv4 and IPv6, the EKS Pod Identity
+# agent: through a proxy they fail, or answer for the proxy's node), and the cluster's own
+# services (an in-cluster MinIO).
 ALWAYS_NO_PROXY = (
     "localhost",
     "127.0.0.1",
     "169.254.169.254",
+    "fd00:ec2::254",
+    "169.254.170.23",
+    "fd00:ec2::23",
     "metadata.google.internal",
     ".svc",
     ".cluster.local",

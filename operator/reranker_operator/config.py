@@ -191,8 +191,9 @@ class AutoscalingSettings(_Model):
     )
 
 
-# A proxy URL with its scheme: httpx refuses `proxy:3128`, urllib misreads it.
-PROXY_URL_PATTERN = r"^(https?|socks5h?)://[^\s/]+/?$"
+# A proxy URL with its scheme: httpx refuses `proxy:3128`, urllib misreads it. HTTP(S) proxies
+# only: the image has no SOCKS support (urllib and boto3 have none).
+PROXY_URL_PATTERN = r"^https?://[^\s/]+/?$"
 
 
 class ProxySettings(_Model):

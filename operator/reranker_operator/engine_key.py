@@ -31,9 +31,18 @@ def engine_inputs(spec: RerankerSpec, runtime_image: str) -> dict[str, object]:
     }
 
 
+def _with_slice(inputs: dict[str, object], spec: RerankerSpec) -> dict[str, object]:
+    """A GPU slice (accelerator.resourceName) builds an engine of its own: the runtime serves an
+    engine only on a GPU of the very name it was built on, and a MIG slice's name is not the
+    whole GPU's. Added only when set, so the keys of every other Reranker stay as they were."""
+    if spec.accelerator.resource_name is not None:
+        inputs["resource_name"] = spec.accelerator.resource_name
+    return inputs
+
+
 def engine_key(spec: RerankerSpec, runtime_image: str) -> str:
     """sha256 hex (64 chars) of the canonical JSON of `engine_inputs`."""
     canonical = json.dumps(
-        engine_inputs(spec, runtime_image), sort_keys=True, separators=(",", ":")
+        _with_slice(engine_inputs(spec, runtime_image), spec), sort_keys=True, separators=(",", ":")
     )
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -463,11 +463,12 @@ class Reconciler:
             # Only the configured kind is touched: its CRD (and RBAC) may be all there is.
             self._apply(monitor)
         owned_labels = builders.labels(name, builders.COMPONENT_SERVER)
+        # The HTTPRoute last: a cluster without the Gateway API stops the reconcile there.
         for kind, child in (
             (kube.INGRESS, builders.build_ingress(name, namespace, spec, owner)),
-            (kube.HTTP_ROUTE, builders.build_http_route(name, namespace, spec, owner)),
             (kube.PDB, builders.build_pdb(name, namespace, spec, owner)),
             (kube.HPA, builders.build_hpa(name, namespace, spec, owner, self.config)),
+            (kube.HTTP_ROUTE, builders.build_http_route(name, namespace, spec, owner)),
         ):
             if child is not None:
                 self._apply_optional_kind(kind, child)
@@ -484,7 +485,9 @@ class Reconciler:
         try:
             self._apply(child)
         except ApiException as exc:
-            if exc.status != 404 or kind != kube.HTTP_ROUTE:
+            # Only a create: a PATCH's 404 is a route deleted meanwhile (the next reconcile).
+            created = isinstance(exc, kube.ApiError) and exc.method == "POST"
+            if exc.status != 404 or kind != kube.HTTP_ROUTE or not created:
                 raise
             # The collection itself is missing: no retry installs the Gateway API's CRDs.
             raise InvalidSpec(

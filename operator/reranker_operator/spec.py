@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -52,6 +53,8 @@ _LIMIT_MAX = 1048576  # upper bound of the runtime batching limits
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 ROLLOUT_PERCENT_PATTERN = r"^[0-9]{1,3}%$"
+# maxUnavailable: at most 100% (the API server refuses more on the Deployment).
+UNAVAILABLE_PERCENT_PATTERN = r"^(100|[1-9]?[0-9])%$"
 # What the API server accepts in an Ingress and a LoadBalancer Service, written once here and
 # in the CRD (tests/operator/test_crd.py holds them together): a host is a DNS-1123 subdomain
 # (labels of at most 63, the last one starting with a letter: not an IP address), or `*.` and
@@ -62,6 +65,8 @@ HOST_PATTERN = r"^(\*\.)?([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z]([-a-z0-9]{
 INGRESS_PATH_PATTERN = r"^/$|^(/([^/.%\x00-\x20\x7f]|\.[^/.%\x00-\x20\x7f]|\.\.[^/%\x00-\x20\x7f])[^/%\x00-\x20\x7f]*)+/?$"
 # A namespace name (DNS-1123 label).
 NAME_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# An HTTPRoute's PathPrefix (Gateway API's HTTPPathMatch): its own characters, no % escapes.
+ROUTE_PATH_PATTERN = r"^/$|^(/([-A-Za-z0-9_~!$&'()*+,;=:@]|\.[-A-Za-z0-9_~!$&'()*+,;=:@]|\.\.[-.A-Za-z0-9_~!$&'()*+,;=:@])[-.A-Za-z0-9_~!$&'()*+,;=:@]*)+/?$"
 CIDR_PATTERN = r"^(((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])/([0-9]|[12][0-9]|3[0-2])|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8]))$"
 # checkpoint.source PVC: repo is pvc://<claim>[/<path>] (KServe's storageUri form). The claim is a
 # DNS-1123 subdomain of at most 253 characters; no '.' or '..' segment in the path. The CRD's
@@ -147,7 +152,7 @@ class Build(_Model):
 
 
 # An extended resource name (`vendor.domain/name`): a MIG slice, a shared (time-sliced) GPU.
-RESOURCE_NAME_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+RESOURCE_NAME_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 
 
 class Accelerator(_Model):
@@ -197,12 +202,15 @@ class Rollout(_Model):
 
     @field_validator("max_surge", "max_unavailable", mode="before")
     @classmethod
-    def _count_or_percent(cls, value: Any) -> int | str:
+    def _count_or_percent(cls, value: Any, info: ValidationInfo) -> int | str:
+        surge = info.field_name == "max_surge"
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1000:
             return value
-        if isinstance(value, str) and re.fullmatch(ROLLOUT_PERCENT_PATTERN, value):
+        pattern = ROLLOUT_PERCENT_PATTERN if surge else UNAVAILABLE_PERCENT_PATTERN
+        if isinstance(value, str) and re.fullmatch(pattern, value):
             return value
-        raise ValueError("must be a count from 0 to 1000 or a percentage such as 25%")
+        limit = "" if surge else " of at most 100%"
+        raise ValueError(f"must be a count from 0 to 1000 or a percentage{limit} such as 25%")
 
     @property
     def surges(self) -> bool:
@@ -362,7 +370,7 @@ class HTTPRouteSettings(_Model):
     hostnames: tuple[
         Annotated[str, StringConstraints(max_length=253, pattern=HOST_PATTERN)], ...
     ] = Field(default=(), max_length=16)
-    path: str = Field(default="/", max_length=1024, pattern=INGRESS_PATH_PATTERN)
+    path: str = Field(default="/", max_length=1024, pattern=ROUTE_PATH_PATTERN)
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
@@ -538,9 +546,14 @@ def _check_rules(spec: RerankerSpec) -> None:
             raise InvalidSpec(
                 f"spec.service.loadBalancerSourceRanges[{i}]", f"{cidr} is not an IP network"
             ) from None
-    max_unavailable = spec.rollout.max_unavailable
-    if isinstance(max_unavailable, str) and int(max_unavailable[:-1]) > 100:
-        raise InvalidSpec("spec.rollout.maxUnavailable", "a percentage may not exceed 100%")
+    if spec.http_route is not None:
+        _check_parent_refs(spec.http_route.parent_refs)
+    resource = spec.accelerator.resource_name
+    if resource is not None and resource.split("/")[0].endswith(("kubernetes.io", "k8s.io")):
+        raise InvalidSpec(
+            "spec.accelerator.resourceName",
+            f"{resource} is not an extended resource (kubernetes.io and k8s.io are Kubernetes' own)",
+        )
     if spec.service.load_balancer_source_ranges and spec.service.type != "LoadBalancer":
         raise InvalidSpec(
             "spec.service.loadBalancerSourceRanges",
@@ -571,6 +584,21 @@ def _check_rules(spec: RerankerSpec) -> None:
             )
         if name in names[:i]:
             raise InvalidSpec(f"spec.runtime.env[{i}].name", f"duplicate variable {name}")
+
+
+def _check_parent_refs(refs: tuple[ParentRef, ...]) -> None:
+    """Gateway API's own rule: two refs to one Gateway need distinct sectionNames."""
+    seen: dict[tuple[str, str], list[str | None]] = {}
+    for i, ref in enumerate(refs):
+        sections = seen.setdefault((ref.namespace or "", ref.name), [])
+        if sections and (
+            ref.section_name is None or None in sections or ref.section_name in sections
+        ):
+            raise InvalidSpec(
+                f"spec.httpRoute.parentRefs[{i}]",
+                f"Gateway {ref.name} is listed twice: give each ref its own sectionName",
+            )
+        sections.append(ref.section_name)
 
 
 def check_name(name: str) -> None:

@@ -232,7 +232,10 @@ def test_proxy_and_ca_bundle_reach_the_build_container_only(mode: str) -> None:
     assert (
         env["NO_PROXY"]
         == env["no_proxy"]
-        == (".svc,localhost,127.0.0.1,169.254.169.254,metadata.google.internal,.cluster.local")
+        == (
+            ".svc,localhost,127.0.0.1,169.254.169.254,fd00:ec2::254,169.254.170.23,fd00:ec2::23,"
+            "metadata.google.internal,.cluster.local"
+        )
     )
     assert "HTTP_PROXY" not in env and "http_proxy" not in env  # unset stays unset
     for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE"):
@@ -1135,10 +1138,10 @@ def test_a_mig_slice_or_shared_gpu_is_requested_instead_of_a_whole_gpu(mode: str
         # Still on an H100 node, with the GPU taint tolerated.
         assert node_matches(pod, {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"})
         assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"])
-    # The engine is the H100's, whichever slice builds or serves it.
-    assert b.engine_key_for(spec, CONFIG) == b.engine_key_for(
-        spec_of(accelerator={"type": "H100"}, engineCache={"mode": mode}), CONFIG
-    )
+    # A slice builds an engine of its own: the runtime serves an engine only on a GPU of the
+    # name it was built on ("NVIDIA H100 80GB HBM3 MIG 1g.10gb" is not the whole H100's).
+    whole = spec_of(accelerator={"type": "H100"}, engineCache={"mode": mode})
+    assert b.engine_key_for(spec, CONFIG) != b.engine_key_for(whole, CONFIG)
 
 
 def test_rollout_without_a_spare_gpu() -> None:
@@ -1221,8 +1224,14 @@ def _key(spec: RerankerSpec) -> str:
     return b.engine_key_for(spec, CONFIG)
 
 
+# The key of spec_of() on the default image before accelerator.resourceName existed: keys of
+# Rerankers that do not set it must not change (a new key means a rebuild and a rollout).
+KEY_OF_THE_DEFAULT_SPEC = "8280c7fb460a6b33f7611418275714f3a5f5ea41e2ecc442af6be661bac11eaf"
+
+
 def test_engine_key_is_stable_sha256() -> None:
     key = _key(spec_of())
+    assert key == KEY_OF_THE_DEFAULT_SPEC
     assert re.fullmatch(r"[0-9a-f]{64}", key)
     assert key == _key(spec_of()) == engine_key(spec_of(), DEFAULT_RUNTIME_IMAGE)
     assert engine_key(spec_of(), "other:1") != key

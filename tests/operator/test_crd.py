@@ -453,7 +453,10 @@ def test_cel_rule_is_in_the_crd_and_enforced_in_code(
         {**MINIMAL, "ingress": {"host": "*.rerank.example.com", "path": "/v1/rerank", "className": "nginx"}},
         {**MINIMAL, "ingress": {"host": "localhost", "path": "/.well-known/..x/a-b_c~/"}},
         {**MINIMAL, "httpRoute": {"parentRefs": [{"name": "gw", "namespace": "gateway-system",
-                                                  "sectionName": "https"}],
+                                                  "sectionName": "https"},
+                                                 {"name": "gw", "namespace": "gateway-system",
+                                                  "sectionName": "http"}],
+                                  "path": "/v1/rerank;x=1:@!$&'()*+,~",
                                   "hostnames": ["rerank.example.com", "*.example.com"]}},
         {**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["0.0.0.0/0", "::/0", "2001:db8::/32"]}},
     ],
@@ -511,7 +514,7 @@ def test_exposure_patterns_are_the_operators() -> None:
     assert ingress["path"]["pattern"] == spec_mod.INGRESS_PATH_PATTERN
     route = props["httpRoute"]["properties"]
     assert route["hostnames"]["items"]["pattern"] == spec_mod.HOST_PATTERN
-    assert route["path"]["pattern"] == spec_mod.INGRESS_PATH_PATTERN
+    assert route["path"]["pattern"] == spec_mod.ROUTE_PATH_PATTERN
     assert service["loadBalancerSourceRanges"]["items"]["pattern"] == spec_mod.CIDR_PATTERN
 
 
@@ -627,6 +630,10 @@ def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
         ({**MINIMAL, "pod": {"runtimeClassName": "Nvidia"}}, "spec.pod.runtimeClassName"),
         ({**MINIMAL, "service": {"type": "ExternalName"}}, "spec.service.type"),
         ({**MINIMAL, "rollout": {"maxSurge": "25"}}, "spec.rollout.maxSurge"),
+        ({**MINIMAL, "rollout": {"maxUnavailable": "150%"}}, "spec.rollout.maxUnavailable"),
+        ({**MINIMAL, "httpRoute": {"parentRefs": [{"name": "gw"}], "path": "/a#b"}}, "spec.httpRoute.path"),
+        ({**MINIMAL, "httpRoute": {"parentRefs": [{"name": "gw"}], "path": "/a?b=1"}}, "spec.httpRoute.path"),
+        ({**MINIMAL, "httpRoute": {"parentRefs": [{"name": "gw"}], "path": "/caf\u00e9"}}, "spec.httpRoute.path"),
         ({**MINIMAL, "accelerator": {"resourceName": "gpu"}}, "spec.accelerator.resourceName"),
         ({**MINIMAL, "accelerator": {"resourceName": "nvidia.com/mig 1g"}}, "spec.accelerator.resourceName"),
         ({**MINIMAL, "rollout": {"maxUnavailable": -1}}, "spec.rollout.maxUnavailable"),
@@ -704,9 +711,15 @@ def test_code_only_checks_name_the_field() -> None:
         with pytest.raises(InvalidSpec, match="may not both be 0") as exc:
             parse_spec(obj)
         assert exc.value.field == "spec.rollout.maxUnavailable"
-    # Checks a regex cannot make (the API server makes them on the Deployment and the Service).
+    # Checks the schema does not make (the API server makes them on the Deployment, the Service
+    # and the HTTPRoute): refused before anything is applied.
     code_only = [
-        ({"rollout": {"maxUnavailable": "150%"}}, "spec.rollout.maxUnavailable", "100%"),
+        ({"accelerator": {"resourceName": "kubernetes.io/gpu"}}, "spec.accelerator.resourceName",
+         "not an extended resource"),
+        ({"httpRoute": {"parentRefs": [{"name": "gw"}, {"name": "gw"}]}},
+         "spec.httpRoute.parentRefs[1]", "listed twice"),
+        ({"httpRoute": {"parentRefs": [{"name": "gw", "sectionName": "a"}, {"name": "gw"}]}},
+         "spec.httpRoute.parentRefs[1]", "listed twice"),
         ({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": [":/64"]}},
          "spec.service.loadBalancerSourceRanges[0]", "not an IP network"),
         ({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["1::2::3/64"]}},

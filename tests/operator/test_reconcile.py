@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any, cast
 
 from kubernetes.client.exceptions import ApiException
@@ -77,7 +78,10 @@ class NoGatewayApi(RefusingApi):
     # Its GETs of routes answer 404, which kube.Kube.get returns as None (the inherited get).
     def create_if_absent(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         if obj["kind"] == "HTTPRoute":
-            raise ApiException(status=404, reason="Not Found")
+            response = SimpleNamespace(
+                status=404, reason="Not Found", data=b"{}", headers={}, getheaders=lambda: {}
+            )
+            raise kube.ApiError("POST", "/apis/gateway.networking.k8s.io/v1/...", response)
         return obj, True
 
 
