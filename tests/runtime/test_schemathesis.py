@@ -12,6 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# Imported here, before the run's two worker threads: hypothesis imports it lazily on first use
+# (`st.randoms()`), and two threads importing it at once can see it half-initialised
+# ("cannot import name 'RandomStrategy'"), which failed a run here once.
+import hypothesis.strategies._internal.random  # noqa: F401
 import pytest
 import schemathesis.cli
 from click.testing import CliRunner
