@@ -193,6 +193,18 @@ def _tarball(model_dir: Path) -> bytes:
 
 
 @contextlib.contextmanager
+def _running(server: socketserver.BaseServer) -> Iterator[int]:
+    """Serve `server` in a thread; yields its port."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
 def _serving(body: bytes, tls: ssl.SSLContext | None = None) -> Iterator[tuple[int, list[str]]]:
     """An HTTP(S) server answering every GET with `body`; yields its port and the request
     lines it saw (a proxy is sent the absolute URL: `GET http://host/path`)."""
@@ -212,13 +224,8 @@ def _serving(body: bytes, tls: ssl.SSLContext | None = None) -> Iterator[tuple[i
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _running(server) as port:
+        yield port, seen
 
 
 @contextlib.contextmanager
@@ -252,13 +259,8 @@ def _tunnelling_proxy(to_port: int) -> Iterator[tuple[int, list[str]]]:
 
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Tunnel)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _running(server) as port:
+        yield port, seen
 
 
 def _build_pod(
