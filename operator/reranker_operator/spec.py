@@ -526,49 +526,8 @@ def _check_rules(spec: RerankerSpec) -> None:
         for k in keys:
             if k.startswith(OPERATOR_LABEL_PREFIXES) or k.startswith("prometheus.io/"):
                 raise InvalidSpec(f"spec.pod.{field}", f"{k} is set by the operator")
-    if _is_zero(spec.rollout.max_surge) and _is_zero(spec.rollout.max_unavailable):
-        raise InvalidSpec(
-            "spec.rollout.maxUnavailable",
-            "maxSurge and maxUnavailable may not both be 0 (no pod could ever be replaced); "
-            "on a pool without a spare GPU use maxSurge 0 and maxUnavailable 1",
-        )
-    if spec.autoscaling is not None:
-        unknown = set(spec.autoscaling.behavior) - {"scaleUp", "scaleDown"}
-        if unknown:
-            raise InvalidSpec(
-                "spec.autoscaling.behavior",
-                f"unknown field {sorted(unknown)[0]} (scaleUp, scaleDown)",
-            )
-    for i, cidr in enumerate(spec.service.load_balancer_source_ranges):
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise InvalidSpec(
-                f"spec.service.loadBalancerSourceRanges[{i}]", f"{cidr} is not an IP network"
-            ) from None
-    if spec.http_route is not None:
-        _check_parent_refs(spec.http_route.parent_refs)
-    resource = spec.accelerator.resource_name
-    if resource is not None and resource.split("/")[0].endswith(("kubernetes.io", "k8s.io")):
-        raise InvalidSpec(
-            "spec.accelerator.resourceName",
-            f"{resource} is not an extended resource (kubernetes.io and k8s.io are Kubernetes' own)",
-        )
-    if spec.service.load_balancer_source_ranges and spec.service.type != "LoadBalancer":
-        raise InvalidSpec(
-            "spec.service.loadBalancerSourceRanges",
-            "loadBalancerSourceRanges needs type LoadBalancer",
-        )
-    user_metadata = (
-        ("spec.service.labels", spec.service.labels),
-        ("spec.service.annotations", spec.service.annotations),
-        ("spec.ingress.annotations", spec.ingress.annotations if spec.ingress else {}),
-        ("spec.httpRoute.annotations", spec.http_route.annotations if spec.http_route else {}),
-    )
-    for field, keys in user_metadata:
-        for k in keys:
-            if k.startswith(OPERATOR_LABEL_PREFIXES):
-                raise InvalidSpec(field, f"{k} is set by the operator")
+    _check_scaling(spec)
+    _check_exposure(spec)
     for k in pod.affinity:
         if k not in AFFINITY_KINDS:
             raise InvalidSpec(
@@ -584,6 +543,58 @@ def _check_rules(spec: RerankerSpec) -> None:
             )
         if name in names[:i]:
             raise InvalidSpec(f"spec.runtime.env[{i}].name", f"duplicate variable {name}")
+
+
+def _check_scaling(spec: RerankerSpec) -> None:
+    """Rollout, autoscaling and GPU-resource checks the schema cannot make (int-or-string,
+    passed-through objects, reserved domains): refused here before anything is applied."""
+    if _is_zero(spec.rollout.max_surge) and _is_zero(spec.rollout.max_unavailable):
+        raise InvalidSpec(
+            "spec.rollout.maxUnavailable",
+            "maxSurge and maxUnavailable may not both be 0 (no pod could ever be replaced); "
+            "on a pool without a spare GPU use maxSurge 0 and maxUnavailable 1",
+        )
+    if spec.autoscaling is not None:
+        unknown = set(spec.autoscaling.behavior) - {"scaleUp", "scaleDown"}
+        if unknown:
+            raise InvalidSpec(
+                "spec.autoscaling.behavior",
+                f"unknown field {sorted(unknown)[0]} (scaleUp, scaleDown)",
+            )
+    resource = spec.accelerator.resource_name
+    if resource is not None and resource.split("/")[0].endswith(("kubernetes.io", "k8s.io")):
+        raise InvalidSpec(
+            "spec.accelerator.resourceName",
+            f"{resource} is not an extended resource (kubernetes.io and k8s.io are Kubernetes' own)",
+        )
+
+
+def _check_exposure(spec: RerankerSpec) -> None:
+    """The Service, Ingress and HTTPRoute settings: what the API server would refuse on them."""
+    for i, cidr in enumerate(spec.service.load_balancer_source_ranges):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise InvalidSpec(
+                f"spec.service.loadBalancerSourceRanges[{i}]", f"{cidr} is not an IP network"
+            ) from None
+    if spec.service.load_balancer_source_ranges and spec.service.type != "LoadBalancer":
+        raise InvalidSpec(
+            "spec.service.loadBalancerSourceRanges",
+            "loadBalancerSourceRanges needs type LoadBalancer",
+        )
+    if spec.http_route is not None:
+        _check_parent_refs(spec.http_route.parent_refs)
+    user_metadata = (
+        ("spec.service.labels", spec.service.labels),
+        ("spec.service.annotations", spec.service.annotations),
+        ("spec.ingress.annotations", spec.ingress.annotations if spec.ingress else {}),
+        ("spec.httpRoute.annotations", spec.http_route.annotations if spec.http_route else {}),
+    )
+    for field, keys in user_metadata:
+        for k in keys:
+            if k.startswith(OPERATOR_LABEL_PREFIXES):
+                raise InvalidSpec(field, f"{k} is set by the operator")
 
 
 def _check_parent_refs(refs: tuple[ParentRef, ...]) -> None:
