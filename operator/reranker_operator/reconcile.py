@@ -493,7 +493,8 @@ class Reconciler:
             raise InvalidSpec(
                 "spec.httpRoute",
                 "this cluster does not serve the Gateway API (gateway.networking.k8s.io/v1 "
-                "HTTPRoute): install its CRDs, or remove spec.httpRoute",
+                "HTTPRoute): install its CRDs and touch the Reranker (an annotation change "
+                "retries it), or remove spec.httpRoute",
             ) from None
 
     def _apply(self, desired: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
