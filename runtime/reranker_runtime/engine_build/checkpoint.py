@@ -52,7 +52,7 @@ from reranker_runtime.model_family import ModelFamily, UnsupportedModelError
 log = logging.getLogger(__name__)
 
 SOURCES = ("HF", "LOCAL", "PVC", "S3", "GCS", "AZURE", "REMOTE_URL")
-# Where the runtime and build pods mount a PVC source's claim (read-only).
+# Where the build container mounts a PVC source's claim (read-only; the server never does).
 DEFAULT_PVC_MOUNT = Path("/checkpoint")
 # pvc://<claim>[/<path>]: the claim is a DNS-1123 subdomain, as Kubernetes names PVCs.
 _PVC_URL = re.compile(
