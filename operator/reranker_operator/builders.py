@@ -860,16 +860,9 @@ def build_ingress(
         ingress_spec["ingressClassName"] = ingress.class_name
     if ingress.tls_secret_name:
         ingress_spec["tls"] = [{"hosts": [ingress.host], "secretName": ingress.tls_secret_name}]
-    meta = _with_user_metadata(
-        _metadata(name, namespace, labels(name, COMPONENT_SERVER)), {}, ingress.annotations
+    return _route_to_service(
+        "networking.k8s.io/v1", "Ingress", name, namespace, ingress.annotations, ingress_spec, owner
     )
-    obj = {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "Ingress",
-        "metadata": meta,
-        "spec": ingress_spec,
-    }
-    return _finish(obj, owner)
 
 
 def build_http_route(
@@ -899,15 +892,31 @@ def build_http_route(
     }
     if route.hostnames:
         route_spec["hostnames"] = list(route.hostnames)
-    meta = _with_user_metadata(
-        _metadata(name, namespace, labels(name, COMPONENT_SERVER)), {}, route.annotations
+    return _route_to_service(
+        "gateway.networking.k8s.io/v1",
+        "HTTPRoute",
+        name,
+        namespace,
+        route.annotations,
+        route_spec,
+        owner,
     )
-    obj = {
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": meta,
-        "spec": route_spec,
-    }
+
+
+def _route_to_service(
+    api_version: str,
+    kind: str,
+    name: str,
+    namespace: str,
+    annotations: dict[str, str],
+    spec_: dict[str, Any],
+    owner: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """An Ingress or HTTPRoute `<name>` to the Service, with the user's annotations."""
+    meta = _with_user_metadata(
+        _metadata(name, namespace, labels(name, COMPONENT_SERVER)), {}, annotations
+    )
+    obj = {"apiVersion": api_version, "kind": kind, "metadata": meta, "spec": spec_}
     return _finish(obj, owner)
 
 

@@ -17,8 +17,9 @@ ENGINE_KEY_VERSION = 1
 
 
 def engine_inputs(spec: RerankerSpec, runtime_image: str) -> dict[str, object]:
-    """The canonical engine inputs (also what `reranker-runtime build` receives as flags)."""
-    return {
+    """The canonical engine inputs: what `reranker-runtime build` receives as flags, and the GPU
+    slice it builds on when one is set."""
+    inputs: dict[str, object] = {
         "version": ENGINE_KEY_VERSION,
         "checkpoint_repo": spec.checkpoint.repo,
         "revision": spec.checkpoint.revision,
@@ -29,12 +30,9 @@ def engine_inputs(spec: RerankerSpec, runtime_image: str) -> dict[str, object]:
         "accelerator": spec.accelerator.type,
         "runtime_image": runtime_image,
     }
-
-
-def _with_slice(inputs: dict[str, object], spec: RerankerSpec) -> dict[str, object]:
-    """A GPU slice (accelerator.resourceName) builds an engine of its own: the runtime serves an
-    engine only on a GPU of the very name it was built on, and a MIG slice's name is not the
-    whole GPU's. Added only when set, so the keys of every other Reranker stay as they were."""
+    # A GPU slice (accelerator.resourceName) builds an engine of its own: the runtime serves an
+    # engine only on a GPU of the very name it was built on, and a MIG slice's name is not the
+    # whole GPU's. Added only when set, so the keys of every other Reranker stay as they were.
     if spec.accelerator.resource_name is not None:
         inputs["resource_name"] = spec.accelerator.resource_name
     return inputs
@@ -43,6 +41,6 @@ def _with_slice(inputs: dict[str, object], spec: RerankerSpec) -> dict[str, obje
 def engine_key(spec: RerankerSpec, runtime_image: str) -> str:
     """sha256 hex (64 chars) of the canonical JSON of `engine_inputs`."""
     canonical = json.dumps(
-        _with_slice(engine_inputs(spec, runtime_image), spec), sort_keys=True, separators=(",", ":")
+        engine_inputs(spec, runtime_image), sort_keys=True, separators=(",", ":")
     )
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -35,6 +35,7 @@ import httpx
 import pytest
 import trustme
 
+from reranker_operator.builders import CA_MOUNT
 from reranker_operator.config import OperatorConfig, config_from_dict
 from reranker_operator.render import render_reranker
 from tiny_models import reference_logits
@@ -263,6 +264,23 @@ def _tunnelling_proxy(to_port: int) -> Iterator[tuple[int, list[str]]]:
         yield port, seen
 
 
+def _private_ca(host: str, tmp: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server TLS context for `host` signed by a new private CA, and a directory holding that
+    CA's bundle as `ca.crt`, as the operator config's caConfigMap is mounted."""
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(host).configure_cert(tls)
+    ca_dir = tmp / "ca-configmap"
+    ca_dir.mkdir()
+    ca.cert_pem.write_to_path(str(ca_dir / "ca.crt"))
+    return tls, ca_dir
+
+
+def _built_engines(cache: Path) -> list[Path]:
+    """The complete engine directories on the pod's engine volume."""
+    return [p for p in cache.iterdir() if (p / "manifest.json").is_file()]
+
+
 def _build_pod(
     repo: str, config: OperatorConfig, tmp: Path, extra_mounts: dict[str, Path]
 ) -> tuple[LocalPod, Path]:
@@ -279,12 +297,7 @@ def _build_pod(
 def test_the_build_trusts_the_configured_ca_bundle(xlmr_reranker: Path, tmp_path: Path) -> None:
     """An HTTPS download signed by a private CA (a TLS-inspecting proxy's): it fails on the
     image's CAs, and succeeds once the operator config's caConfigMap is mounted."""
-    ca = trustme.CA()
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(tls)
-    ca_dir = tmp_path / "ca-configmap"
-    ca_dir.mkdir()
-    ca.cert_pem.write_to_path(str(ca_dir / "ca.crt"))
+    tls, ca_dir = _private_ca("localhost", tmp_path)
     with _serving(_tarball(xlmr_reranker), tls) as (port, _):
         url = f"https://localhost:{port}/model.tar.gz"
         plain, _ = _build_pod(url, OperatorConfig(), tmp_path / "plain", {})
@@ -293,10 +306,10 @@ def test_the_build_trusts_the_configured_ca_bundle(xlmr_reranker: Path, tmp_path
         assert "CERTIFICATE_VERIFY_FAILED" in failed.stderr
 
         config = config_from_dict({"proxy": {"caConfigMap": "corp-ca"}})
-        pod, cache = _build_pod(url, config, tmp_path / "trusted", {"/etc/reranker/ca": ca_dir})
+        pod, cache = _build_pod(url, config, tmp_path / "trusted", {CA_MOUNT: ca_dir})
         built = pod.run(timeout=300)
         assert built.returncode == 0, built.stderr
-    assert [p for p in cache.iterdir() if (p / "manifest.json").is_file()]
+    assert _built_engines(cache)
 
 
 def test_the_build_downloads_through_the_configured_proxy(
@@ -309,7 +322,7 @@ def test_the_build_downloads_through_the_configured_proxy(
         built = pod.run(timeout=300)
         assert built.returncode == 0, built.stderr
     assert seen == ["GET http://models.example.invalid/bge.tar.gz HTTP/1.1"]
-    assert [p for p in cache.iterdir() if (p / "manifest.json").is_file()]
+    assert _built_engines(cache)
 
 
 def test_the_build_tunnels_https_through_the_proxy_with_its_ca(
@@ -317,12 +330,7 @@ def test_the_build_tunnels_https_through_the_proxy_with_its_ca(
 ) -> None:
     """What a build behind a TLS-inspecting corporate proxy does: HTTPS through a CONNECT
     tunnel, to a host it cannot resolve itself, trusting the configured CA bundle."""
-    ca = trustme.CA()
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("models.example.invalid").configure_cert(tls)
-    ca_dir = tmp_path / "ca-configmap"
-    ca_dir.mkdir()
-    ca.cert_pem.write_to_path(str(ca_dir / "ca.crt"))
+    tls, ca_dir = _private_ca("models.example.invalid", tmp_path)
     with (
         _serving(_tarball(xlmr_reranker), tls) as (origin, requests),
         _tunnelling_proxy(origin) as (proxy, tunnels),
@@ -331,13 +339,13 @@ def test_the_build_tunnels_https_through_the_proxy_with_its_ca(
             {"proxy": {"httpsProxy": f"http://127.0.0.1:{proxy}", "caConfigMap": "corp-ca"}}
         )
         url = f"https://models.example.invalid:{origin}/bge.tar.gz"
-        pod, cache = _build_pod(url, config, tmp_path / "pod", {"/etc/reranker/ca": ca_dir})
+        pod, cache = _build_pod(url, config, tmp_path / "pod", {CA_MOUNT: ca_dir})
         built = pod.run(timeout=300)
         assert built.returncode == 0, built.stderr
     [tunnel] = tunnels
     assert tunnel.startswith(f"CONNECT models.example.invalid:{origin} HTTP/1.")
     assert requests == ["GET /bge.tar.gz HTTP/1.1"]  # inside the tunnel
-    assert [p for p in cache.iterdir() if (p / "manifest.json").is_file()]
+    assert _built_engines(cache)
 
 
 def test_rendered_deployment_builds_and_serves_reference_scores(
