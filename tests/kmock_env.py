@@ -84,7 +84,7 @@ def declare_resources(server: Any) -> None:
 
 
 def fast_tuning() -> handlers.Tuning:
-    return handlers.Tuning(retries=5, backoff=0.2, timeout=30, event_backoff=0.1)
+    return handlers.Tuning(retries=5, backoff=0.2, max_backoff=1.0, event_backoff=0.1)
 
 
 def fast_settings() -> kopf.OperatorSettings:

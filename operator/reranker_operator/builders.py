@@ -61,12 +61,21 @@ COMPONENT_CACHE = "engine-cache"
 COMPONENT_PRUNE = "engine-prune"
 
 # Deletes engine directories from the Shared cache (the runtime image has python3).
+# Each argument is an engine directory: it goes with what a build of it left behind (the
+# runtime's atomic layout: `.<key>.tmp-*` directories of a build cut short, its `.<key>.lock`).
 _PRUNE_SCRIPT = (
-    "import shutil, sys\n"
+    "import glob, os, shutil, sys\n"
     "for path in sys.argv[1:]:\n"
-    "    shutil.rmtree(path, ignore_errors=True)\n"
+    "    head, key = os.path.split(path)\n"
+    "    for leftover in [path, *glob.glob(os.path.join(head, '.' + key + '.tmp-*'))]:\n"
+    "        shutil.rmtree(leftover, ignore_errors=True)\n"
+    "    if os.path.exists(os.path.join(head, '.' + key + '.lock')):\n"
+    "        os.remove(os.path.join(head, '.' + key + '.lock'))\n"
     "    print('removed', path)\n"
 )
+# A prune is seconds of work: a pod that cannot run within this is given up (and the build of an
+# engine it would delete, which waits for it, goes ahead).
+PRUNE_DEADLINE_SECONDS = 600
 
 # The runtime's in-flight requests gauge (runtime/reranker_runtime/metrics.py), the
 # concurrency autoscaling metric (its name in the custom metrics API is configurable:
@@ -327,6 +336,15 @@ def _pod_placement(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]
     if tolerations:
         out["tolerations"] = tolerations
     return out
+
+
+def _node_placement(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
+    """`_pod_placement` without pod (anti-)affinity: which nodes, not which neighbours."""
+    placement = _pod_placement(spec, config)
+    affinity = placement.pop("affinity", {})
+    if "nodeAffinity" in affinity:
+        placement["affinity"] = {"nodeAffinity": affinity["nodeAffinity"]}
+    return placement
 
 
 def _pod_common(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
@@ -636,6 +654,9 @@ def build_prune_job(
         "securityContext": copy.deepcopy(config.pod_security_context),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
+        # On the serving pods' nodes: the runtime image is there already and so is the volume.
+        # Their node affinity only: pod (anti-)affinity written for servers is not the prune's.
+        **_node_placement(spec, config),
         "containers": [container],
         "volumes": [
             {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache_pvc_name(name)}}
@@ -650,6 +671,7 @@ def build_prune_job(
         "metadata": _metadata(prune_job_name(name, keys), namespace, job_labels),
         "spec": {
             "backoffLimit": 3,
+            "activeDeadlineSeconds": PRUNE_DEADLINE_SECONDS,
             "ttlSecondsAfterFinished": config.build_job.ttl_seconds_after_finished,
             "template": {"metadata": {"labels": job_labels}, "spec": pod},
         },
@@ -942,8 +964,10 @@ def external_endpoint(
 def build_pdb(
     name: str, namespace: str, spec: RerankerSpec, owner: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
-    """A PodDisruptionBudget (one pod down at a time) when more than one replica; else None."""
-    if spec.desired_replicas <= 1:
+    """A PodDisruptionBudget (one pod down at a time) when there may be more than one replica
+    (spec.replicas, or the autoscaler's maximum); else None."""
+    most = spec.autoscaling.max_replicas if spec.autoscaling is not None else spec.desired_replicas
+    if most <= 1:
         return None
     obj = {
         "apiVersion": "policy/v1",

@@ -2,7 +2,7 @@
 
 Triggers (all end in the same idempotent `Reconciler.reconcile(namespace, name)`):
 - a Reranker is created, its spec/labels/annotations change, or the operator (re)starts;
-- one of its Jobs, its Deployment, their pods, its Service, its cache PVC or its HPA changes (kopf.on.event
+- one of its Jobs, its Deployment, their pods, its Service, Ingress, PDB, cache PVC or HPA changes (kopf.on.event
   on objects labelled `app.kubernetes.io/managed-by=reranker-operator`), so status follows what
   the scheduler, the kubelet and the controllers report;
 - an Unschedulable pod reaches the configured timeout (a one-shot timer in the Reconciler: no
@@ -18,7 +18,9 @@ their retry waits are cancellable sleeps. The reconciler comes from kopf's `memo
 
 API faults (docs/operator-lifecycle.md, "Under API faults"): transient errors (`kube.is_transient`:
 5xx, 429, 409, network) are retried with a back-off and logged once per attempt, in one line,
-without a traceback; so are API refusals and `kube.NotOurs` in the Reranker's handler.
+without a traceback; so are API refusals and `kube.NotOurs` in the Reranker's handler, which
+retries until it succeeds (a refusal is on the Reranker's status meanwhile: fixing RBAC, a quota
+or a name in the way needs no nudge of the Reranker afterwards).
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ MANAGED: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class Tuning:
-    """Retry/timeout knobs: kopf retries forever unless told otherwise."""
+    """Retry knobs. The Reranker's handler retries until it succeeds, waiting `backoff`, then
+    twice as long each time up to `max_backoff`; a child's event is retried `retries` times."""
 
-    retries: int = 20  # attempts of one trigger (the Reranker's handler, or a child's event)
-    backoff: float = 15.0  # seconds between attempts (also TemporaryError's delay)
-    timeout: float = 30 * 60.0  # overall budget of one handling, seconds
+    retries: int = 20  # attempts of one child's event
+    backoff: float = 15.0  # the Reranker handler's first back-off; a child event's longest
+    max_backoff: float = 300.0  # the Reranker handler's longest back-off
     event_backoff: float = 2.0  # a child's event: first back-off, doubling up to `backoff`
 
 
@@ -58,9 +61,7 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
         PLURAL,
         registry=registry,
         id="reconcile",
-        retries=tuning.retries,
         backoff=tuning.backoff,
-        timeout=tuning.timeout,
     )
     @kopf.on.create(
         API_GROUP,
@@ -68,9 +69,7 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
         PLURAL,
         registry=registry,
         id="reconcile",
-        retries=tuning.retries,
         backoff=tuning.backoff,
-        timeout=tuning.timeout,
     )
     @kopf.on.update(
         API_GROUP,
@@ -78,24 +77,25 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
         PLURAL,
         registry=registry,
         id="reconcile",
-        retries=tuning.retries,
         backoff=tuning.backoff,
-        timeout=tuning.timeout,
     )
-    def reconcile_reranker(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    def reconcile_reranker(
+        namespace: str | None, name: str, memo: kopf.Memo, retry: int, logger: kopf.Logger, **_: Any
+    ) -> None:
         if namespace is None:  # never: Rerankers are namespaced (typed so by kopf)
             return None
         reconciler: Reconciler = memo.reconciler
         try:
             outcome = reconciler.reconcile(namespace, name)
         except Exception as exc:
-            # API faults, API refusals (403, 422, ...) and someone else's object in the way:
-            # one line per attempt (kopf logs it at ERROR, without a traceback), retried after
-            # `backoff`. Anything else is a bug: kopf logs its traceback and retries too.
+            # API faults, API refusals (403, 404, ...) and someone else's object in the way: one
+            # line per attempt (kopf logs it at ERROR, without a traceback). Anything else is a
+            # bug: its traceback, once per attempt. Both retried, ever more slowly.
+            delay = reranker_delay(tuning, retry)
             if not kube.is_api_fault(exc):
-                raise
+                logger.exception("reconcile failed unexpectedly (a bug: please report it)")
             raise kopf.TemporaryError(
-                f"{kube.describe(exc)}; retrying in {tuning.backoff:g}s", delay=tuning.backoff
+                f"{kube.describe(exc)}; retrying in {delay:g}s", delay=delay
             ) from exc
         if outcome.invalid is not None:
             # Status already says Failed/InvalidSpec; retrying cannot help until the spec changes.
@@ -142,6 +142,26 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
         body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
         await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
+
+    # An Ingress or PDB deleted or edited by hand is put back at once. (HTTPRoutes and monitors
+    # are not watched: their APIs are add-ons a cluster may lack; the next reconcile restores them.)
+    @kopf.on.event("networking.k8s.io", "v1", "ingresses", labels=MANAGED, registry=registry)
+    async def ingress_event(
+        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    ) -> None:
+        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
+
+    @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED, registry=registry)
+    async def pdb_event(
+        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    ) -> None:
+        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
+
+
+def reranker_delay(tuning: Tuning, retry: int) -> float:
+    """Back-off of the Reranker's handler after its `retry`-th retry (0 first): doubling from
+    `backoff`, capped at `max_backoff`."""
+    return float(min(tuning.backoff * 2 ** min(retry, 32), tuning.max_backoff))
 
 
 def event_delay(tuning: Tuning, attempt: int) -> float:

@@ -41,7 +41,10 @@ PHASES = ("Pending", "Building", "Deploying", "Ready", "Degraded", "Failed")
 EVENTS = (
     ("Warning", "InvalidSpec"),
     ("Warning", "BuildFailed"),
+    ("Warning", "ApiRefused"),
     ("Normal", "BuildStarted"),
+    ("Normal", "BuildRestarted"),
+    ("Normal", "BuildCancelled"),
     ("Normal", "EngineBuilt"),
     ("Normal", "RollingOut"),
     ("Normal", "Ready"),

@@ -2,9 +2,15 @@
 
 Every step is safe to repeat (after a crash, a restart, or a second trigger for the same
 object): children are created only when absent and patched only when the builders' spec-hash
-annotation differs; the engine-build Job is never recreated while it exists; an engine counts
-as built once its key is in the cache PVC's `reranker.dev/built-engines` annotation, which
-outlives operator restarts and (with retention Retain) the Reranker itself.
+annotation differs; an engine counts as built once its key is in the cache PVC's
+`reranker.dev/built-engines` annotation, which outlives operator restarts and (with retention
+Retain) the Reranker itself.
+
+The engine-build Job (Shared mode) is kept while it can still help, and replaced when it cannot:
+a failed or not-yet-started Job whose pod template no longer matches the spec (memory raised
+after an OOMKill, a toleration added) is deleted and created anew; a finished Job whose engine is
+not on the cache volume (the claim was re-created) builds again; a pending or running Job for an
+engine nobody wants any more (the spec moved on) is cancelled, so it frees its GPU.
 
 The whole reconcile reads the Reranker afresh and is serialised per Reranker within this
 process, so the Reranker's own handlers and its children's event handlers can all call it.
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 ANNOTATION_BUILT = "reranker.dev/built-engines"  # on the cache PVC: comma-separated engine keys
 # On the cache PVC: the engines served, oldest first (what pruning keeps the newest of).
 ANNOTATION_HISTORY = "reranker.dev/engine-history"
+# On the cache PVC: engines whose build was cancelled midway; the next prune removes what they left.
+ANNOTATION_ABANDONED = "reranker.dev/abandoned-engines"
 COMPONENT = "reranker-operator"
 
 
@@ -45,9 +53,21 @@ class Outcome:
     invalid: InvalidSpec | None = None
 
 
+def _key_list(pvc: dict[str, Any] | None, annotation: str) -> list[str]:
+    value = (((pvc or {}).get("metadata") or {}).get("annotations") or {}).get(annotation) or ""
+    return [k for k in value.split(",") if k]
+
+
 def built_keys(pvc: dict[str, Any] | None) -> set[str]:
-    value = ((pvc or {}).get("metadata") or {}).get("annotations", {}).get(ANNOTATION_BUILT) or ""
-    return {k for k in value.split(",") if k}
+    return set(_key_list(pvc, ANNOTATION_BUILT))
+
+
+def _annotation(obj: dict[str, Any], key: str) -> str | None:
+    return ((obj.get("metadata") or {}).get("annotations") or {}).get(key)
+
+
+def _created(obj: dict[str, Any]) -> datetime.datetime | None:
+    return diagnosis.parse_time((obj.get("metadata") or {}).get("creationTimestamp"))
 
 
 def _labels(obj: dict[str, Any]) -> dict[str, str]:
@@ -59,9 +79,15 @@ def _is_server(pod: dict[str, Any]) -> bool:
 
 
 def _pod_key(pod: dict[str, Any]) -> str | None:
-    return ((pod.get("metadata") or {}).get("annotations") or {}).get(
-        builders.ANNOTATION_ENGINE_KEY
-    )
+    return _annotation(pod, builders.ANNOTATION_ENGINE_KEY)
+
+
+def _is_build_job(job: dict[str, Any]) -> bool:
+    return _labels(job).get(builders.LABEL_COMPONENT) == builders.COMPONENT_BUILD
+
+
+def _unfinished(job: dict[str, Any]) -> bool:
+    return status.job_state(job) in ("pending", "building")
 
 
 def _init_done(pod: dict[str, Any]) -> bool:
@@ -82,6 +108,41 @@ def _serving_key(pods: list[dict[str, Any]], key: str) -> str | None:
     return key if key in keys else keys.most_common(1)[0][0]
 
 
+def _stale_build_reason(
+    live: dict[str, Any],
+    desired: dict[str, Any],
+    pvc: dict[str, Any],
+    job_pods: list[dict[str, Any]],
+) -> str | None:
+    """Why the existing build Job of the current engine cannot give it; None when it can."""
+    state = status.job_state(live)
+    if state == "built":
+        job_created, pvc_created = _created(live), _created(pvc)
+        if job_created and pvc_created and job_created < pvc_created:
+            # It built into a claim that was deleted since: the engine is not on this one.
+            return "it built the engine into an earlier cache volume; building it again"
+        return None
+    if _annotation(live, builders.ANNOTATION_SPEC_HASH) == _annotation(
+        desired, builders.ANNOTATION_SPEC_HASH
+    ):
+        return None  # what the spec asks for: a failure stands until the cause is fixed
+    if state == "failed":
+        return "the spec changed since it failed; building again with the new pod settings"
+    if state == "pending" or status.job_pods_running(job_pods) is not True:
+        return "the spec changed before its pod started; starting one with the new pod settings"
+    return None  # running: a build under way is left to finish (or to fail, then replaced)
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """The engine for the current key (Shared mode), as `_ensure_engine` found it."""
+
+    state: status.EngineState
+    message: str = ""  # the failed build's termination message
+    built_at: str | None = None
+    issue: diagnosis.PodIssue | None = None  # why the build waits, when it is not its pod's fault
+
+
 @dataclass(frozen=True)
 class _EngineView:
     """What one mode's steps found: the Deployment, the engine's state and what the pods say."""
@@ -92,6 +153,7 @@ class _EngineView:
     built_at: str | None
     job_name: str | None  # Shared: the build Job
     pvc: dict[str, Any] | None  # Shared: the cache PVC
+    jobs: list[dict[str, Any]]  # Shared: the Reranker's Jobs (builds and prunes)
     engine_issue: diagnosis.PodIssue | None
     serve_issue: diagnosis.PodIssue | None
 
@@ -103,6 +165,27 @@ def refusal_message(exc: ApiException) -> str:
     except (ValueError, AttributeError):
         message = None
     return f"the API server refused a child: {message or exc.reason or exc.status}"
+
+
+RETRIED = "the operator retries until it succeeds"
+
+
+def lasting_refusal(exc: ApiException) -> tuple[str, str] | None:
+    """(reason, message) for an API answer that retrying alone will not change, saying what to
+    do; None for anything else (transient, or handled elsewhere)."""
+    what = kube.describe(exc)
+    if exc.status == 403:
+        return "Forbidden", (
+            f"the API server refused a request: {what}. Grant the operator's service account "
+            "that permission (the chart's ClusterRole or Role), or lift the ResourceQuota or "
+            f"admission policy it names; {RETRIED}"
+        )
+    if exc.status == 404 and getattr(exc, "method", None) == "POST":
+        return "MissingAPI", (
+            f"this cluster does not serve that API: {what}. Install its CRDs, or turn off what "
+            f"needs it (a monitor: the chart's monitoring.kind); {RETRIED}"
+        )
+    return None
 
 
 def engines_to_keep(
@@ -158,14 +241,35 @@ class Reconciler:
             return Outcome(phase=None)
         try:
             return self._reconcile(body)
-        except InvalidSpec as exc:  # a spec this cluster cannot serve (see _ensure_serving)
+        except InvalidSpec as exc:  # a spec this cluster cannot serve (see _ensure_exposure)
             return self._invalid(body, exc)
         except ApiException as exc:
-            if exc.status not in (400, 422):
-                raise
-            # The API server refused a child as rendered (e.g. a spec.pod.affinity the CRD
-            # passes through unchecked): an invalid spec, not something a retry fixes.
-            return self._invalid(body, InvalidSpec("spec", refusal_message(exc)))
+            if exc.status in (400, 422):
+                # The API server refused a child as rendered (e.g. a spec.pod.affinity the CRD
+                # passes through unchecked): an invalid spec, not something a retry fixes.
+                return self._invalid(body, InvalidSpec("spec", refusal_message(exc)))
+            refusal = lasting_refusal(exc)
+            if refusal is not None:
+                self._refused(body, *refusal)
+            raise  # retried by the handler
+        except kube.NotOurs as exc:
+            self._refused(body, "NameTaken", f"{exc}; {RETRIED}")
+            raise
+
+    def _refused(self, body: dict[str, Any], reason: str, message: str) -> None:
+        """Put a refusal that only a person can fix on the Reranker's status (once per change),
+        while the handler keeps retrying. A status write refused too is only logged."""
+        meta = body["metadata"]
+        previous = body.get("status") or {}
+        new = status.refused_status(reason, message, meta.get("generation"), previous)
+        try:
+            if self._write_status(body, previous, new):
+                self._event(body, "Warning", "ApiRefused", message)
+        except (ApiException, OSError) as exc:
+            log.warning(
+                "could not write the refusal to status",
+                extra={"reranker": f"{meta['namespace']}/{meta['name']}", "error": str(exc)},
+            )
 
     def _invalid(self, body: dict[str, Any], exc: InvalidSpec) -> Outcome:
         meta = body["metadata"]
@@ -256,7 +360,7 @@ class Reconciler:
             self._transition_events(body, previous, new)
         if pvc is not None and new["phase"] == "Ready":
             # The rollout to `key` succeeded: engines beyond the ones to keep can go.
-            self._prune_engines(body, spec, pvc, key)
+            self._prune_engines(body, spec, pvc, view.jobs, key)
         for issue in (engine_issue, serve_issue):
             if issue is not None and not issue.stuck and issue.since:
                 self._recheck_when_stuck(namespace, name, issue.since, now)
@@ -281,21 +385,30 @@ class Reconciler:
         pvc, _ = self.api.create_if_absent(
             builders.build_engine_cache_pvc(name, namespace, spec, self.config, owner)
         )
+        jobs = self.api.list(kube.JOB, namespace, {builders.LABEL_RERANKER: name})
+        serving_key = (
+            _annotation(deployment, builders.ANNOTATION_ENGINE_KEY) if deployment else None
+        )
+        pvc = self._cancel_superseded_builds(body, pvc, jobs, {key, serving_key})
         # The engine: built already, or its Job (created only when absent).
         job_pods = [p for p in pods if _labels(p).get("job-name") == job_name]
-        engine, build_message, built_at = self._ensure_engine(
-            body, spec, pvc, key, job_name, job_pods
-        )
-        engine_issue = diagnosis.with_volume_detail(
+        engine = self._ensure_engine(body, spec, pvc, key, job_name, job_pods, jobs)
+        engine_issue = engine.issue or diagnosis.with_volume_detail(
             diagnosis.first_issue(job_pods, now, timeout), pvc
         )
-        # Serving: roll the Deployment only to a built engine; until then, leave it alone.
-        if engine == "built":
-            deployment = self._ensure_serving(body, spec, key, owner, deployment)
+        # Serving: roll the Deployment only to a built engine; until then the Deployment keeps
+        # its engine (only its replica count follows the spec), and everything around it is kept
+        # as the spec says.
+        if engine.state == "built":
+            deployment = self._ensure_deployment(body, spec, key, owner, deployment)
+        elif deployment is not None:
+            deployment = self._scale_to_spec(spec, deployment)
+        self._ensure_exposure(body, spec, owner)
         serve_issue = diagnosis.first_issue([p for p in pods if _is_server(p)], now, timeout)
         return _EngineView(
-            deployment, engine, build_message, built_at, job_name, pvc, engine_issue, serve_issue
-        )
+            deployment, engine.state, engine.message, engine.built_at, job_name, pvc, jobs,
+            engine_issue, serve_issue,
+        )  # fmt: skip
 
     def _per_pod_engine(
         self,
@@ -309,7 +422,8 @@ class Reconciler:
     ) -> _EngineView:
         """PerPod mode: the Deployment always runs the current engine; its pods build it first."""
         timeout = self.config.unschedulable_timeout_seconds
-        deployment = self._ensure_serving(body, spec, key, owner, deployment)
+        deployment = self._ensure_deployment(body, spec, key, owner, deployment)
+        self._ensure_exposure(body, spec, owner)
         key_pods = [p for p in pods if _is_server(p) and _pod_key(p) == key]
         engine, build_message = status.per_pod_engine_state(key_pods, builders.BUILD_CONTAINER)
         building = [p for p in key_pods if not _init_done(p)]
@@ -323,7 +437,7 @@ class Reconciler:
         serving = [p for p in key_pods if _init_done(p)]
         serve_issue = diagnosis.first_issue(serving, now, timeout, (builders.SERVE_CONTAINER,))
         return _EngineView(
-            deployment, engine, build_message, None, None, None, engine_issue, serve_issue
+            deployment, engine, build_message, None, None, None, [], engine_issue, serve_issue
         )
 
     def _ensure_engine(
@@ -334,17 +448,34 @@ class Reconciler:
         key: str,
         job_name: str,
         job_pods: list[dict[str, Any]],
-    ) -> tuple[status.EngineState, str, str | None]:
-        """(state, failure message, completion time) of the engine for `key` (Shared mode)."""
+        jobs: list[dict[str, Any]],
+    ) -> _Engine:
+        """The engine for `key` (Shared mode): built, or its build Job's state."""
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
         if key in built_keys(pvc):
-            return "built", "", None
+            return _Engine("built")
+        pruning = self._pruning(jobs, key)
+        if pruning is not None:
+            # A prune Job created earlier would delete this engine's directory under the build.
+            return _Engine("pending", issue=diagnosis.PodIssue(
+                "WaitingForPrune",
+                f"Job {pruning} is deleting an earlier copy of engine {key[:10]} from the "
+                "cache; the build starts when it has finished",
+                stuck=False,
+            ))  # fmt: skip
 
-        # Created only when absent; an existing Job of that name is used only if it is ours.
         desired = builders.build_engine_job(
             name, namespace, spec, self.config, key, builders.owner_reference(body)
         )
+        live = self.api.get(kube.JOB, namespace, job_name)
+        if live is not None:
+            if not kube.is_ours(live, desired):
+                raise kube.NotOurs(live)
+            replaced = self._replace_stale_build(body, live, desired, pvc, job_pods)
+            if replaced is not None:
+                return replaced
+
         job, created = self.api.create_if_absent(desired)
         if created:
             log.info(
@@ -356,15 +487,100 @@ class Reconciler:
         if state == "built":
             self._record_built(pvc, key)
             self._event(body, "Normal", "EngineBuilt", f"engine {key[:10]} built by Job {job_name}")
-            return "built", "", (job.get("status") or {}).get("completionTime") or status.now_iso()
+            built_at = (job.get("status") or {}).get("completionTime") or status.now_iso()
+            return _Engine("built", built_at=built_at)
         if state == "failed":
             # Listed again: the failed pod may be newer than this reconcile's first look.
             job_pods = self.api.list(kube.POD, namespace, {"job-name": job_name})
             message = status.termination_message(job_pods) or status.job_failure_message(job)
-            return "failed", message, None
+            return _Engine("failed", message)
         if state == "building" and status.job_pods_running(job_pods) is False:
             state = "pending"  # the Job counts its Pending pod as active
-        return state, "", None
+        return _Engine(state)
+
+    def _replace_stale_build(
+        self,
+        body: dict[str, Any],
+        live: dict[str, Any],
+        desired: dict[str, Any],
+        pvc: dict[str, Any],
+        job_pods: list[dict[str, Any]],
+    ) -> _Engine | None:
+        """Delete the existing build Job when it cannot give the engine the spec wants; the
+        engine's state meanwhile. None: the Job stays and tells the state."""
+        meta = live["metadata"]
+        namespace, job_name = meta["namespace"], meta["name"]
+        reason = _stale_build_reason(live, desired, pvc, job_pods)
+        if reason is None and not meta.get("deletionTimestamp"):
+            return None
+        if reason is not None and not meta.get("deletionTimestamp"):
+            self.api.delete(kube.JOB, namespace, job_name)
+            log.info(
+                "engine build replaced",
+                extra={"reranker": f"{namespace}/{body['metadata']['name']}", "job": job_name,
+                       "reason": reason},
+            )  # fmt: skip
+            self._event(body, "Normal", "BuildRestarted", f"Job {job_name} replaced: {reason}")
+            if self.api.get(kube.JOB, namespace, job_name) is None:
+                return None  # gone already: the caller creates the new Job
+        # Its deletion (an event on the Job) triggers the next reconcile; a timer covers a
+        # deletion event lost to a watch reconnect.
+        self._recheck_after(body["metadata"]["namespace"], body["metadata"]["name"], 10.0)
+        return _Engine("pending", issue=diagnosis.PodIssue(
+            "ReplacingBuild",
+            f"the previous build Job {job_name} is being deleted; a new one starts when it is gone",
+            stuck=False,
+        ))  # fmt: skip
+
+    @staticmethod
+    def _pruning(jobs: list[dict[str, Any]], key: str) -> str | None:
+        """The name of an unfinished prune Job that deletes engine `key`, if any."""
+        target = f"{builders.ENGINES_MOUNT}/{key}"
+        for job in jobs:
+            if _labels(job).get(builders.LABEL_COMPONENT) != builders.COMPONENT_PRUNE:
+                continue
+            containers = job["spec"]["template"]["spec"].get("containers") or []
+            if _unfinished(job) and any(target in (c.get("args") or []) for c in containers):
+                return str(job["metadata"]["name"])
+        return None
+
+    def _cancel_superseded_builds(
+        self,
+        body: dict[str, Any],
+        pvc: dict[str, Any],
+        jobs: list[dict[str, Any]],
+        wanted: set[str | None],
+    ) -> dict[str, Any]:
+        """Delete build Jobs still pending or running for an engine nobody wants any more
+        (neither the spec's nor the one served): on a fixed GPU pool they hold the GPU the
+        current build needs. Their keys are recorded on the PVC (`ANNOTATION_ABANDONED`) for the
+        next prune to remove what they wrote. Returns the PVC as patched."""
+        meta = body["metadata"]
+        cancelled: list[str] = []
+        for job in jobs:
+            job_key = _annotation(job, builders.ANNOTATION_ENGINE_KEY)
+            if (
+                not _is_build_job(job)
+                or job_key is None
+                or job_key in wanted
+                or not _unfinished(job)
+                or job["metadata"].get("deletionTimestamp")
+            ):
+                continue
+            job_name = job["metadata"]["name"]
+            self.api.delete(kube.JOB, meta["namespace"], job_name)
+            cancelled.append(job_key)
+            self._event(
+                body, "Normal", "BuildCancelled",
+                f"Job {job_name} cancelled: engine {job_key[:10]} is no longer wanted by the spec",
+            )  # fmt: skip
+        if not cancelled:
+            return pvc
+        abandoned = sorted({*_key_list(pvc, ANNOTATION_ABANDONED), *cancelled})
+        return self.api.patch(
+            kube.PVC, pvc["metadata"]["namespace"], pvc["metadata"]["name"],
+            {"metadata": {"annotations": {ANNOTATION_ABANDONED: ",".join(abandoned)}}},
+        )  # fmt: skip
 
     def _recheck_when_stuck(
         self, namespace: str, name: str, since: str, now: datetime.datetime
@@ -372,6 +588,10 @@ class Reconciler:
         """Reconcile again when an Unschedulable pod passes the timeout: no event may come then."""
         started = diagnosis.parse_time(since) or now
         delay = self.config.unschedulable_timeout_seconds - (now - started).total_seconds() + 1
+        self._recheck_after(namespace, name, delay)
+
+    def _recheck_after(self, namespace: str, name: str, delay: float) -> None:
+        """Reconcile again in `delay` seconds (one pending timer per Reranker)."""
         timer_key = (namespace, name)
         with self._locks_guard:
             if timer_key in self._timers and self._timers[timer_key].is_alive():
@@ -399,18 +619,32 @@ class Reconciler:
             self._timers.clear()
 
     def _prune_engines(
-        self, body: dict[str, Any], spec: RerankerSpec, pvc: dict[str, Any], key: str
+        self,
+        body: dict[str, Any],
+        spec: RerankerSpec,
+        pvc: dict[str, Any],
+        jobs: list[dict[str, Any]],
+        key: str,
     ) -> None:
         """Keep the served engine and the `keepEngines` most recently served before it; delete
-        the rest from the cache with a Job, and forget them (a later need rebuilds them)."""
-        annotations = (pvc.get("metadata") or {}).get("annotations") or {}
-        history = [k for k in (annotations.get(ANNOTATION_HISTORY) or "").split(",") if k]
+        the rest from the cache with a Job, with what cancelled builds left behind, and forget
+        them. Their build Jobs go too: a later need for one of them builds it again."""
+        history = _key_list(pvc, ANNOTATION_HISTORY)
         built = built_keys(pvc) | {key}
-        if history and history[-1] == key and built <= set(history):
+        abandoned = set(_key_list(pvc, ANNOTATION_ABANDONED))
+        if history and history[-1] == key and built <= set(history) and not abandoned:
             return  # nothing new since the last look
         drop, kept = engines_to_keep(history, built, key, self.config.engine_cache.keep_engines)
+        drop = sorted({*drop, *(abandoned - set(kept))})
         meta = body["metadata"]
         if drop:
+            for job in jobs:
+                if (
+                    _is_build_job(job)
+                    and _annotation(job, builders.ANNOTATION_ENGINE_KEY) in drop
+                    and not job["metadata"].get("deletionTimestamp")
+                ):
+                    self.api.delete(kube.JOB, meta["namespace"], job["metadata"]["name"])
             job = builders.build_prune_job(
                 meta["name"], meta["namespace"], spec, self.config, drop,
                 builders.owner_reference(body),
@@ -424,7 +658,8 @@ class Reconciler:
         self.api.patch(
             kube.PVC, pvc["metadata"]["namespace"], pvc["metadata"]["name"],
             {"metadata": {"annotations": {
-                ANNOTATION_BUILT: ",".join(sorted(kept)), ANNOTATION_HISTORY: ",".join(kept)}}},
+                ANNOTATION_BUILT: ",".join(sorted(kept)), ANNOTATION_HISTORY: ",".join(kept),
+                ANNOTATION_ABANDONED: None}}},
         )  # fmt: skip
 
     def _record_built(self, pvc: dict[str, Any], key: str) -> None:
@@ -435,7 +670,7 @@ class Reconciler:
             {"metadata": {"annotations": {ANNOTATION_BUILT: ",".join(keys)}}},
         )  # fmt: skip
 
-    def _ensure_serving(
+    def _ensure_deployment(
         self,
         body: dict[str, Any],
         spec: RerankerSpec,
@@ -443,20 +678,43 @@ class Reconciler:
         owner: dict[str, Any],
         deployment: dict[str, Any] | None,
     ) -> dict[str, Any]:
+        """The Deployment serving engine `key` as the spec says."""
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
         desired = builders.build_deployment(name, namespace, spec, self.config, key, owner)
         previous_key = None
         if deployment is not None:
-            previous_key = (deployment["metadata"].get("annotations") or {}).get(
-                builders.ANNOTATION_ENGINE_KEY
-            )
-        deployment = self._apply(desired, deployment)
+            previous_key = _annotation(deployment, builders.ANNOTATION_ENGINE_KEY)
+        deployment = self._scale_to_spec(spec, self._apply(desired, deployment))
         if previous_key and previous_key != key:
             self._event(
                 body, "Normal", "RollingOut", f"rolling the Deployment to engine {key[:10]}"
             )
+        return deployment
 
+    def _scale_to_spec(self, spec: RerankerSpec, deployment: dict[str, Any]) -> dict[str, Any]:
+        """Undo a `kubectl scale deployment`: the Reranker's spec.replicas (or its own scale
+        subresource, `kubectl scale reranker`) is the count; with autoscaling the HPA owns it."""
+        if spec.autoscaling is not None:
+            return deployment
+        want = spec.desired_replicas
+        if (deployment.get("spec") or {}).get("replicas") == want:
+            return deployment
+        meta = deployment["metadata"]
+        log.info(
+            "restoring the replica count",
+            extra={"child": f"{meta['namespace']}/{meta['name']}", "replicas": want},
+        )
+        return self.api.patch(
+            kube.DEPLOYMENT, meta["namespace"], meta["name"], {"spec": {"replicas": want}}
+        )
+
+    def _ensure_exposure(
+        self, body: dict[str, Any], spec: RerankerSpec, owner: dict[str, Any]
+    ) -> None:
+        """Everything around the Deployment: Service, monitor, Ingress, PDB, HPA, HTTPRoute."""
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
         self._apply(builders.build_service(name, namespace, spec, owner))
         monitor = builders.build_monitor(name, namespace, self.config, owner)
         if monitor is not None:
@@ -478,7 +736,6 @@ class Reconciler:
             live = self.api.get(kind, namespace, name)
             if live is not None and kube.is_ours(live, {"metadata": {"labels": owned_labels}}):
                 self.api.delete(kind, namespace, name)
-        return deployment
 
     def _apply_optional_kind(self, kind: kube.Kind, child: dict[str, Any]) -> None:
         """Apply a child whose API a cluster may not serve: the Gateway API is an add-on."""

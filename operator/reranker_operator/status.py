@@ -424,19 +424,39 @@ def invalid_spec_status(
     now: str | None = None,
 ) -> dict[str, Any]:
     """Failed, naming the field. Children already running are left alone (see the docs)."""
+    text = f"invalid spec: {field}: {message}"
+    return _not_ready_status("Failed", "InvalidSpec", text, generation, previous, now)
+
+
+def refused_status(
+    reason: str,
+    message: str,
+    generation: int | None,
+    previous: dict[str, Any] | None,
+    now: str | None = None,
+) -> dict[str, Any]:
+    """The API server refuses what the reconcile needs (RBAC, a quota, a missing API, a name
+    taken): Degraded while the Deployment still serves, else Failed."""
+    available = (get_condition(previous, AVAILABLE) or {}).get("status") == "True"
+    phase: Phase = "Degraded" if available else "Failed"
+    return _not_ready_status(phase, reason, message, generation, previous, now)
+
+
+def _not_ready_status(
+    phase: Phase,
+    reason: str,
+    text: str,
+    generation: int | None,
+    previous: dict[str, Any] | None,
+    now: str | None,
+) -> dict[str, Any]:
+    """`previous` with Ready=False for `reason`: what is known of the children is kept."""
     now = now or now_iso()
     prev = dict(previous or {})
     prev_conditions = prev.get("conditions") or []
-    text = f"invalid spec: {field}: {message}"
-    conditions = [
-        c
-        for c in prev_conditions
-        if c.get("type") not in (READY,)  # keep what we knew of the children
-    ]
-    conditions.append(
-        condition(READY, False, "InvalidSpec", text, generation, prev_conditions, now)
-    )
-    status: dict[str, Any] = {**prev, "phase": "Failed", "message": text, "conditions": conditions}
+    conditions = [c for c in prev_conditions if c.get("type") != READY]
+    conditions.append(condition(READY, False, reason, text, generation, prev_conditions, now))
+    status: dict[str, Any] = {**prev, "phase": phase, "message": text, "conditions": conditions}
     if generation is not None:
         status["observedGeneration"] = generation
     return status

@@ -343,13 +343,13 @@ NAMESPACED_GRANTS = {
     ("reranker.dev", "rerankers"): {"get", "list", "watch", "patch"},
     ("reranker.dev", "rerankers/status"): {"patch"},
     ("reranker.dev", "rerankers/finalizers"): {"update"},  # blockOwnerDeletion on children
-    ("batch", "jobs"): {"get", "list", "watch", "create"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
     ("", "services"): {"get", "list", "watch", "create", "patch"},
-    ("networking.k8s.io", "ingresses"): {"get", "create", "patch", "delete"},
+    ("networking.k8s.io", "ingresses"): {"get", "list", "watch", "create", "patch", "delete"},
     ("gateway.networking.k8s.io", "httproutes"): {"get", "create", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},
-    ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
+    ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("autoscaling", "horizontalpodautoscalers"): {
         "get",
         "list",

@@ -398,10 +398,18 @@ async def test_faults_an_object_that_is_not_ours_is_never_adopted(
     assert job["metadata"]["labels"] == {"team": "other"}  # neither adopted nor patched
     assert kmock.created(JOBS) == 1  # the test's own
     assert cluster.get(cluster.DEPLOYMENT, NAME) is None
+    # The status says what is in the way and what to do.
+    ready = await wait_for(
+        lambda: (c := cluster.condition(NAME, "Ready")).get("reason") == "NameTaken" and c,
+        "Ready=False NameTaken",
+    )
+    assert f"Job ml/{JOB} exists" in ready["message"] and "delete or rename it" in ready["message"]
+    assert cluster.status(NAME)["phase"] == "Failed"
+    (event,) = await wait_for(lambda: cluster.events("ApiRefused"), "an ApiRefused event")
+    assert event["type"] == "Warning"
 
-    # Once it is gone, any change of the Reranker (here an annotation) builds our own Job.
+    # Once it is gone, the handler's next retry builds our own Job: no nudge needed.
     await cluster.delete(cluster.JOB, JOB)
-    await cluster.patch(cluster.RERANKER, NAME, {"metadata": {"annotations": {"nudge": "1"}}})
     await wait_for(
         lambda: (
             (((cluster.get(cluster.JOB, JOB) or {}).get("metadata") or {}).get("labels") or {}).get(
@@ -487,3 +495,47 @@ async def test_faults_silent_watch_is_reconnected(
         await converges(cluster, kmock, to_ready, before_success=stall_job_watch)
     finally:
         await operator.stop()
+
+
+async def test_faults_a_lasting_refusal_is_on_the_status_until_it_is_lifted(
+    cluster: Cluster, operator: OperatorRunner, kmock: FaultyKubernetes
+) -> None:
+    """403 on the Service (RBAC missing, a quota): Failed with the API server's words and what to
+    do; the handler keeps retrying, so once the cause is gone it converges by itself."""
+    forbidden = kmock.inject("POST", SERVICES, 403, times=None)
+    await cluster.create_reranker(NAME, SPEC)
+    ready = await wait_for(
+        lambda: (c := cluster.condition(NAME, "Ready")).get("reason") == "Forbidden" and c,
+        "Ready=False Forbidden",
+    )
+    assert "POST /api/v1/namespaces/ml/services: 403" in ready["message"]
+    assert "ClusterRole" in ready["message"] and "retries" in ready["message"]
+    assert cluster.status(NAME)["phase"] == "Failed"
+    await wait_for(lambda: forbidden.injected >= 3, "retried")
+    forbidden.stop()
+    await wait_for(lambda: cluster.get(cluster.SERVICE, NAME), "the Service, once allowed")
+    await cluster.job_succeeded(JOB)
+    await wait_for(lambda: cluster.get(cluster.DEPLOYMENT, NAME), "the Deployment")
+    await cluster.deployment_ready(NAME)
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Ready", "phase Ready")
+
+
+async def test_faults_a_missing_monitoring_api_names_what_to_install(
+    cluster: Cluster, kmock: FaultyKubernetes
+) -> None:
+    """monitoring.kind ServiceMonitor on a cluster without the Prometheus Operator's CRDs: the
+    create answers 404 (no such collection), which the status explains."""
+    config = OperatorConfig.model_validate({"monitoring": {"kind": "ServiceMonitor"}})
+    kmock.inject("POST", r"/servicemonitors$", 404, times=None)
+    op = OperatorRunner(str(kmock.url), config, settings=fault_settings)
+    await op.start()
+    try:
+        await cluster.create_reranker(NAME, SPEC)
+        ready = await wait_for(
+            lambda: (c := cluster.condition(NAME, "Ready")).get("reason") == "MissingAPI" and c,
+            "Ready=False MissingAPI",
+        )
+        assert "servicemonitors: 404" in ready["message"]
+        assert "monitoring.kind" in ready["message"] and "CRDs" in ready["message"]
+    finally:
+        await op.stop()

@@ -6,6 +6,8 @@ Every object a builder returns must pass kubernetes-validate --strict (Kubernete
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +289,8 @@ def test_pdb_and_hpa_only_when_called_for() -> None:
     )
     assert "PodDisruptionBudget" in kinds["autoscaling-concurrency"]  # minReplicas 2
     assert "HorizontalPodAutoscaler" in kinds["autoscaling-concurrency"]
-    assert "PodDisruptionBudget" not in kinds["autoscaling-cpu"]  # minReplicas 1
+    # minReplicas 1, maxReplicas 4: the pods the autoscaler adds are protected too.
+    assert "PodDisruptionBudget" in kinds["autoscaling-cpu"]
     assert "HorizontalPodAutoscaler" in kinds["autoscaling-cpu"]
     assert b.build_pdb("rr", NS, spec_of(replicas=1)) is None
     assert b.build_hpa("rr", NS, spec_of(replicas=5)) is None
@@ -526,9 +529,45 @@ def test_prune_job_deletes_only_the_given_engines() -> None:
     assert pod["volumes"] == [
         {"name": "engine-cache", "persistentVolumeClaim": {"claimName": "rr-engine-cache"}}
     ]
-    assert "nvidia.com/gpu" not in str(job) and "affinity" not in pod
+    assert "nvidia.com/gpu" not in str(c["resources"])  # no GPU of its own
+    # On the GPU nodes the servers run on (the image and the volume are there), yet not bound by
+    # pod (anti-)affinity written for the servers; and never running forever.
+    server = b.build_deployment("rr", NS, VARIANTS["gpu-replicas"], CONFIG, KEY)
+    server_pod = server["spec"]["template"]["spec"]
+    placement = ("nodeSelector", "tolerations", "affinity")
+    assert {k: pod.get(k) for k in placement} == {k: server_pod.get(k) for k in placement}
+    assert pod["tolerations"] and pod["affinity"]["nodeAffinity"]  # GPU nodes: not left empty
+    assert job["spec"]["activeDeadlineSeconds"] == b.PRUNE_DEADLINE_SECONDS
+    spread = spec_of(pod={"affinity": POD_SETTINGS["affinity"]})
+    prune_pod = b.build_prune_job("rr", NS, spread, CONFIG, keys)["spec"]["template"]["spec"]
+    server_affinity = b.build_deployment("rr", NS, spread, CONFIG, KEY)["spec"]["template"]["spec"][
+        "affinity"
+    ]
+    assert "podAntiAffinity" in server_affinity
+    assert prune_pod["affinity"] == {"nodeAffinity": server_affinity["nodeAffinity"]}
     assert job["metadata"]["name"] == b.prune_job_name("rr", list(reversed(keys)))
     assert DNS1123_LABEL.match(b.prune_job_name("x" * 63, keys))
+
+
+def test_prune_job_script_removes_engines_and_what_their_builds_left(tmp_path: Path) -> None:
+    """The Job's own command, run here: each engine goes with its build's `.tmp-` leftovers and
+    lock; other engines and the download cache stay."""
+    gone, kept = "a" * 64, "b" * 64
+    for path in (gone, f".{gone}.tmp-12-ab", kept, f".{kept}.tmp-3-cd", ".hf-home"):
+        (tmp_path / path).mkdir()
+        (tmp_path / path / "file").write_text("x")
+    (tmp_path / f".{gone}.lock").write_text("")
+    (tmp_path / f".{kept}.lock").write_text("")
+    job = b.build_prune_job("rr", NS, spec_of(), CONFIG, [gone, "c" * 64])
+    c = container(job)
+    args = [str(tmp_path / Path(a).name) for a in c["args"]]  # /engines/<key> here
+    done = subprocess.run(
+        [sys.executable, *c["command"][1:], *args], capture_output=True, text=True, check=True
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [kept, f".{kept}.tmp-3-cd", f".{kept}.lock", ".hf-home"]
+    )
+    assert f"removed {args[0]}" in done.stdout
 
 
 def test_no_monitor_unless_configured() -> None:

@@ -28,7 +28,7 @@ import yaml
 from kmock_env import Cluster, OperatorRunner, declare_resources, wait_for
 from reranker_operator import __version__, builders
 from reranker_operator.config import OperatorConfig, config_from_dict
-from reranker_operator.reconcile import ANNOTATION_BUILT
+from reranker_operator.reconcile import ANNOTATION_ABANDONED, ANNOTATION_BUILT
 from reranker_operator.spec import parse_spec
 
 NAME = "bge"
@@ -404,6 +404,9 @@ async def test_flows_service_type_ingress_and_the_external_endpoint(
         "the removed Service annotation gone",
     )
     assert annotations["cloud/lb-id"] == "42"
+    # Deleted by hand: put back (the operator watches its Ingresses).
+    await cluster.delete(cluster.INGRESS, NAME)
+    await wait_for(lambda: cluster.get(cluster.INGRESS, NAME), "the Ingress put back")
 
     # A Gateway API route instead of the Ingress, then neither, and back to ClusterIP: each goes,
     # and so does the external endpoint.
@@ -469,7 +472,7 @@ async def test_flows_long_names_sharing_a_prefix_get_distinct_children(
         await cluster.create_reranker(name, SPEC)
     for name in names:
         await finish_builds(cluster, name, SPEC)
-        await wait_for(lambda n=name: cluster.get(cluster.SERVICE, n), f"Service {name}")
+        await wait_for(lambda n=name: cluster.get(cluster.DEPLOYMENT, n), f"Deployment {name}")
     for resource in (cluster.JOB, cluster.DEPLOYMENT, cluster.SERVICE, cluster.PVC):
         owners = [o["metadata"]["labels"][builders.LABEL_RERANKER] for o in cluster.list(resource)]
         assert sorted(owners) == sorted(names), resource
@@ -528,7 +531,7 @@ async def test_flows_shared_cache_prunes_engines_no_longer_served(
         job = await wait_for(lambda: cluster.get(cluster.JOB, prune), "the prune Job")
         (c,) = job["spec"]["template"]["spec"]["containers"]
         assert c["args"] == [f"/engines/{keys[0]}"]
-        assert "nvidia.com/gpu" not in str(job)
+        assert "nvidia.com/gpu" not in str(c["resources"])
         await wait_for(lambda: cluster.events("EnginesPruned"), "an EnginesPruned event")
         assert (
             len([j for j in cluster.list(cluster.JOB) if "-prune-" in j["metadata"]["name"]]) == 1
@@ -619,6 +622,160 @@ async def test_flows_invalid_spec_fails_naming_the_field(
     await cluster.update_spec(NAME, {"build": {"quantization": "no_quant"}})
     await wait_for(lambda: cluster.list(cluster.JOB), "a Job after the fix")
     await wait_for(lambda: cluster.status(NAME).get("phase") in ("Pending", "Building"), "building")
+
+
+# --------------------------------------------------------------------------- build Jobs that cannot help
+
+
+async def test_flows_failed_build_is_replaced_when_the_pod_settings_change(
+    cluster: Cluster, operator: OperatorRunner, kmock: Any
+) -> None:
+    """OOMKilled at 8Gi: raising spec.resources.memory (same engine key) builds again at 32Gi,
+    where the old Job would have kept the Reranker Failed until its TTL."""
+    job = builders.job_name(NAME, key_of(SPEC))
+    await cluster.create_reranker(NAME, SPEC)
+    await wait_for(lambda: cluster.get(cluster.JOB, job), "the build Job")
+    await cluster.job_failed(job, "OOMKilled (memory limit 8Gi): raise spec.resources.memory")
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Failed", "phase Failed")
+    assert job_creations(kmock) == 1
+
+    await cluster.update_spec(NAME, {"resources": {"memory": "32Gi"}})
+    assert key_of(spec(resources={"memory": "32Gi"})) == key_of(SPEC)  # the same engine
+    await wait_for(lambda: job_creations(kmock) == 2, "a new Job of the same name")
+    await cluster.delete(cluster.POD, f"{job}-x1y2z")  # the garbage collector's part
+    new = cluster.get(cluster.JOB, job)
+    (c,) = new["spec"]["template"]["spec"]["containers"]
+    assert c["resources"]["limits"]["memory"] == "32Gi"
+    assert not new.get("status")  # a fresh Job, not the failed one
+    await wait_for(
+        lambda: cluster.status(NAME).get("phase") in ("Pending", "Building"), "building again"
+    )
+    (event,) = await wait_for(lambda: cluster.events("BuildRestarted"), "a BuildRestarted event")
+    assert job in event["message"] and "spec changed since it failed" in event["message"]
+
+    # An unchanged spec keeps a failed Job as it is (a GPU build that failed fails again).
+    await cluster.job_failed(job, "checkpoint: 401 Unauthorized")
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Failed", "Failed again")
+    await cluster.patch(cluster.RERANKER, NAME, {"metadata": {"labels": {"touched": "yes"}}})
+    await asyncio.sleep(0.5)
+    assert job_creations(kmock) == 2
+
+
+async def test_flows_superseded_build_is_cancelled_and_its_leftovers_pruned(
+    cluster: Cluster, kmock: Any
+) -> None:
+    """a serves; b builds; the spec moves on to c: b's Job goes (freeing its GPU), and the prune
+    after c's rollout removes what b wrote."""
+    op = OperatorRunner(str(kmock.url), config_from_dict({"engineCache": {"keepEngines": 1}}))
+    await op.start()
+    try:
+        key_a = await bring_to_ready(cluster)
+        spec_b, spec_c = spec(build={"maxNumTokens": 8192}), spec(build={"maxNumTokens": 4096})
+        job_b = builders.job_name(NAME, key_of(spec_b))
+        await cluster.update_spec(NAME, {"build": {"maxNumTokens": 8192}})
+        await wait_for(lambda: cluster.get(cluster.JOB, job_b), "b's Job")
+        await cluster.job_running(job_b)
+
+        await cluster.update_spec(NAME, {"build": {"maxNumTokens": 4096}})
+        await wait_for(lambda: cluster.get(cluster.JOB, job_b) is None, "b's Job deleted")
+        (event,) = await wait_for(lambda: cluster.events("BuildCancelled"), "BuildCancelled")
+        assert job_b in event["message"]
+        await finish_builds(cluster, NAME, spec_c)
+        await wait_for(
+            lambda: (
+                engine_dir(cluster.get(cluster.DEPLOYMENT, NAME)) == f"/engines/{key_of(spec_c)}"
+            ),
+            "the rollout to c",
+        )
+        await cluster.deployment_ready(NAME)
+        prune = builders.prune_job_name(NAME, [key_of(spec_b)])
+        job = await wait_for(lambda: cluster.get(cluster.JOB, prune), "the prune Job for b")
+        assert job["spec"]["template"]["spec"]["containers"][0]["args"] == [
+            f"/engines/{key_of(spec_b)}"
+        ]
+
+        def annotations() -> dict[str, str]:
+            pvc = cluster.get(cluster.PVC, builders.cache_pvc_name(NAME))
+            return dict(pvc["metadata"]["annotations"])
+
+        await wait_for(lambda: ANNOTATION_ABANDONED not in annotations(), "b forgotten")
+        assert set(annotations()[ANNOTATION_BUILT].split(",")) == {key_a, key_of(spec_c)}
+        assert cluster.get(cluster.JOB, builders.job_name(NAME, key_a))  # a is kept (keep 1)
+    finally:
+        await op.stop()
+
+
+async def test_flows_going_back_to_a_pruned_engine_builds_it_again(
+    cluster: Cluster, kmock: Any
+) -> None:
+    """keepEngines 0: a -> b prunes a (its directory and its finished Job); back to a, a new
+    Job builds it once the prune Job is done, and the Deployment waits for that build."""
+    op = OperatorRunner(str(kmock.url), config_from_dict({"engineCache": {"keepEngines": 0}}))
+    await op.start()
+    try:
+        key_a = await bring_to_ready(cluster)
+        job_a = builders.job_name(NAME, key_a)
+        spec_b = spec(checkpoint={"repo": "BAAI/bge-reranker-large", "revision": "v2"})
+        await cluster.update_spec(NAME, {"checkpoint": {"revision": "v2"}})
+        await finish_builds(cluster, NAME, spec_b)
+        await wait_for(
+            lambda: (
+                engine_dir(cluster.get(cluster.DEPLOYMENT, NAME)) == f"/engines/{key_of(spec_b)}"
+            ),
+            "the rollout to b",
+        )
+        await cluster.deployment_ready(NAME)
+        prune = builders.prune_job_name(NAME, [key_a])
+        await wait_for(lambda: cluster.get(cluster.JOB, prune), "the prune Job")
+        await wait_for(lambda: cluster.get(cluster.JOB, job_a) is None, "a's finished Job deleted")
+
+        # Back to a while the prune Job has not run: the build waits for it.
+        await cluster.update_spec(NAME, {"checkpoint": {"revision": "main"}})
+        await wait_for(
+            lambda: cluster.condition(NAME, "EngineReady").get("reason") == "WaitingForPrune",
+            "waiting for the prune",
+        )
+        assert prune in cluster.condition(NAME, "EngineReady")["message"]
+        assert cluster.get(cluster.JOB, job_a) is None
+        await cluster.job_succeeded(prune)
+        await wait_for(lambda: cluster.get(cluster.JOB, job_a), "a new Job for a")
+        await asyncio.sleep(0.3)
+        # Still serving b: a is not on the volume until its new Job succeeds.
+        assert engine_dir(cluster.get(cluster.DEPLOYMENT, NAME)) == f"/engines/{key_of(spec_b)}"
+        await cluster.job_succeeded(job_a)
+        await wait_for(
+            lambda: engine_dir(cluster.get(cluster.DEPLOYMENT, NAME)) == f"/engines/{key_a}",
+            "the rollout back to a",
+        )
+    finally:
+        await op.stop()
+
+
+async def test_flows_while_a_build_runs_the_rest_follows_the_spec(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """A Service deleted by hand comes back and spec.replicas applies during a build; the
+    Deployment keeps the engine it serves until the new one is built. A `kubectl scale
+    deployment` is undone: spec.replicas is the count."""
+    old_key = await bring_to_ready(cluster)
+    await cluster.patch(cluster.DEPLOYMENT, NAME, {"spec": {"replicas": 0}})
+    await wait_for(
+        lambda: cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["replicas"] == 1, "1 replica again"
+    )
+
+    await cluster.update_spec(NAME, {"build": {"maxNumTokens": 8192}})
+    await wait_for(
+        lambda: cluster.condition(NAME, "EngineReady").get("reason") == "Building", "building"
+    )
+    await cluster.delete(cluster.SERVICE, NAME)
+    await wait_for(lambda: cluster.get(cluster.SERVICE, NAME), "the Service restored")
+    await cluster.update_spec(NAME, {"replicas": 3})
+    await wait_for(lambda: cluster.get(cluster.PDB, NAME), "a PDB for 3 replicas")
+    dep = await wait_for(
+        lambda: (d := cluster.get(cluster.DEPLOYMENT, NAME)) and d["spec"]["replicas"] == 3 and d,
+        "3 replicas while building",
+    )
+    assert engine_dir(dep) == f"/engines/{old_key}"
 
 
 # --------------------------------------------------------------------------- restarts and deletion

@@ -133,3 +133,36 @@ def test_metrics_count_what_a_reconcile_ended_with_and_nothing_for_a_gone_rerank
         gone.metrics.registry.get_sample_value("reranker_operator_reconcile_duration_seconds_count")
         == 0
     )
+
+
+def _job(state: dict[str, Any], created: str, spec_hash: str = "h") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "creationTimestamp": created,
+            "annotations": {"reranker.dev/spec-hash": spec_hash},
+        },
+        "status": state,
+    }
+
+
+COMPLETE = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+FAILED = {"failed": 3, "conditions": [{"type": "Failed", "status": "True"}]}
+RUNNING_POD = [{"status": {"phase": "Running"}}]
+PENDING_POD = [{"status": {"phase": "Pending"}}]
+
+
+def test_a_build_job_is_stale_only_when_it_cannot_give_the_engine() -> None:
+    from reranker_operator.reconcile import _stale_build_reason as stale
+
+    pvc = {"metadata": {"creationTimestamp": "2026-12-02T10:00:00Z"}}
+    desired = _job({}, "", "h")
+    # Finished before the cache claim was (re-)created: its engine is not on this claim.
+    assert stale(_job(COMPLETE, "2026-12-02T09:00:00Z"), desired, pvc, [])
+    assert stale(_job(COMPLETE, "2026-12-02T10:00:05Z"), desired, pvc, []) is None
+    # Failed or not started under other pod settings: replaced; under the same: kept.
+    assert "failed" in (stale(_job(FAILED, "", "old"), desired, pvc, []) or "")
+    assert stale(_job(FAILED, "", "h"), desired, pvc, []) is None
+    assert stale(_job({}, "", "old"), desired, pvc, [])
+    assert stale(_job({"active": 1}, "", "old"), desired, pvc, PENDING_POD)
+    # A build that runs is left to finish.
+    assert stale(_job({"active": 1}, "", "old"), desired, pvc, RUNNING_POD) is None

@@ -172,10 +172,11 @@ collector through owner references, so only PDBs and HPAs (removed when no longe
   resources: ["rerankers/finalizers"]
   verbs: ["update"]
 # Engine-build Jobs and runtime Deployments: watched by kopf (label-selected), created, and
-# Deployments patched when the spec (or the engine) changes.
+# Deployments patched when the spec (or the engine) changes. Build Jobs are deleted when they
+# cannot help any more (superseded, failed under an older spec, their engine pruned).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
@@ -183,10 +184,11 @@ collector through owner references, so only PDBs and HPAs (removed when no longe
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# Ingresses (spec.ingress): created, patched, and deleted when the field is removed.
+# Ingresses (spec.ingress): created, patched, deleted when the field is removed, and watched
+# (one deleted by hand is put back).
 - apiGroups: ["networking.k8s.io"]
   resources: ["ingresses"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Gateway API HTTPRoutes (spec.httpRoute): the same. Where the Gateway API is not installed, the
 # operator's reads of them answer 404, which it takes as "none".
 - apiGroups: ["gateway.networking.k8s.io"]
@@ -197,10 +199,10 @@ collector through owner references, so only PDBs and HPAs (removed when no longe
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "list", "watch", "create", "patch"]
 # PDBs and HPAs: created, patched, and deleted when no longer wanted (1 replica, no autoscaling);
-# HPAs are also watched (their ScalingActive condition goes into status).
+# both are watched (one deleted by hand is put back; the HPA's ScalingActive goes into status).
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
