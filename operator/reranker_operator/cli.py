@@ -26,7 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as exc:
+        # The command is installed with any extra; kopf and kubernetes come with `operator`.
+        print(
+            f"reranker-operator: the Python package {exc.name!r} is missing; install the "
+            "operator extra: pip install 'reranker-stack[operator]'",
+            file=sys.stderr,
+        )
+        return 2
+    args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
 

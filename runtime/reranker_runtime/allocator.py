@@ -1,4 +1,5 @@
-"""The process's memory allocator: which one is in use, and giving memory back on glibc's.
+"""The process's memory allocator: which one is in use, and giving memory back on glibc's; and
+the garbage collector's heap, frozen once the model is loaded (`freeze_heap`).
 
 Under a varied mix of requests (texts of every length and count), the server's resident memory
 under glibc's malloc kept growing: 0.48 to 1.0 GB in 5 minutes of a MiniLM-sized model, and it
@@ -19,8 +20,10 @@ Two remedies were measured side by side (docs/benchmarks.md, "CPU: memory under 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +34,23 @@ log = logging.getLogger(__name__)
 PROC_SELF_MAPS = Path("/proc/self/maps")
 # Shared-library names of the allocators a process may have preloaded, as they appear in its maps.
 _PRELOADED = (("libjemalloc", "jemalloc"), ("libtcmalloc", "tcmalloc"), ("libmimalloc", "mimalloc"))
+
+
+def freeze_heap() -> None:
+    """After load and warm-up: collect what they left, then move every surviving object (torch,
+    transformers, the model: a few hundred thousand) out of the garbage collector's sight.
+    Python's full collections while serving then scan only what requests create, and the exit
+    no longer collects them one by one: SIGTERM to exit took 2.7 s on a tiny model, 0.7 s
+    frozen (2-core AMD EPYC)."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.debug(
+        "garbage collector heap frozen",
+        extra=log_fields(
+            objects=gc.get_freeze_count(), seconds=round(time.perf_counter() - started, 3)
+        ),
+    )
 
 
 def allocator_from_maps(maps: str) -> str | None:

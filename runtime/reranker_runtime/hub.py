@@ -31,6 +31,12 @@ LOCAL_DIR_ADVICE = (
 CACHE_SETTINGS = "HF_HUB_CACHE, --hf-cache or $HF_HOME/hub"
 
 
+def looks_like_path(model: str) -> bool:
+    """Surely meant as a local path: hub ids never start with these (anything else may be a hub
+    id, and is left to the loader)."""
+    return model.startswith(("/", "./", "../", "~"))
+
+
 def looks_like_hub_id(model: str) -> bool:
     """Whether `model` is read from the hub (or its cache) rather than from a local directory."""
     return bool(_HUB_ID.fullmatch(model)) and not os.path.exists(os.path.expanduser(model))
@@ -154,6 +160,16 @@ def config_error(
             f"Fill it where the hub is reachable (`{download_command(model, revision, cache)}`), "
             f"point {CACHE_SETTINGS} at a filled cache, or {LOCAL_DIR_ADVICE}"
         )
+    local = os.path.expanduser(model)
+    if os.path.isdir(local):
+        # A local directory: the hub's advice does not apply; what is missing there does.
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            return (
+                f"{head}: the directory has no config.json; --model takes a checkpoint directory "
+                "with config.json, *.safetensors and the tokenizer files (what save_pretrained "
+                "writes)"
+            )
+        return f"{head}: {one_line(exc)}. Check {os.path.join(local, 'config.json')}"
     return (
         f"{head}: {one_line(exc)}. Check the model id, the revision and HF_TOKEN; without hub "
         f"access, {LOCAL_DIR_ADVICE}, or set HF_HUB_OFFLINE=1 with a filled hub cache "

@@ -95,6 +95,9 @@ class Lifecycle:
         self._cut_short = asyncio.Event()  # a second exit signal: stop waiting for requests
         # Called once with the reason when loading fails (the server then exits).
         self.on_fatal: Callable[[str], None] | None = None
+        # Called once after warm-up, just before the state turns ready (`serve` freezes the
+        # garbage collector's heap there: allocator.freeze_heap).
+        self.on_warm: Callable[[], None] | None = None
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -178,6 +181,8 @@ class Lifecycle:
             await self._service.start()
             if self._state is not State.WARMING_UP:  # a drain began meanwhile
                 return
+            if self.on_warm is not None:
+                self.on_warm()
             self._state = State.READY
             batcher = self._service.batcher
             log.info(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from reranker_runtime.allocator import start_memory_management
+from reranker_runtime.allocator import freeze_heap, start_memory_management
 from reranker_runtime.batch_budget import parse_max_batch_tokens
 from reranker_runtime.config import (
     CPU_KERNEL_CHOICES,
@@ -45,6 +45,7 @@ from reranker_runtime.cpu_threads import (
     parse_cpu_workers,
     parse_torch_threads,
 )
+from reranker_runtime.hub import looks_like_path
 from reranker_runtime.logging import LOG_FORMATS, LOG_LEVELS, log_fields
 from reranker_runtime.tracing import check_endpoint
 
@@ -199,7 +200,8 @@ _OPTIONS: tuple[_Option, ...] = (
         ("--max-batch-tokens",),
         parse_max_batch_tokens,
         "Token budget of one forward pass (padded engines count longest x sequences); must be at "
-        "least the model's max input length. auto: 2048 on CPU, 16384 (TEI's default) on GPU, "
+        "least the model's max input length. auto: 2048 in flight on CPU, shared among "
+        "--cpu-workers (1024 per pass with 2), 16384 (TEI's default) on GPU, "
         "raised to the model's max input length and capped by the engine's own limit; /info "
         "reports the number (docs/runtime-batching.md)",
         "N|auto",
@@ -296,7 +298,7 @@ _OPTIONS: tuple[_Option, ...] = (
         ("--api-key",),
         _text,
         "Require 'Authorization: Bearer <key>' or 'Authorization: Api-Key <key>' on the inference "
-        "routes and /info (/health, /live, /metrics, /docs stay open)",
+        "routes and /info (/health, GET /, /ping, /live, /metrics, /docs stay open)",
         "KEY",
     ),
     _Option(
@@ -610,7 +612,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if (
         not settings.engine_dir
         and settings.model
-        and _looks_like_path(settings.model)
+        and looks_like_path(settings.model)
         and not os.path.exists(os.path.expanduser(settings.model))
     ):
         print(
@@ -627,11 +629,6 @@ def run_serve(args: argparse.Namespace) -> int:
     if tei_used:  # names only: API_KEY's value is a secret
         log.info("settings read from TEI's variables", extra=log_fields(variables=tei_used))
     return serve(settings)
-
-
-def _looks_like_path(model: str) -> bool:
-    # Hub ids never start with these; anything else may be a hub id and is left to the loader.
-    return model.startswith(("/", "./", "../", "~"))
 
 
 def use_hub_settings(settings: ServeSettings, environ: dict[str, str] | None = None) -> None:
@@ -658,6 +655,7 @@ def serve(settings: ServeSettings) -> int:
     lifecycle: Lifecycle = app.state.lifecycle
     server = _DrainingServer(uvicorn_config(app, settings), lifecycle)
     lifecycle.on_fatal = lambda _message: server.request_exit()
+    lifecycle.on_warm = freeze_heap
     log.info(
         "starting",
         extra=log_fields(

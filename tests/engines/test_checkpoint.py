@@ -119,6 +119,10 @@ def test_local_sources(xlmr_reranker: Path, tmp_path: Path) -> None:
     assert ck.resolve_source("org/model", "HF") == "HF"
     with pytest.raises(CheckpointFetchError, match=r"not an existing directory"):
         ck.resolve_source(str(tmp_path / "missing"), "LOCAL")
+    # A mistyped local path (the default source is HF) is named as a path, not as a bad hub id.
+    for path in (str(tmp_path / "missing"), "./missing", "../m", "~/m"):
+        with pytest.raises(CheckpointFetchError, match=r"does not exist \(a local path; hub ids"):
+            ck.resolve_source(path, "HF")
     with pytest.raises(BuildArgumentError, match=r"--source 'ftp' is not one of"):
         ck.resolve_source("x", "ftp")
     f = ck.fetch_checkpoint(str(xlmr_reranker), "main", "HF", tmp_path / "scratch")

@@ -189,3 +189,16 @@ def test_render_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["render", "-f", str(EXAMPLES / "bge-reranker-large-l4.yaml")]) == 0
     assert len([d for d in yaml.safe_load_all(capsys.readouterr().out) if d]) == 2
+
+
+def test_without_the_operator_extra_the_command_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pip install '.[runtime]'` installs the command too: it must not end in a traceback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "kopf", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "reranker_operator.runner", raising=False)
+    assert cli_main(["render", "-f", str(EXAMPLES / "cpu-laptop.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "'kopf' is missing" in err and "pip install 'reranker-stack[operator]'" in err

@@ -98,3 +98,15 @@ def test_trimming_turned_off_says_what_that_costs(caplog: pytest.LogCaptureFixtu
     with caplog.at_level(logging.INFO, logger=allocator.__name__):
         assert start_memory_management(0) is None
     assert any("--malloc-trim-interval" in r.getMessage() for r in caplog.records)
+
+
+def test_freeze_heap_moves_the_live_objects_out_of_the_collectors_sight() -> None:
+    import gc
+
+    from reranker_runtime.allocator import freeze_heap
+
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 10_000  # this test process: pytest, torch, ...
+    finally:
+        gc.unfreeze()  # the rest of the suite collects as usual

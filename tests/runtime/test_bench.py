@@ -280,6 +280,27 @@ def test_bench_model_fits_the_workload(bench_model: Path):
     assert 1.1 < sum(lengths) / words < 1.6  # sub-word split like a real tokenizer on prose
 
 
+def test_pure_compute_cuts_pairs_longer_than_the_model_as_the_server_does(xlmr_reranker: Path):
+    """The tiny model takes 128 tokens: 200-word passages are cut, not an index error."""
+    from reranker_runtime.bench.baseline import PureCompute
+
+    pure = PureCompute(str(xlmr_reranker))
+    pairs = [p for r in w.make_requests(0, 2) for p in r.pairs()]
+    pure.prepare(pairs, repeats=1)
+    pure.forward()
+    assert pure.enc["input_ids"].shape[1] == pure.max_length <= 128
+
+
+def test_without_the_bench_extra_the_baseline_says_what_to_install(
+    xlmr_reranker: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from reranker_runtime.bench.baseline import CrossEncoderBaseline, MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if not installed
+    with pytest.raises(MissingExtraError, match=r"reranker-stack\[bench\].*--no-baseline"):
+        CrossEncoderBaseline(str(xlmr_reranker))
+
+
 def test_bench_end_to_end(bench_model: Path, tmp_path: Path):
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

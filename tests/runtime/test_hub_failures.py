@@ -186,3 +186,15 @@ def test_hub_ids_and_paths(tmp_path: Path) -> None:
     assert not hub.looks_like_hub_id(str(tmp_path))
     assert not hub.looks_like_hub_id("./model")
     assert not hub.looks_like_hub_id("a/b/c")
+
+
+def test_a_local_directory_gets_local_advice_not_the_hubs(tmp_path: Path) -> None:
+    """`serve --model /empty/dir`: what is missing there, not "check the model id and HF_TOKEN"."""
+    error = ValueError("Unrecognized model in x. Should have a `model_type` key in its config.json")
+    message = hub.config_error(str(tmp_path), None, error, offline=False, unreachable=None)
+    assert "has no config.json" in message and "save_pretrained" in message
+    assert "HF_TOKEN" not in message
+    (tmp_path / "config.json").write_text("{}")
+    message = hub.config_error(str(tmp_path), None, error, offline=False, unreachable=None)
+    assert str(tmp_path / "config.json") in message and "HF_TOKEN" not in message
+    assert "HF_TOKEN" in hub.config_error("org/name", None, error, offline=False, unreachable=None)

@@ -87,6 +87,17 @@ async def test_not_ready_until_warmed_up_then_drains(xlmr_engine) -> None:
     assert lifecycle.state is State.STOPPED and engine.closed and lifecycle.in_flight == 0
 
 
+async def test_on_warm_runs_once_after_warm_up_before_ready(xlmr_engine) -> None:
+    """`serve` freezes the GC heap there: after the model's objects exist, before any request."""
+    lifecycle = Lifecycle(settings(), engine=ControlledEngine(xlmr_engine))
+    seen: list[State] = []
+    lifecycle.on_warm = lambda: seen.append(lifecycle.state)
+    lifecycle.start()
+    await _until(lambda: lifecycle.ready)
+    assert seen == [State.WARMING_UP]
+    await asyncio.wait_for(lifecycle.drain(), WAIT_S)
+
+
 async def test_admit_refuses_over_limit_and_releases(xlmr_engine) -> None:
     lifecycle = Lifecycle(settings(max_concurrent_requests=2), engine=ControlledEngine(xlmr_engine))
     lifecycle.start()

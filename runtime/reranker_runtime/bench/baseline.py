@@ -37,12 +37,23 @@ def count_tokens(model_dir: str, pairs: Sequence[tuple[str, str]]) -> list[int]:
     return [len(ids) for ids in enc["input_ids"]]
 
 
+class MissingExtraError(RuntimeError):
+    """A package of an optional extra is not installed (the message says which to install)."""
+
+
 class CrossEncoderBaseline:
     impl = "sentence-transformers CrossEncoder.predict"
 
     def __init__(self, model_dir: str, batch_size: int = 32) -> None:
         import torch
-        from sentence_transformers import CrossEncoder
+
+        try:
+            from sentence_transformers import CrossEncoder
+        except ImportError as exc:
+            raise MissingExtraError(
+                "the CrossEncoder baseline needs sentence-transformers: install the bench extra "
+                "(pip install 'reranker-stack[bench]'), or run bench with --no-baseline"
+            ) from exc
 
         self.model = CrossEncoder(model_dir, device="cpu", model_kwargs={"dtype": torch.float32})
         self.batch_size = batch_size
@@ -77,11 +88,17 @@ class PureCompute:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from reranker_runtime.model_family import ModelFamily
+
         self.dtype = dtype if dtype in DTYPES else "float32"
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, dtype=getattr(torch, self.dtype), attn_implementation="sdpa"
         ).eval()
+        # The server's limit: longer pairs are cut (the text, from the right), as it cuts them.
+        self.max_length = ModelFamily.from_config(self.model.config).max_input_length(
+            self.tokenizer.model_max_length
+        )
         self.enc: Any = None
         self.tokenize_times: list[float] = []
         self.forward_times: list[float] = []
@@ -93,7 +110,12 @@ class PureCompute:
         for _ in range(repeats):
             t0 = time.perf_counter()
             self.enc = self.tokenizer(
-                queries, texts, padding=True, truncation=False, return_tensors="pt"
+                queries,
+                texts,
+                padding=True,
+                truncation="only_second",
+                max_length=self.max_length,
+                return_tensors="pt",
             )
             self.tokenize_times.append(time.perf_counter() - t0)
 

@@ -50,7 +50,11 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL (loopback only)")
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:8080",
+        help="server base URL, loopback only (default %(default)s)",
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -76,7 +80,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run CrossEncoder.predict on the same pairs after the server phase (default on)",
+        help="run CrossEncoder.predict on the same pairs after the server phase (default on; "
+        "needs the bench extra, sentence-transformers)",
     )
     p.add_argument(
         "--baseline-batch-size", type=int, default=32, help="CrossEncoder batch size (default 32)"
@@ -111,9 +116,17 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="seconds between the large and the small request (default: 10%% of the large "
         "request's expected duration, at most 0.5 s)",
     )
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument(
-        "--wait-healthy", type=float, default=60.0, help="wait this long for /health 200"
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="per-request timeout in seconds (default %(default)g)",
+    )
+    p.add_argument(
+        "--wait-healthy",
+        type=float,
+        default=60.0,
+        help="seconds to wait for /health 200 (default %(default)g)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--output", default=None, help="also write the JSON document to this file")

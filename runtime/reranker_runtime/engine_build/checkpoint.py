@@ -47,6 +47,7 @@ from reranker_runtime.engine_build.errors import (
     CheckpointFetchError,
     CheckpointInvalidError,
 )
+from reranker_runtime.hub import looks_like_path
 from reranker_runtime.model_family import ModelFamily, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,11 @@ def resolve_source(repo: str, source: str) -> str:
         return "LOCAL"
     if src == "LOCAL":
         raise CheckpointFetchError(f"--source LOCAL: {repo} is not an existing directory")
+    if src == "HF" and looks_like_path(repo):
+        raise CheckpointFetchError(
+            f"--checkpoint-repo {repo!r} does not exist (a local path; hub ids look like "
+            "'org/name')"
+        )
     if src == "PVC":
         parse_pvc_url(repo)  # a malformed URL is refused before anything else happens
     return src

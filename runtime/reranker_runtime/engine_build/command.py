@@ -62,27 +62,27 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--revision",
         default="main",
-        help="HF branch/tag/commit (recorded as the resolved commit); main for object stores; sha256:<hex> pins a REMOTE_URL archive",
+        help="HF branch/tag/commit (recorded as the resolved commit); main for object stores; sha256:<hex> pins a REMOTE_URL archive (default %(default)s)",
     )
     p.add_argument(
         "--source",
         default="HF",
         type=str.upper,
         choices=SOURCES,
-        help="where the checkpoint lives (an existing local path is used as is)",
+        help="where the checkpoint lives (default %(default)s; an existing local path is used as is)",
     )
     p.add_argument(
         "--quantization",
         default="no_quant",
         type=str.lower,
         choices=QUANTIZATIONS,
-        help="no_quant = float16 engine (fp8/fp4 are refused for BERT-family models)",
+        help="no_quant = float16 engine (default %(default)s; fp8/fp4 are refused for BERT-family models)",
     )
     p.add_argument(
         "--max-num-tokens",
         type=int,
         default=16384,
-        help="token budget of one forward pass; sets the engine's batch profile",
+        help="token budget of one forward pass; sets the engine's batch profile (default %(default)s)",
     )
     p.add_argument(
         "--max-seq-len",
