@@ -620,8 +620,12 @@ def build_engine_job(
     return _finish(obj, owner)
 
 
-def prune_job_name(name: str, keys: list[str]) -> str:
-    digest = hashlib.sha256(",".join(sorted(keys)).encode()).hexdigest()[:10]
+def prune_job_name(name: str, keys: list[str], cache_version: str = "") -> str:
+    """`<name>-prune-<hash of the keys and the cache PVC's resourceVersion>`: a retry of the same
+    prune finds its Job, a later prune of the same keys gets a new one."""
+    digest = hashlib.sha256((",".join(sorted(keys)) + "@" + cache_version).encode()).hexdigest()[
+        :10
+    ]
     suffix = f"-prune-{digest}"
     return short_name(name, _JOB_NAME_MAX - len(suffix)) + suffix
 
@@ -633,6 +637,7 @@ def build_prune_job(
     config: OperatorConfig,
     keys: list[str],
     owner: dict[str, Any] | None = None,
+    cache_version: str = "",
 ) -> dict[str, Any]:
     """A Job deleting the engines `keys` from the Shared cache PVC (no GPU needed)."""
     job_labels = labels(name, COMPONENT_PRUNE)
@@ -662,13 +667,21 @@ def build_prune_job(
             {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache_pvc_name(name)}}
         ],
     }
+    if (spec.engine_cache.access_mode or config.engine_cache.access_mode) == "ReadWriteOnce":
+        # The volume is attached to the servers' node: only a pod beside them can mount it.
+        pod.setdefault("affinity", {})["podAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": selector_labels(name)},
+                 "topologyKey": "kubernetes.io/hostname"}
+            ]
+        }  # fmt: skip
     pull_secrets = _pull_secrets(spec, config)
     if pull_secrets:
         pod["imagePullSecrets"] = pull_secrets
     obj = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(prune_job_name(name, keys), namespace, job_labels),
+        "metadata": _metadata(prune_job_name(name, keys, cache_version), namespace, job_labels),
         "spec": {
             "backoffLimit": 3,
             "activeDeadlineSeconds": PRUNE_DEADLINE_SECONDS,

@@ -82,6 +82,28 @@ def _pod_key(pod: dict[str, Any]) -> str | None:
     return _annotation(pod, builders.ANNOTATION_ENGINE_KEY)
 
 
+# The Job controller labels its pods with the Job's uid (the legacy key first, then 1.27's).
+_CONTROLLER_UID = ("batch.kubernetes.io/controller-uid", "controller-uid")
+
+
+def _pods_of_job(
+    pods: list[dict[str, Any]], job_name: str, job: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The pods of Job `job_name`, without those of an earlier Job of that name (replaced, its
+    pods not garbage-collected yet): they would tell the new Job's state with the old's words."""
+    uid = ((job or {}).get("metadata") or {}).get("uid")
+    found = []
+    for pod in pods:
+        labels = _labels(pod)
+        if labels.get("job-name") != job_name:
+            continue
+        pod_uid = next((labels[k] for k in _CONTROLLER_UID if k in labels), None)
+        if uid and pod_uid and pod_uid != uid:
+            continue
+        found.append(pod)
+    return found
+
+
 def _is_build_job(job: dict[str, Any]) -> bool:
     return _labels(job).get(builders.LABEL_COMPONENT) == builders.COMPONENT_BUILD
 
@@ -141,6 +163,7 @@ class _Engine:
     message: str = ""  # the failed build's termination message
     built_at: str | None = None
     issue: diagnosis.PodIssue | None = None  # why the build waits, when it is not its pod's fault
+    pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the build Job's
 
 
 @dataclass(frozen=True)
@@ -168,6 +191,7 @@ def refusal_message(exc: ApiException) -> str:
 
 
 RETRIED = "the operator retries until it succeeds"
+REFUSAL_RECHECK_SECONDS = 60.0  # a lasting refusal is retried at least this often
 
 
 def lasting_refusal(exc: ApiException) -> tuple[str, str] | None:
@@ -270,6 +294,9 @@ class Reconciler:
                 "could not write the refusal to status",
                 extra={"reranker": f"{meta['namespace']}/{meta['name']}", "error": str(exc)},
             )
+        # The Reranker's handler retries its own failures; a child's event does not, and may be
+        # the last trigger for a long time: retry on a timer whatever started this one.
+        self._recheck_after(meta["namespace"], meta["name"], REFUSAL_RECHECK_SECONDS)
 
     def _invalid(self, body: dict[str, Any], exc: InvalidSpec) -> Outcome:
         meta = body["metadata"]
@@ -356,11 +383,14 @@ class Reconciler:
             surge_rollout=spec.rollout.surges,
         )
         new = status.derive_status(observed, previous)
+        if pvc is not None and new["phase"] == "Ready":
+            # The rollout to `key` succeeded: engines beyond the ones to keep can go. A refusal
+            # there does not stop serving: the status says it, in the same write.
+            problem = self._prune_engines(body, spec, pvc, view.jobs, key)
+            if problem:
+                new["message"] += f"; {problem}"
         if self._write_status(body, previous, new):
             self._transition_events(body, previous, new)
-        if pvc is not None and new["phase"] == "Ready":
-            # The rollout to `key` succeeded: engines beyond the ones to keep can go.
-            self._prune_engines(body, spec, pvc, view.jobs, key)
         for issue in (engine_issue, serve_issue):
             if issue is not None and not issue.stuck and issue.since:
                 self._recheck_when_stuck(namespace, name, issue.since, now)
@@ -389,12 +419,13 @@ class Reconciler:
         serving_key = (
             _annotation(deployment, builders.ANNOTATION_ENGINE_KEY) if deployment else None
         )
-        pvc = self._cancel_superseded_builds(body, pvc, jobs, {key, serving_key})
+        cancelled = self._cancel_superseded_builds(body, jobs, {key, serving_key})
+        if cancelled:
+            pvc = self._record_abandoned(pvc, cancelled)
         # The engine: built already, or its Job (created only when absent).
-        job_pods = [p for p in pods if _labels(p).get("job-name") == job_name]
-        engine = self._ensure_engine(body, spec, pvc, key, job_name, job_pods, jobs)
+        engine = self._ensure_engine(body, spec, pvc, key, job_name, pods, jobs)
         engine_issue = engine.issue or diagnosis.with_volume_detail(
-            diagnosis.first_issue(job_pods, now, timeout), pvc
+            diagnosis.first_issue(engine.pods, now, timeout), pvc
         )
         # Serving: roll the Deployment only to a built engine; until then the Deployment keeps
         # its engine (only its replica count follows the spec), and everything around it is kept
@@ -403,7 +434,7 @@ class Reconciler:
             deployment = self._ensure_deployment(body, spec, key, owner, deployment)
         elif deployment is not None:
             deployment = self._scale_to_spec(spec, deployment)
-        self._ensure_exposure(body, spec, owner)
+        self._ensure_exposure(body, spec, owner, deployment is not None)
         serve_issue = diagnosis.first_issue([p for p in pods if _is_server(p)], now, timeout)
         return _EngineView(
             deployment, engine.state, engine.message, engine.built_at, job_name, pvc, jobs,
@@ -421,9 +452,14 @@ class Reconciler:
         now: datetime.datetime,
     ) -> _EngineView:
         """PerPod mode: the Deployment always runs the current engine; its pods build it first."""
+        meta = body["metadata"]
         timeout = self.config.unschedulable_timeout_seconds
+        # Build Jobs of an earlier Shared mode would hold their GPUs for nothing (what they
+        # wrote stays on the cache PVC, which a switch to PerPod leaves in place).
+        jobs = self.api.list(kube.JOB, meta["namespace"], {builders.LABEL_RERANKER: meta["name"]})
+        self._cancel_superseded_builds(body, jobs, set())
         deployment = self._ensure_deployment(body, spec, key, owner, deployment)
-        self._ensure_exposure(body, spec, owner)
+        self._ensure_exposure(body, spec, owner, True)
         key_pods = [p for p in pods if _is_server(p) and _pod_key(p) == key]
         engine, build_message = status.per_pod_engine_state(key_pods, builders.BUILD_CONTAINER)
         building = [p for p in key_pods if not _init_done(p)]
@@ -447,7 +483,7 @@ class Reconciler:
         pvc: dict[str, Any],
         key: str,
         job_name: str,
-        job_pods: list[dict[str, Any]],
+        pods: list[dict[str, Any]],
         jobs: list[dict[str, Any]],
     ) -> _Engine:
         """The engine for `key` (Shared mode): built, or its build Job's state."""
@@ -472,11 +508,14 @@ class Reconciler:
         if live is not None:
             if not kube.is_ours(live, desired):
                 raise kube.NotOurs(live)
-            replaced = self._replace_stale_build(body, live, desired, pvc, job_pods)
+            replaced = self._replace_stale_build(
+                body, live, desired, pvc, _pods_of_job(pods, job_name, live)
+            )
             if replaced is not None:
                 return replaced
 
         job, created = self.api.create_if_absent(desired)
+        job_pods = _pods_of_job(pods, job_name, job)
         if created:
             log.info(
                 "engine build started", extra={"reranker": f"{namespace}/{name}", "job": job_name}
@@ -491,12 +530,13 @@ class Reconciler:
             return _Engine("built", built_at=built_at)
         if state == "failed":
             # Listed again: the failed pod may be newer than this reconcile's first look.
-            job_pods = self.api.list(kube.POD, namespace, {"job-name": job_name})
+            listed = self.api.list(kube.POD, namespace, {"job-name": job_name})
+            job_pods = _pods_of_job(listed, job_name, job)
             message = status.termination_message(job_pods) or status.job_failure_message(job)
-            return _Engine("failed", message)
+            return _Engine("failed", message, pods=job_pods)
         if state == "building" and status.job_pods_running(job_pods) is False:
             state = "pending"  # the Job counts its Pending pod as active
-        return _Engine(state)
+        return _Engine(state, pods=job_pods)
 
     def _replace_stale_build(
         self,
@@ -545,16 +585,11 @@ class Reconciler:
         return None
 
     def _cancel_superseded_builds(
-        self,
-        body: dict[str, Any],
-        pvc: dict[str, Any],
-        jobs: list[dict[str, Any]],
-        wanted: set[str | None],
-    ) -> dict[str, Any]:
+        self, body: dict[str, Any], jobs: list[dict[str, Any]], wanted: set[str | None]
+    ) -> list[str]:
         """Delete build Jobs still pending or running for an engine nobody wants any more
         (neither the spec's nor the one served): on a fixed GPU pool they hold the GPU the
-        current build needs. Their keys are recorded on the PVC (`ANNOTATION_ABANDONED`) for the
-        next prune to remove what they wrote. Returns the PVC as patched."""
+        current build needs. Returns their engine keys."""
         meta = body["metadata"]
         cancelled: list[str] = []
         for job in jobs:
@@ -574,9 +609,12 @@ class Reconciler:
                 body, "Normal", "BuildCancelled",
                 f"Job {job_name} cancelled: engine {job_key[:10]} is no longer wanted by the spec",
             )  # fmt: skip
-        if not cancelled:
-            return pvc
-        abandoned = sorted({*_key_list(pvc, ANNOTATION_ABANDONED), *cancelled})
+        return cancelled
+
+    def _record_abandoned(self, pvc: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+        """Note cancelled builds on the PVC (`ANNOTATION_ABANDONED`): the next prune removes what
+        they wrote. Returns the PVC as patched."""
+        abandoned = sorted({*_key_list(pvc, ANNOTATION_ABANDONED), *keys})
         return self.api.patch(
             kube.PVC, pvc["metadata"]["namespace"], pvc["metadata"]["name"],
             {"metadata": {"annotations": {ANNOTATION_ABANDONED: ",".join(abandoned)}}},
@@ -625,10 +663,35 @@ class Reconciler:
         pvc: dict[str, Any],
         jobs: list[dict[str, Any]],
         key: str,
-    ) -> None:
+    ) -> str | None:
         """Keep the served engine and the `keepEngines` most recently served before it; delete
         the rest from the cache with a Job, with what cancelled builds left behind, and forget
-        them. Their build Jobs go too: a later need for one of them builds it again."""
+        them. Their build Jobs go too: a later need for one of them builds it again. Returns
+        what stops it when the API server refuses (retried at the next reconcile)."""
+        try:
+            self._prune(body, spec, pvc, jobs, key)
+        except (ApiException, kube.NotOurs) as exc:
+            if kube.is_transient(exc):
+                raise
+            meta = body["metadata"]
+            log.warning(
+                "cannot prune the engine cache",
+                extra={
+                    "reranker": f"{meta['namespace']}/{meta['name']}",
+                    "error": kube.describe(exc),
+                },
+            )
+            return f"unused engines stay in the cache: {kube.describe(exc)}"
+        return None
+
+    def _prune(
+        self,
+        body: dict[str, Any],
+        spec: RerankerSpec,
+        pvc: dict[str, Any],
+        jobs: list[dict[str, Any]],
+        key: str,
+    ) -> None:
         history = _key_list(pvc, ANNOTATION_HISTORY)
         built = built_keys(pvc) | {key}
         abandoned = set(_key_list(pvc, ANNOTATION_ABANDONED))
@@ -645,9 +708,11 @@ class Reconciler:
                     and not job["metadata"].get("deletionTimestamp")
                 ):
                     self.api.delete(kube.JOB, meta["namespace"], job["metadata"]["name"])
+            # Named after the cache's version too: the same keys dropped again (A, B, A, ...
+            # with keepEngines 0) need a new Job, not the finished one of a day ago.
             job = builders.build_prune_job(
                 meta["name"], meta["namespace"], spec, self.config, drop,
-                builders.owner_reference(body),
+                builders.owner_reference(body), pvc["metadata"].get("resourceVersion", ""),
             )  # fmt: skip
             self.api.create_if_absent(job)
             self._event(
@@ -710,9 +775,10 @@ class Reconciler:
         )
 
     def _ensure_exposure(
-        self, body: dict[str, Any], spec: RerankerSpec, owner: dict[str, Any]
+        self, body: dict[str, Any], spec: RerankerSpec, owner: dict[str, Any], deployed: bool
     ) -> None:
-        """Everything around the Deployment: Service, monitor, Ingress, PDB, HPA, HTTPRoute."""
+        """Everything around the Deployment: Service, monitor, Ingress, PDB, HPA, HTTPRoute.
+        The HPA waits for the Deployment (`deployed`): it would only warn FailedGetScale."""
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
         self._apply(builders.build_service(name, namespace, spec, owner))
@@ -728,6 +794,8 @@ class Reconciler:
             (kube.HPA, builders.build_hpa(name, namespace, spec, owner, self.config)),
             (kube.HTTP_ROUTE, builders.build_http_route(name, namespace, spec, owner)),
         ):
+            if kind == kube.HPA and not deployed:
+                continue
             if child is not None:
                 self._apply_optional_kind(kind, child)
                 continue

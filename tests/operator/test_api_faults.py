@@ -539,3 +539,40 @@ async def test_faults_a_missing_monitoring_api_names_what_to_install(
         assert "monitoring.kind" in ready["message"] and "CRDs" in ready["message"]
     finally:
         await op.stop()
+
+
+async def test_faults_a_refused_prune_keeps_serving_and_says_so(
+    cluster: Cluster, kmock: FaultyKubernetes
+) -> None:
+    """The prune Job refused (a Job quota, an admission policy): still Ready, the message says
+    the cache keeps the unused engines, and the status does not flip back and forth."""
+    op = OperatorRunner(
+        str(kmock.url), OperatorConfig.model_validate({"engineCache": {"keepEngines": 0}}),
+        settings=fault_settings,
+    )  # fmt: skip
+    await op.start()
+    try:
+        await to_ready(cluster)
+        kmock.inject("POST", JOBS, 403, after=1, times=None)  # the new build passes, not the prune
+        new_job = builders.job_name(NAME, builders.engine_key_for(
+            parse_spec({"spec": {**SPEC, "build": {"maxNumTokens": 8192}}}), OperatorConfig()))  # fmt: skip
+        await cluster.update_spec(NAME, {"build": {"maxNumTokens": 8192}})
+        await wait_for(lambda: cluster.get(cluster.JOB, new_job), "the new build Job")
+        await cluster.job_succeeded(new_job)
+        await wait_for(lambda: cluster.get(cluster.DEPLOYMENT, NAME), "the Deployment")
+        await cluster.deployment_ready(NAME)
+        await wait_for(
+            lambda: "unused engines stay in the cache" in cluster.status(NAME).get("message", ""),
+            "the refused prune in the message",
+        )
+        assert cluster.status(NAME)["phase"] == "Ready"
+        assert "403" in cluster.status(NAME)["message"]
+        # Ready once at first, once on the new engine (posted just after the status write).
+        await wait_for(lambda: len(cluster.events("Ready")) == 2, "the second Ready event")
+        ready_events = len(cluster.events("Ready"))
+        await cluster.patch(cluster.RERANKER, NAME, {"metadata": {"labels": {"nudge": "1"}}})
+        await asyncio.sleep(1.0)  # reconciles in between: none flips the status
+        assert cluster.status(NAME)["phase"] == "Ready"
+        assert len(cluster.events("Ready")) == ready_events and not cluster.events("ApiRefused")
+    finally:
+        await op.stop()

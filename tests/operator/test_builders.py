@@ -547,6 +547,18 @@ def test_prune_job_deletes_only_the_given_engines() -> None:
     assert prune_pod["affinity"] == {"nodeAffinity": server_affinity["nodeAffinity"]}
     assert job["metadata"]["name"] == b.prune_job_name("rr", list(reversed(keys)))
     assert DNS1123_LABEL.match(b.prune_job_name("x" * 63, keys))
+    # The same keys dropped again later (a new cache version) get a Job of their own.
+    assert b.prune_job_name("rr", keys, "41") != b.prune_job_name("rr", keys, "42")
+    assert "podAffinity" not in pod.get("affinity", {})  # ReadWriteMany: any GPU node mounts it
+
+
+def test_prune_job_on_a_read_write_once_cache_runs_beside_the_servers() -> None:
+    spec = spec_of(engineCache={"mode": "Shared", "accessMode": "ReadWriteOnce"})
+    pod = b.build_prune_job("rr", NS, spec, CONFIG, ["a" * 64])["spec"]["template"]["spec"]
+    (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == b.selector_labels("rr")
+    assert pod["affinity"]["nodeAffinity"]  # and still on the accelerator's nodes
 
 
 def test_prune_job_script_removes_engines_and_what_their_builds_left(tmp_path: Path) -> None:

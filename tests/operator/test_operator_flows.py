@@ -95,6 +95,15 @@ async def finish_builds(cluster: Cluster, name: str, spec_: dict[str, Any]) -> N
     await cluster.job_succeeded(job)
 
 
+def prune_job(cluster: Cluster, key: str) -> dict[str, Any] | None:
+    """The prune Job deleting engine `key` (its name also hashes the cache PVC's version)."""
+    for job in cluster.list(cluster.JOB):
+        args = job["spec"]["template"]["spec"]["containers"][0].get("args") or []
+        if "-prune-" in job["metadata"]["name"] and f"/engines/{key}" in args:
+            return job
+    return None
+
+
 def operator_reads(kmock: Any, name: str = NAME) -> int:
     """GETs of the Reranker by the reconciler (kopf itself only lists and watches)."""
     return sum(
@@ -527,8 +536,7 @@ async def test_flows_shared_cache_prunes_engines_no_longer_served(
             return set(pvc["metadata"]["annotations"][ANNOTATION_BUILT].split(","))
 
         await wait_for(lambda: built() == {keys[1]}, "the first engine forgotten")
-        prune = builders.prune_job_name(NAME, [keys[0]])
-        job = await wait_for(lambda: cluster.get(cluster.JOB, prune), "the prune Job")
+        job = await wait_for(lambda: prune_job(cluster, keys[0]), "the prune Job")
         (c,) = job["spec"]["template"]["spec"]["containers"]
         assert c["args"] == [f"/engines/{keys[0]}"]
         assert "nvidia.com/gpu" not in str(c["resources"])
@@ -688,8 +696,7 @@ async def test_flows_superseded_build_is_cancelled_and_its_leftovers_pruned(
             "the rollout to c",
         )
         await cluster.deployment_ready(NAME)
-        prune = builders.prune_job_name(NAME, [key_of(spec_b)])
-        job = await wait_for(lambda: cluster.get(cluster.JOB, prune), "the prune Job for b")
+        job = await wait_for(lambda: prune_job(cluster, key_of(spec_b)), "the prune Job for b")
         assert job["spec"]["template"]["spec"]["containers"][0]["args"] == [
             f"/engines/{key_of(spec_b)}"
         ]
@@ -725,8 +732,9 @@ async def test_flows_going_back_to_a_pruned_engine_builds_it_again(
             "the rollout to b",
         )
         await cluster.deployment_ready(NAME)
-        prune = builders.prune_job_name(NAME, [key_a])
-        await wait_for(lambda: cluster.get(cluster.JOB, prune), "the prune Job")
+        prune = (await wait_for(lambda: prune_job(cluster, key_a), "the prune Job"))["metadata"][
+            "name"
+        ]
         await wait_for(lambda: cluster.get(cluster.JOB, job_a) is None, "a's finished Job deleted")
 
         # Back to a while the prune Job has not run: the build waits for it.
@@ -776,6 +784,20 @@ async def test_flows_while_a_build_runs_the_rest_follows_the_spec(
         "3 replicas while building",
     )
     assert engine_dir(dep) == f"/engines/{old_key}"
+
+
+async def test_flows_a_switch_to_per_pod_cancels_the_shared_build(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """Shared -> PerPod during a build: the Job would hold its GPU for an engine nobody reads."""
+    job = builders.job_name(NAME, key_of(SPEC))
+    await cluster.create_reranker(NAME, SPEC)
+    await wait_for(lambda: cluster.get(cluster.JOB, job), "the build Job")
+    await cluster.job_running(job)
+    await cluster.update_spec(NAME, {"engineCache": {"mode": "PerPod"}})
+    await wait_for(lambda: cluster.get(cluster.JOB, job) is None, "the Shared build cancelled")
+    await wait_for(lambda: cluster.get(cluster.DEPLOYMENT, NAME), "the PerPod Deployment")
+    await wait_for(lambda: cluster.events("BuildCancelled"), "a BuildCancelled event")
 
 
 # --------------------------------------------------------------------------- restarts and deletion

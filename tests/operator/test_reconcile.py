@@ -166,3 +166,18 @@ def test_a_build_job_is_stale_only_when_it_cannot_give_the_engine() -> None:
     assert stale(_job({"active": 1}, "", "old"), desired, pvc, PENDING_POD)
     # A build that runs is left to finish.
     assert stale(_job({"active": 1}, "", "old"), desired, pvc, RUNNING_POD) is None
+
+
+def test_a_replaced_jobs_state_is_not_read_from_its_predecessors_pods() -> None:
+    from reranker_operator.reconcile import _pods_of_job
+
+    def pod(job: str, uid: str | None) -> dict[str, Any]:
+        labels = {"job-name": job}
+        if uid:
+            labels["batch.kubernetes.io/controller-uid"] = uid
+        return {"metadata": {"name": f"{job}-{uid}", "labels": labels}}
+
+    old, new, unlabelled, other = pod("j", "u1"), pod("j", "u2"), pod("j", None), pod("k", "u2")
+    job = {"metadata": {"name": "j", "uid": "u2"}}
+    assert _pods_of_job([old, new, unlabelled, other], "j", job) == [new, unlabelled]
+    assert _pods_of_job([old, new], "j", None) == [old, new]  # no Job yet: nothing to tell
