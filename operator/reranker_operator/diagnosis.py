@@ -18,6 +18,8 @@ from typing import Any
 _IMAGE_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
 _CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")
 _VOLUME_WORDS = ("persistentvolumeclaim", "volume")
+# A scheduled pod's containers wait with these while its volumes mount and its images pull.
+_STARTING_REASONS = ("ContainerCreating", "PodInitializing")
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,57 @@ def pod_issue(
                 stuck=True,
                 pod=name,
             )
+    started = parse_time(starting_since(pod))
+    if started is not None and (now - started).total_seconds() >= unschedulable_timeout:
+        waited = int((now - started).total_seconds())
+        return PodIssue(
+            "ContainersNotStarting",
+            f"pod {name} was scheduled {waited} s ago and has started no container: usually a "
+            "volume that cannot be mounted (a missing ConfigMap or Secret, a claim attached to "
+            "another node) or an image pull that does not finish; `kubectl describe pod "
+            f"{name}` shows its events",
+            stuck=True,
+            pod=name,
+        )
     return None
+
+
+def starting_since(pod: dict[str, Any]) -> str | None:
+    """When a scheduled pod that has not started any container was scheduled; None once one
+    runs or ran, before it is scheduled, or when a container waits for a named reason (an image
+    pull failing, a missing Secret: `pod_issue` reports those). Mounting volumes happens in this
+    window, and a mount that fails shows only in the pod's events."""
+    status = pod.get("status") or {}
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    conditions = status.get("conditions") or []
+    scheduled = next((c for c in conditions if c.get("type") == "PodScheduled"), None)
+    if scheduled is None or scheduled.get("status") != "True":
+        return None
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        state = cs.get("state") or {}
+        if "running" in state or "terminated" in state or (cs.get("lastState") or {}):
+            return None
+        reason = (state.get("waiting") or {}).get("reason")
+        if reason and reason not in _STARTING_REASONS:
+            return None
+    since = scheduled.get("lastTransitionTime") or (pod.get("metadata") or {}).get(
+        "creationTimestamp"
+    )
+    return str(since) if since else None
+
+
+def waiting_to_start(
+    pods: list[dict[str, Any]], now: datetime.datetime, timeout: float
+) -> list[str]:
+    """`starting_since` of the pods still within `timeout`: when to look again."""
+    found = []
+    for pod in pods:
+        since = starting_since(pod)
+        started = parse_time(since)
+        if since and started and (now - started).total_seconds() < timeout:
+            found.append(since)
+    return found
 
 
 def first_issue(

@@ -354,6 +354,18 @@ class Reconciler:
                 dep_state = dataclasses.replace(dep_state, engine_key=serving)
             elif dep_state.engine_key == key and dep_state.available and dep_state.rolled_out:
                 engine, build_message = "built", ""
+        if dep_state is not None and dep_state.replica_failure:
+            # No pod was created, so none can tell: the Deployment's own condition does.
+            refused = diagnosis.PodIssue(
+                "FailedCreate",
+                f"the Deployment cannot create pods: {dep_state.replica_failure}; raise the "
+                "namespace's ResourceQuota or lower spec.resources (a LimitRange or an admission "
+                "policy may refuse them too)",
+                stuck=True,
+            )
+            serve_issue = serve_issue or refused
+            if not shared and engine == "pending":
+                engine_issue = engine_issue or refused  # PerPod: the pods build the engine too
         # A LoadBalancer's address comes from the cloud, on the Service's status.
         service = ingress = None
         if spec.ingress is not None:
@@ -394,6 +406,10 @@ class Reconciler:
         for issue in (engine_issue, serve_issue):
             if issue is not None and not issue.stuck and issue.since:
                 self._recheck_when_stuck(namespace, name, issue.since, now)
+        # A pod that never starts (a mount failing) changes no more: look again at the timeout.
+        timeout = self.config.unschedulable_timeout_seconds
+        for since in diagnosis.waiting_to_start(pods, now, timeout):
+            self._recheck_when_stuck(namespace, name, since, now)
         return Outcome(phase=new["phase"])
 
     def _shared_engine(

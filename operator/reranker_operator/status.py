@@ -49,6 +49,9 @@ class DeploymentState:
     rolled_out: bool  # no pods of an older template left, and the controller saw the last change
     progress_failed: bool  # Progressing=False (ProgressDeadlineExceeded)
     progress_message: str = ""
+    # ReplicaFailure=True: the ReplicaSet cannot create pods (a ResourceQuota, a LimitRange, an
+    # admission webhook); no pod exists to say so.
+    replica_failure: str = ""
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,12 @@ def deployment_state(deployment: dict[str, Any], engine_key_annotation: str) -> 
 
     progressing = conditions.get("Progressing") or {}
     progress_failed = progressing.get("status") == "False"
+    failure = conditions.get("ReplicaFailure") or {}
+    replica_failure = (
+        (failure.get("message") or failure.get("reason") or "FailedCreate")
+        if failure.get("status") == "True"
+        else ""
+    )
 
     # Rolled out: the controller saw the latest template, and only its pods remain.
     generation, observed = meta.get("generation"), status.get("observedGeneration")
@@ -235,6 +244,7 @@ def deployment_state(deployment: dict[str, Any], engine_key_annotation: str) -> 
         rolled_out=seen and only_new,
         progress_failed=progress_failed,
         progress_message=progressing.get("message") or "",
+        replica_failure=replica_failure,
     )
 
 

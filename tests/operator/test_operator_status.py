@@ -359,6 +359,24 @@ async def test_unschedulable_is_pending_then_failed_after_the_configured_time(
     assert GPU_FULL in condition(cluster, "EngineReady")["message"]
 
 
+async def test_a_pod_that_never_starts_its_containers_is_failed_after_the_configured_time(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """Scheduled, then nothing: a volume that cannot be mounted (here the proxy CA ConfigMap)
+    shows only in the pod's events. A starting build container is not that."""
+    await cluster.create_reranker(NAME, SPEC)
+    dep = await deployment(cluster)
+    creating = {"waiting": {"reason": "ContainerCreating"}}
+    stuck = init_status(creating)
+    stuck["containerStatuses"][0]["state"] = creating
+    pod = await create_pod(cluster, dep, stuck)
+    # No event comes when the time is up: the operator's own timer reconciles.
+    status = await phase(cluster, "Failed", "ContainersNotStarting", ("has started no container",))
+    assert f"kubectl describe pod {pod}" in status["message"]
+    await set_pod_status(cluster, pod, init_status(RUNNING))  # the mount came through
+    await phase(cluster, "Building", "Building")
+
+
 # (serving container state, last state, reason, words)
 SERVING_ISSUES = {
     "oom": (
@@ -529,3 +547,23 @@ async def test_per_pod_scaled_to_zero_says_so(cluster: Cluster, operator: Operat
     await cluster.create_reranker(NAME, {**SPEC, "replicas": 0})
     await deployment(cluster)
     await phase(cluster, "Pending", "ScaledToZero", ("replicas is 0",))
+
+
+async def test_pods_the_deployment_cannot_create_are_failed_with_the_reason(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """A ResourceQuota refuses the pods: no pod exists to say so, the Deployment's
+    ReplicaFailure condition does (the Job-like "waiting to start" would wait for ever)."""
+    await cluster.create_reranker(NAME, SPEC)
+    await deployment(cluster)
+    quota = (
+        'pods "rr-5d8f-x" is forbidden: exceeded quota: gpu-quota, requested: '
+        "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=4, limited: requests.nvidia.com/gpu=4"
+    )
+    await cluster.patch(cluster.DEPLOYMENT, NAME, {"status": {"replicas": 0, "conditions": [
+        {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": quota},
+    ]}}, sub="status")  # fmt: skip
+    status = await phase(cluster, "Failed", "FailedCreate", ("exceeded quota: gpu-quota",))
+    assert "ResourceQuota" in status["message"]
+    assert condition(cluster, "Available")["reason"] == "FailedCreate"
