@@ -637,9 +637,15 @@ def build_prune_job(
     config: OperatorConfig,
     keys: list[str],
     owner: dict[str, Any] | None = None,
-    cache_version: str = "",
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A Job deleting the engines `keys` from the Shared cache PVC (no GPU needed)."""
+    """A Job deleting the engines `keys` from the Shared cache PVC (no GPU needed). `cache`, the
+    live PVC, gives the Job's name its version and the pod its placement: the claim keeps the
+    access mode it was created with, whatever the spec says now."""
+    cache_meta, cache_spec = (cache or {}).get("metadata") or {}, (cache or {}).get("spec") or {}
+    access_modes = cache_spec.get("accessModes") or [
+        spec.engine_cache.access_mode or config.engine_cache.access_mode
+    ]
     job_labels = labels(name, COMPONENT_PRUNE)
     container: dict[str, Any] = {
         "name": "prune",
@@ -667,7 +673,7 @@ def build_prune_job(
             {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache_pvc_name(name)}}
         ],
     }
-    if (spec.engine_cache.access_mode or config.engine_cache.access_mode) == "ReadWriteOnce":
+    if "ReadWriteMany" not in access_modes:
         # The volume is attached to the servers' node: only a pod beside them can mount it.
         pod.setdefault("affinity", {})["podAffinity"] = {
             "requiredDuringSchedulingIgnoredDuringExecution": [
@@ -681,7 +687,9 @@ def build_prune_job(
     obj = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(prune_job_name(name, keys, cache_version), namespace, job_labels),
+        "metadata": _metadata(
+            prune_job_name(name, keys, cache_meta.get("resourceVersion", "")), namespace, job_labels
+        ),
         "spec": {
             "backoffLimit": 3,
             "activeDeadlineSeconds": PRUNE_DEADLINE_SECONDS,

@@ -82,7 +82,7 @@ def _pod_key(pod: dict[str, Any]) -> str | None:
     return _annotation(pod, builders.ANNOTATION_ENGINE_KEY)
 
 
-# The Job controller labels its pods with the Job's uid (the legacy key first, then 1.27's).
+# The Job controller labels its pods with the Job's uid (1.27's key first, then the legacy one).
 _CONTROLLER_UID = ("batch.kubernetes.io/controller-uid", "controller-uid")
 
 
@@ -153,6 +153,26 @@ def _stale_build_reason(
     if state == "pending" or status.job_pods_running(job_pods) is not True:
         return "the spec changed before its pod started; starting one with the new pod settings"
     return None  # running: a build under way is left to finish (or to fail, then replaced)
+
+
+def _replica_failure_issue(
+    dep: status.DeploymentState, now: datetime.datetime, timeout: float
+) -> diagnosis.PodIssue:
+    """The Deployment's ReplicaFailure condition as an issue: FailedCreate says what to do."""
+    reason = dep.replica_failure_reason
+    if reason == "FailedCreate":
+        message = (
+            f"the Deployment cannot create pods: {dep.replica_failure}; raise the namespace's "
+            "ResourceQuota or lower spec.resources (a LimitRange or an admission policy may "
+            "refuse them too)"
+        )
+    else:
+        message = f"the Deployment reports {reason}: {dep.replica_failure}"
+    started = diagnosis.parse_time(dep.replica_failure_since)
+    waited = (now - started).total_seconds() if started else 0.0
+    return diagnosis.PodIssue(
+        reason, message, stuck=started is None or waited >= timeout, since=dep.replica_failure_since
+    )
 
 
 @dataclass(frozen=True)
@@ -233,7 +253,8 @@ class Reconciler:
         self.metrics = metrics or OperatorMetrics()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._timers: dict[tuple[str, str], threading.Timer] = {}
+        # One pending recheck per Reranker: (when it is due on the monotonic clock, its timer).
+        self._timers: dict[tuple[str, str], tuple[float, threading.Timer]] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -355,13 +376,11 @@ class Reconciler:
             elif dep_state.engine_key == key and dep_state.available and dep_state.rolled_out:
                 engine, build_message = "built", ""
         if dep_state is not None and dep_state.replica_failure:
-            # No pod was created, so none can tell: the Deployment's own condition does.
-            refused = diagnosis.PodIssue(
-                "FailedCreate",
-                f"the Deployment cannot create pods: {dep_state.replica_failure}; raise the "
-                "namespace's ResourceQuota or lower spec.resources (a LimitRange or an admission "
-                "policy may refuse them too)",
-                stuck=True,
+            # No pod was created, so none can tell: the Deployment's own condition does. It may
+            # pass by itself (an old pod's quota freed as it terminates in an in-place rollout):
+            # stuck after the timeout, like Unschedulable.
+            refused = _replica_failure_issue(
+                dep_state, now, self.config.unschedulable_timeout_seconds
             )
             serve_issue = serve_issue or refused
             if not shared and engine == "pending":
@@ -401,6 +420,8 @@ class Reconciler:
             problem = self._prune_engines(body, spec, pvc, view.jobs, key)
             if problem:
                 new["message"] += f"; {problem}"
+                # A Ready Reranker sees few events: look again, as for any lasting refusal.
+                self._recheck_after(namespace, name, REFUSAL_RECHECK_SECONDS)
         if self._write_status(body, previous, new):
             self._transition_events(body, previous, new)
         for issue in (engine_issue, serve_issue):
@@ -473,7 +494,15 @@ class Reconciler:
         # Build Jobs of an earlier Shared mode would hold their GPUs for nothing (what they
         # wrote stays on the cache PVC, which a switch to PerPod leaves in place).
         jobs = self.api.list(kube.JOB, meta["namespace"], {builders.LABEL_RERANKER: meta["name"]})
-        self._cancel_superseded_builds(body, jobs, set())
+        cancelled = self._cancel_superseded_builds(body, jobs, set())
+        if cancelled:
+            # Pruned there if the Reranker goes back to Shared.
+            pvc = self.api.get(kube.PVC, meta["namespace"], builders.cache_pvc_name(meta["name"]))
+            if pvc is not None and kube.is_ours(
+                pvc,
+                {"metadata": {"labels": builders.labels(meta["name"], builders.COMPONENT_CACHE)}},
+            ):
+                self._record_abandoned(pvc, cancelled)
         deployment = self._ensure_deployment(body, spec, key, owner, deployment)
         self._ensure_exposure(body, spec, owner, True)
         key_pods = [p for p in pods if _is_server(p) and _pod_key(p) == key]
@@ -645,19 +674,28 @@ class Reconciler:
         self._recheck_after(namespace, name, delay)
 
     def _recheck_after(self, namespace: str, name: str, delay: float) -> None:
-        """Reconcile again in `delay` seconds (one pending timer per Reranker)."""
+        """Reconcile again in `delay` seconds. One pending timer per Reranker, the soonest: a
+        later recheck it replaces is armed again by the reconcile it runs (each reconcile arms
+        what its findings need)."""
         timer_key = (namespace, name)
+        delay = max(delay, 1.0)
+        due = time.monotonic() + delay
         with self._locks_guard:
-            if timer_key in self._timers and self._timers[timer_key].is_alive():
-                return
-            timer = threading.Timer(max(delay, 1.0), self._timed_reconcile, (namespace, name))
+            pending = self._timers.get(timer_key)
+            if pending is not None and pending[1].is_alive():
+                if pending[0] <= due:
+                    return
+                pending[1].cancel()
+            timer = threading.Timer(delay, self._timed_reconcile, (namespace, name))
             timer.daemon = True
-            self._timers[timer_key] = timer
+            self._timers[timer_key] = (due, timer)
         timer.start()
 
     def _timed_reconcile(self, namespace: str, name: str) -> None:
         with self._locks_guard:
-            self._timers.pop((namespace, name), None)
+            pending = self._timers.get((namespace, name))
+            if pending is not None and pending[1] is threading.current_thread():
+                del self._timers[(namespace, name)]
         try:
             self.reconcile(namespace, name)
         except Exception as exc:  # a timer thread has no caller to raise to: log it
@@ -668,7 +706,7 @@ class Reconciler:
 
     def stop_timers(self) -> None:
         with self._locks_guard:
-            for timer in self._timers.values():
+            for _, timer in self._timers.values():
                 timer.cancel()
             self._timers.clear()
 
@@ -728,14 +766,15 @@ class Reconciler:
             # with keepEngines 0) need a new Job, not the finished one of a day ago.
             job = builders.build_prune_job(
                 meta["name"], meta["namespace"], spec, self.config, drop,
-                builders.owner_reference(body), pvc["metadata"].get("resourceVersion", ""),
+                builders.owner_reference(body), pvc,
             )  # fmt: skip
-            self.api.create_if_absent(job)
-            self._event(
-                body, "Normal", "EnginesPruned",
-                f"deleting {len(drop)} unused engine(s) from the cache: "
-                + ", ".join(k[:10] for k in drop),
-            )  # fmt: skip
+            _, created = self.api.create_if_absent(job)
+            if created:
+                self._event(
+                    body, "Normal", "EnginesPruned",
+                    f"deleting {len(drop)} unused engine(s) from the cache: "
+                    + ", ".join(k[:10] for k in drop),
+                )  # fmt: skip
         self.api.patch(
             kube.PVC, pvc["metadata"]["namespace"], pvc["metadata"]["name"],
             {"metadata": {"annotations": {
@@ -810,7 +849,7 @@ class Reconciler:
             (kube.HPA, builders.build_hpa(name, namespace, spec, owner, self.config)),
             (kube.HTTP_ROUTE, builders.build_http_route(name, namespace, spec, owner)),
         ):
-            if kind == kube.HPA and not deployed:
+            if kind == kube.HPA and child is not None and not deployed:
                 continue
             if child is not None:
                 self._apply_optional_kind(kind, child)

@@ -49,9 +49,11 @@ class DeploymentState:
     rolled_out: bool  # no pods of an older template left, and the controller saw the last change
     progress_failed: bool  # Progressing=False (ProgressDeadlineExceeded)
     progress_message: str = ""
-    # ReplicaFailure=True: the ReplicaSet cannot create pods (a ResourceQuota, a LimitRange, an
-    # admission webhook); no pod exists to say so.
+    # ReplicaFailure=True: the ReplicaSet cannot create (or delete) pods (a ResourceQuota, a
+    # LimitRange, an admission webhook); no pod exists to say so. Its message, reason, since when.
     replica_failure: str = ""
+    replica_failure_reason: str = ""
+    replica_failure_since: str | None = None
 
 
 @dataclass(frozen=True)
@@ -224,11 +226,7 @@ def deployment_state(deployment: dict[str, Any], engine_key_annotation: str) -> 
     progressing = conditions.get("Progressing") or {}
     progress_failed = progressing.get("status") == "False"
     failure = conditions.get("ReplicaFailure") or {}
-    replica_failure = (
-        (failure.get("message") or failure.get("reason") or "FailedCreate")
-        if failure.get("status") == "True"
-        else ""
-    )
+    failing = failure.get("status") == "True"
 
     # Rolled out: the controller saw the latest template, and only its pods remain.
     generation, observed = meta.get("generation"), status.get("observedGeneration")
@@ -244,7 +242,9 @@ def deployment_state(deployment: dict[str, Any], engine_key_annotation: str) -> 
         rolled_out=seen and only_new,
         progress_failed=progress_failed,
         progress_message=progressing.get("message") or "",
-        replica_failure=replica_failure,
+        replica_failure=(failure.get("message") or "no message") if failing else "",
+        replica_failure_reason=(failure.get("reason") or "FailedCreate") if failing else "",
+        replica_failure_since=failure.get("lastTransitionTime") if failing else None,
     )
 
 

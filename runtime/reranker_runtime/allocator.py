@@ -40,7 +40,7 @@ def freeze_heap() -> None:
     """After load and warm-up: collect what they left, then move every surviving object (torch,
     transformers, the model: a few hundred thousand) out of the garbage collector's sight.
     Python's full collections while serving then scan only what requests create, and the exit
-    no longer collects them one by one: SIGTERM to exit took 2.7 s on a tiny model, 0.7 s
+    no longer collects them one by one: SIGTERM to exit took 2.7 s on a tiny model, 0.8 s
     frozen (2-core AMD EPYC)."""
     started = time.perf_counter()
     gc.collect()

@@ -567,6 +567,7 @@ async def test_faults_a_refused_prune_keeps_serving_and_says_so(
         )
         assert cluster.status(NAME)["phase"] == "Ready"
         assert "403" in cluster.status(NAME)["message"]
+        assert ("ml", NAME) in op.reconciler._timers  # looked at again within a minute
         # Ready once at first, once on the new engine (posted just after the status write).
         await wait_for(lambda: len(cluster.events("Ready")) == 2, "the second Ready event")
         ready_events = len(cluster.events("Ready"))

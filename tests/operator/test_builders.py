@@ -555,6 +555,12 @@ def test_prune_job_deletes_only_the_given_engines() -> None:
 def test_prune_job_on_a_read_write_once_cache_runs_beside_the_servers() -> None:
     spec = spec_of(engineCache={"mode": "Shared", "accessMode": "ReadWriteOnce"})
     pod = b.build_prune_job("rr", NS, spec, CONFIG, ["a" * 64])["spec"]["template"]["spec"]
+    # The live claim decides: its access mode is the one it was created with.
+    rwo_claim = {"metadata": {"resourceVersion": "7"}, "spec": {"accessModes": ["ReadWriteOnce"]}}
+    rwx_spec = spec_of(engineCache={"mode": "Shared", "accessMode": "ReadWriteMany"})
+    from_claim = b.build_prune_job("rr", NS, rwx_spec, CONFIG, ["a" * 64], cache=rwo_claim)
+    assert from_claim["spec"]["template"]["spec"]["affinity"]["podAffinity"]
+    assert from_claim["metadata"]["name"] == b.prune_job_name("rr", ["a" * 64], "7")
     (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert term["labelSelector"]["matchLabels"] == b.selector_labels("rr")

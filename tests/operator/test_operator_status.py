@@ -562,8 +562,12 @@ async def test_pods_the_deployment_cannot_create_are_failed_with_the_reason(
     )
     await cluster.patch(cluster.DEPLOYMENT, NAME, {"status": {"replicas": 0, "conditions": [
         {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
-        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": quota},
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": quota,
+         "lastTransitionTime": now()},
     ]}}, sub="status")  # fmt: skip
+    # It may pass by itself (an old pod's quota freed as it goes): waiting first, then Failed
+    # once unschedulableTimeoutSeconds have passed (the operator's timer looks again).
+    await phase(cluster, "Pending", "FailedCreate", ("exceeded quota: gpu-quota", "waiting"))
     status = await phase(cluster, "Failed", "FailedCreate", ("exceeded quota: gpu-quota",))
     assert "ResourceQuota" in status["message"]
     assert condition(cluster, "Available")["reason"] == "FailedCreate"

@@ -181,3 +181,20 @@ def test_a_replaced_jobs_state_is_not_read_from_its_predecessors_pods() -> None:
     job = {"metadata": {"name": "j", "uid": "u2"}}
     assert _pods_of_job([old, new, unlabelled, other], "j", job) == [new, unlabelled]
     assert _pods_of_job([old, new], "j", None) == [old, new]  # no Job yet: nothing to tell
+
+
+def test_the_soonest_recheck_wins_and_a_later_one_waits_for_it() -> None:
+    """One timer per Reranker: a 60 s refusal recheck must not wait behind a 900 s one (the
+    reconcile it runs arms the later one again)."""
+    import time
+
+    reconciler = Reconciler(cast(kube.Kube, RefusingApi(None)), OperatorConfig())
+    try:
+        reconciler._recheck_after("ml", "rr", 900.0)
+        reconciler._recheck_after("ml", "rr", 60.0)
+        due, timer = reconciler._timers[("ml", "rr")]
+        assert due - time.monotonic() < 61
+        reconciler._recheck_after("ml", "rr", 900.0)  # later: the pending one stays
+        assert reconciler._timers[("ml", "rr")] == (due, timer)
+    finally:
+        reconciler.stop_timers()
