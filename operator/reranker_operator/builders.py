@@ -1049,7 +1049,7 @@ def build_hpa(
     would let a missing adapter silently block every scale-down.
     """
     auto = spec.autoscaling
-    if auto is None:
+    if auto is None or auto.metric == "External":  # External: the user's autoscaler owns it
         return None
     if auto.metric == "CPU":
         metric: dict[str, Any] = {

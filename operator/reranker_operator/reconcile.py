@@ -392,7 +392,7 @@ class Reconciler:
         elif spec.service.type == "LoadBalancer":
             service = self.api.get(kube.SERVICE, namespace, name)
         scaling = None
-        if spec.autoscaling is not None:
+        if spec.autoscaling is not None and spec.autoscaling.metric != "External":
             scaling = diagnosis.scaling_condition(self.api.get(kube.HPA, namespace, name))
         observed = status.Observed(
             name=name,
@@ -509,10 +509,11 @@ class Reconciler:
         engine, build_message = status.per_pod_engine_state(key_pods, builders.BUILD_CONTAINER)
         building = [p for p in key_pods if not _init_done(p)]
         engine_issue = diagnosis.first_issue(building, now, timeout)
-        if engine == "pending" and spec.autoscaling is None and spec.desired_replicas == 0:
+        if engine == "pending" and (deployment.get("spec") or {}).get("replicas") == 0:
             engine_issue = diagnosis.PodIssue(
                 "ScaledToZero",
-                "spec.replicas is 0: each pod builds its engine when it starts",
+                "0 replicas (spec.replicas, or the autoscaler): each pod builds its engine when "
+                "it starts",
                 stuck=False,
             )
         serving = [p for p in key_pods if _init_done(p)]

@@ -36,7 +36,8 @@ AccessMode = Literal["ReadWriteMany", "ReadWriteOnce"]
 # Shared: one Job builds it into the PVC <name>-engine-cache, which every pod mounts.
 CacheMode = Literal["PerPod", "Shared"]
 Retention = Literal["Retain", "Delete"]
-AutoscalingMetric = Literal["Concurrency", "CPU"]
+# External: an autoscaler of the user's (KEDA, their own HPA) owns the replica count.
+AutoscalingMetric = Literal["Concurrency", "CPU", "External"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 
 # GPUs with FP8 tensor cores (Ada: L4; Hopper: H100, H200). Mirrored by a CEL rule in the CRD.

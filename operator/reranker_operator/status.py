@@ -309,7 +309,7 @@ def derive_status(
             "no runtime Deployment yet (waiting for the engine)",
         )
     elif dep.desired == 0:
-        available_cond = (False, "ScaledToZero", "spec.replicas is 0")
+        available_cond = (False, "ScaledToZero", "0 replicas (spec.replicas, or the autoscaler)")
     elif available:
         available_cond = (
             True,

@@ -296,6 +296,19 @@ def test_pdb_and_hpa_only_when_called_for() -> None:
     assert b.build_hpa("rr", NS, spec_of(replicas=5)) is None
 
 
+def test_an_external_autoscaler_gets_the_replicas_and_no_hpa() -> None:
+    """metric External (KEDA, the user's own HPA): no HPA of ours, no replicas rendered (the
+    live count is kept on patches), and a PDB for the pods it may add."""
+    spec = spec_of(autoscaling={"maxReplicas": 4, "metric": "External"})
+    kinds = [c["kind"] for c in all_children(spec)]
+    assert "HorizontalPodAutoscaler" not in kinds and "PodDisruptionBudget" in kinds
+    dep = b.build_deployment("rr", NS, spec, CONFIG, KEY)
+    assert "replicas" not in dep["spec"]
+    live = {**dep, "spec": {**dep["spec"], "replicas": 0}}  # KEDA scaled it to zero
+    patched = jsonpatch.apply_patch(live, b.replacement_patch(dep, live))
+    assert patched["spec"]["replicas"] == 0
+
+
 # ---------------------------------------------------------------- Job
 
 

@@ -632,6 +632,29 @@ async def test_flows_invalid_spec_fails_naming_the_field(
     await wait_for(lambda: cluster.status(NAME).get("phase") in ("Pending", "Building"), "building")
 
 
+async def test_flows_an_external_autoscalers_replica_count_is_left_alone(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """autoscaling.metric External: KEDA (here the test) scales the Deployment, to zero too; the
+    operator creates no HPA and never puts the count back (it does for a kubectl scale without
+    autoscaling)."""
+    external = spec(replicas=None, autoscaling={"maxReplicas": 4, "metric": "External"})
+    await bring_to_ready(cluster, spec_=external)
+    await cluster.patch(cluster.DEPLOYMENT, NAME, {"spec": {"replicas": 0}})
+    await cluster.deployment_ready(NAME, 0)
+    await wait_for(
+        lambda: cluster.condition(NAME, "Available").get("reason") == "ScaledToZero",
+        "scaled to zero by the external autoscaler",
+    )
+    await cluster.update_spec(NAME, {"resources": {"memory": "12Gi"}})  # a patch of the template
+    await wait_for(
+        lambda: "12Gi" in str(cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["template"]),
+        "the Deployment patched",
+    )
+    assert cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["replicas"] == 0
+    assert cluster.get(cluster.HPA, NAME) is None and cluster.get(cluster.PDB, NAME)
+
+
 # --------------------------------------------------------------------------- build Jobs that cannot help
 
 

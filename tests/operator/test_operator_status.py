@@ -546,7 +546,7 @@ async def test_configured_service_monitor_is_created_per_reranker(
 async def test_per_pod_scaled_to_zero_says_so(cluster: Cluster, operator: OperatorRunner) -> None:
     await cluster.create_reranker(NAME, {**SPEC, "replicas": 0})
     await deployment(cluster)
-    await phase(cluster, "Pending", "ScaledToZero", ("replicas is 0",))
+    await phase(cluster, "Pending", "ScaledToZero", ("0 replicas",))
 
 
 async def test_pods_the_deployment_cannot_create_are_failed_with_the_reason(
