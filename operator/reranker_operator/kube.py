@@ -227,15 +227,22 @@ class Kube:
             raise
 
     def list(
-        self, kind: Kind, namespace: str, labels: dict[str, str] | None = None
+        self,
+        kind: Kind,
+        namespace: str,
+        labels: dict[str, str] | None = None,
+        fields: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
-        """Objects in `namespace` carrying all `labels`."""
+        """Objects in `namespace` carrying all `labels`, and whose `fields` (dotted paths, such
+        as `involvedObject.name`) have the values given."""
         query = {}
         if labels:
             query["labelSelector"] = ",".join(f"{k}={v}" for k, v in labels.items())
+        if fields:
+            query["fieldSelector"] = ",".join(f"{k}={v}" for k, v in fields.items())
         items = self._request("GET", kind.path(namespace), query=query).get("items") or []
         # Filter here too: cheap, and correct even where a server ignores the selector.
-        return [i for i in items if _has_labels(i, labels or {})]
+        return [i for i in items if _has_labels(i, labels or {}) and _has_fields(i, fields or {})]
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
@@ -289,6 +296,16 @@ class Kube:
             if exc.status == 404:
                 return False
             raise
+
+
+def _has_fields(obj: dict[str, Any], fields: dict[str, str]) -> bool:
+    for path, value in fields.items():
+        found: Any = obj
+        for part in path.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        if found != value:
+            return False
+    return True
 
 
 def _has_labels(obj: dict[str, Any], labels: dict[str, str]) -> bool:

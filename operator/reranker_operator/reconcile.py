@@ -582,7 +582,43 @@ class Reconciler:
             return _Engine("failed", message, pods=job_pods)
         if state == "building" and status.job_pods_running(job_pods) is False:
             state = "pending"  # the Job counts its Pending pod as active
-        return _Engine(state, pods=job_pods)
+        issue = None
+        if state == "pending" and not job_pods:
+            issue = self._job_create_failure(body, job)
+        return _Engine(state, issue=issue, pods=job_pods)
+
+    def _job_create_failure(
+        self, body: dict[str, Any], job: dict[str, Any]
+    ) -> diagnosis.PodIssue | None:
+        """Why a Job has no pod: the Job controller's FailedCreate events (a ResourceQuota, a
+        LimitRange, an admission webhook refused the pod). Nothing else says so: the Job's
+        status does not change, so the operator looks again on a timer while it has no pod."""
+        meta = job["metadata"]
+        timeout = self.config.unschedulable_timeout_seconds
+        self._recheck_after(
+            body["metadata"]["namespace"], body["metadata"]["name"], min(30.0, timeout)
+        )
+        fields = {"involvedObject.kind": "Job", "involvedObject.name": meta["name"]}
+        events = [
+            e
+            for e in self.api.list(kube.EVENT, meta["namespace"], fields=fields)
+            if e.get("reason") == "FailedCreate"
+            and (e.get("involvedObject") or {}).get("uid") in (None, meta.get("uid"))
+        ]
+        if not events:
+            return None
+        newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        since = min(e.get("firstTimestamp") or e.get("eventTime") or "" for e in events) or None
+        started = diagnosis.parse_time(since)
+        waited = (datetime.datetime.now(datetime.UTC) - started).total_seconds() if started else 0.0
+        return diagnosis.PodIssue(
+            "FailedCreate",
+            f"Job {meta['name']} cannot create its pod: {newest.get('message') or 'FailedCreate'}; "
+            "raise the namespace's ResourceQuota or lower spec.resources (a LimitRange or an "
+            "admission policy may refuse it too)",
+            stuck=started is None or waited >= timeout,
+            since=since,
+        )
 
     def _replace_stale_build(
         self,

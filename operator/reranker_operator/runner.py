@@ -55,14 +55,25 @@ def operator_settings(
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "reranker-operator"
     settings.peering.standalone = True
-    # Only the operator's own children are watched (a server-side filter; handlers filter too).
+    # Only the operator's own children are watched (a server-side filter; handlers filter too):
+    # without it, every Service, Ingress, pod ... of the cluster streams into the operator.
     managed = f"{builders.LABEL_MANAGED_BY}=reranker-operator"
-    settings.watching.label_selectors["batch", "v1", "jobs"] = managed
-    settings.watching.label_selectors["apps", "v1", "deployments"] = managed
-    settings.watching.label_selectors["v1", "pods"] = managed
-    settings.watching.label_selectors["v1", "persistentvolumeclaims"] = managed
-    settings.watching.label_selectors["autoscaling", "v2", "horizontalpodautoscalers"] = managed
+    for resource in WATCHED_CHILDREN:
+        settings.watching.label_selectors[resource] = managed
     return settings
+
+
+# Every child kind the handlers watch (kopf.on.event in handlers.py; a test keeps them in step).
+WATCHED_CHILDREN: tuple[tuple[str, ...], ...] = (
+    ("batch", "v1", "jobs"),
+    ("apps", "v1", "deployments"),
+    ("v1", "pods"),
+    ("v1", "services"),
+    ("v1", "persistentvolumeclaims"),
+    ("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("networking.k8s.io", "v1", "ingresses"),
+    ("policy", "v1", "poddisruptionbudgets"),
+)
 
 
 def make_registry(tuning: handlers.Tuning | None = None) -> kopf.OperatorRegistry:

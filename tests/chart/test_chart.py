@@ -359,7 +359,7 @@ NAMESPACED_GRANTS = {
         "delete",
     },
     ("", "pods"): {"get", "list", "watch"},
-    ("", "events"): {"create"},
+    ("", "events"): {"create", "list"},
 }
 
 
@@ -451,10 +451,25 @@ def test_two_replicas_run_kopf_peering(chart: helm_python.Chart, namespaces: lis
     peering_crds = next(c for c in chart.crds if c["name"] == "crds/kopf-peering.yaml")
     kinds = {d["spec"]["names"]["kind"] for d in yaml.safe_load_all(peering_crds["data"]) if d}
     assert kinds == {"ClusterKopfPeering", "KopfPeering"}
+    # Standby replicas are worth it on other nodes, and through a drain.
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    pdb = one(objects, "PodDisruptionBudget")
+    assert pdb["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}
+    (term,) = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+    own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "pool", "operator": "In", "values": ["system"]}]}]}}}  # fmt: skip
+    mine = one(manifests(render(chart, {"replicaCount": 2, "affinity": own})), "Deployment")
+    assert mine["spec"]["template"]["spec"]["affinity"] == own  # yours replaces the chart's
 
 
 def test_one_replica_runs_standalone(chart: helm_python.Chart) -> None:
     objects = manifests(render(chart))
+    assert not by_kind(objects, "PodDisruptionBudget")
+    assert "affinity" not in one(objects, "Deployment")["spec"]["template"]["spec"]
     assert not any(o["apiVersion"].startswith("kopf.dev/") for o in objects)
     assert not any(a.startswith("--peering") for a in container(objects)["args"])
     assert not grants(rules_of(one(objects, "ClusterRole")), "kopf.dev", "clusterkopfpeerings")
@@ -829,6 +844,10 @@ def test_deployment_args_parse_with_the_operators_cli(chart: helm_python.Chart) 
         {"runtimePodSecurityContext": {"privileged": True}},
         {"runtimeTerminationGracePeriodSeconds": -1},
         {"priorityClassName": 5},
+        # Names anchored at both ends: a valid tail does not make "My_Operator" a DNS label.
+        {"nameOverride": "My_Operator"},
+        {"fullnameOverride": "Reranker_Operator"},
+        {"priorityClassName": "High_priority"},
     ],
     ids=lambda v: json.dumps(v, sort_keys=True)[:60],
 )

@@ -1001,3 +1001,23 @@ def test_flows_run_namespaces_from_flags_and_env(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("RERANKER_OPERATOR_NAMESPACES", "team-a, team-b")
     assert parse_namespaces(None) == ["team-a", "team-b"]
     assert parse_namespaces(["ml"]) == ["ml"]  # the flag wins
+
+
+def test_flows_every_watched_child_kind_is_filtered_by_the_api_server() -> None:
+    """A kind watched without a server-side label selector streams every such object of the
+    cluster (every Service, every pod) into the operator: each on.event kind has one."""
+    from reranker_operator import handlers, runner
+
+    source = Path(handlers.__file__).read_text()
+    watched = {
+        tuple(a for a in args if a)
+        for args in re.findall(
+            r'kopf\.on\.event\(\s*"([^"]*)",\s*"([^"]*)"(?:,\s*"([^"]*)")?', source
+        )
+    }
+    assert watched == set(runner.WATCHED_CHILDREN)
+    settings = runner.operator_settings()
+    for resource in runner.WATCHED_CHILDREN:
+        assert settings.watching.label_selectors[resource] == (
+            "app.kubernetes.io/managed-by=reranker-operator"
+        )

@@ -228,8 +228,9 @@ collector through owner references, so only PDBs and HPAs (removed when no longe
   resources: ["kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
 {{- end }}
-# Events about Rerankers (kopf and the operator post core/v1 Events).
+# Events about Rerankers (kopf and the operator post core/v1 Events); a build Job's are read
+# (listed by field selector) while it has no pod: FailedCreate says a quota refused it.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end }}
