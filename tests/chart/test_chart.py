@@ -64,6 +64,12 @@ def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def operator_role(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The operator's own ClusterRole (not the ones aggregated into admin, edit and view)."""
+    return one([o for o in objects if not o["metadata"]["name"].endswith(
+        ("-rerankers-edit", "-rerankers-view"))], "ClusterRole")  # fmt: skip
+
+
 def operator_config_text(objects: list[dict[str, Any]]) -> str:
     return one(objects, "ConfigMap")["data"]["config.yaml"]
 
@@ -235,10 +241,31 @@ def test_default_render_has_one_resource_per_template(chart: helm_python.Chart) 
     assert kinds == {
         "ServiceAccount": 1,
         "ConfigMap": 1,
-        "ClusterRole": 1,
+        "ClusterRole": 3,  # the operator's, and Rerankers in admin/edit and in view
         "ClusterRoleBinding": 1,
         "Deployment": 1,
     }
+
+
+def test_rerankers_join_the_default_user_roles(chart: helm_python.Chart) -> None:
+    """Namespace editors manage Rerankers and viewers read them, as built-in kinds (and never
+    the operator's own rights); off with rbac.aggregateToDefaultRoles."""
+    objects = manifests(render(chart))
+    assert_valid(objects)
+    roles = {r["metadata"]["name"]: r for r in by_kind(objects, "ClusterRole")}
+    edit = next(r for n, r in roles.items() if n.endswith("-rerankers-edit"))
+    view = next(r for n, r in roles.items() if n.endswith("-rerankers-view"))
+    labels = edit["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert grants(rules_of(edit), "reranker.dev", "rerankers") >= {"create", "patch", "delete"}
+    assert grants(rules_of(view), "reranker.dev", "rerankers") == {"get", "list", "watch"}
+    assert not grants(rules_of(view), "reranker.dev", "rerankers/status") - {"get", "list", "watch"}
+    for role in (edit, view):  # Rerankers only: nothing of what the operator itself may do
+        assert {g for rule in rules_of(role) for g in rule["apiGroups"]} == {"reranker.dev"}
+    off = manifests(render(chart, {"rbac": {"create": True, "aggregateToDefaultRoles": False}}))
+    assert len(by_kind(off, "ClusterRole")) == 1
 
 
 def test_operator_deployment(chart: helm_python.Chart) -> None:
@@ -382,7 +409,7 @@ def assert_least_privilege(
 
 def test_cluster_wide_rbac_is_least_privilege(chart: helm_python.Chart) -> None:
     objects = manifests(render(chart))
-    role = one(objects, "ClusterRole")
+    role = operator_role(objects)
     expected = dict(NAMESPACED_GRANTS)
     expected[("apiextensions.k8s.io", "customresourcedefinitions")] = {"get", "list", "watch"}
     assert_least_privilege(rules_of(role), expected)
@@ -410,13 +437,13 @@ OPT_IN_KINDS = {"ServiceMonitor": "ServiceMonitor", "PodMonitoring": "PodMonitor
 def test_rbac_covers_every_kind_the_operator_touches(chart: helm_python.Chart) -> None:
     from reranker_operator import kube as kube
 
-    rules = rules_of(one(manifests(render(chart)), "ClusterRole"))
+    rules = rules_of(operator_role(manifests(render(chart))))
     for kind_name, kind in kube.KIND_BY_NAME.items():
         group = "" if kind.api_version == "v1" else kind.api_version.split("/")[0]
         if kind_name in OPT_IN_KINDS:
             assert not grants(rules, group, kind.plural), f"{kind_name} granted by default"
             opted = rules_of(
-                one(manifests(render(chart, {"monitoring": {"kind": kind_name}})), "ClusterRole")
+                operator_role(manifests(render(chart, {"monitoring": {"kind": kind_name}})))
             )
             assert grants(opted, group, kind.plural) == {"get", "create", "patch"}
             continue
@@ -445,7 +472,7 @@ def test_two_replicas_run_kopf_peering(chart: helm_python.Chart, namespaces: lis
             }  # fmt: skip
     else:
         assert one(objects, "ClusterKopfPeering")["metadata"]["name"] == fullname
-        rules = rules_of(one(objects, "ClusterRole"))
+        rules = rules_of(operator_role(objects))
         assert grants(rules, "kopf.dev", "clusterkopfpeerings") == {"get", "list", "watch", "patch"}
     # The peering CRDs the objects need ship with the chart.
     peering_crds = next(c for c in chart.crds if c["name"] == "crds/kopf-peering.yaml")
@@ -472,7 +499,7 @@ def test_one_replica_runs_standalone(chart: helm_python.Chart) -> None:
     assert "affinity" not in one(objects, "Deployment")["spec"]["template"]["spec"]
     assert not any(o["apiVersion"].startswith("kopf.dev/") for o in objects)
     assert not any(a.startswith("--peering") for a in container(objects)["args"])
-    assert not grants(rules_of(one(objects, "ClusterRole")), "kopf.dev", "clusterkopfpeerings")
+    assert not grants(rules_of(operator_role(objects)), "kopf.dev", "clusterkopfpeerings")
 
 
 def test_peering_priority_differs_per_pod() -> None:
@@ -606,7 +633,7 @@ def test_rbac_covers_the_operators_direct_api_calls(chart: helm_python.Chart) ->
     needs a new RBAC verb (kmock, which the operator tests run against, enforces no RBAC)."""
     from reranker_operator import kube as kube
 
-    rules = rules_of(one(manifests(render(chart)), "ClusterRole"))
+    rules = rules_of(operator_role(manifests(render(chart))))
     calls = []
     for source in (REPO / "operator" / "reranker_operator").glob("*.py"):
         for method, kind_name, tail in re.findall(
@@ -638,7 +665,7 @@ def test_watch_namespaces_gives_roles_per_namespace(chart: helm_python.Chart) ->
     # Cluster-scoped reads kopf needs in namespaced mode: CRDs, and namespaces to follow the
     # watched ones (kopf/_core/reactor/observation.py). Nothing namespaced cluster-wide.
     assert_least_privilege(
-        rules_of(one(objects, "ClusterRole")),
+        rules_of(operator_role(objects)),
         {
             ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
             ("", "namespaces"): {"get", "list", "watch"},
