@@ -155,23 +155,39 @@ def _stale_build_reason(
     return None  # running: a build under way is left to finish (or to fail, then replaced)
 
 
+def _refused_pods_issue(
+    reason: str,
+    what: str,
+    refusal: str,
+    since: str | None,
+    now: datetime.datetime,
+    timeout: float,
+) -> diagnosis.PodIssue:
+    """Pods a controller cannot create. A quota may free up by itself (an old pod terminating,
+    another team's Job ending): waiting, then stuck after `timeout`. Any other refusal (a missing
+    service account, PodSecurity admission, a webhook) needs a change: stuck at once."""
+    quota = "exceeded quota" in refusal
+    message = f"{what}: {refusal}"
+    if quota:
+        message += "; raise the namespace's ResourceQuota or lower spec.resources"
+    started = diagnosis.parse_time(since)
+    waited = (now - started).total_seconds() if started else 0.0
+    stuck = not quota or started is None or waited >= timeout
+    return diagnosis.PodIssue(reason, message, stuck=stuck, since=since)
+
+
 def _replica_failure_issue(
     dep: status.DeploymentState, now: datetime.datetime, timeout: float
 ) -> diagnosis.PodIssue:
-    """The Deployment's ReplicaFailure condition as an issue: FailedCreate says what to do."""
+    """The Deployment's ReplicaFailure condition as an issue."""
     reason = dep.replica_failure_reason
-    if reason == "FailedCreate":
-        message = (
-            f"the Deployment cannot create pods: {dep.replica_failure}; raise the namespace's "
-            "ResourceQuota or lower spec.resources (a LimitRange or an admission policy may "
-            "refuse them too)"
-        )
-    else:
-        message = f"the Deployment reports {reason}: {dep.replica_failure}"
-    started = diagnosis.parse_time(dep.replica_failure_since)
-    waited = (now - started).total_seconds() if started else 0.0
-    return diagnosis.PodIssue(
-        reason, message, stuck=started is None or waited >= timeout, since=dep.replica_failure_since
+    what = (
+        "the Deployment cannot create pods"
+        if reason == "FailedCreate"
+        else f"the Deployment reports {reason}"
+    )
+    return _refused_pods_issue(
+        reason, what, dep.replica_failure, dep.replica_failure_since, now, timeout
     )
 
 
@@ -598,26 +614,47 @@ class Reconciler:
         self._recheck_after(
             body["metadata"]["namespace"], body["metadata"]["name"], min(30.0, timeout)
         )
-        fields = {"involvedObject.kind": "Job", "involvedObject.name": meta["name"]}
+        fields = {
+            "involvedObject.kind": "Job",
+            "involvedObject.name": meta["name"],
+            "reason": "FailedCreate",
+        }
+        try:
+            listed = self.api.list(kube.EVENT, meta["namespace"], fields=fields)
+        except ApiException as exc:
+            if kube.is_transient(exc):
+                raise
+            # Only an explanation: RBAC without `events list` (an older chart) must not stop
+            # the reconcile.
+            log.warning("cannot read the build Job's events", extra={"error": kube.describe(exc)})
+            return None
         events = [
             e
-            for e in self.api.list(kube.EVENT, meta["namespace"], fields=fields)
-            if e.get("reason") == "FailedCreate"
-            and (e.get("involvedObject") or {}).get("uid") in (None, meta.get("uid"))
+            for e in listed
+            if (e.get("involvedObject") or {}).get("uid") in (None, meta.get("uid"))
         ]
         if not events:
             return None
-        newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-        since = min(e.get("firstTimestamp") or e.get("eventTime") or "" for e in events) or None
-        started = diagnosis.parse_time(since)
-        waited = (datetime.datetime.now(datetime.UTC) - started).total_seconds() if started else 0.0
-        return diagnosis.PodIssue(
+
+        def last_seen(event: dict[str, Any]) -> str:
+            series = event.get("series") or {}
+            return str(
+                series.get("lastObservedTime")
+                or event.get("lastTimestamp")
+                or event.get("eventTime")
+                or ""
+            )
+
+        newest = max(events, key=last_seen)
+        firsts = [e.get("firstTimestamp") or e.get("eventTime") for e in events]
+        since = min((f for f in firsts if f), default=None)
+        return _refused_pods_issue(
             "FailedCreate",
-            f"Job {meta['name']} cannot create its pod: {newest.get('message') or 'FailedCreate'}; "
-            "raise the namespace's ResourceQuota or lower spec.resources (a LimitRange or an "
-            "admission policy may refuse it too)",
-            stuck=started is None or waited >= timeout,
-            since=since,
+            f"Job {meta['name']} cannot create its pod",
+            str(newest.get("message") or "FailedCreate"),
+            since,
+            datetime.datetime.now(datetime.UTC),
+            timeout,
         )
 
     def _replace_stale_build(
@@ -852,10 +889,14 @@ class Reconciler:
     def _scale_to_spec(self, spec: RerankerSpec, deployment: dict[str, Any]) -> dict[str, Any]:
         """Undo a `kubectl scale deployment`: the Reranker's spec.replicas (or its own scale
         subresource, `kubectl scale reranker`) is the count; with autoscaling the HPA owns it."""
-        if spec.autoscaling is not None:
+        have = (deployment.get("spec") or {}).get("replicas")
+        auto = spec.autoscaling
+        if auto is not None and (auto.metric == "External" or have != 0):
+            # The HPA owns the count. But an HPA never scales up from zero (where an External
+            # autoscaler the spec moved away from left it): that one starts at its minimum.
             return deployment
         want = spec.desired_replicas
-        if (deployment.get("spec") or {}).get("replicas") == want:
+        if have == want:
             return deployment
         meta = deployment["metadata"]
         log.info(

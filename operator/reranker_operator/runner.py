@@ -64,7 +64,7 @@ def operator_settings(
 
 
 # Every child kind the handlers watch (kopf.on.event in handlers.py; a test keeps them in step).
-WATCHED_CHILDREN: tuple[tuple[str, ...], ...] = (
+WATCHED_CHILDREN: tuple[tuple[str, str] | tuple[str, str, str], ...] = (
     ("batch", "v1", "jobs"),
     ("apps", "v1", "deployments"),
     ("v1", "pods"),

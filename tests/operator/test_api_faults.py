@@ -577,3 +577,16 @@ async def test_faults_a_refused_prune_keeps_serving_and_says_so(
         assert len(cluster.events("Ready")) == ready_events and not cluster.events("ApiRefused")
     finally:
         await op.stop()
+
+
+async def test_faults_events_not_readable_only_lose_an_explanation(
+    cluster: Cluster, operator: OperatorRunner, kmock: FaultyKubernetes
+) -> None:
+    """RBAC of an older chart (events: create only): the build Job's events are read only to
+    explain a Job without a pod; a 403 there must not fail the reconcile."""
+    forbidden = kmock.inject("GET", r"/api/v1/namespaces/ml/events$", 403, times=None)
+    await cluster.create_reranker(NAME, SPEC)
+    await wait_for(lambda: cluster.get(cluster.JOB, JOB), "the build Job")
+    await wait_for(lambda: forbidden.injected >= 1, "the events read")
+    await wait_for(lambda: cluster.status(NAME).get("phase") == "Pending", "phase Pending")
+    assert cluster.condition(NAME, "Ready").get("reason") != "Forbidden"

@@ -654,6 +654,14 @@ async def test_flows_an_external_autoscalers_replica_count_is_left_alone(
     assert cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["replicas"] == 0
     assert cluster.get(cluster.HPA, NAME) is None and cluster.get(cluster.PDB, NAME)
 
+    # Back to the operator's HPA: an HPA never scales up from zero, so the count starts at its
+    # minimum.
+    await cluster.update_spec(NAME, {"autoscaling": {"metric": "Concurrency", "minReplicas": 2}})
+    await wait_for(lambda: cluster.get(cluster.HPA, NAME), "the operator's HPA")
+    await wait_for(
+        lambda: cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["replicas"] == 2, "2 replicas"
+    )
+
 
 # --------------------------------------------------------------------------- build Jobs that cannot help
 

@@ -457,6 +457,25 @@ async def test_shared_job_whose_pod_a_quota_refuses_says_so(
     assert "ResourceQuota" in status["message"]
 
 
+async def test_shared_job_whose_pod_admission_refuses_fails_at_once(
+    cluster: Cluster, operator: OperatorRunner, kmock: Any
+) -> None:
+    """Not a quota (a missing service account, PodSecurity): no waiting, no quota advice."""
+    job_name = builders.job_name(NAME, key_of(SHARED))
+    await cluster.create_reranker(NAME, SHARED)
+    job = await wait_for(lambda: cluster.get(cluster.JOB, job_name), "the Job")
+    refusal = 'pods "x" is forbidden: error looking up service account ml/gcs-reader: not found'
+    await cluster.create(cluster.EVENT, {
+        "apiVersion": "v1", "kind": "Event", "metadata": {"name": f"{job_name}.2"},
+        "involvedObject": {"kind": "Job", "name": job_name, "namespace": NAMESPACE,
+                           "uid": job["metadata"].get("uid")},
+        "type": "Warning", "reason": "FailedCreate", "message": f"Error creating: {refusal}",
+        "firstTimestamp": now(), "lastTimestamp": now(),
+    })  # fmt: skip
+    status = await phase(cluster, "Failed", "FailedCreate", ("service account ml/gcs-reader",))
+    assert "ResourceQuota" not in status["message"]
+
+
 async def test_shared_unbound_pvc_names_the_class_and_access_mode(
     cluster: Cluster, operator: OperatorRunner
 ) -> None:
