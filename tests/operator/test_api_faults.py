@@ -14,6 +14,7 @@ a few seconds; the same code paths run with the production back-offs (docs/opera
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -213,11 +214,19 @@ def fault_lines(logs: pytest.LogCaptureFixture, *fragments: str) -> list[logging
     return [r for r in logs.records if all(f in r.getMessage() for f in fragments)]
 
 
-def assert_logged_once_per_retry(
+async def assert_logged_once_per_retry(
     logs: pytest.LogCaptureFixture, fault: Fault, *fragments: str
 ) -> None:
-    """Each injected fault: exactly one log line naming it and its back-off, no traceback."""
+    """Each injected fault: exactly one log line naming it and its back-off, no traceback.
+    Waited for: a write stored before its error (`commit`) can make the state converge before
+    the reconcile that got the error has logged it."""
     assert fault.injected > 0, "the fault never fired: the scenario tests nothing"
+    with contextlib.suppress(AssertionError):  # the count is checked below, with the messages
+        await wait_for(
+            lambda: len(fault_lines(logs, str(fault.status), *fragments)) >= fault.injected,
+            "a log line per injected fault",
+            timeout=5,
+        )
     records = fault_lines(logs, str(fault.status), *fragments)
     messages = [r.getMessage() for r in records]
     assert len(records) == fault.injected, messages
@@ -284,8 +293,8 @@ async def test_faults_5xx_while_the_job_is_created(
     assert errors == refused.injected + lost.injected
     # Either handler may meet the fault (the Reranker's, or a child's event: the cache PVC's
     # creation triggers one), each with its own back-off.
-    assert_logged_once_per_retry(logs, refused, "POST", "/jobs", "retrying in")
-    assert_logged_once_per_retry(logs, lost, "POST", "/jobs", "retrying in")
+    await assert_logged_once_per_retry(logs, refused, "POST", "/jobs", "retrying in")
+    await assert_logged_once_per_retry(logs, lost, "POST", "/jobs", "retrying in")
 
 
 async def test_faults_5xx_while_status_is_patched(
@@ -299,8 +308,8 @@ async def test_faults_5xx_while_status_is_patched(
     # lost, the retry finds the status already written and posts no event (at most once).
     await converges(cluster, kmock, to_ready, lost_events=frozenset({"Ready"}))
     assert refused.injected == 2 and lost.injected == 1
-    assert_logged_once_per_retry(logs, refused, "PATCH", "/status", "retrying in")
-    assert_logged_once_per_retry(logs, lost, "PATCH", "/status", "retrying in")
+    await assert_logged_once_per_retry(logs, refused, "PATCH", "/status", "retrying in")
+    await assert_logged_once_per_retry(logs, lost, "PATCH", "/status", "retrying in")
 
 
 async def test_faults_5xx_while_the_deployment_is_created_and_patched(
@@ -316,8 +325,8 @@ async def test_faults_5xx_while_the_deployment_is_created_and_patched(
         cluster, kmock, to_ready_then_scaled, before_success=lambda: idle_and_building(cluster)
     )
     assert create.injected == 4 and patch.injected == 3
-    assert_logged_once_per_retry(logs, create, "POST", "/deployments", "retrying in")
-    assert_logged_once_per_retry(logs, patch, "PATCH", "/deployments/bge", "retrying in")
+    await assert_logged_once_per_retry(logs, create, "POST", "/deployments", "retrying in")
+    await assert_logged_once_per_retry(logs, patch, "PATCH", "/deployments/bge", "retrying in")
 
 
 async def test_faults_api_outage_mid_flow(
@@ -369,7 +378,7 @@ async def test_faults_409_on_create(
     phantom = kmock.inject("POST", DEPLOYMENTS, 409, times=2)
     await converges(cluster, kmock, to_ready, lost_events=frozenset({"BuildStarted"}))
     assert raced.injected == 1 and phantom.injected == 2
-    assert_logged_once_per_retry(logs, phantom, "POST", "/deployments", "retrying in")
+    await assert_logged_once_per_retry(logs, phantom, "POST", "/deployments", "retrying in")
 
 
 async def test_faults_an_object_that_is_not_ours_is_never_adopted(
@@ -428,8 +437,8 @@ async def test_faults_409_on_patch(
     deployment = kmock.inject("PATCH", DEPLOYMENT, 409, times=2)
     await converges(cluster, kmock, to_ready_then_scaled)
     assert status.injected == 2 and deployment.injected == 2
-    assert_logged_once_per_retry(logs, status, "PATCH", "/status", "Conflict", "retrying in")
-    assert_logged_once_per_retry(logs, deployment, "PATCH", "/deployments/bge", "retrying in")
+    await assert_logged_once_per_retry(logs, status, "PATCH", "/status", "Conflict", "retrying in")
+    await assert_logged_once_per_retry(logs, deployment, "PATCH", "/deployments/bge", "retrying in")
 
 
 # --------------------------------------------------------------------------- watch streams
