@@ -5,8 +5,10 @@ Triggers (all end in the same idempotent `Reconciler.reconcile(namespace, name)`
 - one of its Jobs, its Deployment, their pods, its Service, Ingress, PDB, cache PVC or HPA changes (kopf.on.event
   on objects labelled `app.kubernetes.io/managed-by=reranker-operator`), so status follows what
   the scheduler, the kubelet and the controllers report;
-- an Unschedulable pod reaches the configured timeout (a one-shot timer in the Reconciler: no
-  event may come at that moment).
+- a one-shot timer of the Reconciler, where no event may come: an issue that may pass by itself
+  (Unschedulable, no container started, a quota) reaches the configured timeout; a minute after
+  a lasting API refusal; every 30 s while a build Job has no pod; shortly after a build Job was
+  deleted to be replaced.
 
 No deletion handlers and no kopf timers/daemons: both would put a kopf finalizer on every Reranker.
 Children go by ownerReferences (the garbage collector), which needs no operator at all.
