@@ -43,6 +43,22 @@ MANAGED: dict[str, Any] = {
 }
 
 
+# The children whose events reconcile their Reranker (runner.py filters each watch by label on
+# the API server), and what each tells:
+WATCHED_CHILDREN: tuple[tuple[str, str] | tuple[str, str, str], ...] = (
+    ("batch", "v1", "jobs"),  # a build or prune finished or failed
+    ("apps", "v1", "deployments"),  # rollouts, replicas, ReplicaFailure
+    ("v1", "pods"),  # what the scheduler and the kubelet say: Unschedulable, OOMKilled, ...
+    ("v1", "services"),  # a LoadBalancer's address, set by the cloud's controller
+    ("v1", "persistentvolumeclaims"),  # an unbound cache claim
+    ("autoscaling", "v2", "horizontalpodautoscalers"),  # a metric the HPA cannot read
+    # An Ingress or PDB deleted or edited by hand is put back at once. (HTTPRoutes and monitors
+    # are not watched: their APIs are add-ons a cluster may lack; the next reconcile restores them.)
+    ("networking.k8s.io", "v1", "ingresses"),
+    ("policy", "v1", "poddisruptionbudgets"),
+)
+
+
 @dataclass(frozen=True)
 class Tuning:
     """Retry knobs. The Reranker's handler retries until it succeeds, waiting `backoff`, then
@@ -104,60 +120,15 @@ def register(registry: kopf.OperatorRegistry, tuning: Tuning = Tuning()) -> None
             raise kopf.PermanentError(str(outcome.invalid))
         return None  # nothing for kopf to store in status
 
-    @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=registry)
-    async def job_event(
+    async def child_event(
         body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
         await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
 
-    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
-    async def deployment_event(
-        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
-    ) -> None:
-        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
-
-    # What the scheduler and kubelet say (Unschedulable, ImagePullBackOff, OOMKilled, ...) is on
-    # the pods; an unbound cache is on its PVC; a missing metric on the HPA.
-    @kopf.on.event("v1", "pods", labels=MANAGED, registry=registry)
-    async def pod_event(
-        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
-    ) -> None:
-        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
-
-    # A LoadBalancer Service's address arrives on its status, set by the cloud's controller.
-    @kopf.on.event("v1", "services", labels=MANAGED, registry=registry)
-    async def service_event(
-        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
-    ) -> None:
-        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
-
-    @kopf.on.event("v1", "persistentvolumeclaims", labels=MANAGED, registry=registry)
-    async def pvc_event(
-        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
-    ) -> None:
-        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
-
-    @kopf.on.event(
-        "autoscaling", "v2", "horizontalpodautoscalers", labels=MANAGED, registry=registry
-    )
-    async def hpa_event(
-        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
-    ) -> None:
-        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
-
-    # An Ingress or PDB deleted or edited by hand is put back at once. (HTTPRoutes and monitors
-    # are not watched: their APIs are add-ons a cluster may lack; the next reconcile restores them.)
-    @kopf.on.event("networking.k8s.io", "v1", "ingresses", labels=MANAGED, registry=registry)
-    async def ingress_event(
-        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
-    ) -> None:
-        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
-
-    @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED, registry=registry)
-    async def pdb_event(
-        body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
-    ) -> None:
-        await _reconcile_owner(memo.reconciler, namespace, body, tuning, logger)
+    for resource in WATCHED_CHILDREN:
+        kopf.on.event(*resource, id=f"{resource[-1]}_event", labels=MANAGED, registry=registry)(
+            child_event
+        )
 
 
 def reranker_delay(tuning: Tuning, retry: int) -> float:

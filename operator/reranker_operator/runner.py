@@ -58,22 +58,9 @@ def operator_settings(
     # Only the operator's own children are watched (a server-side filter; handlers filter too):
     # without it, every Service, Ingress, pod ... of the cluster streams into the operator.
     managed = f"{builders.LABEL_MANAGED_BY}=reranker-operator"
-    for resource in WATCHED_CHILDREN:
+    for resource in handlers.WATCHED_CHILDREN:
         settings.watching.label_selectors[resource] = managed
     return settings
-
-
-# Every child kind the handlers watch (kopf.on.event in handlers.py; a test keeps them in step).
-WATCHED_CHILDREN: tuple[tuple[str, str] | tuple[str, str, str], ...] = (
-    ("batch", "v1", "jobs"),
-    ("apps", "v1", "deployments"),
-    ("v1", "pods"),
-    ("v1", "services"),
-    ("v1", "persistentvolumeclaims"),
-    ("autoscaling", "v2", "horizontalpodautoscalers"),
-    ("networking.k8s.io", "v1", "ingresses"),
-    ("policy", "v1", "poddisruptionbudgets"),
-)
 
 
 def make_registry(tuning: handlers.Tuning | None = None) -> kopf.OperatorRegistry:

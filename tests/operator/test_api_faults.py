@@ -214,6 +214,14 @@ def fault_lines(logs: pytest.LogCaptureFixture, *fragments: str) -> list[logging
     return [r for r in logs.records if all(f in r.getMessage() for f in fragments)]
 
 
+async def ready_false(cluster: Cluster, reason: str) -> dict[str, Any]:
+    """The Reranker's Ready condition once it is False for `reason`."""
+    return await wait_for(
+        lambda: (c := cluster.condition(NAME, "Ready")).get("reason") == reason and c,
+        f"Ready=False {reason}",
+    )
+
+
 async def assert_logged_once_per_retry(
     logs: pytest.LogCaptureFixture, fault: Fault, *fragments: str
 ) -> None:
@@ -408,10 +416,7 @@ async def test_faults_an_object_that_is_not_ours_is_never_adopted(
     assert kmock.created(JOBS) == 1  # the test's own
     assert cluster.get(cluster.DEPLOYMENT, NAME) is None
     # The status says what is in the way and what to do.
-    ready = await wait_for(
-        lambda: (c := cluster.condition(NAME, "Ready")).get("reason") == "NameTaken" and c,
-        "Ready=False NameTaken",
-    )
+    ready = await ready_false(cluster, "NameTaken")
     assert f"Job ml/{JOB} exists" in ready["message"] and "delete or rename it" in ready["message"]
     assert cluster.status(NAME)["phase"] == "Failed"
     (event,) = await wait_for(lambda: cluster.events("ApiRefused"), "an ApiRefused event")
@@ -513,10 +518,7 @@ async def test_faults_a_lasting_refusal_is_on_the_status_until_it_is_lifted(
     do; the handler keeps retrying, so once the cause is gone it converges by itself."""
     forbidden = kmock.inject("POST", SERVICES, 403, times=None)
     await cluster.create_reranker(NAME, SPEC)
-    ready = await wait_for(
-        lambda: (c := cluster.condition(NAME, "Ready")).get("reason") == "Forbidden" and c,
-        "Ready=False Forbidden",
-    )
+    ready = await ready_false(cluster, "Forbidden")
     assert "POST /api/v1/namespaces/ml/services: 403" in ready["message"]
     assert "ClusterRole" in ready["message"] and "retries" in ready["message"]
     assert cluster.status(NAME)["phase"] == "Failed"
@@ -540,10 +542,7 @@ async def test_faults_a_missing_monitoring_api_names_what_to_install(
     await op.start()
     try:
         await cluster.create_reranker(NAME, SPEC)
-        ready = await wait_for(
-            lambda: (c := cluster.condition(NAME, "Ready")).get("reason") == "MissingAPI" and c,
-            "Ready=False MissingAPI",
-        )
+        ready = await ready_false(cluster, "MissingAPI")
         assert "servicemonitors: 404" in ready["message"]
         assert "monitoring.kind" in ready["message"] and "CRDs" in ready["message"]
     finally:

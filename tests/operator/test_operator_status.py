@@ -436,42 +436,40 @@ async def test_shared_job_pod_pending_is_pending_not_building(
     await phase(cluster, "Building")
 
 
+async def shared_job_refused(cluster: Cluster, refusal: str) -> str:
+    """A Shared Reranker whose build Job's pod is refused: the Job controller's FailedCreate
+    event, as it posts it. Returns the Job's name."""
+    job_name = builders.job_name(NAME, key_of(SHARED))
+    await cluster.create_reranker(NAME, SHARED)
+    job = await wait_for(lambda: cluster.get(cluster.JOB, job_name), "the Job")
+    await cluster.create(cluster.EVENT, {
+        "apiVersion": "v1", "kind": "Event", "metadata": {"name": f"{job_name}.1"},
+        "involvedObject": {"kind": "Job", "name": job_name, "namespace": NAMESPACE,
+                           "uid": job["metadata"].get("uid")},
+        "type": "Warning", "reason": "FailedCreate", "message": f"Error creating: {refusal}",
+        "firstTimestamp": now(), "lastTimestamp": now(),
+    })  # fmt: skip
+    return job_name
+
+
 async def test_shared_job_whose_pod_a_quota_refuses_says_so(
     cluster: Cluster, operator: OperatorRunner
 ) -> None:
     """The Job controller's FailedCreate events are all there is (the Job does not change): the
     operator reads them on its own timer, waits, then turns Failed after the timeout."""
-    job_name = builders.job_name(NAME, key_of(SHARED))
-    await cluster.create_reranker(NAME, SHARED)
-    job = await wait_for(lambda: cluster.get(cluster.JOB, job_name), "the Job")
     quota = 'pods "x" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1'
-    await cluster.create(cluster.EVENT, {
-        "apiVersion": "v1", "kind": "Event", "metadata": {"name": f"{job_name}.1"},
-        "involvedObject": {"kind": "Job", "name": job_name, "namespace": NAMESPACE,
-                           "uid": job["metadata"].get("uid")},
-        "type": "Warning", "reason": "FailedCreate", "message": f"Error creating: {quota}",
-        "firstTimestamp": now(), "lastTimestamp": now(),
-    })  # fmt: skip
+    job_name = await shared_job_refused(cluster, quota)
     await phase(cluster, "Pending", "FailedCreate", ("exceeded quota: gpu-quota", "waiting"))
     status = await phase(cluster, "Failed", "FailedCreate", (f"Job {job_name} cannot create",))
     assert "ResourceQuota" in status["message"]
 
 
 async def test_shared_job_whose_pod_admission_refuses_fails_at_once(
-    cluster: Cluster, operator: OperatorRunner, kmock: Any
+    cluster: Cluster, operator: OperatorRunner
 ) -> None:
     """Not a quota (a missing service account, PodSecurity): no waiting, no quota advice."""
-    job_name = builders.job_name(NAME, key_of(SHARED))
-    await cluster.create_reranker(NAME, SHARED)
-    job = await wait_for(lambda: cluster.get(cluster.JOB, job_name), "the Job")
     refusal = 'pods "x" is forbidden: error looking up service account ml/gcs-reader: not found'
-    await cluster.create(cluster.EVENT, {
-        "apiVersion": "v1", "kind": "Event", "metadata": {"name": f"{job_name}.2"},
-        "involvedObject": {"kind": "Job", "name": job_name, "namespace": NAMESPACE,
-                           "uid": job["metadata"].get("uid")},
-        "type": "Warning", "reason": "FailedCreate", "message": f"Error creating: {refusal}",
-        "firstTimestamp": now(), "lastTimestamp": now(),
-    })  # fmt: skip
+    await shared_job_refused(cluster, refusal)
     status = await phase(cluster, "Failed", "FailedCreate", ("service account ml/gcs-reader",))
     assert "ResourceQuota" not in status["message"]
 
