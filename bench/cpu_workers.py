@@ -6,6 +6,7 @@ pinned to the last CPU.
 
     python bench/cpu_workers.py --model /tmp/bench-model --rounds 3
     python bench/cpu_workers.py --model /tmp/bench-model --rounds 2 --neighbour
+    python bench/cpu_workers.py --model /tmp/bench-model --cpu-kernels onednn
 
 Each setting runs in its own child process (OpenMP reads its variables once, at start) and times
 all batches --repeats times (median); the parent interleaves the settings, reversing the order
@@ -34,7 +35,7 @@ SETTINGS: dict[str, tuple[dict[str, str], int]] = {
 }
 
 
-def child(model: str, workers: int, budget: int, requests: int, repeats: int) -> None:
+def child(model: str, workers: int, budget: int, requests: int, repeats: int, kernels: str) -> None:
     sys.path.insert(0, RUNTIME)
     import random
     from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,7 @@ def child(model: str, workers: int, budget: int, requests: int, repeats: int) ->
     from reranker_runtime.engines.torch_engine import TorchEngine
 
     padded = TorchEngine.load(model, device="cpu", dtype="float32")
-    engine = PackedEngine.from_torch_engine(padded, cpu_kernels="aten")
+    engine = PackedEngine.from_torch_engine(padded, cpu_kernels=kernels)
     pairs = [p for r in make_requests(7, requests) for p in r.pairs()]
     ids = padded.tokenizer([q for q, _ in pairs], [t for _, t in pairs], truncation=True)
     encoded = [EncodedPair(i) for i in ids["input_ids"]]
@@ -81,10 +82,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=6, help="workload requests of 16 pairs")
     parser.add_argument("--budget", type=int, default=2048, help="tokens per pass")
     parser.add_argument("--neighbour", action="store_true", help="busy loop on the last CPU")
+    parser.add_argument(
+        "--cpu-kernels", default="aten", choices=["aten", "onednn"], help="the engine's kernels"
+    )
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.model, args.child, args.budget, args.requests, args.repeats)
+        child(args.model, args.child, args.budget, args.requests, args.repeats, args.cpu_kernels)
         return 0
 
     names = list(SETTINGS)
@@ -106,7 +110,7 @@ def main() -> int:
                 proc = subprocess.run(
                     [sys.executable, __file__, "--model", args.model, "--child", str(workers),
                      "--budget", str(args.budget), "--requests", str(args.requests),
-                     "--repeats", str(args.repeats)],
+                     "--repeats", str(args.repeats), "--cpu-kernels", args.cpu_kernels],
                     env=env, capture_output=True, text=True, check=True,
                 )  # fmt: skip
             finally:

@@ -9,6 +9,7 @@ import json
 import platform
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,10 +21,13 @@ from reranker_runtime.engines import cpu_kernels, factory
 from reranker_runtime.engines.base import EncodedPair
 from reranker_runtime.engines.cpu_kernels import (
     AtenLinear,
+    KernelChoice,
+    LinearKernel,
     OneDnnLinear,
     activation_of,
     choose_cpu_kernels,
     onednn_problem,
+    race_kernels,
 )
 from reranker_runtime.engines.packed_engine import PackedEngine
 from reranker_runtime.engines.torch_engine import TorchEngine
@@ -31,6 +35,10 @@ from reranker_runtime.errors import ModelLoadError
 from tiny_models import mixed_pairs, reference_logits
 
 LOGIT_TOL = 1e-4
+real_call: dict[type[LinearKernel], Any] = {
+    AtenLinear: AtenLinear.__call__,
+    OneDnnLinear: OneDnnLinear.__call__,
+}
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="CI's CPUs are x86-64")
@@ -38,7 +46,7 @@ def test_onednn_works_in_float32_on_this_cpu() -> None:
     """CI's CPUs (x86 with AVX2 or AVX-512) all run oneDNN in float32, so `--cpu-kernels
     onednn` loads on them."""
     assert onednn_problem(torch.float32) is None
-    assert choose_cpu_kernels("onednn", torch.float32) == "onednn"
+    assert choose_cpu_kernels("onednn", torch.float32).kernels == "onednn"
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"])
@@ -64,19 +72,49 @@ def test_activation_names() -> None:
     assert unknown.onednn is None and unknown.torch_fn is module  # runs after the GEMM
 
 
-def test_auto_is_pytorchs_ops_and_a_forced_onednn_is_probed(
+def test_auto_races_the_kernels_and_a_forced_onednn_is_probed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    bge_large_ffn = (1024, 4096)
     for dtype in (torch.float32, torch.bfloat16):
-        assert choose_cpu_kernels("auto", dtype) == "aten"  # measured faster on a quiet host
-        assert choose_cpu_kernels("aten", dtype) == "aten"
+        assert choose_cpu_kernels("aten", dtype, None, bge_large_ffn).kernels == "aten"
+        tiny = choose_cpu_kernels("auto", dtype, None, (32, 64))
+        assert tiny == KernelChoice("aten", "auto: model too small to time its GEMMs")
+    measured: list[float] = []
+    monkeypatch.setattr(cpu_kernels, "race_kernels", lambda *_a: measured[-1])
+    measured.append(2.2)  # float32 on an AMD CPU with AVX-512: MKL stays on AVX2
+    fast = choose_cpu_kernels("auto", torch.float32, None, bge_large_ffn)
+    assert (fast.kernels, fast.onednn_speedup) == ("onednn", 2.2)
+    assert "oneDNN's GEMMs ran 2.20x aten's on this CPU" in fast.reason
+    measured.append(1.2)  # within the host's noise: aten, which keeps the page-cache weights
+    assert choose_cpu_kernels("auto", torch.float32, None, bge_large_ffn).kernels == "aten"
     monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda *_a: "no bf16 ISA here")
+    fallback = choose_cpu_kernels("auto", torch.bfloat16, None, bge_large_ffn)
+    assert fallback == KernelChoice("aten", "auto: no bf16 ISA here")
     with pytest.raises(ValueError, match="no bf16 ISA here; use --cpu-kernels aten"):
         choose_cpu_kernels("onednn", torch.bfloat16)
     monkeypatch.setattr(cpu_kernels, "onednn_problem", lambda *_a: None)
-    assert choose_cpu_kernels("onednn", torch.bfloat16) == "onednn"
+    assert choose_cpu_kernels("onednn", torch.bfloat16).kernels == "onednn"
     with pytest.raises(ValueError, match="unknown cpu kernels 'fast'"):
         choose_cpu_kernels("fast", torch.float32)
+
+
+def test_the_race_times_both_kernels_on_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: dict[type[LinearKernel], int] = {AtenLinear: 0, OneDnnLinear: 0}
+    for cls in list(calls):
+
+        def counted(
+            self: LinearKernel, x: torch.Tensor, cls: type[LinearKernel] = cls
+        ) -> torch.Tensor:
+            calls[cls] += 1
+            return real_call[cls](self, x)
+
+        monkeypatch.setattr(cls, "__call__", counted)
+    speedup = race_kernels(torch.float32, activation_of("gelu", torch.nn.GELU()), 64, 256)
+    assert 0.05 < speedup < 20  # a ratio of two timings of the same work, not a fixed value
+    # one warm-up and RACE_REPEATS timed feed-forward blocks each (the GEMM up; down adds)
+    runs = 1 + cpu_kernels.RACE_REPEATS
+    assert calls == {AtenLinear: runs, OneDnnLinear: runs}
 
 
 def test_the_probe_runs_the_models_own_activation(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,6 +149,32 @@ def test_serve_picks_the_packed_engine_with_pytorchs_ops_on_cpu(xlmr_reranker: P
         ServeSettings(model=str(xlmr_reranker), device="cpu", cpu_kernels="onednn")
     )
     assert isinstance(forced, PackedEngine) and forced.info.extra["cpu_kernels"] == "onednn"
+
+
+def test_auto_serves_on_onednn_where_it_wins_the_race(
+    xlmr_reranker: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real model is large enough to race; the tiny one is let in by lowering the floor, and
+    the race's verdict (2.2x: float32 on an AVX-512 AMD CPU) is given, since CI's CPUs vary."""
+    shapes: list[tuple[int, int]] = []
+
+    def race(_dtype: torch.dtype, _act: object, hidden: int, intermediate: int) -> float:
+        shapes.append((hidden, intermediate))
+        return 2.2
+
+    monkeypatch.setattr(cpu_kernels, "RACE_MIN_WEIGHT", 0)
+    monkeypatch.setattr(cpu_kernels, "race_kernels", race)
+    with caplog.at_level("INFO", logger="reranker_runtime.engines.packed_engine"):
+        engine = factory.create_engine(ServeSettings(model=str(xlmr_reranker), device="cpu"))
+    assert isinstance(engine, PackedEngine) and engine.info.extra["cpu_kernels"] == "onednn"
+    config = json.loads((xlmr_reranker / "config.json").read_text())
+    assert shapes == [(config["hidden_size"], config["intermediate_size"])]
+    assert "cpu kernels onednn: auto: oneDNN's GEMMs ran 2.20x aten's" in caplog.text
+    pairs = mixed_pairs(engine.tokenizer, 12, seed=5)
+    batch = [EncodedPair(engine.tokenizer(q, t)["input_ids"]) for q, t in pairs]
+    np.testing.assert_allclose(
+        engine.score(batch), reference_logits(xlmr_reranker, pairs), rtol=0, atol=LOGIT_TOL
+    )
 
 
 def test_onednn_with_an_engine_or_option_that_cannot_use_it_is_refused(

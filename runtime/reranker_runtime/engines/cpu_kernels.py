@@ -1,22 +1,27 @@
-"""The packed engine's encoder linear layers on CPU: PyTorch's ops, or oneDNN GEMMs with fused
-epilogues (opt-in).
+"""The packed engine's encoder linear layers on CPU: PyTorch's ops or oneDNN GEMMs with fused
+epilogues, `auto` timing both on this CPU at load.
 
-`aten` (the default): `F.linear`, which runs the GEMM through the BLAS (MKL in PyTorch's x86
-wheels), then the activation and the residual add as separate passes. `onednn`: oneDNN's inner
-product (`torch.ops.mkldnn._linear_pointwise`, the op `torch.compile`'s CPU backend emits) with
-the weight converted once at load (`to_mkldnn`) and GELU or the residual add in the GEMM's
-epilogue. Measured on an AMD EPYC (2 cores, AVX2), the server with oneDNN was about 1.1x as fast
-as with aten while the host was loaded and 0.77x and 0.90x (two A/B pairs) on a quiet host
-(docs/benchmarks.md), so `auto` keeps PyTorch's ops; `onednn` stays available to measure on
-other CPUs.
+`aten`: `F.linear`, which runs the GEMM through the BLAS (MKL in PyTorch's x86 wheels), then the
+activation and the residual add as separate passes. `onednn`: oneDNN's inner product
+(`torch.ops.mkldnn._linear_pointwise`, the op `torch.compile`'s CPU backend emits) with the
+weight converted once at load (`to_mkldnn`) and GELU or the residual add in the GEMM's epilogue.
 
-The op is PyTorch-internal, so `--cpu-kernels onednn` probes it at load: it must exist, run the
-engine's dtype and the model's activation on this CPU and match `F.linear` on a small problem;
-otherwise the load fails naming the reason.
+Which is faster depends on the CPU (docs/benchmarks.md): on an AMD EPYC with AVX2 they were
+within about 10% of each other, aten ahead on a quiet host; on an AMD EPYC with AVX-512 (Zen 5)
+oneDNN's float32 GEMMs ran 2.1-2.4x MKL's, which takes its AVX2 path on AMD CPUs. So `auto`
+races the two on the model's largest GEMM at the pass's thread count and takes oneDNN only when
+it is clearly faster (`ONEDNN_MIN_SPEEDUP`); test-sized models skip the race.
+
+The op is PyTorch-internal, so oneDNN is probed first: it must exist, run the engine's dtype and
+the model's activation on this CPU and match `F.linear` on a small problem. `auto` falls back to
+aten naming the reason; a forced `--cpu-kernels onednn` fails at load.
 """
 
 from __future__ import annotations
 
+import logging
+import statistics
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +31,22 @@ import torch
 import torch.nn.functional as F
 
 from reranker_runtime.config import CPU_KERNEL_CHOICES
+
+logger = logging.getLogger(__name__)
+
+# auto takes oneDNN only when its feed-forward block runs at least this much faster than aten's.
+# Below that the two swing past each other with the host's load (AVX2: 1.1-1.2x in GEMMs, yet
+# aten ahead in the server on a quiet host; bfloat16 on AVX512-BF16: 1.0-1.1x), and aten keeps
+# the weights in the checkpoint's page cache instead of a private copy. Where oneDNN wins, it
+# wins by 2x (float32 on AMD CPUs with AVX-512: docs/benchmarks.md).
+ONEDNN_MIN_SPEEDUP = 1.25
+# The race's GEMM: this many token rows (a CPU pass carries about 1,000 tokens) times the
+# model's FFN weight, timed this many times each, interleaved, after one warm-up call each.
+RACE_ROWS = 256
+RACE_REPEATS = 5
+# FFN weights with fewer entries than this (test-sized models) skip the race and run aten: their
+# GEMMs take microseconds, and timing them would only measure noise.
+RACE_MIN_WEIGHT = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -164,17 +185,82 @@ def onednn_problem(dtype: torch.dtype, activation: Activation | None = None) -> 
     return None
 
 
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernels a CPU packed engine runs, and why (for the load log)."""
+
+    kernels: str  # "onednn" | "aten"
+    reason: str
+    onednn_speedup: float | None = None  # measured by auto: aten's GEMM time / oneDNN's
+
+
+def race_kernels(
+    dtype: torch.dtype,
+    activation: Activation | None,
+    hidden: int,
+    intermediate: int,
+    rows: int = RACE_ROWS,
+    repeats: int = RACE_REPEATS,
+) -> float:
+    """oneDNN's speed relative to aten's on this CPU: the median, over `repeats` interleaved
+    pairs of runs, of aten's time / oneDNN's for one feed-forward block of the model's shape on
+    `rows` tokens (the GEMM up with the activation, the GEMM down added to the residual: most of
+    a layer's work, epilogues included). Random weights: a GEMM's time does not depend on the
+    values."""
+    gen = torch.Generator().manual_seed(0)
+
+    def weights(n_out: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
+        return w.to(dtype), torch.zeros(n_out, dtype=dtype)
+
+    x = torch.randn(rows, hidden, generator=gen).to(dtype)
+    up, down = weights(intermediate, hidden), weights(hidden, intermediate)
+    blocks = {
+        kind: (make_linear(kind, *up, activation), make_linear(kind, *down))
+        for kind in ("aten", "onednn")
+    }
+
+    def seconds(kind: str) -> float:
+        up_proj, down_proj = blocks[kind]
+        start = time.perf_counter()
+        down_proj.add_to(up_proj(x), x.clone())
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        seconds("aten"), seconds("onednn")  # warm-up: oneDNN builds its primitives on first use
+        ratios = [seconds("aten") / max(seconds("onednn"), 1e-9) for _ in range(repeats)]
+    return statistics.median(ratios)
+
+
 def choose_cpu_kernels(
-    requested: str, dtype: torch.dtype, activation: Activation | None = None
-) -> str:
-    """ "onednn" or "aten" for a CPU packed engine. auto: aten, the faster on a quiet machine
-    (see the module docstring); onednn: required, after the probe (ValueError naming what
-    fails)."""
+    requested: str,
+    dtype: torch.dtype,
+    activation: Activation | None = None,
+    ffn_shape: tuple[int, int] | None = None,
+) -> KernelChoice:
+    """The kernels for a CPU packed engine. aten: as asked. onednn: after the probe (ValueError
+    naming what fails). auto: aten where oneDNN cannot run or the model is test-sized (or
+    `ffn_shape`, (hidden, intermediate), is unknown); otherwise whichever `race_kernels`
+    finds faster, oneDNN needing `ONEDNN_MIN_SPEEDUP`."""
     if requested not in CPU_KERNEL_CHOICES:
         raise ValueError(f"unknown cpu kernels {requested!r}; use {', '.join(CPU_KERNEL_CHOICES)}")
-    if requested in ("auto", "aten"):
-        return "aten"
+    if requested == "aten":
+        return KernelChoice("aten", "requested")
+    if requested == "onednn":
+        problem = onednn_problem(dtype, activation)
+        if problem is not None:
+            raise ValueError(f"--cpu-kernels onednn: {problem}; use --cpu-kernels aten (or auto)")
+        return KernelChoice("onednn", "requested")
+    if ffn_shape is None or ffn_shape[0] * ffn_shape[1] < RACE_MIN_WEIGHT:
+        return KernelChoice("aten", "auto: model too small to time its GEMMs")
     problem = onednn_problem(dtype, activation)
     if problem is not None:
-        raise ValueError(f"--cpu-kernels onednn: {problem}; use --cpu-kernels aten (or auto)")
-    return "onednn"
+        return KernelChoice("aten", f"auto: {problem}")
+    speedup = race_kernels(dtype, activation, *ffn_shape)
+    kernels = "onednn" if speedup >= ONEDNN_MIN_SPEEDUP else "aten"
+    return KernelChoice(
+        kernels,
+        f"auto: oneDNN's GEMMs ran {speedup:.2f}x aten's on this CPU "
+        f"(oneDNN needs {ONEDNN_MIN_SPEEDUP:.2f}x)",
+        speedup,
+    )

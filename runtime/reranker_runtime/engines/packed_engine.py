@@ -843,10 +843,27 @@ class PackedEngine(Engine):
                     if len(layers)
                     else None
                 )
+                ffn_shape = (config.hidden_size, config.intermediate_size)
                 try:
-                    kernels = choose_cpu_kernels(cpu_kernels, dtype, activation)
+                    choice = choose_cpu_kernels(cpu_kernels, dtype, activation, ffn_shape)
                 except ValueError as exc:
                     raise ModelLoadError(str(exc)) from exc
+                kernels = choice.kernels
+                logger.info(
+                    "cpu kernels %s: %s",
+                    kernels,
+                    choice.reason,
+                    extra={
+                        "cpu_kernels": kernels,
+                        "requested": cpu_kernels,
+                        "onednn_speedup": (
+                            round(choice.onednn_speedup, 2)
+                            if choice.onednn_speedup is not None
+                            else None
+                        ),
+                        "torch_threads": torch.get_num_threads(),
+                    },
+                )
         encoder = PackedEncoder(hf_model, facts, backend, kernels).eval()
         info = EngineInfo(
             name=ENGINE_NAME,
