@@ -1,6 +1,7 @@
-"""The packed engine's CPU linear layers: oneDNN's fused kernels compute what PyTorch's ops do,
-the choice at load falls back (or refuses, when forced) with the reason, and every activation
-the BERT family uses scores like the transformers reference."""
+"""The CPU engine's choices at load: oneDNN's fused linear kernels compute what PyTorch's ops
+do, `auto` races them and falls back (a forced oneDNN refuses) with the reason, every activation
+the BERT family uses scores like the transformers reference, and serve says when the CPU and the
+dtype are a poor match."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from reranker_runtime.config import ServeSettings
-from reranker_runtime.engines import cpu_kernels, factory
+from reranker_runtime.engines import cpu_kernels, factory, torch_engine
 from reranker_runtime.engines.base import EncodedPair
 from reranker_runtime.engines.cpu_kernels import (
     AtenLinear,
@@ -175,6 +176,39 @@ def test_auto_serves_on_onednn_where_it_wins_the_race(
     np.testing.assert_allclose(
         engine.score(batch), reference_logits(xlmr_reranker, pairs), rtol=0, atol=LOGIT_TOL
     )
+
+
+@pytest.mark.parametrize(
+    ("native", "dtype", "engine", "said"),
+    [
+        (False, "bfloat16", "auto", "bfloat16 is emulated"),
+        (True, "auto", "auto", "--dtype bfloat16 served about 1.3x"),
+        (True, "auto", "torch", "--dtype bfloat16 served about 1.3x"),
+        (True, "float32", "auto", None),  # chosen: nothing to suggest
+        (True, "bfloat16", "auto", None),
+        (None, "auto", "auto", None),  # unknown CPU
+        (False, "auto", "auto", None),
+    ],
+)
+def test_serve_says_when_the_cpu_and_the_dtype_are_a_poor_match(
+    xlmr_reranker: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    native: bool | None,
+    dtype: str,
+    engine: str,
+    said: str | None,
+) -> None:
+    monkeypatch.setattr(torch_engine, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("INFO", logger="reranker_runtime.engines"):
+        factory.create_engine(
+            ServeSettings(model=str(xlmr_reranker), device="cpu", dtype=dtype, engine=engine)
+        )
+    advice = [r.getMessage() for r in caplog.records if r.getMessage().startswith("this CPU")]
+    if said:
+        assert len(advice) == 1 and said in advice[0]
+    else:
+        assert advice == []
 
 
 def test_onednn_with_an_engine_or_option_that_cannot_use_it_is_refused(

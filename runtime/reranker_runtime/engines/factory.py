@@ -91,6 +91,8 @@ def create_engine(settings: ServeSettings) -> Engine:
     # Not configured by `serve` (a test, an embedding application): what the settings give.
     plan = applied or plan_cpu_threads(settings.torch_threads, settings.cpu_workers)
     engine = _create_engine(settings, device)
+    if device == "cpu" and settings.dtype == "auto" and engine.info.dtype == "float32":
+        _suggest_bfloat16()
     if device == "cpu" and engine.reentrant_on_cpu:
         engine.max_concurrent_scores = plan.workers
         logger.info(
@@ -167,6 +169,19 @@ def _warn_if_the_gpu_is_unusable() -> None:
     problem = _gpu_driver_problem()
     if problem:
         logger.warning("no usable GPU, serving on CPU: %s", problem)
+
+
+def _suggest_bfloat16() -> None:
+    """float32 is the CPU default (bfloat16 moves scores: the user chooses that), but a CPU
+    that computes bfloat16 natively serves it markedly faster: say so once, at start."""
+    from reranker_runtime.engines.torch_engine import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
+        logger.info(
+            "this CPU computes bfloat16 natively (avx512_bf16 or amx_bf16): --dtype bfloat16 "
+            "served about 1.3x float32's throughput on such a CPU, scores within about 1e-3 of "
+            "float32's (docs/benchmarks.md); float32 stays the default"
+        )
 
 
 def _packed_default_dtype(device: str) -> str:
