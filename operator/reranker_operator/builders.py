@@ -14,7 +14,14 @@ from typing import Any
 
 from reranker_operator.config import OperatorConfig
 from reranker_operator.engine_key import engine_key as compute_engine_key
-from reranker_operator.spec import API_GROUP, API_VERSION, KIND, ProbeOverride, RerankerSpec
+from reranker_operator.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    EnvVar,
+    ProbeOverride,
+    RerankerSpec,
+)
 
 PORT = 8080
 GRPC_PORT = 50051  # TEI's gRPC API when spec.runtime.grpc (gRPC's customary port)
@@ -734,8 +741,18 @@ def serve_env(spec: RerankerSpec, key: str) -> list[dict[str, Any]]:
         _env("HOME", "/tmp"),
         _env("HF_HOME", "/tmp/hf-home"),
     ]
-    env += [_env(e.name, e.value) for e in rt.env]
+    env += [_user_env(e) for e in rt.env]
     return env
+
+
+def _user_env(var: EnvVar) -> dict[str, Any]:
+    """A spec.runtime.env entry as the container's EnvVar (valueFrom passed through)."""
+    if var.value_from is not None:
+        return {
+            "name": var.name,
+            "valueFrom": var.value_from.model_dump(exclude_none=True, by_alias=True),
+        }
+    return _env(var.name, var.value or "")
 
 
 def build_deployment(

@@ -53,6 +53,17 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _LIMIT_MAX = 1048576  # upper bound of the runtime batching limits
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# runtime.env[].valueFrom, as the API server accepts it for a container's env (and the CRD's
+# patterns, held together by tests/operator/test_crd.py): a Secret or ConfigMap key; the pod
+# fields the downward API gives env vars; a container resource.
+CONFIG_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+ENV_FIELD_PATH_PATTERN = (
+    r"^(metadata\.(name|namespace|uid|labels\['[^']+'\]|annotations\['[^']+'\])"
+    r"|spec\.(nodeName|serviceAccountName)|status\.(hostIP|hostIPs|podIP|podIPs))$"
+)
+ENV_RESOURCE_PATTERN = (
+    r"^(limits|requests)\.(cpu|memory|ephemeral-storage|hugepages-[-.a-zA-Z0-9]+)$"
+)
 ROLLOUT_PERCENT_PATTERN = r"^[0-9]{1,3}%$"
 # maxUnavailable: at most 100% (the API server refuses more on the Deployment).
 UNAVAILABLE_PERCENT_PATTERN = r"^(100|[1-9]?[0-9])%$"
@@ -243,9 +254,48 @@ class Probes(_Model):
     liveness: ProbeOverride = ProbeOverride()
 
 
+class KeyRef(_Model):
+    """A key of a Secret or ConfigMap in the Reranker's namespace (Kubernetes' *KeySelector)."""
+
+    name: str = Field(max_length=253, pattern=SECRET_NAME_PATTERN)
+    key: str = Field(min_length=1, max_length=253, pattern=CONFIG_KEY_PATTERN)
+    optional: bool | None = None
+
+
+class FieldRef(_Model):
+    """A field of the runtime pod (the downward API)."""
+
+    field_path: str = Field(alias="fieldPath", max_length=316, pattern=ENV_FIELD_PATH_PATTERN)
+    api_version: Literal["v1"] | None = Field(default=None, alias="apiVersion")
+
+
+class ResourceFieldRef(_Model):
+    """A resource request or limit of the runtime container."""
+
+    resource: str = Field(max_length=64, pattern=ENV_RESOURCE_PATTERN)
+    divisor: int | str | None = None
+
+    @field_validator("divisor")
+    @classmethod
+    def _quantity(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, str) and not re.fullmatch(QUANTITY_PATTERN, value):
+            raise ValueError(f"divisor must be a quantity such as 1, 1Mi or 1m, got {value!r}")
+        return value
+
+
+class EnvVarSource(_Model):
+    """Kubernetes' EnvVarSource; exactly one field is set (checked in _check_rules and by CEL)."""
+
+    secret_key_ref: KeyRef | None = Field(default=None, alias="secretKeyRef")
+    config_map_key_ref: KeyRef | None = Field(default=None, alias="configMapKeyRef")
+    field_ref: FieldRef | None = Field(default=None, alias="fieldRef")
+    resource_field_ref: ResourceFieldRef | None = Field(default=None, alias="resourceFieldRef")
+
+
 class EnvVar(_Model):
     name: str = Field(pattern=ENV_NAME_PATTERN, max_length=256)
-    value: str = Field(default="", max_length=32768)
+    value: str | None = Field(default=None, max_length=32768)
+    value_from: EnvVarSource | None = Field(default=None, alias="valueFrom")
 
 
 class Runtime(_Model):
@@ -544,6 +594,21 @@ def _check_rules(spec: RerankerSpec) -> None:
             )
         if name in names[:i]:
             raise InvalidSpec(f"spec.runtime.env[{i}].name", f"duplicate variable {name}")
+        _check_env_source(spec.runtime.env[i], f"spec.runtime.env[{i}]")
+
+
+def _check_env_source(var: EnvVar, field: str) -> None:
+    """value or valueFrom, and one source in valueFrom (CEL rules in the CRD say the same)."""
+    if var.value_from is None:
+        return
+    if var.value is not None:
+        raise InvalidSpec(f"{field}.valueFrom", "set value or valueFrom, not both")
+    sources = var.value_from.model_dump(exclude_none=True, by_alias=True)
+    if len(sources) != 1:
+        raise InvalidSpec(
+            f"{field}.valueFrom",
+            "set exactly one of secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef",
+        )
 
 
 def _check_scaling(spec: RerankerSpec) -> None:

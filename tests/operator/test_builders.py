@@ -28,7 +28,7 @@ from reranker_operator.config import (
 )
 from reranker_operator.convert import quantity_bytes
 from reranker_operator.engine_key import engine_key
-from reranker_operator.spec import RerankerSpec, parse_spec
+from reranker_operator.spec import InvalidSpec, RerankerSpec, parse_spec
 
 K8S_VERSION = "1.32.0"
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -755,6 +755,26 @@ def test_deployment_follows_the_serve_contract() -> None:
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert pod["terminationGracePeriodSeconds"] >= 30
     assert dep["metadata"]["annotations"][b.ANNOTATION_ENGINE_KEY] == KEY
+
+
+def test_runtime_env_from_secrets_configmaps_and_the_pod_reaches_the_container() -> None:
+    sources = [
+        {"secretKeyRef": {"name": "otel", "key": "headers", "optional": False}},
+        {"configMapKeyRef": {"name": "cluster-info", "key": "REGION"}},
+        {"fieldRef": {"fieldPath": "metadata.labels['team']", "apiVersion": "v1"}},
+        {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}},
+        {"resourceFieldRef": {"resource": "requests.cpu", "divisor": 1}},
+    ]
+    env = [{"name": f"V{i}", "valueFrom": source} for i, source in enumerate(sources)]
+    env.append({"name": "EMPTY"})
+    dep = b.build_deployment("rr", NS, spec_of(runtime={"env": env}), CONFIG, KEY, OWNER)
+    kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+    got = container(dep)["env"]
+    # Exactly as written (optional: false and the integer divisor kept), after the operator's own.
+    assert got[-len(env) :] == [*env[:-1], {"name": "EMPTY", "value": ""}]
+    with pytest.raises(InvalidSpec, match="API_KEY is set by the operator") as exc:
+        spec_of(runtime={"env": [{"name": "API_KEY", "valueFrom": sources[0]}]})
+    assert exc.value.field == "spec.runtime.env[0].name"
 
 
 def test_deployment_defaults() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import typing
 from pathlib import Path
 from typing import Any
@@ -413,6 +414,14 @@ CEL_CASES = [
      "spec.service.loadBalancerSourceRanges", "self.type == 'LoadBalancer'"),
     ("revision-on-s3", {"checkpoint": {"repo": "s3://b/bge", "source": "S3", "revision": "v2"}},
      "spec.checkpoint.revision", "self.revision == 'main'"),
+    ("env-value-and-value-from", {**MINIMAL, "runtime": {"env": [{"name": "A", "value": "1",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}},
+     "spec.runtime.env[0].valueFrom", "!(has(self.value) && has(self.valueFrom))"),
+    ("env-two-sources", {**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {
+        "fieldRef": {"fieldPath": "metadata.name"}, "secretKeyRef": {"name": "s", "key": "k"}}}]}},
+     "spec.runtime.env[0].valueFrom", "(has(self.secretKeyRef) ? 1 : 0)"),
+    ("env-no-source", {**MINIMAL, "runtime": {"env": [{"name": "X"}, {"name": "A", "valueFrom": {}}]}},
+     "spec.runtime.env[1].valueFrom", "(has(self.secretKeyRef) ? 1 : 0)"),
 ]  # fmt: skip
 
 
@@ -459,6 +468,18 @@ def test_cel_rule_is_in_the_crd_and_enforced_in_code(
                                   "path": "/v1/rerank;x=1:@!$&'()*+,~",
                                   "hostnames": ["rerank.example.com", "*.example.com"]}},
         {**MINIMAL, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["0.0.0.0/0", "::/0", "2001:db8::/32"]}},
+        {**MINIMAL, "runtime": {"env": [
+            {"name": "EMPTY"},
+            {"name": "PLAIN", "value": ""},
+            {"name": "OTEL_EXPORTER_OTLP_HEADERS", "valueFrom": {"secretKeyRef": {"name": "otel", "key": "headers", "optional": True}}},
+            {"name": "REGION", "valueFrom": {"configMapKeyRef": {"name": "cluster-info.v1", "key": "REGION_NAME"}}},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name", "apiVersion": "v1"}}},
+            {"name": "TEAM", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app.kubernetes.io/part-of']"}}},
+            {"name": "HOST_IPS", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIPs"}}},
+            {"name": "MEMORY_MIB", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+            {"name": "CPUS", "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": 1}}},
+            {"name": "HUGE", "valueFrom": {"resourceFieldRef": {"resource": "limits.hugepages-2Mi"}}},
+        ]}},
     ],
 )  # fmt: skip
 def test_possible_combinations_are_accepted(spec: dict) -> None:
@@ -504,7 +525,7 @@ def test_dns1035_names_are_accepted(name: str) -> None:
 
 
 def test_every_cel_rule_compiles() -> None:
-    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 14  # each compiled at import
+    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 16  # each compiled at import
 
 
 def test_exposure_patterns_are_the_operators() -> None:
@@ -516,6 +537,19 @@ def test_exposure_patterns_are_the_operators() -> None:
     assert route["hostnames"]["items"]["pattern"] == spec_mod.HOST_PATTERN
     assert route["path"]["pattern"] == spec_mod.ROUTE_PATH_PATTERN
     assert service["loadBalancerSourceRanges"]["items"]["pattern"] == spec_mod.CIDR_PATTERN
+
+
+def test_env_source_patterns_are_the_operators() -> None:
+    props = crd_schema(load_crd())["properties"]["spec"]["properties"]["runtime"]["properties"]
+    sources = props["env"]["items"]["properties"]["valueFrom"]["properties"]
+    for ref in ("secretKeyRef", "configMapKeyRef"):
+        assert sources[ref]["properties"]["name"]["pattern"] == spec_mod.SECRET_NAME_PATTERN
+        assert sources[ref]["properties"]["key"]["pattern"] == spec_mod.CONFIG_KEY_PATTERN
+    field_path = sources["fieldRef"]["properties"]["fieldPath"]["pattern"]
+    assert field_path == spec_mod.ENV_FIELD_PATH_PATTERN
+    resource = sources["resourceFieldRef"]["properties"]
+    assert resource["resource"]["pattern"] == spec_mod.ENV_RESOURCE_PATTERN
+    assert resource["divisor"]["pattern"] == spec_mod.QUANTITY_PATTERN
 
 
 def test_pvc_rule_uses_the_operators_patterns() -> None:
@@ -577,6 +611,19 @@ def rule_edge_specs() -> typing.Iterator[dict[str, Any]]:
                 **MINIMAL,
                 "service": _fields(type=service_type, loadBalancerSourceRanges=ranges),
             }
+    one_of_each = {
+        "secretKeyRef": {"name": "s", "key": "k"},
+        "configMapKeyRef": {"name": "c", "key": "k"},
+        "fieldRef": {"fieldPath": "metadata.name"},
+        "resourceFieldRef": {"resource": "limits.cpu"},
+    }
+    for value in _absent_or("1"):
+        for chosen in itertools.chain.from_iterable(
+            itertools.combinations(one_of_each, n) for n in range(3)
+        ):
+            for value_from in _absent_or({k: one_of_each[k] for k in chosen}):
+                var = _fields(name="A", value=value, valueFrom=value_from)
+                yield {**MINIMAL, "runtime": {"env": [var]}}
     for replicas in _absent_or(0, 1):
         yield _fields(**MINIMAL, replicas=replicas)
         for max_replicas in (1, 2, 3):
@@ -673,6 +720,23 @@ def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
          "spec.service.loadBalancerSourceRanges[0]"),
         ({**MINIMAL, "ingress": {"host": "a.example.com", "tlsSecretName": "Tls"}},
          "spec.ingress.tlsSecretName"),
+        # runtime.env[].valueFrom: what the API server would refuse on the Deployment.
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "Otel", "key": "k"}}}]}},
+         "spec.runtime.env[0].valueFrom.secretKeyRef.name"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "otel"}}}]}},
+         "spec.runtime.env[0].valueFrom.secretKeyRef.key"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "a/b"}}}]}},
+         "spec.runtime.env[0].valueFrom.configMapKeyRef.key"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "spec.containers"}}}]}},
+         "spec.runtime.env[0].valueFrom.fieldRef.fieldPath"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels"}}}]}},
+         "spec.runtime.env[0].valueFrom.fieldRef.fieldPath"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name", "apiVersion": "v2"}}}]}},
+         "spec.runtime.env[0].valueFrom.fieldRef.apiVersion"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"resourceFieldRef": {"resource": "limits.gpu"}}}]}},
+         "spec.runtime.env[0].valueFrom.resourceFieldRef.resource"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1 core"}}}]}},
+         "spec.runtime.env[0].valueFrom.resourceFieldRef.divisor"),
     ],
 )  # fmt: skip
 def test_schema_and_model_refuse_the_same_values(spec: dict, field: str) -> None:
