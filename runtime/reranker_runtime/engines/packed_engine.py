@@ -836,7 +836,12 @@ class PackedEngine(Engine):
                     "--cpu-kernels onednn and --torch-compile exclude each other (the compiled "
                     "forward pass runs PyTorch's own linear layers); drop one of them"
                 )
-            if not compile_model:
+            if compile_model:
+                logger.info(
+                    "cpu kernels aten (torch.compile traces PyTorch's own ops)",
+                    extra={"cpu_kernels": "aten", "requested": cpu_kernels},
+                )
+            else:
                 layers = hf_model.base_model.encoder.layer
                 activation = (
                     activation_of(config.hidden_act, layers[0].intermediate.intermediate_act_fn)
@@ -850,7 +855,7 @@ class PackedEngine(Engine):
                     raise ModelLoadError(str(exc)) from exc
                 kernels = choice.kernels
                 logger.info(
-                    "cpu kernels %s: %s",
+                    "cpu kernels %s (%s)",
                     kernels,
                     choice.reason,
                     extra={
