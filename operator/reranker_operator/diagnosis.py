@@ -264,6 +264,67 @@ def with_volume_detail(issue: PodIssue | None, pvc: dict[str, Any] | None) -> Po
     )
 
 
+# A Gateway (listener) the HTTPRoute names: (namespace, name, sectionName).
+GatewayRef = tuple[str, str, str | None]
+
+
+def route_condition(
+    route: dict[str, Any] | None, parents: list[GatewayRef]
+) -> dict[str, str] | None:
+    """The HTTPRoute's standing with its Gateways, as one condition (status, reason, message),
+    from the route's `status.parents` (Gateway API): False with the Gateway's own reason when
+    one refused it (`Accepted=False`, e.g. NotAllowedByListeners) or cannot send to the Service
+    (`ResolvedRefs=False`); True once every parent accepted the route's current generation;
+    False/Pending before that (no controller reports on a Gateway that does not exist). None
+    before the route exists."""
+    if route is None:
+        return None
+    meta = route.get("metadata") or {}
+    generation = meta.get("generation")
+    reported: dict[GatewayRef, dict[str, dict[str, Any]]] = {}
+    for parent in (route.get("status") or {}).get("parents") or []:
+        ref = parent.get("parentRef") or {}
+        key = (ref.get("namespace") or meta.get("namespace", ""), ref.get("name", ""),
+               ref.get("sectionName"))  # fmt: skip
+        current = [
+            c
+            for c in parent.get("conditions") or []
+            # A condition about an earlier spec of the route says nothing about this one.
+            if generation is None or (c.get("observedGeneration") or generation) >= generation
+        ]
+        reported.setdefault(key, {}).update({c.get("type", ""): c for c in current})
+
+    def gateway(key: GatewayRef) -> str:
+        namespace, name, section = key
+        return f"Gateway {namespace}/{name}" + (f" (listener {section})" if section else "")
+
+    for key in parents:
+        for type_ in ("Accepted", "ResolvedRefs"):
+            cond = reported.get(key, {}).get(type_)
+            if cond is not None and cond.get("status") == "False":
+                reason = cond.get("reason") or f"Not{type_}"
+                return {"status": "False", "reason": reason,
+                        "message": f"{gateway(key)}: {cond.get('message') or reason}"}  # fmt: skip
+    waiting = [
+        gateway(key)
+        for key in parents
+        if reported.get(key, {}).get("Accepted", {}).get("status") != "True"
+    ]
+    if waiting:
+        return {
+            "status": "False",
+            "reason": "Pending",
+            "message": f"not yet accepted by {', '.join(waiting)}: no controller has reported "
+            "on the route; check that the Gateway exists and its controller runs "
+            "(kubectl describe httproute)",
+        }
+    return {
+        "status": "True",
+        "reason": "Accepted",
+        "message": "accepted by " + ", ".join(gateway(key) for key in parents),
+    }
+
+
 def scaling_condition(hpa: dict[str, Any] | None) -> dict[str, Any] | None:
     """The HPA's ScalingActive condition (False, e.g. FailedGetPodsMetric, when its metric cannot
     be read: no custom-metrics adapter), or None before the HPA controller has reported."""

@@ -228,6 +228,8 @@ def refusal_message(exc: ApiException) -> str:
 
 RETRIED = "the operator retries until it succeeds"
 REFUSAL_RECHECK_SECONDS = 60.0  # a lasting refusal is retried at least this often
+# An HTTPRoute its Gateways have not accepted is read again this often (routes are not watched).
+ROUTE_RECHECK_SECONDS = 30.0
 
 
 def lasting_refusal(exc: ApiException) -> tuple[str, str] | None:
@@ -410,6 +412,18 @@ class Reconciler:
         scaling = None
         if spec.autoscaling is not None and spec.autoscaling.metric != "External":
             scaling = diagnosis.scaling_condition(self.api.get(kube.HPA, namespace, name))
+        route = None
+        if spec.http_route is not None:
+            parents = [
+                (ref.namespace or namespace, ref.name, ref.section_name)
+                for ref in spec.http_route.parent_refs
+            ]
+            route = diagnosis.route_condition(
+                self.api.get(kube.HTTP_ROUTE, namespace, name), parents
+            )
+            if route is not None and route["status"] != "True":
+                # HTTPRoutes are not watched (the Gateway API is an add-on): look again.
+                self._recheck_after(namespace, name, ROUTE_RECHECK_SECONDS)
         observed = status.Observed(
             name=name,
             namespace=namespace,
@@ -427,6 +441,7 @@ class Reconciler:
             engine_issue=engine_issue,
             serve_issue=serve_issue,
             scaling=scaling,
+            route=route,
             surge_rollout=spec.rollout.surges,
         )
         new = status.derive_status(observed, previous)

@@ -32,6 +32,7 @@ ENGINE_READY = "EngineReady"
 AVAILABLE = "Available"
 READY = "Ready"
 SCALING_ACTIVE = "ScalingActive"  # mirrored from the HPA when autoscaling
+ROUTE_ACCEPTED = "RouteAccepted"  # the HTTPRoute's Gateways' word, with spec.httpRoute
 
 # Build state of the engine for the current key.
 EngineState = Literal["pending", "building", "built", "failed"]
@@ -76,6 +77,7 @@ class Observed:
     engine_issue: PodIssue | None = None  # why the engine's preparation does not run
     serve_issue: PodIssue | None = None  # why the Deployment's new pods do not become ready
     scaling: dict[str, Any] | None = None  # the HPA's ScalingActive condition
+    route: dict[str, str] | None = None  # diagnosis.route_condition of the HTTPRoute
     surge_rollout: bool = True  # spec.rollout starts new pods before old ones go (maxSurge > 0)
 
     @property
@@ -398,6 +400,18 @@ def derive_status(
         )
         if not active:
             message += f"; the autoscaler cannot scale ({reason}: {text})"
+    route = observed.route
+    if route is not None:
+        accepted = route["status"] == "True"
+        conditions.append(
+            condition(
+                ROUTE_ACCEPTED, accepted, route["reason"], route["message"], gen,
+                prev_conditions, now,
+            )
+        )  # fmt: skip
+        if route["reason"] not in ("Accepted", "Pending"):
+            # In-cluster clients are served; the route's clients are not.
+            message += f"; the HTTPRoute is refused ({route['reason']}: {route['message']})"
     status: dict[str, Any] = {
         "phase": phase,
         "message": message,

@@ -71,7 +71,13 @@ ERR_VALUES = (
     | set(errors._REASON_BY_STATUS.values())
     | {errors.DROPPED, "inference", "model_type"}
 )
-CONDITION_TYPES = {status.ENGINE_READY, status.AVAILABLE, status.READY, "ScalingActive"}
+CONDITION_TYPES = {
+    status.ENGINE_READY,
+    status.AVAILABLE,
+    status.READY,
+    status.SCALING_ACTIVE,
+    status.ROUTE_ACCEPTED,
+}
 # metric -> label -> the values it takes (None: any value that status.py writes as a literal).
 LABEL_VALUES: dict[str, dict[str, set[str] | None]] = {
     "reranker_operator_reconciles_total": {"result": set(RESULTS)},

@@ -7,9 +7,11 @@ used unless a test says Shared. Every wait is bounded polling (kmock_env.wait_fo
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
 import itertools
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +19,7 @@ import pytest
 import yaml
 
 from kmock_env import NAMESPACE, Cluster, OperatorRunner, declare_resources, wait_for
-from reranker_operator import builders
+from reranker_operator import builders, reconcile
 from reranker_operator.config import OperatorConfig, config_from_dict
 from reranker_operator.spec import parse_spec
 
@@ -560,6 +562,84 @@ async def test_hpa_without_its_metric_shows_in_status(
     )
     # It serves; it just cannot scale.
     await phase(cluster, "Ready", "FailedGetPodsMetric", ("cannot scale", "custom metrics API"))
+
+
+# --------------------------------------------------------------------------- the Gateway's word
+
+
+async def settled(operator: OperatorRunner, quiet_s: float = 0.5) -> None:
+    """Until no reconcile has run for `quiet_s` (the operator's timers may start more later)."""
+
+    def reconciles() -> float:
+        (family,) = [
+            f
+            for f in operator.reconciler.metrics.registry.collect()
+            if f.name == "reranker_operator_reconciles"
+        ]
+        return sum(s.value for s in family.samples if s.name.endswith("_total"))
+
+    last, since = reconciles(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        await asyncio.sleep(0.05)
+        if (now_ := reconciles()) != last:
+            last, since = now_, time.monotonic()
+
+
+async def test_the_gateways_word_on_the_route_shows_in_status(
+    cluster: Cluster, operator: OperatorRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Routes are not watched (the Gateway API is an add-on): a timer reads a route that is not
+    yet accepted until its Gateway has answered."""
+    monkeypatch.setattr(reconcile, "ROUTE_RECHECK_SECONDS", 1.0)
+    spec = {
+        **SPEC,
+        "httpRoute": {"parentRefs": [{"name": "shared", "namespace": "gateway-system"}]},
+    }
+    await cluster.create_reranker(NAME, spec)
+    dep = await deployment(cluster)
+    await create_pod(cluster, dep, READY)
+    await deployment_status(cluster, ready=3, updated=3, replicas=3)
+    await wait_for(lambda: cluster.get(cluster.HTTP_ROUTE, NAME), "the HTTPRoute")
+    await phase(cluster, "Ready", "Pending")
+    assert condition(cluster, "RouteAccepted")["status"] == "False"
+    assert (
+        "not yet accepted by Gateway gateway-system/shared"
+        in condition(cluster, "RouteAccepted")["message"]
+    )
+
+    async def gateway_says(accepted: str, reason: str, message: str) -> None:
+        generation = cluster.get(cluster.HTTP_ROUTE, NAME)["metadata"].get("generation", 1)
+        parent = {
+            "parentRef": {"name": "shared", "namespace": "gateway-system"},
+            "controllerName": "example.net/gateway-controller",
+            "conditions": [
+                {"type": "Accepted", "status": accepted, "reason": reason, "message": message,
+                 "observedGeneration": generation, "lastTransitionTime": now()},
+            ],
+        }  # fmt: skip
+        await cluster.patch(
+            cluster.HTTP_ROUTE, NAME, {"status": {"parents": [parent]}}, sub="status"
+        )
+
+    # Once the reconciles that follow the operator's own writes have run, only the timer can see
+    # the Gateway's answers.
+    # (Other triggers come too, 15 s or more apart: the timer's second answers well before.)
+    await settled(operator)
+    await gateway_says("False", "NotAllowedByListeners", "no listener allows namespace default")
+    await wait_for(
+        lambda: condition(cluster, "RouteAccepted").get("reason") == "NotAllowedByListeners",
+        "RouteAccepted=False (NotAllowedByListeners)",
+        timeout=5,
+    )
+    await phase(cluster, "Ready", "NotAllowedByListeners", ("HTTPRoute is refused",))
+    await settled(operator)
+    await gateway_says("True", "Accepted", "")
+    await wait_for(
+        lambda: condition(cluster, "RouteAccepted").get("status") == "True",
+        "RouteAccepted=True",
+        timeout=5,
+    )
+    assert "HTTPRoute" not in cluster.status(NAME)["message"]
 
 
 async def test_configured_service_monitor_is_created_per_reranker(

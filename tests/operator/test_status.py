@@ -305,6 +305,87 @@ def test_hpa_scaling_condition_becomes_a_condition() -> None:
     assert diagnosis.scaling_condition(None) is None
 
 
+# ---------------------------------------------------------------- the Gateway's word on the route
+
+GW, GW_HTTPS = ("gateway-system", "gw", None), ("gateway-system", "gw", "https")
+
+
+def route(generation: int = 2, *parents: tuple[dict[str, Any], list[dict[str, Any]]]) -> dict:
+    return {
+        "metadata": {"name": "rr", "namespace": "ml", "generation": generation},
+        "status": {"parents": [
+            {"parentRef": ref, "controllerName": "example.net/gateway", "conditions": c}
+            for ref, c in parents
+        ]},
+    }  # fmt: skip
+
+
+def cond(type_: str, ok: bool, reason: str, generation: int = 2, message: str = "") -> dict:
+    return {"type": type_, "status": "True" if ok else "False", "reason": reason,
+            "message": message, "observedGeneration": generation}  # fmt: skip
+
+
+GW_REF = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": "gateway-system",
+          "name": "gw"}  # fmt: skip
+ACCEPTED = [cond("Accepted", True, "Accepted"), cond("ResolvedRefs", True, "ResolvedRefs")]
+
+
+@pytest.mark.parametrize(
+    ("the_route", "parents", "verdict", "says"),
+    [
+        (None, [GW], None, None),  # not created yet
+        (route(2), [GW], ("False", "Pending"), "not yet accepted by Gateway gateway-system/gw"),
+        (route(2, (GW_REF, ACCEPTED)), [GW], ("True", "Accepted"),
+         "accepted by Gateway gateway-system/gw"),
+        # The listener named in the spec is the one that must answer.
+        (route(2, (GW_REF, ACCEPTED)), [GW_HTTPS], ("False", "Pending"), "(listener https)"),
+        (route(2, ({**GW_REF, "sectionName": "https"}, ACCEPTED)), [GW_HTTPS], ("True", "Accepted"), ""),
+        # A Gateway in another namespace that does not allow routes from ours.
+        (route(2, (GW_REF, [cond("Accepted", False, "NotAllowedByListeners",
+                                  message="no listener allows routes from namespace ml")])),
+         [GW], ("False", "NotAllowedByListeners"),
+         "Gateway gateway-system/gw: no listener allows routes from namespace ml"),
+        (route(2, (GW_REF, [cond("Accepted", True, "Accepted"),
+                             cond("ResolvedRefs", False, "BackendNotFound", message="service rr")])),
+         [GW], ("False", "BackendNotFound"), "service rr"),
+        # Accepted for the route's previous spec only: not yet for this one.
+        (route(3, (GW_REF, ACCEPTED)), [GW], ("False", "Pending"), "not yet accepted"),
+        # Two Gateways: one refusal is enough to say so, one silence keeps it pending.
+        (route(2, (GW_REF, ACCEPTED)), [GW, ("ml", "internal", None)], ("False", "Pending"),
+         "Gateway ml/internal"),
+        (route(2, (GW_REF, ACCEPTED), ({"name": "internal"}, [cond("Accepted", False, "NoMatchingParent")])),
+         [GW, ("ml", "internal", None)], ("False", "NoMatchingParent"), "Gateway ml/internal: NoMatchingParent"),
+    ],
+)  # fmt: skip
+def test_the_routes_acceptance_is_read_from_its_status(
+    the_route: dict | None, parents: list, verdict: tuple | None, says: str | None
+) -> None:
+    got = diagnosis.route_condition(the_route, parents)
+    if verdict is None:
+        assert got is None
+        return
+    assert got is not None and (got["status"], got["reason"]) == verdict
+    assert says in got["message"]
+
+
+def test_the_routes_acceptance_becomes_a_condition() -> None:
+    refused = {"status": "False", "reason": "NotAllowedByListeners", "message": "Gateway x/gw: no"}
+    st = status.derive_status(observed("built", dep(), route=refused), None)
+    assert conds(st)["RouteAccepted"] == ("False", "NotAllowedByListeners")
+    # In-cluster clients are served: Ready, and the message says what the route's clients miss.
+    assert st["phase"] == "Ready"
+    assert st["message"].endswith(
+        "; the HTTPRoute is refused (NotAllowedByListeners: Gateway x/gw: no)"
+    )
+    pending = {"status": "False", "reason": "Pending", "message": "not yet accepted by ..."}
+    st = status.derive_status(observed("built", dep(), route=pending), None)
+    assert conds(st)["RouteAccepted"] == ("False", "Pending") and "HTTPRoute" not in st["message"]
+    accepted = {"status": "True", "reason": "Accepted", "message": "accepted by Gateway x/gw"}
+    st = status.derive_status(observed("built", dep(), route=accepted), None)
+    assert conds(st)["RouteAccepted"] == ("True", "Accepted")
+    assert "RouteAccepted" not in conds(status.derive_status(observed("built", dep()), None))
+
+
 # ---------------------------------------------------------------- Shared cache pruning
 
 
