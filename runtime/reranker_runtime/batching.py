@@ -75,8 +75,20 @@ class BatchResult:
 
     logits: np.ndarray  # float32 [n, num_labels]
     queue_time_s: float  # from submission to the start of its first forward pass
-    inference_time_s: float  # sum of the forward passes that held any of its pairs
+    # Wall time during which a forward pass held any of its pairs: passes that ran at once (CPU
+    # workers, GPU streams) count once, so it never exceeds the request's own duration.
+    inference_time_s: float
     batches: int  # forward passes that held any of its pairs
+
+
+def covered_seconds(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals."""
+    total, reached = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
 
 
 @dataclass(eq=False)
@@ -90,8 +102,7 @@ class _Request:
     logits: np.ndarray | None = None
     remaining: int = 0
     first_start: float | None = None
-    inference_time_s: float = 0.0
-    batches: int = 0
+    passes: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each
     # Set on the event loop; read by the worker thread to skip entries of a dropped request.
     dropped: bool = False
     last_batch: int = -2  # sequence number of the last batch formed with one of its entries
@@ -493,8 +504,7 @@ class Batcher:
         for request in requests:
             if request.first_start is None or outcome.started < request.first_start:
                 request.first_start = outcome.started
-            request.inference_time_s += outcome.duration_s
-            request.batches += 1
+            request.passes.append((outcome.started, outcome.started + outcome.duration_s))
         for entry, row in zip(outcome.ran, outcome.logits, strict=True):
             request = entry.request
             if request.dropped:
@@ -509,8 +519,8 @@ class Batcher:
                         queue_time_s=max(
                             0.0, (request.first_start or outcome.started) - request.submitted_at
                         ),
-                        inference_time_s=request.inference_time_s,
-                        batches=request.batches,
+                        inference_time_s=covered_seconds(request.passes),
+                        batches=len(request.passes),
                     )
                 )
 

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import random
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from reranker_runtime.api.errors import http_error
-from reranker_runtime.batching import Batcher, _spread, batch_cost
+from reranker_runtime.batching import Batcher, _spread, batch_cost, covered_seconds
 from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo
 from reranker_runtime.errors import EngineError, InternalError, ModelLoadError, NotReadyError
 from runtime.fakes import ControlledEngine
@@ -418,6 +419,49 @@ async def test_cpu_workers_run_passes_at_once_and_deliver_out_of_order(xlmr_engi
     finally:
         gate.set()
         await batcher.stop()
+
+
+class _Sleeping(Engine):
+    """Two CPU forward workers whose passes each take `seconds` (sleeping: no CPU needed)."""
+
+    max_concurrent_scores = 2
+    reentrant_on_cpu = True
+
+    def __init__(self, inner: Engine, seconds: float) -> None:
+        self.inner, self.seconds = inner, seconds
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.inner.info
+
+    @property
+    def tokenizer(self) -> object:
+        return self.inner.tokenizer
+
+    def score(self, batch: Sequence[EncodedPair]) -> np.ndarray:
+        time.sleep(self.seconds)
+        return self.inner.score(batch)
+
+
+async def test_passes_at_once_count_once_in_a_requests_inference_time(xlmr_engine) -> None:
+    """A request split over two passes that run at the same time spent one pass's time in
+    inference, not two: x-inference-time never exceeds the request's own duration."""
+    batcher = await started(_Sleeping(xlmr_engine, 0.4), max_batch_tokens=128)
+    try:
+        started_at = time.perf_counter()
+        result = await asyncio.wait_for(batcher.score("r", [seq(100), seq(90)]), WAIT_S)
+        took = time.perf_counter() - started_at
+    finally:
+        await batcher.stop()
+    assert result.batches == 2  # one sequence per 128-token pass
+    assert 0.4 <= result.inference_time_s <= took < 0.8  # the two passes overlapped
+
+
+def test_covered_seconds_is_the_union_of_the_intervals() -> None:
+    assert covered_seconds([]) == 0
+    assert covered_seconds([(0, 1), (0.5, 2), (3, 4)]) == pytest.approx(3.0)
+    assert covered_seconds([(2, 3), (0, 10)]) == pytest.approx(10.0)  # one inside another
+    assert covered_seconds([(0, 1), (1, 2)]) == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize(
