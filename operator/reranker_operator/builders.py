@@ -189,7 +189,8 @@ def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dic
     after a switch to CPU) is removed. Labels and annotations are merged over the live ones (other
     controllers annotate our children, e.g. `deployment.kubernetes.io/revision`), except the
     user's keys an earlier render recorded (ANNOTATION_USER_KEYS) and this one drops. A Deployment
-    rendered without `replicas` (an HPA owns it) keeps its live count. JSON Patch rather than
+    rendered without `replicas` (an autoscaler owns it) has its spec replaced field by field,
+    `replicas` untouched, so it keeps whatever count is live when the patch lands. JSON Patch rather than
     server-side apply: both a real API server and the in-memory one used in tests implement its
     `add` operation alike, whereas the latter treats an apply patch as a merge patch.
     """
@@ -212,11 +213,21 @@ def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dic
     live_spec = live.get("spec") or {}
     if desired["kind"] == "Service":
         spec.update(_service_fields_set_by_the_cluster(spec, live_spec))
-    live_replicas = live_spec.get("replicas")
-    if desired["kind"] == "Deployment" and "replicas" not in spec and live_replicas is not None:
-        spec["replicas"] = live_replicas
+    if desired["kind"] == "Deployment" and "replicas" not in spec:
+        # An autoscaler owns the count and may change it between our read and this patch:
+        # replace every other field of the spec one by one and never write `replicas` (a
+        # stale count would undo the autoscaler's step until its next poll).
+        ops += [{"op": "remove", "path": f"/spec/{_pointer(k)}"}
+                for k in live_spec if k not in spec and k != "replicas"]  # fmt: skip
+        ops += [{"op": "add", "path": f"/spec/{_pointer(k)}", "value": v} for k, v in spec.items()]
+        return ops
     ops.append({"op": "add", "path": "/spec", "value": spec})
     return ops
+
+
+def _pointer(key: str) -> str:
+    """A key as one JSON Pointer (RFC 6901) reference token."""
+    return key.replace("~", "~0").replace("/", "~1")
 
 
 def _service_fields_set_by_the_cluster(

@@ -1273,8 +1273,16 @@ def test_replacement_patch_keeps_the_hpas_replicas() -> None:
     live["spec"]["replicas"] = 5  # scaled by the HPA
     desired = b.build_deployment("rr", NS, spec_of(autoscaling={"maxReplicas": 8}), CONFIG, KEY)
     assert "replicas" not in desired["spec"]
-    patched = jsonpatch.apply_patch(live, b.replacement_patch(desired, live))
-    assert patched["spec"]["replicas"] == 5
+    patch = b.replacement_patch(desired, live)
+    assert jsonpatch.apply_patch(live, patch)["spec"]["replicas"] == 5
+    # The autoscaler's next step lands between the operator's read and its patch: kept.
+    live["spec"]["replicas"] = 7
+    patched = jsonpatch.apply_patch(live, patch)
+    assert patched["spec"]["replicas"] == 7
+    assert patched["spec"] == {**desired["spec"], "replicas": 7}  # the rest as rendered
+    # A field the builders no longer render goes, as with a whole-spec replacement.
+    live["spec"]["paused"] = True
+    assert "paused" not in jsonpatch.apply_patch(live, b.replacement_patch(desired, live))["spec"]
 
 
 def test_builders_are_pure() -> None:
