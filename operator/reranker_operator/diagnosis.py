@@ -271,58 +271,74 @@ GatewayRef = tuple[str, str, str | None]
 def route_condition(
     route: dict[str, Any] | None, parents: list[GatewayRef]
 ) -> dict[str, str] | None:
-    """The HTTPRoute's standing with its Gateways, as one condition (status, reason, message),
-    from the route's `status.parents` (Gateway API): False with the Gateway's own reason when
-    one refused it (`Accepted=False`, e.g. NotAllowedByListeners) or cannot send to the Service
-    (`ResolvedRefs=False`); True once every parent accepted the route's current generation;
-    False/Pending before that (no controller reports on a Gateway that does not exist). None
-    before the route exists."""
+    """The HTTPRoute's standing with its Gateways, as one condition (status, reason, message,
+    and `problem`: the phrase for the Reranker's message, empty when there is none to add), from
+    the route's `status.parents` (Gateway API). False with the Gateway's own reason when a
+    controller refused it (`Accepted=False`, e.g. NotAllowedByListeners) or cannot send to the
+    Service (`ResolvedRefs=False`); True once every parent has accepted the route's current
+    generation; False/Pending before that (no controller reports on a Gateway that does not
+    exist). Several controllers may report on one parent: any refusal counts. None before the
+    route exists."""
     if route is None:
         return None
     meta = route.get("metadata") or {}
     generation = meta.get("generation")
-    reported: dict[GatewayRef, dict[str, dict[str, Any]]] = {}
+    # (parent, controller) -> its current conditions by type
+    reports: dict[GatewayRef, list[dict[str, dict[str, Any]]]] = {}
     for parent in (route.get("status") or {}).get("parents") or []:
         ref = parent.get("parentRef") or {}
         key = (ref.get("namespace") or meta.get("namespace", ""), ref.get("name", ""),
                ref.get("sectionName"))  # fmt: skip
-        current = [
-            c
+        current = {
+            c.get("type", ""): c
             for c in parent.get("conditions") or []
             # A condition about an earlier spec of the route says nothing about this one.
             if generation is None or (c.get("observedGeneration") or generation) >= generation
-        ]
-        reported.setdefault(key, {}).update({c.get("type", ""): c for c in current})
+        }
+        reports.setdefault(key, []).append(current)
 
     def gateway(key: GatewayRef) -> str:
         namespace, name, section = key
         return f"Gateway {namespace}/{name}" + (f" (listener {section})" if section else "")
 
     for key in parents:
-        for type_ in ("Accepted", "ResolvedRefs"):
-            cond = reported.get(key, {}).get(type_)
-            if cond is not None and cond.get("status") == "False":
-                reason = cond.get("reason") or f"Not{type_}"
-                return {"status": "False", "reason": reason,
-                        "message": f"{gateway(key)}: {cond.get('message') or reason}"}  # fmt: skip
+        for type_, problem in (
+            ("Accepted", "the HTTPRoute is refused"),
+            ("ResolvedRefs", "the HTTPRoute cannot send to the Service"),
+        ):
+            for report in reports.get(key, []):
+                cond = report.get(type_)
+                if cond is not None and cond.get("status") == "False":
+                    reason = cond.get("reason") or f"Not{type_}"
+                    said = _clip(cond.get("message") or reason)
+                    return {"status": "False", "reason": reason,
+                            "message": f"{gateway(key)}: {said}", "problem": problem}  # fmt: skip
     waiting = [
         gateway(key)
         for key in parents
-        if reported.get(key, {}).get("Accepted", {}).get("status") != "True"
+        if not any(r.get("Accepted", {}).get("status") == "True" for r in reports.get(key, []))
     ]
     if waiting:
+        of = f" (generation {generation})" if generation is not None else ""
         return {
             "status": "False",
             "reason": "Pending",
-            "message": f"not yet accepted by {', '.join(waiting)}: no controller has reported "
-            "on the route; check that the Gateway exists and its controller runs "
-            "(kubectl describe httproute)",
+            "message": f"not yet accepted by {', '.join(waiting)}: no Gateway controller has "
+            f"accepted the route's current spec{of}; check that the Gateway exists and its "
+            "controller runs (kubectl describe httproute)",
+            "problem": "",
         }
     return {
         "status": "True",
         "reason": "Accepted",
         "message": "accepted by " + ", ".join(gateway(key) for key in parents),
+        "problem": "",
     }
+
+
+def _clip(text: str, limit: int = 1024) -> str:
+    """Another controller's message, cut to a size that reads in a status."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def scaling_condition(hpa: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -228,8 +228,10 @@ def refusal_message(exc: ApiException) -> str:
 
 RETRIED = "the operator retries until it succeeds"
 REFUSAL_RECHECK_SECONDS = 60.0  # a lasting refusal is retried at least this often
-# An HTTPRoute its Gateways have not accepted is read again this often (routes are not watched).
+# Routes are not watched: one no Gateway has answered yet is read again this often, a refused
+# one every REFUSAL_RECHECK_SECONDS, an accepted one this often.
 ROUTE_RECHECK_SECONDS = 30.0
+ROUTE_ACCEPTED_RECHECK_SECONDS = 300.0
 
 
 def lasting_refusal(exc: ApiException) -> tuple[str, str] | None:
@@ -421,9 +423,14 @@ class Reconciler:
             route = diagnosis.route_condition(
                 self.api.get(kube.HTTP_ROUTE, namespace, name), parents
             )
-            if route is not None and route["status"] != "True":
-                # HTTPRoutes are not watched (the Gateway API is an add-on): look again.
-                self._recheck_after(namespace, name, ROUTE_RECHECK_SECONDS)
+            if route is not None:
+                # HTTPRoutes are not watched (the Gateway API is an add-on): look again, soon
+                # while no Gateway has answered, now and then once one has (it may change its
+                # mind: a listener edited, the Gateway deleted).
+                again = {"True": ROUTE_ACCEPTED_RECHECK_SECONDS, "False": REFUSAL_RECHECK_SECONDS}
+                pending = route["reason"] == "Pending"
+                delay = ROUTE_RECHECK_SECONDS if pending else again[route["status"]]
+                self._recheck_after(namespace, name, delay)
         observed = status.Observed(
             name=name,
             namespace=namespace,

@@ -56,10 +56,35 @@ SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z
 # runtime.env[].valueFrom, as the API server accepts it for a container's env (and the CRD's
 # patterns, held together by tests/operator/test_crd.py): a Secret or ConfigMap key; the pod
 # fields the downward API gives env vars; a container resource.
-CONFIG_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+# A Secret or ConfigMap key: not ".", and not starting with "..".
+CONFIG_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+# A label or annotation key (a qualified name): [DNS subdomain "/"] name of at most 63.
+_QUALIFIED_NAME = (
+    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
 ENV_FIELD_PATH_PATTERN = (
-    r"^(metadata\.(name|namespace|uid|labels\['[^']+'\]|annotations\['[^']+'\])"
+    rf"^(metadata\.(name|namespace|uid|labels\['{_QUALIFIED_NAME}'\]"
+    rf"|annotations\['{_QUALIFIED_NAME}'\])"
     r"|spec\.(nodeName|serviceAccountName)|status\.(hostIP|hostIPs|podIP|podIPs))$"
+)
+ENV_FIELD_PATH_MAX = len("metadata.annotations['']") + 253 + 1 + 63
+# The divisors the API server allows for a container resource in an env var.
+CPU_DIVISORS = ("1", "1m")
+QUANTITY_DIVISORS = (
+    "1",
+    "1k",
+    "1M",
+    "1G",
+    "1T",
+    "1P",
+    "1E",
+    "1Ki",
+    "1Mi",
+    "1Gi",
+    "1Ti",
+    "1Pi",
+    "1Ei",
 )
 ENV_RESOURCE_PATTERN = (
     r"^(limits|requests)\.(cpu|memory|ephemeral-storage|hugepages-[-.a-zA-Z0-9]+)$"
@@ -265,7 +290,9 @@ class KeyRef(_Model):
 class FieldRef(_Model):
     """A field of the runtime pod (the downward API)."""
 
-    field_path: str = Field(alias="fieldPath", max_length=316, pattern=ENV_FIELD_PATH_PATTERN)
+    field_path: str = Field(
+        alias="fieldPath", max_length=ENV_FIELD_PATH_MAX, pattern=ENV_FIELD_PATH_PATTERN
+    )
     api_version: Literal["v1"] | None = Field(default=None, alias="apiVersion")
 
 
@@ -275,11 +302,23 @@ class ResourceFieldRef(_Model):
     resource: str = Field(max_length=64, pattern=ENV_RESOURCE_PATTERN)
     divisor: int | str | None = None
 
-    @field_validator("divisor")
+    @field_validator("divisor", mode="before")
     @classmethod
-    def _quantity(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, str) and not re.fullmatch(QUANTITY_PATTERN, value):
-            raise ValueError(f"divisor must be a quantity such as 1, 1Mi or 1m, got {value!r}")
+    def _divisor(cls, value: Any, info: ValidationInfo) -> Any:
+        """The API server's rule (as a CEL rule in the CRD): cpu in 1 or 1m, the others in
+        powers of 1000 or 1024."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"divisor must be an integer or a string such as 1Mi, got {value!r}")
+        resource = info.data.get("resource")
+        if resource is None:  # refused itself, and named first
+            return value
+        allowed = CPU_DIVISORS if resource.endswith(".cpu") else QUANTITY_DIVISORS
+        if str(value) not in allowed:
+            raise ValueError(
+                f"the divisor of {resource} must be one of {', '.join(allowed)}, got {value!r}"
+            )
         return value
 
 

@@ -14,6 +14,7 @@ Meaning (docs/operator-lifecycle.md):
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,6 +34,22 @@ AVAILABLE = "Available"
 READY = "Ready"
 SCALING_ACTIVE = "ScalingActive"  # mirrored from the HPA when autoscaling
 ROUTE_ACCEPTED = "RouteAccepted"  # the HTTPRoute's Gateways' word, with spec.httpRoute
+MESSAGE_MAX = 32768  # metav1.Condition's message limit, and the CRD's for status.message
+_REASON_PATTERN = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")  # metav1.Condition's
+
+
+def clip(message: str) -> str:
+    return message if len(message) <= MESSAGE_MAX else message[: MESSAGE_MAX - 1] + "\u2026"
+
+
+def safe_reason(reason: str) -> str:
+    """A reason in metav1.Condition's form (CamelCase word characters, at most 1024): another
+    controller's reason, which may not be, with the other characters dropped."""
+    if _REASON_PATTERN.match(reason) and len(reason) <= 1024:
+        return reason
+    kept = re.sub(r"[^A-Za-z0-9_]", "", reason).lstrip("0123456789_")[:1024]
+    return kept or "Unknown"
+
 
 # Build state of the engine for the current key.
 EngineState = Literal["pending", "building", "built", "failed"]
@@ -115,8 +132,10 @@ def condition(
     cond: dict[str, Any] = {
         "type": type_,
         "status": status_str,
-        "reason": reason,
-        "message": message,
+        # Reasons and messages copied from other controllers (an HPA's, a Gateway's) must still
+        # pass the CRD's schema, or the whole status write fails.
+        "reason": safe_reason(reason),
+        "message": clip(message),
         "lastTransitionTime": transition,
     }
     if generation is not None:
@@ -409,12 +428,12 @@ def derive_status(
                 prev_conditions, now,
             )
         )  # fmt: skip
-        if route["reason"] not in ("Accepted", "Pending"):
+        if route.get("problem"):
             # In-cluster clients are served; the route's clients are not.
-            message += f"; the HTTPRoute is refused ({route['reason']}: {route['message']})"
+            message += f"; {route['problem']} ({route['reason']}: {route['message']})"
     status: dict[str, Any] = {
         "phase": phase,
-        "message": message,
+        "message": clip(message),
         "conditions": conditions,
         "engine": {"key": key, "shortKey": short(key), "image": observed.image},
         "replicas": dep.replicas if dep is not None else 0,

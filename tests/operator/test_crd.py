@@ -422,6 +422,15 @@ CEL_CASES = [
      "spec.runtime.env[0].valueFrom", "(has(self.secretKeyRef) ? 1 : 0)"),
     ("env-no-source", {**MINIMAL, "runtime": {"env": [{"name": "X"}, {"name": "A", "valueFrom": {}}]}},
      "spec.runtime.env[1].valueFrom", "(has(self.secretKeyRef) ? 1 : 0)"),
+    ("env-cpu-divisor", {**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {
+        "resourceFieldRef": {"resource": "limits.cpu", "divisor": "100m"}}}]}},
+     "spec.runtime.env[0].valueFrom.resourceFieldRef.divisor", "string(self.divisor) in"),
+    ("env-memory-divisor", {**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {
+        "resourceFieldRef": {"resource": "requests.memory", "divisor": -1}}}]}},
+     "spec.runtime.env[0].valueFrom.resourceFieldRef.divisor", "string(self.divisor) in"),
+    ("env-memory-divisor-in-m", {**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {
+        "resourceFieldRef": {"resource": "limits.hugepages-2Mi", "divisor": "1m"}}}]}},
+     "spec.runtime.env[0].valueFrom.resourceFieldRef.divisor", "string(self.divisor) in"),
 ]  # fmt: skip
 
 
@@ -479,6 +488,10 @@ def test_cel_rule_is_in_the_crd_and_enforced_in_code(
             {"name": "MEMORY_MIB", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
             {"name": "CPUS", "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": 1}}},
             {"name": "HUGE", "valueFrom": {"resourceFieldRef": {"resource": "limits.hugepages-2Mi"}}},
+            {"name": "MILLICPUS", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1m"}}},
+            {"name": "DISK_GIB", "valueFrom": {"resourceFieldRef": {"resource": "requests.ephemeral-storage", "divisor": "1Gi"}}},
+            {"name": "OWNER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['example.com/owner.v2']"}}},
+            {"name": "DOTTED", "valueFrom": {"secretKeyRef": {"name": "s", "key": ".env"}}},
         ]}},
     ],
 )  # fmt: skip
@@ -525,7 +538,7 @@ def test_dns1035_names_are_accepted(name: str) -> None:
 
 
 def test_every_cel_rule_compiles() -> None:
-    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 16  # each compiled at import
+    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 17  # each compiled at import
 
 
 def test_exposure_patterns_are_the_operators() -> None:
@@ -547,8 +560,14 @@ def test_env_source_patterns_are_the_operators() -> None:
         assert sources[ref]["properties"]["key"]["pattern"] == spec_mod.CONFIG_KEY_PATTERN
     field_path = sources["fieldRef"]["properties"]["fieldPath"]["pattern"]
     assert field_path == spec_mod.ENV_FIELD_PATH_PATTERN
+    assert (
+        sources["fieldRef"]["properties"]["fieldPath"]["maxLength"] == spec_mod.ENV_FIELD_PATH_MAX
+    )
     resource = sources["resourceFieldRef"]["properties"]
     assert resource["resource"]["pattern"] == spec_mod.ENV_RESOURCE_PATTERN
+    [divisor_rule] = [r for r in cel_rules(load_crd()) if "string(self.divisor)" in r]
+    assert str(list(spec_mod.CPU_DIVISORS)) in divisor_rule
+    assert str(list(spec_mod.QUANTITY_DIVISORS)) in divisor_rule
     assert resource["divisor"]["pattern"] == spec_mod.QUANTITY_PATTERN
 
 
@@ -624,6 +643,11 @@ def rule_edge_specs() -> typing.Iterator[dict[str, Any]]:
             for value_from in _absent_or({k: one_of_each[k] for k in chosen}):
                 var = _fields(name="A", value=value, valueFrom=value_from)
                 yield {**MINIMAL, "runtime": {"env": [var]}}
+    for resource in ("limits.cpu", "requests.memory", "limits.hugepages-1Gi"):
+        for divisor in _absent_or(1, "1", "1m", "1Mi", "1Gi", "100m", 0, -1, "2"):
+            ref = _fields(resource=resource, divisor=divisor)
+            var = {"name": "A", "valueFrom": {"resourceFieldRef": ref}}
+            yield {**MINIMAL, "runtime": {"env": [var]}}
     for replicas in _absent_or(0, 1):
         yield _fields(**MINIMAL, replicas=replicas)
         for max_replicas in (1, 2, 3):
@@ -737,6 +761,18 @@ def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
          "spec.runtime.env[0].valueFrom.resourceFieldRef.resource"),
         ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1 core"}}}]}},
          "spec.runtime.env[0].valueFrom.resourceFieldRef.divisor"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": 0.5}}}]}},
+         "spec.runtime.env[0].valueFrom.resourceFieldRef.divisor"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": ".."}}}]}},
+         "spec.runtime.env[0].valueFrom.secretKeyRef.key"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "..data"}}}]}},
+         "spec.runtime.env[0].valueFrom.configMapKeyRef.key"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "."}}}]}},
+         "spec.runtime.env[0].valueFrom.secretKeyRef.key"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['bad key!']"}}}]}},
+         "spec.runtime.env[0].valueFrom.fieldRef.fieldPath"),
+        ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['" + "a" * 64 + "']"}}}]}},
+         "spec.runtime.env[0].valueFrom.fieldRef.fieldPath"),
     ],
 )  # fmt: skip
 def test_schema_and_model_refuse_the_same_values(spec: dict, field: str) -> None:

@@ -588,9 +588,10 @@ async def settled(operator: OperatorRunner, quiet_s: float = 0.5) -> None:
 async def test_the_gateways_word_on_the_route_shows_in_status(
     cluster: Cluster, operator: OperatorRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Routes are not watched (the Gateway API is an add-on): a timer reads a route that is not
-    yet accepted until its Gateway has answered."""
-    monkeypatch.setattr(reconcile, "ROUTE_RECHECK_SECONDS", 1.0)
+    """Routes are not watched (the Gateway API is an add-on): a timer reads the route again,
+    soon while it is not accepted."""
+    for timer in ("ROUTE_RECHECK_SECONDS", "REFUSAL_RECHECK_SECONDS"):  # pending, refused
+        monkeypatch.setattr(reconcile, timer, 1.0)
     spec = {
         **SPEC,
         "httpRoute": {"parentRefs": [{"name": "shared", "namespace": "gateway-system"}]},

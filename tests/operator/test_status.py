@@ -355,6 +355,17 @@ ACCEPTED = [cond("Accepted", True, "Accepted"), cond("ResolvedRefs", True, "Reso
          "Gateway ml/internal"),
         (route(2, (GW_REF, ACCEPTED), ({"name": "internal"}, [cond("Accepted", False, "NoMatchingParent")])),
          [GW, ("ml", "internal", None)], ("False", "NoMatchingParent"), "Gateway ml/internal: NoMatchingParent"),
+        # A refusal of the route's previous spec: this one is not yet answered.
+        (route(3, (GW_REF, [cond("Accepted", False, "NotAllowedByListeners", generation=2)])),
+         [GW], ("False", "Pending"), "current spec (generation 3)"),
+        (route(2, (GW_REF, [cond("Accepted", True, "Accepted") | {"status": "Unknown", "reason": "Pending"}])),
+         [GW], ("False", "Pending"), "not yet accepted"),
+        # Two controllers on one Gateway: one refusal is a refusal, whatever the other says.
+        (route(2, (GW_REF, ACCEPTED), (GW_REF, [cond("Accepted", False, "UnsupportedValue")])),
+         [GW], ("False", "UnsupportedValue"), "Gateway gateway-system/gw"),
+        # A controller that writes no observedGeneration speaks of the current spec.
+        (route(2, (GW_REF, [{"type": "Accepted", "status": "True", "reason": "Accepted"}])),
+         [GW], ("True", "Accepted"), "accepted by"),
     ],
 )  # fmt: skip
 def test_the_routes_acceptance_is_read_from_its_status(
@@ -366,10 +377,18 @@ def test_the_routes_acceptance_is_read_from_its_status(
         return
     assert got is not None and (got["status"], got["reason"]) == verdict
     assert says in got["message"]
+    # Only a refusal adds to the Reranker's message, in its own words.
+    problem = {
+        "Accepted": "",
+        "Pending": "",
+        "BackendNotFound": "the HTTPRoute cannot send to the Service",
+    }
+    assert got["problem"] == problem.get(got["reason"], "the HTTPRoute is refused")
 
 
 def test_the_routes_acceptance_becomes_a_condition() -> None:
-    refused = {"status": "False", "reason": "NotAllowedByListeners", "message": "Gateway x/gw: no"}
+    refused = {"status": "False", "reason": "NotAllowedByListeners", "message": "Gateway x/gw: no",
+               "problem": "the HTTPRoute is refused"}  # fmt: skip
     st = status.derive_status(observed("built", dep(), route=refused), None)
     assert conds(st)["RouteAccepted"] == ("False", "NotAllowedByListeners")
     # In-cluster clients are served: Ready, and the message says what the route's clients miss.
@@ -377,13 +396,32 @@ def test_the_routes_acceptance_becomes_a_condition() -> None:
     assert st["message"].endswith(
         "; the HTTPRoute is refused (NotAllowedByListeners: Gateway x/gw: no)"
     )
-    pending = {"status": "False", "reason": "Pending", "message": "not yet accepted by ..."}
+    pending = {"status": "False", "reason": "Pending", "message": "not yet accepted", "problem": ""}
     st = status.derive_status(observed("built", dep(), route=pending), None)
     assert conds(st)["RouteAccepted"] == ("False", "Pending") and "HTTPRoute" not in st["message"]
-    accepted = {"status": "True", "reason": "Accepted", "message": "accepted by Gateway x/gw"}
+    accepted = {"status": "True", "reason": "Accepted", "message": "accepted by x", "problem": ""}
     st = status.derive_status(observed("built", dep(), route=accepted), None)
     assert conds(st)["RouteAccepted"] == ("True", "Accepted")
     assert "RouteAccepted" not in conds(status.derive_status(observed("built", dep()), None))
+
+
+def test_what_other_controllers_say_still_fits_the_schema() -> None:
+    """An HPA's or a Gateway's reason and message go into conditions as they are, unless the
+    CRD's schema would refuse them (then the whole status write would fail)."""
+    long = "x" * 40000
+    scaling = {"type": "ScalingActive", "status": "False", "reason": "failed-get metric",
+               "message": long}  # fmt: skip
+    st = status.derive_status(observed("built", dep(), scaling=scaling), None)
+    (cond_,) = [c for c in st["conditions"] if c["type"] == "ScalingActive"]
+    assert cond_["reason"] == "failedgetmetric"
+    assert len(cond_["message"]) == status.MESSAGE_MAX and cond_["message"].endswith("\u2026")
+    assert len(st["message"]) == status.MESSAGE_MAX
+    assert status.safe_reason("NotAllowedByListeners") == "NotAllowedByListeners"
+    assert status.safe_reason("1-bad") == "bad" and status.safe_reason("--") == "Unknown"
+    refused = diagnosis.route_condition(
+        route(2, (GW_REF, [cond("Accepted", False, "NotAllowedByListeners", message=long)])), [GW]
+    )
+    assert refused is not None and len(refused["message"]) < 1100  # clipped for reading
 
 
 # ---------------------------------------------------------------- Shared cache pruning
