@@ -373,16 +373,14 @@ async def test_empty_request(xlmr_engine) -> None:
     assert result.logits.shape == (0, 1)
 
 
-class _GatedByToken(Engine):
-    """A reentrant CPU engine of two forward workers whose passes holding a sequence marked
-    with a gated token wait for that token's gate."""
+class _TwoWorkers(Engine):
+    """A reentrant CPU engine of two forward workers around another engine."""
 
     max_concurrent_scores = 2
     reentrant_on_cpu = True
 
-    def __init__(self, inner: Engine, gates: dict[int, threading.Event]) -> None:
-        self.inner, self.gates = inner, gates
-        self.entered: list[int] = []
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
 
     @property
     def info(self) -> EngineInfo:
@@ -391,6 +389,18 @@ class _GatedByToken(Engine):
     @property
     def tokenizer(self) -> object:
         return self.inner.tokenizer
+
+    def score(self, batch: Sequence[EncodedPair]) -> np.ndarray:
+        return self.inner.score(batch)
+
+
+class _GatedByToken(_TwoWorkers):
+    """Passes holding a sequence marked with a gated token wait for that token's gate."""
+
+    def __init__(self, inner: Engine, gates: dict[int, threading.Event]) -> None:
+        super().__init__(inner)
+        self.gates = gates
+        self.entered: list[int] = []
 
     def score(self, batch: Sequence[EncodedPair]) -> np.ndarray:
         for token in {p.input_ids[1] for p in batch}:
@@ -421,22 +431,12 @@ async def test_cpu_workers_run_passes_at_once_and_deliver_out_of_order(xlmr_engi
         await batcher.stop()
 
 
-class _Sleeping(Engine):
-    """Two CPU forward workers whose passes each take `seconds` (sleeping: no CPU needed)."""
-
-    max_concurrent_scores = 2
-    reentrant_on_cpu = True
+class _Sleeping(_TwoWorkers):
+    """Passes that each take `seconds` (sleeping: no CPU needed)."""
 
     def __init__(self, inner: Engine, seconds: float) -> None:
-        self.inner, self.seconds = inner, seconds
-
-    @property
-    def info(self) -> EngineInfo:
-        return self.inner.info
-
-    @property
-    def tokenizer(self) -> object:
-        return self.inner.tokenizer
+        super().__init__(inner)
+        self.seconds = seconds
 
     def score(self, batch: Sequence[EncodedPair]) -> np.ndarray:
         time.sleep(self.seconds)
