@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -384,6 +385,13 @@ def test_bench_end_to_end(bench_model: Path, tmp_path: Path):
         assert r["lone"]["ok"] == 2 and r["pure_compute"]["forward_ms"] > 0
         assert len(r["fairness"]["rounds"]) == 1 and r["fairness"]["rounds"][0]["ok"]
         assert {t["status"] for t in r["targets"][:2]} <= {"PASS", "MISS"}
+        # scripts/cpu-check.sh's summary keeps these lines of each report: they must exist.
+        script = (Path(__file__).parents[2] / "scripts" / "cpu-check.sh").read_text()
+        (pattern,) = re.findall(r"grep -E '(\^\(server[^']*)'", script)
+        kept = [line for line in format_report(r).splitlines() if re.match(pattern, line)]
+        heads = [line.split()[0].rstrip(":") for line in kept if not line.startswith(" ")]
+        assert heads == ["server", "load", "baseline", "lone", "fairness"]
+        assert sum(line.lstrip().startswith(("PASS", "MISS")) for line in kept) == 3
     finally:
         proc.terminate()
         try:

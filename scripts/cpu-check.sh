@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Issue 9's CPU targets in one run, on 2 CPUs of this machine (the case the targets name):
+#   1. the server at its defaults against CrossEncoder.predict (fp32), quiet;
+#   2. the same with a busy-loop neighbour on the second CPU (a shared Kubernetes node);
+#   3. the server in bfloat16 against CrossEncoder fp32, where the CPU computes bf16 natively;
+#   4. how long a 24-layer/1024 model (bge-reranker-large's shape) takes to be ready.
+# Each of 1-3 also runs the lone-request and fairness checks. About 11 minutes on a 2-core AMD
+# EPYC (Zen 5); offline (the models are built on the spot, random weights).
+#
+#   scripts/cpu-check.sh [OUT_DIR]        # default OUT_DIR: cpu-check-report
+#
+# Writes OUT_DIR/summary.md (the CPU, then each run's verdicts: paste it into
+# docs/benchmarks.md with the date), and per run NAME.txt, NAME.json and NAME-serve.log.
+# ROUNDS (default 3), REQUESTS (default 32), CPUS (default: the first two CPUs this process
+# may use), PYTHON (default python3) and CPUINFO (default /proc/cpuinfo) can be set.
+set -euo pipefail
+out="${1:-cpu-check-report}"
+python="${PYTHON:-python3}"
+rounds="${ROUNDS:-3}"
+requests="${REQUESTS:-32}"
+cpuinfo="${CPUINFO:-/proc/cpuinfo}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cpus="${CPUS:-$("$python" -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0))[:2])))')}"
+neighbour_cpu="${cpus##*,}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$here/runtime${PYTHONPATH:+:$PYTHONPATH}"
+runtime=("$python" -m reranker_runtime.cli)
+mkdir -p "$out"
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+
+free_port() {
+    "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+native_bf16=no
+if grep -qwE 'avx512_bf16|amx_bf16' "$cpuinfo"; then native_bf16=yes; fi
+{
+    echo "# CPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo "- CPU: $(grep -m1 'model name' "$cpuinfo" | cut -d: -f2- | xargs)," \
+        "$(grep -m1 -E '^cpu family' "$cpuinfo" | cut -d: -f2 | xargs | sed 's/^/family /')" \
+        "$(grep -m1 -E '^model\s' "$cpuinfo" | cut -d: -f2 | xargs | sed 's/^/model /')"
+    echo "- SIMD: $(grep -m1 -ow -E 'avx512_bf16|amx_bf16|avx512f|avx2' "$cpuinfo" | sort -u | xargs)"
+    echo "- native bf16: $native_bf16; CPUs used: $cpus (neighbour on $neighbour_cpu)"
+    echo "- $("$python" -c 'import torch; print("torch", torch.__version__, "capability", torch.backends.cpu.get_cpu_capability())')"
+    echo "- command: scripts/cpu-check.sh (ROUNDS=$rounds REQUESTS=$requests)"
+    echo
+} >"$out/summary.md"
+cat "$out/summary.md"
+
+echo "cpu-check: building the benchmark models (small: MiniLM-L6's shape; large: bge-reranker-large's)"
+"$python" "$here/bench/make_model.py" --size small --out "$out/model-small" >/dev/null 2>&1
+"$python" "$here/bench/make_model.py" --size large --out "$out/model-large" >/dev/null 2>&1
+
+# run NAME NEIGHBOUR(yes|no) [serve flags...]: the server on $cpus, the bench (and its
+# in-process CrossEncoder baseline) on the same CPUs, a busy loop on the last one if asked.
+run() {
+    local name="$1" neighbour="$2"
+    shift 2
+    local port
+    port="$(free_port)"
+    echo "cpu-check: $name"
+    taskset -c "$cpus" "${runtime[@]}" serve --model "$out/model-small" --host 127.0.0.1 \
+        --port "$port" --log-format text "$@" >"$out/$name-serve.log" 2>&1 &
+    local server=$!
+    pids+=("$server")
+    local busy=""
+    if [ "$neighbour" = yes ]; then
+        taskset -c "$neighbour_cpu" "$python" -c 'while True: pass' &
+        busy=$!
+        pids+=("$busy")
+    fi
+    taskset -c "$cpus" "${runtime[@]}" bench --url "http://127.0.0.1:$port" \
+        --model "$out/model-small" --concurrency 8 --requests "$requests" --rounds "$rounds" \
+        --fairness --fairness-rounds 1 --threads 2 --wait-healthy 120 \
+        --output "$out/$name.json" >"$out/$name.txt" 2>"$out/$name-bench.log" || true
+    kill "$server" ${busy:+"$busy"} 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    {
+        echo "## $name"
+        echo
+        echo '```'
+        grep -E '^(server|load|baseline|lone|fairness|  pairs/s|  per round|  ratio|  (PASS|MISS|n/a))' \
+            "$out/$name.txt" \
+            || echo "no result: see $name.txt, $name-bench.log and $name-serve.log"
+        echo '```'
+        echo
+    } | tee -a "$out/summary.md"
+}
+
+run fp32-quiet no
+run fp32-neighbour yes
+if [ "$native_bf16" = yes ]; then
+    run bf16-quiet no --dtype bfloat16
+    run bf16-neighbour yes --dtype bfloat16
+else
+    echo -e "## bf16\n\nnot run: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16)\n" \
+        | tee -a "$out/summary.md"
+fi
+
+echo "cpu-check: warm-up of the 24-layer/1024 model"
+port="$(free_port)"
+started="$(date +%s.%N)"
+taskset -c "$cpus" "${runtime[@]}" serve --model "$out/model-large" --host 127.0.0.1 \
+    --port "$port" --log-format text >"$out/warmup-serve.log" 2>&1 &
+server=$!
+pids+=("$server")
+ready=""
+for _ in $(seq 1 600); do
+    if "$python" -c "import urllib.request, sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=1)" 2>/dev/null; then
+        ready="$("$python" -c "print(round($(date +%s.%N) - $started, 1))")"
+        break
+    fi
+    if ! kill -0 "$server" 2>/dev/null; then break; fi
+    sleep 0.2
+done
+kill "$server" 2>/dev/null || true
+wait "$server" 2>/dev/null || true
+{
+    echo "## warm-up, 24 layers x 1024 (fp32, defaults; target: warm-up < 15 s)"
+    echo
+    echo '```'
+    echo "ready ${ready:-never (see warmup-serve.log)} s after the process started"
+    grep -E 'cpu kernels|engine warmed up' "$out/warmup-serve.log" | sed 's/^[0-9-]* [0-9:]* //' || true
+    echo '```'
+} | tee -a "$out/summary.md"
