@@ -180,11 +180,12 @@ def test_grouped_attention_calls() -> None:
     ]
 
 
-def test_cpu_forward_passes_may_run_at_once(models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("kernels", ["aten", "onednn"])  # `auto` picks either, by CPU
+def test_cpu_forward_passes_may_run_at_once(models: dict[str, Path], kernels: str) -> None:
     """--cpu-workers: score() called from several threads at once gives each batch's own
-    scores."""
-    engine = PackedEngine.from_torch_engine(padded_engine(models["xlmr"]))
-    assert engine.reentrant_on_cpu
+    scores, whichever kernels the linear layers run (oneDNN's weights are shared too)."""
+    engine = PackedEngine.from_torch_engine(padded_engine(models["xlmr"]), cpu_kernels=kernels)
+    assert engine.reentrant_on_cpu and engine.info.extra["cpu_kernels"] == kernels
     batches = [
         encode(engine.tokenizer, mixed_pairs(engine.tokenizer, 10, seed=seed)) for seed in range(4)
     ]
