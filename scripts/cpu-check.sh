@@ -21,13 +21,20 @@ requests="${REQUESTS:-32}"
 cpuinfo="${CPUINFO:-/proc/cpuinfo}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cpus="${CPUS:-$("$python" -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0))[:2])))')}"
+if ! [[ "$cpus" =~ ^[0-9]+,[0-9]+$ ]]; then
+    echo "cpu-check: needs two CPUs, as CPUS=a,b (got '$cpus'): the targets are for 2 cores" >&2
+    exit 2
+fi
 neighbour_cpu="${cpus##*,}"
+if ! command -v taskset >/dev/null; then
+    echo "cpu-check: needs taskset (util-linux) to pin the server, the baseline and the neighbour" >&2
+    exit 2
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$here/runtime${PYTHONPATH:+:$PYTHONPATH}"
 runtime=("$python" -m reranker_runtime.cli)
 mkdir -p "$out"
-pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 
 free_port() {
     "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -40,7 +47,7 @@ if grep -qwE 'avx512_bf16|amx_bf16' "$cpuinfo"; then native_bf16=yes; fi
     echo
     echo "- CPU: $(grep -m1 'model name' "$cpuinfo" | cut -d: -f2- | xargs)," \
         "$(grep -m1 -E '^cpu family' "$cpuinfo" | cut -d: -f2 | xargs | sed 's/^/family /')" \
-        "$(grep -m1 -E '^model\s' "$cpuinfo" | cut -d: -f2 | xargs | sed 's/^/model /')"
+        "$(grep -m1 -E '^model\s*:' "$cpuinfo" | cut -d: -f2 | xargs | sed 's/^/model /')"
     echo "- SIMD: $(grep -m1 -ow -E 'avx512_bf16|amx_bf16|avx512f|avx2' "$cpuinfo" | sort -u | xargs)"
     echo "- native bf16: $native_bf16; CPUs used: $cpus (neighbour on $neighbour_cpu)"
     echo "- $("$python" -c 'import torch; print("torch", torch.__version__, "capability", torch.backends.cpu.get_cpu_capability())')"
@@ -50,8 +57,13 @@ if grep -qwE 'avx512_bf16|amx_bf16' "$cpuinfo"; then native_bf16=yes; fi
 cat "$out/summary.md"
 
 echo "cpu-check: building the benchmark models (small: MiniLM-L6's shape; large: bge-reranker-large's)"
-"$python" "$here/bench/make_model.py" --size small --out "$out/model-small" >/dev/null 2>&1
-"$python" "$here/bench/make_model.py" --size large --out "$out/model-large" >/dev/null 2>&1
+for size in small large; do
+    if ! "$python" "$here/bench/make_model.py" --size "$size" --out "$out/model-$size" \
+        >"$out/make-model-$size.log" 2>&1; then
+        echo "cpu-check: building the $size model failed: see $out/make-model-$size.log" >&2
+        exit 1
+    fi
+done
 
 # run NAME NEIGHBOUR(yes|no) [serve flags...]: the server on $cpus, the bench (and its
 # in-process CrossEncoder baseline) on the same CPUs, a busy loop on the last one if asked.
@@ -64,19 +76,17 @@ run() {
     taskset -c "$cpus" "${runtime[@]}" serve --model "$out/model-small" --host 127.0.0.1 \
         --port "$port" --log-format text "$@" >"$out/$name-serve.log" 2>&1 &
     local server=$!
-    pids+=("$server")
     local busy=""
     if [ "$neighbour" = yes ]; then
         taskset -c "$neighbour_cpu" "$python" -c 'while True: pass' &
         busy=$!
-        pids+=("$busy")
     fi
     taskset -c "$cpus" "${runtime[@]}" bench --url "http://127.0.0.1:$port" \
         --model "$out/model-small" --concurrency 8 --requests "$requests" --rounds "$rounds" \
         --fairness --fairness-rounds 1 --threads 2 --wait-healthy 120 \
         --output "$out/$name.json" >"$out/$name.txt" 2>"$out/$name-bench.log" || true
     kill "$server" ${busy:+"$busy"} 2>/dev/null || true
-    wait "$server" 2>/dev/null || true
+    wait "$server" ${busy:+"$busy"} 2>/dev/null || true
     {
         echo "## $name"
         echo
@@ -105,7 +115,6 @@ started="$(date +%s.%N)"
 taskset -c "$cpus" "${runtime[@]}" serve --model "$out/model-large" --host 127.0.0.1 \
     --port "$port" --log-format text >"$out/warmup-serve.log" 2>&1 &
 server=$!
-pids+=("$server")
 ready=""
 for _ in $(seq 1 600); do
     if "$python" -c "import urllib.request, sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=1)" 2>/dev/null; then

@@ -5,9 +5,10 @@ reconcile code reads like `kube.get(JOB, ns, name)` and never deals with the cli
 model classes. Authentication, TLS and proxies stay the client's job (`ApiClient`).
 
 `patch` sends a JSON merge patch (RFC 7386) for a dict, or a JSON Patch (RFC 6902) for a list of
-operations. Children are updated with JSON Patch `add` operations that replace their whole
-`spec` (see builders.replacement_patch): a field the builders stop rendering disappears from the
-cluster object, which a merge patch would leave behind.
+operations. Children are updated with JSON Patch operations that replace their whole `spec`
+(field by field, `replicas` untouched, for a Deployment an autoscaler scales; see
+builders.replacement_patch): a field the builders stop rendering disappears from the cluster
+object, which a merge patch would leave behind.
 """
 
 from __future__ import annotations

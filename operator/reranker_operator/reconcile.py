@@ -427,9 +427,12 @@ class Reconciler:
                 # HTTPRoutes are not watched (the Gateway API is an add-on): look again, soon
                 # while no Gateway has answered, now and then once one has (it may change its
                 # mind: a listener edited, the Gateway deleted).
-                again = {"True": ROUTE_ACCEPTED_RECHECK_SECONDS, "False": REFUSAL_RECHECK_SECONDS}
-                pending = route["reason"] == "Pending"
-                delay = ROUTE_RECHECK_SECONDS if pending else again[route["status"]]
+                if route["status"] == "True":
+                    delay = ROUTE_ACCEPTED_RECHECK_SECONDS
+                elif route["problem"]:
+                    delay = REFUSAL_RECHECK_SECONDS
+                else:  # not answered yet (or a Gateway's own Accepted=False/Pending)
+                    delay = ROUTE_RECHECK_SECONDS
                 self._recheck_after(namespace, name, delay)
         observed = status.Observed(
             name=name,
