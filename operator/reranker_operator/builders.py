@@ -190,9 +190,9 @@ def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dic
     controllers annotate our children, e.g. `deployment.kubernetes.io/revision`), except the
     user's keys an earlier render recorded (ANNOTATION_USER_KEYS) and this one drops. A Deployment
     rendered without `replicas` (an autoscaler owns it) has its spec replaced field by field,
-    `replicas` untouched, so it keeps whatever count is live when the patch lands. JSON Patch rather than
-    server-side apply: both a real API server and the in-memory one used in tests implement its
-    `add` operation alike, whereas the latter treats an apply patch as a merge patch.
+    `replicas` untouched, so it keeps whatever count is live when the patch lands. JSON Patch
+    rather than server-side apply: both a real API server and the in-memory one used in tests
+    implement its operations alike, whereas the latter treats an apply patch as a merge patch.
     """
     meta, live_meta = desired["metadata"], live.get("metadata") or {}
     ops: list[dict[str, Any]] = []
