@@ -9,8 +9,8 @@ weight converted once at load (`to_mkldnn`) and GELU or the residual add in the 
 Which is faster depends on the CPU (docs/benchmarks.md): on an AMD EPYC with AVX2 they were
 within about 10% of each other, aten ahead on a quiet host; on an AMD EPYC with AVX-512 (Zen 5)
 oneDNN's float32 GEMMs ran 2.0-2.4x MKL's, which takes its AVX2 path on AMD CPUs. So `auto`
-races the two on the model's largest GEMM at the pass's thread count and takes oneDNN only when
-it is clearly faster (`ONEDNN_MIN_SPEEDUP`); test-sized models skip the race.
+races the two on a feed-forward block of the model's shape at the pass's thread count and takes
+oneDNN only when it is clearly faster (`ONEDNN_MIN_SPEEDUP`); test-sized models skip the race.
 
 The op is PyTorch-internal, so oneDNN is probed first: it must exist, run the engine's dtype and
 the model's activation on this CPU and match `F.linear` on a small problem. `auto` falls back to
@@ -19,7 +19,6 @@ aten naming the reason; a forced `--cpu-kernels onednn` fails at load.
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from abc import ABC, abstractmethod
@@ -31,8 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from reranker_runtime.config import CPU_KERNEL_CHOICES
-
-logger = logging.getLogger(__name__)
 
 # auto takes oneDNN only when its feed-forward block runs at least this much faster than aten's.
 # Below that the two swing past each other with the host's load (AVX2: 1.1-1.2x in GEMMs, yet
