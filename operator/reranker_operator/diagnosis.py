@@ -310,7 +310,7 @@ def route_condition(
                 cond = report.get(type_)
                 if cond is not None and cond.get("status") == "False":
                     reason = cond.get("reason") or f"Not{type_}"
-                    said = _clip(cond.get("message") or reason)
+                    said = clip(cond.get("message") or reason, 1024)  # readable
                     return {"status": "False", "reason": reason,
                             "message": f"{gateway(key)}: {said}", "problem": problem}  # fmt: skip
     waiting = [
@@ -336,8 +336,8 @@ def route_condition(
     }
 
 
-def _clip(text: str, limit: int = 1024) -> str:
-    """Another controller's message, cut to a size that reads in a status."""
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, an ellipsis marking the cut."""
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from reranker_operator.diagnosis import (
     PodIssue,
+    clip,
     container_status,
     describe_termination,
     failed_termination,
@@ -36,10 +37,6 @@ SCALING_ACTIVE = "ScalingActive"  # mirrored from the HPA when autoscaling
 ROUTE_ACCEPTED = "RouteAccepted"  # the HTTPRoute's Gateways' word, with spec.httpRoute
 MESSAGE_MAX = 32768  # metav1.Condition's message limit, and the CRD's for status.message
 _REASON_PATTERN = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")  # metav1.Condition's
-
-
-def clip(message: str) -> str:
-    return message if len(message) <= MESSAGE_MAX else message[: MESSAGE_MAX - 1] + "\u2026"
 
 
 def safe_reason(reason: str) -> str:
@@ -135,7 +132,7 @@ def condition(
         # Reasons and messages copied from other controllers (an HPA's, a Gateway's) must still
         # pass the CRD's schema, or the whole status write fails.
         "reason": safe_reason(reason),
-        "message": clip(message),
+        "message": clip(message, MESSAGE_MAX),
         "lastTransitionTime": transition,
     }
     if generation is not None:
@@ -433,7 +430,7 @@ def derive_status(
             message += f"; {route['problem']} ({route['reason']}: {route['message']})"
     status: dict[str, Any] = {
         "phase": phase,
-        "message": clip(message),
+        "message": clip(message, MESSAGE_MAX),
         "conditions": conditions,
         "engine": {"key": key, "shortKey": short(key), "image": observed.image},
         "replicas": dep.replicas if dep is not None else 0,

@@ -622,24 +622,24 @@ async def test_the_gateways_word_on_the_route_shows_in_status(
             cluster.HTTP_ROUTE, NAME, {"status": {"parents": [parent]}}, sub="status"
         )
 
-    # Once the reconciles that follow the operator's own writes have run, only the timer can see
-    # the Gateway's answers.
-    # (Other triggers come too, 15 s or more apart: the timer's second answers well before.)
-    await settled(operator)
-    await gateway_says("False", "NotAllowedByListeners", "no listener allows namespace default")
-    await wait_for(
-        lambda: condition(cluster, "RouteAccepted").get("reason") == "NotAllowedByListeners",
-        "RouteAccepted=False (NotAllowedByListeners)",
-        timeout=5,
-    )
+    async def timer_sees(accepted: str, reason: str, message: str) -> None:
+        """Once the reconciles that follow the operator's own writes have run, only the timer
+        can see the Gateway's answer (other triggers come 15 s or more apart: the timer's
+        second answers well before)."""
+        await settled(operator)
+        await gateway_says(accepted, reason, message)
+        await wait_for(
+            lambda: (
+                (c := condition(cluster, "RouteAccepted")).get("status") == accepted
+                and c.get("reason") == reason
+            ),
+            f"RouteAccepted={accepted} ({reason})",
+            timeout=5,
+        )
+
+    await timer_sees("False", "NotAllowedByListeners", "no listener allows namespace default")
     await phase(cluster, "Ready", "NotAllowedByListeners", ("HTTPRoute is refused",))
-    await settled(operator)
-    await gateway_says("True", "Accepted", "")
-    await wait_for(
-        lambda: condition(cluster, "RouteAccepted").get("status") == "True",
-        "RouteAccepted=True",
-        timeout=5,
-    )
+    await timer_sees("True", "Accepted", "")
     assert "HTTPRoute" not in cluster.status(NAME)["message"]
 
 
