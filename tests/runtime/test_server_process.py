@@ -103,6 +103,13 @@ class Server:
             warmup_hold,
         )
 
+    def ready(self) -> None:
+        """Release the held warm-up (the first test checks what comes before) and wait for
+        /health, so each test also runs alone (`pytest -k`)."""
+        self.warmup_hold.unlink(missing_ok=True)
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            wait_for("/health 200", lambda: status_of(client, "/health") == 200, self.proc)
+
     def access_line(self, request_id: str) -> dict[str, Any] | None:
         lines = [
             r
@@ -189,6 +196,7 @@ def test_startup_live_first_then_ready(server: Server, xlmr_reranker: Path) -> N
 
 
 def test_client_disconnect_drops_queued_pairs(server: Server) -> None:
+    server.ready()
     body = json.dumps({"query": QUERY, "texts": TEXTS}).encode()
     request = (
         f"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -211,6 +219,7 @@ def test_client_disconnect_drops_queued_pairs(server: Server) -> None:
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(server: Server) -> None:
+    server.ready()
     result: dict[str, Any] = {}
 
     def in_flight_request() -> None:
