@@ -39,8 +39,8 @@ RUN (pip list --format=freeze \
  && pip install --no-deps /src \
  && pip install -c /tmp/image-pins.txt \
       "transformers>=4.45" "tokenizers>=0.19" "safetensors>=0.4" "huggingface_hub>=0.23" \
-      "fastapi>=0.110" "uvicorn>=0.29" "pydantic>=2.6" "prometheus-client>=0.20" \
-      "httpx>=0.27" "numpy>=1.26" "pyyaml>=6" \
+      "fastapi>=0.110" "uvicorn>=0.29" "h11>=0.14" "pydantic>=2.6" "prometheus-client>=0.20" \
+      "httpx>=0.27" "numpy>=1.26" "pyyaml>=6" "fastapi-offline==1.7.7" \
       "opentelemetry-api>=1.25" "opentelemetry-sdk>=1.25" "opentelemetry-exporter-otlp-proto-grpc>=1.25" \
       "grpcio>=1.63" "protobuf>=5.26.1" "grpcio-health-checking>=1.63" "grpcio-reflection>=1.63" \
  && reranker-runtime build --help > /dev/null \

@@ -14,5 +14,6 @@ mkdir -p .whl
     --platform manylinux2014_x86_64 -d .whl \
     fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5 \
     typing-inspection==0.4.5 annotated-types==0.8.0 annotated-doc==0.0.7 opentelemetry-api==1.45.2 \
+    fastapi-offline==1.7.7 \
     typing-extensions==4.16.0  # pydantic 2.14 needs >= 4.16; the machine's version is unknown
 ls -1 .whl

@@ -4,6 +4,7 @@ what a build would take and what the chart and the operator assume of the images
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,21 @@ def test_the_cpu_image_installs_the_pinned_torch_from_pytorchs_cpu_index() -> No
     froms = [i.split()[1] for i in instructions("runtime-cpu.Dockerfile") if i.startswith("FROM ")]
     assert froms == ["${PYTHON_IMAGE}"]
     assert "ARG PYTHON_IMAGE=python:3.12-slim-bookworm" in instructions("runtime-cpu.Dockerfile")
+
+
+def test_the_gpu_image_installs_every_runtime_requirement_but_torch() -> None:
+    # The GPU image installs the package with --no-deps and names the runtime extra's other
+    # requirements itself (to keep the base image's torch): one added to pyproject.toml and not
+    # here would be missing from the image alone, where no test runs.
+    def name(requirement: str) -> str:
+        match = re.match(r"[A-Za-z0-9._-]+", requirement.strip().strip('"'))
+        assert match, requirement
+        return match.group(0).lower().replace("_", "-")
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {
+        name(r) for r in project["optional-dependencies"]["runtime"] + project["dependencies"]
+    }
+    (run,) = [i for i in instructions("runtime.Dockerfile") if "image-pins.txt" in i and "-c" in i]
+    installed = {name(r) for r in re.findall(r'"([A-Za-z0-9._-]+[<>=!~][^"]*)"', run)}
+    assert wanted - {"torch"} <= installed, sorted(wanted - {"torch"} - installed)

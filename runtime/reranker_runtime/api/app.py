@@ -31,7 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker_runtime import __version__, metrics, tracing
-from reranker_runtime.api import cohere, ops, other_models, tei, vllm
+from reranker_runtime.api import cohere, docs_ui, ops, other_models, tei, vllm
 from reranker_runtime.api.auth import all_routes, document_api_key, protected_operations
 from reranker_runtime.api.deps import (
     ARRIVED_AT_SCOPE_KEY,
@@ -156,6 +156,10 @@ def create_app(
         lifespan=lifespan,
         # No 307 to the slash-less path: its absolute Location would echo the client's Host.
         redirect_slashes=False,
+        # FastAPI's /docs and /redoc load their assets from a CDN; api/docs_ui.py serves both
+        # from this process.
+        docs_url=None,
+        redoc_url=None,
         responses={
             "default": {
                 "model": ErrorBody,
@@ -173,6 +177,7 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(ops.info_router)
     app.include_router(other_models.router)
+    app.include_router(docs_ui.router)
 
     # TEI serves its schema at /api-doc/openapi.json; ours is at /openapi.json too.
     @app.get("/api-doc/openapi.json", include_in_schema=False)

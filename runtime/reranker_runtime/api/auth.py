@@ -6,8 +6,8 @@ With `--api-key`, protected routes require `Authorization: Bearer <key>` (OpenAI
 clients) or `Authorization: Api-Key <key>` (Baseten/BEI clients). The check runs before the body
 is read or parsed, so an unauthenticated caller gets 401 and learns nothing about the request
 schema. The comparison is constant-time. Open: /health, /live (probes), /metrics (scraped from
-inside the cluster; aggregate numbers only), /openapi.json, /api-doc/openapi.json and /docs (the
-public schema).
+inside the cluster; aggregate numbers only), /openapi.json, /api-doc/openapi.json, /docs and /redoc (the
+public schema and its pages, api/docs_ui.py).
 """
 
 from __future__ import annotations
