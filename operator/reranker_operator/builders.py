@@ -61,6 +61,9 @@ ANNOTATION_RETENTION = f"{API_GROUP}/retention"
 # The user's label and annotation keys (spec.service, spec.ingress) on a child, as JSON: the
 # next patch removes the ones no longer in the spec, and leaves other controllers' keys alone.
 ANNOTATION_USER_KEYS = f"{API_GROUP}/user-metadata-keys"
+# `kubectl rollout restart` (and Argo CD's, Lens's and k9s's restart) stamps this on the pod
+# template; the operator keeps it, or its next change would roll every pod a second time.
+ANNOTATION_RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 
 COMPONENT_SERVER = "server"
 COMPONENT_BUILD = "engine-build"
@@ -188,7 +191,9 @@ def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dic
     `spec` is replaced as a whole, so a field the builders no longer render (a GPU toleration
     after a switch to CPU) is removed. Labels and annotations are merged over the live ones (other
     controllers annotate our children, e.g. `deployment.kubernetes.io/revision`), except the
-    user's keys an earlier render recorded (ANNOTATION_USER_KEYS) and this one drops. A Deployment
+    user's keys an earlier render recorded (ANNOTATION_USER_KEYS) and this one drops. A
+    Deployment's pod template keeps the live `kubectl rollout restart` stamp, so a later change
+    that leaves the pods as they are (the replica count) rolls none of them. A Deployment
     rendered without `replicas` (an autoscaler owns it) has its spec replaced field by field,
     `replicas` untouched, so it keeps whatever count is live when the patch lands. JSON Patch
     rather than server-side apply: both a real API server and the in-memory one used in tests
@@ -213,6 +218,8 @@ def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dic
     live_spec = live.get("spec") or {}
     if desired["kind"] == "Service":
         spec.update(_service_fields_set_by_the_cluster(spec, live_spec))
+    if desired["kind"] == "Deployment":
+        _keep_restart_stamp(spec, live_spec)
     if desired["kind"] == "Deployment" and "replicas" not in spec:
         # An autoscaler owns the count and may change it between our read and this patch:
         # replace every other field of the spec one by one and never write `replicas` (a
@@ -223,6 +230,14 @@ def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dic
         return ops
     ops.append({"op": "add", "path": "/spec", "value": spec})
     return ops
+
+
+def _keep_restart_stamp(spec: dict[str, Any], live_spec: dict[str, Any]) -> None:
+    live_annotations = (live_spec.get("template") or {}).get("metadata", {}).get("annotations")
+    stamp = (live_annotations or {}).get(ANNOTATION_RESTARTED_AT)
+    if stamp is not None:
+        template_meta = spec["template"].setdefault("metadata", {})
+        template_meta.setdefault("annotations", {}).setdefault(ANNOTATION_RESTARTED_AT, stamp)
 
 
 def _pointer(key: str) -> str:

@@ -1285,6 +1285,23 @@ def test_replacement_patch_keeps_the_hpas_replicas() -> None:
     assert "paused" not in jsonpatch.apply_patch(live, b.replacement_patch(desired, live))["spec"]
 
 
+@pytest.mark.parametrize("scaling", [{"replicas": 3}, {"autoscaling": {"maxReplicas": 8}}])
+def test_replacement_patch_keeps_a_rollout_restart(scaling: dict[str, Any]) -> None:
+    # `kubectl rollout restart deployment/rr`, then a change that leaves the pods as they are:
+    # the pod template must come out as it is live, or every pod rolls a second time.
+    live = b.build_deployment("rr", NS, spec_of(replicas=2), CONFIG, KEY)
+    stamp = {b.ANNOTATION_RESTARTED_AT: "2026-12-02T10:00:00Z"}
+    live["spec"]["template"]["metadata"].setdefault("annotations", {}).update(stamp)
+    desired = b.build_deployment("rr", NS, spec_of(**scaling), CONFIG, KEY)
+    patched = jsonpatch.apply_patch(live, b.replacement_patch(desired, live))
+    assert patched["spec"]["template"] == live["spec"]["template"]
+    # A change to the pods themselves still rolls them (the stamp stays, harmlessly).
+    changed = b.build_deployment("rr", NS, spec_of(resources={"memory": "12Gi"}), CONFIG, KEY)
+    patched = jsonpatch.apply_patch(live, b.replacement_patch(changed, live))
+    assert patched["spec"]["template"] != live["spec"]["template"]
+    assert patched["spec"]["template"]["metadata"]["annotations"][b.ANNOTATION_RESTARTED_AT]
+
+
 def test_builders_are_pure() -> None:
     spec = VARIANTS["gpu-replicas"]
     first = all_children(spec)
