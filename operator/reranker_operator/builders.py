@@ -313,9 +313,15 @@ def _container_security_context() -> dict[str, Any]:
 
 
 def _container_resources(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
-    # No CPU limit (throttling hurts tokenization latency); memory limit = request.
-    requests = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
-    limits: dict[str, Any] = {"memory": spec.resources.memory}
+    # No CPU limit unless cpuLimit (throttling hurts tokenization latency); memory and
+    # ephemeral storage: limit = request.
+    resources = spec.resources
+    requests = {"cpu": resources.cpu, "memory": resources.memory}
+    limits: dict[str, Any] = {"memory": resources.memory}
+    if resources.cpu_limit is not None:
+        limits["cpu"] = resources.cpu_limit
+    if resources.ephemeral_storage is not None:
+        requests["ephemeral-storage"] = limits["ephemeral-storage"] = resources.ephemeral_storage
     resource_name = (
         spec.accelerator.resource_name or config.placement(spec.accelerator.type).resource_name
     )

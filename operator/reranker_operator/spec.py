@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -216,6 +217,12 @@ DEFAULT_MEMORY = "10Gi"
 class Resources(_Model):
     cpu: str = Field(default="1", pattern=QUANTITY_PATTERN)
     memory: str = Field(default=DEFAULT_MEMORY, pattern=QUANTITY_PATTERN)
+    # No CPU limit unless asked (throttling hurts tokenization latency); a namespace whose
+    # ResourceQuota counts limits.cpu, or Guaranteed QoS (CPU pinning), needs one.
+    cpu_limit: str | None = Field(default=None, alias="cpuLimit", pattern=QUANTITY_PATTERN)
+    ephemeral_storage: str | None = Field(
+        default=None, alias="ephemeralStorage", pattern=QUANTITY_PATTERN
+    )
 
 
 class Autoscaling(_Model):
@@ -508,6 +515,25 @@ class RerankerSpec(_Model):
         return self.build.max_num_tokens if self.accelerator.is_gpu else "auto"
 
 
+_QUANTITY_SUFFIXES = {
+    **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: Decimal(1000) ** (i + 1) for i, s in enumerate(("k", "M", "G", "T", "P", "E"))},
+    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+}  # fmt: skip
+
+
+def quantity_value(quantity: str) -> Decimal:
+    """A Kubernetes quantity (QUANTITY_PATTERN: `500m`, `2`, `1.5Gi`, `1e3`) as a number, so two
+    can be compared however they are written."""
+    match = re.fullmatch(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(.*)", quantity)
+    if match is None:
+        raise ValueError(f"not a quantity: {quantity!r}")
+    number, suffix = Decimal(match.group(1)), match.group(2)
+    if suffix in _QUANTITY_SUFFIXES:  # before the exponent: `E` and `Ei` are suffixes
+        return number * _QUANTITY_SUFFIXES[suffix]
+    return number * Decimal(10) ** Decimal(suffix[1:])  # e3, E-3
+
+
 def _quantity(value: Any) -> Any:
     # The CRD accepts int-or-string quantities (`cpu: 1`); the model keeps strings.
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
@@ -610,6 +636,16 @@ def _check_rules(spec: RerankerSpec) -> None:
         raise InvalidSpec(
             "spec.runtime.maxBatchTokens",
             "maxBatchTokens must be at least build.maxSeqLen (one sequence must fit in a batch)",
+        )
+    resources = spec.resources
+    # Not in CEL (int-or-string quantities): the API server would refuse every pod instead.
+    if resources.cpu_limit is not None and (
+        quantity_value(resources.cpu_limit) < quantity_value(resources.cpu)
+    ):
+        raise InvalidSpec(
+            "spec.resources.cpuLimit",
+            f"cpuLimit {resources.cpu_limit} is less than the CPU request (resources.cpu "
+            f"{resources.cpu}): raise it, or lower cpu",
         )
     pod = spec.pod
     for field, keys in (("labels", pod.labels), ("annotations", pod.annotations)):

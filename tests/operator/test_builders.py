@@ -687,6 +687,28 @@ def test_cpu_gets_no_gpu_placement() -> None:
         }
 
 
+@pytest.mark.parametrize("mode", ["PerPod", "Shared"])
+def test_cpu_limit_and_ephemeral_storage_reach_every_container(mode: str) -> None:
+    # cpuLimit equal to cpu (and memory's limit = request): Guaranteed QoS, which the kubelet's
+    # static CPU manager needs to pin cores, and what a quota on limits.cpu counts.
+    resources = {"cpu": 4, "memory": "16Gi", "cpuLimit": "4000m", "ephemeralStorage": "30Gi"}
+    spec = spec_of(resources=resources, engineCache={"mode": mode})
+    want = {
+        "requests": {"cpu": "4", "memory": "16Gi", "ephemeral-storage": "30Gi"},
+        "limits": {"cpu": "4000m", "memory": "16Gi", "ephemeral-storage": "30Gi",
+                   "nvidia.com/gpu": "1"},
+    }  # fmt: skip
+    dep = b.build_deployment("rr", NS, spec, CONFIG, KEY)
+    pod = dep["spec"]["template"]["spec"]
+    builds = [b.build_engine_job("rr", NS, spec, CONFIG, KEY)] if mode == "Shared" else []
+    for c in pod["containers"] + pod.get("initContainers", []) + [container(j) for j in builds]:
+        assert c["resources"] == want, c["name"]
+    assert len(pod.get("initContainers", [])) == (mode == "PerPod")
+    # Without them, neither is set (the defaults stay as they were).
+    plain = container(b.build_deployment("rr", NS, spec_of(), CONFIG, KEY))["resources"]
+    assert "cpu" not in plain["limits"] and "ephemeral-storage" not in plain["requests"]
+
+
 def test_custom_placement_from_config() -> None:
     config = config_from_dict(
         {

@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import re
 import typing
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import yaml
 from celpy import celtypes
 
 from reranker_operator import spec as spec_mod
-from reranker_operator.spec import InvalidSpec, parse_spec
+from reranker_operator.spec import QUANTITY_PATTERN, InvalidSpec, parse_spec, quantity_value
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "rerankers.reranker.dev.yaml"
@@ -824,6 +826,9 @@ def test_code_only_checks_name_the_field() -> None:
          "spec.service.loadBalancerSourceRanges[0]", "not an IP network"),
         ({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["1::2::3/64"]}},
          "spec.service.loadBalancerSourceRanges[0]", "not an IP network"),
+        ({"resources": {"cpu": 2, "cpuLimit": "1500m"}}, "spec.resources.cpuLimit",
+         "less than the CPU request"),
+        ({"resources": {"cpuLimit": "0.5"}}, "spec.resources.cpuLimit", "resources.cpu 1"),
     ]  # fmt: skip
     for fields, field, needle in code_only:
         obj = reranker({**MINIMAL, **fields})
@@ -863,8 +868,29 @@ def test_pod_settings_may_not_override_the_operators(pod: dict, field: str) -> N
 
 
 def test_int_quantities_are_accepted() -> None:
-    obj = reranker(
-        {**MINIMAL, "resources": {"cpu": 2, "memory": "8Gi"}, "engineCache": {"size": "10Gi"}}
-    )
+    resources = {"cpu": 2, "memory": "8Gi", "cpuLimit": 4, "ephemeralStorage": 20000000000}
+    obj = reranker({**MINIMAL, "resources": resources, "engineCache": {"size": "10Gi"}})
     assert schema_errors(obj) == []
-    assert parse_spec(obj).resources.cpu == "2"
+    parsed = parse_spec(obj).resources
+    assert (parsed.cpu, parsed.cpu_limit, parsed.ephemeral_storage) == ("2", "4", "20000000000")
+    # A limit equal to the request however it is written; bad quantities refused by both.
+    for cpu, limit in ((1, "1000m"), ("500m", "0.5"), ("2", "2e0"), ("100m", "1e-1")):
+        obj = reranker({**MINIMAL, "resources": {"cpu": cpu, "cpuLimit": limit}})
+        assert schema_errors(obj) == [] and parse_spec(obj).resources.cpu_limit == limit
+    for field in ("cpuLimit", "ephemeralStorage"):
+        obj = reranker({**MINIMAL, "resources": {field: "2 cores"}})
+        assert schema_errors(obj)
+        with pytest.raises(InvalidSpec) as exc:
+            parse_spec(obj)
+        assert exc.value.field == f"spec.resources.{field}"
+
+
+@pytest.mark.parametrize(
+    ("quantity", "value"),
+    [("1", "1"), ("500m", "0.5"), ("1.5Gi", str(1.5 * 2**30)), ("2k", "2000"), ("1e3", "1000"),
+     ("1E-3", "0.001"), ("+2", "2"), (".5", "0.5"), ("5.", "5"), ("250u", "0.00025"),
+     ("1n", "1e-9"), ("3Ei", str(3 * 2**60)), ("2E", "2e18"), ("1e+3", "1000"), ("1M", "1000000")],
+)  # fmt: skip
+def test_quantity_value_reads_every_form_the_pattern_allows(quantity: str, value: str) -> None:
+    assert re.fullmatch(QUANTITY_PATTERN.strip("^$"), quantity)
+    assert quantity_value(quantity) == Decimal(value)
