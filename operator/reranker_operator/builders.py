@@ -17,6 +17,7 @@ from reranker_operator.engine_key import engine_key as compute_engine_key
 from reranker_operator.spec import (
     API_GROUP,
     API_VERSION,
+    ENDPOINT_VARIABLES,
     KIND,
     EnvVar,
     ProbeOverride,
@@ -617,6 +618,9 @@ def build_container(spec: RerankerSpec, config: OperatorConfig, key: str) -> dic
         container["volumeMounts"].append(
             {"name": CA_VOLUME, "mountPath": CA_MOUNT, "readOnly": True}
         )
+    if spec.checkpoint.endpoint is not None:
+        variable = ENDPOINT_VARIABLES[spec.checkpoint.source]
+        container["env"].append(_env(variable, spec.checkpoint.endpoint))
     if spec.checkpoint.secret_name:
         container["envFrom"] = [{"secretRef": {"name": spec.checkpoint.secret_name}}]
     return container

@@ -112,6 +112,15 @@ CIDR_PATTERN = r"^(((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|
 PVC_REPO_PATTERN = (
     r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/[^/]+)*/?$"
 )
+# checkpoint.endpoint: an http(s) base URL, no credentials (they belong in secretName), query
+# or fragment.
+ENDPOINT_PATTERN = r"^https?://[^\s/?#@]+(/[^\s?#]*)?$"
+# The sources an endpoint applies to, and the variable their clients read it from.
+ENDPOINT_VARIABLES = {"HF": "HF_ENDPOINT", "S3": "AWS_ENDPOINT_URL"}
+ENDPOINT_MESSAGE = (
+    "endpoint is for sources HF (a hub mirror: HF_ENDPOINT) and S3 (an S3-compatible store such "
+    "as MinIO: AWS_ENDPOINT_URL); the other sources' repo is the whole location"
+)
 PVC_CLAIM_LENGTH_PATTERN = r"^pvc://[-a-z0-9.]{1,253}(/|$)"
 PVC_DOT_SEGMENT_PATTERN = r"/\.\.?(/|$)"
 # Sources with no revisions (object stores, volumes): the version goes in the path.
@@ -172,6 +181,9 @@ class Checkpoint(_Model):
     secret_name: str | None = Field(
         default=None, alias="secretName", max_length=253, pattern=SECRET_NAME_PATTERN
     )
+    # A hub mirror (Artifactory, Nexus, a proxy of the hub) or an S3-compatible store (MinIO,
+    # Ceph): where the build downloads from. Not an engine input: the same files.
+    endpoint: str | None = Field(default=None, max_length=2048, pattern=ENDPOINT_PATTERN)
 
     @property
     def pvc_claim(self) -> str | None:
@@ -578,6 +590,8 @@ def _check_checkpoint(ckpt: Checkpoint) -> None:
         )
     if ckpt.source != "PVC" and ckpt.repo.startswith("pvc://"):
         raise InvalidSpec("spec.checkpoint.source", "a pvc:// repo needs source PVC")
+    if ckpt.endpoint is not None and ckpt.source not in ENDPOINT_VARIABLES:
+        raise InvalidSpec("spec.checkpoint.endpoint", ENDPOINT_MESSAGE)
     if ckpt.source in UNVERSIONED_SOURCES and ckpt.revision != "main":
         raise InvalidSpec(
             "spec.checkpoint.revision",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import json
 import math
 import os
 import select
@@ -35,6 +36,8 @@ import httpx
 import pytest
 import trustme
 
+from fake_hub import COMMIT as HUB_COMMIT
+from fake_hub import fake_hub
 from reranker_operator.builders import CA_MOUNT
 from reranker_operator.config import OperatorConfig, config_from_dict
 from reranker_operator.render import render_reranker
@@ -181,6 +184,32 @@ def test_a_pvc_checkpoint_is_built_from_the_claim_the_pod_mounts(
     engine_dir = cache / deployment["metadata"]["annotations"]["reranker.dev/engine-key"]
     assert (engine_dir / "manifest.json").is_file()
     assert (engine_dir / "checkpoint" / "config.json").is_file()  # what the server loads
+
+
+def test_the_build_downloads_from_the_hub_mirror_the_spec_names(
+    xlmr_reranker: Path, tmp_path: Path
+) -> None:
+    """checkpoint.endpoint with source HF: the build container fetches the model through
+    huggingface_hub from that mirror (an Artifactory or Nexus remote of the hub), records the
+    commit the mirror resolved, and writes an engine the server loads."""
+    with fake_hub("corp/tiny-reranker", xlmr_reranker) as (endpoint, requests):
+        reranker = _reranker("corp/tiny-reranker")
+        reranker["spec"]["checkpoint"]["endpoint"] = endpoint
+        deployment = _child(render_reranker(reranker, OperatorConfig()), "Deployment")
+        [init_container] = deployment["spec"]["template"]["spec"]["initContainers"]
+        cache, pod_tmp = tmp_path / "engine-volume", tmp_path / "pod-tmp"
+        cache.mkdir()
+        pod_tmp.mkdir()
+        mounts = {CACHE_MOUNT: cache, TMP_MOUNT: pod_tmp}
+        build = LocalPod(init_container, mounts, tmp_path / "build.log").run(timeout=300)
+    assert build.returncode == 0, f"build failed:\n{build.stdout}\n{build.stderr}"
+    assert "GET /api/models/corp/tiny-reranker/revision/main" in requests
+    assert f"GET /corp/tiny-reranker/resolve/{HUB_COMMIT}/model.safetensors" in requests
+    engine_dir = cache / deployment["metadata"]["annotations"]["reranker.dev/engine-key"]
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    assert manifest["resolved_revision"] == HUB_COMMIT
+    weights = engine_dir / "checkpoint" / "model.safetensors"
+    assert weights.read_bytes() == (xlmr_reranker / "model.safetensors").read_bytes()
 
 
 # ------------------------------------------------------------- behind a proxy, with a CA bundle

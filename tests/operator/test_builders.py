@@ -687,6 +687,31 @@ def test_cpu_gets_no_gpu_placement() -> None:
         }
 
 
+@pytest.mark.parametrize(
+    ("checkpoint", "variable"),
+    [({"repo": "BAAI/bge-reranker-large"}, "HF_ENDPOINT"),
+     ({"repo": "s3://models/bge", "source": "S3"}, "AWS_ENDPOINT_URL")],
+)  # fmt: skip
+def test_checkpoint_endpoint_reaches_the_build_only(
+    checkpoint: dict[str, str], variable: str
+) -> None:
+    url = "http://mirror.corp:8081/api/models"
+    spec = spec_of(checkpoint={**checkpoint, "endpoint": url, "secretName": "creds"})
+    dep = b.build_deployment("rr", NS, spec, CONFIG, KEY)
+    (init,) = dep["spec"]["template"]["spec"]["initContainers"]
+    build = env_map(init)
+    assert build[variable] == url
+    # Set in `env`, it wins over the same name in the Secret's envFrom.
+    assert init["envFrom"] == [{"secretRef": {"name": "creds"}}]
+    assert variable not in env_map(container(dep))  # the server downloads nothing
+    (other,) = {"HF_ENDPOINT", "AWS_ENDPOINT_URL"} - {variable}
+    assert other not in build
+    # Without an endpoint, the clients' own defaults (the hub, AWS).
+    plain = b.build_deployment("rr", NS, spec_of(), CONFIG, KEY)
+    (plain_init,) = plain["spec"]["template"]["spec"]["initContainers"]
+    assert not {"HF_ENDPOINT", "AWS_ENDPOINT_URL"} & set(env_map(plain_init))
+
+
 @pytest.mark.parametrize("mode", ["PerPod", "Shared"])
 def test_cpu_limit_and_ephemeral_storage_reach_every_container(mode: str) -> None:
     # cpuLimit equal to cpu (and memory's limit = request): Guaranteed QoS, which the kubelet's
@@ -1354,6 +1379,8 @@ SERVING_CHANGES = {
     "api-key": {"runtime": {"apiKeySecret": {"name": "k"}}},
     "cache": {"engineCache": {"size": "99Gi", "retention": "Delete"}},
     "secret": {"checkpoint": {"repo": "BAAI/bge-reranker-large", "secretName": "hf"}},
+    # A mirror serves the same files.
+    "endpoint": {"checkpoint": {"repo": "BAAI/bge-reranker-large", "endpoint": "https://hf.corp"}},
 }
 
 

@@ -416,6 +416,10 @@ CEL_CASES = [
      "spec.service.loadBalancerSourceRanges", "self.type == 'LoadBalancer'"),
     ("revision-on-s3", {"checkpoint": {"repo": "s3://b/bge", "source": "S3", "revision": "v2"}},
      "spec.checkpoint.revision", "self.revision == 'main'"),
+    ("endpoint-on-gcs", {"checkpoint": {"repo": "gs://b/bge", "source": "GCS", "endpoint": "https://gcs.corp"}},
+     "spec.checkpoint.endpoint", "self.source in ['HF', 'S3']"),
+    ("endpoint-on-a-url", {"checkpoint": {"repo": "https://x/m.tar.gz", "source": "REMOTE_URL",
+        "endpoint": "https://mirror.corp"}}, "spec.checkpoint.endpoint", "self.source in ['HF', 'S3']"),
     ("env-value-and-value-from", {**MINIMAL, "runtime": {"env": [{"name": "A", "value": "1",
         "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}},
      "spec.runtime.env[0].valueFrom", "!(has(self.value) && has(self.valueFrom))"),
@@ -540,7 +544,7 @@ def test_dns1035_names_are_accepted(name: str) -> None:
 
 
 def test_every_cel_rule_compiles() -> None:
-    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 17  # each compiled at import
+    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 18  # each compiled at import
 
 
 def test_exposure_patterns_are_the_operators() -> None:
@@ -552,6 +556,32 @@ def test_exposure_patterns_are_the_operators() -> None:
     assert route["hostnames"]["items"]["pattern"] == spec_mod.HOST_PATTERN
     assert route["path"]["pattern"] == spec_mod.ROUTE_PATH_PATTERN
     assert service["loadBalancerSourceRanges"]["items"]["pattern"] == spec_mod.CIDR_PATTERN
+    checkpoint = props["checkpoint"]["properties"]
+    assert checkpoint["endpoint"]["pattern"] == spec_mod.ENDPOINT_PATTERN
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["https://user:pw@mirror.corp", "ftp://mirror.corp", "https://mirror.corp/api?x=1",
+     "https://mirror.corp/#a", "https://", "mirror.corp", "https://mirror corp"],
+)  # fmt: skip
+def test_checkpoint_endpoint_is_a_plain_http_url(endpoint: str) -> None:
+    obj = reranker({"checkpoint": {"repo": "BAAI/bge-reranker-large", "endpoint": endpoint}})
+    assert schema_errors(obj), "the CRD schema should refuse it too"
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec(obj)
+    assert exc.value.field == "spec.checkpoint.endpoint"
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    [{"repo": "BAAI/bge-reranker-large", "endpoint": "https://artifactory.corp/api/huggingfaceml/hf"},
+     {"repo": "s3://models/bge", "source": "S3", "endpoint": "http://minio.minio.svc:9000"}],
+)  # fmt: skip
+def test_checkpoint_endpoint_is_accepted_for_hf_and_s3(checkpoint: dict[str, str]) -> None:
+    obj = defaulted(reranker({"checkpoint": checkpoint}))
+    assert schema_errors(obj) == [] and cel_errors(obj) == []
+    assert parse_spec(obj).checkpoint.endpoint == checkpoint["endpoint"]
 
 
 def test_env_source_patterns_are_the_operators() -> None:
