@@ -12,12 +12,22 @@
 # Writes OUT_DIR/summary.md (the CPU, then each run's verdicts: paste it into
 # docs/benchmarks.md with the date), and per run NAME.txt, NAME.json and NAME-serve.log.
 # ROUNDS (default 3), REQUESTS (default 32), CPUS (default: the first two CPUs this process
-# may use), PYTHON (default python3) and CPUINFO (default /proc/cpuinfo) can be set.
+# may use), PYTHON (default python3) and CPUINFO (default /proc/cpuinfo) can be set, and RUNS:
+# the runs to make, of "fp32-quiet fp32-neighbour bf16-quiet bf16-neighbour warmup" (default
+# all; the bf16 ones only where the CPU has native bf16).
 set -euo pipefail
 out="${1:-cpu-check-report}"
 python="${PYTHON:-python3}"
 rounds="${ROUNDS:-3}"
 requests="${REQUESTS:-32}"
+runs=" ${RUNS:-fp32-quiet fp32-neighbour bf16-quiet bf16-neighbour warmup} "
+for name in $runs; do
+    case "$name" in
+        fp32-quiet | fp32-neighbour | bf16-quiet | bf16-neighbour | warmup) ;;
+        *) echo "cpu-check: unknown run '$name' in RUNS (fp32-quiet fp32-neighbour bf16-quiet bf16-neighbour warmup)" >&2; exit 2 ;;
+    esac
+done
+wanted() { [[ "$runs" == *" $1 "* ]]; }
 cpuinfo="${CPUINFO:-/proc/cpuinfo}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cpus="${CPUS:-$("$python" -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0))[:2])))')}"
@@ -51,13 +61,15 @@ if grep -qwE 'avx512_bf16|amx_bf16' "$cpuinfo"; then native_bf16=yes; fi
     echo "- SIMD: $(grep -m1 -ow -E 'avx512_bf16|amx_bf16|avx512f|avx2' "$cpuinfo" | sort -u | xargs)"
     echo "- native bf16: $native_bf16; CPUs used: $cpus (neighbour on $neighbour_cpu)"
     echo "- $("$python" -c 'import torch; print("torch", torch.__version__, "capability", torch.backends.cpu.get_cpu_capability())')"
-    echo "- command: scripts/cpu-check.sh (ROUNDS=$rounds REQUESTS=$requests)"
+    echo "- command: scripts/cpu-check.sh (ROUNDS=$rounds REQUESTS=$requests RUNS='$(echo $runs)')"
     echo
 } >"$out/summary.md"
 cat "$out/summary.md"
 
-echo "cpu-check: building the benchmark models (small: MiniLM-L6's shape; large: bge-reranker-large's)"
-for size in small large; do
+sizes=small
+if wanted warmup; then sizes="small large"; fi
+echo "cpu-check: building the benchmark models (small: MiniLM-L6's shape; large, for warmup: bge-reranker-large's)"
+for size in $sizes; do
     if ! "$python" "$here/bench/make_model.py" --size "$size" --out "$out/model-$size" \
         >"$out/make-model-$size.log" 2>&1; then
         echo "cpu-check: building the $size model failed: see $out/make-model-$size.log" >&2
@@ -70,6 +82,7 @@ done
 run() {
     local name="$1" neighbour="$2"
     shift 2
+    if ! wanted "$name"; then return 0; fi
     local port
     port="$(free_port)"
     echo "cpu-check: $name"
@@ -104,11 +117,12 @@ run fp32-neighbour yes
 if [ "$native_bf16" = yes ]; then
     run bf16-quiet no --dtype bfloat16
     run bf16-neighbour yes --dtype bfloat16
-else
+elif wanted bf16-quiet || wanted bf16-neighbour; then
     echo -e "## bf16\n\nnot run: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16)\n" \
         | tee -a "$out/summary.md"
 fi
 
+if ! wanted warmup; then exit 0; fi
 echo "cpu-check: warm-up of the 24-layer/1024 model"
 port="$(free_port)"
 started="$(date +%s.%N)"

@@ -8,13 +8,18 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
 from reranker_runtime.gpucheck import checks, command
+from reranker_runtime.gpucheck.report import ran_as
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,10 +66,11 @@ def test_without_a_gpu_the_script_stops_at_once(tmp_path: Path) -> None:
     assert not (tmp_path / "report").exists()  # nothing was run
 
 
-def _script_env(tmp_path: Path, *, bf16: bool) -> dict[str, str]:
+def _script_env(tmp_path: Path, *, bf16: bool, vendor: str = "") -> dict[str, str]:
     cpuinfo = tmp_path / "cpuinfo"
     flags = "fpu sse avx2" + (" avx512_bf16" if bf16 else "")
-    cpuinfo.write_text(f"model name\t: Test CPU\nflags\t\t: {flags}\n")
+    vendor_line = f"vendor_id\t: {vendor}\n" if vendor else ""
+    cpuinfo.write_text(f"{vendor_line}model name\t: Test CPU\nflags\t\t: {flags}\n")
     (tmp_path / "no-wheels").mkdir()
     env = dict(os.environ, PYTHON=sys.executable, CPUINFO=str(cpuinfo))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -85,25 +91,60 @@ def test_the_cpu_bf16_check_needs_native_bf16(tmp_path: Path) -> None:
     assert not (tmp_path / "report").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU run")
-def test_device_check_records_the_machine_and_reports_each_step(tmp_path: Path) -> None:
-    """Without a GPU: the machine lines, gpu-check's exit 2 as the script's, and the bf16 step
-    skipped on a CPU without native bf16 (with one it would run for minutes)."""
-    out = tmp_path / "out"
-    proc = subprocess.run(
+def _device_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         ["bash", str(REPO / "scripts" / "device-check.sh")],
-        env={**_script_env(tmp_path, bf16=False), "OUT": str(out)},
+        env={**env, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def _returned_files(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU run")
+def test_device_check_records_the_machine_and_reports_each_step(tmp_path: Path) -> None:
+    """Without a GPU: the machine lines, gpu-check's exit 2 as the script's, every log packed
+    into one archive, and the CPU step skipped on a host CPU that is not Intel's. What lands
+    in $OUT fits what the device tool returns (8 files at most)."""
+    proc = _device_check(tmp_path, **_script_env(tmp_path, bf16=False, vendor="AuthenticAMD"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
+    out = tmp_path / "out"
     machine = (out / "machine.txt").read_text()
-    assert "Test CPU" in machine and "no native bf16 flags" in machine
-    assert f"torch {torch.__version__}" in machine
+    assert "AuthenticAMD" in machine and "Test CPU" in machine
+    assert "no native bf16 flags" in machine and f"torch {torch.__version__}" in machine
     assert "== gpu-check: exit 2" in proc.stdout
-    assert "no CUDA GPU is visible" in (out / "gpu-check.log").read_text()
-    assert "== cpu-bf16-check: skipped" in proc.stdout
+    assert "== cpu-check: skipped (not an Intel host CPU" in proc.stdout
+    assert _returned_files(out) == ["logs.tar.gz", "machine.txt"]
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        gpu_log = logs.extractfile("logs/gpu-check.log")
+        assert gpu_log is not None and b"no CUDA GPU is visible" in gpu_log.read()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU run")
+def test_device_check_runs_the_cpu_check_on_an_intel_host(tmp_path: Path) -> None:
+    # CPUS=0 makes cpu-check stop at once (it needs two CPUs): its step ran, and failed.
+    env = _script_env(tmp_path, bf16=True, vendor="GenuineIntel")
+    proc = _device_check(tmp_path, **env, CPUS="0")
+    assert "== cpu-check (at most 200s)" in proc.stdout, proc.stdout
+    assert "== cpu-check: exit 2" in proc.stdout
+    assert "needs two CPUs" in proc.stdout
+    assert len(_returned_files(tmp_path / "out")) <= 8
+
+
+def test_cpu_check_refuses_an_unknown_run(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "cpu-check.sh"), str(tmp_path / "report")],
+        env={**_script_env(tmp_path, bf16=False), "RUNS": "fp32-quiet fp64-quiet"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "unknown run 'fp64-quiet'" in proc.stderr
+    assert not (tmp_path / "report").exists()
 
 
 def test_cpu_self_test_writes_both_reports(
@@ -157,6 +198,9 @@ def test_cpu_self_test_writes_both_reports(
         for r in throughput
         if r["tokens_per_pair"] == "64"
     )
+    # Each row says what ran: the packed engine's attention backend, no CUDA graph on CPU.
+    packed = [r for r in throughput if r["engine"] == "packed"]
+    assert all(r["attention"] == "grouped" and r["graphs_captured"] == 0 for r in packed)
     server = report["server"]
     assert server["ok"] > 0 and server["errors"] == {}
     assert server["engine_only_pairs_per_s"] > 0 and server["lone_16_pair_ms"] > 0
@@ -170,6 +214,23 @@ def test_cpu_self_test_writes_both_reports(
     ):
         assert heading in markdown
     assert "Dense peak" not in markdown  # no GPU figure is claimed
+
+
+@pytest.mark.parametrize(
+    ("stats", "shown"),
+    [
+        ({"attention": "varlen", "graphs_enabled": True, "graphs_captured": 12}, "varlen, 12 CUDA graphs"),
+        ({"attention": "varlen", "graphs_enabled": True, "graphs_captured": 0},
+         "varlen, EAGER: no CUDA graph captured"),
+        ({"attention": "varlen", "graphs_enabled": False, "graphs_captured": 0,
+          "graph_capture_error": "RuntimeError: CUDA out of memory"},
+         "varlen, EAGER: graph capture failed (RuntimeError: CUDA out of memory)"),
+        ({"attention": "varlen", "graphs_enabled": False, "graphs_captured": 0}, "varlen"),
+        ({"attention": None}, ""),
+    ],
+)  # fmt: skip
+def test_a_graphed_row_that_ran_eager_says_so(stats: dict[str, Any], shown: str) -> None:
+    assert ran_as(stats) == shown
 
 
 def test_a_failed_correctness_check_exits_1(
@@ -287,3 +348,38 @@ def test_half_precision_is_judged_against_transformers_at_that_dtype(
 def test_bad_device_is_a_usage_error(tmp_path: Path) -> None:
     args = argparse.Namespace(device="tpu", out=str(tmp_path))
     assert command.run_gpu_check(args) == 2
+
+
+@pytest.mark.parametrize(
+    ("alive", "message"),
+    [(False, "stopped before it was ready"), (True, "not ready within 1 s")],
+)
+def test_a_server_that_never_gets_ready_fails_within_the_time_left(
+    monkeypatch: pytest.MonkeyPatch, alive: bool, message: str
+) -> None:
+    """The end-to-end step waits for /health only while the server's thread lives and the
+    check's time allows: a warm-up that failed is reported, not waited on until the step's
+    outer timeout kills the whole check."""
+    server = SimpleNamespace(should_exit=False)
+
+    def serving() -> None:  # like uvicorn's run(): until told to exit, answering nothing
+        while alive and not server.should_exit:
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=serving, daemon=True)
+    thread.start()
+    monkeypatch.setattr(checks, "serve_in_thread", lambda *a: (server, thread))
+    engine = SimpleNamespace(tokenizer=None, info=SimpleNamespace(max_input_length=8))
+    with pytest.raises(RuntimeError, match=message):
+        checks.server_end_to_end(
+            engine,  # type: ignore[arg-type]
+            None,
+            concurrency=1,
+            duration_s=0.1,
+            words=5,
+            seed=0,
+            ready_within_s=1,
+        )
+    assert server.should_exit  # the server thread is told to stop either way
+    thread.join(5)
+    assert not thread.is_alive()

@@ -177,3 +177,16 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook: most engines hold nothing to free
         """Release resources (GPU memory); called on shutdown."""
+
+
+def release_cached_memory() -> None:
+    """`torch.cuda.empty_cache()`, logged instead of raised when it fails: on PyTorch <= 2.11 a
+    CUDA graph capture that failed can leave the caching allocator believing a capture is
+    still under way (pytorch#180395), and empty_cache then fails an internal assert. The cache
+    stays allocated; nothing else is wrong."""
+    import torch
+
+    try:
+        torch.cuda.empty_cache()
+    except RuntimeError as exc:
+        logger.warning("could not release the CUDA memory cache", extra={"error": str(exc)})

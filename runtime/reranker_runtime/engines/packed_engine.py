@@ -56,6 +56,7 @@ from reranker_runtime.engines.base import (
     EngineInfo,
     gpu_max_batch_size,
     packed_warmup_passes,
+    release_cached_memory,
 )
 from reranker_runtime.engines.cpu_kernels import (
     LinearKernel,
@@ -527,6 +528,7 @@ class _CudaRunner:
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._eager_buckets: set[tuple[int, int]] = set()  # their capture failed: run eager
         self._graph_pool: Any = None
+        self.capture_error: str | None = None  # the first failed capture's, once graphs are off
         with torch.cuda.device(device):  # pinned memory and streams belong to `device`
             self._stream = torch.cuda.Stream(device=device)  # forward passes
             self._copy_stream = torch.cuda.Stream(device=device)  # host-to-device staging
@@ -594,6 +596,8 @@ class _CudaRunner:
             self._stream.synchronize()
 
     def _graph_for(self, total: int, n: int) -> _Graph | None:
+        if not self._graphs_enabled:
+            return None
         tokens = _bucket(total, 128)
         # Padding tokens form extra sequences of at most max_len tokens each.
         spare = -(-(tokens - total) // self._max_len)
@@ -606,16 +610,30 @@ class _CudaRunner:
             try:
                 graph = _Graph.capture(self, tokens, rows)
             except Exception as exc:  # out of memory on a small GPU, an op capture refuses
-                # This batch and every later one of the bucket run eager instead of failing.
+                # This batch and every later one run eager instead of failing. Every later
+                # shape too: on PyTorch <= 2.11 a failed capture can leave the caching
+                # allocator believing a capture is still under way (pytorch#180395), so a
+                # further capture (or empty_cache) would fail an internal assert.
                 self._eager_buckets.add(key)
+                self._graphs_enabled = False
+                self.capture_error = f"{type(exc).__name__}: {exc}"
                 logger.warning(
-                    "CUDA graph capture failed; this shape runs without a graph",
+                    "CUDA graph capture failed; this engine runs without graphs from now on",
                     extra={"tokens": tokens, "sequences": rows, "error": str(exc)},
                 )
                 return None
             self._graphs[key] = graph
             logger.info("captured a CUDA graph", extra={"tokens": tokens, "sequences": rows})
         return graph
+
+    @property
+    def graph_stats(self) -> dict[str, Any]:
+        """What the CUDA graphs did so far: a report can tell a graphed run from an eager one."""
+        return {
+            "graphs_enabled": self._graphs_enabled,
+            "graphs_captured": len(self._graphs),
+            "graph_capture_error": self.capture_error,
+        }
 
     def close(self) -> None:
         with self._run_lock:
@@ -970,8 +988,15 @@ class PackedEngine(Engine):
             max_batch_tokens, self._info.max_input_length, self._info.max_batch_size
         )
 
+    @property
+    def graph_stats(self) -> dict[str, Any]:
+        """The CUDA runner's graph_stats; on CPU, graphs off and none captured."""
+        if self._cuda is None:
+            return {"graphs_enabled": False, "graphs_captured": 0, "graph_capture_error": None}
+        return self._cuda.graph_stats
+
     def close(self) -> None:
         if self._cuda is not None:
             self._cuda.close()
             with torch.cuda.device(self._device):
-                torch.cuda.empty_cache()
+                release_cached_memory()

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from reranker_runtime import hub
-from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo, gpu_max_batch_size
+from reranker_runtime.engines.base import (
+    EncodedPair,
+    Engine,
+    EngineInfo,
+    gpu_max_batch_size,
+    release_cached_memory,
+)
 from reranker_runtime.errors import ModelLoadError
 from reranker_runtime.model_family import ModelFamily, UnsupportedModelError
 
@@ -259,7 +265,7 @@ class TorchEngine(Engine):
         # Keeping the engine usable lets a caller that injected it (tests, an embedding app)
         # reuse it after a service on top of it has stopped.
         if self._device.type == "cuda":
-            torch.cuda.empty_cache()
+            release_cached_memory()
 
 
 def _load_model(

@@ -388,9 +388,11 @@ def server_end_to_end(
     duration_s: float,
     words: int,
     seed: int,
+    ready_within_s: float = 300.0,
 ) -> dict[str, Any]:
     """Closed-loop load at `concurrency` (requests of 16 texts), then a lone 16-text request
-    timed over HTTP and against the engine alone on the same pairs."""
+    timed over HTTP and against the engine alone on the same pairs. A server that is not ready
+    within `ready_within_s`, or whose thread has ended (its start-up failed), is an error."""
     import httpx
 
     from reranker_runtime.bench.client import drive, make_client, summarize
@@ -404,16 +406,19 @@ def server_end_to_end(
         return make_request(seed, i, n_passages=16, min_words=words, max_words=words)
 
     async def run() -> dict[str, Any]:
+        ready_by = time.monotonic() + ready_within_s
         async with httpx.AsyncClient(trust_env=False) as probe:
-            for _ in range(6000):
+            while True:
                 try:
                     if (await probe.get(f"{url}/health")).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
+                if not thread.is_alive():
+                    raise RuntimeError("the server stopped before it was ready (see its log)")
+                if time.monotonic() > ready_by:
+                    raise RuntimeError(f"the server was not ready within {ready_within_s:.0f} s")
                 await asyncio.sleep(0.05)
-            else:
-                raise RuntimeError("the server never became ready")
         async with make_client(concurrency, 600) as client:
             await drive(client, url, request, concurrency, n_requests=concurrency)  # warm-up
             results, wall = await drive(client, url, request, concurrency, duration_s=duration_s)

@@ -361,6 +361,7 @@ class GpuCheck:
                     continue
                 for name, r in results.items():
                     row = {"dtype": dtype, "tokens_per_pair": tokens_label, "engine": name, **r}
+                    row.update(_ran_as(engines[name]))
                     if tokens_label != "mixed":
                         achieved = (
                             checks.flops_per_pair(config, int(tokens_label))
@@ -430,6 +431,8 @@ class GpuCheck:
                 duration_s=self.server_seconds,
                 words=words,
                 seed=5,
+                # What is left of --time-limit once the load itself has run.
+                ready_within_s=max(10.0, self.deadline.left() - self.server_seconds - 15),
             )
         except Exception as exc:
             _log(f"server run failed: {exc}")
@@ -463,9 +466,17 @@ class GpuCheck:
     def _free(self) -> None:
         gc.collect()
         if not self.cpu:
-            import torch
+            from reranker_runtime.engines.base import release_cached_memory
 
-            torch.cuda.empty_cache()
+            release_cached_memory()
+
+
+def _ran_as(engine: Any) -> dict[str, Any]:
+    """What a throughput row really ran: the attention backend, and for the packed engine how
+    many CUDA graphs it captured (a `packed+graphs` row whose captures failed ran eager)."""
+    facts: dict[str, Any] = {"attention": engine.info.extra.get("attention")}
+    facts.update(getattr(engine, "graph_stats", {}))
+    return facts
 
 
 def _load_error(model: str, dtype: str, exc: Exception) -> dict[str, Any]:

@@ -13,6 +13,17 @@ def _f(value: Any, fmt: str = ".1f") -> str:
     return str(value)
 
 
+def ran_as(row: dict[str, Any]) -> str:
+    """`varlen, 12 CUDA graphs`; a graphed engine that captured none says it ran eager."""
+    parts = [str(row["attention"])] if row.get("attention") else []
+    if row.get("graph_capture_error"):
+        parts.append(f"EAGER: graph capture failed ({row['graph_capture_error'][:120]})")
+    elif row.get("graphs_enabled") or row.get("graphs_captured"):
+        captured = row.get("graphs_captured") or 0
+        parts.append(f"{captured} CUDA graphs" if captured else "EAGER: no CUDA graph captured")
+    return ", ".join(parts).replace("|", "/")
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     env = r["environment"]
     lines = ["# reranker-runtime gpu-check", ""]
@@ -102,17 +113,18 @@ def render_markdown(r: dict[str, Any]) -> str:
             "Engine only (no HTTP): median over interleaved rounds. `mixed` = realistic pairs (30-200 "
             "words) cut into batches by each engine's cost model.",
             "",
-            "| dtype | tokens/pair | engine | pairs/s | tokens/s | TFLOP/s | % datasheet peak | % matmul peak |",
-            "|---|---|---|---|---|---|---|---|",
+            "| dtype | tokens/pair | engine | ran as | pairs/s | tokens/s | TFLOP/s | % datasheet peak | % matmul peak |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in t["rows"]:
             if "error" in row:
                 lines.append(
-                    f"| {row['dtype']} | {row['tokens_per_pair']} | error: {row['error']} | | | | | |"
+                    f"| {row['dtype']} | {row['tokens_per_pair']} | error: {row['error']} | | | | | | |"
                 )
                 continue
             lines.append(
-                f"| {row['dtype']} | {row['tokens_per_pair']} | {row['engine']} | {_f(row['pairs_per_s'])} | "
+                f"| {row['dtype']} | {row['tokens_per_pair']} | {row['engine']} | {ran_as(row)} | "
+                f"{_f(row['pairs_per_s'])} | "
                 f"{_f(row['tokens_per_s'], '.0f')} | {_f(row.get('tflops'))} | "
                 f"{_f(row.get('pct_datasheet_peak'))} | {_f(row.get('pct_matmul_peak'))} |"
             )
