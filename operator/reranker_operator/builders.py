@@ -442,6 +442,11 @@ def cache_size(spec: RerankerSpec, config: OperatorConfig) -> str:
     return spec.engine_cache.size or config.engine_cache.size
 
 
+def _user_volume_mounts(spec: RerankerSpec) -> list[dict[str, Any]]:
+    """spec.runtime.volumeMounts, as the container's (only the fields given)."""
+    return [m.model_dump(by_alias=True, exclude_defaults=True) for m in spec.runtime.volume_mounts]
+
+
 def _volumes(
     name: str, spec: RerankerSpec, config: OperatorConfig, read_only: bool, builds: bool
 ) -> list[dict[str, Any]]:
@@ -825,6 +830,7 @@ def build_deployment(
                 "readOnly": True,
             },
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
+            *_user_volume_mounts(spec),
         ],
         "securityContext": _container_security_context(),
         # Give endpoints time to drop the pod before the server stops accepting requests.
@@ -864,7 +870,8 @@ def build_deployment(
                     config,
                     read_only=True,
                     builds=cache_mode(spec, config) == "PerPod",
-                ),
+                )
+                + [copy.deepcopy(v) for v in spec.runtime.volumes],
             },
         },
     }

@@ -356,6 +356,23 @@ class EnvVar(_Model):
     value_from: EnvVarSource | None = Field(default=None, alias="valueFrom")
 
 
+# A volume's name, as the API server wants it (a DNS-1123 label).
+VOLUME_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# An absolute path without `.` or `..` segments or a trailing slash (the root itself excepted).
+MOUNT_PATH_PATTERN = r"^/$|^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+$"
+# The operator's own volumes and where the server mounts them (builders.py): spec.runtime's may
+# not take their names or mount over, under or above their paths.
+OPERATOR_VOLUMES = frozenset({"tmp", "engine", "engine-cache", "checkpoint", "ca-bundle"})
+OPERATOR_MOUNTS = ("/engines", "/tmp", "/checkpoint", "/etc/reranker/ca")
+
+
+class VolumeMount(_Model):
+    name: str = Field(max_length=63, pattern=VOLUME_NAME_PATTERN)
+    mount_path: str = Field(alias="mountPath", max_length=4096, pattern=MOUNT_PATH_PATTERN)
+    read_only: bool = Field(default=False, alias="readOnly")
+    sub_path: str | None = Field(default=None, alias="subPath", max_length=4096)
+
+
 class Runtime(_Model):
     image: str | None = Field(default=None, min_length=1, max_length=512)
     # None: build.maxNumTokens on GPU, the runtime's `auto` budget on CPU (RerankerSpec).
@@ -380,6 +397,10 @@ class Runtime(_Model):
     )
     probes: Probes = Probes()
     env: tuple[EnvVar, ...] = Field(default=(), max_length=64)
+    # Kubernetes Volume objects for the runtime pods (passed through: the API server checks
+    # their sources when the Deployment is applied), mounted in the server by volumeMounts.
+    volumes: tuple[dict[str, Any], ...] = Field(default=(), max_length=32)
+    volume_mounts: tuple[VolumeMount, ...] = Field(default=(), alias="volumeMounts", max_length=32)
 
 
 class Toleration(_Model):
@@ -684,6 +705,50 @@ def _check_rules(spec: RerankerSpec) -> None:
         if name in names[:i]:
             raise InvalidSpec(f"spec.runtime.env[{i}].name", f"duplicate variable {name}")
         _check_env_source(spec.runtime.env[i], f"spec.runtime.env[{i}]")
+    _check_volumes(spec.runtime)
+
+
+def _check_volumes(runtime: Runtime) -> None:
+    """spec.runtime.volumes / volumeMounts: names the API server takes, none of the operator's
+    names or paths (not in CEL: lists of objects make poor CEL)."""
+    names: list[str] = []
+    for i, volume in enumerate(runtime.volumes):
+        field = f"spec.runtime.volumes[{i}]"
+        name = volume.get("name")
+        if not isinstance(name, str) or not re.fullmatch(VOLUME_NAME_PATTERN, name):
+            raise InvalidSpec(f"{field}.name", "a volume needs a name: a DNS-1123 label")
+        if name in OPERATOR_VOLUMES:
+            raise InvalidSpec(f"{field}.name", f"{name} is a volume of the operator's; rename it")
+        if name in names:
+            raise InvalidSpec(f"{field}.name", f"duplicate volume {name}")
+        if len(volume) < 2:
+            raise InvalidSpec(
+                field, f"volume {name} has no source (emptyDir, secret, configMap, ...)"
+            )
+        names.append(name)
+    paths: list[str] = []
+    for i, mount in enumerate(runtime.volume_mounts):
+        field = f"spec.runtime.volumeMounts[{i}]"
+        if mount.name not in names:
+            raise InvalidSpec(
+                f"{field}.name", f"no volume named {mount.name} in spec.runtime.volumes"
+            )
+        path = mount.mount_path
+        for ours in OPERATOR_MOUNTS:
+            if _nested(path, ours):
+                raise InvalidSpec(
+                    f"{field}.mountPath",
+                    f"{path} overlaps the operator's mount {ours}: choose another path",
+                )
+        if path in paths:
+            raise InvalidSpec(f"{field}.mountPath", f"{path} is mounted twice")
+        paths.append(path)
+
+
+def _nested(a: str, b: str) -> bool:
+    """Paths equal, or one inside the other."""
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
 
 
 def _check_env_source(var: EnvVar, field: str) -> None:

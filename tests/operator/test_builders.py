@@ -712,6 +712,43 @@ def test_checkpoint_endpoint_reaches_the_build_only(
     assert not {"HF_ENDPOINT", "AWS_ENDPOINT_URL"} & set(env_map(plain_init))
 
 
+OTLP_CA = {
+    "name": "otlp-ca",
+    "configMap": {"name": "corp-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+}
+SHM = {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}
+
+
+@pytest.mark.parametrize("mode", ["PerPod", "Shared"])
+def test_runtime_volumes_reach_the_server_only(mode: str) -> None:
+    mounts = [
+        {"name": "otlp-ca", "mountPath": "/etc/otlp", "readOnly": True},
+        {"name": "shm", "mountPath": "/dev/shm"},
+    ]
+    runtime = {"volumes": [OTLP_CA, SHM], "volumeMounts": mounts}
+    spec = spec_of(runtime=runtime, engineCache={"mode": mode})
+    dep = b.build_deployment("rr", NS, spec, CONFIG, KEY)
+    pod = dep["spec"]["template"]["spec"]
+    # Passed through as written, after the operator's own.
+    assert pod["volumes"][-2:] == [OTLP_CA, SHM]
+    assert [v["name"] for v in pod["volumes"][:-2]] == [
+        "engine" if mode == "PerPod" else "engine-cache", "tmp"]  # fmt: skip
+    server = container(dep)
+    assert server["volumeMounts"][-2:] == mounts  # readOnly false is left out, as kubectl does
+    # Not the build (init container, Job): it reads no user file, and a missing Secret would
+    # hold up the build too.
+    for c in pod.get("initContainers", []):
+        assert all(m["name"] not in ("otlp-ca", "shm") for m in c["volumeMounts"])
+    if mode == "Shared":
+        job = b.build_engine_job("rr", NS, spec, CONFIG, KEY)
+        assert not {"otlp-ca", "shm"} & {
+            v["name"] for v in job["spec"]["template"]["spec"]["volumes"]
+        }
+    # The spec model keeps the caller's volume untouched (a deep copy went into the pod).
+    pod["volumes"][-1]["emptyDir"]["medium"] = "changed"
+    assert spec.runtime.volumes[1]["emptyDir"]["medium"] == "Memory"
+
+
 @pytest.mark.parametrize("mode", ["PerPod", "Shared"])
 def test_cpu_limit_and_ephemeral_storage_reach_every_container(mode: str) -> None:
     # cpuLimit equal to cpu (and memory's limit = request): Guaranteed QoS, which the kubelet's

@@ -195,12 +195,13 @@ def _walk_schema(
         yield from _walk_schema(node["items"], f"{path}[]")
 
 
-# Kubernetes' own Affinity and TopologySpreadConstraint, passed through to the pods, and the
-# HPA's behavior (the API server validates them on the Deployment and the HPA); nothing else
+# Kubernetes' own Affinity, TopologySpreadConstraint and Volume, passed through to the pods, and
+# the HPA's behavior (the API server validates them on the Deployment and the HPA); nothing else
 # keeps unknown fields.
 PASSED_THROUGH = {
     ".spec.pod.affinity",
     ".spec.pod.topologySpreadConstraints[]",
+    ".spec.runtime.volumes[]",
     ".spec.autoscaling.behavior",
 }
 
@@ -805,6 +806,11 @@ def test_the_api_server_and_the_operator_refuse_the_same_specs() -> None:
          "spec.runtime.env[0].valueFrom.fieldRef.fieldPath"),
         ({**MINIMAL, "runtime": {"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['" + "a" * 64 + "']"}}}]}},
          "spec.runtime.env[0].valueFrom.fieldRef.fieldPath"),
+        *[({**MINIMAL, "runtime": {"volumes": [{"name": "a", "emptyDir": {}}],
+            "volumeMounts": [{"name": "a", "mountPath": path}]}}, "spec.runtime.volumeMounts[0].mountPath")
+          for path in ("data", "/data/", "/data/../engines", "/./engines", "//data", "/a/.")],
+        ({**MINIMAL, "runtime": {"volumes": [{"name": "Bad_Name", "emptyDir": {}}]}},
+         "spec.runtime.volumes[0].name"),
     ],
 )  # fmt: skip
 def test_schema_and_model_refuse_the_same_values(spec: dict, field: str) -> None:
@@ -858,6 +864,19 @@ def test_code_only_checks_name_the_field() -> None:
          "spec.service.loadBalancerSourceRanges[0]", "not an IP network"),
         ({"resources": {"cpu": 2, "cpuLimit": "1500m"}}, "spec.resources.cpuLimit",
          "less than the CPU request"),
+        ({"runtime": {"volumes": [{"name": "tmp", "emptyDir": {}}]}}, "spec.runtime.volumes[0].name",
+         "volume of the operator's"),
+        ({"runtime": {"volumes": [{"name": "a", "emptyDir": {}}, {"name": "a", "secret": {"secretName": "s"}}]}},
+         "spec.runtime.volumes[1].name", "duplicate volume a"),
+        ({"runtime": {"volumes": [{"name": "a"}]}}, "spec.runtime.volumes[0]", "has no source"),
+        ({"runtime": {"volumeMounts": [{"name": "a", "mountPath": "/a"}]}}, "spec.runtime.volumeMounts[0].name",
+         "no volume named a"),
+        *[({"runtime": {"volumes": [{"name": "a", "emptyDir": {}}], "volumeMounts": [
+            {"name": "a", "mountPath": path}]}}, "spec.runtime.volumeMounts[0].mountPath", "overlaps the operator's")
+          for path in ("/engines", "/engines/x", "/tmp", "/etc", "/", "/checkpoint/m", "/etc/reranker")],
+        ({"runtime": {"volumes": [{"name": "a", "emptyDir": {}}], "volumeMounts": [
+            {"name": "a", "mountPath": "/data"}, {"name": "a", "mountPath": "/data", "subPath": "x"}]}},
+         "spec.runtime.volumeMounts[1].mountPath", "mounted twice"),
         ({"resources": {"cpuLimit": "0.5"}}, "spec.resources.cpuLimit", "resources.cpu 1"),
     ]  # fmt: skip
     for fields, field, needle in code_only:
