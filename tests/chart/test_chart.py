@@ -327,6 +327,38 @@ def test_security_context_is_restricted(chart: helm_python.Chart) -> None:
     assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
 
 
+def test_openshift_values_leave_the_ids_to_the_cluster(chart: helm_python.Chart) -> None:
+    """examples/helm/openshift-values.yaml: no fixed user, group or fsGroup anywhere (OpenShift's
+    restricted-v2 SCC assigns them from the namespace's range and refuses pods that name
+    others), on the operator pod and on every pod the operator creates; the rest of the
+    restricted profile stays."""
+    from reranker_operator.builders import build_deployment, build_engine_job, engine_key_for
+    from reranker_operator.spec import parse_spec
+
+    values = yaml.safe_load((REPO / "examples" / "helm" / "openshift-values.yaml").read_text())
+    objects = manifests(render(chart, values))
+    ids = ("runAsUser", "runAsGroup", "fsGroup")
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    config = load_operator_config(operator_config_text(objects))
+    reranker = yaml.safe_load((REPO / "examples" / "bge-reranker-large-l4.yaml").read_text())
+    spec = parse_spec({**reranker, "spec": {**reranker["spec"], "engineCache": {"mode": "Shared"}}})
+    key = engine_key_for(spec, config)
+    created = [
+        build_deployment("rr", "ml", spec, config, key)["spec"]["template"]["spec"],
+        build_engine_job("rr", "ml", spec, config, key)["spec"]["template"]["spec"],
+    ]
+    for p in [pod, *created]:
+        contexts = [p["securityContext"]] + [
+            c["securityContext"] for c in p["containers"] + p.get("initContainers", [])
+        ]
+        for context in contexts:
+            assert not set(ids) & set(context), context
+            assert context["runAsNonRoot"] is True
+        assert p["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container(objects)["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}
+
+
 def test_image_tag_is_pinned_to_the_package_version(chart: helm_python.Chart) -> None:
     # pyproject.toml is the one source of the version (tests/test_version.py checks the rest).
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
