@@ -189,10 +189,15 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
 # lint and strict validation
 
 
+OPENSHIFT_VALUES = yaml.safe_load(
+    (REPO / "examples" / "helm" / "openshift-values.yaml").read_text()
+)
+
+
 @pytest.mark.parametrize(
     "values",
-    [None, {"watchNamespaces": ["ml"]}, NON_DEFAULT_VALUES],
-    ids=["defaults", "namespaced", "non-default"],
+    [None, {"watchNamespaces": ["ml"]}, NON_DEFAULT_VALUES, OPENSHIFT_VALUES],
+    ids=["defaults", "namespaced", "non-default", "openshift"],
 )
 def test_lint_has_no_errors(values: dict[str, Any] | None) -> None:
     report = helm_python.lint(CHART, values, strict=False, namespace=NAMESPACE)
@@ -335,8 +340,7 @@ def test_openshift_values_leave_the_ids_to_the_cluster(chart: helm_python.Chart)
     from reranker_operator.builders import build_deployment, build_engine_job, engine_key_for
     from reranker_operator.spec import parse_spec
 
-    values = yaml.safe_load((REPO / "examples" / "helm" / "openshift-values.yaml").read_text())
-    objects = manifests(render(chart, values))
+    objects = manifests(render(chart, OPENSHIFT_VALUES))
     ids = ("runAsUser", "runAsGroup", "fsGroup")
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     config = load_operator_config(operator_config_text(objects))
