@@ -556,15 +556,20 @@ _QUANTITY_SUFFIXES = {
 
 
 def quantity_value(quantity: str) -> Decimal:
-    """A Kubernetes quantity (QUANTITY_PATTERN: `500m`, `2`, `1.5Gi`, `1e3`) as a number, so two
-    can be compared however they are written."""
+    """A Kubernetes quantity (`500m`, `2`, `1.5Gi`, `1e3`) as a number, so two can be compared
+    however they are written. ValueError for what Kubernetes' parser refuses although
+    QUANTITY_PATTERN lets it through: a fractional exponent (`1e1.5`), or one far outside what
+    a quantity can hold (`1e999999999`)."""
     match = re.fullmatch(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(.*)", quantity)
     if match is None:
         raise ValueError(f"not a quantity: {quantity!r}")
     number, suffix = Decimal(match.group(1)), match.group(2)
     if suffix in _QUANTITY_SUFFIXES:  # before the exponent: `E` and `Ei` are suffixes
         return number * _QUANTITY_SUFFIXES[suffix]
-    return number * Decimal(10) ** Decimal(suffix[1:])  # e3, E-3
+    exponent = re.fullmatch(r"[eE]([+-]?[0-9]{1,3})", suffix)
+    if exponent is None:
+        raise ValueError(f"not a quantity Kubernetes accepts: {quantity!r}")
+    return number * Decimal(10) ** int(exponent.group(1))
 
 
 def _quantity(value: Any) -> Any:
@@ -674,6 +679,14 @@ def _check_rules(spec: RerankerSpec) -> None:
         )
     resources = spec.resources
     # Not in CEL (int-or-string quantities): the API server would refuse every pod instead.
+    for field, value in (("cpu", resources.cpu), ("cpuLimit", resources.cpu_limit)):
+        try:
+            if value is not None:
+                quantity_value(value)
+        except ValueError as exc:
+            raise InvalidSpec(
+                f"spec.resources.{field}", f"{exc}: write it as 2, 500m or 1.5"
+            ) from None
     if resources.cpu_limit is not None and (
         quantity_value(resources.cpu_limit) < quantity_value(resources.cpu)
     ):

@@ -124,15 +124,41 @@ def test_device_check_records_the_machine_and_reports_each_step(tmp_path: Path) 
         assert gpu_log is not None and b"no CUDA GPU is visible" in gpu_log.read()
 
 
+STUB_CPU_CHECK = """\
+out="$1"; mkdir -p "$out/model-small"
+echo "# CPU check with RUNS=$RUNS ROUNDS=$ROUNDS REQUESTS=$REQUESTS" > "$out/summary.md"
+for run in $RUNS; do echo "$run result" > "$out/$run.txt"; echo '{}' > "$out/$run.json"; done
+echo weights > "$out/model-small/model.safetensors"
+"""
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU run")
 def test_device_check_runs_the_cpu_check_on_an_intel_host(tmp_path: Path) -> None:
-    # CPUS=0 makes cpu-check stop at once (it needs two CPUs): its step ran, and failed.
+    """On an Intel host the short cpu-check runs (here a stub standing in for the script): its
+    settings reach it, its summary and reports come back, its models and a previous run's
+    leftovers do not, and $OUT stays within what the device tool returns."""
+    stub = tmp_path / "cpu-check-stub.sh"
+    stub.write_text(STUB_CPU_CHECK)
+    stale = tmp_path / "work" / "logs" / "stale-from-an-earlier-run.log"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old")
     env = _script_env(tmp_path, bf16=True, vendor="GenuineIntel")
-    proc = _device_check(tmp_path, **env, CPUS="0")
-    assert "== cpu-check (at most 200s)" in proc.stdout, proc.stdout
-    assert "== cpu-check: exit 2" in proc.stdout
-    assert "needs two CPUs" in proc.stdout
-    assert len(_returned_files(tmp_path / "out")) <= 8
+    proc = _device_check(tmp_path, **env, CPU_CHECK_SCRIPT=str(stub))
+    assert "== cpu-check (at most 230s)" in proc.stdout, proc.stdout
+    assert "== cpu-check: exit 0" in proc.stdout
+    out = tmp_path / "out"
+    assert (out / "cpu-check.md").read_text().strip() == (
+        "# CPU check with RUNS=fp32-quiet bf16-quiet ROUNDS=2 REQUESTS=16"
+    )
+    returned = _returned_files(out)
+    assert returned == ["cpu-check.md", "logs.tar.gz", "machine.txt"]
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        names = set(logs.getnames())
+    assert {
+        f"logs/{run}.{ext}" for run in ("fp32-quiet", "bf16-quiet") for ext in ("txt", "json")
+    } <= names
+    assert "logs/cpu-check.log" in names and "logs/gpu-check.log" in names
+    assert not any("stale" in n or "safetensors" in n for n in names)
 
 
 def test_cpu_check_refuses_an_unknown_run(tmp_path: Path) -> None:

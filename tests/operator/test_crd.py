@@ -878,6 +878,9 @@ def test_code_only_checks_name_the_field() -> None:
             {"name": "a", "mountPath": "/data"}, {"name": "a", "mountPath": "/data", "subPath": "x"}]}},
          "spec.runtime.volumeMounts[1].mountPath", "mounted twice"),
         ({"resources": {"cpuLimit": "0.5"}}, "spec.resources.cpuLimit", "resources.cpu 1"),
+        # The schema's quantity pattern lets these through; Kubernetes' parser does not.
+        ({"resources": {"cpuLimit": "1e999999999"}}, "spec.resources.cpuLimit", "not a quantity Kubernetes accepts"),
+        ({"resources": {"cpu": "1e1.5"}}, "spec.resources.cpu", "not a quantity Kubernetes accepts"),
     ]  # fmt: skip
     for fields, field, needle in code_only:
         obj = reranker({**MINIMAL, **fields})

@@ -8,10 +8,12 @@ served here under /docs/assets/. Only the files named below are served. Open, li
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from functools import cache
 from importlib.resources import files
+from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.openapi.docs import (
     get_redoc_html,
     get_swagger_ui_html,
@@ -45,15 +47,20 @@ def _asset(name: str) -> bytes:
     return (files("fastapi_offline") / "static" / name).read_bytes()
 
 
-def _asset_url(request: Request, name: str) -> str:
+def _root(request: Request) -> str:
     # root_path: behind a proxy that serves the API under a prefix (an Ingress path, say), the
-    # browser must ask for the assets under that prefix too, as FastAPI's own /docs does.
-    return f"{request.scope.get('root_path', '')}{ASSETS_PATH}/{name}"
+    # browser must ask for the assets under that prefix too, as FastAPI's own /docs does. No
+    # trailing slash: `//docs/...` would name a host.
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def _asset_url(request: Request, name: str) -> str:
+    return f"{_root(request)}{ASSETS_PATH}/{name}"
 
 
 @router.get(DOCS_PATH)
 async def swagger_ui(request: Request) -> HTMLResponse:
-    root = request.scope.get("root_path", "")
+    root = _root(request)
     return get_swagger_ui_html(
         openapi_url=f"{root}{request.app.openapi_url}",
         title=f"{TITLE} - Swagger UI",
@@ -72,7 +79,7 @@ async def swagger_ui_oauth2_redirect() -> HTMLResponse:
 
 @router.get(REDOC_PATH)
 async def redoc(request: Request) -> HTMLResponse:
-    root = request.scope.get("root_path", "")
+    root = _root(request)
     return get_redoc_html(
         openapi_url=f"{root}{request.app.openapi_url}",
         title=f"{TITLE} - ReDoc",
@@ -82,13 +89,17 @@ async def redoc(request: Request) -> HTMLResponse:
     )
 
 
-@router.get(ASSETS_PATH + "/{name}")
-async def docs_asset(name: str) -> Response:
-    media_type = _ASSETS.get(name)
-    if media_type is None:
-        raise HTTPException(404, f"no docs asset named {name!r}")
-    return Response(
-        _asset(name),
-        media_type=media_type,
-        headers={"cache-control": _ASSET_CACHE},
+def _asset_route(name: str, media_type: str) -> Callable[[], Coroutine[Any, Any, Response]]:
+    async def asset() -> Response:
+        headers = {"cache-control": _ASSET_CACHE}
+        return Response(_asset(name), media_type=media_type, headers=headers)
+
+    return asset
+
+
+# One literal route per asset (no path parameter): HEAD, the access log's route label and the
+# 404 for any other name work as for every other route.
+for _name, _media_type in _ASSETS.items():
+    router.add_api_route(
+        f"{ASSETS_PATH}/{_name}", _asset_route(_name, _media_type), methods=["GET"]
     )
