@@ -81,6 +81,7 @@ class Lifecycle:
         service: RerankService | None = None,
     ) -> None:
         self.settings = settings
+        self.created = int(time.time())  # when this server started (the model list's `created`)
         self._engine = engine
         self._service = service
         self._owns_engine = engine is None and service is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,24 @@ async def test_info(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:
     assert info["cpu_kernels"] is None  # the padded engine has no choice of CPU kernels
     assert info["ready"] is True
     assert info["version"] == __version__
+
+
+async def test_model_list_names_the_served_model(
+    client: httpx.AsyncClient, xlmr_reranker: Path
+) -> None:
+    """GET /v1/models (OpenAI, vLLM) and /models (Infinity): clients that discover a model
+    before they call it (LiteLLM, Open WebUI) find the one this server serves."""
+    for path in ("/v1/models", "/models"):
+        resp = await client.get(path)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["object"] == "list"
+        [card] = body["data"]
+        assert card["id"] == "tiny-bge" and card["object"] == "model"
+        assert card["root"] == str(xlmr_reranker)
+        assert card["max_model_len"] == 128 and card["capabilities"] == ["rerank"]
+        assert 0 < time.time() - card["created"] < 3600
+        assert card["owned_by"] == "reranker-runtime"
 
 
 async def test_info_reports_the_limits_in_force(
@@ -227,10 +246,11 @@ async def test_api_key_checked_before_the_body(secured: httpx.AsyncClient) -> No
 
 
 async def test_api_key_scope(secured: httpx.AsyncClient) -> None:
-    assert (await secured.get("/info")).status_code == 401
-    assert (
-        await secured.get("/info", headers={"Authorization": f"Api-Key {KEY}"})
-    ).status_code == 200
+    for path in ("/info", "/v1/models", "/models"):
+        assert (await secured.get(path)).status_code == 401, path
+        assert (
+            await secured.get(path, headers={"Authorization": f"Api-Key {KEY}"})
+        ).status_code == 200, path
     for path in ("/health", "/live", "/metrics", "/openapi.json", "/docs"):
         assert (await secured.get(path)).status_code == 200, path
 

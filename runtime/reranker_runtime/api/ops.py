@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from reranker_runtime import __version__, metrics
 from reranker_runtime.api.auth import ProtectedRoute
 from reranker_runtime.api.deps import get_lifecycle
-from reranker_runtime.api.schemas import ErrorBody, InfoResponse, StatusBody
+from reranker_runtime.api.schemas import ErrorBody, InfoResponse, ModelCard, ModelList, StatusBody
 from reranker_runtime.lifecycle import Lifecycle, State
 
 router = APIRouter(tags=["Operations"])
@@ -66,6 +66,32 @@ async def live(request: Request) -> StatusBody:
 )
 async def info(request: Request) -> InfoResponse:
     return build_info(get_lifecycle(request))
+
+
+async def models(request: Request) -> ModelList:
+    """The one model this server serves, for clients that discover models first (LiteLLM,
+    Open WebUI, OpenAI-style SDKs, Infinity's clients)."""
+    lifecycle = get_lifecycle(request)
+    info = build_info(lifecycle)
+    card = ModelCard(
+        id=info.served_model_name,
+        created=lifecycle.created,
+        root=info.model_id,
+        max_model_len=info.max_input_length,
+        capabilities=["rerank" if info.num_labels == 1 else "classify"],
+    )
+    return ModelList(data=[card])
+
+
+for _path, _who in (("/v1/models", "OpenAI and vLLM"), ("/models", "Infinity")):
+    info_router.add_api_route(
+        _path,
+        models,
+        methods=["GET"],
+        response_model=ModelList,
+        responses={503: {"model": ErrorBody, "description": "The model is not loaded yet."}},
+        summary=f"The served model ({_who}'s model list)",
+    )
 
 
 def build_info(lifecycle: Lifecycle) -> InfoResponse:

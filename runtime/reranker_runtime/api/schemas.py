@@ -583,6 +583,24 @@ class ErrorBody(BaseModel):
     error_type: str
 
 
+class ModelCard(BaseModel):
+    """One served model, as OpenAI's and vLLM's `GET /v1/models` list it (and Infinity's
+    `/models`)."""
+
+    id: str = Field(description="The served model name (the `model` of Cohere/vLLM responses).")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time this server started.")
+    owned_by: str = "reranker-runtime"
+    root: str = Field(description="Where the weights came from: the hub id or the directory.")
+    max_model_len: int = Field(description="Tokens of one (query, text) pair, at most.")
+    capabilities: list[str] = Field(description='["rerank"] for a reranker, ["classify"] else.')
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class InfoResponse(BaseModel):
     model_id: str
     model_sha: str | None = Field(description="Revision the weights came from, when known.")
