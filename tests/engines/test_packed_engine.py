@@ -209,18 +209,54 @@ def test_scores_do_not_depend_on_batch_neighbours(models: dict[str, Path]) -> No
     )
 
 
+def test_cuda_graph_span_follows_the_batch_not_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph's max_seqlen is the batch's longest sequence rounded up to a power of two: on an
+    8192-token model, short pairs do not launch attention blocks for 8192 tokens. A longer
+    batch gets a graph of its own; one within the span reuses it."""
+    captured: list[tuple[int, int, int]] = []
+
+    def capture(runner: Any, tokens: int, rows: int, span: int) -> Any:
+        captured.append((tokens, rows, span))
+        layout = packed_engine._Graph.layout(None, tokens, rows, span, 1, 2)
+        cu = layout[3 * tokens : 3 * tokens + rows + 1]
+        assert int(cu[-1]) == tokens and int(np.diff(cu).max()) <= span  # padding fits the span
+        return SimpleNamespace(tokens=tokens, rows=rows, span=span)
+
+    monkeypatch.setattr(packed_engine._Graph, "capture", staticmethod(capture))
+    runner = object.__new__(packed_engine._CudaRunner)
+    runner._max_len, runner._max_graphs = 8192, 64
+    runner._graphs, runner._eager_buckets = {}, set()
+    runner._graphs_enabled, runner.capture_error = True, None
+    assert runner._graph_for(4000, 16, 250).span == 256
+    assert runner._graph_for(4010, 16, 256).span == 256  # the same graph
+    assert runner._graph_for(4000, 16, 257).span == 512
+    assert runner._graph_for(9000, 1, 8192).span == 8192  # never beyond the model's limit
+    assert [span for _, _, span in captured] == [256, 512, 8192]
+    assert packed_engine.graph_span(10, 32) == 32  # a model shorter than the smallest span
+
+
 def test_cuda_graph_layout_scores_like_eager(
     models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The static buffer a CUDA graph replays (stream padded to a token bucket with spare
-    sequences, spare rows empty) gives the same logits for the real sequences."""
+    sequences of at most the graph's span, spare rows empty) gives the same logits for the real
+    sequences: with long pairs (span = the model's maximum) and short ones (a smaller span)."""
     monkeypatch.setattr(packed_engine, "_varlen_attn", emulated_varlen)
-    for kind in ("xlmr", "bert"):
+    for kind, short in itertools.product(("xlmr", "bert"), (False, True)):
         engine = PackedEngine.from_torch_engine(padded_engine(models[kind]), attention="varlen")
-        packed = engine.pack(encode(engine.tokenizer, mixed_pairs(engine.tokenizer, 9, seed=5)))
-        n, total, max_len = len(packed.lengths), packed.num_tokens, engine.info.max_input_length
-        tokens = packed_engine._bucket(total + 300, 128)  # spare tokens > max_len: 3+ spare seqs
-        rows = packed_engine._bucket(n + 4, 8)
+        pairs = encode(engine.tokenizer, mixed_pairs(engine.tokenizer, 9, seed=5))
+        if short:  # cut like a truncation: still valid sequences
+            pairs = [
+                EncodedPair(p.input_ids[:40], p.token_type_ids and p.token_type_ids[:40])
+                for p in pairs
+            ]
+        packed = engine.pack(pairs)
+        n, total = len(packed.lengths), packed.num_tokens
+        # The span a graph would use for this batch.
+        max_len = packed_engine.graph_span(packed.max_len, engine.info.max_input_length)
+        assert (max_len < engine.info.max_input_length) == short
+        tokens = packed_engine._bucket(total + 300, 128)  # spare tokens > the span: spare seqs
+        rows = packed_engine._bucket(n + 300 // max_len + 4, 8)
         offset = engine._facts.position_offset
         layout = torch.from_numpy(
             packed_engine._Graph.layout(packed, tokens, rows, max_len, 1, offset)
@@ -364,7 +400,7 @@ def test_a_failed_cuda_graph_capture_turns_graphs_off(
     PyTorch <= 2.11 the allocator may still think the failed capture is under way)."""
     attempts: list[tuple[int, int]] = []
 
-    def failing_capture(runner: Any, tokens: int, rows: int) -> Any:
+    def failing_capture(runner: Any, tokens: int, rows: int, span: int) -> Any:
         attempts.append((tokens, rows))
         raise RuntimeError("CUDA out of memory")
 
@@ -374,9 +410,9 @@ def test_a_failed_cuda_graph_capture_turns_graphs_off(
     runner._graphs, runner._eager_buckets = {}, set()
     runner._graphs_enabled, runner.capture_error = True, None
     with caplog.at_level(logging.WARNING, logger="reranker_runtime.engines.packed_engine"):
-        assert runner._graph_for(300, 5) is None
-        assert runner._graph_for(301, 5) is None  # the same bucket
-        assert runner._graph_for(4000, 40) is None  # another one
+        assert runner._graph_for(300, 5, 100) is None
+        assert runner._graph_for(301, 5, 100) is None  # the same bucket
+        assert runner._graph_for(4000, 40, 120) is None  # another one
     assert len(attempts) == 1
     assert [r.getMessage() for r in caplog.records] == [
         "CUDA graph capture failed; this engine runs without graphs from now on"

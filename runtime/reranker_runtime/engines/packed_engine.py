@@ -453,6 +453,12 @@ def default_dtype(device: str) -> str:
 # CUDA execution: pinned staging buffers, one transfer per batch, optional CUDA graphs
 
 
+def graph_span(longest: int, max_len: int) -> int:
+    """A CUDA graph's max_seqlen for a batch whose longest sequence is `longest`: the next power
+    of two (at least 64), at most the model's `max_len`, so a few graphs cover every length."""
+    return min(max_len, max(64, 1 << max(0, longest - 1).bit_length()))
+
+
 def _bucket(value: int, minimum: int) -> int:
     """Round up to at most 1/8 above: 8 buckets per power of two, at least `minimum`."""
     value = max(value, minimum)
@@ -525,8 +531,9 @@ class _CudaRunner:
         self._offset = position_offset
         self._graphs_enabled = cuda_graphs
         self._max_graphs = max_graphs
-        self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._eager_buckets: set[tuple[int, int]] = set()  # their capture failed: run eager
+        # (tokens, rows, span) -> its graph (see _graph_for)
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._eager_buckets: set[tuple[int, int, int]] = set()  # their capture failed: eager
         self._graph_pool: Any = None
         self.capture_error: str | None = None  # the first failed capture's, once graphs are off
         with torch.cuda.device(device):  # pinned memory and streams belong to `device`
@@ -547,7 +554,7 @@ class _CudaRunner:
         with torch.cuda.device(self._device):
             if self._graphs_enabled:
                 with self._run_lock, torch.cuda.stream(self._stream):
-                    graph = self._graph_for(total, n)
+                    graph = self._graph_for(total, n, packed.max_len)
                     if graph is not None:
                         return graph.run(packed, self)
             slot = self._slots.get()  # a free slot: its previous batch has completed
@@ -595,20 +602,24 @@ class _CudaRunner:
             slot.copied.synchronize()
             self._stream.synchronize()
 
-    def _graph_for(self, total: int, n: int) -> _Graph | None:
+    def _graph_for(self, total: int, n: int, longest: int) -> _Graph | None:
         if not self._graphs_enabled:
             return None
+        # The graph's max_seqlen: the batch's longest sequence rounded up to a power of two, not
+        # the model's limit. Flash attention launches blocks for max_seqlen, so short pairs on
+        # an 8192-token model (bge-reranker-v2-m3) would start 32x the blocks they need.
+        span = graph_span(longest, self._max_len)
         tokens = _bucket(total, 128)
-        # Padding tokens form extra sequences of at most max_len tokens each.
-        spare = -(-(tokens - total) // self._max_len)
+        # Padding tokens form extra sequences of at most `span` tokens each.
+        spare = -(-(tokens - total) // span)
         rows = _bucket(n + spare, 8)
-        key = (tokens, rows)
+        key = (tokens, rows, span)
         graph = self._graphs.get(key)
         if graph is None:
             if len(self._graphs) >= self._max_graphs or key in self._eager_buckets:
                 return None  # eager for shapes beyond the cap (memory stays bounded)
             try:
-                graph = _Graph.capture(self, tokens, rows)
+                graph = _Graph.capture(self, tokens, rows, span)
             except Exception as exc:  # out of memory on a small GPU, an op capture refuses
                 # This batch and every later one run eager instead of failing. Every later
                 # shape too: on PyTorch <= 2.11 a failed capture can leave the caching
@@ -623,7 +634,10 @@ class _CudaRunner:
                 )
                 return None
             self._graphs[key] = graph
-            logger.info("captured a CUDA graph", extra={"tokens": tokens, "sequences": rows})
+            logger.info(
+                "captured a CUDA graph",
+                extra={"tokens": tokens, "sequences": rows, "max_seqlen": span},
+            )
         return graph
 
     @property
@@ -642,14 +656,17 @@ class _CudaRunner:
 
 
 class _Graph:
-    """One captured forward pass over a fixed stream of `tokens` tokens and `rows` sequences.
+    """One captured forward pass over a fixed stream of `tokens` tokens and `rows` sequences of
+    at most `span` tokens each (the attention's max_seqlen).
 
     A batch of T <= tokens tokens in n sequences fills the stream; the remaining tokens form
-    padding sequences of at most max_len tokens, and the remaining rows are empty sequences
+    padding sequences of at most `span` tokens, and the remaining rows are empty sequences
     (cu_seqlens repeats `tokens`), which the flash kernel skips. Their logits are discarded."""
 
-    def __init__(self, tokens: int, rows: int, static: torch.Tensor, logits: torch.Tensor) -> None:
-        self.tokens, self.rows = tokens, rows
+    def __init__(
+        self, tokens: int, rows: int, span: int, static: torch.Tensor, logits: torch.Tensor
+    ) -> None:
+        self.tokens, self.rows, self.span = tokens, rows, span
         self.static = static
         self.logits = logits
         self.graph: Any = None
@@ -683,10 +700,10 @@ class _Graph:
         return buf
 
     @classmethod
-    def capture(cls, runner: _CudaRunner, tokens: int, rows: int) -> _Graph:
-        layout = cls.layout(None, tokens, rows, runner._max_len, runner._pad_id, runner._offset)
+    def capture(cls, runner: _CudaRunner, tokens: int, rows: int, span: int) -> _Graph:
+        layout = cls.layout(None, tokens, rows, span, runner._pad_id, runner._offset)
         static = torch.from_numpy(layout).to(runner._device)
-        max_len = max(runner._max_len, 1)
+        max_len = max(span, 1)
 
         def forward() -> torch.Tensor:
             return runner._forward(
@@ -714,7 +731,7 @@ class _Graph:
         with torch.cuda.graph(graph, pool=runner._graph_pool, capture_error_mode="thread_local"):
             logits = forward()
         runner._graph_pool = graph.pool()
-        out = cls(tokens, rows, static, logits)
+        out = cls(tokens, rows, span, static, logits)
         out.graph = graph
         return out
 
@@ -723,7 +740,7 @@ class _Graph:
         its forward stream, so the copy is ordered after the previous replay's reads)."""
         n = len(packed.lengths)
         layout = self.layout(
-            packed, self.tokens, self.rows, runner._max_len, runner._pad_id, runner._offset
+            packed, self.tokens, self.rows, self.span, runner._pad_id, runner._offset
         )
         slot = runner._graph_slot
         slot.fill(layout.size)[:] = layout
