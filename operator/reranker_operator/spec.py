@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from decimal import Decimal
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, localcontext
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -364,6 +364,22 @@ MOUNT_PATH_PATTERN = r"^/$|^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+$"
 # not take their names or mount over, under or above their paths.
 OPERATOR_VOLUMES = frozenset({"tmp", "engine", "engine-cache", "checkpoint", "ca-bundle"})
 OPERATOR_MOUNTS = ("/engines", "/tmp", "/checkpoint", "/etc/reranker/ca")
+# The volume sources the Pod Security Standard "restricted" allows (the operator's pods meet it):
+# no hostPath, so a Reranker cannot mount its node. A projected volume's sources, likewise,
+# without serviceAccountToken (the pods mount no service-account token on purpose).
+VOLUME_SOURCES = frozenset(
+    {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+     "projected", "secret"}
+)  # fmt: skip
+PROJECTED_SOURCES = frozenset({"configMap", "downwardAPI", "secret", "clusterTrustBundle"})
+# The volume sources the Pod Security Standard "restricted" allows (the operator's pods meet it):
+# no hostPath, so a Reranker cannot mount its node. A projected volume's sources, likewise,
+# without serviceAccountToken (the pods mount no service-account token on purpose).
+VOLUME_SOURCES = frozenset(
+    {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+     "projected", "secret"}
+)  # fmt: skip
+PROJECTED_SOURCES = frozenset({"configMap", "downwardAPI", "secret", "clusterTrustBundle"})
 
 
 class VolumeMount(_Model):
@@ -557,19 +573,21 @@ _QUANTITY_SUFFIXES = {
 
 def quantity_value(quantity: str) -> Decimal:
     """A Kubernetes quantity (`500m`, `2`, `1.5Gi`, `1e3`) as a number, so two can be compared
-    however they are written. ValueError for what Kubernetes' parser refuses although
-    QUANTITY_PATTERN lets it through: a fractional exponent (`1e1.5`), or one far outside what
-    a quantity can hold (`1e999999999`)."""
+    however they are written. ValueError for what Kubernetes' parser (apimachinery's
+    resource.ParseQuantity) refuses although QUANTITY_PATTERN lets it through: a fractional
+    exponent (`1e1.5`), or one beyond int64."""
     match = re.fullmatch(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(.*)", quantity)
     if match is None:
         raise ValueError(f"not a quantity: {quantity!r}")
     number, suffix = Decimal(match.group(1)), match.group(2)
     if suffix in _QUANTITY_SUFFIXES:  # before the exponent: `E` and `Ei` are suffixes
         return number * _QUANTITY_SUFFIXES[suffix]
-    exponent = re.fullmatch(r"[eE]([+-]?[0-9]{1,3})", suffix)
-    if exponent is None:
+    exponent = re.fullmatch(r"[eE]([+-]?[0-9]+)", suffix)
+    if exponent is None or abs(int(exponent.group(1))) >= 2**63:
         raise ValueError(f"not a quantity Kubernetes accepts: {quantity!r}")
-    return number * Decimal(10) ** int(exponent.group(1))
+    # A context wide enough for any such exponent (Decimal's default stops at 10**999999).
+    with localcontext(Context(Emax=MAX_EMAX, Emin=MIN_EMIN)):
+        return number.scaleb(int(exponent.group(1)))
 
 
 def _quantity(value: Any) -> Any:
@@ -679,7 +697,13 @@ def _check_rules(spec: RerankerSpec) -> None:
         )
     resources = spec.resources
     # Not in CEL (int-or-string quantities): the API server would refuse every pod instead.
-    for field, value in (("cpu", resources.cpu), ("cpuLimit", resources.cpu_limit)):
+    quantities = (
+        ("cpu", resources.cpu),
+        ("cpuLimit", resources.cpu_limit),
+        ("memory", resources.memory),
+        ("ephemeralStorage", resources.ephemeral_storage),
+    )
+    for field, value in quantities:
         try:
             if value is not None:
                 quantity_value(value)
@@ -734,10 +758,7 @@ def _check_volumes(runtime: Runtime) -> None:
             raise InvalidSpec(f"{field}.name", f"{name} is a volume of the operator's; rename it")
         if name in names:
             raise InvalidSpec(f"{field}.name", f"duplicate volume {name}")
-        if len(volume) < 2:
-            raise InvalidSpec(
-                field, f"volume {name} has no source (emptyDir, secret, configMap, ...)"
-            )
+        _check_volume_source(volume, field)
         names.append(name)
     paths: list[str] = []
     for i, mount in enumerate(runtime.volume_mounts):
@@ -756,6 +777,39 @@ def _check_volumes(runtime: Runtime) -> None:
         if path in paths:
             raise InvalidSpec(f"{field}.mountPath", f"{path} is mounted twice")
         paths.append(path)
+        sub = mount.sub_path
+        if sub is not None and (sub.startswith("/") or ".." in sub.split("/")):
+            raise InvalidSpec(
+                f"{field}.subPath", f"{sub} must be a relative path without '..' segments"
+            )
+
+
+def _check_volume_source(volume: dict[str, Any], field: str) -> None:
+    """Exactly one source, of the kinds the restricted Pod Security Standard allows."""
+    sources = [k for k in volume if k != "name"]
+    allowed = ", ".join(sorted(VOLUME_SOURCES))
+    if len(sources) != 1:
+        raise InvalidSpec(
+            field,
+            f"volume {volume['name']} needs exactly one source ({allowed}); got {len(sources)}",
+        )
+    [source] = sources
+    if source not in VOLUME_SOURCES:
+        raise InvalidSpec(
+            f"{field}.{source}",
+            f"{source} volumes are not allowed (the pods meet the restricted Pod Security "
+            f"Standard): use one of {allowed}",
+        )
+    if source == "projected":
+        projected = volume["projected"] if isinstance(volume["projected"], dict) else {}
+        for j, item in enumerate(projected.get("sources") or []):
+            for kind in item if isinstance(item, dict) else ():
+                if kind not in PROJECTED_SOURCES:
+                    raise InvalidSpec(
+                        f"{field}.projected.sources[{j}].{kind}",
+                        f"{kind} is not allowed in a projected volume here (the pods mount no "
+                        "service-account token): use configMap, secret or downwardAPI",
+                    )
 
 
 def _nested(a: str, b: str) -> bool:

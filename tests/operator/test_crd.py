@@ -868,7 +868,20 @@ def test_code_only_checks_name_the_field() -> None:
          "volume of the operator's"),
         ({"runtime": {"volumes": [{"name": "a", "emptyDir": {}}, {"name": "a", "secret": {"secretName": "s"}}]}},
          "spec.runtime.volumes[1].name", "duplicate volume a"),
-        ({"runtime": {"volumes": [{"name": "a"}]}}, "spec.runtime.volumes[0]", "has no source"),
+        ({"runtime": {"volumes": [{"name": "a"}]}}, "spec.runtime.volumes[0]", "exactly one source"),
+        ({"runtime": {"volumes": [{"name": "a", "emptyDir": {}, "secret": {"secretName": "s"}}]}},
+         "spec.runtime.volumes[0]", "exactly one source .* got 2"),
+        # What the restricted Pod Security Standard refuses: the node's files, a pod token.
+        ({"runtime": {"volumes": [{"name": "a", "hostPath": {"path": "/"}}]}},
+         "spec.runtime.volumes[0].hostPath", "hostPath volumes are not allowed"),
+        ({"runtime": {"volumes": [{"name": "a", "nfs": {"server": "n", "path": "/"}}]}},
+         "spec.runtime.volumes[0].nfs", "not allowed"),
+        ({"runtime": {"volumes": [{"name": "a", "projected": {"sources": [{"secret": {"name": "s"}},
+            {"serviceAccountToken": {"path": "t"}}]}}]}},
+         "spec.runtime.volumes[0].projected.sources[1].serviceAccountToken", "not allowed in a projected"),
+        *[({"runtime": {"volumes": [{"name": "a", "emptyDir": {}}], "volumeMounts": [
+            {"name": "a", "mountPath": "/data", "subPath": sub}]}}, "spec.runtime.volumeMounts[0].subPath",
+           "relative path without '..'") for sub in ("/etc", "../x", "a/../../b", "..")],
         ({"runtime": {"volumeMounts": [{"name": "a", "mountPath": "/a"}]}}, "spec.runtime.volumeMounts[0].name",
          "no volume named a"),
         *[({"runtime": {"volumes": [{"name": "a", "emptyDir": {}}], "volumeMounts": [
@@ -879,8 +892,10 @@ def test_code_only_checks_name_the_field() -> None:
          "spec.runtime.volumeMounts[1].mountPath", "mounted twice"),
         ({"resources": {"cpuLimit": "0.5"}}, "spec.resources.cpuLimit", "resources.cpu 1"),
         # The schema's quantity pattern lets these through; Kubernetes' parser does not.
-        ({"resources": {"cpuLimit": "1e999999999"}}, "spec.resources.cpuLimit", "not a quantity Kubernetes accepts"),
         ({"resources": {"cpu": "1e1.5"}}, "spec.resources.cpu", "not a quantity Kubernetes accepts"),
+        ({"resources": {"memory": "8e0.5"}}, "spec.resources.memory", "not a quantity Kubernetes accepts"),
+        ({"resources": {"ephemeralStorage": "1e99999999999999999999"}}, "spec.resources.ephemeralStorage",
+         "not a quantity Kubernetes accepts"),
     ]  # fmt: skip
     for fields, field, needle in code_only:
         obj = reranker({**MINIMAL, **fields})
@@ -941,8 +956,28 @@ def test_int_quantities_are_accepted() -> None:
     ("quantity", "value"),
     [("1", "1"), ("500m", "0.5"), ("1.5Gi", str(1.5 * 2**30)), ("2k", "2000"), ("1e3", "1000"),
      ("1E-3", "0.001"), ("+2", "2"), (".5", "0.5"), ("5.", "5"), ("250u", "0.00025"),
-     ("1n", "1e-9"), ("3Ei", str(3 * 2**60)), ("2E", "2e18"), ("1e+3", "1000"), ("1M", "1000000")],
+     ("1n", "1e-9"), ("3Ei", str(3 * 2**60)), ("2E", "2e18"), ("1e+3", "1000"), ("1M", "1000000"),
+     ("1e0004", "1e4"), ("1e-1000", "1e-1000"), ("2e999999999", "2e999999999")],
 )  # fmt: skip
 def test_quantity_value_reads_every_form_the_pattern_allows(quantity: str, value: str) -> None:
     assert re.fullmatch(QUANTITY_PATTERN.strip("^$"), quantity)
     assert quantity_value(quantity) == Decimal(value)
+
+
+def test_runtime_volumes_of_the_restricted_kinds_are_accepted() -> None:
+    volumes = [
+        {"name": "ca", "configMap": {"name": "corp-ca"}},
+        {"name": "token", "secret": {"secretName": "t"}},
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        {"name": "models", "persistentVolumeClaim": {"claimName": "m"}},
+        {"name": "vault", "csi": {"driver": "secrets-store.csi.k8s.io"}},
+        {"name": "both", "projected": {"sources": [{"configMap": {"name": "a"}},
+                                                   {"secret": {"name": "b"}}]}},
+    ]  # fmt: skip
+    mounts = [
+        {"name": v["name"], "mountPath": f"/mnt/{v['name']}", "readOnly": True} for v in volumes
+    ] + [{"name": "ca", "mountPath": "/etc/otlp/ca.crt", "subPath": "certs/ca.crt"}]
+    obj = defaulted(reranker({**MINIMAL, "runtime": {"volumes": volumes, "volumeMounts": mounts}}))
+    assert schema_errors(obj) == [] and cel_errors(obj) == []
+    runtime = parse_spec(obj).runtime
+    assert runtime.volumes == tuple(volumes) and len(runtime.volume_mounts) == len(volumes) + 1
