@@ -476,6 +476,57 @@ async def test_flows_l4_to_cpu_leaves_no_gpu_placement_on_the_deployment(
     assert dep["spec"]["replicas"] == 1
 
 
+async def test_flows_a_rollout_restart_and_runtime_volumes_through_later_patches(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """`kubectl rollout restart`, then a replica change: the operator's patch keeps the pod
+    template as it is (no second rollout). Volumes added to the spec reach the server; removed
+    again, they leave the Deployment."""
+    await bring_to_ready(cluster)
+    stamp = {builders.ANNOTATION_RESTARTED_AT: "2026-12-02T15:00:00Z"}
+    restart = {"spec": {"template": {"metadata": {"annotations": stamp}}}}
+    await cluster.patch(cluster.DEPLOYMENT, NAME, restart)
+    template = cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["template"]
+    assert template["metadata"]["annotations"][builders.ANNOTATION_RESTARTED_AT]
+
+    await cluster.update_spec(NAME, {"replicas": 3})
+    dep = await wait_for(
+        lambda: (d := cluster.get(cluster.DEPLOYMENT, NAME)) and d["spec"]["replicas"] == 3 and d,
+        "the Deployment at 3 replicas",
+    )
+    assert dep["spec"]["template"] == template
+
+    volumes = [{"name": "otlp-ca", "configMap": {"name": "corp-ca"}}]
+    mounts = [{"name": "otlp-ca", "mountPath": "/etc/otlp", "readOnly": True}]
+    await cluster.update_spec(NAME, {"runtime": {"volumes": volumes, "volumeMounts": mounts}})
+
+    def server(d: dict[str, Any]) -> dict[str, Any]:
+        [c] = d["spec"]["template"]["spec"]["containers"]
+        return c
+
+    dep = await wait_for(
+        lambda: (
+            (d := cluster.get(cluster.DEPLOYMENT, NAME))
+            and volumes[0] in d["spec"]["template"]["spec"]["volumes"]
+            and d
+        ),
+        "the volume on the Deployment",
+    )
+    assert mounts[0] in server(dep)["volumeMounts"]
+    assert dep["spec"]["template"]["metadata"]["annotations"][builders.ANNOTATION_RESTARTED_AT]
+
+    await cluster.update_spec(NAME, {"runtime": {"volumes": None, "volumeMounts": None}})
+    dep = await wait_for(
+        lambda: (
+            (d := cluster.get(cluster.DEPLOYMENT, NAME))
+            and volumes[0] not in d["spec"]["template"]["spec"]["volumes"]
+            and d
+        ),
+        "the volume gone from the Deployment",
+    )
+    assert mounts[0] not in server(dep)["volumeMounts"]
+
+
 async def test_flows_long_names_sharing_a_prefix_get_distinct_children(
     cluster: Cluster, operator: OperatorRunner
 ) -> None:
