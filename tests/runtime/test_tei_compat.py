@@ -588,6 +588,24 @@ async def test_body_over_the_payload_limit_is_a_counted_413(
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
+async def test_without_the_api_key_an_oversized_body_is_401_not_413(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    """The documented order: 401 first, whatever the caller sends; a caller without the key
+    does not even learn the payload limit. With the key, the limit applies as before."""
+    limit, key = 2_000, "s3cret"
+    big = json.dumps({"query": QUERY, "texts": ["a" * limit]}).encode()
+    settings = settings_for(xlmr_reranker, payload_limit=limit, api_key=key)
+    async with serving(settings, xlmr_engine) as c:
+        for auth in ({}, {"authorization": "Bearer wrong"}):
+            resp = await c.post("/rerank", content=big, headers={**_JSON, **auth})
+            assert resp.status_code == 401, (auth, resp.text)
+            assert str(limit) not in resp.text
+        authed = {**_JSON, "authorization": f"Bearer {key}"}
+        resp = await c.post("/rerank", content=big, headers=authed)
+        assert resp.status_code == 413 and f"{limit}-byte limit" in resp.json()["error"]
+
+
 _JSON = {"content-type": "application/json"}
 
 

@@ -32,7 +32,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker_runtime import __version__, metrics, tracing
 from reranker_runtime.api import cohere, docs_ui, ops, other_models, tei, vllm
-from reranker_runtime.api.auth import all_routes, document_api_key, protected_operations
+from reranker_runtime.api.auth import (
+    all_routes,
+    check_authorization,
+    document_api_key,
+    protected_operations,
+)
 from reranker_runtime.api.deps import (
     ARRIVED_AT_SCOPE_KEY,
     LOG_SCOPE_KEY,
@@ -199,7 +204,7 @@ def create_app(
     # Innermost first; AccessMiddleware is outermost, so it sees every response, a refused body
     # and a CORS preflight included.
     app.add_middleware(HeadAsGetMiddleware, get_routes=get_routes)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit, api_key=settings.api_key)
     origins = settings.cors_allow_origin
     app.add_middleware(
         CORSMiddleware,
@@ -335,18 +340,30 @@ class HeadAsGetMiddleware:
 class BodyLimitMiddleware:
     """413 for a body over `limit` bytes: at once when Content-Length says so (the body is
     never read), else as soon as the bytes received pass it (chunked uploads), so no more than
-    `limit` bytes are ever buffered. TEI: axum's DefaultBodyLimit."""
+    `limit` bytes are ever buffered. TEI: axum's DefaultBodyLimit. With an API key, a caller
+    without it gets the route's 401 first (the body is not read then either): an
+    unauthenticated caller learns nothing, the limit included."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, api_key: str | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        authorized = not self.api_key or (
+            check_authorization(headers.get("authorization"), self.api_key) is None
+        )
+        if (
+            authorized
+            and declared is not None
+            and declared.isdigit()
+            and int(declared) > self.limit
+        ):
             error = PayloadTooLarge(self.limit)
             scope.setdefault(LOG_SCOPE_KEY, {})["error"] = error.detail
             await plain_error_response(413, error.detail, "Validation", path=scope["path"])(

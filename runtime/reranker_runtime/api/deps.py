@@ -200,6 +200,12 @@ class JsonBodyRoute(APIRoute):
             except ClientDisconnect:
                 raise ClientDisconnected() from None  # left while sending its body: 499
             check_utf8(body)
+            if not body.strip():
+                # Malformed JSON (400, as TEI's axum answers), on every route alike: FastAPI
+                # would call a missing body 422 "Field required".
+                raise HTTPException(
+                    400, "malformed JSON body: the body is empty; send the request as a JSON object"
+                )
             return await handler(request)
 
         return checked
