@@ -279,6 +279,10 @@ async def test_overloaded_unhealthy_and_dropped(
         await engine.wait_for_calls(1)
         refused = await c.post("/predict", json={"inputs": "a"})
         assert refused.status_code == 429
+        # POST / counts its request once it knows the method, after admission: refused before
+        # that, it counts no failure either (failures never outnumber requests).
+        for path in ("/", "/invocations"):
+            assert (await c.post(path, json={"query": QUERY, "texts": ["a"]})).status_code == 429
         engine.release()
         assert (await first).status_code == 200
     assert m.moved('te_request_failure{err="unhealthy"}') == 1

@@ -110,6 +110,10 @@ def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
     if "request" not in inspect.signature(endpoint).parameters:
         raise TypeError(f"inference route {endpoint.__name__} must take `request: Request`")
     limited = endpoint not in _NOT_LIMITED
+    # POST / parses its own body and counts the request (te_request_count) only once it knows
+    # the method, after admission: a refusal before that (429, 503) is not a failure of a
+    # counted request either, or te_request_failure would outgrow te_request_count.
+    parses_own_body = "body" not in inspect.signature(endpoint).parameters
 
     @functools.wraps(endpoint)
     async def run(**kwargs: Any) -> Any:
@@ -122,13 +126,12 @@ def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
             async with get_lifecycle(request).admit(limited=limited) as service:
                 request.scope[_SERVICE_SCOPE_KEY] = service
                 result = await cancel_on_disconnect(request, endpoint(**kwargs))
-        except ClientDisconnected:
-            metrics.REQUEST_FAILURE.inc(err=DROPPED)
-            raise
         except (RequestValidationError, HTTPException):
             raise  # a body the route parses itself (POST /): TEI does not count these either
         except Exception as exc:
-            metrics.REQUEST_FAILURE.inc(err=failure_reason(exc))
+            if not parses_own_body or _TEI_METHOD_SCOPE_KEY in request.scope:
+                reason = DROPPED if isinstance(exc, ClientDisconnected) else failure_reason(exc)
+                metrics.REQUEST_FAILURE.inc(err=reason)
             raise
         method = request.scope.get(_TEI_METHOD_SCOPE_KEY)
         if method is not None:
