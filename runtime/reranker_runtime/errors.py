@@ -33,11 +33,11 @@ class ValidationError(RerankerError):
 class TooManyInputsError(ValidationError):
     """More texts/inputs in one request than the server accepts per request."""
 
-    def __init__(self, field: str, count: int, limit: int) -> None:
+    def __init__(self, field: str, count: int, limit: int, *, unit: str = "items") -> None:
         # Starts with TEI's message (router/src/http/server.rs), which TEI clients may match.
         super().__init__(
             f"batch size {count} > maximum allowed batch size {limit}: `{field}` has {count} "
-            "items; send fewer per request"
+            f"{unit}; send fewer per request"
         )
         self.field = field
         self.count = count

@@ -409,6 +409,34 @@ async def test_vertex_reranks_and_predicts_each_instance(
         refused.status_code == 422
         and "instances.0.texts: Field required" in refused.json()["error"]
     )
+    # Refusals found while scoring name the instance too.
+    two = [{"query": QUERY, "texts": ["a", "b"]}, {"query": QUERY, "texts": ["a", " "]}]
+    refused = await client.post("/vertex", json={"instances": two})
+    assert refused.status_code == 400
+    assert refused.json()["error"].startswith("instances.1: `texts[1]` is empty")
+
+
+async def test_vertex_limits_hold_for_the_whole_request(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    """--max-client-batch-size and --max-request-characters bound a /vertex request as a
+    whole, not each instance: three instances of MAX_TEXTS texts are refused, as one /rerank
+    body of that many texts is."""
+    settings = settings_for(xlmr_reranker, max_request_characters=1_000)
+    async with serving(settings, xlmr_engine) as c:
+        full = {"query": "q", "texts": ["a"] * MAX_TEXTS}
+        assert (await c.post("/vertex", json={"instances": [full]})).status_code == 200
+        refused = await c.post("/vertex", json={"instances": [full, {"inputs": "a"}]})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"].startswith(
+            f"batch size {MAX_TEXTS + 1} > maximum allowed batch size {MAX_TEXTS}: "
+            f"`instances` has {MAX_TEXTS + 1} texts in all"
+        )
+        long = {"query": "q", "texts": ["a" * 400]}
+        assert (await c.post("/vertex", json={"instances": [long, long]})).status_code == 200
+        refused = await c.post("/vertex", json={"instances": [long, long, long]})
+        assert refused.status_code == 413, refused.text
+        assert "1,203 characters" in refused.json()["error"]
 
 
 # ---------------------------------------------------------------------------------------------

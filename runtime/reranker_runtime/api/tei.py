@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +24,7 @@ from reranker_runtime.api.deps import (
     admitted_service,
     annotate,
     count_request,
+    get_lifecycle,
     not_limited,
     request_arrival,
     request_id,
@@ -44,7 +45,9 @@ from reranker_runtime.api.schemas import (
     VertexRequest,
     VertexResponse,
 )
-from reranker_runtime.errors import ValidationError
+from reranker_runtime.config import ServeSettings
+from reranker_runtime.errors import EmptyInputError, TooManyInputsError, ValidationError
+from reranker_runtime.limits import check_request_characters
 from reranker_runtime.tokenization import TokenInfo
 
 router = APIRouter(tags=["TEI / BEI"], route_class=InferenceRoute)
@@ -271,6 +274,35 @@ for _path, _name in zip(
     )
 
 
+T = TypeVar("T")
+
+
+def _check_vertex_totals(
+    parsed: list[RerankRequest | PredictRequest], settings: ServeSettings
+) -> None:
+    """The per-request limits hold for the whole /vertex request, not for each instance: its
+    texts (--max-client-batch-size, 422) and their characters (--max-request-characters, 413)."""
+    texts = sum(len(p.texts) if isinstance(p, RerankRequest) else len(p.items) for p in parsed)
+    if texts > settings.max_client_batch_size:
+        raise TooManyInputsError(
+            "instances", texts, settings.max_client_batch_size, unit="texts in all"
+        )
+    parts: list[str | tuple[str, str]] = []
+    for p in parsed:
+        parts += [p.query, *p.texts] if isinstance(p, RerankRequest) else list(p.items)
+    check_request_characters(parts, settings.max_request_characters)
+
+
+async def _named_instance(index: int, call: Awaitable[T]) -> T:
+    """An instance's refusal names the instance (`instances.1: ...`), as its schema errors do."""
+    try:
+        return await call
+    except (EmptyInputError, ValidationError) as exc:
+        exc.message = f"instances.{index}: {exc.message}"
+        exc.args = (exc.message,)
+        raise
+
+
 @router.post(
     "/vertex",
     response_model=VertexResponse,
@@ -289,11 +321,15 @@ async def vertex(body: VertexRequest, request: Request, response: Response) -> V
         else _validated(PredictRequest, instance, "instances", i)
         for i, instance in enumerate(body.instances)
     ]  # all of them first: an invalid one refuses the request before any work starts
+    _check_vertex_totals(parsed, get_lifecycle(request).settings)
     calls: list[Awaitable[Any]] = [
-        rerank(item, request, Response())
-        if isinstance(item, RerankRequest)
-        else predict(item, request, Response())
-        for item in parsed
+        _named_instance(
+            i,
+            rerank(item, request, Response())
+            if isinstance(item, RerankRequest)
+            else predict(item, request, Response()),
+        )
+        for i, item in enumerate(parsed)
     ]
     tasks = [asyncio.ensure_future(call) for call in calls]
     try:
