@@ -129,6 +129,72 @@ def _deadline_passed(timeout_s: float, request_id: str | None) -> DeadlineExceed
     return DeadlineExceededError(timeout_s)
 
 
+# Checks that need only the request and the settings, not the model: the service makes them,
+# and the HTTP layer makes them again before admission (api/deps.py), so a request that can
+# never succeed gets its 400/413/422 rather than a 429 or 503 to retry.
+
+
+def check_count(field: str, n: int, settings: ServeSettings) -> None:
+    limit = settings.max_client_batch_size
+    if n > limit:
+        raise TooManyInputsError(field, n, limit)
+
+
+def check_rerank_input(
+    query: str, texts: Sequence[str], settings: ServeSettings, texts_field: str = "texts"
+) -> None:
+    """A non-blank query, one to --max-client-batch-size non-blank texts, and at most
+    --max-request-characters in all."""
+    if not isinstance(query, str) or _is_blank(query):
+        raise EmptyInputError("`query` must not be empty")
+    if not texts:
+        raise EmptyInputError(f"`{texts_field}` must not be empty: send at least one text to rank")
+    check_count(texts_field, len(texts), settings)
+    check_request_characters([query, *texts], settings.max_request_characters)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValidationError(f"`{texts_field}[{i}]` must be a string")
+        if _is_blank(text):
+            raise EmptyInputError(
+                f"`{texts_field}[{i}]` is empty; every text needs at least one non-space character"
+            )
+
+
+def check_predict_inputs(
+    inputs: Sequence[object],
+    settings: ServeSettings,
+    *,
+    allow_blank: bool = False,
+    field: str = "inputs",
+) -> list[PredictInput]:
+    """/predict's inputs: a list of one to --max-client-batch-size texts or pairs (non-blank
+    unless `allow_blank`), at most --max-request-characters in all."""
+    if isinstance(inputs, (str, tuple)):
+        raise ValidationError(f"`{field}` must be a list of strings or pairs")
+    if not inputs:
+        raise EmptyInputError(f"`{field}` must not be empty")
+    check_count(field, len(inputs), settings)
+    items: list[PredictInput] = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, str):
+            if not allow_blank and _is_blank(item):
+                raise EmptyInputError(f"`{field}[{i}]` is empty")
+            items.append(item)
+        elif (
+            isinstance(item, (tuple, list))
+            and len(item) == 2
+            and all(isinstance(x, str) for x in item)
+        ):
+            for j, part in enumerate(item):
+                if not allow_blank and _is_blank(part):
+                    raise EmptyInputError(f"`{field}[{i}][{j}]` is empty")
+            items.append((item[0], item[1]))
+        else:
+            raise ValidationError(f"`{field}[{i}]` must be a string or a pair of two strings")
+    check_request_characters(items, settings.max_request_characters)
+    return items
+
+
 class RerankService:
     """One model behind one batcher. `start()` warms up and starts batching, `stop()` stops
     batching and closes the engine; admission, readiness and draining belong to the lifecycle
@@ -238,21 +304,7 @@ class RerankService:
         the request arrived; default: this call)."""
         self.check_reranker()
         direction = parse_direction(truncation_direction)
-        if not isinstance(query, str) or _is_blank(query):
-            raise EmptyInputError("`query` must not be empty")
-        if not texts:
-            raise EmptyInputError(
-                f"`{texts_field}` must not be empty: send at least one text to rank"
-            )
-        self._check_count(texts_field, len(texts))
-        check_request_characters([query, *texts], self._settings.max_request_characters)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValidationError(f"`{texts_field}[{i}]` must be a string")
-            if _is_blank(text):
-                raise EmptyInputError(
-                    f"`{texts_field}[{i}]` is empty; every text needs at least one non-space character"
-                )
+        check_rerank_input(query, texts, self._settings, texts_field)
         chunks = (
             max_chunks_per_text
             if max_chunks_per_text is not None
@@ -321,7 +373,7 @@ class RerankService:
         """TEI /predict: one label -> sigmoid, several -> softmax (raw logits with raw_scores).
         `timeout_s` as in `rerank`; `inputs_field` names the inputs in errors."""
         direction = parse_direction(truncation_direction)
-        items = self._check_inputs(inputs, field=inputs_field)
+        items = check_predict_inputs(inputs, self._settings, field=inputs_field)
 
         async with self._scoring_request(timeout_s, request_id, arrived_at) as (progress, deadline):
             encoded = await self._stoppable_tokenization(
@@ -422,37 +474,12 @@ class RerankService:
         return self._settings.auto_truncate if requested is None else requested
 
     def _check_count(self, field: str, n: int) -> None:
-        limit = self._settings.max_client_batch_size
-        if n > limit:
-            raise TooManyInputsError(field, n, limit)
+        check_count(field, n, self._settings)
 
     def _check_inputs(
         self, inputs: Sequence[object], *, allow_blank: bool = False, field: str = "inputs"
     ) -> list[PredictInput]:
-        if isinstance(inputs, (str, tuple)):
-            raise ValidationError(f"`{field}` must be a list of strings or pairs")
-        if not inputs:
-            raise EmptyInputError(f"`{field}` must not be empty")
-        self._check_count(field, len(inputs))
-        items: list[PredictInput] = []
-        for i, item in enumerate(inputs):
-            if isinstance(item, str):
-                if not allow_blank and _is_blank(item):
-                    raise EmptyInputError(f"`{field}[{i}]` is empty")
-                items.append(item)
-            elif (
-                isinstance(item, (tuple, list))
-                and len(item) == 2
-                and all(isinstance(x, str) for x in item)
-            ):
-                for j, part in enumerate(item):
-                    if not allow_blank and _is_blank(part):
-                        raise EmptyInputError(f"`{field}[{i}][{j}]` is empty")
-                items.append((item[0], item[1]))
-            else:
-                raise ValidationError(f"`{field}[{i}]` must be a string or a pair of two strings")
-        check_request_characters(items, self._settings.max_request_characters)
-        return items
+        return check_predict_inputs(inputs, self._settings, allow_blank=allow_blank, field=field)
 
     def _check_lengths(self, encoded: list[Encoded], field: str, what: str) -> None:
         limit = self._info.max_input_length

@@ -43,6 +43,17 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None
 
 
 RERANK = {"query": QUERY, "texts": TEXTS[:2]}
+# Requests the model cannot help: their 400/422 comes before any 429 or 503.
+NEVER_SUCCEED = [
+    ("/rerank", {"query": "", "texts": ["a"]}, 400),
+    ("/rerank", {"query": QUERY, "texts": []}, 400),
+    ("/rerank", {"query": QUERY, "texts": ["a", " "]}, 400),
+    ("/rerank", {"query": QUERY, "texts": ["a"] * 17}, 422),
+    ("/predict", {"inputs": [""]}, 400),
+    ("/predict", {"inputs": [["a"]] * 17}, 422),
+    ("/v2/rerank", {"query": QUERY, "documents": []}, 400),
+    ("/v1/rerank", {"query": QUERY, "documents": ["a"] * 17}, 422),
+]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -324,6 +335,10 @@ async def test_503_until_warmed_up(xlmr_reranker: Path, xlmr_engine: TorchEngine
                 resp = await c.post(path, json=body)
                 assert resp.status_code == 503, path
                 assert "retry-after" in resp.headers
+            # A request that can never succeed is refused for what it is, not 503 to retry.
+            for path, body, status in NEVER_SUCCEED:
+                resp = await c.post(path, json=body)
+                assert resp.status_code == status, (path, resp.text)
         finally:
             engine.release_warmup()
         await wait_until(c, "/health", 200)
@@ -350,6 +365,9 @@ async def test_429_at_once_when_max_concurrent_requests_in_flight(
         assert refused.json()["error_type"] == "Overloaded"
         assert "2" in refused.json()["error"]
         assert int(refused.headers["retry-after"]) >= 1
+        for path, body, status in NEVER_SUCCEED:  # not 429: retrying cannot help them
+            resp = await c.post(path, json=body)
+            assert resp.status_code == status, (path, resp.text)
         # As in TEI, /tokenize and /decode take no slot: they answer while the slots are full.
         assert (await c.post("/tokenize", json={"inputs": "paris"})).status_code == 200
         assert (await c.post("/decode", json={"ids": [0, 5, 2]})).status_code == 200

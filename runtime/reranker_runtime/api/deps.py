@@ -37,8 +37,17 @@ from starlette.requests import ClientDisconnect
 from reranker_runtime import metrics
 from reranker_runtime.api.auth import ProtectedRoute
 from reranker_runtime.api.errors import DROPPED, failure_reason
-from reranker_runtime.api.schemas import DecodeRequest, PredictRequest, TokenizeRequest
+from reranker_runtime.api.schemas import (
+    CohereRerankRequest,
+    DecodeRequest,
+    JinaRerankRequest,
+    PredictRequest,
+    RerankRequest,
+    TokenizeRequest,
+)
+from reranker_runtime.config import ServeSettings
 from reranker_runtime.errors import ValidationError
+from reranker_runtime.service import check_predict_inputs, check_rerank_input
 
 if TYPE_CHECKING:
     from reranker_runtime.lifecycle import Lifecycle
@@ -72,6 +81,18 @@ def tei_method(body: object) -> str | None:
     if isinstance(body, PredictRequest):
         return "single" if body.single else "batch"
     return "batch"
+
+
+def check_before_admission(body: object, settings: ServeSettings) -> None:
+    """The checks that need no model (empty inputs, too many, too many characters), made before
+    the request is admitted: one that can never succeed gets its 400/413/422 at once, not a 429
+    or 503 that a client would retry. The service makes them again (other callers)."""
+    if isinstance(body, RerankRequest):
+        check_rerank_input(body.query, body.texts, settings)
+    elif isinstance(body, (CohereRerankRequest, JinaRerankRequest)):
+        check_rerank_input(body.query, body.documents, settings, "documents")
+    elif isinstance(body, PredictRequest):
+        check_predict_inputs(body.items, settings)
 
 
 def count_request(request: Request, method: str) -> None:
@@ -123,7 +144,9 @@ def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
         if method is not None:
             count_request(request, method)
         try:
-            async with get_lifecycle(request).admit(limited=limited) as service:
+            lifecycle = get_lifecycle(request)
+            check_before_admission(kwargs.get("body"), lifecycle.settings)
+            async with lifecycle.admit(limited=limited) as service:
                 request.scope[_SERVICE_SCOPE_KEY] = service
                 result = await cancel_on_disconnect(request, endpoint(**kwargs))
         except (RequestValidationError, HTTPException):

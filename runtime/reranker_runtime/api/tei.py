@@ -311,7 +311,8 @@ async def _named_instance(index: int, call: Awaitable[T]) -> T:
     description=(
         "TEI's Vertex route: each instance that is a /rerank body is reranked, any other is "
         "classified as a /predict body; `predictions` holds each answer, in order. One failing "
-        "instance fails the request."
+        "instance fails the request. --max-client-batch-size (422) and --max-request-characters "
+        "(413) bound all instances' texts together."
     ),
 )
 async def vertex(body: VertexRequest, request: Request, response: Response) -> VertexResponse:
