@@ -125,8 +125,13 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
-        """Not HTTP at all: TEI's error body instead of uvicorn's plain text, and counted."""
+        """Not HTTP at all: TEI's error body instead of uvicorn's plain text, and counted. A
+        request whose body broke the protocol part way (a bad chunk) reaches the application
+        as a disconnect: its access line and count say 400, what the client got, not 499."""
         INVALID_REQUESTS.inc()
+        cycle = getattr(self, "cycle", None)
+        if cycle is not None and not cycle.response_started:
+            cast(dict[str, Any], self.scope)[CLIENT_STATUS_SCOPE_KEY] = 400
         self.transport.write(
             _raw_response(
                 400, "Bad Request", f"invalid HTTP request: {msg.rstrip('.')}", "Validation"

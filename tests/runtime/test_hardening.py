@@ -473,6 +473,30 @@ def test_a_stalled_body_gets_408_and_the_connection_closed(guarded_server: Any) 
     assert reply.count(b"HTTP/1.1") == 1  # the application's own answer was dropped
 
 
+def test_a_body_that_breaks_http_part_way_is_counted_as_the_400_it_got(
+    guarded_server: Any,
+) -> None:
+    host, port, _ = guarded_server
+    url = f"http://{host}:{port}"
+
+    def count() -> float:
+        text = httpx.get(f"{url}/metrics").text
+        pattern = r'^reranker_http_requests_total\{route="/rerank",status="(\d+)"\} (\S+)$'
+        return {s: float(v) for s, v in re.findall(pattern, text, re.MULTILINE)}
+
+    before = count()
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(
+            b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"que\r\nZZ\r\n'
+        )
+        reply = _read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply
+    after = count()
+    moved = {s: n - before.get(s, 0.0) for s, n in after.items() if n != before.get(s, 0.0)}
+    assert moved == {"400": 1}, moved
+
+
 def test_headers_dripped_byte_by_byte_do_not_keep_a_connection(guarded_server: Any) -> None:
     """The deadline counts from the request's first byte, not from the last one."""
     host, port, _ = guarded_server
