@@ -372,14 +372,6 @@ VOLUME_SOURCES = frozenset(
      "projected", "secret"}
 )  # fmt: skip
 PROJECTED_SOURCES = frozenset({"configMap", "downwardAPI", "secret", "clusterTrustBundle"})
-# The volume sources the Pod Security Standard "restricted" allows (the operator's pods meet it):
-# no hostPath, so a Reranker cannot mount its node. A projected volume's sources, likewise,
-# without serviceAccountToken (the pods mount no service-account token on purpose).
-VOLUME_SOURCES = frozenset(
-    {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-     "projected", "secret"}
-)  # fmt: skip
-PROJECTED_SOURCES = frozenset({"configMap", "downwardAPI", "secret", "clusterTrustBundle"})
 
 
 class VolumeMount(_Model):
