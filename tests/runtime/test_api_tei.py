@@ -490,10 +490,14 @@ async def test_classifier_predict_and_rerank_refusal(
             ("/rerank", {"query": "q", "texts": ["a"]}),
             ("/v2/rerank", {"query": "q", "documents": ["a"]}),
             ("/v1/rerank", {"query": "q", "documents": ["a"]}),
+            # The model type comes first, as in TEI: before empty or too many texts.
+            ("/rerank", {"query": "", "texts": []}),
+            ("/rerank", {"query": "q", "texts": ["a"] * 17}),
+            ("/v2/rerank", {"query": "q", "documents": [{"text": " "}]}),
         ):
             refused = await clf.post(route, json=body)
             # TEI: 424 Failed Dependency, error_type Backend, for a route of another model type
-            assert refused.status_code == 424, route
+            assert refused.status_code == 424, (route, body)
             assert refused.json()["error_type"] == "Backend"
             assert (
                 "classifier" in refused.json()["error"].lower()

@@ -280,7 +280,7 @@ async def test_overloaded_unhealthy_and_dropped(
         refused = await c.post("/predict", json={"inputs": "a"})
         assert refused.status_code == 429
         # POST / counts its request once it knows the method, after admission: refused before
-        # that, it counts no failure either (failures never outnumber requests).
+        # that, it counts no failure either (on the scoring routes failures never outnumber requests).
         for path in ("/", "/invocations"):
             assert (await c.post(path, json={"query": QUERY, "texts": ["a"]})).status_code == 429
         engine.release()

@@ -414,6 +414,11 @@ async def test_vertex_reranks_and_predicts_each_instance(
     refused = await client.post("/vertex", json={"instances": two})
     assert refused.status_code == 400
     assert refused.json()["error"].startswith("instances.1: `texts[1]` is empty")
+    # A bad header belongs to the whole request, not to an instance.
+    bad = await client.post(
+        "/vertex", json={"instances": two[:1]}, headers={"X-Request-Timeout": "abc"}
+    )
+    assert bad.status_code == 422 and not bad.json()["error"].startswith("instances.")
 
 
 async def test_vertex_limits_hold_for_the_whole_request(

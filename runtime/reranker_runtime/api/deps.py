@@ -6,6 +6,7 @@ Every route of an inference router (`APIRouter(route_class=InferenceRoute)`) run
     API key checked (ProtectedRoute, before the body is read)
     -> JSON media type, encoding and UTF-8 checked (JsonBodyRoute: 415/400)
     -> body parsed and validated (FastAPI: 400/422)
+    -> the body's checks that need no model (check_before_admission: 424/400/413/422)
     -> admitted by the lifecycle (503 unless ready, 429 over --max-concurrent-requests)
     -> the handler runs, cancelled if the client disconnects first (499, its queued pairs dropped)
     -> the permit is released, however the handler ended.
@@ -45,7 +46,6 @@ from reranker_runtime.api.schemas import (
     RerankRequest,
     TokenizeRequest,
 )
-from reranker_runtime.config import ServeSettings
 from reranker_runtime.errors import ValidationError
 from reranker_runtime.service import check_predict_inputs, check_rerank_input
 
@@ -83,14 +83,19 @@ def tei_method(body: object) -> str | None:
     return "batch"
 
 
-def check_before_admission(body: object, settings: ServeSettings) -> None:
+def check_before_admission(body: object, lifecycle: Lifecycle) -> None:
     """The checks that need no model (empty inputs, too many, too many characters), made before
     the request is admitted: one that can never succeed gets its 400/413/422 at once, not a 429
-    or 503 that a client would retry. The service makes them again (other callers)."""
-    if isinstance(body, RerankRequest):
-        check_rerank_input(body.query, body.texts, settings)
-    elif isinstance(body, (CohereRerankRequest, JinaRerankRequest)):
-        check_rerank_input(body.query, body.documents, settings, "documents")
+    or 503 that a client would retry. A rerank route on a loaded classifier is its 424 first,
+    as in the service. The service makes them again (other callers)."""
+    settings, service = lifecycle.settings, lifecycle.service
+    if isinstance(body, (RerankRequest, CohereRerankRequest, JinaRerankRequest)):
+        if service is not None:
+            service.check_reranker()
+        if isinstance(body, RerankRequest):
+            check_rerank_input(body.query, body.texts, settings)
+        else:
+            check_rerank_input(body.query, body.documents, settings, "documents")
     elif isinstance(body, PredictRequest):
         check_predict_inputs(body.items, settings)
 
@@ -145,7 +150,7 @@ def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
             count_request(request, method)
         try:
             lifecycle = get_lifecycle(request)
-            check_before_admission(kwargs.get("body"), lifecycle.settings)
+            check_before_admission(kwargs.get("body"), lifecycle)
             async with lifecycle.admit(limited=limited) as service:
                 request.scope[_SERVICE_SCOPE_KEY] = service
                 result = await cancel_on_disconnect(request, endpoint(**kwargs))

@@ -46,7 +46,12 @@ from reranker_runtime.api.schemas import (
     VertexResponse,
 )
 from reranker_runtime.config import ServeSettings
-from reranker_runtime.errors import EmptyInputError, TooManyInputsError, ValidationError
+from reranker_runtime.errors import (
+    EmptyInputError,
+    TooManyInputsError,
+    ValidationError,
+    WrongModelKindError,
+)
 from reranker_runtime.limits import check_request_characters
 from reranker_runtime.tokenization import TokenInfo
 
@@ -294,10 +299,13 @@ def _check_vertex_totals(
 
 
 async def _named_instance(index: int, call: Awaitable[T]) -> T:
-    """An instance's refusal names the instance (`instances.1: ...`), as its schema errors do."""
+    """An instance's refusal names the instance (`instances.1: ...`), as its schema errors do;
+    not one about the whole server (a classifier's 424 keeps TEI's wording)."""
     try:
         return await call
     except (EmptyInputError, ValidationError) as exc:
+        if isinstance(exc, WrongModelKindError):
+            raise
         exc.message = f"instances.{index}: {exc.message}"
         exc.args = (exc.message,)
         raise
@@ -323,6 +331,7 @@ async def vertex(body: VertexRequest, request: Request, response: Response) -> V
         for i, instance in enumerate(body.instances)
     ]  # all of them first: an invalid one refuses the request before any work starts
     _check_vertex_totals(parsed, get_lifecycle(request).settings)
+    request_timeout(request)  # a bad X-Request-Timeout is the request's, not an instance's
     calls: list[Awaitable[Any]] = [
         _named_instance(
             i,
