@@ -225,7 +225,7 @@ def test_cuda_graph_span_follows_the_batch_not_the_model(monkeypatch: pytest.Mon
     monkeypatch.setattr(packed_engine._Graph, "capture", staticmethod(capture))
     runner = object.__new__(packed_engine._CudaRunner)
     runner._max_len, runner._max_graphs = 8192, 64
-    runner._graphs, runner._eager_buckets = {}, set()
+    runner._graphs = {}
     runner._graphs_enabled, runner.capture_error = True, None
     assert runner._graph_for(4000, 16, 250).span == 256
     assert runner._graph_for(4010, 16, 256).span == 256  # the same graph
@@ -407,7 +407,7 @@ def test_a_failed_cuda_graph_capture_turns_graphs_off(
     monkeypatch.setattr(packed_engine._Graph, "capture", staticmethod(failing_capture))
     runner = object.__new__(packed_engine._CudaRunner)  # its state, without a GPU
     runner._max_len, runner._max_graphs = TINY_MAX_TOKENS, 64
-    runner._graphs, runner._eager_buckets = {}, set()
+    runner._graphs = {}
     runner._graphs_enabled, runner.capture_error = True, None
     with caplog.at_level(logging.WARNING, logger="reranker_runtime.engines.packed_engine"):
         assert runner._graph_for(300, 5, 100) is None

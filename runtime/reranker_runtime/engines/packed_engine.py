@@ -533,7 +533,6 @@ class _CudaRunner:
         self._max_graphs = max_graphs
         # (tokens, rows, span) -> its graph (see _graph_for)
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
-        self._eager_buckets: set[tuple[int, int, int]] = set()  # their capture failed: eager
         self._graph_pool: Any = None
         self.capture_error: str | None = None  # the first failed capture's, once graphs are off
         with torch.cuda.device(device):  # pinned memory and streams belong to `device`
@@ -616,7 +615,7 @@ class _CudaRunner:
         key = (tokens, rows, span)
         graph = self._graphs.get(key)
         if graph is None:
-            if len(self._graphs) >= self._max_graphs or key in self._eager_buckets:
+            if len(self._graphs) >= self._max_graphs:
                 return None  # eager for shapes beyond the cap (memory stays bounded)
             try:
                 graph = _Graph.capture(self, tokens, rows, span)
@@ -625,7 +624,6 @@ class _CudaRunner:
                 # shape too: on PyTorch <= 2.11 a failed capture can leave the caching
                 # allocator believing a capture is still under way (pytorch#180395), so a
                 # further capture (or empty_cache) would fail an internal assert.
-                self._eager_buckets.add(key)
                 self._graphs_enabled = False
                 self.capture_error = f"{type(exc).__name__}: {exc}"
                 logger.warning(
