@@ -695,17 +695,16 @@ def _check_rules(spec: RerankerSpec) -> None:
         ("memory", resources.memory),
         ("ephemeralStorage", resources.ephemeral_storage),
     )
+    parsed: dict[str, Decimal] = {}
     for field, value in quantities:
         try:
             if value is not None:
-                quantity_value(value)
+                parsed[field] = quantity_value(value)
         except ValueError as exc:
             raise InvalidSpec(
                 f"spec.resources.{field}", f"{exc}: write it as 2, 500m or 1.5"
             ) from None
-    if resources.cpu_limit is not None and (
-        quantity_value(resources.cpu_limit) < quantity_value(resources.cpu)
-    ):
+    if "cpuLimit" in parsed and parsed["cpuLimit"] < parsed["cpu"]:
         raise InvalidSpec(
             "spec.resources.cpuLimit",
             f"cpuLimit {resources.cpu_limit} is less than the CPU request (resources.cpu "

@@ -412,7 +412,7 @@ class RerankService:
     ) -> list[list[TokenInfo]]:
         """TEI /tokenize: tokens of each input (a string or a pair), not truncated. A blank input
         is tokenized; an empty one is refused, as TEI's tokenizer refuses it."""
-        items = self._check_inputs(inputs, allow_blank=True)
+        items = check_predict_inputs(inputs, self._settings, allow_blank=True)
         for i, item in enumerate(items):
             if item in ("", ("", "")):  # TEI: a pair is empty when both parts are
                 raise EmptyTokenizerInputError(f"{_at('inputs', i, len(items))} cannot be empty")
@@ -425,7 +425,7 @@ class RerankService:
     ) -> list[str]:
         """TEI /decode: the text of each sequence of token ids (ids the vocabulary lacks are
         skipped, as the tokenizer does in TEI)."""
-        self._check_count("ids", len(sequences))
+        check_count("ids", len(sequences), self._settings)
         for i, ids in enumerate(sequences):
             if not ids:  # TEI's tokenizer refuses an empty sequence ("`input_ids` cannot be empty")
                 raise EmptyTokenizerInputError(
@@ -472,14 +472,6 @@ class RerankService:
         # The one place auto-truncate applies, as in TEI (`req.truncate.unwrap_or(auto_truncate)`):
         # it decides for a request that does not say.
         return self._settings.auto_truncate if requested is None else requested
-
-    def _check_count(self, field: str, n: int) -> None:
-        check_count(field, n, self._settings)
-
-    def _check_inputs(
-        self, inputs: Sequence[object], *, allow_blank: bool = False, field: str = "inputs"
-    ) -> list[PredictInput]:
-        return check_predict_inputs(inputs, self._settings, allow_blank=allow_blank, field=field)
 
     def _check_lengths(self, encoded: list[Encoded], field: str, what: str) -> None:
         limit = self._info.max_input_length
