@@ -313,10 +313,12 @@ def _container_security_context() -> dict[str, Any]:
     }
 
 
-def _container_resources(spec: RerankerSpec, config: OperatorConfig) -> dict[str, Any]:
+def _container_resources(
+    spec: RerankerSpec, config: OperatorConfig, *, builds: bool = False
+) -> dict[str, Any]:
     # No CPU limit unless cpuLimit (throttling hurts tokenization latency); memory and
-    # ephemeral storage: limit = request.
-    resources = spec.resources
+    # ephemeral storage: limit = request. The build's own fields over the serving ones.
+    resources = spec.resources.for_build() if builds else spec.resources
     requests = {"cpu": resources.cpu, "memory": resources.memory}
     limits: dict[str, Any] = {"memory": resources.memory}
     if resources.cpu_limit is not None:
@@ -606,7 +608,7 @@ def build_container(spec: RerankerSpec, config: OperatorConfig, key: str) -> dic
             _env("HOME", "/tmp"),  # read-only root filesystem
             *_proxy_env(config),
         ],
-        "resources": _container_resources(spec, config),
+        "resources": _container_resources(spec, config, builds=True),
         "volumeMounts": [
             {"name": _engine_volume_name(spec, config), "mountPath": ENGINES_MOUNT},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},

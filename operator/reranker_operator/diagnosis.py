@@ -14,6 +14,8 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
+from reranker_operator.builders import BUILD_CONTAINER
+
 # A waiting container with one of these reasons will not start until someone changes something.
 _IMAGE_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
 _CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")
@@ -81,9 +83,9 @@ def describe_termination(pod: dict[str, Any], container: str, term: dict[str, An
     """One line for a terminated container: OOMKilled with the limit, else what it wrote."""
     output = (term.get("message") or "").strip()
     if term.get("reason") == "OOMKilled":
-        text = (
-            f"OOMKilled (memory limit {memory_limit(pod, container)}): raise spec.resources.memory"
-        )
+        # The build's memory can be raised alone (serving needs less than converting).
+        field = "resources.build.memory" if container == BUILD_CONTAINER else "resources.memory"
+        text = f"OOMKilled (memory limit {memory_limit(pod, container)}): raise spec.{field}"
         return f"{text}; last output: {output}" if output else text
     return output or f"{term.get('reason') or 'Error'} (exit code {term.get('exitCode')})"
 

@@ -226,6 +226,19 @@ class Accelerator(_Model):
 DEFAULT_MEMORY = "10Gi"
 
 
+class BuildResources(_Model):
+    """The build container's own resources (the Shared build Job's, the PerPod init container's):
+    converting a checkpoint can take more memory, CPU or disk than serving it. An unset field
+    takes spec.resources' value."""
+
+    cpu: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
+    memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
+    cpu_limit: str | None = Field(default=None, alias="cpuLimit", pattern=QUANTITY_PATTERN)
+    ephemeral_storage: str | None = Field(
+        default=None, alias="ephemeralStorage", pattern=QUANTITY_PATTERN
+    )
+
+
 class Resources(_Model):
     cpu: str = Field(default="1", pattern=QUANTITY_PATTERN)
     memory: str = Field(default=DEFAULT_MEMORY, pattern=QUANTITY_PATTERN)
@@ -235,6 +248,12 @@ class Resources(_Model):
     ephemeral_storage: str | None = Field(
         default=None, alias="ephemeralStorage", pattern=QUANTITY_PATTERN
     )
+    build: BuildResources = BuildResources()
+
+    def for_build(self) -> Resources:
+        """The build container's resources: `build`'s fields over the serving ones."""
+        own = self.build.model_dump(exclude_none=True)
+        return self.model_copy(update={**own, "build": BuildResources()})
 
 
 class Autoscaling(_Model):
@@ -589,8 +608,11 @@ def _quantity(value: Any) -> Any:
 
 def _normalise(spec: dict[str, Any]) -> dict[str, Any]:
     spec = dict(spec)
-    if isinstance(spec.get("resources"), dict):
-        spec["resources"] = {k: _quantity(v) for k, v in spec["resources"].items()}
+    resources = spec.get("resources")
+    if isinstance(resources, dict):
+        spec["resources"] = {k: _quantity(v) for k, v in resources.items()}
+        if isinstance(resources.get("build"), dict):
+            spec["resources"]["build"] = {k: _quantity(v) for k, v in resources["build"].items()}
     cache = spec.get("engineCache")
     if isinstance(cache, dict) and "size" in cache:
         spec["engineCache"] = {**cache, "size": _quantity(cache["size"])}
@@ -687,29 +709,7 @@ def _check_rules(spec: RerankerSpec) -> None:
             "spec.runtime.maxBatchTokens",
             "maxBatchTokens must be at least build.maxSeqLen (one sequence must fit in a batch)",
         )
-    resources = spec.resources
-    # Not in CEL (int-or-string quantities): the API server would refuse every pod instead.
-    quantities = (
-        ("cpu", resources.cpu),
-        ("cpuLimit", resources.cpu_limit),
-        ("memory", resources.memory),
-        ("ephemeralStorage", resources.ephemeral_storage),
-    )
-    parsed: dict[str, Decimal] = {}
-    for field, value in quantities:
-        try:
-            if value is not None:
-                parsed[field] = quantity_value(value)
-        except ValueError as exc:
-            raise InvalidSpec(
-                f"spec.resources.{field}", f"{exc}: write it as 2, 500m or 1.5"
-            ) from None
-    if "cpuLimit" in parsed and parsed["cpuLimit"] < parsed["cpu"]:
-        raise InvalidSpec(
-            "spec.resources.cpuLimit",
-            f"cpuLimit {resources.cpu_limit} is less than the CPU request (resources.cpu "
-            f"{resources.cpu}): raise it, or lower cpu",
-        )
+    _check_resources(spec.resources)
     pod = spec.pod
     for field, keys in (("labels", pod.labels), ("annotations", pod.annotations)):
         for k in keys:
@@ -821,6 +821,55 @@ def _check_env_source(var: EnvVar, field: str) -> None:
             f"{field}.valueFrom",
             "set exactly one of secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef",
         )
+
+
+_QUANTITY_FIELDS = (
+    ("cpu", "cpu"),
+    ("cpuLimit", "cpu_limit"),
+    ("memory", "memory"),
+    ("ephemeralStorage", "ephemeral_storage"),
+)
+
+
+def _check_resources(resources: Resources) -> None:
+    """Quantities as Kubernetes parses them, and CPU limits not below the requests, of serving
+    and build containers. Not in CEL (int-or-string quantities): the API server would refuse
+    every pod instead."""
+    for prefix, values in (("resources", resources), ("resources.build", resources.build)):
+        for alias, field in _QUANTITY_FIELDS:
+            value = getattr(values, field)
+            try:
+                if value is not None:
+                    quantity_value(value)
+            except ValueError as exc:
+                raise InvalidSpec(
+                    f"spec.{prefix}.{alias}", f"{exc}: write it as 2, 500m or 1.5"
+                ) from None
+    if resources.cpu_limit is not None and _below(resources.cpu_limit, resources.cpu):
+        raise InvalidSpec(
+            "spec.resources.cpuLimit",
+            f"cpuLimit {resources.cpu_limit} is less than the CPU request (resources.cpu "
+            f"{resources.cpu}): raise it, or lower cpu",
+        )
+    own, build = resources.build, resources.for_build()
+    if build.cpu_limit is None or not _below(build.cpu_limit, build.cpu):
+        return
+    if own.cpu_limit is not None:
+        cpu_from = "resources.build.cpu" if own.cpu is not None else "resources.cpu"
+        raise InvalidSpec(
+            "spec.resources.build.cpuLimit",
+            f"cpuLimit {own.cpu_limit} is less than the build's CPU request ({cpu_from} "
+            f"{build.cpu}): raise it, or lower the request",
+        )
+    raise InvalidSpec(
+        "spec.resources.build.cpu",
+        f"the build's CPU request {build.cpu} is above the CPU limit it takes from "
+        f"resources.cpuLimit ({build.cpu_limit}): set resources.build.cpuLimit too",
+    )
+
+
+def _below(limit: str, request: str) -> bool:
+    return quantity_value(limit) < quantity_value(request)
 
 
 def _check_scaling(spec: RerankerSpec) -> None:

@@ -771,6 +771,44 @@ def test_cpu_limit_and_ephemeral_storage_reach_every_container(mode: str) -> Non
     assert "cpu" not in plain["limits"] and "ephemeral-storage" not in plain["requests"]
 
 
+@pytest.mark.parametrize("mode", ["PerPod", "Shared"])
+def test_build_resources_reach_the_build_container_only(mode: str) -> None:
+    """A conversion that needs 32Gi, 4 cores and room for the checkpoint, served in 10Gi: the
+    build container gets its own values over the serving ones, the server keeps its own, and
+    the engine is the same (no rebuild for a resource change)."""
+    own = {"memory": "32Gi", "cpu": 4, "ephemeralStorage": "50Gi"}
+    served = {"cpu": "2", "cpuLimit": "6", "memory": "10Gi"}
+    spec = spec_of(resources={**served, "build": own}, engineCache={"mode": mode})
+    gpu = {"nvidia.com/gpu": "1"}
+    want_build = {
+        "requests": {"cpu": "4", "memory": "32Gi", "ephemeral-storage": "50Gi"},
+        "limits": {"cpu": "6", "memory": "32Gi", "ephemeral-storage": "50Gi", **gpu},
+    }
+    want_server = {
+        "requests": {"cpu": "2", "memory": "10Gi"},
+        "limits": {"cpu": "6", "memory": "10Gi", **gpu},
+    }
+    pod = b.build_deployment("rr", NS, spec, CONFIG, KEY)["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    assert server["resources"] == want_server
+    if mode == "PerPod":
+        (build,) = pod["initContainers"]
+    else:
+        assert "initContainers" not in pod
+        build = container(b.build_engine_job("rr", NS, spec, CONFIG, KEY))
+    assert build["name"] == b.BUILD_CONTAINER and build["resources"] == want_build
+    assert b.engine_key_for(spec, CONFIG) == b.engine_key_for(
+        spec_of(resources=served, engineCache={"mode": mode}), CONFIG
+    )
+    # Only the fields written are the build's own: here its memory, the rest as served.
+    spec = spec_of(resources={**served, "build": {"memory": "16Gi"}}, engineCache={"mode": mode})
+    build = b.build_container(spec, CONFIG, KEY)
+    assert build["resources"] == {
+        "requests": {"cpu": "2", "memory": "16Gi"},
+        "limits": {"cpu": "6", "memory": "16Gi", **gpu},
+    }
+
+
 def test_custom_placement_from_config() -> None:
     config = config_from_dict(
         {

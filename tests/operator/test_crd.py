@@ -891,6 +891,15 @@ def test_code_only_checks_name_the_field() -> None:
             {"name": "a", "mountPath": "/data"}, {"name": "a", "mountPath": "/data", "subPath": "x"}]}},
          "spec.runtime.volumeMounts[1].mountPath", "mounted twice"),
         ({"resources": {"cpuLimit": "0.5"}}, "spec.resources.cpuLimit", "resources.cpu 1"),
+        # The build's own CPU request and limit, and the limit it takes from the serving one.
+        ({"resources": {"build": {"cpu": 4, "cpuLimit": 2}}}, "spec.resources.build.cpuLimit",
+         r"less than the build's CPU request \(resources.build.cpu 4\)"),
+        ({"resources": {"cpu": 3, "build": {"cpuLimit": "2"}}}, "spec.resources.build.cpuLimit",
+         r"\(resources.cpu 3\)"),
+        ({"resources": {"cpuLimit": 2, "build": {"cpu": 4}}}, "spec.resources.build.cpu",
+         "set resources.build.cpuLimit too"),
+        ({"resources": {"build": {"memory": "8e0.5"}}}, "spec.resources.build.memory",
+         "not a quantity Kubernetes accepts"),
         # The schema's quantity pattern lets these through; Kubernetes' parser does not.
         ({"resources": {"cpu": "1e1.5"}}, "spec.resources.cpu", "not a quantity Kubernetes accepts"),
         ({"resources": {"memory": "8e0.5"}}, "spec.resources.memory", "not a quantity Kubernetes accepts"),
@@ -944,6 +953,18 @@ def test_int_quantities_are_accepted() -> None:
     for cpu, limit in ((1, "1000m"), ("500m", "0.5"), ("2", "2e0"), ("100m", "1e-1")):
         obj = reranker({**MINIMAL, "resources": {"cpu": cpu, "cpuLimit": limit}})
         assert schema_errors(obj) == [] and parse_spec(obj).resources.cpu_limit == limit
+    # The build's own, as ints too; a build limit above the serving one is the build's.
+    build = {"cpu": 4, "memory": 34359738368, "cpuLimit": 4, "ephemeralStorage": "50Gi"}
+    obj = reranker({**MINIMAL, "resources": {"cpu": 1, "cpuLimit": 2, "build": build}})
+    assert schema_errors(obj) == [] and cel_errors(defaulted(obj)) == []
+    own = parse_spec(obj).resources.for_build()
+    assert (own.cpu, own.memory, own.cpu_limit) == ("4", "34359738368", "4")
+    for field in ("cpuLimit", "ephemeralStorage"):
+        obj = reranker({**MINIMAL, "resources": {"build": {field: "2 cores"}}})
+        assert schema_errors(obj)
+        with pytest.raises(InvalidSpec) as exc:
+            parse_spec(obj)
+        assert exc.value.field == f"spec.resources.build.{field}"
     for field in ("cpuLimit", "ephemeralStorage"):
         obj = reranker({**MINIMAL, "resources": {field: "2 cores"}})
         assert schema_errors(obj)

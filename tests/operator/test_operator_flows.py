@@ -721,22 +721,25 @@ async def test_flows_an_external_autoscalers_replica_count_is_left_alone(
 async def test_flows_failed_build_is_replaced_when_the_pod_settings_change(
     cluster: Cluster, operator: OperatorRunner, kmock: Any
 ) -> None:
-    """OOMKilled at 8Gi: raising spec.resources.memory (same engine key) builds again at 32Gi,
-    where the old Job would have kept the Reranker Failed until its TTL."""
+    """OOMKilled at 10Gi: raising spec.resources.build.memory (same engine key) builds again at
+    32Gi, where the old Job would have kept the Reranker Failed until its TTL."""
     job = builders.job_name(NAME, key_of(SPEC))
     await cluster.create_reranker(NAME, SPEC)
     await wait_for(lambda: cluster.get(cluster.JOB, job), "the build Job")
-    await cluster.job_failed(job, "OOMKilled (memory limit 8Gi): raise spec.resources.memory")
+    await cluster.job_failed(
+        job, "OOMKilled (memory limit 10Gi): raise spec.resources.build.memory"
+    )
     await wait_for(lambda: cluster.status(NAME).get("phase") == "Failed", "phase Failed")
     assert job_creations(kmock) == 1
 
-    await cluster.update_spec(NAME, {"resources": {"memory": "32Gi"}})
-    assert key_of(spec(resources={"memory": "32Gi"})) == key_of(SPEC)  # the same engine
+    raised = {"resources": {"build": {"memory": "32Gi"}}}
+    await cluster.update_spec(NAME, raised)
+    assert key_of(spec(**raised)) == key_of(SPEC)  # the same engine
     await wait_for(lambda: job_creations(kmock) == 2, "a new Job of the same name")
     await cluster.delete(cluster.POD, f"{job}-x1y2z")  # the garbage collector's part
     new = cluster.get(cluster.JOB, job)
     (c,) = new["spec"]["template"]["spec"]["containers"]
-    assert c["resources"]["limits"]["memory"] == "32Gi"
+    assert c["resources"]["limits"]["memory"] == c["resources"]["requests"]["memory"] == "32Gi"
     assert not new.get("status")  # a fresh Job, not the failed one
     await wait_for(
         lambda: cluster.status(NAME).get("phase") in ("Pending", "Building"), "building again"

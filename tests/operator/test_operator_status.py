@@ -328,7 +328,7 @@ PREPARATION_ISSUES = {
             last={"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
         ),
         "BuildFailed",
-        ["OOMKilled", "memory limit 10Gi"],
+        ["OOMKilled", "memory limit 10Gi", "raise spec.resources.build.memory"],
     ),
 }
 
@@ -385,7 +385,7 @@ SERVING_ISSUES = {
         {"waiting": {"reason": "CrashLoopBackOff"}},
         {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
         "OOMKilled",
-        ["OOMKilled", "memory limit 10Gi"],
+        ["OOMKilled", "memory limit 10Gi", "raise spec.resources.memory"],
     ),
     "crash-loop": (
         {"waiting": {"reason": "CrashLoopBackOff"}},
@@ -516,7 +516,10 @@ async def test_shared_oom_killed_build_says_so_with_the_limit(
         sub="status",
     )
     await phase(
-        cluster, "Failed", "BuildFailed", ("OOMKilled (memory limit 10Gi)", "loading shards")
+        cluster,
+        "Failed",
+        "BuildFailed",
+        ("OOMKilled (memory limit 10Gi): raise spec.resources.build.memory", "loading shards"),
     )
 
 
