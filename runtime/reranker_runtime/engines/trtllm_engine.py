@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reranker_runtime.engines.base import EncodedPair, Engine, EngineInfo, packed_warmup_passes
+from reranker_runtime.engines.base import (
+    EncodedPair,
+    Engine,
+    EngineInfo,
+    packed_warmup_passes,
+    release_cached_memory,
+)
 from reranker_runtime.engines.staging import Float32Readback, Int32Staging
 from reranker_runtime.errors import EngineError, ModelLoadError
 from reranker_runtime.model_family import ModelFamily
@@ -308,12 +314,7 @@ class TrtLlmEngine(Engine):
 
     def close(self) -> None:
         self._session = None
-        try:
-            import torch
-
-            torch.cuda.empty_cache()
-        except Exception:
-            pass
+        release_cached_memory()
 
 
 def model_family_of(ckpt_dir: Path, pretrained: dict[str, Any]) -> ModelFamily:
