@@ -291,12 +291,20 @@ def _finish(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]
 
 
 def _metadata(
-    name: str, namespace: str, labels_: dict[str, str], annotations: dict[str, str] | None = None
+    name: str,
+    namespace: str,
+    labels_: dict[str, str],
+    annotations: dict[str, str] | None = None,
+    *,
+    user_labels: dict[str, str] | None = None,
+    user_annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """A child's metadata: the operator's labels and annotations over the user's (spec.labels,
+    and the child's own such as spec.service.labels), whose keys are recorded."""
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels_}
     if annotations:
         meta["annotations"] = annotations
-    return meta
+    return _with_user_metadata(meta, user_labels or {}, user_annotations or {})
 
 
 # --------------------------------------------------------------------------- pod pieces
@@ -428,9 +436,10 @@ def _pull_secrets(spec: RerankerSpec, config: OperatorConfig) -> list[dict[str, 
 def _pod_metadata(
     spec: RerankerSpec, labels_: dict[str, str], annotations: dict[str, str]
 ) -> dict[str, Any]:
-    """Pod template metadata: spec.pod's labels and annotations, then the operator's."""
+    """Pod template metadata: spec.labels, spec.pod's labels and annotations, then the
+    operator's."""
     return {
-        "labels": {**spec.pod.labels, **labels_},
+        "labels": {**spec.labels, **spec.pod.labels, **labels_},
         "annotations": {**spec.pod.annotations, **annotations},
     }
 
@@ -570,6 +579,7 @@ def build_engine_cache_pvc(
             namespace,
             labels(name, COMPONENT_CACHE),
             {ANNOTATION_RETENTION: retention},
+            user_labels=spec.labels,
         ),
         "spec": pvc_spec,
     }
@@ -650,7 +660,11 @@ def build_engine_job(
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": _metadata(
-            job_name(name, key), namespace, job_labels, {ANNOTATION_ENGINE_KEY: key}
+            job_name(name, key),
+            namespace,
+            job_labels,
+            {ANNOTATION_ENGINE_KEY: key},
+            user_labels=spec.labels,
         ),
         "spec": {
             "backoffLimit": jobs.backoff_limit,
@@ -738,13 +752,16 @@ def build_prune_job(
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": _metadata(
-            prune_job_name(name, keys, cache_meta.get("resourceVersion", "")), namespace, job_labels
+            prune_job_name(name, keys, cache_meta.get("resourceVersion", "")),
+            namespace,
+            job_labels,
+            user_labels=spec.labels,
         ),
         "spec": {
             "backoffLimit": 3,
             "activeDeadlineSeconds": PRUNE_DEADLINE_SECONDS,
             "ttlSecondsAfterFinished": config.build_job.ttl_seconds_after_finished,
-            "template": {"metadata": {"labels": job_labels}, "spec": pod},
+            "template": {"metadata": {"labels": {**spec.labels, **job_labels}}, "spec": pod},
         },
     }
     return _finish(obj, owner)
@@ -887,7 +904,11 @@ def build_deployment(
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _metadata(
-            name, namespace, labels(name, COMPONENT_SERVER), {ANNOTATION_ENGINE_KEY: key}
+            name,
+            namespace,
+            labels(name, COMPONENT_SERVER),
+            {ANNOTATION_ENGINE_KEY: key},
+            user_labels=spec.labels,
         ),
         "spec": dep_spec,
     }
@@ -931,10 +952,12 @@ def build_service(
     }
     if settings.load_balancer_source_ranges:
         service_spec["loadBalancerSourceRanges"] = list(settings.load_balancer_source_ranges)
-    meta = _with_user_metadata(
-        _metadata(name, namespace, labels(name, COMPONENT_SERVER)),
-        settings.labels,
-        settings.annotations,
+    meta = _metadata(
+        name,
+        namespace,
+        labels(name, COMPONENT_SERVER),
+        user_labels={**spec.labels, **settings.labels},
+        user_annotations=settings.annotations,
     )
     obj = {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": service_spec}
     return _finish(obj, owner)
@@ -966,8 +989,9 @@ def build_ingress(
     if ingress.tls_secret_name:
         ingress_spec["tls"] = [{"hosts": [ingress.host], "secretName": ingress.tls_secret_name}]
     return _route_to_service(
-        "networking.k8s.io/v1", "Ingress", name, namespace, ingress.annotations, ingress_spec, owner
-    )
+        "networking.k8s.io/v1", "Ingress", name, namespace, spec, ingress.annotations,
+        ingress_spec, owner,
+    )  # fmt: skip
 
 
 def build_http_route(
@@ -1002,6 +1026,7 @@ def build_http_route(
         "HTTPRoute",
         name,
         namespace,
+        spec,
         route.annotations,
         route_spec,
         owner,
@@ -1013,13 +1038,18 @@ def _route_to_service(
     kind: str,
     name: str,
     namespace: str,
+    spec: RerankerSpec,
     annotations: dict[str, str],
     spec_: dict[str, Any],
     owner: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """An Ingress or HTTPRoute `<name>` to the Service, with the user's annotations."""
-    meta = _with_user_metadata(
-        _metadata(name, namespace, labels(name, COMPONENT_SERVER)), {}, annotations
+    """An Ingress or HTTPRoute `<name>` to the Service, with the user's labels and annotations."""
+    meta = _metadata(
+        name,
+        namespace,
+        labels(name, COMPONENT_SERVER),
+        user_labels=spec.labels,
+        user_annotations=annotations,
     )
     obj = {"apiVersion": api_version, "kind": kind, "metadata": meta, "spec": spec_}
     return _finish(obj, owner)
@@ -1055,7 +1085,9 @@ def build_pdb(
     obj = {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(name, namespace, labels(name, COMPONENT_SERVER)),
+        "metadata": _metadata(
+            name, namespace, labels(name, COMPONENT_SERVER), user_labels=spec.labels
+        ),
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(name)},
@@ -1067,7 +1099,11 @@ def build_pdb(
 
 
 def build_monitor(
-    name: str, namespace: str, config: OperatorConfig, owner: dict[str, Any] | None = None
+    name: str,
+    namespace: str,
+    spec: RerankerSpec,
+    config: OperatorConfig,
+    owner: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """The ServiceMonitor (Prometheus Operator) or PodMonitoring (GKE managed Prometheus) that
     scrapes the runtime pods' /metrics, when the operator config asks for one; else None."""
@@ -1083,8 +1119,12 @@ def build_monitor(
     obj = {
         "apiVersion": api_version,
         "kind": monitoring.kind,
+        # The config's labels (what Prometheus selects monitors by) over spec.labels.
         "metadata": _metadata(
-            name, namespace, {**monitoring.labels, **labels(name, COMPONENT_SERVER)}
+            name,
+            namespace,
+            {**monitoring.labels, **labels(name, COMPONENT_SERVER)},
+            user_labels=spec.labels,
         ),
         "spec": {
             # A ServiceMonitor selects the Service (same labels as the pods), a PodMonitoring
@@ -1135,7 +1175,9 @@ def build_hpa(
     obj = {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": _metadata(name, namespace, labels(name, COMPONENT_SERVER)),
+        "metadata": _metadata(
+            name, namespace, labels(name, COMPONENT_SERVER), user_labels=spec.labels
+        ),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
             "minReplicas": auto.min_replicas,
@@ -1178,6 +1220,6 @@ def build_children(
         build_http_route(name, namespace, spec, owner),
         build_pdb(name, namespace, spec, owner),
         build_hpa(name, namespace, spec, owner, config),
-        build_monitor(name, namespace, config, owner),
+        build_monitor(name, namespace, spec, config, owner),
     ]
     return [c for c in children if c is not None]

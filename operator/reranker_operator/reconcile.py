@@ -940,7 +940,7 @@ class Reconciler:
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
         self._apply(builders.build_service(name, namespace, spec, owner))
-        monitor = builders.build_monitor(name, namespace, self.config, owner)
+        monitor = builders.build_monitor(name, namespace, spec, self.config, owner)
         if monitor is not None:
             # Only the configured kind is touched: its CRD (and RBAC) may be all there is.
             self._apply(monitor)

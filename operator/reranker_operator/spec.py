@@ -64,6 +64,7 @@ _QUALIFIED_NAME = (
     r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 )
+LABEL_VALUE_PATTERN = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?"
 ENV_FIELD_PATH_PATTERN = (
     rf"^(metadata\.(name|namespace|uid|labels\['{_QUALIFIED_NAME}'\]"
     rf"|annotations\['{_QUALIFIED_NAME}'\])"
@@ -555,6 +556,9 @@ class RerankerSpec(_Model):
     ingress: IngressSettings | None = None
     http_route: HTTPRouteSettings | None = Field(default=None, alias="httpRoute")
     rollout: Rollout = Rollout()
+    # Labels of every object the operator creates for the Reranker, pods included: cost
+    # attribution, policies that require a label. pod.labels and service.labels win over them.
+    labels: dict[str, LabelValue] = Field(default_factory=dict)
 
     @property
     def desired_replicas(self) -> int:
@@ -711,10 +715,15 @@ def _check_rules(spec: RerankerSpec) -> None:
         )
     _check_resources(spec.resources)
     pod = spec.pod
-    for field, keys in (("labels", pod.labels), ("annotations", pod.annotations)):
-        for k in keys:
-            if k.startswith(OPERATOR_LABEL_PREFIXES) or k.startswith("prometheus.io/"):
-                raise InvalidSpec(f"spec.pod.{field}", f"{k} is set by the operator")
+    for k in pod.annotations:
+        if k.startswith(OPERATOR_LABEL_PREFIXES) or k.startswith("prometheus.io/"):
+            raise InvalidSpec("spec.pod.annotations", f"{k} is set by the operator")
+    for field, labels in (
+        ("spec.labels", spec.labels),
+        ("spec.pod.labels", pod.labels),
+        ("spec.service.labels", spec.service.labels),
+    ):
+        _check_labels(field, labels)
     _check_scaling(spec)
     _check_exposure(spec)
     for k in pod.affinity:
@@ -913,7 +922,6 @@ def _check_exposure(spec: RerankerSpec) -> None:
     if spec.http_route is not None:
         _check_parent_refs(spec.http_route.parent_refs)
     user_metadata = (
-        ("spec.service.labels", spec.service.labels),
         ("spec.service.annotations", spec.service.annotations),
         ("spec.ingress.annotations", spec.ingress.annotations if spec.ingress else {}),
         ("spec.httpRoute.annotations", spec.http_route.annotations if spec.http_route else {}),
@@ -922,6 +930,27 @@ def _check_exposure(spec: RerankerSpec) -> None:
         for k in keys:
             if k.startswith(OPERATOR_LABEL_PREFIXES):
                 raise InvalidSpec(field, f"{k} is set by the operator")
+
+
+def _check_labels(field: str, labels: dict[str, str]) -> None:
+    """Label keys and values as the API server checks them (it would refuse the child, after
+    its siblings were applied), and none of the operator's own keys."""
+    for key, value in labels.items():
+        if key.startswith(OPERATOR_LABEL_PREFIXES):
+            raise InvalidSpec(field, f"{key} is set by the operator")
+        if not re.fullmatch(_QUALIFIED_NAME, key) or len(key.partition("/")[0]) > 253:
+            raise InvalidSpec(
+                field,
+                f"{key!r} is not a label key: an optional DNS-subdomain prefix and '/', then a "
+                "name of at most 63 letters, digits, '-', '_' or '.' that starts and ends with a "
+                "letter or digit",
+            )
+        if not re.fullmatch(LABEL_VALUE_PATTERN, value):
+            raise InvalidSpec(
+                field,
+                f"{value!r} (label {key}) is not a label value: empty, or at most 63 letters, "
+                "digits, '-', '_' or '.' that starts and ends with a letter or digit",
+            )
 
 
 def _check_parent_refs(refs: tuple[ParentRef, ...]) -> None:

@@ -602,7 +602,7 @@ def test_prune_job_script_removes_engines_and_what_their_builds_left(tmp_path: P
 
 
 def test_no_monitor_unless_configured() -> None:
-    assert b.build_monitor("rr", NS, CONFIG) is None
+    assert b.build_monitor("rr", NS, spec_of(), CONFIG) is None
     assert not any(c["kind"].endswith(("Monitor", "Monitoring")) for c in all_children(spec_of()))
 
 
@@ -1332,6 +1332,81 @@ def test_user_metadata_removed_from_the_spec_leaves_the_child() -> None:
     again = jsonpatch.apply_patch(patched, b.replacement_patch(none, patched))
     assert "b" not in again["metadata"]["annotations"]
     assert b.ANNOTATION_USER_KEYS not in again["metadata"]["annotations"]
+
+
+@pytest.mark.parametrize("mode", ["PerPod", "Shared"])
+def test_spec_labels_reach_every_child_and_every_pod(mode: str) -> None:
+    """A policy that requires `team` on every object and pod (Kyverno, Gatekeeper), and cost
+    attribution: spec.labels label each child and pod template; pod.labels and service.labels
+    win where they overlap, the monitoring config's labels (what Prometheus selects by) too, and
+    the operator's own labels always."""
+    common = {"team": "search", "cost-center": "cc-42", "example.com/tier": "gold"}
+    spec = spec_of(
+        labels=common,
+        pod={"labels": {"team": "search-pods"}},
+        service={"labels": {"cost-center": "cc-svc"}},
+        autoscaling={"minReplicas": 1, "maxReplicas": 3},
+        ingress={"host": "rerank.example.com"},
+        httpRoute={"parentRefs": [{"name": "gw"}]},
+        engineCache={"mode": mode},
+    )
+    config = config_from_dict({"monitoring": {"kind": "ServiceMonitor", "labels": {"team": "obs"}}})
+    children = b.build_children("rr", NS, spec, config, key=KEY)
+    kinds = sorted(c["kind"] for c in children)
+    want_kinds = ["Deployment", "HTTPRoute", "HorizontalPodAutoscaler", "Ingress",
+                  "PodDisruptionBudget", "Service", "ServiceMonitor"]  # fmt: skip
+    if mode == "Shared":
+        want_kinds += ["Job", "PersistentVolumeClaim"]
+    assert kinds == sorted(want_kinds)
+    prune = b.build_prune_job("rr", NS, spec, config, ["a" * 64])
+    own = {"Service": {"cost-center": "cc-svc"}, "ServiceMonitor": {"team": "obs"}}
+    for child in [*children, prune]:
+        labels = child["metadata"]["labels"]
+        assert labels == {**common, **own.get(child["kind"], {}), **labels}, child["kind"]
+        assert {k: labels[k] for k in common} == {**common, **own.get(child["kind"], {})}
+        assert labels[b.LABEL_RERANKER] == "rr"  # the operator's, untouched
+        template = child["spec"].get("template")
+        if template is not None:
+            pod_labels = template["metadata"]["labels"]
+            pods_own = {"team": "search-pods"} if child is not prune else {}
+            assert {k: pod_labels[k] for k in common} == {**common, **pods_own}, child["kind"]
+    # The Deployment's selector is the operator's alone (it is immutable).
+    (dep,) = [c for c in children if c["kind"] == "Deployment"]
+    assert dep["spec"]["selector"]["matchLabels"] == b.selector_labels("rr")
+    # A key dropped from spec.labels leaves the live child at the next patch.
+    service = next(c for c in children if c["kind"] == "Service")
+    fewer = spec_of(labels={"team": "search"}, engineCache={"mode": mode})
+    desired = b.build_service("rr", NS, fewer)
+    patched = jsonpatch.apply_patch(service, b.replacement_patch(desired, service))
+    assert patched["metadata"]["labels"]["team"] == "search"
+    assert not {"cost-center", "example.com/tier"} & set(patched["metadata"]["labels"])
+    # Without spec.labels nothing is added, nor recorded: children stay as they were.
+    for child in b.build_children("rr", NS, spec_of(engineCache={"mode": mode}), CONFIG, key=KEY):
+        assert b.ANNOTATION_USER_KEYS not in child["metadata"].get("annotations", {})
+
+
+@pytest.mark.parametrize(
+    ("labels", "needle"),
+    [({"app.kubernetes.io/name": "x"}, "set by the operator"),
+     ({"reranker.dev/x": "y"}, "set by the operator"),
+     ({"-team": "x"}, "is not a label key"),
+     ({"a/b/c": "x"}, "is not a label key"),
+     ({"x" * 64: "x"}, "is not a label key"),
+     ({"team": "a b"}, "is not a label value"),
+     ({"team": "-x"}, "is not a label value")],
+)  # fmt: skip
+def test_label_keys_and_values_are_checked_before_anything_is_applied(
+    labels: dict[str, str], needle: str
+) -> None:
+    for field, fields in (
+        ("spec.labels", {"labels": labels}),
+        ("spec.pod.labels", {"pod": {"labels": labels}}),
+        ("spec.service.labels", {"service": {"labels": labels}}),
+    ):
+        with pytest.raises(InvalidSpec, match=needle) as exc:
+            spec_of(**fields)
+        assert exc.value.field == field
+    assert spec_of(labels={"example.com/team": "", "a_b.c": "x-1.y_2"}).labels
 
 
 @pytest.mark.parametrize("mode", ["PerPod", "Shared"])
