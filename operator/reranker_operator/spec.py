@@ -571,7 +571,8 @@ class RerankerSpec(_Model):
     def max_batch_tokens(self) -> int | Literal["auto"]:
         """The serving token budget (RERANKER_MAX_BATCH_TOKENS): runtime.maxBatchTokens when set;
         else on GPU the engine's maxNumTokens (what its TensorRT profile was built for), and on
-        CPU the runtime's `auto` (2048, or the model's max input length if larger): a CPU engine
+        CPU the runtime's `auto` (2048 tokens in flight, shared among its CPU forward workers; the
+        model's max input length if larger): a CPU engine
         has no token profile (maxNumTokens only caps its input length there), and passes of
         16384 tokens are slower and far less fair on CPU (docs/benchmarks.md)."""
         if self.runtime.max_batch_tokens is not None:
