@@ -298,7 +298,8 @@ _OPTIONS: tuple[_Option, ...] = (
         ("--api-key",),
         _text,
         "Require 'Authorization: Bearer <key>' or 'Authorization: Api-Key <key>' on the inference "
-        "routes and /info (/health, GET /, /ping, /live, /metrics, /docs stay open)",
+        "routes, /info, /v1/models and /models (/health, GET /, /ping, /live, /metrics, /docs, "
+        "/redoc stay open)",
         "KEY",
     ),
     _Option(
@@ -380,7 +381,7 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option(
         "hf_token",
-        ("--hf-token",),
+        ("--hf-token", "--hf-api-token"),
         _text,
         "Hugging Face token for gated or private hub models (sets HF_TOKEN; never logged)",
         "TOKEN",
@@ -458,9 +459,10 @@ _OPTIONS: tuple[_Option, ...] = (
         "cpu_kernels",
         ("--cpu-kernels",),
         _choice_parser(CPU_KERNEL_CHOICES),
-        "Packed engine on CPU: the linear layers' kernels. aten (PyTorch's F.linear; what auto "
-        "picks) or onednn (weights converted once, GELU and residual add fused into the GEMM; "
-        "checked at load; measured mixed, docs/benchmarks.md)",
+        "Packed engine on CPU: the linear layers' kernels. auto times both at load on a block of "
+        "the model's shape and takes onednn where it runs at least 1.25x as fast; aten "
+        "(PyTorch's F.linear) or onednn (weights converted once, GELU and residual add fused "
+        "into the GEMM) pin one (docs/benchmarks.md)",
         "KERNELS",
     ),
 )
@@ -477,6 +479,39 @@ def _argparse_type(opt: _Option) -> Callable[[str], Any]:
 
     convert.__name__ = opt.field  # argparse shows this name in some messages
     return convert
+
+
+# TEI's flags (and variables) that mean nothing for a cross-encoder: a flag is refused saying so
+# (argparse alone would only say "unrecognized arguments"), a variable is logged as ignored.
+TEI_FLAGS_WITHOUT_MEANING: dict[str, str] = {
+    "--pooling": "it picks an embedding model's pooling; a reranker scores with its "
+    "classification head",
+    "--default-prompt-name": "it prepends a prompt to an embedding model's inputs",
+    "--default-prompt": "it prepends a prompt to an embedding model's inputs",
+    "--dense-path": "it loads a sentence-transformers embedding model's Dense layer",
+    "--uds-path": "it is TEI's socket to its own Python backend, which this server does not use",
+}
+TEI_VARIABLES_WITHOUT_MEANING = ("POOLING", "DEFAULT_PROMPT_NAME", "DEFAULT_PROMPT", "DENSE_PATH")
+
+
+def ignored_tei_variables(env: Mapping[str, str]) -> list[str]:
+    """TEI's embedding-only variables set in `env` (logged at start as ignored)."""
+    return [name for name in TEI_VARIABLES_WITHOUT_MEANING if env.get(name, "").strip()]
+
+
+class _MeaninglessTeiFlag(argparse.Action):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        flag = option_string or self.option_strings[0]
+        parser.error(
+            f"{flag} is a TEI flag with no meaning here: {TEI_FLAGS_WITHOUT_MEANING[flag]}; "
+            "remove it"
+        )
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -541,6 +576,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"TEI's flag: same as --log-format json (env: TEI's {TEI_JSON_OUTPUT_ENV}=true|false, "
         "read when RERANKER_LOG_FORMAT is unset)",
     )
+    for flag in TEI_FLAGS_WITHOUT_MEANING:
+        parser.add_argument(flag, nargs="?", action=_MeaninglessTeiFlag, help=argparse.SUPPRESS)
     parser.set_defaults(func=run_serve)
     return parser
 
@@ -628,6 +665,13 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     if tei_used:  # names only: API_KEY's value is a secret
         log.info("settings read from TEI's variables", extra=log_fields(variables=tei_used))
+    ignored = ignored_tei_variables(os.environ)
+    if ignored:
+        log.warning(
+            "TEI's variables set here mean nothing for a reranker and are ignored (embedding "
+            "models only)",
+            extra=log_fields(variables=ignored),
+        )
     return serve(settings)
 
 

@@ -166,9 +166,11 @@ def check_predict_inputs(
     *,
     allow_blank: bool = False,
     field: str = "inputs",
+    single: bool = False,
 ) -> list[PredictInput]:
     """/predict's inputs: a list of one to --max-client-batch-size texts or pairs (non-blank
-    unless `allow_blank`), at most --max-request-characters in all."""
+    unless `allow_blank`), at most --max-request-characters in all. `single`: the client sent
+    one input, not a list (errors name `inputs`, not `inputs[0]`)."""
     if isinstance(inputs, (str, tuple)):
         raise ValidationError(f"`{field}` must be a list of strings or pairs")
     if not inputs:
@@ -176,9 +178,10 @@ def check_predict_inputs(
     check_count(field, len(inputs), settings)
     items: list[PredictInput] = []
     for i, item in enumerate(inputs):
+        name = field if single else f"{field}[{i}]"  # a single input was not sent as a list
         if isinstance(item, str):
             if not allow_blank and _is_blank(item):
-                raise EmptyInputError(f"`{field}[{i}]` is empty")
+                raise EmptyInputError(f"`{name}` is empty")
             items.append(item)
         elif (
             isinstance(item, (tuple, list))
@@ -187,10 +190,10 @@ def check_predict_inputs(
         ):
             for j, part in enumerate(item):
                 if not allow_blank and _is_blank(part):
-                    raise EmptyInputError(f"`{field}[{i}][{j}]` is empty")
+                    raise EmptyInputError(f"`{name}[{j}]` is empty")
             items.append((item[0], item[1]))
         else:
-            raise ValidationError(f"`{field}[{i}]` must be a string or a pair of two strings")
+            raise ValidationError(f"`{name}` must be a string or a pair of two strings")
     check_request_characters(items, settings.max_request_characters)
     return items
 

@@ -271,6 +271,22 @@ async def test_malformed_json(client: httpx.AsyncClient) -> None:
         assert "malformed JSON body: the body is empty" in resp.json()["error"], path
 
 
+async def test_a_body_that_is_not_an_object_says_so(client: httpx.AsyncClient) -> None:
+    """Valid JSON of the wrong kind (an array, null, a string) names what was sent, on every
+    route that takes a JSON object, instead of pydantic's 'valid dictionary or object'."""
+    cases = ((b"[1, 2]", "an array"), (b"null", "null"), (b'"q"', "a string"), (b"3", "a number"))
+    routes = ("/rerank", "/predict", "/v2/rerank", "/v1/rerank", "/score", "/tokenize", "/")
+    for path in (*routes, "/invocations", "/vertex"):
+        for body, got in cases:
+            resp = await client.post(
+                path, content=body, headers={"content-type": "application/json"}
+            )
+            assert resp.status_code == 422, (path, body, resp.text)
+            assert resp.json()["error"] == (
+                f"body: must be a JSON object with the request's fields, got {got}"
+            ), (path, body)
+
+
 _BODIES = {
     "/rerank": {"query": "q", "texts": ["a"]},
     "/v2/rerank": {"query": "q", "documents": ["a"]},
@@ -447,9 +463,16 @@ async def test_predict_refuses_what_tei_refuses(
 
 
 async def test_predict_empty_text_is_400(client: httpx.AsyncClient) -> None:
-    for inputs in ("", [["a"], [" "]]):
+    """The error names the input as sent: a single input is `inputs`, not a batch's element."""
+    for inputs, named in (
+        ("", "`inputs` is empty"),
+        (["a", " "], "`inputs[1]` is empty"),
+        ([["a"], [" "]], "`inputs[1]` is empty"),
+        ([["a"], ["b", ""]], "`inputs[1][1]` is empty"),
+    ):
         resp = await client.post("/predict", json={"inputs": inputs})
         assert resp.status_code == 400 and resp.json()["error_type"] == "Empty", inputs
+        assert resp.json()["error"].startswith(named), (inputs, resp.json())
 
 
 async def test_predict_too_many_inputs(client: httpx.AsyncClient) -> None:

@@ -270,6 +270,13 @@ def bench_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_bench_model(tmp_path_factory.mktemp("bench-model") / "tiny", "tiny")
 
 
+def test_bench_model_is_readable_by_other_users(bench_model: Path):
+    """A demo model mounted into the runtime image (uid 10001) must be readable there: the
+    weights are written 0600 by safetensors."""
+    for path in bench_model.iterdir():
+        assert path.stat().st_mode & 0o044 == 0o044, path.name
+
+
 def test_bench_model_fits_the_workload(bench_model: Path):
     from reranker_runtime.bench.baseline import count_tokens
 

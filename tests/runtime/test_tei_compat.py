@@ -34,6 +34,7 @@ from reranker_runtime.engines.torch_engine import TorchEngine
 from reranker_runtime.server import (
     SettingsError,
     add_serve_parser,
+    ignored_tei_variables,
     settings_from_args,
     use_hub_settings,
 )
@@ -742,6 +743,33 @@ async def test_tei_flag_defaults_and_tei_variables() -> None:
     )
     assert repeated.cors_allow_origin == ("https://b.example", "*")
     assert repeated.hf_cache == "/x"
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [(["--pooling", "cls"], "embedding model's pooling"),
+     (["--pooling=mean"], "embedding model's pooling"),
+     (["--default-prompt", "query: "], "prompt"),
+     (["--default-prompt-name", "q"], "prompt"),
+     (["--dense-path", "2_Dense"], "Dense layer"),
+     (["--uds-path", "/tmp/s"], "Python backend")],
+)  # fmt: skip
+async def test_tei_flags_without_meaning_are_refused_saying_so(
+    argv: list[str], why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TEI command line moved over as it is: the embedding-only flags are refused naming the
+    flag and why, where argparse alone says only 'unrecognized arguments'."""
+    with pytest.raises(SystemExit) as exc:
+        _serve_args(["--model", "m", *argv])
+    assert exc.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    flag = argv[0].split("=")[0]
+    assert error.startswith(f"reranker-runtime serve: error: {flag} is a TEI flag")
+    assert why in error and error.endswith("remove it")
+    # TEI's older name of --hf-token works; the embedding-only variables are reported, not fatal.
+    assert settings_from_args(_serve_args(["--hf-api-token", "t"]), environ={}).hf_token == "t"
+    env = {"POOLING": "cls", "DENSE_PATH": " ", "DEFAULT_PROMPT": "q: ", "MODEL_ID": "m"}
+    assert ignored_tei_variables(env) == ["POOLING", "DEFAULT_PROMPT"]
 
 
 async def test_bad_tei_variable_names_itself() -> None:

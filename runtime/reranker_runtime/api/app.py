@@ -227,6 +227,13 @@ def create_app(
 # Error handlers: each answers through api/errors.py's mapping.
 
 
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "model_type", "dict_type"})
+_JSON_TYPE_NAMES: dict[type, str] = {
+    list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+    type(None): "null",
+}  # fmt: skip
+
+
 def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
     """(status, message) for pydantic/JSON errors: 400 for malformed JSON, else 422 with
     `field.path: problem` for each error (TEI's router names the field the same way)."""
@@ -248,6 +255,11 @@ def _validation_message(errors: Sequence[Any]) -> tuple[int, str]:
             continue
         # A body that is not JSON never gets here: JsonBodyRoute answers it 415 (api/deps.py).
         field = ".".join(str(x) for x in loc) or "body"
+        if not loc and kind in _NOT_AN_OBJECT:
+            # pydantic's "valid dictionary or object to extract fields from" says it obscurely.
+            got = _JSON_TYPE_NAMES.get(type(err.get("input")), "something else")
+            parts.append(f"body: must be a JSON object with the request's fields, got {got}")
+            continue
         parts.append(f"{field}: {err.get('msg')}")
     shown = parts[:5]
     more = f" (and {len(parts) - 5} more errors)" if len(parts) > 5 else ""

@@ -133,4 +133,14 @@ def build_bench_model(
         model = BertForSequenceClassification(bert_config)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
+    _readable_by_others(out)
     return out
+
+
+def _readable_by_others(directory: Path) -> None:
+    """Every file readable by all, as the tokenizer and config files are (the weights are
+    written 0600): a server running as another user, e.g. the runtime image's uid 10001 with
+    the directory mounted, can read them."""
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(path.stat().st_mode | 0o044)
