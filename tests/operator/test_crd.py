@@ -183,6 +183,8 @@ def test_crd_names_scope_subresources_and_columns() -> None:
         c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")
     ]
     assert default_columns == ["Ready", "Phase", "Accelerator", "Engine", "Replicas", "Age"]
+    wide = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority") == 1]
+    assert wide == ["Model", "Revision", "Endpoint", "External", "Message"]
 
 
 def _walk_schema(
