@@ -200,17 +200,11 @@ def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dic
     rather than server-side apply: both a real API server and the in-memory one used in tests
     implement its operations alike, whereas the latter treats an apply patch as a merge patch.
     """
-    meta, live_meta = desired["metadata"], live.get("metadata") or {}
-    ops: list[dict[str, Any]] = []
-    # The user's keys from the last render (and their record) go unless rendered again.
-    dropped = _user_keys(live)
-    dropped["annotations"] = [*dropped.get("annotations", []), ANNOTATION_USER_KEYS]
-    for field in ("labels", "annotations"):
-        kept = {
-            k: v for k, v in (live_meta.get(field) or {}).items() if k not in dropped.get(field, ())
-        }
-        merged = {**kept, **(meta.get(field) or {})}
-        ops.append({"op": "add", "path": f"/metadata/{field}", "value": merged})
+    meta = desired["metadata"]
+    ops = [
+        {"op": "add", "path": f"/metadata/{field}", "value": value}
+        for field, value in _merged_metadata(desired, live).items()
+    ]
     if "ownerReferences" in meta:
         ops.append(
             {"op": "add", "path": "/metadata/ownerReferences", "value": meta["ownerReferences"]}
@@ -231,6 +225,47 @@ def replacement_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dic
         return ops
     ops.append({"op": "add", "path": "/spec", "value": spec})
     return ops
+
+
+def relabel_patch(desired: dict[str, Any], live: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A JSON Patch giving `live` the labels `desired` renders (spec.labels added or removed),
+    its spec left alone: for the cache PVC, whose spec is immutable once bound. None when the
+    labels and the record of the user's keys already match."""
+    live_meta = live.get("metadata") or {}
+    live_annotations = live_meta.get("annotations") or {}
+    merged = _merged_metadata(desired, live)
+    record = merged["annotations"].get(ANNOTATION_USER_KEYS)
+    if merged["labels"] == (live_meta.get("labels") or {}) and record == live_annotations.get(
+        ANNOTATION_USER_KEYS
+    ):
+        return None
+    ops: list[dict[str, Any]] = [
+        {"op": "add", "path": "/metadata/labels", "value": merged["labels"]}
+    ]
+    # Only the record itself: the live annotations (the cache's built-engines list) stay.
+    record_path = f"/metadata/annotations/{_pointer(ANNOTATION_USER_KEYS)}"
+    if record is not None:
+        if not live_annotations:
+            ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+        ops.append({"op": "add", "path": record_path, "value": record})
+    elif ANNOTATION_USER_KEYS in live_annotations:
+        ops.append({"op": "remove", "path": record_path})
+    return ops
+
+
+def _merged_metadata(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """`desired`'s labels and annotations merged over the live ones (other controllers add
+    theirs), less the user's keys an earlier render recorded and this one drops."""
+    meta, live_meta = desired["metadata"], live.get("metadata") or {}
+    dropped = _user_keys(live)
+    dropped["annotations"] = [*dropped.get("annotations", []), ANNOTATION_USER_KEYS]
+    merged: dict[str, dict[str, str]] = {}
+    for field in ("labels", "annotations"):
+        kept = {
+            k: v for k, v in (live_meta.get(field) or {}).items() if k not in dropped.get(field, ())
+        }
+        merged[field] = {**kept, **(meta.get(field) or {})}
+    return merged
 
 
 def _keep_restart_stamp(spec: dict[str, Any], live_spec: dict[str, Any]) -> None:

@@ -169,7 +169,7 @@ def _refused_pods_issue(
     quota = "exceeded quota" in refusal
     message = f"{what}: {refusal}"
     if quota:
-        message += "; raise the namespace's ResourceQuota or lower spec.resources"
+        message += "; raise the namespace's ResourceQuota or lower spec.resources (the build: spec.resources.build)"
     started = diagnosis.parse_time(since)
     waited = (now - started).total_seconds() if started else 0.0
     stuck = not quota or started is None or waited >= timeout
@@ -489,10 +489,13 @@ class Reconciler:
         name, namespace = meta["name"], meta["namespace"]
         timeout = self.config.unschedulable_timeout_seconds
         job_name = builders.job_name(name, key)
-        # The engine cache (created once; a PVC's spec is mostly immutable afterwards).
-        pvc, _ = self.api.create_if_absent(
-            builders.build_engine_cache_pvc(name, namespace, spec, self.config, owner)
-        )
+        # The engine cache (created once; a PVC's spec is mostly immutable afterwards: only
+        # its labels follow spec.labels).
+        desired_pvc = builders.build_engine_cache_pvc(name, namespace, spec, self.config, owner)
+        pvc, created = self.api.create_if_absent(desired_pvc)
+        relabel = None if created else builders.relabel_patch(desired_pvc, pvc)
+        if relabel is not None:
+            pvc = self.api.patch(kube.PVC, namespace, builders.cache_pvc_name(name), relabel)
         jobs = self.api.list(kube.JOB, namespace, {builders.LABEL_RERANKER: name})
         serving_key = (
             _annotation(deployment, builders.ANNOTATION_ENGINE_KEY) if deployment else None

@@ -719,12 +719,12 @@ def _check_rules(spec: RerankerSpec) -> None:
     for k in pod.annotations:
         if k.startswith(OPERATOR_LABEL_PREFIXES) or k.startswith("prometheus.io/"):
             raise InvalidSpec("spec.pod.annotations", f"{k} is set by the operator")
-    for field, labels in (
-        ("spec.labels", spec.labels),
-        ("spec.pod.labels", pod.labels),
-        ("spec.service.labels", spec.service.labels),
+    for field, labels, on_pods in (
+        ("spec.labels", spec.labels, True),
+        ("spec.pod.labels", pod.labels, True),
+        ("spec.service.labels", spec.service.labels, False),
     ):
-        _check_labels(field, labels)
+        _check_labels(field, labels, on_pods=on_pods)
     _check_scaling(spec)
     _check_exposure(spec)
     for k in pod.affinity:
@@ -933,12 +933,26 @@ def _check_exposure(spec: RerankerSpec) -> None:
                 raise InvalidSpec(field, f"{k} is set by the operator")
 
 
-def _check_labels(field: str, labels: dict[str, str]) -> None:
+# Pod labels the Job and Deployment controllers set: the API server refuses a Job whose pod
+# template gives job-name or controller-uid another value, and pod-template-hash is the
+# Deployment controller's.
+CONTROLLER_POD_LABELS = ("job-name", "controller-uid", "pod-template-hash")
+CONTROLLER_POD_LABEL_PREFIX = "batch.kubernetes.io/"
+
+
+def _check_labels(field: str, labels: dict[str, str], *, on_pods: bool) -> None:
     """Label keys and values as the API server checks them (it would refuse the child, after
-    its siblings were applied), and none of the operator's own keys."""
+    its siblings were applied), and none of the operator's own keys (nor, on pods, the Job
+    and Deployment controllers')."""
     for key, value in labels.items():
         if key.startswith(OPERATOR_LABEL_PREFIXES):
             raise InvalidSpec(field, f"{key} is set by the operator")
+        if on_pods and (
+            key in CONTROLLER_POD_LABELS or key.startswith(CONTROLLER_POD_LABEL_PREFIX)
+        ):
+            raise InvalidSpec(
+                field, f"{key} is set on pods by Kubernetes' Job or Deployment controller"
+            )
         if not re.fullmatch(_QUALIFIED_NAME, key) or len(key.partition("/")[0]) > 253:
             raise InvalidSpec(
                 field,

@@ -166,11 +166,11 @@ def check_predict_inputs(
     *,
     allow_blank: bool = False,
     field: str = "inputs",
-    single: bool = False,
+    single_name: str | None = None,
 ) -> list[PredictInput]:
     """/predict's inputs: a list of one to --max-client-batch-size texts or pairs (non-blank
-    unless `allow_blank`), at most --max-request-characters in all. `single`: the client sent
-    one input, not a list (errors name `inputs`, not `inputs[0]`)."""
+    unless `allow_blank`), at most --max-request-characters in all. `single_name`: what errors
+    call the one input when the client sent TEI's single form, not a batch."""
     if isinstance(inputs, (str, tuple)):
         raise ValidationError(f"`{field}` must be a list of strings or pairs")
     if not inputs:
@@ -178,7 +178,7 @@ def check_predict_inputs(
     check_count(field, len(inputs), settings)
     items: list[PredictInput] = []
     for i, item in enumerate(inputs):
-        name = field if single else f"{field}[{i}]"  # a single input was not sent as a list
+        name = single_name or f"{field}[{i}]"
         if isinstance(item, str):
             if not allow_blank and _is_blank(item):
                 raise EmptyInputError(f"`{name}` is empty")

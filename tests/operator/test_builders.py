@@ -1409,6 +1409,23 @@ def test_label_keys_and_values_are_checked_before_anything_is_applied(
     assert spec_of(labels={"example.com/team": "", "a_b.c": "x-1.y_2"}).labels
 
 
+@pytest.mark.parametrize(
+    "key", ["job-name", "controller-uid", "batch.kubernetes.io/job-name", "pod-template-hash"]
+)
+def test_labels_the_pod_controllers_set_are_refused_on_pods(key: str) -> None:
+    """The API server refuses a Job whose pod template sets job-name or controller-uid to
+    another value: refused before the cache PVC or anything else is applied. On the Service
+    they are only labels."""
+    for field, fields in (
+        ("spec.labels", {"labels": {key: "x"}}),
+        ("spec.pod.labels", {"pod": {"labels": {key: "x"}}}),
+    ):
+        with pytest.raises(InvalidSpec, match="Job or Deployment controller") as exc:
+            spec_of(**fields)
+        assert exc.value.field == field
+    assert spec_of(service={"labels": {key: "x"}}).service.labels == {key: "x"}
+
+
 @pytest.mark.parametrize("mode", ["PerPod", "Shared"])
 def test_a_mig_slice_or_shared_gpu_is_requested_instead_of_a_whole_gpu(mode: str) -> None:
     spec = spec_of(

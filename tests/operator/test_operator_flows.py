@@ -527,6 +527,48 @@ async def test_flows_a_rollout_restart_and_runtime_volumes_through_later_patches
     assert mounts[0] not in server(dep)["volumeMounts"]
 
 
+def pvc_patches(kmock: Any) -> int:
+    return sum(
+        1
+        for r in list(kmock)
+        if r.method.value == "PATCH" and "/persistentvolumeclaims/" in r.url.path
+    )
+
+
+async def test_flows_spec_labels_reach_the_children_and_the_existing_cache_pvc(
+    cluster: Cluster, operator: OperatorRunner, kmock: Any
+) -> None:
+    """spec.labels added to a serving Reranker: the Deployment, its pods and the Service get
+    them by their usual patch, the cache PVC (its spec immutable) by a patch of its labels
+    alone, which keeps the built-engines record. Removed again, they leave all of them."""
+    key = await bring_to_ready(cluster)
+    pvc_name = builders.cache_pvc_name(NAME)
+    await cluster.update_spec(NAME, {"labels": {"team": "search"}})
+
+    def labelled(resource: Any, name: str) -> bool:
+        obj = cluster.get(resource, name)
+        return obj is not None and obj["metadata"].get("labels", {}).get("team") == "search"
+
+    await wait_for(lambda: labelled(cluster.PVC, pvc_name), "the cache PVC labelled")
+    for resource in (cluster.DEPLOYMENT, cluster.SERVICE):
+        await wait_for(lambda r=resource: labelled(r, NAME), f"{resource} labelled")
+    template = cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["template"]["metadata"]["labels"]
+    assert template["team"] == "search"
+    pvc = cluster.get(cluster.PVC, pvc_name)
+    assert key in pvc["metadata"]["annotations"]["reranker.dev/built-engines"]
+    patches = pvc_patches(kmock)
+    await cluster.update_spec(NAME, {"replicas": 2})  # another change: the PVC is left alone
+    await wait_for(lambda: cluster.get(cluster.DEPLOYMENT, NAME)["spec"]["replicas"] == 2, "2")
+    assert pvc_patches(kmock) == patches
+
+    await cluster.update_spec(NAME, {"labels": None})
+    await wait_for(lambda: not labelled(cluster.PVC, pvc_name), "the label gone from the PVC")
+    await wait_for(lambda: not labelled(cluster.SERVICE, NAME), "the label gone from the Service")
+    pvc = cluster.get(cluster.PVC, pvc_name)
+    assert builders.ANNOTATION_USER_KEYS not in pvc["metadata"]["annotations"]
+    assert key in pvc["metadata"]["annotations"]["reranker.dev/built-engines"]
+
+
 async def test_flows_long_names_sharing_a_prefix_get_distinct_children(
     cluster: Cluster, operator: OperatorRunner
 ) -> None:

@@ -466,6 +466,7 @@ async def test_predict_empty_text_is_400(client: httpx.AsyncClient) -> None:
     """The error names the input as sent: a single input is `inputs`, not a batch's element."""
     for inputs, named in (
         ("", "`inputs` is empty"),
+        ([" "], "`inputs[0]` is empty"),
         (["a", " "], "`inputs[1]` is empty"),
         ([["a"], [" "]], "`inputs[1]` is empty"),
         ([["a"], ["b", ""]], "`inputs[1][1]` is empty"),

@@ -97,7 +97,7 @@ def check_before_admission(body: object, lifecycle: Lifecycle) -> None:
         else:
             check_rerank_input(body.query, body.documents, settings, "documents")
     elif isinstance(body, PredictRequest):
-        check_predict_inputs(body.items, settings, single=body.single)
+        check_predict_inputs(body.items, settings, single_name=body.single_name)
 
 
 def count_request(request: Request, method: str) -> None:

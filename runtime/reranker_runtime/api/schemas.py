@@ -274,11 +274,20 @@ class PredictRequest(_Request):
     @classmethod
     def _parse_inputs(cls, value: Any) -> Any:
         single, items = parse_predict_inputs(value)
-        return {"single": single, "items": items}
+        # How errors name a single input: as sent, a bare string or pair is `inputs` (a pair's
+        # texts `inputs[0]`, `inputs[1]`), a one-text list `[text]` is `inputs[0]`.
+        name = "inputs[0]" if isinstance(value, list) and len(value) == 1 else "inputs"
+        return {"single": single, "items": items, "name": name if single else None}
 
     @property
     def single(self) -> bool:
         return bool(self.inputs["single"])
+
+    @property
+    def single_name(self) -> str | None:
+        """What errors call the one input of the single form (None for a batch)."""
+        name = self.inputs["name"]
+        return str(name) if name is not None else None
 
     @property
     def items(self) -> list[str | tuple[str, str]]:
