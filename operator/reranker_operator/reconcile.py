@@ -169,7 +169,10 @@ def _refused_pods_issue(
     quota = "exceeded quota" in refusal
     message = f"{what}: {refusal}"
     if quota:
-        message += "; raise the namespace's ResourceQuota or lower spec.resources (the build: spec.resources.build)"
+        message += (
+            "; raise the namespace's ResourceQuota or lower spec.resources (the build: "
+            "spec.resources.build)"
+        )
     started = diagnosis.parse_time(since)
     waited = (now - started).total_seconds() if started else 0.0
     stuck = not quota or started is None or waited >= timeout
