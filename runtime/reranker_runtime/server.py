@@ -131,6 +131,18 @@ def _text(text: str) -> str:
     return text
 
 
+def _api_key(text: str) -> str:
+    """The key without surrounding whitespace (a Secret made from a file ends in a newline,
+    which no client sends); an empty one is refused, since it would turn authentication off."""
+    key = text.strip()
+    if not key:
+        raise ValueError(
+            "an empty API key would leave the server open; set a key, or unset it to serve "
+            "without authentication"
+        )
+    return key
+
+
 def _origins(text: str) -> tuple[str, ...]:
     """CORS origins, comma-separated (`*`: any origin)."""
     origins = tuple(part.strip() for part in text.split(",") if part.strip())
@@ -296,7 +308,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "api_key",
         ("--api-key",),
-        _text,
+        _api_key,
         "Require 'Authorization: Bearer <key>' or 'Authorization: Api-Key <key>' on the inference "
         "routes, /info, /v1/models and /models (/health, GET /, /ping, /live, /metrics, /docs, "
         "/redoc stay open)",
@@ -590,6 +602,22 @@ def settings_from_args(
     return _resolve_settings(args, os.environ if environ is None else environ)[0]
 
 
+# Settings whose variable, set but blank, is a mistake rather than "unset".
+_BLANK_IS_AN_ERROR = {
+    "api_key": "an empty API key would leave the server open; put the key in it (e.g. the "
+    "Secret's value), or unset it to serve without authentication",
+}
+
+
+def _refuse_if_blank(field: str, var: str, raw: str | None) -> None:
+    """Set but blank (a Secret key holding nothing): refused where that would be a mistake
+    rather than taken as unset."""
+    if raw is not None and raw.strip() == "" and field in _BLANK_IS_AN_ERROR:
+        raise SettingsError(
+            f"environment variable {var} is set but empty: {_BLANK_IS_AN_ERROR[field]}"
+        )
+
+
 def _resolve_settings(
     args: argparse.Namespace, env: Mapping[str, str]
 ) -> tuple[ServeSettings, list[str]]:
@@ -604,10 +632,12 @@ def _resolve_settings(
             continue
         var = SERVE_ENV_VARS[opt.field]
         raw = env.get(var)
+        _refuse_if_blank(opt.field, var, raw)
         shadowed = env.get(TEI_ENV_SHADOWED_BY.get(opt.field, ""), "").strip()
         if (raw is None or raw.strip() == "") and opt.field in TEI_ENV_VARS and not shadowed:
             var = TEI_ENV_VARS[opt.field]
             raw = env.get(var)
+            _refuse_if_blank(opt.field, var, raw)
         if raw is None or raw.strip() == "":
             continue
         try:
@@ -707,6 +737,8 @@ def serve(settings: ServeSettings) -> int:
             port=settings.port,
             model=settings.model,
             engine_dir=settings.engine_dir,
+            # Whether a key is required, never the key.
+            api_key="required" if settings.api_key else "none (open to any client)",
         ),
     )
     metrics_server = start_metrics_server(settings.host, settings.prometheus_port)

@@ -371,11 +371,33 @@ def test_boolean_values(text: str, value: bool) -> None:
 
 
 def test_empty_env_values_count_as_unset() -> None:
-    settings = settings_from_args(
-        _serve_args([]), environ={"RERANKER_API_KEY": "", "RERANKER_PORT": " "}
-    )
-    assert settings.api_key is None
+    settings = settings_from_args(_serve_args([]), environ={"RERANKER_PORT": " "})
     assert settings.port == 8080
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{"RERANKER_API_KEY": ""}, {"RERANKER_API_KEY": " \n"}, {"API_KEY": ""},
+     {"RERANKER_API_KEY": "", "API_KEY": "fallback"}],
+)  # fmt: skip
+def test_an_empty_api_key_is_refused_not_taken_as_no_key(environ: dict[str, str]) -> None:
+    """A Secret key that holds nothing (`--from-literal=api-key=$UNSET_VARIABLE`) would turn
+    authentication off without a word: refused at start, naming the variable."""
+    with pytest.raises(SettingsError, match="is set but empty: an empty API key would leave"):
+        settings_from_args(_serve_args([]), environ=environ)
+
+
+def test_an_empty_api_key_flag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _serve_args(["--api-key", "  "])
+    assert "argument --api-key: invalid value" in capsys.readouterr().err
+
+
+def test_the_api_key_loses_surrounding_whitespace() -> None:
+    """A Secret made from a file ends in a newline that no client sends."""
+    from_file = settings_from_args(_serve_args([]), environ={"RERANKER_API_KEY": "sekret\n"})
+    assert from_file.api_key == "sekret"
+    assert settings_from_args(_serve_args(["--api-key", " k "]), environ={}).api_key == "k"
 
 
 @pytest.mark.parametrize(
