@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from typing import Any
 
 from reranker_operator.config import OperatorConfig
@@ -106,6 +107,15 @@ def short_name(name: str, limit: int) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     return name[: limit - len(digest) - 1].rstrip("-") + "-" + digest
+
+
+_ENGINE_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def is_engine_key(text: str) -> bool:
+    """Whether `text` is an engine key (sha256 hex), the only thing a path under /engines is
+    built from."""
+    return _ENGINE_KEY.fullmatch(text) is not None
 
 
 def job_name(name: str, key: str) -> str:
@@ -741,6 +751,9 @@ def build_prune_job(
     """A Job deleting the engines `keys` from the Shared cache PVC (no GPU needed). `cache`, the
     live PVC, gives the Job's name its version and the pod its placement: the claim keeps the
     access mode it was created with, whatever the spec says now."""
+    not_keys = [k for k in keys if not is_engine_key(k)]
+    if not_keys:  # the script deletes /engines/<key>: `..` would be the whole cache
+        raise ValueError(f"not engine keys: {not_keys}")
     cache_meta, cache_spec = (cache or {}).get("metadata") or {}, (cache or {}).get("spec") or {}
     access_modes = cache_spec.get("accessModes") or [
         spec.engine_cache.access_mode or config.engine_cache.access_mode

@@ -54,8 +54,10 @@ class Outcome:
 
 
 def _key_list(pvc: dict[str, Any] | None, annotation: str) -> list[str]:
+    """The engine keys an annotation of the cache PVC lists. Anything else there (written by
+    hand: `..` would make a prune delete the whole cache) is ignored."""
     value = (((pvc or {}).get("metadata") or {}).get("annotations") or {}).get(annotation) or ""
-    return [k for k in value.split(",") if k]
+    return [k for k in value.split(",") if builders.is_engine_key(k)]
 
 
 def built_keys(pvc: dict[str, Any] | None) -> set[str]:

@@ -6,11 +6,13 @@ import json
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 from kubernetes.client.exceptions import ApiException
 
-from reranker_operator import kube
+from reranker_operator import builders, kube
 from reranker_operator.config import OperatorConfig
-from reranker_operator.reconcile import Reconciler
+from reranker_operator.reconcile import ANNOTATION_BUILT, Reconciler, built_keys
+from reranker_operator.spec import parse_spec
 
 REFUSAL = (
     'Deployment.apps "rr" is invalid: spec.template.spec.affinity.nodeAffinity.'
@@ -198,3 +200,14 @@ def test_the_soonest_recheck_wins_and_a_later_one_waits_for_it() -> None:
         assert reconciler._timers[("ml", "rr")] == (due, timer)
     finally:
         reconciler.stop_timers()
+
+
+def test_engine_keys_on_the_cache_pvc_are_keys_or_ignored() -> None:
+    """The prune Job deletes /engines/<key> for the keys the PVC's annotations list: an entry
+    written there by hand (`..`, a path) is ignored, never deleted."""
+    key = "ab" * 32
+    listed = f"..,{key},../x,/engines,{key.upper()},{key}0"
+    assert built_keys({"metadata": {"annotations": {ANNOTATION_BUILT: listed}}}) == {key}
+    spec = parse_spec({"metadata": {"name": "rr"}, "spec": {"checkpoint": {"repo": "a/b"}}})
+    with pytest.raises(ValueError, match="not engine keys"):
+        builders.build_prune_job("rr", "ns", spec, OperatorConfig(), [key, ".."])
