@@ -21,6 +21,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -224,7 +225,16 @@ def render() -> bytes:
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+# The metrics port takes no API key and sits outside uvicorn's connection cap and read
+# deadline: a client that connects and sends nothing must not hold a thread for ever, nor
+# may many of them pile up threads in the server's process. A scraper needs one connection.
+METRICS_READ_TIMEOUT_S = 10.0
+METRICS_MAX_CONNECTIONS = 16
+
+
 class _MetricsHandler(BaseHTTPRequestHandler):
+    timeout = METRICS_READ_TIMEOUT_S  # socket timeout: an idle or slow client is dropped
+
     def do_GET(self) -> None:
         body = render()
         self.send_response(200)
@@ -237,13 +247,41 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         pass  # scrapes every few seconds: not worth a log line
 
 
+class _BoundedMetricsServer(ThreadingHTTPServer):
+    """At most METRICS_MAX_CONNECTIONS handled at once; a connection beyond them is closed at
+    once (its client retries at the next scrape)."""
+
+    daemon_threads = True
+    request_queue_size = 64  # the listen backlog: connections beyond the slots are closed fast
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread was started to release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def start_metrics_server(host: str, port: int) -> ThreadingHTTPServer | None:
     """--prometheus-port: the metrics on every path of a second port, as TEI's exporter serves
     them. 0 turns it off; a port in use is logged and skipped (the main port's /metrics stays)."""
     if port == 0:
         return None
     try:
-        server = ThreadingHTTPServer((host, port), _MetricsHandler)
+        server = _BoundedMetricsServer((host, port), _MetricsHandler)
     except OSError as exc:
         log.warning(
             "cannot serve metrics on port %d (%s); /metrics on the main port still works; "
@@ -252,7 +290,6 @@ def start_metrics_server(host: str, port: int) -> ThreadingHTTPServer | None:
             exc,
         )
         return None
-    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     log.info("serving metrics on port %d", port)
     return server

@@ -8,9 +8,13 @@ Values are compared before/after the requests a test sends (the registry is proc
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import re
 import socket
+import threading
+import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -327,6 +331,38 @@ async def test_second_metrics_port_serves_the_same_page(client: httpx.AsyncClien
             )
             assert "te_request_duration_count" in second
     finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_idle_clients_cannot_pile_up_on_the_metrics_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second port takes no key and sits outside uvicorn's connection cap: clients that
+    connect and send nothing hold at most METRICS_MAX_CONNECTIONS threads, each only until its
+    read times out; then scrapes are served again."""
+    assert metrics._MetricsHandler.timeout == metrics.METRICS_READ_TIMEOUT_S == 10.0
+    monkeypatch.setattr(metrics._MetricsHandler, "timeout", 1.0)  # the test's shorter read
+    port = _free_port()
+    server = metrics.start_metrics_server("127.0.0.1", port)
+    assert server is not None
+
+    def scrape() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return int(resp.status)
+
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(24)]
+    try:
+        time.sleep(0.2)
+        handlers = [t for t in threading.enumerate() if "process_request_thread" in t.name]
+        assert len(handlers) <= metrics.METRICS_MAX_CONNECTIONS
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            scrape()  # every slot held: closed at once rather than queued behind them
+        time.sleep(1.5)  # the idle clients' reads time out
+        assert scrape() == 200
+    finally:
+        for sock in idle:
+            sock.close()
         server.shutdown()
         server.server_close()
 
