@@ -92,17 +92,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+# Line breaks and other control characters in a text log line, escaped: a client's path or
+# header with `%0a` in it must not forge a log line of its own. (JSON escapes them anyway.)
+_ESCAPED = {
+    **{c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, 0x85] if c != 0x09},
+    0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029",
+}  # fmt: skip
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and control characters escaped (tabs kept)."""
+    return text.translate(_ESCAPED)
+
+
 class TextFormatter(logging.Formatter):
-    """`2024-01-01 12:00:00 INFO logger: message key=value ...`."""
+    """`2024-01-01 12:00:00 INFO logger: message key=value ...`: one line per record (a
+    traceback follows on its own lines)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = _fields(record)
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            line += " " + " ".join(f"{k}={one_line(str(v))}" for k, v in fields.items())
         return line
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 import pytest
 
 from reranker_runtime import cli
 from reranker_runtime.config import DEFAULT_MODEL, SERVE_ENV_VARS, ServeSettings
-from reranker_runtime.logging import setup_logging
+from reranker_runtime.logging import TextFormatter, setup_logging
 from reranker_runtime.server import (
     SettingsError,
     add_serve_parser,
@@ -472,3 +473,23 @@ def test_json_log_lines_carry_fields(capsys: pytest.CaptureFixture[str]) -> None
 def test_text_log_lines_carry_fields(capsys: pytest.CaptureFixture[str]) -> None:
     line = _capture_root_log("text", capsys)
     assert "POST /rerank 200" in line and "route=/rerank" in line and "pairs=3" in line
+
+
+def test_text_log_lines_cannot_be_forged_by_what_a_client_sends() -> None:
+    """A path or header with `%0a` in it (uvicorn hands the decoded path over) must not start
+    a log line of its own: control characters in the message and fields are escaped; a
+    traceback still follows on its own lines."""
+    forged = "GET /x\n2026-01-01 00:00:00 INFO reranker_runtime.access: GET /admin 200"
+    record = logging.LogRecord(
+        "reranker_runtime.access", logging.INFO, __file__, 1, forged, (), None
+    )
+    record.fields = {"route": "/x\r\nInjected: yes", "ua": "a\x1b[31mred\u2028b"}  # type: ignore[attr-defined]
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
+    assert "GET /x\\n2026-01-01" in line and "route=/x\\r\\nInjected: yes" in line
+    assert "ua=a\\x1b[31mred\\u2028b" in line
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert "\nTraceback" in TextFormatter().format(failed)
