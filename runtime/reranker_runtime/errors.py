@@ -141,6 +141,14 @@ class DeadlineUnreachableError(RerankerError):
         self.left_s = left_s
 
 
+class RequestReadTimeoutError(RerankerError):
+    """The client did not finish sending its request within --request-read-timeout."""
+
+    def __init__(self, what: str, timeout_s: float) -> None:
+        super().__init__(f"{what} did not end within {timeout_s:g} s")
+        self.timeout_s = timeout_s
+
+
 class NotReadyError(RerankerError):
     """The server cannot take requests in its current lifecycle state (loading, warming up,
     draining, stopped, failed). The message comes from `lifecycle.not_ready_error`, one per

@@ -138,23 +138,32 @@ class Lifecycle:
         nor in the `reranker_requests_in_flight` gauge."""
         if self._state is not State.READY or self._service is None:
             raise self.not_ready_error()
-        limit = self.settings.max_concurrent_requests
-        if limited and self._scoring >= limit:
-            raise OverloadedError(self._scoring, limit)
+        service = self._service
+        if limited:
+            self.take_scoring_permit()
         self._in_flight += 1
         self._idle.clear()
-        if limited:
-            self._scoring += 1
-            metrics.IN_FLIGHT.inc()
         try:
-            yield self._service
+            yield service
         finally:
             self._in_flight -= 1
             if limited:
-                self._scoring -= 1
-                metrics.IN_FLIGHT.dec()
+                self.return_scoring_permit()
             if self._in_flight == 0:
                 self._idle.set()
+
+    def take_scoring_permit(self) -> None:
+        """One of the `max_concurrent_requests` permits (also for scoring within an admitted
+        request: a gRPC stream's messages); OverloadedError at once when all are taken."""
+        limit = self.settings.max_concurrent_requests
+        if self._scoring >= limit:
+            raise OverloadedError(self._scoring, limit)
+        self._scoring += 1
+        metrics.IN_FLIGHT.inc()
+
+    def return_scoring_permit(self) -> None:
+        self._scoring -= 1
+        metrics.IN_FLIGHT.dec()
 
     # -- start ---------------------------------------------------------------------------------
 

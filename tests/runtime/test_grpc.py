@@ -452,6 +452,87 @@ async def test_rerank_stream_is_bounded_by_the_request_limits_while_it_is_read(
     assert "at most 1,000 per request" in too_long.value.details()
 
 
+async def test_open_streams_that_send_nothing_hold_no_permit(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    """--max-concurrent-requests 1 and three streams opened that never send (or never end):
+    scoring still gets through, over gRPC and HTTP. A RerankStream that never ends is dropped
+    after --request-read-timeout, naming it; the idle PredictStream is answered once it sends."""
+    settings = {"max_concurrent_requests": 1, "request_read_timeout": 1.0}
+    async with grpc_server(xlmr_reranker, xlmr_engine, **settings) as (channel, client):
+        rerank_stream = channel.stream_unary(
+            "/tei.v1.Rerank/RerankStream",
+            request_serializer=m.RerankStreamRequest.SerializeToString,
+            response_deserializer=m.RerankResponse.FromString,
+        )
+        never_ends = asyncio.Event()
+        release = asyncio.Event()
+
+        async def one_then_nothing() -> AsyncIterator[Any]:
+            yield m.RerankStreamRequest(query=QUERY, text=TEXTS[0])
+            await never_ends.wait()
+
+        async def nothing_yet() -> AsyncIterator[Any]:
+            await release.wait()
+            yield m.PredictPairRequest(inputs=[QUERY, TEXTS[1]])
+
+        predict_stream = stream(
+            channel, "/tei.v1.Predict/PredictPairStream", m.PredictPairRequest, m.PredictResponse
+        )
+        reading = [asyncio.ensure_future(rerank_stream(one_then_nothing())) for _ in range(2)]
+        idle = predict_stream(nothing_yet())
+        idle_answers = asyncio.ensure_future(_collect(idle))
+        await asyncio.sleep(0.3)  # all three open on the server
+        predict = unary(
+            channel, "/tei.v1.Predict/PredictPair", m.PredictPairRequest, m.PredictResponse
+        )
+        answer = await predict(m.PredictPairRequest(inputs=[QUERY, TEXTS[0]]))
+        assert answer.predictions
+        resp = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS[:2]})
+        assert resp.status_code == 200, resp.text
+        for call in reading:
+            with pytest.raises(grpc.aio.AioRpcError) as dropped:
+                await call
+            assert dropped.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "did not end within 1 s (--request-read-timeout)" in dropped.value.details()
+        release.set()
+        [late] = await idle_answers
+        assert late.predictions
+        never_ends.set()
+
+
+async def test_calls_open_at_once_are_bounded_by_max_connections(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    """Idle streams cost the server memory even without a permit: at most --max-connections
+    calls are open at once; the next is refused with RESOURCE_EXHAUSTED, not queued."""
+    async with grpc_server(xlmr_reranker, xlmr_engine, max_connections=3) as (channel, _):
+        release = asyncio.Event()
+
+        async def nothing_yet() -> AsyncIterator[Any]:
+            await release.wait()
+            yield m.PredictPairRequest(inputs=[QUERY, TEXTS[1]])
+
+        predict_stream = stream(
+            channel, "/tei.v1.Predict/PredictPairStream", m.PredictPairRequest, m.PredictResponse
+        )
+        opened = [asyncio.ensure_future(_collect(predict_stream(nothing_yet()))) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        predict = unary(
+            channel, "/tei.v1.Predict/PredictPair", m.PredictPairRequest, m.PredictResponse
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await predict(m.PredictPairRequest(inputs=[QUERY, TEXTS[0]]))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        assert all(len(answers) == 1 for answers in await asyncio.gather(*opened))
+        assert (await predict(m.PredictPairRequest(inputs=[QUERY, TEXTS[0]]))).predictions
+
+
+async def _collect(call: Any) -> list[Any]:
+    return [answer async for answer in call]
+
+
 async def test_a_grpc_port_already_served_stops_the_start_naming_it(
     xlmr_reranker: Path, xlmr_engine: Any
 ) -> None:

@@ -30,6 +30,9 @@ MethodNotAllowed, so TEI clients that branch on it keep working.
 | NotReadyError (every lifecycle state)   | 503    | Unhealthy        | Retry-After: 5         |
 | DeadlineUnreachableError                | 503    | Overloaded       | Retry-After: 1         |
 | DeadlineExceededError                   | 504    | Timeout          | names the header, flag |
+| RequestReadTimeoutError (a gRPC client  | 408    | Timeout          | names the flag         |
+|   stream that does not end; gRPC:       |        |                  |                        |
+|   DEADLINE_EXCEEDED)                    |        |                  |                        |
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from reranker_runtime.errors import (
     InternalError,
     NotReadyError,
     OverloadedError,
+    RequestReadTimeoutError,
     RerankerError,
     ScorePairTooLongError,
     TooManyCharactersError,
@@ -153,6 +157,10 @@ ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
             "or fewer texts",
         ),
     ),
+    (
+        RequestReadTimeoutError,
+        HttpError(408, "Timeout", advice=" (--request-read-timeout); send the whole request"),
+    ),
     (NotReadyError, HttpError(503, "Unhealthy", {"Retry-After": str(NOT_READY_RETRY_AFTER_S)})),
     # TEI answers a failed forward pass with ErrorType::Backend, 424 Failed Dependency.
     (EngineError, HttpError(424, "Backend")),
@@ -191,6 +199,7 @@ FAILURE_REASONS: tuple[tuple[type[RerankerError], str], ...] = (
     (OverloadedError, "overloaded"),
     (DeadlineUnreachableError, "overloaded"),
     (DeadlineExceededError, "timeout"),  # ours: TEI has no deadlines
+    (RequestReadTimeoutError, "timeout"),
     (NotReadyError, "unhealthy"),
     (EngineError, "inference"),
 )

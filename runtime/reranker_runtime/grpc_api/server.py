@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +40,7 @@ from reranker_runtime.api.errors import DROPPED, client_message, failure_reason,
 from reranker_runtime.api.ops import build_info
 from reranker_runtime.errors import (
     EmptyInputError,
+    RequestReadTimeoutError,
     RerankerError,
     TooManyCharactersError,
     ValidationError,
@@ -96,6 +98,9 @@ def grpc_status(exc: RerankerError) -> tuple[grpc.StatusCode, str]:
     return code, message
 
 
+GRPC_CONNECTION_IDLE_S = 300
+
+
 class GrpcApi:
     """The gRPC server: `await start()` binds `--grpc-port`, `await stop()` drains it."""
 
@@ -109,7 +114,13 @@ class GrpcApi:
                 # gRPC shares a port with another server by default: a second process (or a
                 # stale one) would silently take half the calls. Binding must fail instead.
                 ("grpc.so_reuseport", 0),
-            ]
+                # A connection with no call for this long is closed (abandoned clients'
+                # sockets do not pile up; a client reconnects on its next call).
+                ("grpc.max_connection_idle_ms", GRPC_CONNECTION_IDLE_S * 1000),
+            ],
+            # Calls open at once, streams included, bounded as HTTP connections are
+            # (--max-connections): beyond it a call is refused with RESOURCE_EXHAUSTED.
+            maximum_concurrent_rpcs=settings.max_connections,
         )
         self._health = health.aio.HealthServicer()
         self._health_task: asyncio.Task[None] | None = None
@@ -208,13 +219,18 @@ class GrpcApi:
         *,
         method: str | None,
         limited: bool = True,
+        receive: Callable[[], Awaitable[None]] | None = None,
     ) -> T:
         """Run `work` on the service as one admitted request, counted in TEI's metrics under
-        `method` (None: not counted, as TEI does not count tokenize and decode)."""
+        `method` (None: not counted, as TEI does not count tokenize and decode). `receive`, if
+        given, reads the request first, counted but not admitted: a client that sends slowly
+        holds no --max-concurrent-requests permit meanwhile."""
         started = time.perf_counter()
         if method is not None:
             metrics.REQUEST_COUNT.inc(method=method)
         try:
+            if receive is not None:
+                await receive()
             async with self._lifecycle.admit(limited=limited) as service:
                 result = await work(service)
         except asyncio.CancelledError:
@@ -393,26 +409,16 @@ async def rerank_stream(
 ) -> Any:
     """One (query, text) per message, each message its own query; raw_scores, return_text,
     truncate and truncation_direction are the first message's (TEI reads the first two from
-    it). The call is admitted before the stream is read, and refused as soon as it passes
-    --max-client-batch-size messages or --max-request-characters (TEI takes any number, all
-    held in memory)."""
+    it). The stream is read whole before the call is admitted, within --request-read-timeout,
+    and refused as soon as it passes --max-client-batch-size messages or
+    --max-request-characters (TEI takes any number, all held in memory)."""
     started = time.perf_counter()
-    settings = api._settings
     messages: list[Any] = []
 
-    async def read_and_score(service: RerankService) -> Any:
-        characters = 0
-        async for message in request_iterator:
-            messages.append(message)
-            if len(messages) > settings.max_client_batch_size:
-                limit = settings.max_client_batch_size
-                raise ValidationError(
-                    f"batch size {len(messages)} > maximum allowed batch size {limit}: the "
-                    f"stream sent more than {limit} pairs (--max-client-batch-size); split it"
-                )
-            characters += count_characters([(message.query, message.text)])
-            if characters > settings.max_request_characters:
-                raise TooManyCharactersError(characters, settings.max_request_characters)
+    async def receive() -> None:
+        messages.extend(await _read_whole_stream(api, request_iterator))
+
+    async def score(service: RerankService) -> Any:
         if not messages:
             raise EmptyInputError("`texts` cannot be empty: the stream sent no message")
         if service.info.num_labels != 1:
@@ -427,7 +433,7 @@ async def rerank_stream(
             request_id=_request_id(context),
         )
 
-    result = await api.admitted(read_and_score, method="batch")
+    result = await api.admitted(score, method="batch", receive=receive)
     first = messages[0]
     scores = [prediction[0][1] for prediction in result.predictions]
     characters = count_characters((msg.query, msg.text) for msg in messages)
@@ -442,6 +448,48 @@ async def rerank_stream(
         for i in order
     ]
     return m.RerankResponse(ranks=ranks, metadata=_metadata(result, started, characters))
+
+
+async def _read_whole_stream(api: GrpcApi, request_iterator: AsyncIterator[Any]) -> list[Any]:
+    """A RerankStream's messages, within --request-read-timeout (a client that opens the
+    stream and never ends it is dropped) and the request limits; a drain stops the reading."""
+    settings = api._settings
+    messages: list[Any] = []
+
+    async def read() -> None:
+        characters = 0
+        async for message in request_iterator:
+            messages.append(message)
+            if len(messages) > settings.max_client_batch_size:
+                limit = settings.max_client_batch_size
+                raise ValidationError(
+                    f"batch size {len(messages)} > maximum allowed batch size {limit}: the "
+                    f"stream sent more than {limit} pairs (--max-client-batch-size); split it"
+                )
+            characters += count_characters([(message.query, message.text)])
+            if characters > settings.max_request_characters:
+                raise TooManyCharactersError(characters, settings.max_request_characters)
+
+    reading = asyncio.ensure_future(read())
+    closing = asyncio.ensure_future(api.closing.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {reading, closing},
+            timeout=settings.request_read_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if reading in done:
+            reading.result()  # its error, if the stream broke a limit
+            return messages
+        if closing in done:
+            raise api._lifecycle.not_ready_error()
+        raise RequestReadTimeoutError(
+            f"the request stream ({len(messages)} messages so far)", settings.request_read_timeout
+        )
+    finally:
+        reading.cancel()
+        closing.cancel()
+        await asyncio.gather(reading, closing, return_exceptions=True)
 
 
 @dataclass(frozen=True)
@@ -544,20 +592,53 @@ def _ordered_stream(
     one: StreamStep, *, limited: bool
 ) -> Callable[[GrpcApi, AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]]:
     """A bidirectional stream: one answer per message, in the order sent. The stream is
-    admitted once, as one request (`limited`: it takes a --max-concurrent-requests slot for
-    its whole life), and scores up to STREAM_PARALLELISM of its messages at once; its messages
-    are not counted in te_request_count, as in TEI. The first error ends the call with its
-    status, after the answers before it (as TEI's streams do)."""
+    admitted once, as one request (a drain waits for it), and scores up to STREAM_PARALLELISM
+    of its messages at once; `limited`: it holds one --max-concurrent-requests permit while
+    any of its messages is being scored, and none while it waits for the next (open streams
+    that send nothing cannot lock every caller out). Its messages are not counted in
+    te_request_count, as in TEI. The first error ends the call with its status, after the
+    answers before it (as TEI's streams do)."""
 
     async def stream(
         api: GrpcApi, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        async with api._lifecycle.admit(limited=limited) as service:
-            answers = _answers_in_order(api, service, one, request_iterator, context)
+        async with api._lifecycle.admit(limited=False) as service:
+            step = one
+            if limited:
+                step = functools.partial(_holding, _StreamPermit(api._lifecycle), one)
+            answers = _answers_in_order(api, service, step, request_iterator, context)
             async for answer in answers:
                 yield answer
 
     return stream
+
+
+class _StreamPermit:
+    """A stream's one --max-concurrent-requests permit, taken when one of its messages starts
+    being scored and none is, returned when the last of them is answered."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
+        self._scoring = 0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        if self._scoring == 0:
+            self._lifecycle.take_scoring_permit()  # OverloadedError ends the stream
+        self._scoring += 1
+        try:
+            yield
+        finally:
+            self._scoring -= 1
+            if self._scoring == 0:
+                self._lifecycle.return_scoring_permit()
+
+
+async def _holding(
+    permit: _StreamPermit, one: StreamStep, service: RerankService, message: Any, context: Any
+) -> Any:
+    with permit.held():
+        return await one(service, message, context)
 
 
 async def _answers_in_order(
