@@ -224,6 +224,10 @@ class RerankService:
             self.tokenization_workers, thread_name_prefix="tokenize"
         )
         self._stops: set[threading.Event] = set()  # of the tokenizations under way
+        # /tokenize answers hold every token as objects, then as JSON (a 2 MB body can become
+        # a 60 MB answer, 360 MB while built), and take no --max-concurrent-requests permit (as
+        # in TEI): as many are built at once as there are tokenization workers; the rest wait.
+        self.tokenize_answers = asyncio.Semaphore(self.tokenization_workers)
 
     @property
     def info(self) -> EngineInfo:

@@ -594,6 +594,34 @@ async def test_tokenize_answer_is_built_off_the_event_loop_in_pieces(
     assert any(t["start"] is None for t in service[0])  # special tokens: null offsets
 
 
+async def test_tokenize_answers_are_built_one_per_tokenization_worker(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/tokenize takes no --max-concurrent-requests permit (as in TEI) and its answer can be
+    30x its body: with one tokenization worker, eight at once are answered one after another
+    (all of them), never built side by side."""
+    building, most = 0, 0
+    build = tei.tokens_json
+
+    def counting(sequences: Any) -> bytes:
+        nonlocal building, most
+        building += 1
+        most = max(most, building)
+        try:
+            threading.Event().wait(0.05)  # long enough for the others to overlap if they could
+            return build(sequences)
+        finally:
+            building -= 1
+
+    monkeypatch.setattr(tei, "tokens_json", counting)
+    async with serving(settings_for(xlmr_reranker, tokenization_workers=1), xlmr_engine) as client:
+        answers = await asyncio.gather(
+            *(client.post("/tokenize", json={"inputs": [f"text {i}"] * 3}) for i in range(8))
+        )
+    assert [a.status_code for a in answers] == [200] * 8
+    assert most == 1
+
+
 @pytest.mark.parametrize(
     ("inputs", "needle"),
     [("", "`inputs` cannot be empty"), (["a", ""], "`inputs[1]` cannot be empty")],

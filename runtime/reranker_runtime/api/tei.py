@@ -156,13 +156,14 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
             f"`prompt_name` is set to `{body.prompt_name}` but this model has no "
             "sentence-transformers prompts; leave it out"
         )
-    tokens = await admitted_service(request).tokenize(
-        body.inputs, add_special_tokens=body.add_special_tokens
-    )
-    annotate(request, pairs=len(tokens), tokens=sum(len(seq) for seq in tokens))
-    # A 1 MB text is about a million tokens: written on the event loop, its answer would hold
-    # every other request and the health probes for seconds.
-    content = await asyncio.to_thread(tokens_json, tokens)
+    service = admitted_service(request)
+    async with service.tokenize_answers:  # bounds the memory of answers being built
+        tokens = await service.tokenize(body.inputs, add_special_tokens=body.add_special_tokens)
+        annotate(request, pairs=len(tokens), tokens=sum(len(seq) for seq in tokens))
+        # A 1 MB text is about a million tokens: written on the event loop, its answer would
+        # hold every other request and the health probes for seconds.
+        content = await asyncio.to_thread(tokens_json, tokens)
+        del tokens
     return Response(content, media_type="application/json")
 
 

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from reranker_runtime.config import ServeSettings
     from reranker_runtime.lifecycle import Lifecycle
     from reranker_runtime.service import RerankService
+    from reranker_runtime.tokenization import TokenInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -551,9 +552,13 @@ async def predict_pair(api: GrpcApi, request: Any, context: grpc.aio.ServicerCon
 
 
 async def _tokenize_on(service: RerankService, request: Any) -> Any:
-    sequences = await service.tokenize(
-        [request.inputs], add_special_tokens=request.add_special_tokens
-    )
+    async with service.tokenize_answers:  # as /tokenize: bounds answers being built
+        return _encode_response(
+            await service.tokenize([request.inputs], add_special_tokens=request.add_special_tokens)
+        )
+
+
+def _encode_response(sequences: list[list[TokenInfo]]) -> Any:
     tokens = [
         m.SimpleToken(
             id=t.id,
