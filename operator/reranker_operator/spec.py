@@ -655,6 +655,16 @@ def _check_checkpoint(ckpt: Checkpoint) -> None:
         raise InvalidSpec("spec.checkpoint.source", "a pvc:// repo needs source PVC")
     if ckpt.endpoint is not None and ckpt.source not in ENDPOINT_VARIABLES:
         raise InvalidSpec("spec.checkpoint.endpoint", ENDPOINT_MESSAGE)
+    if (
+        ckpt.source == "REMOTE_URL"
+        and re.match(r"[hH][tT][tT][pP]://", ckpt.repo)
+        and not ckpt.revision.startswith("sha256:")
+    ):
+        raise InvalidSpec(
+            "spec.checkpoint.revision",
+            "a REMOTE_URL archive over plain http can be altered on its way: serve it over "
+            "https, or pin it with revision sha256:<64 hex> of the archive",
+        )
     if ckpt.source in UNVERSIONED_SOURCES and ckpt.revision != "main":
         raise InvalidSpec(
             "spec.checkpoint.revision",

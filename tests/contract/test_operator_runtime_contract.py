@@ -13,6 +13,7 @@ same container (checked below), against the cache PVC instead.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import io
 import json
@@ -49,13 +50,13 @@ TMP_MOUNT = "/tmp"
 MODELS_MOUNT = "/models"
 
 
-def _reranker(checkpoint: str, source: str = "HF") -> dict[str, Any]:
+def _reranker(checkpoint: str, source: str = "HF", revision: str = "main") -> dict[str, Any]:
     return {
         "apiVersion": "reranker.dev/v1alpha1",
         "kind": "Reranker",
         "metadata": {"name": "contract", "namespace": "default"},
         "spec": {
-            "checkpoint": {"repo": checkpoint, "source": source},
+            "checkpoint": {"repo": checkpoint, "source": source, "revision": revision},
             "accelerator": {"type": "CPU"},
             "replicas": 1,
             "runtime": {
@@ -311,9 +312,13 @@ def _built_engines(cache: Path) -> list[Path]:
 
 
 def _build_pod(
-    repo: str, config: OperatorConfig, tmp: Path, extra_mounts: dict[str, Path]
+    repo: str,
+    config: OperatorConfig,
+    tmp: Path,
+    extra_mounts: dict[str, Path],
+    revision: str = "main",
 ) -> tuple[LocalPod, Path]:
-    reranker = _reranker(repo, source="REMOTE_URL")
+    reranker = _reranker(repo, source="REMOTE_URL", revision=revision)
     deployment = _child(render_reranker(reranker, config), "Deployment")
     [init_container] = deployment["spec"]["template"]["spec"]["initContainers"]
     cache, pod_tmp = tmp / "engine-volume", tmp / "pod-tmp"
@@ -344,10 +349,14 @@ def test_the_build_trusts_the_configured_ca_bundle(xlmr_reranker: Path, tmp_path
 def test_the_build_downloads_through_the_configured_proxy(
     xlmr_reranker: Path, tmp_path: Path
 ) -> None:
-    """The model's host does not resolve: only the configured proxy can fetch it."""
-    with _serving(_tarball(xlmr_reranker)) as (port, seen):
+    """The model's host does not resolve: only the configured proxy can fetch it. (Plain http:
+    pinned by its sha256, as a plain-http archive must be.)"""
+    tarball = _tarball(xlmr_reranker)
+    pin = f"sha256:{hashlib.sha256(tarball).hexdigest()}"
+    with _serving(tarball) as (port, seen):
         config = config_from_dict({"proxy": {"httpProxy": f"http://127.0.0.1:{port}"}})
-        pod, cache = _build_pod("http://models.example.invalid/bge.tar.gz", config, tmp_path, {})
+        url = "http://models.example.invalid/bge.tar.gz"
+        pod, cache = _build_pod(url, config, tmp_path, {}, revision=pin)
         built = pod.run(timeout=300)
         assert built.returncode == 0, built.stderr
     assert seen == ["GET http://models.example.invalid/bge.tar.gz HTTP/1.1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.message
 import hashlib
 import http.server
 import io
@@ -9,7 +10,9 @@ import shutil
 import sys
 import tarfile
 import threading
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -319,7 +322,11 @@ def test_remote_url_tarball(http_server, xlmr_reranker: Path, tmp_path: Path) ->
     data = _tar_of(xlmr_reranker)
     files["/m.tar.gz"] = data
     sha = hashlib.sha256(data).hexdigest()
-    f = ck.fetch_checkpoint(f"{base}/m.tar.gz?sig=secret", "main", "REMOTE_URL", tmp_path / "a")
+    # Plain http only pinned: unpinned, the archive could be altered on its way.
+    with pytest.raises(BuildArgumentError, match="over plain http can be altered"):
+        ck.fetch_checkpoint(f"{base}/m.tar.gz", "main", "REMOTE_URL", tmp_path / "plain")
+    pin = f"sha256:{sha}"
+    f = ck.fetch_checkpoint(f"{base}/m.tar.gz?sig=secret", pin, "REMOTE_URL", tmp_path / "a")
     assert f.resolved_revision == f"sha256:{sha}"
     assert (f.path / "config.json").is_file()
     assert ck.validate_checkpoint(f.path).architecture == "XLMRobertaForSequenceClassification"
@@ -332,7 +339,49 @@ def test_remote_url_tarball(http_server, xlmr_reranker: Path, tmp_path: Path) ->
     with pytest.raises(BuildArgumentError, match=r"cannot pin a REMOTE_URL source"):
         ck.fetch_checkpoint(f"{base}/m.tar.gz", "v1", "REMOTE_URL", tmp_path / "d")
     with pytest.raises(CheckpointFetchError, match=r"cannot download"):
-        ck.fetch_checkpoint(f"{base}/missing.tar.gz", "main", "REMOTE_URL", tmp_path / "e")
+        ck.fetch_checkpoint(f"{base}/missing.tar.gz", pin, "REMOTE_URL", tmp_path / "e")
+
+
+def test_an_https_download_is_not_redirected_to_plain_http_unless_pinned() -> None:
+    """Unpinned, an https archive redirected to http could be altered on its way."""
+    https = urllib.request.Request("https://models.example/m.tar.gz")
+    headers = email.message.Message()
+    with pytest.raises(CheckpointFetchError, match="redirected to plain http"):
+        ck._NoDowngrade(allowed=False).redirect_request(
+            https, None, 302, "Found", headers, "http://cdn.example/m.tar.gz"
+        )
+    for handler, new_url in (
+        (ck._NoDowngrade(allowed=False), "https://cdn.example/m.tar.gz"),
+        (ck._NoDowngrade(allowed=True), "http://cdn.example/m.tar.gz"),  # verified by its pin
+    ):
+        followed = handler.redirect_request(https, None, 302, "Found", headers, new_url)
+        assert followed.full_url == new_url
+
+
+def _tar_with(tmp_path: Path, name: str, size: int) -> Path:
+    archive = tmp_path / "big.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = size
+        tar.addfile(info, io.BytesIO(bytes(size)))
+    return archive
+
+
+def test_safe_extract_refuses_a_decompression_bomb_and_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """60 MB of zeros packs into ~60 KB: 1000x, no checkpoint does that (weights do not
+    compress). Nothing is written. An honest archive bigger than the free space is refused
+    before it fills the volume, naming both sizes."""
+    bomb = _tar_with(tmp_path, "model.safetensors", 60 << 20)
+    with pytest.raises(CheckpointFetchError, match="refusing it as a decompression bomb"):
+        ck.safe_extract_tar(bomb, tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())
+    small = _tar_with(tmp_path, "config.json", 1000)
+    full = SimpleNamespace(total=10, used=10, free=0)
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda _: full)
+    with pytest.raises(CheckpointFetchError, match=r"holds 1,000 bytes but .* has 0 free"):
+        ck.safe_extract_tar(small, tmp_path / "out2")
 
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])

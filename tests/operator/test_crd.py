@@ -421,6 +421,8 @@ CEL_CASES = [
      "spec.checkpoint.revision", "self.revision == 'main'"),
     ("endpoint-on-gcs", {"checkpoint": {"repo": "gs://b/bge", "source": "GCS", "endpoint": "https://gcs.corp"}},
      "spec.checkpoint.endpoint", "self.source in ['HF', 'S3']"),
+    ("unpinned-plain-http", {"checkpoint": {"repo": "http://x/m.tar.gz", "source": "REMOTE_URL"}},
+     "spec.checkpoint.revision", "self.revision.startsWith('sha256:')"),
     ("endpoint-on-a-url", {"checkpoint": {"repo": "https://x/m.tar.gz", "source": "REMOTE_URL",
         "endpoint": "https://mirror.corp"}}, "spec.checkpoint.endpoint", "self.source in ['HF', 'S3']"),
     ("env-value-and-value-from", {**MINIMAL, "runtime": {"env": [{"name": "A", "value": "1",
@@ -547,7 +549,7 @@ def test_dns1035_names_are_accepted(name: str) -> None:
 
 
 def test_every_cel_rule_compiles() -> None:
-    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 18  # each compiled at import
+    assert len(CEL_PROGRAMS) == len(cel_rules(load_crd())) == 19  # each compiled at import
 
 
 def test_exposure_patterns_are_the_operators() -> None:
@@ -655,9 +657,12 @@ def rule_edge_specs() -> typing.Iterator[dict[str, Any]]:
     # Every repo form with PVC; for the other sources only whether a repo looks like a PVC's
     # matters to the rules (and the revision), so a few forms each keep the run short.
     other_repos = ["BAAI/bge-reranker-large", "pvc://models", "pvc://m/../x", "pvc://Models/x"]
+    urls = ["https://m.corp/x.tar.gz", "http://m.corp/x.tar.gz", "HTTP://m.corp/x.tar.gz",
+            "httpx://m", "s3://http://x"]  # fmt: skip
+    pin = "sha256:" + "a" * 64
     for source in typing.get_args(spec_mod.Source):
-        for repo in repos if source == "PVC" else other_repos:
-            for revision in _absent_or("main", "v2"):
+        for repo in repos if source == "PVC" else [*other_repos, *urls]:
+            for revision in _absent_or("main", "v2", pin):
                 yield {"checkpoint": _fields(repo=repo, source=source, revision=revision)}
     for service_type in _absent_or(*typing.get_args(spec_mod.ServiceType)):
         for ranges in _absent_or([], ["10.0.0.0/8"]):

@@ -321,6 +321,11 @@ def _fetch_remote_url(url: str, revision: str | None, scratch: Path) -> FetchedC
         raise BuildArgumentError(
             f"REMOTE_URL must be an http(s) URL of a .tar.gz archive, got {url!r}"
         )
+    if parsed.scheme == "http" and expected is None:
+        raise BuildArgumentError(
+            "a REMOTE_URL archive over plain http can be altered on its way: serve it over "
+            "https, or pin it with --revision sha256:<64 hex> of the archive"
+        )
     scratch.mkdir(parents=True, exist_ok=True)
     archive = scratch / "checkpoint.tar.gz"
     safe_url = urllib.parse.urlunparse(
@@ -330,7 +335,9 @@ def _fetch_remote_url(url: str, revision: str | None, scratch: Path) -> FetchedC
     digest = hashlib.sha256()
     try:
         req = urllib.request.Request(url, headers={"User-Agent": "reranker-runtime-build"})
-        with urllib.request.urlopen(req, timeout=60) as resp, open(archive, "wb") as out:
+        # Unpinned, an https download may not be redirected to plain http.
+        opener = urllib.request.build_opener(_NoDowngrade(allowed=expected is not None))
+        with opener.open(req, timeout=60) as resp, open(archive, "wb") as out:
             while chunk := resp.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
@@ -347,13 +354,42 @@ def _fetch_remote_url(url: str, revision: str | None, scratch: Path) -> FetchedC
     return FetchedCheckpoint(_single_root(dest), f"sha256:{sha}")
 
 
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Redirects followed as urllib does, except from https to plain http (unless `allowed`:
+    a pinned archive is verified whatever carried it)."""
+
+    def __init__(self, *, allowed: bool) -> None:
+        super().__init__()
+        self.allowed = allowed
+
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> Any:
+        if (
+            not self.allowed
+            and req.full_url.startswith("https:")
+            and urllib.parse.urlparse(newurl).scheme == "http"
+        ):
+            raise CheckpointFetchError(
+                "the https download was redirected to plain http, where it can be altered on "
+                "its way; pin the archive with --revision sha256:<64 hex>, or fix the redirect"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+# A checkpoint archive expands little (weights do not compress); a gzip bomb expands ~1000x.
+MAX_EXPANSION = 50
+
+
 def safe_extract_tar(archive: Path, dest: Path) -> None:
-    """Extract a (gzipped) tar, refusing absolute paths, `..`, links and special files."""
+    """Extract a (gzipped) tar, refusing absolute paths, `..`, links and special files, and an
+    archive that would expand more than MAX_EXPANSION times or past the free disk space."""
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
+            _check_expansion(archive, dest, sum(m.size for m in members if m.isfile()))
             for m in members:
                 target = (root / m.name).resolve()
                 if m.name.startswith(("/", "\\")) or (
@@ -372,6 +408,22 @@ def safe_extract_tar(archive: Path, dest: Path) -> None:
                 tar.extractall(dest, members=members)
     except tarfile.TarError as e:
         raise CheckpointFetchError(f"{archive.name} is not a readable .tar.gz archive: {e}") from e
+
+
+def _check_expansion(archive: Path, dest: Path, total: int) -> None:
+    packed = archive.stat().st_size
+    if total > MAX_EXPANSION * max(packed, 1 << 20):
+        raise CheckpointFetchError(
+            f"{archive.name} would expand from {packed:,} to {total:,} bytes, more than "
+            f"{MAX_EXPANSION}x: a checkpoint's weights do not compress that much; refusing it "
+            "as a decompression bomb"
+        )
+    free = shutil.disk_usage(dest).free
+    if total > free:
+        raise CheckpointFetchError(
+            f"{archive.name} holds {total:,} bytes but {dest} has {free:,} free; give the build "
+            "more room (the operator's engineCache.size)"
+        )
 
 
 def _single_root(dest: Path) -> Path:
