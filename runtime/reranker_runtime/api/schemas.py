@@ -749,6 +749,21 @@ class ScoreRequest(_Request):
                 "send exactly one pair of fields to score: {names} (found: {found})",
                 {"names": names, "found": found},
             )
+        # A field of another pair, sent alone, is a mistake the client should hear of (and
+        # unchecked it could carry what the schema refuses).
+        stray = [
+            f
+            for pair in SCORE_FIELD_PAIRS
+            for f in pair
+            if f not in given[0] and getattr(self, f) is not None
+        ]
+        if stray:
+            raise PydanticCustomError(
+                INPUT_ERROR,
+                "{stray}: sent with {first} and {second}, but belongs to another pair of fields; "
+                "send exactly one pair",
+                {"stray": stray[0], "first": given[0][0], "second": given[0][1]},
+            )
         return self
 
     @property
