@@ -658,7 +658,7 @@ def _check_checkpoint(ckpt: Checkpoint) -> None:
     if (
         ckpt.source == "REMOTE_URL"
         and re.match(r"[hH][tT][tT][pP]://", ckpt.repo)
-        and not ckpt.revision.startswith("sha256:")
+        and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", ckpt.revision)
     ):
         raise InvalidSpec(
             "spec.checkpoint.revision",

@@ -346,10 +346,11 @@ def test_an_https_download_is_not_redirected_to_plain_http_unless_pinned() -> No
     """Unpinned, an https archive redirected to http could be altered on its way."""
     https = urllib.request.Request("https://models.example/m.tar.gz")
     headers = email.message.Message()
-    with pytest.raises(CheckpointFetchError, match="redirected to plain http"):
-        ck._NoDowngrade(allowed=False).redirect_request(
-            https, None, 302, "Found", headers, "http://cdn.example/m.tar.gz"
-        )
+    for url in ("https://models.example/m.tar.gz", "HTTPS://models.example/m.tar.gz"):
+        with pytest.raises(CheckpointFetchError, match="redirected to plain http"):
+            ck._NoDowngrade(allowed=False).redirect_request(
+                urllib.request.Request(url), None, 302, "Found", headers, "HTTP://cdn.example/m"
+            )
     for handler, new_url in (
         (ck._NoDowngrade(allowed=False), "https://cdn.example/m.tar.gz"),
         (ck._NoDowngrade(allowed=True), "http://cdn.example/m.tar.gz"),  # verified by its pin
@@ -377,10 +378,16 @@ def test_safe_extract_refuses_a_decompression_bomb_and_a_full_disk(
     with pytest.raises(CheckpointFetchError, match="refusing it as a decompression bomb"):
         ck.safe_extract_tar(bomb, tmp_path / "out")
     assert not any((tmp_path / "out").iterdir())
+    many = tmp_path / "many.tar.gz"
+    with tarfile.open(many, "w:gz") as tar:
+        for i in range(ck.MAX_MEMBERS + 1):
+            tar.addfile(tarfile.TarInfo(f"f{i}"))
+    with pytest.raises(CheckpointFetchError, match="more than 10,000 entries"):
+        ck.safe_extract_tar(many, tmp_path / "out3")
     small = _tar_with(tmp_path, "config.json", 1000)
     full = SimpleNamespace(total=10, used=10, free=0)
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda _: full)
-    with pytest.raises(CheckpointFetchError, match=r"holds 1,000 bytes but .* has 0 free"):
+    with pytest.raises(CheckpointFetchError, match=r"holds 1,512 bytes but .* has 0 free"):
         ck.safe_extract_tar(small, tmp_path / "out2")
 
 

@@ -422,7 +422,7 @@ CEL_CASES = [
     ("endpoint-on-gcs", {"checkpoint": {"repo": "gs://b/bge", "source": "GCS", "endpoint": "https://gcs.corp"}},
      "spec.checkpoint.endpoint", "self.source in ['HF', 'S3']"),
     ("unpinned-plain-http", {"checkpoint": {"repo": "http://x/m.tar.gz", "source": "REMOTE_URL"}},
-     "spec.checkpoint.revision", "self.revision.startsWith('sha256:')"),
+     "spec.checkpoint.revision", "self.revision.matches('^sha256:"),
     ("endpoint-on-a-url", {"checkpoint": {"repo": "https://x/m.tar.gz", "source": "REMOTE_URL",
         "endpoint": "https://mirror.corp"}}, "spec.checkpoint.endpoint", "self.source in ['HF', 'S3']"),
     ("env-value-and-value-from", {**MINIMAL, "runtime": {"env": [{"name": "A", "value": "1",
@@ -662,7 +662,7 @@ def rule_edge_specs() -> typing.Iterator[dict[str, Any]]:
     pin = "sha256:" + "a" * 64
     for source in typing.get_args(spec_mod.Source):
         for repo in repos if source == "PVC" else [*other_repos, *urls]:
-            for revision in _absent_or("main", "v2", pin):
+            for revision in _absent_or("main", "v2", pin, "sha256:", pin + "0"):
                 yield {"checkpoint": _fields(repo=repo, source=source, revision=revision)}
     for service_type in _absent_or(*typing.get_args(spec_mod.ServiceType)):
         for ranges in _absent_or([], ["10.0.0.0/8"]):

@@ -365,9 +365,10 @@ class _NoDowngrade(urllib.request.HTTPRedirectHandler):
     def redirect_request(
         self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
     ) -> Any:
+        # req.type is the scheme urllib connects with, lower-cased (HTTPS://... too).
         if (
             not self.allowed
-            and req.full_url.startswith("https:")
+            and req.type == "https"
             and urllib.parse.urlparse(newurl).scheme == "http"
         ):
             raise CheckpointFetchError(
@@ -379,6 +380,9 @@ class _NoDowngrade(urllib.request.HTTPRedirectHandler):
 
 # A checkpoint archive expands little (weights do not compress); a gzip bomb expands ~1000x.
 MAX_EXPANSION = 50
+# A checkpoint is a few dozen files; an archive of millions of empty ones would exhaust the
+# build's memory (their headers) or the volume's inodes.
+MAX_MEMBERS = 10_000
 
 
 def safe_extract_tar(archive: Path, dest: Path) -> None:
@@ -388,8 +392,17 @@ def safe_extract_tar(archive: Path, dest: Path) -> None:
     root = dest.resolve()
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            _check_expansion(archive, dest, sum(m.size for m in members if m.isfile()))
+            members: list[tarfile.TarInfo] = []
+            for member in tar:
+                members.append(member)
+                if len(members) > MAX_MEMBERS:
+                    raise CheckpointFetchError(
+                        f"{archive.name} holds more than {MAX_MEMBERS:,} entries; a checkpoint "
+                        "is a few dozen files"
+                    )
+            # Each entry costs a 512-byte header at least, empty ones included.
+            total = sum(m.size + 512 for m in members)
+            _check_expansion(archive, dest, total)
             for m in members:
                 target = (root / m.name).resolve()
                 if m.name.startswith(("/", "\\")) or (
