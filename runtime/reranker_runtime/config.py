@@ -42,7 +42,7 @@ class ServeSettings:
     chunk_overlap_tokens: int = 32
     max_chunks_per_request: int = 4096
     request_timeout: float | None = None  # default deadline of a request in seconds; None: none
-    api_key: str | None = None
+    api_key: str | None = None  # None: no key; never blank (refused: it would mean open)
     log_format: str = "json"  # json | text
     log_level: str = "info"
     # TEI's flags (router/src/main.rs): same names, same defaults where TEI has one.
@@ -73,6 +73,11 @@ class ServeSettings:
     cpu_workers: int | Literal["auto"] = AUTO
     # Seconds between malloc_trim(0) calls under glibc's malloc (allocator.py); 0: never.
     malloc_trim_interval: float = 5.0
+
+    def __post_init__(self) -> None:
+        # HTTP takes a blank key as none (open) and gRPC as one to match: neither may be.
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be blank: None serves without a key")
 
 
 # flag name -> environment variable. Every `serve` flag is settable through its variable.

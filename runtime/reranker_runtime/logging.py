@@ -120,8 +120,17 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         fields = _fields(record)
         if fields:
-            line += " " + " ".join(f"{k}={one_line(str(v))}" for k, v in fields.items())
+            line += " " + " ".join(f"{k}={_field_text(v)}" for k, v in fields.items())
         return line
+
+
+def _field_text(value: object) -> str:
+    """A field's value as `key=value` shows it: quoted (JSON) when it holds a space, `=` or a
+    quote, so a client's `/x status=200` cannot pass for a field of its own."""
+    text = str(value)
+    if text and not any(c.isspace() or c in '="' for c in text):
+        return one_line(text)
+    return one_line(json.dumps(text, ensure_ascii=False))
 
 
 class LibraryRepeatFilter(logging.Filter):

@@ -17,7 +17,9 @@ and the deadline and chunking counters.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -226,14 +228,30 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 # The metrics port takes no API key and sits outside uvicorn's connection cap and read
-# deadline: a client that connects and sends nothing must not hold a thread for ever, nor
-# may many of them pile up threads in the server's process. A scraper needs one connection.
-METRICS_READ_TIMEOUT_S = 10.0
+# deadline: a client that connects and sends nothing (or a byte now and then) must not hold a
+# thread for ever, nor may many of them pile up threads in the server's process. A scraper
+# needs one connection, answered in milliseconds.
+METRICS_CONNECTION_DEADLINE_S = 10.0
 METRICS_MAX_CONNECTIONS = 16
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):
-    timeout = METRICS_READ_TIMEOUT_S  # socket timeout: an idle or slow client is dropped
+    timeout = METRICS_CONNECTION_DEADLINE_S  # each read; the deadline below bounds them all
+    deadline_s = METRICS_CONNECTION_DEADLINE_S  # the whole connection, request and answer
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(self.deadline_s, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def do_GET(self) -> None:
         body = render()

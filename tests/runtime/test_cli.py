@@ -483,11 +483,18 @@ def test_text_log_lines_cannot_be_forged_by_what_a_client_sends() -> None:
     record = logging.LogRecord(
         "reranker_runtime.access", logging.INFO, __file__, 1, forged, (), None
     )
-    record.fields = {"route": "/x\r\nInjected: yes", "ua": "a\x1b[31mred\u2028b"}  # type: ignore[attr-defined]
+    record.fields = {  # type: ignore[attr-defined]
+        "route": "/x\r\nInjected: yes",
+        "ua": "a\x1b[31mred\u2028b",
+        "path": "/x status=200",
+        "status": 404,
+    }
     line = TextFormatter().format(record)
     assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
-    assert "GET /x\\n2026-01-01" in line and "route=/x\\r\\nInjected: yes" in line
-    assert "ua=a\\x1b[31mred\\u2028b" in line
+    assert "GET /x\\n2026-01-01" in line and 'route="/x\\r\\nInjected: yes"' in line
+    assert 'ua="a\\u001b[31mred\\u2028b"' in line
+    # A value with a space or `=` is quoted: it cannot pass for a field of its own.
+    assert 'path="/x status=200" status=404' in line
     try:
         raise ValueError("boom")
     except ValueError:

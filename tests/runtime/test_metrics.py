@@ -341,8 +341,8 @@ async def test_idle_clients_cannot_pile_up_on_the_metrics_port(
     """The second port takes no key and sits outside uvicorn's connection cap: clients that
     connect and send nothing hold at most METRICS_MAX_CONNECTIONS threads, each only until its
     read times out; then scrapes are served again."""
-    assert metrics._MetricsHandler.timeout == metrics.METRICS_READ_TIMEOUT_S == 10.0
-    monkeypatch.setattr(metrics._MetricsHandler, "timeout", 1.0)  # the test's shorter read
+    assert metrics._MetricsHandler.deadline_s == metrics.METRICS_CONNECTION_DEADLINE_S == 10.0
+    monkeypatch.setattr(metrics._MetricsHandler, "deadline_s", 1.0)  # the test's shorter one
     port = _free_port()
     server = metrics.start_metrics_server("127.0.0.1", port)
     assert server is not None
@@ -352,13 +352,17 @@ async def test_idle_clients_cannot_pile_up_on_the_metrics_port(
             return int(resp.status)
 
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(24)]
+    for sock in idle[:8]:
+        sock.sendall(b"G")  # a byte now and then, each read well inside any read timeout
     try:
         time.sleep(0.2)
         handlers = [t for t in threading.enumerate() if "process_request_thread" in t.name]
         assert len(handlers) <= metrics.METRICS_MAX_CONNECTIONS
         with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
             scrape()  # every slot held: closed at once rather than queued behind them
-        time.sleep(1.5)  # the idle clients' reads time out
+        for sock in idle[:8]:
+            sock.sendall(b"E")
+        time.sleep(1.5)  # past every connection's deadline, trickling or not
         assert scrape() == 200
     finally:
         for sock in idle:

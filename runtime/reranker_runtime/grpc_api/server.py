@@ -157,6 +157,8 @@ class GrpcApi:
         return self.port
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        # Open streams stop reading now (the health poll may not come round again first).
+        self.closing.set()
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -417,6 +419,8 @@ async def rerank_stream(
     messages: list[Any] = []
 
     async def receive() -> None:
+        if not api._lifecycle.ready:  # refused at once, as before reading
+            raise api._lifecycle.not_ready_error()
         messages.extend(await _read_whole_stream(api, request_iterator))
 
     async def score(service: RerankService) -> Any:
