@@ -149,6 +149,14 @@ class RequestReadTimeoutError(RerankerError):
         self.timeout_s = timeout_s
 
 
+class StreamIdleError(RerankerError):
+    """A gRPC stream sent no message for too long and was ended."""
+
+    def __init__(self, idle_s: float) -> None:
+        super().__init__(f"the stream sent no message for {idle_s:g} s and was ended")
+        self.idle_s = idle_s
+
+
 class NotReadyError(RerankerError):
     """The server cannot take requests in its current lifecycle state (loading, warming up,
     draining, stopped, failed). The message comes from `lifecycle.not_ready_error`, one per

@@ -622,6 +622,27 @@ async def test_tokenize_answers_are_built_one_per_tokenization_worker(
     assert most == 1
 
 
+async def test_a_cancelled_tokenize_waits_for_its_answer_being_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that leaves while its answer is built on a thread: the request ends only when
+    the thread has, so its tokenize slot bounds that memory until then."""
+    finished = threading.Event()
+
+    def slow(sequences: Any) -> bytes:
+        threading.Event().wait(0.3)
+        finished.set()
+        return b"[]"
+
+    monkeypatch.setattr(tei, "tokens_json", slow)
+    request = asyncio.ensure_future(tei.built_off_the_loop([]))
+    await asyncio.sleep(0.05)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert finished.is_set()
+
+
 @pytest.mark.parametrize(
     ("inputs", "needle"),
     [("", "`inputs` cannot be empty"), (["a", ""], "`inputs[1]` cannot be empty")],

@@ -17,6 +17,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from reranker_runtime.api import create_app
 from reranker_runtime.grpc_api import messages as m
+from reranker_runtime.grpc_api import server as grpc_server_module
+from reranker_runtime.grpc_api.server import STREAM_PERMIT_LINGER_S
 from runtime.api_support import (
     QUERY,
     TEXTS,
@@ -499,6 +501,66 @@ async def test_open_streams_that_send_nothing_hold_no_permit(
         [late] = await idle_answers
         assert late.predictions
         never_ends.set()
+
+
+async def test_a_stream_keeps_its_permit_while_messages_keep_coming(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    """--max-concurrent-requests 1 and a client that sends, reads the answer and sends again:
+    its stream keeps the one permit between messages (an HTTP request meanwhile gets 429, the
+    stream is never refused its own next message); quiet for a while, it gives it back."""
+    async with grpc_server(xlmr_reranker, xlmr_engine, max_concurrent_requests=1) as (
+        channel,
+        client,
+    ):
+        outgoing: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def messages() -> AsyncIterator[Any]:
+            while (message := await outgoing.get()) is not None:
+                yield message
+
+        call = stream(
+            channel, "/tei.v1.Predict/PredictPairStream", m.PredictPairRequest, m.PredictResponse
+        )(messages())
+        replies = aiter(call)
+        body = {"query": QUERY, "texts": TEXTS[:2]}
+        for text in TEXTS[:3]:
+            await outgoing.put(m.PredictPairRequest(inputs=[QUERY, text]))
+            assert (await anext(replies)).predictions
+            assert (await client.post("/rerank", json=body)).status_code == 429
+        await asyncio.sleep(STREAM_PERMIT_LINGER_S + 0.5)  # quiet: the permit goes back
+        assert (await client.post("/rerank", json=body)).status_code == 200
+        await outgoing.put(m.PredictPairRequest(inputs=[QUERY, TEXTS[0]]))
+        assert (await anext(replies)).predictions  # taken again
+        await outgoing.put(None)
+        assert [a async for a in replies] == []
+        assert (await client.post("/rerank", json=body)).status_code == 200  # ended: given back
+
+
+async def test_a_stream_quiet_for_too_long_is_ended(
+    xlmr_reranker: Path, xlmr_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Open calls are bounded: one that goes quiet is ended with DEADLINE_EXCEEDED after
+    STREAM_IDLE_TIMEOUT_S (300 s; shortened here), its answers so far delivered."""
+    monkeypatch.setattr(grpc_server_module, "STREAM_IDLE_TIMEOUT_S", 0.5)
+    async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, _):
+        sent = asyncio.Event()
+
+        async def one_then_quiet() -> AsyncIterator[Any]:
+            yield m.PredictPairRequest(inputs=[QUERY, TEXTS[0]])
+            sent.set()
+            await asyncio.Event().wait()
+
+        call = stream(
+            channel, "/tei.v1.Predict/PredictPairStream", m.PredictPairRequest, m.PredictResponse
+        )(one_then_quiet())
+        answers = []
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async for answer in call:
+                answers.append(answer)
+    assert len(answers) == 1 and sent.is_set()
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "sent no message for 0.5 s and was ended; open a new one" in ended.value.details()
 
 
 async def test_calls_open_at_once_are_bounded_by_max_connections(

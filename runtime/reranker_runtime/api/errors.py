@@ -33,6 +33,8 @@ MethodNotAllowed, so TEI clients that branch on it keep working.
 | RequestReadTimeoutError (a gRPC client  | 408    | Timeout          | names the flag         |
 |   stream that does not end; gRPC:       |        |                  |                        |
 |   DEADLINE_EXCEEDED)                    |        |                  |                        |
+| StreamIdleError (a gRPC stream quiet    | 408    | Timeout          | open a new one         |
+|   for 5 min; gRPC: DEADLINE_EXCEEDED)   |        |                  |                        |
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from reranker_runtime.errors import (
     RequestReadTimeoutError,
     RerankerError,
     ScorePairTooLongError,
+    StreamIdleError,
     TooManyCharactersError,
     TooManyChunksPerRequestError,
     TooManyChunksPerTextError,
@@ -161,6 +164,7 @@ ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
         RequestReadTimeoutError,
         HttpError(408, "Timeout", advice=" (--request-read-timeout); send the whole request"),
     ),
+    (StreamIdleError, HttpError(408, "Timeout", advice="; open a new one when there is more")),
     (NotReadyError, HttpError(503, "Unhealthy", {"Retry-After": str(NOT_READY_RETRY_AFTER_S)})),
     # TEI answers a failed forward pass with ErrorType::Backend, 424 Failed Dependency.
     (EngineError, HttpError(424, "Backend")),
@@ -200,6 +204,7 @@ FAILURE_REASONS: tuple[tuple[type[RerankerError], str], ...] = (
     (DeadlineUnreachableError, "overloaded"),
     (DeadlineExceededError, "timeout"),  # ours: TEI has no deadlines
     (RequestReadTimeoutError, "timeout"),
+    (StreamIdleError, "timeout"),
     (NotReadyError, "unhealthy"),
     (EngineError, "inference"),
 )

@@ -160,11 +160,22 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     async with service.tokenize_answers:  # bounds the memory of answers being built
         tokens = await service.tokenize(body.inputs, add_special_tokens=body.add_special_tokens)
         annotate(request, pairs=len(tokens), tokens=sum(len(seq) for seq in tokens))
-        # A 1 MB text is about a million tokens: written on the event loop, its answer would
-        # hold every other request and the health probes for seconds.
-        content = await asyncio.to_thread(tokens_json, tokens)
+        content = await built_off_the_loop(tokens)
         del tokens
     return Response(content, media_type="application/json")
+
+
+async def built_off_the_loop(tokens: list[list[TokenInfo]]) -> bytes:
+    """tokens_json on a worker thread: a 1 MB text is about a million tokens, and written on
+    the event loop its answer would hold every other request and the health probes for
+    seconds. If the request is cancelled (the client left), it still waits for the thread: the
+    answer being built holds its memory, and the caller its tokenize slot, until then."""
+    building = asyncio.ensure_future(asyncio.to_thread(tokens_json, tokens))
+    try:
+        return await asyncio.shield(building)
+    except asyncio.CancelledError:
+        await asyncio.wait({building})
+        raise
 
 
 # Tokens per json.dumps call in tokens_json: each call holds the GIL for its whole run, and

@@ -23,7 +23,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,6 +42,7 @@ from reranker_runtime.errors import (
     EmptyInputError,
     RequestReadTimeoutError,
     RerankerError,
+    StreamIdleError,
     TooManyCharactersError,
     ValidationError,
     WrongModelKindError,
@@ -81,6 +82,12 @@ NOT_EMBEDDING = (
 )
 # Messages of one bidirectional stream scored at once; the answers still go out in order.
 STREAM_PARALLELISM = 64
+# How long a stream keeps its permit after its last message was answered: a client that sends,
+# reads and sends again keeps it; one that goes quiet gives it back.
+STREAM_PERMIT_LINGER_S = 1.0
+# A stream with no message for this long is ended (DEADLINE_EXCEEDED): open calls are bounded
+# (--max-connections), and one that sends nothing must not hold its place for ever.
+STREAM_IDLE_TIMEOUT_S = 300.0
 # gRPC's usual limit, raised to --payload-limit where that is larger.
 MIN_MESSAGE_BYTES = 4 * 1024 * 1024
 HEALTH_POLL_S = 0.5
@@ -118,6 +125,10 @@ class GrpcApi:
                 # A connection with no call for this long is closed (abandoned clients'
                 # sockets do not pile up; a client reconnects on its next call).
                 ("grpc.max_connection_idle_ms", GRPC_CONNECTION_IDLE_S * 1000),
+                # Pings find peers that vanished without closing (a node gone): their calls
+                # and connections are dropped rather than held.
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
             ],
             # Calls open at once, streams included, bounded as HTTP connections are
             # (--max-connections): beyond it a call is refused with RESOURCE_EXHAUSTED.
@@ -612,35 +623,62 @@ def _ordered_stream(
         api: GrpcApi, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         async with api._lifecycle.admit(limited=False) as service:
-            step = one
-            if limited:
-                step = functools.partial(_holding, _StreamPermit(api._lifecycle), one)
+            permit = _StreamPermit(api._lifecycle)
+            step = functools.partial(_holding, permit, one) if limited else one
             answers = _answers_in_order(api, service, step, request_iterator, context)
-            async for answer in answers:
-                yield answer
+            try:
+                async for answer in answers:
+                    yield answer
+            finally:
+                await answers.aclose()  # its messages cancelled and done before the permit goes
+                permit.close()
 
     return stream
 
 
 class _StreamPermit:
-    """A stream's one --max-concurrent-requests permit, taken when one of its messages starts
-    being scored and none is, returned when the last of them is answered."""
+    """A stream's one --max-concurrent-requests permit: taken when one of its messages starts
+    being scored, kept while they keep coming (returned STREAM_PERMIT_LINGER_S after the last
+    one is answered, so a client that sends, reads the answer and sends again keeps it), and
+    returned when the stream ends."""
 
     def __init__(self, lifecycle: Lifecycle) -> None:
         self._lifecycle = lifecycle
         self._scoring = 0
+        self._held = False
+        self._linger: asyncio.TimerHandle | None = None
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        if self._scoring == 0:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if not self._held:
             self._lifecycle.take_scoring_permit()  # OverloadedError ends the stream
+            self._held = True
         self._scoring += 1
         try:
             yield
         finally:
             self._scoring -= 1
-            if self._scoring == 0:
-                self._lifecycle.return_scoring_permit()
+            if self._scoring == 0 and self._held:
+                loop = asyncio.get_running_loop()
+                self._linger = loop.call_later(STREAM_PERMIT_LINGER_S, self._give_back)
+
+    def _give_back(self) -> None:
+        self._linger = None
+        if self._held and self._scoring == 0:
+            self._held = False
+            self._lifecycle.return_scoring_permit()
+
+    def close(self) -> None:
+        """The stream ended: the permit goes back now."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self._held:
+            self._held = False
+            self._lifecycle.return_scoring_permit()
 
 
 async def _holding(
@@ -656,7 +694,7 @@ async def _answers_in_order(
     one: StreamStep,
     request_iterator: AsyncIterator[Any],
     context: grpc.aio.ServicerContext,
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """Score each message as it arrives, answer in order. When the server drains, stop reading:
     the messages already read are answered, then the call ends with UNAVAILABLE (an open stream
     would otherwise hold the drain for its whole timeout)."""
@@ -670,10 +708,16 @@ async def _answers_in_order(
         try:
             while True:
                 arrival = asyncio.ensure_future(anext(messages))
-                await asyncio.wait({arrival, closing}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {arrival, closing},
+                    timeout=STREAM_IDLE_TIMEOUT_S,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if not arrival.done():
                     arrival.cancel()
-                    raise api._lifecycle.not_ready_error()
+                    if closing.done():
+                        raise api._lifecycle.not_ready_error()
+                    raise StreamIdleError(STREAM_IDLE_TIMEOUT_S)
                 try:
                     message = arrival.result()
                 except StopAsyncIteration:
