@@ -20,6 +20,7 @@ import bisect
 import contextlib
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -241,17 +242,22 @@ class _MetricsHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self._open = threading.Lock()  # held by _cut and finish: never cut a closed socket
+        self._finished = False
         self._deadline = threading.Timer(self.deadline_s, self._cut)
         self._deadline.daemon = True
         self._deadline.start()
 
     def finish(self) -> None:
         self._deadline.cancel()
+        with self._open:
+            self._finished = True
         super().finish()
 
     def _cut(self) -> None:
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_RDWR)
+        with self._open, contextlib.suppress(OSError):
+            if not self._finished:
+                self.connection.shutdown(socket.SHUT_RDWR)
 
     def do_GET(self) -> None:
         body = render()
@@ -285,6 +291,13 @@ class _BoundedMetricsServer(ThreadingHTTPServer):
         except BaseException:
             self._slots.release()  # no thread was started to release it
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client cut off by the deadline (or gone) makes the answer's write fail: not worth
+        # socketserver's traceback on stderr, outside the log format.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:

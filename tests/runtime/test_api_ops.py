@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -79,6 +80,18 @@ async def secured(
 async def test_health_and_live(client: httpx.AsyncClient) -> None:
     assert (await client.get("/health")).json() == {"status": "ok"}
     assert (await client.get("/live")).json() == {"status": "alive"}
+
+
+async def test_an_access_log_line_keeps_a_requested_path_in_one_token(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The path is logged decoded; its whitespace is encoded again, so `%20status=200` cannot
+    pass for a field of the line in a text log."""
+    with caplog.at_level(logging.INFO, logger="reranker_runtime.access"):
+        resp = await client.get("/x%20status=200%09route=/rerank")
+    assert resp.status_code == 404
+    [line] = [r.getMessage() for r in caplog.records if r.name == "reranker_runtime.access"]
+    assert line == "GET /x%20status=200%09route=/rerank 404"
 
 
 async def test_info(client: httpx.AsyncClient, xlmr_reranker: Path) -> None:

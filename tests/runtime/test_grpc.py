@@ -563,6 +563,35 @@ async def test_a_stream_quiet_for_too_long_is_ended(
     assert "sent no message for 0.5 s and was ended; open a new one" in ended.value.details()
 
 
+async def test_a_client_waiting_for_a_slow_answer_is_not_quiet(
+    xlmr_reranker: Path, xlmr_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle clock runs only once every message read has been answered: a forward pass
+    longer than the idle timeout does not end the stream of a client that waits for it."""
+    monkeypatch.setattr(grpc_server_module, "STREAM_IDLE_TIMEOUT_S", 0.5)
+    engine = ControlledEngine(xlmr_engine)
+    async with grpc_server(xlmr_reranker, engine) as (channel, _):
+        engine.delay_s = 1.2  # after warm-up: each forward pass of this test
+        outgoing: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def messages() -> AsyncIterator[Any]:
+            while (message := await outgoing.get()) is not None:
+                yield message
+
+        call = stream(
+            channel, "/tei.v1.Predict/PredictPairStream", m.PredictPairRequest, m.PredictResponse
+        )(messages())
+        replies = aiter(call)
+        await outgoing.put(m.PredictPairRequest(inputs=[QUERY, TEXTS[0]]))
+        assert (await anext(replies)).predictions  # 1.2 s of scoring: the stream lives on
+        engine.delay_s = 0.0
+        await outgoing.put(m.PredictPairRequest(inputs=[QUERY, TEXTS[1]]))
+        assert (await anext(replies)).predictions
+        with pytest.raises(grpc.aio.AioRpcError) as ended:  # now quiet: ended
+            await anext(replies)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 async def test_calls_open_at_once_are_bounded_by_max_connections(
     xlmr_reranker: Path, xlmr_engine: Any
 ) -> None:

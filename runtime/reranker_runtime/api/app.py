@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
+_WHITESPACE = re.compile(r"\s")
 
 # Probes and scrapes arrive every few seconds; their access lines go to debug.
 _QUIET_PATHS = frozenset({"/health", "/live", "/metrics", "/ping"})
@@ -499,7 +501,8 @@ class AccessMiddleware:
                     level,
                     "%s %s %d",
                     scope["method"],
-                    path,
+                    # Re-encoded whitespace: a decoded `%20status=200` must not read as a field.
+                    _WHITESPACE.sub(lambda m: urllib.parse.quote(m.group()), path),
                     status,
                     extra=log_fields(
                         request_id=request_id,

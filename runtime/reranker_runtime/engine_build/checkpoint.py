@@ -393,16 +393,16 @@ def safe_extract_tar(archive: Path, dest: Path) -> None:
     try:
         with tarfile.open(archive, "r:*") as tar:
             members: list[tarfile.TarInfo] = []
-            for member in tar:
+            total = 0  # each entry costs a 512-byte header at least, empty ones included
+            for member in tar:  # checked header by header: a bomb stops at its first one
                 members.append(member)
                 if len(members) > MAX_MEMBERS:
                     raise CheckpointFetchError(
                         f"{archive.name} holds more than {MAX_MEMBERS:,} entries; a checkpoint "
                         "is a few dozen files"
                     )
-            # Each entry costs a 512-byte header at least, empty ones included.
-            total = sum(m.size + 512 for m in members)
-            _check_expansion(archive, dest, total)
+                total += member.size + 512
+                _check_expansion(archive, dest, total)
             for m in members:
                 target = (root / m.name).resolve()
                 if m.name.startswith(("/", "\\")) or (

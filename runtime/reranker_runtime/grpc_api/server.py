@@ -40,6 +40,7 @@ from reranker_runtime.api.errors import DROPPED, client_message, failure_reason,
 from reranker_runtime.api.ops import build_info
 from reranker_runtime.errors import (
     EmptyInputError,
+    NotReadyError,
     RequestReadTimeoutError,
     RerankerError,
     StreamIdleError,
@@ -48,7 +49,7 @@ from reranker_runtime.errors import (
     WrongModelKindError,
 )
 from reranker_runtime.grpc_api import messages as m
-from reranker_runtime.lifecycle import State
+from reranker_runtime.lifecycle import State, not_ready_error
 from reranker_runtime.limits import count_characters
 from reranker_runtime.logging import log_fields
 
@@ -259,6 +260,13 @@ class GrpcApi:
             metrics.REQUEST_SUCCESS.inc(method=method)
             metrics.REQUEST_DURATION.observe(time.perf_counter() - started)
         return result
+
+    def closed_error(self) -> NotReadyError:
+        """Why an open call ends as the server stops: the lifecycle's state, or draining when
+        it is still ready (stop() without a drain first, as when embedded)."""
+        if self._lifecycle.ready:
+            return not_ready_error(State.DRAINING)
+        return self._lifecycle.not_ready_error()
 
     def device(self) -> str:
         service = self._lifecycle.service
@@ -498,7 +506,7 @@ async def _read_whole_stream(api: GrpcApi, request_iterator: AsyncIterator[Any])
             reading.result()  # its error, if the stream broke a limit
             return messages
         if closing in done:
-            raise api._lifecycle.not_ready_error()
+            raise api.closed_error()
         raise RequestReadTimeoutError(
             f"the request stream ({len(messages)} messages so far)", settings.request_read_timeout
         )
@@ -614,8 +622,8 @@ def _ordered_stream(
     """A bidirectional stream: one answer per message, in the order sent. The stream is
     admitted once, as one request (a drain waits for it), and scores up to STREAM_PARALLELISM
     of its messages at once; `limited`: it holds one --max-concurrent-requests permit while
-    any of its messages is being scored, and none while it waits for the next (open streams
-    that send nothing cannot lock every caller out). Its messages are not counted in
+    its messages keep coming (see _StreamPermit), none while it is quiet (open streams that
+    send nothing cannot lock every caller out). Its messages are not counted in
     te_request_count, as in TEI. The first error ends the call with its status, after the
     answers before it (as TEI's streams do)."""
 
@@ -630,8 +638,10 @@ def _ordered_stream(
                 async for answer in answers:
                     yield answer
             finally:
-                await answers.aclose()  # its messages cancelled and done before the permit goes
-                permit.close()
+                try:
+                    await answers.aclose()  # its messages cancelled and done first
+                finally:
+                    permit.close()
 
     return stream
 
@@ -701,34 +711,48 @@ async def _answers_in_order(
     pending: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue()
     started: set[asyncio.Future[Any]] = set()  # not finished yet
     slots = asyncio.Semaphore(STREAM_PARALLELISM)  # messages scored but not yet answered
+    loop = asyncio.get_running_loop()
+    # The idle clock runs only while every message read has been answered: a client waiting
+    # for a slow answer is not quiet.
+    unanswered = 0
+    quiet_since = loop.time()
 
     async def read() -> None:
+        nonlocal unanswered, quiet_since
         messages = aiter(request_iterator)
         closing = asyncio.ensure_future(api.closing.wait())
+        arrival: asyncio.Future[Any] | None = None
         try:
             while True:
-                arrival = asyncio.ensure_future(anext(messages))
+                if arrival is None:
+                    arrival = asyncio.ensure_future(anext(messages))
+                left = quiet_since + STREAM_IDLE_TIMEOUT_S - loop.time()
                 await asyncio.wait(
                     {arrival, closing},
-                    timeout=STREAM_IDLE_TIMEOUT_S,
+                    timeout=STREAM_IDLE_TIMEOUT_S if unanswered else max(left, 0.0),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if not arrival.done():
-                    arrival.cancel()
                     if closing.done():
-                        raise api._lifecycle.not_ready_error()
+                        raise api.closed_error()
+                    if unanswered or loop.time() < quiet_since + STREAM_IDLE_TIMEOUT_S:
+                        continue
                     raise StreamIdleError(STREAM_IDLE_TIMEOUT_S)
+                done, arrival = arrival, None
                 try:
-                    message = arrival.result()
+                    message = done.result()
                 except StopAsyncIteration:
                     return
                 await slots.acquire()
                 future = asyncio.ensure_future(one(service, message, context))
                 started.add(future)
                 future.add_done_callback(started.discard)
+                unanswered += 1
                 pending.put_nowait(future)
         finally:
             closing.cancel()
+            if arrival is not None:
+                arrival.cancel()
             pending.put_nowait(None)  # the queue is unbounded: this never waits
 
     reader = asyncio.ensure_future(read())
@@ -738,6 +762,8 @@ async def _answers_in_order(
                 yield await future
             finally:
                 slots.release()
+                unanswered -= 1
+                quiet_since = loop.time()
         await reader  # a broken request stream, or the drain, ends the call with its error
     finally:
         # The call ended (done, failed, cancelled): nothing of it may run on.
