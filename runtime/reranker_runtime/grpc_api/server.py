@@ -89,6 +89,8 @@ STREAM_PERMIT_LINGER_S = 1.0
 # A stream with no message for this long is ended (DEADLINE_EXCEEDED): open calls are bounded
 # (--max-connections), and one that sends nothing must not hold its place for ever.
 STREAM_IDLE_TIMEOUT_S = 300.0
+# A connection with no call for this long is closed.
+GRPC_CONNECTION_IDLE_S = 300
 # gRPC's usual limit, raised to --payload-limit where that is larger.
 MIN_MESSAGE_BYTES = 4 * 1024 * 1024
 HEALTH_POLL_S = 0.5
@@ -105,9 +107,6 @@ def grpc_status(exc: RerankerError) -> tuple[grpc.StatusCode, str]:
         code = grpc.StatusCode.INTERNAL  # our own failure (InternalError), not the model's
     message = exc.message if "X-Request-Timeout" in mapped.advice else client_message(exc)
     return code, message
-
-
-GRPC_CONNECTION_IDLE_S = 300
 
 
 class GrpcApi:
