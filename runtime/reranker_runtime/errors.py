@@ -114,6 +114,15 @@ class OverloadedError(RerankerError):
         self.limit = limit
 
 
+class TooManyCallsError(OverloadedError):
+    """gRPC calls open at once (streams included) reached --max-connections."""
+
+    def __init__(self, open_calls: int, limit: int) -> None:
+        super().__init__(open_calls, limit)
+        self.message = f"{open_calls} gRPC calls are already open, the limit is {limit}"
+        self.args = (self.message,)
+
+
 class DeadlineExceededError(RerankerError):
     """The request's deadline passed before it was answered; its waiting pairs were dropped."""
 

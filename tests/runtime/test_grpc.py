@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -615,9 +616,57 @@ async def test_calls_open_at_once_are_bounded_by_max_connections(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await predict(m.PredictPairRequest(inputs=[QUERY, TEXTS[0]]))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details() == (
+            "3 gRPC calls are already open, the limit is 3 (--max-connections); retry shortly"
+        )
+        # Health checks are not counted: a kubelet's gRPC probe still gets through.
+        assert await health_status(channel, "", until=SERVING) == SERVING
         release.set()
         assert all(len(answers) == 1 for answers in await asyncio.gather(*opened))
         assert (await predict(m.PredictPairRequest(inputs=[QUERY, TEXTS[0]]))).predictions
+
+
+async def test_a_message_that_cannot_be_decoded_is_invalid_argument(
+    xlmr_reranker: Path, xlmr_engine: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes that are not the method's message (a string that is not UTF-8, a broken varint):
+    INVALID_ARGUMENT naming the problem, on unary calls and streams, and no traceback logged."""
+    bad_utf8 = b"\x0a\x03q\xed\xa0\x80"  # field 1 (query): "q" + an encoded lone surrogate
+    raw = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, _):
+        calls = [
+            channel.unary_unary("/tei.v1.Rerank/Rerank", **raw)(bad_utf8),
+            channel.unary_unary("/tei.v1.Predict/Predict", **raw)(b"\xff\xff"),
+            _collect(channel.stream_stream("/tei.v1.Tokenize/TokenizeStream", **raw)(
+                _messages(b"\xff\xff"))),
+            channel.stream_unary("/tei.v1.Rerank/RerankStream", **raw)(_messages(bad_utf8)),
+        ]  # fmt: skip
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "the request message cannot be decoded" in refused.value.details()
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for a client's bytes"
+
+
+async def test_a_large_tokenize_answer_is_built_off_the_event_loop(
+    xlmr_reranker: Path, xlmr_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Millions of tokens built and serialized on the event loop would hold every other call
+    and the health probes for seconds: Tokenize builds its answer on a worker thread."""
+    threads: list[threading.Thread] = []
+    build = grpc_server_module._encoded_response
+
+    def recording(sequences: Any) -> bytes:
+        threads.append(threading.current_thread())
+        return build(sequences)
+
+    monkeypatch.setattr(grpc_server_module, "_encoded_response", recording)
+    async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, _):
+        tokenize = unary(channel, "/tei.v1.Tokenize/Tokenize", m.EncodeRequest, m.EncodeResponse)
+        answer = await tokenize(m.EncodeRequest(inputs="paris is nice", add_special_tokens=True))
+    assert [t.text for t in answer.tokens][1:-1] and threads
+    assert threads[0] is not threading.main_thread()
 
 
 async def _collect(call: Any) -> list[Any]:

@@ -23,6 +23,8 @@ MethodNotAllowed, so TEI clients that branch on it keep working.
 | WrongModelKindError (a route of another | 424    | Backend          | (TEI's status)         |
 |   model type)                           |        |                  |                        |
 | EngineError (a failed forward pass)     | 424    | Backend          | (TEI's status)         |
+| TooManyCallsError (gRPC calls open at   | 429    | Overloaded       | Retry-After: 1, flag   |
+|   once; gRPC: RESOURCE_EXHAUSTED)       |        |                  |                        |
 | OverloadedError                         | 429    | Overloaded       | Retry-After: 1, flag   |
 | client went away before the answer      | 499    | (no body)        |                        |
 | InternalError (the batcher crashed),    | 500    | Backend          |                        |
@@ -58,6 +60,7 @@ from reranker_runtime.errors import (
     RerankerError,
     ScorePairTooLongError,
     StreamIdleError,
+    TooManyCallsError,
     TooManyCharactersError,
     TooManyChunksPerRequestError,
     TooManyChunksPerTextError,
@@ -132,6 +135,15 @@ ERROR_TABLE: tuple[tuple[type[RerankerError], HttpError], ...] = (
     ),
     (InputTooLongError, HttpError(422, "Validation", advice="; shorten it or set truncate=true")),
     (ValidationError, HttpError(422, "Validation")),
+    (
+        TooManyCallsError,
+        HttpError(
+            429,
+            "Overloaded",
+            {"Retry-After": str(OVERLOADED_RETRY_AFTER_S)},
+            advice=" (--max-connections); retry shortly",
+        ),
+    ),
     (
         OverloadedError,
         HttpError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -168,9 +168,15 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
 async def built_off_the_loop(tokens: list[list[TokenInfo]]) -> bytes:
     """tokens_json on a worker thread: a 1 MB text is about a million tokens, and written on
     the event loop its answer would hold every other request and the health probes for
-    seconds. If the request is cancelled (the client left), it still waits for the thread: the
-    answer being built holds its memory, and the caller its tokenize slot, until then."""
-    building = asyncio.ensure_future(asyncio.to_thread(tokens_json, tokens))
+    seconds."""
+    return await to_the_end_on_a_thread(tokens_json, tokens)
+
+
+async def to_the_end_on_a_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a worker thread. If the caller is cancelled (the client left), it still
+    waits for the thread: what the thread builds holds its memory, and the caller its tokenize
+    slot, until then."""
+    building = asyncio.ensure_future(asyncio.to_thread(fn, *args))
     try:
         return await asyncio.shield(building)
     except asyncio.CancelledError:

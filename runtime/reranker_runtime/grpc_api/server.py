@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
@@ -38,12 +39,14 @@ from reranker_runtime.api.auth import check_authorization
 from reranker_runtime.api.deps import response_timing_headers
 from reranker_runtime.api.errors import DROPPED, client_message, failure_reason, http_error
 from reranker_runtime.api.ops import build_info
+from reranker_runtime.api.tei import to_the_end_on_a_thread
 from reranker_runtime.errors import (
     EmptyInputError,
     NotReadyError,
     RequestReadTimeoutError,
     RerankerError,
     StreamIdleError,
+    TooManyCallsError,
     TooManyCharactersError,
     ValidationError,
     WrongModelKindError,
@@ -89,6 +92,8 @@ STREAM_PERMIT_LINGER_S = 1.0
 # A stream with no message for this long is ended (DEADLINE_EXCEEDED): open calls are bounded
 # (--max-connections), and one that sends nothing must not hold its place for ever.
 STREAM_IDLE_TIMEOUT_S = 300.0
+# Calls beyond --max-connections that gRPC lets through for health checks and reflection.
+UNCOUNTED_CALLS = 64
 # A connection with no call for this long is closed.
 GRPC_CONNECTION_IDLE_S = 300
 # gRPC's usual limit, raised to --payload-limit where that is larger.
@@ -130,9 +135,9 @@ class GrpcApi:
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.keepalive_timeout_ms", 20_000),
             ],
-            # Calls open at once, streams included, bounded as HTTP connections are
-            # (--max-connections): beyond it a call is refused with RESOURCE_EXHAUSTED.
-            maximum_concurrent_rpcs=settings.max_connections,
+            # tei.v1 calls are bounded by --max-connections (GrpcApi.open_call); this cap, a
+            # little above, leaves health checks and reflection room beside them.
+            maximum_concurrent_rpcs=settings.max_connections + UNCOUNTED_CALLS,
         )
         self._health = health.aio.HealthServicer()
         self._health_task: asyncio.Task[None] | None = None
@@ -140,6 +145,20 @@ class GrpcApi:
         # Set once the server drains: open streams stop reading and end with UNAVAILABLE.
         self.closing = asyncio.Event()
         self.port = 0
+        self._open_calls = 0
+
+    @contextlib.contextmanager
+    def open_call(self) -> Iterator[None]:
+        """One tei.v1 call open, streams included: at most --max-connections at once, as HTTP
+        connections are (health and reflection are not counted: a probe still gets through)."""
+        limit = self._settings.max_connections
+        if self._open_calls >= limit:
+            raise TooManyCallsError(self._open_calls, limit)
+        self._open_calls += 1
+        try:
+            yield
+        finally:
+            self._open_calls -= 1
 
     async def start(self) -> int:
         """Bind `--host`:`--grpc-port` and serve; returns the port. Raises RuntimeError naming
@@ -573,11 +592,19 @@ async def predict_pair(api: GrpcApi, request: Any, context: grpc.aio.ServicerCon
     return await _predict_unary(api, request, context, pair=True)
 
 
-async def _tokenize_on(service: RerankService, request: Any) -> Any:
-    async with service.tokenize_answers:  # as /tokenize: bounds answers being built
-        return _encode_response(
-            await service.tokenize([request.inputs], add_special_tokens=request.add_special_tokens)
+async def _tokenize_on(service: RerankService, request: Any) -> bytes:
+    """The EncodeResponse, serialized. Built and serialized on a worker thread: a 2 MB input is
+    millions of tokens, which on the event loop would hold every other call and the health
+    probes for seconds. As /tokenize, at most --tokenization-workers of them at once."""
+    async with service.tokenize_answers:
+        sequences = await service.tokenize(
+            [request.inputs], add_special_tokens=request.add_special_tokens
         )
+        return await to_the_end_on_a_thread(_encoded_response, sequences)
+
+
+def _encoded_response(sequences: list[list[TokenInfo]]) -> bytes:
+    return bytes(_encode_response(sequences).SerializeToString())
 
 
 def _encode_response(sequences: list[list[TokenInfo]]) -> Any:
@@ -771,6 +798,13 @@ async def _answers_in_order(
         for future in left:
             future.cancel()
         await asyncio.gather(reader, *left, return_exceptions=True)
+        # Messages scored (or failed) but not answered, once an earlier one ended the call:
+        # their errors are this call's, already reported (else asyncio logs each as "never
+        # retrieved").
+        while not pending.empty():
+            future = pending.get_nowait()
+            if future is not None and future.done() and not future.cancelled():
+                future.exception()
 
 
 async def _predict_stream_one(service: RerankService, request: Any, context: Any) -> Any:
@@ -807,14 +841,54 @@ async def embed_stream_refused(
     yield  # never reached: makes this an async generator, as a stream handler must be
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """A message that is not the method's protobuf (bad bytes, a string that is not UTF-8):
+    handed to the handler, which answers INVALID_ARGUMENT, instead of gRPC's UNKNOWN with a
+    traceback in the log for each one."""
+
+    error: str
+
+
+def _decoder(message_class: Any) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return decode
+
+
+def _serialized(response: Any) -> bytes:
+    """A response message's bytes; bytes already serialized off the event loop (a large
+    Tokenize answer) as they are."""
+    return response if isinstance(response, bytes) else bytes(response.SerializeToString())
+
+
+def _decoded(message: Any) -> Any:
+    if isinstance(message, _Undecodable):
+        raise ValidationError(f"the request message cannot be decoded: {message.error}")
+    return message
+
+
+async def _decoded_stream(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for message in messages:
+        yield _decoded(message)
+
+
 def _handlers(api: GrpcApi) -> list[grpc.GenericRpcHandler]:
     """Every tei.v1 method: authorized, then run inside `_call` (trace span, errors)."""
 
-    def answered(path: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def answered(
+        path: str, fn: Callable[..., Awaitable[Any]], *, client_stream: bool = False
+    ) -> Callable[..., Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with _call(context, path):
-                api.authorize(context)
-                return await fn(api, request, context)
+                with api.open_call():
+                    api.authorize(context)
+                    request = _decoded_stream(request) if client_stream else _decoded(request)
+                    return await fn(api, request, context)
 
         return handle
 
@@ -823,25 +897,28 @@ def _handlers(api: GrpcApi) -> list[grpc.GenericRpcHandler]:
             request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             async with _call(context, path):
-                api.authorize(context)
-                async for answer in fn(api, request_iterator, context):
-                    yield answer
+                with api.open_call():
+                    api.authorize(context)
+                    async for answer in fn(api, _decoded_stream(request_iterator), context):
+                        yield answer
 
         return handle
 
     def service(name: str, methods: dict[str, tuple[str, Any, Any, Any]]) -> Any:
         """methods: name -> (kind, function, request class, response class)."""
         handlers: dict[str, grpc.RpcMethodHandler] = {}
-        for method, (kind, fn, request, response) in methods.items():
+        for method, (kind, fn, request, _response) in methods.items():
             path = f"{name}/{method}"
             codecs: dict[str, Any] = {
-                "request_deserializer": request.FromString,
-                "response_serializer": response.SerializeToString,
+                "request_deserializer": _decoder(request),
+                "response_serializer": _serialized,
             }
             if kind == "unary":
                 handler = grpc.unary_unary_rpc_method_handler(answered(path, fn), **codecs)
             elif kind == "client_stream":
-                handler = grpc.stream_unary_rpc_method_handler(answered(path, fn), **codecs)
+                handler = grpc.stream_unary_rpc_method_handler(
+                    answered(path, fn, client_stream=True), **codecs
+                )
             else:
                 handler = grpc.stream_stream_rpc_method_handler(streamed(path, fn), **codecs)
             handlers[method] = handler
