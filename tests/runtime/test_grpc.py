@@ -514,16 +514,7 @@ async def test_a_stream_keeps_its_permit_while_messages_keep_coming(
         channel,
         client,
     ):
-        outgoing: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def messages() -> AsyncIterator[Any]:
-            while (message := await outgoing.get()) is not None:
-                yield message
-
-        call = stream(
-            channel, "/tei.v1.Predict/PredictPairStream", m.PredictPairRequest, m.PredictResponse
-        )(messages())
-        replies = aiter(call)
+        outgoing, replies = _pair_stream_sent_from_a_queue(channel)
         body = {"query": QUERY, "texts": TEXTS[:2]}
         for text in TEXTS[:3]:
             await outgoing.put(m.PredictPairRequest(inputs=[QUERY, text]))
@@ -573,16 +564,7 @@ async def test_a_client_waiting_for_a_slow_answer_is_not_quiet(
     engine = ControlledEngine(xlmr_engine)
     async with grpc_server(xlmr_reranker, engine) as (channel, _):
         engine.delay_s = 1.2  # after warm-up: each forward pass of this test
-        outgoing: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def messages() -> AsyncIterator[Any]:
-            while (message := await outgoing.get()) is not None:
-                yield message
-
-        call = stream(
-            channel, "/tei.v1.Predict/PredictPairStream", m.PredictPairRequest, m.PredictResponse
-        )(messages())
-        replies = aiter(call)
+        outgoing, replies = _pair_stream_sent_from_a_queue(channel)
         await outgoing.put(m.PredictPairRequest(inputs=[QUERY, TEXTS[0]]))
         assert (await anext(replies)).predictions  # 1.2 s of scoring: the stream lives on
         engine.delay_s = 0.0
@@ -667,6 +649,23 @@ async def test_a_large_tokenize_answer_is_built_off_the_event_loop(
         answer = await tokenize(m.EncodeRequest(inputs="paris is nice", add_special_tokens=True))
     assert [t.text for t in answer.tokens][1:-1] and threads
     assert threads[0] is not threading.main_thread()
+
+
+def _pair_stream_sent_from_a_queue(
+    channel: grpc.aio.Channel,
+) -> tuple[asyncio.Queue[Any], AsyncIterator[Any]]:
+    """A PredictPairStream whose messages are the ones put on the queue (None ends it), and
+    its replies: a client that sends, reads the answer, then sends again."""
+    outgoing: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def messages() -> AsyncIterator[Any]:
+        while (message := await outgoing.get()) is not None:
+            yield message
+
+    call = stream(
+        channel, "/tei.v1.Predict/PredictPairStream", m.PredictPairRequest, m.PredictResponse
+    )(messages())
+    return outgoing, aiter(call)
 
 
 async def _collect(call: Any) -> list[Any]:
