@@ -89,8 +89,9 @@ STREAM_PARALLELISM = 64
 # How long a stream keeps its permit after its last message was answered: a client that sends,
 # reads and sends again keeps it; one that goes quiet gives it back.
 STREAM_PERMIT_LINGER_S = 1.0
-# A stream with no message for this long is ended (DEADLINE_EXCEEDED): open calls are bounded
-# (--max-connections), and one that sends nothing must not hold its place for ever.
+# A stream quiet this long (every message answered, no new one) is ended (DEADLINE_EXCEEDED):
+# open calls are bounded (--max-connections), and one that sends nothing must not hold its
+# place for ever.
 STREAM_IDLE_TIMEOUT_S = 300.0
 # Calls beyond --max-connections that gRPC lets through for health checks and reflection.
 UNCOUNTED_CALLS = 64
