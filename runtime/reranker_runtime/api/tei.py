@@ -55,6 +55,8 @@ from reranker_runtime.errors import (
 from reranker_runtime.limits import check_request_characters
 from reranker_runtime.tokenization import TokenInfo
 
+T = TypeVar("T")
+
 router = APIRouter(tags=["TEI / BEI"], route_class=InferenceRoute)
 
 
@@ -295,9 +297,6 @@ for _path, _name in zip(
         summary=_name,
         openapi_extra={"requestBody": _DEFAULT_ROUTE_BODY},
     )
-
-
-T = TypeVar("T")
 
 
 def _check_vertex_totals(
