@@ -60,6 +60,18 @@ PredictInput = str | tuple[str, str]
 T = TypeVar("T")
 
 
+async def to_the_end_on_a_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a worker thread. If the caller is cancelled (the client left), it still
+    waits for the thread: what the thread builds holds its memory, and the caller its slot,
+    until then."""
+    building = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(building)
+    except asyncio.CancelledError:
+        await asyncio.wait({building})
+        raise
+
+
 @dataclass(frozen=True)
 class RerankResult:
     scores: list[float]  # in input order; sigmoid(logit) unless raw_scores
@@ -227,7 +239,7 @@ class RerankService:
         # /tokenize answers hold every token as objects, then as JSON (a 2 MB body can become
         # a 60 MB answer, 360 MB while built), and take no --max-concurrent-requests permit (as
         # in TEI): as many are built at once as there are tokenization workers; the rest wait.
-        self.tokenize_answers = asyncio.Semaphore(self.tokenization_workers)
+        self._tokenize_answers = asyncio.Semaphore(self.tokenization_workers)
 
     @property
     def info(self) -> EngineInfo:
@@ -426,6 +438,21 @@ class RerankService:
         return await self._stoppable_tokenization(
             self._tokenizer.tokens, items, add_special_tokens=add_special_tokens
         )
+
+    async def tokenize_answer(
+        self,
+        inputs: list[str | tuple[str, str]],
+        encode: Callable[[list[list[TokenInfo]]], T],
+        *,
+        add_special_tokens: bool = True,
+    ) -> T:
+        """`tokenize`'s tokens as an API answers them, `encode`d on a worker thread: a 1 MB text
+        is about a million tokens, and built on the event loop its answer would hold every
+        other request and the health probes for seconds. At most --tokenization-workers
+        answers are built at once (the rest wait), which bounds their memory."""
+        async with self._tokenize_answers:
+            tokens = await self.tokenize(inputs, add_special_tokens=add_special_tokens)
+            return await to_the_end_on_a_thread(encode, tokens)
 
     async def decode(
         self, sequences: list[list[int]], *, skip_special_tokens: bool = True

@@ -20,6 +20,7 @@ from pydantic import TypeAdapter
 from reranker_runtime.api import tei
 from reranker_runtime.api.schemas import SimpleToken
 from reranker_runtime.engines.torch_engine import TorchEngine
+from reranker_runtime.service import to_the_end_on_a_thread
 from runtime.api_support import (
     MAX_TEXTS,
     QUERY,
@@ -622,9 +623,7 @@ async def test_tokenize_answers_are_built_one_per_tokenization_worker(
     assert most == 1
 
 
-async def test_a_cancelled_tokenize_waits_for_its_answer_being_built(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_cancelled_tokenize_waits_for_its_answer_being_built() -> None:
     """A client that leaves while its answer is built on a thread: the request ends only when
     the thread has, so its tokenize slot bounds that memory until then."""
     finished = threading.Event()
@@ -634,8 +633,7 @@ async def test_a_cancelled_tokenize_waits_for_its_answer_being_built(
         finished.set()
         return b"[]"
 
-    monkeypatch.setattr(tei, "tokens_json", slow)
-    request = asyncio.ensure_future(tei.built_off_the_loop([]))
+    request = asyncio.ensure_future(to_the_end_on_a_thread(slow, []))
     await asyncio.sleep(0.05)
     request.cancel()
     with pytest.raises(asyncio.CancelledError):

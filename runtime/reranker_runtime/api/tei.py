@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -158,32 +158,17 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
             f"`prompt_name` is set to `{body.prompt_name}` but this model has no "
             "sentence-transformers prompts; leave it out"
         )
-    service = admitted_service(request)
-    async with service.tokenize_answers:  # bounds the memory of answers being built
-        tokens = await service.tokenize(body.inputs, add_special_tokens=body.add_special_tokens)
-        annotate(request, pairs=len(tokens), tokens=sum(len(seq) for seq in tokens))
-        content = await built_off_the_loop(tokens)
-        del tokens
+    counted: dict[str, int] = {}
+
+    def encode(tokens: list[list[TokenInfo]]) -> bytes:
+        counted.update(pairs=len(tokens), tokens=sum(len(seq) for seq in tokens))
+        return tokens_json(tokens)
+
+    content = await admitted_service(request).tokenize_answer(
+        body.inputs, encode, add_special_tokens=body.add_special_tokens
+    )
+    annotate(request, **counted)
     return Response(content, media_type="application/json")
-
-
-async def built_off_the_loop(tokens: list[list[TokenInfo]]) -> bytes:
-    """tokens_json on a worker thread: a 1 MB text is about a million tokens, and written on
-    the event loop its answer would hold every other request and the health probes for
-    seconds."""
-    return await to_the_end_on_a_thread(tokens_json, tokens)
-
-
-async def to_the_end_on_a_thread(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` on a worker thread. If the caller is cancelled (the client left), it still
-    waits for the thread: what the thread builds holds its memory, and the caller its tokenize
-    slot, until then."""
-    building = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(building)
-    except asyncio.CancelledError:
-        await asyncio.wait({building})
-        raise
 
 
 # Tokens per json.dumps call in tokens_json: each call holds the GIL for its whole run, and

@@ -39,7 +39,6 @@ from reranker_runtime.api.auth import check_authorization
 from reranker_runtime.api.deps import response_timing_headers
 from reranker_runtime.api.errors import DROPPED, client_message, failure_reason, http_error
 from reranker_runtime.api.ops import build_info
-from reranker_runtime.api.tei import to_the_end_on_a_thread
 from reranker_runtime.errors import (
     EmptyInputError,
     NotReadyError,
@@ -594,14 +593,10 @@ async def predict_pair(api: GrpcApi, request: Any, context: grpc.aio.ServicerCon
 
 
 async def _tokenize_on(service: RerankService, request: Any) -> bytes:
-    """The EncodeResponse, serialized. Built and serialized on a worker thread: a 2 MB input is
-    millions of tokens, which on the event loop would hold every other call and the health
-    probes for seconds. As /tokenize, at most --tokenization-workers of them at once."""
-    async with service.tokenize_answers:
-        sequences = await service.tokenize(
-            [request.inputs], add_special_tokens=request.add_special_tokens
-        )
-        return await to_the_end_on_a_thread(_encoded_response, sequences)
+    """The EncodeResponse, serialized off the event loop (as /tokenize's answer)."""
+    return await service.tokenize_answer(
+        [request.inputs], _encoded_response, add_special_tokens=request.add_special_tokens
+    )
 
 
 def _encoded_response(sequences: list[list[TokenInfo]]) -> bytes:
