@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_render_parser(sub)
     add_convert_parser(sub)
+    # Options match by their whole name only: with prefix matching, an abbreviated flag in a
+    # pod's args would stop working, or change meaning, the day a flag sharing its prefix is added.
+    for subcommand in sub.choices.values():
+        subcommand.allow_abbrev = False
     return parser
 
 

@@ -71,6 +71,13 @@ def test_render_examples(
     assert "ReadWriteMany" not in yaml.safe_dump_all(docs) or jobs
 
 
+def test_an_abbreviated_flag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["render", "--file", str(EXAMPLES / "cpu-laptop.yaml")])
+    assert exit_info.value.code == 2
+    assert "--file" in capsys.readouterr().err
+
+
 def test_the_pvc_example_serves_what_its_loader_copies(capsys: pytest.CaptureFixture[str]) -> None:
     loader = list(yaml.safe_load_all((EXAMPLES / "pvc-loader" / "models-claim.yaml").read_text()))
     for obj in loader:

@@ -434,6 +434,14 @@ def test_bad_flag_value_is_an_argparse_error(capsys: pytest.CaptureFixture[str])
     assert "--port" in capsys.readouterr().err
 
 
+def test_a_flag_is_matched_by_its_whole_name_only(capsys: pytest.CaptureFixture[str]) -> None:
+    # A prefix that matches one flag today would match two, or another, once a flag is added.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--model", "m", "--max-batch-tok", "512"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --max-batch-tok" in capsys.readouterr().err
+
+
 def test_missing_engine_dir_exits_non_zero_with_a_message(
     tmp_path: object, capsys: pytest.CaptureFixture[str]
 ) -> None:
