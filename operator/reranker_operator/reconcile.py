@@ -88,6 +88,65 @@ def _pod_key(pod: dict[str, Any]) -> str | None:
 _CONTROLLER_UID = ("batch.kubernetes.io/controller-uid", "controller-uid")
 
 
+def _rollout_state_kept(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+    """`after` (what our patch of the Deployment returned), as its status should be read.
+
+    A patch bumps the Deployment's generation before its controller has looked, which reads as
+    a rollout in progress. When only `spec.replicas` changed (`kubectl scale rr`, the count put
+    back), nothing rolls: the controller's word on `before` still holds, and Ready must not flip
+    to False and back (posting a second Ready event).
+    """
+    if before is None or after is before:
+        return after
+    if _without_replicas(before) != _without_replicas(after):
+        return after
+    generation = (before.get("metadata") or {}).get("generation")
+    observed = (before.get("status") or {}).get("observedGeneration")
+    if generation is None or observed is None or observed < generation:
+        return after  # the controller had not seen `before` either
+    kept = {**after, "status": dict(after.get("status") or {})}
+    kept["status"]["observedGeneration"] = (after.get("metadata") or {}).get("generation")
+    return kept
+
+
+def _without_replicas(deployment: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (deployment.get("spec") or {}).items() if k != "replicas"}
+
+
+def _is_reranker_write(exc: ApiException) -> bool:
+    """Whether the refused request was the operator's own write of a Reranker (its status)."""
+    return isinstance(exc, kube.ApiError) and "/rerankers/" in exc.path
+
+
+def _deadline_passed(job: dict[str, Any]) -> bool:
+    """Whether the Job failed for its activeDeadlineSeconds."""
+    return any(
+        c.get("type") in ("Failed", "FailureTarget")
+        and c.get("status") == "True"
+        and c.get("reason") == "DeadlineExceeded"
+        for c in (job.get("status") or {}).get("conditions") or []
+    )
+
+
+def _waiting_note(previous: dict[str, Any] | None) -> str:
+    """What the last status said stopped the build's pod from starting, or "" when the build
+    was running (or nothing was said): the reason and message of EngineReady then."""
+    engine = status.get_condition(previous, status.ENGINE_READY) or {}
+    reason = engine.get("reason")
+    if engine.get("status") == "False" and reason not in _NOT_A_POD_ISSUE:
+        return f"{reason}: {engine.get('message', '')}"  # Unschedulable, ImagePullBackOff, ...
+    if (previous or {}).get("phase") == "Pending":
+        return "it was still waiting to start"
+    return ""
+
+
+_NOT_A_POD_ISSUE = (None, "Building", "BuildFailed", "EngineBuilt")
+
+
+def _finished(pod: dict[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
 def _pods_of_job(
     pods: list[dict[str, Any]], job_name: str, job: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
@@ -201,7 +260,7 @@ class _Engine:
     """The engine for the current key (Shared mode), as `_ensure_engine` found it."""
 
     state: status.EngineState
-    message: str = ""  # the failed build's termination message
+    message: str = ""  # the failed build's termination message; building: an earlier attempt's
     built_at: str | None = None
     issue: diagnosis.PodIssue | None = None  # why the build waits, when it is not its pod's fault
     pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the build Job's
@@ -233,6 +292,7 @@ def refusal_message(exc: ApiException) -> str:
 
 RETRIED = "the operator retries until it succeeds"
 REFUSAL_RECHECK_SECONDS = 60.0  # a lasting refusal is retried at least this often
+TIMED_RETRY_SECONDS = 15.0  # a timer's reconcile that met an API fault is tried again after
 # Routes are not watched: one no Gateway has answered yet is read again this often, a refused
 # one every REFUSAL_RECHECK_SECONDS, an accepted one this often.
 ROUTE_RECHECK_SECONDS = 30.0
@@ -314,9 +374,10 @@ class Reconciler:
         except InvalidSpec as exc:  # a spec this cluster cannot serve (see _ensure_exposure)
             return self._invalid(body, exc)
         except ApiException as exc:
-            if exc.status in (400, 422):
+            if exc.status in (400, 422) and not _is_reranker_write(exc):
                 # The API server refused a child as rendered (e.g. a spec.pod.affinity the CRD
                 # passes through unchecked): an invalid spec, not something a retry fixes.
+                # A refusal of the Reranker's own status write is the operator's, not the spec's.
                 return self._invalid(body, InvalidSpec("spec", refusal_message(exc)))
             refusal = lasting_refusal(exc)
             if refusal is not None:
@@ -567,6 +628,10 @@ class Reconciler:
             )
         serving = [p for p in key_pods if _init_done(p)]
         serve_issue = diagnosis.first_issue(serving, now, timeout, (builders.SERVE_CONTAINER,))
+        if engine == "built":
+            # Once a pod has built the engine, a pod still building is one more replica to come
+            # (a scale-up, a pod replaced after a node went): what stops it stops serving.
+            serve_issue = serve_issue or engine_issue
         return _EngineView(
             deployment, engine, build_message, None, None, None, [], engine_issue, serve_issue
         )
@@ -628,13 +693,26 @@ class Reconciler:
             listed = self.api.list(kube.POD, namespace, {"job-name": job_name})
             job_pods = _pods_of_job(listed, job_name, job)
             message = status.termination_message(job_pods) or status.job_failure_message(job)
+            waited = _waiting_note(body.get("status"))
+            if waited and _deadline_passed(job):
+                # The Job's deadline counts time spent Pending too: the pod never ran, and the
+                # scheduler's word (no GPU node) is gone with it.
+                message += (
+                    f"; its pod never started ({waited}); once that is fixed, "
+                    f"`kubectl delete job {job_name} -n {namespace}` builds again"
+                )
             return _Engine("failed", message, pods=job_pods)
+        # The Job retries (backoffLimit): an earlier attempt's failed pod is history, not why
+        # this one waits; the message says it happened.
+        attempts = [p for p in job_pods if _finished(p)]
+        job_pods = [p for p in job_pods if not _finished(p)]
+        retrying = status.termination_message(attempts)
         if state == "building" and status.job_pods_running(job_pods) is False:
             state = "pending"  # the Job counts its Pending pod as active
         issue = None
         if state == "pending" and not job_pods:
             issue = self._job_create_failure(body, job)
-        return _Engine(state, issue=issue, pods=job_pods)
+        return _Engine(state, retrying, issue=issue, pods=job_pods)
 
     def _job_create_failure(
         self, body: dict[str, Any], job: dict[str, Any]
@@ -810,6 +888,10 @@ class Reconciler:
                 "timed reconcile failed",
                 extra={"reranker": f"{namespace}/{name}", "error": str(exc)},
             )
+            if kube.is_api_fault(exc):
+                # Timers are set again only by a reconcile that finishes: without this, the
+                # check this timer was for (an Unschedulable pod's timeout) would never come.
+                self._recheck_after(namespace, name, TIMED_RETRY_SECONDS)
 
     def stop_timers(self) -> None:
         with self._locks_guard:
@@ -912,7 +994,10 @@ class Reconciler:
         previous_key = None
         if deployment is not None:
             previous_key = _annotation(deployment, builders.ANNOTATION_ENGINE_KEY)
-        deployment = self._scale_to_spec(spec, self._apply(desired, deployment))
+        live = deployment
+        deployment = _rollout_state_kept(
+            live, self._scale_to_spec(spec, self._apply(desired, deployment))
+        )
         if previous_key and previous_key != key:
             self._event(
                 body, "Normal", "RollingOut", f"rolling the Deployment to engine {key[:10]}"
@@ -936,9 +1021,10 @@ class Reconciler:
             "restoring the replica count",
             extra={"child": f"{meta['namespace']}/{meta['name']}", "replicas": want},
         )
-        return self.api.patch(
+        patched = self.api.patch(
             kube.DEPLOYMENT, meta["namespace"], meta["name"], {"spec": {"replicas": want}}
         )
+        return _rollout_state_kept(deployment, patched)
 
     def _ensure_exposure(
         self, body: dict[str, Any], spec: RerankerSpec, owner: dict[str, Any], deployed: bool
@@ -1043,6 +1129,15 @@ class Reconciler:
         new_ready = status.get_condition(new, status.READY) or {}
         if new_ready.get("status") == "True" and old_ready.get("status") != "True":
             self._event(body, "Normal", "Ready", new_ready.get("message", ""))
+        # Going Failed or Degraded, or failing for another reason: a Warning (once per change)
+        # for `kubectl describe` and event-based alerting. A failed build has its own above.
+        phase, reason = new.get("phase"), new_ready.get("reason", "")
+        if (
+            phase in ("Failed", "Degraded")
+            and reason != "BuildFailed"
+            and (old.get("phase") != phase or old_ready.get("reason") != reason)
+        ):
+            self._event(body, "Warning", reason, new.get("message", ""))
 
     def _event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Post a core/v1 Event on the Reranker; a failure to post is logged, never fatal."""

@@ -82,7 +82,8 @@ class Observed:
     job_name: str | None  # the build Job (Shared mode); None when pods build their own engine
     image: str  # the runtime image the engine is built with
     engine: EngineState
-    build_message: str = ""  # the failed build's termination message
+    # The failed build's termination message; while a Job retries, its failed attempt's.
+    build_message: str = ""
     built_at: str | None = None  # the build Job's completionTime, when this reconcile saw it
     deployment: DeploymentState | None = None
     endpoint: str | None = None
@@ -233,13 +234,10 @@ def deployment_state(deployment: dict[str, Any], engine_key_annotation: str) -> 
     ready = int(status.get("readyReplicas") or 0)
     available_replicas = int(status.get("availableReplicas") or 0)
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
-
-    if "Available" in conditions:
-        available = (
-            conditions["Available"].get("status") == "True" and (available_replicas or ready) > 0
-        )
-    else:
-        available = (available_replicas or ready) > 0
+    # Serving: any replica answers. Not the Deployment's own Available condition, which with
+    # maxUnavailable 0 (the default rollout) means "every replica": one crashing pod of three,
+    # or a scale-up waiting for a GPU, would read as nothing serving.
+    available = (available_replicas or ready) > 0
 
     progressing = conditions.get("Progressing") or {}
     progress_failed = progressing.get("status") == "False"
@@ -318,6 +316,12 @@ def derive_status(
             "Building",
             f"{observed.builder} is waiting to start (engine {short(key)})",
         )
+    if preparing and observed.build_message:
+        engine_cond = (
+            engine_cond[0],
+            engine_cond[1],
+            f"{engine_cond[2]}; retrying after a failed attempt: {observed.build_message}",
+        )
 
     # Available: anything serving.
     if dep is None:
@@ -350,7 +354,13 @@ def derive_status(
         )
 
     rolled_to_current = dep is not None and serving_key == key and dep.rolled_out
-    ready = observed.engine == "built" and available and rolled_to_current
+    serves_current = observed.engine == "built" and available and rolled_to_current
+    # Ready, once every replica of the current engine is: a scale-up (an autoscaler's step,
+    # `kubectl scale rr`) or a replaced pod then keeps it, as long as nothing is stuck.
+    was_ready = (get_condition(previous, READY) or {}).get("status") == "True"
+    full = dep is not None and dep.ready_replicas >= dep.desired
+    ready = serves_current and (full or was_ready)
+    short_handed = serves_current and serve_issue is not None and serve_issue.stuck and not full
 
     # Phase, Ready's reason and the message, from the most important fact down.
     if observed.engine == "failed":
@@ -380,11 +390,24 @@ def derive_status(
         phase = "Building" if observed.engine == "building" else "Pending"
         ready_cond = (False, "EngineBuilding", engine_cond[2])
         message = engine_cond[2] + still_serving
+    elif short_handed and serve_issue is not None and dep is not None:
+        # It serves, on fewer replicas than asked for, and waiting will not add the others.
+        phase = "Degraded"
+        ready_cond = (False, serve_issue.reason, serve_issue.message)
+        message = (
+            f"engine {short(key)} serves on {dep.ready_replicas}/{dep.desired} replicas: "
+            f"{serve_issue.message}"
+        )
+    elif dep is not None and dep.desired == 0 and not preparing:
+        # Nothing serves, by choice: neither a failure nor a rollout.
+        phase = "Pending"
+        ready_cond = (False, "ScaledToZero", available_cond[2])
+        message = f"engine {short(key)} is {'built' if observed.engine == 'built' else 'ready to build'}; scaled to zero replicas"
     elif ready:
         phase = "Ready"
         ready_cond = (True, "Ready", f"serving engine {short(key)} at {observed.endpoint}")
         message = f"serving engine {short(key)}: {available_cond[2]}"
-    elif serve_issue is not None and not (dep is not None and dep.desired == 0):
+    elif serve_issue is not None:
         phase = broken if serve_issue.stuck else "Deploying"
         ready_cond = (False, serve_issue.reason, serve_issue.message)
         message = f"engine {short(key)} does not serve: {serve_issue.message}{still_serving}"
@@ -392,9 +415,7 @@ def derive_status(
         phase = "Deploying"
         if serving_key != key:
             detail = f"rolling out engine {short(key)}"
-        elif dep is not None and dep.desired == 0:
-            detail = f"engine {short(key)} is built; scaled to zero replicas"
-        elif not available:
+        elif not available or (dep is not None and dep.rolled_out):
             detail = f"waiting for replicas ({available_cond[2]})"
         else:
             detail = f"rolling out ({available_cond[2]})"

@@ -419,6 +419,67 @@ async def test_serving_issues_are_failed_with_their_reason(
         assert condition(cluster, "EngineReady", name)["status"] == "True"  # the build worked
 
 
+async def test_one_crashing_pod_of_three_is_degraded_while_two_serve(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """With maxUnavailable 0 the Deployment says Available=False until every replica is: the
+    Reranker still serves on the two that are, and says what stops the third."""
+    await cluster.create_reranker(NAME, SPEC)
+    dep = await deployment(cluster)
+    for _ in range(2):
+        await create_pod(cluster, dep, READY)
+    crash = {"terminated": {"exitCode": 1, "reason": "Error", "message": "bad weights"}}
+    await create_pod(cluster, dep, serve_status({"waiting": {"reason": "CrashLoopBackOff"}}, crash))
+    await deployment_status(cluster, ready=2, updated=3, available=False)
+    status = await phase(cluster, "Degraded", "CrashLoopBackOff", ("serves on 2/3 replicas",))
+    assert condition(cluster, "Available")["status"] == "True"
+    assert condition(cluster, "Ready")["status"] == "False"
+    await wait_for(lambda: cluster.events("CrashLoopBackOff"), "a CrashLoopBackOff event")
+    await settled(operator)
+    (event,) = cluster.events("CrashLoopBackOff")  # once, not once per reconcile
+    assert event["type"] == "Warning" and "bad weights" in event["message"]
+    assert status["readyReplicas"] == 2
+
+
+async def test_a_scale_up_keeps_ready_until_the_new_pods_cannot_start(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """An autoscaler's step or `kubectl scale rr` is not a rollout: Ready stays while the new
+    pods come, and turns Degraded, naming the scheduler's word, when they cannot."""
+    await cluster.create_reranker(NAME, SPEC)
+    dep = await deployment(cluster)
+    for _ in range(3):
+        await create_pod(cluster, dep, READY)
+    await deployment_status(cluster, ready=3, updated=3)
+    await phase(cluster, "Ready")
+    await cluster.update_spec(NAME, {"replicas": 5})
+    await wait_for(
+        lambda: (cluster.get(cluster.DEPLOYMENT, NAME) or {})["spec"]["replicas"] == 5,
+        "the Deployment scaled",
+    )
+    for _ in range(2):  # PerPod: the new pods would build the engine first
+        await create_pod(cluster, dep, unschedulable())
+    await deployment_status(cluster, ready=3, updated=5, replicas=5, available=False)
+    await phase(cluster, "Ready", "Ready", ("3/5 replicas ready",))
+    # The scheduler still says no after unschedulableTimeoutSeconds.
+    await phase(cluster, "Degraded", "Unschedulable", ("serves on 3/5 replicas", GPU_FULL))
+    assert condition(cluster, "Available")["status"] == "True"
+    assert len(cluster.events("Ready")) == 1
+
+
+async def test_a_first_rollout_is_ready_once_every_replica_is(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    await cluster.create_reranker(NAME, SPEC)
+    dep = await deployment(cluster)
+    await create_pod(cluster, dep, READY)
+    await deployment_status(cluster, ready=1, updated=3, available=False)
+    await phase(cluster, "Deploying", "Deploying", ("waiting for replicas (1/3 replicas ready)",))
+    assert condition(cluster, "Available")["status"] == "True"  # it answers already
+    await deployment_status(cluster, ready=3, updated=3)
+    await phase(cluster, "Ready")
+
+
 # --------------------------------------------------------------------------- Shared mode
 
 
@@ -521,6 +582,64 @@ async def test_shared_oom_killed_build_says_so_with_the_limit(
         "BuildFailed",
         ("OOMKilled (memory limit 10Gi): raise spec.resources.build.memory", "loading shards"),
     )
+
+
+async def test_shared_build_retrying_after_a_failed_attempt_is_building_not_failed(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """backoffLimit: the Job starts another pod after one fails. Until the Job gives up, the
+    first attempt is history, said in the message, not the build's failure."""
+    job_name = builders.job_name(NAME, key_of(SHARED))
+    await cluster.create_reranker(NAME, SHARED)
+    job = await wait_for(lambda: cluster.get(cluster.JOB, job_name), "the Job")
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled", "finishedAt": now(-60)}}
+    failed = {
+        "phase": "Failed",
+        "containerStatuses": [{"name": "build", "image": IMAGE, "state": oom}],
+    }
+    await create_pod(cluster, job, failed)
+    running = {"phase": "Running", "conditions": scheduled(),
+               "containerStatuses": [{"name": "build", "image": IMAGE, "state": RUNNING}]}  # fmt: skip
+    await create_pod(cluster, job, running)
+    await cluster.patch(cluster.JOB, job_name, {"status": {"active": 1, "failed": 1}}, sub="status")
+    await phase(cluster, "Building", "Building", ("retrying after a failed attempt", "OOMKilled"))
+    assert condition(cluster, "EngineReady")["reason"] == "Building"
+
+
+async def test_shared_build_whose_deadline_passed_before_its_pod_ran_says_so(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """activeDeadlineSeconds counts the time a pod waits for a node: when it ends the build, the
+    Job's pod is gone, and so is the scheduler's word, unless the status keeps it."""
+    job_name = builders.job_name(NAME, key_of(SHARED))
+    await cluster.create_reranker(NAME, SHARED)
+    job = await wait_for(lambda: cluster.get(cluster.JOB, job_name), "the Job")
+    pod = await create_pod(cluster, job, unschedulable(since=now(-60)))
+    await phase(cluster, "Failed", "Unschedulable")
+    await cluster.delete(cluster.POD, pod)  # the Job controller deletes it at the deadline
+    await cluster.patch(
+        cluster.JOB, job_name,
+        {"status": {"active": None, "failed": 1, "conditions": [{
+            "type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+            "message": "Job was active longer than specified deadline"}]}},
+        sub="status",
+    )  # fmt: skip
+    await phase(
+        cluster,
+        "Failed",
+        "BuildFailed",
+        ("DeadlineExceeded", "its pod never started (Unschedulable", "Insufficient nvidia.com/gpu",
+         f"kubectl delete job {job_name} -n {NAMESPACE}"),
+    )  # fmt: skip
+
+
+async def test_shared_scaled_to_zero_says_so(cluster: Cluster, operator: OperatorRunner) -> None:
+    job_name = builders.job_name(NAME, key_of({**SHARED, "replicas": 0}))
+    await cluster.create_reranker(NAME, {**SHARED, "replicas": 0})
+    await wait_for(lambda: cluster.get(cluster.JOB, job_name), "the Job")
+    await cluster.job_succeeded(job_name)
+    await deployment(cluster)
+    await phase(cluster, "Pending", "ScaledToZero", ("is built; scaled to zero replicas",))
 
 
 # --------------------------------------------------------------------------- the HPA's word

@@ -211,3 +211,89 @@ def test_engine_keys_on_the_cache_pvc_are_keys_or_ignored() -> None:
     spec = parse_spec({"metadata": {"name": "rr"}, "spec": {"checkpoint": {"repo": "a/b"}}})
     with pytest.raises(ValueError, match="not engine keys"):
         builders.build_prune_job("rr", "ns", spec, OperatorConfig(), [key, ".."])
+
+
+def test_a_replica_count_patch_reads_as_no_rollout() -> None:
+    """Our own patch of spec.replicas returns generation N+1 with the controller's last word,
+    observedGeneration N: nothing rolls, so Ready must not flip to False (and post a second
+    Ready event when it flips back). A template change does roll."""
+    from reranker_operator.reconcile import _rollout_state_kept
+
+    template = {"metadata": {"labels": {"a": "b"}}}
+
+    def deployment(generation: int, replicas: int, tpl: dict[str, Any]) -> dict[str, Any]:
+        return {"metadata": {"generation": generation},
+                "spec": {"replicas": replicas, "template": tpl},
+                "status": {"observedGeneration": 4, "replicas": 3, "updatedReplicas": 3}}  # fmt: skip
+
+    before = deployment(4, 3, template)
+    scaled = _rollout_state_kept(before, deployment(5, 5, template))
+    assert scaled["status"]["observedGeneration"] == 5
+    from reranker_operator import status
+
+    assert status.deployment_state(scaled, "k").rolled_out
+    changed = deployment(5, 3, {"metadata": {"labels": {"a": "c"}}})
+    assert _rollout_state_kept(before, changed) is changed  # a rollout: the controller must see it
+    unseen = {**before, "status": {**before["status"], "observedGeneration": 3}}
+    assert (
+        _rollout_state_kept(unseen, deployment(5, 5, template))["status"]["observedGeneration"] == 4
+    )
+
+
+class FailingApi(RefusingApi):
+    """An API server answering 503 to every read."""
+
+    def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        response = SimpleNamespace(
+            status=503, reason="Service Unavailable", data=b"{}", headers={}, getheaders=lambda: {}
+        )
+        raise kube.ApiError("GET", f"/apis/reranker.dev/v1alpha1/namespaces/{namespace}", response)
+
+
+def test_a_timed_reconcile_that_meets_an_api_fault_is_tried_again() -> None:
+    """Only a finished reconcile sets timers: a timed one (an Unschedulable pod's timeout) that
+    failed would otherwise never come back."""
+    reconciler = Reconciler(cast(kube.Kube, FailingApi(None)), OperatorConfig())
+    try:
+        reconciler._timed_reconcile("ml", "rr")
+        assert ("ml", "rr") in reconciler._timers
+    finally:
+        reconciler.stop_timers()
+
+
+class StatusRefusingApi(RefusingApi):
+    """Children are accepted; the Reranker's status write is refused once with 422."""
+
+    def create_if_absent(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        return obj, True
+
+    def patch(self, kind: kube.Kind, namespace: str, name: str, patch: Any, **_: Any) -> Any:
+        if kind == kube.RERANKER and not self.status_patches:
+            self.status_patches.append({})
+            response = SimpleNamespace(
+                status=422, reason="Unprocessable Entity", data=b"{}", headers={},
+                getheaders=lambda: {},
+            )  # fmt: skip
+            raise kube.ApiError(
+                "PATCH", f"/apis/reranker.dev/v1alpha1/namespaces/{namespace}/rerankers/{name}/status",
+                response,
+            )  # fmt: skip
+        return super().patch(kind, namespace, name, patch)
+
+
+def test_a_refused_status_write_is_not_blamed_on_the_spec() -> None:
+    body = {
+        "apiVersion": "reranker.dev/v1alpha1",
+        "kind": "Reranker",
+        "metadata": {"name": "rr", "namespace": "ml", "uid": "u", "generation": 2},
+        "spec": {"checkpoint": {"repo": "BAAI/bge-reranker-large"}},
+    }
+    api = StatusRefusingApi(body)
+    reconciler = Reconciler(cast(kube.Kube, api), OperatorConfig())
+    try:
+        with pytest.raises(ApiException):  # retried by the handler, not a PermanentError
+            reconciler.reconcile("ml", "rr")
+        assert api.events == []  # no InvalidSpec warning
+        assert len(api.status_patches) == 1  # no InvalidSpec status written either
+    finally:
+        reconciler.stop_timers()

@@ -202,6 +202,13 @@ def test_deployment_state_rollout() -> None:
         deployment(observedGeneration=1, replicas=1, updatedReplicas=1), "x"
     )
     assert not stale.rolled_out and not stale.available
+    # With maxUnavailable 0 the Deployment's Available means "every replica": two of three
+    # answering is serving.
+    partial = status.deployment_state(
+        deployment(observedGeneration=2, replicas=3, updatedReplicas=3, readyReplicas=2,
+                   availableReplicas=2, conditions=[{"type": "Available", "status": "False"}]),
+        "x")  # fmt: skip
+    assert partial.available and partial.rolled_out
 
 
 # ---------------------------------------------------------------- what the pods say (diagnosis)
