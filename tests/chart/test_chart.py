@@ -213,7 +213,7 @@ def test_lint_has_no_errors(values: dict[str, Any] | None) -> None:
         {},
         {"watchNamespaces": ["ml", "search"]},
         NON_DEFAULT_VALUES,
-        {"rbac": {"create": False}, "serviceAccount": {"create": False}},
+        {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "reranker-op"}},
     ],
     ids=["defaults", "namespaced", "non-default", "no-rbac"],
 )
@@ -278,7 +278,8 @@ def test_operator_deployment(chart: helm_python.Chart) -> None:
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]
     assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}  # kopf standalone: never two operators at once
+    # kopf standalone: never two operators at once.
+    assert spec["strategy"] == {"type": "Recreate", "rollingUpdate": None}
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
     c = container(objects)
@@ -447,7 +448,8 @@ def test_cluster_wide_rbac_is_least_privilege(chart: helm_python.Chart) -> None:
     objects = manifests(render(chart))
     role = operator_role(objects)
     expected = dict(NAMESPACED_GRANTS)
-    expected[("apiextensions.k8s.io", "customresourcedefinitions")] = {"get", "list", "watch"}
+    # kopf lists and watches CRDs, never GETs one (kopf/_core/reactor/observation.py).
+    expected[("apiextensions.k8s.io", "customresourcedefinitions")] = {"list", "watch"}
     assert_least_privilege(rules_of(role), expected)
     # Never secrets or configmaps: API keys and tokens are referenced by name, never read.
     assert not grants(rules_of(role), "", "secrets") and not grants(
@@ -492,7 +494,7 @@ def test_two_replicas_run_kopf_peering(chart: helm_python.Chart, namespaces: lis
     assert_valid(objects)
     deployment = one(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 2
-    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    assert deployment["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
     fullname = deployment["metadata"]["name"]
     assert f"--peering={fullname}" in container(objects)["args"]
     from reranker_operator.cli import build_parser
@@ -536,6 +538,42 @@ def test_one_replica_runs_standalone(chart: helm_python.Chart) -> None:
     assert not any(o["apiVersion"].startswith("kopf.dev/") for o in objects)
     assert not any(a.startswith("--peering") for a in container(objects)["args"])
     assert not grants(rules_of(operator_role(objects)), "kopf.dev", "clusterkopfpeerings")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: an explicit null in the manifest deletes the live field, as in
+    the strategic merge patch of Helm's three-way merge (client-side apply)."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def test_changing_replica_count_never_switches_the_strategy(chart: helm_python.Chart) -> None:
+    """A switch from RollingUpdate to Recreate is refused while the API server's defaulted
+    rollingUpdate block is there ("spec.strategy.rollingUpdate: Forbidden: may not be specified
+    when strategy `type` is 'Recreate'", helm/helm#5144): every count renders Recreate, with an
+    explicit `rollingUpdate: null` that removes the block an earlier chart version left."""
+    strategies = []
+    for count in (1, 2, 3):
+        rendered = render(chart, {"replicaCount": count})
+        text = rendered["reranker-operator/templates/deployment.yaml"]
+        assert re.search(r"\n  strategy:\n    type: Recreate\n    rollingUpdate: null\n", text)
+        deployment = one(manifests(rendered), "Deployment")
+        assert_valid([deployment])  # an explicit null passes strict validation
+        assert deployment["spec"]["replicas"] == count
+        strategies.append(deployment["spec"]["strategy"])
+    assert strategies[0] == strategies[1] == strategies[2]
+    defaulted = {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"},
+    }
+    assert merge_patch(defaulted, strategies[0]) == {"type": "Recreate"}
 
 
 def test_peering_priority_differs_per_pod() -> None:
@@ -615,6 +653,25 @@ def test_pod_annotations_win_over_the_charts(chart: helm_python.Chart) -> None:
     assert annotations["checksum/config"] == default["checksum/config"] != "mine"
 
 
+@pytest.mark.parametrize("key", ["app.kubernetes.io/name", "app.kubernetes.io/instance"])
+def test_pod_labels_may_not_set_the_selector_labels(chart: helm_python.Chart, key: str) -> None:
+    """A selector label in podLabels rendered the key twice, or a pod template the Deployment's
+    (immutable) selector does not match."""
+    with pytest.raises(helm_python.HelmRenderError, match=f"podLabels may not set {key}"):
+        render(chart, {"podLabels": {key: "other"}})
+    # Other keys, the chart's own included, come once, with the user's value.
+    values = {"podLabels": {"team": "ml", "app.kubernetes.io/component": "reranker-operator"}}
+    rendered = render(chart, values)
+    objects = manifests(rendered)
+    assert_valid(objects)
+    labels = _pod_template(objects)["metadata"]["labels"]
+    assert labels["team"] == "ml" and labels["app.kubernetes.io/component"] == "reranker-operator"
+    selector = one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    template = rendered["reranker-operator/templates/deployment.yaml"].split("  template:")[1]
+    assert template.count("app.kubernetes.io/component:") == 1
+
+
 def test_metrics_and_liveness_ports_must_differ(chart: helm_python.Chart) -> None:
     with pytest.raises(Exception, match="metricsPort and livenessPort must differ"):
         render(chart, {"metricsPort": 8080})
@@ -651,6 +708,72 @@ def test_operator_pod_monitoring_scrapes_the_operator_pod(chart: helm_python.Cha
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in {p["name"] for p in container(objects)["ports"]}
     assert not by_kind(objects, "Service")
+
+
+DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+# Kinds whose names may be DNS-1123 subdomains of up to 253 characters; the chart still keeps
+# every name within 63 (one rule for all), which a regression past it would break first.
+SUBDOMAIN_KINDS = {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap"}
+
+
+@pytest.mark.parametrize(
+    "release",
+    [
+        "ml-platform-prod-eu-west1-reranker-stack-operator",  # 49: fullname cut at 63
+        "a" * 53,  # Helm's longest release name
+        "search-prod-eu-west1-reranker-operator-staging-ab",  # contains the chart name
+    ],
+)
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"monitoring": {"kind": "ServiceMonitor"}, "replicaCount": 2},
+        {
+            "monitoring": {"kind": "PodMonitoring"},
+            "replicaCount": 2,
+            "watchNamespaces": ["ml-serving", "n" * 63],
+        },
+    ],
+    ids=["cluster", "namespaced"],
+)
+def test_long_release_names_give_valid_names(
+    chart: helm_python.Chart, release: str, values: dict[str, Any]
+) -> None:
+    """Names the chart derives by appending a suffix (the metrics Service, the ConfigMap, the
+    aggregated ClusterRoles) shorten the full name first: a Service name is a DNS-1035 label of
+    at most 63 characters, and a suffix cut off would make two names alike."""
+    objects = manifests(chart.render(values, name=release, namespace=NAMESPACE))
+    assert_valid([o for o in objects if not o["apiVersion"].startswith("monitoring.")])
+    seen = set()
+    for obj in objects:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        where = f"{kind}/{name} ({len(name)} characters)"
+        assert (kind, obj["metadata"].get("namespace"), name) not in seen, where
+        seen.add((kind, obj["metadata"].get("namespace"), name))
+        assert len(name) <= 63, where
+        if kind == "Service":
+            assert DNS1035_LABEL.fullmatch(name), where
+        elif kind in SUBDOMAIN_KINDS:
+            assert DNS1123_SUBDOMAIN.fullmatch(name), where
+        else:
+            assert DNS1123_LABEL.fullmatch(name), where
+        labels = dict(obj["metadata"].get("labels") or {})
+        if kind == "Deployment":
+            labels.update(obj["spec"]["template"]["metadata"]["labels"])
+        for key, value in labels.items():
+            assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), f"{where}: {key}={value}"
+    # The suffixes survive, and what refers to a name refers to the shortened one.
+    names = {o["metadata"]["name"] for o in objects}
+    for suffix in ("-config", "-rerankers-edit", "-rerankers-view"):
+        assert any(n.endswith(suffix) for n in names), suffix
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    config = next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]["name"]
+    assert config == one(objects, "ConfigMap")["metadata"]["name"]
+    if values["monitoring"]["kind"] == "ServiceMonitor":
+        assert one(objects, "Service")["metadata"]["name"].endswith("-metrics")
 
 
 # kube.Kube method -> the HTTP verbs (RBAC verbs) it issues.
@@ -699,12 +822,13 @@ def test_watch_namespaces_gives_roles_per_namespace(chart: helm_python.Chart) ->
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"][0]["namespace"] == NAMESPACE
     # Cluster-scoped reads kopf needs in namespaced mode: CRDs, and namespaces to follow the
-    # watched ones (kopf/_core/reactor/observation.py). Nothing namespaced cluster-wide.
+    # watched ones (kopf/_core/reactor/observation.py: listed and watched, never one read by
+    # name, so no "get"). Nothing namespaced cluster-wide.
     assert_least_privilege(
         rules_of(operator_role(objects)),
         {
-            ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-            ("", "namespaces"): {"get", "list", "watch"},
+            ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+            ("", "namespaces"): {"list", "watch"},
         },
     )
     args = container(objects)["args"]
@@ -726,9 +850,22 @@ def test_rbac_and_service_account_can_be_disabled(chart: helm_python.Chart) -> N
         one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
         == "existing-sa"
     )
-    objects = manifests(render(chart, {"serviceAccount": {"create": False}}))
+
+
+@pytest.mark.parametrize("rbac", [True, False], ids=["rbac", "no-rbac"])
+def test_an_existing_service_account_must_be_named(chart: helm_python.Chart, rbac: bool) -> None:
+    """Without a name, serviceAccount.create false used to fall back to the namespace's `default`
+    ServiceAccount, which every pod of the namespace runs as, and bound the operator's
+    (cluster-wide) RBAC to it."""
+    values = {"rbac": {"create": rbac}, "serviceAccount": {"create": False}}
+    refused = r"serviceAccount\.create is false and serviceAccount\.name is empty"
+    with pytest.raises(helm_python.HelmRenderError, match=refused):
+        render(chart, values)
+    with pytest.raises(helm_python.HelmRenderError, match=refused):
+        render(chart, {**values, "serviceAccount": {"create": False, "name": ""}})
+    named = {"rbac": {"create": rbac}, "serviceAccount": {"create": False, "name": "default"}}
+    objects = manifests(render(chart, named))  # named explicitly: the user's choice
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "default"
-    assert one(objects, "ClusterRoleBinding")["subjects"][0]["name"] == "default"
 
 
 def test_non_default_values_reach_the_pod(chart: helm_python.Chart) -> None:
@@ -1025,6 +1162,39 @@ def test_notes_show_a_first_reranker(chart: helm_python.Chart) -> None:
         assert (REPO / ref).is_file(), ref
     namespaced = render(chart, {"watchNamespaces": ["ml"]})["reranker-operator/templates/NOTES.txt"]
     assert "kubectl apply -n ml" in namespaced and "kubectl get rr -n ml" in namespaced
+    # Every phase on the way to Ready (status.py's Phase), in order.
+    phases = re.search(r"phase (Pending -> [\w >-]+ -> Ready)", notes)
+    assert phases and phases.group(1) == "Pending -> Building -> Deploying -> Ready", notes
+    assert "Degraded" in notes and "Failed" in notes
+
+
+def notes_of(chart: helm_python.Chart, values: dict[str, Any]) -> str:
+    return render(chart, values)["reranker-operator/templates/NOTES.txt"]
+
+
+def test_notes_warn_while_the_images_are_the_unpublished_defaults(
+    chart: helm_python.Chart,
+) -> None:
+    """The default images (ghcr.io/reranker-dev/...) are not published (docs/helm.md): the notes
+    say so first, name each value still pointing there and how to set it."""
+    notes = notes_of(chart, {})
+    assert notes.startswith("WARNING: unpublished images"), notes[:200]
+    warning = notes.split("The reranker operator")[0]
+    for value, shown in (
+        ("image.repository", "ghcr.io/reranker-dev/reranker-operator"),
+        ("runtimeImage", "ghcr.io/reranker-dev/reranker-runtime:0.1.0"),
+        ("runtimeImageCPU", "ghcr.io/reranker-dev/reranker-runtime-cpu:0.1.0"),
+    ):
+        assert f"{value}: {shown}" in warning and f"--set {value}=" in warning, value
+    assert "ImagePullBackOff" in warning and f"helm upgrade {RELEASE}" in warning
+    assert f"-n {NAMESPACE}" in warning
+    # Only what is still unpublished is named.
+    mirrored = {"image": {"repository": "registry.example.com/reranker-operator"}}
+    partial = notes_of(chart, mirrored).split("The reranker operator")[0]
+    assert "WARNING" in partial and "image.repository" not in partial
+    assert "runtimeImage: " in partial and "runtimeImageCPU: " in partial
+    # All three mirrored (NON_DEFAULT_VALUES): no warning.
+    assert notes_of(chart, NON_DEFAULT_VALUES).startswith("The reranker operator")
 
 
 def test_docs_list_every_value() -> None:
@@ -1079,3 +1249,20 @@ def test_operator_dockerfile_matches_the_chart(chart: helm_python.Chart) -> None
     assert chart.values["securityContext"]["runAsUser"] == 10001
     assert chart.values["podSecurityContext"]["runAsUser"] == 10001
     assert container(manifests(render(chart)))["args"][0] == "run"
+
+
+def test_the_operator_requires_a_kopf_with_what_it_uses() -> None:
+    """runner.py sets settings.watching.label_selectors, which kopf has from 1.45.0 (1.44.6 has
+    none): the `operator` extra, which the operator image installs, must not accept older."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    (kopf,) = [Requirement(r) for r in extras["operator"] if Requirement(r).name == "kopf"]
+    runner = (REPO / "operator" / "reranker_operator" / "runner.py").read_text()
+    if "settings.watching.label_selectors" in runner:
+        assert not kopf.specifier.contains("1.44.6"), kopf
+        assert kopf.specifier.contains("1.45.0"), kopf
+    dockerfile = (REPO / "images" / "operator.Dockerfile").read_text()
+    assert 'pip install "/src[operator]"' in dockerfile  # the extra's bounds apply in the image
+    assert not re.search(r"pip install[^\n]*\bkopf\b", dockerfile)  # no unpinned kopf of its own

@@ -54,8 +54,12 @@ Name of the operator's ServiceAccount.
 {{- define "reranker-operator.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "reranker-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else if .Values.serviceAccount.name }}
+{{- .Values.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- /* Never fall back to the namespace's "default" ServiceAccount: every pod of the namespace
+runs as it, and the operator's RBAC (cluster-wide by default) would be bound to it. */}}
+{{- fail "serviceAccount.create is false and serviceAccount.name is empty: set serviceAccount.name to the existing ServiceAccount the operator runs as (the chart does not fall back to the namespace's \"default\" ServiceAccount, which every pod in the namespace uses and which would receive the operator's RBAC)" }}
 {{- end }}
 {{- end }}
 
@@ -74,7 +78,36 @@ Operator image reference: repository:tag, plus @digest when a digest is set.
 Name of the ConfigMap holding the operator's config file.
 */}}
 {{- define "reranker-operator.configMapName" -}}
-{{- printf "%s-config" (include "reranker-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "reranker-operator.suffixedName" (list . "config") }}
+{{- end }}
+
+{{/*
+"<fullname>-<suffix>" within 63 characters (a DNS-1123 and DNS-1035 label, as a Service name must
+be): the full name is shortened before the suffix is appended, so the suffix is never cut off.
+Call with (list . "suffix").
+*/}}
+{{- define "reranker-operator.suffixedName" -}}
+{{- $root := index . 0 }}
+{{- $suffix := index . 1 }}
+{{- $prefix := include "reranker-operator.fullname" $root | trunc (int (sub 62 (len $suffix))) | trimSuffix "-" }}
+{{- printf "%s-%s" $prefix $suffix }}
+{{- end }}
+
+{{/*
+Labels of the operator pod: the chart's labels, then podLabels. podLabels may not set the selector
+labels (a duplicate key, or a pod template the Deployment's selector no longer matches); other
+keys the chart sets are replaced by the user's.
+*/}}
+{{- define "reranker-operator.podLabels" -}}
+{{- $labels := include "reranker-operator.labels" . | fromYaml }}
+{{- $selector := include "reranker-operator.selectorLabels" . | fromYaml }}
+{{- range $key, $value := .Values.podLabels }}
+{{- if hasKey $selector $key }}
+{{- fail (printf "podLabels may not set %s: the chart sets it, and the Deployment's selector (immutable) uses it; remove it from podLabels (nameOverride changes app.kubernetes.io/name)" $key) }}
+{{- end }}
+{{- $_ := set $labels $key $value }}
+{{- end }}
+{{- toYaml $labels }}
 {{- end }}
 
 {{/*
