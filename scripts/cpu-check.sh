@@ -9,6 +9,9 @@
 #
 #   scripts/cpu-check.sh [OUT_DIR]        # default OUT_DIR: cpu-check-report
 #
+# Every server runs with --device cpu (the baseline, CrossEncoder, always runs on the CPU): on a
+# GPU host, `serve`'s default device (auto) would pick the GPU and compare it with the CPU.
+#
 # Writes OUT_DIR/summary.md (the CPU, then each run's verdicts: paste it into
 # docs/benchmarks.md with the date), and per run NAME.txt, NAME.json and NAME-serve.log.
 # ROUNDS (default 3), REQUESTS (default 32), CPUS (default: the first two CPUs this process
@@ -86,8 +89,8 @@ run() {
     local port
     port="$(free_port)"
     echo "cpu-check: $name"
-    taskset -c "$cpus" "${runtime[@]}" serve --model "$out/model-small" --host 127.0.0.1 \
-        --port "$port" --log-format text "$@" >"$out/$name-serve.log" 2>&1 &
+    taskset -c "$cpus" "${runtime[@]}" serve --model "$out/model-small" --device cpu \
+        --host 127.0.0.1 --port "$port" --log-format text "$@" >"$out/$name-serve.log" 2>&1 &
     local server=$!
     local busy=""
     if [ "$neighbour" = yes ]; then
@@ -126,8 +129,8 @@ if ! wanted warmup; then exit 0; fi
 echo "cpu-check: warm-up of the 24-layer/1024 model"
 port="$(free_port)"
 started="$(date +%s.%N)"
-taskset -c "$cpus" "${runtime[@]}" serve --model "$out/model-large" --host 127.0.0.1 \
-    --port "$port" --log-format text >"$out/warmup-serve.log" 2>&1 &
+taskset -c "$cpus" "${runtime[@]}" serve --model "$out/model-large" --device cpu \
+    --host 127.0.0.1 --port "$port" --log-format text >"$out/warmup-serve.log" 2>&1 &
 server=$!
 ready=""
 for _ in $(seq 1 600); do

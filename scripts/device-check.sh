@@ -9,7 +9,8 @@
 # 3. on an Intel host CPU only (issue 9 lacks an Intel figure; AMD ones exist), a short
 #    scripts/cpu-check.sh: the server at its defaults in float32, and in bfloat16 where the CPU
 #    computes it natively, against CrossEncoder on 2 of the host's cores, at most 230 s (a run
-#    cut short keeps the runs before it). CPU_CHECK=always or never overrides the vendor rule.
+#    cut short keeps the runs before it), with the GPUs hidden (CUDA_VISIBLE_DEVICES="") and
+#    every server on --device cpu. CPU_CHECK=always or never overrides the vendor rule.
 # The device tool returns at most 8 files from $OUT, so the models and logs stay in $WORK
 # (default /tmp/device-check) and $OUT gets: machine.txt, gpu-check.json, gpu-check.md,
 # cpu-check.md and logs.tar.gz (every step's log). $OUT defaults to ./device-report. A step that
@@ -72,7 +73,9 @@ collect
 cpu_check="${CPU_CHECK:-intel}"
 if [ "$cpu_check" = intel ] && grep -qm1 'GenuineIntel' "$cpuinfo"; then cpu_check=always; fi
 if [ "$cpu_check" = always ]; then
-    RUNS="fp32-quiet bf16-quiet" ROUNDS=2 REQUESTS=16 PYTHON=python3 \
+    # CPU against CPU: cpu-check.sh passes --device cpu to every server, and the GPUs are hidden
+    # from the whole step as well (serve's default device, auto, would otherwise pick CUDA).
+    CUDA_VISIBLE_DEVICES="" RUNS="fp32-quiet bf16-quiet" ROUNDS=2 REQUESTS=16 PYTHON=python3 \
         step cpu-check 230 bash "${CPU_CHECK_SCRIPT:-scripts/cpu-check.sh}" "$work/cpu-check"
 else
     echo "== cpu-check: skipped (not an Intel host CPU: AMD figures exist; CPU_CHECK=always runs it)"

@@ -35,6 +35,16 @@ REPO = Path(__file__).resolve().parents[2]
         ("NVIDIA H100 80GB HBM3", "bfloat16", 989.0),
         ("NVIDIA H100 PCIe", "float16", 756.0),
         ("NVIDIA H200", "bfloat16", 989.0),
+        # H200 NVL: 1,671 TFLOPS with sparsity (not the SXM's 1,979), matched before the SXM row.
+        ("NVIDIA H200 NVL", "bfloat16", 835.0),
+        ("NVIDIA H200 NVL", "float16", 835.0),
+        ("NVIDIA H100 NVL", "bfloat16", 835.0),
+        # GH200's Hopper GPU (its datasheet: 990 dense), named as CUDA names it.
+        ("NVIDIA GH200 480GB", "bfloat16", 990.0),
+        ("NVIDIA GH200 144G HBM3e", "float16", 990.0),
+        # No datasheet figure confirmed: no peak rather than the H100's.
+        ("NVIDIA H800", "bfloat16", None),
+        ("NVIDIA H800 PCIe", "float16", None),
         ("Tesla T4", "float16", 65.0),
         ("Tesla T4", "bfloat16", None),
         ("Some Future GPU", "float16", None),
@@ -127,6 +137,7 @@ def test_device_check_records_the_machine_and_reports_each_step(tmp_path: Path) 
 STUB_CPU_CHECK = """\
 out="$1"; mkdir -p "$out/model-small"
 echo "# CPU check with RUNS=$RUNS ROUNDS=$ROUNDS REQUESTS=$REQUESTS" > "$out/summary.md"
+echo "CUDA_VISIBLE_DEVICES=[${CUDA_VISIBLE_DEVICES-unset}]" >> "$out/summary.md"
 for run in $RUNS; do echo "$run result" > "$out/$run.txt"; echo '{}' > "$out/$run.json"; done
 echo weights > "$out/model-small/model.safetensors"
 """
@@ -135,21 +146,24 @@ echo weights > "$out/model-small/model.safetensors"
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU run")
 def test_device_check_runs_the_cpu_check_on_an_intel_host(tmp_path: Path) -> None:
     """On an Intel host the short cpu-check runs (here a stub standing in for the script): its
-    settings reach it, its summary and reports come back, its models and a previous run's
-    leftovers do not, and $OUT stays within what the device tool returns."""
+    settings reach it, with the GPUs hidden (on a GPU host the server's default device would be
+    CUDA, the CrossEncoder baseline's the CPU), its summary and reports come back, its models
+    and a previous run's leftovers do not, and $OUT stays within what the device tool returns."""
     stub = tmp_path / "cpu-check-stub.sh"
     stub.write_text(STUB_CPU_CHECK)
     stale = tmp_path / "work" / "logs" / "stale-from-an-earlier-run.log"
     stale.parent.mkdir(parents=True)
     stale.write_text("old")
     env = _script_env(tmp_path, bf16=True, vendor="GenuineIntel")
+    env["CUDA_VISIBLE_DEVICES"] = "0"  # as on a GPU host that names its GPU
     proc = _device_check(tmp_path, **env, CPU_CHECK_SCRIPT=str(stub))
     assert "== cpu-check (at most 230s)" in proc.stdout, proc.stdout
     assert "== cpu-check: exit 0" in proc.stdout
     out = tmp_path / "out"
-    assert (out / "cpu-check.md").read_text().strip() == (
-        "# CPU check with RUNS=fp32-quiet bf16-quiet ROUNDS=2 REQUESTS=16"
-    )
+    assert (out / "cpu-check.md").read_text().strip().splitlines() == [
+        "# CPU check with RUNS=fp32-quiet bf16-quiet ROUNDS=2 REQUESTS=16",
+        "CUDA_VISIBLE_DEVICES=[]",
+    ]
     returned = _returned_files(out)
     assert returned == ["cpu-check.md", "logs.tar.gz", "machine.txt"]
     with tarfile.open(out / "logs.tar.gz") as logs:
@@ -159,6 +173,62 @@ def test_device_check_runs_the_cpu_check_on_an_intel_host(tmp_path: Path) -> Non
     } <= names
     assert "logs/cpu-check.log" in names and "logs/gpu-check.log" in names
     assert not any("stale" in n or "safetensors" in n for n in names)
+
+
+# Stands in for python3 in cpu-check.sh: logs each call and answers the few that print. As the
+# real ones do, the bench and the warm-up's health probe wait for their server (to have logged
+# its call: the script kills it right after them).
+STUB_PYTHON = """\
+#!/usr/bin/env bash
+printf '%s CUDA_VISIBLE_DEVICES=[%s]\\n' "$*" "${CUDA_VISIBLE_DEVICES-unset}" >> "$CALLS"
+wait_for_servers() {
+    for _ in $(seq 200); do
+        if [ "$(grep -c 'cli serve ' "$CALLS")" -ge "$1" ]; then return; fi
+        sleep 0.05
+    done
+}
+case "$*" in
+    *socket*) echo 40000 ;;
+    *"cli bench "*) wait_for_servers "$(grep -c 'cli bench ' "$CALLS")" ;;
+    */health*) wait_for_servers "$(( $(grep -c 'cli bench ' "$CALLS") + 1 ))" ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="cpu-check pins to two CPUs")
+def test_cpu_check_serves_on_the_cpu(tmp_path: Path) -> None:
+    """Every server cpu-check.sh starts runs on the CPU, whatever GPU the host has: the
+    CrossEncoder baseline it is compared with always does (--device auto would pick CUDA)."""
+    python = tmp_path / "python"
+    python.write_text(STUB_PYTHON)
+    python.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))[:2]))
+    env = {
+        **_script_env(tmp_path, bf16=True),
+        "PYTHON": str(python),
+        "CALLS": str(calls),
+        "CPUS": cpus,
+        "RUNS": "fp32-quiet fp32-neighbour bf16-quiet bf16-neighbour warmup",
+        "ROUNDS": "1",
+        "REQUESTS": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "cpu-check.sh"), str(tmp_path / "report")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    serves = [c for c in calls.read_text().splitlines() if "reranker_runtime.cli serve " in c]
+    assert len(serves) == 5, calls.read_text()  # the four runs and the warm-up
+    for call in serves:
+        args = call.split()
+        assert args[args.index("--device") + 1] == "cpu", call
+    benches = [c for c in calls.read_text().splitlines() if "reranker_runtime.cli bench " in c]
+    assert len(benches) == 4
 
 
 def test_cpu_check_refuses_an_unknown_run(tmp_path: Path) -> None:
@@ -227,9 +297,20 @@ def test_cpu_self_test_writes_both_reports(
     # Each row says what ran: the packed engine's attention backend, no CUDA graph on CPU.
     packed = [r for r in throughput if r["engine"] == "packed"]
     assert all(r["attention"] == "grouped" and r["graphs_captured"] == 0 for r in packed)
+    # TFLOP/s: one model-FLOP count for both engines (what the packed engine skips in its last
+    # layer is not subtracted), said in both reports.
+    assert report["throughput"]["flop_convention"] == checks.FLOP_CONVENTION
+    assert "model FLOPs" in checks.FLOP_CONVENTION
+    from transformers import AutoConfig
+
+    model_flops = checks.flops_per_pair(AutoConfig.from_pretrained(str(xlmr_reranker)), 64)
+    for row in throughput:
+        if row["tokens_per_pair"] == "64":
+            assert row["tflops"] == pytest.approx(row["pairs_per_s"] * model_flops / 1e12)
     server = report["server"]
     assert server["ok"] > 0 and server["errors"] == {}
     assert server["engine_only_pairs_per_s"] > 0 and server["lone_16_pair_ms"] > 0
+    assert "partial" not in server  # the final section replaced the one saved after the load
 
     markdown = (tmp_path / "report" / "gpu-check.md").read_text()
     for heading in (
@@ -240,6 +321,7 @@ def test_cpu_self_test_writes_both_reports(
     ):
         assert heading in markdown
     assert "Dense peak" not in markdown  # no GPU figure is claimed
+    assert f"TFLOP/s counts {checks.FLOP_CONVENTION}" in markdown
 
 
 @pytest.mark.parametrize(
@@ -314,6 +396,58 @@ def test_a_run_cut_short_still_leaves_its_reports(
     markdown = (out / "gpu-check.md").read_text()
     assert "**Incomplete**" in markdown and "## Correctness" in markdown
     assert not list(out.glob("*.partial"))  # written whole, then renamed
+
+
+class _Killed(BaseException):
+    """What the run sees of a kill (not an Exception: nothing on the way catches it)."""
+
+
+@pytest.mark.parametrize("stop", [_Killed, RuntimeError])
+def test_the_server_load_figures_outlive_a_stop_after_the_load(
+    tmp_path: Path,
+    xlmr_reranker: Path,
+    bert_reranker: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: type[BaseException],
+) -> None:
+    """The server's load figures are written as soon as they exist: a kill during the lone
+    requests, the server's shutdown or the engine timing that follow keeps them, and so does an
+    error there (the section then holds both)."""
+    from reranker_runtime.bench import workload
+
+    made = {"xlmr": xlmr_reranker, "roberta": xlmr_reranker, "bert": bert_reranker}
+    monkeypatch.setattr(command.GpuCheck, "_model", lambda self, arch, shape: made[arch])
+    make_request = workload.make_request
+
+    def stopped_at_the_second_lone_request(seed: int, i: int, **kwargs: Any) -> Any:
+        if i == 10**6 + 1:  # server_end_to_end's lone requests are 10**6 + 0..4
+            raise stop("stopped after the load")
+        return make_request(seed, i, **kwargs)
+
+    monkeypatch.setattr(workload, "make_request", stopped_at_the_second_lone_request)
+    parser = argparse.ArgumentParser()
+    command.add_gpu_check_parser(parser.add_subparsers())
+    out = tmp_path / "report"
+    args = parser.parse_args(
+        ["gpu-check", "--device", "cpu", "--quick", "--out", str(out), "--server-seconds", "0.3"]
+    )
+    if stop is _Killed:
+        with pytest.raises(_Killed):
+            args.func(args)
+    else:
+        assert args.func(args) == 0
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert report["complete"] is (stop is not _Killed)
+    server = report["server"]
+    assert server["partial"] is True and server["ok"] > 0 and server["pairs_per_s"] > 0
+    assert server["engine"] == "packed" and server["server_over_engine"] > 0
+    assert "lone_16_pair_ms" not in server
+    markdown = (out / "gpu-check.md").read_text()
+    assert "## Server end to end" in markdown and " pairs/s, p50 " in markdown
+    assert "lone 16-pair request: not measured" in markdown
+    if stop is RuntimeError:
+        assert server["error"] == "RuntimeError: stopped after the load"
+        assert "error: RuntimeError: stopped after the load" in markdown
 
 
 class _Offset:

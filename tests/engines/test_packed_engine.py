@@ -392,6 +392,80 @@ def test_attention_backend_for_a_gpu(
     assert packed_engine.choose_attention(torch.device("cpu"), dtype, head_dim) == "grouped"
 
 
+def _flash_refuses(*args: Any) -> Any:  # a PyTorch build whose flash kernels predate the GPU
+    raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+
+def test_varlen_probe_runs_one_tiny_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packed_engine, "_varlen_attn", emulated_varlen)
+    assert packed_engine.varlen_probe_error(torch.device("cpu"), torch.float32, 2, 8) is None
+    monkeypatch.setattr(packed_engine, "_varlen_attn", _flash_refuses)
+    error = packed_engine.varlen_probe_error(torch.device("cpu"), torch.float32, 2, 8)
+    assert error == "RuntimeError: FlashAttention only supports Ampere GPUs or newer."
+    monkeypatch.setattr(packed_engine, "_varlen_attn", lambda q, *a: q[:1])
+    error = packed_engine.varlen_probe_error(torch.device("cpu"), torch.float32, 2, 8)
+    assert error is not None and "wrong shape" in error
+
+
+@pytest.mark.parametrize("probe_error", [None, "RuntimeError: FlashAttention only supports Ampere"])
+def test_a_gpu_whose_varlen_kernel_fails_runs_nested(
+    probe_error: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A GPU newer than PyTorch's flash kernels (a Blackwell sm_100 on a build that knows sm_8x
+    and sm_90) passes choose_attention; the probe at load catches it, names the GPU and the
+    error, and the engine runs the nested backend instead of failing at warm-up."""
+    probes: list[tuple[Any, ...]] = []
+
+    def probe(*args: Any) -> str | None:
+        probes.append(args)
+        return probe_error
+
+    monkeypatch.setattr(packed_engine, "_varlen_attn", emulated_varlen)
+    monkeypatch.setattr(packed_engine, "varlen_probe_error", probe)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA B200")
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.WARNING, logger="reranker_runtime.engines.packed_engine"):
+        backend = packed_engine.usable_attention(cuda, torch.bfloat16, 16, 64)
+    assert probes == [(cuda, torch.bfloat16, 16, 64)]
+    if probe_error is None:
+        assert backend == "varlen" and not caplog.records
+    else:
+        assert backend == "nested"
+        [record] = caplog.records
+        assert record.getMessage() == (
+            "varlen attention does not run on NVIDIA B200 (sm_100) "
+            f"({probe_error}); using the nested backend"
+        )
+    # No probe where varlen is not the choice: the CPU, float32 on a GPU.
+    assert packed_engine.usable_attention(torch.device("cpu"), torch.bfloat16, 16, 64) == "grouped"
+    assert packed_engine.usable_attention(cuda, torch.float32, 16, 64) == "nested"
+    assert len(probes) == 1
+
+
+def test_the_engine_loads_with_the_probed_backend(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """from_torch_engine asks usable_attention (the probed choice), not choose_attention; an
+    explicit attention is taken as given."""
+    asked: list[tuple[Any, ...]] = []
+
+    def usable(*args: Any) -> str:
+        asked.append(args)
+        return "nested"
+
+    monkeypatch.setattr(packed_engine, "usable_attention", usable)
+    padded = padded_engine(models["xlmr"])
+    engine = PackedEngine.from_torch_engine(padded)
+    assert engine.info.extra["attention"] == "nested" and len(asked) == 1
+    heads = padded._model.config.num_attention_heads
+    assert asked[0][2:] == (heads, padded._model.config.hidden_size // heads)
+    engine = PackedEngine.from_torch_engine(padded, attention="grouped")
+    assert engine.info.extra["attention"] == "grouped" and len(asked) == 1
+
+
 def test_a_failed_cuda_graph_capture_turns_graphs_off(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

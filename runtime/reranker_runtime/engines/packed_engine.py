@@ -21,7 +21,8 @@ Attention backends (`ATTENTION_BACKENDS`), chosen at load:
 
     varlen   `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10; flash/cuDNN kernels on
              CUDA, float16/bfloat16, compute capability >= 8.0), called positionally since its
-             keyword names changed between releases
+             keyword names changed between releases; chosen by default only after one tiny
+             call at load has run on this GPU (else nested, with a warning)
     nested   SDPA on nested jagged tensors: the CUDA fallback (older PyTorch, float32, sm_75)
     grouped  the CPU backend: one dense SDPA call per run of equal-length sequences (they are
              packed sorted by length), on plain views of the stream: no padding, no mask.
@@ -432,6 +433,56 @@ def choose_attention(device: torch.device, dtype: torch.dtype, head_dim: int) ->
         and torch.cuda.get_device_capability(device) >= (8, 0)
     ):
         return "varlen"
+    return "nested"
+
+
+def varlen_probe_error(
+    device: torch.device, dtype: torch.dtype, num_heads: int, head_dim: int
+) -> str | None:
+    """One tiny varlen_attn call (two sequences, 5 tokens) on `device`: None if it ran and gave
+    the right shape, else the error. PyTorch's flash kernels check the GPU's architecture when
+    called, not when imported, and a build may have none for a GPU newer than it (Blackwell:
+    unverified), which would otherwise pass `choose_attention` and fail at warm-up."""
+    if _varlen_attn is None:
+        return "this PyTorch has no torch.nn.attention.varlen"
+    try:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        q = torch.randn(5, num_heads, head_dim, generator=generator).to(device, dtype)
+        cu_seqlens = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
+        out = _varlen_attn(q, q, q, cu_seqlens, cu_seqlens, 3, 3)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if tuple(out.shape) != tuple(q.shape) or not bool(torch.isfinite(out).all()):
+            return f"varlen_attn returned {tuple(out.shape)} (non-finite or the wrong shape)"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def usable_attention(
+    device: torch.device, dtype: torch.dtype, num_heads: int, head_dim: int
+) -> str:
+    """`choose_attention`, and where that picks varlen on a GPU, proof that its kernel runs there:
+    a failed probe (`varlen_probe_error`) logs a warning naming the GPU and the error, and the
+    engine runs the nested backend instead."""
+    backend = choose_attention(device, dtype, head_dim)
+    if backend != "varlen" or device.type != "cuda":
+        return backend
+    error = varlen_probe_error(device, dtype, num_heads, head_dim)
+    if error is None:
+        return backend
+    try:
+        gpu = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        gpu = f"{gpu} (sm_{major}{minor})"
+    except Exception:  # naming the GPU must not fail the load
+        gpu = str(device)
+    logger.warning(
+        "varlen attention does not run on %s (%s); using the nested backend",
+        gpu,
+        error[:300],
+        extra={"attention": "nested", "gpu": gpu, "varlen_error": error[:300]},
+    )
     return "nested"
 
 
@@ -852,7 +903,9 @@ class PackedEngine(Engine):
         device = torch.device(base.device)
         dtype = next(hf_model.parameters()).dtype
         head_dim = config.hidden_size // config.num_attention_heads  # as PackedEncoder's
-        backend = attention or choose_attention(device, dtype, head_dim)
+        backend = attention or usable_attention(
+            device, dtype, int(config.num_attention_heads), head_dim
+        )
         if backend == "varlen" and _varlen_attn is None:
             raise ModelLoadError(
                 "this PyTorch has no torch.nn.attention.varlen (needs PyTorch >= 2.10)"

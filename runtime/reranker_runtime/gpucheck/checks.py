@@ -21,9 +21,19 @@ from reranker_runtime.engines.base import EncodedPair, Engine
 from reranker_runtime.engines.cuda_driver import host_driver_version
 
 # Dense (no sparsity) fp16/bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets, matched on
-# the CUDA device name. (fp16, bf16); None where the GPU has no bf16 tensor cores.
+# the CUDA device name, first match wins (so each NVL/PCIe row precedes its SXM row). (fp16,
+# bf16); None where the GPU has no bf16 tensor cores. NVIDIA's Hopper tables give the figures
+# "with sparsity": the dense peak is half. A GPU missing here (H800, whose figures no NVIDIA
+# datasheet at hand confirms; any newer GPU) gets no datasheet peak: the report shows the
+# measured matmul instead.
 KNOWN_PEAKS: tuple[tuple[str, float, float | None], ...] = (
-    (r"\bH200\b", 989.0, 989.0),  # SXM; H200 NVL is lower (reported by the matmul)
+    # NVIDIA H200 page, H200 NVL column: FP16/BF16 Tensor Core 1,671 TFLOPS with sparsity.
+    (r"\bH200\b.*\bNVL\b", 835.0, 835.0),
+    (r"\bH200\b", 989.0, 989.0),  # SXM: 1,979 with sparsity
+    # GH200 Grace Hopper Superchip datasheet: FP16/BF16 Tensor Core 1,979 (sparse) | 990 dense,
+    # for both its HBM3 (96 GB) and HBM3e (144 GB) versions. CUDA names it "NVIDIA GH200 480GB"
+    # or "NVIDIA GH200 144G HBM3e"; \bH200\b does not match inside "GH200".
+    (r"\bGH200\b", 990.0, 990.0),
     (r"\bH100\b.*\bNVL\b", 835.0, 835.0),
     (r"\bH100\b.*\bPCIe\b", 756.0, 756.0),
     (r"\bH100\b", 989.0, 989.0),  # SXM
@@ -126,9 +136,22 @@ def measured_matmul_tflops(device: str, dtype_name: str, size: int = 8192) -> fl
     return 2 * size**3 / best / 1e12
 
 
+# What a throughput row's TFLOP/s counts (stated in both reports).
+FLOP_CONVENTION = (
+    "model FLOPs: the full forward pass of every layer for every token (linear layers and "
+    "attention, 2 FLOPs per multiply-add; the head left out), counted the same for every engine "
+    "whatever it skips or pads, as MFU counts them. The packed engine's last layer runs its "
+    "output projection and FFN for each pair's first token only (about 3% of bge-reranker-"
+    "large's FLOPs at 256 tokens), so its hardware FLOP/s are that much below the figure; "
+    "TFLOP/s ranks the engines exactly as pairs/s does."
+)
+
+
 def flops_per_pair(config: Any, tokens: int) -> float:
-    """Forward FLOPs of one `tokens`-token sequence: linear layers and attention of every layer
-    (the head is negligible). bge-reranker-large at 256 tokens: ~161 GFLOP."""
+    """Model FLOPs of one `tokens`-token sequence's forward pass: linear layers and attention of
+    every layer, in full, for every token (the head is negligible). One count for every engine
+    (FLOP_CONVENTION): not what an engine executes, what the model needs, so padded and packed
+    compare like pairs/s. bge-reranker-large at 256 tokens: ~161 GFLOP."""
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     per_token_layer = 2 * (4 * h * h + 2 * h * i) + 4 * tokens * h
     return float(layers * tokens * per_token_layer)
@@ -389,21 +412,30 @@ def server_end_to_end(
     words: int,
     seed: int,
     ready_within_s: float = 300.0,
+    stop_by: float | None = None,
+    on_load_measured: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Closed-loop load at `concurrency` (requests of 16 texts), then a lone 16-text request
     timed over HTTP and against the engine alone on the same pairs. A server that is not ready
-    within `ready_within_s`, or whose thread has ended (its start-up failed), is an error."""
+    within `ready_within_s`, or whose thread has ended (its start-up failed), is an error.
+    `on_load_measured` gets the load's summary as soon as it is measured (before the lone
+    requests, the server's shutdown and the engine-only timing), so a caller can save it where a
+    kill would otherwise lose it. The shutdown is awaited for at most 60 s, and not past
+    `stop_by` (time.monotonic()) where given."""
     import httpx
 
     from reranker_runtime.bench.client import drive, make_client, summarize
     from reranker_runtime.bench.workload import make_request
 
+    def request(i: int) -> Any:
+        return make_request(seed, i, n_passages=16, min_words=words, max_words=words)
+
+    def lone_batch() -> list[EncodedPair]:  # the lone request's pairs, as the server encodes them
+        return encode(engine.tokenizer, request(10**6).pairs(), engine.info.max_input_length)
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server, thread = serve_in_thread(settings, engine, port)
-
-    def request(i: int) -> Any:
-        return make_request(seed, i, n_passages=16, min_words=words, max_words=words)
 
     async def run() -> dict[str, Any]:
         ready_by = time.monotonic() + ready_within_s
@@ -423,6 +455,9 @@ def server_end_to_end(
             await drive(client, url, request, concurrency, n_requests=concurrency)  # warm-up
             results, wall = await drive(client, url, request, concurrency, duration_s=duration_s)
             summary = summarize([s for _, s in results], wall)
+            summary["tokens_per_pair"] = statistics.mean(len(p) for p in lone_batch())
+            if on_load_measured is not None:
+                on_load_measured(dict(summary))
             lone = []
             for i in range(5):
                 start = time.perf_counter()
@@ -436,16 +471,15 @@ def server_end_to_end(
         summary = asyncio.run(run())
     finally:
         server.should_exit = True
-        thread.join(timeout=60)
-    tokenizer = engine.tokenizer
-    lone_batch = encode(tokenizer, request(10**6).pairs(), engine.info.max_input_length)
+        limit = 60.0 if stop_by is None else min(60.0, stop_by - time.monotonic())
+        thread.join(timeout=max(1.0, limit))
+    batch = lone_batch()
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        engine.score(lone_batch)
+        engine.score(batch)
         times.append(time.perf_counter() - start)
     summary["lone_16_pair_engine_ms"] = statistics.median(times) * 1e3
-    summary["tokens_per_pair"] = statistics.mean(len(p) for p in lone_batch)
     return summary
 
 

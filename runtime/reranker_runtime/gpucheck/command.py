@@ -32,6 +32,12 @@ from reranker_runtime.gpucheck import checks
 from reranker_runtime.gpucheck.models import Arch
 
 SHAPE_CHOICES = ("tiny", "small", "base", "large")
+# The server section's time besides its load (--server-seconds): the server's start and warm-up
+# over the already loaded engine, and its warm-up requests; then 5 lone requests, its shutdown and
+# 5 engine passes. Its load figures are written as soon as they exist, so a kill in the steps
+# after the load keeps them.
+SERVER_START_S = 15.0
+SERVER_AFTER_LOAD_S = 15.0
 
 
 def add_gpu_check_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -191,7 +197,12 @@ class GpuCheck:
             checkpoint(report)
             report["throughput"] = self.throughput(report["peak"])
             checkpoint(report)
-            report["server"] = self.server(report["throughput"])
+
+            def server_load_measured(partial: dict[str, Any]) -> None:
+                report["server"] = partial
+                checkpoint(report)
+
+            report["server"] = self.server(report["throughput"], server_load_measured)
         return report
 
     def peak(self) -> dict[str, Any]:
@@ -393,19 +404,31 @@ class GpuCheck:
         return {
             "model_shape": self.shape,
             "max_batch_tokens": budget,
+            "flop_convention": checks.FLOP_CONVENTION,
             "rows": rows,
             "ratios": ratios,
         }
 
-    def server(self, throughput: dict[str, Any]) -> dict[str, Any] | None:
+    def server(
+        self,
+        throughput: dict[str, Any],
+        on_load_measured: Callable[[dict[str, Any]], None] = lambda _: None,
+    ) -> dict[str, Any] | None:
+        """The server end to end. `on_load_measured` gets the section as soon as the load's
+        figures exist (`"partial": true`, the lone-request ones still to come): the caller
+        writes the reports then, so a kill in the steps after the load keeps them."""
         if self.args.skip_server:
             self.skipped.append("server: --skip-server")
             return None
         if not getattr(self, "keep", None):
             self.skipped.append("server: no engine measured")
             return None
-        if self.deadline.left() < self.server_seconds + 30:
-            self.skipped.append("server: out of time")
+        needed = SERVER_START_S + self.server_seconds + SERVER_AFTER_LOAD_S
+        if self.deadline.left() < needed:
+            self.skipped.append(
+                f"server: out of time ({self.deadline.left():.0f} s left of --time-limit, "
+                f"{needed:.0f} s needed)"
+            )
             return None
         from reranker_runtime.config import ServeSettings
 
@@ -423,20 +446,6 @@ class GpuCheck:
         )
         target = 256 if 256 in self.tokens else self.tokens[0]
         words = checks.words_for_tokens(engine.tokenizer, target, seed=5)
-        try:
-            summary = checks.server_end_to_end(
-                engine,
-                settings,
-                concurrency=self.concurrency,
-                duration_s=self.server_seconds,
-                words=words,
-                seed=5,
-                # What is left of --time-limit once the load itself has run.
-                ready_within_s=max(10.0, self.deadline.left() - self.server_seconds - 15),
-            )
-        except Exception as exc:
-            _log(f"server run failed: {exc}")
-            return {"error": f"{type(exc).__name__}: {exc}"}
         engine_only = next(
             (
                 r["pairs_per_s"]
@@ -447,18 +456,52 @@ class GpuCheck:
             ),
             None,
         )
-        summary.update(
-            engine="packed",
-            dtype=dtype,
-            concurrency=self.concurrency,
-            target_tokens_per_pair=target,
-            engine_only_pairs_per_s=engine_only,
-            server_over_engine=(summary["pairs_per_s"] / engine_only if engine_only else None),
-            lone_over_engine=(
-                summary["lone_16_pair_ms"] / summary["lone_16_pair_engine_ms"]
-                if summary["lone_16_pair_engine_ms"]
-                else None
-            ),
+
+        def section(summary: dict[str, Any]) -> dict[str, Any]:
+            summary.update(
+                engine="packed",
+                dtype=dtype,
+                concurrency=self.concurrency,
+                target_tokens_per_pair=target,
+                engine_only_pairs_per_s=engine_only,
+                server_over_engine=(summary["pairs_per_s"] / engine_only if engine_only else None),
+            )
+            return summary
+
+        measured: dict[str, Any] = {}
+
+        def load_measured(summary: dict[str, Any]) -> None:
+            _log(f"server load {summary}")
+            measured.update(section(summary), partial=True)
+            try:
+                on_load_measured(dict(measured))
+            except Exception as exc:  # a report that cannot be written must not stop the check
+                _log(f"writing the server's load figures failed: {exc}")
+
+        try:
+            summary = checks.server_end_to_end(
+                engine,
+                settings,
+                concurrency=self.concurrency,
+                duration_s=self.server_seconds,
+                words=words,
+                seed=5,
+                # What is left of --time-limit once the load and what follows it have run.
+                ready_within_s=max(
+                    10.0, self.deadline.left() - self.server_seconds - SERVER_AFTER_LOAD_S
+                ),
+                # Waiting for the server to stop may not run past --time-limit.
+                stop_by=self.deadline.end,
+                on_load_measured=load_measured,
+            )
+        except Exception as exc:  # after the load, its figures stay (`partial`) with the error
+            _log(f"server run failed: {exc}")
+            return {**measured, "error": f"{type(exc).__name__}: {exc}"}
+        section(summary)
+        summary["lone_over_engine"] = (
+            summary["lone_16_pair_ms"] / summary["lone_16_pair_engine_ms"]
+            if summary["lone_16_pair_engine_ms"]
+            else None
         )
         _log(f"server {summary}")
         return summary

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from reranker_runtime.gpucheck.checks import FLOP_CONVENTION
+
 
 def _f(value: Any, fmt: str = ".1f") -> str:
     if value is None:
@@ -113,6 +115,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             "Engine only (no HTTP): median over interleaved rounds. `mixed` = realistic pairs (30-200 "
             "words) cut into batches by each engine's cost model.",
             "",
+            f"TFLOP/s counts {t.get('flop_convention') or FLOP_CONVENTION}",
+            "",
             "| dtype | tokens/pair | engine | ran as | pairs/s | tokens/s | TFLOP/s | % datasheet peak | % matmul peak |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -144,7 +148,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += ["## Server end to end", ""]
         if "error" in s:
             lines.append(f"error: {s['error']}")
-        else:
+        if "pairs_per_s" in s:  # the load ran (an error may have come after it)
+            if "error" in s:
+                lines.append("")
             lat = s["latency_ms"]
             lines += [
                 f"Packed engine, {s['dtype']}, concurrency {s['concurrency']}, requests of 16 texts of "
@@ -154,9 +160,17 @@ def render_markdown(r: dict[str, Any]) -> str:
                 f"errors {s['errors'] or 'none'}",
                 f"- server / engine-only throughput at {s['target_tokens_per_pair']} tokens: "
                 f"{_f(s['server_over_engine'], '.2f')}",
-                f"- lone 16-pair request {_f(s['lone_16_pair_ms'])} ms vs engine {_f(s['lone_16_pair_engine_ms'])} ms "
-                f"({_f(s['lone_over_engine'], '.2f')}x)",
             ]
+            if s.get("partial"):
+                lines.append(
+                    "- lone 16-pair request: not measured (the section stopped, or is still "
+                    "running, after the load)"
+                )
+            else:
+                lines.append(
+                    f"- lone 16-pair request {_f(s.get('lone_16_pair_ms'))} ms vs engine "
+                    f"{_f(s.get('lone_16_pair_engine_ms'))} ms ({_f(s.get('lone_over_engine'), '.2f')}x)"
+                )
         lines.append("")
     if r.get("skipped"):
         lines += ["## Skipped", ""] + [f"- {x}" for x in r["skipped"]] + [""]
