@@ -92,10 +92,12 @@ class TooManyChunksPerTextError(ValidationError):
 class TooManyChunksPerRequestError(ValidationError):
     """A chunking request whose texts make more windows than the server scores per request."""
 
-    def __init__(self, texts: int, windows: int, limit: int) -> None:
+    def __init__(
+        self, field: str, texts: int, windows: int, limit: int, at_least: bool = False
+    ) -> None:
         super().__init__(
-            f"the {texts} texts of this request make {windows} windows but this server scores at "
-            f"most {limit} per request"
+            f"the {texts} `{field}` of this request make {'at least ' if at_least else ''}"
+            f"{windows} windows but this server scores at most {limit} per request"
         )
         self.windows = windows
         self.limit = limit

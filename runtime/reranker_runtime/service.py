@@ -342,6 +342,7 @@ class RerankService:
                 direction=direction,
                 max_text_tokens=max_tokens_per_text,
                 max_windows=chunks,
+                max_total_windows=self._settings.max_chunks_per_request if chunks > 1 else None,
                 overlap=self._settings.chunk_overlap_tokens,
                 texts_field=texts_field,
             )
@@ -544,11 +545,17 @@ class RerankService:
                     f"{'' if first.fully_counted else 'at least '}{first.num_tokens} tokens)"
                 )
         self._check_lengths([text.windows[0] for text in encoded], field, "query and text are")
-        windows = [w for text in encoded for w in text.windows]
         limit = self._settings.max_chunks_per_request
-        if chunks > 1 and len(windows) > limit:
-            raise TooManyChunksPerRequestError(len(encoded), len(windows), limit)
-        return windows
+        total = sum(text.kept_windows for text in encoded)
+        if chunks > 1 and total > limit:
+            # Counted, not built (encode_chunked): a text is windowed no further than the limit.
+            at_least = any(
+                text.kept_windows < min(text.needed_windows, chunks)
+                or (not text.fully_counted and text.kept_windows < chunks)
+                for text in encoded
+            )
+            raise TooManyChunksPerRequestError(field, len(encoded), total, limit, at_least)
+        return [w for text in encoded for w in text.windows]
 
     @asynccontextmanager
     async def _deadline(

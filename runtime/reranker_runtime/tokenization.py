@@ -85,6 +85,9 @@ class ChunkedText:
     # False when the text was tokenized only as far as its windows reach: needed_windows is
     # then a lower bound.
     fully_counted: bool = True
+    # Windows it would be scored with: len(windows), except when the request is refused for
+    # making more windows than `max_total_windows` (only the first window is built then).
+    kept_windows: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -234,6 +237,7 @@ class PairTokenizer:
         direction: Direction = "right",
         max_text_tokens: int | None = None,
         max_windows: int = 1,
+        max_total_windows: int | None = None,
         overlap: int = 0,
         texts_field: str = "texts",
         stop: threading.Event | None = None,
@@ -246,7 +250,14 @@ class PairTokenizer:
         text's start (`direction="right"`) or its end (`"left"`); at most `max_windows` are
         kept, in that order, and a text that needs more is marked truncated (the caller refuses
         it when truncation is off). With `max_windows=1`, or a query that leaves no room for
-        text, this is exactly `encode_pairs`. `stop`: see `_bounded`."""
+        text, this is exactly `encode_pairs`. `stop`: see `_bounded`.
+
+        Memory stays within the windows a request may score: a text is tokenized no further
+        than `max_windows` windows reach (`max_windows` beyond `max_total_windows` + 1 changes
+        nothing: such a text is refused either way), the windows are counted before any is
+        built, and only the first window of each text is built when the request would make
+        more than `max_total_windows` (the caller refuses it) or a text needs more than
+        `max_windows` with truncation off (refused too)."""
         if max_windows <= 1:
             return [
                 ChunkedText(
@@ -266,6 +277,8 @@ class PairTokenizer:
                     stop=stop,
                 )
             ]
+        if max_total_windows is not None:
+            max_windows = min(max_windows, max_total_windows + 1)
         budget = self.max_input_length - self._special_pair
         qb = self._query(query, direction)
         q = qb.encoding
@@ -273,10 +286,18 @@ class PairTokenizer:
         stride = min(overlap, window // 2)
         # Text tokens that max_windows windows cover (one window when the query leaves no room).
         usable = window + (max_windows - 1) * (window - stride) if window >= 1 else budget
-        out: list[ChunkedText] = []
+        planned: list[tuple[Encoding, int, bool, int]] = []  # (text, cut, complete, needed)
         for t, cut, complete in self._texts(
             texts, texts_field, usable, direction, max_text_tokens, stop
         ):
+            fits = window < 1 or len(q.ids) + len(t.ids) <= budget
+            planned.append(
+                (t, cut, complete, 1 if fits else _windows_for(len(t.ids), window, stride))
+            )
+        kept_total = sum(min(needed, max_windows) for *_, needed in planned)
+        refused = max_total_windows is not None and kept_total > max_total_windows
+        out: list[ChunkedText] = []
+        for t, cut, complete, needed in planned:
             counted = qb.complete and complete
             if window < 1 or len(q.ids) + len(t.ids) <= budget:
                 single = self._pair(
@@ -291,22 +312,28 @@ class PairTokenizer:
                     ChunkedText([single], 1, max(window, 0), single.truncated, single.fully_counted)
                 )
                 continue
-            # The tokenizer's own windowing: `t` becomes the first window, the others go to
-            # `t.overflowing`. Each is post-processed with the query on its own: the pair
-            # outputs' own `overflowing` carry wrong token_type_ids for BERT-style templates.
+            kept = min(needed, max_windows)
+            build = 1 if refused or (needed > max_windows and not truncate) else kept
+            # Only the tokens of the windows built, then the tokenizer's own windowing: `t`
+            # becomes the first window, the others go to `t.overflowing`. Each is
+            # post-processed with the query on its own: the pair outputs' own `overflowing`
+            # carry wrong token_type_ids for BERT-style templates.
+            _keep_tokens(t, window + (build - 1) * (window - stride), direction)
             t.truncate(window, stride=stride, direction=direction)
-            parts = [t, *t.overflowing][:max_windows]
-            windows = [
-                self._window(self._tok.post_process(q, part, add_special_tokens=True))
-                for part in parts
-            ]
+            windows = []
+            for part in [t, *t.overflowing][:build]:
+                raise_if_stopped(stop)  # nobody waits for this request any more
+                windows.append(
+                    self._window(self._tok.post_process(q, part, add_special_tokens=True))
+                )
             out.append(
                 ChunkedText(
                     windows=windows,
-                    needed_windows=1 + len(t.overflowing),
+                    needed_windows=needed,
                     window_tokens=window,
-                    truncated=cut > 0 or len(t.overflowing) >= max_windows,
+                    truncated=cut > 0 or needed > max_windows,
                     fully_counted=counted,
+                    kept_windows=kept,
                 )
             )
         return out
@@ -464,3 +491,18 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, TypeError):  # what the tokenizer raises for a lone surrogate
         return "it is not valid Unicode text (a lone surrogate such as \\ud800?); send UTF-8 text"
     return str(exc) or type(exc).__name__
+
+
+def _windows_for(tokens: int, window: int, stride: int) -> int:
+    """Windows of `window` tokens, consecutive ones sharing `stride`, that cover `tokens`."""
+    if tokens <= window:
+        return 1
+    return 1 + -(-(tokens - window) // (window - stride))
+
+
+def _keep_tokens(encoding: Encoding, tokens: int, direction: Direction) -> None:
+    """Cut `encoding` to its first (right) or last (left) `tokens` tokens. Encoding.truncate
+    splits everything it removes into parts of the kept length: one cut of 900,000 tokens to
+    120 would make 7,500 encodings. Halving at most leaves one part per cut."""
+    while len(encoding) > tokens:
+        encoding.truncate(max(tokens, (len(encoding) + 1) // 2), stride=0, direction=direction)

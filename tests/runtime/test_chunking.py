@@ -298,7 +298,7 @@ async def test_windows_per_request_are_capped(xlmr_engine) -> None:
     assert len(plain.scores) == 9
     assert http_error(err.value).status == 413
     message = client_message(err.value)
-    assert message.startswith(f"the 3 texts of this request make {err.value.windows} windows")
+    assert message.startswith(f"the 3 `texts` of this request make {err.value.windows} windows")
     assert "at most 6 per request" in message
     assert "--max-chunks-per-request (RERANKER_MAX_CHUNKS_PER_REQUEST)" in message
 
@@ -459,3 +459,80 @@ async def test_a_window_cap_below_the_client_batch_size_is_warned_at_start(
     assert bool(messages) is warned
     if warned:
         assert "more than 100 texts gets 413" in messages[0]
+
+
+# ------------------------------------------------------------------ bounded work per request
+
+
+def counting_windows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the windows PairTokenizer builds (each is post-processed with the query)."""
+    built: list[int] = []
+    original = PairTokenizer._window
+
+    def window(self: PairTokenizer, enc: Any) -> Any:
+        built.append(1)
+        return original(self, enc)
+
+    monkeypatch.setattr(PairTokenizer, "_window", window)
+    return built
+
+
+def test_a_huge_max_chunks_per_doc_builds_no_more_than_the_request_may_score(
+    xlmr_engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_chunks_per_doc 10**9 on a 1 MB text: counted as far as the per-request cap, refused
+    with only each text's first window built (it built every window of the text, ~8,000, and
+    kept gigabytes after the client had gone)."""
+    tokenizer = PairTokenizer(xlmr_engine.tokenizer, TINY_MAX_TOKENS)
+    built = counting_windows(monkeypatch)
+    text = "paris is the capital of france " * 40_000
+    (chunked,) = tokenizer.encode_chunked(
+        QUERY, [text], truncate=True, max_windows=10**9, max_total_windows=50
+    )
+    assert len(built) == 1 and len(chunked.windows) == 1
+    assert chunked.kept_windows == 51 and chunked.truncated and not chunked.fully_counted
+    assert chunked.needed_windows <= 52  # tokenized no further than 51 windows reach
+    # Within the cap, every kept window is built, and no more.
+    built.clear()
+    (kept,) = tokenizer.encode_chunked(
+        QUERY, [text], truncate=True, max_windows=7, max_total_windows=50
+    )
+    assert len(built) == 7 and len(kept.windows) == kept.kept_windows == 7 and kept.truncated
+
+
+async def test_a_request_over_the_window_cap_is_refused_before_its_windows_are_built(
+    xlmr_engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = long_texts("xlmr")
+    async with serving(xlmr_engine, max_chunks_per_doc=100, max_chunks_per_request=6) as service:
+        built = counting_windows(monkeypatch)
+        with pytest.raises(TooManyChunksPerRequestError) as err:
+            await service.rerank(QUERY, texts, truncate=True)
+    assert len(built) == len(texts)  # one per text, the one the length checks read
+    assert err.value.windows > 6
+
+
+def test_window_building_stops_when_nobody_waits(
+    xlmr_engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from reranker_runtime.text_bounds import TokenizationStopped
+
+    tokenizer = PairTokenizer(xlmr_engine.tokenizer, TINY_MAX_TOKENS)
+    stop = threading.Event()
+    built: list[int] = []
+    original = PairTokenizer._window
+
+    def window_then_leave(self: PairTokenizer, enc: Any) -> Any:
+        built.append(1)
+        stop.set()  # the client goes away while the first window is built
+        return original(self, enc)
+
+    monkeypatch.setattr(PairTokenizer, "_window", window_then_leave)
+    with pytest.raises(TokenizationStopped):
+        tokenizer.encode_chunked(
+            QUERY, ["paris is the capital of france " * 400], truncate=True, max_windows=20,
+            stop=stop,
+        )  # fmt: skip
+    assert built == [1]  # of 20 windows, only the first was built

@@ -8,6 +8,7 @@ checked by the gate still being closed when the answer arrives, not by timing.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -199,6 +200,26 @@ async def test_bad_header_is_422_naming_it(xlmr_reranker: Path, xlmr_engine: Tor
         for good in (" 2.5 ", "3", ".5", "1.", "1e1", "2E-1"):
             resp = await client.post("/predict", json={"inputs": "hello"}, headers=timeout(good))
             assert resp.status_code == 200, (good, resp.text)
+
+
+async def test_bad_header_is_422_even_when_the_server_is_full(
+    xlmr_reranker: Path, xlmr_engine: TorchEngine
+) -> None:
+    """A request that can never succeed gets its 422 at once, not the 429 a client retries."""
+    engine = ControlledEngine(xlmr_engine, max_batch_size=1)
+    settings = dataclasses.replace(settings_for(xlmr_reranker), max_concurrent_requests=1)
+    async with serving(settings, engine) as client:
+        engine.hold()
+        busy = asyncio.create_task(client.post("/rerank", json={"query": QUERY, "texts": TEXTS}))
+        await engine.wait_for_calls(1)
+        full = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS})
+        bad = await client.post(
+            "/rerank", json={"query": QUERY, "texts": TEXTS}, headers=timeout("soon")
+        )
+        engine.release()
+        assert (await asyncio.wait_for(busy, WAIT_S)).status_code == 200
+    assert full.status_code == 429
+    assert bad.status_code == 422 and "X-Request-Timeout" in bad.json()["error"]
 
 
 async def test_refused_early_when_the_work_ahead_cannot_finish_in_time(

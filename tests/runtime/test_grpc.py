@@ -25,6 +25,7 @@ from runtime.api_support import (
     TEXTS,
     TOL,
     free_port,
+    long_text,
     running_app,
     settings_for,
     sigmoid,
@@ -686,3 +687,19 @@ async def test_a_grpc_port_already_served_stops_the_start_naming_it(
         with pytest.raises(RuntimeError, match=rf"cannot listen for gRPC on 127\.0\.0\.1:{port}"):
             async with running_app(app()):
                 pass
+
+
+async def test_chunking_refusals_give_advice_a_grpc_client_can_follow(
+    xlmr_reranker: Path, xlmr_engine: Any
+) -> None:
+    """tei.v1.RerankRequest has no max_chunks_per_doc: the server's --max-chunks-per-doc applies,
+    so the message names the flag, never a field the client cannot send."""
+    async with grpc_server(
+        xlmr_reranker, xlmr_engine, max_chunks_per_doc=2, chunk_overlap_tokens=0
+    ) as (channel, _):
+        rerank = unary(channel, "/tei.v1.Rerank/Rerank", m.RerankRequest, m.RerankResponse)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await rerank(m.RerankRequest(query=QUERY, texts=[long_text(12)], truncate=False))
+    message = err.value.details() or ""
+    assert "at most 2 windows per text are scored (the server's --max-chunks-per-doc)" in message
+    assert "set truncate=true" in message and "send a larger max_chunks_per_doc" not in message

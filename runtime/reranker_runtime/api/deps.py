@@ -151,6 +151,8 @@ def admitted(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
         try:
             lifecycle = get_lifecycle(request)
             check_before_admission(kwargs.get("body"), lifecycle)
+            if limited:
+                request_timeout(request)  # a bad X-Request-Timeout: 422 now, not a 429 or 503
             async with lifecycle.admit(limited=limited) as service:
                 request.scope[_SERVICE_SCOPE_KEY] = service
                 result = await cancel_on_disconnect(request, endpoint(**kwargs))

@@ -47,6 +47,8 @@ from reranker_runtime.errors import (
     StreamIdleError,
     TooManyCallsError,
     TooManyCharactersError,
+    TooManyChunksPerRequestError,
+    TooManyChunksPerTextError,
     ValidationError,
     WrongModelKindError,
 )
@@ -104,13 +106,23 @@ STOP_GRACE_S = 5.0
 
 def grpc_status(exc: RerankerError) -> tuple[grpc.StatusCode, str]:
     """The status and message a gRPC client gets for a domain error: the HTTP answer's message
-    and advice, except advice about the HTTP X-Request-Timeout header (a gRPC call has its
-    own deadline)."""
+    and advice, except advice a gRPC client cannot follow: about the HTTP X-Request-Timeout
+    header (a gRPC call has its own deadline), or the max_chunks_per_doc field (tei.v1 has none:
+    the server's --max-chunks-per-doc applies)."""
     mapped = http_error(exc)
     code = _STATUS_BY_ERROR_TYPE.get(mapped.error_type, grpc.StatusCode.INTERNAL)
     if mapped.status >= 500 and mapped.error_type == "Backend":
         code = grpc.StatusCode.INTERNAL  # our own failure (InternalError), not the model's
-    message = exc.message if "X-Request-Timeout" in mapped.advice else client_message(exc)
+    if isinstance(exc, TooManyChunksPerTextError):
+        limit = "(the server's --max-chunks-per-doc)"
+        message = exc.message.replace("(max_chunks_per_doc)", limit)
+        message += "; set truncate=true to score only the first windows"
+    elif isinstance(exc, TooManyChunksPerRequestError):
+        message = f"{exc.message}; send fewer or shorter texts"
+    elif "X-Request-Timeout" in mapped.advice:
+        message = exc.message
+    else:
+        message = client_message(exc)
     return code, message
 
 
