@@ -1266,3 +1266,42 @@ def test_the_operator_requires_a_kopf_with_what_it_uses() -> None:
     dockerfile = (REPO / "images" / "operator.Dockerfile").read_text()
     assert 'pip install "/src[operator]"' in dockerfile  # the extra's bounds apply in the image
     assert not re.search(r"pip install[^\n]*\bkopf\b", dockerfile)  # no unpinned kopf of its own
+
+
+def test_network_policy_lets_in_only_scrapes_and_out_only_dns_and_the_api_server(
+    chart: helm_python.Chart,
+) -> None:
+    assert by_kind(manifests(render(chart)), "NetworkPolicy") == []  # opt-in
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    values = {"networkPolicy": {"enabled": True, "metricsFrom": [monitoring],
+                                "apiServerCIDRs": ["10.0.0.1/32"]}}  # fmt: skip
+    objects = manifests(render(chart, values))
+    assert_valid(objects)
+    policy = one(objects, "NetworkPolicy")["spec"]
+    deployment = one(objects, "Deployment")
+    assert policy["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert policy["ingress"] == [
+        {"ports": [{"port": 8081, "protocol": "TCP"}], "from": [monitoring]}
+    ]
+    dns, api = policy["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
+    assert [p["port"] for p in api["ports"]] == [443, 6443]
+    assert api["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    closed = one(manifests(render(chart, {"networkPolicy": {"enabled": True}, "metricsPort": 0})),
+                 "NetworkPolicy")  # fmt: skip
+    assert closed["spec"]["ingress"] == []
+
+
+def test_extra_env_and_topology_spread_reach_the_operator_pod(chart: helm_python.Chart) -> None:
+    spread = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+               "whenUnsatisfiable": "ScheduleAnyway",
+               "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "reranker-operator"}}}]  # fmt: skip
+    env = [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]
+    objects = manifests(render(chart, {"extraEnv": env, "topologySpreadConstraints": spread}))
+    assert_valid(objects)
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["topologySpreadConstraints"] == spread
+    names = [e["name"] for e in container(objects)["env"]]
+    assert names == ["POD_NAMESPACE", "HOME", "HTTPS_PROXY"]
+    with pytest.raises(Exception, match="extraEnv"):
+        render(chart, {"extraEnv": [{"name": "HOME", "value": "/root"}]})
