@@ -143,9 +143,7 @@ def pod_issue(
                 "ImagePullBackOff",
                 f"{where} cannot pull image {cs.get('image', '')}: {detail or reason}; check the "
                 "image name and the runtime image pull secrets",
-                # A first failed pull (a registry hiccup) is retried at once: only the back-off
-                # that follows a second failure says it will not pass by itself.
-                stuck=reason != "ErrImagePull",
+                stuck=True,
                 pod=name,
             )
         if reason in _CONFIG_REASONS:

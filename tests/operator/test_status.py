@@ -233,21 +233,6 @@ def test_unschedulable_is_stuck_only_after_the_timeout() -> None:
     assert diagnosis.pod_issue(p, NOW, 300).stuck
 
 
-def test_a_first_failed_image_pull_waits_and_the_back_off_is_stuck() -> None:
-    """ErrImagePull is one failed pull, retried at once (a registry hiccup passes): only the
-    ImagePullBackOff after it makes the Reranker Failed, with a Warning event."""
-
-    def pulling(reason: str) -> dict[str, Any]:
-        return pod({"phase": "Pending", "containerStatuses": [{"name": "reranker", "image": "i",
-                    "state": {"waiting": {"reason": reason, "message": "i: not found"}}}]})  # fmt: skip
-
-    first = diagnosis.pod_issue(pulling("ErrImagePull"), NOW, 900)
-    again = diagnosis.pod_issue(pulling("ImagePullBackOff"), NOW, 900)
-    assert first is not None and again is not None
-    assert first.reason == again.reason == "ImagePullBackOff"
-    assert not first.stuck and again.stuck
-
-
 def test_ready_pods_and_running_pods_have_no_issue() -> None:
     running = {"name": "reranker", "state": {"running": {}}}
     ready = pod({"conditions": [{"type": "Ready", "status": "True"}], "containerStatuses": [
