@@ -154,6 +154,11 @@ def pod_issue(
                 pod=name,
             )
         term = failed_termination(cs)
+        crashing = reason == "CrashLoopBackOff"
+        if term is None and _restarted_again(cs, status):
+            # The kubelet runs it again between back-offs: still crashing until it is ready,
+            # or the status would flap between crashing and starting at every restart.
+            term, crashing = dict((cs.get("lastState") or {}).get("terminated") or {}), True
         if term is not None and term.get("reason") == "OOMKilled":
             return PodIssue(
                 "OOMKilled",
@@ -161,7 +166,7 @@ def pod_issue(
                 True,
                 pod=name,
             )
-        if reason == "CrashLoopBackOff":
+        if crashing:
             last = describe_termination(pod, container, term or {})
             return PodIssue(
                 "CrashLoopBackOff",
@@ -182,6 +187,19 @@ def pod_issue(
             pod=name,
         )
     return None
+
+
+def _restarted_again(cs: dict[str, Any], pod_status: dict[str, Any]) -> bool:
+    """A (non-init) container running again after failing at least twice, not ready yet."""
+    if cs not in (pod_status.get("containerStatuses") or []):
+        return False  # an init container (a build) that runs again is a new attempt
+    last = (cs.get("lastState") or {}).get("terminated") or {}
+    return (
+        "running" in (cs.get("state") or {})
+        and not cs.get("ready")
+        and int(cs.get("restartCount") or 0) >= 2
+        and last.get("exitCode", 0) != 0
+    )
 
 
 def starting_since(pod: dict[str, Any]) -> str | None:

@@ -88,34 +88,16 @@ def _pod_key(pod: dict[str, Any]) -> str | None:
 _CONTROLLER_UID = ("batch.kubernetes.io/controller-uid", "controller-uid")
 
 
-def _rollout_state_kept(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
-    """`after` (what our patch of the Deployment returned), as its status should be read.
-
-    A patch bumps the Deployment's generation before its controller has looked, which reads as
-    a rollout in progress. When only `spec.replicas` changed (`kubectl scale rr`, the count put
-    back), nothing rolls: the controller's word on `before` still holds, and Ready must not flip
-    to False and back (posting a second Ready event).
-    """
-    if before is None or after is before:
-        return after
-    if _without_replicas(before) != _without_replicas(after):
-        return after
-    generation = (before.get("metadata") or {}).get("generation")
-    observed = (before.get("status") or {}).get("observedGeneration")
-    if generation is None or observed is None or observed < generation:
-        return after  # the controller had not seen `before` either
-    kept = {**after, "status": dict(after.get("status") or {})}
-    kept["status"]["observedGeneration"] = (after.get("metadata") or {}).get("generation")
-    return kept
+def _pod_template(deployment: dict[str, Any] | None) -> Any:
+    return ((deployment or {}).get("spec") or {}).get("template")
 
 
-def _without_replicas(deployment: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in (deployment.get("spec") or {}).items() if k != "replicas"}
+_RERANKER_PATHS = f"/apis/{kube.RERANKER.api_version}/"
 
 
 def _is_reranker_write(exc: ApiException) -> bool:
     """Whether the refused request was the operator's own write of a Reranker (its status)."""
-    return isinstance(exc, kube.ApiError) and "/rerankers/" in exc.path
+    return isinstance(exc, kube.ApiError) and exc.path.startswith(_RERANKER_PATHS)
 
 
 def _deadline_passed(job: dict[str, Any]) -> bool:
@@ -132,7 +114,12 @@ def _waiting_note(previous: dict[str, Any] | None) -> str:
     """What the last status said stopped the build's pod from starting, or "" when the build
     was running (or nothing was said): the reason and message of EngineReady then."""
     engine = status.get_condition(previous, status.ENGINE_READY) or {}
-    reason = engine.get("reason")
+    reason, message = engine.get("reason"), engine.get("message", "")
+    if reason == "BuildFailed" and _NEVER_STARTED in message:
+        # Said already: every later reconcile keeps the same words (and posts no new event).
+        start = message.index(_NEVER_STARTED) + len(_NEVER_STARTED)
+        end = message.rfind(_ONCE_FIXED)
+        return message[start:end] if end > start else ""
     if engine.get("status") == "False" and reason not in _NOT_A_POD_ISSUE:
         return f"{reason}: {engine.get('message', '')}"  # Unschedulable, ImagePullBackOff, ...
     if (previous or {}).get("phase") == "Pending":
@@ -141,6 +128,8 @@ def _waiting_note(previous: dict[str, Any] | None) -> str:
 
 
 _NOT_A_POD_ISSUE = (None, "Building", "BuildFailed", "EngineBuilt")
+_NEVER_STARTED = "; its pod never started ("
+_ONCE_FIXED = "); once that is fixed, "
 
 
 def _finished(pod: dict[str, Any]) -> bool:
@@ -340,6 +329,7 @@ class Reconciler:
         self._locks_guard = threading.Lock()
         # One pending recheck per Reranker: (when it is due on the monotonic clock, its timer).
         self._timers: dict[tuple[str, str], tuple[float, threading.Timer]] = {}
+        self._timers_stopped = False
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -374,10 +364,15 @@ class Reconciler:
         except InvalidSpec as exc:  # a spec this cluster cannot serve (see _ensure_exposure)
             return self._invalid(body, exc)
         except ApiException as exc:
-            if exc.status in (400, 422) and not _is_reranker_write(exc):
+            if exc.status in (400, 422) and _is_reranker_write(exc):
+                # The operator's own status write, not the spec, was refused. A child's event
+                # is not retried by kopf: look again on a timer too.
+                meta = body["metadata"]
+                self._recheck_after(meta["namespace"], meta["name"], REFUSAL_RECHECK_SECONDS)
+                raise
+            if exc.status in (400, 422):
                 # The API server refused a child as rendered (e.g. a spec.pod.affinity the CRD
                 # passes through unchecked): an invalid spec, not something a retry fixes.
-                # A refusal of the Reranker's own status write is the operator's, not the spec's.
                 return self._invalid(body, InvalidSpec("spec", refusal_message(exc)))
             refusal = lasting_refusal(exc)
             if refusal is not None:
@@ -442,6 +437,9 @@ class Reconciler:
             view = self._shared_engine(body, spec, key, owner, deployment, pods, now)
         else:
             view = self._per_pod_engine(body, spec, key, owner, deployment, pods, now)
+        # A rollout starts when this reconcile created the Deployment or changed its pods'
+        # template; any other change of it (a replica count: ours, an autoscaler's) rolls nothing.
+        template_changed = _pod_template(deployment) != _pod_template(view.deployment)
         deployment, engine, build_message = view.deployment, view.engine, view.build_message
         job_name, pvc = view.job_name, view.pvc
         engine_issue, serve_issue = view.engine_issue, view.serve_issue
@@ -519,6 +517,7 @@ class Reconciler:
             scaling=scaling,
             route=route,
             surge_rollout=spec.rollout.surges,
+            template_changed=template_changed,
         )
         new = status.derive_status(observed, previous)
         if pvc is not None and new["phase"] == "Ready":
@@ -698,7 +697,7 @@ class Reconciler:
                 # The Job's deadline counts time spent Pending too: the pod never ran, and the
                 # scheduler's word (no GPU node) is gone with it.
                 message += (
-                    f"; its pod never started ({waited}); once that is fixed, "
+                    f"{_NEVER_STARTED}{waited}{_ONCE_FIXED}"
                     f"`kubectl delete job {job_name} -n {namespace}` builds again"
                 )
             return _Engine("failed", message, pods=job_pods)
@@ -888,12 +887,14 @@ class Reconciler:
                 "timed reconcile failed",
                 extra={"reranker": f"{namespace}/{name}", "error": str(exc)},
             )
-            if kube.is_api_fault(exc):
+            if kube.is_transient(exc) and not self._timers_stopped:
                 # Timers are set again only by a reconcile that finishes: without this, the
                 # check this timer was for (an Unschedulable pod's timeout) would never come.
+                # A lasting refusal has armed its own, slower recheck (_refused).
                 self._recheck_after(namespace, name, TIMED_RETRY_SECONDS)
 
     def stop_timers(self) -> None:
+        self._timers_stopped = True
         with self._locks_guard:
             for _, timer in self._timers.values():
                 timer.cancel()
@@ -994,10 +995,7 @@ class Reconciler:
         previous_key = None
         if deployment is not None:
             previous_key = _annotation(deployment, builders.ANNOTATION_ENGINE_KEY)
-        live = deployment
-        deployment = _rollout_state_kept(
-            live, self._scale_to_spec(spec, self._apply(desired, deployment))
-        )
+        deployment = self._scale_to_spec(spec, self._apply(desired, deployment))
         if previous_key and previous_key != key:
             self._event(
                 body, "Normal", "RollingOut", f"rolling the Deployment to engine {key[:10]}"
@@ -1021,10 +1019,9 @@ class Reconciler:
             "restoring the replica count",
             extra={"child": f"{meta['namespace']}/{meta['name']}", "replicas": want},
         )
-        patched = self.api.patch(
+        return self.api.patch(
             kube.DEPLOYMENT, meta["namespace"], meta["name"], {"spec": {"replicas": want}}
         )
-        return _rollout_state_kept(deployment, patched)
 
     def _ensure_exposure(
         self, body: dict[str, Any], spec: RerankerSpec, owner: dict[str, Any], deployed: bool

@@ -69,6 +69,9 @@ class DeploymentState:
     replica_failure: str = ""
     replica_failure_reason: str = ""
     replica_failure_since: str | None = None
+    # Only new pods, but for a generation its controller has not observed yet: a change of the
+    # replica count (ours, an autoscaler's) bumps the generation as a template change does.
+    generation_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class Observed:
     scaling: dict[str, Any] | None = None  # the HPA's ScalingActive condition
     route: dict[str, str] | None = None  # diagnosis.route_condition of the HTTPRoute
     surge_rollout: bool = True  # spec.rollout starts new pods before old ones go (maxSurge > 0)
+    template_changed: bool = False  # this reconcile created the Deployment or changed its pods
 
     @property
     def builder(self) -> str:
@@ -261,6 +265,7 @@ def deployment_state(deployment: dict[str, Any], engine_key_annotation: str) -> 
         replica_failure=(failure.get("message") or "no message") if failing else "",
         replica_failure_reason=(failure.get("reason") or "FailedCreate") if failing else "",
         replica_failure_since=failure.get("lastTransitionTime") if failing else None,
+        generation_pending=only_new and not seen,
     )
 
 
@@ -353,11 +358,16 @@ def derive_status(
             f"{dep.ready_replicas}/{dep.desired} replicas ready",
         )
 
-    rolled_to_current = dep is not None and serving_key == key and dep.rolled_out
-    serves_current = observed.engine == "built" and available and rolled_to_current
-    # Ready, once every replica of the current engine is: a scale-up (an autoscaler's step,
-    # `kubectl scale rr`) or a replaced pod then keeps it, as long as nothing is stuck.
     was_ready = (get_condition(previous, READY) or {}).get("status") == "True"
+    # A generation its controller has not seen yet, after Ready, and no template change of ours:
+    # a count change (`kubectl scale rr`, an autoscaler's step), which rolls nothing.
+    rolled_out = dep is not None and (
+        dep.rolled_out or (dep.generation_pending and was_ready and not observed.template_changed)
+    )
+    rolled_to_current = dep is not None and serving_key == key and rolled_out
+    serves_current = observed.engine == "built" and available and rolled_to_current
+    # Ready, once every replica of the current engine is: a scale-up or a replaced pod then
+    # keeps it, as long as nothing is stuck.
     full = dep is not None and dep.ready_replicas >= dep.desired
     ready = serves_current and (full or was_ready)
     short_handed = serves_current and serve_issue is not None and serve_issue.stuck and not full
@@ -410,12 +420,18 @@ def derive_status(
     elif serve_issue is not None:
         phase = broken if serve_issue.stuck else "Deploying"
         ready_cond = (False, serve_issue.reason, serve_issue.message)
-        message = f"engine {short(key)} does not serve: {serve_issue.message}{still_serving}"
+        if serves_current and dep is not None:  # the others wait, not past their timeout yet
+            message = (
+                f"engine {short(key)} serves on {dep.ready_replicas}/{dep.desired} replicas; "
+                f"waiting: {serve_issue.message}"
+            )
+        else:
+            message = f"engine {short(key)} does not serve: {serve_issue.message}{still_serving}"
     else:
         phase = "Deploying"
         if serving_key != key:
             detail = f"rolling out engine {short(key)}"
-        elif not available or (dep is not None and dep.rolled_out):
+        elif not available or rolled_out:
             detail = f"waiting for replicas ({available_cond[2]})"
         else:
             detail = f"rolling out ({available_cond[2]})"

@@ -549,11 +549,7 @@ class RerankService:
         total = sum(text.kept_windows for text in encoded)
         if chunks > 1 and total > limit:
             # Counted, not built (encode_chunked): a text is windowed no further than the limit.
-            at_least = any(
-                text.kept_windows < min(text.needed_windows, chunks)
-                or (not text.fully_counted and text.kept_windows < chunks)
-                for text in encoded
-            )
+            at_least = any(text.kept_windows < min(text.needed_windows, chunks) for text in encoded)
             raise TooManyChunksPerRequestError(field, len(encoded), total, limit, at_least)
         return [w for text in encoded for w in text.windows]
 

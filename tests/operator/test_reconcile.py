@@ -213,33 +213,6 @@ def test_engine_keys_on_the_cache_pvc_are_keys_or_ignored() -> None:
         builders.build_prune_job("rr", "ns", spec, OperatorConfig(), [key, ".."])
 
 
-def test_a_replica_count_patch_reads_as_no_rollout() -> None:
-    """Our own patch of spec.replicas returns generation N+1 with the controller's last word,
-    observedGeneration N: nothing rolls, so Ready must not flip to False (and post a second
-    Ready event when it flips back). A template change does roll."""
-    from reranker_operator.reconcile import _rollout_state_kept
-
-    template = {"metadata": {"labels": {"a": "b"}}}
-
-    def deployment(generation: int, replicas: int, tpl: dict[str, Any]) -> dict[str, Any]:
-        return {"metadata": {"generation": generation},
-                "spec": {"replicas": replicas, "template": tpl},
-                "status": {"observedGeneration": 4, "replicas": 3, "updatedReplicas": 3}}  # fmt: skip
-
-    before = deployment(4, 3, template)
-    scaled = _rollout_state_kept(before, deployment(5, 5, template))
-    assert scaled["status"]["observedGeneration"] == 5
-    from reranker_operator import status
-
-    assert status.deployment_state(scaled, "k").rolled_out
-    changed = deployment(5, 3, {"metadata": {"labels": {"a": "c"}}})
-    assert _rollout_state_kept(before, changed) is changed  # a rollout: the controller must see it
-    unseen = {**before, "status": {**before["status"], "observedGeneration": 3}}
-    assert (
-        _rollout_state_kept(unseen, deployment(5, 5, template))["status"]["observedGeneration"] == 4
-    )
-
-
 class FailingApi(RefusingApi):
     """An API server answering 503 to every read."""
 
@@ -295,5 +268,38 @@ def test_a_refused_status_write_is_not_blamed_on_the_spec() -> None:
             reconciler.reconcile("ml", "rr")
         assert api.events == []  # no InvalidSpec warning
         assert len(api.status_patches) == 1  # no InvalidSpec status written either
+    finally:
+        reconciler.stop_timers()
+
+
+def test_only_the_rerankers_own_writes_count_as_the_operators() -> None:
+    from reranker_operator.reconcile import _is_reranker_write
+
+    def refused(path: str) -> kube.ApiError:
+        response = SimpleNamespace(
+            status=422, reason="Unprocessable Entity", data=b"{}", headers={}, getheaders=lambda: {}
+        )
+        return kube.ApiError("PATCH", path, response)
+
+    assert _is_reranker_write(
+        refused("/apis/reranker.dev/v1alpha1/namespaces/ml/rerankers/rr/status")
+    )
+    # A child in a namespace named "rerankers" is still a child (its 422 is the spec's).
+    assert not _is_reranker_write(refused("/apis/apps/v1/namespaces/rerankers/deployments/rr"))
+
+
+class ForbiddenApi(RefusingApi):
+    def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        response = SimpleNamespace(
+            status=403, reason="Forbidden", data=b"{}", headers={}, getheaders=lambda: {}
+        )
+        raise kube.ApiError("GET", f"/apis/reranker.dev/v1alpha1/namespaces/{namespace}", response)
+
+
+def test_a_timed_reconcile_refused_for_good_is_not_retried_every_15_s() -> None:
+    reconciler = Reconciler(cast(kube.Kube, ForbiddenApi(None)), OperatorConfig())
+    try:
+        reconciler._timed_reconcile("ml", "rr")
+        assert ("ml", "rr") not in reconciler._timers
     finally:
         reconciler.stop_timers()

@@ -211,6 +211,33 @@ def test_deployment_state_rollout() -> None:
     assert partial.available and partial.rolled_out
 
 
+def test_a_count_change_after_ready_is_no_rollout() -> None:
+    """`kubectl scale rr`, an autoscaler's step or the operator's own replicas patch bump the
+    Deployment's generation before its controller has seen it: that rolls nothing, so Ready
+    stays (no False and back, no second Ready event). A template change of ours does roll."""
+    deployment = {"metadata": {"generation": 5, "annotations": {"k": KEY}},
+                  "spec": {"replicas": 5},
+                  "status": {"observedGeneration": 4, "replicas": 3, "updatedReplicas": 3,
+                             "readyReplicas": 3, "availableReplicas": 3}}  # fmt: skip
+    state = status.deployment_state(deployment, "k")
+    assert not state.rolled_out and state.generation_pending
+    ready = status.derive_status(observed("built", state), None)
+    assert ready["phase"] != "Ready"  # never Ready before: a first rollout waits for the controller
+    was_ready = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready",
+                                 "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}  # fmt: skip
+    kept = status.derive_status(observed("built", state), was_ready)
+    assert kept["phase"] == "Ready" and conds(kept)["Ready"] == ("True", "Ready")
+    rolling = status.derive_status(observed("built", state, template_changed=True), was_ready)
+    assert rolling["phase"] == "Deploying" and conds(rolling)["Ready"][0] == "False"
+
+
+def test_replicas_still_coming_are_said_beside_the_ones_serving() -> None:
+    state = DeploymentState(KEY, 3, 3, 2, True, True, False)
+    st = status.derive_status(observed("built", state, serve_issue=WAITING), None)
+    assert st["phase"] == "Deploying"
+    assert st["message"].startswith(f"engine {KEY[:10]} serves on 2/3 replicas; waiting: pod p")
+
+
 # ---------------------------------------------------------------- what the pods say (diagnosis)
 
 
@@ -231,6 +258,31 @@ def test_unschedulable_is_stuck_only_after_the_timeout() -> None:
         "Unschedulable", "pod p cannot be scheduled: 0/3 nodes are available", False, since, "p"
     )
     assert diagnosis.pod_issue(p, NOW, 300).stuck
+
+
+def test_a_container_run_again_between_crashes_is_still_crashing() -> None:
+    """Between back-offs the kubelet runs a crash-looping container again: until it is ready it
+    is still crashing, or the status would flap (and post a Warning) at every restart."""
+    crashed = {"terminated": {"exitCode": 1, "reason": "Error", "message": "bad weights"}}
+
+    def running(restarts: int, ready: bool = False, init: bool = False) -> dict[str, Any]:
+        cs = {"name": "reranker", "ready": ready, "restartCount": restarts,
+              "state": {"running": {}}, "lastState": crashed}  # fmt: skip
+        key = "initContainerStatuses" if init else "containerStatuses"
+        return pod({"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}],
+                    key: [cs]})  # fmt: skip
+
+    again = diagnosis.pod_issue(running(4), NOW, 900)
+    assert again is not None and again.reason == "CrashLoopBackOff" and again.stuck
+    assert "bad weights" in again.message
+    assert diagnosis.pod_issue(running(1), NOW, 900) is None  # one crash: starting again
+    assert diagnosis.pod_issue(running(4, init=True), NOW, 900) is None  # a build's new attempt
+    oom = running(3)
+    oom["status"]["containerStatuses"][0]["lastState"] = {
+        "terminated": {"exitCode": 137, "reason": "OOMKilled"}
+    }
+    issue = diagnosis.pod_issue(oom, NOW, 900)
+    assert issue is not None and issue.reason == "OOMKilled"
 
 
 def test_ready_pods_and_running_pods_have_no_issue() -> None:
