@@ -227,6 +227,17 @@ def condition(cluster: Cluster, type_: str, name: str = NAME) -> dict[str, Any]:
     return cluster.condition(name, type_)
 
 
+async def ready_on_three_pods(cluster: Cluster) -> dict[str, Any]:
+    """A Reranker of SPEC whose three pods are ready: phase Ready. Its Deployment."""
+    await cluster.create_reranker(NAME, SPEC)
+    dep = await deployment(cluster)
+    for _ in range(3):
+        await create_pod(cluster, dep, READY)
+    await deployment_status(cluster, ready=3, updated=3)
+    await phase(cluster, "Ready")
+    return dep
+
+
 # --------------------------------------------------------------------------- PerPod: the default
 
 
@@ -255,12 +266,7 @@ async def test_per_pod_engine_change_keeps_old_pods_serving(
     cluster: Cluster, operator: OperatorRunner
 ) -> None:
     old_key = key_of(SPEC)
-    await cluster.create_reranker(NAME, SPEC)
-    old = await deployment(cluster)
-    for _ in range(3):
-        await create_pod(cluster, old, READY)
-    await deployment_status(cluster, ready=3, updated=3)
-    await phase(cluster, "Ready")
+    await ready_on_three_pods(cluster)
 
     new_spec = {**SPEC, "build": {"maxNumTokens": 8192}}
     await cluster.update_spec(NAME, {"build": {"maxNumTokens": 8192}})
@@ -446,12 +452,7 @@ async def test_a_scale_up_keeps_ready_until_the_new_pods_cannot_start(
 ) -> None:
     """An autoscaler's step or `kubectl scale rr` is not a rollout: Ready stays while the new
     pods come, and turns Degraded, naming the scheduler's word, when they cannot."""
-    await cluster.create_reranker(NAME, SPEC)
-    dep = await deployment(cluster)
-    for _ in range(3):
-        await create_pod(cluster, dep, READY)
-    await deployment_status(cluster, ready=3, updated=3)
-    await phase(cluster, "Ready")
+    dep = await ready_on_three_pods(cluster)
     await cluster.update_spec(NAME, {"replicas": 5})
     await wait_for(
         lambda: (cluster.get(cluster.DEPLOYMENT, NAME) or {})["spec"]["replicas"] == 5,

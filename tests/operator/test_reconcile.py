@@ -213,20 +213,31 @@ def test_engine_keys_on_the_cache_pvc_are_keys_or_ignored() -> None:
         builders.build_prune_job("rr", "ns", spec, OperatorConfig(), [key, ".."])
 
 
+def api_error(
+    status: int, reason: str, method: str = "GET", path: str = "/apis/reranker.dev/v1alpha1"
+) -> kube.ApiError:
+    response = SimpleNamespace(
+        status=status, reason=reason, data=b"{}", headers={}, getheaders=lambda: {}
+    )
+    return kube.ApiError(method, path, response)
+
+
 class FailingApi(RefusingApi):
-    """An API server answering 503 to every read."""
+    """An API server answering every read with `error`."""
+
+    def __init__(self, error: kube.ApiError) -> None:
+        super().__init__(None)
+        self.error = error
 
     def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
-        response = SimpleNamespace(
-            status=503, reason="Service Unavailable", data=b"{}", headers={}, getheaders=lambda: {}
-        )
-        raise kube.ApiError("GET", f"/apis/reranker.dev/v1alpha1/namespaces/{namespace}", response)
+        raise self.error
 
 
 def test_a_timed_reconcile_that_meets_an_api_fault_is_tried_again() -> None:
     """Only a finished reconcile sets timers: a timed one (an Unschedulable pod's timeout) that
     failed would otherwise never come back."""
-    reconciler = Reconciler(cast(kube.Kube, FailingApi(None)), OperatorConfig())
+    failing = FailingApi(api_error(503, "Service Unavailable"))
+    reconciler = Reconciler(cast(kube.Kube, failing), OperatorConfig())
     try:
         reconciler._timed_reconcile("ml", "rr")
         assert ("ml", "rr") in reconciler._timers
@@ -243,14 +254,8 @@ class StatusRefusingApi(RefusingApi):
     def patch(self, kind: kube.Kind, namespace: str, name: str, patch: Any, **_: Any) -> Any:
         if kind == kube.RERANKER and not self.status_patches:
             self.status_patches.append({})
-            response = SimpleNamespace(
-                status=422, reason="Unprocessable Entity", data=b"{}", headers={},
-                getheaders=lambda: {},
-            )  # fmt: skip
-            raise kube.ApiError(
-                "PATCH", f"/apis/reranker.dev/v1alpha1/namespaces/{namespace}/rerankers/{name}/status",
-                response,
-            )  # fmt: skip
+            path = f"/apis/reranker.dev/v1alpha1/namespaces/{namespace}/rerankers/{name}/status"
+            raise api_error(422, "Unprocessable Entity", "PATCH", path)
         return super().patch(kind, namespace, name, patch)
 
 
@@ -276,10 +281,7 @@ def test_only_the_rerankers_own_writes_count_as_the_operators() -> None:
     from reranker_operator.reconcile import _is_reranker_write
 
     def refused(path: str) -> kube.ApiError:
-        response = SimpleNamespace(
-            status=422, reason="Unprocessable Entity", data=b"{}", headers={}, getheaders=lambda: {}
-        )
-        return kube.ApiError("PATCH", path, response)
+        return api_error(422, "Unprocessable Entity", "PATCH", path)
 
     assert _is_reranker_write(
         refused("/apis/reranker.dev/v1alpha1/namespaces/ml/rerankers/rr/status")
@@ -288,16 +290,9 @@ def test_only_the_rerankers_own_writes_count_as_the_operators() -> None:
     assert not _is_reranker_write(refused("/apis/apps/v1/namespaces/rerankers/deployments/rr"))
 
 
-class ForbiddenApi(RefusingApi):
-    def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
-        response = SimpleNamespace(
-            status=403, reason="Forbidden", data=b"{}", headers={}, getheaders=lambda: {}
-        )
-        raise kube.ApiError("GET", f"/apis/reranker.dev/v1alpha1/namespaces/{namespace}", response)
-
-
 def test_a_timed_reconcile_refused_for_good_is_not_retried_every_15_s() -> None:
-    reconciler = Reconciler(cast(kube.Kube, ForbiddenApi(None)), OperatorConfig())
+    forbidden = FailingApi(api_error(403, "Forbidden"))
+    reconciler = Reconciler(cast(kube.Kube, forbidden), OperatorConfig())
     try:
         reconciler._timed_reconcile("ml", "rr")
         assert ("ml", "rr") not in reconciler._timers
