@@ -20,6 +20,9 @@ from reranker_operator.builders import BUILD_CONTAINER
 _IMAGE_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
 _CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")
 _VOLUME_WORDS = ("persistentvolumeclaim", "volume")
+# A container restarted after a run shorter than this is crash-looping (the kubelet resets its
+# back-off after 10 minutes of running).
+CRASH_LOOP_RUN_SECONDS = 600
 # A scheduled pod's containers wait with these while its volumes mount and its images pull.
 _STARTING_REASONS = ("ContainerCreating", "PodInitializing")
 
@@ -167,7 +170,9 @@ def pod_issue(
                 pod=name,
             )
         if crashing:
-            last = describe_termination(pod, container, term or {})
+            # A container that exits 0 loops too: its last termination says how it ended.
+            term = term or (cs.get("lastState") or {}).get("terminated") or {}
+            last = describe_termination(pod, container, term)
             return PodIssue(
                 "CrashLoopBackOff",
                 f"{where} keeps crashing ({cs.get('restartCount', 0)} restarts): {last}",
@@ -190,15 +195,24 @@ def pod_issue(
 
 
 def _restarted_again(cs: dict[str, Any], pod_status: dict[str, Any]) -> bool:
-    """A (non-init) container running again after failing at least twice, not ready yet."""
+    """A (non-init) container running again, not ready yet, after at least two restarts the
+    last of which ended a short run: crash-looping, between two back-offs. A long run that
+    ended (a node reboot, a liveness kill after hours) is a restart, not a crash loop, as the
+    kubelet's back-off, reset after 10 minutes of running, counts it."""
     if cs not in (pod_status.get("containerStatuses") or []):
         return False  # an init container (a build) that runs again is a new attempt
     last = (cs.get("lastState") or {}).get("terminated") or {}
+    started, finished = parse_time(last.get("startedAt")), parse_time(last.get("finishedAt"))
+    short_run = (
+        started is not None
+        and finished is not None
+        and (finished - started).total_seconds() < CRASH_LOOP_RUN_SECONDS
+    )
     return (
         "running" in (cs.get("state") or {})
         and not cs.get("ready")
         and int(cs.get("restartCount") or 0) >= 2
-        and last.get("exitCode", 0) != 0
+        and short_run
     )
 
 

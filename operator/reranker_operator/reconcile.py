@@ -110,12 +110,13 @@ def _deadline_passed(job: dict[str, Any]) -> bool:
     )
 
 
-def _waiting_note(previous: dict[str, Any] | None) -> str:
+def _waiting_note(previous: dict[str, Any] | None, job_name: str) -> str:
     """What the last status said stopped the build's pod from starting, or "" when the build
     was running (or nothing was said): the reason and message of EngineReady then."""
     engine = status.get_condition(previous, status.ENGINE_READY) or {}
     reason, message = engine.get("reason"), engine.get("message", "")
-    if reason == "BuildFailed" and _NEVER_STARTED in message:
+    same_job = ((previous or {}).get("engine") or {}).get("jobName") == job_name
+    if reason == "BuildFailed" and _NEVER_STARTED in message and same_job:
         # Said already: every later reconcile keeps the same words (and posts no new event).
         start = message.index(_NEVER_STARTED) + len(_NEVER_STARTED)
         end = message.rfind(_ONCE_FIXED)
@@ -520,7 +521,7 @@ class Reconciler:
             template_changed=template_changed,
         )
         new = status.derive_status(observed, previous)
-        if pvc is not None and new["phase"] == "Ready":
+        if pvc is not None and new["phase"] == "Ready" and dep_state and dep_state.rolled_out:
             # The rollout to `key` succeeded: engines beyond the ones to keep can go. A refusal
             # there does not stop serving: the status says it, in the same write.
             problem = self._prune_engines(body, spec, pvc, view.jobs, key)
@@ -692,7 +693,7 @@ class Reconciler:
             listed = self.api.list(kube.POD, namespace, {"job-name": job_name})
             job_pods = _pods_of_job(listed, job_name, job)
             message = status.termination_message(job_pods) or status.job_failure_message(job)
-            waited = _waiting_note(body.get("status"))
+            waited = _waiting_note(body.get("status"), job_name)
             if waited and _deadline_passed(job):
                 # The Job's deadline counts time spent Pending too: the pod never ran, and the
                 # scheduler's word (no GPU node) is gone with it.
@@ -861,6 +862,8 @@ class Reconciler:
         """Reconcile again in `delay` seconds. One pending timer per Reranker, the soonest: a
         later recheck it replaces is armed again by the reconcile it runs (each reconcile arms
         what its findings need)."""
+        if self._timers_stopped:
+            return  # shutting down: a reconcile still running arms nothing
         timer_key = (namespace, name)
         delay = max(delay, 1.0)
         due = time.monotonic() + delay

@@ -212,7 +212,8 @@ def per_pod_engine_state(
     """PerPod mode: the engine's state from the pods that build it in an init container.
 
     built: a pod's build finished (or the pod is Ready); failed: the newest pod's build exited
-    non-zero (its termination message, or OOMKilled with the limit); building: a build runs.
+    non-zero (its termination message, or OOMKilled with the limit); building: a build runs,
+    with the failure of the attempt before it when the kubelet runs it again ("retrying").
     """
     pods = newest_first(pods)
     for pod in pods:
@@ -225,7 +226,11 @@ def per_pod_engine_state(
         if failure is not None:
             return "failed", describe_termination(pod, build_container, failure)
         if "running" in (cs.get("state") or {}):
-            return "building", ""
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            failed_before = last.get("exitCode", 0) != 0
+            return "building", describe_termination(
+                pod, build_container, last
+            ) if failed_before else ""
     return "pending", ""
 
 
@@ -361,8 +366,15 @@ def derive_status(
     was_ready = (get_condition(previous, READY) or {}).get("status") == "True"
     # A generation its controller has not seen yet, after Ready, and no template change of ours:
     # a count change (`kubectl scale rr`, an autoscaler's step), which rolls nothing.
+    was_serving = ((previous or {}).get("engine") or {}).get("servingKey")
     rolled_out = dep is not None and (
-        dep.rolled_out or (dep.generation_pending and was_ready and not observed.template_changed)
+        dep.rolled_out
+        or (
+            dep.generation_pending
+            and was_ready
+            and not observed.template_changed
+            and serving_key == was_serving
+        )
     )
     rolled_to_current = dep is not None and serving_key == key and rolled_out
     serves_current = observed.engine == "built" and available and rolled_to_current
@@ -420,7 +432,7 @@ def derive_status(
     elif serve_issue is not None:
         phase = broken if serve_issue.stuck else "Deploying"
         ready_cond = (False, serve_issue.reason, serve_issue.message)
-        if serves_current and dep is not None:  # the others wait, not past their timeout yet
+        if available and serving_key == key and dep is not None:
             message = (
                 f"engine {short(key)} serves on {dep.ready_replicas}/{dep.desired} replicas; "
                 f"waiting: {serve_issue.message}"

@@ -298,3 +298,24 @@ def test_a_timed_reconcile_refused_for_good_is_not_retried_every_15_s() -> None:
         assert ("ml", "rr") not in reconciler._timers
     finally:
         reconciler.stop_timers()
+
+
+def test_the_never_started_note_is_kept_for_its_own_job_only() -> None:
+    from reranker_operator.reconcile import _waiting_note
+
+    said = "DeadlineExceeded; its pod never started (Unschedulable: no GPU); once that is fixed, "
+    previous = {
+        "phase": "Failed",
+        "engine": {"jobName": "rr-engine-a"},
+        "conditions": [{"type": "EngineReady", "status": "False", "reason": "BuildFailed",
+                        "message": said + "`kubectl delete job rr-engine-a -n ml` builds again"}],
+    }  # fmt: skip
+    assert _waiting_note(previous, "rr-engine-a") == "Unschedulable: no GPU"
+    assert _waiting_note(previous, "rr-engine-b") == ""  # another engine's Job: not its words
+
+
+def test_no_timer_is_armed_once_the_timers_are_stopped() -> None:
+    reconciler = Reconciler(cast(kube.Kube, RefusingApi(None)), OperatorConfig())
+    reconciler.stop_timers()
+    reconciler._recheck_after("ml", "rr", 60.0)
+    assert reconciler._timers == {}

@@ -224,9 +224,13 @@ def test_a_count_change_after_ready_is_no_rollout() -> None:
     ready = status.derive_status(observed("built", state), None)
     assert ready["phase"] != "Ready"  # never Ready before: a first rollout waits for the controller
     was_ready = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready",
-                                 "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}  # fmt: skip
+                                 "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                 "engine": {"servingKey": KEY}}  # fmt: skip
     kept = status.derive_status(observed("built", state), was_ready)
     assert kept["phase"] == "Ready" and conds(kept)["Ready"] == ("True", "Ready")
+    # Ready for another engine (a rollout whose status write failed): not a count change.
+    other = {**was_ready, "engine": {"servingKey": OLD}}
+    assert status.derive_status(observed("built", state), other)["phase"] != "Ready"
     rolling = status.derive_status(observed("built", state, template_changed=True), was_ready)
     assert rolling["phase"] == "Deploying" and conds(rolling)["Ready"][0] == "False"
 
@@ -263,11 +267,15 @@ def test_unschedulable_is_stuck_only_after_the_timeout() -> None:
 def test_a_container_run_again_between_crashes_is_still_crashing() -> None:
     """Between back-offs the kubelet runs a crash-looping container again: until it is ready it
     is still crashing, or the status would flap (and post a Warning) at every restart."""
-    crashed = {"terminated": {"exitCode": 1, "reason": "Error", "message": "bad weights"}}
+    crashed = {"terminated": {"exitCode": 1, "reason": "Error", "message": "bad weights",
+                              "startedAt": "2026-01-01T00:58:00Z",
+                              "finishedAt": "2026-01-01T00:58:40Z"}}  # fmt: skip
 
-    def running(restarts: int, ready: bool = False, init: bool = False) -> dict[str, Any]:
-        cs = {"name": "reranker", "ready": ready, "restartCount": restarts,
-              "state": {"running": {}}, "lastState": crashed}  # fmt: skip
+    def running(
+        restarts: int, init: bool = False, last: dict[str, Any] = crashed
+    ) -> dict[str, Any]:
+        cs = {"name": "reranker", "ready": False, "restartCount": restarts,
+              "state": {"running": {}}, "lastState": last}  # fmt: skip
         key = "initContainerStatuses" if init else "containerStatuses"
         return pod({"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}],
                     key: [cs]})  # fmt: skip
@@ -277,12 +285,20 @@ def test_a_container_run_again_between_crashes_is_still_crashing() -> None:
     assert "bad weights" in again.message
     assert diagnosis.pod_issue(running(1), NOW, 900) is None  # one crash: starting again
     assert diagnosis.pod_issue(running(4, init=True), NOW, 900) is None  # a build's new attempt
-    oom = running(3)
-    oom["status"]["containerStatuses"][0]["lastState"] = {
-        "terminated": {"exitCode": 137, "reason": "OOMKilled"}
-    }
-    issue = diagnosis.pod_issue(oom, NOW, 900)
+    oom = {"terminated": {**crashed["terminated"], "exitCode": 137, "reason": "OOMKilled"}}
+    issue = diagnosis.pod_issue(running(3, last=oom), NOW, 900)
     assert issue is not None and issue.reason == "OOMKilled"
+    # A server that exits 0 after 40 s loops just the same.
+    done = {
+        "terminated": {**crashed["terminated"], "exitCode": 0, "reason": "Completed", "message": ""}
+    }
+    issue = diagnosis.pod_issue(running(3, last=done), NOW, 900)
+    assert issue is not None and "Completed (exit code 0)" in issue.message
+    # Ended after hours (a node reboot, exit 255): a restart, not a crash loop.
+    rebooted = {"terminated": {"exitCode": 255, "reason": "Unknown",
+                               "startedAt": "2025-12-31T20:00:00Z",
+                               "finishedAt": "2026-01-01T00:58:00Z"}}  # fmt: skip
+    assert diagnosis.pod_issue(running(3, last=rebooted), NOW, 900) is None
 
 
 def test_ready_pods_and_running_pods_have_no_issue() -> None:
@@ -348,9 +364,13 @@ def test_per_pod_engine_state_from_the_build_init_container() -> None:
         {"terminated": {"exitCode": 3, "message": "fp8 refused"}},
     )
     assert status.per_pod_engine_state([crash], "build") == ("failed", "fp8 refused")
-    # A retry that runs again is building, whatever the last attempt said.
+    # A retry that runs again is building, and says what the last attempt ended with.
     retry = with_build({"running": {}}, {"terminated": {"exitCode": 3, "message": "x"}})
-    assert status.per_pod_engine_state([retry], "build")[0] == "building"
+    assert status.per_pod_engine_state([retry], "build") == ("building", "x")
+    st = status.derive_status(observed("building", job_name=None, build_message="x"), None)
+    assert st["phase"] == "Building"
+    assert conds(st)["EngineReady"] == ("False", "Building")
+    assert st["message"].endswith("retrying after a failed attempt: x")
 
 
 def test_hpa_scaling_condition_becomes_a_condition() -> None:
