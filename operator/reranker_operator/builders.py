@@ -963,6 +963,9 @@ def build_deployment(
     return _finish(obj, owner)
 
 
+INT32_MAX = 2**31 - 1
+
+
 def _progress_deadline(spec: RerankerSpec, config: OperatorConfig) -> int:
     startup = _probe("/health", STARTUP_PROBE, spec.runtime.probes.startup)
     budget = (
@@ -971,7 +974,7 @@ def _progress_deadline(spec: RerankerSpec, config: OperatorConfig) -> int:
     )
     if cache_mode(spec, config) == "PerPod":
         budget += config.build_job.active_deadline_seconds  # the init container's build
-    return max(600, budget + 300)
+    return min(max(600, budget + 300), INT32_MAX)  # an int32 field
 
 
 def build_service(

@@ -402,7 +402,8 @@ class VolumeMount(_Model):
 
 
 class Runtime(_Model):
-    image: str | None = Field(default=None, min_length=1, max_length=512)
+    # No surrounding whitespace: the API server takes the Deployment, then refuses every pod.
+    image: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^\S(.*\S)?$")
     # None: build.maxNumTokens on GPU, the runtime's `auto` budget on CPU (RerankerSpec).
     max_batch_tokens: int | None = Field(default=None, alias="maxBatchTokens", ge=1, le=_LIMIT_MAX)
     max_batch_requests: int | None = Field(
@@ -535,7 +536,12 @@ class HTTPRouteSettings(_Model):
 class EngineCache(_Model):
     # None: the operator config's default (see config.EngineCacheDefaults).
     mode: CacheMode | None = None
-    storage_class_name: str | None = Field(default=None, alias="storageClassName", max_length=253)
+    storage_class_name: str | None = Field(
+        default=None,
+        alias="storageClassName",
+        max_length=253,
+        pattern=SECRET_NAME_PATTERN,  # a DNS subdomain
+    )
     size: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
     access_mode: AccessMode | None = Field(default=None, alias="accessMode")
     retention: Retention | None = None
@@ -591,7 +597,7 @@ def quantity_value(quantity: str) -> Decimal:
     """A Kubernetes quantity (`500m`, `2`, `1.5Gi`, `1e3`) as a number, so two can be compared
     however they are written. ValueError for what Kubernetes' parser (apimachinery's
     resource.ParseQuantity) refuses although QUANTITY_PATTERN lets it through: a fractional
-    exponent (`1e1.5`), or one beyond int64."""
+    exponent (`1e1.5`), or one beyond int32 (which apimachinery wraps: `1e4294967295` reads 0.1)."""
     match = re.fullmatch(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(.*)", quantity)
     if match is None:
         raise ValueError(f"not a quantity: {quantity!r}")
@@ -599,7 +605,7 @@ def quantity_value(quantity: str) -> Decimal:
     if suffix in _QUANTITY_SUFFIXES:  # before the exponent: `E` and `Ei` are suffixes
         return number * _QUANTITY_SUFFIXES[suffix]
     exponent = re.fullmatch(r"[eE]([+-]?[0-9]+)", suffix)
-    if exponent is None or abs(int(exponent.group(1))) >= 2**63:
+    if exponent is None or abs(int(exponent.group(1))) >= 2**31:  # apimachinery: int32
         raise ValueError(f"not a quantity Kubernetes accepts: {quantity!r}")
     # A context wide enough for any such exponent (Decimal's default stops at 10**999999).
     with localcontext(Context(Emax=MAX_EMAX, Emin=MIN_EMIN)):
@@ -725,6 +731,7 @@ def _check_rules(spec: RerankerSpec) -> None:
             "maxBatchTokens must be at least build.maxSeqLen (one sequence must fit in a batch)",
         )
     _check_resources(spec.resources)
+    _check_quantity("spec.engineCache.size", spec.engine_cache.size, "write it as 20Gi", True)
     pod = spec.pod
     for k in pod.annotations:
         if k.startswith(OPERATOR_LABEL_PREFIXES) or k.startswith("prometheus.io/"):
@@ -743,6 +750,7 @@ def _check_rules(spec: RerankerSpec) -> None:
                 "spec.pod.affinity",
                 f"unknown field {k} (nodeAffinity, podAffinity, podAntiAffinity)",
             )
+    _check_node_affinity(pod.affinity)
     # Not in the CRD (lists of objects make poor CEL): no duplicate or operator-owned env names.
     names = [e.name for e in spec.runtime.env]
     for i, name in enumerate(names):
@@ -754,6 +762,29 @@ def _check_rules(spec: RerankerSpec) -> None:
             raise InvalidSpec(f"spec.runtime.env[{i}].name", f"duplicate variable {name}")
         _check_env_source(spec.runtime.env[i], f"spec.runtime.env[{i}]")
     _check_volumes(spec.runtime)
+
+
+def _check_node_affinity(affinity: dict[str, Any]) -> None:
+    """The shape of the nodeAffinity the operator merges its accelerator's terms into (the CRD
+    passes affinity through unchecked): objects and lists where Kubernetes has them, or the
+    merge itself would fail. Its content is the API server's to judge."""
+    field = "spec.pod.affinity.nodeAffinity"
+    node = affinity.get("nodeAffinity", {})
+    if not isinstance(node, dict):
+        raise InvalidSpec(field, "must be an object")
+    required = node.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    field += ".requiredDuringSchedulingIgnoredDuringExecution"
+    if not isinstance(required, dict):
+        raise InvalidSpec(field, "must be an object with nodeSelectorTerms")
+    terms = required.get("nodeSelectorTerms") or []
+    if not isinstance(terms, list):
+        raise InvalidSpec(f"{field}.nodeSelectorTerms", "must be a list of terms")
+    for i, term in enumerate(terms):
+        if not isinstance(term, dict):
+            raise InvalidSpec(f"{field}.nodeSelectorTerms[{i}]", "must be an object")
+        for key in ("matchExpressions", "matchFields"):
+            if not isinstance(term.get(key) or [], list):
+                raise InvalidSpec(f"{field}.nodeSelectorTerms[{i}].{key}", "must be a list")
 
 
 def _check_volumes(runtime: Runtime) -> None:
@@ -813,6 +844,8 @@ def _check_volume_source(volume: dict[str, Any], field: str) -> None:
         )
     if source == "projected":
         projected = volume["projected"] if isinstance(volume["projected"], dict) else {}
+        if not isinstance(projected.get("sources") or [], list):
+            raise InvalidSpec(f"{field}.projected.sources", "must be a list of sources")
         for j, item in enumerate(projected.get("sources") or []):
             for kind in item if isinstance(item, dict) else ():
                 if kind not in PROJECTED_SOURCES:
@@ -858,13 +891,7 @@ def _check_resources(resources: Resources) -> None:
     for prefix, values in (("resources", resources), ("resources.build", resources.build)):
         for alias, field in _QUANTITY_FIELDS:
             value = getattr(values, field)
-            try:
-                if value is not None:
-                    quantity_value(value)
-            except ValueError as exc:
-                raise InvalidSpec(
-                    f"spec.{prefix}.{alias}", f"{exc}: write it as 2, 500m or 1.5"
-                ) from None
+            _check_quantity(f"spec.{prefix}.{alias}", value, "write it as 2, 500m or 1.5")
     if resources.cpu_limit is not None and _below(resources.cpu_limit, resources.cpu):
         raise InvalidSpec(
             "spec.resources.cpuLimit",
@@ -886,6 +913,21 @@ def _check_resources(resources: Resources) -> None:
         f"the build's CPU request {build.cpu} is above the CPU limit it takes from "
         f"resources.cpuLimit ({build.cpu_limit}): set resources.build.cpuLimit too",
     )
+
+
+def _check_quantity(field: str, value: str | None, example: str, positive: bool = False) -> None:
+    """A quantity the API server takes: one it can parse, never negative (nor 0 where a size
+    must be greater)."""
+    if value is None:
+        return
+    try:
+        number = quantity_value(value)
+    except ValueError as exc:
+        raise InvalidSpec(field, f"{exc}: {example}") from None
+    if number < 0 or (positive and number == 0):
+        raise InvalidSpec(
+            field, f"must be {'greater than 0' if positive else 'at least 0'}, got {value}"
+        )
 
 
 def _below(limit: str, request: str) -> bool:

@@ -185,6 +185,13 @@ def test_per_pod_mode_needs_no_shared_storage() -> None:
     assert dep["spec"]["progressDeadlineSeconds"] >= CONFIG.build_job.active_deadline_seconds
 
 
+def test_a_very_slow_startup_probe_keeps_the_progress_deadline_an_int32() -> None:
+    probes = {"startup": {"periodSeconds": 86400, "failureThreshold": 24856}}
+    dep = b.build_deployment("rr", "ns", spec_of(runtime={"probes": probes}), CONFIG, KEY, OWNER)
+    assert dep["spec"]["progressDeadlineSeconds"] == 2**31 - 1
+    kubernetes_validate.validate(dep, "1.32.0", strict=True)
+
+
 PVC_VOLUME = {
     "name": "checkpoint",
     "persistentVolumeClaim": {"claimName": "models", "readOnly": True},

@@ -992,6 +992,60 @@ def test_quantity_value_reads_every_form_the_pattern_allows(quantity: str, value
     assert quantity_value(quantity) == Decimal(value)
 
 
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"pod": {"affinity": {"nodeAffinity": "x"}}}, "spec.pod.affinity.nodeAffinity"),
+        ({"pod": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": "abc"}}}}},
+         "spec.pod.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+         ".nodeSelectorTerms"),
+        ({"pod": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": "x"}]}}}}},
+         "spec.pod.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+         ".nodeSelectorTerms[0].matchExpressions"),
+        ({"runtime": {"volumes": [{"name": "v", "projected": {"sources": 5}}]}},
+         "spec.runtime.volumes[0].projected.sources"),
+        ({"resources": {"cpu": -1}}, "spec.resources.cpu"),
+        ({"resources": {"memory": "-10Gi"}}, "spec.resources.memory"),
+        ({"resources": {"build": {"cpu": "-1"}}}, "spec.resources.build.cpu"),
+        ({"resources": {"cpu": "1", "cpuLimit": "1e4294967295"}}, "spec.resources.cpuLimit"),
+        ({"engineCache": {"size": "-1Gi"}}, "spec.engineCache.size"),
+        ({"engineCache": {"mode": "Shared", "size": "0"}}, "spec.engineCache.size"),
+        ({"engineCache": {"size": "20e1.5"}}, "spec.engineCache.size"),
+    ],
+)  # fmt: skip
+def test_what_the_schema_passes_but_kubernetes_refuses_is_an_invalid_spec(
+    fields: dict, field: str
+) -> None:
+    """Accepted by the CRD (passed-through objects, signed quantities), refused by the operator
+    naming the field, before anything is applied: not a crash of every reconcile (a shape the
+    merge of node affinities cannot take), nor children the API server refuses."""
+    obj = reranker({**MINIMAL, **fields})
+    assert schema_errors(obj) == [] and cel_errors(defaulted(obj)) == []
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec(obj)
+    assert exc.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"engineCache": {"mode": "Shared", "storageClassName": "Fast SSD"}},
+         "spec.engineCache.storageClassName"),
+        ({"runtime": {"image": "registry.example.com/reranker-runtime:1 "}}, "spec.runtime.image"),
+    ],
+)  # fmt: skip
+def test_names_kubernetes_would_refuse_on_the_pvc_or_every_pod_are_refused(
+    fields: dict, field: str
+) -> None:
+    obj = reranker({**MINIMAL, **fields})
+    assert schema_errors(obj)
+    with pytest.raises(InvalidSpec) as exc:
+        parse_spec(obj)
+    assert exc.value.field == field
+
+
 def test_runtime_volumes_of_the_restricted_kinds_are_accepted() -> None:
     volumes = [
         {"name": "ca", "configMap": {"name": "corp-ca"}},
