@@ -751,6 +751,7 @@ def _check_rules(spec: RerankerSpec) -> None:
                 f"unknown field {k} (nodeAffinity, podAffinity, podAntiAffinity)",
             )
     _check_node_affinity(pod.affinity)
+    _check_placement(pod)
     # Not in the CRD (lists of objects make poor CEL): no duplicate or operator-owned env names.
     names = [e.name for e in spec.runtime.env]
     for i, name in enumerate(names):
@@ -1005,19 +1006,43 @@ def _check_labels(field: str, labels: dict[str, str], *, on_pods: bool) -> None:
             raise InvalidSpec(
                 field, f"{key} is set on pods by Kubernetes' Job or Deployment controller"
             )
-        if not re.fullmatch(_QUALIFIED_NAME, key) or len(key.partition("/")[0]) > 253:
-            raise InvalidSpec(
-                field,
-                f"{key!r} is not a label key: an optional DNS-subdomain prefix and '/', then a "
-                "name of at most 63 letters, digits, '-', '_' or '.' that starts and ends with a "
-                "letter or digit",
-            )
-        if not re.fullmatch(LABEL_VALUE_PATTERN, value):
-            raise InvalidSpec(
-                field,
-                f"{value!r} (label {key}) is not a label value: empty, or at most 63 letters, "
-                "digits, '-', '_' or '.' that starts and ends with a letter or digit",
-            )
+        _check_label(field, key, value)
+
+
+def _check_label(field: str, key: str, value: str | None) -> None:
+    """A label key (and value) as the API server checks them."""
+    if not re.fullmatch(_QUALIFIED_NAME, key) or len(key.partition("/")[0]) > 253:
+        raise InvalidSpec(
+            field,
+            f"{key!r} is not a label key: an optional DNS-subdomain prefix and '/', then a "
+            "name of at most 63 letters, digits, '-', '_' or '.' that starts and ends with a "
+            "letter or digit",
+        )
+    if value is not None and not re.fullmatch(LABEL_VALUE_PATTERN, value):
+        raise InvalidSpec(
+            field,
+            f"{value!r} (label {key}) is not a label value: empty, or at most 63 letters, "
+            "digits, '-', '_' or '.' that starts and ends with a letter or digit",
+        )
+
+
+def _check_placement(pod: PodSettings) -> None:
+    """nodeSelector and tolerations as the API server checks them (its refusal would come
+    after the Deployment's siblings were applied, naming no field of the Reranker)."""
+    for key, value in pod.node_selector.items():
+        _check_label("spec.pod.nodeSelector", key, value)
+    for i, t in enumerate(pod.tolerations):
+        field = f"spec.pod.tolerations[{i}]"
+        if t.key:
+            _check_label(f"{field}.key", t.key, None)
+        elif t.operator != "Exists":
+            raise InvalidSpec(f"{field}.operator", "must be Exists when key is empty")
+        if t.operator == "Exists" and t.value:
+            raise InvalidSpec(f"{field}.value", "must be empty when operator is Exists")
+        if t.value:
+            _check_label(f"{field}.value", t.key or "x", t.value)
+        if t.toleration_seconds is not None and t.effect != "NoExecute":
+            raise InvalidSpec(f"{field}.tolerationSeconds", "is for effect NoExecute only")
 
 
 def _check_parent_refs(refs: tuple[ParentRef, ...]) -> None:

@@ -1013,6 +1013,16 @@ def test_quantity_value_reads_every_form_the_pattern_allows(quantity: str, value
         ({"engineCache": {"size": "-1Gi"}}, "spec.engineCache.size"),
         ({"engineCache": {"mode": "Shared", "size": "0"}}, "spec.engineCache.size"),
         ({"engineCache": {"size": "20e1.5"}}, "spec.engineCache.size"),
+        ({"pod": {"nodeSelector": {"bad key": "v"}}}, "spec.pod.nodeSelector"),
+        ({"pod": {"nodeSelector": {"pool": "v" * 64}}}, "spec.pod.nodeSelector"),
+        ({"pod": {"tolerations": [{"value": "x"}]}}, "spec.pod.tolerations[0].operator"),
+        ({"pod": {"tolerations": [{"key": "bad key", "operator": "Exists"}]}},
+         "spec.pod.tolerations[0].key"),
+        ({"pod": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}},
+         "spec.pod.tolerations[0].value"),
+        ({"pod": {"tolerations": [{"key": "k", "value": "a b"}]}}, "spec.pod.tolerations[0].value"),
+        ({"pod": {"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 5}]}},
+         "spec.pod.tolerations[0].tolerationSeconds"),
     ],
 )  # fmt: skip
 def test_what_the_schema_passes_but_kubernetes_refuses_is_an_invalid_spec(
