@@ -282,7 +282,7 @@ def refusal_message(exc: ApiException) -> str:
 
 RETRIED = "the operator retries until it succeeds"
 REFUSAL_RECHECK_SECONDS = 60.0  # a lasting refusal is retried at least this often
-TIMED_RETRY_SECONDS = 15.0  # a timer's reconcile that met an API fault is tried again after
+TIMED_RETRY_SECONDS = 15.0  # a timer's reconcile that met a transient API fault: again after
 # Routes are not watched: one no Gateway has answered yet is read again this often, a refused
 # one every REFUSAL_RECHECK_SECONDS, an accepted one this often.
 ROUTE_RECHECK_SECONDS = 30.0
@@ -890,7 +890,7 @@ class Reconciler:
                 "timed reconcile failed",
                 extra={"reranker": f"{namespace}/{name}", "error": str(exc)},
             )
-            if kube.is_transient(exc) and not self._timers_stopped:
+            if kube.is_transient(exc):
                 # Timers are set again only by a reconcile that finishes: without this, the
                 # check this timer was for (an Unschedulable pod's timeout) would never come.
                 # A lasting refusal has armed its own, slower recheck (_refused).

@@ -227,10 +227,8 @@ def per_pod_engine_state(
             return "failed", describe_termination(pod, build_container, failure)
         if "running" in (cs.get("state") or {}):
             last = (cs.get("lastState") or {}).get("terminated") or {}
-            failed_before = last.get("exitCode", 0) != 0
-            return "building", describe_termination(
-                pod, build_container, last
-            ) if failed_before else ""
+            failed = last.get("exitCode", 0) != 0
+            return "building", describe_termination(pod, build_container, last) if failed else ""
     return "pending", ""
 
 
@@ -424,7 +422,8 @@ def derive_status(
         # Nothing serves, by choice: neither a failure nor a rollout.
         phase = "Pending"
         ready_cond = (False, "ScaledToZero", available_cond[2])
-        message = f"engine {short(key)} is {'built' if observed.engine == 'built' else 'ready to build'}; scaled to zero replicas"
+        built = "built" if observed.engine == "built" else "ready to build"
+        message = f"engine {short(key)} is {built}; scaled to zero replicas"
     elif ready:
         phase = "Ready"
         ready_cond = (True, "Ready", f"serving engine {short(key)} at {observed.endpoint}")
@@ -433,9 +432,10 @@ def derive_status(
         phase = broken if serve_issue.stuck else "Deploying"
         ready_cond = (False, serve_issue.reason, serve_issue.message)
         if available and serving_key == key and dep is not None:
+            waiting = ": " if serve_issue.stuck else "; waiting: "
             message = (
-                f"engine {short(key)} serves on {dep.ready_replicas}/{dep.desired} replicas; "
-                f"waiting: {serve_issue.message}"
+                f"engine {short(key)} serves on {dep.ready_replicas}/{dep.desired} replicas"
+                f"{waiting}{serve_issue.message}"
             )
         else:
             message = f"engine {short(key)} does not serve: {serve_issue.message}{still_serving}"

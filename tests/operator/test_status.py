@@ -240,6 +240,11 @@ def test_replicas_still_coming_are_said_beside_the_ones_serving() -> None:
     st = status.derive_status(observed("built", state, serve_issue=WAITING), None)
     assert st["phase"] == "Deploying"
     assert st["message"].startswith(f"engine {KEY[:10]} serves on 2/3 replicas; waiting: pod p")
+    # Mid-rollout of the same engine, the new pod stuck: it serves, and waiting will not help.
+    rolling = DeploymentState(KEY, 3, 3, 2, True, False, False)
+    st = status.derive_status(observed("built", rolling, serve_issue=STUCK), None)
+    assert st["phase"] == "Degraded"
+    assert st["message"].startswith(f"engine {KEY[:10]} serves on 2/3 replicas: pod p")
 
 
 # ---------------------------------------------------------------- what the pods say (diagnosis)
