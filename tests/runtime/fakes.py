@@ -172,3 +172,16 @@ class GatedTokenizer:
                 if not self._gate.wait(_GATE_TIMEOUT_S):
                     raise TimeoutError("GatedTokenizer was never released (test bug)")
         return self._inner.encode_batch(texts, **kwargs)
+
+
+def record_threads(monkeypatch: Any, module: Any, name: str) -> list[threading.Thread]:
+    """Wrap `module.name` so each call records the thread it ran on (the list returned)."""
+    threads: list[threading.Thread] = []
+    original = getattr(module, name)
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recording)
+    return threads

@@ -33,6 +33,7 @@ from runtime.api_support import (
     sigmoid,
     truncated_reference,
 )
+from runtime.fakes import record_threads
 from tiny_models import TINY_MAX_TOKENS, corpus, reference_logits
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -574,14 +575,7 @@ async def test_tokenize_answer_is_built_off_the_event_loop_in_pieces(
     """A million tokens written on the event loop would hold every other request and the health
     probes for seconds: the answer is written on a worker thread, a few thousand tokens per
     json.dumps call, and reads exactly as the schema's list[list[SimpleToken]]."""
-    threads: list[threading.Thread] = []
-    build = tei.tokens_json
-
-    def recording(sequences: Any) -> bytes:
-        threads.append(threading.current_thread())
-        return build(sequences)
-
-    monkeypatch.setattr(tei, "tokens_json", recording)
+    threads = record_threads(monkeypatch, tei, "tokens_json")
     monkeypatch.setattr(tei, "TOKENS_PER_PIECE", 3)  # several pieces per sequence
     inputs = ["paris is the capital of france", 'é ü 東京 "quoted" \\ back', "x"]
     resp = await client.post("/tokenize", json={"inputs": inputs})

@@ -31,7 +31,7 @@ from runtime.api_support import (
     sigmoid,
     wait_until,
 )
-from runtime.fakes import ControlledEngine
+from runtime.fakes import ControlledEngine, record_threads
 from tiny_models import reference_logits
 
 REPO = Path(__file__).resolve().parents[2]
@@ -637,14 +637,7 @@ async def test_a_large_tokenize_answer_is_built_off_the_event_loop(
 ) -> None:
     """Millions of tokens built and serialized on the event loop would hold every other call
     and the health probes for seconds: Tokenize builds its answer on a worker thread."""
-    threads: list[threading.Thread] = []
-    build = grpc_server_module._encoded_response
-
-    def recording(sequences: Any) -> bytes:
-        threads.append(threading.current_thread())
-        return build(sequences)
-
-    monkeypatch.setattr(grpc_server_module, "_encoded_response", recording)
+    threads = record_threads(monkeypatch, grpc_server_module, "_encoded_response")
     async with grpc_server(xlmr_reranker, xlmr_engine) as (channel, _):
         tokenize = unary(channel, "/tei.v1.Tokenize/Tokenize", m.EncodeRequest, m.EncodeResponse)
         answer = await tokenize(m.EncodeRequest(inputs="paris is nice", add_special_tokens=True))
